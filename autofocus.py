@@ -1,0 +1,1901 @@
+"""Image-based autofocus for a motorized microscope.
+
+Steps the focus (Z) axis of a Zaber microscope through a range, scores each camera frame by
+the variance of the Laplacian of the bilateral-filtered image, and moves to the sharpest
+position.  Hardware: the Zaber Motion Library (ZML) for the stage, a Teledyne FLIR camera
+through simple-pyspin.  No hardware?  ``--simulate`` uses a built-in simulated microscope and
+``--replay DIR`` a recorded through-focus stack.
+
+Example::
+
+    python autofocus.py 10 14 0.05 COM3            # MVR focus stage: device 3, axis 1
+    python autofocus.py 10 14 0.05 --simulate      # no hardware needed
+
+Exit codes:
+
+    0    focused: a real peak was found and the stage was sent to it
+    1    unexpected internal error (a bug: please report it with --verbose output)
+    2    usage or configuration error (bad input, broken replay stack); nothing moved
+    3    no_peak: the focus curve is flat or noise-only; the stage went back to where it started
+    4    edge: the best focus lies at the start or end of the range; the focus may be outside it
+    5    hardware or communication error (stage, camera); the stage was stopped
+    130  interrupted (Ctrl-C); the stage was stopped and sent back to where it started
+
+Sections, in dependency order: constants, exceptions, result types, focus scores, peak
+fitting and verdict, search, device interfaces, backends (Zaber + FLIR, simulated, replay),
+output, command line.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import csv
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("autofocus")
+
+###############################################################################
+# Constants ###################################################################
+###############################################################################
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_USAGE = 2
+EXIT_NO_PEAK = 3
+EXIT_EDGE = 4
+EXIT_HARDWARE = 5
+EXIT_INTERRUPTED = 130
+
+VERDICT_EXIT = {"focused": EXIT_OK, "no_peak": EXIT_NO_PEAK, "edge": EXIT_EDGE}
+
+DEFAULT_DEVICE = 3  # Zaber MVR microscope: the focus stage (X-LDA025A) is device 3 ...
+DEFAULT_AXIS = 1  # ... axis 1
+DEFAULT_BLUR = 9  # bilateral filter diameter, pixels (the seed's blur)
+MAX_BLUR = 99
+MAX_POSITIONS = 10_000  # more sweep positions than this need --allow-many
+POSITION_DECIMALS = 9  # positions are rounded to 1 pm so that float noise never leaks into commands
+SCORE_MAX_PIXELS = 1_500_000  # larger frames are 2x2 binned before scoring (see focus scores)
+COARSE_FACTOR = 8  # fast search: coarse pass every 8 STEPs, scored on an 8x binned image
+COARSE_MIN_SIDE_PX = 32  # ... but the binned image keeps at least this many pixels a side
+MIN_FRAMES_FOR_VERDICT = 5  # fewer frames cannot separate a peak from noise
+PEAK_MARGIN_SIGMA = 3.0  # a peak must clear the expected noise maximum by this many sigma
+IN_FLIGHT_FRAMES = 4  # frames captured but not yet scored: bounds memory when scoring lags
+DEFAULT_MOVE_TIMEOUT_S = 30.0
+DEFAULT_CAMERA_TIMEOUT_MS = 2000
+
+###############################################################################
+# Exceptions ##################################################################
+###############################################################################
+
+
+class AutofocusError(Exception):
+    """Base of every error this tool reports as one line.
+
+    AutofocusError
+     +-- UsageError        bad input or configuration; nothing moved      (exit 2)
+     |    +-- StackError   a replay stack that cannot be used             (exit 2)
+     +-- HardwareError     the stage or camera failed                     (exit 5)
+          +-- StageError
+          +-- CameraError
+    """
+
+    exit_code = EXIT_BUG
+
+
+class UsageError(AutofocusError):
+    """The command line or the configuration cannot work; nothing has moved."""
+
+    exit_code = EXIT_USAGE
+
+
+class StackError(UsageError):
+    """A replay stack is missing, malformed or inconsistent."""
+
+
+class HardwareError(AutofocusError):
+    """The stage or the camera failed or stopped answering."""
+
+    exit_code = EXIT_HARDWARE
+
+
+class StageError(HardwareError):
+    """The focus stage refused a command, faulted, or stopped answering."""
+
+
+class CameraError(HardwareError):
+    """The camera failed, timed out, or delivered an unusable frame."""
+
+
+###############################################################################
+# Result types ################################################################
+###############################################################################
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One frame: where it was taken, its focus score and (fast search) its coarse score."""
+
+    z_mm: float
+    score: float
+    coarse: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds spent moving (incl. settling), capturing and scoring, as measured by the tool."""
+
+    move_s: float = 0.0
+    capture_s: float = 0.0
+    score_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PeakFit:
+    """A sub-step peak estimate; ``used`` only when every gate passed (see ``fit_peak``)."""
+
+    z_mm: float | None
+    used: bool
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """Whether the curve has a real peak, and where it lies in the range."""
+
+    kind: str  # "focused", "edge" or "no_peak"
+    prominence: float
+    noise: float
+    threshold: float
+    reason: str
+    suggestion_mm: tuple[float, float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FocusResult:
+    """Everything a run found; ``best_mm`` is where the stage was finally sent."""
+
+    search: str
+    metric: str
+    samples: tuple[Sample, ...]  # capture order
+    best_sample_mm: float
+    best_score: float
+    fit: PeakFit
+    verdict: Verdict
+    best_mm: float
+    start_mm: float
+    moves: int
+    elapsed_s: float
+    timing: Timing
+
+    @property
+    def frames(self) -> int:
+        return len(self.samples)
+
+    @property
+    def exit_code(self) -> int:
+        return VERDICT_EXIT[self.verdict.kind]
+
+
+###############################################################################
+# Focus scores ################################################################
+###############################################################################
+# A score maps a frame to a float that is largest at best focus.  Every score sees the
+# same preparation (``prepare_gray``): grayscale float32, 2x2-binned when the frame is larger
+# than SCORE_MAX_PIXELS (keeps a 1920x1200 frame well inside the camera's 24 ms frame period
+# and halves shot noise), and divided by its own mean.  Dividing by the mean is not a contrast
+# stretch: defocus conserves light, so the mean is the same at every z and the division only
+# cancels illumination drift and exposure changes between the frames of a sweep.
+
+
+def to_gray_float(image: np.ndarray) -> np.ndarray:
+    """Grayscale float32 in the frame's own units (8- or 16-bit, mono or BGR/BGRA)."""
+    if image.ndim == 3:
+        if image.shape[2] == 1:
+            image = image[:, :, 0]
+        else:
+            code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+            image = cv2.cvtColor(image, code)
+    elif image.ndim != 2:
+        raise CameraError(f"cannot score a frame of shape {image.shape}: expected HxW or HxWxC")
+    return image.astype(np.float32, copy=False)
+
+
+def bin_image(gray: np.ndarray, factor: int) -> np.ndarray:
+    """Average ``factor`` x ``factor`` blocks (pixel binning); factor 1 returns the input."""
+    if factor <= 1:
+        return gray
+    h, w = gray.shape[0] // factor, gray.shape[1] // factor
+    return cv2.resize(gray[: h * factor, : w * factor], (w, h), interpolation=cv2.INTER_AREA)
+
+
+def score_binning(shape: tuple[int, ...]) -> int:
+    """The binning applied before scoring a frame of this shape."""
+    return 2 if shape[0] * shape[1] > SCORE_MAX_PIXELS else 1
+
+
+def prepare_gray(image: np.ndarray, binning: int | None = None) -> np.ndarray:
+    """Gray, binned and mean-normalised frame that every focus score starts from."""
+    gray = to_gray_float(image)
+    gray = bin_image(gray, score_binning(gray.shape) if binning is None else binning)
+    mean = float(cv2.mean(gray)[0])
+    if not mean > 0:
+        return np.zeros_like(gray)
+    return gray * np.float32(1.0 / mean)
+
+
+def _variance(image: np.ndarray) -> float:
+    """Population variance, with OpenCV (much faster than numpy's float64 ``.var()``)."""
+    _, std = cv2.meanStdDev(image)
+    return float(std[0, 0]) ** 2
+
+
+def bilateral(gray: np.ndarray, blur: int) -> np.ndarray:
+    """Edge-preserving smoothing of a mean-normalised frame: diameter ``blur`` pixels."""
+    # sigmaColor 0.25 of the mean: photon noise at a few hundred photons/pixel (~0.06 of the
+    # mean) is smoothed, edges of real structure (contrast > 0.25) are kept.
+    return cv2.bilateralFilter(gray, blur, 0.25, blur / 2.0)
+
+
+def laplacian_views(image: np.ndarray, blur: int, binning: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The filtered frame and its Laplacian: what the default score sees."""
+    filtered = bilateral(prepare_gray(image, binning), blur)
+    return filtered, cv2.Laplacian(filtered, cv2.CV_32F)
+
+
+def score_laplacian_variance(image: np.ndarray, blur: int = DEFAULT_BLUR, binning: int | None = None) -> float:
+    """Variance of the Laplacian of the bilateral-filtered frame (the default score).
+
+    Pech-Pacheco et al. 2000, "Diatom autofocusing in brightfield microscopy"; the seed
+    article's score.  Range [0, inf): 0 for a uniform frame, larger when sharper.
+    """
+    return _variance(laplacian_views(image, blur, binning)[1])
+
+
+def score_tenengrad(image: np.ndarray, blur: int = DEFAULT_BLUR, binning: int | None = None) -> float:
+    """Tenengrad: mean squared Sobel gradient magnitude of the filtered frame.
+
+    Krotkov 1987; Yeo et al. 1993.  Range [0, inf).  Robust on noisy frames with large edges.
+    """
+    filtered = bilateral(prepare_gray(image, binning), blur)
+    gx = cv2.Sobel(filtered, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(filtered, cv2.CV_32F, 0, 1, ksize=3)
+    return float(cv2.mean(gx * gx + gy * gy)[0])
+
+
+def score_normalized_variance(image: np.ndarray, blur: int = DEFAULT_BLUR, binning: int | None = None) -> float:
+    """Normalised variance: intensity variance divided by the mean (the frame is mean-normalised).
+
+    Groen et al. 1985; Sun et al. 2004 rank it best for brightfield.  Range [0, inf).
+    Broad capture range; good for low-texture and fluorescence fields.  ``blur`` is unused.
+    """
+    return _variance(prepare_gray(image, binning))
+
+
+def score_vollath_f4(image: np.ndarray, blur: int = DEFAULT_BLUR, binning: int | None = None) -> float:
+    """Vollath F4 autocorrelation: mean(I(x)I(x+1)) - mean(I(x)I(x+2)), on the filtered frame.
+
+    Vollath 1987.  Range roughly [0, 1) for mean-normalised frames.  Insensitive to
+    uncorrelated pixel noise: a good choice at low light.
+    """
+    f = bilateral(prepare_gray(image, binning), blur)
+    a = float(cv2.mean(f[:, :-2] * f[:, 1:-1])[0])
+    b = float(cv2.mean(f[:, :-2] * f[:, 2:])[0])
+    return a - b
+
+
+def score_brenner(image: np.ndarray, blur: int = DEFAULT_BLUR, binning: int | None = None) -> float:
+    """Brenner gradient: mean of (I(x+2) - I(x))^2 on the filtered frame.
+
+    Brenner et al. 1976.  Range [0, inf).  Cheap and sharply peaked; needs texture along x.
+    """
+    f = bilateral(prepare_gray(image, binning), blur)
+    d = f[:, 2:] - f[:, :-2]
+    return float(cv2.mean(d * d)[0])
+
+
+ScoreFunction = Callable[..., float]
+
+METRICS: dict[str, ScoreFunction] = {
+    "laplacian": score_laplacian_variance,
+    "tenengrad": score_tenengrad,
+    "normvar": score_normalized_variance,
+    "vollath": score_vollath_f4,
+    "brenner": score_brenner,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+    """A chosen metric and filter size: ``scorer(image) -> float``."""
+
+    metric: str = "laplacian"
+    blur: int = DEFAULT_BLUR
+
+    def __call__(self, image: np.ndarray) -> float:
+        return METRICS[self.metric](image, self.blur)
+
+    def coarse(self, image: np.ndarray) -> float:
+        """The same score at a coarse scale: wide capture range (see ``fast_search``)."""
+        factor = coarse_binning(image.shape)
+        blur = max(3, (self.blur // factor) | 1)
+        return METRICS[self.metric](image, blur, factor)
+
+
+def coarse_binning(shape: tuple[int, ...]) -> int:
+    """Binning for the coarse score: COARSE_FACTOR, less when the frame is small."""
+    return max(1, min(COARSE_FACTOR, min(shape[0], shape[1]) // COARSE_MIN_SIDE_PX))
+
+
+###############################################################################
+# Peak fitting and verdict (pure) #############################################
+###############################################################################
+
+
+def by_z(samples: Sequence[Sample]) -> list[Sample]:
+    """Samples sorted by position; a position measured twice keeps its first frame."""
+    seen: dict[float, Sample] = {}
+    for s in samples:
+        seen.setdefault(s.z_mm, s)
+    return sorted(seen.values(), key=lambda s: s.z_mm)
+
+
+def best_sample(samples: Sequence[Sample]) -> Sample:
+    """The highest-scoring sample (the first of equals, in capture order)."""
+    if not samples:
+        raise ValueError("no samples")
+    return max(samples, key=lambda s: s.score)
+
+
+def fit_peak(samples: Sequence[Sample]) -> PeakFit:
+    """Gaussian peak through the best sample and its two neighbours (a parabola on log scores).
+
+    The fit is used only when it can be trusted: the best sample has a measured neighbour on
+    each side, both neighbours score lower (positive scores), the log-parabola opens downward,
+    and its vertex lies between the two neighbours.  Exact for a Gaussian-shaped peak.
+    """
+    ordered = by_z(samples)
+    if len(ordered) < 3:
+        return PeakFit(None, False, "fewer than 3 positions")
+    best = best_sample(ordered)
+    i = ordered.index(best)
+    if i == 0 or i == len(ordered) - 1:
+        return PeakFit(None, False, "best sample at the edge of the measured range")
+    left, mid, right = ordered[i - 1], ordered[i], ordered[i + 1]
+    if min(left.score, mid.score, right.score) <= 0:
+        return PeakFit(None, False, "non-positive scores")
+    if not (left.score < mid.score and right.score < mid.score):
+        return PeakFit(None, False, "flat top: a neighbour scores as high as the best")
+    x = np.array([left.z_mm, mid.z_mm, right.z_mm]) - mid.z_mm
+    y = np.log([left.score, mid.score, right.score])
+    # Parabola through three points: y = a x^2 + b x + c.
+    denom = (x[0] - x[1]) * (x[0] - x[2]) * (x[1] - x[2])
+    a = (x[2] * (y[1] - y[0]) + x[1] * (y[0] - y[2]) + x[0] * (y[2] - y[1])) / denom
+    b = (x[2] ** 2 * (y[0] - y[1]) + x[1] ** 2 * (y[2] - y[0]) + x[0] ** 2 * (y[1] - y[2])) / denom
+    if not a < 0:
+        return PeakFit(None, False, "curvature of the wrong sign")
+    vertex = -b / (2 * a)
+    if not x[0] < vertex < x[2]:
+        return PeakFit(None, False, "vertex outside the bracket")
+    return PeakFit(round(mid.z_mm + vertex, POSITION_DECIMALS), True, "gaussian fit on 3 points")
+
+
+def curve_noise(samples: Sequence[Sample]) -> float:
+    """Robust estimate of the frame-to-frame noise of the scores (one standard deviation).
+
+    Each interior sample is compared with the straight line through its two neighbours; for
+    white noise of sigma s the residual has sigma s*sqrt(1 + wl^2 + wr^2).  The median of the
+    scaled residuals (x 1.4826, MAD to sigma) ignores the few residuals that the peak's
+    curvature makes large, and straight trends (illumination drift, a slope) cancel.
+    """
+    ordered = by_z(samples)
+    z = np.array([s.z_mm for s in ordered])
+    y = np.array([s.score for s in ordered])
+    if len(ordered) < 3:
+        return float("nan")
+    span = z[2:] - z[:-2]
+    wl = (z[2:] - z[1:-1]) / span
+    wr = (z[1:-1] - z[:-2]) / span
+    residual = y[1:-1] - (wl * y[:-2] + wr * y[2:])
+    scaled = np.abs(residual) / np.sqrt(1 + wl**2 + wr**2)
+    return float(1.4826 * np.median(scaled))
+
+
+def judge(samples: Sequence[Sample], range_mm: tuple[float, float]) -> Verdict:
+    """Decide focused / edge / no_peak from the curve alone.
+
+    A peak is real when its prominence (best score minus the median score) exceeds the
+    curve's own noise (``curve_noise``) times sqrt(2 ln n) + 3: sqrt(2 ln n) is about the
+    largest of n samples of pure noise, in sigmas, and the margin of 3 sigma keeps false
+    peaks rare.  No constant depends on the specimen, the metric or the units of the score.
+    A real peak whose best sample is the first or last position of the range is an edge.
+    """
+    ordered = by_z(samples)
+    n = len(ordered)
+    lo, hi = min(range_mm), max(range_mm)
+    if n < MIN_FRAMES_FOR_VERDICT:
+        return Verdict("no_peak", float("nan"), float("nan"), float("nan"),
+                       f"only {n} positions: at least {MIN_FRAMES_FOR_VERDICT} are needed to tell a peak "
+                       "from noise; use a smaller STEP")
+    scores = np.array([s.score for s in ordered])
+    noise = curve_noise(ordered)
+    prominence = float(scores.max() - np.median(scores))
+    threshold = noise * (math.sqrt(2 * math.log(n)) + PEAK_MARGIN_SIGMA)
+    if not prominence > threshold:
+        return Verdict("no_peak", prominence, noise, threshold,
+                       f"no peak: prominence {prominence:.3g} is within the curve's noise "
+                       f"(threshold {threshold:.3g}); blank field, no specimen, or focus far outside the range")
+    best = best_sample(ordered)
+    width = hi - lo
+    if best.z_mm <= ordered[0].z_mm and ordered[0].z_mm <= lo + 1e-12:
+        return Verdict("edge", prominence, noise, threshold,
+                       f"the best focus is at the low end of the range ({lo:.4f} mm): the focus may lie below it",
+                       (round(lo - width / 2, 6), round(lo + width / 2, 6)))
+    if best.z_mm >= ordered[-1].z_mm and ordered[-1].z_mm >= hi - 1e-12:
+        return Verdict("edge", prominence, noise, threshold,
+                       f"the best focus is at the high end of the range ({hi:.4f} mm): the focus may lie above it",
+                       (round(hi - width / 2, 6), round(hi + width / 2, 6)))
+    return Verdict("focused", prominence, noise, threshold,
+                   f"peak prominence {prominence / threshold:.1f}x the noise threshold")
+
+
+###############################################################################
+# Search ######################################################################
+###############################################################################
+
+
+def plan_positions(start_mm: float, end_mm: float, step_mm: float) -> list[float]:
+    """START to END inclusive every STEP; END below START sweeps downward; END always included."""
+    if not step_mm > 0:
+        raise ValueError("step must be positive")
+    direction = 1.0 if end_mm >= start_mm else -1.0
+    span = abs(end_mm - start_mm)
+    n = math.floor(span / step_mm + 1e-9)
+    positions = [round(start_mm + direction * i * step_mm, POSITION_DECIMALS) for i in range(n + 1)]
+    end = round(end_mm, POSITION_DECIMALS)
+    if abs(positions[-1] - end) > 1e-9:
+        positions.append(end)
+    else:
+        positions[-1] = end
+    return positions
+
+
+class Stage(Protocol):
+    """A focus axis: what the search needs and nothing more."""
+
+    def limits_mm(self) -> tuple[float, float]: ...
+    def position_mm(self) -> float: ...
+    def move_to(self, z_mm: float) -> None: ...
+    def stop(self) -> None: ...
+
+
+class Camera(Protocol):
+    """A camera: one call, one frame exposed after the call began."""
+
+    def capture(self) -> np.ndarray: ...
+
+
+FrameHook = Callable[[int, float, np.ndarray, float], None]
+
+
+class Acquisition:
+    """Moves, captures and scores, overlapping the scoring of frame k with the move to k+1.
+
+    ``measure(z)`` returns a future score; a search waits only for the scores it needs.  At
+    most IN_FLIGHT_FRAMES frames wait for scoring, so memory stays bounded when the scoring
+    (or a frame hook that saves images) is slower than the hardware.  ``samples`` always holds
+    every frame scored so far, so a run that fails still has its partial curve.
+    """
+
+    def __init__(self, stage: Stage, camera: Camera, scorer: Scorer, *, settle_ms: float = 0.0,
+                 backlash_mm: float = 0.0, direction: float = 1.0, coarse: bool = False,
+                 on_frame: FrameHook | None = None, on_sample: Callable[[Sample], None] | None = None) -> None:
+        self.stage, self.camera, self.scorer = stage, camera, scorer
+        self.settle_s = settle_ms / 1000.0
+        self.backlash_mm = backlash_mm
+        self.direction = direction
+        self.coarse = coarse
+        self.on_frame, self.on_sample = on_frame, on_sample
+        self.samples: list[Sample] = []
+        self.moves = 0
+        self.move_s = self.capture_s = self.score_s = 0.0
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(IN_FLIGHT_FRAMES)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+        self._frame_index = 0
+        self._last_z: float | None = None
+
+    def approach(self, z_mm: float) -> None:
+        """Move to z; with backlash, arrive from the sweep's direction (overshoot first)."""
+        t0 = time.perf_counter()
+        try:
+            coming_from_wrong_side = (
+                self._last_z is not None and (z_mm - self._last_z) * self.direction < 0
+            )
+            if self.backlash_mm > 0 and (coming_from_wrong_side or self._last_z is None):
+                self.stage.move_to(round(z_mm - self.direction * self.backlash_mm, POSITION_DECIMALS))
+                self.moves += 1
+            self.stage.move_to(z_mm)
+            self.moves += 1
+            self._last_z = z_mm
+            if self.settle_s > 0:
+                time.sleep(self.settle_s)
+        finally:
+            self.move_s += time.perf_counter() - t0
+
+    def measure(self, z_mm: float) -> concurrent.futures.Future[Sample]:
+        """Move to z, capture a frame, and hand it to the scoring thread."""
+        self._slots.acquire()
+        try:
+            self.approach(z_mm)
+            t0 = time.perf_counter()
+            try:
+                frame = self.camera.capture()
+            finally:
+                self.capture_s += time.perf_counter() - t0
+            check_frame(frame, z_mm)
+        except BaseException:
+            self._slots.release()
+            raise
+        index = self._frame_index
+        self._frame_index += 1
+        return self._pool.submit(self._score, index, z_mm, frame)
+
+    def _score(self, index: int, z_mm: float, frame: np.ndarray) -> Sample:
+        try:
+            t0 = time.perf_counter()
+            score = self.scorer(frame)
+            coarse = self.scorer.coarse(frame) if self.coarse else None
+            dt = time.perf_counter() - t0
+            sample = Sample(z_mm, score, coarse)
+            with self._lock:
+                self.score_s += dt
+                self.samples.append(sample)
+            log.debug("frame %d z=%.6f mm score=%.6g scored in %.1f ms", index, z_mm, score, dt * 1e3)
+            if self.on_frame is not None:
+                self.on_frame(index, z_mm, frame, score)
+            if self.on_sample is not None:
+                self.on_sample(sample)
+            return sample
+        finally:
+            self._slots.release()
+
+    def drain(self) -> None:
+        """Wait for every frame in flight to be scored (errors are the caller's to read)."""
+        self._pool.shutdown(wait=True)
+
+    def timing(self) -> Timing:
+        return Timing(self.move_s, self.capture_s, self.score_s)
+
+
+def check_frame(frame: np.ndarray, z_mm: float) -> None:
+    """Reject frames that cannot carry focus information: all black or all saturated."""
+    if frame is None or frame.size == 0:
+        raise CameraError(f"camera returned an empty frame at z={z_mm:.4f} mm; check the camera connection")
+    peak = np.iinfo(frame.dtype).max if np.issubdtype(frame.dtype, np.integer) else 1.0
+    lo, hi = float(frame.min()), float(frame.max())
+    if hi <= 0:
+        raise CameraError(f"frame at z={z_mm:.4f} mm is all black; check the light source, shutter and exposure")
+    if lo >= peak:
+        raise CameraError(f"frame at z={z_mm:.4f} mm is fully saturated; lower the exposure or the light")
+
+
+def sweep_search(acq: Acquisition, positions: Sequence[float]) -> list[Sample]:
+    """The card's exhaustive search: one frame at every position, in order."""
+    futures = [acq.measure(z) for z in positions]
+    return [f.result() for f in futures]
+
+
+def fast_search(acq: Acquisition, positions: Sequence[float]) -> list[Sample]:
+    """Coarse-to-fine search on the STEP grid, reusing every frame it takes.
+
+    1. Coarse pass: every COARSE_FACTOR-th grid position (and the last), scored on a frame
+       binned COARSE_FACTOR times.  Defocus blur grows linearly with distance from focus, so
+       the binned score stays high over a range about COARSE_FACTOR times wider than the
+       full-resolution score: sampling it every COARSE_FACTOR STEPs is as dense, relative to
+       its width, as the STEP the user chose for the fine curve.  A narrow peak therefore
+       cannot fall between two coarse samples unseen.
+    2. Prediction: a Gaussian fit through the best coarse sample and its coarse neighbours
+       (on the coarse scores) predicts the peak; the nearest grid position is measured.
+    3. Refinement: hill-climb on the full-resolution score, one grid STEP at a time, until
+       the best position has both grid neighbours measured and lower.
+
+    Typical cost: N/8 + 3 frames for N grid positions; worst case N/8 + 2*8 + 2.
+    Grids of fewer than 3*COARSE_FACTOR positions are swept exhaustively.
+    """
+    n = len(positions)
+    if n < 3 * COARSE_FACTOR:
+        return sweep_search(acq, positions)
+    measured: dict[int, Sample] = {}
+
+    coarse_idx = list(range(0, n, COARSE_FACTOR))
+    if coarse_idx[-1] != n - 1:
+        coarse_idx.append(n - 1)
+    futures = [(i, acq.measure(positions[i])) for i in coarse_idx]
+    for i, f in futures:
+        measured[i] = f.result()
+
+    # Prediction from the coarse scores.
+    coarse_samples = [Sample(positions[i], measured[i].coarse or 0.0) for i in coarse_idx]
+    top = max(range(len(coarse_idx)), key=lambda k: coarse_samples[k].score)
+    guess = coarse_idx[top]
+    if 0 < top < len(coarse_idx) - 1:
+        fit = fit_peak(coarse_samples[top - 1: top + 2])
+        if fit.used and fit.z_mm is not None:
+            step = positions[1] - positions[0]
+            guess = int(round((fit.z_mm - positions[0]) / step))
+            guess = min(max(guess, 0), n - 1)
+
+    def get(i: int) -> Sample:
+        if i not in measured:
+            measured[i] = acq.measure(positions[i]).result()
+        return measured[i]
+
+    current = guess
+    get(current)
+    for _ in range(2 * COARSE_FACTOR + 2):
+        neighbours = [j for j in (current - 1, current + 1) if 0 <= j < n]
+        for j in neighbours:
+            get(j)
+        best = max([current, *neighbours], key=lambda j: measured[j].score)
+        if best == current:
+            break
+        current = best
+    return [measured[i] for i in sorted(measured)]
+
+
+SEARCHES: dict[str, Callable[[Acquisition, Sequence[float]], list[Sample]]] = {
+    "sweep": sweep_search,
+    "fast": fast_search,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run will do, checked against the limits before anything moves."""
+
+    positions: tuple[float, ...]
+    search: str = "sweep"
+    backlash_mm: float = 0.0
+    settle_ms: float = 0.0
+
+    @property
+    def direction(self) -> float:
+        return 1.0 if self.positions[-1] >= self.positions[0] else -1.0
+
+    def envelope_mm(self) -> tuple[float, float]:
+        """Every position the run may command: the range, widened by the backlash overshoot."""
+        lo, hi = min(self.positions), max(self.positions)
+        if self.backlash_mm > 0:
+            if self.direction > 0:
+                lo -= self.backlash_mm
+            else:
+                hi += self.backlash_mm
+        return round(lo, POSITION_DECIMALS), round(hi, POSITION_DECIMALS)
+
+
+def check_plan(plan: Plan, limits_mm: tuple[float, float], soft_mm: tuple[float | None, float | None]) -> None:
+    """Raise UsageError unless every position the plan may command lies inside both limits."""
+    lo, hi = plan.envelope_mm()
+    travel_lo, travel_hi = limits_mm
+    soft_lo, soft_hi = soft_mm
+    allowed_lo = travel_lo if soft_lo is None else max(travel_lo, soft_lo)
+    allowed_hi = travel_hi if soft_hi is None else min(travel_hi, soft_hi)
+    what = "range" if plan.backlash_mm <= 0 else "range with its backlash overshoot"
+    if lo < allowed_lo - 1e-9 or hi > allowed_hi + 1e-9:
+        raise UsageError(
+            f"the {what} {lo:g}..{hi:g} mm leaves the allowed interval {allowed_lo:g}..{allowed_hi:g} mm "
+            f"(travel {travel_lo:g}..{travel_hi:g} mm"
+            + (f", soft limits {soft_lo if soft_lo is not None else '-'}..{soft_hi if soft_hi is not None else '-'} mm"
+               if soft_lo is not None or soft_hi is not None else "")
+            + "); choose a range inside it"
+        )
+
+
+class RunFailed(Exception):
+    """A run stopped by a fault or Ctrl-C; carries the partial result and the cause."""
+
+    def __init__(self, partial: FocusResult | None, cause: BaseException, where: str) -> None:
+        super().__init__(str(cause))
+        self.partial, self.cause, self.where = partial, cause, where
+
+
+def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
+                  on_frame: FrameHook | None = None,
+                  on_sample: Callable[[Sample], None] | None = None) -> FocusResult:
+    """Search, judge, and send the stage to the answer (or back to where it started).
+
+    Faults and Ctrl-C stop the axis, send it back to where it started when it still answers,
+    and raise RunFailed with the partial curve.
+    """
+    t0 = time.perf_counter()
+    start_mm = stage.position_mm()
+    acq = Acquisition(stage, camera, scorer, settle_ms=plan.settle_ms, backlash_mm=plan.backlash_mm,
+                      direction=plan.direction, coarse=plan.search == "fast",
+                      on_frame=on_frame, on_sample=on_sample)
+    range_mm = (plan.positions[0], plan.positions[-1])
+
+    def result(samples: Sequence[Sample], target: float, fit: PeakFit, verdict: Verdict) -> FocusResult:
+        best = best_sample(samples) if samples else Sample(float("nan"), float("nan"))
+        return FocusResult(plan.search, scorer.metric, tuple(samples), best.z_mm, best.score, fit, verdict,
+                           target, start_mm, acq.moves, time.perf_counter() - t0, acq.timing())
+
+    try:
+        try:
+            SEARCHES[plan.search](acq, plan.positions)
+        finally:
+            acq.drain()
+        samples = list(acq.samples)
+        fit = fit_peak(samples)
+        verdict = judge(samples, range_mm)
+        if verdict.kind == "no_peak":
+            target = start_mm  # never move to a noise maximum
+        elif verdict.kind == "focused" and fit.used and fit.z_mm is not None:
+            target = fit.z_mm
+        else:
+            target = best_sample(samples).z_mm
+        acq.direction = plan.direction
+        acq.approach(target)
+        return result(samples, target, fit, verdict)
+    except (HardwareError, KeyboardInterrupt) as exc:
+        where = make_safe(stage, start_mm)
+        samples = list(acq.samples)
+        fit = fit_peak(samples) if samples else PeakFit(None, False, "no samples")
+        verdict = Verdict("no_peak", float("nan"), float("nan"), float("nan"), "run did not finish")
+        raise RunFailed(result(samples, float("nan"), fit, verdict), exc, where) from exc
+
+
+def make_safe(stage: Stage, start_mm: float) -> str:
+    """Stop the axis and send it back to where it started; say where it is now."""
+    for attempt in (stage.stop, lambda: stage.move_to(start_mm)):
+        try:
+            attempt()
+        except (HardwareError, KeyboardInterrupt) as exc:
+            log.debug("making the stage safe: %s", exc)
+            try:
+                return f"stage stopped at {stage.position_mm():.4f} mm (could not return to {start_mm:.4f} mm)"
+            except (HardwareError, KeyboardInterrupt):
+                return "stage position unknown (it no longer answers); check it before the next run"
+    return f"stage returned to its start, {start_mm:.4f} mm"
+
+
+###############################################################################
+# Backends: Zaber stage and FLIR camera #######################################
+###############################################################################
+
+
+def _zml() -> Any:
+    """Import the Zaber Motion Library on first use."""
+    try:
+        import zaber_motion  # noqa: PLC0415
+        import zaber_motion.ascii  # noqa: PLC0415
+    except ImportError as exc:  # pragma: no cover - it is in requirements.txt
+        raise UsageError("the Zaber Motion Library is missing: pip install -r requirements.txt") from exc
+    return zaber_motion
+
+
+class ZaberStage:
+    """The focus axis of a Zaber device through ZML (serial port or tcp://HOST:PORT)."""
+
+    def __init__(self, port: str, device: int = DEFAULT_DEVICE, axis: int = DEFAULT_AXIS, *,
+                 native_unit_nm: float | None = None, device_db: str | None = None,
+                 move_timeout_s: float = DEFAULT_MOVE_TIMEOUT_S) -> None:
+        self.port, self.device_number, self.axis_number = port, device, axis
+        self.native_unit_nm = native_unit_nm
+        self.move_timeout_s = move_timeout_s
+        zm = _zml()
+        self._zm = zm
+        self._exc = zm.exceptions
+        zm.Library.set_idle_polling_period(10)  # ms; ZML's 50 ms default would add ~25 ms a move
+        if device_db:
+            zm.Library.set_device_db_source(zm.DeviceDbSourceType.FILE, device_db)
+        self._connection = self._open(port)
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, port: str) -> Any:
+        conn = self._zm.ascii.Connection
+        try:
+            if port.startswith("tcp://"):
+                host, _, tcp_port = port[len("tcp://"):].rpartition(":")
+                if not host or not tcp_port.isdigit():
+                    raise UsageError(f"bad PORT {port!r}: expected tcp://HOST:PORT")
+                return conn.open_tcp(host, int(tcp_port))
+            return conn.open_serial_port(port)
+        except self._exc.SerialPortBusyException as exc:
+            raise UsageError(f"serial port {port} is in use by another program (Zaber Launcher?); "
+                             "close it and try again") from exc
+        except self._exc.ConnectionFailedException as exc:
+            raise UsageError(f"cannot open {port}: {first_line(exc)}; check the port name "
+                             "(Device Manager on Windows, ls /dev/ttyUSB* /dev/ttyACM* on Linux)") from exc
+        except self._exc.MotionLibException as exc:
+            raise UsageError(f"cannot open {port}: {first_line(exc)}") from exc
+
+    def _setup(self) -> None:
+        zm = self._zm
+        device = self._connection.get_device(self.device_number)
+        self._axis = device.get_axis(self.axis_number)
+        try:
+            warnings = self._axis.warnings.get_flags()
+        except (self._exc.RequestTimeoutException, self._exc.DeviceAddressConflictException) as exc:
+            raise UsageError(f"no Zaber device {self.device_number} on {self.port}; {self._found()}; "
+                             "pass --device N") from exc
+        except self._exc.BadDataException as exc:
+            raise UsageError(f"device {self.device_number} has no axis {self.axis_number}; "
+                             "pass --axis N") from exc
+        except self._exc.CommandFailedException as exc:
+            if "BADAXIS" in str(exc) or "axis" in str(exc).lower():
+                raise UsageError(f"device {self.device_number} has no axis {self.axis_number}; pass --axis N") from exc
+            raise StageError(f"device {self.device_number} rejected a status request: {first_line(exc)}") from exc
+        except self._exc.MotionLibException as exc:
+            raise StageError(f"device {self.device_number} on {self.port} does not answer: {first_line(exc)}") from exc
+        if self.native_unit_nm is not None:
+            self._unit = zm.Units.NATIVE
+            self._scale = 1e6 / self.native_unit_nm  # native units per mm
+        else:
+            try:
+                device.identify()
+            except (self._exc.DeviceDbFailedException, self._exc.DeviceNotIdentifiedException) as exc:
+                raise UsageError(
+                    "cannot convert millimetres: ZML could not load Zaber's device database "
+                    f"({first_line(exc)}); connect once with internet, or pass --device-db FILE "
+                    "(Zaber's offline database), or --native-unit-nm N (size of one native unit)") from exc
+            except self._exc.MotionLibException as exc:
+                raise StageError(f"identifying device {self.device_number} failed: {first_line(exc)}") from exc
+            self._unit = zm.Units.LENGTH_MILLIMETRES
+            self._scale = 1.0
+        self._limits = (self._setting("limit.min"), self._setting("limit.max"))
+        self._homed = "WR" not in warnings and "WH" not in warnings
+
+    def _found(self) -> str:
+        try:
+            found = self._connection.detect_devices(identify_devices=False)
+        except self._exc.MotionLibException:
+            return "no devices answered"
+        return "found: " + (", ".join(f"device {d.device_address}" for d in found) or "none")
+
+    def _setting(self, name: str) -> float:
+        try:
+            if self._unit == self._zm.Units.NATIVE:
+                return self._axis.settings.get(name) / self._scale
+            return self._axis.settings.get(name, self._unit)
+        except self._exc.MotionLibException as exc:
+            raise StageError(f"reading {name} from device {self.device_number}: {first_line(exc)}") from exc
+
+    def home_if_needed(self) -> bool:
+        """Home the axis when it has no reference position; True when it homed."""
+        if self._homed:
+            return False
+        log.warning("homing device %d axis %d: it has no reference position (the stage moves to its home)",
+                    self.device_number, self.axis_number)
+        try:
+            self._axis.home(wait_until_idle=False)
+            self._wait_idle("homing")
+        except self._exc.MotionLibException as exc:
+            raise StageError(f"homing device {self.device_number} failed: {first_line(exc)}") from exc
+        self._homed = True
+        return True
+
+    def limits_mm(self) -> tuple[float, float]:
+        return self._limits
+
+    def position_mm(self) -> float:
+        try:
+            if self._unit == self._zm.Units.NATIVE:
+                return round(self._axis.get_position() / self._scale, POSITION_DECIMALS)
+            return round(self._axis.get_position(self._unit), POSITION_DECIMALS)
+        except self._exc.MotionLibException as exc:
+            raise StageError(f"reading the position of device {self.device_number}: {first_line(exc)}") from exc
+
+    def move_to(self, z_mm: float) -> None:
+        lo, hi = self._limits
+        if not lo - 1e-9 <= z_mm <= hi + 1e-9:  # last line of defence; plans are checked earlier
+            raise StageError(f"refusing to move to {z_mm} mm: outside the travel {lo}..{hi} mm")
+        try:
+            if self._unit == self._zm.Units.NATIVE:
+                self._axis.move_absolute(round(z_mm * self._scale), wait_until_idle=False)
+            else:
+                self._axis.move_absolute(z_mm, self._unit, wait_until_idle=False)
+            self._wait_idle(f"moving to {z_mm:.4f} mm")
+        except self._exc.MovementFailedException as exc:
+            raise StageError(f"move to {z_mm:.4f} mm failed: {first_line(exc)}") from exc
+        except self._exc.CommandFailedException as exc:
+            raise StageError(f"device {self.device_number} rejected the move to {z_mm:.4f} mm: "
+                             f"{first_line(exc)}") from exc
+        except self._exc.MotionLibException as exc:
+            raise StageError(f"lost the stage while moving to {z_mm:.4f} mm: {first_line(exc)}") from exc
+
+    def _wait_idle(self, what: str) -> None:
+        """Poll until the axis is idle, at most move_timeout_s; then surface any fault."""
+        deadline = time.monotonic() + self.move_timeout_s
+        while self._axis.is_busy():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise StageError(f"{what}: the axis was still busy after {self.move_timeout_s:g} s; "
+                                 "stopped it (raise --move-timeout-s if the stage is slow)")
+            time.sleep(0.005)
+        self._axis.wait_until_idle(throw_error_on_fault=True)
+
+    def stop(self) -> None:
+        try:
+            self._axis.stop()
+        except self._exc.MotionLibException as exc:
+            raise StageError(f"stopping device {self.device_number}: {first_line(exc)}") from exc
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._connection.close()
+
+
+PYSPIN_HELP = (
+    "the FLIR camera needs Teledyne FLIR's Spinnaker SDK and its PySpin wheel (not on PyPI): "
+    "install the SDK and the spinnaker_python wheel matching your Python from Teledyne FLIR's "
+    "download site, then pip install simple-pyspin; or use --camera sim / --simulate / --replay"
+)
+
+
+class FlirCamera:
+    """A FLIR camera through simple-pyspin, streaming with a software trigger.
+
+    Acquisition starts once; each ``capture`` drains stale buffers, triggers one exposure and
+    waits for that frame with a timeout, so no frame exposed before the call (e.g. during the
+    previous move) is ever returned, buffers are always released, and nothing blocks forever.
+    """
+
+    def __init__(self, serial: str | None = None, *, exposure_ms: float | None = None,
+                 timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS) -> None:
+        try:
+            import PySpin  # noqa: PLC0415
+            import simple_pyspin  # noqa: PLC0415
+        except ImportError as exc:
+            raise UsageError(PYSPIN_HELP) from exc
+        self._spin, self._timeout_ms = PySpin, timeout_ms
+        try:
+            self._cam = simple_pyspin.Camera(serial if serial else 0)
+            self._cam.init()
+        except (simple_pyspin.CameraError, PySpin.SpinnakerException) as exc:
+            raise CameraError(f"cannot open the FLIR camera{' ' + serial if serial else ''}: {first_line(exc)}; "
+                              "check the USB cable and that no other program (SpinView) holds it") from exc
+        try:
+            cam = self._cam
+            cam.AcquisitionMode = "Continuous"
+            cam.TriggerMode = "Off"  # TriggerSource is only writable with the trigger off
+            cam.TriggerSelector = "FrameStart"
+            cam.TriggerSource = "Software"
+            cam.TriggerMode = "On"
+            if exposure_ms is not None:
+                cam.ExposureAuto = "Off"
+                cam.ExposureTime = exposure_ms * 1000.0
+            cam.start()
+        except (simple_pyspin.CameraError, PySpin.SpinnakerException) as exc:
+            self.close()
+            raise CameraError(f"cannot configure the FLIR camera: {first_line(exc)}") from exc
+
+    def capture(self) -> np.ndarray:
+        spin, raw = self._spin, self._cam.cam
+        try:
+            while True:  # drop anything exposed before now
+                try:
+                    stale = raw.GetNextImage(spin.EVENT_TIMEOUT_NONE)
+                except spin.SpinnakerException:
+                    break
+                stale.Release()
+            self._cam.TriggerSoftware()
+            image = raw.GetNextImage(self._timeout_ms)
+        except spin.SpinnakerException as exc:
+            raise CameraError(f"no frame from the FLIR camera within {self._timeout_ms} ms: {first_line(exc)}; "
+                              "check the cable, or raise --camera-timeout-ms for long exposures") from exc
+        try:
+            if image.IsIncomplete():
+                raise CameraError(f"the FLIR camera delivered an incomplete frame (status {image.GetImageStatus()}); "
+                                  "check the USB bandwidth")
+            return np.array(image.GetNDArray(), copy=True)
+        finally:
+            image.Release()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._cam.stop()
+        with contextlib.suppress(Exception):
+            self._cam.TriggerMode = "Off"
+        with contextlib.suppress(Exception):
+            self._cam.close()
+
+
+###############################################################################
+# Backends: simulated microscope ##############################################
+###############################################################################
+# Defaults model the seed's hardware.  Sources: BFLY-U3-23S6M (Sony IMX249): 1920x1200,
+# 5.86 um pixels, 41 fps (datasheet); read noise 7 e- (estimate for IMX249); X-LDA025A
+# focus stage: 25 mm travel (datasheet), speed and settle (estimates); a 4x / NA 0.10
+# objective (estimate of a typical low-magnification MVR objective, depth of field ~70 um).
+
+
+@dataclasses.dataclass(frozen=True)
+class SimTiming:
+    """Modelled hardware time, seconds.  ``scale`` 0 runs as fast as the host can."""
+
+    command_s: float = 0.005  # ZML request + reply over USB serial (estimate)
+    poll_s: float = 0.010  # idle polling period we set in ZML
+    speed_mm_s: float = 40.0  # X-LDA025A cruise speed for short focus moves (estimate)
+    accel_mm_s2: float = 2000.0  # (estimate)
+    settle_s: float = 0.010  # direct-drive settle at ~1 um (estimate)
+    exposure_s: float = 0.010  # (estimate; set by the user on hardware)
+    readout_s: float = 1.0 / 41.0  # 41 fps at 1920x1200 (datasheet)
+    acquisition_start_stop_s: float = 0.100  # one-shot BeginAcquisition/EndAcquisition (estimate, 50-150 ms)
+    scale: float = 1.0
+
+    def move_s(self, distance_mm: float) -> float:
+        """Trapezoidal move time plus settle, rounded up to ZML's idle polls."""
+        d = abs(distance_mm)
+        t_acc = self.speed_mm_s / self.accel_mm_s2
+        if d < self.speed_mm_s * t_acc:
+            t = 2 * math.sqrt(d / self.accel_mm_s2)
+        else:
+            t = 2 * t_acc + (d - self.speed_mm_s * t_acc) / self.speed_mm_s
+        t += self.settle_s
+        return self.command_s + math.ceil(t / self.poll_s) * self.poll_s
+
+
+@dataclasses.dataclass(frozen=True)
+class SimOptics:
+    """The simulated microscope's optics, specimen and sensor (deterministic for a seed)."""
+
+    focus_mm: float = 12.34
+    magnification: float = 4.0
+    na: float = 0.10
+    wavelength_um: float = 0.55
+    pixel_um: float = 5.86  # camera pixel
+    width: int = 1920
+    height: int = 1200
+    photons: float = 1000.0  # mean photons per pixel at the brightest structure
+    read_noise_e: float = 7.0
+    bit_depth: int = 8
+    specimen: str = "cells"  # "cells" or "blank"
+    seed: int = 0
+
+    @property
+    def sample_pixel_um(self) -> float:
+        return self.pixel_um / self.magnification
+
+    @property
+    def depth_of_field_um(self) -> float:
+        """Wave-optical plus geometric depth of field (Young et al.; Inoue)."""
+        return self.wavelength_um / self.na**2 + self.pixel_um / (self.magnification * self.na)
+
+    def blur_sigma_px(self, defocus_mm: float) -> float:
+        """PSF sigma in pixels: diffraction (Airy ~ 0.21 lambda/NA) plus geometric defocus blur.
+
+        The geometric blur disc has radius NA * |dz|; a Gaussian of sigma = radius / 2 matches
+        its second moment.  Near focus diffraction dominates: that flat top is the depth of field.
+        """
+        diffraction = 0.21 * self.wavelength_um / self.na / self.sample_pixel_um
+        geometric = self.na * abs(defocus_mm) * 1000.0 / 2.0 / self.sample_pixel_um
+        return math.hypot(diffraction, geometric)
+
+
+@functools.lru_cache(maxsize=4)
+def make_specimen(width: int, height: int, kind: str = "cells", seed: int = 0) -> np.ndarray:
+    """A deterministic synthetic specimen, relative brightness 0..1 (float32, height x width).
+
+    "cells": cell bodies with a bright membrane and nucleus, granules, filaments and a fine
+    fibrous texture, on a dim background.  "blank": even illumination with gentle vignetting
+    and no structure at all (nothing to focus on).
+    """
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    cx, cy = width / 2.0, height / 2.0
+    vignette = 1.0 - 0.15 * (((xx - cx) / cx) ** 2 + ((yy - cy) / cy) ** 2) / 2.0
+    if kind == "blank":
+        return (0.6 * vignette).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width), 0.12, np.float32)
+    texture = rng.standard_normal((height, width)).astype(np.float32)
+    img += 0.05 * cv2.GaussianBlur(texture, (0, 0), 1.2) / 0.25
+    scale = min(width, height) / 1200.0
+    n_cells = max(3, int(60 * width * height / (1920 * 1200)))
+    for _ in range(n_cells):
+        c = (int(rng.uniform(0, width)), int(rng.uniform(0, height)))
+        axes = (int(rng.uniform(30, 70) * scale) + 3, int(rng.uniform(20, 45) * scale) + 3)
+        angle = float(rng.uniform(0, 180))
+        cv2.ellipse(img, c, axes, angle, 0, 360, 0.35, -1)
+        cv2.ellipse(img, c, axes, angle, 0, 360, 0.75, max(1, int(2 * scale)))
+        nucleus = (max(2, axes[0] // 3), max(2, axes[1] // 3))
+        offset = (c[0] + int(rng.uniform(-0.2, 0.2) * axes[0]), c[1] + int(rng.uniform(-0.2, 0.2) * axes[1]))
+        cv2.ellipse(img, offset, nucleus, angle, 0, 360, 0.9, -1)
+        for _ in range(12):
+            g = (c[0] + int(rng.normal(0, axes[0] / 2.5)), c[1] + int(rng.normal(0, axes[1] / 2.5)))
+            cv2.circle(img, g, max(1, int(1.5 * scale)), 0.65, -1)
+    for _ in range(max(2, int(25 * width * height / (1920 * 1200)))):
+        pts = [np.array([rng.uniform(0, width), rng.uniform(0, height)])]
+        heading = rng.uniform(0, 2 * np.pi)
+        for _ in range(40):
+            heading += rng.normal(0, 0.25)
+            pts.append(pts[-1] + 12 * scale * np.array([np.cos(heading), np.sin(heading)]))
+        cv2.polylines(img, [np.array(pts, np.int32)], False, 0.55, 1, cv2.LINE_AA)
+    img = cv2.GaussianBlur(img, (0, 0), 0.5)  # no structure finer than the optics pass
+    return np.clip(img * vignette, 0.0, 1.0).astype(np.float32)
+
+
+def blur_sigma(image: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian blur of any width in a few ms: halve the image until sigma is small, then upsample."""
+    h, w = image.shape
+    small, s = image, sigma_px
+    while s > 6.0 and min(small.shape) > 32:
+        small = cv2.pyrDown(small)  # pyrDown itself blurs by ~1 source pixel
+        s = math.sqrt(max(s * s - 1.0, 0.0)) / 2.0
+    if s > 0.3:
+        small = cv2.GaussianBlur(small, (0, 0), s)
+    if small.shape != image.shape:
+        small = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    return small
+
+
+class SimClock:
+    """Modelled hardware seconds, and real sleeping scaled by ``scale`` (0: no sleeping)."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+        self.modeled_s = 0.0
+
+    def spend(self, seconds: float, since: float | None = None) -> None:
+        """Account ``seconds`` of hardware time; sleep what the host has not already spent."""
+        self.modeled_s += seconds
+        if self.scale > 0:
+            already = 0.0 if since is None else time.perf_counter() - since
+            remaining = seconds * self.scale - already
+            if remaining > 0:
+                time.sleep(remaining)
+
+
+class SimStage:
+    """A simulated focus stage: travel 0-25 mm like the X-LDA025A, with modelled move time."""
+
+    def __init__(self, travel_mm: tuple[float, float] = (0.0, 25.0), position_mm: float = 0.0,
+                 timing: SimTiming | None = None, clock: SimClock | None = None) -> None:
+        self.travel = travel_mm
+        self.z = position_mm
+        self.timing = timing or SimTiming()
+        self.clock = clock or SimClock(self.timing.scale)
+        self.commands: list[float] = []  # every commanded target, for tests
+
+    def limits_mm(self) -> tuple[float, float]:
+        return self.travel
+
+    def position_mm(self) -> float:
+        return self.z
+
+    def move_to(self, z_mm: float) -> None:
+        lo, hi = self.travel
+        if not lo - 1e-9 <= z_mm <= hi + 1e-9:
+            raise StageError(f"simulated stage rejected a move to {z_mm} mm: outside the travel {lo}..{hi} mm")
+        self.commands.append(z_mm)
+        self.clock.spend(self.timing.move_s(z_mm - self.z))
+        self.z = z_mm
+
+    def stop(self) -> None:
+        pass
+
+
+class SimCamera:
+    """Renders what the stage's position would show through the simulated optics.
+
+    Streaming with a software trigger (exposure + readout per frame) by default;
+    ``one_shot`` adds an acquisition start/stop per frame, as the seed's loop does.
+    """
+
+    def __init__(self, stage: Stage, optics: SimOptics | None = None, timing: SimTiming | None = None,
+                 clock: SimClock | None = None, one_shot: bool = False) -> None:
+        self.stage = stage
+        self.optics = optics or SimOptics()
+        self.timing = timing or SimTiming()
+        self.clock = clock or SimClock(self.timing.scale)
+        self.one_shot = one_shot
+        self._rng = np.random.default_rng(self.optics.seed + 1)
+        self.frames = 0
+
+    def render(self, z_mm: float) -> np.ndarray:
+        """The frame at z: defocus blur, shot noise, read noise, quantisation."""
+        o = self.optics
+        specimen = make_specimen(o.width, o.height, o.specimen, o.seed)
+        blurred = blur_sigma(specimen, o.blur_sigma_px(z_mm - o.focus_mm))
+        electrons = blurred * np.float32(o.photons)
+        noise = self._rng.standard_normal(electrons.shape, dtype=np.float32)
+        # Shot noise (Gaussian approximation of Poisson, fine above ~10 photons) plus read noise.
+        electrons += noise * np.sqrt(electrons + np.float32(o.read_noise_e**2))
+        full_scale = (1 << o.bit_depth) - 1
+        gain = 0.8 * full_scale / o.photons  # the brightest structure sits at 80% of full scale
+        dn = np.clip(electrons * np.float32(gain), 0, full_scale)
+        return dn.astype(np.uint8 if o.bit_depth <= 8 else np.uint16)
+
+    def capture(self) -> np.ndarray:
+        t0 = time.perf_counter()
+        frame = self.render(self.stage.position_mm())
+        t = self.timing
+        modeled = t.exposure_s + t.readout_s + (t.acquisition_start_stop_s if self.one_shot else 0.0)
+        self.clock.spend(modeled, since=t0)
+        self.frames += 1
+        return frame
+
+
+###############################################################################
+# Backends: replay of a recorded stack ########################################
+###############################################################################
+
+
+class ReplayStack:
+    """A recorded through-focus stack: ``stack.csv`` (z_mm, file, ...) and its images."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        csv_path = self.folder / "stack.csv"
+        if not csv_path.is_file():
+            raise StackError(f"replay stack {self.folder}: no stack.csv there (expected columns z_mm,file)")
+        rows = self._read_rows(csv_path)
+        zs = [z for z, _ in rows]
+        dupes = sorted({z for z in zs if zs.count(z) > 1})
+        if dupes:
+            raise StackError(f"replay stack {csv_path}: duplicate z_mm {dupes[0]:g}; each position must appear once")
+        self.z_mm = np.array(zs)
+        self.frames: list[np.ndarray] = []
+        shape = None
+        for z, name in rows:
+            path = self.folder / name
+            if not path.is_file():
+                raise StackError(f"replay stack {csv_path}: image {name} (z={z:g} mm) is missing")
+            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if image is None:
+                raise StackError(f"replay stack {csv_path}: image {name} cannot be read as an image")
+            if shape is not None and image.shape != shape:
+                raise StackError(f"replay stack {csv_path}: image {name} is {image.shape}, the first was {shape}; "
+                                 "all images must have the same size")
+            shape = image.shape
+            self.frames.append(image)
+
+    @staticmethod
+    def _read_rows(csv_path: Path) -> list[tuple[float, str]]:
+        try:
+            with open(csv_path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                fields = [name.strip() for name in (reader.fieldnames or [])]
+                if "z_mm" not in fields or "file" not in fields:
+                    raise StackError(f"replay stack {csv_path}: the header must name z_mm and file "
+                                     f"(found {','.join(fields) or 'nothing'})")
+                rows = []
+                for line, row in enumerate(reader, start=2):
+                    row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+                    try:
+                        z = float(row["z_mm"])
+                    except ValueError:
+                        raise StackError(f"replay stack {csv_path}, line {line}: z_mm {row['z_mm']!r} "
+                                         "is not a number") from None
+                    if not math.isfinite(z) or not row["file"]:
+                        raise StackError(f"replay stack {csv_path}, line {line}: needs a finite z_mm and a file")
+                    rows.append((z, row["file"]))
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise StackError(f"replay stack {csv_path}: cannot read it ({exc})") from exc
+        if not rows:
+            raise StackError(f"replay stack {csv_path}: no rows (an empty stack)")
+        return rows
+
+    @property
+    def range_mm(self) -> tuple[float, float]:
+        return float(self.z_mm.min()), float(self.z_mm.max())
+
+    def nearest(self, z_mm: float) -> np.ndarray:
+        return self.frames[int(np.argmin(np.abs(self.z_mm - z_mm)))]
+
+
+class ReplayCamera:
+    """Returns the recorded frame nearest the stage's position."""
+
+    def __init__(self, stage: Stage, stack: ReplayStack) -> None:
+        self.stage, self.stack = stage, stack
+
+    def capture(self) -> np.ndarray:
+        return self.stack.nearest(self.stage.position_mm())
+
+
+###############################################################################
+# Output ######################################################################
+###############################################################################
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (ZML messages run over several lines)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def result_json(result: FocusResult | None, *, exit_code: int, error: str | None = None,
+                where: str | None = None) -> dict[str, Any]:
+    """The machine-readable summary printed by --json."""
+
+    def num(x: float | None) -> float | None:
+        return None if x is None or not math.isfinite(x) else x
+
+    if result is None:
+        return {"best_mm": None, "best_score": None, "verdict": None, "frames": 0, "moves": 0, "elapsed_s": None,
+                "search": None, "curve": [], "exit_code": exit_code, "error": error, "stage": where}
+    return {
+        "best_mm": num(result.best_mm),
+        "best_score": num(result.best_score),
+        "best_sample_mm": num(result.best_sample_mm),
+        "fit_mm": num(result.fit.z_mm),
+        "fit_used": result.fit.used,
+        "fit_reason": result.fit.reason,
+        "verdict": result.verdict.kind if error is None else "failed",
+        "reason": result.verdict.reason,
+        "suggested_range_mm": list(result.verdict.suggestion_mm) if result.verdict.suggestion_mm else None,
+        "prominence": num(result.verdict.prominence),
+        "noise": num(result.verdict.noise),
+        "threshold": num(result.verdict.threshold),
+        "frames": result.frames,
+        "moves": result.moves,
+        "elapsed_s": round(result.elapsed_s, 4),
+        "search": result.search,
+        "metric": result.metric,
+        "start_mm": num(result.start_mm),
+        "curve": [[s.z_mm, s.score] for s in result.samples],
+        "timing": {k: round(v, 4) for k, v in dataclasses.asdict(result.timing).items()},
+        "exit_code": exit_code,
+        "error": error,
+        "stage": where,
+    }
+
+
+def write_curve_csv(path: str | Path, samples: Sequence[Sample]) -> None:
+    """The focus curve in capture order: index,z_mm,score."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "z_mm", "score"])
+        for i, s in enumerate(samples):
+            w.writerow([i, f"{s.z_mm:.9g}", f"{s.score:.9g}"])
+
+
+def plot_curve(path: str | Path, result: FocusResult) -> None:
+    """A PNG of the focus curve: samples, chosen position, fitted peak."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # noqa: PLC0415
+
+    ordered = by_z(result.samples)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    try:
+        if ordered:
+            ax.plot([s.z_mm for s in ordered], [s.score for s in ordered], "-", color="0.6", lw=1)
+            ax.plot([s.z_mm for s in result.samples], [s.score for s in result.samples], "o", ms=4,
+                    color="tab:blue", label=f"samples ({result.frames} frames, {result.search})")
+        if math.isfinite(result.best_mm):
+            ax.axvline(result.best_mm, color="tab:red", lw=1.5, label=f"stage sent to {result.best_mm:.4f} mm")
+        if result.fit.used and result.fit.z_mm is not None:
+            ax.axvline(result.fit.z_mm, color="tab:green", ls="--", lw=1, label=f"fitted peak {result.fit.z_mm:.4f} mm")
+        ax.set_xlabel("focus position z (mm)")
+        ax.set_ylabel(f"focus score ({result.metric}, a.u.)")
+        ax.set_title(f"verdict: {result.verdict.kind}")
+        ax.legend(loc="best", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
+class ImageSaver:
+    """Writes every frame as a lossless PNG and appends a row to DIR/stack.csv as it goes."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._csv = open(self.folder / "stack.csv", "w", newline="")  # noqa: SIM115
+        self._writer = csv.writer(self._csv)
+        self._writer.writerow(["z_mm", "file", "score"])
+        self._csv.flush()
+
+    def __call__(self, index: int, z_mm: float, frame: np.ndarray, score: float) -> None:
+        name = f"frame_{index:05d}.png"
+        if not cv2.imwrite(str(self.folder / name), frame, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+            raise OSError(f"cannot write {self.folder / name}")
+        self._writer.writerow([f"{z_mm:.9g}", name, f"{score:.9g}"])
+        self._csv.flush()
+
+    def close(self) -> None:
+        self._csv.close()
+
+
+def compose_view(frame: np.ndarray, blur: int, curve: Sequence[Sample], height: int = 240) -> np.ndarray:
+    """One BGR picture: the frame, the filtered frame, its Laplacian, and the curve so far."""
+    filtered, lap = laplacian_views(frame, blur)
+    gray = to_gray_float(frame)
+    peak = float(np.iinfo(frame.dtype).max) if np.issubdtype(frame.dtype, np.integer) else 1.0
+
+    def panel(img: np.ndarray, lo: float, hi: float, cmap: int | None) -> np.ndarray:
+        u8 = np.clip((img - lo) * (255.0 / max(hi - lo, 1e-12)), 0, 255).astype(np.uint8)
+        w = max(1, int(round(img.shape[1] * height / img.shape[0])))
+        u8 = cv2.resize(u8, (w, height), interpolation=cv2.INTER_AREA)
+        return cv2.applyColorMap(u8, cmap) if cmap is not None else cv2.cvtColor(u8, cv2.COLOR_GRAY2BGR)
+
+    # Fixed display scales (not per frame) so that the panels compare across the sweep.
+    panels = [
+        panel(gray, 0.0, peak, None),
+        panel(filtered, 0.0, 2.0, cv2.COLORMAP_VIRIDIS),
+        panel(np.abs(lap), 0.0, 0.5, None),
+        draw_curve(curve, height),
+    ]
+    titles = ["frame", "filtered", "Laplacian", "focus score"]
+    for p, t in zip(panels, titles):
+        cv2.putText(p, t, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 255), 1, cv2.LINE_AA)
+    return np.hstack(panels)
+
+
+def draw_curve(curve: Sequence[Sample], height: int, width: int | None = None) -> np.ndarray:
+    """The focus curve so far as a small BGR plot."""
+    width = width or int(height * 1.4)
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    ordered = by_z(curve)
+    if len(ordered) >= 1:
+        z = np.array([s.z_mm for s in ordered])
+        y = np.array([s.score for s in ordered])
+        zspan = (z.max() - z.min()) or 1.0
+        yspan = (y.max() - y.min()) or 1.0
+        px = (10 + (z - z.min()) / zspan * (width - 20)).astype(np.int32)
+        py = (height - 10 - (y - y.min()) / yspan * (height - 40)).astype(np.int32)
+        pts = np.stack([px, py], axis=1)
+        cv2.polylines(canvas, [pts], False, (40, 40, 200), 2, cv2.LINE_AA)
+        for p in pts:
+            cv2.circle(canvas, (int(p[0]), int(p[1])), 2, (0, 0, 0), -1)
+    return canvas
+
+
+def display_available() -> bool:
+    """Whether a window can be opened (Windows and macOS always; Linux needs X11 or Wayland)."""
+    if sys.platform.startswith("linux"):
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return True
+
+
+class LiveView:
+    """One window, updated in place from the main thread; holds only the latest frame."""
+
+    WINDOW = "autofocus"
+
+    def __init__(self, blur: int) -> None:
+        self.blur = blur
+        self._latest: tuple[np.ndarray, list[Sample]] | None = None
+        self._lock = threading.Lock()
+        cv2.namedWindow(self.WINDOW, cv2.WINDOW_NORMAL)
+
+    def offer(self, index: int, z_mm: float, frame: np.ndarray, score: float, curve: list[Sample]) -> None:
+        with self._lock:
+            self._latest = (frame, curve)
+
+    def refresh(self) -> None:
+        with self._lock:
+            latest, self._latest = self._latest, None
+        if latest is not None:
+            cv2.imshow(self.WINDOW, compose_view(latest[0], self.blur, latest[1]))
+        cv2.waitKey(1)
+
+    def close(self) -> None:
+        with contextlib.suppress(cv2.error):
+            cv2.destroyWindow(self.WINDOW)
+
+
+def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR) -> list[Path]:
+    """The README's figures, from the simulator: blurry vs focused frames with their
+    Laplacians, a focus curve, and a sweep animation."""
+    from PIL import Image  # noqa: PLC0415  (pillow comes with matplotlib)
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    optics = dataclasses.replace(optics, width=480, height=300)
+    stage = SimStage(timing=SimTiming(scale=0.0), position_mm=optics.focus_mm)
+    camera = SimCamera(stage, optics, SimTiming(scale=0.0))
+    written = []
+    for name, dz in (("blurry", 0.35), ("focused", 0.0)):
+        stage.z = optics.focus_mm + dz
+        frame = camera.capture()
+        _, lap = laplacian_views(frame, blur)
+        lap_u8 = np.clip(np.abs(lap) * (255.0 / 0.5), 0, 255).astype(np.uint8)
+        for suffix, img in (("image", frame), ("laplacian", lap_u8)):
+            path = folder / f"{name}_{suffix}.png"
+            cv2.imwrite(str(path), img)
+            written.append(path)
+    frames, curve = [], []
+    for z in plan_positions(optics.focus_mm - 0.6, optics.focus_mm + 0.6, 0.05):
+        stage.z = z
+        frame = camera.capture()
+        curve.append(Sample(z, score_laplacian_variance(frame, blur)))
+        view = compose_view(frame, blur, curve, height=160)
+        frames.append(Image.fromarray(cv2.cvtColor(view, cv2.COLOR_BGR2RGB)))
+    gif = folder / "autofocus.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=150, loop=0, optimize=True)
+    written.append(gif)
+    return written
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def finite_float(text: str) -> float:
+    """A finite number (rejects nan, inf and words)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def blur_size(text: str) -> int:
+    """The bilateral filter diameter: an odd integer from 3 to MAX_BLUR."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 3 or value % 2 == 0 or value > MAX_BLUR:
+        raise argparse.ArgumentTypeError(f"{value} must be odd, from 3 to {MAX_BLUR} (e.g. 5, 9, 15)")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
+
+
+def frame_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 1920x1200") from None
+    if not (16 <= w <= 10000 and 16 <= h <= 10000):
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be 16 to 10000 pixels")
+    return w, h
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="autofocus.py",
+        description="Find the sharpest focus position of a motorized microscope and move there.",
+        epilog="exit codes: 0 focused, 2 usage error, 3 no peak (stage back at start), 4 best at the edge of "
+               "the range, 5 hardware error, 130 interrupted.  Example: python autofocus.py 10 14 0.05 COM3",
+    )
+    p.add_argument("start_mm", type=finite_float, help="first focus position, mm")
+    p.add_argument("end_mm", type=finite_float, help="last focus position, mm (below START sweeps downward)")
+    p.add_argument("step_mm", type=positive_float, help="distance between frames, mm (about one depth of field)")
+    p.add_argument("port", nargs="?", help="serial port (COM3, /dev/ttyUSB0) or tcp://HOST:PORT; "
+                                           "not needed with --simulate or --replay")
+    src = p.add_argument_group("microscope")
+    src.add_argument("--simulate", action="store_true", help="use the built-in simulated microscope")
+    src.add_argument("--replay", metavar="DIR", help="use a recorded stack (DIR/stack.csv with z_mm,file)")
+    src.add_argument("--camera", choices=("flir", "sim"), help="camera: flir (default with a PORT) or sim "
+                     "(renders what the stage's position would show; default with --simulate)")
+    src.add_argument("--device", type=positive_int, default=DEFAULT_DEVICE,
+                     help="Zaber device number of the focus stage (default 3: Zaber MVR)")
+    src.add_argument("--axis", type=positive_int, default=DEFAULT_AXIS, help="axis number (default 1)")
+    src.add_argument("--device-db", metavar="FILE", help="Zaber's offline device database file, for offline PCs")
+    src.add_argument("--native-unit-nm", type=positive_float, metavar="NM",
+                     help="size of one native unit of the axis in nm: skips identification (offline PCs)")
+    src.add_argument("--move-timeout-s", type=positive_float, default=DEFAULT_MOVE_TIMEOUT_S,
+                     help=f"give up on a move after this long (default {DEFAULT_MOVE_TIMEOUT_S:g})")
+    src.add_argument("--camera-serial", help="FLIR camera serial number (default: the first camera)")
+    src.add_argument("--exposure-ms", type=positive_float, help="FLIR exposure time (default: the camera's setting)")
+    src.add_argument("--camera-timeout-ms", type=positive_int, default=DEFAULT_CAMERA_TIMEOUT_MS,
+                     help=f"give up waiting for a frame after this long (default {DEFAULT_CAMERA_TIMEOUT_MS})")
+    srch = p.add_argument_group("search")
+    srch.add_argument("--search", choices=tuple(SEARCHES), default="sweep",
+                      help="sweep: every position (default); fast: coarse-to-fine, about a quarter of the frames")
+    srch.add_argument("--metric", choices=tuple(METRICS), default="laplacian",
+                      help="focus score (default laplacian: variance of the Laplacian)")
+    srch.add_argument("--blur", "-b", type=blur_size, default=DEFAULT_BLUR,
+                      help="bilateral filter diameter in pixels, odd, 3-99 (default 9); larger suppresses more noise")
+    srch.add_argument("--settle-ms", type=non_negative_float, default=0.0,
+                      help="wait after each move before exposing (default 0; raise at high magnification)")
+    srch.add_argument("--backlash-mm", type=non_negative_float, default=0.0,
+                      help="approach every position from the sweep's direction, overshooting by this much "
+                           "(default 0: direct-drive stages like the MVR's X-LDA; ~0.01-0.05 for leadscrews)")
+    srch.add_argument("--z-min", type=finite_float, help="soft limit: never command a position below this (mm)")
+    srch.add_argument("--z-max", type=finite_float, help="soft limit: never command a position above this (mm)")
+    srch.add_argument("--allow-many", action="store_true",
+                      help=f"allow more than {MAX_POSITIONS:,} positions in a sweep")
+    out = p.add_argument_group("output")
+    out.add_argument("--verbose", "-v", action="store_true", help="log every step (and tracebacks on errors)")
+    out.add_argument("--show-images", action="store_true",
+                     help="a live window: frame, filtered frame, Laplacian and the curve so far (needs a display)")
+    out.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
+    out.add_argument("--save-images", metavar="DIR", help="save every frame (PNG) and DIR/stack.csv (replayable)")
+    out.add_argument("--save-curve", metavar="FILE", help="save the focus curve as CSV (index,z_mm,score)")
+    out.add_argument("--plot", metavar="FILE", help="save a PNG plot of the focus curve")
+    out.add_argument("--make-figures", metavar="DIR",
+                     help="write the README's figures (from the simulator) to DIR and exit")
+    sim = p.add_argument_group("simulated microscope")
+    sim.add_argument("--sim-focus-mm", type=finite_float, default=SimOptics.focus_mm,
+                     help=f"focal plane of the simulated specimen (default {SimOptics.focus_mm})")
+    sim.add_argument("--sim-photons", type=positive_float, default=SimOptics.photons,
+                     help=f"photons per pixel at the brightest structure (default {SimOptics.photons:g}); "
+                          "lower is noisier")
+    sim.add_argument("--sim-read-noise-e", type=non_negative_float, default=SimOptics.read_noise_e,
+                     help=f"camera read noise, electrons (default {SimOptics.read_noise_e:g})")
+    sim.add_argument("--sim-specimen", choices=("cells", "blank"), default="cells",
+                     help="cells (default) or blank: an empty field with nothing to focus on")
+    sim.add_argument("--sim-size", type=frame_size, default=(SimOptics.width, SimOptics.height),
+                     metavar="WxH", help="simulated frame size (default 1920x1200)")
+    sim.add_argument("--sim-bits", type=int, choices=(8, 12, 16), default=8, help="simulated pixel depth")
+    sim.add_argument("--sim-start-mm", type=finite_float, default=0.0,
+                     help="where the simulated stage starts (default 0)")
+    sim.add_argument("--sim-time-scale", type=non_negative_float, default=1.0,
+                     help="1 = real hardware timing (default), 0 = as fast as possible")
+    sim.add_argument("--sim-seed", type=int, default=0, help="seed of the specimen and noise")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Checks that need more than one argument; each failure is one line and exit 2."""
+    if args.simulate and args.replay:
+        parser.error("choose one of --simulate and --replay")
+    if (args.simulate or args.replay) and args.port:
+        parser.error(f"PORT {args.port!r} given with --{'simulate' if args.simulate else 'replay'}: drop one")
+    if args.replay and args.camera:
+        parser.error("--replay brings its own camera: drop --camera")
+    if not (args.simulate or args.replay or args.make_figures) and not args.port:
+        parser.error("no PORT: give the stage's serial port (e.g. COM3, /dev/ttyUSB0) or tcp://HOST:PORT, "
+                     "or use --simulate or --replay DIR")
+    span = abs(args.end_mm - args.start_mm)
+    if span == 0:
+        parser.error("START equals END: nothing to search; give a range of at least one STEP")
+    if args.step_mm > span + 1e-12:
+        parser.error(f"STEP {args.step_mm:g} mm is larger than the range {span:g} mm; use a smaller STEP")
+    n = math.floor(span / args.step_mm + 1e-9) + 2
+    if n > MAX_POSITIONS and not args.allow_many:
+        parser.error(f"{n:,} positions (range {span:g} mm / STEP {args.step_mm:g} mm) is more than "
+                     f"{MAX_POSITIONS:,}: check the units (mm), or confirm with --allow-many")
+    if args.z_min is not None and args.z_max is not None and args.z_min >= args.z_max:
+        parser.error(f"--z-min {args.z_min:g} must be below --z-max {args.z_max:g}")
+    if args.show_images and not display_available():
+        parser.error("--show-images needs a display and none is available (DISPLAY is not set); "
+                     "use --save-images DIR to keep the frames, or --plot FILE for the curve")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Fail before anything moves when an output cannot be written."""
+    for flag, value in (("--save-curve", args.save_curve), ("--plot", args.plot)):
+        if value:
+            parent = Path(value).resolve().parent
+            if not parent.is_dir():
+                raise UsageError(f"{flag} {value}: folder {parent} does not exist; create it or pick another path")
+            if not os.access(parent, os.W_OK) or (Path(value).exists() and not os.access(value, os.W_OK)):
+                raise UsageError(f"{flag} {value}: cannot write there; pick another path")
+    if args.save_images:
+        folder = Path(args.save_images)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--save-images {folder}: cannot create the folder ({exc.strerror})") from exc
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"--save-images {folder}: cannot write there; pick another folder")
+
+
+@contextlib.contextmanager
+def open_microscope(args: argparse.Namespace) -> Iterator[tuple[Stage, Camera]]:
+    """The stage and camera the arguments ask for; closes them afterwards."""
+    timing = SimTiming(scale=args.sim_time_scale)
+    clock = SimClock(timing.scale)
+    optics = SimOptics(focus_mm=args.sim_focus_mm, photons=args.sim_photons, read_noise_e=args.sim_read_noise_e,
+                       specimen=args.sim_specimen, width=args.sim_size[0], height=args.sim_size[1],
+                       bit_depth=args.sim_bits, seed=args.sim_seed)
+    if args.replay:
+        stack = ReplayStack(args.replay)
+        lo, hi = stack.range_mm
+        for name, z in (("START", args.start_mm), ("END", args.end_mm)):
+            if not lo - 1e-9 <= z <= hi + 1e-9:
+                raise UsageError(f"{name} {z:g} mm is outside the replay stack's range {lo:g}..{hi:g} mm")
+        stage: Any = SimStage(travel_mm=(lo, hi), position_mm=lo, timing=SimTiming(scale=0.0))
+        yield stage, ReplayCamera(stage, stack)
+        return
+    if args.simulate:
+        stage = SimStage(position_mm=args.sim_start_mm, timing=timing, clock=clock)
+        yield stage, SimCamera(stage, optics, timing, clock)
+        return
+    zaber = ZaberStage(args.port, args.device, args.axis, native_unit_nm=args.native_unit_nm,
+                       device_db=args.device_db, move_timeout_s=args.move_timeout_s)
+    camera: Any = None
+    try:
+        if args.camera == "sim":
+            camera = SimCamera(zaber, optics, timing, clock)
+        else:
+            camera = FlirCamera(args.camera_serial, exposure_ms=args.exposure_ms, timeout_ms=args.camera_timeout_ms)
+        yield zaber, camera
+    finally:
+        if camera is not None and hasattr(camera, "close"):
+            camera.close()
+        zaber.close()
+
+
+def configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    log.propagate = False
+
+
+def summary_line(result: FocusResult) -> str:
+    """The human summary: where, how sharp, how many frames, how long, and the verdict."""
+    fit = f" (fitted peak; best frame at {result.best_sample_mm:.4f} mm)" if result.fit.used and \
+        result.best_mm == result.fit.z_mm else ""
+    head = {
+        "focused": f"best focus at {result.best_mm:.4f} mm{fit}",
+        "edge": f"best focus at the edge of the range, {result.best_mm:.4f} mm",
+        "no_peak": f"no focus found; stage returned to {result.best_mm:.4f} mm",
+    }[result.verdict.kind]
+    line = (f"{head}: score {result.best_score:.4g}, {result.frames} frames, {result.moves} moves, "
+            f"{result.elapsed_s:.2f} s ({result.search} search)")
+    if result.verdict.kind != "focused":
+        line += f"\n{result.verdict.reason}"
+        if result.verdict.suggestion_mm:
+            lo, hi = result.verdict.suggestion_mm
+            line += f"; try the range {lo:g} {hi:g}"
+    return line
+
+
+def run(args: argparse.Namespace) -> int:
+    """Open the microscope, run the autofocus, write the outputs; returns the exit code."""
+    if args.make_figures:
+        optics = SimOptics(seed=args.sim_seed, photons=args.sim_photons)
+        for path in make_figures(args.make_figures, optics, args.blur):
+            print(path)
+        return EXIT_OK
+    check_outputs(args)
+    positions = plan_positions(args.start_mm, args.end_mm, args.step_mm)
+    plan = Plan(tuple(positions), args.search, args.backlash_mm, args.settle_ms)
+    scorer = Scorer(args.metric, args.blur)
+    result: FocusResult | None = None
+    error: str | None = None
+    where: str | None = None
+    code = EXIT_OK
+    saver = ImageSaver(args.save_images) if args.save_images else None
+    live: LiveView | None = None
+    progress: Any = None
+    curve: list[Sample] = []
+    try:
+        with open_microscope(args) as (stage, camera):
+            check_plan(plan, stage.limits_mm(), (args.z_min, args.z_max))
+            if isinstance(stage, ZaberStage):
+                stage.home_if_needed()
+                check_plan(plan, stage.limits_mm(), (args.z_min, args.z_max))
+            if args.show_images:
+                live = LiveView(args.blur)
+            if sys.stderr.isatty() and not args.verbose:
+                from tqdm import tqdm  # noqa: PLC0415
+
+                progress = tqdm(total=len(positions) if args.search == "sweep" else None, unit="frame",
+                                desc="autofocus", file=sys.stderr, leave=False)
+
+            def on_frame(index: int, z_mm: float, frame: np.ndarray, score: float) -> None:
+                curve.append(Sample(z_mm, score))
+                if saver is not None:
+                    saver(index, z_mm, frame, score)
+                if live is not None:
+                    live.offer(index, z_mm, frame, score, list(curve))
+                if progress is not None:
+                    progress.update(1)
+
+            def on_sample(sample: Sample) -> None:
+                if live is not None:
+                    pass
+
+            class _Watched:
+                """The camera, with the live window refreshed from the main thread after each frame."""
+
+                def capture(self) -> np.ndarray:
+                    if live is not None:
+                        live.refresh()
+                    return camera.capture()
+
+            log.info("searching %g..%g mm every %g mm (%d positions, %s search, %s score)",
+                     args.start_mm, args.end_mm, args.step_mm, len(positions), args.search, args.metric)
+            result = run_autofocus(stage, _Watched(), scorer, plan, on_frame=on_frame, on_sample=on_sample)
+            if live is not None:
+                live.refresh()
+            code = result.exit_code
+    except RunFailed as failed:
+        result, where = failed.partial, failed.where
+        if isinstance(failed.cause, KeyboardInterrupt):
+            code, error = EXIT_INTERRUPTED, "interrupted"
+        else:
+            code, error = failed.cause.exit_code if isinstance(failed.cause, AutofocusError) else EXIT_HARDWARE, \
+                first_line(failed.cause)
+        print(f"autofocus.py: {error}; {where}", file=sys.stderr)
+        if args.verbose:
+            log.debug("traceback", exc_info=failed.cause)
+    finally:
+        if progress is not None:
+            progress.close()
+        if saver is not None:
+            saver.close()
+        if live is not None:
+            live.close()
+    if result is not None:
+        if args.save_curve:
+            write_curve_csv(args.save_curve, result.samples)
+        if args.plot:
+            plot_curve(args.plot, result)
+        if error is None:
+            print(summary_line(result), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(result_json(result, exit_code=code, error=error, where=where)))
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, run, and turn every error into one line and an exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate(args, parser)
+    configure_logging(args.verbose)
+    try:
+        return run(args)
+    except AutofocusError as exc:
+        print(f"autofocus.py: {exc}", file=sys.stderr)
+        if args.verbose:
+            log.debug("traceback", exc_info=exc)
+        if args.json:
+            print(json.dumps(result_json(None, exit_code=exc.exit_code, error=str(exc))))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("autofocus.py: interrupted before the search started; nothing moved", file=sys.stderr)
+        if args.json:
+            print(json.dumps(result_json(None, exit_code=EXIT_INTERRUPTED, error="interrupted")))
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

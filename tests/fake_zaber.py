@@ -1,0 +1,633 @@
+"""A fake Zaber ASCII daisy chain served over TCP, for testing code that uses the real ZML.
+
+The real Zaber Motion Library connects to it with ``Connection.open_tcp("127.0.0.1", fake.port)``.
+Pure standard library; each client connection is served by its own daemon thread.
+
+Default chain: ONE device at address 3 (device id 30341, X-LDA025A), 1 axis, native unit 1 nm,
+``limit.min`` 0, ``limit.max`` 25_000_000, position 0, not homed (flag ``WR`` until ``home``).
+
+Usage::
+
+    from fake_zaber import FakeZaber, DeviceConfig, Faults
+    with FakeZaber(devices=[DeviceConfig(homed=True)], faults=Faults(reject_move=2)) as fake:
+        with Connection.open_tcp("127.0.0.1", fake.port) as conn:
+            axis = conn.get_device(3).get_axis(1)
+            axis.move_absolute(1_000_000)          # native units (nm)
+        assert fake.move_targets() == [1_000_000]
+        fake.inject(stall_at_move=3)               # faults can be changed while running
+
+``devices`` entries may be ``DeviceConfig`` objects or bare addresses (``devices=[1, 2]``).
+
+Protocol (per /work/shared/zaber-ascii.md): requests ``/DEV AXIS ID CMD:CS\\n`` (ID and checksum
+optional; a bad checksum is answered ``RJ ... BADDATA``); replies ``@DD A ID OK|RJ IDLE|BUSY FLAG DATA\\r\\n``
+echoing the ID, without checksum. Unknown command or setting -> ``RJ BADCOMMAND``; axis beyond the
+axis count -> ``RJ BADAXIS``; target outside [limit.min, limit.max] -> ``RJ BADDATA``. With
+``reject_unhomed_moves`` (default True) ``move abs``/``move rel`` on an axis flagged ``WR`` are rejected
+with ``unhomed_reason`` (default ``BADCOMMAND``; the real firmware reply is unverified).
+Velocities (``maxspeed``, ``move vel``) are in Zaber native velocity units = native units/s * 1.6384.
+Motion is real time: linear at the axis speed, then ``settle_s`` of BUSY at the target.
+
+Faults (``Faults`` fields; set with ``FakeZaber(faults=Faults(...))`` or ``fake.inject(field=value)``).
+"Nth move" counts every ``move abs`` received by the fake (accepted or rejected, all devices) from 1:
+
+* ``reject_move=N``          the Nth move abs is answered ``RJ IDLE -- BADDATA`` (nothing moves).
+* ``stall_at_move=N``        the Nth move starts, stops at ``stall_fraction`` of the way, axis goes
+                             IDLE with flag ``FS`` (also listed by ``warnings``; ``warnings clear``
+                             returns then clears it; a new motion command clears it too).
+* ``disconnect_at_move=N``   on receipt of the Nth move the client socket is closed (no reply, no motion).
+* ``silent_after_move=N``    the Nth move is answered and executed, then nothing at all is answered
+                             (socket stays open) until ``fake.inject(silent=False)``.
+* ``busy_forever_at_move=N`` the Nth move is executed but the axis reports BUSY until a ``stop``.
+* ``reply_delay_s=X``        every reply is sent X seconds late.
+* ``silent=True``            answer nothing from now on (no move needed).
+
+Log helpers: ``fake.log`` (list of ``LogRecord``: t, device, axis, msg_id, text, reply),
+``fake.commands()``, ``fake.move_targets(device=3, axis=1)``, ``fake.motion_commands()``,
+``fake.position(device=3, axis=1)``, ``fake.flags(...)``, ``fake.move_count``.
+
+Run by hand: ``python tests/fake_zaber.py --port 0`` (prints the port; Ctrl-C stops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+VELOCITY_SCALE = 1.6384  # native velocity unit = native units per second * 1.6384
+FLAG_PRIORITY = ["FF", "FZ", "FS", "FT", "FO", "FE", "FB", "FP", "FQ", "FM", "FD", "FH", "FV", "FA",
+                 "WL", "WH", "WV", "WT", "WM", "WP", "WS", "WR", "NC", "NI", "ND", "NU", "NJ"]
+CLEARABLE = {"FS", "FT", "FO", "FE", "FB", "FP", "FQ", "FM", "FD", "FH", "FV", "FA", "NC", "NI", "ND", "NU", "NJ"}
+MOTION_PREFIXES = ("move abs", "move rel", "move vel", "move min", "move max", "home")
+
+
+@dataclass
+class DeviceConfig:
+    """One device on the chain. Positions and limits are in native units (1 nm by default)."""
+    address: int = 3
+    device_id: int = 30341
+    axes: int = 1
+    limit_min: int = 0
+    limit_max: int = 25_000_000
+    position: int = 0
+    homed: bool = False
+    resolution: int = 1
+    speed_native_per_s: Optional[float] = None  # None -> FakeZaber's speed_native_per_s
+    serial: int = 123456
+    version: str = "7.38"
+    version_build: int = 17000
+    peripheral_id: int = 0
+
+
+@dataclass
+class Faults:
+    """Fault injection settings; see the module docstring. ``None`` disables a fault."""
+    reject_move: Optional[int] = None
+    stall_at_move: Optional[int] = None
+    stall_fraction: float = 0.5
+    disconnect_at_move: Optional[int] = None
+    silent_after_move: Optional[int] = None
+    busy_forever_at_move: Optional[int] = None
+    reply_delay_s: float = 0.0
+    silent: bool = False
+
+
+@dataclass
+class LogRecord:
+    """One received request. ``reply`` is the first reply line sent (None if none was sent)."""
+    t: float
+    device: int
+    axis: int
+    msg_id: Optional[str]
+    text: str
+    reply: Optional[str] = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.reply is not None and " OK " in self.reply
+
+
+@dataclass
+class _Motion:
+    start: float
+    final: float  # where the axis ends up (target, or the stall point)
+    t0: float
+    speed: float  # native units/s
+    settle_s: float
+    kind: str  # "move", "home" or "vel"
+    stall: bool = False
+
+    def end_time(self) -> float:
+        return self.t0 + (abs(self.final - self.start) / self.speed if self.speed > 0 else 0.0) + self.settle_s
+
+    def position(self, now: float) -> float:
+        dist = self.final - self.start
+        done = min(abs(dist), self.speed * max(0.0, now - self.t0))
+        return self.start + (done if dist >= 0 else -done)
+
+
+@dataclass
+class _Axis:
+    number: int
+    pos: float
+    lo: int
+    hi: int
+    speed: float
+    resolution: int
+    peripheral_id: int
+    flags: set = field(default_factory=set)
+    motion: Optional[_Motion] = None
+    busy_forever: bool = False
+    accel: int = 2000
+
+    def busy(self) -> bool:
+        return self.motion is not None or self.busy_forever
+
+
+class _Device:
+    def __init__(self, cfg: DeviceConfig, speed: float, alert: bool) -> None:
+        self.cfg = cfg
+        self.address = cfg.address
+        self.alert = alert
+        spd = cfg.speed_native_per_s or speed
+        self.axes = [_Axis(n, float(cfg.position), cfg.limit_min, cfg.limit_max, spd, cfg.resolution,
+                           cfg.peripheral_id, set() if cfg.homed else {"WR"}) for n in range(1, cfg.axes + 1)]
+
+
+class _Client:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.outbox: List[str] = []
+        self.closed = False
+        self.drop = False  # set by the disconnect fault: close after the current command, no reply
+        self.thread: Optional[threading.Thread] = None
+
+
+def checksum(body: str) -> str:
+    """Zaber ASCII checksum of the bytes between '/' and ':' (two upper-case hex digits)."""
+    return "%02X" % ((256 - sum(body.encode("ascii"))) & 0xFF)
+
+
+def parse_request(line: str) -> Optional[Tuple[int, int, Optional[str], str, bool]]:
+    """Parse ``/DEV AXIS ID CMD:CS`` -> (device, axis, id, command, checksum_ok); None if not a request."""
+    line = line.strip()
+    if not line.startswith("/"):
+        return None
+    body, ok = line[1:], True
+    if len(body) >= 3 and body[-3] == ":":
+        body, cs = body[:-3], body[-2:]
+        ok = (sum(body.encode("ascii")) + int(cs, 16)) & 0xFF == 0 if all(c in "0123456789abcdefABCDEF" for c in cs) else False
+    tokens = body.split()
+    nums: List[str] = []
+    while tokens and len(nums) < 3 and tokens[0].isdigit():
+        nums.append(tokens.pop(0))
+    device = int(nums[0]) if nums else 0
+    axis = int(nums[1]) if len(nums) > 1 else 0
+    msg_id = nums[2] if len(nums) > 2 else None
+    return device, axis, msg_id, " ".join(tokens), ok
+
+
+def _fmt(v: float) -> str:
+    return str(int(round(v))) if float(v).is_integer() or abs(v) > 1000 else ("%.4f" % v).rstrip("0").rstrip(".")
+
+
+class FakeZaber:
+    """A fake chain of Zaber ASCII devices on 127.0.0.1:``port`` (0 = ephemeral, see ``.port``)."""
+
+    def __init__(self, devices: Optional[Sequence[Union[DeviceConfig, int]]] = None, *,
+                 speed_native_per_s: float = 100_000_000.0, settle_s: float = 0.002, alert: bool = False,
+                 faults: Optional[Faults] = None, reject_unhomed_moves: bool = True,
+                 unhomed_reason: str = "BADCOMMAND", host: str = "127.0.0.1", port: int = 0) -> None:
+        cfgs = [d if isinstance(d, DeviceConfig) else DeviceConfig(address=int(d))
+                for d in (devices if devices is not None else [DeviceConfig()])]
+        self.devices: Dict[int, _Device] = {c.address: _Device(c, speed_native_per_s, alert) for c in cfgs}
+        self.settle_s = settle_s
+        self.faults = faults or Faults()
+        self.reject_unhomed_moves = reject_unhomed_moves
+        self.unhomed_reason = unhomed_reason
+        self.host, self.port = host, port
+        self.log: List[LogRecord] = []
+        self.move_count = 0
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._listener: Optional[socket.socket] = None
+        self._accept_thread: Optional[threading.Thread] = None
+        self._clients: List[_Client] = []
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> "FakeZaber":
+        """Bind, listen and serve in daemon threads. Returns self; the bound port is ``self.port``."""
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((self.host, self.port))
+        self._listener.listen(8)
+        self._listener.settimeout(0.05)
+        self.port = self._listener.getsockname()[1]
+        self._stop.clear()
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="fake-zaber-accept", daemon=True)
+        self._accept_thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Close the listener and every client socket and join all threads (idempotent)."""
+        self._stop.set()
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout=2)
+            self._accept_thread = None
+        with self._lock:
+            clients = list(self._clients)
+        for c in clients:
+            self._close_client(c)
+            if c.thread is not None and c.thread is not threading.current_thread():
+                c.thread.join(timeout=2)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    def __enter__(self) -> "FakeZaber":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def inject(self, **changes: Any) -> None:
+        """Change fault settings (names as in ``Faults``), e.g. ``fake.inject(stall_at_move=3)``."""
+        with self._lock:
+            self.faults = dataclasses.replace(self.faults, **changes)
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults = Faults()
+
+    def disconnect_clients(self) -> None:
+        """Close every client connection now (the listener stays open)."""
+        with self._lock:
+            clients = list(self._clients)
+        for c in clients:
+            self._close_client(c)
+
+    # ----------------------------------------------------------------- inspection
+    def commands(self) -> List[str]:
+        """Text of every received command, in order ('' for a status poll)."""
+        with self._lock:
+            return [r.text for r in self.log]
+
+    def motion_commands(self, device: Optional[int] = None, axis: Optional[int] = None) -> List[str]:
+        """Every received command that can move an axis (move abs/rel/vel/min/max, home)."""
+        with self._lock:
+            return [r.text for r in self.log if r.text.startswith(MOTION_PREFIXES)
+                    and (device is None or r.device in (device, 0)) and (axis is None or r.axis in (axis, 0))]
+
+    def move_targets(self, device: int = 3, axis: int = 1) -> List[int]:
+        """Native targets of accepted ``move abs`` commands to that device/axis, in order."""
+        with self._lock:
+            return [int(r.text.split()[2]) for r in self.log if r.text.startswith("move abs") and r.accepted
+                    and r.device == device and r.axis == axis]
+
+    def position(self, device: int = 3, axis: int = 1) -> int:
+        """Current native position (interpolated mid-move)."""
+        with self._lock:
+            ax = self._axis(device, axis)
+            return int(round(self._pos(ax, time.monotonic())))
+
+    def flags(self, device: int = 3, axis: int = 1) -> List[str]:
+        """Active warning flags of an axis, highest priority first."""
+        with self._lock:
+            ax = self._axis(device, axis)
+            self._update(self.devices[device], ax, time.monotonic())
+            return sorted(ax.flags, key=FLAG_PRIORITY.index)
+
+    def is_busy(self, device: int = 3, axis: int = 1) -> bool:
+        with self._lock:
+            ax = self._axis(device, axis)
+            self._update(self.devices[device], ax, time.monotonic())
+            return ax.busy()
+
+    # ----------------------------------------------------------------- networking
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            sock.settimeout(0.02)
+            client = _Client(sock)
+            client.thread = threading.Thread(target=self._serve, args=(client,), name="fake-zaber-client", daemon=True)
+            with self._lock:
+                self._clients.append(client)
+            client.thread.start()
+
+    def _close_client(self, client: _Client) -> None:
+        with self._lock:
+            if client.closed:
+                return
+            client.closed = True
+            if client in self._clients:
+                self._clients.remove(client)
+        try:
+            client.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        client.sock.close()
+
+    def _send(self, client: _Client, lines: Iterable[str]) -> None:
+        data = "".join(line + "\r\n" for line in lines).encode("ascii")
+        if not data or client.closed:
+            return
+        try:
+            client.sock.sendall(data)
+        except OSError:
+            self._close_client(client)
+
+    def _serve(self, client: _Client) -> None:
+        buf = b""
+        while not self._stop.is_set() and not client.closed:
+            self._tick()
+            with self._lock:
+                out, client.outbox = client.outbox, []
+            self._send(client, out)
+            try:
+                chunk = client.sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+            while True:
+                idx = min((i for i in (buf.find(b"\n"), buf.find(b"\r")) if i >= 0), default=-1)
+                if idx < 0:
+                    break
+                line, buf = buf[:idx].decode("ascii", "replace"), buf[idx + 1:]
+                if line.strip():
+                    self._handle_line(client, line)
+                if client.closed:
+                    break
+        self._close_client(client)
+
+    def _handle_line(self, client: _Client, line: str) -> None:
+        parsed = parse_request(line)
+        if parsed is None:
+            return
+        dev_no, axis_no, msg_id, text, cs_ok = parsed
+        record = LogRecord(time.time(), dev_no, axis_no, msg_id, text)
+        with self._lock:
+            self.log.append(record)
+            was_silent = self.faults.silent
+            targets = [d for a, d in sorted(self.devices.items()) if dev_no in (0, a)]
+            replies: List[str] = []
+            for dev in targets:
+                rep = self._execute(client, dev, axis_no, msg_id, text, cs_ok)
+                if rep is not None:
+                    replies.append(rep)
+        if client.drop:
+            self._close_client(client)
+            return
+        with self._lock:
+            if was_silent or client.closed:
+                return
+            delay = self.faults.reply_delay_s
+            if replies:
+                record.reply = replies[0]
+        if delay > 0 and self._stop.wait(delay):
+            return
+        self._send(client, replies)
+
+    # ----------------------------------------------------------------- device model
+    def _axis(self, device: int, axis: int) -> _Axis:
+        return self.devices[device].axes[axis - 1]
+
+    def _pos(self, ax: _Axis, now: float) -> float:
+        return ax.motion.position(now) if ax.motion is not None else ax.pos
+
+    def _update(self, dev: _Device, ax: _Axis, now: float) -> None:
+        """Finish the axis's motion if it has arrived; queue an alert if alerts are on."""
+        m = ax.motion
+        if m is None or now < m.end_time():
+            return
+        ax.pos, ax.motion = m.final, None
+        if m.stall:
+            ax.flags.add("FS")
+        if m.kind == "home":
+            ax.flags.discard("WR")
+        if dev.alert and not ax.busy_forever and not self.faults.silent:
+            alert = "!%02d %d IDLE %s" % (dev.address, ax.number, self._flag([ax]))
+            for c in self._clients:
+                c.outbox.append(alert)
+
+    def _tick(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            for dev in self.devices.values():
+                for ax in dev.axes:
+                    self._update(dev, ax, now)
+
+    @staticmethod
+    def _flag(axes: List[_Axis]) -> str:
+        flags = set().union(*(a.flags for a in axes))
+        return min(flags, key=FLAG_PRIORITY.index) if flags else "--"
+
+    def _begin(self, ax: _Axis, final: float, kind: str, now: float, speed: Optional[float] = None,
+               stall: bool = False) -> None:
+        start = self._pos(ax, now)
+        ax.pos = start
+        ax.flags -= CLEARABLE
+        ax.busy_forever = False
+        settle = 0.0 if kind == "vel" else self.settle_s
+        ax.motion = _Motion(start, final, now, speed or ax.speed, settle, kind, stall)
+
+    def _halt(self, ax: _Axis, now: float) -> None:
+        ax.pos = self._pos(ax, now)
+        ax.motion = None
+        ax.busy_forever = False
+
+    def _execute(self, client: _Client, dev: _Device, axis_no: int, msg_id: Optional[str], text: str,
+                 cs_ok: bool) -> Optional[str]:
+        """Run one command on one device; return the reply line (None = no reply)."""
+        now = time.monotonic()
+        for ax in dev.axes:
+            self._update(dev, ax, now)
+        if self.faults.silent:
+            return None
+        ok, data = True, "0"
+        words = text.split()
+        if not cs_ok:
+            ok, data = False, "BADDATA"
+        elif axis_no > len(dev.axes):
+            ok, data = False, "BADAXIS"
+        else:
+            axes = dev.axes if axis_no == 0 else [dev.axes[axis_no - 1]]
+            try:
+                res = self._command(client, dev, axes, axis_no, words, now)
+            except (ValueError, IndexError):
+                res = "BADDATA"
+            if res is None:  # connection dropped / no reply by design
+                return None
+            ok, data = (False, res[3:]) if res.startswith("RJ ") else (True, res)
+        shown = dev.axes if axis_no == 0 else [dev.axes[axis_no - 1]]
+        status = "BUSY" if any(a.busy() for a in shown) else "IDLE"
+        head = "@%02d %d " % (dev.address, axis_no) + (msg_id + " " if msg_id is not None else "")
+        return "%s%s %s %s %s" % (head, "OK" if ok else "RJ", status, self._flag(shown), data)
+
+    def _command(self, client: _Client, dev: _Device, axes: List[_Axis], axis_no: int, w: List[str],
+                 now: float) -> Optional[str]:
+        """Execute ``w`` on ``axes``; returns reply data, 'RJ REASON', or None for no reply."""
+        if not w:
+            return "0"  # status poll / device detection
+        cmd = " ".join(w[:2])
+        if w[0] == "get" and len(w) >= 2:
+            vals = [self._get(dev, axes, axis_no, name, now) for name in w[1:]]
+            bad = [v for v in vals if v is None]
+            return "RJ BADCOMMAND" if bad else " ".join(v for v in vals if v is not None)
+        if w[0] == "set" and len(w) == 3:
+            return self._set(dev, axes, axis_no, w[1], w[2])
+        if w[0] == "warnings":
+            flags = sorted(set().union(*(a.flags for a in axes)), key=FLAG_PRIORITY.index)
+            if w[1:] == ["clear"]:
+                for a in axes:
+                    a.flags -= CLEARABLE
+            elif w[1:]:
+                return "RJ BADCOMMAND"
+            return " ".join(["%02d" % len(flags)] + flags)
+        if w == ["stop"]:
+            for a in axes:
+                self._halt(a, now)
+            return "0"
+        if w == ["home"]:
+            for a in axes:
+                self._begin(a, float(min(max(0, a.lo), a.hi)), "home", now)
+            return "0"
+        if w[0] != "move" or len(w) < 2:
+            return "RJ BADCOMMAND"
+        if axis_no == 0 and len(dev.axes) > 1 and w[1] in ("abs", "rel", "vel"):
+            return "RJ BADAXIS"
+        if cmd == "move abs":
+            return self._move_abs(client, dev, axes, w, now)
+        for a in axes:
+            if w[1] == "rel":
+                target = self._pos(a, now) + int(w[2])
+                if self.reject_unhomed_moves and "WR" in a.flags:
+                    return "RJ " + self.unhomed_reason
+                if not a.lo <= target <= a.hi:
+                    return "RJ BADDATA"
+                self._begin(a, target, "move", now)
+            elif w[1] in ("min", "max") and len(w) == 2:
+                self._begin(a, float(a.lo if w[1] == "min" else a.hi), "move", now)
+            elif w[1] == "vel" and len(w) == 3:
+                v = float(w[2]) / VELOCITY_SCALE
+                if v == 0:
+                    self._halt(a, now)
+                else:
+                    self._begin(a, float(a.hi if v > 0 else a.lo), "vel", now, speed=abs(v))
+            else:
+                return "RJ BADCOMMAND"
+        return "0"
+
+    def _move_abs(self, client: _Client, dev: _Device, axes: List[_Axis], w: List[str], now: float) -> Optional[str]:
+        self.move_count += 1
+        n, f = self.move_count, self.faults
+        if f.disconnect_at_move == n:
+            client.drop = True
+            return None
+        if f.reject_move == n:
+            return "RJ BADDATA"
+        target = int(w[2])
+        speed = float(w[3]) / VELOCITY_SCALE if len(w) > 3 and float(w[3]) > 0 else None
+        for a in axes:
+            if self.reject_unhomed_moves and "WR" in a.flags:
+                return "RJ " + self.unhomed_reason
+            if not a.lo <= target <= a.hi:
+                return "RJ BADDATA"
+        for a in axes:
+            final, stall = float(target), f.stall_at_move == n
+            if stall:
+                start = self._pos(a, now)
+                final = start + (target - start) * f.stall_fraction
+            self._begin(a, final, "move", now, speed=speed, stall=stall)
+            if f.busy_forever_at_move == n:
+                a.busy_forever = True
+        if f.silent_after_move == n:
+            self.faults = dataclasses.replace(f, silent=True)  # this move's reply is still sent
+        return "0"
+
+    def _get(self, dev: _Device, axes: List[_Axis], axis_no: int, name: str, now: float) -> Optional[str]:
+        device_settings = {
+            "deviceid": dev.cfg.device_id, "system.serial": dev.cfg.serial, "version": dev.cfg.version,
+            "version.build": dev.cfg.version_build, "device.hw.modified": 0, "comm.command.packets.max": 1,
+            "comm.word.size.max": 30, "get.settings.max": 1, "system.axiscount": len(dev.axes),
+            "comm.packet.size.max": 80, "comm.alert": int(dev.alert), "comm.checksum": 0, "system.access": 1,
+            "comm.protocol": 1, "comm.address": dev.address,
+        }
+        if name in device_settings:
+            return str(device_settings[name])
+        per_axis = []
+        for a in axes:
+            values: Dict[str, float] = {
+                "pos": self._pos(a, now), "encoder.pos": self._pos(a, now), "limit.min": a.lo, "limit.max": a.hi,
+                "maxspeed": round(a.speed * VELOCITY_SCALE), "accel": a.accel, "resolution": a.resolution,
+                "peripheralid": a.peripheral_id, "peripheral.serial": 0, "peripheral.hw.modified": 0,
+                "limit.home.offset": 0,
+            }
+            if name not in values:
+                return None
+            per_axis.append(_fmt(values[name]))
+        return " ".join(per_axis)
+
+    def _set(self, dev: _Device, axes: List[_Axis], axis_no: int, name: str, value: str) -> str:
+        v = float(value)
+        if name == "comm.alert":
+            dev.alert = bool(int(v))
+            return "0"
+        if name not in ("pos", "limit.min", "limit.max", "maxspeed", "accel", "resolution"):
+            return "RJ BADCOMMAND"
+        for a in axes:
+            if name == "pos":
+                if a.busy():
+                    return "RJ BUSY"
+                a.pos = v
+            elif name == "limit.min":
+                a.lo = int(v)
+            elif name == "limit.max":
+                a.hi = int(v)
+            elif name == "maxspeed":
+                if v <= 0:
+                    return "RJ BADDATA"
+                a.speed = v / VELOCITY_SCALE
+            elif name == "accel":
+                a.accel = int(v)
+            else:
+                a.resolution = int(v)
+        return "0"
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description="Serve a fake Zaber ASCII chain over TCP.")
+    p.add_argument("--port", type=int, default=0, help="TCP port (0 = pick a free one)")
+    p.add_argument("--address", type=int, default=3, help="device address")
+    p.add_argument("--homed", action="store_true", help="start homed (no WR flag)")
+    p.add_argument("--verbose", action="store_true", help="print every received command")
+    args = p.parse_args(argv)
+    with FakeZaber(devices=[DeviceConfig(address=args.address, homed=args.homed)], port=args.port) as fake:
+        print("fake Zaber device %d listening on 127.0.0.1:%d" % (args.address, fake.port), flush=True)
+        seen = 0
+        try:
+            while True:
+                time.sleep(0.2)
+                if args.verbose:
+                    for r in fake.log[seen:]:
+                        print("%d %d %s -> %s" % (r.device, r.axis, r.text, r.reply), flush=True)
+                    seen = len(fake.log)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
