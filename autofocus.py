@@ -92,8 +92,9 @@ class AutofocusError(Exception):
      +-- UsageError        bad input or configuration; nothing moved      (exit 2)
      |    +-- StackError   a replay stack that cannot be used             (exit 2)
      +-- HardwareError     the stage or camera failed                     (exit 5)
-          +-- StageError
-          +-- CameraError
+     |    +-- StageError
+     |    +-- CameraError
+     +-- OutputError       an output could not be written mid-run         (exit 5)
     """
 
     exit_code = EXIT_BUG
@@ -121,6 +122,12 @@ class StageError(HardwareError):
 
 class CameraError(HardwareError):
     """The camera failed, timed out, or delivered an unusable frame."""
+
+
+class OutputError(AutofocusError):
+    """An output file could not be written during the run (disk full, folder gone)."""
+
+    exit_code = EXIT_HARDWARE
 
 
 ###############################################################################
@@ -393,7 +400,7 @@ def fit_peak(samples: Sequence[Sample]) -> PeakFit:
     vertex = -b / (2 * a)
     if not x[0] < vertex < x[2]:
         return PeakFit(None, False, "vertex outside the bracket")
-    return PeakFit(round(mid.z_mm + vertex, POSITION_DECIMALS), True, "gaussian fit on 3 points")
+    return PeakFit(float(round(mid.z_mm + vertex, POSITION_DECIMALS)), True, "gaussian fit on 3 points")
 
 
 def curve_noise(samples: Sequence[Sample]) -> float:
@@ -451,8 +458,8 @@ def judge(samples: Sequence[Sample], range_mm: tuple[float, float]) -> Verdict:
         return Verdict("edge", prominence, noise, threshold,
                        f"the best focus is at the high end of the range ({hi:.4f} mm): the focus may lie above it",
                        (round(hi - width / 2, 6), round(hi + width / 2, 6)))
-    return Verdict("focused", prominence, noise, threshold,
-                   f"peak prominence {prominence / threshold:.1f}x the noise threshold")
+    ratio = f"{prominence / threshold:.1f}x the noise threshold" if threshold > 0 else "a noise-free curve"
+    return Verdict("focused", prominence, noise, threshold, f"peak prominence {ratio}")
 
 
 ###############################################################################
@@ -467,8 +474,8 @@ def plan_positions(start_mm: float, end_mm: float, step_mm: float) -> list[float
     direction = 1.0 if end_mm >= start_mm else -1.0
     span = abs(end_mm - start_mm)
     n = math.floor(span / step_mm + 1e-9)
-    positions = [round(start_mm + direction * i * step_mm, POSITION_DECIMALS) for i in range(n + 1)]
-    end = round(end_mm, POSITION_DECIMALS)
+    positions = [float(round(start_mm + direction * i * step_mm, POSITION_DECIMALS)) for i in range(n + 1)]
+    end = float(round(end_mm, POSITION_DECIMALS))
     if abs(positions[-1] - end) > 1e-9:
         positions.append(end)
     else:
@@ -505,13 +512,13 @@ class Acquisition:
 
     def __init__(self, stage: Stage, camera: Camera, scorer: Scorer, *, settle_ms: float = 0.0,
                  backlash_mm: float = 0.0, direction: float = 1.0, coarse: bool = False,
-                 on_frame: FrameHook | None = None, on_sample: Callable[[Sample], None] | None = None) -> None:
+                 on_frame: FrameHook | None = None) -> None:
         self.stage, self.camera, self.scorer = stage, camera, scorer
         self.settle_s = settle_ms / 1000.0
         self.backlash_mm = backlash_mm
         self.direction = direction
         self.coarse = coarse
-        self.on_frame, self.on_sample = on_frame, on_sample
+        self.on_frame = on_frame
         self.samples: list[Sample] = []
         self.moves = 0
         self.move_s = self.capture_s = self.score_s = 0.0
@@ -570,8 +577,6 @@ class Acquisition:
             log.debug("frame %d z=%.6f mm score=%.6g scored in %.1f ms", index, z_mm, score, dt * 1e3)
             if self.on_frame is not None:
                 self.on_frame(index, z_mm, frame, score)
-            if self.on_sample is not None:
-                self.on_sample(sample)
             return sample
         finally:
             self._slots.release()
@@ -588,11 +593,10 @@ def check_frame(frame: np.ndarray, z_mm: float) -> None:
     """Reject frames that cannot carry focus information: all black or all saturated."""
     if frame is None or frame.size == 0:
         raise CameraError(f"camera returned an empty frame at z={z_mm:.4f} mm; check the camera connection")
-    peak = np.iinfo(frame.dtype).max if np.issubdtype(frame.dtype, np.integer) else 1.0
     lo, hi = float(frame.min()), float(frame.max())
     if hi <= 0:
         raise CameraError(f"frame at z={z_mm:.4f} mm is all black; check the light source, shutter and exposure")
-    if lo >= peak:
+    if np.issubdtype(frame.dtype, np.integer) and lo >= np.iinfo(frame.dtype).max:
         raise CameraError(f"frame at z={z_mm:.4f} mm is fully saturated; lower the exposure or the light")
 
 
@@ -717,8 +721,7 @@ class RunFailed(Exception):
 
 
 def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
-                  on_frame: FrameHook | None = None,
-                  on_sample: Callable[[Sample], None] | None = None) -> FocusResult:
+                  on_frame: FrameHook | None = None) -> FocusResult:
     """Search, judge, and send the stage to the answer (or back to where it started).
 
     Faults and Ctrl-C stop the axis, send it back to where it started when it still answers,
@@ -728,7 +731,7 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
     start_mm = stage.position_mm()
     acq = Acquisition(stage, camera, scorer, settle_ms=plan.settle_ms, backlash_mm=plan.backlash_mm,
                       direction=plan.direction, coarse=plan.search == "fast",
-                      on_frame=on_frame, on_sample=on_sample)
+                      on_frame=on_frame)
     range_mm = (plan.positions[0], plan.positions[-1])
 
     def result(samples: Sequence[Sample], target: float, fit: PeakFit, verdict: Verdict) -> FocusResult:
@@ -745,15 +748,15 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
         fit = fit_peak(samples)
         verdict = judge(samples, range_mm)
         if verdict.kind == "no_peak":
-            target = start_mm  # never move to a noise maximum
-        elif verdict.kind == "focused" and fit.used and fit.z_mm is not None:
-            target = fit.z_mm
+            target = start_mm  # never move to a noise maximum: back to where the user left it
+            stage.move_to(target)
+            acq.moves += 1
         else:
-            target = best_sample(samples).z_mm
-        acq.direction = plan.direction
-        acq.approach(target)
+            fitted = verdict.kind == "focused" and fit.used and fit.z_mm is not None
+            target = fit.z_mm if fitted else best_sample(samples).z_mm  # type: ignore[assignment]
+            acq.approach(target)
         return result(samples, target, fit, verdict)
-    except (HardwareError, KeyboardInterrupt) as exc:
+    except BaseException as exc:  # faults, Ctrl-C, and bugs alike: the stage is made safe first
         where = make_safe(stage, start_mm)
         samples = list(acq.samples)
         fit = fit_peak(samples) if samples else PeakFit(None, False, "no samples")
@@ -766,11 +769,11 @@ def make_safe(stage: Stage, start_mm: float) -> str:
     for attempt in (stage.stop, lambda: stage.move_to(start_mm)):
         try:
             attempt()
-        except (HardwareError, KeyboardInterrupt) as exc:
+        except (AutofocusError, KeyboardInterrupt) as exc:
             log.debug("making the stage safe: %s", exc)
             try:
                 return f"stage stopped at {stage.position_mm():.4f} mm (could not return to {start_mm:.4f} mm)"
-            except (HardwareError, KeyboardInterrupt):
+            except (AutofocusError, KeyboardInterrupt):
                 return "stage position unknown (it no longer answers); check it before the next run"
     return f"stage returned to its start, {start_mm:.4f} mm"
 
@@ -1412,10 +1415,15 @@ class ImageSaver:
 
     def __call__(self, index: int, z_mm: float, frame: np.ndarray, score: float) -> None:
         name = f"frame_{index:05d}.png"
-        if not cv2.imwrite(str(self.folder / name), frame, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
-            raise OSError(f"cannot write {self.folder / name}")
-        self._writer.writerow([f"{z_mm:.9g}", name, f"{score:.9g}"])
-        self._csv.flush()
+        try:
+            ok = cv2.imwrite(str(self.folder / name), frame, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+            if ok:
+                self._writer.writerow([f"{z_mm:.9g}", name, f"{score:.9g}"])
+                self._csv.flush()
+        except (OSError, cv2.error) as exc:
+            raise OutputError(f"--save-images: writing {self.folder / name} failed ({exc}); disk full?") from exc
+        if not ok:
+            raise OutputError(f"--save-images: writing {self.folder / name} failed; disk full or folder removed?")
 
     def close(self) -> None:
         self._csv.close()
@@ -1497,6 +1505,17 @@ class LiveView:
     def close(self) -> None:
         with contextlib.suppress(cv2.error):
             cv2.destroyWindow(self.WINDOW)
+
+
+class LiveCamera:
+    """A camera whose every capture first refreshes the live window (from the main thread)."""
+
+    def __init__(self, camera: Camera, view: LiveView) -> None:
+        self.camera, self.view = camera, view
+
+    def capture(self) -> np.ndarray:
+        self.view.refresh()
+        return self.camera.capture()
 
 
 def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR) -> list[Path]:
@@ -1828,34 +1847,26 @@ def run(args: argparse.Namespace) -> int:
                 if progress is not None:
                     progress.update(1)
 
-            def on_sample(sample: Sample) -> None:
-                if live is not None:
-                    pass
-
-            class _Watched:
-                """The camera, with the live window refreshed from the main thread after each frame."""
-
-                def capture(self) -> np.ndarray:
-                    if live is not None:
-                        live.refresh()
-                    return camera.capture()
-
             log.info("searching %g..%g mm every %g mm (%d positions, %s search, %s score)",
                      args.start_mm, args.end_mm, args.step_mm, len(positions), args.search, args.metric)
-            result = run_autofocus(stage, _Watched(), scorer, plan, on_frame=on_frame, on_sample=on_sample)
+            result = run_autofocus(stage, camera if live is None else LiveCamera(camera, live), scorer, plan,
+                                   on_frame=on_frame)
             if live is not None:
                 live.refresh()
             code = result.exit_code
     except RunFailed as failed:
         result, where = failed.partial, failed.where
-        if isinstance(failed.cause, KeyboardInterrupt):
+        cause = failed.cause
+        if isinstance(cause, KeyboardInterrupt):
             code, error = EXIT_INTERRUPTED, "interrupted"
+        elif isinstance(cause, AutofocusError):
+            code, error = cause.exit_code, first_line(cause)
         else:
-            code, error = failed.cause.exit_code if isinstance(failed.cause, AutofocusError) else EXIT_HARDWARE, \
-                first_line(failed.cause)
+            code, error = EXIT_BUG, f"internal error {type(cause).__name__}: {first_line(cause)} (please report " \
+                                    "it with the --verbose output)"
         print(f"autofocus.py: {error}; {where}", file=sys.stderr)
         if args.verbose:
-            log.debug("traceback", exc_info=failed.cause)
+            log.debug("traceback", exc_info=cause)
     finally:
         if progress is not None:
             progress.close()

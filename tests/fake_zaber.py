@@ -25,7 +25,10 @@ axis count -> ``RJ BADAXIS``; target outside [limit.min, limit.max] -> ``RJ BADD
 ``reject_unhomed_moves`` (default True) ``move abs``/``move rel`` on an axis flagged ``WR`` are rejected
 with ``unhomed_reason`` (default ``BADCOMMAND``; the real firmware reply is unverified).
 Velocities (``maxspeed``, ``move vel``) are in Zaber native velocity units = native units/s * 1.6384.
-Motion is real time: linear at the axis speed, then ``settle_s`` of BUSY at the target.
+Motion is real time: linear at the axis speed, then ``settle_s`` of BUSY at the target. A motion
+command or ``stop`` that interrupts a motion sets flag ``NI`` (ZML then raises MovementInterruptedException
+in whoever was waiting for the interrupted move); ``interrupt_flag=False`` turns that off. Motion commands
+and ``warnings clear`` clear ``FS``/``NI``; ``WR`` clears only when a ``home`` completes.
 
 Faults (``Faults`` fields; set with ``FakeZaber(faults=Faults(...))`` or ``fake.inject(field=value)``).
 "Nth move" counts every ``move abs`` received by the fake (accepted or rejected, all devices) from 1:
@@ -191,17 +194,13 @@ def parse_request(line: str) -> Optional[Tuple[int, int, Optional[str], str, boo
     return device, axis, msg_id, " ".join(tokens), ok
 
 
-def _fmt(v: float) -> str:
-    return str(int(round(v))) if float(v).is_integer() or abs(v) > 1000 else ("%.4f" % v).rstrip("0").rstrip(".")
-
-
 class FakeZaber:
     """A fake chain of Zaber ASCII devices on 127.0.0.1:``port`` (0 = ephemeral, see ``.port``)."""
 
     def __init__(self, devices: Optional[Sequence[Union[DeviceConfig, int]]] = None, *,
                  speed_native_per_s: float = 100_000_000.0, settle_s: float = 0.002, alert: bool = False,
                  faults: Optional[Faults] = None, reject_unhomed_moves: bool = True,
-                 unhomed_reason: str = "BADCOMMAND", host: str = "127.0.0.1", port: int = 0) -> None:
+                 unhomed_reason: str = "BADCOMMAND", interrupt_flag: bool = True, host: str = "127.0.0.1", port: int = 0) -> None:
         cfgs = [d if isinstance(d, DeviceConfig) else DeviceConfig(address=int(d))
                 for d in (devices if devices is not None else [DeviceConfig()])]
         self.devices: Dict[int, _Device] = {c.address: _Device(c, speed_native_per_s, alert) for c in cfgs}
@@ -209,6 +208,7 @@ class FakeZaber:
         self.faults = faults or Faults()
         self.reject_unhomed_moves = reject_unhomed_moves
         self.unhomed_reason = unhomed_reason
+        self.interrupt_flag = interrupt_flag
         self.host, self.port = host, port
         self.log: List[LogRecord] = []
         self.move_count = 0
@@ -438,13 +438,18 @@ class FakeZaber:
     def _begin(self, ax: _Axis, final: float, kind: str, now: float, speed: Optional[float] = None,
                stall: bool = False) -> None:
         start = self._pos(ax, now)
+        interrupted = ax.busy()
         ax.pos = start
         ax.flags -= CLEARABLE
+        if interrupted and self.interrupt_flag:
+            ax.flags.add("NI")
         ax.busy_forever = False
         settle = 0.0 if kind == "vel" else self.settle_s
         ax.motion = _Motion(start, final, now, speed or ax.speed, settle, kind, stall)
 
     def _halt(self, ax: _Axis, now: float) -> None:
+        if ax.busy() and self.interrupt_flag:
+            ax.flags.add("NI")
         ax.pos = self._pos(ax, now)
         ax.motion = None
         ax.busy_forever = False
@@ -472,7 +477,7 @@ class FakeZaber:
             if res is None:  # connection dropped / no reply by design
                 return None
             ok, data = (False, res[3:]) if res.startswith("RJ ") else (True, res)
-        shown = dev.axes if axis_no == 0 else [dev.axes[axis_no - 1]]
+        shown = dev.axes if not 0 < axis_no <= len(dev.axes) else [dev.axes[axis_no - 1]]
         status = "BUSY" if any(a.busy() for a in shown) else "IDLE"
         head = "@%02d %d " % (dev.address, axis_no) + (msg_id + " " if msg_id is not None else "")
         return "%s%s %s %s %s" % (head, "OK" if ok else "RJ", status, self._flag(shown), data)
@@ -578,7 +583,7 @@ class FakeZaber:
             }
             if name not in values:
                 return None
-            per_axis.append(_fmt(values[name]))
+            per_axis.append(str(int(round(values[name]))))
         return " ".join(per_axis)
 
     def _set(self, dev: _Device, axes: List[_Axis], axis_no: int, name: str, value: str) -> str:
