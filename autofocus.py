@@ -528,8 +528,10 @@ class Acquisition:
         self._frame_index = 0
         self._last_z: float | None = None
 
-    def approach(self, z_mm: float) -> None:
-        """Move to z; with backlash, arrive from the sweep's direction (overshoot first)."""
+    def approach(self, z_mm: float) -> float:
+        """Move to z; with backlash, arrive from the sweep's direction (overshoot first).
+
+        Returns the seconds it took, settling included."""
         t0 = time.perf_counter()
         try:
             coming_from_wrong_side = (
@@ -544,27 +546,30 @@ class Acquisition:
             if self.settle_s > 0:
                 time.sleep(self.settle_s)
         finally:
-            self.move_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.move_s += dt
+        return dt
 
     def measure(self, z_mm: float) -> concurrent.futures.Future[Sample]:
         """Move to z, capture a frame, and hand it to the scoring thread."""
         self._slots.acquire()
         try:
-            self.approach(z_mm)
+            move_dt = self.approach(z_mm)
             t0 = time.perf_counter()
             try:
                 frame = self.camera.capture()
             finally:
-                self.capture_s += time.perf_counter() - t0
+                capture_dt = time.perf_counter() - t0
+                self.capture_s += capture_dt
             check_frame(frame, z_mm)
         except BaseException:
             self._slots.release()
             raise
         index = self._frame_index
         self._frame_index += 1
-        return self._pool.submit(self._score, index, z_mm, frame)
+        return self._pool.submit(self._score, index, z_mm, frame, move_dt, capture_dt)
 
-    def _score(self, index: int, z_mm: float, frame: np.ndarray) -> Sample:
+    def _score(self, index: int, z_mm: float, frame: np.ndarray, move_dt: float, capture_dt: float) -> Sample:
         try:
             t0 = time.perf_counter()
             score = self.scorer(frame)
@@ -574,7 +579,8 @@ class Acquisition:
             with self._lock:
                 self.score_s += dt
                 self.samples.append(sample)
-            log.debug("frame %d z=%.6f mm score=%.6g scored in %.1f ms", index, z_mm, score, dt * 1e3)
+            log.info("frame %d: z=%.4f mm score=%.6g (move %.1f ms, capture %.1f ms, score %.1f ms)",
+                     index, z_mm, score, move_dt * 1e3, capture_dt * 1e3, dt * 1e3)
             if self.on_frame is not None:
                 self.on_frame(index, z_mm, frame, score)
             return sample
@@ -646,17 +652,17 @@ def fast_search(acq: Acquisition, positions: Sequence[float]) -> list[Sample]:
             guess = int(round((fit.z_mm - positions[0]) / step))
             guess = min(max(guess, 0), n - 1)
 
-    def get(i: int) -> Sample:
-        if i not in measured:
-            measured[i] = acq.measure(positions[i]).result()
-        return measured[i]
+    def ensure(indices: list[int]) -> None:
+        """Measure the grid positions not measured yet, all in flight before waiting for any."""
+        # Ascending grid index is the sweep's direction: no backlash overshoot between them.
+        pending = [(i, acq.measure(positions[i])) for i in sorted(indices) if i not in measured]
+        for i, f in pending:
+            measured[i] = f.result()
 
     current = guess
-    get(current)
     for _ in range(2 * COARSE_FACTOR + 2):
         neighbours = [j for j in (current - 1, current + 1) if 0 <= j < n]
-        for j in neighbours:
-            get(j)
+        ensure([current, *neighbours])
         best = max([current, *neighbours], key=lambda j: measured[j].score)
         if best == current:
             break
@@ -1712,7 +1718,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("START equals END: nothing to search; give a range of at least one STEP")
     if args.step_mm > span + 1e-12:
         parser.error(f"STEP {args.step_mm:g} mm is larger than the range {span:g} mm; use a smaller STEP")
-    n = math.floor(span / args.step_mm + 1e-9) + 2
+    whole_steps = math.floor(span / args.step_mm + 1e-9)
+    n = whole_steps + 1 + (abs(whole_steps * args.step_mm - span) > 1e-9)
     if n > MAX_POSITIONS and not args.allow_many:
         parser.error(f"{n:,} positions (range {span:g} mm / STEP {args.step_mm:g} mm) is more than "
                      f"{MAX_POSITIONS:,}: check the units (mm), or confirm with --allow-many")
@@ -1889,8 +1896,11 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run, and turn every error into one line and an exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    validate(args, parser)
+    try:
+        args = parser.parse_args(argv)
+        validate(args, parser)
+    except SystemExit as exc:  # argparse: --help, --version, or a one-line usage error
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     configure_logging(args.verbose)
     try:
         return run(args)
