@@ -1118,27 +1118,27 @@ def make_specimen(width: int, height: int, kind: str = "cells", seed: int = 0) -
     rng = np.random.default_rng(seed)
     img = np.full((height, width), 0.12, np.float32)
     texture = rng.standard_normal((height, width)).astype(np.float32)
-    img += 0.05 * cv2.GaussianBlur(texture, (0, 0), 1.2) / 0.25
-    scale = min(width, height) / 1200.0
-    n_cells = max(3, int(60 * width * height / (1920 * 1200)))
+    img += 0.03 * cv2.GaussianBlur(texture, (0, 0), 1.2) / 0.25  # fibrous background texture
+    # Sizes are in pixels of the 4x objective's 1.465 um sample pixel: cells 25-80 um across.
+    n_cells = max(2, int(width * height / 110**2))
     for _ in range(n_cells):
         c = (int(rng.uniform(0, width)), int(rng.uniform(0, height)))
-        axes = (int(rng.uniform(30, 70) * scale) + 3, int(rng.uniform(20, 45) * scale) + 3)
+        axes = (int(rng.uniform(14, 28)), int(rng.uniform(9, 18)))
         angle = float(rng.uniform(0, 180))
         cv2.ellipse(img, c, axes, angle, 0, 360, 0.35, -1)
-        cv2.ellipse(img, c, axes, angle, 0, 360, 0.75, max(1, int(2 * scale)))
+        cv2.ellipse(img, c, axes, angle, 0, 360, 0.75, 2)  # membrane
         nucleus = (max(2, axes[0] // 3), max(2, axes[1] // 3))
         offset = (c[0] + int(rng.uniform(-0.2, 0.2) * axes[0]), c[1] + int(rng.uniform(-0.2, 0.2) * axes[1]))
         cv2.ellipse(img, offset, nucleus, angle, 0, 360, 0.9, -1)
-        for _ in range(12):
+        for _ in range(10):  # granules
             g = (c[0] + int(rng.normal(0, axes[0] / 2.5)), c[1] + int(rng.normal(0, axes[1] / 2.5)))
-            cv2.circle(img, g, max(1, int(1.5 * scale)), 0.65, -1)
-    for _ in range(max(2, int(25 * width * height / (1920 * 1200)))):
+            cv2.circle(img, g, 1, 0.65, -1)
+    for _ in range(max(1, int(width * height / 300**2))):  # filaments
         pts = [np.array([rng.uniform(0, width), rng.uniform(0, height)])]
         heading = rng.uniform(0, 2 * np.pi)
         for _ in range(40):
             heading += rng.normal(0, 0.25)
-            pts.append(pts[-1] + 12 * scale * np.array([np.cos(heading), np.sin(heading)]))
+            pts.append(pts[-1] + 5.0 * np.array([np.cos(heading), np.sin(heading)]))
         cv2.polylines(img, [np.array(pts, np.int32)], False, 0.55, 1, cv2.LINE_AA)
     img = cv2.GaussianBlur(img, (0, 0), 0.5)  # no structure finer than the optics pass
     return np.clip(img * vignette, 0.0, 1.0).astype(np.float32)
@@ -1525,19 +1525,24 @@ class LiveCamera:
 
 
 def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR) -> list[Path]:
-    """The README's figures, from the simulator: blurry vs focused frames with their
-    Laplacians, a focus curve, and a sweep animation."""
+    """The README's figures, from the simulator: blurry and focused frames with their
+    Laplacians, and a sweep animation (frame, filtered, Laplacian, curve so far)."""
     from PIL import Image  # noqa: PLC0415  (pillow comes with matplotlib)
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    optics = dataclasses.replace(optics, width=480, height=300)
     stage = SimStage(timing=SimTiming(scale=0.0), position_mm=optics.focus_mm)
     camera = SimCamera(stage, optics, SimTiming(scale=0.0))
+    h, w = optics.height, optics.width
+
+    def crop(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        cw, ch = size
+        return frame[(h - ch) // 2: (h + ch) // 2, (w - cw) // 2: (w + cw) // 2]
+
     written = []
-    for name, dz in (("blurry", 0.35), ("focused", 0.0)):
+    for name, dz in (("blurry", 0.15), ("focused", 0.0)):
         stage.z = optics.focus_mm + dz
-        frame = camera.capture()
+        frame = crop(camera.capture(), (480, 300))
         _, lap = laplacian_views(frame, blur)
         lap_u8 = np.clip(np.abs(lap) * (255.0 / 0.5), 0, 255).astype(np.uint8)
         for suffix, img in (("image", frame), ("laplacian", lap_u8)):
@@ -1545,14 +1550,15 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
             cv2.imwrite(str(path), img)
             written.append(path)
     frames, curve = [], []
-    for z in plan_positions(optics.focus_mm - 0.6, optics.focus_mm + 0.6, 0.05):
+    for z in plan_positions(optics.focus_mm - 0.5, optics.focus_mm + 0.5, 0.05):
         stage.z = z
-        frame = camera.capture()
+        frame = crop(camera.capture(), (240, 150))
         curve.append(Sample(z, score_laplacian_variance(frame, blur)))
-        view = compose_view(frame, blur, curve, height=160)
-        frames.append(Image.fromarray(cv2.cvtColor(view, cv2.COLOR_BGR2RGB)))
+        view = compose_view(frame, blur, curve, height=120)
+        rgb = Image.fromarray(cv2.cvtColor(view, cv2.COLOR_BGR2RGB))
+        frames.append(rgb.quantize(colors=64, dither=Image.Dither.NONE))  # keeps the GIF small
     gif = folder / "autofocus.gif"
-    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=150, loop=0, optimize=True)
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=200, loop=0, optimize=True)
     written.append(gif)
     return written
 
@@ -1632,9 +1638,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 focused, 2 usage error, 3 no peak (stage back at start), 4 best at the edge of "
                "the range, 5 hardware error, 130 interrupted.  Example: python autofocus.py 10 14 0.05 COM3",
     )
-    p.add_argument("start_mm", type=finite_float, help="first focus position, mm")
-    p.add_argument("end_mm", type=finite_float, help="last focus position, mm (below START sweeps downward)")
-    p.add_argument("step_mm", type=positive_float, help="distance between frames, mm (about one depth of field)")
+    p.add_argument("start_mm", type=finite_float, nargs="?", help="first focus position, mm")
+    p.add_argument("end_mm", type=finite_float, nargs="?", help="last focus position, mm (below START sweeps downward)")
+    p.add_argument("step_mm", type=positive_float, nargs="?",
+                   help="distance between frames, mm (about one depth of field)")
     p.add_argument("port", nargs="?", help="serial port (COM3, /dev/ttyUSB0) or tcp://HOST:PORT; "
                                            "not needed with --simulate or --replay")
     src = p.add_argument_group("microscope")
@@ -1704,13 +1711,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Checks that need more than one argument; each failure is one line and exit 2."""
+    if args.make_figures:
+        return
+    if args.step_mm is None:
+        parser.error("START, END and STEP (mm) are required, e.g. autofocus.py 10 14 0.05 COM3")
     if args.simulate and args.replay:
         parser.error("choose one of --simulate and --replay")
     if (args.simulate or args.replay) and args.port:
         parser.error(f"PORT {args.port!r} given with --{'simulate' if args.simulate else 'replay'}: drop one")
     if args.replay and args.camera:
         parser.error("--replay brings its own camera: drop --camera")
-    if not (args.simulate or args.replay or args.make_figures) and not args.port:
+    if not (args.simulate or args.replay) and not args.port:
         parser.error("no PORT: give the stage's serial port (e.g. COM3, /dev/ttyUSB0) or tcp://HOST:PORT, "
                      "or use --simulate or --replay DIR")
     span = abs(args.end_mm - args.start_mm)
