@@ -407,9 +407,10 @@ def curve_noise(samples: Sequence[Sample]) -> float:
     """Robust estimate of the frame-to-frame noise of the scores (one standard deviation).
 
     Each interior sample is compared with the straight line through its two neighbours; for
-    white noise of sigma s the residual has sigma s*sqrt(1 + wl^2 + wr^2).  The median of the
-    scaled residuals (x 1.4826, MAD to sigma) ignores the few residuals that the peak's
-    curvature makes large, and straight trends (illumination drift, a slope) cancel.
+    white noise of sigma s the residual has sigma s*sqrt(1 + wl^2 + wr^2).  The residuals at
+    the best sample and its neighbours are left out, and the median of the rest (x 1.4826, MAD
+    to sigma) ignores the few that the peak's flanks make large; straight trends
+    (illumination drift, a slope) cancel.
     """
     ordered = by_z(samples)
     z = np.array([s.z_mm for s in ordered])
@@ -421,6 +422,12 @@ def curve_noise(samples: Sequence[Sample]) -> float:
     wr = (z[1:-1] - z[:-2]) / span
     residual = y[1:-1] - (wl * y[:-2] + wr * y[2:])
     scaled = np.abs(residual) / np.sqrt(1 + wl**2 + wr**2)
+    # The residuals at the best sample and its two neighbours measure the peak's curvature,
+    # not noise; on a sparse curve (a fast search) they would be most of the residuals.
+    top = int(np.argmax(y))
+    keep = np.array([abs((i + 1) - top) > 1 for i in range(len(scaled))])
+    if keep.sum() >= 2:
+        scaled = scaled[keep]
     return float(1.4826 * np.median(scaled))
 
 
@@ -458,7 +465,7 @@ def judge(samples: Sequence[Sample], range_mm: tuple[float, float]) -> Verdict:
         return Verdict("edge", prominence, noise, threshold,
                        f"the best focus is at the high end of the range ({hi:.4f} mm): the focus may lie above it",
                        (round(hi - width / 2, 6), round(hi + width / 2, 6)))
-    ratio = f"{prominence / threshold:.1f}x the noise threshold" if threshold > 0 else "a noise-free curve"
+    ratio = f"{prominence / threshold:.1f}x the noise threshold" if threshold > 0 else "above a noise-free curve"
     return Verdict("focused", prominence, noise, threshold, f"peak prominence {ratio}")
 
 
@@ -1009,7 +1016,7 @@ class FlirCamera:
                     break
                 stale.Release()
             self._cam.TriggerSoftware()
-            image = raw.GetNextImage(self._timeout_ms)
+            image = raw.GetNextImage(int(self._timeout_ms))  # the SDK wants a plain int
         except spin.SpinnakerException as exc:
             raise CameraError(f"no frame from the FLIR camera within {self._timeout_ms} ms: {first_line(exc)}; "
                               "check the cable, or raise --camera-timeout-ms for long exposures") from exc
@@ -1273,10 +1280,10 @@ class ReplayStack:
             image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
             if image is None:
                 raise StackError(f"replay stack {csv_path}: image {name} cannot be read as an image")
-            if shape is not None and image.shape != shape:
-                raise StackError(f"replay stack {csv_path}: image {name} is {image.shape}, the first was {shape}; "
-                                 "all images must have the same size")
-            shape = image.shape
+            if shape is not None and (image.shape, image.dtype) != shape:
+                raise StackError(f"replay stack {csv_path}: image {name} is {image.shape} {image.dtype}, the first "
+                                 f"was {shape[0]} {shape[1]}; all images must have the same size and bit depth")
+            shape = (image.shape, image.dtype)
             self.frames.append(image)
 
     @staticmethod
@@ -1336,35 +1343,34 @@ def first_line(exc: BaseException) -> str:
 
 def result_json(result: FocusResult | None, *, exit_code: int, error: str | None = None,
                 where: str | None = None) -> dict[str, Any]:
-    """The machine-readable summary printed by --json."""
+    """The machine-readable summary printed by --json: the same keys on every exit."""
 
     def num(x: float | None) -> float | None:
-        return None if x is None or not math.isfinite(x) else x
+        return None if x is None or not math.isfinite(x) else float(x)
 
-    if result is None:
-        return {"best_mm": None, "best_score": None, "verdict": None, "frames": 0, "moves": 0, "elapsed_s": None,
-                "search": None, "curve": [], "exit_code": exit_code, "error": error, "stage": where}
+    r = result
+    verdict = None if r is None else (r.verdict.kind if error is None else "failed")
     return {
-        "best_mm": num(result.best_mm),
-        "best_score": num(result.best_score),
-        "best_sample_mm": num(result.best_sample_mm),
-        "fit_mm": num(result.fit.z_mm),
-        "fit_used": result.fit.used,
-        "fit_reason": result.fit.reason,
-        "verdict": result.verdict.kind if error is None else "failed",
-        "reason": result.verdict.reason,
-        "suggested_range_mm": list(result.verdict.suggestion_mm) if result.verdict.suggestion_mm else None,
-        "prominence": num(result.verdict.prominence),
-        "noise": num(result.verdict.noise),
-        "threshold": num(result.verdict.threshold),
-        "frames": result.frames,
-        "moves": result.moves,
-        "elapsed_s": round(result.elapsed_s, 4),
-        "search": result.search,
-        "metric": result.metric,
-        "start_mm": num(result.start_mm),
-        "curve": [[s.z_mm, s.score] for s in result.samples],
-        "timing": {k: round(v, 4) for k, v in dataclasses.asdict(result.timing).items()},
+        "best_mm": num(r.best_mm) if r else None,
+        "best_score": num(r.best_score) if r else None,
+        "best_sample_mm": num(r.best_sample_mm) if r else None,
+        "fit_mm": num(r.fit.z_mm) if r else None,
+        "fit_used": r.fit.used if r else False,
+        "fit_reason": r.fit.reason if r else None,
+        "verdict": verdict,
+        "reason": r.verdict.reason if r else None,
+        "suggested_range_mm": list(r.verdict.suggestion_mm) if r and r.verdict.suggestion_mm else None,
+        "prominence": num(r.verdict.prominence) if r else None,
+        "noise": num(r.verdict.noise) if r else None,
+        "threshold": num(r.verdict.threshold) if r else None,
+        "frames": r.frames if r else 0,
+        "moves": r.moves if r else 0,
+        "elapsed_s": round(r.elapsed_s, 4) if r else None,
+        "search": r.search if r else None,
+        "metric": r.metric if r else None,
+        "start_mm": num(r.start_mm) if r else None,
+        "curve": [[s.z_mm, s.score] for s in r.samples] if r else [],
+        "timing": {k: round(v, 4) for k, v in dataclasses.asdict(r.timing if r else Timing()).items()},
         "exit_code": exit_code,
         "error": error,
         "stage": where,
@@ -1377,7 +1383,7 @@ def write_curve_csv(path: str | Path, samples: Sequence[Sample]) -> None:
         w = csv.writer(f)
         w.writerow(["index", "z_mm", "score"])
         for i, s in enumerate(samples):
-            w.writerow([i, f"{s.z_mm:.9g}", f"{s.score:.9g}"])
+            w.writerow([i, repr(float(s.z_mm)), repr(float(s.score))])
 
 
 def plot_curve(path: str | Path, result: FocusResult) -> None:
@@ -1424,7 +1430,7 @@ class ImageSaver:
         try:
             ok = cv2.imwrite(str(self.folder / name), frame, [cv2.IMWRITE_PNG_COMPRESSION, 1])
             if ok:
-                self._writer.writerow([f"{z_mm:.9g}", name, f"{score:.9g}"])
+                self._writer.writerow([repr(float(z_mm)), name, repr(float(score))])
                 self._csv.flush()
         except (OSError, cv2.error) as exc:
             raise OutputError(f"--save-images: writing {self.folder / name} failed ({exc}); disk full?") from exc
@@ -1709,35 +1715,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def validate(args: argparse.Namespace) -> None:
     """Checks that need more than one argument; each failure is one line and exit 2."""
     if args.make_figures:
         return
     if args.step_mm is None:
-        parser.error("START, END and STEP (mm) are required, e.g. autofocus.py 10 14 0.05 COM3")
+        raise UsageError("START, END and STEP (mm) are required, e.g. autofocus.py 10 14 0.05 COM3")
     if args.simulate and args.replay:
-        parser.error("choose one of --simulate and --replay")
+        raise UsageError("choose one of --simulate and --replay")
     if (args.simulate or args.replay) and args.port:
-        parser.error(f"PORT {args.port!r} given with --{'simulate' if args.simulate else 'replay'}: drop one")
+        raise UsageError(f"PORT {args.port!r} given with --{'simulate' if args.simulate else 'replay'}: drop one")
     if args.replay and args.camera:
-        parser.error("--replay brings its own camera: drop --camera")
+        raise UsageError("--replay brings its own camera: drop --camera")
     if not (args.simulate or args.replay) and not args.port:
-        parser.error("no PORT: give the stage's serial port (e.g. COM3, /dev/ttyUSB0) or tcp://HOST:PORT, "
+        raise UsageError("no PORT: give the stage's serial port (e.g. COM3, /dev/ttyUSB0) or tcp://HOST:PORT, "
                      "or use --simulate or --replay DIR")
     span = abs(args.end_mm - args.start_mm)
     if span == 0:
-        parser.error("START equals END: nothing to search; give a range of at least one STEP")
+        raise UsageError("START equals END: nothing to search; give a range of at least one STEP")
     if args.step_mm > span + 1e-12:
-        parser.error(f"STEP {args.step_mm:g} mm is larger than the range {span:g} mm; use a smaller STEP")
+        raise UsageError(f"STEP {args.step_mm:g} mm is larger than the range {span:g} mm; use a smaller STEP")
     whole_steps = math.floor(span / args.step_mm + 1e-9)
     n = whole_steps + 1 + (abs(whole_steps * args.step_mm - span) > 1e-9)
     if n > MAX_POSITIONS and not args.allow_many:
-        parser.error(f"{n:,} positions (range {span:g} mm / STEP {args.step_mm:g} mm) is more than "
+        raise UsageError(f"{n:,} positions (range {span:g} mm / STEP {args.step_mm:g} mm) is more than "
                      f"{MAX_POSITIONS:,}: check the units (mm), or confirm with --allow-many")
     if args.z_min is not None and args.z_max is not None and args.z_min >= args.z_max:
-        parser.error(f"--z-min {args.z_min:g} must be below --z-max {args.z_max:g}")
+        raise UsageError(f"--z-min {args.z_min:g} must be below --z-max {args.z_max:g}")
     if args.show_images and not display_available():
-        parser.error("--show-images needs a display and none is available (DISPLAY is not set); "
+        raise UsageError("--show-images needs a display and none is available (DISPLAY is not set); "
                      "use --save-images DIR to keep the frames, or --plot FILE for the curve")
 
 
@@ -1773,7 +1779,7 @@ def open_microscope(args: argparse.Namespace) -> Iterator[tuple[Stage, Camera]]:
         lo, hi = stack.range_mm
         for name, z in (("START", args.start_mm), ("END", args.end_mm)):
             if not lo - 1e-9 <= z <= hi + 1e-9:
-                raise UsageError(f"{name} {z:g} mm is outside the replay stack's range {lo:g}..{hi:g} mm")
+                raise UsageError(f"{name} {z!r} mm is outside the replay stack's range {lo!r}..{hi!r} mm")
         stage: Any = SimStage(travel_mm=(lo, hi), position_mm=lo, timing=SimTiming(scale=0.0))
         yield stage, ReplayCamera(stage, stack)
         return
@@ -1909,11 +1915,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        validate(args, parser)
     except SystemExit as exc:  # argparse: --help, --version, or a one-line usage error
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        code = exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        if code and "--json" in (sys.argv[1:] if argv is None else argv):
+            print(json.dumps(result_json(None, exit_code=code, error="usage error (see stderr)")))
+        return code
     configure_logging(args.verbose)
     try:
+        validate(args)
         return run(args)
     except AutofocusError as exc:
         print(f"autofocus.py: {exc}", file=sys.stderr)

@@ -1,8 +1,11 @@
 """Shared fixtures: the repository root, the read-only shared stacks, and small simulated frames."""
 from __future__ import annotations
 
+import importlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 SHARED_STACKS = ROOT.parent / "shared" / "stacks"
+FAKE_PYSPIN_DIR = TESTS / "fake_pyspin"
 for p in (str(ROOT), str(TESTS)):
     if p not in sys.path:
         sys.path.insert(0, p)
@@ -40,3 +44,28 @@ def sim_frame(defocus_mm: float, *, photons: float = 1000.0, bits: int = 8, seed
     stage = autofocus.SimStage(travel_mm=(-25, 25), position_mm=defocus_mm,
                                timing=autofocus.SimTiming(scale=0.0))
     return autofocus.SimCamera(stage, optics, autofocus.SimTiming(scale=0.0)).capture()
+
+
+@pytest.fixture
+def PySpin(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:  # noqa: N802 - the module's name
+    """The fake PySpin (tests/fake_pyspin), imported fresh; sys.modules restored afterwards."""
+    monkeypatch.delenv("FAKE_PYSPIN_CONFIG", raising=False)
+    monkeypatch.syspath_prepend(str(FAKE_PYSPIN_DIR))
+    monkeypatch.delitem(sys.modules, "PySpin", raising=False)
+    monkeypatch.delitem(sys.modules, "simple_pyspin", raising=False)
+    mod = importlib.import_module("PySpin")
+    assert Path(mod.__file__).resolve() == FAKE_PYSPIN_DIR / "PySpin.py"
+    assert mod.__fake_pyspin__
+    yield mod
+    mod.fake.reset()
+    sys.modules.pop("PySpin", None)
+    sys.modules.pop("simple_pyspin", None)
+
+
+@pytest.fixture
+def sp(PySpin: ModuleType) -> ModuleType:  # noqa: N803
+    """The real simple_pyspin, imported fresh on top of the fake PySpin (no cached _SYSTEM)."""
+    mod = importlib.import_module("simple_pyspin")
+    assert mod.PySpin is PySpin
+    assert mod._SYSTEM is None
+    return mod

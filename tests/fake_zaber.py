@@ -1,7 +1,7 @@
 """A fake Zaber ASCII daisy chain served over TCP, for testing code that uses the real ZML.
 
-The real Zaber Motion Library connects to it with ``Connection.open_tcp("127.0.0.1", fake.port)``.
-Pure standard library; each client connection is served by its own daemon thread.
+The real Zaber Motion Library connects with ``Connection.open_tcp("127.0.0.1", fake.port)``.
+Pure standard library; one daemon thread accepts, one serves each client connection.
 
 Default chain: ONE device at address 3 (device id 30341, X-LDA025A), 1 axis, native unit 1 nm,
 ``limit.min`` 0, ``limit.max`` 25_000_000, position 0, not homed (flag ``WR`` until ``home``).
@@ -16,39 +16,53 @@ Usage::
         assert fake.move_targets() == [1_000_000]
         fake.inject(stall_at_move=3)               # faults can be changed while running
 
-``devices`` entries may be ``DeviceConfig`` objects or bare addresses (``devices=[1, 2]``).
+``FakeZaber(devices=None, *, speed_native_per_s=1e8, settle_s=0.002, alert=False, faults=None,
+reject_unhomed_moves=True, unhomed_reason="BADCOMMAND", interrupt_flag=True, host="127.0.0.1", port=0)``.
+``devices`` entries are ``DeviceConfig`` (address, device_id, axes, limit_min, limit_max, position, homed,
+resolution, speed_native_per_s, serial, version, version_build, peripheral_id) or bare addresses
+(``devices=[1, 2]``). Default speed 100 mm/s: 50 um takes ~2.5 ms (incl. settle), 25 mm 0.25 s.
 
 Protocol (per /work/shared/zaber-ascii.md): requests ``/DEV AXIS ID CMD:CS\\n`` (ID and checksum
 optional; a bad checksum is answered ``RJ ... BADDATA``); replies ``@DD A ID OK|RJ IDLE|BUSY FLAG DATA\\r\\n``
-echoing the ID, without checksum. Unknown command or setting -> ``RJ BADCOMMAND``; axis beyond the
-axis count -> ``RJ BADAXIS``; target outside [limit.min, limit.max] -> ``RJ BADDATA``. With
-``reject_unhomed_moves`` (default True) ``move abs``/``move rel`` on an axis flagged ``WR`` are rejected
-with ``unhomed_reason`` (default ``BADCOMMAND``; the real firmware reply is unverified).
-Velocities (``maxspeed``, ``move vel``) are in Zaber native velocity units = native units/s * 1.6384.
+echoing the ID, without checksum; ``/0 ...`` is answered by every device in address order; absent
+addresses stay silent. Unknown command or setting -> ``RJ BADCOMMAND``; axis beyond the axis count ->
+``RJ BADAXIS``; target outside [limit.min, limit.max] -> ``RJ BADDATA``. With ``reject_unhomed_moves``
+``move abs``/``move rel`` on an axis flagged ``WR`` are rejected with ``unhomed_reason`` (the real
+firmware's reply is unverified); ``move vel/min/max`` and ``home`` are always allowed.
+Velocities (``maxspeed``, ``move vel``) are Zaber native velocity units = native units/s * 1.6384.
 Motion is real time: linear at the axis speed, then ``settle_s`` of BUSY at the target. A motion
 command or ``stop`` that interrupts a motion sets flag ``NI`` (ZML then raises MovementInterruptedException
-in whoever was waiting for the interrupted move); ``interrupt_flag=False`` turns that off. Motion commands
-and ``warnings clear`` clear ``FS``/``NI``; ``WR`` clears only when a ``home`` completes.
+in whoever waits for the interrupted move); ``interrupt_flag=False`` turns that off. Motion commands and
+``warnings clear`` clear ``FS``/``NI``; ``WR`` clears only when a ``home`` completes. With ``comm.alert`` 1
+(``alert=True`` or ``set comm.alert 1``) arrival sends ``!DD A IDLE FLAG`` to every client.
 
-Faults (``Faults`` fields; set with ``FakeZaber(faults=Faults(...))`` or ``fake.inject(field=value)``).
-"Nth move" counts every ``move abs`` received by the fake (accepted or rejected, all devices) from 1:
+Faults (``Faults`` fields; ``FakeZaber(faults=Faults(...))`` or ``fake.inject(field=value)``, any time;
+``fake.clear_faults()``). "Nth move" counts every ``move abs`` the fake receives (accepted or rejected,
+all devices, all connections) from 1; ``fake.move_count`` is the running count. What ZML 10.3 raises:
 
-* ``reject_move=N``          the Nth move abs is answered ``RJ IDLE -- BADDATA`` (nothing moves).
-* ``stall_at_move=N``        the Nth move starts, stops at ``stall_fraction`` of the way, axis goes
-                             IDLE with flag ``FS`` (also listed by ``warnings``; ``warnings clear``
-                             returns then clears it; a new motion command clears it too).
+* ``reject_move=N``          the Nth move is answered ``RJ IDLE -- BADDATA``; nothing moves.
+                             -> ``BadDataException`` (a ``CommandFailedException``).
+* ``stall_at_move=N``        the Nth move starts, stops at ``stall_fraction`` (0.5) of the way and goes IDLE
+                             with flag ``FS`` (listed by ``warnings``; ``warnings clear`` reports then
+                             clears it). -> ``MovementFailedException`` ("... Stalled and Stopped (FS).").
 * ``disconnect_at_move=N``   on receipt of the Nth move the client socket is closed (no reply, no motion).
-* ``silent_after_move=N``    the Nth move is answered and executed, then nothing at all is answered
-                             (socket stays open) until ``fake.inject(silent=False)``.
-* ``busy_forever_at_move=N`` the Nth move is executed but the axis reports BUSY until a ``stop``.
-* ``reply_delay_s=X``        every reply is sent X seconds late.
-* ``silent=True``            answer nothing from now on (no move needed).
+                             -> the call in flight: ``RequestTimeoutException`` after ~1 s; the connection's
+                             ``disconnected`` event: ``ConnectionFailedException``; later calls:
+                             ``ConnectionClosedException`` at once. The fake keeps listening.
+* ``silent_after_move=N``    the Nth move is answered and executed; from then on nothing is executed or
+                             answered (socket open) until ``fake.inject(silent=False)``.
+                             -> ``RequestTimeoutException`` after ~1 s on every call.
+* ``busy_forever_at_move=N`` the Nth move runs but the axis reports BUSY until ``stop`` (or a new motion).
+                             -> ZML's ``move_absolute``/``wait_until_idle`` block indefinitely (no timeout).
+* ``reply_delay_s=X``        every reply is sent X s late (>= ~1 s -> ``RequestTimeoutException``).
+* ``silent=True``            execute and answer nothing from now on.
+``fake.disconnect_clients()`` drops every connection immediately.
 
-Log helpers: ``fake.log`` (list of ``LogRecord``: t, device, axis, msg_id, text, reply),
-``fake.commands()``, ``fake.move_targets(device=3, axis=1)``, ``fake.motion_commands()``,
-``fake.position(device=3, axis=1)``, ``fake.flags(...)``, ``fake.move_count``.
+Log (thread-safe): ``fake.log`` (``LogRecord``: t, device, axis, msg_id, text, reply, accepted),
+``fake.commands()``, ``fake.motion_commands(device=None, axis=None)``, ``fake.move_targets(device=3,
+axis=1)`` (accepted ``move abs`` targets), ``fake.position(...)``, ``fake.flags(...)``, ``fake.is_busy(...)``.
 
-Run by hand: ``python tests/fake_zaber.py --port 0`` (prints the port; Ctrl-C stops).
+Run by hand: ``python tests/fake_zaber.py --port 0 [--homed] [--verbose]`` (prints the port).
 """
 
 from __future__ import annotations
@@ -101,7 +115,8 @@ class Faults:
 
 @dataclass
 class LogRecord:
-    """One received request. ``reply`` is the first reply line sent (None if none was sent)."""
+    """One received request: wall-clock time, addressed device (0 = broadcast) and axis, message id,
+    command text without the header or checksum, and the first reply line sent (None if none was)."""
     t: float
     device: int
     axis: int
@@ -183,7 +198,8 @@ def parse_request(line: str) -> Optional[Tuple[int, int, Optional[str], str, boo
     body, ok = line[1:], True
     if len(body) >= 3 and body[-3] == ":":
         body, cs = body[:-3], body[-2:]
-        ok = (sum(body.encode("ascii")) + int(cs, 16)) & 0xFF == 0 if all(c in "0123456789abcdefABCDEF" for c in cs) else False
+        hexdigits = all(c in "0123456789abcdefABCDEF" for c in cs)
+        ok = hexdigits and (sum(body.encode("ascii")) + int(cs, 16)) & 0xFF == 0
     tokens = body.split()
     nums: List[str] = []
     while tokens and len(nums) < 3 and tokens[0].isdigit():
@@ -200,7 +216,8 @@ class FakeZaber:
     def __init__(self, devices: Optional[Sequence[Union[DeviceConfig, int]]] = None, *,
                  speed_native_per_s: float = 100_000_000.0, settle_s: float = 0.002, alert: bool = False,
                  faults: Optional[Faults] = None, reject_unhomed_moves: bool = True,
-                 unhomed_reason: str = "BADCOMMAND", interrupt_flag: bool = True, host: str = "127.0.0.1", port: int = 0) -> None:
+                 unhomed_reason: str = "BADCOMMAND", interrupt_flag: bool = True, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
         cfgs = [d if isinstance(d, DeviceConfig) else DeviceConfig(address=int(d))
                 for d in (devices if devices is not None else [DeviceConfig()])]
         self.devices: Dict[int, _Device] = {c.address: _Device(c, speed_native_per_s, alert) for c in cfgs}
@@ -473,7 +490,7 @@ class FakeZaber:
             try:
                 res = self._command(client, dev, axes, axis_no, words, now)
             except (ValueError, IndexError):
-                res = "BADDATA"
+                res = "RJ BADDATA"
             if res is None:  # connection dropped / no reply by design
                 return None
             ok, data = (False, res[3:]) if res.startswith("RJ ") else (True, res)
@@ -487,13 +504,11 @@ class FakeZaber:
         """Execute ``w`` on ``axes``; returns reply data, 'RJ REASON', or None for no reply."""
         if not w:
             return "0"  # status poll / device detection
-        cmd = " ".join(w[:2])
         if w[0] == "get" and len(w) >= 2:
-            vals = [self._get(dev, axes, axis_no, name, now) for name in w[1:]]
-            bad = [v for v in vals if v is None]
-            return "RJ BADCOMMAND" if bad else " ".join(v for v in vals if v is not None)
+            vals = [self._get(dev, axes, name, now) for name in w[1:]]
+            return "RJ BADCOMMAND" if None in vals else " ".join(v for v in vals if v is not None)
         if w[0] == "set" and len(w) == 3:
-            return self._set(dev, axes, axis_no, w[1], w[2])
+            return self._set(dev, axes, w[1], w[2])
         if w[0] == "warnings":
             flags = sorted(set().union(*(a.flags for a in axes)), key=FLAG_PRIORITY.index)
             if w[1:] == ["clear"]:
@@ -514,7 +529,7 @@ class FakeZaber:
             return "RJ BADCOMMAND"
         if axis_no == 0 and len(dev.axes) > 1 and w[1] in ("abs", "rel", "vel"):
             return "RJ BADAXIS"
-        if cmd == "move abs":
+        if w[1] == "abs":
             return self._move_abs(client, dev, axes, w, now)
         for a in axes:
             if w[1] == "rel":
@@ -537,6 +552,7 @@ class FakeZaber:
         return "0"
 
     def _move_abs(self, client: _Client, dev: _Device, axes: List[_Axis], w: List[str], now: float) -> Optional[str]:
+        """``move abs N [speed [accel]]``, with the move-numbered faults applied."""
         self.move_count += 1
         n, f = self.move_count, self.faults
         if f.disconnect_at_move == n:
@@ -563,7 +579,7 @@ class FakeZaber:
             self.faults = dataclasses.replace(f, silent=True)  # this move's reply is still sent
         return "0"
 
-    def _get(self, dev: _Device, axes: List[_Axis], axis_no: int, name: str, now: float) -> Optional[str]:
+    def _get(self, dev: _Device, axes: List[_Axis], name: str, now: float) -> Optional[str]:
         device_settings = {
             "deviceid": dev.cfg.device_id, "system.serial": dev.cfg.serial, "version": dev.cfg.version,
             "version.build": dev.cfg.version_build, "device.hw.modified": 0, "comm.command.packets.max": 1,
@@ -586,30 +602,19 @@ class FakeZaber:
             per_axis.append(str(int(round(values[name]))))
         return " ".join(per_axis)
 
-    def _set(self, dev: _Device, axes: List[_Axis], axis_no: int, name: str, value: str) -> str:
+    def _set(self, dev: _Device, axes: List[_Axis], name: str, value: str) -> str:
         v = float(value)
         if name == "comm.alert":
             dev.alert = bool(int(v))
             return "0"
-        if name not in ("pos", "limit.min", "limit.max", "maxspeed", "accel", "resolution"):
+        attr = {"pos": "pos", "limit.min": "lo", "limit.max": "hi", "maxspeed": "speed", "accel": "accel",
+                "resolution": "resolution"}.get(name)
+        if attr is None:
             return "RJ BADCOMMAND"
+        if name == "maxspeed" and v <= 0:
+            return "RJ BADDATA"
         for a in axes:
-            if name == "pos":
-                if a.busy():
-                    return "RJ BUSY"
-                a.pos = v
-            elif name == "limit.min":
-                a.lo = int(v)
-            elif name == "limit.max":
-                a.hi = int(v)
-            elif name == "maxspeed":
-                if v <= 0:
-                    return "RJ BADDATA"
-                a.speed = v / VELOCITY_SCALE
-            elif name == "accel":
-                a.accel = int(v)
-            else:
-                a.resolution = int(v)
+            setattr(a, attr, v / VELOCITY_SCALE if name == "maxspeed" else v if name == "pos" else int(v))
         return "0"
 
 

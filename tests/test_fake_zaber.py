@@ -347,6 +347,7 @@ def test_wire_format_checksum_id_and_rejections() -> None:
             assert raw.ask("3 2 26 get pos") == "@03 2 26 RJ IDLE -- BADAXIS"
             assert raw.ask("3 1 27 fly away") == "@03 1 27 RJ IDLE -- BADCOMMAND"
             assert raw.ask("3 1 28 get nope") == "@03 1 28 RJ IDLE -- BADCOMMAND"
+            assert raw.ask("3 1 28 move abs lots") == "@03 1 28 RJ IDLE -- BADDATA"
             assert raw.ask("1 1 29 warnings") == "@01 1 29 OK IDLE WR 01 WR"
             assert raw.ask("3 0 30 get deviceid") == "@03 0 30 OK IDLE -- 30341"
             raw.send("0 0 31")  # broadcast: every device answers, in address order
