@@ -1914,7 +1914,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run, and turn every error into one line and an exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_intermixed_args(argv)  # options may stand between the positionals
     except SystemExit as exc:  # argparse: --help, --version, or a one-line usage error
         code = exc.code if isinstance(exc.code, int) else EXIT_USAGE
         if code and "--json" in (sys.argv[1:] if argv is None else argv):

@@ -72,6 +72,20 @@ def target(name: str, measured: str, ok: bool | None) -> None:
 ###############################################################################
 
 
+def git_describe() -> str:
+    """The commit benchmarked (and whether autofocus.py differs from it)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "autofocus.py"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "commit unknown"
+    if not head:
+        return "commit unknown"
+    return f"commit {head}" + (" + uncommitted autofocus.py changes" if dirty else "")
+
+
 def now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
@@ -627,20 +641,38 @@ class VirtualDisplay:
             self.proc = None
 
 
+# A fresh, small interpreter starts the CLI and reports the CLI's own peak RSS.  Measuring
+# from this (large) benchmark process directly would not work: on Linux a child's ru_maxrss
+# includes the RSS of the process it was forked from (recorded when it execs), so every child
+# would report at least the benchmark's own size.
+_RSS_HELPER = """
+import os, subprocess, sys
+p = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(p.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
 def cli_peak_rss(args: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
-    """Run the CLI as a child; its own peak RSS (MB, from wait4), wall s, exit code and last stdout line."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    """Run the CLI as a grandchild; its own peak RSS (MB, from wait4), wall s, exit code and summary line."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.TemporaryDirectory(prefix="af_rss_") as tmp:
+        report = Path(tmp) / "rss.txt"
         t0 = time.perf_counter()
-        p = subprocess.Popen([sys.executable, str(ROOT / "autofocus.py"), *args], stdout=out, stderr=err,
-                             stdin=subprocess.DEVNULL, env=env, cwd=str(ROOT))
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
+        subprocess.run([sys.executable, "-c", _RSS_HELPER, str(report), sys.executable, str(ROOT / "autofocus.py"),
+                        *args], stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=str(ROOT), check=False)
         wall = time.perf_counter() - t0
         out.seek(0)
         err.seek(0)
         lines = out.read().decode(errors="replace").strip().splitlines()
-        tail = lines[0] if lines else err.read().decode(errors="replace").strip().splitlines()[-1:]
-    return usage.ru_maxrss / 1024.0, wall, p.returncode, str(tail)
+        errors = err.read().decode(errors="replace").strip().splitlines()
+        tail = lines[0] if lines else (errors[-1] if errors else "")
+        try:
+            kb, code = report.read_text().split()
+        except (OSError, ValueError):
+            return float("nan"), wall, -1, "helper failed: " + " / ".join(errors[-2:])
+    return int(kb) / 1024.0, wall, int(code), tail
 
 
 def section_memory(quick: bool) -> None:
@@ -710,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"_`python tests/benchmark.py{' --quick' if args.quick else ''}"
           f"{''.join(' --section ' + s for s in args.section or [])}` — {now()}; autofocus {af.__version__}, "
           f"Python {platform.python_version()}, numpy {np.__version__}, OpenCV {cv2.__version__}, "
-          f"{os.cpu_count()} CPUs, {platform.machine()} {platform.system()}_")
+          f"{os.cpu_count()} CPUs, {platform.machine()} {platform.system()}, {git_describe()}_")
     for name in SECTIONS:
         if name in sections:
             s0 = time.perf_counter()

@@ -371,7 +371,6 @@ def test_parse_request() -> None:
 
 
 def test_stop_releases_threads_and_port() -> None:
-    before = threading.active_count()
     fake = FakeZaber().start()
     raw = RawClient(fake.port)
     assert raw.ask("3 1 get pos") is not None
@@ -380,7 +379,7 @@ def test_stop_releases_threads_and_port() -> None:
     assert time.monotonic() - t0 < 1
     assert raw.read_line(timeout=1) is None  # the client socket was closed
     raw.close()
-    assert threading.active_count() == before
+    assert not [t for t in threading.enumerate() if t.name.startswith("fake-zaber")]
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", fake.port), timeout=1)
 

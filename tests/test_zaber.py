@@ -1,0 +1,223 @@
+"""End to end through the REAL Zaber Motion Library against the project's fake Zaber device.
+
+Each test starts tests/fake_zaber.py on 127.0.0.1, runs ``autofocus.py ... tcp://127.0.0.1:PORT
+--camera sim`` as a subprocess (the simulated camera renders what the fake stage's position would
+show) and reads the fake's command log: what moved, where, in which order.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import autofocus
+from conftest import ROOT
+from fake_zaber import DeviceConfig, FakeZaber, Faults
+
+NM = 1_000_000  # native units (1 nm) per mm
+SIM = ["--camera", "sim", "--native-unit-nm", "1", "--sim-time-scale", "0", "--sim-size", "320x200"]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeZaber]:
+    with FakeZaber(devices=[DeviceConfig(homed=True, position=5 * NM)]) as f:
+        yield f
+
+
+def url(fake: FakeZaber) -> str:
+    return f"tcp://127.0.0.1:{fake.port}"
+
+
+def cli(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "autofocus.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def nm(mm: float) -> int:
+    return round(mm * NM)
+
+
+# --- the card's job --------------------------------------------------------------------------------
+
+def test_sweep_visits_every_position_in_order_and_ends_at_the_best() -> None:
+    with FakeZaber() as fake:  # not homed: the tool must home it first, and say so
+        proc = cli("10", "11", "0.05", url(fake), *SIM, "--sim-focus-mm", "10.52", "--json")
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        positions = autofocus.plan_positions(10, 11, 0.05)
+        motion = fake.motion_commands()
+        assert motion[0] == "home" and "homing device 3 axis 1" in proc.stderr
+        assert fake.move_targets() == [nm(z) for z in positions] + [nm(out["best_mm"])]
+        assert fake.position() == nm(out["best_mm"])
+        assert abs(out["best_mm"] - 10.52) <= 0.05
+        assert out["frames"] == len(positions) and out["verdict"] == "focused"
+
+
+def test_downward_sweep_with_end_off_the_grid(fake: FakeZaber) -> None:
+    proc = cli("11", "10.02", "0.1", url(fake), *SIM, "--sim-focus-mm", "10.5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    targets = fake.move_targets()
+    assert targets[:-1] == [nm(z) for z in autofocus.plan_positions(11, 10.02, 0.1)]
+    assert targets[-2] == nm(10.02) and "home" not in fake.motion_commands()
+
+
+def test_fast_search_through_zml(fake: FakeZaber) -> None:
+    proc = cli("10", "14", "0.05", url(fake), *SIM, "--search", "fast", "--json")
+    out = json.loads(proc.stdout)
+    assert proc.returncode == 0 and out["frames"] <= 81 // 4
+    assert fake.position() == nm(out["best_mm"]) and abs(out["best_mm"] - 12.34) <= 0.05
+
+
+def test_no_peak_returns_the_stage_to_where_it_started(fake: FakeZaber) -> None:
+    proc = cli("10", "12", "0.05", url(fake), *SIM, "--sim-specimen", "blank", "--json")
+    assert proc.returncode == autofocus.EXIT_NO_PEAK
+    assert fake.move_targets()[-1] == 5 * NM == fake.position()
+
+
+def test_slow_replies_still_work(fake: FakeZaber) -> None:
+    fake.inject(reply_delay_s=0.02)
+    proc = cli("10", "11", "0.05", url(fake), *SIM, "--sim-focus-mm", "10.52")
+    assert proc.returncode == 0, proc.stderr
+
+
+# --- configuration problems: one line, exit 2, nothing moves -------------------------------------------
+
+def test_device_absent_lists_what_was_found(fake: FakeZaber) -> None:
+    proc = cli("10", "11", "0.05", url(fake), *SIM, "--device", "5")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "no Zaber device 5" in proc.stderr and "found: device 3" in proc.stderr
+    assert fake.motion_commands() == []
+
+
+def test_axis_absent(fake: FakeZaber) -> None:
+    proc = cli("10", "11", "0.05", url(fake), *SIM, "--axis", "2")
+    assert proc.returncode == 2 and "has no axis 2" in proc.stderr and proc.stderr.count("\n") == 1
+    assert fake.motion_commands() == []
+
+
+def test_offline_identification_names_the_ways_out(fake: FakeZaber) -> None:
+    proc = cli("10", "11", "0.05", url(fake), "--camera", "sim", "--sim-time-scale", "0")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "--device-db" in proc.stderr and "--native-unit-nm" in proc.stderr
+    assert fake.motion_commands() == []
+
+
+def test_port_that_does_not_exist() -> None:
+    for port in ("/dev/ttyDOESNOTEXIST0", "tcp://127.0.0.1:1"):
+        proc = cli("10", "11", "0.05", port, *SIM, "--json")
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "cannot open" in proc.stderr, port
+        assert json.loads(proc.stdout)["exit_code"] == 2
+
+
+def test_bad_tcp_address() -> None:
+    proc = cli("10", "11", "0.05", "tcp://nohostport", *SIM)
+    assert proc.returncode == 2 and "tcp://HOST:PORT" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["20", "30", "0.05"], "leaves the allowed interval 0..25"),
+    (["10", "14", "0.05", "--z-max", "12"], "soft limits"),
+    (["10", "14", "0.05", "--z-min", "11"], "soft limits"),
+    (["0", "2", "0.05", "--backlash-mm", "0.05"], "backlash"),
+    (["10", "14", "0.05", "--save-curve", "/nonexistent-dir/c.csv"], "does not exist"),
+])
+def test_bad_plans_never_move_the_stage(argv: list[str], message: str) -> None:
+    with FakeZaber() as fake:  # not homed: even homing must not happen
+        proc = cli(*argv, url(fake), *SIM)
+        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1
+        assert fake.motion_commands() == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["nan", "14", "0.05"], ["10", "14", "0"], ["10", "14", "9"], ["10", "10", "0.05"],
+    ["10", "14", "0.05", "--blur", "4"], ["10", "14", "0.05", "--metric", "x"],
+    ["10", "14", "0.05", "--search", "x"], ["10", "14", "0.05", "--settle-ms", "-1"],
+    ["0", "25", "0.000001"],
+])
+def test_bad_input_never_moves_the_stage(fake: FakeZaber, argv: list[str]) -> None:
+    proc = cli(*argv, url(fake), *SIM)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert fake.motion_commands() == []
+
+
+# --- faults during the run: stop, return to start, keep what was measured, exit 5 --------------------
+
+def run_with_fault(tmp_path: Path, fault: dict, *extra: str) -> tuple[subprocess.CompletedProcess[str], FakeZaber]:
+    fake = FakeZaber(devices=[DeviceConfig(homed=True, position=5 * NM)], faults=Faults(**fault)).start()
+    try:
+        proc = cli("10", "11", "0.05", url(fake), *SIM, "--sim-focus-mm", "10.5", "--json",
+                   "--save-curve", str(tmp_path / "curve.csv"), "--save-images", str(tmp_path / "frames"), *extra)
+        return proc, fake
+    finally:
+        fake.stop()
+
+
+def partial_rows(tmp_path: Path) -> tuple[int, int]:
+    curve = (tmp_path / "curve.csv").read_text().splitlines()
+    stack = (tmp_path / "frames" / "stack.csv").read_text().splitlines()
+    return len(curve) - 1, len(stack) - 1
+
+
+def test_rejected_move(tmp_path: Path) -> None:
+    proc, fake = run_with_fault(tmp_path, {"reject_move": 6})
+    out = json.loads(proc.stdout)
+    assert proc.returncode == 5 and "rejected the move to 10.2500 mm" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "returned to its start, 5.0000 mm" in proc.stderr
+    assert fake.position() == 5 * NM and "stop" in fake.commands()
+    assert out["frames"] == 5 and len(out["curve"]) == 5 and out["error"] and out["verdict"] == "failed"
+    assert partial_rows(tmp_path) == (5, 5)
+
+
+def test_stall(tmp_path: Path) -> None:
+    proc, fake = run_with_fault(tmp_path, {"stall_at_move": 4})
+    assert proc.returncode == 5 and "Stalled" in proc.stderr and proc.stderr.count("\n") == 1
+    assert fake.position() == 5 * NM
+    assert partial_rows(tmp_path) == (3, 3)
+
+
+def test_disconnect(tmp_path: Path) -> None:
+    proc, fake = run_with_fault(tmp_path, {"disconnect_at_move": 4})
+    out = json.loads(proc.stdout)
+    assert proc.returncode == 5 and proc.stderr.count("\n") == 1
+    assert "lost the stage" in proc.stderr and "no longer answers" in proc.stderr
+    assert out["frames"] == 3 and partial_rows(tmp_path) == (3, 3)
+
+
+def test_device_stops_answering(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    proc, fake = run_with_fault(tmp_path, {"silent_after_move": 4})
+    assert time.monotonic() - t0 < 30  # every wait has a timeout
+    assert proc.returncode == 5 and proc.stderr.count("\n") == 1 and "no longer answers" in proc.stderr
+    assert partial_rows(tmp_path)[0] == 3
+
+
+def test_axis_busy_forever_is_stopped_after_the_move_timeout(tmp_path: Path) -> None:
+    proc, fake = run_with_fault(tmp_path, {"busy_forever_at_move": 3}, "--move-timeout-s", "1")
+    assert proc.returncode == 5 and "still busy after 1 s" in proc.stderr
+    assert "stop" in fake.commands() and fake.position() == 5 * NM
+    assert partial_rows(tmp_path)[0] == 2
+
+
+def test_ctrl_c_stops_returns_and_keeps_the_partial_curve(tmp_path: Path) -> None:
+    with FakeZaber(devices=[DeviceConfig(homed=True, position=5 * NM)]) as fake:
+        proc = subprocess.Popen(
+            [sys.executable, "autofocus.py", "10", "14", "0.05", url(fake), "--camera", "sim", "--native-unit-nm",
+             "1", "--sim-size", "320x200", "--sim-time-scale", "1", "--json", "--save-curve",
+             str(tmp_path / "curve.csv")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while len(fake.move_targets()) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert "interrupted" in err and "returned to its start, 5.0000 mm" in err and err.count("\n") == 1
+        assert fake.position() == 5 * NM and "stop" in fake.commands()
+        result = json.loads(out)
+        rows = (tmp_path / "curve.csv").read_text().splitlines()
+        assert 4 <= result["frames"] < 81 and len(rows) - 1 == result["frames"]
