@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -1485,11 +1486,24 @@ def draw_curve(curve: Sequence[Sample], height: int, width: int | None = None) -
     return canvas
 
 
-def display_available() -> bool:
-    """Whether a window can be opened (Windows and macOS always; Linux needs X11 or Wayland)."""
-    if sys.platform.startswith("linux"):
-        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-    return True
+def display_problem() -> str | None:
+    """Why no window can be opened here, or None when one can.
+
+    Linux needs X11 or Wayland; a DISPLAY that is set but unreachable (a stale SSH session)
+    would make OpenCV's Qt backend abort the whole process, so a child process tries first.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return "DISPLAY is not set"
+    probe = "import cv2; cv2.namedWindow('probe'); cv2.waitKey(1); cv2.destroyAllWindows()"
+    try:
+        child = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "opening a test window did not finish"
+    if child.returncode != 0:
+        return f"cannot open a window on DISPLAY={os.environ.get('DISPLAY') or os.environ.get('WAYLAND_DISPLAY')}"
+    return None
 
 
 class LiveView:
@@ -1742,9 +1756,9 @@ def validate(args: argparse.Namespace) -> None:
                      f"{MAX_POSITIONS:,}: check the units (mm), or confirm with --allow-many")
     if args.z_min is not None and args.z_max is not None and args.z_min >= args.z_max:
         raise UsageError(f"--z-min {args.z_min:g} must be below --z-max {args.z_max:g}")
-    if args.show_images and not display_available():
-        raise UsageError("--show-images needs a display and none is available (DISPLAY is not set); "
-                     "use --save-images DIR to keep the frames, or --plot FILE for the curve")
+    if args.show_images and (problem := display_problem()):
+        raise UsageError(f"--show-images needs a display and none is available ({problem}); "
+                         "use --save-images DIR to keep the frames, or --plot FILE for the curve")
 
 
 def check_outputs(args: argparse.Namespace) -> None:
