@@ -1654,47 +1654,48 @@ def frame_size(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="autofocus.py",
+        usage="%(prog)s START_MM END_MM STEP_MM [PORT] [options]",
         description="Find the sharpest focus position of a motorized microscope and move there.",
         epilog="exit codes: 0 focused, 2 usage error, 3 no peak (stage back at start), 4 best at the edge of "
                "the range, 5 hardware error, 130 interrupted.  Example: python autofocus.py 10 14 0.05 COM3",
     )
-    p.add_argument("start_mm", type=finite_float, nargs="?", help="first focus position, mm")
-    p.add_argument("end_mm", type=finite_float, nargs="?", help="last focus position, mm (below START sweeps downward)")
-    p.add_argument("step_mm", type=positive_float, nargs="?",
+    p.add_argument("start_mm", metavar="START_MM", type=finite_float, nargs="?", help="first focus position, mm")
+    p.add_argument("end_mm", metavar="END_MM", type=finite_float, nargs="?", help="last focus position, mm (below START sweeps downward)")
+    p.add_argument("step_mm", metavar="STEP_MM", type=positive_float, nargs="?",
                    help="distance between frames, mm (about one depth of field)")
-    p.add_argument("port", nargs="?", help="serial port (COM3, /dev/ttyUSB0) or tcp://HOST:PORT; "
+    p.add_argument("port", metavar="PORT", nargs="?", help="serial port (COM3, /dev/ttyUSB0) or tcp://HOST:PORT; "
                                            "not needed with --simulate or --replay")
     src = p.add_argument_group("microscope")
     src.add_argument("--simulate", action="store_true", help="use the built-in simulated microscope")
     src.add_argument("--replay", metavar="DIR", help="use a recorded stack (DIR/stack.csv with z_mm,file)")
     src.add_argument("--camera", choices=("flir", "sim"), help="camera: flir (default with a PORT) or sim "
                      "(renders what the stage's position would show; default with --simulate)")
-    src.add_argument("--device", type=positive_int, default=DEFAULT_DEVICE,
+    src.add_argument("--device", metavar="N", type=positive_int, default=DEFAULT_DEVICE,
                      help="Zaber device number of the focus stage (default 3: Zaber MVR)")
-    src.add_argument("--axis", type=positive_int, default=DEFAULT_AXIS, help="axis number (default 1)")
+    src.add_argument("--axis", metavar="N", type=positive_int, default=DEFAULT_AXIS, help="axis number (default 1)")
     src.add_argument("--device-db", metavar="FILE", help="Zaber's offline device database file, for offline PCs")
     src.add_argument("--native-unit-nm", type=positive_float, metavar="NM",
                      help="size of one native unit of the axis in nm: skips identification (offline PCs)")
-    src.add_argument("--move-timeout-s", type=positive_float, default=DEFAULT_MOVE_TIMEOUT_S,
+    src.add_argument("--move-timeout-s", metavar="S", type=positive_float, default=DEFAULT_MOVE_TIMEOUT_S,
                      help=f"give up on a move after this long (default {DEFAULT_MOVE_TIMEOUT_S:g})")
-    src.add_argument("--camera-serial", help="FLIR camera serial number (default: the first camera)")
-    src.add_argument("--exposure-ms", type=positive_float, help="FLIR exposure time (default: the camera's setting)")
-    src.add_argument("--camera-timeout-ms", type=positive_int, default=DEFAULT_CAMERA_TIMEOUT_MS,
+    src.add_argument("--camera-serial", metavar="SERIAL", help="FLIR camera serial number (default: the first camera)")
+    src.add_argument("--exposure-ms", metavar="MS", type=positive_float, help="FLIR exposure time (default: the camera's setting)")
+    src.add_argument("--camera-timeout-ms", metavar="MS", type=positive_int, default=DEFAULT_CAMERA_TIMEOUT_MS,
                      help=f"give up waiting for a frame after this long (default {DEFAULT_CAMERA_TIMEOUT_MS})")
     srch = p.add_argument_group("search")
     srch.add_argument("--search", choices=tuple(SEARCHES), default="sweep",
                       help="sweep: every position (default); fast: coarse-to-fine, about a quarter of the frames")
     srch.add_argument("--metric", choices=tuple(METRICS), default="laplacian",
                       help="focus score (default laplacian: variance of the Laplacian)")
-    srch.add_argument("--blur", "-b", type=blur_size, default=DEFAULT_BLUR,
+    srch.add_argument("--blur", "-b", metavar="N", type=blur_size, default=DEFAULT_BLUR,
                       help="bilateral filter diameter in pixels, odd, 3-99 (default 9); larger suppresses more noise")
-    srch.add_argument("--settle-ms", type=non_negative_float, default=0.0,
+    srch.add_argument("--settle-ms", metavar="MS", type=non_negative_float, default=0.0,
                       help="wait after each move before exposing (default 0; raise at high magnification)")
-    srch.add_argument("--backlash-mm", type=non_negative_float, default=0.0,
+    srch.add_argument("--backlash-mm", metavar="MM", type=non_negative_float, default=0.0,
                       help="approach every position from the sweep's direction, overshooting by this much "
                            "(default 0: direct-drive stages like the MVR's X-LDA; ~0.01-0.05 for leadscrews)")
-    srch.add_argument("--z-min", type=finite_float, help="soft limit: never command a position below this (mm)")
-    srch.add_argument("--z-max", type=finite_float, help="soft limit: never command a position above this (mm)")
+    srch.add_argument("--z-min", metavar="MM", type=finite_float, help="soft limit: never command a position below this (mm)")
+    srch.add_argument("--z-max", metavar="MM", type=finite_float, help="soft limit: never command a position above this (mm)")
     srch.add_argument("--allow-many", action="store_true",
                       help=f"allow more than {MAX_POSITIONS:,} positions in a sweep")
     out = p.add_argument_group("output")
@@ -1708,23 +1709,23 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--make-figures", metavar="DIR",
                      help="write the README's figures (from the simulator) to DIR and exit")
     sim = p.add_argument_group("simulated microscope")
-    sim.add_argument("--sim-focus-mm", type=finite_float, default=SimOptics.focus_mm,
+    sim.add_argument("--sim-focus-mm", metavar="MM", type=finite_float, default=SimOptics.focus_mm,
                      help=f"focal plane of the simulated specimen (default {SimOptics.focus_mm})")
-    sim.add_argument("--sim-photons", type=positive_float, default=SimOptics.photons,
+    sim.add_argument("--sim-photons", metavar="N", type=positive_float, default=SimOptics.photons,
                      help=f"photons per pixel at the brightest structure (default {SimOptics.photons:g}); "
                           "lower is noisier")
-    sim.add_argument("--sim-read-noise-e", type=non_negative_float, default=SimOptics.read_noise_e,
+    sim.add_argument("--sim-read-noise-e", metavar="E", type=non_negative_float, default=SimOptics.read_noise_e,
                      help=f"camera read noise, electrons (default {SimOptics.read_noise_e:g})")
     sim.add_argument("--sim-specimen", choices=("cells", "blank"), default="cells",
                      help="cells (default) or blank: an empty field with nothing to focus on")
     sim.add_argument("--sim-size", type=frame_size, default=(SimOptics.width, SimOptics.height),
                      metavar="WxH", help="simulated frame size (default 1920x1200)")
-    sim.add_argument("--sim-bits", type=int, choices=(8, 12, 16), default=8, help="simulated pixel depth")
-    sim.add_argument("--sim-start-mm", type=finite_float, default=0.0,
+    sim.add_argument("--sim-bits", metavar="BITS", type=int, choices=(8, 12, 16), default=8, help="simulated pixel depth")
+    sim.add_argument("--sim-start-mm", metavar="MM", type=finite_float, default=0.0,
                      help="where the simulated stage starts (default 0)")
-    sim.add_argument("--sim-time-scale", type=non_negative_float, default=1.0,
+    sim.add_argument("--sim-time-scale", metavar="X", type=non_negative_float, default=1.0,
                      help="1 = real hardware timing (default), 0 = as fast as possible")
-    sim.add_argument("--sim-seed", type=int, default=0, help="seed of the specimen and noise")
+    sim.add_argument("--sim-seed", metavar="N", type=int, default=0, help="seed of the specimen and noise")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -1739,8 +1740,9 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("choose one of --simulate and --replay")
     if (args.simulate or args.replay) and args.port:
         raise UsageError(f"PORT {args.port!r} given with --{'simulate' if args.simulate else 'replay'}: drop one")
-    if args.replay and args.camera:
-        raise UsageError("--replay brings its own camera: drop --camera")
+    if (args.replay or args.simulate) and args.camera:
+        raise UsageError(f"--{'replay' if args.replay else 'simulate'} brings its own camera: drop --camera "
+                         "(use --camera sim with a PORT to put the simulated camera on a real stage)")
     if not (args.simulate or args.replay) and not args.port:
         raise UsageError("no PORT: give the stage's serial port (e.g. COM3, /dev/ttyUSB0) or tcp://HOST:PORT, "
                      "or use --simulate or --replay DIR")
