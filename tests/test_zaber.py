@@ -221,3 +221,24 @@ def test_ctrl_c_stops_returns_and_keeps_the_partial_curve(tmp_path: Path) -> Non
         result = json.loads(out)
         rows = (tmp_path / "curve.csv").read_text().splitlines()
         assert 4 <= result["frames"] < 81 and len(rows) - 1 == result["frames"]
+
+
+def test_serial_port_held_by_another_program() -> None:
+    # A pseudo-terminal stands in for the USB serial port; another program (here ZML itself, as
+    # Zaber Launcher would) holds it open.
+    import os
+    import pty
+
+    from zaber_motion.ascii import Connection
+
+    master, slave = pty.openpty()
+    port = os.ttyname(slave)
+    holder = Connection.open_serial_port(port)
+    try:
+        proc = cli("10", "11", "0.05", port, *SIM)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+        assert f"serial port {port} is in use by another program" in proc.stderr
+    finally:
+        holder.close()
+        os.close(master)
+        os.close(slave)
