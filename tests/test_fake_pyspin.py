@@ -551,14 +551,7 @@ def test_fault_disconnect_at_frame(PySpin, sp):
 def adapter_open(sp, serial_or_index, exposure_us=None):
     cam = sp.Camera(serial_or_index)
     cam.init()
-    cam.AcquisitionMode = "Continuous"
-    cam.TriggerMode = "Off"
-    cam.TriggerSelector = "FrameStart"
-    cam.TriggerSource = "Software"
-    cam.TriggerMode = "On"
-    if exposure_us is not None:
-        cam.ExposureAuto = "Off"  # required: ExposureTime is read-only under auto exposure
-        cam.ExposureTime = exposure_us
+    software_trigger_setup(cam, exposure_us)  # ExposureAuto Off first: ExposureTime is read-only under auto
     cam.start()
     return cam
 

@@ -766,8 +766,8 @@ class CValuePtr(_Ptr):
         n._from_string(ValueStr)
 
 
-class CFloatPtr(CValuePtr):
-    _accepts = (intfIFloat,)
+class _TypedValuePtr(CValuePtr):
+    """GetValue/SetValue, shared by the float, integer, boolean and string pointers."""
 
     def GetValue(self, Verify=False, IgnoreCache=False):
         n = self._n()
@@ -778,68 +778,38 @@ class CFloatPtr(CValuePtr):
     def SetValue(self, Value, Verify=True):
         self._n()._set_checked(Value)
 
+
+class _NumberPtr(_TypedValuePtr):
     def GetMin(self):
         return self._n()._min()
 
     def GetMax(self):
         return self._n()._max()
+
+    def GetUnit(self):
+        return self._n()._unit
+
+
+class CFloatPtr(_NumberPtr):
+    _accepts = (intfIFloat,)
 
     def HasInc(self):
         return False
 
-    def GetUnit(self):
-        return self._n()._unit
 
-
-class CIntegerPtr(CValuePtr):
+class CIntegerPtr(_NumberPtr):
     _accepts = (intfIInteger,)
-
-    def GetValue(self, Verify=False, IgnoreCache=False):
-        n = self._n()
-        with _lock:
-            n._check_read("GetValue")
-            return n._get()
-
-    def SetValue(self, Value, Verify=True):
-        self._n()._set_checked(Value)
-
-    def GetMin(self):
-        return self._n()._min()
-
-    def GetMax(self):
-        return self._n()._max()
 
     def GetInc(self):
         return self._n()._inc
 
-    def GetUnit(self):
-        return self._n()._unit
 
-
-class CBooleanPtr(CValuePtr):
+class CBooleanPtr(_TypedValuePtr):
     _accepts = (intfIBoolean,)
 
-    def GetValue(self, Verify=False, IgnoreCache=False):
-        n = self._n()
-        with _lock:
-            n._check_read("GetValue")
-            return n._get()
 
-    def SetValue(self, Value, Verify=True):
-        self._n()._set_checked(Value)
-
-
-class CStringPtr(CValuePtr):
+class CStringPtr(_TypedValuePtr):
     _accepts = (intfIString,)
-
-    def GetValue(self, Verify=False, IgnoreCache=False):
-        n = self._n()
-        with _lock:
-            n._check_read("GetValue")
-            return n._get()
-
-    def SetValue(self, Value, Verify=True):
-        self._n()._set_checked(Value)
 
     def GetMaxLength(self):
         return self._n()._max_length
