@@ -439,14 +439,17 @@ def curve_noise(samples: Sequence[Sample]) -> float:
     return float(1.4826 * np.median(scaled))
 
 
-def judge(samples: Sequence[Sample], range_mm: tuple[float, float]) -> Verdict:
+def judge(samples: Sequence[Sample], range_mm: tuple[float, float],
+          noise_samples: Sequence[Sample] | None = None) -> Verdict:
     """Decide focused / edge / no_peak from the curve alone.
 
     A peak is real when its prominence (best score minus the median score) exceeds the
-    curve's own noise (``curve_noise``) times sqrt(2 ln n) + 3: sqrt(2 ln n) is about the
-    largest of n samples of pure noise, in sigmas, and the margin of 3 sigma keeps false
-    peaks rare.  No constant depends on the specimen, the metric or the units of the score.
-    A real peak whose best sample is the first or last position of the range is an edge.
+    curve's own noise (``curve_noise``, from ``noise_samples`` when given: an evenly spaced
+    subset) times sqrt(2 ln n) + 3: sqrt(2 ln n) is about the largest of n samples of pure
+    noise, in sigmas, and the margin of 3 sigma keeps false peaks rare.  A real peak is
+    ``focused`` only when the curve also falls by more than that threshold on both sides of
+    it, within the range; where it does not, the focus may lie beyond that end: ``edge``.
+    No constant depends on the specimen, the metric or the units of the score.
     """
     ordered = by_z(samples)
     n = len(ordered)
@@ -456,23 +459,26 @@ def judge(samples: Sequence[Sample], range_mm: tuple[float, float]) -> Verdict:
                        f"only {n} positions: at least {MIN_FRAMES_FOR_VERDICT} are needed to tell a peak "
                        "from noise; use a smaller STEP")
     scores = np.array([s.score for s in ordered])
-    noise = curve_noise(ordered)
+    noise = curve_noise(noise_samples if noise_samples is not None and len(noise_samples) >= 3 else ordered)
     prominence = float(scores.max() - np.median(scores))
     threshold = noise * (math.sqrt(2 * math.log(n)) + PEAK_MARGIN_SIGMA)
     if not prominence > threshold:
         return Verdict("no_peak", prominence, noise, threshold,
                        f"no peak: prominence {prominence:.3g} is within the curve's noise "
                        f"(threshold {threshold:.3g}); blank field, no specimen, or focus far outside the range")
-    best = best_sample(ordered)
+    i = int(np.argmax(scores))
+    best = scores[i]
+    drop_low = best - scores[:i].min() if i > 0 else 0.0
+    drop_high = best - scores[i + 1:].min() if i < n - 1 else 0.0
     width = hi - lo
-    if best.z_mm <= ordered[0].z_mm and ordered[0].z_mm <= lo + 1e-12:
+    if drop_low <= threshold:
         return Verdict("edge", prominence, noise, threshold,
-                       f"the best focus is at the low end of the range ({lo:.4f} mm): the focus may lie below it",
-                       (round(lo - width / 2, 6), round(lo + width / 2, 6)))
-    if best.z_mm >= ordered[-1].z_mm and ordered[-1].z_mm >= hi - 1e-12:
+                       f"the curve is still high at the low end of the range ({lo:.4f} mm): the focus may lie "
+                       "below it", (round(lo - width / 2, 6), round(lo + width / 2, 6)))
+    if drop_high <= threshold:
         return Verdict("edge", prominence, noise, threshold,
-                       f"the best focus is at the high end of the range ({hi:.4f} mm): the focus may lie above it",
-                       (round(hi - width / 2, 6), round(hi + width / 2, 6)))
+                       f"the curve is still high at the high end of the range ({hi:.4f} mm): the focus may lie "
+                       "above it", (round(hi - width / 2, 6), round(hi + width / 2, 6)))
     ratio = f"{prominence / threshold:.1f}x the noise threshold" if threshold > 0 else "above a noise-free curve"
     return Verdict("focused", prominence, noise, threshold, f"peak prominence {ratio}")
 
@@ -622,7 +628,9 @@ def check_frame(frame: np.ndarray, z_mm: float) -> None:
 
 
 def sweep_search(acq: Acquisition, positions: Sequence[float]) -> list[Sample]:
-    """The card's exhaustive search: one frame at every position, in order."""
+    """The card's exhaustive search: one frame at every position, in order.
+
+    Returns the samples to estimate the curve's noise from: all of them."""
     futures = [acq.measure(z) for z in positions]
     return [f.result() for f in futures]
 
@@ -630,33 +638,40 @@ def sweep_search(acq: Acquisition, positions: Sequence[float]) -> list[Sample]:
 def fast_search(acq: Acquisition, positions: Sequence[float]) -> list[Sample]:
     """Coarse-to-fine search on the STEP grid, reusing every frame it takes.
 
-    1. Coarse pass: every COARSE_FACTOR-th grid position (and the last), scored on a frame
-       binned COARSE_FACTOR times.  Defocus blur grows linearly with distance from focus, so
-       the binned score stays high over a range about COARSE_FACTOR times wider than the
-       full-resolution score: sampling it every COARSE_FACTOR STEPs is as dense, relative to
-       its width, as the STEP the user chose for the fine curve.  A narrow peak therefore
-       cannot fall between two coarse samples unseen.
-    2. Prediction: a Gaussian fit through the best coarse sample and its coarse neighbours
-       (on the coarse scores) predicts the peak; the nearest grid position is measured.
-    3. Refinement: hill-climb on the full-resolution score, one grid STEP at a time, until
-       the best position has both grid neighbours measured and lower.
+    1. Coarse pass: every COARSE_FACTOR-th grid position (and the last), each frame also scored
+       on a copy binned COARSE_FACTOR times.  Far from focus the full-resolution score sinks
+       into its noise floor while the coarse score still rises toward focus over a range
+       several times wider (defocus blur grows in proportion to the distance from focus, so
+       coarser detail stays visible proportionally farther away): the coarse samples lead to
+       a narrow peak that they straddle.
+    2. Prediction: a Gaussian through the best coarse sample and its coarse neighbours (on
+       the coarse scores) predicts the peak; that grid position and both neighbours are
+       measured, all in flight before waiting.
+    3. Refinement: hill-climb on the full-resolution score one grid STEP at a time until the
+       best frame of the whole run has both grid neighbours measured and lower.
 
-    Typical cost: N/8 + 3 frames for N grid positions; worst case N/8 + 2*8 + 2.
-    Grids of fewer than 3*COARSE_FACTOR positions are swept exhaustively.
+    Typical cost: N/8 + 3 frames for N grid positions; worst case about N/8 + 2*8 + 4.
+    Grids of fewer than 3*COARSE_FACTOR positions are swept exhaustively.  Assumes STEP is
+    about the depth of field (as for a sweep); a peak much narrower than the coarse spacing
+    with no coarse-scale signal can be missed.  Returns the evenly spaced coarse samples, to
+    estimate the curve's noise from.
     """
     n = len(positions)
     if n < 3 * COARSE_FACTOR:
         return sweep_search(acq, positions)
     measured: dict[int, Sample] = {}
 
+    def ensure(indices: list[int]) -> None:
+        """Measure the grid positions not measured yet, all in flight before waiting for any."""
+        # Ascending grid index is the sweep's direction: no backlash overshoot between them.
+        pending = [(i, acq.measure(positions[i])) for i in sorted(set(indices)) if i not in measured]
+        for i, f in pending:
+            measured[i] = f.result()
+
     coarse_idx = list(range(0, n, COARSE_FACTOR))
     if coarse_idx[-1] != n - 1:
         coarse_idx.append(n - 1)
-    futures = [(i, acq.measure(positions[i])) for i in coarse_idx]
-    for i, f in futures:
-        measured[i] = f.result()
-
-    # Prediction from the coarse scores.
+    ensure(coarse_idx)
     coarse_samples = [Sample(positions[i], measured[i].coarse or 0.0) for i in coarse_idx]
     top = max(range(len(coarse_idx)), key=lambda k: coarse_samples[k].score)
     guess = coarse_idx[top]
@@ -664,25 +679,22 @@ def fast_search(acq: Acquisition, positions: Sequence[float]) -> list[Sample]:
         fit = fit_peak(coarse_samples[top - 1: top + 2])
         if fit.used and fit.z_mm is not None:
             step = positions[1] - positions[0]
-            guess = int(round((fit.z_mm - positions[0]) / step))
-            guess = min(max(guess, 0), n - 1)
-
-    def ensure(indices: list[int]) -> None:
-        """Measure the grid positions not measured yet, all in flight before waiting for any."""
-        # Ascending grid index is the sweep's direction: no backlash overshoot between them.
-        pending = [(i, acq.measure(positions[i])) for i in sorted(indices) if i not in measured]
-        for i, f in pending:
-            measured[i] = f.result()
+            guess = min(max(int(round((fit.z_mm - positions[0]) / step)), 0), n - 1)
 
     current = guess
-    for _ in range(2 * COARSE_FACTOR + 2):
+    for _ in range(2 * COARSE_FACTOR + 4):
         neighbours = [j for j in (current - 1, current + 1) if 0 <= j < n]
         ensure([current, *neighbours])
-        best = max([current, *neighbours], key=lambda j: measured[j].score)
-        if best == current:
-            break
-        current = best
-    return [measured[i] for i in sorted(measured)]
+        if all(measured[j].score < measured[current].score for j in neighbours):
+            # A local maximum; but the best frame of the run may lie elsewhere (a coarse frame
+            # the prediction passed by): refine there too, so the answer is never unrefined.
+            overall = max(measured, key=lambda j: measured[j].score)
+            if overall == current:
+                break
+            current = overall
+        else:
+            current = max(neighbours, key=lambda j: measured[j].score)
+    return [measured[i] for i in coarse_idx]
 
 
 SEARCHES: dict[str, Callable[[Acquisition, Sequence[float]], list[Sample]]] = {
@@ -762,12 +774,12 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
 
     try:
         try:
-            SEARCHES[plan.search](acq, plan.positions)
+            noise_samples = SEARCHES[plan.search](acq, plan.positions)
         finally:
             acq.drain()
         samples = list(acq.samples)
         fit = fit_peak(samples)
-        verdict = judge(samples, range_mm)
+        verdict = judge(samples, range_mm, noise_samples)
         if verdict.kind == "no_peak":
             target = start_mm  # never move to a noise maximum: back to where the user left it
             stage.move_to(target)
@@ -1233,7 +1245,6 @@ class SimCamera:
         self.timing = timing or SimTiming()
         self.clock = clock or SimClock(self.timing.scale)
         self.one_shot = one_shot
-        cv2.setRNGSeed(self.optics.seed + 1)  # OpenCV's (per-thread) RNG: 3x faster than numpy's normals
         self.frames = 0
 
     def render(self, z_mm: float) -> np.ndarray:
@@ -1243,7 +1254,11 @@ class SimCamera:
         blurred = blur_sigma(specimen, o.blur_sigma_px(z_mm - o.focus_mm))
         electrons = blurred * np.float32(o.photons)
         noise = np.empty_like(electrons)
+        # OpenCV's RNG is 3x faster than numpy's normals but per-thread and global: seeding it
+        # from (seed, frame number) right before use keeps every camera's frames reproducible.
+        cv2.setRNGSeed(self.optics.seed * 1_000_003 + self.frames + 1)
         cv2.randn(noise, 0.0, 1.0)
+        self.frames += 1
         # Shot noise (Gaussian approximation of Poisson, fine above ~10 photons) plus read noise.
         electrons += noise * np.sqrt(electrons + np.float32(o.read_noise_e**2))
         full_scale = (1 << o.bit_depth) - 1
@@ -1257,7 +1272,6 @@ class SimCamera:
         t = self.timing
         modeled = t.exposure_s + t.readout_s + (t.acquisition_start_stop_s if self.one_shot else 0.0)
         self.clock.spend(modeled, since=t0)
-        self.frames += 1
         return frame
 
 
