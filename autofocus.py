@@ -173,6 +173,7 @@ class Verdict:
     threshold: float
     reason: str
     suggestion_mm: tuple[float, float] | None = None
+    scale: str = "fine"  # which curve decided: "fine" (the score) or "coarse" (the binned score)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -763,7 +764,7 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
     t0 = time.perf_counter()
     start_mm = stage.position_mm()
     acq = Acquisition(stage, camera, scorer, settle_ms=plan.settle_ms, backlash_mm=plan.backlash_mm,
-                      direction=plan.direction, coarse=plan.search == "fast",
+                      direction=plan.direction, coarse=True,
                       on_frame=on_frame)
     range_mm = (plan.positions[0], plan.positions[-1])
 
@@ -778,15 +779,14 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
         finally:
             acq.drain()
         samples = list(acq.samples)
-        fit = fit_peak(samples)
-        verdict = judge(samples, range_mm, noise_samples)
+        fit, verdict, best_z = decide(samples, noise_samples, range_mm)
         if verdict.kind == "no_peak":
             target = start_mm  # never move to a noise maximum: back to where the user left it
             stage.move_to(target)
             acq.moves += 1
         else:
             fitted = verdict.kind == "focused" and fit.used and fit.z_mm is not None
-            target = fit.z_mm if fitted else best_sample(samples).z_mm  # type: ignore[assignment]
+            target = fit.z_mm if fitted else best_z  # type: ignore[assignment]
             acq.approach(target)
         return result(samples, target, fit, verdict)
     except BaseException as exc:  # faults, Ctrl-C, and bugs alike: the stage is made safe first
@@ -795,6 +795,28 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
         fit = fit_peak(samples) if samples else PeakFit(None, False, "no samples")
         verdict = Verdict("no_peak", float("nan"), float("nan"), float("nan"), "run did not finish")
         raise RunFailed(result(samples, float("nan"), fit, verdict), exc, where) from exc
+
+
+def decide(samples: Sequence[Sample], noise_samples: Sequence[Sample],
+           range_mm: tuple[float, float]) -> tuple[PeakFit, Verdict, float]:
+    """The verdict, the peak fit and the best position, from the fine curve or else the coarse one.
+
+    When the full-resolution curve shows no peak, the coarse-scale curve (the same score on a
+    binned frame: averages photon noise away and reaches farther from focus) gets the same
+    test.  It can tell a focal plane beyond the range (``edge``) from an empty field, and find
+    a peak in frames too noisy for fine detail.  Both curves are judged with the same rule.
+    """
+    fine = judge(samples, range_mm, noise_samples)
+    if fine.kind != "no_peak" or any(s.coarse is None for s in noise_samples):
+        return fit_peak(samples), fine, best_sample(samples).z_mm
+    curve = [Sample(s.z_mm, s.coarse) for s in noise_samples]  # type: ignore[arg-type]
+    coarse = judge(curve, range_mm)
+    if coarse.kind == "no_peak":
+        return fit_peak(samples), fine, best_sample(samples).z_mm
+    what = "a peak" if coarse.kind == "focused" else "a rise toward the end of the range"
+    coarse = dataclasses.replace(coarse, scale="coarse", reason=f"{coarse.reason} (fine detail is lost in noise; "
+                                 f"the coarse-scale score shows {what})")
+    return fit_peak(curve), coarse, best_sample(curve).z_mm
 
 
 def make_safe(stage: Stage, start_mm: float) -> str:
@@ -1383,6 +1405,7 @@ def result_json(result: FocusResult | None, *, exit_code: int, error: str | None
         "verdict": verdict,
         "reason": r.verdict.reason if r else None,
         "suggested_range_mm": list(r.verdict.suggestion_mm) if r and r.verdict.suggestion_mm else None,
+        "verdict_scale": r.verdict.scale if r else None,
         "prominence": num(r.verdict.prominence) if r else None,
         "noise": num(r.verdict.noise) if r else None,
         "threshold": num(r.verdict.threshold) if r else None,
@@ -1778,6 +1801,9 @@ def validate(args: argparse.Namespace) -> None:
     if n > MAX_POSITIONS and not args.allow_many:
         raise UsageError(f"{n:,} positions (range {span:g} mm / STEP {args.step_mm:g} mm) is more than "
                      f"{MAX_POSITIONS:,}: check the units (mm), or confirm with --allow-many")
+    if args.device_db and not Path(args.device_db).is_file():
+        raise UsageError(f"--device-db {args.device_db}: no such file; download Zaber's offline device database "
+                         "or use --native-unit-nm")
     if args.z_min is not None and args.z_max is not None and args.z_min >= args.z_max:
         raise UsageError(f"--z-min {args.z_min:g} must be below --z-max {args.z_max:g}")
     if args.show_images and (problem := display_problem()):
@@ -1857,6 +1883,8 @@ def summary_line(result: FocusResult) -> str:
         "edge": f"best focus at the edge of the range, {result.best_mm:.4f} mm",
         "no_peak": f"no focus found; stage returned to {result.best_mm:.4f} mm",
     }[result.verdict.kind]
+    if result.verdict.scale == "coarse" and result.verdict.kind == "focused":
+        head += " (found at the coarse scale: fine detail is lost in noise)"
     line = (f"{head}: score {result.best_score:.4g}, {result.frames} frames, {result.moves} moves, "
             f"{result.elapsed_s:.2f} s ({result.search} search)")
     if result.verdict.kind != "focused":

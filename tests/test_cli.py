@@ -149,3 +149,23 @@ def test_unwritable_outputs_are_refused_before_moving(tmp_path, capsys: pytest.C
         code = autofocus.main(["10", "14", "0.05", *FAST_SIM, flag, value])
         err = capsys.readouterr().err
         assert code == 2 and message in err and flag in err, (flag, err)
+
+
+@pytest.mark.parametrize("search", ["sweep", "fast"])
+def test_too_noisy_for_fine_detail_falls_back_to_the_coarse_scale(capsys: pytest.CaptureFixture[str],
+                                                                   search: str) -> None:
+    # 100 photons at the brightest structure on an unbinned 640x400 frame: the full-resolution
+    # Laplacian is swamped by shot noise; the binned (coarse-scale) score still finds focus.
+    code = autofocus.main(["10", "14", "0.05", "--simulate", "--sim-time-scale", "0", "--sim-size", "640x400",
+                           "--sim-photons", "100", "--search", search, "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["verdict"] == "focused" and out["verdict_scale"] == "coarse"
+    assert abs(out["best_mm"] - 12.34) <= 0.05
+
+
+def test_focus_far_beyond_the_range_is_an_edge_at_the_coarse_scale(capsys: pytest.CaptureFixture[str]) -> None:
+    code = autofocus.main(["10", "14", "0.05", "--simulate", "--sim-time-scale", "0", "--sim-size", "640x400",
+                           "--sim-focus-mm", "9", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == autofocus.EXIT_EDGE and out["verdict"] == "edge" and out["verdict_scale"] == "coarse"
+    assert out["best_mm"] == 10.0 and out["suggested_range_mm"][0] < 9.0

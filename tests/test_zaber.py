@@ -108,6 +108,12 @@ def test_offline_identification_names_the_ways_out(fake: FakeZaber) -> None:
     assert fake.motion_commands() == []
 
 
+def test_missing_device_database_file(fake: FakeZaber) -> None:
+    proc = cli("10", "11", "0.05", url(fake), "--camera", "sim", "--device-db", "/nonexistent/devices.sqlite")
+    assert proc.returncode == 2 and "no such file" in proc.stderr and proc.stderr.count("\n") == 1
+    assert fake.commands() == []  # refused before connecting
+
+
 def test_port_that_does_not_exist() -> None:
     for port in ("/dev/ttyDOESNOTEXIST0", "tcp://127.0.0.1:1"):
         proc = cli("10", "11", "0.05", port, *SIM, "--json")
