@@ -768,8 +768,11 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
                       on_frame=on_frame)
     range_mm = (plan.positions[0], plan.positions[-1])
 
-    def result(samples: Sequence[Sample], target: float, fit: PeakFit, verdict: Verdict) -> FocusResult:
+    def result(samples: Sequence[Sample], target: float, fit: PeakFit, verdict: Verdict,
+               best_z: float | None = None) -> FocusResult:
         best = best_sample(samples) if samples else Sample(float("nan"), float("nan"))
+        if best_z is not None:  # the coarse-scale curve decided: its best frame
+            best = next(s for s in samples if s.z_mm == best_z)
         return FocusResult(plan.search, scorer.metric, tuple(samples), best.z_mm, best.score, fit, verdict,
                            target, start_mm, acq.moves, time.perf_counter() - t0, acq.timing())
 
@@ -788,7 +791,7 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
             fitted = verdict.kind == "focused" and fit.used and fit.z_mm is not None
             target = fit.z_mm if fitted else best_z  # type: ignore[assignment]
             acq.approach(target)
-        return result(samples, target, fit, verdict)
+        return result(samples, target, fit, verdict, best_z)
     except BaseException as exc:  # faults, Ctrl-C, and bugs alike: the stage is made safe first
         where = make_safe(stage, start_mm)
         samples = list(acq.samples)
