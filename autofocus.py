@@ -413,7 +413,12 @@ def fit_peak(samples: Sequence[Sample]) -> PeakFit:
 
 
 def curve_noise(samples: Sequence[Sample]) -> float:
-    """Robust estimate of the frame-to-frame noise of the scores (one standard deviation).
+    """Robust estimate of the frame-to-frame noise of the scores (one standard deviation)."""
+    return curve_noise_and_count(samples)[0]
+
+
+def curve_noise_and_count(samples: Sequence[Sample]) -> tuple[float, int]:
+    """The noise estimate and how many residuals it rests on.
 
     Each interior sample is compared with the straight line through its two neighbours; for
     white noise of sigma s the residual has sigma s*sqrt(1 + wl^2 + wr^2).  The residuals at
@@ -425,7 +430,7 @@ def curve_noise(samples: Sequence[Sample]) -> float:
     z = np.array([s.z_mm for s in ordered])
     y = np.array([s.score for s in ordered])
     if len(ordered) < 3:
-        return float("nan")
+        return float("nan"), 0
     span = z[2:] - z[:-2]
     wl = (z[2:] - z[1:-1]) / span
     wr = (z[1:-1] - z[:-2]) / span
@@ -437,7 +442,7 @@ def curve_noise(samples: Sequence[Sample]) -> float:
     keep = np.array([abs((i + 1) - top) > 1 for i in range(len(scaled))])
     if keep.sum() >= 2:
         scaled = scaled[keep]
-    return float(1.4826 * np.median(scaled))
+    return float(1.4826 * np.median(scaled)), len(scaled)
 
 
 def judge(samples: Sequence[Sample], range_mm: tuple[float, float],
@@ -446,7 +451,7 @@ def judge(samples: Sequence[Sample], range_mm: tuple[float, float],
 
     A peak is real when its prominence (best score minus the median score) exceeds the
     curve's own noise (``curve_noise``, from ``noise_samples`` when given: an evenly spaced
-    subset) times sqrt(2 ln n) + 3: sqrt(2 ln n) is about the largest of n samples of pure
+    subset; raised to its upper bound for the few residuals it rests on) times sqrt(2 ln n) + 3: sqrt(2 ln n) is about the largest of n samples of pure
     noise, in sigmas, and the margin of 3 sigma keeps false peaks rare.  A real peak is
     ``focused`` only when the curve also falls by more than that threshold on both sides of
     it, within the range; where it does not, the focus may lie beyond that end: ``edge``.
@@ -460,7 +465,11 @@ def judge(samples: Sequence[Sample], range_mm: tuple[float, float],
                        f"only {n} positions: at least {MIN_FRAMES_FOR_VERDICT} are needed to tell a peak "
                        "from noise; use a smaller STEP")
     scores = np.array([s.score for s in ordered])
-    noise = curve_noise(noise_samples if noise_samples is not None and len(noise_samples) >= 3 else ordered)
+    sigma, m = curve_noise_and_count(noise_samples if noise_samples is not None and len(noise_samples) >= 3
+                                     else ordered)
+    # A MAD from m residuals is itself uncertain (relative standard error ~0.82/sqrt(m)): use
+    # its upper bound at two standard errors, so a sparse curve (fast search) is not overconfident.
+    noise = sigma * (1 + 1.64 / math.sqrt(max(m, 1)))
     prominence = float(scores.max() - np.median(scores))
     threshold = noise * (math.sqrt(2 * math.log(n)) + PEAK_MARGIN_SIGMA)
     if not prominence > threshold:
