@@ -162,7 +162,7 @@ def md_table(headers: list[str], rows: list[list[object]]) -> str:
     def cell(v: object) -> str:
         return str(v).replace("|", "\\|")
 
-    lines = ["| " + " | ".join(headers) + " |",
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
              "| " + " | ".join("---" if i == 0 else "---:" for i in range(len(headers))) + " |"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
