@@ -960,6 +960,10 @@ class ZaberStage:
         try:
             self._axis.home(wait_until_idle=False)
             self._wait_idle("homing")
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                self._axis.stop()
+            raise
         except self._exc.MotionLibException as exc:
             raise StageError(f"homing device {self.device_number} failed: {first_line(exc)}") from exc
         self._homed = True
@@ -1570,13 +1574,16 @@ class LiveView:
 
     def __init__(self, blur: int) -> None:
         self.blur = blur
+        self._curve: list[Sample] = []
         self._latest: tuple[np.ndarray, list[Sample]] | None = None
         self._lock = threading.Lock()
         cv2.namedWindow(self.WINDOW, cv2.WINDOW_NORMAL)
 
-    def offer(self, index: int, z_mm: float, frame: np.ndarray, score: float, curve: list[Sample]) -> None:
+    def offer(self, index: int, z_mm: float, frame: np.ndarray, score: float) -> None:
+        """Called from the scoring thread: keep only the newest frame (memory stays flat)."""
         with self._lock:
-            self._latest = (frame, curve)
+            self._curve.append(Sample(z_mm, score))
+            self._latest = (frame, list(self._curve))
 
     def refresh(self) -> None:
         with self._lock:
@@ -1922,16 +1929,17 @@ def run(args: argparse.Namespace) -> int:
     error: str | None = None
     where: str | None = None
     code = EXIT_OK
-    saver = ImageSaver(args.save_images) if args.save_images else None
+    saver: ImageSaver | None = None
     live: LiveView | None = None
     progress: Any = None
-    curve: list[Sample] = []
     try:
         with open_microscope(args) as (stage, camera):
             check_plan(plan, stage.limits_mm(), (args.z_min, args.z_max))
             if isinstance(stage, ZaberStage):
                 stage.home_if_needed()
                 check_plan(plan, stage.limits_mm(), (args.z_min, args.z_max))
+            if args.save_images:
+                saver = ImageSaver(args.save_images)
             if args.show_images:
                 live = LiveView(args.blur)
             if sys.stderr.isatty() and not args.verbose:
@@ -1941,11 +1949,10 @@ def run(args: argparse.Namespace) -> int:
                                 desc="autofocus", file=sys.stderr, leave=False)
 
             def on_frame(index: int, z_mm: float, frame: np.ndarray, score: float) -> None:
-                curve.append(Sample(z_mm, score))
                 if saver is not None:
                     saver(index, z_mm, frame, score)
                 if live is not None:
-                    live.offer(index, z_mm, frame, score, list(curve))
+                    live.offer(index, z_mm, frame, score)
                 if progress is not None:
                     progress.update(1)
 
@@ -2010,7 +2017,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(result_json(None, exit_code=exc.exit_code, error=str(exc))))
         return exc.exit_code
     except KeyboardInterrupt:
-        print("autofocus.py: interrupted before the search started; nothing moved", file=sys.stderr)
+        print("autofocus.py: interrupted before the search started; any motion (homing) was stopped",
+              file=sys.stderr)
         if args.json:
             print(json.dumps(result_json(None, exit_code=EXIT_INTERRUPTED, error="interrupted")))
         return EXIT_INTERRUPTED
