@@ -195,10 +195,12 @@ class FocusResult:
 
     @property
     def frames(self) -> int:
+        """Frames captured."""
         return len(self.samples)
 
     @property
     def exit_code(self) -> int:
+        """The exit code for this verdict."""
         return VERDICT_EXIT[self.verdict.kind]
 
 
@@ -517,16 +519,29 @@ def plan_positions(start_mm: float, end_mm: float, step_mm: float) -> list[float
 class Stage(Protocol):
     """A focus axis: what the search needs and nothing more."""
 
-    def limits_mm(self) -> tuple[float, float]: ...
-    def position_mm(self) -> float: ...
-    def move_to(self, z_mm: float) -> None: ...
-    def stop(self) -> None: ...
+    def limits_mm(self) -> tuple[float, float]:
+        """The travel limits (lowest, highest), mm."""
+        ...
+
+    def position_mm(self) -> float:
+        """Where the axis is now, mm."""
+        ...
+
+    def move_to(self, z_mm: float) -> None:
+        """Move to z and return once it has arrived (or raise StageError)."""
+        ...
+
+    def stop(self) -> None:
+        """Stop any motion now."""
+        ...
 
 
 class Camera(Protocol):
     """A camera: one call, one frame exposed after the call began."""
 
-    def capture(self) -> np.ndarray: ...
+    def capture(self) -> np.ndarray:
+        """One frame (HxW or HxWxC, 8- or 16-bit), exposed after this call began."""
+        ...
 
 
 FrameHook = Callable[[int, float, np.ndarray, float], None]
@@ -623,6 +638,7 @@ class Acquisition:
         self._pool.shutdown(wait=True)
 
     def timing(self) -> Timing:
+        """Totals so far."""
         return Timing(self.move_s, self.capture_s, self.score_s)
 
 
@@ -724,6 +740,7 @@ class Plan:
 
     @property
     def direction(self) -> float:
+        """+1 for an upward sweep, -1 for a downward one."""
         return 1.0 if self.positions[-1] >= self.positions[0] else -1.0
 
     def envelope_mm(self) -> tuple[float, float]:
@@ -883,6 +900,7 @@ class ZaberStage:
             raise
 
     def _open(self, port: str) -> Any:
+        """Open the serial port or tcp://HOST:PORT; errors are one UsageError."""
         conn = self._zm.ascii.Connection
         try:
             if port.startswith("tcp://"):
@@ -901,6 +919,7 @@ class ZaberStage:
             raise UsageError(f"cannot open {port}: {first_line(exc)}") from exc
 
     def _setup(self) -> None:
+        """Find the device and axis, choose units, read the limits and the homed state."""
         zm = self._zm
         device = self._connection.get_device(self.device_number)
         self._axis = device.get_axis(self.axis_number)
@@ -937,6 +956,7 @@ class ZaberStage:
         self._homed = "WR" not in warnings and "WH" not in warnings
 
     def _found(self) -> str:
+        """Which devices answer on this port (for the "device absent" message)."""
         try:
             found = self._connection.detect_devices(identify_devices=False)
         except self._exc.MotionLibException:
@@ -944,6 +964,7 @@ class ZaberStage:
         return "found: " + (", ".join(f"device {d.device_address}" for d in found) or "none")
 
     def _setting(self, name: str) -> float:
+        """An axis setting in mm."""
         try:
             if self._unit == self._zm.Units.NATIVE:
                 return self._axis.settings.get(name) / self._scale
@@ -1149,6 +1170,7 @@ class SimOptics:
 
     @property
     def sample_pixel_um(self) -> float:
+        """One camera pixel, in the specimen plane."""
         return self.pixel_um / self.magnification
 
     @property
@@ -1349,6 +1371,7 @@ class ReplayStack:
 
     @staticmethod
     def _read_rows(csv_path: Path) -> list[tuple[float, str]]:
+        """(z_mm, file) rows of stack.csv, validated."""
         try:
             with open(csv_path, newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f)
@@ -1375,9 +1398,11 @@ class ReplayStack:
 
     @property
     def range_mm(self) -> tuple[float, float]:
+        """The lowest and highest recorded z."""
         return float(self.z_mm.min()), float(self.z_mm.max())
 
     def nearest(self, z_mm: float) -> np.ndarray:
+        """The recorded frame nearest z."""
         return self.frames[int(np.argmin(np.abs(self.z_mm - z_mm)))]
 
 
@@ -1586,6 +1611,7 @@ class LiveView:
             self._latest = (frame, list(self._curve))
 
     def refresh(self) -> None:
+        """Show the newest frame (main thread only) and let the window process events."""
         with self._lock:
             latest, self._latest = self._latest, None
         if latest is not None:
@@ -1656,6 +1682,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit code 2."""
 
     def error(self, message: str) -> Any:  # type: ignore[override]
+        """One line on stderr, exit code 2."""
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -1671,6 +1698,7 @@ def finite_float(text: str) -> float:
 
 
 def positive_float(text: str) -> float:
+    """A finite number above 0."""
     value = finite_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
@@ -1678,34 +1706,39 @@ def positive_float(text: str) -> float:
 
 
 def non_negative_float(text: str) -> float:
+    """A finite number, 0 or more."""
     value = finite_float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
     return value
 
 
-def blur_size(text: str) -> int:
-    """The bilateral filter diameter: an odd integer from 3 to MAX_BLUR."""
+def whole_number(text: str) -> int:
+    """An integer."""
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def blur_size(text: str) -> int:
+    """The bilateral filter diameter: an odd integer from 3 to MAX_BLUR."""
+    value = whole_number(text)
     if value < 3 or value % 2 == 0 or value > MAX_BLUR:
         raise argparse.ArgumentTypeError(f"{value} must be odd, from 3 to {MAX_BLUR} (e.g. 5, 9, 15)")
     return value
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    """An integer, 1 or more."""
+    value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
     return value
 
 
 def frame_size(text: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT in pixels, e.g. 1920x1200."""
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -1716,6 +1749,7 @@ def frame_size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: positionals as on the card, options in groups."""
     p = OneLineParser(
         prog="autofocus.py",
         usage="%(prog)s START_MM END_MM STEP_MM [PORT] [options]",
@@ -1886,6 +1920,7 @@ def open_microscope(args: argparse.Namespace) -> Iterator[tuple[Stage, Camera]]:
 
 
 def configure_logging(verbose: bool) -> None:
+    """Log to stderr: every step with --verbose, else warnings only."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
