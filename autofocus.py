@@ -516,34 +516,6 @@ def plan_positions(start_mm: float, end_mm: float, step_mm: float) -> list[float
     return positions
 
 
-class Stage(Protocol):
-    """A focus axis: what the search needs and nothing more."""
-
-    def limits_mm(self) -> tuple[float, float]:
-        """The travel limits (lowest, highest), mm."""
-        ...
-
-    def position_mm(self) -> float:
-        """Where the axis is now, mm."""
-        ...
-
-    def move_to(self, z_mm: float) -> None:
-        """Move to z and return once it has arrived (or raise StageError)."""
-        ...
-
-    def stop(self) -> None:
-        """Stop any motion now."""
-        ...
-
-
-class Camera(Protocol):
-    """A camera: one call, one frame exposed after the call began."""
-
-    def capture(self) -> np.ndarray:
-        """One frame (HxW or HxWxC, 8- or 16-bit), exposed after this call began."""
-        ...
-
-
 FrameHook = Callable[[int, float, np.ndarray, float], None]
 
 
@@ -860,6 +832,41 @@ def make_safe(stage: Stage, start_mm: float) -> str:
             except (AutofocusError, KeyboardInterrupt):
                 return "stage position unknown (it no longer answers); check it before the next run"
     return f"stage returned to its start, {start_mm:.4f} mm"
+
+
+###############################################################################
+# Device interfaces ###########################################################
+###############################################################################
+# The search needs only these; the Zaber stage, the FLIR camera, the simulator and the replay
+# all implement them.
+
+
+class Stage(Protocol):
+    """A focus axis: what the search needs and nothing more."""
+
+    def limits_mm(self) -> tuple[float, float]:
+        """The travel limits (lowest, highest), mm."""
+        ...
+
+    def position_mm(self) -> float:
+        """Where the axis is now, mm."""
+        ...
+
+    def move_to(self, z_mm: float) -> None:
+        """Move to z and return once it has arrived (or raise StageError)."""
+        ...
+
+    def stop(self) -> None:
+        """Stop any motion now."""
+        ...
+
+
+class Camera(Protocol):
+    """A camera: one call, one frame exposed after the call began."""
+
+    def capture(self) -> np.ndarray:
+        """One frame (HxW or HxWxC, 8- or 16-bit), exposed after this call began."""
+        ...
 
 
 ###############################################################################

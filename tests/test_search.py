@@ -293,3 +293,12 @@ def test_check_plan_includes_the_backlash_overshoot() -> None:
     assert plan.envelope_mm() == (-0.03, 1.0)
     with pytest.raises(autofocus.UsageError, match="backlash"):
         autofocus.check_plan(plan, (0, 25), (None, None))
+
+
+def test_a_single_position_is_measured_once_and_cannot_be_judged() -> None:
+    stage = LineStage(start=1.0)
+    plan = Plan((12.0,))
+    result = autofocus.run_autofocus(stage, PeakCamera(stage, 12.0), ValueScorer(), plan)
+    assert [s.z_mm for s in result.samples] == [12.0] and result.frames == 1
+    assert result.verdict.kind == "no_peak" and "at least 5" in result.verdict.reason
+    assert stage.commands == [12.0, 1.0] and stage.z == 1.0  # measured, then back to the start
