@@ -124,3 +124,22 @@ def test_black_or_saturated_frames_stop_the_run(monkeypatch, tmp_path, capsys, v
     out = json.loads(captured.out)
     assert code == autofocus.EXIT_HARDWARE and message in captured.err
     assert out["frames"] == 6 and "returned to its start, 2.0000 mm" in captured.err
+
+
+def test_disk_full_while_saving_images(monkeypatch, tmp_path, capsys) -> None:
+    real_imwrite = autofocus.cv2.imwrite
+    written = []
+
+    def imwrite(path: str, image: np.ndarray, params: list[int] | None = None) -> bool:
+        written.append(path)
+        return False if len(written) > 4 else real_imwrite(path, image, params or [])
+
+    monkeypatch.setattr(autofocus.cv2, "imwrite", imwrite)
+    code = autofocus.main(["10", "11", "0.05", "--simulate", "--sim-time-scale", "0", "--sim-size", "64x48",
+                           "--sim-start-mm", "2", "--save-images", str(tmp_path), "--json"])
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert code == autofocus.EXIT_HARDWARE and "disk full" in captured.err and captured.err.count("\n") == 1
+    assert "returned to its start, 2.0000 mm" in captured.err
+    assert len((tmp_path / "stack.csv").read_text().splitlines()) == 1 + 4  # the frames saved before it failed
+    assert out["error"] and out["frames"] >= 4
