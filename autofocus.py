@@ -28,6 +28,7 @@ output, command line.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import csv
@@ -1357,7 +1358,7 @@ class ReplayStack:
             raise StackError(f"replay stack {self.folder}: no stack.csv there (expected columns z_mm,file)")
         rows = self._read_rows(csv_path)
         zs = [z for z, _ in rows]
-        dupes = sorted({z for z in zs if zs.count(z) > 1})
+        dupes = sorted(z for z, count in collections.Counter(zs).items() if count > 1)
         if dupes:
             raise StackError(f"replay stack {csv_path}: duplicate z_mm {dupes[0]:g}; each position must appear once")
         self.z_mm = np.array(zs)
