@@ -1551,7 +1551,7 @@ def compose_view(frame: np.ndarray, blur: int, curve: Sequence[Sample], height: 
     # Fixed display scales (not per frame) so that the panels compare across the sweep.
     panels = [
         panel(gray, 0.0, peak, None),
-        panel(filtered, 0.0, 2.0, cv2.COLORMAP_VIRIDIS),
+        panel(filtered, 0.0, 4.0, cv2.COLORMAP_VIRIDIS),  # in units of the frame's mean
         panel(np.abs(lap), 0.0, 0.5, None),
         draw_curve(curve, height),
     ]
@@ -1577,6 +1577,14 @@ def draw_curve(curve: Sequence[Sample], height: int, width: int | None = None) -
         cv2.polylines(canvas, [pts], False, (40, 40, 200), 2, cv2.LINE_AA)
         for p in pts:
             cv2.circle(canvas, (int(p[0]), int(p[1])), 2, (0, 0, 0), -1)
+        latest = curve[-1]
+        font, small, grey = cv2.FONT_HERSHEY_SIMPLEX, 0.4, (90, 90, 90)
+        cv2.putText(canvas, f"z {latest.z_mm:.4f} mm  score {latest.score:.4g}", (6, 36), font, small, grey, 1,
+                    cv2.LINE_AA)
+        cv2.putText(canvas, f"{z.min():.3f}", (4, height - 2), font, small, grey, 1, cv2.LINE_AA)
+        label = f"{z.max():.3f} mm"
+        (tw, _), _ = cv2.getTextSize(label, font, small, 1)
+        cv2.putText(canvas, label, (width - tw - 4, height - 2), font, small, grey, 1, cv2.LINE_AA)
     return canvas
 
 
