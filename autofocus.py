@@ -947,7 +947,7 @@ class ZaberStage:
             raise StageError(f"device {self.device_number} on {self.port} does not answer: {first_line(exc)}") from exc
         if self.native_unit_nm is not None:
             self._unit = zm.Units.NATIVE
-            self._scale = 1e6 / self.native_unit_nm  # native units per mm
+            self._scale = 1e6 / self.native_unit_nm  # device values per mm (native units per mm)
         else:
             try:
                 device.identify()
@@ -974,9 +974,7 @@ class ZaberStage:
     def _setting(self, name: str) -> float:
         """An axis setting in mm."""
         try:
-            if self._unit == self._zm.Units.NATIVE:
-                return self._axis.settings.get(name) / self._scale
-            return self._axis.settings.get(name, self._unit)
+            return self._axis.settings.get(name, self._unit) / self._scale
         except self._exc.MotionLibException as exc:
             raise StageError(f"reading {name} from device {self.device_number}: {first_line(exc)}") from exc
 
@@ -1003,9 +1001,7 @@ class ZaberStage:
 
     def position_mm(self) -> float:
         try:
-            if self._unit == self._zm.Units.NATIVE:
-                return round(self._axis.get_position() / self._scale, POSITION_DECIMALS)
-            return round(self._axis.get_position(self._unit), POSITION_DECIMALS)
+            return round(self._axis.get_position(self._unit) / self._scale, POSITION_DECIMALS)
         except self._exc.MotionLibException as exc:
             raise StageError(f"reading the position of device {self.device_number}: {first_line(exc)}") from exc
 
@@ -1014,10 +1010,10 @@ class ZaberStage:
         if not lo - 1e-9 <= z_mm <= hi + 1e-9:  # last line of defence; plans are checked earlier
             raise StageError(f"refusing to move to {z_mm} mm: outside the travel {lo}..{hi} mm")
         try:
+            target = z_mm * self._scale
             if self._unit == self._zm.Units.NATIVE:
-                self._axis.move_absolute(round(z_mm * self._scale), wait_until_idle=False)
-            else:
-                self._axis.move_absolute(z_mm, self._unit, wait_until_idle=False)
+                target = round(target)  # native units are whole steps
+            self._axis.move_absolute(target, self._unit, wait_until_idle=False)
             self._wait_idle(f"moving to {z_mm:.4f} mm")
         except self._exc.MovementFailedException as exc:
             raise StageError(f"move to {z_mm:.4f} mm failed: {first_line(exc)}") from exc
