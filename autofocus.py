@@ -353,7 +353,8 @@ class Scorer:
         return METRICS[self.metric](image, self.blur)
 
     def coarse(self, image: np.ndarray) -> float:
-        """The same score at a coarse scale: wide capture range (see ``fast_search``)."""
+        """The same score on a binned frame: a wide capture range, robust to photon noise
+        (the fast search's coarse pass and the verdict's fallback, see ``decide``)."""
         return METRICS[self.metric](image, self.blur, coarse_binning(image.shape))
 
 
@@ -1275,7 +1276,6 @@ class SimStage:
         self.z = position_mm
         self.timing = timing or SimTiming()
         self.clock = clock or SimClock(self.timing.scale)
-        self.commands: list[float] = []  # every commanded target, for tests
 
     def limits_mm(self) -> tuple[float, float]:
         return self.travel
@@ -1287,7 +1287,6 @@ class SimStage:
         lo, hi = self.travel
         if not lo - 1e-9 <= z_mm <= hi + 1e-9:
             raise StageError(f"simulated stage rejected a move to {z_mm} mm: outside the travel {lo}..{hi} mm")
-        self.commands.append(z_mm)
         self.clock.spend(self.timing.move_s(z_mm - self.z))
         self.z = z_mm
 
