@@ -80,6 +80,15 @@ MIN_FRAMES_FOR_VERDICT = 5  # fewer frames cannot separate a peak from noise
 PEAK_MARGIN_SIGMA = 3.0  # a peak must clear the expected noise maximum by this many sigma
 IN_FLIGHT_FRAMES = 4  # frames captured but not yet scored: bounds memory when scoring lags
 DEFAULT_MOVE_TIMEOUT_S = 30.0
+DEFAULT_HOME_TIMEOUT_S = 120.0  # homing crosses the whole travel, at the (slower) homing speed
+STOP_TIMEOUT_S = 5.0  # after `stop`, the axis must be at rest within this (a decelerating stop takes ms)
+# A verified move ends within this many native units of its target (or within the device's own
+# settle window, cloop.settle.tolerance, when it has a larger one): a few steps of a stepper, a few
+# encoder counts of a direct-drive stage.
+POSITION_TOLERANCE_NATIVE = 5
+# A focus axis travels 1..300 mm: a --native-unit-nm implying a travel outside this is a typo
+# (a factor of 1000, um typed for nm) and is refused before anything moves.
+PLAUSIBLE_TRAVEL_MM = (1.0, 300.0)
 DEFAULT_CAMERA_TIMEOUT_MS = 2000
 
 ###############################################################################
@@ -120,6 +129,17 @@ class HardwareError(AutofocusError):
 
 class StageError(HardwareError):
     """The focus stage refused a command, faulted, or stopped answering."""
+
+    # False when the axis must not be commanded again in this run (no stop, no return to start):
+    # it was taken from outside, or its fault makes any further motion unsafe.  See make_safe.
+    may_move = True
+
+
+class StageInterrupted(StageError):
+    """A move was cut short from outside (flag NI): a person at the knob or joystick, Zaber
+    Launcher or another program has the axis, so nothing more is commanded."""
+
+    may_move = False
 
 
 class CameraError(HardwareError):
@@ -793,7 +813,7 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
             acq.approach(target)
         return result(samples, target, fit, verdict, best_z)
     except BaseException as exc:  # faults, Ctrl-C, and bugs alike: the stage is made safe first
-        where = make_safe(stage, start_mm)
+        where = make_safe(stage, start_mm, exc)
         samples = list(acq.samples)
         fit = fit_peak(samples) if samples else PeakFit(None, False, "no samples")
         verdict = Verdict("no_peak", float("nan"), float("nan"), float("nan"), "run did not finish")
@@ -822,8 +842,16 @@ def decide(samples: Sequence[Sample], noise_samples: Sequence[Sample],
     return fit_peak(curve), coarse, best_sample(curve).z_mm
 
 
-def make_safe(stage: Stage, start_mm: float) -> str:
-    """Stop the axis and send it back to where it started; say where it is now."""
+def make_safe(stage: Stage, start_mm: float, cause: BaseException | None = None) -> str:
+    """Stop the axis and send it back to where it started; say where it is now.
+
+    After an interruption from outside (or a fault that makes motion unsafe) nothing is
+    commanded at all: the axis belongs to whoever took it."""
+    if isinstance(cause, StageError) and not cause.may_move:
+        try:
+            return f"nothing more was moved; the stage is at {stage.position_mm():.4f} mm"
+        except (AutofocusError, KeyboardInterrupt):
+            return "nothing more was moved; the stage position is unknown (it no longer answers)"
     for attempt in (stage.stop, lambda: stage.move_to(start_mm)):
         try:
             attempt()
@@ -887,26 +915,50 @@ def _zml() -> Any:
 
 
 class ZaberStage:
-    """The focus axis of a Zaber device through ZML (serial port or tcp://HOST:PORT)."""
+    """The focus axis of a Zaber device through ZML (serial port or tcp://HOST:PORT).
+
+    Set-up reads the axis's warning flags before anything moves: notices (N*, and W* other than
+    "not homed") are reported and cleared, faults (F*) refuse the run unless ``clear_faults``.
+    Every move (and homing) is verified once the axis is idle: its flags are read BEFORE anything
+    clears them (ZML's own ``wait_until_idle`` sends ``warnings clear`` and would hide an
+    interruption), and its position must lie within ``tolerance_native`` native units of the
+    target.  Waits are bounded: moves by ``move_timeout_s``, homing by ``home_timeout_s``, a stop
+    by STOP_TIMEOUT_S; a move or homing that runs out of time sends ``stop`` itself.
+    """
 
     def __init__(self, port: str, device: int = DEFAULT_DEVICE, axis: int = DEFAULT_AXIS, *,
                  native_unit_nm: float | None = None, device_db: str | None = None,
-                 move_timeout_s: float = DEFAULT_MOVE_TIMEOUT_S) -> None:
-        self.port, self.device_number, self.axis_number = port, device, axis
+                 move_timeout_s: float = DEFAULT_MOVE_TIMEOUT_S, home_timeout_s: float = DEFAULT_HOME_TIMEOUT_S,
+                 clear_faults: bool = False) -> None:
+        self._configure(port, native_unit_nm=native_unit_nm, move_timeout_s=move_timeout_s,
+                        home_timeout_s=home_timeout_s, clear_faults=clear_faults)
+        self.device_number, self.axis_number = device, axis
+        if device_db:
+            self._zm.Library.set_device_db_source(self._zm.DeviceDbSourceType.FILE, device_db)
+        self._connection = self._open(port)
+        self._owns_connection = True
+        try:
+            self._setup_axis(self._connection.get_device(device).get_axis(axis))
+        except BaseException:
+            self.close()
+            raise
+
+    def _configure(self, port: str, *, native_unit_nm: float | None, move_timeout_s: float,
+                   home_timeout_s: float, clear_faults: bool) -> None:
+        """Settings every way of making a ZaberStage shares; no device traffic.  (An adapter over
+        an axis the caller owns sets these, then calls ``_setup_axis``; ``close`` leaves a
+        connection it did not open alone.)"""
+        self.port = port
         self.native_unit_nm = native_unit_nm
-        self.move_timeout_s = move_timeout_s
+        self.move_timeout_s, self.home_timeout_s = move_timeout_s, home_timeout_s
+        self.clear_faults = clear_faults
+        self.name: str | None = None  # the device's product name, when ZML could identify it
+        self._connection: Any = None
+        self._owns_connection = False
         zm = _zml()
         self._zm = zm
         self._exc = zm.exceptions
         zm.Library.set_idle_polling_period(10)  # ms; ZML's 50 ms default would add ~25 ms a move
-        if device_db:
-            zm.Library.set_device_db_source(zm.DeviceDbSourceType.FILE, device_db)
-        self._connection = self._open(port)
-        try:
-            self._setup()
-        except BaseException:
-            self.close()
-            raise
 
     def _open(self, port: str) -> Any:
         """Open the serial port or tcp://HOST:PORT; errors are one UsageError."""
@@ -917,23 +969,43 @@ class ZaberStage:
                 if not host or not tcp_port.isdigit():
                     raise UsageError(f"bad PORT {port!r}: expected tcp://HOST:PORT")
                 return conn.open_tcp(host, int(tcp_port))
+            # direct=False (ZML's default): when Zaber Launcher holds the port, ZML connects through
+            # Launcher and both can command the axis; a move Launcher makes during the run is caught
+            # as an interruption (NI).  Only a program that does not share the port makes it busy.
             return conn.open_serial_port(port)
         except self._exc.SerialPortBusyException as exc:
-            raise UsageError(f"serial port {port} is in use by another program (Zaber Launcher?); "
-                             "close it and try again") from exc
+            raise UsageError(f"serial port {port} is held by a program that does not share it (a terminal, "
+                             "another script or Zaber Console; Zaber Launcher shares its ports and is not the "
+                             "cause): close that program and try again") from exc
         except self._exc.ConnectionFailedException as exc:
             raise UsageError(f"cannot open {port}: {first_line(exc)}; check the port name "
                              "(Device Manager on Windows, ls /dev/ttyUSB* /dev/ttyACM* on Linux)") from exc
         except self._exc.MotionLibException as exc:
             raise UsageError(f"cannot open {port}: {first_line(exc)}") from exc
 
-    def _setup(self) -> None:
-        """Find the device and axis, choose units, read the limits and the homed state."""
-        zm = self._zm
-        device = self._connection.get_device(self.device_number)
-        self._axis = device.get_axis(self.axis_number)
+    def _setup_axis(self, axis: Any) -> None:
+        """Probe the axis, choose units, read the limits, settle latched flags; nothing moves."""
+        self._axis = axis
+        self.device_number, self.axis_number = axis.device.device_address, axis.axis_number
+        flags = self._probe_flags()
+        self._choose_units(axis.device)
+        self._limits = (self._setting("limit.min"), self._setting("limit.max"))
+        self._check_travel()
+        self.tolerance_native = self._tolerance_native()
+        if self._busy():
+            raise StageError(f"{self._where()} is moving (the knob or joystick, Zaber Launcher or another "
+                             "program): wait until it stops and run again; nothing was commanded")
+        flags = self._settle_flags(flags)
+        self._homed = "WR" not in flags and "WH" not in flags
+
+    def _where(self) -> str:
+        """"device 3 axis 1" for messages."""
+        return f"device {self.device_number} axis {self.axis_number}"
+
+    def _probe_flags(self) -> set[str]:
+        """The axis's warning flags; the first request, so it also tells an absent device or axis."""
         try:
-            warnings = self._axis.warnings.get_flags()
+            return set(self._axis.warnings.get_flags())
         except (self._exc.RequestTimeoutException, self._exc.DeviceAddressConflictException) as exc:
             raise UsageError(f"no Zaber device {self.device_number} on {self.port}; {self._found()}; "
                              "pass --device N") from exc
@@ -946,28 +1018,87 @@ class ZaberStage:
             raise StageError(f"device {self.device_number} rejected a status request: {first_line(exc)}") from exc
         except self._exc.MotionLibException as exc:
             raise StageError(f"device {self.device_number} on {self.port} does not answer: {first_line(exc)}") from exc
+
+    def _choose_units(self, device: Any) -> None:
+        """Native units of a known size, or millimetres through Zaber's device database."""
+        zm = self._zm
         if self.native_unit_nm is not None:
             self._unit = zm.Units.NATIVE
             self._scale = 1e6 / self.native_unit_nm  # device values per mm (native units per mm)
-        else:
-            try:
+            self._native_per_mm = self._scale
+            return
+        try:
+            if not device.is_identified:
                 device.identify()
-            except (self._exc.DeviceDbFailedException, self._exc.DeviceNotIdentifiedException) as exc:
-                raise UsageError(
-                    "cannot convert millimetres: ZML could not load Zaber's device database "
-                    f"({first_line(exc)}); connect once with internet, or pass --device-db FILE "
-                    "(Zaber's offline database), or --native-unit-nm N (size of one native unit)") from exc
-            except self._exc.MotionLibException as exc:
-                raise StageError(f"identifying device {self.device_number} failed: {first_line(exc)}") from exc
-            self._unit = zm.Units.LENGTH_MILLIMETRES
-            self._scale = 1.0
-        self._limits = (self._setting("limit.min"), self._setting("limit.max"))
-        self._homed = "WR" not in warnings and "WH" not in warnings
+            self.name = device.name or None
+            self._native_per_mm = self._axis.settings.convert_to_native_units(
+                "pos", 1.0, zm.Units.LENGTH_MILLIMETRES)
+        except (self._exc.DeviceDbFailedException, self._exc.DeviceNotIdentifiedException) as exc:
+            raise UsageError(
+                "cannot convert millimetres: ZML could not load Zaber's device database "
+                f"({first_line(exc)}); connect once with internet, or pass --device-db FILE "
+                "(Zaber's offline database), or --native-unit-nm N (size of one native unit)") from exc
+        except self._exc.MotionLibException as exc:
+            raise StageError(f"identifying device {self.device_number} failed: {first_line(exc)}") from exc
+        self._unit = zm.Units.LENGTH_MILLIMETRES
+        self._scale = 1.0
+
+    def _check_travel(self) -> None:
+        """Refuse a --native-unit-nm that makes the travel implausible for a focus axis."""
+        lo_mm, hi_mm = PLAUSIBLE_TRAVEL_MM
+        travel = self._limits[1] - self._limits[0]
+        if self.native_unit_nm is not None and not lo_mm <= travel <= hi_mm:
+            native = round(travel * self._native_per_mm)
+            raise UsageError(f"--native-unit-nm {self.native_unit_nm:g} makes the travel of {self._where()} "
+                             f"{travel:g} mm ({native} native units); a focus axis travels {lo_mm:g}-{hi_mm:g} mm: "
+                             "check the native unit size in the stage's datasheet (nm, not um); nothing moved")
+
+    def _tolerance_native(self) -> float:
+        """How far from its target a finished move may be, in native units (see the constant)."""
+        try:
+            settle = float(self._axis.settings.get("cloop.settle.tolerance"))
+        except self._exc.MotionLibException:  # open-loop devices have no such setting (RJ BADCOMMAND)
+            settle = 0.0
+        return max(float(POSITION_TOLERANCE_NATIVE), settle)
+
+    def _busy(self) -> bool:
+        """Whether the axis is moving now (one status request)."""
+        try:
+            return bool(self._axis.is_busy())
+        except self._exc.MotionLibException as exc:
+            raise StageError(f"reading the status of {self._where()}: {first_line(exc)}") from exc
+
+    def _settle_flags(self, flags: set[str]) -> set[str]:
+        """Report and clear notices left from earlier work; refuse latched faults unless told to
+        clear them.  Returns the flags still active (e.g. WR, not homed)."""
+        faults = sorted(f for f in flags if f.startswith("F"))
+        notices = sorted(f for f in flags if not f.startswith("F") and f not in ("WR", "WH"))
+        if faults and not self.clear_faults:
+            first = faults[0]
+            also = f" (also {', '.join(describe_flag(f) for f in faults[1:])})" if len(faults) > 1 else ""
+            raise StageError(f"{self._where()} reports fault {describe_flag(first)}{also}: "
+                             f"{FAULT_ADVICE.get(first, 'see the Warning Flags section of the Zaber ASCII manual')}"
+                             "; once checked, run again with --clear-faults to clear it; nothing was moved")
+        if not faults and not notices:
+            return flags
+        try:
+            self._axis.warnings.clear_flags()
+            left = set(self._axis.warnings.get_flags())
+        except self._exc.MotionLibException as exc:
+            raise StageError(f"clearing the warning flags of {self._where()}: {first_line(exc)}") from exc
+        what = ", ".join(describe_flag(f) for f in faults + notices)
+        log.warning("%s had %s latched from earlier work: cleared%s", self._where(), what,
+                    " (--clear-faults)" if faults else "")
+        still = sorted(f for f in left if f.startswith("F"))
+        if still:
+            raise StageError(f"{self._where()} still reports fault {describe_flag(still[0])} after clearing: "
+                             f"{FAULT_ADVICE.get(still[0], 'the cause is still there')}; nothing was moved")
+        return left
 
     def _found(self) -> str:
         """Which devices answer on this port (for the "device absent" message)."""
         try:
-            found = self._connection.detect_devices(identify_devices=False)
+            found = self._axis.device.connection.detect_devices(identify_devices=False)
         except self._exc.MotionLibException:
             return "no devices answered"
         return "found: " + (", ".join(f"device {d.device_address}" for d in found) or "none")
@@ -979,21 +1110,38 @@ class ZaberStage:
         except self._exc.MotionLibException as exc:
             raise StageError(f"reading {name} from device {self.device_number}: {first_line(exc)}") from exc
 
+    def describe(self) -> dict[str, Any]:
+        """What was found, for the run's header and --json."""
+        lo, hi = self._limits
+        return {"device": self.device_number, "axis": self.axis_number, "name": self.name,
+                "travel_mm": [round(lo, 6), round(hi, 6)],
+                "native_unit_nm": self.native_unit_nm if self.native_unit_nm is not None
+                else round(1e6 / self._native_per_mm, 6),
+                "units_from": "--native-unit-nm" if self.native_unit_nm is not None else "device database",
+                "homed": self._homed, "position_tolerance_native": self.tolerance_native}
+
+    @property
+    def homed(self) -> bool:
+        """Whether the axis has a reference position (no WR/WH at set-up, or homed since)."""
+        return self._homed
+
     def home_if_needed(self) -> bool:
-        """Home the axis when it has no reference position; True when it homed."""
+        """Home the axis when it has no reference position; True when it homed.
+
+        Homing drives to the home sensor and may cross any position: the caller decides whether
+        that is allowed (see ``run``)."""
         if self._homed:
             return False
-        log.warning("homing device %d axis %d: it has no reference position (the stage moves to its home)",
-                    self.device_number, self.axis_number)
+        log.warning("homing %s: it has no reference position (the stage moves to its home sensor)", self._where())
         try:
             self._axis.home(wait_until_idle=False)
-            self._wait_idle("homing")
-        except KeyboardInterrupt:
-            with contextlib.suppress(Exception):
-                self._axis.stop()
-            raise
         except self._exc.MotionLibException as exc:
-            raise StageError(f"homing device {self.device_number} failed: {first_line(exc)}") from exc
+            raise StageError(f"homing {self._where()} failed: {first_line(exc)}") from exc
+        self._await_idle("homing", self.home_timeout_s, "--home-timeout-s")
+        flags = self._flags_after("homing")
+        if "WR" in flags or "WH" in flags:
+            raise StageError(f"homing {self._where()} ended without a reference position "
+                             f"({', '.join(sorted(flags & {'WR', 'WH'}))}); check the home sensor")
         self._homed = True
         return True
 
@@ -1010,12 +1158,12 @@ class ZaberStage:
         lo, hi = self._limits
         if not lo - 1e-9 <= z_mm <= hi + 1e-9:  # last line of defence; plans are checked earlier
             raise StageError(f"refusing to move to {z_mm} mm: outside the travel {lo}..{hi} mm")
+        what = f"focus move to {z_mm:.4f} mm"
         try:
             target = z_mm * self._scale
             if self._unit == self._zm.Units.NATIVE:
                 target = round(target)  # native units are whole steps
             self._axis.move_absolute(target, self._unit, wait_until_idle=False)
-            self._wait_idle(f"moving to {z_mm:.4f} mm")
         except self._exc.MovementFailedException as exc:
             raise StageError(f"move to {z_mm:.4f} mm failed: {first_line(exc)}") from exc
         except self._exc.CommandFailedException as exc:
@@ -1023,27 +1171,125 @@ class ZaberStage:
                              f"{first_line(exc)}") from exc
         except self._exc.MotionLibException as exc:
             raise StageError(f"lost the stage while moving to {z_mm:.4f} mm: {first_line(exc)}") from exc
+        self._await_idle(f"moving to {z_mm:.4f} mm", self.move_timeout_s, "--move-timeout-s", what)
+        self._flags_after(what)
+        at = self.position_mm()
+        off_native = abs(at - target / self._scale) * self._native_per_mm
+        if off_native > self.tolerance_native + 1e-6:
+            raise StageError(f"{what} ended at {at:.4f} mm, {off_native:.0f} native units off the target "
+                             f"(tolerance {self.tolerance_native:g}): the axis did not reach it")
 
-    def _wait_idle(self, what: str) -> None:
-        """Poll until the axis is idle, at most move_timeout_s; then surface any fault."""
-        deadline = time.monotonic() + self.move_timeout_s
+    def _await_idle(self, doing: str, timeout_s: float, option: str, what: str | None = None) -> None:
+        """Poll until the axis is idle, at most ``timeout_s``; on time-out send ``stop`` at once.
+
+        While it is busy the flags are read too (every ~0.1 s), so an interruption by someone
+        else (NI; e.g. the knob keeps the axis busy) is reported at once, without stopping them."""
+        deadline = time.monotonic() + timeout_s
+        next_flags = time.monotonic() + 0.1
+        try:
+            while self._axis.is_busy():
+                now = time.monotonic()
+                if now > deadline:
+                    where = self._stop_now()
+                    raise StageError(f"{doing}: the axis was still busy after {timeout_s:g} s; stopped it{where} "
+                                     f"(raise {option} if the stage is slow)")
+                if what is not None and now >= next_flags:
+                    next_flags = now + 0.1
+                    if "NI" in self._axis.warnings.get_flags():
+                        self._interrupted(what)
+                time.sleep(0.005)
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                self._stop_now()
+            raise
+        except self._exc.MotionLibException as exc:
+            raise StageError(f"lost the stage while {doing}: {first_line(exc)}") from exc
+
+    def _flags_after(self, what: str) -> set[str]:
+        """The flags once a motion has ended: NI -> StageInterrupted; a fault -> StageError."""
+        try:
+            flags = set(self._axis.warnings.get_flags())  # read, not cleared (see the class docstring)
+        except self._exc.MotionLibException as exc:
+            raise StageError(f"lost the stage after the {what}: {first_line(exc)}") from exc
+        if "NI" in flags:
+            self._interrupted(what)
+        faults = sorted(f for f in flags if f.startswith("F"))
+        if faults:
+            at = self._position_text()
+            if faults == ["FS"]:  # a stall: cleared so that the stage can go back to where it started
+                with contextlib.suppress(self._exc.MotionLibException):
+                    self._axis.warnings.clear_flags()
+                raise StageError(f"{what} failed: {describe_flag('FS')} at {at}: "
+                                 f"{FAULT_ADVICE['FS']}")
+            err = StageError(f"{what} ended with fault {describe_flag(faults[0])} at {at}: "
+                             f"{FAULT_ADVICE.get(faults[0], 'see the Warning Flags section of the Zaber ASCII manual')}")
+            err.may_move = False  # the drive or the position cannot be trusted: move nothing more
+            raise err
+        return flags
+
+    def _interrupted(self, what: str) -> None:
+        """Raise StageInterrupted naming where the axis is."""
+        raise StageInterrupted(f"{what} was interrupted (NI) at {self._position_text()}: the axis was moved or "
+                               "stopped from outside (the knob or joystick, Zaber Launcher or another program)")
+
+    def _position_text(self) -> str:
+        """"10.1713 mm", or "an unknown position" when it cannot be read."""
+        try:
+            return f"{self.position_mm():.4f} mm"
+        except StageError:
+            return "an unknown position"
+
+    def _stop_now(self) -> str:
+        """Send ``stop`` and wait (at most STOP_TIMEOUT_S) for the axis to come to rest; returns
+        "" or a note that it did not.  ZML's own stop() waits for idle with no time limit."""
+        self._axis.stop(wait_until_idle=False)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
         while self._axis.is_busy():
             if time.monotonic() > deadline:
-                self.stop()
-                raise StageError(f"{what}: the axis was still busy after {self.move_timeout_s:g} s; "
-                                 "stopped it (raise --move-timeout-s if the stage is slow)")
+                return f", but it was still busy {STOP_TIMEOUT_S:g} s after the stop"
             time.sleep(0.005)
-        self._axis.wait_until_idle(throw_error_on_fault=True)
+        return ""
 
     def stop(self) -> None:
         try:
-            self._axis.stop()
+            note = self._stop_now()
         except self._exc.MotionLibException as exc:
             raise StageError(f"stopping device {self.device_number}: {first_line(exc)}") from exc
+        if note:
+            raise StageError(f"stopping {self._where()}: the axis was still busy {STOP_TIMEOUT_S:g} s after the stop")
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._connection.close()
+        """Close the connection this object opened (never one the caller owns)."""
+        if self._owns_connection and self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.close()
+
+
+def describe_flag(flag: str) -> str:
+    """"FS (Stalled and stopped)": the flag and its meaning, from ZML's WarningFlags names."""
+    from zaber_motion.ascii import WarningFlags  # noqa: PLC0415 - ZML is loaded by now
+
+    names = {v: k for k, v in vars(WarningFlags).items() if isinstance(v, str) and not k.startswith("_")}
+    name = names.get(flag)
+    return f"{flag} ({name.replace('_', ' ').capitalize()})" if name else flag
+
+
+# What to check for a fault flag (meanings: ZML's warning_flags module and the Warning Flags
+# section of the Zaber ASCII protocol manual).
+FAULT_ADVICE = {
+    "FS": "something may block the objective or the stage (a slide, a cable, the knob); check its path",
+    "FQ": "the encoder reading may be unreliable (dirt, vibration, a loose peripheral); home the stage after checking",
+    "FD": "the driver disabled itself (overheating); let it cool and check the load",
+    "FO": "the driver is disabled; enable it (Zaber Launcher, or the 'driver enable' command)",
+    "FH": "the hardware emergency stop is active; release it",
+    "FV": "the supply voltage is out of range; check the power supply",
+    "FM": "the motor is too hot; let it cool and check the load and duty cycle",
+    "FC": "the current inrush protection tripped; check the power supply and the cabling",
+    "FE": "a limit sensor cannot be reached or is faulty; check the stage's travel",
+    "FF": "a critical system error; power-cycle the device and contact Zaber if it persists",
+    "FZ": "the peripheral is inactive; check the stage's cable and connector",
+    "FN": "the connected peripheral is not supported by the controller",
+}
 
 
 PYSPIN_HELP = (
@@ -1431,7 +1677,7 @@ def first_line(exc: BaseException) -> str:
 
 
 def result_json(result: FocusResult | None, *, exit_code: int, error: str | None = None,
-                where: str | None = None) -> dict[str, Any]:
+                where: str | None = None, stage_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """The machine-readable summary printed by --json: the same keys on every exit."""
 
     def num(x: float | None) -> float | None:
@@ -1464,6 +1710,7 @@ def result_json(result: FocusResult | None, *, exit_code: int, error: str | None
         "exit_code": exit_code,
         "error": error,
         "stage": where,
+        "stage_info": stage_info,  # Zaber runs: device, axis, name, travel_mm, native_unit_nm, ...
     }
 
 
@@ -1786,7 +2033,19 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--native-unit-nm", type=positive_float, metavar="NM",
                      help="size of one native unit of the axis in nm: skips identification (offline PCs)")
     src.add_argument("--move-timeout-s", metavar="S", type=positive_float, default=DEFAULT_MOVE_TIMEOUT_S,
-                     help=f"give up on a move after this long (default {DEFAULT_MOVE_TIMEOUT_S:g})")
+                     help=f"give up on a move after this long and stop it (default {DEFAULT_MOVE_TIMEOUT_S:g})")
+    src.add_argument("--home-timeout-s", metavar="S", type=positive_float, default=DEFAULT_HOME_TIMEOUT_S,
+                     help=f"give up on homing after this long and stop it (default {DEFAULT_HOME_TIMEOUT_S:g})")
+    homing = src.add_mutually_exclusive_group()
+    homing.add_argument("--home", dest="home", action="store_true", default=None,
+                        help="allow homing an unhomed stage although --z-min/--z-max are given (homing drives to "
+                             "the home sensor, toward position 0, the low end of the travel; whether that raises "
+                             "or lowers the objective on an MVR is not documented: check yours)")
+    homing.add_argument("--no-home", dest="home", action="store_false",
+                        help="never home: an unhomed stage is refused (exit 2)")
+    src.add_argument("--clear-faults", action="store_true",
+                     help="clear fault flags (e.g. FS, a stall) latched on the axis and go on; without it a "
+                          "latched fault refuses the run (exit 5). Check the stage first")
     src.add_argument("--camera-serial", metavar="SERIAL", help="FLIR camera serial number (default: the first camera)")
     src.add_argument("--exposure-ms", metavar="MS", type=positive_float, help="FLIR exposure time (default: the camera's setting)")
     src.add_argument("--camera-timeout-ms", metavar="MS", type=positive_int, default=DEFAULT_CAMERA_TIMEOUT_MS,
@@ -1916,7 +2175,8 @@ def open_microscope(args: argparse.Namespace) -> Iterator[tuple[Stage, Camera]]:
         yield stage, SimCamera(stage, optics, timing, clock)
         return
     zaber = ZaberStage(args.port, args.device, args.axis, native_unit_nm=args.native_unit_nm,
-                       device_db=args.device_db, move_timeout_s=args.move_timeout_s)
+                       device_db=args.device_db, move_timeout_s=args.move_timeout_s,
+                       home_timeout_s=args.home_timeout_s, clear_faults=args.clear_faults)
     camera: Any = None
     try:
         if args.camera == "sim":
@@ -1937,6 +2197,28 @@ def configure_logging(verbose: bool) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.WARNING)
     log.propagate = False
+
+
+def stage_header(info: dict[str, Any], port: str) -> str:
+    """The run's header line for a Zaber stage: which stage, its travel, where the unit came from."""
+    lo, hi = info["travel_mm"]
+    name = f"{info['name']}, " if info.get("name") else ""
+    return (f"stage: {name}device {info['device']} axis {info['axis']} on {port}: travel {lo:g}..{hi:g} mm "
+            f"({hi - lo:g} mm; native unit {info['native_unit_nm']:g} nm from {info['units_from']})")
+
+
+def check_home_consent(args: argparse.Namespace, info: dict[str, Any]) -> None:
+    """Homing crosses positions --z-min/--z-max may forbid: refuse it unless it is allowed."""
+    axis = f"device {info['device']} axis {info['axis']}"
+    if args.home is False:
+        raise UsageError(f"{axis} has no reference position (not homed) and --no-home forbids homing: home it "
+                         "yourself (e.g. in Zaber Launcher) once the path to the home sensor is clear; nothing moved")
+    soft = [name for name, v in (("--z-min", args.z_min), ("--z-max", args.z_max)) if v is not None]
+    if soft and args.home is not True:
+        raise UsageError(f"{axis} has no reference position and must be homed, but homing drives to the home sensor "
+                         f"(toward position 0, the low end of the travel) through positions {'/'.join(soft)} may "
+                         "forbid: check that the objective's path is clear, then pass --home (or home the stage "
+                         "yourself); nothing moved")
 
 
 def summary_line(result: FocusResult) -> str:
@@ -1974,6 +2256,7 @@ def run(args: argparse.Namespace) -> int:
     result: FocusResult | None = None
     error: str | None = None
     where: str | None = None
+    stage_info: dict[str, Any] | None = None
     code = EXIT_OK
     saver: ImageSaver | None = None
     live: LiveView | None = None
@@ -1982,7 +2265,12 @@ def run(args: argparse.Namespace) -> int:
         with open_microscope(args) as (stage, camera):
             check_plan(plan, stage.limits_mm(), (args.z_min, args.z_max))
             if isinstance(stage, ZaberStage):
-                stage.home_if_needed()
+                stage_info = stage.describe()
+                if not args.json:
+                    print(stage_header(stage_info, args.port))
+                if not stage.homed:
+                    check_home_consent(args, stage_info)
+                    stage_info["homed_now"] = stage.home_if_needed()
                 check_plan(plan, stage.limits_mm(), (args.z_min, args.z_max))
             if args.save_images:
                 saver = ImageSaver(args.save_images)
@@ -2037,7 +2325,7 @@ def run(args: argparse.Namespace) -> int:
         if error is None:
             print(summary_line(result), file=sys.stderr if args.json else sys.stdout)
     if args.json:
-        print(json.dumps(result_json(result, exit_code=code, error=error, where=where)))
+        print(json.dumps(result_json(result, exit_code=code, error=error, where=where, stage_info=stage_info)))
     return code
 
 

@@ -17,10 +17,11 @@ Usage::
         fake.inject(stall_at_move=3)               # faults can be changed while running
 
 ``FakeZaber(devices=None, *, speed_native_per_s=1e8, settle_s=0.002, alert=False, faults=None,
-reject_unhomed_moves=True, unhomed_reason="BADCOMMAND", interrupt_flag=True, host="127.0.0.1", port=0)``.
+reject_unhomed_moves=True, unhomed_reason="BADCOMMAND", interrupt_flag=True, motion_clears_notices=True,
+host="127.0.0.1", port=0)``.
 ``devices`` entries are ``DeviceConfig`` (address, device_id, axes, limit_min, limit_max, position, homed,
-resolution, speed_native_per_s, serial, version, version_build, peripheral_id) or bare addresses
-(``devices=[1, 2]``). Default speed 100 mm/s: 50 um takes ~2.5 ms (incl. settle), 25 mm 0.25 s.
+resolution, speed_native_per_s, serial, version, version_build, peripheral_id, flags) or bare addresses
+(``devices=[1, 2]``); ``flags`` are warning flags latched at power-up (e.g. ``("FS",)`` or ``("NI",)``). Default speed 100 mm/s: 50 um takes ~2.5 ms (incl. settle), 25 mm 0.25 s.
 
 Protocol (per /work/shared/zaber-ascii.md): requests ``/DEV AXIS ID CMD:CS\\n`` (ID and checksum
 optional; a bad checksum is answered ``RJ ... BADDATA``); replies ``@DD A ID OK|RJ IDLE|BUSY FLAG DATA\\r\\n``
@@ -32,8 +33,18 @@ firmware's reply is unverified); ``move vel/min/max`` and ``home`` are always al
 Velocities (``maxspeed``, ``move vel``) are Zaber native velocity units = native units/s * 1.6384.
 Motion is real time: linear at the axis speed, then ``settle_s`` of BUSY at the target. A motion
 command or ``stop`` that interrupts a motion sets flag ``NI`` (ZML then raises MovementInterruptedException
-in whoever waits for the interrupted move); ``interrupt_flag=False`` turns that off. Motion commands and
-``warnings clear`` clear ``FS``/``NI``; ``WR`` clears only when a ``home`` completes. With ``comm.alert`` 1
+in whoever waits for the interrupted move); ``interrupt_flag=False`` turns that off. Any client may
+interrupt: a ``stop`` or a move from a second connection (as Zaber Launcher or a second script would
+send through Launcher's shared port) interrupts the first client's move just the same.
+
+Flag lifetimes follow the Zaber ASCII Protocol Manual, section "Warning Flags" (the passage is quoted
+in lokraszewski/zaber, zaber/include/zaber/zaber_types.h): FS, FT, FB, FP, FE, FQ and WL "persist
+until acknowledged and cleared by the user with the warnings command" -- so faults stay latched through
+any number of motion commands until ``warnings clear``; NI "persists until a movement command is issued
+when the axis is either idle or executing a manual control movement" and NC "until a movement command
+is issued" -- so a motion command sent to an IDLE axis clears NI/NC (a move that interrupts another one
+sets NI instead). ``motion_clears_notices=False`` is stricter than the manual: NI/NC then also stay
+until ``warnings clear``. ``WR`` clears only when a ``home`` completes. With ``comm.alert`` 1
 (``alert=True`` or ``set comm.alert 1``) arrival sends ``!DD A IDLE FLAG`` to every client.
 
 Faults (``Faults`` fields; ``FakeZaber(faults=Faults(...))`` or ``fake.inject(field=value)``, any time;
@@ -54,6 +65,7 @@ all devices, all connections) from 1; ``fake.move_count`` is the running count. 
                              -> ``RequestTimeoutException`` after ~1 s on every call.
 * ``busy_forever_at_move=N`` the Nth move runs but the axis reports BUSY until ``stop`` (or a new motion).
                              -> ZML's ``move_absolute``/``wait_until_idle`` block indefinitely (no timeout).
+* ``busy_forever_at_home``   every ``home`` runs but the axis reports BUSY until ``stop``.
 * ``reply_delay_s=X``        every reply is sent X s late (>= ~1 s -> ``RequestTimeoutException``).
 * ``silent=True``            execute and answer nothing from now on.
 ``fake.disconnect_clients()`` drops every connection immediately.
@@ -98,6 +110,7 @@ class DeviceConfig:
     version: str = "7.38"
     version_build: int = 17000
     peripheral_id: int = 0
+    flags: Tuple[str, ...] = ()  # warning flags latched at power-up, e.g. ("FS",) or ("NI",)
 
 
 @dataclass
@@ -109,6 +122,7 @@ class Faults:
     disconnect_at_move: Optional[int] = None
     silent_after_move: Optional[int] = None
     busy_forever_at_move: Optional[int] = None
+    busy_forever_at_home: bool = False
     reply_delay_s: float = 0.0
     silent: bool = False
 
@@ -173,7 +187,8 @@ class _Device:
         self.alert = alert
         spd = cfg.speed_native_per_s or speed
         self.axes = [_Axis(n, float(cfg.position), cfg.limit_min, cfg.limit_max, spd, cfg.resolution,
-                           cfg.peripheral_id, set() if cfg.homed else {"WR"}) for n in range(1, cfg.axes + 1)]
+                           cfg.peripheral_id, (set() if cfg.homed else {"WR"}) | set(cfg.flags))
+                     for n in range(1, cfg.axes + 1)]
 
 
 class _Client:
@@ -216,8 +231,8 @@ class FakeZaber:
     def __init__(self, devices: Optional[Sequence[Union[DeviceConfig, int]]] = None, *,
                  speed_native_per_s: float = 100_000_000.0, settle_s: float = 0.002, alert: bool = False,
                  faults: Optional[Faults] = None, reject_unhomed_moves: bool = True,
-                 unhomed_reason: str = "BADCOMMAND", interrupt_flag: bool = True, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 unhomed_reason: str = "BADCOMMAND", interrupt_flag: bool = True,
+                 motion_clears_notices: bool = True, host: str = "127.0.0.1", port: int = 0) -> None:
         cfgs = [d if isinstance(d, DeviceConfig) else DeviceConfig(address=int(d))
                 for d in (devices if devices is not None else [DeviceConfig()])]
         self.devices: Dict[int, _Device] = {c.address: _Device(c, speed_native_per_s, alert) for c in cfgs}
@@ -226,6 +241,7 @@ class FakeZaber:
         self.reject_unhomed_moves = reject_unhomed_moves
         self.unhomed_reason = unhomed_reason
         self.interrupt_flag = interrupt_flag
+        self.motion_clears_notices = motion_clears_notices
         self.host, self.port = host, port
         self.log: List[LogRecord] = []
         self.move_count = 0
@@ -457,7 +473,10 @@ class FakeZaber:
         start = self._pos(ax, now)
         interrupted = ax.busy()
         ax.pos = start
-        ax.flags -= CLEARABLE
+        # Faults (F*) stay latched until "warnings clear"; a move sent to an idle axis clears the
+        # notices NI/NC (see the module docstring for the manual's wording).
+        if not interrupted and self.motion_clears_notices:
+            ax.flags -= {"NI", "NC"}
         if interrupted and self.interrupt_flag:
             ax.flags.add("NI")
         ax.busy_forever = False
@@ -524,6 +543,8 @@ class FakeZaber:
         if w == ["home"]:
             for a in axes:
                 self._begin(a, float(min(max(0, a.lo), a.hi)), "home", now)
+                if self.faults.busy_forever_at_home:
+                    a.busy_forever = True
             return "0"
         if w[0] != "move" or len(w) < 2:
             return "RJ BADCOMMAND"
