@@ -66,6 +66,10 @@ all devices, all connections) from 1; ``fake.move_count`` is the running count. 
 * ``busy_forever_at_move=N`` the Nth move runs but the axis reports BUSY until ``stop`` (or a new motion).
                              -> ZML's ``move_absolute``/``wait_until_idle`` block indefinitely (no timeout).
 * ``busy_forever_at_home``   every ``home`` runs but the axis reports BUSY until ``stop``.
+* ``miss_at_move=N``         the Nth move ends ``miss_native`` (100) native units beyond its target, IDLE, no flag
+                             (as if the axis slipped or was pushed); ZML notices nothing.
+* ``fault_at_move=N``        the Nth move arrives, then latches ``fault_flag`` (default ``FQ``, encoder error)
+                             until ``warnings clear``.
 * ``reply_delay_s=X``        every reply is sent X s late (>= ~1 s -> ``RequestTimeoutException``).
 * ``silent=True``            execute and answer nothing from now on.
 ``fake.disconnect_clients()`` drops every connection immediately.
@@ -123,6 +127,10 @@ class Faults:
     silent_after_move: Optional[int] = None
     busy_forever_at_move: Optional[int] = None
     busy_forever_at_home: bool = False
+    miss_at_move: Optional[int] = None
+    miss_native: int = 100
+    fault_at_move: Optional[int] = None
+    fault_flag: str = "FQ"
     reply_delay_s: float = 0.0
     silent: bool = False
 
@@ -152,6 +160,7 @@ class _Motion:
     settle_s: float
     kind: str  # "move", "home" or "vel"
     stall: bool = False
+    end_flag: Optional[str] = None  # latched on arrival (fault injection)
 
     def end_time(self) -> float:
         return self.t0 + (abs(self.final - self.start) / self.speed if self.speed > 0 else 0.0) + self.settle_s
@@ -449,6 +458,8 @@ class FakeZaber:
         ax.pos, ax.motion = m.final, None
         if m.stall:
             ax.flags.add("FS")
+        if m.end_flag:
+            ax.flags.add(m.end_flag)
         if m.kind == "home":
             ax.flags.discard("WR")
         if dev.alert and not ax.busy_forever and not self.faults.silent:
@@ -469,7 +480,7 @@ class FakeZaber:
         return min(flags, key=FLAG_PRIORITY.index) if flags else "--"
 
     def _begin(self, ax: _Axis, final: float, kind: str, now: float, speed: Optional[float] = None,
-               stall: bool = False) -> None:
+               stall: bool = False, end_flag: Optional[str] = None) -> None:
         start = self._pos(ax, now)
         interrupted = ax.busy()
         ax.pos = start
@@ -481,7 +492,7 @@ class FakeZaber:
             ax.flags.add("NI")
         ax.busy_forever = False
         settle = 0.0 if kind == "vel" else self.settle_s
-        ax.motion = _Motion(start, final, now, speed or ax.speed, settle, kind, stall)
+        ax.motion = _Motion(start, final, now, speed or ax.speed, settle, kind, stall, end_flag)
 
     def _halt(self, ax: _Axis, now: float) -> None:
         if ax.busy() and self.interrupt_flag:
@@ -593,7 +604,10 @@ class FakeZaber:
             if stall:
                 start = self._pos(a, now)
                 final = start + (target - start) * f.stall_fraction
-            self._begin(a, final, "move", now, speed=speed, stall=stall)
+            if f.miss_at_move == n:
+                final = float(min(max(target + f.miss_native, a.lo), a.hi))
+            end_flag = f.fault_flag if f.fault_at_move == n else None
+            self._begin(a, final, "move", now, speed=speed, stall=stall, end_flag=end_flag)
             if f.busy_forever_at_move == n:
                 a.busy_forever = True
         if f.silent_after_move == n:
