@@ -18,7 +18,8 @@ Exit codes:
     2    usage or configuration error (bad input, broken replay stack); nothing moved
     3    no_peak: the focus curve is flat or noise-only; the stage went back to where it started
     4    edge: the best focus lies at the start or end of the range; the focus may be outside it
-    5    hardware or communication error (stage, camera); the stage was stopped
+    5    hardware or communication error (stage, camera); the stage was stopped and returned
+         when possible -- after an interruption from outside (flag NI) nothing more is moved
     130  interrupted (Ctrl-C); the stage was stopped and sent back to where it started
 
 Sections, in dependency order: constants, exceptions, result types, focus scores, peak
@@ -1118,7 +1119,7 @@ class ZaberStage:
                 "native_unit_nm": self.native_unit_nm if self.native_unit_nm is not None
                 else round(1e6 / self._native_per_mm, 6),
                 "units_from": "--native-unit-nm" if self.native_unit_nm is not None else "device database",
-                "homed": self._homed, "position_tolerance_native": self.tolerance_native}
+                "homed": self._homed, "homed_now": False, "position_tolerance_native": self.tolerance_native}
 
     @property
     def homed(self) -> bool:

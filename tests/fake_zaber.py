@@ -66,6 +66,7 @@ all devices, all connections) from 1; ``fake.move_count`` is the running count. 
 * ``busy_forever_at_move=N`` the Nth move runs but the axis reports BUSY until ``stop`` (or a new motion).
                              -> ZML's ``move_absolute``/``wait_until_idle`` block indefinitely (no timeout).
 * ``busy_forever_at_home``   every ``home`` runs but the axis reports BUSY until ``stop``.
+* ``ignore_stop=True``       ``stop`` is answered but the axis keeps moving (BUSY) -> ZML's ``stop()`` blocks.
 * ``miss_at_move=N``         the Nth move ends ``miss_native`` (100) native units beyond its target, IDLE, no flag
                              (as if the axis slipped or was pushed); ZML notices nothing.
 * ``fault_at_move=N``        the Nth move arrives, then latches ``fault_flag`` (default ``FQ``, encoder error)
@@ -127,6 +128,7 @@ class Faults:
     silent_after_move: Optional[int] = None
     busy_forever_at_move: Optional[int] = None
     busy_forever_at_home: bool = False
+    ignore_stop: bool = False
     miss_at_move: Optional[int] = None
     miss_native: int = 100
     fault_at_move: Optional[int] = None
@@ -549,7 +551,8 @@ class FakeZaber:
             return " ".join(["%02d" % len(flags)] + flags)
         if w == ["stop"]:
             for a in axes:
-                self._halt(a, now)
+                if not self.faults.ignore_stop:
+                    self._halt(a, now)
             return "0"
         if w == ["home"]:
             for a in axes:

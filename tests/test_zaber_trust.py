@@ -249,6 +249,21 @@ def test_homing_that_times_out_sends_stop_itself() -> None:
             stage.close()
 
 
+def test_stop_waits_a_bounded_time(homed: FakeZaber, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(autofocus, "STOP_TIMEOUT_S", 0.2)  # ZML's own stop() would wait forever here
+    stage = autofocus.ZaberStage(url(homed), native_unit_nm=1)
+    try:
+        homed.inject(busy_forever_at_move=1, ignore_stop=True)
+        stage._axis.move_absolute(10 * NM, wait_until_idle=False)
+        t0 = time.monotonic()
+        with pytest.raises(autofocus.StageError, match="still busy 0.2 s after the stop"):
+            stage.stop()
+        assert time.monotonic() - t0 < 2 and "stop" in homed.commands()
+    finally:
+        homed.inject(ignore_stop=False, busy_forever_at_move=None)
+        stage.close()
+
+
 # --- 8. the fake is as strict as the manual -----------------------------------------------------------
 
 def raw(fake: FakeZaber) -> Callable[[str], str]:
