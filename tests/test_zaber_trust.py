@@ -194,6 +194,16 @@ def test_homing_consent(capsys: pytest.CaptureFixture[str], extra: list[str], co
             assert ("--home" in err) if "--z-min" in extra else ("--no-home forbids" in err)
 
 
+def test_homing_interrupted_from_outside_is_reported_and_nothing_more_moves(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeZaber(faults=Faults(busy_forever_at_home=True)) as fake:
+        stopper = when(lambda: "home" in fake.commands() and fake.is_busy(), lambda: stop_from_second_connection(fake))
+        code, _, err = run(fake, capsys)
+        stopper.join(5)
+        assert code == 5 and err.count("\n") == 2  # the homing announcement, then the error
+        assert "homing was interrupted (NI)" in err and motion(fake) == ["home"] and fake.move_targets() == []
+
+
 def test_no_home_is_harmless_on_a_homed_stage(homed: FakeZaber, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(homed, capsys, "--no-home", "--z-min", "9")
     assert code == 0, err
