@@ -312,3 +312,49 @@ def test_fake_stop_from_a_second_client_sets_ni_and_a_move_to_an_idle_axis_clear
         ask = raw(strict)
         ask("move abs 1000")
         assert strict.flags() == ["NI"]
+
+
+# --- 4. identification shows the device; set-up works on an axis object the caller owns ----------------
+
+class _Settings:
+    def get(self, name: str, unit: object = None) -> float:
+        return {"limit.min": 0.0, "limit.max": 25.0, "cloop.settle.tolerance": 8.0}[name]  # mm; settle: native
+
+    def convert_to_native_units(self, setting: str, value: float, unit: object) -> float:
+        return value * 10_000_000  # 0.1 nm native units, as the device database would say
+
+
+class _Warnings:
+    def get_flags(self) -> set[str]:
+        return set()
+
+
+class _Device:
+    device_address, is_identified, name = 3, False, ""
+
+    def identify(self) -> None:
+        self.is_identified, self.name = True, "X-LDA025A-AE53"
+
+
+class _Axis:
+    """Only what set-up touches, answering as an identified X-LDA025A would."""
+    axis_number = 1
+
+    def __init__(self) -> None:
+        self.device, self.settings, self.warnings = _Device(), _Settings(), _Warnings()
+
+    def is_busy(self) -> bool:
+        return False
+
+
+def test_identified_device_name_and_travel_are_shown_and_setup_needs_only_an_axis() -> None:
+    stage = autofocus.ZaberStage.__new__(autofocus.ZaberStage)
+    stage._configure("COM3", native_unit_nm=None, move_timeout_s=1, home_timeout_s=1, clear_faults=False)
+    stage._setup_axis(_Axis())  # what an adapter over a caller's ZML Axis does
+    info = stage.describe()
+    assert info["name"] == "X-LDA025A-AE53" and info["travel_mm"] == [0.0, 25.0]
+    assert info["native_unit_nm"] == 0.1 and info["units_from"] == "device database"
+    assert stage.tolerance_native == 8  # the device's settle window is wider than 5 native units
+    header = autofocus.stage_header(info, "COM3")
+    assert header.startswith("stage: X-LDA025A-AE53, device 3 axis 1 on COM3: travel 0..25 mm")
+    stage.close()  # opened no connection: closes nothing
