@@ -69,8 +69,12 @@ def test_camera_by_serial_and_index(PySpin, sp):
     PySpin.fake.reset(cameras=[spec(PySpin, serial="111"), spec(PySpin, serial="222")])
     with sp.Camera("222") as cam:
         assert cam.DeviceSerialNumber == "222"
+        cam.cam.DeInit()  # simple_pyspin's close() does not: without this the next Init fails
     with sp.Camera(1) as cam:
         assert cam.DeviceSerialNumber == "222"
+    with pytest.raises(PySpin.SpinnakerException) as ei:  # ... like this: -1004, resource in use
+        sp.Camera(1).init()
+    assert ei.value.errorcode == PySpin.SPINNAKER_ERR_RESOURCE_IN_USE
     bad = sp.Camera("999")  # like real PySpin, a bad serial only fails when used
     assert not bad.cam.IsValid()
     with pytest.raises(PySpin.SpinnakerException) as ei:
