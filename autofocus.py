@@ -1400,6 +1400,13 @@ class FlirCamera:
         self._closed = True
         with contextlib.suppress(Exception):
             self._cam.stop()
+        try:
+            gone = not self._cam.cam.IsValid()
+        except Exception:  # noqa: BLE001
+            gone = True
+        if gone:  # unplugged: nothing to put back (a camera powers up with its own defaults)
+            log.info("the FLIR camera is gone: its settings were not restored")
+            return
         failed = self._journal.restore()
         if failed:
             log.warning("the FLIR camera did not take back %d setting(s) this run changed (%s%s); check it "
