@@ -91,6 +91,7 @@ POSITION_TOLERANCE_NATIVE = 5
 # (a factor of 1000, um typed for nm) and is refused before anything moves.
 PLAUSIBLE_TRAVEL_MM = (1.0, 300.0)
 DEFAULT_CAMERA_TIMEOUT_MS = 2000
+CAMERA_TIMEOUT_MARGIN_MS = 500  # frame timeout >= exposure + this (read-out ~25 ms, transfer, a busy USB bus)
 
 ###############################################################################
 # Exceptions ##################################################################
@@ -900,6 +901,133 @@ class Camera(Protocol):
         ...
 
 
+# Pieces every GenICam camera backend (FLIR through PySpin, Basler through pypylon) shares: the
+# sensor ROI, the pixel format choice, and putting back every setting a run changed.  The
+# contract of a camera backend: it changes only what the run needs, through a SettingsJournal,
+# and ``close()`` (or a borrowed camera's ``restore()``) puts all of it back on every exit path.
+
+Roi = tuple[int, int, int, int]  # x, y, width, height in camera pixels
+
+
+def fit_roi(roi: Roi, sensor_px: tuple[int, int], *, offset_step_px: tuple[int, int] = (1, 1),
+            size_step_px: tuple[int, int] = (1, 1), min_size_px: tuple[int, int] = (1, 1),
+            flag: str = "--camera-roi") -> Roi:
+    """The region a camera can set that covers ``roi``: offsets rounded down to their increment,
+    sizes rounded up to ``min + N * increment`` (GenICam's rule), kept on the sensor.
+
+    UsageError when ``roi`` does not lie on the sensor (``sensor_px`` = width, height).
+    """
+    x, y, w, h = roi
+    sw, sh = sensor_px
+    if x + w > sw or y + h > sh:
+        raise UsageError(f"{flag} {x},{y},{w},{h} reaches pixel {x + w},{y + h}, outside the sensor's "
+                         f"{sw}x{sh} pixels; choose a region inside it")
+    fitted = []
+    for start, size, full, off_step, size_step, least in ((x, w, sw, offset_step_px[0], size_step_px[0],
+                                                           min_size_px[0]),
+                                                          (y, h, sh, offset_step_px[1], size_step_px[1],
+                                                           min_size_px[1])):
+        lo = start // off_step * off_step
+        need = max(start + size - lo, least)
+        n = least + -(-(need - least) // size_step) * size_step
+        n = min(n, full - (full - least) % size_step)  # the largest size the camera accepts
+        if lo + n > full:  # the rounded-up size runs off the sensor: move the region back onto it
+            lo = (full - n) // off_step * off_step
+        while lo + n < start + size and n + size_step <= full - lo:
+            n += size_step
+        fitted += [lo, n]
+    return fitted[0], fitted[2], fitted[1], fitted[3]
+
+
+# GenICam names a Bayer tile from its top-left pixel (BayerRG: R G / G B); OpenCV's classic names
+# count from the second row and column, so GenICam BayerRG is OpenCV's BayerBG (the newer
+# COLOR_BayerRGGB2GRAY aliases say the same).  Checked by tests/test_flir_camera.py on a known tile.
+BAYER_TO_GRAY = {
+    "BayerRG": cv2.COLOR_BayerBG2GRAY,
+    "BayerBG": cv2.COLOR_BayerRG2GRAY,
+    "BayerGR": cv2.COLOR_BayerGB2GRAY,
+    "BayerGB": cv2.COLOR_BayerGR2GRAY,
+}
+
+
+def choose_pixel_format(offered: Sequence[str], sensor_bits: int) -> str | None:
+    """The pixel format to score: Mono16 for a sensor deeper than 8 bits, else Mono8; a colour
+    camera offering neither gets its unpacked Bayer format (converted to gray before scoring).
+    Packed formats (Mono12p, Mono12Packed, BayerRG10p...) are never chosen; None: nothing usable."""
+    mono = ("Mono16", "Mono8") if sensor_bits > 8 else ("Mono8", "Mono16")
+    for name in mono:
+        if name in offered:
+            return name
+    bayer = [f for f in offered if f[:7] in BAYER_TO_GRAY and f[7:] in ("8", "16")]
+    bayer.sort(key=lambda f: (f.endswith("16")) != (sensor_bits > 8))
+    return bayer[0] if bayer else None
+
+
+def format_bits(name: str) -> int:
+    """Significant bits of a PFNC pixel format name (Mono12p -> 12, BayerRG8 -> 8); 0 if unknown."""
+    digits = "".join(c for c in name.split("Bayer")[-1] if c.isdigit())
+    return int(digits) if digits else 0
+
+
+class SettingsJournal:
+    """Camera settings a run changed, with the values they had before, to put them back.
+
+    ``read(name)`` and ``write(name, value)`` are the backend's node accessors.  ``set`` records
+    a node's value the first time the run changes it (a write of the value it already has is
+    skipped).  ``restore`` writes them back in GenICam's dependency order (``restore_plan``),
+    goes on past failures, and returns the ones it could not put back.
+    """
+
+    def __init__(self, read: Callable[[str], Any], write: Callable[[str, Any], None]) -> None:
+        self.read, self.write = read, write
+        self.original: dict[str, Any] = {}
+
+    def set(self, name: str, value: Any) -> None:
+        """Change a node, remembering its value before the first change."""
+        current = self.read(name)
+        if current == value:
+            return
+        self.original.setdefault(name, current)
+        self.write(name, value)
+
+    def restore(self) -> list[str]:
+        """Put every changed node back; returns "name=value (why)" for each that failed."""
+        failed = []
+        for name, value in restore_plan(self.original):
+            try:
+                if self.read(name) != value:
+                    self.write(name, value)
+            except Exception as exc:  # noqa: BLE001 - a vendor error of any kind: report, go on
+                failed.append(f"{name}={value} ({first_line(exc)})")
+        self.original.clear()
+        return failed
+
+
+ROI_NODES = ("OffsetX", "OffsetY", "Width", "Height")
+
+
+def restore_plan(original: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The writes that put ``original`` back on a GenICam camera, in an order it accepts.
+
+    The trigger selector and source are writable only with the trigger off, so TriggerMode goes
+    Off first and back last; an offset plus a size may not exceed the sensor, so offsets go to 0
+    before the sizes are restored; everything else in reverse order of change (ExposureTime
+    before ExposureAuto, which makes it writable).
+    """
+    plan: list[tuple[str, Any]] = []
+    if "TriggerMode" in original:
+        plan.append(("TriggerMode", "Off"))
+    offsets = [n for n in ("OffsetX", "OffsetY") if n in original]
+    if any(n in original for n in ROI_NODES):
+        plan += [(n, 0) for n in offsets]
+        plan += [(n, original[n]) for n in ("Width", "Height") if n in original]
+        plan += [(n, original[n]) for n in offsets]
+    plan += [(n, original[n]) for n in reversed(original) if n != "TriggerMode" and n not in ROI_NODES]
+    if "TriggerMode" in original:
+        plan.append(("TriggerMode", original["TriggerMode"]))
+    return plan
+
+
 ###############################################################################
 # Backends: Zaber stage and FLIR camera #######################################
 ###############################################################################
@@ -1300,42 +1428,186 @@ PYSPIN_HELP = (
 )
 
 
+def _pyspin() -> tuple[Any, Any]:
+    """Import PySpin and simple-pyspin on first use."""
+    try:
+        import PySpin  # noqa: PLC0415
+        import simple_pyspin  # noqa: PLC0415
+    except ImportError as exc:
+        raise UsageError(PYSPIN_HELP) from exc
+    return PySpin, simple_pyspin
+
+
 class FlirCamera:
     """A FLIR camera through simple-pyspin, streaming with a software trigger.
 
+    Set-up, each change recorded in a SettingsJournal: a mono pixel format (Mono16 on a sensor
+    deeper than 8 bits, else Mono8; a colour camera offering neither streams its 8/16-bit Bayer
+    mosaic, which ``capture`` converts to gray: a mosaic is never scored as if it were gray;
+    packed formats are never used); the sensor ROI (``roi``, rounded to the camera's increments);
+    continuous acquisition with a software trigger; auto exposure and auto gain turned off for the
+    sweep (refused with a CameraError when the camera does not allow it); ``exposure_ms``.  The
+    frame timeout is the larger of ``timeout_ms`` and the exposure plus CAMERA_TIMEOUT_MARGIN_MS.
+
     Acquisition starts once; each ``capture`` drains stale buffers, triggers one exposure and
-    waits for that frame with a timeout, so no frame exposed before the call (e.g. during the
+    waits for that frame with the timeout, so no frame exposed before the call (e.g. during the
     previous move) is ever returned, buffers are always released, and nothing blocks forever.
+    ``close()`` stops acquisition, puts back every node it changed and releases the camera
+    (DeInit), whatever ended the run; a camera lent by the caller (``from_camera``) is only
+    restored, never closed.
     """
 
     def __init__(self, serial: str | None = None, *, exposure_ms: float | None = None,
-                 timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS) -> None:
+                 timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None) -> None:
+        spin, sp = _pyspin()
+        name = f"the FLIR camera{' ' + serial if serial else ''}"
         try:
-            import PySpin  # noqa: PLC0415
-            import simple_pyspin  # noqa: PLC0415
-        except ImportError as exc:
-            raise UsageError(PYSPIN_HELP) from exc
-        self._spin, self._timeout_ms = PySpin, timeout_ms
+            cam = sp.Camera(serial if serial else 0)
+        except (sp.CameraError, spin.SpinnakerException) as exc:
+            raise CameraError(f"cannot open {name}: {first_line(exc)}; check the USB cable and that no other "
+                              "program (SpinView) holds it") from exc
         try:
-            self._cam = simple_pyspin.Camera(serial if serial else 0)
-            self._cam.init()
-        except (simple_pyspin.CameraError, PySpin.SpinnakerException) as exc:
-            raise CameraError(f"cannot open the FLIR camera{' ' + serial if serial else ''}: {first_line(exc)}; "
-                              "check the USB cable and that no other program (SpinView) holds it") from exc
+            cam.init()
+        except spin.SpinnakerException as exc:
+            busy = getattr(exc, "errorcode", None) == -1004  # SPINNAKER_ERR_RESOURCE_IN_USE
+            raise CameraError(f"cannot open {name}: {first_line(exc)}; " + (
+                "another program (SpinView, another script) or an earlier run that was not closed still holds "
+                "it: close that program, or unplug and replug the camera" if busy else
+                "check the USB cable and that no other program (SpinView) holds it")) from exc
+        self._setup(spin, sp, cam, owned=True, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
+
+    @classmethod
+    def from_camera(cls, camera: Any, *, exposure_ms: float | None = None,
+                    timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None) -> FlirCamera:
+        """An adapter over an open simple-pyspin ``Camera`` that the caller owns and keeps.
+
+        Configures it as a run needs (see the class) and starts streaming; ``restore()`` (or
+        leaving the ``with`` block: the adapter is a context manager) stops streaming and puts
+        every node back as it was, restarting the stream if the camera was streaming when lent.
+        The camera is never closed or de-initialised here.  One adapter per use::
+
+            with simple_pyspin.Camera() as cam:             # yours: opened and closed by you
+                with autofocus.FlirCamera.from_camera(cam) as camera:
+                    ...                                      # focus with ``camera``
+                # here cam's settings are as they were before
+        """
+        spin, sp = _pyspin()
+        if not getattr(camera, "initialized", False):
+            raise UsageError("FlirCamera.from_camera needs an initialised simple_pyspin.Camera: call its init() "
+                             "or open it with `with simple_pyspin.Camera() as cam:` first")
+        self = cls.__new__(cls)
+        self._setup(spin, sp, camera, owned=False, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
+        return self
+
+    def _setup(self, spin: Any, sp: Any, cam: Any, *, owned: bool, exposure_ms: float | None,
+               timeout_ms: int, roi: Roi | None) -> None:
+        """Configure the camera for the sweep and start streaming; on any failure put it back."""
+        self._spin, self._sp, self._cam, self._owned = spin, sp, cam, owned
+        self._was_running = bool(getattr(cam, "running", False))
+        self._journal = SettingsJournal(lambda n: getattr(cam, n), lambda n, v: setattr(cam, n, v))
+        self._closed = False
+        self._bayer_code: int | None = None
+        self.pixel_format: str | None = None
+        self.roi: Roi | None = None
+        self.timeout_ms = timeout_ms
         try:
-            cam = self._cam
-            cam.AcquisitionMode = "Continuous"
-            cam.TriggerMode = "Off"  # TriggerSource is only writable with the trigger off
-            cam.TriggerSelector = "FrameStart"
-            cam.TriggerSource = "Software"
-            cam.TriggerMode = "On"
-            if exposure_ms is not None:
-                cam.ExposureAuto = "Off"
-                cam.ExposureTime = exposure_ms * 1000.0
+            cam.stop()  # a lent camera may be streaming: image format and trigger are locked then
+            self._configure(exposure_ms, timeout_ms, roi)
             cam.start()
-        except (simple_pyspin.CameraError, PySpin.SpinnakerException) as exc:
+        except (sp.CameraError, spin.SpinnakerException) as exc:
             self.close()
             raise CameraError(f"cannot configure the FLIR camera: {first_line(exc)}") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def _has(self, name: str) -> bool:
+        return name in self._cam.camera_attributes
+
+    def _configure(self, exposure_ms: float | None, timeout_ms: int, roi: Roi | None) -> None:
+        cam, journal = self._cam, self._journal
+        self._set_pixel_format()
+        if roi is not None:
+            self._set_roi(roi)
+        journal.set("AcquisitionMode", "Continuous")
+        journal.set("TriggerMode", "Off")  # the selector and source are only writable with the trigger off
+        if self._has("TriggerSelector"):
+            journal.set("TriggerSelector", "FrameStart")
+        journal.set("TriggerSource", "Software")
+        journal.set("TriggerMode", "On")
+        self._freeze_auto()
+        if exposure_ms is not None:
+            journal.set("ExposureTime", exposure_ms * 1000.0)
+        exposure_now_ms = cam.ExposureTime / 1000.0 if self._has("ExposureTime") else 0.0
+        self.timeout_ms = max(int(timeout_ms), int(math.ceil(exposure_now_ms + CAMERA_TIMEOUT_MARGIN_MS)))
+        self._shape = (int(cam.Height), int(cam.Width))
+        log.info("FLIR camera: %s %dx%d, exposure %.3f ms, frame timeout %d ms", self.pixel_format,
+                 self._shape[1], self._shape[0], exposure_now_ms, self.timeout_ms)
+
+    def _set_pixel_format(self) -> None:
+        """Mono8/Mono16, or an unpacked Bayer format (converted to gray in ``capture``)."""
+        spin, cam = self._spin, self._cam
+        node = cam.camera_attributes.get("PixelFormat")
+        if node is None:
+            raise CameraError("the FLIR camera has no PixelFormat node: cannot tell what its frames hold")
+        offered = []
+        for entry in node.GetEntries():
+            entry = spin.CEnumEntryPtr(entry)
+            if spin.IsAvailable(entry) and spin.IsReadable(entry):
+                offered.append(entry.GetSymbolic())
+        if self._has("AdcBitDepth") and spin.IsReadable(cam.camera_attributes["AdcBitDepth"]):
+            sensor_bits = format_bits(str(cam.AdcBitDepth))
+        else:
+            # without AdcBitDepth, the 10/12/14-bit formats it offers tell its depth (Mono16 alone does not)
+            sensor_bits = max((format_bits(f) for f in offered if not f.endswith("16")), default=8)
+        choice = choose_pixel_format(offered, sensor_bits)
+        if choice is None:
+            raise CameraError(f"the FLIR camera offers no pixel format this tool can score ({', '.join(offered)}); "
+                              "it needs Mono8, Mono16 or an 8- or 16-bit Bayer format")
+        self._journal.set("PixelFormat", choice)
+        self.pixel_format = choice
+        if choice.startswith("Bayer"):
+            pattern = choice[:7]  # BayerRG16 -> BayerRG
+            if self._has("PixelColorFilter") and spin.IsReadable(cam.camera_attributes["PixelColorFilter"]):
+                reported = str(cam.PixelColorFilter)
+                if reported in BAYER_TO_GRAY:
+                    pattern = reported
+            self._bayer_code = BAYER_TO_GRAY[pattern]
+            log.info("FLIR camera: colour sensor (%s): frames are converted to gray before scoring", pattern)
+
+    def _set_roi(self, roi: Roi) -> None:
+        """The sensor's own ROI: fewer rows read, a faster read-out."""
+        cam, attrs = self._cam, self._cam.camera_attributes
+        inc = {n: int(attrs[n].GetInc()) for n in ROI_NODES}
+        # A Bayer mosaic keeps its pattern only when the offsets are even.
+        even = 2 if self._bayer_code is not None else 1
+        fitted = fit_roi(roi, (int(cam.WidthMax), int(cam.HeightMax)),
+                         offset_step_px=(math.lcm(inc["OffsetX"], even), math.lcm(inc["OffsetY"], even)),
+                         size_step_px=(inc["Width"], inc["Height"]),
+                         min_size_px=(int(attrs["Width"].GetMin()), int(attrs["Height"].GetMin())))
+        if fitted != tuple(roi):
+            log.warning("--camera-roi %s rounded to the camera's increments: %s", ",".join(map(str, roi)),
+                        ",".join(map(str, fitted)))
+        x, y, w, h = fitted
+        for name, value in (("OffsetX", 0), ("OffsetY", 0), ("Width", w), ("Height", h), ("OffsetX", x),
+                            ("OffsetY", y)):
+            self._journal.set(name, value)
+        self.roi = fitted
+
+    def _freeze_auto(self) -> None:
+        """Auto exposure and auto gain off for the sweep: a gain or exposure that changes between
+        frames changes the noise, and so the score."""
+        for auto, what in (("ExposureAuto", "exposure"), ("GainAuto", "gain")):
+            if not self._has(auto):
+                continue  # no automatic mode on this camera: nothing to freeze
+            state = "unreadable"
+            try:
+                state = getattr(self._cam, auto)
+                self._journal.set(auto, "Off")
+            except (self._sp.CameraError, self._spin.SpinnakerException) as exc:
+                raise CameraError(f"the FLIR camera's auto {what} ({auto} {state}) cannot be turned off "
+                                  f"({first_line(exc)}); a {what} that changes between frames changes the score: "
+                                  f"turn {auto} off in SpinView (or the camera's user set) and try again") from exc
 
     def capture(self) -> np.ndarray:
         spin, raw = self._spin, self._cam.cam
@@ -1347,25 +1619,66 @@ class FlirCamera:
                     break
                 stale.Release()
             self._cam.TriggerSoftware()
-            image = raw.GetNextImage(int(self._timeout_ms))  # the SDK wants a plain int
+            image = raw.GetNextImage(int(self.timeout_ms))  # the SDK wants a plain int
         except spin.SpinnakerException as exc:
-            raise CameraError(f"no frame from the FLIR camera within {self._timeout_ms} ms: {first_line(exc)}; "
-                              "check the cable, or raise --camera-timeout-ms for long exposures") from exc
+            raise CameraError(f"no frame from the FLIR camera within {self.timeout_ms} ms: {first_line(exc)}; "
+                              "check the cable, or raise --camera-timeout-ms") from exc
         try:
             if image.IsIncomplete():
                 raise CameraError(f"the FLIR camera delivered an incomplete frame (status {image.GetImageStatus()}); "
                                   "check the USB bandwidth")
-            return np.array(image.GetNDArray(), copy=True)
+            frame = np.array(image.GetNDArray(), copy=True)
         finally:
             image.Release()
+        if frame.shape != self._shape or frame.dtype not in (np.uint8, np.uint16):
+            # e.g. a packed format's bytes: never score them as pixels
+            raise CameraError(f"the FLIR camera delivered a {frame.shape} {frame.dtype} array for a "
+                              f"{self._shape[1]}x{self._shape[0]} {self.pixel_format} frame; is another program "
+                              "changing its pixel format?")
+        if self._bayer_code is not None:
+            frame = cv2.cvtColor(frame, self._bayer_code)  # a Bayer mosaic is never scored raw
+        return frame
 
-    def close(self) -> None:
+    def restore(self) -> None:
+        """Stop streaming and put back every node this adapter changed; a lent camera that was
+        streaming is restarted.  Safe to call more than once; never raises a vendor error."""
+        if self._closed:
+            return
+        self._closed = True
         with contextlib.suppress(Exception):
             self._cam.stop()
-        with contextlib.suppress(Exception):
-            self._cam.TriggerMode = "Off"
-        with contextlib.suppress(Exception):
-            self._cam.close()
+        try:
+            gone = not self._cam.cam.IsValid()
+        except Exception:  # noqa: BLE001
+            gone = True
+        if gone:  # unplugged: nothing to put back (a camera powers up with its own defaults)
+            log.info("the FLIR camera is gone: its settings were not restored")
+            return
+        failed = self._journal.restore()
+        if failed:
+            log.warning("the FLIR camera did not take back %d setting(s) this run changed (%s%s); check it "
+                        "in SpinView", len(failed), failed[0], ", ..." if len(failed) > 1 else "")
+        if not self._owned and self._was_running:
+            try:
+                self._cam.start()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not restart the lent FLIR camera's acquisition: %s", first_line(exc))
+
+    def close(self) -> None:
+        """Restore, then (for a camera this adapter opened) DeInit and release it."""
+        self.restore()
+        if self._owned and getattr(self, "_cam", None) is not None:
+            with contextlib.suppress(Exception):
+                self._cam.cam.DeInit()  # simple_pyspin's close() does not: the next Init would fail (-1004)
+            with contextlib.suppress(Exception):
+                self._cam.close()
+            self._cam = None
+
+    def __enter__(self) -> FlirCamera:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 ###############################################################################
@@ -1401,6 +1714,12 @@ class SimTiming:
             t = 2 * t_acc + (d - self.speed_mm_s * t_acc) / self.speed_mm_s
         t += self.settle_s
         return self.command_s + math.ceil(t / self.poll_s) * self.poll_s
+
+    def readout_rows_s(self, rows: int, sensor_rows: int) -> float:
+        """Read-out of ``rows`` of a ``sensor_rows``-row sensor: a CMOS sensor reads row by row,
+        so a sensor ROI of fewer rows reads out proportionally faster (estimate: FLIR and Sony
+        quote frame rates rising about in inverse proportion to the ROI height)."""
+        return self.readout_s * rows / sensor_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1545,17 +1864,20 @@ class SimCamera:
     """Renders what the stage's position would show through the simulated optics.
 
     Streaming with a software trigger (exposure + readout per frame) by default;
-    ``one_shot`` adds an acquisition start/stop per frame, as the seed's loop does.
+    ``one_shot`` adds an acquisition start/stop per frame, as the seed's loop does.  ``roi``
+    (x, y, w, h; ``--camera-roi``) crops the frame like a sensor ROI, and the modelled read-out
+    shrinks with the rows read.
     """
 
     def __init__(self, stage: Stage, optics: SimOptics | None = None, timing: SimTiming | None = None,
-                 clock: SimClock | None = None, one_shot: bool = False) -> None:
+                 clock: SimClock | None = None, one_shot: bool = False, roi: Roi | None = None) -> None:
         self.stage = stage
         self.optics = optics or SimOptics()
         self.timing = timing or SimTiming()
         self.clock = clock or SimClock(self.timing.scale)
         self.one_shot = one_shot
         self.frames = 0
+        self.roi = None if roi is None else fit_roi(roi, (self.optics.width, self.optics.height))
 
     def render(self, z_mm: float) -> np.ndarray:
         """The frame at z: defocus blur, shot noise, read noise, quantisation."""
@@ -1579,8 +1901,13 @@ class SimCamera:
     def capture(self) -> np.ndarray:
         t0 = time.perf_counter()
         frame = self.render(self.stage.position_mm())
+        rows = self.optics.height
+        if self.roi is not None:
+            x, y, w, rows = self.roi
+            frame = np.ascontiguousarray(frame[y: y + rows, x: x + w])
         t = self.timing
-        modeled = t.exposure_s + t.readout_s + (t.acquisition_start_stop_s if self.one_shot else 0.0)
+        modeled = (t.exposure_s + t.readout_rows_s(rows, self.optics.height)
+                   + (t.acquisition_start_stop_s if self.one_shot else 0.0))
         self.clock.spend(modeled, since=t0)
         return frame
 
@@ -2007,6 +2334,17 @@ def frame_size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def pixel_roi(text: str) -> Roi:
+    """X,Y,W,H in camera pixels, e.g. 640,400,640,400 (a region of a 1920x1200 sensor)."""
+    try:
+        x, y, w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not X,Y,W,H in camera pixels, e.g. 640,400,640,400") from None
+    if x < 0 or y < 0 or w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: X and Y must be 0 or more, W and H 1 or more")
+    return x, y, w, h
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: positionals as on the card, options in groups."""
     p = OneLineParser(
@@ -2050,7 +2388,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--camera-serial", metavar="SERIAL", help="FLIR camera serial number (default: the first camera)")
     src.add_argument("--exposure-ms", metavar="MS", type=positive_float, help="FLIR exposure time (default: the camera's setting)")
     src.add_argument("--camera-timeout-ms", metavar="MS", type=positive_int, default=DEFAULT_CAMERA_TIMEOUT_MS,
-                     help=f"give up waiting for a frame after this long (default {DEFAULT_CAMERA_TIMEOUT_MS})")
+                     help=f"give up waiting for a frame after this long (default {DEFAULT_CAMERA_TIMEOUT_MS}; never "
+                          f"less than the exposure + {CAMERA_TIMEOUT_MARGIN_MS} ms)")
+    src.add_argument("--camera-roi", metavar="X,Y,W,H", type=pixel_roi,
+                     help="read only this region of the sensor (camera pixels): the FLIR camera's own ROI, rounded "
+                          "to its increments and restored afterwards (a faster read-out); the simulated camera "
+                          "crops its frame")
     srch = p.add_argument_group("search")
     srch.add_argument("--search", choices=tuple(SEARCHES), default="sweep",
                       help="sweep: every position (default); fast: coarse-to-fine, about a quarter of the frames")
@@ -2109,6 +2452,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("choose one of --simulate and --replay")
     if (args.simulate or args.replay) and args.port:
         raise UsageError(f"PORT {args.port!r} given with --{'simulate' if args.simulate else 'replay'}: drop one")
+    if args.replay and args.camera_roi:
+        raise UsageError("--camera-roi needs a live camera (FLIR or --camera sim / --simulate), not --replay")
     if (args.replay or args.simulate) and args.camera:
         raise UsageError(f"--{'replay' if args.replay else 'simulate'} brings its own camera: drop --camera "
                          "(use --camera sim with a PORT to put the simulated camera on a real stage)")
@@ -2173,7 +2518,7 @@ def open_microscope(args: argparse.Namespace) -> Iterator[tuple[Stage, Camera]]:
         return
     if args.simulate:
         stage = SimStage(position_mm=args.sim_start_mm, timing=timing, clock=clock)
-        yield stage, SimCamera(stage, optics, timing, clock)
+        yield stage, SimCamera(stage, optics, timing, clock, roi=args.camera_roi)
         return
     zaber = ZaberStage(args.port, args.device, args.axis, native_unit_nm=args.native_unit_nm,
                        device_db=args.device_db, move_timeout_s=args.move_timeout_s,
@@ -2181,9 +2526,10 @@ def open_microscope(args: argparse.Namespace) -> Iterator[tuple[Stage, Camera]]:
     camera: Any = None
     try:
         if args.camera == "sim":
-            camera = SimCamera(zaber, optics, timing, clock)
+            camera = SimCamera(zaber, optics, timing, clock, roi=args.camera_roi)
         else:
-            camera = FlirCamera(args.camera_serial, exposure_ms=args.exposure_ms, timeout_ms=args.camera_timeout_ms)
+            camera = FlirCamera(args.camera_serial, exposure_ms=args.exposure_ms, timeout_ms=args.camera_timeout_ms,
+                                roi=args.camera_roi)
         yield zaber, camera
     finally:
         if camera is not None and hasattr(camera, "close"):

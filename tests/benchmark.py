@@ -17,7 +17,8 @@ score     milliseconds per 1920x1200 frame for each metric (8-bit mono, 16-bit m
 accuracy  (a) the simulator with known truth at several noise levels and focal planes, both
           search modes; (b) every recorded stack in ../shared/stacks, plus a blank stack.
 timing    real-time simulator at 1920x1200: a seed-style loop (start/stop per frame, scoring
-          in series; a baseline implemented here, not a product mode) vs our sweep and fast.
+          in series; a baseline implemented here, not a product mode) vs our sweep and fast,
+          and our sweep with a 640x400 sensor ROI (--camera-roi: read-out time per row read).
 memory    peak RSS of the CLI with --save-images (and --show-images under Xvfb) over 10 vs 500
           steps.
 """
@@ -189,13 +190,14 @@ def passfail(ok: bool | None) -> str:
 
 
 def sim_pair(optics: af.SimOptics, start_mm: float = 0.0, scale: float = 0.0,
-             poll_s: float | None = None, one_shot: bool = False) -> tuple[af.SimStage, af.SimCamera, af.SimClock]:
-    """A simulated stage and camera sharing one clock."""
+             poll_s: float | None = None, one_shot: bool = False,
+             roi: af.Roi | None = None) -> tuple[af.SimStage, af.SimCamera, af.SimClock]:
+    """A simulated stage and camera sharing one clock (``roi``: --camera-roi)."""
     timing = af.SimTiming(scale=scale)
     stage_timing = timing if poll_s is None else dataclasses.replace(timing, poll_s=poll_s)
     clock = af.SimClock(scale)
     stage = af.SimStage(position_mm=start_mm, timing=stage_timing, clock=clock)
-    camera = af.SimCamera(stage, optics, timing, clock, one_shot=one_shot)
+    camera = af.SimCamera(stage, optics, timing, clock, one_shot=one_shot, roi=roi)
     return stage, camera, clock
 
 
@@ -586,8 +588,9 @@ def seed_style_loop(optics: af.SimOptics, positions: list[float], start_mm: floa
                 move_s=move_s, capture_s=capture_s, score_s=score_s)
 
 
-def ours(optics: af.SimOptics, positions: list[float], start_mm: float, search: str) -> dict:
-    stage, camera, clock = sim_pair(optics, start_mm, scale=1.0)
+def ours(optics: af.SimOptics, positions: list[float], start_mm: float, search: str,
+         roi: af.Roi | None = None) -> dict:
+    stage, camera, clock = sim_pair(optics, start_mm, scale=1.0, roi=roi)
     t0 = time.perf_counter()
     r = af.run_autofocus(stage, camera, af.Scorer(), af.Plan(tuple(positions), search))
     wall = time.perf_counter() - t0
@@ -609,7 +612,10 @@ def section_timing(quick: bool) -> None:
     sim_frame(optics, optics.focus_mm)  # warm the specimen cache for everyone
     modes = {"seed-style loop (baseline)": lambda: seed_style_loop(optics, positions, start),
              "our sweep": lambda: ours(optics, positions, start, "sweep"),
-             "our fast": lambda: ours(optics, positions, start, "fast")}
+             "our fast": lambda: ours(optics, positions, start, "fast"),
+             # --camera-roi: a centred 640x400 sensor ROI reads a third of the rows (SimTiming.readout_rows_s)
+             "our sweep, --camera-roi 640,400,640,400": lambda: ours(optics, positions, start, "sweep",
+                                                                     roi=(640, 400, 640, 400))}
     runs: dict[str, list[dict]] = {k: [] for k in modes}
     for _ in range(repeats):
         for k, fn in modes.items():

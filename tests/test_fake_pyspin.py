@@ -69,8 +69,12 @@ def test_camera_by_serial_and_index(PySpin, sp):
     PySpin.fake.reset(cameras=[spec(PySpin, serial="111"), spec(PySpin, serial="222")])
     with sp.Camera("222") as cam:
         assert cam.DeviceSerialNumber == "222"
+        cam.cam.DeInit()  # simple_pyspin's close() does not: without this the next Init fails
     with sp.Camera(1) as cam:
         assert cam.DeviceSerialNumber == "222"
+    with pytest.raises(PySpin.SpinnakerException) as ei:  # ... like this: -1004, resource in use
+        sp.Camera(1).init()
+    assert ei.value.errorcode == PySpin.SPINNAKER_ERR_RESOURCE_IN_USE
     bad = sp.Camera("999")  # like real PySpin, a bad serial only fails when used
     assert not bad.cam.IsValid()
     with pytest.raises(PySpin.SpinnakerException) as ei:
@@ -686,3 +690,102 @@ def test_env_config_subprocess(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"fake": True, "size": [320, 240], "codes": [0, 0, -1011]}
+
+
+# ---------------------------------------------------------------------------
+# Colour, packed formats, auto modes, exclusive Init (as strict as a camera)
+# ---------------------------------------------------------------------------
+
+def unpack12(raw, packing):
+    """Reference unpacking of two 12-bit pixels per 3 bytes (written from the format definitions)."""
+    b = raw.reshape(raw.shape[0], -1, 3).astype(np.uint16)
+    if packing == "p":  # PFNC Mono12p: lsb first
+        p0 = b[..., 0] | ((b[..., 1] & 0xF) << 8)
+        p1 = (b[..., 1] >> 4) | (b[..., 2] << 4)
+    else:  # GigE Vision Mono12Packed
+        p0 = (b[..., 0] << 4) | (b[..., 1] & 0xF)
+        p1 = (b[..., 2] << 4) | (b[..., 1] >> 4)
+    return np.stack([p0, p1], axis=-1).reshape(raw.shape[0], -1)
+
+
+@pytest.mark.parametrize("fmt, packing", [("Mono12p", "p"), ("Mono12Packed", "gige")])
+def test_packed_formats_deliver_packed_bytes(PySpin, sp, fmt, packing):
+    values = (np.arange(16 * 32, dtype=np.uint16).reshape(16, 32) * 7) % 4096
+    PySpin.fake.reset(cameras=[spec(PySpin, width=32, height=16, pixel_format=fmt,
+                                    render=lambda t: values.astype(float), **FAST)])
+    with sp.Camera() as cam:
+        assert cam.PayloadSize == 16 * 32 * 3 // 2
+        cam.start()
+        img = cam.cam.GetNextImage(1000)
+        raw = img.GetNDArray().copy()
+        assert img.GetBitsPerPixel() == 12 and img.GetPixelFormatName() == fmt
+        img.Release()
+        cam.stop()
+        cam.cam.DeInit()
+    assert raw.dtype == np.uint8 and raw.shape == (16, 48)  # bytes, not pixels
+    assert np.array_equal(unpack12(raw, packing), values)
+
+
+def test_bayer_camera_mosaics_an_rgb_scene_and_offers_only_its_formats(PySpin, sp):
+    rgb = np.zeros((8, 8, 3))
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 50
+    PySpin.fake.reset(cameras=[spec(PySpin, width=8, height=8, color_filter="BayerGR", render=lambda t: rgb, **FAST)])
+    with sp.Camera() as cam:
+        assert cam.PixelFormat == "BayerGR8" and cam.PixelColorFilter == "BayerGR"
+        offered = [e.GetSymbolic() for e in cam.camera_attributes["PixelFormat"].GetEntries()
+                   if PySpin.IsAvailable(PySpin.CEnumEntryPtr(e))]
+        assert offered == ["BayerGR8", "BayerGR16", "BayerGR12p"]
+        with pytest.raises(PySpin.SpinnakerException) as ei:
+            cam.PixelFormat = "Mono8"  # a colour-only camera
+        assert ei.value.errorcode == PySpin.GENICAM_ERR_ACCESS
+        cam.start()
+        img = cam.cam.GetNextImage(1000)
+        raw = img.GetNDArray().copy()
+        img.Release()
+        cam.stop()
+        cam.cam.DeInit()
+    assert raw[0, 0] == 100 and raw[0, 1] == 200 and raw[1, 0] == 50 and raw[1, 1] == 100  # G R / B G
+
+
+def test_auto_exposure_and_gain_hunt_between_frames_until_turned_off(PySpin, sp):
+    PySpin.fake.reset(cameras=[spec(PySpin, exposure_auto="Continuous", gain_auto="Continuous",
+                                    exposure_us=1000.0, readout_s=0.0005)])
+    dev = PySpin.fake.camera()
+    with sp.Camera() as cam:
+        software_trigger_setup(cam)
+        cam.start()
+        for _ in range(3):
+            grab(PySpin, cam)
+        cam.stop()
+        cam.ExposureAuto = cam.GainAuto = "Off"
+        cam.start()
+        for _ in range(3):
+            grab(PySpin, cam)
+        cam.stop()
+        cam.cam.DeInit()
+    hunting, frozen = dev.delivered[:3], dev.delivered[3:]
+    assert len({d["exposure_us"] for d in hunting}) > 1 and len({d["gain_db"] for d in hunting}) > 1
+    assert len({d["exposure_us"] for d in frozen}) == 1 and len({d["gain_db"] for d in frozen}) == 1
+
+
+def test_locked_nodes_are_read_only(PySpin, sp):
+    PySpin.fake.reset(cameras=[spec(PySpin, locked_nodes=("ExposureAuto",))])
+    with sp.Camera() as cam:
+        assert cam.ExposureAuto == "Continuous"
+        with pytest.raises(sp.CameraError, match="not currently writable"):
+            cam.ExposureAuto = "Off"
+        cam.cam.DeInit()
+
+
+def test_init_is_refused_while_another_handle_holds_the_camera(PySpin, sp):
+    first = sp.Camera()
+    first.init()
+    first.close()  # simple_pyspin drops the handle without DeInit
+    with pytest.raises(PySpin.SpinnakerException) as ei:
+        sp.Camera().init()
+    assert ei.value.errorcode == PySpin.SPINNAKER_ERR_RESOURCE_IN_USE
+    PySpin.fake.camera().initialized = False  # what a power cycle would do
+    again = sp.Camera()
+    again.init()
+    again.init()  # twice through the same handle: a no-op
+    again.cam.DeInit()

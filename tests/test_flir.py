@@ -71,7 +71,8 @@ def test_sixteen_bit_frames_stay_sixteen_bit(PySpin: ModuleType, sp: ModuleType)
 
 
 @pytest.mark.parametrize("fault, message", [
-    ({"timeout_from_frame": 1}, "no frame from the FLIR camera within 100 ms"),
+    # 501 ms: the timeout is never below the exposure (1 ms) + CAMERA_TIMEOUT_MARGIN_MS
+    ({"timeout_from_frame": 1}, "no frame from the FLIR camera within 501 ms"),
     ({"error_at_frame": 1}, "no frame from the FLIR camera"),
     ({"incomplete_at_frame": 1}, "incomplete frame"),
     ({"disconnect_at_frame": 1}, "no frame from the FLIR camera"),

@@ -97,7 +97,8 @@ def test_flir_and_zaber_together_find_focus(PySpin, sp, zaber, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("fault, message", [
-    ({"timeout_from_frame": 5}, "no frame from the FLIR camera within 200 ms"),
+    # 501 ms, not 200: the frame timeout is never below the exposure (1 ms) + CAMERA_TIMEOUT_MARGIN_MS
+    ({"timeout_from_frame": 5}, "no frame from the FLIR camera within 501 ms"),
     ({"error_at_frame": 5}, "no frame from the FLIR camera"),
     ({"incomplete_at_frame": 5}, "incomplete frame"),
     ({"disconnect_at_frame": 5}, "no frame from the FLIR camera"),

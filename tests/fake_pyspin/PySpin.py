@@ -55,7 +55,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -91,6 +91,20 @@ DIFFERENCES = """
   float nodes take int or float.
 * The node map is a small subset of a real Blackfly's, with plausible but
   not datasheet-exact ranges and increments.
+* Init() on a camera still initialised through another CameraPtr (one that
+  was never DeInit()ed, even if it was dropped) raises
+  SpinnakerException(-1004): stricter than the SDK may be within one process
+  (see CameraPtr.Init).  Init() twice through the same handle is a no-op.
+* Packed pixel formats (Mono12p, Mono10p, Mono12Packed, Bayer*12p): the buffer
+  holds the packed bytes and GetNDArray() returns them as uint8, shape
+  Height x (Width * bits / 8): the worst case for code that forgets to
+  unpack (we do not know what every PySpin version returns there).
+* ExposureAuto/GainAuto "Continuous" re-adjust after every frame
+  (ExposureTime x1.1 or /1.1, Gain +-0.5 dB, alternately), so code that does
+  not turn them off sees the exposure and gain change between frames.
+  "Once" converges at once and turns itself Off.
+* Enumeration entries a camera does not offer (PixelFormat, AdcBitDepth) are
+  NA; setting one raises an AccessException (-2006).
 """
 
 # ---------------------------------------------------------------------------
@@ -196,7 +210,13 @@ _ENUM_ENTRIES = {
     "TriggerActivation": ["RisingEdge", "FallingEdge"],
     "ExposureAuto": ["Off", "Once", "Continuous"],
     "GainAuto": ["Off", "Once", "Continuous"],
-    "PixelFormat": ["Mono8", "Mono16"],
+    # Mono8 and Mono16 keep indexes 0 and 1; the packed and Bayer formats follow.
+    "PixelFormat": ["Mono8", "Mono16", "Mono10p", "Mono12p", "Mono12Packed",
+                    "BayerRG8", "BayerGB8", "BayerGR8", "BayerBG8",
+                    "BayerRG16", "BayerGB16", "BayerGR16", "BayerBG16",
+                    "BayerRG12p", "BayerGB12p", "BayerGR12p", "BayerBG12p"],
+    "PixelColorFilter": ["None", "BayerRG", "BayerGB", "BayerGR", "BayerBG"],
+    "AdcBitDepth": ["Bit8", "Bit10", "Bit12"],
     "StreamBufferHandlingMode": ["OldestFirst", "OldestFirstOverwrite",
                                  "NewestFirst", "NewestOnly"],
     "StreamBufferCountMode": ["Manual", "Auto"],
@@ -206,8 +226,44 @@ for _enum_name, _entries in _ENUM_ENTRIES.items():
         globals()["%s_%s" % (_enum_name, _entry)] = _i
 del _enum_name, _entries, _i, _entry
 
-_PIXEL_DTYPES = {"Mono8": np.uint8, "Mono16": np.uint16}
-_SCRIBBLE = {"Mono8": 0xDE, "Mono16": 0xDEAD}
+
+
+@dataclasses.dataclass(frozen=True)
+class _PixelFormat:
+    """What a pixel format puts in a buffer.  ``bits``: significant bits per pixel; ``packing``:
+    None (one uint8/uint16 per pixel), "p" (PFNC lsb-first, e.g. Mono12p: 2 pixels in 3 bytes)
+    or "gige" (the GigE Vision legacy Mono12Packed: byte 1 holds the low nibbles).  ``cfa``:
+    the Bayer tile, top-left first ("RGGB" for BayerRG*), None for mono."""
+
+    bits: int
+    packing: Optional[str] = None
+    cfa: Optional[str] = None
+
+    @property
+    def dtype(self):
+        return np.uint8 if self.packing or self.bits <= 8 else np.uint16
+
+    def row_items(self, width):
+        """Items (bytes for packed formats) per row of ``width`` pixels."""
+        return width * self.bits // 8 if self.packing else width
+
+
+_CFA_OF_FILTER = {"BayerRG": "RGGB", "BayerGB": "GBRG", "BayerGR": "GRBG", "BayerBG": "BGGR"}
+_PIXEL_FORMATS = {"Mono8": _PixelFormat(8), "Mono16": _PixelFormat(16), "Mono10p": _PixelFormat(10, "p"),
+                  "Mono12p": _PixelFormat(12, "p"), "Mono12Packed": _PixelFormat(12, "gige")}
+for _filter, _cfa in _CFA_OF_FILTER.items():
+    _PIXEL_FORMATS[_filter + "8"] = _PixelFormat(8, cfa=_cfa)
+    _PIXEL_FORMATS[_filter + "16"] = _PixelFormat(16, cfa=_cfa)
+    _PIXEL_FORMATS[_filter + "12p"] = _PixelFormat(12, "p", cfa=_cfa)
+del _filter, _cfa
+_SCRIBBLE = {name: (0xDE if f.dtype == np.uint8 else 0xDEAD) for name, f in _PIXEL_FORMATS.items()}
+# What a camera offers when its spec does not say: a Blackfly-like mono camera with a 12-bit ADC
+# offers Mono8, Mono16 and packed 12-bit; a colour one only its own Bayer formats.
+_MONO_FORMATS = ("Mono8", "Mono16", "Mono12p", "Mono12Packed")
+
+
+def _color_formats(color_filter):
+    return tuple(color_filter + suffix for suffix in ("8", "16", "12p"))
 
 _clock = time.monotonic
 _lock = threading.RLock()
@@ -282,9 +338,16 @@ class FakeCameraSpec:
         rendered later, when handed out, so derive the content from the time
         argument, not from "now".  ``info`` is a dict with serial, frame_id,
         exposure_us, gain_db, width, height, offset_x, offset_y, pixel_format,
-        sensor_width, sensor_height.  Output dtype conversion: to Mono8 uint8
-        as is, uint16 >> 8, floats/other ints clipped to 0..255; to Mono16
-        uint16 as is, uint8 << 8, floats/other ints clipped to 0..65535.
+        sensor_width, sensor_height.  Output dtype conversion to the format's
+        significant bits (8, 10, 12 or 16): uint8 and uint16 are shifted (uint16
+        >> 8 for Mono8, uint8 << 8 for Mono16, ...), floats/other ints clipped
+        to 0..2**bits-1.  A colour camera (``color_filter`` set) may return an
+        H x W x 3 RGB array: the fake applies its colour filter array (the
+        mosaic, in sensor coordinates) for Bayer formats and takes the
+        luminance for Mono formats; a 2-D array is taken as the raw sensor
+        values.  Packed formats (Mono12p, Mono12Packed, BayerRG12p, ...) are
+        packed into the buffer, so GetNDArray() gives uint8 bytes of shape
+        Height x (Width * bits / 8), not pixels (see DIFFERENCES).
         A string "package.module:function" is imported (handy in JSON config).
         None: a deterministic gradient + noise pattern whose brightness scales
         with ExposureTime and Gain.
@@ -298,7 +361,16 @@ class FakeCameraSpec:
     firmware: str = "1.0.0.0 (fake)"
     width: int = 640
     height: int = 480
-    pixel_format: str = "Mono8"
+    pixel_format: Optional[str] = None  # None: the first of pixel_formats
+    # The PixelFormat entries this camera offers (the others are not available, as on a real
+    # camera); None: Mono8, Mono16, Mono12p, Mono12Packed for a mono camera, <filter>8, 16 and
+    # 12p for a colour one.
+    pixel_formats: Optional[Sequence[str]] = None
+    color_filter: str = "None"  # PixelColorFilter of a colour sensor: BayerRG, BayerGB, BayerGR, BayerBG
+    adc_bits: int = 12  # AdcBitDepth (Bit8, Bit10, Bit12)
+    # Nodes that are read-only on this camera whatever their usual rule (e.g. auto modes locked
+    # by the firmware or a user set): ("ExposureAuto", "GainAuto").
+    locked_nodes: Sequence[str] = ()
     render: Any = None
     exposure_us: float = 10000.0
     exposure_auto: str = "Continuous"
@@ -573,9 +645,13 @@ class _StringNode(_ValueNode):
 class _EnumEntryNode(INode):
     _intf = intfIEnumEntry
 
-    def __init__(self, dev, enum_name, symbolic, value, description=""):
+    def __init__(self, dev, enum_name, symbolic, value, description="", available=True):
+        # An entry the camera does not offer is NA, as GenApi reports it (code filters
+        # GetEntries() with IsAvailable()).
         super().__init__(dev, "EnumEntry_%s_%s" % (enum_name, symbolic),
-                         access=lambda d: RO, description=description, display_name=symbolic)
+                         access=lambda d: RO if available else NA, description=description,
+                         display_name=symbolic)
+        self._available = available
         self._symbolic = symbolic
         self._value = value
 
@@ -597,9 +673,9 @@ class _EnumEntryNode(INode):
 class _EnumNode(_ValueNode):
     _intf = intfIEnumeration
 
-    def __init__(self, dev, name, value, **kw):
+    def __init__(self, dev, name, value, *, available=None, **kw):
         super().__init__(dev, name, value, **kw)
-        self._entries = [_EnumEntryNode(dev, name, sym, i)
+        self._entries = [_EnumEntryNode(dev, name, sym, i, available=available is None or sym in available)
                          for i, sym in enumerate(_ENUM_ENTRIES[name])]
         if value not in _ENUM_ENTRIES[name]:
             raise ValueError("fake PySpin: %s has no entry %r" % (name, value))
@@ -617,6 +693,11 @@ class _EnumNode(_ValueNode):
                 raise _genicam_error(
                     "InvalidArgumentException", GENICAM_ERR_INVALID_ARGUMENT,
                     "Feature '%s' : cannot convert value '%s', the value is invalid."
+                    % (self._name, symbolic), self._name, func)
+            if not self._entry(symbolic)._available:
+                raise _genicam_error(
+                    "AccessException", GENICAM_ERR_ACCESS,
+                    "Feature '%s' : entry '%s' is not available on this camera."
                     % (self._name, symbolic), self._name, func)
             self._before_write()
             self._put(symbolic)
@@ -957,8 +1038,24 @@ class FakeCamera:
         self._control = control
         self.spec = spec
         self.serial = str(spec.serial)
-        if spec.pixel_format not in _PIXEL_DTYPES:
-            raise ValueError("fake PySpin: pixel_format must be one of %s" % list(_PIXEL_DTYPES))
+        if spec.color_filter not in _ENUM_ENTRIES["PixelColorFilter"]:
+            raise ValueError("fake PySpin: color_filter must be one of %s" % _ENUM_ENTRIES["PixelColorFilter"])
+        colour = spec.color_filter != "None"
+        self.pixel_formats = tuple(spec.pixel_formats or (
+            _color_formats(spec.color_filter) if colour else _MONO_FORMATS))
+        for name in self.pixel_formats:
+            if name not in _PIXEL_FORMATS:
+                raise ValueError("fake PySpin: pixel format %r is not one of %s" % (name, list(_PIXEL_FORMATS)))
+            cfa = _PIXEL_FORMATS[name].cfa
+            if cfa is not None and cfa != _CFA_OF_FILTER.get(spec.color_filter):
+                raise ValueError("fake PySpin: %s needs color_filter %r" % (
+                    name, {v: k for k, v in _CFA_OF_FILTER.items()}[cfa]))
+        self.initial_pixel_format = spec.pixel_format or self.pixel_formats[0]
+        if self.initial_pixel_format not in self.pixel_formats:
+            raise ValueError("fake PySpin: pixel_format %r is not among pixel_formats %s"
+                             % (self.initial_pixel_format, list(self.pixel_formats)))
+        if "Bit%d" % spec.adc_bits not in _ENUM_ENTRIES["AdcBitDepth"]:
+            raise ValueError("fake PySpin: adc_bits must be 8, 10 or 12")
         if spec.buffer_handling not in _ENUM_ENTRIES["StreamBufferHandlingMode"]:
             raise ValueError("fake PySpin: buffer_handling must be one of %s"
                              % _ENUM_ENTRIES["StreamBufferHandlingMode"])
@@ -977,6 +1074,7 @@ class FakeCamera:
         self.connected = True
         self.epoch = 0
         self.initialized = False
+        self.init_owner = None  # weakref to the CameraPtr that Init()ed the camera
         self.streaming = False
         # counters
         self.frames_delivered = 0
@@ -1082,8 +1180,14 @@ class FakeCamera:
             add(_IntNode(dev, "OffsetY", 0, vmin=0, vmax=lambda d: s.height - d.values["Height"],
                          inc=2, store=v, access=unlocked,
                          description="Vertical offset from the origin to the region of interest (in pixels).")),
-            add(_EnumNode(dev, "PixelFormat", s.pixel_format, store=v, access=unlocked,
+            add(_EnumNode(dev, "PixelFormat", self.initial_pixel_format, store=v, access=unlocked,
+                          available=self.pixel_formats,
                           description="Format of the pixels provided by the device.")),
+            add(_EnumNode(dev, "PixelColorFilter", "None", store=v, access=ro,
+                          description="Type of color filter that is applied to the image.")),
+            add(_EnumNode(dev, "AdcBitDepth", "Bit%d" % s.adc_bits, store=v, access=unlocked,
+                          available=["Bit%d" % b for b in (8, 10, 12) if b <= s.adc_bits],
+                          description="Selects which ADC bit depth to use.")),
             add(_BoolNode(dev, "ReverseX", False, store=v, access=unlocked,
                           description="Flip horizontally the image sent by the device.")),
             add(_IntNode(dev, "PayloadSize", 0, vmin=0, vmax=2**40, store=v, access=ro,
@@ -1128,6 +1232,9 @@ class FakeCamera:
                            access=auto_gated("GainAuto"), unit="dB",
                            description="Controls the amplification of the video signal in dB.")),
         ]
+        for n in nodes:
+            if n.GetName() in s.locked_nodes:  # read-only on this camera, whatever the usual rule
+                n._access_fn = (lambda f: lambda d: RO if f(d) in (RW, WO) else f(d))(n._access_fn)
         cats = [
             _CategoryNode(dev, "DeviceControl", device_ctl),
             _CategoryNode(dev, "ImageFormatControl", image_fmt),
@@ -1175,7 +1282,10 @@ class FakeCamera:
 
     def _refresh_derived(self):
         v = self.values
-        v["PayloadSize"] = v["Width"] * v["Height"] * np.dtype(_PIXEL_DTYPES[v["PixelFormat"]]).itemsize
+        fmt = _PIXEL_FORMATS[v["PixelFormat"]]
+        v["PayloadSize"] = v["Height"] * fmt.row_items(v["Width"]) * np.dtype(fmt.dtype).itemsize
+        # The filter of the pixels delivered: the sensor's for a Bayer format, None for mono.
+        v["PixelColorFilter"] = self.spec.color_filter if fmt.cfa else "None"
         v["AcquisitionResultingFrameRate"] = 1.0 / self._period()
 
     def _on_auto(self, name):
@@ -1261,9 +1371,9 @@ class FakeCamera:
         n = (self.stream_values["StreamBufferCountManual"]
              if self.stream_values["StreamBufferCountMode"] == "Manual" else self.spec.buffer_count)
         self.stream_values["StreamBufferCountResult"] = n
-        shape = (self.values["Height"], self.values["Width"])
-        dtype = _PIXEL_DTYPES[self.values["PixelFormat"]]
-        self._buffers = [_Buffer(i, np.zeros(shape, dtype)) for i in range(n)]
+        fmt = _PIXEL_FORMATS[self.values["PixelFormat"]]
+        shape = (self.values["Height"], fmt.row_items(self.values["Width"]))
+        self._buffers = [_Buffer(i, np.zeros(shape, fmt.dtype)) for i in range(n)]
         self._free = collections.deque(self._buffers)
         self._queue.clear()
         self._inflight.clear()
@@ -1305,7 +1415,18 @@ class FakeCamera:
         f.pixel_format = v["PixelFormat"]
         f.triggered = triggered
         f.pixels = None
+        self._hunt()
         return f
+
+    def _hunt(self):
+        """Auto exposure/gain left Continuous re-adjust after every frame, so consecutive frames
+        differ in exposure and gain (a real camera's loop hunts around its target in the same
+        way when the scene changes, e.g. while the focus moves)."""
+        v, up = self.values, self._frame_id % 2 == 1
+        if v["ExposureAuto"] == "Continuous":
+            v["ExposureTime"] = min(max(v["ExposureTime"] * (1.1 if up else 1 / 1.1), 10.0), 30_000_000.0)
+        if v["GainAuto"] == "Continuous":
+            v["Gain"] = min(max(v["Gain"] + (0.5 if up else -0.5), 0.0), 47.99)
 
     def _land(self, frame):
         """A frame finished read-out: put it in a buffer (or drop it)."""
@@ -1410,10 +1531,12 @@ class FakeCamera:
 
     # ----- rendering -------------------------------------------------------
     def _render(self, frame):
+        """The frame's buffer contents: sensor values in the frame's pixel format (packed if it is)."""
         s = self.spec
         h, w = frame.height, frame.width
+        fmt = _PIXEL_FORMATS[frame.pixel_format]
         if self._render_fn is None:
-            out = self._default_render(frame)
+            arr = self._default_render(frame)
         else:
             if self._render_wants_info:
                 info = dict(serial=self.serial, frame_id=frame.frame_id,
@@ -1425,19 +1548,31 @@ class FakeCamera:
             else:
                 arr = self._render_fn(frame.exposure_start)
             arr = np.asarray(arr)
-            if arr.ndim != 2:
-                raise ValueError("fake PySpin: render() must return a 2-D array, got shape %s" % (arr.shape,))
-            if arr.shape == (h, w):
-                pass
-            elif arr.shape == (s.height, s.width):
-                arr = arr[frame.offset_y:frame.offset_y + h, frame.offset_x:frame.offset_x + w]
-            else:
-                raise ValueError("fake PySpin: render() returned shape %s; expected %s (ROI) or %s (sensor)"
-                                 % (arr.shape, (h, w), (s.height, s.width)))
-            out = _convert_pixels(arr, frame.pixel_format)
+            if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+                raise ValueError("fake PySpin: render() must return a 2-D array (or H x W x 3 RGB), got shape %s"
+                                 % (arr.shape,))
+        if arr.shape[:2] == (h, w):
+            pass
+        elif arr.shape[:2] == (s.height, s.width):
+            arr = arr[frame.offset_y:frame.offset_y + h, frame.offset_x:frame.offset_x + w]
+        else:
+            raise ValueError("fake PySpin: render() returned shape %s; expected %s (ROI) or %s (sensor)"
+                             % (arr.shape, (h, w), (s.height, s.width)))
+        if arr.ndim == 3:
+            arr = self._mosaic(arr, frame, fmt.cfa) if fmt.cfa else (
+                arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114]))
+        out = _convert_pixels(arr, frame.pixel_format)
         if self.values.get("ReverseX"):
             out = out[:, ::-1]
-        return out
+        return _pack(out, fmt)
+
+    @staticmethod
+    def _mosaic(rgb, frame, cfa):
+        """The colour filter array: each pixel keeps one channel, fixed in sensor coordinates."""
+        h, w = rgb.shape[:2]
+        tile = (frame.offset_y + np.arange(h))[:, None] % 2 * 2 + (frame.offset_x + np.arange(w))[None, :] % 2
+        channel = np.array(["RGB".index(c) for c in cfa])[tile]
+        return np.take_along_axis(rgb, channel[..., None], axis=2)[..., 0]
 
     def _default_render(self, frame):
         s = self.spec
@@ -1448,8 +1583,10 @@ class FakeCamera:
         scale = (frame.exposure_us / 10000.0) * 10 ** (frame.gain_db / 20.0)
         rng = np.random.default_rng([int(s.seed) & 0xFFFFFFFF, frame.frame_id])
         img = base * scale + rng.normal(0.0, 0.01, (h, w))
-        maxval = np.iinfo(_PIXEL_DTYPES[frame.pixel_format]).max
-        return np.clip(np.rint(img * maxval), 0, maxval).astype(_PIXEL_DTYPES[frame.pixel_format])
+        maxval = 2 ** _PIXEL_FORMATS[frame.pixel_format].bits - 1
+        if s.color_filter != "None":  # a warm-tinted scene: the channels differ
+            img = img[..., None] * np.array([1.0, 0.7, 0.4])
+        return np.clip(img * maxval, 0, maxval)
 
     # ----- image delivery --------------------------------------------------
     def _get_next_image(self, timeout):
@@ -1527,6 +1664,8 @@ class FakeCamera:
         self.frames_delivered += 1
         self.delivered.append(dict(index=slot, frame_id=frame.frame_id,
                                    exposure_started=frame.exposure_start,
+                                   exposure_us=frame.exposure_us, gain_db=frame.gain_db,
+                                   pixel_format=frame.pixel_format,
                                    incomplete=incomplete, triggered=frame.triggered,
                                    delivered_at=_clock()))
         self._log("GetNextImage", "frame %d" % slot)
@@ -1550,17 +1689,38 @@ class FakeCamera:
 
 
 def _convert_pixels(arr, pixel_format):
-    dtype = _PIXEL_DTYPES[pixel_format]
-    maxval = np.iinfo(dtype).max
-    if arr.dtype == dtype:
-        return arr
-    if pixel_format == "Mono8" and arr.dtype == np.uint16:
-        return (arr >> 8).astype(np.uint8)
-    if pixel_format == "Mono16" and arr.dtype == np.uint8:
-        return arr.astype(np.uint16) << 8
+    """Sensor values at the format's significant bits, one uint8/uint16 per pixel (unpacked)."""
+    bits = _PIXEL_FORMATS[pixel_format].bits
+    dtype = np.uint8 if bits <= 8 else np.uint16
+    if arr.dtype == np.uint8:
+        return arr.astype(dtype) << (bits - 8) if bits > 8 else arr
+    if arr.dtype == np.uint16:
+        return (arr >> (16 - bits)).astype(dtype) if bits < 16 else arr
     if arr.dtype.kind == "f":
         arr = np.rint(arr)
-    return np.clip(arr, 0, maxval).astype(dtype)
+    return np.clip(arr, 0, 2 ** bits - 1).astype(dtype)
+
+
+def _pack(pixels, fmt):
+    """The bytes a packed format puts on the wire; unpacked formats pass through.
+
+    "p" (PFNC, e.g. Mono12p, Mono10p): an lsb-first bit stream, 2 pixels in 3 bytes at 12 bits,
+    4 in 5 at 10.  "gige" (GigE Vision Mono12Packed): byte 0 = pixel 0 bits 11..4, byte 1 = pixel
+    1 bits 3..0 << 4 | pixel 0 bits 3..0, byte 2 = pixel 1 bits 11..4."""
+    if not fmt.packing:
+        return pixels
+    h, w = pixels.shape
+    v = pixels.astype(np.uint64)
+    if fmt.packing == "gige":
+        p0, p1 = v[:, 0::2], v[:, 1::2]
+        out = np.stack([p0 >> 4, ((p1 & 0xF) << 4) | (p0 & 0xF), p1 >> 4], axis=-1)
+        return out.astype(np.uint8).reshape(h, w * 3 // 2)
+    n = 8 // math.gcd(fmt.bits, 8)  # pixels per whole number of bytes
+    nbytes = n * fmt.bits // 8
+    groups = v.reshape(h, w // n, n)
+    word = sum(groups[..., k] << np.uint64(k * fmt.bits) for k in range(n))
+    out = np.stack([(word >> np.uint64(8 * b)) & np.uint64(0xFF) for b in range(nbytes)], axis=-1)
+    return out.astype(np.uint8).reshape(h, w // n * nbytes)
 
 
 # ---------------------------------------------------------------------------
@@ -1677,16 +1837,15 @@ class ImagePtr:
         return 0
 
     def GetStride(self):
-        return self._frame.width * self._bytes_per_pixel()
-
-    def _bytes_per_pixel(self):
-        return np.dtype(_PIXEL_DTYPES[self._frame.pixel_format]).itemsize
+        fmt = _PIXEL_FORMATS[self._frame.pixel_format]
+        return fmt.row_items(self._frame.width) * np.dtype(fmt.dtype).itemsize
 
     def GetBitsPerPixel(self):
-        return 8 * self._bytes_per_pixel()
+        fmt = _PIXEL_FORMATS[self._frame.pixel_format]
+        return fmt.bits if fmt.packing else 8 * np.dtype(fmt.dtype).itemsize
 
     def GetBufferSize(self):
-        return self._frame.width * self._frame.height * self._bytes_per_pixel()
+        return self._frame.height * self.GetStride()
 
     GetImageSize = GetBufferSize
 
@@ -1776,11 +1935,27 @@ class CameraPtr:
 
     # -- lifecycle
     def Init(self):
+        # Spinnaker's CameraBase::Init "connects to camera with read and write access" and DeInit
+        # "resets camera back to read access" (Spinnaker C++ API reference): write access is
+        # exclusive, so a camera initialised through a handle that was never DeInit()ed (a run
+        # that dropped its handle, e.g. simple_pyspin's close(), which only deletes it) cannot
+        # be initialised again.  The fake refuses that in every case, in the same process too,
+        # with -1004 (SPINNAKER_ERR_RESOURCE_IN_USE), the code Spinnaker gives for "something
+        # still holds the camera": stricter than a real SDK may be within one process.
         with _lock:
             d = self._d()
-            if not d.initialized:
-                d.initialized = True
-                d._log("Init")
+            if d.initialized:
+                owner = d.init_owner() if d.init_owner is not None else None
+                if owner is self:
+                    return
+                d._log("Init", "refused: still initialised through another handle")
+                raise SpinnakerException(
+                    "Unable to initialize the camera: it is still initialized through another camera handle "
+                    "that was never de-initialized (call DeInit() before releasing it).",
+                    SPINNAKER_ERR_RESOURCE_IN_USE)
+            d.initialized = True
+            d.init_owner = weakref.ref(self)
+            d._log("Init")
 
     def DeInit(self):
         with _lock:
@@ -1789,6 +1964,7 @@ class CameraPtr:
                 raise SpinnakerException("Can't de-initialize camera. Camera is still streaming.",
                                          SPINNAKER_ERR_RESOURCE_IN_USE)
             d.initialized = False
+            d.init_owner = None
             d._log("DeInit")
 
     def IsInitialized(self):
