@@ -1456,7 +1456,10 @@ class ReplayStack:
         if not path.is_file():
             return None
         try:
-            value = json.loads(path.read_text(encoding="utf-8"))["roi"]
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or "roi" not in data:
+                raise ValueError('expected {"roi": [x, y, width, height]}')
+            value = data["roi"]
             if value is None:
                 return None
             if not (isinstance(value, list) and len(value) == 4 and
@@ -1464,7 +1467,7 @@ class ReplayStack:
                 raise ValueError(f"roi is {value!r}, expected [x, y, width, height] in whole pixels")
             roi: Roi = (value[0], value[1], value[2], value[3])
             check_roi(roi, frame_shape)
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, UsageError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, UsageError) as exc:
             raise StackError(f"replay stack {path}: {first_line(exc)}; fix or delete the file") from exc
         return roi
 
@@ -1874,9 +1877,9 @@ def check_request(start_mm: float, end_mm: float, step_mm: float, *, search: str
         if not (isinstance(roi, Sequence) and len(roi) == 4 and
                 all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in roi)):
             raise UsageError(f"roi {roi!r} must be (x, y, width, height) in whole camera pixels")
-        if roi[0] < 0 or roi[1] < 0 or roi[2] < 1 or roi[3] < 1:
-            raise UsageError(f"ROI {','.join(map(str, roi))}: X and Y must be 0 or more and the region not empty "
-                             f"(W and H at least {MIN_ROI_PX} pixels)")
+        if roi[0] < 0 or roi[1] < 0 or roi[2] < MIN_ROI_PX or roi[3] < MIN_ROI_PX:
+            raise UsageError(f"ROI {','.join(map(str, roi))}: X and Y must be 0 or more, and W and H at least "
+                             f"{MIN_ROI_PX} pixels (the region must not be empty)")
 
 
 def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm: float, *,

@@ -240,7 +240,9 @@ class CountingStage(autofocus.SimStage):
     ((12, 13, 0.1), {"z_min": 13, "z_max": 12}, "--z-min 13 must be below --z-max 12"),
     ((12, 13, 0.1), {"z_max": 12.5}, "leaves the allowed interval 0..12.5"),
     ((12, 13, 0.1), {"roi": (0, 0, 100)}, "must be (x, y, width, height)"),
-    ((12, 13, 0.1), {"roi": (0, 0, 0, 10)}, "not empty"),
+    ((12, 13, 0.1), {"roi": (0, 0, 0, 10)}, "must not be empty"),
+    ((12, 13, 0.1), {"roi": (0, 0, 7, 10)}, "W and H at least 8 pixels"),
+    ((12, 13, 0.1), {"roi": (-1, 0, 50, 50)}, "X and Y must be 0 or more"),
     ((-0.2, 0.2, 0.02), {"relative": True, "z_min": 12.2}, "the range 12.1..12.5 mm leaves"),
 ])
 def test_bad_requests_raise_usage_error_and_never_move(args: tuple, keywords: dict, message: str) -> None:

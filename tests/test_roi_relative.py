@@ -126,6 +126,7 @@ def test_saved_stack_records_the_roi_and_replay_reuses_it(tmp_path: Path, capfd:
     ('{"roi": [1, 2, 3]}', "expected [x, y, width, height]"),
     ('{"roi": [300, 0, 100, 100]}', "does not fit in the 320x200 frame"),
     ("not json", "fix or delete the file"),
+    ("[1, 2]", 'expected {"roi": [x, y, width, height]}'),
 ])
 def test_a_broken_roi_file_is_a_stack_error(tmp_path: Path, capfd: pytest.CaptureFixture[str], content: str,
                                             message: str) -> None:
