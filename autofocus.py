@@ -38,6 +38,7 @@ import functools
 import json
 import logging
 import math
+import numbers
 import os
 import subprocess
 import sys
@@ -92,6 +93,8 @@ POSITION_TOLERANCE_NATIVE = 5
 PLAUSIBLE_TRAVEL_MM = (1.0, 300.0)
 DEFAULT_CAMERA_TIMEOUT_MS = 2000
 CAMERA_TIMEOUT_MARGIN_MS = 500  # frame timeout >= exposure + this (read-out ~25 ms, transfer, a busy USB bus)
+ROI_FILE = "roi.json"  # next to a saved stack's stack.csv: the region of interest it was scored on
+MIN_ROI_PX = 8  # a region of interest narrower than this has too few pixels for any score (Brenner needs 3)
 
 ###############################################################################
 # Exceptions ##################################################################
@@ -108,9 +111,15 @@ class AutofocusError(Exception):
      |    +-- StageError
      |    +-- CameraError
      +-- OutputError       an output could not be written mid-run         (exit 5)
+
+    Raised by ``focus()`` after the stage has started moving, an error also carries what the
+    run measured (``partial``: a FocusResult with the frames scored so far) and where the stage
+    was left (``stage_state``: one sentence); both are None for errors raised before any move.
     """
 
     exit_code = EXIT_BUG
+    partial: FocusResult | None = None
+    stage_state: str | None = None
 
 
 class UsageError(AutofocusError):
@@ -364,20 +373,45 @@ METRICS: dict[str, ScoreFunction] = {
 }
 
 
+Roi = tuple[int, int, int, int]  # x, y, width, height in camera pixels (x to the right, y down)
+
+
 @dataclasses.dataclass(frozen=True)
 class Scorer:
-    """A chosen metric and filter size: ``scorer(image) -> float``."""
+    """A chosen metric and filter size: ``scorer(image) -> float``; with ``roi`` only that
+    region of the frame is scored (every score, the coarse one too)."""
 
     metric: str = "laplacian"
     blur: int = DEFAULT_BLUR
+    roi: Roi | None = None
+
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        """The part of the frame that is scored (a view, no copy)."""
+        if self.roi is None:
+            return image
+        x, y, w, h = self.roi
+        return image[y: y + h, x: x + w]
 
     def __call__(self, image: np.ndarray) -> float:
-        return METRICS[self.metric](image, self.blur)
+        return METRICS[self.metric](self.crop(image), self.blur)
 
     def coarse(self, image: np.ndarray) -> float:
         """The same score on a binned frame: a wide capture range, robust to photon noise
         (the fast search's coarse pass and the verdict's fallback, see ``decide``)."""
+        image = self.crop(image)
         return METRICS[self.metric](image, self.blur, coarse_binning(image.shape))
+
+
+def check_roi(roi: Roi, frame_shape: tuple[int, ...]) -> None:
+    """Raise UsageError unless the region lies wholly inside a frame of this shape."""
+    x, y, w, h = roi
+    height, width = frame_shape[0], frame_shape[1]
+    if w < MIN_ROI_PX or h < MIN_ROI_PX:
+        raise UsageError(f"ROI {x},{y},{w},{h} is {w}x{h} pixels: at least {MIN_ROI_PX}x{MIN_ROI_PX} are needed "
+                         "to score focus; give a larger W,H")
+    if x < 0 or y < 0 or x + w > width or y + h > height:
+        raise UsageError(f"ROI {x},{y},{w},{h} (pixels x {x}..{x + w}, y {y}..{y + h}) does not fit in the "
+                         f"{width}x{height} frame; give X,Y,W,H with X+W <= {width} and Y+H <= {height}")
 
 
 def coarse_binning(shape: tuple[int, ...]) -> int:
@@ -604,6 +638,8 @@ class Acquisition:
                 capture_dt = time.perf_counter() - t0
                 self.capture_s += capture_dt
             check_frame(frame, z_mm)
+            if self.scorer.roi is not None and self._frame_index == 0:
+                check_roi(self.scorer.roi, frame.shape)  # the frame size is known only now
         except BaseException:
             self._slots.release()
             raise
@@ -1062,6 +1098,8 @@ class ZaberStage:
         self._configure(port, native_unit_nm=native_unit_nm, move_timeout_s=move_timeout_s,
                         home_timeout_s=home_timeout_s, clear_faults=clear_faults)
         self.device_number, self.axis_number = device, axis
+        # A library-wide setting, so only for a connection the tool opens (from_axis leaves it alone).
+        self._zm.Library.set_idle_polling_period(10)  # ms; ZML's 50 ms default would add ~25 ms a move
         if device_db:
             self._zm.Library.set_device_db_source(self._zm.DeviceDbSourceType.FILE, device_db)
         self._connection = self._open(port)
@@ -1087,7 +1125,26 @@ class ZaberStage:
         zm = _zml()
         self._zm = zm
         self._exc = zm.exceptions
-        zm.Library.set_idle_polling_period(10)  # ms; ZML's 50 ms default would add ~25 ms a move
+
+    @classmethod
+    def from_axis(cls, axis: Any, *, native_unit_nm: float | None = None,
+                  move_timeout_s: float = DEFAULT_MOVE_TIMEOUT_S, home_timeout_s: float = DEFAULT_HOME_TIMEOUT_S,
+                  clear_faults: bool = False) -> ZaberStage:
+        """A stage over a ZML ``Axis`` the caller already holds, e.g.
+        ``connection.get_device(3).get_axis(1)`` or ``Microscope.find(connection).focus_axis``.
+
+        The caller owns the connection: ``close()`` leaves it open, and no ZML-wide setting
+        (idle polling, device database) is changed (``Library.set_idle_polling_period(10)`` saves
+        ~25 ms a move if your script allows it).  Units, limits and the homed state are read
+        from the axis as for a port the tool opens itself, latched flags are handled the same way
+        (``clear_faults`` as ``--clear-faults``), and nothing moves here.
+        """
+        self = cls.__new__(cls)
+        self._configure("the caller's connection", native_unit_nm=native_unit_nm, move_timeout_s=move_timeout_s,
+                        home_timeout_s=home_timeout_s, clear_faults=clear_faults)
+        self._connection = axis.device.connection
+        self._setup_axis(axis)
+        return self
 
     def _open(self, port: str) -> Any:
         """Open the serial port or tcp://HOST:PORT; errors are one UsageError."""
@@ -1738,6 +1795,10 @@ class SimOptics:
     bit_depth: int = 8
     specimen: str = "cells"  # "cells" or "blank"
     seed: int = 0
+    # A two-region field (for --roi): the right half of the frame shows right_specimen (default:
+    # the same specimen) in the plane right_focus_mm (default: focus_mm); None, None = one plane.
+    right_specimen: str | None = None
+    right_focus_mm: float | None = None
 
     @property
     def sample_pixel_um(self) -> float:
@@ -1884,6 +1945,12 @@ class SimCamera:
         o = self.optics
         specimen = make_specimen(o.width, o.height, o.specimen, o.seed)
         blurred = blur_sigma(specimen, o.blur_sigma_px(z_mm - o.focus_mm))
+        if o.right_specimen is not None or o.right_focus_mm is not None:
+            right_plane = o.focus_mm if o.right_focus_mm is None else o.right_focus_mm
+            right = blur_sigma(make_specimen(o.width, o.height, o.right_specimen or o.specimen, o.seed),
+                               o.blur_sigma_px(z_mm - right_plane))
+            half = o.width // 2  # a new array: blur_sigma may return the cached specimen itself
+            blurred = np.concatenate([blurred[:, :half], right[:, half:]], axis=1)
         electrons = blurred * np.float32(o.photons)
         noise = np.empty_like(electrons)
         # OpenCV's RNG is 3x faster than numpy's normals but per-thread and global: seeding it
@@ -1945,6 +2012,28 @@ class ReplayStack:
                                  f"was {shape[0]} {shape[1]}; all images must have the same size and bit depth")
             shape = (image.shape, image.dtype)
             self.frames.append(image)
+        self.roi = self._read_roi(self.folder / ROI_FILE, self.frames[0].shape)
+
+    @staticmethod
+    def _read_roi(path: Path, frame_shape: tuple[int, ...]) -> Roi | None:
+        """The region of interest recorded with the stack (``--save-images`` with ``--roi``), if any."""
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or "roi" not in data:
+                raise ValueError('expected {"roi": [x, y, width, height]}')
+            value = data["roi"]
+            if value is None:
+                return None
+            if not (isinstance(value, list) and len(value) == 4 and
+                    all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+                raise ValueError(f"roi is {value!r}, expected [x, y, width, height] in whole pixels")
+            roi: Roi = (value[0], value[1], value[2], value[3])
+            check_roi(roi, frame_shape)
+        except (OSError, UnicodeDecodeError, ValueError, UsageError) as exc:
+            raise StackError(f"replay stack {path}: {first_line(exc)}; fix or delete the file") from exc
+        return roi
 
     @staticmethod
     def _read_rows(csv_path: Path) -> list[tuple[float, str]]:
@@ -2080,11 +2169,22 @@ def plot_curve(path: str | Path, result: FocusResult) -> None:
 
 
 class ImageSaver:
-    """Writes every frame as a lossless PNG and appends a row to DIR/stack.csv as it goes."""
+    """Writes every frame as a lossless PNG and appends a row to DIR/stack.csv as it goes.
 
-    def __init__(self, folder: str | Path) -> None:
+    Frames are saved whole; a region of interest is recorded in DIR/roi.json (and a stale one
+    from an earlier run without it removed), so that ``--replay DIR`` scores the same region."""
+
+    def __init__(self, folder: str | Path, roi: Roi | None = None) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        roi_path = self.folder / ROI_FILE
+        try:
+            if roi is not None:
+                roi_path.write_text(json.dumps({"roi": list(roi)}) + "\n", encoding="utf-8")
+            else:
+                roi_path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputError(f"--save-images: writing {roi_path} failed ({exc.strerror})") from exc
         self._csv = open(self.folder / "stack.csv", "w", newline="")  # noqa: SIM115
         self._writer = csv.writer(self._csv)
         self._writer.writerow(["z_mm", "file", "score"])
@@ -2106,8 +2206,10 @@ class ImageSaver:
         self._csv.close()
 
 
-def compose_view(frame: np.ndarray, blur: int, curve: Sequence[Sample], height: int = 240) -> np.ndarray:
-    """One BGR picture: the frame, the filtered frame, its Laplacian, and the curve so far."""
+def compose_view(frame: np.ndarray, blur: int, curve: Sequence[Sample], height: int = 240,
+                 roi: Roi | None = None) -> np.ndarray:
+    """One BGR picture: the frame, the filtered frame, its Laplacian, and the curve so far;
+    the region of interest (the part that is scored) outlined in yellow on the three images."""
     filtered, lap = laplacian_views(frame, blur)
     gray = to_gray_float(frame)
     peak = float(np.iinfo(frame.dtype).max) if np.issubdtype(frame.dtype, np.integer) else 1.0
@@ -2126,6 +2228,12 @@ def compose_view(frame: np.ndarray, blur: int, curve: Sequence[Sample], height: 
         draw_curve(curve, height),
     ]
     titles = ["frame", "filtered", "Laplacian", "focus score"]
+    if roi is not None:
+        scale = height / frame.shape[0]  # every image panel is the whole frame, resized to `height`
+        x, y, w, h = (int(round(v * scale)) for v in roi)
+        for p in panels[:3]:
+            cv2.rectangle(p, (x, y), (x + max(w, 1) - 1, y + max(h, 1) - 1), (0, 255, 255), 1)
+        titles[0] = "frame (ROI scored)"
     for p, t in zip(panels, titles):
         cv2.putText(p, t, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 255), 1, cv2.LINE_AA)
     return np.hstack(panels)
@@ -2183,8 +2291,8 @@ class LiveView:
 
     WINDOW = "autofocus"
 
-    def __init__(self, blur: int) -> None:
-        self.blur = blur
+    def __init__(self, blur: int, roi: Roi | None = None) -> None:
+        self.blur, self.roi = blur, roi
         self._curve: list[Sample] = []
         self._latest: tuple[np.ndarray, list[Sample]] | None = None
         self._lock = threading.Lock()
@@ -2201,7 +2309,7 @@ class LiveView:
         with self._lock:
             latest, self._latest = self._latest, None
         if latest is not None:
-            cv2.imshow(self.WINDOW, compose_view(latest[0], self.blur, latest[1]))
+            cv2.imshow(self.WINDOW, compose_view(latest[0], self.blur, latest[1], roi=self.roi))
         cv2.waitKey(1)
 
     def close(self) -> None:
@@ -2222,7 +2330,8 @@ class LiveCamera:
 
 def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR) -> list[Path]:
     """The README's figures, from the simulator: blurry and focused frames with their
-    Laplacians, and a sweep animation (frame, filtered, Laplacian, curve so far)."""
+    Laplacians, a sweep animation (frame, filtered, Laplacian, curve so far), and the live view
+    of a two-plane field scored on a region of interest (roi.png)."""
     from PIL import Image  # noqa: PLC0415  (pillow comes with matplotlib)
 
     folder = Path(folder)
@@ -2256,7 +2365,186 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
     gif = folder / "autofocus.gif"
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=200, loop=0, optimize=True)
     written.append(gif)
+    # --roi: a two-plane field (the right half 0.2 mm above the left), only the outlined right
+    # part scored: the curve peaks at the right half's plane, where the view is taken.
+    two_plane = dataclasses.replace(optics, width=480, height=300, right_focus_mm=optics.focus_mm + 0.2)
+    roi: Roi = (270, 20, 190, 260)
+    camera = SimCamera(stage, two_plane, SimTiming(scale=0.0))
+    scorer = Scorer(blur=blur, roi=roi)
+    curve = []
+    for z in plan_positions(optics.focus_mm - 0.3, optics.focus_mm + 0.5, 0.025):
+        stage.z = z
+        curve.append(Sample(z, scorer(camera.capture())))
+    stage.z = best_sample(curve).z_mm
+    path = folder / "roi.png"
+    cv2.imwrite(str(path), compose_view(camera.capture(), blur, curve, height=150, roi=roi))
+    written.append(path)
     return written
+
+
+###############################################################################
+# Python API ##################################################################
+###############################################################################
+# For scripts that already hold a stage and a camera (a tiling loop, a notebook):
+#
+#     stage, camera = autofocus.simulated_microscope(focus_mm=12.34, start_mm=12.3)
+#     result = autofocus.focus(stage, camera, 12.0, 12.7, 0.01)
+#
+# The command line runs through focus() as well: one path for the checks, the search, the
+# verdict, the final move and the fault handling.  focus()'s keywords are named like the
+# command-line options (``--settle-ms`` is ``settle_ms``); the CLI passes every option that has
+# a keyword of the same name (``focus_keywords``), so a new keyword and its option join in one step.
+
+plan_log = logging.getLogger("autofocus.plan")  # the header line: what will be searched (absolute mm)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_request(start_mm: float, end_mm: float, step_mm: float, *, search: str = "sweep",
+                  metric: str = "laplacian", blur: int = DEFAULT_BLUR, roi: Sequence[int] | None = None,
+                  settle_ms: float = 0.0, backlash_mm: float = 0.0, z_min: float | None = None,
+                  z_max: float | None = None, allow_many: bool = False, **_others: Any) -> None:
+    """Everything about a request that can be checked before anything moves; UsageError (one
+    line) otherwise.  The CLI runs it before opening the hardware, focus() on every call."""
+    for name, value in (("START", start_mm), ("END", end_mm), ("STEP", step_mm)):
+        if not _is_number(value):
+            raise UsageError(f"{name} {value!r} is not a finite number of mm")
+    if not step_mm > 0:
+        raise UsageError(f"STEP {step_mm!r} must be greater than 0")
+    span = abs(end_mm - start_mm)
+    if span == 0:
+        raise UsageError("START equals END: nothing to search; give a range of at least one STEP")
+    if step_mm > span + 1e-12:
+        raise UsageError(f"STEP {step_mm:g} mm is larger than the range {span:g} mm; use a smaller STEP")
+    whole_steps = math.floor(span / step_mm + 1e-9)
+    n = whole_steps + 1 + (abs(whole_steps * step_mm - span) > 1e-9)
+    if n > MAX_POSITIONS and not allow_many:
+        raise UsageError(f"{n:,} positions (range {span:g} mm / STEP {step_mm:g} mm) is more than "
+                         f"{MAX_POSITIONS:,}: check the units (mm), or confirm with --allow-many")
+    if search not in SEARCHES:
+        raise UsageError(f"search {search!r} is unknown; choose one of {', '.join(SEARCHES)}")
+    if metric not in METRICS:
+        raise UsageError(f"metric {metric!r} is unknown; choose one of {', '.join(METRICS)}")
+    if not (isinstance(blur, numbers.Integral) and 3 <= blur <= MAX_BLUR and blur % 2 == 1):
+        raise UsageError(f"blur {blur!r} must be an odd whole number of pixels from 3 to {MAX_BLUR} (e.g. 5, 9, 15)")
+    for name, value in (("settle_ms", settle_ms), ("backlash_mm", backlash_mm)):
+        if not (_is_number(value) and value >= 0):
+            raise UsageError(f"{name} {value!r} must be a finite number, 0 or more")
+    for name, value in (("z_min", z_min), ("z_max", z_max)):
+        if value is not None and not _is_number(value):
+            raise UsageError(f"{name} {value!r} must be a finite number of mm (or None)")
+    if z_min is not None and z_max is not None and z_min >= z_max:
+        raise UsageError(f"--z-min {z_min:g} must be below --z-max {z_max:g}")
+    if roi is not None:
+        if not (isinstance(roi, Sequence) and len(roi) == 4 and
+                all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in roi)):
+            raise UsageError(f"roi {roi!r} must be (x, y, width, height) in whole camera pixels")
+        if roi[0] < 0 or roi[1] < 0 or roi[2] < MIN_ROI_PX or roi[3] < MIN_ROI_PX:
+            raise UsageError(f"ROI {','.join(map(str, roi))}: X and Y must be 0 or more, and W and H at least "
+                             f"{MIN_ROI_PX} pixels (the region must not be empty)")
+
+
+def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm: float, *,
+          search: str = "sweep", metric: str = "laplacian", blur: int = DEFAULT_BLUR,
+          roi: Sequence[int] | None = None, settle_ms: float = 0.0, backlash_mm: float = 0.0,
+          z_min: float | None = None, z_max: float | None = None, relative: bool = False,
+          home: bool | None = None, allow_many: bool = False, on_frame: FrameHook | None = None) -> FocusResult:
+    """Find the sharpest focus between START and END every STEP (mm) and send the stage there.
+
+    Exactly what ``python autofocus.py START END STEP ...`` does, on a stage and a camera the
+    caller holds (nothing is opened or closed here):
+
+    1. checks the request (``check_request``) and the plan against the stage's travel limits
+       and the soft limits ``z_min``/``z_max``, backlash overshoot included (UsageError,
+       nothing moved); ``relative=True`` reads the stage's position and makes START and END
+       offsets from it (an axis without a reference position is refused);
+    2. homes a Zaber axis that has no reference position (announced, as the CLI does; home it
+       yourself to choose when).  Homing drives to the home sensor through positions ``z_min``/
+       ``z_max`` may forbid, so with a soft limit it needs ``home=True``; ``home=False`` never
+       homes (UsageError, nothing moved);
+    3. searches (``search``: "sweep" or "fast"), scoring ``roi=(x, y, w, h)`` (camera pixels;
+       checked against the first frame) or the whole frame with ``metric`` and ``blur``;
+    4. judges the curve: ``focused`` or ``edge`` sends the stage to the best position;
+       ``no_peak`` sends it back to where it started.  The verdict is in ``result.verdict.kind``
+       (``result.exit_code`` is the CLI's exit code for it), never an exception.
+
+    ``on_frame(index, z_mm, frame, score)`` is called for every frame (from the scoring thread).
+    A fault (stage, camera, a bad ROI, Ctrl-C, or an exception from your own Stage/Camera)
+    stops the axis, returns it to where it started when it still answers, and re-raises the
+    error with ``partial`` (a FocusResult of the frames scored so far) and ``stage_state`` (where
+    the stage was left) attached.  The tool's own errors are AutofocusError subclasses:
+    UsageError, StageError, CameraError, OutputError.
+    """
+    check_request(start_mm, end_mm, step_mm, search=search, metric=metric, blur=blur, roi=roi,
+                  settle_ms=settle_ms, backlash_mm=backlash_mm, z_min=z_min, z_max=z_max, allow_many=allow_many)
+    box: Roi | None = None if roi is None else (int(roi[0]), int(roi[1]), int(roi[2]), int(roi[3]))
+    origin_mm = 0.0
+    if relative:
+        if getattr(stage, "homed", True) is False:
+            raise UsageError("--relative: the axis has no reference position, so where it is now means nothing; "
+                             "home it first (or give absolute START and END)")
+        origin_mm = stage.position_mm()
+    plan = Plan(tuple(plan_positions(start_mm + origin_mm, end_mm + origin_mm, step_mm)), search, backlash_mm,
+                settle_ms)
+    check_plan(plan, stage.limits_mm(), (z_min, z_max))
+    home_if_needed = getattr(stage, "home_if_needed", None)
+    if home_if_needed is not None and getattr(stage, "homed", True) is False:
+        axis = f"device {stage.device_number} axis {stage.axis_number}" if isinstance(stage, ZaberStage) \
+            else "the focus axis"
+        check_home_consent(home, z_min, z_max, axis)
+        home_if_needed()
+        check_plan(plan, stage.limits_mm(), (z_min, z_max))
+    first, last = plan.positions[0], plan.positions[-1]
+    plan_log.info("searching %.4f..%.4f mm every %g mm%s: %d positions, %s search, %s score%s",
+                  first, last, step_mm,
+                  f" ({start_mm:+g}..{end_mm:+g} mm from {origin_mm:.4f} mm)" if relative else "",
+                  len(plan.positions), search, metric,
+                  f", ROI {','.join(map(str, box))}" if box else "")
+    try:
+        return run_autofocus(stage, camera, Scorer(metric, blur, box), plan, on_frame=on_frame)
+    except RunFailed as failed:
+        stopped = failed
+    # Raised here, outside the handler, so that the error keeps its own cause and traceback.
+    error = stopped.cause
+    with contextlib.suppress(AttributeError, TypeError):  # an exception class with __slots__
+        error.partial, error.stage_state = stopped.partial, stopped.where  # type: ignore[union-attr]
+    raise error
+
+
+def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
+    """A simulated focus stage and camera, to try ``focus()`` without hardware.
+
+    Keywords: every ``SimOptics`` field (``focus_mm``, ``photons``, ``seed``, ``width``,
+    ``height``, ``read_noise_e``, ``bit_depth``, ``specimen``, ``right_specimen``,
+    ``right_focus_mm``, ``magnification``, ``na``, ...); ``time_scale`` (1, the default: real
+    hardware timing; 0: no waiting) and every other ``SimTiming`` field (``exposure_s``,
+    ``readout_s``, ...); ``start_mm`` (where the stage starts, default 0), ``travel_mm``
+    (default (0, 25)), ``one_shot`` (an acquisition start/stop per frame) and ``camera_roi``
+    ((x, y, w, h): the sensor region read out, as ``--camera-roi``).
+    """
+    optics_names = {f.name for f in dataclasses.fields(SimOptics)}
+    timing_names = {f.name for f in dataclasses.fields(SimTiming)} - {"scale"}
+    stage_names = {"time_scale", "start_mm", "travel_mm", "one_shot", "camera_roi"}
+    unknown = sorted(set(options) - optics_names - timing_names - stage_names)
+    if unknown:
+        raise UsageError(f"simulated_microscope: unknown option {', '.join(unknown)}; choose from "
+                         f"{', '.join(sorted(optics_names | timing_names | stage_names))}")
+    for name in ("specimen", "right_specimen"):
+        if options.get(name) not in (None, "cells", "blank"):
+            raise UsageError(f"simulated_microscope: {name}={options[name]!r}; choose cells or blank")
+    optics = SimOptics(**{k: v for k, v in options.items() if k in optics_names})
+    if optics.width < 16 or optics.height < 16 or not optics.photons > 0:
+        raise UsageError("simulated_microscope: width and height must be 16 pixels or more, photons above 0")
+    timing = SimTiming(scale=options.get("time_scale", 1.0), **{k: v for k, v in options.items() if k in timing_names})
+    clock = SimClock(timing.scale)
+    stage = SimStage(travel_mm=tuple(options.get("travel_mm", (0.0, 25.0))),  # type: ignore[arg-type]
+                     position_mm=options.get("start_mm", 0.0), timing=timing, clock=clock)
+    camera_roi = options.get("camera_roi")
+    return stage, SimCamera(stage, optics, timing, clock, one_shot=options.get("one_shot", False),
+                            roi=None if camera_roi is None else tuple(camera_roi))  # type: ignore[arg-type]
 
 
 ###############################################################################
@@ -2345,6 +2633,20 @@ def pixel_roi(text: str) -> Roi:
     return x, y, w, h
 
 
+def roi_box(text: str) -> Roi:
+    """X,Y,W,H in camera pixels: the region of interest (checked against the frame size later)."""
+    try:
+        x, y, w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not X,Y,W,H in whole pixels, e.g. 800,400,320,240") from None
+    if x < 0 or y < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: X and Y (the top-left corner) must be 0 or more")
+    if w < MIN_ROI_PX or h < MIN_ROI_PX:
+        raise argparse.ArgumentTypeError(f"{text!r}: the region is {'empty' if w < 1 or h < 1 else 'too small'}; "
+                                         f"W and H must be at least {MIN_ROI_PX} pixels")
+    return x, y, w, h
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: positionals as on the card, options in groups."""
     p = OneLineParser(
@@ -2408,6 +2710,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default 0: direct-drive stages like the MVR's X-LDA; ~0.01-0.05 for leadscrews)")
     srch.add_argument("--z-min", metavar="MM", type=finite_float, help="soft limit: never command a position below this (mm)")
     srch.add_argument("--z-max", metavar="MM", type=finite_float, help="soft limit: never command a position above this (mm)")
+    srch.add_argument("--relative", action="store_true",
+                      help="START and END are offsets from where the stage is now (e.g. -0.1 0.1 0.01: +-0.1 mm "
+                           "around the current focus); limits apply to the absolute positions")
+    srch.add_argument("--roi", metavar="X,Y,W,H", type=roi_box,
+                      help="score only this region of the frame (camera pixels: left, top, width, height); "
+                           "with --replay, the ROI saved with the stack is the default")
     srch.add_argument("--allow-many", action="store_true",
                       help=f"allow more than {MAX_POSITIONS:,} positions in a sweep")
     out = p.add_argument_group("output")
@@ -2430,6 +2738,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"camera read noise, electrons (default {SimOptics.read_noise_e:g})")
     sim.add_argument("--sim-specimen", choices=("cells", "blank"), default="cells",
                      help="cells (default) or blank: an empty field with nothing to focus on")
+    sim.add_argument("--sim-right-specimen", choices=("cells", "blank"),
+                     help="the right half of the field shows this specimen (a two-region field, e.g. for --roi)")
+    sim.add_argument("--sim-right-focus-mm", metavar="MM", type=finite_float,
+                     help="the right half of the field is in focus at this position (a two-plane field)")
     sim.add_argument("--sim-size", type=frame_size, default=(SimOptics.width, SimOptics.height),
                      metavar="WxH", help="simulated frame size (default 1920x1200)")
     sim.add_argument("--sim-bits", metavar="BITS", type=int, choices=(8, 12, 16), default=8, help="simulated pixel depth")
@@ -2460,21 +2772,10 @@ def validate(args: argparse.Namespace) -> None:
     if not (args.simulate or args.replay) and not args.port:
         raise UsageError("no PORT: give the stage's serial port (e.g. COM3, /dev/ttyUSB0) or tcp://HOST:PORT, "
                      "or use --simulate or --replay DIR")
-    span = abs(args.end_mm - args.start_mm)
-    if span == 0:
-        raise UsageError("START equals END: nothing to search; give a range of at least one STEP")
-    if args.step_mm > span + 1e-12:
-        raise UsageError(f"STEP {args.step_mm:g} mm is larger than the range {span:g} mm; use a smaller STEP")
-    whole_steps = math.floor(span / args.step_mm + 1e-9)
-    n = whole_steps + 1 + (abs(whole_steps * args.step_mm - span) > 1e-9)
-    if n > MAX_POSITIONS and not args.allow_many:
-        raise UsageError(f"{n:,} positions (range {span:g} mm / STEP {args.step_mm:g} mm) is more than "
-                     f"{MAX_POSITIONS:,}: check the units (mm), or confirm with --allow-many")
+    check_request(args.start_mm, args.end_mm, args.step_mm, **focus_keywords(args))
     if args.device_db and not Path(args.device_db).is_file():
         raise UsageError(f"--device-db {args.device_db}: no such file; download Zaber's offline device database "
                          "or use --native-unit-nm")
-    if args.z_min is not None and args.z_max is not None and args.z_min >= args.z_max:
-        raise UsageError(f"--z-min {args.z_min:g} must be below --z-max {args.z_max:g}")
     if args.show_images and (problem := display_problem()):
         raise UsageError(f"--show-images needs a display and none is available ({problem}); "
                          "use --save-images DIR to keep the frames, or --plot FILE for the curve")
@@ -2499,34 +2800,44 @@ def check_outputs(args: argparse.Namespace) -> None:
             raise UsageError(f"--save-images {folder}: cannot write there; pick another folder")
 
 
+def focus_keywords(args: argparse.Namespace) -> dict[str, Any]:
+    """focus()'s keywords from the command line: each one that has an option of the same name."""
+    return {name: getattr(args, name) for name in (focus.__kwdefaults__ or {}) if hasattr(args, name)}
+
+
+def sim_options(args: argparse.Namespace) -> dict[str, Any]:
+    """simulated_microscope()'s keywords from the --sim-* options."""
+    return dict(focus_mm=args.sim_focus_mm, photons=args.sim_photons, read_noise_e=args.sim_read_noise_e,
+                specimen=args.sim_specimen, right_specimen=args.sim_right_specimen,
+                right_focus_mm=args.sim_right_focus_mm, width=args.sim_size[0], height=args.sim_size[1],
+                bit_depth=args.sim_bits, seed=args.sim_seed, time_scale=args.sim_time_scale,
+                start_mm=args.sim_start_mm, camera_roi=args.camera_roi)
+
+
 @contextlib.contextmanager
 def open_microscope(args: argparse.Namespace) -> Iterator[tuple[Stage, Camera]]:
     """The stage and camera the arguments ask for; closes them afterwards."""
-    timing = SimTiming(scale=args.sim_time_scale)
-    clock = SimClock(timing.scale)
-    optics = SimOptics(focus_mm=args.sim_focus_mm, photons=args.sim_photons, read_noise_e=args.sim_read_noise_e,
-                       specimen=args.sim_specimen, width=args.sim_size[0], height=args.sim_size[1],
-                       bit_depth=args.sim_bits, seed=args.sim_seed)
     if args.replay:
         stack = ReplayStack(args.replay)
         lo, hi = stack.range_mm
-        for name, z in (("START", args.start_mm), ("END", args.end_mm)):
+        # (--relative: offsets; the plan check against the stage's travel, the stack's range, says it)
+        for name, z in () if args.relative else (("START", args.start_mm), ("END", args.end_mm)):
             if not lo - 1e-9 <= z <= hi + 1e-9:
                 raise UsageError(f"{name} {z!r} mm is outside the replay stack's range {lo!r}..{hi!r} mm")
         stage: Any = SimStage(travel_mm=(lo, hi), position_mm=lo, timing=SimTiming(scale=0.0))
         yield stage, ReplayCamera(stage, stack)
         return
     if args.simulate:
-        stage = SimStage(position_mm=args.sim_start_mm, timing=timing, clock=clock)
-        yield stage, SimCamera(stage, optics, timing, clock, roi=args.camera_roi)
+        yield simulated_microscope(**sim_options(args))
         return
     zaber = ZaberStage(args.port, args.device, args.axis, native_unit_nm=args.native_unit_nm,
                        device_db=args.device_db, move_timeout_s=args.move_timeout_s,
                        home_timeout_s=args.home_timeout_s, clear_faults=args.clear_faults)
     camera: Any = None
     try:
-        if args.camera == "sim":
-            camera = SimCamera(zaber, optics, timing, clock, roi=args.camera_roi)
+        if args.camera == "sim":  # the simulated camera shows what the real stage's position would
+            _, sim = simulated_microscope(**sim_options(args))
+            camera = SimCamera(zaber, sim.optics, sim.timing, sim.clock, roi=args.camera_roi)
         else:
             camera = FlirCamera(args.camera_serial, exposure_ms=args.exposure_ms, timeout_ms=args.camera_timeout_ms,
                                 roi=args.camera_roi)
@@ -2554,14 +2865,14 @@ def stage_header(info: dict[str, Any], port: str) -> str:
             f"({hi - lo:g} mm; native unit {info['native_unit_nm']:g} nm from {info['units_from']})")
 
 
-def check_home_consent(args: argparse.Namespace, info: dict[str, Any]) -> None:
-    """Homing crosses positions --z-min/--z-max may forbid: refuse it unless it is allowed."""
-    axis = f"device {info['device']} axis {info['axis']}"
-    if args.home is False:
+def check_home_consent(home: bool | None, z_min: float | None, z_max: float | None, axis: str) -> None:
+    """Homing crosses positions --z-min/--z-max may forbid: refuse it unless it is allowed
+    (``home``: True allowed, False never, None only without a soft limit)."""
+    if home is False:
         raise UsageError(f"{axis} has no reference position (not homed) and --no-home forbids homing: home it "
                          "yourself (e.g. in Zaber Launcher) once the path to the home sensor is clear; nothing moved")
-    soft = [name for name, v in (("--z-min", args.z_min), ("--z-max", args.z_max)) if v is not None]
-    if soft and args.home is not True:
+    soft = [name for name, v in (("--z-min", z_min), ("--z-max", z_max)) if v is not None]
+    if soft and home is not True:
         raise UsageError(f"{axis} has no reference position and must be homed, but homing drives to the home sensor "
                          f"(toward position 0, the low end of the travel) through positions {'/'.join(soft)} may "
                          "forbid: check that the objective's path is clear, then pass --home (or home the stage "
@@ -2597,66 +2908,68 @@ def run(args: argparse.Namespace) -> int:
             print(path)
         return EXIT_OK
     check_outputs(args)
-    positions = plan_positions(args.start_mm, args.end_mm, args.step_mm)
-    plan = Plan(tuple(positions), args.search, args.backlash_mm, args.settle_ms)
-    scorer = Scorer(args.metric, args.blur)
+    n_positions = len(plan_positions(args.start_mm, args.end_mm, args.step_mm))
     result: FocusResult | None = None
     error: str | None = None
     where: str | None = None
     stage_info: dict[str, Any] | None = None
+    zaber: ZaberStage | None = None
     code = EXIT_OK
     saver: ImageSaver | None = None
     live: LiveView | None = None
     progress: Any = None
+    plan_log.setLevel(logging.INFO if args.relative else logging.NOTSET)  # --relative: say where, in absolute mm
     try:
         with open_microscope(args) as (stage, camera):
-            check_plan(plan, stage.limits_mm(), (args.z_min, args.z_max))
             if isinstance(stage, ZaberStage):
+                zaber = stage
                 stage_info = stage.describe()
                 if not args.json:
                     print(stage_header(stage_info, args.port))
-                if not stage.homed:
-                    check_home_consent(args, stage_info)
-                    stage_info["homed_now"] = stage.home_if_needed()
-                check_plan(plan, stage.limits_mm(), (args.z_min, args.z_max))
-            if args.save_images:
-                saver = ImageSaver(args.save_images)
+            roi = args.roi
+            recorded = getattr(getattr(camera, "stack", None), "roi", None)
+            if roi is None and recorded is not None:
+                roi = recorded
+                log.warning("scoring the region of interest saved with the stack, %s (--roi X,Y,W,H to change it)",
+                            ",".join(map(str, roi)))
             if args.show_images:
-                live = LiveView(args.blur)
+                live = LiveView(args.blur, roi)
             if sys.stderr.isatty() and not args.verbose:
                 from tqdm import tqdm  # noqa: PLC0415
 
-                progress = tqdm(total=len(positions) if args.search == "sweep" else None, unit="frame",
+                progress = tqdm(total=n_positions if args.search == "sweep" else None, unit="frame",
                                 desc="autofocus", file=sys.stderr, leave=False)
 
             def on_frame(index: int, z_mm: float, frame: np.ndarray, score: float) -> None:
-                if saver is not None:
+                nonlocal saver
+                if args.save_images:
+                    if saver is None:  # on the first frame: a plan refused before moving leaves no stack
+                        saver = ImageSaver(args.save_images, roi)
                     saver(index, z_mm, frame, score)
                 if live is not None:
                     live.offer(index, z_mm, frame, score)
                 if progress is not None:
                     progress.update(1)
 
-            log.info("searching %g..%g mm every %g mm (%d positions, %s search, %s score)",
-                     args.start_mm, args.end_mm, args.step_mm, len(positions), args.search, args.metric)
-            result = run_autofocus(stage, camera if live is None else LiveCamera(camera, live), scorer, plan,
-                                   on_frame=on_frame)
+            result = focus(stage, camera if live is None else LiveCamera(camera, live), args.start_mm, args.end_mm,
+                           args.step_mm, **{**focus_keywords(args), "roi": roi, "on_frame": on_frame})
             if live is not None:
                 live.refresh()
             code = result.exit_code
-    except RunFailed as failed:
-        result, where = failed.partial, failed.where
-        cause = failed.cause
-        if isinstance(cause, KeyboardInterrupt):
+    except BaseException as failed:  # noqa: BLE001 - only a run that had started is handled here
+        if getattr(failed, "stage_state", None) is None:
+            raise  # refused before anything moved: main() reports it
+        result, where = failed.partial, failed.stage_state  # type: ignore[attr-defined]
+        if isinstance(failed, KeyboardInterrupt):
             code, error = EXIT_INTERRUPTED, "interrupted"
-        elif isinstance(cause, AutofocusError):
-            code, error = cause.exit_code, first_line(cause)
+        elif isinstance(failed, AutofocusError):
+            code, error = failed.exit_code, first_line(failed)
         else:
-            code, error = EXIT_BUG, f"internal error {type(cause).__name__}: {first_line(cause)} (please report " \
+            code, error = EXIT_BUG, f"internal error {type(failed).__name__}: {first_line(failed)} (please report " \
                                     "it with the --verbose output)"
         print(f"autofocus.py: {error}; {where}", file=sys.stderr)
         if args.verbose:
-            log.debug("traceback", exc_info=cause)
+            log.debug("traceback", exc_info=failed)
     finally:
         if progress is not None:
             progress.close()
@@ -2671,6 +2984,8 @@ def run(args: argparse.Namespace) -> int:
             plot_curve(args.plot, result)
         if error is None:
             print(summary_line(result), file=sys.stderr if args.json else sys.stdout)
+    if stage_info is not None and zaber is not None:
+        stage_info["homed_now"] = not stage_info["homed"] and zaber.homed
     if args.json:
         print(json.dumps(result_json(result, exit_code=code, error=error, where=where, stage_info=stage_info)))
     return code
