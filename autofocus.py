@@ -2094,7 +2094,8 @@ def first_line(exc: BaseException) -> str:
 
 
 def result_json(result: FocusResult | None, *, exit_code: int, error: str | None = None,
-                where: str | None = None, stage_info: dict[str, Any] | None = None) -> dict[str, Any]:
+                where: str | None = None, stage_info: dict[str, Any] | None = None,
+                roi: Sequence[int] | None = None, camera_roi: Sequence[int] | None = None) -> dict[str, Any]:
     """The machine-readable summary printed by --json: the same keys on every exit."""
 
     def num(x: float | None) -> float | None:
@@ -2128,6 +2129,8 @@ def result_json(result: FocusResult | None, *, exit_code: int, error: str | None
         "error": error,
         "stage": where,
         "stage_info": stage_info,  # Zaber runs: device, axis, name, travel_mm, native_unit_nm, ...
+        "roi": list(roi) if roi else None,  # the scored region [x, y, w, h] (camera pixels), None: whole frame
+        "camera_roi": list(camera_roi) if camera_roi else None,  # the sensor region read out, None: whole sensor
     }
 
 
@@ -2918,6 +2921,7 @@ def run(args: argparse.Namespace) -> int:
     saver: ImageSaver | None = None
     live: LiveView | None = None
     progress: Any = None
+    roi: Roi | None = args.roi
     plan_log.setLevel(logging.INFO if args.relative else logging.NOTSET)  # --relative: say where, in absolute mm
     try:
         with open_microscope(args) as (stage, camera):
@@ -2926,7 +2930,6 @@ def run(args: argparse.Namespace) -> int:
                 stage_info = stage.describe()
                 if not args.json:
                     print(stage_header(stage_info, args.port))
-            roi = args.roi
             recorded = getattr(getattr(camera, "stack", None), "roi", None)
             if roi is None and recorded is not None:
                 roi = recorded
@@ -2987,7 +2990,8 @@ def run(args: argparse.Namespace) -> int:
     if stage_info is not None and zaber is not None:
         stage_info["homed_now"] = not stage_info["homed"] and zaber.homed
     if args.json:
-        print(json.dumps(result_json(result, exit_code=code, error=error, where=where, stage_info=stage_info)))
+        print(json.dumps(result_json(result, exit_code=code, error=error, where=where, stage_info=stage_info,
+                                     roi=roi, camera_roi=args.camera_roi)))
     return code
 
 

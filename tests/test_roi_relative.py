@@ -107,11 +107,12 @@ def test_saved_stack_records_the_roi_and_replay_reuses_it(tmp_path: Path, capfd:
                                        "--save-images", stack, "--json"])
     recorded = json.loads(out)
     assert code == 0 and abs(recorded["best_mm"] - 12.4) <= 0.02, err
+    assert recorded["roi"] == list(RIGHT) and recorded["camera_roi"] is None  # --json says what was scored
     assert json.loads((stack / "roi.json").read_text()) == {"roi": list(RIGHT)}
     assert cv2.imread(str(stack / "frame_00000.png"), cv2.IMREAD_UNCHANGED).shape == (200, 320)  # whole frames
     # Replayed without --roi: the stack's ROI is used (and said), so the same plane is found.
     code, out, err = call_main(capfd, ["11.7", "12.7", "0.02", "--replay", stack, "--json"])
-    assert code == 0 and json.loads(out)["curve"] == recorded["curve"]
+    assert code == 0 and json.loads(out)["curve"] == recorded["curve"] and json.loads(out)["roi"] == list(RIGHT)
     assert "region of interest saved with the stack, 170,10,140,180" in err
     # --roi overrides it.
     code, out, _ = call_main(capfd, ["11.7", "12.7", "0.02", "--replay", stack, "--roi", ",".join(map(str, LEFT)),
