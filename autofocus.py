@@ -20,7 +20,10 @@ Exit codes:
     4    edge: the best focus lies at the start or end of the range; the focus may be outside it
     5    hardware or communication error (stage, camera); the stage was stopped and returned
          when possible -- after an interruption from outside (flag NI) nothing more is moved
-    130  interrupted (Ctrl-C); the stage was stopped and sent back to where it started
+    130  interrupted (Ctrl-C, SIGINT); the stage was stopped and sent back to where it started
+    143  terminated (SIGTERM: kill, a job scheduler); handled exactly like Ctrl-C
+    129  hung up (SIGHUP: the terminal or SSH session closed; POSIX only); handled like Ctrl-C
+    149  Ctrl-Break (SIGBREAK; Windows only); handled like Ctrl-C
 
 Sections, in dependency order: constants, exceptions, result types, focus scores, peak
 fitting and verdict, search, device interfaces, backends (Zaber + FLIR, simulated, replay),
@@ -40,6 +43,7 @@ import logging
 import math
 import numbers
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -48,8 +52,16 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-import cv2
-import numpy as np
+try:
+    import cv2
+    import numpy as np
+except KeyboardInterrupt:  # Ctrl-C while the libraries load (seconds on a cold start): one line
+    if __name__ != "__main__":
+        raise
+    sys.stderr.write("autofocus.py: interrupted while starting; nothing was opened or moved\n")
+    if "--json" in sys.argv:
+        sys.stdout.write('{"verdict": null, "exit_code": 130, "error": "interrupted", "curve": []}\n')
+    raise SystemExit(130) from None
 
 __version__ = "1.0.0"
 
@@ -161,6 +173,27 @@ class OutputError(AutofocusError):
     """An output file could not be written during the run (disk full, folder gone)."""
 
     exit_code = EXIT_HARDWARE
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or a termination signal (SIGTERM, SIGHUP, SIGBREAK) during a CLI run: handled as
+    Ctrl-C always was (stop, return to start, outputs written), exit code 128 + the signal."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(self.signal_name)
+
+    @property
+    def exit_code(self) -> int:
+        """128 + N, the shell's convention (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP)."""
+        return 128 + self.signum
+
+    def describe(self) -> str:
+        """"interrupted (Ctrl-C)", "terminated (SIGTERM)", ..."""
+        return {"SIGINT": "interrupted (Ctrl-C)", "SIGTERM": "terminated (SIGTERM)",
+                "SIGHUP": "hung up (SIGHUP: the terminal closed)", "SIGBREAK": "interrupted (Ctrl-Break)",
+                }.get(self.signal_name, f"interrupted ({self.signal_name})")
 
 
 ###############################################################################
@@ -895,11 +928,36 @@ def make_safe(stage: Stage, start_mm: float, cause: BaseException | None = None)
             attempt()
         except (AutofocusError, KeyboardInterrupt) as exc:
             log.debug("making the stage safe: %s", exc)
+            if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: the axis may still be moving
+                return stop_and_locate(stage, f"the return to {start_mm:.4f} mm was interrupted")
             try:
                 return f"stage stopped at {stage.position_mm():.4f} mm (could not return to {start_mm:.4f} mm)"
             except (AutofocusError, KeyboardInterrupt):
                 return "stage position unknown (it no longer answers); check it before the next run"
     return f"stage returned to its start, {start_mm:.4f} mm"
+
+
+def stop_and_locate(stage: Stage, what: str) -> str:
+    """Send ``stop`` again (a further Ctrl-C cannot skip it: tried up to three times), then say
+    where the stage reports it is -- never a position read while it may still be moving."""
+    for _ in range(3):
+        try:
+            stage.stop()
+            break
+        except KeyboardInterrupt:
+            continue
+        except AutofocusError as exc:
+            return f"{what}; stopping it failed ({first_line(exc)}): check the stage before the next run"
+    else:
+        return f"{what}; the stop could not be confirmed: check the stage before the next run"
+    for _ in range(3):
+        try:
+            return f"{what}; stop sent again, the stage reports {stage.position_mm():.4f} mm"
+        except KeyboardInterrupt:
+            continue
+        except AutofocusError:
+            break
+    return f"{what}; stop sent again, the stage position is unknown: check it before the next run"
 
 
 ###############################################################################
@@ -2192,21 +2250,38 @@ class ImageSaver:
         self._writer = csv.writer(self._csv)
         self._writer.writerow(["z_mm", "file", "score"])
         self._csv.flush()
+        self._lock = threading.Lock()
 
     def __call__(self, index: int, z_mm: float, frame: np.ndarray, score: float) -> None:
+        """Write one frame, then its row: a row is only ever listed for a file completely written.
+
+        The PNG is encoded in memory and written under a temporary name, then renamed, so a
+        full disk is one OSError here (no libpng messages) and never leaves a truncated frame
+        behind a row.  The first failure stops the run (OutputError, exit 5)."""
         name = f"frame_{index:05d}.png"
-        try:
-            ok = cv2.imwrite(str(self.folder / name), frame, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-            if ok:
+        path = self.folder / name
+        with self._lock:  # close() waits for a frame being written, and no frame follows it
+            if self._csv.closed:
+                return
+            ok, encoded = cv2.imencode(".png", frame, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+            if not ok:
+                raise OutputError(f"--save-images: OpenCV could not encode frame {index} as PNG")
+            partial = path.with_name(f".{name}.part")
+            try:
+                with open(partial, "wb") as fh:
+                    fh.write(encoded.tobytes())
+                os.replace(partial, path)
                 self._writer.writerow([repr(float(z_mm)), name, repr(float(score))])
                 self._csv.flush()
-        except (OSError, cv2.error) as exc:
-            raise OutputError(f"--save-images: writing {self.folder / name} failed ({exc}); disk full?") from exc
-        if not ok:
-            raise OutputError(f"--save-images: writing {self.folder / name} failed; disk full or folder removed?")
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    partial.unlink(missing_ok=True)
+                raise OutputError(f"--save-images: writing {path} failed ({exc.strerror or exc}); the frames "
+                                  f"before it are in {self.folder / 'stack.csv'}") from exc
 
     def close(self) -> None:
-        self._csv.close()
+        with self._lock:
+            self._csv.close()
 
 
 def compose_view(frame: np.ndarray, blur: int, curve: Sequence[Sample], height: int = 240,
@@ -2960,39 +3035,129 @@ def run(args: argparse.Namespace) -> int:
                 live.refresh()
             code = result.exit_code
     except BaseException as failed:  # noqa: BLE001 - only a run that had started is handled here
-        if getattr(failed, "stage_state", None) is None:
+        if getattr(failed, "stage_state", None) is not None:
+            result, where = failed.partial, failed.stage_state  # type: ignore[attr-defined]
+        elif result is not None and isinstance(failed, (KeyboardInterrupt, AutofocusError)):
+            # The search had finished and the stage had been sent to its answer (closing the
+            # camera or the live view was cut short): the run's result stands.
+            where = f"the stage is at {result.best_mm:.4f} mm (the search had finished)"
+        else:
             raise  # refused before anything moved: main() reports it
-        result, where = failed.partial, failed.stage_state  # type: ignore[attr-defined]
         if isinstance(failed, KeyboardInterrupt):
-            code, error = EXIT_INTERRUPTED, "interrupted"
+            code, error = interrupt_code(failed), interrupt_text(failed)
         elif isinstance(failed, AutofocusError):
             code, error = failed.exit_code, first_line(failed)
         else:
             code, error = EXIT_BUG, f"internal error {type(failed).__name__}: {first_line(failed)} (please report " \
                                     "it with the --verbose output)"
-        print(f"autofocus.py: {error}; {where}", file=sys.stderr)
         if args.verbose:
             log.debug("traceback", exc_info=failed)
     finally:
-        if progress is not None:
-            progress.close()
-        if saver is not None:
-            saver.close()
-        if live is not None:
-            live.close()
-    if result is not None:
-        if args.save_curve:
-            write_curve_csv(args.save_curve, result.samples)
-        if args.plot:
-            plot_curve(args.plot, result)
-        if error is None:
-            print(summary_line(result), file=sys.stderr if args.json else sys.stdout)
-    if stage_info is not None and zaber is not None:
-        stage_info["homed_now"] = not stage_info["homed"] and zaber.homed
-    if args.json:
-        print(json.dumps(result_json(result, exit_code=code, error=error, where=where, stage_info=stage_info,
-                                     roi=roi, camera_roi=args.camera_roi)))
+        with INTERRUPTS.held():  # a second Ctrl-C must not cut the stack or the window short
+            if progress is not None:
+                progress.close()  # before any message: a line printed over the bar would be glued to it
+            if saver is not None:
+                saver.close()
+            if live is not None:
+                live.close()
+    with INTERRUPTS.held():  # everything measured is written, even if Ctrl-C comes now
+        if error is not None:
+            print(f"autofocus.py: {error}; {where}", file=sys.stderr)
+        if result is not None:
+            failed_output = write_outputs(args, result)
+            if failed_output and error is None:
+                code, error, where = EXIT_HARDWARE, failed_output, f"the stage is at {result.best_mm:.4f} mm"
+                print(f"autofocus.py: {error}; {where}", file=sys.stderr)
+            if error is None:
+                late = INTERRUPTS.pending
+                if late is not None:  # the run had finished: say so, and exit as interrupted
+                    code, error = interrupt_code(late), f"{interrupt_text(late)} after the search had finished"
+                    where = f"the stage is at {result.best_mm:.4f} mm"
+                    print(f"autofocus.py: {error}; {where}; every output was written", file=sys.stderr)
+                else:
+                    print(summary_line(result), file=sys.stderr if args.json else sys.stdout)
+        if stage_info is not None and zaber is not None:
+            stage_info["homed_now"] = not stage_info["homed"] and zaber.homed
+        if args.json:
+            print(json.dumps(result_json(result, exit_code=code, error=error, where=where, stage_info=stage_info,
+                                         roi=roi, camera_roi=args.camera_roi)))
     return code
+
+
+def write_outputs(args: argparse.Namespace, result: FocusResult) -> str | None:
+    """Write --save-curve and --plot; returns the first failure as one line (None: all written)."""
+    for flag, path, write in (("--save-curve", args.save_curve, write_curve_csv),
+                              ("--plot", args.plot, plot_curve)):
+        if not path:
+            continue
+        try:
+            write(path, result.samples if write is write_curve_csv else result)  # type: ignore[operator]
+        except (OSError, ValueError) as exc:  # disk full, folder removed, a format matplotlib refuses
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+            return f"writing {flag} {path} failed ({reason}); the result is in the --json output and on screen"
+    return None
+
+
+def interrupt_code(exc: BaseException) -> int:
+    """130 for Ctrl-C, 128 + N for signal N."""
+    return exc.exit_code if isinstance(exc, Interrupted) else EXIT_INTERRUPTED
+
+
+def interrupt_text(exc: BaseException) -> str:
+    """"interrupted (Ctrl-C)", "terminated (SIGTERM)", ..."""
+    return exc.describe() if isinstance(exc, Interrupted) else "interrupted (Ctrl-C)"
+
+
+class InterruptSignals:
+    """Ctrl-C and the termination signals as one exception, Interrupted, in the main thread.
+
+    Installed by ``main()`` for the length of a run: SIGINT, SIGTERM, and where the platform has
+    them SIGHUP (POSIX: the terminal or SSH session closed) and SIGBREAK (Windows: Ctrl-Break).
+    Inside ``held()`` a signal is remembered in ``pending`` instead of raised, so that closing
+    the stack and writing the outputs are never cut short.  Windows has no SIGTERM from outside
+    (``taskkill /F`` cannot be caught) and closing the console window is not a signal Python
+    can handle; use Ctrl-C or Ctrl-Break there.
+    """
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK")
+
+    def __init__(self) -> None:
+        self.pending: Interrupted | None = None
+        self._holding = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        exc = Interrupted(signum)
+        if self._holding:
+            self.pending = self.pending or exc
+            return
+        raise exc
+
+    def __enter__(self) -> InterruptSignals:
+        self.pending = None
+        if threading.current_thread() is threading.main_thread():  # signals go to the main thread only
+            for name in self.NAMES:
+                number = getattr(signal, name, None)
+                if number is not None:
+                    self._previous[number] = signal.signal(number, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous.clear()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Signals arriving inside the block are kept in ``pending``, not raised."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+
+
+INTERRUPTS = InterruptSignals()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -3006,22 +3171,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(result_json(None, exit_code=code, error="usage error (see stderr)")))
         return code
     configure_logging(args.verbose)
-    try:
-        validate(args)
-        return run(args)
-    except AutofocusError as exc:
-        print(f"autofocus.py: {exc}", file=sys.stderr)
-        if args.verbose:
-            log.debug("traceback", exc_info=exc)
-        if args.json:
-            print(json.dumps(result_json(None, exit_code=exc.exit_code, error=str(exc))))
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("autofocus.py: interrupted before the search started; any motion (homing) was stopped",
-              file=sys.stderr)
-        if args.json:
-            print(json.dumps(result_json(None, exit_code=EXIT_INTERRUPTED, error="interrupted")))
-        return EXIT_INTERRUPTED
+    with INTERRUPTS:
+        try:
+            validate(args)
+            return run(args)
+        except AutofocusError as exc:
+            print(f"autofocus.py: {exc}", file=sys.stderr)
+            if args.verbose:
+                log.debug("traceback", exc_info=exc)
+            if args.json:
+                print(json.dumps(result_json(None, exit_code=exc.exit_code, error=str(exc))))
+            return exc.exit_code
+        except KeyboardInterrupt as exc:
+            print(f"autofocus.py: {interrupt_text(exc)} before the search started; nothing was measured, and any "
+                  "motion (homing) was stopped", file=sys.stderr)
+            if args.json:
+                print(json.dumps(result_json(None, exit_code=interrupt_code(exc), error=interrupt_text(exc))))
+            return interrupt_code(exc)
 
 
 if __name__ == "__main__":

@@ -128,19 +128,26 @@ def test_black_or_saturated_frames_stop_the_run(monkeypatch, tmp_path, capsys, v
 
 
 def test_disk_full_while_saving_images(monkeypatch, tmp_path, capsys) -> None:
-    real_imwrite = autofocus.cv2.imwrite
+    import errno
+
+    real_replace = autofocus.os.replace
     written = []
 
-    def imwrite(path: str, image: np.ndarray, params: list[int] | None = None) -> bool:
-        written.append(path)
-        return False if len(written) > 4 else real_imwrite(path, image, params or [])
+    def replace(src: str, dst: str) -> None:  # the fifth frame finds the disk full
+        written.append(dst)
+        if len(written) > 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
 
-    monkeypatch.setattr(autofocus.cv2, "imwrite", imwrite)
+    monkeypatch.setattr(autofocus.os, "replace", replace)
     code = autofocus.main(["10", "11", "0.05", "--simulate", "--sim-time-scale", "0", "--sim-size", "64x48",
                            "--sim-start-mm", "2", "--save-images", str(tmp_path), "--json"])
     captured = capsys.readouterr()
     out = json.loads(captured.out)
-    assert code == autofocus.EXIT_HARDWARE and "disk full" in captured.err and captured.err.count("\n") == 1
+    assert code == autofocus.EXIT_HARDWARE and "No space left on device" in captured.err
+    assert captured.err.count("\n") == 1
     assert "returned to its start, 2.0000 mm" in captured.err
     assert len((tmp_path / "stack.csv").read_text().splitlines()) == 1 + 4  # the frames saved before it failed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frame_00000.png", "frame_00001.png", "frame_00002.png",
+                                                          "frame_00003.png", "stack.csv"]  # no partial file left
     assert out["error"] and out["frames"] >= 4
