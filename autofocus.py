@@ -105,6 +105,9 @@ POSITION_TOLERANCE_NATIVE = 5
 PLAUSIBLE_TRAVEL_MM = (1.0, 300.0)
 DEFAULT_CAMERA_TIMEOUT_MS = 2000
 CAMERA_TIMEOUT_MARGIN_MS = 500  # frame timeout >= exposure + this (read-out ~25 ms, transfer, a busy USB bus)
+# Names Windows reserves for devices in every folder (writing "nul.csv" writes to NUL).
+WINDOWS_RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                          *(f"LPT{i}" for i in range(1, 10))}
 ROI_FILE = "roi.json"  # next to a saved stack's stack.csv: the region of interest it was scored on
 MIN_ROI_PX = 8  # a region of interest narrower than this has too few pixels for any score (Brenner needs 3)
 
@@ -636,6 +639,7 @@ class Acquisition:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
         self._frame_index = 0
         self._last_z: float | None = None
+        self._failed: BaseException | None = None  # the scoring thread's first error (e.g. disk full)
 
     def approach(self, z_mm: float) -> float:
         """Move to z; with backlash, arrive from the sweep's direction (overshoot first).
@@ -661,6 +665,8 @@ class Acquisition:
 
     def measure(self, z_mm: float) -> concurrent.futures.Future[Sample]:
         """Move to z, capture a frame, and hand it to the scoring thread."""
+        if self._failed is not None:  # a frame already failed (its hook could not save it): stop here
+            raise self._failed
         self._slots.acquire()
         try:
             move_dt = self.approach(z_mm)
@@ -695,6 +701,9 @@ class Acquisition:
             if self.on_frame is not None:
                 self.on_frame(index, z_mm, frame, score)
             return sample
+        except BaseException as exc:
+            self._failed = self._failed or exc
+            raise
         finally:
             self._slots.release()
 
@@ -2700,6 +2709,13 @@ def frame_size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def path_text(text: str) -> str:
+    """A file or folder path: not empty (an empty path would silently write nothing)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path; give a file or folder name")
+    return text
+
+
 def pixel_roi(text: str) -> Roi:
     """X,Y,W,H in camera pixels, e.g. 640,400,640,400 (a region of a 1920x1200 sensor)."""
     try:
@@ -2801,9 +2817,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--show-images", action="store_true",
                      help="a live window: frame, filtered frame, Laplacian and the curve so far (needs a display)")
     out.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
-    out.add_argument("--save-images", metavar="DIR", help="save every frame (PNG) and DIR/stack.csv (replayable)")
-    out.add_argument("--save-curve", metavar="FILE", help="save the focus curve as CSV (index,z_mm,score)")
-    out.add_argument("--plot", metavar="FILE", help="save a PNG plot of the focus curve")
+    out.add_argument("--save-images", metavar="DIR", type=path_text,
+                     help="save every frame (PNG) and DIR/stack.csv (replayable); not the --replay folder")
+    out.add_argument("--save-curve", metavar="FILE", type=path_text, help="save the focus curve as CSV (index,z_mm,score)")
+    out.add_argument("--plot", metavar="FILE", type=path_text,
+                     help="save a plot of the focus curve; the extension picks the format (.png, .pdf, .svg, ...)")
     out.add_argument("--make-figures", metavar="DIR",
                      help="write the README's figures (from the simulator) to DIR and exit")
     sim = p.add_argument_group("simulated microscope")
@@ -2859,16 +2877,73 @@ def validate(args: argparse.Namespace) -> None:
                          "use --save-images DIR to keep the frames, or --plot FILE for the curve")
 
 
+def plot_formats() -> set[str]:
+    """The file extensions matplotlib can save a figure as (png, pdf, svg, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase  # noqa: PLC0415 - only for --plot
+
+    return set(FigureCanvasBase.get_supported_filetypes())
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a regular output file: a device, a pipe, a Windows reserved name."""
+    if os.name == "nt":
+        if path.stem.upper() in WINDOWS_RESERVED_NAMES:
+            return f"{path.name} is a Windows device name"
+    elif str(path.resolve()).startswith(("/dev/", "/proc/", "/sys/")):
+        return "it is a device or system path"
+    if path.exists() and not path.is_file() and not path.is_dir():
+        return "it is a device or a pipe, not a file"
+    return None
+
+
 def check_outputs(args: argparse.Namespace) -> None:
-    """Fail before anything moves when an output cannot be written."""
-    for flag, value in (("--save-curve", args.save_curve), ("--plot", args.plot)):
-        if value:
-            parent = Path(value).resolve().parent
-            if not parent.is_dir():
-                raise UsageError(f"{flag} {value}: folder {parent} does not exist; create it or pick another path")
-            if not os.access(parent, os.W_OK) or (Path(value).exists() and not os.access(value, os.W_OK)):
-                raise UsageError(f"{flag} {value}: cannot write there; pick another path")
-    if args.save_images:
+    """Fail before anything moves (homing included) when an output cannot be written as given.
+
+    Each file output must be a writable file path (not a folder, a device or another output's
+    path); --plot needs an extension matplotlib writes; --save-images must be a folder that does
+    not hold the stack being replayed; exactly the paths given are written."""
+    files = [(flag, Path(value)) for flag, value in (("--save-curve", args.save_curve), ("--plot", args.plot))
+             if value is not None]
+    taken: dict[Path, str] = {}
+    if args.save_images is not None:
+        folder = Path(args.save_images)
+        if problem := _not_a_file(folder):
+            raise UsageError(f"--save-images {folder}: {problem}; give a folder")
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"--save-images {folder}: is a file, not a folder; pick another name")
+        if args.replay and folder.resolve() == Path(args.replay).resolve():
+            raise UsageError(f"--save-images {folder} is the stack being replayed: it would overwrite the "
+                             "recording; save into another folder")
+        for name in ("stack.csv", ROI_FILE):
+            inside = folder / name
+            if inside.exists() and not inside.is_file():
+                raise UsageError(f"--save-images {folder}: {inside} is a folder; remove it or pick another folder")
+            taken[inside.resolve()] = f"--save-images's {name}"
+    for flag, path in files:
+        if problem := _not_a_file(path):
+            raise UsageError(f"{flag} {path}: {problem}; give a file name")
+        if path.is_dir():
+            raise UsageError(f"{flag} {path} is a folder; give a file name inside it, e.g. {path / 'curve.csv'}")
+        key = path.resolve()
+        if key in taken or (args.save_images is not None and key.parent == Path(args.save_images).resolve()
+                            and key.name.startswith("frame_")):
+            raise UsageError(f"{flag} {path} is also written as {taken.get(key, '--save-images frames')}; "
+                             "give each output its own path")
+        if args.replay and key.parent == Path(args.replay).resolve() and path.exists():
+            raise UsageError(f"{flag} {path} is a file of the stack being replayed; write elsewhere")
+        taken[key] = flag
+        parent = key.parent
+        if not parent.is_dir():
+            raise UsageError(f"{flag} {path}: folder {parent} does not exist; create it or pick another path")
+        if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise UsageError(f"{flag} {path}: cannot write there; pick another path")
+    if args.plot is not None:
+        ext = Path(args.plot).suffix.lower().lstrip(".")
+        formats = plot_formats()
+        if ext not in formats:
+            raise UsageError(f"--plot {args.plot}: {'no' if not ext else f'unknown format .{ext}'} extension; "
+                             f"end the name with one of {', '.join('.' + f for f in sorted(formats))} (e.g. curve.png)")
+    if args.save_images is not None:
         folder = Path(args.save_images)
         try:
             folder.mkdir(parents=True, exist_ok=True)
