@@ -86,6 +86,19 @@ DEFAULT_AXIS = 1  # ... axis 1
 DEFAULT_BLUR = 9  # bilateral filter diameter, pixels (the seed's blur)
 MAX_BLUR = 99
 MAX_POSITIONS = 10_000  # more sweep positions than this need --allow-many
+MAX_POSITIONS_ALLOWED = 1_000_000  # ... and more than this are refused even then (memory, days of run)
+# Sane ranges for every number the tool takes (refused outside them, before anything moves).
+MAX_ABS_POSITION_MM = 1000.0  # START, END, --z-min/--z-max: no focus axis travels a metre
+MIN_STEP_MM = 1e-6  # 1 nm: below any stage's resolution
+MIN_STEP_NATIVE = 3  # a STEP must span a few native units of the stage (when its unit is known)
+MAX_SETTLE_MS = 60_000.0
+MAX_BACKLASH_MM = 10.0
+MAX_TIMEOUT_S = 3600.0  # --move-timeout-s, --home-timeout-s
+MAX_EXPOSURE_MS = 60_000.0
+MAX_CAMERA_TIMEOUT_MS = 600_000
+MAX_SIM_PHOTONS = 1e7
+MAX_SIM_TIME_SCALE = 100.0
+MAX_SIM_PIXELS = 25_000_000
 POSITION_DECIMALS = 9  # positions are rounded to 1 pm so that float noise never leaks into commands
 SCORE_MAX_PIXELS = 1_500_000  # larger frames are 2x2 binned before scoring (see focus scores)
 COARSE_FACTOR = 8  # fast search: coarse pass every 8 STEPs, scored on an 8x binned image
@@ -105,6 +118,11 @@ POSITION_TOLERANCE_NATIVE = 5
 PLAUSIBLE_TRAVEL_MM = (1.0, 300.0)
 DEFAULT_CAMERA_TIMEOUT_MS = 2000
 CAMERA_TIMEOUT_MARGIN_MS = 500  # frame timeout >= exposure + this (read-out ~25 ms, transfer, a busy USB bus)
+# A replay image is checked from its header before it is decoded: a 69-byte PNG may declare
+# 50000x50000 pixels (a decompression bomb).  50 MP is twice the largest microscope sensors.
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_STACK_BYTES = 4 << 30  # all decoded frames of a replay stack are held in memory: at most 4 GiB
+REPLAY_DTYPES = ("uint8", "uint16", "float32")  # what a camera or a saved stack delivers
 # Names Windows reserves for devices in every folder (writing "nul.csv" writes to NUL).
 WINDOWS_RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
                           *(f"LPT{i}" for i in range(1, 10))}
@@ -720,6 +738,9 @@ def check_frame(frame: np.ndarray, z_mm: float) -> None:
     """Reject frames that cannot carry focus information: all black or all saturated."""
     if frame is None or frame.size == 0:
         raise CameraError(f"camera returned an empty frame at z={z_mm:.4f} mm; check the camera connection")
+    if frame.dtype.kind == "f" and not np.isfinite(frame).all():
+        raise CameraError(f"frame at z={z_mm:.4f} mm has non-finite pixels (NaN or infinity); no score can be "
+                          "computed from it")
     lo, hi = float(frame.min()), float(frame.max())
     if hi <= 0:
         raise CameraError(f"frame at z={z_mm:.4f} mm is all black; check the light source, shutter and exposure")
@@ -1186,6 +1207,8 @@ class ZaberStage:
         self.native_unit_nm = native_unit_nm
         self.move_timeout_s, self.home_timeout_s = move_timeout_s, home_timeout_s
         self.clear_faults = clear_faults
+        # --z-min/--z-max of the current focus() call: positions are rounded to native units inside them
+        self.soft_limits_mm: tuple[float | None, float | None] = (None, None)
         self.name: str | None = None  # the device's product name, when ZML could identify it
         self._connection: Any = None
         self._owns_connection = False
@@ -1412,11 +1435,9 @@ class ZaberStage:
         if not lo - 1e-9 <= z_mm <= hi + 1e-9:  # last line of defence; plans are checked earlier
             raise StageError(f"refusing to move to {z_mm} mm: outside the travel {lo}..{hi} mm")
         what = f"focus move to {z_mm:.4f} mm"
+        target = self._native_inside(z_mm)
         try:
-            target = z_mm * self._scale
-            if self._unit == self._zm.Units.NATIVE:
-                target = round(target)  # native units are whole steps
-            self._axis.move_absolute(target, self._unit, wait_until_idle=False)
+            self._axis.move_absolute(target, self._zm.Units.NATIVE, wait_until_idle=False)
         except self._exc.MovementFailedException as exc:
             raise StageError(f"move to {z_mm:.4f} mm failed: {first_line(exc)}") from exc
         except self._exc.CommandFailedException as exc:
@@ -1427,10 +1448,28 @@ class ZaberStage:
         self._await_idle(f"moving to {z_mm:.4f} mm", self.move_timeout_s, "--move-timeout-s", what)
         self._flags_after(what)
         at = self.position_mm()
-        off_native = abs(at - target / self._scale) * self._native_per_mm
+        off_native = abs(at * self._native_per_mm - target)
         if off_native > self.tolerance_native + 1e-6:
             raise StageError(f"{what} ended at {at:.4f} mm, {off_native:.0f} native units off the target "
                              f"(tolerance {self.tolerance_native:g}): the axis did not reach it")
+
+    @property
+    def native_unit_mm(self) -> float:
+        """The size of one native unit (one step of the axis), mm."""
+        return 1.0 / self._native_per_mm
+
+    def _native_inside(self, z_mm: float) -> int:
+        """z in whole native units, rounded to the nearest unit unless that lies outside the
+        travel or the soft limits (``soft_limits_mm``): then toward the inside.  With coarse
+        units, plain rounding could command a position just past --z-max."""
+        per_mm = self._native_per_mm
+        lo, hi = self._limits
+        soft_lo, soft_hi = self.soft_limits_mm
+        lo = lo if soft_lo is None else max(lo, soft_lo)
+        hi = hi if soft_hi is None else min(hi, soft_hi)
+        target = round(z_mm * per_mm)
+        target = min(target, math.floor(hi * per_mm + 1e-6))  # 1e-6 unit: float noise, not a unit
+        return max(target, math.ceil(lo * per_mm - 1e-6))
 
     def _await_idle(self, doing: str, timeout_s: float, option: str, what: str | None = None) -> None:
         """Poll until the axis is idle, at most ``timeout_s``; on time-out send ``stop`` at once.
@@ -2051,6 +2090,80 @@ class SimCamera:
 ###############################################################################
 
 
+def image_header(path: Path) -> tuple[int, int, int | None] | None:
+    """(width, height, samples per pixel or None) from a PNG or TIFF header, without decoding;
+    None for other formats."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+        if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+            w, h = (int.from_bytes(f.read(4), "big") for _ in range(2))
+            return w, h, None
+        if head[:4] in (b"II*\x00", b"MM\x00*"):
+            order = "little" if head[:2] == b"II" else "big"
+            f.seek(int.from_bytes(head[4:8], order))
+            count = int.from_bytes(f.read(2), order)
+            tags = {}
+            for _ in range(min(count, 4096)):
+                entry = f.read(12)
+                if len(entry) < 12:
+                    break
+                tag, kind = int.from_bytes(entry[0:2], order), int.from_bytes(entry[2:4], order)
+                if tag in (256, 257, 277):  # ImageWidth, ImageLength, SamplesPerPixel: SHORT (3) or LONG
+                    tags[tag] = int.from_bytes(entry[8:10] if kind == 3 else entry[8:12], order)
+            if 256 in tags and 257 in tags:
+                return tags[256], tags[257], tags.get(277, 1)
+        return None
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (libpng and libtiff write there directly, bypassing OpenCV's
+    logger).  Only around a decode in the main thread, before a run starts."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def read_image(path: Path, what: str) -> np.ndarray:
+    """Decode one replay image after checking its header; StackError (one line) for a file
+    too large, truncated, of an unsupported type or channel count, or with non-finite pixels."""
+    try:
+        size = image_header(path)
+    except OSError as exc:
+        raise StackError(f"{what} cannot be read ({exc.strerror})") from exc
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise StackError(f"{what} declares {size[0]}x{size[1]} pixels, more than {MAX_IMAGE_PIXELS / 1e6:g} MP; "
+                         "not a microscope frame (or a damaged file)")
+    if size is not None and size[2] is not None and size[2] not in (1, 3, 4):
+        raise StackError(f"{what} has {size[2]} channels; a stack must hold gray, colour or colour+alpha images")
+    if size is None and path.stat().st_size > MAX_IMAGE_PIXELS * 8:
+        raise StackError(f"{what} is {path.stat().st_size / 1e6:.0f} MB; too large for a microscope frame")
+    with quiet_stderr():
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise StackError(f"{what} cannot be read as an image (truncated, damaged or not an image)")
+    if image.size > MAX_IMAGE_PIXELS * 4:
+        raise StackError(f"{what} is {image.shape}; more than {MAX_IMAGE_PIXELS / 1e6:g} MP")
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if image.dtype.name not in REPLAY_DTYPES:
+        raise StackError(f"{what} has {image.dtype} pixels; a stack must hold {', '.join(REPLAY_DTYPES)} images "
+                         "(as cameras deliver them)")
+    if channels not in (1, 3, 4):
+        raise StackError(f"{what} has {channels} channels; a stack must hold gray, colour or colour+alpha images")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise StackError(f"{what} has non-finite pixels (NaN or infinity); no score can be computed from them")
+    image.flags.writeable = False  # shared by every row that names the file
+    return image
+
+
 class ReplayStack:
     """A recorded through-focus stack: ``stack.csv`` (z_mm, file, ...) and its images."""
 
@@ -2066,14 +2179,21 @@ class ReplayStack:
             raise StackError(f"replay stack {csv_path}: duplicate z_mm {dupes[0]:g}; each position must appear once")
         self.z_mm = np.array(zs)
         self.frames: list[np.ndarray] = []
+        decoded: dict[Path, np.ndarray] = {}  # each distinct file is decoded once, however many rows name it
         shape = None
+        total_bytes = 0
         for z, name in rows:
             path = self.folder / name
             if not path.is_file():
                 raise StackError(f"replay stack {csv_path}: image {name} (z={z:g} mm) is missing")
-            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-            if image is None:
-                raise StackError(f"replay stack {csv_path}: image {name} cannot be read as an image")
+            key = path.resolve()
+            if key not in decoded:
+                decoded[key] = image = read_image(path, f"replay stack {csv_path}: image {name}")
+                total_bytes += image.nbytes
+                if total_bytes > MAX_STACK_BYTES:
+                    raise StackError(f"replay stack {csv_path}: its images need more than "
+                                     f"{MAX_STACK_BYTES >> 30} GiB of memory; replay a shorter or smaller stack")
+            image = decoded[key]
             if shape is not None and (image.shape, image.dtype) != shape:
                 raise StackError(f"replay stack {csv_path}: image {name} is {image.shape} {image.dtype}, the first "
                                  f"was {shape[0]} {shape[1]}; all images must have the same size and bit depth")
@@ -2199,6 +2319,22 @@ def result_json(result: FocusResult | None, *, exit_code: int, error: str | None
         "roi": list(roi) if roi else None,  # the scored region [x, y, w, h] (camera pixels), None: whole frame
         "camera_roi": list(camera_roi) if camera_roi else None,  # the sensor region read out, None: whole sensor
     }
+
+
+def finite_only(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by None (recursively)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_only(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_only(v) for v in value]
+    return value
+
+
+def strict_json(data: dict[str, Any]) -> str:
+    """One line of strict JSON (RFC 8259 has no NaN or Infinity: non-finite numbers become null)."""
+    return json.dumps(finite_only(data), allow_nan=False)
 
 
 def write_curve_csv(path: str | Path, samples: Sequence[Sample]) -> None:
@@ -2499,8 +2635,12 @@ def check_request(start_mm: float, end_mm: float, step_mm: float, *, search: str
     for name, value in (("START", start_mm), ("END", end_mm), ("STEP", step_mm)):
         if not _is_number(value):
             raise UsageError(f"{name} {value!r} is not a finite number of mm")
+        if abs(value) > MAX_ABS_POSITION_MM:
+            raise UsageError(f"{name} {value!r} mm is out of range: must be within +-{MAX_ABS_POSITION_MM:g} mm")
     if not step_mm > 0:
         raise UsageError(f"STEP {step_mm!r} must be greater than 0")
+    if step_mm < MIN_STEP_MM:
+        raise UsageError(f"STEP {step_mm!r} mm is below {MIN_STEP_MM:g} mm (1 nm), finer than any stage moves")
     span = abs(end_mm - start_mm)
     if span == 0:
         raise UsageError("START equals END: nothing to search; give a range of at least one STEP")
@@ -2508,6 +2648,9 @@ def check_request(start_mm: float, end_mm: float, step_mm: float, *, search: str
         raise UsageError(f"STEP {step_mm:g} mm is larger than the range {span:g} mm; use a smaller STEP")
     whole_steps = math.floor(span / step_mm + 1e-9)
     n = whole_steps + 1 + (abs(whole_steps * step_mm - span) > 1e-9)
+    if n > MAX_POSITIONS_ALLOWED:
+        raise UsageError(f"{n:,} positions (range {span:g} mm / STEP {step_mm:g} mm) is more than {MAX_POSITIONS_ALLOWED:,}, "
+                         "even with --allow-many; check the units (mm) or split the range")
     if n > MAX_POSITIONS and not allow_many:
         raise UsageError(f"{n:,} positions (range {span:g} mm / STEP {step_mm:g} mm) is more than "
                          f"{MAX_POSITIONS:,}: check the units (mm), or confirm with --allow-many")
@@ -2517,12 +2660,12 @@ def check_request(start_mm: float, end_mm: float, step_mm: float, *, search: str
         raise UsageError(f"metric {metric!r} is unknown; choose one of {', '.join(METRICS)}")
     if not (isinstance(blur, numbers.Integral) and 3 <= blur <= MAX_BLUR and blur % 2 == 1):
         raise UsageError(f"blur {blur!r} must be an odd whole number of pixels from 3 to {MAX_BLUR} (e.g. 5, 9, 15)")
-    for name, value in (("settle_ms", settle_ms), ("backlash_mm", backlash_mm)):
-        if not (_is_number(value) and value >= 0):
-            raise UsageError(f"{name} {value!r} must be a finite number, 0 or more")
+    for name, value, most in (("settle_ms", settle_ms, MAX_SETTLE_MS), ("backlash_mm", backlash_mm, MAX_BACKLASH_MM)):
+        if not (_is_number(value) and 0 <= value <= most):
+            raise UsageError(f"{name} {value!r} must be a number from 0 to {most:g}")
     for name, value in (("z_min", z_min), ("z_max", z_max)):
-        if value is not None and not _is_number(value):
-            raise UsageError(f"{name} {value!r} must be a finite number of mm (or None)")
+        if value is not None and not (_is_number(value) and abs(value) <= MAX_ABS_POSITION_MM):
+            raise UsageError(f"{name} {value!r} must be a number of mm within +-{MAX_ABS_POSITION_MM:g} (or None)")
     if z_min is not None and z_max is not None and z_min >= z_max:
         raise UsageError(f"--z-min {z_min:g} must be below --z-max {z_max:g}")
     if roi is not None:
@@ -2568,6 +2711,13 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
     check_request(start_mm, end_mm, step_mm, search=search, metric=metric, blur=blur, roi=roi,
                   settle_ms=settle_ms, backlash_mm=backlash_mm, z_min=z_min, z_max=z_max, allow_many=allow_many)
     box: Roi | None = None if roi is None else (int(roi[0]), int(roi[1]), int(roi[2]), int(roi[3]))
+    if isinstance(stage, ZaberStage):
+        stage.soft_limits_mm = (z_min, z_max)
+        unit_mm = stage.native_unit_mm
+        if step_mm < MIN_STEP_NATIVE * unit_mm * (1 - 1e-9):
+            raise UsageError(f"STEP {step_mm:g} mm is {step_mm / unit_mm:.3g} native units of this stage (one unit is "
+                             f"{unit_mm * 1e6:.4g} nm); a STEP must be at least {MIN_STEP_NATIVE} units, "
+                             f"{MIN_STEP_NATIVE * unit_mm:.4g} mm")
     origin_mm = 0.0
     if relative:
         if getattr(stage, "homed", True) is False:
@@ -2623,8 +2773,18 @@ def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
         if options.get(name) not in (None, "cells", "blank"):
             raise UsageError(f"simulated_microscope: {name}={options[name]!r}; choose cells or blank")
     optics = SimOptics(**{k: v for k, v in options.items() if k in optics_names})
-    if optics.width < 16 or optics.height < 16 or not optics.photons > 0:
-        raise UsageError("simulated_microscope: width and height must be 16 pixels or more, photons above 0")
+    if not (16 <= optics.width <= 10000 and 16 <= optics.height <= 10000
+            and optics.width * optics.height <= MAX_SIM_PIXELS):
+        raise UsageError(f"simulated_microscope: width and height must be 16 to 10000 pixels, at most "
+                         f"{MAX_SIM_PIXELS / 1e6:g} MP in all")
+    if not (_is_number(optics.photons) and 0 < optics.photons <= MAX_SIM_PHOTONS):
+        raise UsageError(f"simulated_microscope: photons {optics.photons!r} must be above 0 and at most "
+                         f"{MAX_SIM_PHOTONS:g}")
+    if not (isinstance(optics.seed, numbers.Integral) and 0 <= optics.seed < 2**32):
+        raise UsageError(f"simulated_microscope: seed {optics.seed!r} must be a whole number from 0 to {2**32 - 1}")
+    scale = options.get("time_scale", 1.0)
+    if not (_is_number(scale) and 0 <= scale <= MAX_SIM_TIME_SCALE):
+        raise UsageError(f"simulated_microscope: time_scale {scale!r} must be from 0 to {MAX_SIM_TIME_SCALE:g}")
     timing = SimTiming(scale=options.get("time_scale", 1.0), **{k: v for k, v in options.items() if k in timing_names})
     clock = SimClock(timing.scale)
     stage = SimStage(travel_mm=tuple(options.get("travel_mm", (0.0, 25.0))),  # type: ignore[arg-type]
@@ -2674,6 +2834,23 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def bounded(lo: float, hi: float, unit: str = "", *, integer: bool = False,
+            above: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a finite number (whole with ``integer``) from lo to hi (above lo with
+    ``above``); outside, one line naming the range."""
+
+    def parse(text: str) -> Any:
+        value = whole_number(text) if integer else finite_float(text)
+        if value > hi or value < lo or (above and value == lo):
+            low, high = (f"{int(lo)}", f"{int(hi)}") if integer else (f"{lo:g}", f"{hi:g}")
+            span = f"above {low}" if above else f"from {low}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {span} to {high}{unit}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
 def whole_number(text: str) -> int:
     """An integer."""
     try:
@@ -2704,8 +2881,9 @@ def frame_size(text: str) -> tuple[int, int]:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 1920x1200") from None
-    if not (16 <= w <= 10000 and 16 <= h <= 10000):
-        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be 16 to 10000 pixels")
+    if not (16 <= w <= 10000 and 16 <= h <= 10000) or w * h > MAX_SIM_PIXELS:
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be 16 to 10000 pixels, "
+                                         f"at most {MAX_SIM_PIXELS / 1e6:g} MP in all")
     return w, h
 
 
@@ -2750,10 +2928,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 focused, 2 usage error, 3 no peak (stage back at start), 4 best at the edge of "
                "the range, 5 hardware error, 130 interrupted.  Example: python autofocus.py 10 14 0.05 COM3",
     )
-    p.add_argument("start_mm", metavar="START_MM", type=finite_float, nargs="?", help="first focus position, mm")
-    p.add_argument("end_mm", metavar="END_MM", type=finite_float, nargs="?", help="last focus position, mm (below START sweeps downward)")
-    p.add_argument("step_mm", metavar="STEP_MM", type=positive_float, nargs="?",
-                   help="distance between frames, mm (about one depth of field)")
+    p.add_argument("start_mm", metavar="START_MM", type=bounded(-MAX_ABS_POSITION_MM, MAX_ABS_POSITION_MM, " mm"), nargs="?",
+                   help="first focus position, mm")
+    p.add_argument("end_mm", metavar="END_MM", type=bounded(-MAX_ABS_POSITION_MM, MAX_ABS_POSITION_MM, " mm"), nargs="?", help="last focus position, mm (below START sweeps downward)")
+    p.add_argument("step_mm", metavar="STEP_MM", type=bounded(MIN_STEP_MM, 2 * MAX_ABS_POSITION_MM, " mm"), nargs="?",
+                   help=f"distance between frames, mm (about one depth of field; at least {MIN_STEP_MM:g} mm and "
+                        f"{MIN_STEP_NATIVE} native units of the stage)")
     p.add_argument("port", metavar="PORT", nargs="?", help="serial port (COM3, /dev/ttyUSB0) or tcp://HOST:PORT; "
                                            "not needed with --simulate or --replay")
     src = p.add_argument_group("microscope")
@@ -2761,15 +2941,15 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--replay", metavar="DIR", help="use a recorded stack (DIR/stack.csv with z_mm,file)")
     src.add_argument("--camera", choices=("flir", "sim"), help="camera: flir (default with a PORT) or sim "
                      "(renders what the stage's position would show; default with --simulate)")
-    src.add_argument("--device", metavar="N", type=positive_int, default=DEFAULT_DEVICE,
+    src.add_argument("--device", metavar="N", type=bounded(1, 99, integer=True), default=DEFAULT_DEVICE,
                      help="Zaber device number of the focus stage (default 3: Zaber MVR)")
-    src.add_argument("--axis", metavar="N", type=positive_int, default=DEFAULT_AXIS, help="axis number (default 1)")
+    src.add_argument("--axis", metavar="N", type=bounded(1, 99, integer=True), default=DEFAULT_AXIS, help="axis number (default 1)")
     src.add_argument("--device-db", metavar="FILE", help="Zaber's offline device database file, for offline PCs")
-    src.add_argument("--native-unit-nm", type=positive_float, metavar="NM",
+    src.add_argument("--native-unit-nm", type=bounded(0, 1e6, " nm", above=True), metavar="NM",
                      help="size of one native unit of the axis in nm: skips identification (offline PCs)")
-    src.add_argument("--move-timeout-s", metavar="S", type=positive_float, default=DEFAULT_MOVE_TIMEOUT_S,
+    src.add_argument("--move-timeout-s", metavar="S", type=bounded(0, MAX_TIMEOUT_S, " s", above=True), default=DEFAULT_MOVE_TIMEOUT_S,
                      help=f"give up on a move after this long and stop it (default {DEFAULT_MOVE_TIMEOUT_S:g})")
-    src.add_argument("--home-timeout-s", metavar="S", type=positive_float, default=DEFAULT_HOME_TIMEOUT_S,
+    src.add_argument("--home-timeout-s", metavar="S", type=bounded(0, MAX_TIMEOUT_S, " s", above=True), default=DEFAULT_HOME_TIMEOUT_S,
                      help=f"give up on homing after this long and stop it (default {DEFAULT_HOME_TIMEOUT_S:g})")
     homing = src.add_mutually_exclusive_group()
     homing.add_argument("--home", dest="home", action="store_true", default=None,
@@ -2782,8 +2962,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="clear fault flags (e.g. FS, a stall) latched on the axis and go on; without it a "
                           "latched fault refuses the run (exit 5). Check the stage first")
     src.add_argument("--camera-serial", metavar="SERIAL", help="FLIR camera serial number (default: the first camera)")
-    src.add_argument("--exposure-ms", metavar="MS", type=positive_float, help="FLIR exposure time (default: the camera's setting)")
-    src.add_argument("--camera-timeout-ms", metavar="MS", type=positive_int, default=DEFAULT_CAMERA_TIMEOUT_MS,
+    src.add_argument("--exposure-ms", metavar="MS", type=bounded(0, MAX_EXPOSURE_MS, " ms", above=True), help="FLIR exposure time (default: the camera's setting)")
+    src.add_argument("--camera-timeout-ms", metavar="MS", type=bounded(1, MAX_CAMERA_TIMEOUT_MS, " ms", integer=True), default=DEFAULT_CAMERA_TIMEOUT_MS,
                      help=f"give up waiting for a frame after this long (default {DEFAULT_CAMERA_TIMEOUT_MS}; never "
                           f"less than the exposure + {CAMERA_TIMEOUT_MARGIN_MS} ms)")
     src.add_argument("--camera-roi", metavar="X,Y,W,H", type=pixel_roi,
@@ -2797,13 +2977,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="focus score (default laplacian: variance of the Laplacian)")
     srch.add_argument("--blur", "-b", metavar="N", type=blur_size, default=DEFAULT_BLUR,
                       help="bilateral filter diameter in pixels, odd, 3-99 (default 9); larger suppresses more noise")
-    srch.add_argument("--settle-ms", metavar="MS", type=non_negative_float, default=0.0,
+    srch.add_argument("--settle-ms", metavar="MS", type=bounded(0, MAX_SETTLE_MS, " ms"), default=0.0,
                       help="wait after each move before exposing (default 0; raise at high magnification)")
-    srch.add_argument("--backlash-mm", metavar="MM", type=non_negative_float, default=0.0,
+    srch.add_argument("--backlash-mm", metavar="MM", type=bounded(0, MAX_BACKLASH_MM, " mm"), default=0.0,
                       help="approach every position from the sweep's direction, overshooting by this much "
                            "(default 0: direct-drive stages like the MVR's X-LDA; ~0.01-0.05 for leadscrews)")
-    srch.add_argument("--z-min", metavar="MM", type=finite_float, help="soft limit: never command a position below this (mm)")
-    srch.add_argument("--z-max", metavar="MM", type=finite_float, help="soft limit: never command a position above this (mm)")
+    srch.add_argument("--z-min", metavar="MM", type=bounded(-MAX_ABS_POSITION_MM, MAX_ABS_POSITION_MM, " mm"), help="soft limit: never command a position below this (mm)")
+    srch.add_argument("--z-max", metavar="MM", type=bounded(-MAX_ABS_POSITION_MM, MAX_ABS_POSITION_MM, " mm"), help="soft limit: never command a position above this (mm)")
     srch.add_argument("--relative", action="store_true",
                       help="START and END are offsets from where the stage is now (e.g. -0.1 0.1 0.01: +-0.1 mm "
                            "around the current focus); limits apply to the absolute positions")
@@ -2811,7 +2991,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="score only this region of the frame (camera pixels: left, top, width, height); "
                            "with --replay, the ROI saved with the stack is the default")
     srch.add_argument("--allow-many", action="store_true",
-                      help=f"allow more than {MAX_POSITIONS:,} positions in a sweep")
+                      help=f"allow more than {MAX_POSITIONS:,} positions in a sweep (at most {MAX_POSITIONS_ALLOWED:,})")
     out = p.add_argument_group("output")
     out.add_argument("--verbose", "-v", action="store_true", help="log every step (and tracebacks on errors)")
     out.add_argument("--show-images", action="store_true",
@@ -2825,27 +3005,27 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--make-figures", metavar="DIR",
                      help="write the README's figures (from the simulator) to DIR and exit")
     sim = p.add_argument_group("simulated microscope")
-    sim.add_argument("--sim-focus-mm", metavar="MM", type=finite_float, default=SimOptics.focus_mm,
+    sim.add_argument("--sim-focus-mm", metavar="MM", type=bounded(-MAX_ABS_POSITION_MM, MAX_ABS_POSITION_MM, " mm"), default=SimOptics.focus_mm,
                      help=f"focal plane of the simulated specimen (default {SimOptics.focus_mm})")
-    sim.add_argument("--sim-photons", metavar="N", type=positive_float, default=SimOptics.photons,
+    sim.add_argument("--sim-photons", metavar="N", type=bounded(0, MAX_SIM_PHOTONS, above=True), default=SimOptics.photons,
                      help=f"photons per pixel at the brightest structure (default {SimOptics.photons:g}); "
                           "lower is noisier")
-    sim.add_argument("--sim-read-noise-e", metavar="E", type=non_negative_float, default=SimOptics.read_noise_e,
+    sim.add_argument("--sim-read-noise-e", metavar="E", type=bounded(0, 1000, " e"), default=SimOptics.read_noise_e,
                      help=f"camera read noise, electrons (default {SimOptics.read_noise_e:g})")
     sim.add_argument("--sim-specimen", choices=("cells", "blank"), default="cells",
                      help="cells (default) or blank: an empty field with nothing to focus on")
     sim.add_argument("--sim-right-specimen", choices=("cells", "blank"),
                      help="the right half of the field shows this specimen (a two-region field, e.g. for --roi)")
-    sim.add_argument("--sim-right-focus-mm", metavar="MM", type=finite_float,
+    sim.add_argument("--sim-right-focus-mm", metavar="MM", type=bounded(-MAX_ABS_POSITION_MM, MAX_ABS_POSITION_MM, " mm"),
                      help="the right half of the field is in focus at this position (a two-plane field)")
     sim.add_argument("--sim-size", type=frame_size, default=(SimOptics.width, SimOptics.height),
                      metavar="WxH", help="simulated frame size (default 1920x1200)")
     sim.add_argument("--sim-bits", metavar="BITS", type=int, choices=(8, 12, 16), default=8, help="simulated pixel depth")
-    sim.add_argument("--sim-start-mm", metavar="MM", type=finite_float, default=0.0,
+    sim.add_argument("--sim-start-mm", metavar="MM", type=bounded(-MAX_ABS_POSITION_MM, MAX_ABS_POSITION_MM, " mm"), default=0.0,
                      help="where the simulated stage starts (default 0)")
-    sim.add_argument("--sim-time-scale", metavar="X", type=non_negative_float, default=1.0,
+    sim.add_argument("--sim-time-scale", metavar="X", type=bounded(0, MAX_SIM_TIME_SCALE), default=1.0,
                      help="1 = real hardware timing (default), 0 = as fast as possible")
-    sim.add_argument("--sim-seed", metavar="N", type=int, default=0, help="seed of the specimen and noise")
+    sim.add_argument("--sim-seed", metavar="N", type=bounded(0, 2**32 - 1, integer=True), default=0, help="seed of the specimen and noise")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -3154,7 +3334,7 @@ def run(args: argparse.Namespace) -> int:
         if stage_info is not None and zaber is not None:
             stage_info["homed_now"] = not stage_info["homed"] and zaber.homed
         if args.json:
-            print(json.dumps(result_json(result, exit_code=code, error=error, where=where, stage_info=stage_info,
+            print(strict_json(result_json(result, exit_code=code, error=error, where=where, stage_info=stage_info,
                                          roi=roi, camera_roi=args.camera_roi)))
     return code
 
@@ -3243,7 +3423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help, --version, or a one-line usage error
         code = exc.code if isinstance(exc.code, int) else EXIT_USAGE
         if code and "--json" in (sys.argv[1:] if argv is None else argv):
-            print(json.dumps(result_json(None, exit_code=code, error="usage error (see stderr)")))
+            print(strict_json(result_json(None, exit_code=code, error="usage error (see stderr)")))
         return code
     configure_logging(args.verbose)
     with INTERRUPTS:
@@ -3255,13 +3435,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.verbose:
                 log.debug("traceback", exc_info=exc)
             if args.json:
-                print(json.dumps(result_json(None, exit_code=exc.exit_code, error=str(exc))))
+                print(strict_json(result_json(None, exit_code=exc.exit_code, error=str(exc))))
             return exc.exit_code
         except KeyboardInterrupt as exc:
             print(f"autofocus.py: {interrupt_text(exc)} before the search started; nothing was measured, and any "
                   "motion (homing) was stopped", file=sys.stderr)
             if args.json:
-                print(json.dumps(result_json(None, exit_code=interrupt_code(exc), error=interrupt_text(exc))))
+                print(strict_json(result_json(None, exit_code=interrupt_code(exc), error=interrupt_text(exc))))
             return interrupt_code(exc)
 
 

@@ -90,8 +90,8 @@ BAD_INPUTS = [
     (["ten", "14", "0.05"], "not a number"),
     (["nan", "14", "0.05"], "not a finite number"),
     (["10", "inf", "0.05"], "not a finite number"),
-    (["10", "14", "0"], "greater than 0"),
-    (["10", "14", "-0.05"], "greater than 0"),
+    (["10", "14", "0"], "STEP_MM: 0 is out of range: must be from 1e-06 to 2000 mm"),
+    (["10", "14", "-0.05"], "out of range: must be from 1e-06"),
     (["10", "14", "5"], "larger than the range"),
     (["10", "10", "0.05"], "START equals END"),
     (["0", "20", "0.000001"], "--allow-many"),
@@ -100,7 +100,7 @@ BAD_INPUTS = [
     (["10", "14", "0.05", "--blur", "1001"], "must be odd"),
     (["10", "14", "0.05", "--metric", "sharpness"], "invalid choice"),
     (["10", "14", "0.05", "--search", "brent"], "invalid choice"),
-    (["10", "14", "0.05", "--settle-ms", "-5"], "must not be negative"),
+    (["10", "14", "0.05", "--settle-ms", "-5"], "--settle-ms: -5 is out of range: must be from 0 to 60000 ms"),
     (["10", "14", "0.05", "--z-min", "12", "--z-max", "11"], "--z-min"),
 ]
 
