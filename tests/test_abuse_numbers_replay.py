@@ -47,6 +47,7 @@ def strict(text: str) -> Any:
     (["10", "14", "0.05", "--sim-size", "10000x10000"], "at most 25 MP"),
     (["0", "20", "0.00000001", "--allow-many"], "STEP_MM: 0.00000001 is out of range"),
     (["0", "20", "0.000002", "--allow-many"], "more than 1,000,000, even with --allow-many"),
+    (["12", "12.000005", "0.000001", "--search", "fast"], "STEP 1e-06 mm is 1 native units of this stage"),
 ])
 def test_extreme_numbers_are_one_line_exit_2_and_nothing_moves(capsys: pytest.CaptureFixture[str], argv: list[str],
                                                                message: str) -> None:

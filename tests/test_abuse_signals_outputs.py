@@ -282,3 +282,21 @@ def test_a_fault_while_the_progress_bar_is_drawn_starts_its_own_line(monkeypatch
     assert code == 5 and "autofocus:" in text  # the bar was drawn
     line = next(seg for seg in text.split("\n") if "autofocus.py:" in seg)
     assert line.split("\r")[-1].startswith("autofocus.py: camera timed out")  # not glued to the bar
+
+
+# --- two instances on one port ----------------------------------------------------------------------
+
+def test_two_instances_on_the_same_axis_notice_each_other(slow_fake: FakeZaber) -> None:
+    argv = ("10", "10.5", "0.05", url(slow_fake), *ZABER_SIM, "--sim-time-scale", "0", "--sim-focus-mm", "10.25")
+    first, second = start(*argv), start(*argv)
+    results = [(p.wait(timeout=60), p.stderr.read()) for p in (first, second)]  # type: ignore[union-attr]
+    for p in (first, second):
+        p.stdout.close()  # type: ignore[union-attr]
+        p.stderr.close()  # type: ignore[union-attr]
+    codes = sorted(code for code, _ in results)
+    assert codes != [0, 0], results  # they fought over the axis: never two successes
+    for code, err in results:  # each failure says what happened: its move was cut short, or the
+        if code != 0:  # axis was already moving when it started (then it commanded nothing)
+            assert code == 5 and err.count("\n") == 1, err
+            assert ("was interrupted (NI)" in err and "moved or stopped from outside" in err) or \
+                   ("is moving (the knob or joystick, Zaber Launcher or another program)" in err), err
