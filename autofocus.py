@@ -3,13 +3,14 @@
 Steps the focus (Z) axis of a Zaber microscope through a range, scores each camera frame by
 the variance of the Laplacian of the bilateral-filtered image, and moves to the sharpest
 position.  Hardware: the Zaber Motion Library (ZML) for the stage, a Teledyne FLIR camera
-through simple-pyspin.  No hardware?  ``--simulate`` uses a built-in simulated microscope and
-``--replay DIR`` a recorded through-focus stack.
+through simple-pyspin, or a Basler camera through pypylon.  No hardware?  ``--simulate`` uses a
+built-in simulated microscope and ``--replay DIR`` a recorded through-focus stack.
 
 Example::
 
     python autofocus.py 10 14 0.05 COM3            # MVR focus stage: device 3, axis 1
     python autofocus.py 10 14 0.05 --simulate      # no hardware needed
+    python autofocus.py 10 14 0.05 COM3 --camera basler   # a Basler camera (pip install pypylon)
 
 Exit codes:
 
@@ -26,7 +27,7 @@ Exit codes:
     149  Ctrl-Break (SIGBREAK; Windows only); handled like Ctrl-C
 
 Sections, in dependency order: constants, exceptions, result types, focus scores, peak
-fitting and verdict, search, device interfaces, backends (Zaber + FLIR, simulated, replay),
+fitting and verdict, search, device interfaces, backends (Zaber + FLIR, Basler, simulated, replay),
 output, command line.
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 try:
     import cv2
@@ -1074,17 +1075,37 @@ BAYER_TO_GRAY = {
 }
 
 
-def choose_pixel_format(offered: Sequence[str], sensor_bits: int) -> str | None:
-    """The pixel format to score: Mono16 for a sensor deeper than 8 bits, else Mono8; a colour
-    camera offering neither gets its unpacked Bayer format (converted to gray before scoring).
-    Packed formats (Mono12p, Mono12Packed, BayerRG10p...) are never chosen; None: nothing usable."""
-    mono = ("Mono16", "Mono8") if sensor_bits > 8 else ("Mono8", "Mono16")
+PACKED_MONO = ("Mono12p", "Mono12Packed", "Mono10p", "Mono10Packed", "Mono14p")
+
+
+def choose_pixel_format(offered: Sequence[str], sensor_bits: int, *, packed_ok: bool = False) -> str | None:
+    """The pixel format to score: for a sensor deeper than 8 bits Mono16, else the deepest unpacked
+    Mono14/12/10 (16-bit pixels, e.g. a Basler's Mono12), else Mono8; for an 8-bit sensor Mono8
+    first.  A colour camera offering no mono format gets its unpacked Bayer format (converted to
+    gray before scoring).  Packed formats (Mono12p, Mono12Packed, BayerRG10p...) only with
+    ``packed_ok`` (a backend whose SDK unpacks them, pylon's converter), after every unpacked one
+    of the sensor's depth; None: nothing usable."""
+    deep = ["Mono16", "Mono14", "Mono12", "Mono10"] + (list(PACKED_MONO) if packed_ok else [])
+    mono = (*deep, "Mono8") if sensor_bits > 8 else ("Mono8", *deep)
     for name in mono:
         if name in offered:
             return name
-    bayer = [f for f in offered if f[:7] in BAYER_TO_GRAY and f[7:] in ("8", "16")]
-    bayer.sort(key=lambda f: (f.endswith("16")) != (sensor_bits > 8))
+    bayer = [f for f in offered if f[:7] in BAYER_TO_GRAY and f[7:] in ("8", "10", "12", "14", "16")]
+    bayer.sort(key=lambda f: (f.endswith("8")) == (sensor_bits > 8))
+    if not bayer and packed_ok:
+        bayer = [f for f in offered if f[:7] in BAYER_TO_GRAY and f[7:] in ("10p", "12p", "10Packed", "12Packed")]
     return bayer[0] if bayer else None
+
+
+def is_packed(name: str) -> bool:
+    """A packed PFNC/GigE Vision format (Mono12p, BayerRG12Packed): its bytes are not pixels."""
+    return name.endswith(("p", "Packed"))
+
+
+def offered_bits(offered: Sequence[str]) -> int:
+    """A sensor's depth as its formats tell it: the deepest 10/12/14-bit one (Mono16 alone does not,
+    it is a container); 8 when there is none."""
+    return max((format_bits(f) for f in offered if not f.endswith("16")), default=8)
 
 
 def format_bits(name: str) -> int:
@@ -1128,6 +1149,140 @@ class SettingsJournal:
 
 
 ROI_NODES = ("OffsetX", "OffsetY", "Width", "Height")
+
+
+def set_sensor_roi(journal: SettingsJournal, roi: Roi, sensor_px: tuple[int, int], inc: dict[str, int],
+                   min_size_px: tuple[int, int], *, bayer: bool) -> Roi:
+    """Set the sensor's own ROI (fewer rows read, a faster read-out) through ``journal``, rounded by
+    ``fit_roi`` to the node increments ``inc`` (per ROI_NODES name); returns the region set."""
+    even = 2 if bayer else 1  # a Bayer mosaic keeps its pattern only when the offsets are even
+    fitted = fit_roi(roi, sensor_px, offset_step_px=(math.lcm(inc["OffsetX"], even), math.lcm(inc["OffsetY"], even)),
+                     size_step_px=(inc["Width"], inc["Height"]), min_size_px=min_size_px)
+    if fitted != tuple(roi):
+        log.warning("--camera-roi %s rounded to the camera's increments: %s", ",".join(map(str, roi)),
+                    ",".join(map(str, fitted)))
+    x, y, w, h = fitted
+    for name, value in (("OffsetX", 0), ("OffsetY", 0), ("Width", w), ("Height", h), ("OffsetX", x),
+                        ("OffsetY", y)):
+        journal.set(name, value)
+    return fitted
+
+
+def freeze_auto(journal: SettingsJournal, has: Callable[[str], bool], errors: tuple[type[BaseException], ...],
+                camera: str, viewer: str) -> None:
+    """Auto exposure and auto gain off for the sweep: a gain or exposure that changes between frames
+    changes the noise, and so the score.  CameraError when the camera refuses."""
+    for auto, what in (("ExposureAuto", "exposure"), ("GainAuto", "gain")):
+        if not has(auto):
+            continue  # no automatic mode on this camera: nothing to freeze
+        state = "unreadable"
+        try:
+            state = journal.read(auto)
+            journal.set(auto, "Off")
+        except errors as exc:
+            raise CameraError(f"the {camera}'s auto {what} ({auto} {state}) cannot be turned off "
+                              f"({first_line(exc)}); a {what} that changes between frames changes the score: "
+                              f"turn {auto} off in {viewer} (or the camera's user set) and try again") from exc
+
+
+def frame_timeout_ms(timeout_ms: int, exposure_ms: float) -> int:
+    """How long to wait for a triggered frame: never less than its exposure plus a margin."""
+    return max(int(timeout_ms), int(math.ceil(exposure_ms + CAMERA_TIMEOUT_MARGIN_MS)))
+
+
+def bayer_code(pixel_format: str, reported_filter: str | None) -> int | None:
+    """The OpenCV code that turns this format's mosaic to gray (None for mono); the camera's
+    PixelColorFilter, when it reports one, overrides the pattern in the format's name."""
+    if not pixel_format.startswith("Bayer"):
+        return None
+    pattern = reported_filter if reported_filter in BAYER_TO_GRAY else pixel_format[:7]
+    return BAYER_TO_GRAY[pattern]
+
+
+_Adapter = TypeVar("_Adapter", bound="GenicamAdapter")
+
+
+class GenicamAdapter:
+    """What the GenICam camera backends share at the end of a run: ``restore()`` puts back every
+    node the run changed (their SettingsJournal), ``close()`` also releases a camera the adapter
+    opened, on every exit path (a ``with`` block).  A backend sets ``_cam``, ``_journal``,
+    ``_owned``, ``_was_running``, ``_closed`` and defines the vendor calls below."""
+
+    vendor = "camera"  # "FLIR camera": for messages
+    viewer = "its viewer"  # the vendor's program to check the camera with
+    pixel_format: str | None
+    _shape: tuple[int, int]
+    _bayer_code: int | None
+    _cam: Any
+    _journal: SettingsJournal
+    _owned: bool
+    _was_running: bool
+    _closed: bool
+
+    def _stop(self) -> None:
+        """Stop streaming."""
+        raise NotImplementedError
+
+    def _gone(self) -> bool:
+        """The camera was unplugged (or closed by someone else)."""
+        raise NotImplementedError
+
+    def _restart(self) -> None:
+        """Stream again (a lent camera that was streaming when lent)."""
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Close the camera this adapter opened; never raises."""
+        raise NotImplementedError
+
+    def _gray(self, frame: np.ndarray) -> np.ndarray:
+        """The frame as the score must see it: checked against the configured size and depth (a
+        packed format's bytes are never scored as pixels), a Bayer mosaic converted to gray."""
+        if frame.shape != self._shape or frame.dtype not in (np.uint8, np.uint16):
+            raise CameraError(f"the {self.vendor} delivered a {frame.shape} {frame.dtype} array for a "
+                              f"{self._shape[1]}x{self._shape[0]} {self.pixel_format} frame; is another program "
+                              "changing its pixel format?")
+        if self._bayer_code is not None:
+            frame = cv2.cvtColor(frame, self._bayer_code)  # a Bayer mosaic is never scored raw
+        return frame
+
+    def restore(self) -> None:
+        """Stop streaming and put back every node this adapter changed; a lent camera that was
+        streaming is restarted.  Safe to call more than once; never raises a vendor error."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self._stop()
+        try:
+            gone = self._gone()
+        except Exception:  # noqa: BLE001
+            gone = True
+        if gone:  # unplugged: nothing to put back (a camera powers up with its own defaults)
+            log.info("the %s is gone: its settings were not restored", self.vendor)
+            return
+        failed = self._journal.restore()
+        if failed:
+            log.warning("the %s did not take back %d setting(s) this run changed (%s%s); check it in %s",
+                        self.vendor, len(failed), failed[0], ", ..." if len(failed) > 1 else "", self.viewer)
+        if not self._owned and self._was_running:
+            try:
+                self._restart()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not restart the lent %s's acquisition: %s", self.vendor, first_line(exc))
+
+    def close(self) -> None:
+        """Restore, then (for a camera this adapter opened) release it."""
+        self.restore()
+        if self._owned and getattr(self, "_cam", None) is not None:
+            self._release()
+            self._cam = None
+
+    def __enter__(self: _Adapter) -> _Adapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def restore_plan(original: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -1601,7 +1756,7 @@ def _pyspin() -> tuple[Any, Any]:
     return PySpin, simple_pyspin
 
 
-class FlirCamera:
+class FlirCamera(GenicamAdapter):
     """A FLIR camera through simple-pyspin, streaming with a software trigger.
 
     Set-up, each change recorded in a SettingsJournal: a mono pixel format (Mono16 on a sensor
@@ -1619,6 +1774,8 @@ class FlirCamera:
     (DeInit), whatever ended the run; a camera lent by the caller (``from_camera``) is only
     restored, never closed.
     """
+
+    vendor, viewer = "FLIR camera", "SpinView"
 
     def __init__(self, serial: str | None = None, *, exposure_ms: float | None = None,
                  timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None) -> None:
@@ -1702,7 +1859,7 @@ class FlirCamera:
         if exposure_ms is not None:
             journal.set("ExposureTime", exposure_ms * 1000.0)
         exposure_now_ms = cam.ExposureTime / 1000.0 if self._has("ExposureTime") else 0.0
-        self.timeout_ms = max(int(timeout_ms), int(math.ceil(exposure_now_ms + CAMERA_TIMEOUT_MARGIN_MS)))
+        self.timeout_ms = frame_timeout_ms(timeout_ms, exposure_now_ms)
         self._shape = (int(cam.Height), int(cam.Width))
         log.info("FLIR camera: %s %dx%d, exposure %.3f ms, frame timeout %d ms", self.pixel_format,
                  self._shape[1], self._shape[0], exposure_now_ms, self.timeout_ms)
@@ -1721,8 +1878,7 @@ class FlirCamera:
         if self._has("AdcBitDepth") and spin.IsReadable(cam.camera_attributes["AdcBitDepth"]):
             sensor_bits = format_bits(str(cam.AdcBitDepth))
         else:
-            # without AdcBitDepth, the 10/12/14-bit formats it offers tell its depth (Mono16 alone does not)
-            sensor_bits = max((format_bits(f) for f in offered if not f.endswith("16")), default=8)
+            sensor_bits = offered_bits(offered)  # without AdcBitDepth, its 10/12/14-bit formats tell
         choice = choose_pixel_format(offered, sensor_bits)
         if choice is None:
             raise CameraError(f"the FLIR camera offers no pixel format this tool can score ({', '.join(offered)}); "
@@ -1730,47 +1886,24 @@ class FlirCamera:
         self._journal.set("PixelFormat", choice)
         self.pixel_format = choice
         if choice.startswith("Bayer"):
-            pattern = choice[:7]  # BayerRG16 -> BayerRG
+            reported = None
             if self._has("PixelColorFilter") and spin.IsReadable(cam.camera_attributes["PixelColorFilter"]):
                 reported = str(cam.PixelColorFilter)
-                if reported in BAYER_TO_GRAY:
-                    pattern = reported
-            self._bayer_code = BAYER_TO_GRAY[pattern]
-            log.info("FLIR camera: colour sensor (%s): frames are converted to gray before scoring", pattern)
+            self._bayer_code = bayer_code(choice, reported)
+            log.info("FLIR camera: colour sensor (%s): frames are converted to gray before scoring", choice)
 
     def _set_roi(self, roi: Roi) -> None:
         """The sensor's own ROI: fewer rows read, a faster read-out."""
         cam, attrs = self._cam, self._cam.camera_attributes
-        inc = {n: int(attrs[n].GetInc()) for n in ROI_NODES}
-        # A Bayer mosaic keeps its pattern only when the offsets are even.
-        even = 2 if self._bayer_code is not None else 1
-        fitted = fit_roi(roi, (int(cam.WidthMax), int(cam.HeightMax)),
-                         offset_step_px=(math.lcm(inc["OffsetX"], even), math.lcm(inc["OffsetY"], even)),
-                         size_step_px=(inc["Width"], inc["Height"]),
-                         min_size_px=(int(attrs["Width"].GetMin()), int(attrs["Height"].GetMin())))
-        if fitted != tuple(roi):
-            log.warning("--camera-roi %s rounded to the camera's increments: %s", ",".join(map(str, roi)),
-                        ",".join(map(str, fitted)))
-        x, y, w, h = fitted
-        for name, value in (("OffsetX", 0), ("OffsetY", 0), ("Width", w), ("Height", h), ("OffsetX", x),
-                            ("OffsetY", y)):
-            self._journal.set(name, value)
-        self.roi = fitted
+        self.roi = set_sensor_roi(self._journal, roi, (int(cam.WidthMax), int(cam.HeightMax)),
+                                  {n: int(attrs[n].GetInc()) for n in ROI_NODES},
+                                  (int(attrs["Width"].GetMin()), int(attrs["Height"].GetMin())),
+                                  bayer=self._bayer_code is not None)
 
     def _freeze_auto(self) -> None:
-        """Auto exposure and auto gain off for the sweep: a gain or exposure that changes between
-        frames changes the noise, and so the score."""
-        for auto, what in (("ExposureAuto", "exposure"), ("GainAuto", "gain")):
-            if not self._has(auto):
-                continue  # no automatic mode on this camera: nothing to freeze
-            state = "unreadable"
-            try:
-                state = getattr(self._cam, auto)
-                self._journal.set(auto, "Off")
-            except (self._sp.CameraError, self._spin.SpinnakerException) as exc:
-                raise CameraError(f"the FLIR camera's auto {what} ({auto} {state}) cannot be turned off "
-                                  f"({first_line(exc)}); a {what} that changes between frames changes the score: "
-                                  f"turn {auto} off in SpinView (or the camera's user set) and try again") from exc
+        """Auto exposure and auto gain off for the sweep (see ``freeze_auto``)."""
+        freeze_auto(self._journal, self._has, (self._sp.CameraError, self._spin.SpinnakerException),
+                    "FLIR camera", "SpinView")
 
     def capture(self) -> np.ndarray:
         spin, raw = self._spin, self._cam.cam
@@ -1793,55 +1926,248 @@ class FlirCamera:
             frame = np.array(image.GetNDArray(), copy=True)
         finally:
             image.Release()
-        if frame.shape != self._shape or frame.dtype not in (np.uint8, np.uint16):
-            # e.g. a packed format's bytes: never score them as pixels
-            raise CameraError(f"the FLIR camera delivered a {frame.shape} {frame.dtype} array for a "
-                              f"{self._shape[1]}x{self._shape[0]} {self.pixel_format} frame; is another program "
-                              "changing its pixel format?")
-        if self._bayer_code is not None:
-            frame = cv2.cvtColor(frame, self._bayer_code)  # a Bayer mosaic is never scored raw
-        return frame
+        return self._gray(frame)
 
-    def restore(self) -> None:
-        """Stop streaming and put back every node this adapter changed; a lent camera that was
-        streaming is restarted.  Safe to call more than once; never raises a vendor error."""
-        if self._closed:
-            return
-        self._closed = True
+    def _stop(self) -> None:
+        self._cam.stop()
+
+    def _gone(self) -> bool:
+        return not self._cam.cam.IsValid()
+
+    def _restart(self) -> None:
+        self._cam.start()
+
+    def _release(self) -> None:
         with contextlib.suppress(Exception):
-            self._cam.stop()
+            self._cam.cam.DeInit()  # simple_pyspin's close() does not: the next Init would fail (-1004)
+        with contextlib.suppress(Exception):
+            self._cam.close()
+
+
+###############################################################################
+# Backends: Basler camera (pypylon) ###########################################
+###############################################################################
+# pypylon is Basler's own wheel on PyPI with the pylon runtime inside; its camera emulator
+# (PYLON_CAMEMU=N presents N emulated cameras) drives this adapter through the real SDK in tests.
+
+PYPYLON_HELP = ("the Basler camera needs Basler's pypylon (on PyPI): pip install pypylon; "
+                "or use --camera sim / --simulate / --replay")
+
+
+def _pylon() -> tuple[Any, Any]:
+    """Import pypylon on first use: (pylon, genicam)."""
+    try:
+        from pypylon import genicam, pylon  # noqa: PLC0415
+    except ImportError as exc:
+        raise UsageError(PYPYLON_HELP) from exc
+    return pylon, genicam
+
+
+class BaslerCamera(GenicamAdapter):
+    """A Basler camera through pypylon, streaming with a software trigger (FlirCamera's contract).
+
+    Set-up, each change recorded in a SettingsJournal: a mono pixel format (``choose_pixel_format``:
+    Mono16 or an unpacked Mono12/10 on a sensor deeper than 8 bits, else Mono8; a packed one such
+    as Mono12p only when nothing unpacked of that depth is offered, unpacked by pylon's
+    ImageFormatConverter; a colour camera without mono formats streams its Bayer mosaic, converted
+    to gray); the sensor ROI (``roi``); continuous acquisition with a software trigger on
+    FrameStart; ExposureAuto and GainAuto off; ``exposure_ms`` (ExposureTime, or ExposureTimeAbs
+    on older GigE cameras).  Frame timeout: the larger of ``timeout_ms`` and exposure +
+    CAMERA_TIMEOUT_MARGIN_MS.
+
+    ``serial`` chooses among several cameras (pylon Viewer shows it); without it the first one pylon
+    lists is used (a warning names the others).  Each ``capture`` drains frames already delivered,
+    waits until the camera accepts a trigger, triggers, and waits for that frame.  ``close()`` stops
+    grabbing, puts back every node it changed and closes the camera on every exit path; a camera
+    lent by the caller (``from_camera``) is only restored, never closed.
+    """
+
+    vendor, viewer = "Basler camera", "pylon Viewer"
+
+    def __init__(self, serial: str | None = None, *, exposure_ms: float | None = None,
+                 timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None) -> None:
+        pylon, genicam = _pylon()
         try:
-            gone = not self._cam.cam.IsValid()
-        except Exception:  # noqa: BLE001
-            gone = True
-        if gone:  # unplugged: nothing to put back (a camera powers up with its own defaults)
-            log.info("the FLIR camera is gone: its settings were not restored")
-            return
-        failed = self._journal.restore()
-        if failed:
-            log.warning("the FLIR camera did not take back %d setting(s) this run changed (%s%s); check it "
-                        "in SpinView", len(failed), failed[0], ", ..." if len(failed) > 1 else "")
-        if not self._owned and self._was_running:
-            try:
-                self._cam.start()
-            except Exception as exc:  # noqa: BLE001
-                log.warning("could not restart the lent FLIR camera's acquisition: %s", first_line(exc))
+            factory = pylon.TlFactory.GetInstance()
+            devices = list(factory.EnumerateDevices())
+        except genicam.GenericException as exc:
+            raise CameraError(f"cannot list the Basler cameras: {first_line(exc)}") from exc
+        found = [d.GetSerialNumber() for d in devices]
+        if not devices:
+            raise CameraError("no Basler camera found: check its cable and power (a GigE camera must be on "
+                              "this PC's subnet: pylon IP Configurator), and that pylon Viewer sees it "
+                              "(PYLON_CAMEMU=1 presents an emulated one)")
+        if serial:
+            devices = [d for d in devices if d.GetSerialNumber() == serial]
+            if not devices:
+                raise CameraError(f"--camera-serial {serial}: no such Basler camera; found {', '.join(found)}")
+        elif len(devices) > 1:
+            log.warning("%d Basler cameras found (%s): using %s; choose one with --camera-serial",
+                        len(devices), ", ".join(found), found[0])
+        info = devices[0]
+        name = f"the Basler camera {info.GetSerialNumber()}"
+        try:
+            cam = pylon.InstantCamera(factory.CreateDevice(info))
+            cam.Open()
+        except genicam.GenericException as exc:
+            raise CameraError(f"cannot open {name} ({info.GetModelName()}): {first_line(exc)}; another program "
+                              "(pylon Viewer, another script) may hold it: close it, or unplug and replug the "
+                              "camera") from exc
+        self._setup(pylon, genicam, cam, owned=True, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
 
-    def close(self) -> None:
-        """Restore, then (for a camera this adapter opened) DeInit and release it."""
-        self.restore()
-        if self._owned and getattr(self, "_cam", None) is not None:
-            with contextlib.suppress(Exception):
-                self._cam.cam.DeInit()  # simple_pyspin's close() does not: the next Init would fail (-1004)
-            with contextlib.suppress(Exception):
-                self._cam.close()
-            self._cam = None
+    @classmethod
+    def from_camera(cls, camera: Any, *, exposure_ms: float | None = None,
+                    timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None) -> BaslerCamera:
+        """An adapter over an open ``pylon.InstantCamera`` that the caller owns and keeps.
 
-    def __enter__(self) -> FlirCamera:
+        Configures it as a run needs and starts grabbing; ``restore()`` (or leaving the ``with``
+        block) stops grabbing and puts every node back, restarting grabbing if it was grabbing when
+        lent.  The camera is never closed here::
+
+            cam = pylon.InstantCamera(pylon.TlFactory.GetInstance().CreateFirstDevice())
+            cam.Open()                                       # yours: opened and closed by you
+            with autofocus.BaslerCamera.from_camera(cam) as camera:
+                ...                                          # focus with ``camera``
+            cam.Close()
+        """
+        pylon, genicam = _pylon()
+        if not (hasattr(camera, "IsOpen") and camera.IsOpen()):
+            raise UsageError("BaslerCamera.from_camera needs an open pylon.InstantCamera: call its Open() first")
+        self = cls.__new__(cls)
+        self._setup(pylon, genicam, camera, owned=False, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _setup(self, pylon: Any, genicam: Any, cam: Any, *, owned: bool, exposure_ms: float | None,
+               timeout_ms: int, roi: Roi | None) -> None:
+        """Configure the camera for the sweep and start grabbing; on any failure put it back."""
+        self._pylon, self._genicam, self._cam, self._owned = pylon, genicam, cam, owned
+        self._was_running = bool(cam.IsGrabbing())
+        self._journal = SettingsJournal(lambda n: getattr(cam, n).Value, self._write)
+        self._closed = False
+        self._bayer_code: int | None = None
+        self._converter: Any = None
+        self.pixel_format: str | None = None
+        self.roi: Roi | None = None
+        self.timeout_ms = timeout_ms
+        self.stale_frames = 0  # frames delivered before a capture began, dropped (diagnostics)
+        try:
+            cam.StopGrabbing()  # a lent camera may be grabbing: format, ROI and trigger are locked then
+            self._configure(exposure_ms, timeout_ms, roi)
+            cam.StartGrabbing(pylon.GrabStrategy_OneByOne)
+        except genicam.GenericException as exc:
+            self.close()
+            raise CameraError(f"cannot configure the Basler camera: {first_line(exc)}") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def _write(self, name: str, value: Any) -> None:
+        getattr(self._cam, name).Value = value
+
+    def _has(self, name: str) -> bool:
+        node = self._cam.GetNodeMap().GetNode(name)
+        return node is not None and self._genicam.IsAvailable(node)
+
+    def _configure(self, exposure_ms: float | None, timeout_ms: int, roi: Roi | None) -> None:
+        cam, journal = self._cam, self._journal
+        self._set_pixel_format()
+        if roi is not None:
+            self.roi = set_sensor_roi(journal, roi, (int(cam.WidthMax.Value), int(cam.HeightMax.Value)),
+                                      {n: int(getattr(cam, n).Inc) for n in ROI_NODES},
+                                      (int(cam.Width.Min), int(cam.Height.Min)), bayer=self._bayer_code is not None)
+        journal.set("AcquisitionMode", "Continuous")
+        journal.set("TriggerMode", "Off")  # the selector and source are only writable with the trigger off
+        if self._has("TriggerSelector"):
+            journal.set("TriggerSelector", "FrameStart")
+        journal.set("TriggerSource", "Software")
+        journal.set("TriggerMode", "On")
+        freeze_auto(journal, self._has, (self._genicam.GenericException,), "Basler camera", "pylon Viewer")
+        exposure = next((n for n in ("ExposureTime", "ExposureTimeAbs") if self._has(n)), None)
+        if exposure_ms is not None:
+            if exposure is None:
+                raise CameraError("the Basler camera has no ExposureTime node: --exposure-ms cannot be set; "
+                                  "drop it and set the exposure in pylon Viewer")
+            journal.set(exposure, exposure_ms * 1000.0)
+        exposure_now_ms = getattr(cam, exposure).Value / 1000.0 if exposure else 0.0
+        self.timeout_ms = frame_timeout_ms(timeout_ms, exposure_now_ms)
+        self._shape = (int(cam.Height.Value), int(cam.Width.Value))
+        log.info("Basler camera %s: %s %dx%d, exposure %.3f ms, frame timeout %d ms",
+                 cam.GetDeviceInfo().GetSerialNumber(), self.pixel_format, self._shape[1], self._shape[0],
+                 exposure_now_ms, self.timeout_ms)
+
+    def _set_pixel_format(self) -> None:
+        """Mono, an unpacked Bayer format (gray in ``capture``), or a packed one pylon unpacks."""
+        pylon, cam = self._pylon, self._cam
+        if not self._has("PixelFormat"):
+            raise CameraError("the Basler camera has no PixelFormat node: cannot tell what its frames hold")
+        offered = list(cam.PixelFormat.Symbolics)  # the entries available now
+        choice = choose_pixel_format(offered, offered_bits(offered), packed_ok=True)
+        if choice is None:
+            raise CameraError(f"the Basler camera offers no pixel format this tool can score ({', '.join(offered)}); "
+                              "it needs a Mono or a Bayer format")
+        self._journal.set("PixelFormat", choice)
+        self.pixel_format = choice
+        if is_packed(choice):  # Mono12p, BayerRG12Packed...: pylon unpacks (and demosaics) to Mono16
+            self._converter = pylon.ImageFormatConverter()
+            self._converter.OutputPixelFormat = pylon.PixelType_Mono16
+            log.info("Basler camera: %s frames are unpacked to Mono16 by pylon's converter", choice)
+        elif choice.startswith("Bayer"):
+            reported = None
+            if self._has("PixelColorFilter") and self._genicam.IsReadable(cam.PixelColorFilter.Node):
+                reported = str(cam.PixelColorFilter.Value)
+            self._bayer_code = bayer_code(choice, reported)
+            log.info("Basler camera: colour sensor (%s): frames are converted to gray before scoring", choice)
+
+    def capture(self) -> np.ndarray:
+        pylon, genicam, cam = self._pylon, self._genicam, self._cam
+        try:
+            while True:  # drop anything delivered before now
+                stale = cam.RetrieveResult(0, pylon.TimeoutHandling_Return)
+                if not stale.IsValid():
+                    break
+                stale.Release()
+                self.stale_frames += 1
+            if not cam.WaitForFrameTriggerReady(int(self.timeout_ms), pylon.TimeoutHandling_Return):
+                raise CameraError(f"the Basler camera was not ready for a trigger within {self.timeout_ms} ms; "
+                                  "check the cable, or raise --camera-timeout-ms")
+            cam.ExecuteSoftwareTrigger()
+            result = cam.RetrieveResult(int(self.timeout_ms), pylon.TimeoutHandling_ThrowException)
+        except genicam.GenericException as exc:
+            raise CameraError(f"no frame from the Basler camera within {self.timeout_ms} ms: {first_line(exc)}; "
+                              "check the cable, or raise --camera-timeout-ms") from exc
+        try:
+            if not result.GrabSucceeded():
+                raise CameraError(f"the Basler camera delivered a failed frame ({result.GetErrorDescription()}, "
+                                  f"code {result.GetErrorCode():#x}); check the USB3 bandwidth or the GigE packet "
+                                  "size (README, Basler camera)")
+            if self._converter is not None:
+                frame = np.array(self._converter.Convert(result).GetArray(), copy=True)
+            else:
+                frame = np.array(result.GetArray(), copy=True)
+        except genicam.GenericException as exc:
+            raise CameraError(f"cannot read the Basler camera's {self.pixel_format} frame: {first_line(exc)}") from exc
+        finally:
+            result.Release()
+        return self._gray(frame)
+
+    def _stop(self) -> None:
+        self._cam.StopGrabbing()
+
+    def _gone(self) -> bool:
+        return bool(self._cam.IsCameraDeviceRemoved()) or not self._cam.IsOpen()
+
+    def _restart(self) -> None:
+        self._cam.StartGrabbing()
+
+    def _release(self) -> None:
+        with contextlib.suppress(Exception):
+            self._cam.Close()
+        with contextlib.suppress(Exception):
+            self._cam.DestroyDevice()
+
+
+# The live cameras --camera can name (besides "sim"); each takes (serial, *, exposure_ms, timeout_ms, roi).
+LIVE_CAMERAS: dict[str, Callable[..., Any]] = {"flir": FlirCamera, "basler": BaslerCamera}
 
 
 ###############################################################################
@@ -2939,7 +3265,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_argument_group("microscope")
     src.add_argument("--simulate", action="store_true", help="use the built-in simulated microscope")
     src.add_argument("--replay", metavar="DIR", help="use a recorded stack (DIR/stack.csv with z_mm,file)")
-    src.add_argument("--camera", choices=("flir", "sim"), help="camera: flir (default with a PORT) or sim "
+    src.add_argument("--camera", choices=(*LIVE_CAMERAS, "sim"), help="camera: flir (default with a PORT), basler "
+                     "(pypylon) or sim "
                      "(renders what the stage's position would show; default with --simulate)")
     src.add_argument("--device", metavar="N", type=bounded(1, 99, integer=True), default=DEFAULT_DEVICE,
                      help="Zaber device number of the focus stage (default 3: Zaber MVR)")
@@ -2961,14 +3288,18 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--clear-faults", action="store_true",
                      help="clear fault flags (e.g. FS, a stall) latched on the axis and go on; without it a "
                           "latched fault refuses the run (exit 5). Check the stage first")
-    src.add_argument("--camera-serial", metavar="SERIAL", help="FLIR camera serial number (default: the first camera)")
-    src.add_argument("--exposure-ms", metavar="MS", type=bounded(0, MAX_EXPOSURE_MS, " ms", above=True), help="FLIR exposure time (default: the camera's setting)")
-    src.add_argument("--camera-timeout-ms", metavar="MS", type=bounded(1, MAX_CAMERA_TIMEOUT_MS, " ms", integer=True), default=DEFAULT_CAMERA_TIMEOUT_MS,
+    src.add_argument("--camera-serial", metavar="SERIAL",
+                     help="camera serial number, to choose among several (FLIR: SpinView; Basler: pylon Viewer; "
+                          "default: the first camera)")
+    src.add_argument("--exposure-ms", metavar="MS", type=bounded(0, MAX_EXPOSURE_MS, " ms", above=True),
+                     help="exposure time of the FLIR or Basler camera (default: the camera's setting)")
+    src.add_argument("--camera-timeout-ms", metavar="MS", type=bounded(1, MAX_CAMERA_TIMEOUT_MS, " ms", integer=True),
+                     default=DEFAULT_CAMERA_TIMEOUT_MS,
                      help=f"give up waiting for a frame after this long (default {DEFAULT_CAMERA_TIMEOUT_MS}; never "
                           f"less than the exposure + {CAMERA_TIMEOUT_MARGIN_MS} ms)")
     src.add_argument("--camera-roi", metavar="X,Y,W,H", type=pixel_roi,
-                     help="read only this region of the sensor (camera pixels): the FLIR camera's own ROI, rounded "
-                          "to its increments and restored afterwards (a faster read-out); the simulated camera "
+                     help="read only this region of the sensor (camera pixels): the FLIR or Basler camera's own "
+                          "ROI, rounded to its increments and restored afterwards (a faster read-out); the simulated camera "
                           "crops its frame")
     srch = p.add_argument_group("search")
     srch.add_argument("--search", choices=tuple(SEARCHES), default="sweep",
@@ -3041,7 +3372,7 @@ def validate(args: argparse.Namespace) -> None:
     if (args.simulate or args.replay) and args.port:
         raise UsageError(f"PORT {args.port!r} given with --{'simulate' if args.simulate else 'replay'}: drop one")
     if args.replay and args.camera_roi:
-        raise UsageError("--camera-roi needs a live camera (FLIR or --camera sim / --simulate), not --replay")
+        raise UsageError("--camera-roi needs a live camera (FLIR, Basler or --camera sim / --simulate), not --replay")
     if (args.replay or args.simulate) and args.camera:
         raise UsageError(f"--{'replay' if args.replay else 'simulate'} brings its own camera: drop --camera "
                          "(use --camera sim with a PORT to put the simulated camera on a real stage)")
@@ -3172,8 +3503,8 @@ def open_microscope(args: argparse.Namespace) -> Iterator[tuple[Stage, Camera]]:
             _, sim = simulated_microscope(**sim_options(args))
             camera = SimCamera(zaber, sim.optics, sim.timing, sim.clock, roi=args.camera_roi)
         else:
-            camera = FlirCamera(args.camera_serial, exposure_ms=args.exposure_ms, timeout_ms=args.camera_timeout_ms,
-                                roi=args.camera_roi)
+            camera = LIVE_CAMERAS[args.camera or "flir"](args.camera_serial, exposure_ms=args.exposure_ms,
+                                                         timeout_ms=args.camera_timeout_ms, roi=args.camera_roi)
         yield zaber, camera
     finally:
         if camera is not None and hasattr(camera, "close"):
