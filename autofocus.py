@@ -103,6 +103,7 @@ MAX_SIM_PIXELS = 25_000_000
 POSITION_DECIMALS = 9  # positions are rounded to 1 pm so that float noise never leaks into commands
 SCORE_MAX_PIXELS = 1_500_000  # larger frames are 2x2 binned before scoring (see focus scores)
 COARSE_FACTOR = 8  # fast search: coarse pass every 8 STEPs, scored on an 8x binned image
+MIN_FAST_POSITIONS = 24  # shorter grids are swept: a coarse pass would hold too few frames to judge
 COARSE_MIN_SIDE_PX = 32  # ... but the binned image keeps at least this many pixels a side
 MIN_FRAMES_FOR_VERDICT = 5  # fewer frames cannot separate a peak from noise
 PEAK_MARGIN_SIGMA = 3.0  # a peak must clear the expected noise maximum by this many sigma
@@ -551,13 +552,29 @@ def curve_noise_and_count(samples: Sequence[Sample]) -> tuple[float, int]:
     wr = (z[1:-1] - z[:-2]) / span
     residual = y[1:-1] - (wl * y[:-2] + wr * y[2:])
     scaled = np.abs(residual) / np.sqrt(1 + wl**2 + wr**2)
-    # The residuals at the best sample and its two neighbours measure the peak's curvature,
-    # not noise; on a sparse curve (a fast search) they would be most of the residuals.
-    top = int(np.argmax(y))
-    keep = np.array([abs((i + 1) - top) > 1 for i in range(len(scaled))])
+    # The residuals on the peak measure its curvature, not noise: leave out the peak's extent
+    # (the run of samples around the best one that stand above the median by more than a
+    # quarter of the prominence) and one sample beyond it on each side.  On noise alone that is
+    # the highest sample and its neighbours; on a fast search's curve it is the refined frames
+    # around the peak, so the noise comes from the frames away from it, coarse or refined.
+    lo_i, hi_i = peak_extent(y)
+    keep = np.array([not lo_i - 1 <= i + 1 <= hi_i + 1 for i in range(len(scaled))])
     if keep.sum() >= 2:
         scaled = scaled[keep]
     return float(1.4826 * np.median(scaled)), len(scaled)
+
+
+def peak_extent(scores: np.ndarray) -> tuple[int, int]:
+    """First and last index of the run around the highest score that stands above the median
+    by more than a quarter of the prominence (scores in z order)."""
+    top = int(np.argmax(scores))
+    level = float(np.median(scores)) + 0.25 * float(scores[top] - np.median(scores))
+    lo_i = hi_i = top
+    while lo_i > 0 and scores[lo_i - 1] > level:
+        lo_i -= 1
+    while hi_i < len(scores) - 1 and scores[hi_i + 1] > level:
+        hi_i += 1
+    return lo_i, hi_i
 
 
 def judge(samples: Sequence[Sample], range_mm: tuple[float, float],
@@ -565,8 +582,10 @@ def judge(samples: Sequence[Sample], range_mm: tuple[float, float],
     """Decide focused / edge / no_peak from the curve alone.
 
     A peak is real when its prominence (best score minus the median score) exceeds the
-    curve's own noise (``curve_noise``, from ``noise_samples`` when given: an evenly spaced
-    subset; raised to its upper bound for the few residuals it rests on) times sqrt(2 ln n) + 3: sqrt(2 ln n) is about the largest of n samples of pure
+    curve's own noise (``curve_noise``: from the residuals of every frame off the peak, refined
+    frames included, the same for both searches; raised to its upper bound for the few residuals
+    it rests on) times sqrt(2 ln n) + 3, n the number of grid positions spanned (a fast search
+    picks its best from all of them): sqrt(2 ln n) is about the largest of n samples of pure
     noise, in sigmas, and the margin of 3 sigma keeps false peaks rare.  A real peak is
     ``focused`` only when the curve also falls by more than that threshold on both sides of
     it, within the range; where it does not, the focus may lie beyond that end: ``edge``.
@@ -586,7 +605,13 @@ def judge(samples: Sequence[Sample], range_mm: tuple[float, float],
     # its upper bound at two standard errors, so a sparse curve (fast search) is not overconfident.
     noise = sigma * (1 + 1.64 / math.sqrt(max(m, 1)))
     prominence = float(scores.max() - np.median(scores))
-    threshold = noise * (math.sqrt(2 * math.log(n)) + PEAK_MARGIN_SIGMA)
+    # The largest of how many noise values?  Of every grid position the search could have picked
+    # its best frame from, not just those measured: a fast search refines around its highest
+    # frame, so the grid's size (span / finest spacing) counts, not its frame count.
+    z = np.array([s.z_mm for s in ordered])
+    finest = float(np.min(np.diff(z))) if n > 1 else 0.0
+    n_grid = max(n, int(round((z[-1] - z[0]) / finest)) + 1) if finest > 0 else n
+    threshold = noise * (math.sqrt(2 * math.log(n_grid)) + PEAK_MARGIN_SIGMA)
     if not prominence > threshold:
         return Verdict("no_peak", prominence, noise, threshold,
                        f"no peak: prominence {prominence:.3g} is within the curve's noise "
@@ -727,8 +752,10 @@ class Acquisition:
             self._slots.release()
 
     def drain(self) -> None:
-        """Wait for every frame in flight to be scored (errors are the caller's to read)."""
+        """Wait for every frame in flight to be scored (errors are the caller's to read); more
+        frames may be measured afterwards."""
         self._pool.shutdown(wait=True)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
 
     def timing(self) -> Timing:
         """Totals so far."""
@@ -773,14 +800,19 @@ def fast_search(acq: Acquisition, positions: Sequence[float]) -> list[Sample]:
        best frame of the whole run has both grid neighbours measured and lower.
 
     Typical cost: N/8 + 3 frames for N grid positions; worst case about N/8 + 2*8 + 4.
-    Grids of fewer than 3*COARSE_FACTOR positions are swept exhaustively.  Assumes STEP is
+    Grids of fewer than MIN_FAST_POSITIONS positions are swept exhaustively; up to 80
+    positions the coarse spacing is n/10 STEPs (at least 2).  When the coarse pass shows no
+    peak at either scale, the spacing is halved until one does (or every position is measured).  Assumes STEP is
     about the depth of field (as for a sweep); a peak much narrower than the coarse spacing
     with no coarse-scale signal can be missed.  Returns the evenly spaced coarse samples, to
     estimate the curve's noise from.
     """
     n = len(positions)
-    if n < 3 * COARSE_FACTOR:
+    if n < MIN_FAST_POSITIONS:
         return sweep_search(acq, positions)
+    # Coarse spacing: COARSE_FACTOR STEPs on long grids, closer on short ones, so that the coarse
+    # pass has at least ~10 frames: enough for a noise estimate and a bracket around the peak.
+    spacing = max(2, min(COARSE_FACTOR, n // 10))
     measured: dict[int, Sample] = {}
 
     def ensure(indices: list[int]) -> None:
@@ -790,11 +822,20 @@ def fast_search(acq: Acquisition, positions: Sequence[float]) -> list[Sample]:
         for i, f in pending:
             measured[i] = f.result()
 
-    coarse_idx = list(range(0, n, COARSE_FACTOR))
-    if coarse_idx[-1] != n - 1:
-        coarse_idx.append(n - 1)
-    ensure(coarse_idx)
-    coarse_samples = [Sample(positions[i], measured[i].coarse or 0.0) for i in coarse_idx]
+    while True:
+        coarse_idx = list(range(0, n, spacing))
+        if coarse_idx[-1] != n - 1:
+            coarse_idx.append(n - 1)
+        ensure(coarse_idx)
+        coarse_samples = [Sample(positions[i], measured[i].coarse or 0.0) for i in coarse_idx]
+        # A peak narrower than the spacing (high NA, STEP ~ one depth of field) leaves the coarse
+        # pass flat at both scales: halve the spacing until either scale shows something, down
+        # to the full grid.  A blank field costs a sweep's frames; a missed focus costs more.
+        range_mm = (positions[0], positions[-1])
+        if spacing == 1 or judge(coarse_samples, range_mm).kind != "no_peak" or \
+                judge(list(measured.values()), range_mm).kind != "no_peak":
+            break
+        spacing = max(1, spacing // 2)
     top = max(range(len(coarse_idx)), key=lambda k: coarse_samples[k].score)
     guess = coarse_idx[top]
     if 0 < top < len(coarse_idx) - 1:
@@ -804,7 +845,7 @@ def fast_search(acq: Acquisition, positions: Sequence[float]) -> list[Sample]:
             guess = min(max(int(round((fit.z_mm - positions[0]) / step)), 0), n - 1)
 
     current = guess
-    for _ in range(2 * COARSE_FACTOR + 4):
+    for _ in range(2 * spacing + 4):
         neighbours = [j for j in (current - 1, current + 1) if 0 <= j < n]
         ensure([current, *neighbours])
         if all(measured[j].score < measured[current].score for j in neighbours):
@@ -905,6 +946,19 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
             acq.drain()
         samples = list(acq.samples)
         fit, verdict, best_z = decide(samples, noise_samples, range_mm)
+        if verdict.scale == "coarse" and (bracket := coarse_bracket(samples, noise_samples)) is not None:
+            # Found at the coarse scale only: measure the STEP grid across the coarse peak's
+            # bracket before deciding, so the answer comes from STEP-spaced frames.
+            lo, hi = min(bracket), max(bracket)
+            todo = [z for z in plan.positions if lo <= z <= hi and z not in {s.z_mm for s in samples}]
+            try:
+                futures = [acq.measure(z) for z in sorted(todo, key=lambda z: z * plan.direction)]
+                for f in futures:
+                    f.result()
+            finally:
+                acq.drain()
+            samples = list(acq.samples)
+            fit, verdict, best_z = decide(samples, noise_samples, range_mm)
         if verdict.kind == "no_peak":
             target = start_mm  # never move to a noise maximum: back to where the user left it
             stage.move_to(target)
@@ -931,17 +985,35 @@ def decide(samples: Sequence[Sample], noise_samples: Sequence[Sample],
     test.  It can tell a focal plane beyond the range (``edge``) from an empty field, and find
     a peak in frames too noisy for fine detail.  Both curves are judged with the same rule.
     """
-    fine = judge(samples, range_mm, noise_samples)
-    if fine.kind != "no_peak" or any(s.coarse is None for s in noise_samples):
+    fine = judge(samples, range_mm)  # one rule for both searches: noise from every frame off the peak
+    if fine.kind != "no_peak" or any(s.coarse is None for s in samples):
         return fit_peak(samples), fine, best_sample(samples).z_mm
-    curve = [Sample(s.z_mm, s.coarse) for s in noise_samples]  # type: ignore[arg-type]
+    # Every frame has its coarse-scale score too: judge them all (the coarse pass and the frames
+    # refined near the peak), by the same rule.
+    curve = [Sample(s.z_mm, s.coarse) for s in samples]  # type: ignore[arg-type]
     coarse = judge(curve, range_mm)
     if coarse.kind == "no_peak":
         return fit_peak(samples), fine, best_sample(samples).z_mm
     what = "a peak" if coarse.kind == "focused" else "a rise toward the end of the range"
     coarse = dataclasses.replace(coarse, scale="coarse", reason=f"{coarse.reason} (fine detail is lost in noise; "
                                  f"the coarse-scale score shows {what})")
-    return fit_peak(curve), coarse, best_sample(curve).z_mm
+    # The position comes from STEP-spaced frames: the coarse-scale scores of every frame within
+    # the coarse peak's bracket (its coarse neighbours), which run_autofocus measures on the
+    # STEP grid before deciding; the best of them, fitted when the fit can be trusted.
+    lo, hi = coarse_bracket(samples, noise_samples) or range_mm
+    near = [Sample(s.z_mm, s.coarse) for s in samples  # type: ignore[arg-type]
+            if s.coarse is not None and min(lo, hi) <= s.z_mm <= max(lo, hi)] or curve
+    return fit_peak(near), coarse, best_sample(near).z_mm
+
+
+def coarse_bracket(samples: Sequence[Sample], noise_samples: Sequence[Sample]) -> tuple[float, float] | None:
+    """The z range between the coarse neighbours of the coarse-scale peak (None without one)."""
+    curve = [Sample(s.z_mm, s.coarse) for s in noise_samples if s.coarse is not None]
+    if len(curve) < 3:
+        return None
+    ordered = by_z(curve)
+    i = ordered.index(best_sample(ordered))
+    return ordered[max(i - 1, 0)].z_mm, ordered[min(i + 1, len(ordered) - 1)].z_mm
 
 
 def make_safe(stage: Stage, start_mm: float, cause: BaseException | None = None) -> str:
@@ -2218,6 +2290,7 @@ class SimOptics:
     focus_mm: float = 12.34
     magnification: float = 4.0
     na: float = 0.10
+    immersion_index: float = 1.0  # refractive index between objective and specimen: 1.0 air (dry)
     wavelength_um: float = 0.55
     pixel_um: float = 5.86  # camera pixel
     width: int = 1920
@@ -2239,18 +2312,44 @@ class SimOptics:
 
     @property
     def depth_of_field_um(self) -> float:
-        """Wave-optical plus geometric depth of field (Young et al.; Inoue)."""
-        return self.wavelength_um / self.na**2 + self.pixel_um / (self.magnification * self.na)
+        """Wave-optical plus geometric depth of field, n lambda / NA^2 + n e / (M NA) (Inoue;
+        Nikon MicroscopyU, "Depth of field and depth of focus")."""
+        n = self.immersion_index
+        return n * self.wavelength_um / self.na**2 + n * self.pixel_um / (self.magnification * self.na)
 
     def blur_sigma_px(self, defocus_mm: float) -> float:
         """PSF sigma in pixels: diffraction (Airy ~ 0.21 lambda/NA) plus geometric defocus blur.
 
-        The geometric blur disc has radius NA * |dz|; a Gaussian of sigma = radius / 2 matches
-        its second moment.  Near focus diffraction dominates: that flat top is the depth of field.
+        The geometric blur disc has radius |dz| tan(theta), theta = asin(NA/n) the half-angle of
+        the light cone (at NA 0.85 that is 1.61 |dz|, not the small-angle 0.85 |dz|); a Gaussian of
+        sigma = radius / 2 matches its second moment.  Near focus diffraction dominates: that
+        flat top is the depth of field.
         """
         diffraction = 0.21 * self.wavelength_um / self.na / self.sample_pixel_um
-        geometric = self.na * abs(defocus_mm) * 1000.0 / 2.0 / self.sample_pixel_um
+        half_angle = math.asin(min(self.na / self.immersion_index, 1.0))
+        geometric = math.tan(half_angle) * abs(defocus_mm) * 1000.0 / 2.0 / self.sample_pixel_um
         return math.hypot(diffraction, geometric)
+
+
+# Objectives the simulator offers (--sim-objective): magnification, NA, immersion index.  Plan
+# achromats/fluorites as found on Zaber MVR and other inverted microscopes.  Choose STEP about
+# one depth of field (SimOptics.depth_of_field_um; README, "The simulated microscope").
+OBJECTIVES: dict[str, tuple[float, float, float]] = {
+    "4x": (4.0, 0.10, 1.0),  # DOF ~70 um: STEP 0.05 mm
+    "10x": (10.0, 0.25, 1.0),  # DOF ~11 um: STEP 0.01 mm
+    "20x": (20.0, 0.40, 1.0),  # DOF ~4.2 um: STEP 0.004 mm
+    "40x": (40.0, 0.65, 1.0),  # DOF ~1.5 um: STEP 0.0015 mm
+    "60x": (60.0, 0.85, 1.0),  # DOF ~0.9 um: STEP 0.001 mm
+    "60x-oil": (60.0, 1.40, 1.515),  # DOF ~0.5 um: STEP 0.0005 mm
+}
+
+
+def objective_optics(name: str) -> dict[str, float]:
+    """SimOptics fields for an objective of OBJECTIVES."""
+    if name not in OBJECTIVES:
+        raise UsageError(f"objective {name!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
+    magnification, na, n = OBJECTIVES[name]
+    return {"magnification": magnification, "na": na, "immersion_index": n}
 
 
 @functools.lru_cache(maxsize=4)
@@ -3085,12 +3184,14 @@ def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
     ``right_focus_mm``, ``magnification``, ``na``, ...); ``time_scale`` (1, the default: real
     hardware timing; 0: no waiting) and every other ``SimTiming`` field (``exposure_s``,
     ``readout_s``, ...); ``start_mm`` (where the stage starts, default 0), ``travel_mm``
-    (default (0, 25)), ``one_shot`` (an acquisition start/stop per frame) and ``camera_roi``
+    (default (0, 25)), ``objective`` (a name of OBJECTIVES: "4x", "10x", "20x", "40x", "60x",
+    "60x-oil"; sets magnification, na and immersion_index), ``one_shot`` (an acquisition
+    start/stop per frame) and ``camera_roi``
     ((x, y, w, h): the sensor region read out, as ``--camera-roi``).
     """
     optics_names = {f.name for f in dataclasses.fields(SimOptics)}
     timing_names = {f.name for f in dataclasses.fields(SimTiming)} - {"scale"}
-    stage_names = {"time_scale", "start_mm", "travel_mm", "one_shot", "camera_roi"}
+    stage_names = {"time_scale", "start_mm", "travel_mm", "one_shot", "camera_roi", "objective"}
     unknown = sorted(set(options) - optics_names - timing_names - stage_names)
     if unknown:
         raise UsageError(f"simulated_microscope: unknown option {', '.join(unknown)}; choose from "
@@ -3098,7 +3199,8 @@ def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
     for name in ("specimen", "right_specimen"):
         if options.get(name) not in (None, "cells", "blank"):
             raise UsageError(f"simulated_microscope: {name}={options[name]!r}; choose cells or blank")
-    optics = SimOptics(**{k: v for k, v in options.items() if k in optics_names})
+    lens = objective_optics(options["objective"]) if options.get("objective") is not None else {}
+    optics = SimOptics(**{**lens, **{k: v for k, v in options.items() if k in optics_names}})
     if not (16 <= optics.width <= 10000 and 16 <= optics.height <= 10000
             and optics.width * optics.height <= MAX_SIM_PIXELS):
         raise UsageError(f"simulated_microscope: width and height must be 16 to 10000 pixels, at most "
@@ -3343,6 +3445,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "lower is noisier")
     sim.add_argument("--sim-read-noise-e", metavar="E", type=bounded(0, 1000, " e"), default=SimOptics.read_noise_e,
                      help=f"camera read noise, electrons (default {SimOptics.read_noise_e:g})")
+    sim.add_argument("--sim-objective", choices=tuple(OBJECTIVES), default="4x",
+                     help="the simulated objective (magnification/NA): 4x/0.10 (default), 10x/0.25, 20x/0.40, "
+                          "40x/0.65, 60x/0.85, 60x-oil/1.40; use a STEP of about one depth of field "
+                          "(0.05, 0.01, 0.004, 0.0015, 0.001, 0.0005 mm)")
     sim.add_argument("--sim-specimen", choices=("cells", "blank"), default="cells",
                      help="cells (default) or blank: an empty field with nothing to focus on")
     sim.add_argument("--sim-right-specimen", choices=("cells", "blank"),
@@ -3475,7 +3581,7 @@ def sim_options(args: argparse.Namespace) -> dict[str, Any]:
                 specimen=args.sim_specimen, right_specimen=args.sim_right_specimen,
                 right_focus_mm=args.sim_right_focus_mm, width=args.sim_size[0], height=args.sim_size[1],
                 bit_depth=args.sim_bits, seed=args.sim_seed, time_scale=args.sim_time_scale,
-                start_mm=args.sim_start_mm, camera_roi=args.camera_roi)
+                start_mm=args.sim_start_mm, camera_roi=args.camera_roi, objective=args.sim_objective)
 
 
 @contextlib.contextmanager

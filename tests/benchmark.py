@@ -292,7 +292,64 @@ def run_once(stage, camera, positions, search: str, metric: str = "laplacian") -
 
 def section_accuracy(quick: bool) -> None:
     accuracy_synthetic(quick)
+    accuracy_objectives(quick)
     accuracy_replay(quick)
+
+
+OBJECTIVE_STEPS_MM = {"4x": 0.05, "10x": 0.01, "20x": 0.004, "40x": 0.0015, "60x": 0.001}  # ~1 DOF each
+
+
+def objective_case(objective: str, photons: float, where: float, n: int, search: str) -> tuple[str, float, int]:
+    """One simulated run: (verdict, signed error in STEPs, frames)."""
+    step = OBJECTIVE_STEPS_MM[objective]
+    start, end = 10.0, 10.0 + (n - 1) * step
+    focus = start + where * (n - 1) * step
+    stage, camera = af.simulated_microscope(objective=objective, photons=photons, focus_mm=focus, width=320,
+                                            height=200, time_scale=0, seed=0, start_mm=start)
+    result = af.focus(stage, camera, start, end, step, search=search)
+    return result.verdict.kind, (result.best_mm - focus) / step, result.frames
+
+
+def accuracy_objectives(quick: bool) -> None:
+    """Issue 11's matrix: objective x photons x focus offset x grid, both searches."""
+    photons = (100, 1000) if quick else (100, 1000, 3000)
+    grids = (25, 81) if quick else (25, 81, 200)
+    offsets = {"mid-way": 0.5 + 0.5 / 80, "on grid": 0.5, "near low end": 0.06, "near high end": 0.93}
+    header("Accuracy (c): objectives 4x-60x, fast vs sweep",
+           f"simulator 320x200, STEP ~ one depth of field ({', '.join(f'{o} {s * 1000:g} um' for o, s in OBJECTIVE_STEPS_MM.items())}), "
+           f"photons {photons}, focus {', '.join(offsets)}, grids {grids}; errors in STEPs, sweep = reference")
+    rows, agree, errors, frames81 = [], [], {"sweep": [], "fast": []}, []
+    for objective in OBJECTIVE_STEPS_MM:
+        cells = []
+        for ph in photons:
+            for where in offsets.values():
+                for n in grids:
+                    sweep = objective_case(objective, ph, where, n, "sweep")
+                    fast = objective_case(objective, ph, where, n, "fast")
+                    ok = sweep[0] != "focused" or (fast[0] == "focused" and abs(fast[1] - sweep[1]) <= 0.25)
+                    cells.append((sweep, fast, ok, n))
+                    agree.append(ok)
+                    for name, run in (("sweep", sweep), ("fast", fast)):
+                        if run[0] == "focused":
+                            errors[name].append(abs(run[1]))
+                    if n == 81:
+                        frames81.append(fast[2] / sweep[2])
+        s_err = [abs(c[0][1]) for c in cells if c[0][0] == "focused"]
+        f_err = [abs(c[1][1]) for c in cells if c[1][0] == "focused"]
+        rows.append([objective, len(cells), sum(c[0][0] == "focused" for c in cells),
+                     sum(c[1][0] == "focused" for c in cells), f"{sum(c[2] for c in cells)}/{len(cells)}",
+                     fmt(med(s_err), 3), fmt(max(s_err), 3), fmt(med(f_err), 3), fmt(max(f_err), 3),
+                     fmt(med([c[1][2] for c in cells if c[3] == 81]), 0)])
+    table(["objective", "cases", "sweep focused", "fast focused", "fast = sweep (+-STEP/4)", "sweep err med",
+           "sweep err worst", "fast err med", "fast err worst", "fast frames (81 grid)"], rows)
+    target("fast focused and within STEP/4 of the sweep wherever the sweep is focused (objectives 4x-60x)",
+           f"{sum(agree)}/{len(agree)}", all(agree))
+    for name in ("sweep", "fast"):
+        target(f"{name}: fit error median <= STEP/8, worst <= STEP/4 (STEP ~ 1 DOF)",
+               f"median {med(errors[name]):.3f}, worst {max(errors[name]):.3f} STEP",
+               med(errors[name]) <= 0.125 and max(errors[name]) <= 0.25)
+    target("fast frames <= 20% of the sweep's on an 81-position grid (median)", f"{med(frames81):.1%}",
+           med(frames81) <= 0.20)
 
 
 def accuracy_synthetic(quick: bool) -> None:
