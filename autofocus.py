@@ -801,8 +801,9 @@ def fast_search(acq: Acquisition, positions: Sequence[float]) -> list[Sample]:
 
     Typical cost: N/8 + 3 frames for N grid positions; worst case about N/8 + 2*8 + 4.
     Grids of fewer than MIN_FAST_POSITIONS positions are swept exhaustively; up to 80
-    positions the coarse spacing is n/10 STEPs (at least 2).  When the coarse pass shows no
-    peak at either scale, the spacing is halved until one does (or every position is measured).  Assumes STEP is
+    positions the coarse spacing is n/10 STEPs (at least 2).  When the frames so far show no
+    peak at either scale (the verdict's own rule), the spacing is halved and the peak sought
+    again, until one shows or every position is measured: a blank field costs a sweep.  Assumes STEP is
     about the depth of field (as for a sweep); a peak much narrower than the coarse spacing
     with no coarse-scale signal can be missed.  Returns the evenly spaced coarse samples, to
     estimate the curve's noise from.
@@ -822,41 +823,40 @@ def fast_search(acq: Acquisition, positions: Sequence[float]) -> list[Sample]:
         for i, f in pending:
             measured[i] = f.result()
 
+    range_mm = (positions[0], positions[-1])
     while True:
         coarse_idx = list(range(0, n, spacing))
         if coarse_idx[-1] != n - 1:
             coarse_idx.append(n - 1)
         ensure(coarse_idx)
         coarse_samples = [Sample(positions[i], measured[i].coarse or 0.0) for i in coarse_idx]
-        # A peak narrower than the spacing (high NA, STEP ~ one depth of field) leaves the coarse
-        # pass flat at both scales: halve the spacing until either scale shows something, down
-        # to the full grid.  A blank field costs a sweep's frames; a missed focus costs more.
-        range_mm = (positions[0], positions[-1])
-        if spacing == 1 or judge(coarse_samples, range_mm).kind != "no_peak" or \
-                judge(list(measured.values()), range_mm).kind != "no_peak":
+        top = max(range(len(coarse_idx)), key=lambda k: coarse_samples[k].score)
+        guess = coarse_idx[top]
+        if 0 < top < len(coarse_idx) - 1:
+            fit = fit_peak(coarse_samples[top - 1: top + 2])
+            if fit.used and fit.z_mm is not None:
+                step = positions[1] - positions[0]
+                guess = min(max(int(round((fit.z_mm - positions[0]) / step)), 0), n - 1)
+        current = guess
+        for _ in range(2 * spacing + 4):
+            neighbours = [j for j in (current - 1, current + 1) if 0 <= j < n]
+            ensure([current, *neighbours])
+            if all(measured[j].score < measured[current].score for j in neighbours):
+                # A local maximum; but the best frame of the run may lie elsewhere (a coarse frame
+                # the prediction passed by): refine there too, so the answer is never unrefined.
+                overall = max(measured, key=lambda j: measured[j].score)
+                if overall == current:
+                    break
+                current = overall
+            else:
+                current = max(neighbours, key=lambda j: measured[j].score)
+        # A peak narrower than the spacing (high NA, STEP ~ one depth of field), or too weak for
+        # this many frames, leaves the verdict at no_peak: halve the spacing and look again, down
+        # to the full grid.  A blank field costs a sweep's frames; a missed focus would cost more.
+        if spacing == 1 or decide(list(measured.values()), [measured[i] for i in coarse_idx],
+                                  range_mm)[1].kind != "no_peak":
             break
         spacing = max(1, spacing // 2)
-    top = max(range(len(coarse_idx)), key=lambda k: coarse_samples[k].score)
-    guess = coarse_idx[top]
-    if 0 < top < len(coarse_idx) - 1:
-        fit = fit_peak(coarse_samples[top - 1: top + 2])
-        if fit.used and fit.z_mm is not None:
-            step = positions[1] - positions[0]
-            guess = min(max(int(round((fit.z_mm - positions[0]) / step)), 0), n - 1)
-
-    current = guess
-    for _ in range(2 * spacing + 4):
-        neighbours = [j for j in (current - 1, current + 1) if 0 <= j < n]
-        ensure([current, *neighbours])
-        if all(measured[j].score < measured[current].score for j in neighbours):
-            # A local maximum; but the best frame of the run may lie elsewhere (a coarse frame
-            # the prediction passed by): refine there too, so the answer is never unrefined.
-            overall = max(measured, key=lambda j: measured[j].score)
-            if overall == current:
-                break
-            current = overall
-        else:
-            current = max(neighbours, key=lambda j: measured[j].score)
     return [measured[i] for i in coarse_idx]
 
 
