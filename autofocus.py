@@ -103,6 +103,8 @@ MAX_SIM_PIXELS = 25_000_000
 POSITION_DECIMALS = 9  # positions are rounded to 1 pm so that float noise never leaks into commands
 SCORE_MAX_PIXELS = 1_500_000  # larger frames are 2x2 binned before scoring (see focus scores)
 COARSE_FACTOR = 8  # fast search: coarse pass every 8 STEPs, scored on an 8x binned image
+SIM_SPECIMENS = ("cells", "blank", "dusty")  # --sim-specimen
+PEAK_CHOICES = ("sharpest", "lowest", "highest", "nearest")  # --peak: which of several peaks
 MIN_FAST_POSITIONS = 24  # shorter grids are swept: a coarse pass would hold too few frames to judge
 COARSE_MIN_SIDE_PX = 32  # ... but the binned image keeps at least this many pixels a side
 MIN_FRAMES_FOR_VERDICT = 5  # fewer frames cannot separate a peak from noise
@@ -265,6 +267,16 @@ class Verdict:
 
 
 @dataclasses.dataclass(frozen=True)
+class Extremum:
+    """A significant local maximum (a peak) or minimum (a dip) of the focus curve."""
+
+    z_mm: float  # the frame at the extremum
+    score: float
+    prominence: float  # how far it stands out from the curve on its lower side (peaks) / higher (dips)
+    fit_mm: float | None  # sub-step estimate, when the 3-point fit passes its gates
+
+
+@dataclasses.dataclass(frozen=True)
 class FocusResult:
     """Everything a run found; ``best_mm`` is where the stage was finally sent."""
 
@@ -280,6 +292,8 @@ class FocusResult:
     moves: int
     elapsed_s: float
     timing: Timing
+    peaks: tuple[Extremum, ...] = ()  # every significant peak of the fine curve, by z
+    dips: tuple[Extremum, ...] = ()  # every significant dip between rising flanks, by z
 
     @property
     def frames(self) -> int:
@@ -633,6 +647,80 @@ def judge(samples: Sequence[Sample], range_mm: tuple[float, float],
     return Verdict("focused", prominence, noise, threshold, f"peak prominence {ratio}")
 
 
+def _prominences(y: np.ndarray) -> list[tuple[int, int, float]]:
+    """(first index, last index, topographic prominence) of every local maximum of y (a plateau
+    spans first..last): how far it rises above the
+    higher of the two lowest points between it and the next higher sample on each side (or the
+    curve's end).  Plateaus count once, at their first sample."""
+    out = []
+    n = len(y)
+    for i in range(n):
+        left_ok = i == 0 or y[i] > y[i - 1]
+        j = i
+        while j + 1 < n and y[j + 1] == y[i]:
+            j += 1
+        right_ok = j == n - 1 or y[j] > y[j + 1]
+        if not (left_ok and right_ok) or (i > 0 and y[i - 1] == y[i]):
+            continue
+        lo_left = y[i]
+        k = i - 1
+        while k >= 0 and y[k] <= y[i]:
+            lo_left = min(lo_left, y[k])
+            k -= 1
+        lo_right = y[i]
+        k = j + 1
+        while k < n and y[k] <= y[i]:
+            lo_right = min(lo_right, y[k])
+            k += 1
+        # At the curve's end there is no rising flank beyond: only the other side counts.
+        bases = [b for b, edge in ((lo_left, i == 0), (lo_right, j == n - 1)) if not edge]
+        out.append((i, j, float(y[i] - max(bases)) if bases else 0.0))
+    return out
+
+
+def find_peaks(samples: Sequence[Sample], threshold: float) -> list[Extremum]:
+    """Every local maximum whose prominence exceeds ``threshold`` (the verdict's noise rule),
+    in z order, each with its 3-point fit."""
+    ordered = by_z(samples)
+    if len(ordered) < 3 or not math.isfinite(threshold):
+        return []
+    y = np.array([s.score for s in ordered])
+    found = []
+    for i, _, prominence in _prominences(y):
+        if prominence > threshold:
+            fit = fit_peak(ordered[max(i - 1, 0): i + 2])
+            found.append(Extremum(ordered[i].z_mm, ordered[i].score, prominence, fit.z_mm if fit.used else None))
+    return found
+
+
+def find_dips(samples: Sequence[Sample], threshold: float) -> list[Extremum]:
+    """Every local minimum between rising flanks (never at an end of the range) whose depth
+    exceeds ``threshold``, in z order; fitted on the reciprocal score (a dip is its peak)."""
+    ordered = by_z(samples)
+    if len(ordered) < 3 or not math.isfinite(threshold):
+        return []
+    y = np.array([s.score for s in ordered])
+    found = []
+    for i, j, depth in _prominences(-y):
+        if i > 0 and j < len(ordered) - 1 and depth > threshold:  # flanks rise on both sides
+            window = [Sample(s.z_mm, 1.0 / s.score) for s in ordered[i - 1: i + 2] if s.score > 0]
+            fit = fit_peak(window) if len(window) == 3 else PeakFit(None, False, "non-positive scores")
+            found.append(Extremum(ordered[i].z_mm, ordered[i].score, depth, fit.z_mm if fit.used else None))
+    return found
+
+
+def choose_peak(peaks: Sequence[Extremum], policy: str, start_mm: float) -> Extremum:
+    """The peak ``--peak`` asks for: the sharpest (highest score), the lowest or highest in z, or
+    the one nearest where the stage started."""
+    if policy == "lowest":
+        return min(peaks, key=lambda p: p.z_mm)
+    if policy == "highest":
+        return max(peaks, key=lambda p: p.z_mm)
+    if policy == "nearest":
+        return min(peaks, key=lambda p: abs(p.z_mm - start_mm))
+    return max(peaks, key=lambda p: p.score)
+
+
 ###############################################################################
 # Search ######################################################################
 ###############################################################################
@@ -874,6 +962,7 @@ class Plan:
     search: str = "sweep"
     backlash_mm: float = 0.0
     settle_ms: float = 0.0
+    peak: str = "sharpest"  # which of several significant peaks (PEAK_CHOICES)
 
     @property
     def direction(self) -> float:
@@ -959,6 +1048,20 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
                 acq.drain()
             samples = list(acq.samples)
             fit, verdict, best_z = decide(samples, noise_samples, range_mm)
+        peaks: list[Extremum] = []
+        dips: list[Extremum] = []
+        if verdict.scale == "fine" and math.isfinite(verdict.threshold):
+            peaks, dips = find_peaks(samples, verdict.threshold), find_dips(samples, verdict.threshold)
+        if verdict.kind != "no_peak" and plan.peak != "sharpest" and len(peaks) > 1:
+            chosen = choose_peak(peaks, plan.peak, start_mm)
+            ordered = by_z(samples)
+            at_end = chosen.z_mm in (ordered[0].z_mm, ordered[-1].z_mm)
+            i = [s.z_mm for s in ordered].index(chosen.z_mm)
+            fit = fit_peak(ordered[max(i - 1, 0): i + 2])
+            verdict = dataclasses.replace(
+                verdict, kind="edge" if at_end else "focused",
+                reason=f"{verdict.reason}; the {plan.peak} of {len(peaks)} significant peaks (--peak {plan.peak})")
+            best_z = chosen.z_mm
         if verdict.kind == "no_peak":
             target = start_mm  # never move to a noise maximum: back to where the user left it
             stage.move_to(target)
@@ -967,7 +1070,8 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
             fitted = verdict.kind == "focused" and fit.used and fit.z_mm is not None
             target = fit.z_mm if fitted else best_z  # type: ignore[assignment]
             acq.approach(target)
-        return result(samples, target, fit, verdict, best_z)
+        return dataclasses.replace(result(samples, target, fit, verdict, best_z), peaks=tuple(peaks),
+                                   dips=tuple(dips))
     except BaseException as exc:  # faults, Ctrl-C, and bugs alike: the stage is made safe first
         where = make_safe(stage, start_mm, exc)
         samples = list(acq.samples)
@@ -2298,7 +2402,8 @@ class SimOptics:
     photons: float = 1000.0  # mean photons per pixel at the brightest structure
     read_noise_e: float = 7.0
     bit_depth: int = 8
-    specimen: str = "cells"  # "cells" or "blank"
+    specimen: str = "cells"  # "cells", "blank" or "dusty" (cells, plus dust on the coverslip above them)
+    dust_height_mm: float = 0.17  # "dusty": the dust plane lies this far above the cells (a #1.5 coverslip)
     seed: int = 0
     # A two-region field (for --roi): the right half of the frame shows right_specimen (default:
     # the same specimen) in the plane right_focus_mm (default: focus_mm); None, None = one plane.
@@ -2358,7 +2463,8 @@ def make_specimen(width: int, height: int, kind: str = "cells", seed: int = 0) -
 
     "cells": cell bodies with a bright membrane and nucleus, granules, filaments and a fine
     fibrous texture, on a dim background.  "blank": even illumination with gentle vignetting
-    and no structure at all (nothing to focus on).
+    and no structure at all (nothing to focus on).  "dust": a transmission mask (1 = clear)
+    with sparse dark specks and fibres, for the dust plane of the "dusty" specimen.
     """
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     cx, cy = width / 2.0, height / 2.0
@@ -2366,6 +2472,16 @@ def make_specimen(width: int, height: int, kind: str = "cells", seed: int = 0) -
     if kind == "blank":
         return (0.6 * vignette).astype(np.float32)
     rng = np.random.default_rng(seed)
+    if kind == "dust":  # a transmission mask: clear glass with sparse dark specks and lint fibres
+        mask = np.ones((height, width), np.float32)
+        for _ in range(max(3, int(width * height / 1500))):
+            cv2.circle(mask, (int(rng.uniform(0, width)), int(rng.uniform(0, height))),
+                       int(rng.integers(1, 5)), float(rng.uniform(0.0, 0.3)), -1)
+        for _ in range(max(1, int(width * height / 100**2))):
+            p0 = np.array([rng.uniform(0, width), rng.uniform(0, height)])
+            p1 = p0 + rng.uniform(-60, 60, 2)
+            cv2.line(mask, tuple(int(v) for v in p0), tuple(int(v) for v in p1), 0.1, 2, cv2.LINE_AA)
+        return mask
     img = np.full((height, width), 0.12, np.float32)
     texture = rng.standard_normal((height, width)).astype(np.float32)
     img += 0.03 * cv2.GaussianBlur(texture, (0, 0), 1.2) / 0.25  # fibrous background texture
@@ -2474,8 +2590,12 @@ class SimCamera:
     def render(self, z_mm: float) -> np.ndarray:
         """The frame at z: defocus blur, shot noise, read noise, quantisation."""
         o = self.optics
-        specimen = make_specimen(o.width, o.height, o.specimen, o.seed)
+        specimen = make_specimen(o.width, o.height, "cells" if o.specimen == "dusty" else o.specimen, o.seed)
         blurred = blur_sigma(specimen, o.blur_sigma_px(z_mm - o.focus_mm))
+        if o.specimen == "dusty":  # dust on the coverslip, in its own plane: bright specks and lint
+            # (scattered light, as dust and autofluorescent fibres look on this dark-background field)
+            dust = make_specimen(o.width, o.height, "dust", o.seed)
+            blurred = blurred + 0.8 * (1.0 - blur_sigma(dust, o.blur_sigma_px(z_mm - o.focus_mm - o.dust_height_mm)))
         if o.right_specimen is not None or o.right_focus_mm is not None:
             right_plane = o.focus_mm if o.right_focus_mm is None else o.right_focus_mm
             right = blur_sigma(make_specimen(o.width, o.height, o.right_specimen or o.specimen, o.seed),
@@ -2736,6 +2856,8 @@ def result_json(result: FocusResult | None, *, exit_code: int, error: str | None
         "metric": r.metric if r else None,
         "start_mm": num(r.start_mm) if r else None,
         "curve": [[s.z_mm, s.score] for s in r.samples] if r else [],
+        "peaks": [dataclasses.asdict(e) for e in r.peaks] if r else [],
+        "dips": [dataclasses.asdict(e) for e in r.dips] if r else [],
         "timing": {k: round(v, 4) for k, v in dataclasses.asdict(r.timing if r else Timing()).items()},
         "exit_code": exit_code,
         "error": error,
@@ -3054,7 +3176,8 @@ def _is_number(value: Any) -> bool:
 def check_request(start_mm: float, end_mm: float, step_mm: float, *, search: str = "sweep",
                   metric: str = "laplacian", blur: int = DEFAULT_BLUR, roi: Sequence[int] | None = None,
                   settle_ms: float = 0.0, backlash_mm: float = 0.0, z_min: float | None = None,
-                  z_max: float | None = None, allow_many: bool = False, **_others: Any) -> None:
+                  z_max: float | None = None, allow_many: bool = False, peak: str = "sharpest",
+                  **_others: Any) -> None:
     """Everything about a request that can be checked before anything moves; UsageError (one
     line) otherwise.  The CLI runs it before opening the hardware, focus() on every call."""
     for name, value in (("START", start_mm), ("END", end_mm), ("STEP", step_mm)):
@@ -3081,6 +3204,11 @@ def check_request(start_mm: float, end_mm: float, step_mm: float, *, search: str
                          f"{MAX_POSITIONS:,}: check the units (mm), or confirm with --allow-many")
     if search not in SEARCHES:
         raise UsageError(f"search {search!r} is unknown; choose one of {', '.join(SEARCHES)}")
+    if peak not in PEAK_CHOICES:
+        raise UsageError(f"peak {peak!r} is unknown; choose one of {', '.join(PEAK_CHOICES)}")
+    if peak != "sharpest" and search != "sweep":
+        raise UsageError(f"--peak {peak} compares every peak of the curve, which only a sweep measures: "
+                         "use --search sweep (the default)")
     if metric not in METRICS:
         raise UsageError(f"metric {metric!r} is unknown; choose one of {', '.join(METRICS)}")
     if not (isinstance(blur, numbers.Integral) and 3 <= blur <= MAX_BLUR and blur % 2 == 1):
@@ -3106,7 +3234,8 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
           search: str = "sweep", metric: str = "laplacian", blur: int = DEFAULT_BLUR,
           roi: Sequence[int] | None = None, settle_ms: float = 0.0, backlash_mm: float = 0.0,
           z_min: float | None = None, z_max: float | None = None, relative: bool = False,
-          home: bool | None = None, allow_many: bool = False, on_frame: FrameHook | None = None) -> FocusResult:
+          home: bool | None = None, peak: str = "sharpest", allow_many: bool = False,
+          on_frame: FrameHook | None = None) -> FocusResult:
     """Find the sharpest focus between START and END every STEP (mm) and send the stage there.
 
     Exactly what ``python autofocus.py START END STEP ...`` does, on a stage and a camera the
@@ -3126,6 +3255,9 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
        ``no_peak`` sends it back to where it started.  The verdict is in ``result.verdict.kind``
        (``result.exit_code`` is the CLI's exit code for it), never an exception.
 
+    ``peak`` ("sharpest", "lowest", "highest", "nearest": ``--peak``) chooses among several
+    significant peaks (dust above the specimen, two layers); ``result.peaks`` and
+    ``result.dips`` list every significant one.
     ``on_frame(index, z_mm, frame, score)`` is called for every frame (from the scoring thread).
     A fault (stage, camera, a bad ROI, Ctrl-C, or an exception from your own Stage/Camera)
     stops the axis, returns it to where it started when it still answers, and re-raises the
@@ -3134,7 +3266,8 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
     UsageError, StageError, CameraError, OutputError.
     """
     check_request(start_mm, end_mm, step_mm, search=search, metric=metric, blur=blur, roi=roi,
-                  settle_ms=settle_ms, backlash_mm=backlash_mm, z_min=z_min, z_max=z_max, allow_many=allow_many)
+                  settle_ms=settle_ms, backlash_mm=backlash_mm, z_min=z_min, z_max=z_max, allow_many=allow_many,
+                  peak=peak)
     box: Roi | None = None if roi is None else (int(roi[0]), int(roi[1]), int(roi[2]), int(roi[3]))
     if isinstance(stage, ZaberStage):
         stage.soft_limits_mm = (z_min, z_max)
@@ -3150,7 +3283,7 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
                              "home it first (or give absolute START and END)")
         origin_mm = stage.position_mm()
     plan = Plan(tuple(plan_positions(start_mm + origin_mm, end_mm + origin_mm, step_mm)), search, backlash_mm,
-                settle_ms)
+                settle_ms, peak)
     check_plan(plan, stage.limits_mm(), (z_min, z_max))
     home_if_needed = getattr(stage, "home_if_needed", None)
     if home_if_needed is not None and getattr(stage, "homed", True) is False:
@@ -3197,8 +3330,8 @@ def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
         raise UsageError(f"simulated_microscope: unknown option {', '.join(unknown)}; choose from "
                          f"{', '.join(sorted(optics_names | timing_names | stage_names))}")
     for name in ("specimen", "right_specimen"):
-        if options.get(name) not in (None, "cells", "blank"):
-            raise UsageError(f"simulated_microscope: {name}={options[name]!r}; choose cells or blank")
+        if options.get(name) not in (None, *SIM_SPECIMENS):
+            raise UsageError(f"simulated_microscope: {name}={options[name]!r}; choose {', '.join(SIM_SPECIMENS)}")
     lens = objective_optics(options["objective"]) if options.get("objective") is not None else {}
     optics = SimOptics(**{**lens, **{k: v for k, v in options.items() if k in optics_names}})
     if not (16 <= optics.width <= 10000 and 16 <= optics.height <= 10000
@@ -3423,6 +3556,11 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--roi", metavar="X,Y,W,H", type=roi_box,
                       help="score only this region of the frame (camera pixels: left, top, width, height); "
                            "with --replay, the ROI saved with the stack is the default")
+    srch.add_argument("--peak", choices=PEAK_CHOICES, default="sharpest",
+                      help="with several significant peaks (dust on the coverslip ~0.17 mm above the cells, two "
+                           "layers): sharpest (default), lowest or highest z (which is nearer the slide depends "
+                           "on which way your focus axis points: on an inverted stand higher z usually moves the "
+                           "objective up, toward the specimen), or nearest where the stage started; sweep only")
     srch.add_argument("--allow-many", action="store_true",
                       help=f"allow more than {MAX_POSITIONS:,} positions in a sweep (at most {MAX_POSITIONS_ALLOWED:,})")
     out = p.add_argument_group("output")
@@ -3449,9 +3587,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the simulated objective (magnification/NA): 4x/0.10 (default), 10x/0.25, 20x/0.40, "
                           "40x/0.65, 60x/0.85, 60x-oil/1.40; use a STEP of about one depth of field "
                           "(0.05, 0.01, 0.004, 0.0015, 0.001, 0.0005 mm)")
-    sim.add_argument("--sim-specimen", choices=("cells", "blank"), default="cells",
-                     help="cells (default) or blank: an empty field with nothing to focus on")
-    sim.add_argument("--sim-right-specimen", choices=("cells", "blank"),
+    sim.add_argument("--sim-specimen", choices=SIM_SPECIMENS, default="cells",
+                     help="cells (default); blank: an empty field with nothing to focus on; dusty: the cells plus "
+                          "dust on the coverslip --sim-dust-height-mm above them (two peaks)")
+    sim.add_argument("--sim-dust-height-mm", metavar="MM", type=bounded(-5, 5, " mm"),
+                     default=SimOptics.dust_height_mm,
+                     help=f"dusty: the dust plane's height above the cells (default {SimOptics.dust_height_mm})")
+    sim.add_argument("--sim-right-specimen", choices=SIM_SPECIMENS,
                      help="the right half of the field shows this specimen (a two-region field, e.g. for --roi)")
     sim.add_argument("--sim-right-focus-mm", metavar="MM", type=bounded(-MAX_ABS_POSITION_MM, MAX_ABS_POSITION_MM, " mm"),
                      help="the right half of the field is in focus at this position (a two-plane field)")
@@ -3581,7 +3723,8 @@ def sim_options(args: argparse.Namespace) -> dict[str, Any]:
                 specimen=args.sim_specimen, right_specimen=args.sim_right_specimen,
                 right_focus_mm=args.sim_right_focus_mm, width=args.sim_size[0], height=args.sim_size[1],
                 bit_depth=args.sim_bits, seed=args.sim_seed, time_scale=args.sim_time_scale,
-                start_mm=args.sim_start_mm, camera_roi=args.camera_roi, objective=args.sim_objective)
+                start_mm=args.sim_start_mm, camera_roi=args.camera_roi, objective=args.sim_objective,
+                dust_height_mm=args.sim_dust_height_mm)
 
 
 @contextlib.contextmanager
@@ -3647,6 +3790,22 @@ def check_home_consent(home: bool | None, z_min: float | None, z_max: float | No
                          f"(toward position 0, the low end of the travel) through positions {'/'.join(soft)} may "
                          "forbid: check that the objective's path is clear, then pass --home (or home the stage "
                          "yourself); nothing moved")
+
+
+def curve_note(result: FocusResult, policy: str) -> str | None:
+    """One line when the curve is not one clean peak: several significant peaks (and the option
+    that picks another), or a dip between two peaks (an unstained specimen's focus)."""
+    peaks = result.peaks
+    if len(peaks) > 1:
+        where = ", ".join(f"{p.z_mm:.4f}" for p in peaks)
+        others = [c for c in PEAK_CHOICES if c != policy and
+                  choose_peak(peaks, c, result.start_mm).z_mm != choose_peak(peaks, policy, result.start_mm).z_mm]
+        return (f"note: {len(peaks)} significant peaks, at {where} mm (dust above the specimen, or two layers?); "
+                f"the {policy} was chosen" + (f"; --peak {' / '.join(others)} picks another" if others else ""))
+    if result.dips:  # a minimum with the curve rising on both sides by more than the noise rule
+        return (f"note: the curve dips at {result.dips[0].z_mm:.4f} mm between higher flanks: an unstained "
+                "(transparent) specimen in brightfield is in focus at such a minimum, not at a peak")
+    return None
 
 
 def summary_line(result: FocusResult) -> str:
@@ -3768,6 +3927,8 @@ def run(args: argparse.Namespace) -> int:
                     print(f"autofocus.py: {error}; {where}; every output was written", file=sys.stderr)
                 else:
                     print(summary_line(result), file=sys.stderr if args.json else sys.stdout)
+                    if note := curve_note(result, args.peak):
+                        print(note, file=sys.stderr if args.json else sys.stdout)
         if stage_info is not None and zaber is not None:
             stage_info["homed_now"] = not stage_info["homed"] and zaber.homed
         if args.json:

@@ -333,7 +333,7 @@ def test_simulated_microscope_takes_the_simulators_options() -> None:
 
 @pytest.mark.parametrize("options, message", [
     ({"focus": 12}, "unknown option focus"),
-    ({"specimen": "dots"}, "choose cells or blank"),
+    ({"specimen": "dots"}, "choose cells, blank, dusty"),
     ({"width": 4}, "16 to 10000 pixels"),
     ({"seed": -1}, "seed -1 must be a whole number"),
     ({"time_scale": 1e300}, r"time_scale 1e\+300 must be from 0 to 100"),
