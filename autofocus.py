@@ -103,7 +103,7 @@ MAX_SIM_PIXELS = 25_000_000
 POSITION_DECIMALS = 9  # positions are rounded to 1 pm so that float noise never leaks into commands
 SCORE_MAX_PIXELS = 1_500_000  # larger frames are 2x2 binned before scoring (see focus scores)
 COARSE_FACTOR = 8  # fast search: coarse pass every 8 STEPs, scored on an 8x binned image
-SIM_SPECIMENS = ("cells", "blank", "dusty")  # --sim-specimen
+SIM_SPECIMENS = ("cells", "blank", "dusty", "transparent")  # --sim-specimen
 PEAK_CHOICES = ("sharpest", "lowest", "highest", "nearest")  # --peak: which of several peaks
 MIN_FAST_POSITIONS = 24  # shorter grids are swept: a coarse pass would hold too few frames to judge
 COARSE_MIN_SIDE_PX = 32  # ... but the binned image keeps at least this many pixels a side
@@ -292,6 +292,7 @@ class FocusResult:
     moves: int
     elapsed_s: float
     timing: Timing
+    transparent: bool = False  # --transparent: scores are 1/contrast, the focus is the contrast minimum
     peaks: tuple[Extremum, ...] = ()  # every significant peak of the fine curve, by z
     dips: tuple[Extremum, ...] = ()  # every significant dip between rising flanks, by z
 
@@ -454,6 +455,9 @@ class Scorer:
     metric: str = "laplacian"
     blur: int = DEFAULT_BLUR
     roi: Roi | None = None
+    # --transparent: the score negated, so that the contrast minimum of an unstained specimen is a
+    # peak to every search and verdict (both only compare scores and differences of scores).
+    invert: bool = False
 
     def crop(self, image: np.ndarray) -> np.ndarray:
         """The part of the frame that is scored (a view, no copy)."""
@@ -463,13 +467,16 @@ class Scorer:
         return image[y: y + h, x: x + w]
 
     def __call__(self, image: np.ndarray) -> float:
-        return METRICS[self.metric](self.crop(image), self.blur)
+        return self._sign(METRICS[self.metric](self.crop(image), self.blur))
+
+    def _sign(self, score: float) -> float:
+        return -score if self.invert else score
 
     def coarse(self, image: np.ndarray) -> float:
         """The same score on a binned frame: a wide capture range, robust to photon noise
         (the fast search's coarse pass and the verdict's fallback, see ``decide``)."""
         image = self.crop(image)
-        return METRICS[self.metric](image, self.blur, coarse_binning(image.shape))
+        return self._sign(METRICS[self.metric](image, self.blur, coarse_binning(image.shape)))
 
 
 def check_roi(roi: Roi, frame_shape: tuple[int, ...]) -> None:
@@ -524,12 +531,16 @@ def fit_peak(samples: Sequence[Sample]) -> PeakFit:
     if i == 0 or i == len(ordered) - 1:
         return PeakFit(None, False, "best sample at the edge of the measured range")
     left, mid, right = ordered[i - 1], ordered[i], ordered[i + 1]
-    if min(left.score, mid.score, right.score) <= 0:
+    negated = max(left.score, mid.score, right.score) < 0  # --transparent: -contrast, a V-shaped dip
+    if min(left.score, mid.score, right.score) <= 0 and not negated:
         return PeakFit(None, False, "non-positive scores")
     if not (left.score < mid.score and right.score < mid.score):
         return PeakFit(None, False, "flat top: a neighbour scores as high as the best")
     x = np.array([left.z_mm, mid.z_mm, right.z_mm]) - mid.z_mm
-    y = np.log([left.score, mid.score, right.score])
+    # A contrast score falls off from focus like a Gaussian: a parabola on its log.  A contrast
+    # minimum (normalised variance ~ dz^2 near the focus of a phase object) is a parabola itself.
+    scores = [left.score, mid.score, right.score]
+    y = np.array(scores) if negated else np.log(scores)
     # Parabola through three points: y = a x^2 + b x + c.
     denom = (x[0] - x[1]) * (x[0] - x[2]) * (x[1] - x[2])
     a = (x[2] * (y[1] - y[0]) + x[1] * (y[0] - y[2]) + x[0] * (y[2] - y[1])) / denom
@@ -539,7 +550,8 @@ def fit_peak(samples: Sequence[Sample]) -> PeakFit:
     vertex = -b / (2 * a)
     if not x[0] < vertex < x[2]:
         return PeakFit(None, False, "vertex outside the bracket")
-    return PeakFit(float(round(mid.z_mm + vertex, POSITION_DECIMALS)), True, "gaussian fit on 3 points")
+    return PeakFit(float(round(mid.z_mm + vertex, POSITION_DECIMALS)), True,
+                   "parabola fit on 3 points (contrast minimum)" if negated else "gaussian fit on 3 points")
 
 
 def curve_noise(samples: Sequence[Sample]) -> float:
@@ -1071,7 +1083,7 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
             target = fit.z_mm if fitted else best_z  # type: ignore[assignment]
             acq.approach(target)
         return dataclasses.replace(result(samples, target, fit, verdict, best_z), peaks=tuple(peaks),
-                                   dips=tuple(dips))
+                                   dips=tuple(dips), transparent=scorer.invert)
     except BaseException as exc:  # faults, Ctrl-C, and bugs alike: the stage is made safe first
         where = make_safe(stage, start_mm, exc)
         samples = list(acq.samples)
@@ -1782,7 +1794,8 @@ class ZaberStage:
         off_native = abs(at * self._native_per_mm - target)
         if off_native > self.tolerance_native + 1e-6:
             raise StageError(f"{what} ended at {at:.4f} mm, {off_native:.0f} native units off the target "
-                             f"(tolerance {self.tolerance_native:g}): the axis did not reach it")
+                             f"(tolerance {self.tolerance_native:g}): the axis did not reach it (something blocked it, "
+                             "or another program or the knob moved it)")
 
     @property
     def native_unit_mm(self) -> float:
@@ -2404,6 +2417,8 @@ class SimOptics:
     bit_depth: int = 8
     specimen: str = "cells"  # "cells", "blank" or "dusty" (cells, plus dust on the coverslip above them)
     dust_height_mm: float = 0.17  # "dusty": the dust plane lies this far above the cells (a #1.5 coverslip)
+    phase_rad: float = 1.5  # "transparent": the phase delay through a cell's centre, radians
+    condenser_na: float = 0.3  # "transparent": brightfield condenser aperture (partial coherence)
     seed: int = 0
     # A two-region field (for --roi): the right half of the frame shows right_specimen (default:
     # the same specimen) in the plane right_focus_mm (default: focus_mm); None, None = one plane.
@@ -2464,7 +2479,9 @@ def make_specimen(width: int, height: int, kind: str = "cells", seed: int = 0) -
     "cells": cell bodies with a bright membrane and nucleus, granules, filaments and a fine
     fibrous texture, on a dim background.  "blank": even illumination with gentle vignetting
     and no structure at all (nothing to focus on).  "dust": a transmission mask (1 = clear)
-    with sparse dark specks and fibres, for the dust plane of the "dusty" specimen.
+    with sparse dark specks and fibres, for the dust plane of the "dusty" specimen.  "phase": the
+    phase map of an unstained culture (cells, nuclei, granules as smooth bumps; 1 = a cell's full
+    delay), for the "transparent" specimen.
     """
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     cx, cy = width / 2.0, height / 2.0
@@ -2472,6 +2489,18 @@ def make_specimen(width: int, height: int, kind: str = "cells", seed: int = 0) -
     if kind == "blank":
         return (0.6 * vignette).astype(np.float32)
     rng = np.random.default_rng(seed)
+    if kind == "phase":  # an unstained culture: phase delay (in units of one cell's), no absorption
+        phase = np.zeros((height, width), np.float32)
+        for _ in range(max(2, int(width * height / 110**2))):
+            c = (int(rng.uniform(0, width)), int(rng.uniform(0, height)))
+            axes = (int(rng.uniform(14, 28)), int(rng.uniform(9, 18)))
+            angle = float(rng.uniform(0, 180))
+            cv2.ellipse(phase, c, axes, angle, 0, 360, 0.7, -1)  # cell body
+            cv2.ellipse(phase, c, (max(2, axes[0] // 3), max(2, axes[1] // 3)), angle, 0, 360, 1.0, -1)  # nucleus
+            for _ in range(10):  # granules
+                g = (c[0] + int(rng.normal(0, axes[0] / 2.5)), c[1] + int(rng.normal(0, axes[1] / 2.5)))
+                cv2.circle(phase, g, 1, 0.9, -1)
+        return cv2.GaussianBlur(phase, (0, 0), 1.5)  # smooth bumps: cells are lenses, not steps
     if kind == "dust":  # a transmission mask: clear glass with sparse dark specks and lint fibres
         mask = np.ones((height, width), np.float32)
         for _ in range(max(3, int(width * height / 1500))):
@@ -2590,8 +2619,11 @@ class SimCamera:
     def render(self, z_mm: float) -> np.ndarray:
         """The frame at z: defocus blur, shot noise, read noise, quantisation."""
         o = self.optics
-        specimen = make_specimen(o.width, o.height, "cells" if o.specimen == "dusty" else o.specimen, o.seed)
-        blurred = blur_sigma(specimen, o.blur_sigma_px(z_mm - o.focus_mm))
+        if o.specimen == "transparent":
+            blurred = self.render_phase(z_mm)
+        else:
+            specimen = make_specimen(o.width, o.height, "cells" if o.specimen == "dusty" else o.specimen, o.seed)
+            blurred = blur_sigma(specimen, o.blur_sigma_px(z_mm - o.focus_mm))
         if o.specimen == "dusty":  # dust on the coverslip, in its own plane: bright specks and lint
             # (scattered light, as dust and autofluorescent fibres look on this dark-background field)
             dust = make_specimen(o.width, o.height, "dust", o.seed)
@@ -2615,6 +2647,24 @@ class SimCamera:
         gain = 0.8 * full_scale / o.photons  # the brightest structure sits at 80% of full scale
         dn = np.clip(electrons * np.float32(gain), 0, full_scale)
         return dn.astype(np.uint8 if o.bit_depth <= 8 else np.uint16)
+
+    def render_phase(self, z_mm: float) -> np.ndarray:
+        """An unstained specimen in partially coherent brightfield, relative intensity.
+
+        Transport of intensity to first order in defocus: I = I0 (1 - dz lambda/(2 pi) lap(phi)),
+        so contrast vanishes at focus and grows, with opposite signs, on either side.  The
+        condenser aperture (illumination NA, at most the objective's) adds a blur growing with
+        defocus, |dz| tan(asin(NA_c)) / 2, which fades the contrast again farther out.
+        """
+        o = self.optics
+        phase = o.phase_rad * make_specimen(o.width, o.height, "phase", o.seed)
+        laplacian = cv2.Laplacian(phase, cv2.CV_32F) / np.float32(o.sample_pixel_um**2)  # rad / um^2
+        dz_um = (z_mm - o.focus_mm) * 1000.0
+        contrast = np.float32(-dz_um * o.wavelength_um / (2 * math.pi)) * laplacian
+        na_c = min(o.condenser_na, o.na)
+        sigma_c = math.tan(math.asin(min(na_c / o.immersion_index, 1.0))) * abs(dz_um) / 2.0 / o.sample_pixel_um
+        sigma = math.hypot(o.blur_sigma_px(0.0), sigma_c)
+        return np.float32(0.6) * (1.0 + np.clip(blur_sigma(contrast, sigma), -0.95, 0.6))
 
     def capture(self) -> np.ndarray:
         t0 = time.perf_counter()
@@ -2856,6 +2906,7 @@ def result_json(result: FocusResult | None, *, exit_code: int, error: str | None
         "metric": r.metric if r else None,
         "start_mm": num(r.start_mm) if r else None,
         "curve": [[s.z_mm, s.score] for s in r.samples] if r else [],
+        "transparent": r.transparent if r else False,  # then the curve holds -score (the minimum is the peak)
         "peaks": [dataclasses.asdict(e) for e in r.peaks] if r else [],
         "dips": [dataclasses.asdict(e) for e in r.dips] if r else [],
         "timing": {k: round(v, 4) for k, v in dataclasses.asdict(r.timing if r else Timing()).items()},
@@ -2901,18 +2952,21 @@ def plot_curve(path: str | Path, result: FocusResult) -> None:
     from matplotlib import pyplot as plt  # noqa: PLC0415
 
     ordered = by_z(result.samples)
+    sign = -1.0 if result.transparent else 1.0  # --transparent: plot the contrast itself (a V), not -score
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     try:
         if ordered:
-            ax.plot([s.z_mm for s in ordered], [s.score for s in ordered], "-", color="0.6", lw=1)
-            ax.plot([s.z_mm for s in result.samples], [s.score for s in result.samples], "o", ms=4,
+            ax.plot([s.z_mm for s in ordered], [sign * s.score for s in ordered], "-", color="0.6", lw=1)
+            ax.plot([s.z_mm for s in result.samples], [sign * s.score for s in result.samples], "o", ms=4,
                     color="tab:blue", label=f"samples ({result.frames} frames, {result.search})")
         if math.isfinite(result.best_mm):
             ax.axvline(result.best_mm, color="tab:red", lw=1.5, label=f"stage sent to {result.best_mm:.4f} mm")
         if result.fit.used and result.fit.z_mm is not None:
-            ax.axvline(result.fit.z_mm, color="tab:green", ls="--", lw=1, label=f"fitted peak {result.fit.z_mm:.4f} mm")
+            ax.axvline(result.fit.z_mm, color="tab:green", ls="--", lw=1,
+                       label=f"fitted {'minimum' if result.transparent else 'peak'} {result.fit.z_mm:.4f} mm")
         ax.set_xlabel("focus position z (mm)")
-        ax.set_ylabel(f"focus score ({result.metric}, a.u.)")
+        ax.set_ylabel(f"contrast ({result.metric}; focus at its minimum)" if result.transparent
+                      else f"focus score ({result.metric}, a.u.)")
         ax.set_title(f"verdict: {result.verdict.kind}")
         ax.legend(loc="best", fontsize=8)
         fig.tight_layout()
@@ -3100,8 +3154,9 @@ class LiveCamera:
 
 def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR) -> list[Path]:
     """The README's figures, from the simulator: blurry and focused frames with their
-    Laplacians, a sweep animation (frame, filtered, Laplacian, curve so far), and the live view
-    of a two-plane field scored on a region of interest (roi.png)."""
+    Laplacians, a sweep animation (frame, filtered, Laplacian, curve so far), the live view
+    of a two-plane field scored on a region of interest (roi.png), and the V-shaped contrast
+    curve of an unstained specimen with --transparent (transparent.png)."""
     from PIL import Image  # noqa: PLC0415  (pillow comes with matplotlib)
 
     folder = Path(folder)
@@ -3149,6 +3204,15 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
     path = folder / "roi.png"
     cv2.imwrite(str(path), compose_view(camera.capture(), blur, curve, height=150, roi=roi))
     written.append(path)
+    # --transparent: an unstained specimen at 40x; the contrast (normvar) curve is V-shaped, its
+    # minimum at focus, and the edge score (laplacian) peaks on either side of it.
+    lens = dataclasses.replace(optics, **objective_optics("40x"), specimen="transparent", width=480, height=300)
+    stage = SimStage(timing=SimTiming(scale=0.0), position_mm=lens.focus_mm)
+    result = focus(stage, SimCamera(stage, lens, SimTiming(scale=0.0)), lens.focus_mm - 0.006, lens.focus_mm + 0.006,
+                   0.0005, transparent=True)
+    path = folder / "transparent.png"
+    plot_curve(path, result)
+    written.append(path)
     return written
 
 
@@ -3174,7 +3238,7 @@ def _is_number(value: Any) -> bool:
 
 
 def check_request(start_mm: float, end_mm: float, step_mm: float, *, search: str = "sweep",
-                  metric: str = "laplacian", blur: int = DEFAULT_BLUR, roi: Sequence[int] | None = None,
+                  metric: str | None = "laplacian", blur: int = DEFAULT_BLUR, roi: Sequence[int] | None = None,
                   settle_ms: float = 0.0, backlash_mm: float = 0.0, z_min: float | None = None,
                   z_max: float | None = None, allow_many: bool = False, peak: str = "sharpest",
                   **_others: Any) -> None:
@@ -3209,7 +3273,7 @@ def check_request(start_mm: float, end_mm: float, step_mm: float, *, search: str
     if peak != "sharpest" and search != "sweep":
         raise UsageError(f"--peak {peak} compares every peak of the curve, which only a sweep measures: "
                          "use --search sweep (the default)")
-    if metric not in METRICS:
+    if metric is not None and metric not in METRICS:
         raise UsageError(f"metric {metric!r} is unknown; choose one of {', '.join(METRICS)}")
     if not (isinstance(blur, numbers.Integral) and 3 <= blur <= MAX_BLUR and blur % 2 == 1):
         raise UsageError(f"blur {blur!r} must be an odd whole number of pixels from 3 to {MAX_BLUR} (e.g. 5, 9, 15)")
@@ -3231,10 +3295,10 @@ def check_request(start_mm: float, end_mm: float, step_mm: float, *, search: str
 
 
 def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm: float, *,
-          search: str = "sweep", metric: str = "laplacian", blur: int = DEFAULT_BLUR,
+          search: str = "sweep", metric: str | None = None, blur: int = DEFAULT_BLUR,
           roi: Sequence[int] | None = None, settle_ms: float = 0.0, backlash_mm: float = 0.0,
           z_min: float | None = None, z_max: float | None = None, relative: bool = False,
-          home: bool | None = None, peak: str = "sharpest", allow_many: bool = False,
+          home: bool | None = None, peak: str = "sharpest", transparent: bool = False, allow_many: bool = False,
           on_frame: FrameHook | None = None) -> FocusResult:
     """Find the sharpest focus between START and END every STEP (mm) and send the stage there.
 
@@ -3255,6 +3319,8 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
        ``no_peak`` sends it back to where it started.  The verdict is in ``result.verdict.kind``
        (``result.exit_code`` is the CLI's exit code for it), never an exception.
 
+    ``transparent=True`` (``--transparent``) focuses an unstained specimen at its contrast
+    minimum: ``metric`` defaults to "normvar" then, and the curve holds -score.
     ``peak`` ("sharpest", "lowest", "highest", "nearest": ``--peak``) chooses among several
     significant peaks (dust above the specimen, two layers); ``result.peaks`` and
     ``result.dips`` list every significant one.
@@ -3265,6 +3331,7 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
     the stage was left) attached.  The tool's own errors are AutofocusError subclasses:
     UsageError, StageError, CameraError, OutputError.
     """
+    metric = metric or ("normvar" if transparent else "laplacian")
     check_request(start_mm, end_mm, step_mm, search=search, metric=metric, blur=blur, roi=roi,
                   settle_ms=settle_ms, backlash_mm=backlash_mm, z_min=z_min, z_max=z_max, allow_many=allow_many,
                   peak=peak)
@@ -3299,7 +3366,7 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
                   len(plan.positions), search, metric,
                   f", ROI {','.join(map(str, box))}" if box else "")
     try:
-        return run_autofocus(stage, camera, Scorer(metric, blur, box), plan, on_frame=on_frame)
+        return run_autofocus(stage, camera, Scorer(metric, blur, box, invert=transparent), plan, on_frame=on_frame)
     except RunFailed as failed:
         stopped = failed
     # Raised here, outside the handler, so that the error keeps its own cause and traceback.
@@ -3539,8 +3606,12 @@ def build_parser() -> argparse.ArgumentParser:
     srch = p.add_argument_group("search")
     srch.add_argument("--search", choices=tuple(SEARCHES), default="sweep",
                       help="sweep: every position (default); fast: coarse-to-fine, about a quarter of the frames")
-    srch.add_argument("--metric", choices=tuple(METRICS), default="laplacian",
-                      help="focus score (default laplacian: variance of the Laplacian)")
+    srch.add_argument("--metric", choices=tuple(METRICS), default=None,
+                      help="focus score (default laplacian: variance of the Laplacian; normvar with --transparent)")
+    srch.add_argument("--transparent", action="store_true",
+                      help="an unstained (transparent) specimen in brightfield: live cells, yeast, bacteria. Its "
+                           "contrast vanishes at focus and grows on either side, so focus on the contrast minimum "
+                           "(scored by normvar unless --metric says otherwise)")
     srch.add_argument("--blur", "-b", metavar="N", type=blur_size, default=DEFAULT_BLUR,
                       help="bilateral filter diameter in pixels, odd, 3-99 (default 9); larger suppresses more noise")
     srch.add_argument("--settle-ms", metavar="MS", type=bounded(0, MAX_SETTLE_MS, " ms"), default=0.0,
@@ -3589,7 +3660,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "(0.05, 0.01, 0.004, 0.0015, 0.001, 0.0005 mm)")
     sim.add_argument("--sim-specimen", choices=SIM_SPECIMENS, default="cells",
                      help="cells (default); blank: an empty field with nothing to focus on; dusty: the cells plus "
-                          "dust on the coverslip --sim-dust-height-mm above them (two peaks)")
+                          "dust on the coverslip --sim-dust-height-mm above them (two peaks); transparent: "
+                          "unstained cells in brightfield (contrast vanishes at focus: use --transparent)")
+    sim.add_argument("--sim-phase-rad", metavar="RAD", type=bounded(0, 20, " rad"), default=SimOptics.phase_rad,
+                     help=f"transparent: phase delay through a cell (default {SimOptics.phase_rad})")
+    sim.add_argument("--sim-condenser-na", metavar="NA", type=bounded(0, 1.4, above=True),
+                     default=SimOptics.condenser_na,
+                     help=f"transparent: condenser aperture, NA (default {SimOptics.condenser_na}; at most the "
+                          "objective's counts)")
     sim.add_argument("--sim-dust-height-mm", metavar="MM", type=bounded(-5, 5, " mm"),
                      default=SimOptics.dust_height_mm,
                      help=f"dusty: the dust plane's height above the cells (default {SimOptics.dust_height_mm})")
@@ -3724,7 +3802,8 @@ def sim_options(args: argparse.Namespace) -> dict[str, Any]:
                 right_focus_mm=args.sim_right_focus_mm, width=args.sim_size[0], height=args.sim_size[1],
                 bit_depth=args.sim_bits, seed=args.sim_seed, time_scale=args.sim_time_scale,
                 start_mm=args.sim_start_mm, camera_roi=args.camera_roi, objective=args.sim_objective,
-                dust_height_mm=args.sim_dust_height_mm)
+                dust_height_mm=args.sim_dust_height_mm, phase_rad=args.sim_phase_rad,
+                condenser_na=args.sim_condenser_na)
 
 
 @contextlib.contextmanager
@@ -3796,15 +3875,21 @@ def curve_note(result: FocusResult, policy: str) -> str | None:
     """One line when the curve is not one clean peak: several significant peaks (and the option
     that picks another), or a dip between two peaks (an unstained specimen's focus)."""
     peaks = result.peaks
+    if result.transparent:  # the faded contrast far from focus makes maxima at the range's ends too
+        return None
+    between = [d for d in result.dips if any(p.z_mm < d.z_mm for p in peaks) and any(p.z_mm > d.z_mm for p in peaks)]
+    unstained = (f"an unstained (transparent) specimen in brightfield is in focus at the dip at "
+                 f"{between[0].z_mm:.4f} mm between them: --transparent focuses there") if between else ""
     if len(peaks) > 1:
         where = ", ".join(f"{p.z_mm:.4f}" for p in peaks)
         others = [c for c in PEAK_CHOICES if c != policy and
                   choose_peak(peaks, c, result.start_mm).z_mm != choose_peak(peaks, policy, result.start_mm).z_mm]
-        return (f"note: {len(peaks)} significant peaks, at {where} mm (dust above the specimen, or two layers?); "
-                f"the {policy} was chosen" + (f"; --peak {' / '.join(others)} picks another" if others else ""))
-    if result.dips:  # a minimum with the curve rising on both sides by more than the noise rule
+        return (f"note: {len(peaks)} significant peaks, at {where} mm: dust above the specimen or two layers "
+                f"(the {policy} was chosen" + (f"; --peak {' / '.join(others)} picks another" if others else "")
+                + ")" + (f", or {unstained}" if unstained else ""))
+    if result.dips:  # a minimum between rising flanks
         return (f"note: the curve dips at {result.dips[0].z_mm:.4f} mm between higher flanks: an unstained "
-                "(transparent) specimen in brightfield is in focus at such a minimum, not at a peak")
+                "(transparent) specimen in brightfield is in focus at such a minimum; --transparent focuses there")
     return None
 
 
@@ -3812,8 +3897,9 @@ def summary_line(result: FocusResult) -> str:
     """The human summary: where, how sharp, how many frames, how long, and the verdict."""
     fit = f" (fitted peak; best frame at {result.best_sample_mm:.4f} mm)" if result.fit.used and \
         result.best_mm == result.fit.z_mm else ""
+    at = "best focus (contrast minimum, --transparent)" if result.transparent else "best focus"
     head = {
-        "focused": f"best focus at {result.best_mm:.4f} mm{fit}",
+        "focused": f"{at} at {result.best_mm:.4f} mm{fit}",
         "edge": f"best focus at the edge of the range, {result.best_mm:.4f} mm",
         "no_peak": f"no focus found; stage returned to {result.best_mm:.4f} mm",
     }[result.verdict.kind]

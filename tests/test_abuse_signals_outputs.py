@@ -298,5 +298,7 @@ def test_two_instances_on_the_same_axis_notice_each_other(slow_fake: FakeZaber) 
     for code, err in results:  # each failure says what happened: its move was cut short, or the
         if code != 0:  # axis was already moving when it started (then it commanded nothing)
             assert code == 5 and err.count("\n") == 1, err
+            # (the other instance's set-up may clear the NI notice first: then the move is off target)
             assert ("was interrupted (NI)" in err and "moved or stopped from outside" in err) or \
-                   ("is moving (the knob or joystick, Zaber Launcher or another program)" in err), err
+                   ("is moving (the knob or joystick, Zaber Launcher or another program)" in err) or \
+                   ("did not reach it (something blocked it, or another program or the knob moved it)" in err), err

@@ -75,7 +75,7 @@ def test_dusty_specimen_peak_choice(policy: str, plane: float, capsys: pytest.Ca
     out = json.loads(captured.out)
     assert code == 0 and abs(out["best_mm"] - plane) <= 0.05 / 4
     assert [round(p["z_mm"], 2) for p in out["peaks"]] == [12.35, 12.5]
-    assert "note: 2 significant peaks, at 12.3500, 12.5000 mm" in captured.err
+    assert "note: 2 significant peaks, at 12.3500, 12.5000 mm: dust above the specimen" in captured.err
     assert ("picks another" in captured.err) and (("--peak lowest" in captured.err) == (policy != "lowest"))
 
 
