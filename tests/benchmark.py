@@ -293,6 +293,7 @@ def run_once(stage, camera, positions, search: str, metric: str = "laplacian") -
 def section_accuracy(quick: bool) -> None:
     accuracy_synthetic(quick)
     accuracy_objectives(quick)
+    accuracy_specimens(quick)
     accuracy_replay(quick)
 
 
@@ -350,6 +351,48 @@ def accuracy_objectives(quick: bool) -> None:
                med(errors[name]) <= 0.125 and max(errors[name]) <= 0.25)
     target("fast frames <= 20% of the sweep's on an 81-position grid (median)", f"{med(frames81):.1%}",
            med(frames81) <= 0.20)
+
+
+def accuracy_specimens(quick: bool) -> None:
+    """Issue 12's rows: unstained (transparent) specimens with --transparent, and the dusty one."""
+    photons = (300, 1000) if quick else (100, 300, 1000, 3000)
+    cases = {"10x": 0.003, "40x": 0.0005}  # STEP ~ DOF/3, range +-4 DOF (README, Unstained specimens)
+    offsets = (0.0, 0.43, -2.6, 5.3)  # focus on the grid, between positions, off the centre
+    header("Accuracy (d): transparent and dusty specimens",
+           f"--sim-specimen transparent with --transparent: objectives {tuple(cases)}, STEP ~ DOF/3, range +-12 "
+           f"STEPs, focus offsets {offsets} STEPs from the range centre, photons {photons}, 640x400; "
+           "--sim-specimen dusty (dust 0.17 mm above the cells at 12.34 mm), 4x, 11.8..12.8 mm every 0.05")
+    rows, worst = [], []
+    for objective, step in cases.items():
+        for search in ("sweep", "fast"):
+            errs, verdicts, frames = [], [], []
+            for ph in photons:
+                for off in offsets:
+                    focus_mm = 12.34 + off * step
+                    stage, camera = af.simulated_microscope(objective=objective, specimen="transparent",
+                                                            focus_mm=focus_mm, photons=ph, width=640, height=400,
+                                                            time_scale=0, start_mm=12.34)
+                    r = af.focus(stage, camera, 12.34 - 12 * step, 12.34 + 12 * step, step, search=search,
+                                 transparent=True)
+                    verdicts.append(r.verdict.kind)
+                    frames.append(r.frames)
+                    if r.verdict.kind == "focused":
+                        errs.append(abs(r.best_mm - focus_mm) / step)
+            worst.extend(errs)
+            rows.append([objective, search, f"{verdicts.count('focused')}/{len(verdicts)}", fmt(med(errs), 3),
+                         fmt(max(errs), 3), fmt(med(frames), 0)])
+    table(["objective", "search", "focused", "error med (STEP)", "error worst (STEP)", "frames med"], rows)
+    target("--transparent: focused within STEP/4 of the focal plane (10x, 40x; sweep and fast)",
+           f"worst {max(worst):.3f} STEP over {len(worst)} focused runs", max(worst) <= 0.25)
+    picks = []
+    for policy in af.PEAK_CHOICES:
+        stage, camera = af.simulated_microscope(specimen="dusty", width=640, height=400, time_scale=0, start_mm=12.45)
+        r = af.focus(stage, camera, 11.8, 12.8, 0.05, peak=policy)
+        picks.append([policy, ", ".join(f"{p.z_mm:.2f}" for p in r.peaks), f"{r.best_mm:.4f}",
+                      "specimen (12.34)" if abs(r.best_mm - 12.34) < 0.025 else
+                      "dust (12.51)" if abs(r.best_mm - 12.51) < 0.025 else "neither"])
+    print("Dusty specimen (stage starting at 12.45 mm):\n")
+    table(["--peak", "significant peaks (mm)", "stage sent to (mm)", "which"], picks)
 
 
 def accuracy_synthetic(quick: bool) -> None:
