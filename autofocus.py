@@ -3778,8 +3778,9 @@ def check_outputs(args: argparse.Namespace) -> None:
         ext = Path(args.plot).suffix.lower().lstrip(".")
         formats = plot_formats()
         if ext not in formats:
-            raise UsageError(f"--plot {args.plot}: {'no' if not ext else f'unknown format .{ext}'} extension; "
-                             f"end the name with one of {', '.join('.' + f for f in sorted(formats))} (e.g. curve.png)")
+            what = "has no extension" if not ext else f".{ext} is not a format matplotlib writes"
+            raise UsageError(f"--plot {args.plot}: {what}; end the name with one of "
+                             f"{', '.join('.' + f for f in sorted(formats))} (e.g. curve.png)")
     if args.save_images is not None:
         folder = Path(args.save_images)
         try:

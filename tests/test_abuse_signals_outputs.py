@@ -178,8 +178,8 @@ def output_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     (tmp_path / "imgs" / "stack.csv").mkdir(parents=True)
     cases = [
         (["--save-curve", str(tmp_path / "adir")], "is a folder; give a file name"),
-        (["--plot", str(tmp_path / "p")], "no extension"),
-        (["--plot", str(tmp_path / "p.xyz")], "unknown format .xyz"),
+        (["--plot", str(tmp_path / "p")], "has no extension"),
+        (["--plot", str(tmp_path / "p.xyz")], ".xyz is not a format matplotlib writes"),
         (["--save-curve", str(tmp_path / "same.png"), "--plot", str(tmp_path / "same.png")],
          "is also written as --save-curve"),
         (["--save-images", str(tmp_path / "imgs")], "stack.csv is a folder"),
