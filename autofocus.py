@@ -1102,12 +1102,17 @@ def decide(samples: Sequence[Sample], noise_samples: Sequence[Sample],
     a peak in frames too noisy for fine detail.  Both curves are judged with the same rule.
     """
     fine = judge(samples, range_mm)  # one rule for both searches: noise from every frame off the peak
-    if fine.kind != "no_peak" or any(s.coarse is None for s in samples):
+    if fine.kind != "no_peak" or any(s.coarse is None for s in noise_samples):
         return fit_peak(samples), fine, best_sample(samples).z_mm
-    # Every frame has its coarse-scale score too: judge them all (the coarse pass and the frames
-    # refined near the peak), by the same rule.
-    curve = [Sample(s.z_mm, s.coarse) for s in samples]  # type: ignore[arg-type]
+    # The coarse scale is judged on the evenly spaced frames (a sweep's all, a fast search's
+    # coarse passes): frames refined around a fine-scale noise maximum would bias it upward.
+    curve = [Sample(s.z_mm, s.coarse) for s in noise_samples]  # type: ignore[arg-type]
     coarse = judge(curve, range_mm)
+    if coarse.kind != "no_peak" and len(samples) > len(noise_samples):
+        # ... and confirmed by every frame's coarse score, the STEP-spaced frames refined across
+        # the claimed peak included: a noise maximum of the coarse pass does not survive them.
+        coarse = coarse if judge([Sample(s.z_mm, s.coarse) for s in samples],  # type: ignore[arg-type]
+                                 range_mm).kind != "no_peak" else judge([], range_mm)
     if coarse.kind == "no_peak":
         return fit_peak(samples), fine, best_sample(samples).z_mm
     what = "a peak" if coarse.kind == "focused" else "a rise toward the end of the range"
@@ -2621,6 +2626,8 @@ class SimCamera:
         o = self.optics
         if o.specimen == "transparent":
             blurred = self.render_phase(z_mm)
+        elif o.specimen == "blank":  # an even field: defocus changes nothing (resampling it in
+            blurred = make_specimen(o.width, o.height, "blank", o.seed)  # blur_sigma would add ripples)
         else:
             specimen = make_specimen(o.width, o.height, "cells" if o.specimen == "dusty" else o.specimen, o.seed)
             blurred = blur_sigma(specimen, o.blur_sigma_px(z_mm - o.focus_mm))
