@@ -44,6 +44,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1085,11 +1086,12 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
         return dataclasses.replace(result(samples, target, fit, verdict, best_z), peaks=tuple(peaks),
                                    dips=tuple(dips), transparent=scorer.invert)
     except BaseException as exc:  # faults, Ctrl-C, and bugs alike: the stage is made safe first
-        where = make_safe(stage, start_mm, exc)
-        samples = list(acq.samples)
-        fit = fit_peak(samples) if samples else PeakFit(None, False, "no samples")
-        verdict = Verdict("no_peak", float("nan"), float("nan"), float("nan"), "run did not finish")
-        raise RunFailed(result(samples, float("nan"), fit, verdict), exc, where) from exc
+        where = make_safe(stage, start_mm, exc)  # a second Ctrl-C may interrupt the return: it re-stops
+        with INTERRUPTS.held():  # from here on nothing may lose the partial curve
+            samples = list(acq.samples)
+            fit = fit_peak(samples) if samples else PeakFit(None, False, "no samples")
+            verdict = Verdict("no_peak", float("nan"), float("nan"), float("nan"), "run did not finish")
+            raise RunFailed(result(samples, float("nan"), fit, verdict), exc, where) from exc
 
 
 def decide(samples: Sequence[Sample], noise_samples: Sequence[Sample],
@@ -1758,10 +1760,14 @@ class ZaberStage:
             return False
         log.warning("homing %s: it has no reference position (the stage moves to its home sensor)", self._where())
         try:
-            self._axis.home(wait_until_idle=False)
-        except self._exc.MotionLibException as exc:
-            raise StageError(f"homing {self._where()} failed: {first_line(exc)}") from exc
-        self._await_idle("homing", self.home_timeout_s, "--home-timeout-s")
+            try:
+                self._axis.home(wait_until_idle=False)
+            except self._exc.MotionLibException as exc:
+                raise StageError(f"homing {self._where()} failed: {first_line(exc)}") from exc
+            self._await_idle("homing", self.home_timeout_s, "--home-timeout-s")
+        except KeyboardInterrupt as exc:  # Ctrl-C at any point of the homing: stop it, whatever comes next
+            exc.stage_state = stop_and_locate(self, "homing was interrupted")  # type: ignore[attr-defined]
+            raise
         flags = self._flags_after("homing")
         if "WR" in flags or "WH" in flags:
             raise StageError(f"homing {self._where()} ended without a reference position "
@@ -1816,9 +1822,15 @@ class ZaberStage:
         soft_lo, soft_hi = self.soft_limits_mm
         lo = lo if soft_lo is None else max(lo, soft_lo)
         hi = hi if soft_hi is None else min(hi, soft_hi)
-        target = round(z_mm * per_mm)
-        target = min(target, math.floor(hi * per_mm + 1e-6))  # 1e-6 unit: float noise, not a unit
-        return max(target, math.ceil(lo * per_mm - 1e-6))
+        exact = z_mm * per_mm
+        target = round(exact)
+        # Only the rounding is moved inside (a target within one unit of a limit): a position
+        # outside the limits on purpose (the start, where the user left the stage) is kept.
+        if exact <= hi * per_mm + 1e-6 and target > hi * per_mm + 1e-6:
+            target = math.floor(hi * per_mm + 1e-6)  # 1e-6 unit: float noise, not a unit
+        if exact >= lo * per_mm - 1e-6 and target < lo * per_mm - 1e-6:
+            target = math.ceil(lo * per_mm - 1e-6)
+        return target
 
     def _await_idle(self, doing: str, timeout_s: float, option: str, what: str | None = None) -> None:
         """Poll until the axis is idle, at most ``timeout_s``; on time-out send ``stop`` at once.
@@ -1840,8 +1852,14 @@ class ZaberStage:
                         self._interrupted(what)
                 time.sleep(0.005)
         except KeyboardInterrupt:
-            with contextlib.suppress(Exception):
-                self._stop_now()
+            for _ in range(3):  # a second Ctrl-C must not cut the stop short
+                try:
+                    self._stop_now()
+                    break
+                except KeyboardInterrupt:
+                    continue
+                except Exception:  # noqa: BLE001 - the interrupt is what is reported
+                    break
             raise
         except self._exc.MotionLibException as exc:
             raise StageError(f"lost the stage while {doing}: {first_line(exc)}") from exc
@@ -3376,11 +3394,15 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
         return run_autofocus(stage, camera, Scorer(metric, blur, box, invert=transparent), plan, on_frame=on_frame)
     except RunFailed as failed:
         stopped = failed
+    finally:
+        if isinstance(stage, ZaberStage):
+            stage.soft_limits_mm = (None, None)  # this call's limits; a later move_to is the caller's
     # Raised here, outside the handler, so that the error keeps its own cause and traceback.
-    error = stopped.cause
-    with contextlib.suppress(AttributeError, TypeError):  # an exception class with __slots__
-        error.partial, error.stage_state = stopped.partial, stopped.where  # type: ignore[union-attr]
-    raise error
+    with INTERRUPTS.held():
+        error = stopped.cause
+        with contextlib.suppress(AttributeError, TypeError):  # an exception class with __slots__
+            error.partial, error.stage_state = stopped.partial, stopped.where  # type: ignore[union-attr]
+        raise error
 
 
 def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
@@ -3730,12 +3752,9 @@ def plot_formats() -> set[str]:
 
 def _not_a_file(path: Path) -> str | None:
     """Why ``path`` cannot be a regular output file: a device, a pipe, a Windows reserved name."""
-    if os.name == "nt":
-        if path.stem.upper() in WINDOWS_RESERVED_NAMES:
-            return f"{path.name} is a Windows device name"
-    elif str(path.resolve()).startswith(("/dev/", "/proc/", "/sys/")):
-        return "it is a device or system path"
-    if path.exists() and not path.is_file() and not path.is_dir():
+    if os.name == "nt" and path.name.split(".")[0].upper() in WINDOWS_RESERVED_NAMES:
+        return f"{path.name} is a Windows device name"
+    if path.exists() and not path.is_file() and not path.is_dir():  # /dev/full, /dev/null, a FIFO
         return "it is a device or a pipe, not a file"
     return None
 
@@ -3748,7 +3767,11 @@ def check_outputs(args: argparse.Namespace) -> None:
     not hold the stack being replayed; exactly the paths given are written."""
     files = [(flag, Path(value)) for flag, value in (("--save-curve", args.save_curve), ("--plot", args.plot))
              if value is not None]
-    taken: dict[Path, str] = {}
+    taken: dict[str, str] = {}
+
+    def key_of(path: Path) -> str:  # one spelling per file: case-insensitive where the OS is
+        return os.path.normcase(str(path.resolve()))
+
     if args.save_images is not None:
         folder = Path(args.save_images)
         if problem := _not_a_file(folder):
@@ -3762,21 +3785,24 @@ def check_outputs(args: argparse.Namespace) -> None:
             inside = folder / name
             if inside.exists() and not inside.is_file():
                 raise UsageError(f"--save-images {folder}: {inside} is a folder; remove it or pick another folder")
-            taken[inside.resolve()] = f"--save-images's {name}"
+            taken[key_of(inside)] = f"--save-images's {name}"
     for flag, path in files:
         if problem := _not_a_file(path):
             raise UsageError(f"{flag} {path}: {problem}; give a file name")
         if path.is_dir():
             raise UsageError(f"{flag} {path} is a folder; give a file name inside it, e.g. {path / 'curve.csv'}")
-        key = path.resolve()
-        if key in taken or (args.save_images is not None and key.parent == Path(args.save_images).resolve()
-                            and key.name.startswith("frame_")):
+        key = key_of(path)
+        images = None if args.save_images is None else key_of(Path(args.save_images))
+        in_images = images is not None and key_of(path.parent) == images
+        if key in taken or (in_images and re.fullmatch(r"frame_\d{5}\.png", path.name.lower())):
             raise UsageError(f"{flag} {path} is also written as {taken.get(key, '--save-images frames')}; "
                              "give each output its own path")
         if args.replay and key.parent == Path(args.replay).resolve() and path.exists():
             raise UsageError(f"{flag} {path} is a file of the stack being replayed; write elsewhere")
         taken[key] = flag
-        parent = key.parent
+        parent = path.resolve().parent
+        if in_images:
+            continue  # the --save-images folder: created below, checked there
         if not parent.is_dir():
             raise UsageError(f"{flag} {path}: folder {parent} does not exist; create it or pick another path")
         if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -3843,9 +3869,12 @@ def open_microscope(args: argparse.Namespace) -> Iterator[tuple[Stage, Camera]]:
                                                          timeout_ms=args.camera_timeout_ms, roi=args.camera_roi)
         yield zaber, camera
     finally:
-        if camera is not None and hasattr(camera, "close"):
-            camera.close()
-        zaber.close()
+        with INTERRUPTS.held():  # a second Ctrl-C must not leave the camera half restored
+            try:
+                if camera is not None and hasattr(camera, "close"):
+                    camera.close()
+            finally:
+                zaber.close()
 
 
 def configure_logging(verbose: bool) -> None:
@@ -3942,6 +3971,7 @@ def run(args: argparse.Namespace) -> int:
     live: LiveView | None = None
     progress: Any = None
     roi: Roi | None = args.roi
+    refused = False
     plan_log.setLevel(logging.INFO if args.relative else logging.NOTSET)  # --relative: say where, in absolute mm
     try:
         with open_microscope(args) as (stage, camera):
@@ -3980,32 +4010,54 @@ def run(args: argparse.Namespace) -> int:
                 live.refresh()
             code = result.exit_code
     except BaseException as failed:  # noqa: BLE001 - only a run that had started is handled here
-        if getattr(failed, "stage_state", None) is not None:
-            result, where = failed.partial, failed.stage_state  # type: ignore[attr-defined]
-        elif result is not None and isinstance(failed, (KeyboardInterrupt, AutofocusError)):
-            # The search had finished and the stage had been sent to its answer (closing the
-            # camera or the live view was cut short): the run's result stands.
-            where = f"the stage is at {result.best_mm:.4f} mm (the search had finished)"
-        else:
-            raise  # refused before anything moved: main() reports it
-        if isinstance(failed, KeyboardInterrupt):
-            code, error = interrupt_code(failed), interrupt_text(failed)
-        elif isinstance(failed, AutofocusError):
-            code, error = failed.exit_code, first_line(failed)
-        else:
-            code, error = EXIT_BUG, f"internal error {type(failed).__name__}: {first_line(failed)} (please report " \
-                                    "it with the --verbose output)"
-        if args.verbose:
-            log.debug("traceback", exc_info=failed)
+        with INTERRUPTS.held():  # a further Ctrl-C now must not lose what was measured
+            origin = with_stage_state(failed)
+            if origin is not None:
+                result, where = getattr(origin, "partial", None), origin.stage_state  # type: ignore[attr-defined]
+            elif result is not None and isinstance(failed, (KeyboardInterrupt, AutofocusError)):
+                # The search had finished and the stage had been sent to its answer (closing the
+                # camera or the live view was cut short): the run's result stands.
+                where = f"the stage is at {result.best_mm:.4f} mm (the search had finished)"
+            else:
+                refused = True
+                raise  # refused before anything moved: main() reports it
+            if isinstance(failed, KeyboardInterrupt):
+                code, error = interrupt_code(failed), interrupt_text(failed)
+            elif isinstance(failed, AutofocusError):
+                code, error = failed.exit_code, first_line(failed)
+            else:
+                code, error = EXIT_BUG, f"internal error {type(failed).__name__}: {first_line(failed)} (please " \
+                                        "report it with the --verbose output)"
+            if args.verbose:
+                log.debug("traceback", exc_info=failed)
     finally:
-        with INTERRUPTS.held():  # a second Ctrl-C must not cut the stack or the window short
+        with INTERRUPTS.held():  # a second Ctrl-C must not cut the stack, the window or the outputs short
             if progress is not None:
                 progress.close()  # before any message: a line printed over the bar would be glued to it
             if saver is not None:
                 saver.close()
             if live is not None:
                 live.close()
-    with INTERRUPTS.held():  # everything measured is written, even if Ctrl-C comes now
+            if not refused:
+                code = report(args, result, code, error, where, stage_info, zaber, roi)
+                INTERRUPTS.finish()  # everything is said: a signal from now on changes nothing
+    return code
+
+
+def with_stage_state(exc: BaseException) -> BaseException | None:
+    """The exception, or one it was raised while handling, that says where the stage was left."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if getattr(exc, "stage_state", None) is not None:
+            return exc
+        exc, seen = exc.__context__, seen + 1  # type: ignore[assignment]
+    return None
+
+
+def report(args: argparse.Namespace, result: FocusResult | None, code: int, error: str | None, where: str | None,
+           stage_info: dict[str, Any] | None, zaber: ZaberStage | None, roi: Roi | None) -> int:
+    """The run's line(s), its output files and its JSON; returns the exit code."""
+    try:
         if error is not None:
             print(f"autofocus.py: {error}; {where}", file=sys.stderr)
         if result is not None:
@@ -4028,6 +4080,10 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(strict_json(result_json(result, exit_code=code, error=error, where=where, stage_info=stage_info,
                                          roi=roi, camera_roi=args.camera_roi)))
+        sys.stdout.flush()
+    except BrokenPipeError:  # stdout closed early (--json | head): nothing more to say there
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return code
 
 
@@ -4071,17 +4127,22 @@ class InterruptSignals:
     def __init__(self) -> None:
         self.pending: Interrupted | None = None
         self._holding = 0
+        self._finished = False
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
         exc = Interrupted(signum)
-        if self._holding:
+        if self._holding or self._finished:
             self.pending = self.pending or exc
             return
         raise exc
 
+    def finish(self) -> None:
+        """The run has said everything: from now on a signal is only noted (no second JSON)."""
+        self._finished = True
+
     def __enter__(self) -> InterruptSignals:
-        self.pending = None
+        self.pending, self._finished = None, False
         if threading.current_thread() is threading.main_thread():  # signals go to the main thread only
             for name in self.NAMES:
                 number = getattr(signal, name, None)
@@ -4123,6 +4184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             validate(args)
             return run(args)
         except AutofocusError as exc:
+            INTERRUPTS.finish()
             print(f"autofocus.py: {exc}", file=sys.stderr)
             if args.verbose:
                 log.debug("traceback", exc_info=exc)
@@ -4130,6 +4192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(strict_json(result_json(None, exit_code=exc.exit_code, error=str(exc))))
             return exc.exit_code
         except KeyboardInterrupt as exc:
+            INTERRUPTS.finish()
             print(f"autofocus.py: {interrupt_text(exc)} before the search started; nothing was measured, and any "
                   "motion (homing) was stopped", file=sys.stderr)
             if args.json:

@@ -61,8 +61,8 @@ def test_extreme_numbers_are_one_line_exit_2_and_nothing_moves(capsys: pytest.Ca
 
 @pytest.fixture
 def micron_fake() -> Any:
-    """A homed axis whose native unit is 1 um (coarse): 25 mm of travel, at 10 mm."""
-    with FakeZaber(devices=[DeviceConfig(homed=True, limit_max=25_000, position=10_000)]) as fake:
+    """A homed axis whose native unit is 1 um (coarse): 25 mm of travel, at 10.005 mm."""
+    with FakeZaber(devices=[DeviceConfig(homed=True, limit_max=25_000, position=10_005)]) as fake:
         yield fake
 
 
@@ -84,7 +84,16 @@ def test_rounding_to_native_units_never_leaves_the_soft_limits(micron_fake: Fake
     assert code in (0, 3, 4)
     targets = micron_fake.move_targets()
     assert targets[:4] == [10001, 10004, 10007, 10010]
-    assert all(10001 <= t <= 10010 for t in targets)
+    assert all(10001 <= t <= 10010 for t in targets)  # the final move (or the return to 10005) too
+
+
+def test_a_start_outside_the_soft_limits_is_returned_to_as_it_is_not_clamped(micron_fake: FakeZaber) -> None:
+    # Only the rounding is moved inside: the stage goes back exactly where it started (documented:
+    # the one position outside the soft limits the tool may command), never silently to the limit.
+    code = autofocus.main(["10.010", "10.040", "0.005", url(micron_fake), "--camera", "sim", "--native-unit-nm",
+                           "1000", "--z-min", "10.010", "--sim-time-scale", "0", "--sim-size", "320x200",
+                           "--sim-specimen", "blank"])
+    assert code == 3 and micron_fake.move_targets()[-1] == 10_005 and micron_fake.position() == 10_005
 
 
 # --- replay stacks ----------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ def output_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--save-curve", ""], "empty path"),
     ]
     if POSIX:
-        cases.append((["--save-curve", "/dev/full"], "device or system path"))
+        cases.append((["--save-curve", "/dev/full"], "it is a device or a pipe, not a file"))
     return cases
 
 
@@ -200,6 +200,13 @@ def test_bad_outputs_are_refused_before_anything_moves_even_homing(tmp_path: Pat
             err = capsys.readouterr().err
             assert code == 2 and message in err and err.count("\n") == 1, (extra, err)
         assert unhomed.motion_commands() == []  # not one move, not even homing
+
+
+def test_a_curve_inside_a_new_images_folder_and_a_frame_like_name_are_fine(tmp_path: Path) -> None:
+    images = tmp_path / "new" / "imgs"  # does not exist yet: --save-images creates it
+    code = autofocus.main(["12", "12.6", "0.05", *FAST_SIM, "--save-images", str(images), "--save-curve",
+                           str(images / "curve.csv"), "--plot", str(images / "frame_scores.png")])
+    assert code == 0 and (images / "curve.csv").is_file() and (images / "frame_scores.png").is_file()
 
 
 def test_saving_images_into_the_replayed_stack_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -302,3 +309,34 @@ def test_two_instances_on_the_same_axis_notice_each_other(slow_fake: FakeZaber) 
             assert ("was interrupted (NI)" in err and "moved or stopped from outside" in err) or \
                    ("is moving (the knob or joystick, Zaber Launcher or another program)" in err) or \
                    ("did not reach it (something blocked it, or another program or the knob moved it)" in err), err
+
+
+def test_ctrl_c_during_homing_stops_the_axis_and_says_where_it_is(capsys: pytest.CaptureFixture[str]) -> None:
+    import threading
+
+    from fake_zaber import Faults
+
+    with FakeZaber(devices=[DeviceConfig(homed=False, position=5 * NM)],
+                   faults=Faults(busy_forever_at_home=True)) as homing:
+        def interrupt_mid_homing() -> None:
+            deadline = time.monotonic() + 20
+            while "home" not in homing.commands() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        watcher = threading.Thread(target=interrupt_mid_homing)
+        watcher.start()
+        try:
+            code = autofocus.main(["10", "10.5", "0.05", url(homing), *ZABER_SIM, "--sim-time-scale", "0", "--json"])
+        finally:
+            watcher.join()
+        captured = capsys.readouterr()
+        assert code == 130 and json.loads(captured.out)["exit_code"] == 130
+        lines = captured.err.splitlines()
+        assert lines[0].startswith("homing device 3 axis 1") and len(lines) == 2  # announced, then one line
+        assert lines[1].startswith("autofocus.py: interrupted (Ctrl-C); homing was interrupted; stop sent again, "
+                                   "the stage reports")
+        commands = homing.commands()
+        assert "home" in commands and "stop" in commands[commands.index("home"):]
+        assert not homing.is_busy()
