@@ -1467,11 +1467,14 @@ class GenicamAdapter:
                 log.warning("could not restart the lent %s's acquisition: %s", self.vendor, first_line(exc))
 
     def close(self) -> None:
-        """Restore, then (for a camera this adapter opened) release it."""
-        self.restore()
-        if self._owned and getattr(self, "_cam", None) is not None:
-            self._release()
-            self._cam = None
+        """Restore, then (for a camera this adapter opened) release it -- released even when the
+        restore is cut short (Ctrl-C in a script), so the next open does not find it held."""
+        try:
+            self.restore()
+        finally:
+            if self._owned and getattr(self, "_cam", None) is not None:
+                self._release()
+                self._cam = None
 
     def __enter__(self: _Adapter) -> _Adapter:
         return self
