@@ -54,16 +54,35 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+_early_signal = signal.SIGINT
+
+
+def _while_loading(signum: int, frame: Any) -> None:
+    """SIGTERM/SIGHUP while the libraries load: handled as Ctrl-C is (below)."""
+    global _early_signal
+    _early_signal = signal.Signals(signum)
+    raise KeyboardInterrupt
+
+
+_loading_handlers = {}
+if __name__ == "__main__":
+    for _name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, _name):
+            _loading_handlers[getattr(signal, _name)] = signal.signal(getattr(signal, _name), _while_loading)
 try:
     import cv2
     import numpy as np
-except KeyboardInterrupt:  # Ctrl-C while the libraries load (seconds on a cold start): one line
+except KeyboardInterrupt:  # Ctrl-C (or kill) while the libraries load (seconds on a cold start): one line
     if __name__ != "__main__":
         raise
+    _code = 128 + int(_early_signal)
     sys.stderr.write("autofocus.py: interrupted while starting; nothing was opened or moved\n")
     if "--json" in sys.argv:
-        sys.stdout.write('{"verdict": null, "exit_code": 130, "error": "interrupted", "curve": []}\n')
-    raise SystemExit(130) from None
+        sys.stdout.write(f'{{"verdict": null, "exit_code": {_code}, "error": "interrupted", "curve": []}}\n')
+    raise SystemExit(_code) from None
+finally:
+    for _number, _previous in _loading_handlers.items():
+        signal.signal(_number, _previous)
 
 __version__ = "1.0.0"
 

@@ -171,6 +171,20 @@ def test_interrupt_while_importing_is_one_line(tmp_path: Path) -> None:
     assert json.loads(proc.stdout)["exit_code"] == 130
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or not POSIX, reason="kill from outside is POSIX")
+def test_a_kill_while_importing_is_one_line_and_its_own_exit_code(tmp_path: Path) -> None:
+    (tmp_path / "cv2").mkdir()
+    (tmp_path / "cv2" / "__init__.py").write_text("import time\ntime.sleep(30)\n")  # a very slow cold start
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "autofocus.py", "10", "11", "0.05", "--simulate", "--json"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and err == "autofocus.py: interrupted while starting; nothing was opened or moved\n"
+    assert json.loads(out)["exit_code"] == 143
+
+
 # --- outputs ----------------------------------------------------------------------------------------
 
 def output_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
