@@ -73,8 +73,12 @@ def test_a_signal_mid_sweep_stops_returns_and_writes_everything(slow_fake: FakeZ
     assert len(curve.read_text().splitlines()) - 1 == result["frames"]  # nothing measured is lost
 
 
-def test_a_second_interrupt_during_the_return_stops_again_and_reports_the_real_position(
-        slow_fake: FakeZaber) -> None:
+def test_a_second_interrupt_during_the_return_stops_again_and_reports_the_real_position() -> None:
+    with FakeZaber(devices=[DeviceConfig(homed=True, position=5 * NM)], speed_native_per_s=3e6) as slow_fake:
+        second_interrupt_during_the_return(slow_fake)  # 3 mm/s: the return to start takes ~1.7 s
+
+
+def second_interrupt_during_the_return(slow_fake: FakeZaber) -> None:
     proc = start("10", "10.5", "0.05", url(slow_fake), *ZABER_SIM, "--sim-time-scale", "0", "--json")
     wait_for(lambda: len(slow_fake.move_targets()) >= 4)
     proc.send_signal(signal.SIGINT)
@@ -174,11 +178,13 @@ def test_interrupt_while_importing_is_one_line(tmp_path: Path) -> None:
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM") or not POSIX, reason="kill from outside is POSIX")
 def test_a_kill_while_importing_is_one_line_and_its_own_exit_code(tmp_path: Path) -> None:
     (tmp_path / "cv2").mkdir()
-    (tmp_path / "cv2" / "__init__.py").write_text("import time\ntime.sleep(30)\n")  # a very slow cold start
+    marker = tmp_path / "loading"
+    (tmp_path / "cv2" / "__init__.py").write_text(  # a very slow cold start, that says when it began
+        f"import pathlib, time\npathlib.Path({str(marker)!r}).touch()\ntime.sleep(30)\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "autofocus.py", "10", "11", "0.05", "--simulate", "--json"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    time.sleep(1.0)
+    wait_for(marker.exists)  # the libraries are loading now
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 143 and err == "autofocus.py: interrupted while starting; nothing was opened or moved\n"
