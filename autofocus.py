@@ -919,7 +919,8 @@ def fast_search(acq: Acquisition, positions: Sequence[float]) -> list[Sample]:
     3. Refinement: hill-climb on the full-resolution score one grid STEP at a time until the
        best frame of the whole run has both grid neighbours measured and lower.
 
-    Typical cost: N/8 + 3 frames for N grid positions; worst case about N/8 + 2*8 + 4.
+    Typical cost: N/8 + 3 frames for N grid positions (15 of 81 in the median benchmark case);
+    each halving of the spacing (nothing found yet) adds the new coarse frames and a refinement.
     Grids of fewer than MIN_FAST_POSITIONS positions are swept exhaustively; up to 80
     positions the coarse spacing is n/10 STEPs (at least 2).  When the frames so far show no
     peak at either scale (the verdict's own rule), the spacing is halved and the peak sought
@@ -3656,7 +3657,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "crops its frame")
     srch = p.add_argument_group("search")
     srch.add_argument("--search", choices=tuple(SEARCHES), default="sweep",
-                      help="sweep: every position (default); fast: coarse-to-fine, about a quarter of the frames")
+                      help="sweep: every position (default); fast: coarse-to-fine, about a fifth of the frames "
+                           "when there is a focus in the range (a blank field costs a sweep)")
     srch.add_argument("--metric", choices=tuple(METRICS), default=None,
                       help="focus score (default laplacian: variance of the Laplacian; normvar with --transparent)")
     srch.add_argument("--transparent", action="store_true",
