@@ -2686,7 +2686,8 @@ class SimCamera:
         noise = np.empty_like(electrons)
         # OpenCV's RNG is 3x faster than numpy's normals but per-thread and global: seeding it
         # from (seed, frame number) right before use keeps every camera's frames reproducible.
-        cv2.setRNGSeed(self.optics.seed * 1_000_003 + self.frames + 1)
+        # (cv2's seed is a C int: reduced modulo 2^31 - 1, the same noise as before for small seeds)
+        cv2.setRNGSeed((self.optics.seed * 1_000_003 + self.frames + 1) % (2**31 - 1))
         cv2.randn(noise, 0.0, 1.0)
         self.frames += 1
         # Shot noise (Gaussian approximation of Poisson, fine above ~10 photons) plus read noise.
@@ -2842,6 +2843,9 @@ class ReplayStack:
                                  f"was {shape[0]} {shape[1]}; all images must have the same size and bit depth")
             shape = (image.shape, image.dtype)
             self.frames.append(image)
+        order = np.argsort(self.z_mm, kind="stable")  # by z: a query half-way picks the lower slice
+        self.z_mm = self.z_mm[order]
+        self.frames = [self.frames[i] for i in order]
         self.roi = self._read_roi(self.folder / ROI_FILE, self.frames[0].shape)
 
     @staticmethod
@@ -3465,6 +3469,19 @@ def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
     scale = options.get("time_scale", 1.0)
     if not (_is_number(scale) and 0 <= scale <= MAX_SIM_TIME_SCALE):
         raise UsageError(f"simulated_microscope: time_scale {scale!r} must be from 0 to {MAX_SIM_TIME_SCALE:g}")
+    if optics.bit_depth not in (8, 12, 16):
+        raise UsageError(f"simulated_microscope: bit_depth {optics.bit_depth!r}; choose 8, 12 or 16")
+    travel = tuple(options.get("travel_mm", (0.0, 25.0)))
+    for name in ("focus_mm", "right_focus_mm", "start_mm"):
+        value = options.get(name)
+        if value is not None and not (_is_number(value) and abs(value) <= MAX_ABS_POSITION_MM):
+            raise UsageError(f"simulated_microscope: {name} {value!r} must be a number of mm within "
+                             f"+-{MAX_ABS_POSITION_MM:g}")
+    start = options.get("start_mm", 0.0)
+    if not (len(travel) == 2 and _is_number(travel[0]) and _is_number(travel[1]) and travel[0] < travel[1]
+            and travel[0] <= start <= travel[1]):
+        raise UsageError(f"simulated_microscope: the stage must start inside its travel: start_mm {start!r} "
+                         f"is outside {travel!r} (--sim-start-mm)")
     timing = SimTiming(scale=options.get("time_scale", 1.0), **{k: v for k, v in options.items() if k in timing_names})
     clock = SimClock(timing.scale)
     stage = SimStage(travel_mm=tuple(options.get("travel_mm", (0.0, 25.0))),  # type: ignore[arg-type]
@@ -3480,7 +3497,13 @@ def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit code 2."""
+    """argparse, but a usage error is one line on stderr and exit code 2, and a negative number in
+    any form (-1e-3, -.5, -inf) is a value, not an option."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+\.?\d*(e[+-]?\d+)?|\.\d+(e[+-]?\d+)?|inf|infinity|nan)$", re.I)
 
     def error(self, message: str) -> Any:  # type: ignore[override]
         """One line on stderr, exit code 2."""

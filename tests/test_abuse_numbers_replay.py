@@ -225,3 +225,29 @@ def test_a_custom_camera_delivering_infinity_is_a_camera_error() -> None:
     with pytest.raises(autofocus.CameraError, match="non-finite pixels"):
         autofocus.focus(stage, Hot(), 12.0, 12.5, 0.05)
     assert stage.position_mm() == 0.0  # back where it started
+
+
+# --- found by a second implementation of this issue -------------------------------------------------
+
+@pytest.mark.parametrize("extra", [["--sim-seed", "5000"], ["--sim-seed", "4294967295"], ["--z-min", "-1e-3"],
+                                   ["--z-max", "1e2"]])
+def test_documented_values_work(extra: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # Seeds above 2^31/1e6 overflowed OpenCV's C-int seed; "-1e-3" was taken for an option.
+    assert autofocus.main(["12", "12.6", "0.05", *FAST_SIM, *extra]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [({"start_mm": 30.0}, "must start inside its travel"),
+                                              ({"bit_depth": 64}, "choose 8, 12 or 16"),
+                                              ({"focus_mm": float("inf")}, "focus_mm inf must be a number")])
+def test_simulator_options_outside_what_it_models_are_refused(options: dict, message: str) -> None:
+    with pytest.raises(autofocus.UsageError, match=message):
+        autofocus.simulated_microscope(**options)
+
+
+def test_replay_half_way_between_slices_picks_the_lower_whatever_the_row_order(tmp_path: Path) -> None:
+    folder = tmp_path / "stack"
+    folder.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(folder / f"f{i}.png"), np.full((16, 16), 10 + i, np.uint8))
+    (folder / "stack.csv").write_text("z_mm,file\n0.1,f1.png\n0.0,f0.png\n")  # rows not in z order
+    assert int(autofocus.ReplayStack(folder).nearest(0.05)[0, 0]) == 10
