@@ -1402,6 +1402,17 @@ def freeze_auto(journal: SettingsJournal, has: Callable[[str], bool], errors: tu
                               f"turn {auto} off in {viewer} (or the camera's user set) and try again") from exc
 
 
+def software_trigger(journal: SettingsJournal, has: Callable[[str], bool]) -> None:
+    """Continuous acquisition, each frame started by a software trigger (FrameStart), through
+    ``journal`` so that all of it is put back."""
+    journal.set("AcquisitionMode", "Continuous")
+    journal.set("TriggerMode", "Off")  # the selector and source are only writable with the trigger off
+    if has("TriggerSelector"):
+        journal.set("TriggerSelector", "FrameStart")
+    journal.set("TriggerSource", "Software")
+    journal.set("TriggerMode", "On")
+
+
 def frame_timeout_ms(timeout_ms: int, exposure_ms: float) -> int:
     """How long to wait for a triggered frame: never less than its exposure plus a margin."""
     return max(int(timeout_ms), int(math.ceil(exposure_ms + CAMERA_TIMEOUT_MARGIN_MS)))
@@ -2086,12 +2097,7 @@ class FlirCamera(GenicamAdapter):
         self._set_pixel_format()
         if roi is not None:
             self._set_roi(roi)
-        journal.set("AcquisitionMode", "Continuous")
-        journal.set("TriggerMode", "Off")  # the selector and source are only writable with the trigger off
-        if self._has("TriggerSelector"):
-            journal.set("TriggerSelector", "FrameStart")
-        journal.set("TriggerSource", "Software")
-        journal.set("TriggerMode", "On")
+        software_trigger(journal, self._has)
         self._freeze_auto()
         if exposure_ms is not None:
             journal.set("ExposureTime", exposure_ms * 1000.0)
@@ -2312,12 +2318,7 @@ class BaslerCamera(GenicamAdapter):
             self.roi = set_sensor_roi(journal, roi, (int(cam.WidthMax.Value), int(cam.HeightMax.Value)),
                                       {n: int(getattr(cam, n).Inc) for n in ROI_NODES},
                                       (int(cam.Width.Min), int(cam.Height.Min)), bayer=self._bayer_code is not None)
-        journal.set("AcquisitionMode", "Continuous")
-        journal.set("TriggerMode", "Off")  # the selector and source are only writable with the trigger off
-        if self._has("TriggerSelector"):
-            journal.set("TriggerSelector", "FrameStart")
-        journal.set("TriggerSource", "Software")
-        journal.set("TriggerMode", "On")
+        software_trigger(journal, self._has)
         freeze_auto(journal, self._has, (self._genicam.GenericException,), "Basler camera", "pylon Viewer")
         exposure = next((n for n in ("ExposureTime", "ExposureTimeAbs") if self._has(n)), None)
         if exposure_ms is not None:
