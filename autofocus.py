@@ -1132,12 +1132,10 @@ def decide(samples: Sequence[Sample], noise_samples: Sequence[Sample],
     # coarse passes): frames refined around a fine-scale noise maximum would bias it upward.
     curve = [Sample(s.z_mm, s.coarse) for s in noise_samples]  # type: ignore[arg-type]
     coarse = judge(curve, range_mm)
-    if coarse.kind != "no_peak" and len(samples) > len(noise_samples):
-        # ... and confirmed by every frame's coarse score, the STEP-spaced frames refined across
-        # the claimed peak included: a noise maximum of the coarse pass does not survive them.
-        coarse = coarse if judge([Sample(s.z_mm, s.coarse) for s in samples],  # type: ignore[arg-type]
-                                 range_mm).kind != "no_peak" else judge([], range_mm)
-    if coarse.kind == "no_peak":
+    # ... and confirmed by every frame's coarse score, the STEP-spaced frames refined across the
+    # claimed peak included: a noise maximum of the coarse pass does not survive them.
+    if coarse.kind == "no_peak" or (len(samples) > len(noise_samples) and judge(
+            [Sample(s.z_mm, s.coarse) for s in samples], range_mm).kind == "no_peak"):  # type: ignore[arg-type]
         return fit_peak(samples), fine, best_sample(samples).z_mm
     what = "a peak" if coarse.kind == "focused" else "a rise toward the end of the range"
     coarse = dataclasses.replace(coarse, scale="coarse", reason=f"{coarse.reason} (fine detail is lost in noise; "
