@@ -118,9 +118,9 @@ def test_interrupt_after_the_last_frame_keeps_every_frame(monkeypatch: pytest.Mo
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     real_decide = autofocus.decide
 
-    def decide(*args: Any) -> Any:  # every frame is measured; Ctrl-C comes before the final move
+    def decide(*args: Any, **kwargs: Any) -> Any:  # every frame is measured; Ctrl-C comes before the final move
         signal.raise_signal(signal.SIGINT)
-        return real_decide(*args)
+        return real_decide(*args, **kwargs)
 
     monkeypatch.setattr(autofocus, "decide", decide)
     code = autofocus.main(["10", "11", "0.05", *FAST_SIM, "--sim-start-mm", "3", "--json"])
