@@ -143,6 +143,7 @@ NOISE_KEEP_RESIDUALS = 6  # ... and a peak that fills the range keeps at least t
 NOISE_CLIP_SIGMA = 5.0  # a residual this many robust sigmas out is a peak's curvature or a glitch, not noise
 NOISE_EXCLUDE_SIGMA = 3.0  # frames this far above the baseline belong to a peak, not to the noise
 LOCATE_RATE = 1e-3  # ... and near a peak the coarse scale found, when the fine score locates it
+NARROW_SHARE = 0.10  # ... and a peak whose neighbours are both below this share of its height is narrower than STEP
 NEIGHBOUR_RATE = 0.01  # a neighbour below this one-frame noise quantile is at the floor (a one-frame peak)
 FIT_REACH = 2  # the sub-step fit uses the best frame and up to 2 grid neighbours on each side
 FIT_INTERVAL = 0.90  # the error bar (uncertainty_mm) is the half-width of this central interval
@@ -151,6 +152,9 @@ FIT_INTERVAL = 0.90  # the error bar (uncertainty_mm) is the half-width of this 
 # through the bilateral filter), on top of the floor's own noise.
 SCORE_SCATTER = 0.025
 PEAK_SHAPES = tuple(round(-1.0 + 0.1 * i, 1) for i in range(26))  # fit_peak's shape parameter s
+# The peak model's own limit, in frame spacings: its bias on simulated and real-texture peaks
+# (both defocus models, 4x-60x) that the frames' scatter does not show; added to every interval.
+FIT_MODEL_FLOOR = 0.025
 FIT_FLOORS = 6  # ... and how many floors under the peak it weighs (from the baseline up to the fit's lowest frame)
 IN_FLIGHT_FRAMES = 4  # frames captured but not yet scored: bounds memory when scoring lags
 DEFAULT_MOVE_TIMEOUT_S = 30.0
@@ -307,7 +311,9 @@ class Verdict:
     median of the frames off every peak); ``prominence`` how far it stands above the higher of
     its two surroundings (the lowest frame on each side before a higher one, topographic
     prominence; at an end of the curve, the one side).  A peak is real when its height clears
-    ``threshold``, and ``focused`` when its prominence does too and it is not at an end."""
+    ``threshold`` (what noise reaches anywhere on the grid), and ``focused`` when the curve also
+    falls on both sides of it, within the range, by more than noise reaches in those few frames;
+    otherwise ``edge``: the focus may lie beyond the end it does not fall toward."""
 
     kind: VerdictKind
     prominence: float
@@ -565,8 +571,8 @@ def coarse_binning(shape: tuple[int, ...]) -> int:
 # - how high noise alone could reach (``noise_threshold``): anywhere on the grid, with at most
 #   FALSE_PEAK_RATE, Student's t allowing for the uncertainty of the noise estimate itself;
 # - the peaks (``find_peaks``) and the edge rule: a peak is real when it stands above the
-#   curve's baseline by more than that, and in focus when it also stands above its surroundings
-#   on both sides (its topographic prominence) and is not at an end of the range;
+#   curve's baseline by more than that; several are told apart by their topographic prominence;
+#   the chosen one is in focus when the curve falls on both sides of it within the range;
 # - the sub-step position (``fit_peak``): a family of symmetric peak shapes, from flat-topped
 #   through Gaussian to Lorentzian, each weighted by how well it fits; the error bar comes from
 #   the spread of the shapes the frames allow and from their noise.
@@ -893,7 +899,9 @@ def fit_peak(samples: Sequence[Sample], *, floor: float | Sequence[float] | None
     weight = np.exp(-(chi2 - chi2.min()) / (2 * spread))
     weight /= weight.sum()
     vertices = np.array([f[0] for f in fits])
-    sds = np.sqrt(np.array([f[1] for f in fits]) * spread) + 1e-6
+    # Each shape's own uncertainty, and the model's limit (the bias of the best of these shapes on
+    # real peaks, which five frames cannot reveal: FIT_MODEL_FLOOR of the spacing).
+    sds = np.sqrt(np.array([f[1] for f in fits]) * spread + FIT_MODEL_FLOOR**2) + 1e-6
     centre = float(np.sum(weight * vertices))
 
     def covered(half: float) -> float:
@@ -1100,8 +1108,12 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
     i = int(np.searchsorted(z, chosen.z_mm))
     low, high = maxima.get(i, (None, None))
     prominence = prominence_of(float(y[i]), low, high)
-    falls_low = low is not None and y[i] - low > threshold
-    falls_high = high is not None and y[i] - high > threshold
+    # The edge rule: once the height has shown a real peak (above what noise reaches anywhere),
+    # whether the curve falls on each side is a question about those few frames: a drop larger
+    # than noise reaches there (LOCATE_RATE), within the range.
+    fall = min(threshold, noise_threshold(noise, len(grid), LOCATE_RATE))
+    falls_low = low is not None and y[i] - low > fall
+    falls_high = high is not None and y[i] - high > fall
     several = f"; the {policy} of {len(peaks)} significant peaks (--peak {policy})" if len(peaks) > 1 and \
         policy != "sharpest" else ""
     # The STEP grid around the chosen frame: what the fit needs, and what is not measured yet.
@@ -1158,9 +1170,12 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
     gaps = [abs(z[k] - z[i]) for k in neighbours]
     floor_level = noise.sigma * student_t_isf(NEIGHBOUR_RATE, noise.dof)  # one frame within the floor's noise
     narrow = all(y[k] - base <= floor_level for k in neighbours)
+    # Neighbours above the floor but both far down the peak: it is a fraction of STEP wide (a
+    # Lorentzian below NARROW_SHARE at both: half-width < 1/6 STEP); the frames see its tails only.
+    sharp = not narrow and all(y[k] - base < NARROW_SHARE * (y[i] - base) for k in neighbours)
     notes: list[str] = []
-    ratio = f"{prominence / threshold:.1f}x the noise threshold" if threshold > 0 else "above a noise-free curve"
-    reason = f"{word} prominence {ratio}{several}"
+    ratio = f"{float(y[i] - base) / threshold:.1f}x the noise threshold" if threshold > 0 else "above a noise-free curve"
+    reason = f"{word} height {ratio}{several}"
     if narrow or not fit.used or fit.uncertainty_mm is None or fit.uncertainty_mm > max(gaps) / 2.0:
         # A one-frame peak, or a fit no surer than the frames' spacing: the best frame, +-half a gap.
         target, uncertainty = float(z[i]), max(gaps) / 2.0
@@ -1168,8 +1183,15 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
             uncertainty = max(fit.uncertainty_mm, uncertainty)
     else:
         target, uncertainty = fit.z_mm, fit.uncertainty_mm  # type: ignore[assignment]
+    if sharp:
+        uncertainty = max(uncertainty, max(gaps) / 2.0)
+    use = _round_step(depth_of_field_um / 1000.0) if depth_of_field_um else _round_step(max(gaps) / 4)
+    if sharp:
+        notes.append(f"note: the {word} is narrower than STEP (both neighbours are below {NARROW_SHARE:.0%} of its "
+                     f"height): the frames see only its flanks, so the focus is known to within "
+                     f"\N{PLUS-MINUS SIGN}{_mm(uncertainty)} of {target:.4f} mm; for a sharp image search "
+                     f"{max(lo, z[i] - max(gaps)):g} {min(hi, z[i] + max(gaps)):g} with STEP {use:g} mm")
     if narrow:
-        use = _round_step(depth_of_field_um / 1000.0) if depth_of_field_um else _round_step(max(gaps) / 4)
         notes.append(f"note: the {word} is one frame wide (both neighbours are at the noise floor): it is narrower "
                      f"than STEP, so the focus is known only to within \N{PLUS-MINUS SIGN}{_mm(uncertainty)} of {z[i]:.4f} mm; for a "
                      f"sharp image search {max(lo, z[i] - max(gaps)):g} {min(hi, z[i] + max(gaps)):g} with STEP "
@@ -1186,7 +1208,7 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
             notes.append("note: the full-resolution score is flat within its noise; the coarse (binned) score found "
                          "the focus, less precisely: more light, a longer exposure, or --metric tenengrad/normvar help")
     verdict = Verdict("focused", prominence, noise.sigma, threshold, reason, None,
-                      "coarse" if locate is not None else scale, float(y[i] - base), narrow)
+                      "coarse" if locate is not None else scale, float(y[i] - base), narrow or sharp)
     return Decision(verdict, fit, ordered[i], target, uncertainty, tuple(peaks), tuple(dips), tuple(notes), more_mm)
 
 
@@ -1389,8 +1411,9 @@ def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude
        coarser detail stays visible proportionally farther away): the coarse samples lead to
        a narrow peak that they straddle.
     2. Prediction: a peak fitted through the best coarse sample and its coarse neighbours (on
-       the coarse scores) predicts the peak; that grid position and both neighbours are
-       measured, all in flight before waiting.
+       the coarse scores) predicts the peak; that grid position and FIT_REACH neighbours on each
+       side are measured, all in flight before waiting (close in time: a drifting lamp changes
+       them alike).
     3. Refinement: hill-climb on the full-resolution score one grid STEP at a time until the
        best frame of the whole run has both grid neighbours measured and lower.
     4. The decision (``conclude``: ``decide`` on every frame so far) measures what it needs for
@@ -1436,6 +1459,10 @@ def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude
                 step = positions[1] - positions[0]
                 guess = min(max(int(round((fit.z_mm - positions[0]) / step)), 0), n - 1)
         current = guess
+        # The prediction and two grid neighbours on each side, in one go (in flight together, so
+        # close in time: a drifting lamp changes them alike); the fit needs them where the peak
+        # is wide enough to reach them, and the climb starts from them.
+        ensure([j for j in range(guess - FIT_REACH, guess + FIT_REACH + 1) if 0 <= j < n])
         for _ in range(2 * spacing + 4):
             neighbours = [j for j in (current - 1, current + 1) if 0 <= j < n]
             ensure([current, *neighbours])
@@ -3180,6 +3207,9 @@ class SimCamera:
         # The lamp's brightness for frame k, relative (None: steady): flicker, warm-up, slow drift.
         # It scales the light before shot noise and the camera's fixed gain, as a real lamp does.
         self.lamp: Callable[[int], float] | None = None
+        # Uneven illumination (a gradient across the field): relative light per pixel, in the light
+        # path rather than the specimen plane, so defocus does not blur it (None: even).
+        self.illumination: np.ndarray | None = None
 
     def render(self, z_mm: float) -> np.ndarray:
         """The frame at z: defocus blur, shot noise, read noise, quantisation."""
@@ -3201,6 +3231,8 @@ class SimCamera:
                            z_mm - right_plane)
             half = o.width // 2  # a new array: blur_sigma may return the cached specimen itself
             blurred = np.concatenate([blurred[:, :half], right[:, half:]], axis=1)
+        if self.illumination is not None:
+            blurred = blurred * self.illumination
         electrons = blurred * np.float32(o.photons * (1.0 if self.lamp is None else self.lamp(self.frames)))
         noise = np.empty_like(electrons)
         # OpenCV's RNG is 3x faster than numpy's normals but per-thread and global: seeding it
