@@ -1171,7 +1171,8 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
     floor_level = noise.sigma * student_t_isf(NEIGHBOUR_RATE, noise.dof)  # one frame within the floor's noise
     narrow = all(y[k] - base <= floor_level for k in neighbours)
     # Neighbours above the floor but both far down the peak: it is a fraction of STEP wide (a
-    # Lorentzian below NARROW_SHARE at both: half-width < 1/6 STEP); the frames see its tails only.
+    # Lorentzian below NARROW_SHARE at both: half-width < 1/6 STEP); the frames see its flanks only,
+    # and the fit's interval (the shapes those flanks allow) says how well that places it.
     sharp = not narrow and all(y[k] - base < NARROW_SHARE * (y[i] - base) for k in neighbours)
     notes: list[str] = []
     ratio = f"{float(y[i] - base) / threshold:.1f}x the noise threshold" if threshold > 0 else "above a noise-free curve"
@@ -1183,8 +1184,6 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
             uncertainty = max(fit.uncertainty_mm, uncertainty)
     else:
         target, uncertainty = fit.z_mm, fit.uncertainty_mm  # type: ignore[assignment]
-    if sharp:
-        uncertainty = max(uncertainty, max(gaps) / 2.0)
     use = _round_step(depth_of_field_um / 1000.0) if depth_of_field_um else _round_step(max(gaps) / 4)
     if sharp:
         notes.append(f"note: the {word} is narrower than STEP (both neighbours are below {NARROW_SHARE:.0%} of its "
