@@ -4,7 +4,8 @@ Steps the focus (Z) axis of a Zaber microscope through a range, scores each came
 the variance of the Laplacian of the bilateral-filtered image, and moves to the sharpest
 position.  Hardware: the Zaber Motion Library (ZML) for the stage, a Teledyne FLIR camera
 through simple-pyspin, or a Basler camera through pypylon.  No hardware?  ``--simulate`` uses a
-built-in simulated microscope and ``--replay DIR`` a recorded through-focus stack.
+built-in simulated microscope and ``--replay DIR`` a recorded through-focus stack.  From Python,
+any Micro-Manager microscope too, through pymmcore-plus (``MMStage``, ``MMCamera``, ``mm_autofocus``).
 
 Example::
 
@@ -27,8 +28,8 @@ Exit codes:
     149  Ctrl-Break (SIGBREAK; Windows only); handled like Ctrl-C
 
 Sections, in dependency order: constants, exceptions, result types, focus scores, peak
-fitting and verdict, search, device interfaces, backends (Zaber + FLIR, Basler, simulated, replay),
-output, command line.
+fitting and verdict, search, device interfaces, backends (Zaber + FLIR, Basler, simulated, replay,
+Micro-Manager), output, command line.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import inspect
 import json
 import logging
 import math
@@ -50,6 +52,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -2915,6 +2918,544 @@ class ReplayCamera:
 
     def capture(self) -> np.ndarray:
         return self.stack.nearest(self.stage.position_mm())
+
+
+###############################################################################
+# Backends: Micro-Manager (pymmcore-plus) #####################################
+###############################################################################
+# Micro-Manager drives hundreds of cameras and stages; pymmcore-plus is its Python core
+# (CMMCorePlus; UniMMCore for Python devices) and acquisition engine.  These adapters use only the
+# core's public API, in the core's units (um; mm here), on a core the caller owns and keeps: nothing
+# is loaded, unloaded or closed.  ``mm_autofocus`` makes the core's fullFocus() run this tool, so
+# that the MDA engine's autofocus plans (useq's AxesBasedAF) use it as a hardware autofocus.
+
+PYMMCORE_HELP = ("Micro-Manager microscopes need pymmcore-plus (on PyPI): pip install pymmcore-plus "
+                 "(or pip install .[mm])")
+# A verified move ends within this of its target.  Motorized focus drives resolve 0.01-0.1 um
+# (Nikon Ti, Olympus IX83, Zeiss, Prior, ASI); a 60x objective's depth of field is ~0.9 um.
+MM_FOCUS_TOLERANCE_UM = 0.2
+MM_XY_TOLERANCE_UM = 1.0  # XY stages: steppers of 0.05-1 um; a field of view is hundreds of um
+MM_AUTOFOCUS_LABEL = "autofocus.py"  # what core.getAutoFocusDevice() answers while mm_autofocus is attached
+
+
+def _mm() -> Any:
+    """Import pymmcore-plus on first use."""
+    try:
+        import pymmcore_plus  # noqa: PLC0415
+    except ImportError as exc:
+        raise UsageError(PYMMCORE_HELP) from exc
+    return pymmcore_plus
+
+
+# The core's device roles: DeviceType -> (its getter, its setter, what it is called here).
+MM_ROLES = {"Stage": ("getFocusDevice", "setFocusDevice", "focus device"),
+            "XYStage": ("getXYStageDevice", "setXYStageDevice", "XY stage"),
+            "Camera": ("getCameraDevice", "setCameraDevice", "camera")}
+
+
+def _mm_label(core: Any, label: str | None, kind: str) -> str:
+    """``label``, or the core's current device of the role ``kind`` (a key of MM_ROLES), checked
+    to be a loaded device of that DeviceType."""
+    device_type = _mm().DeviceType
+    getter, setter, what = MM_ROLES[kind]
+    if label is None:
+        label = getattr(core, getter)()
+        if not label:
+            raise UsageError(f"the Micro-Manager core has no {what} selected: load one and select it "
+                             f"(core.{setter}(LABEL)), or pass label=")
+    try:
+        found = core.getDeviceType(label)
+    except Exception as exc:  # noqa: BLE001 - the core's CMMError (a RuntimeError) or a Python device's error
+        raise UsageError(f"no device {label!r} is loaded in the Micro-Manager core ({first_line(exc)}); "
+                         f"loaded: {', '.join(core.getLoadedDevices()) or 'none'}") from exc
+    if int(found) != int(device_type[kind]):
+        raise UsageError(f"Micro-Manager device {label!r} is of type {device_type(int(found)).name}, not "
+                         f"{device_type[kind].name}: pass a {what}")
+    return label
+
+
+def _limits_pair(value: Any, name: str) -> tuple[float, float]:
+    """(lo, hi) in mm from a caller, checked."""
+    if not (isinstance(value, Sequence) and len(value) == 2 and all(_is_number(v) for v in value)
+            and value[0] < value[1] and all(abs(v) <= MAX_ABS_POSITION_MM for v in value)):
+        raise UsageError(f"{name} {value!r} must be (lowest, highest) in mm, lowest below highest, "
+                         f"within +-{MAX_ABS_POSITION_MM:g}")
+    return float(value[0]), float(value[1])
+
+
+class _MMPositioner:
+    """What MMStage and MMXYStage share: moves through the core, waited for and verified.
+
+    Every move is checked twice.  Before it is sent, the device must still be where the last move
+    left it (within ``tolerance_um``): Python devices and most adapters report no motion of their
+    own, so a position read is the only way to notice the focus knob, a Micro-Manager window or
+    another program.  After it, once ``waitForDevice`` returns, it must be at its target.  Either
+    mismatch raises StageInterrupted: nothing more is commanded (no return to start)."""
+
+    what = "stage"
+    axes: tuple[str, ...] = ()
+    core: Any
+    label: str
+    tolerance_um: float
+    _limits_axes: tuple[tuple[float, float], ...]
+
+    def _init(self, core: Any, label: str, tolerance_um: float) -> None:
+        self.core, self.label = core, label
+        if not (_is_number(tolerance_um) and 0 < tolerance_um <= 1000):
+            raise UsageError(f"tolerance_um {tolerance_um!r} must be a number of um above 0 (and at most 1000)")
+        self.tolerance_um = float(tolerance_um)
+        self._left_at: tuple[float, ...] | None = None  # where the last verified move ended (mm)
+
+    def _read_um(self) -> tuple[float, ...]:
+        raise NotImplementedError
+
+    def _send_um(self, target_um: tuple[float, ...]) -> None:
+        raise NotImplementedError
+
+    def _name(self) -> str:
+        return f"the Micro-Manager {self.what} {self.label!r}"
+
+    @staticmethod
+    def _text(mm: tuple[float, ...]) -> str:
+        return f"{mm[0]:.4f} mm" if len(mm) == 1 else "(" + ", ".join(f"{v:.4f}" for v in mm) + ") mm"
+
+    def _read(self) -> tuple[float, ...]:
+        """The position now, mm (a read also becomes the reference for the next move's check)."""
+        try:
+            um = self._read_um()
+        except Exception as exc:  # noqa: BLE001 - the core's CMMError or a Python device's error
+            raise StageError(f"reading the position of {self._name()}: {first_line(exc)}") from exc
+        self._left_at = tuple(round(v / 1000.0, POSITION_DECIMALS) for v in um)
+        return self._left_at
+
+    def _off_um(self, a: tuple[float, ...], b: tuple[float, ...]) -> float:
+        return max(abs(x - y) for x, y in zip(a, b)) * 1000.0
+
+    def _move(self, target: tuple[float, ...]) -> None:
+        """Move to ``target`` (mm, one value per axis): limits, check, send, wait, verify."""
+        for value, (lo, hi), axis in zip(target, self._limits_axes, self.axes):
+            if not (_is_number(value) and lo - 1e-9 <= value <= hi + 1e-9):  # plans are checked earlier
+                raise StageError(f"refusing to move {self._name()}{axis} to {value} mm: outside its limits "
+                                 f"{lo:g}..{hi:g} mm")
+        what = f"move of {self._name()} to {self._text(target)}"
+        left = self._left_at
+        if left is not None:
+            at = self._read()
+            if self._off_um(at, left) > self.tolerance_um:
+                raise StageInterrupted(f"before the {what}: it is at {self._text(at)}, not at {self._text(left)} where "
+                                       "this tool left it: it was moved from outside (the focus knob or joystick, "
+                                       "a Micro-Manager window or another program); nothing more is moved")
+        self._left_at = None
+        try:
+            self._send_um(tuple(v * 1000.0 for v in target))
+            self.core.waitForDevice(self.label)
+        except KeyboardInterrupt:
+            self._stop_quietly()
+            raise
+        except Exception as exc:  # noqa: BLE001 - the core's CMMError, its time-out, or a Python device's error
+            stopped = self._stop_quietly()
+            raise StageError(f"the {what} failed: {first_line(exc)}; "
+                             + ("stopped it" if stopped else "stopping it failed too: check the stage")) from exc
+        at = self._read()
+        off = self._off_um(at, target)
+        if off > self.tolerance_um:
+            raise StageInterrupted(f"the {what} ended at {self._text(at)}, {off:.2f} um off (tolerance "
+                                   f"{self.tolerance_um:g} um, tolerance_um=): it was moved or stopped from outside "
+                                   "(the focus knob or joystick, a Micro-Manager window or another program), or it "
+                                   "cannot reach that position; nothing more is moved")
+
+    def _stop_quietly(self) -> bool:
+        """Send stop, whatever happened; True when the core took it."""
+        for _ in range(3):  # a second Ctrl-C must not cut the stop short
+            try:
+                self.core.stop(self.label)
+                return True
+            except KeyboardInterrupt:
+                continue
+            except Exception:  # noqa: BLE001 - the failure being reported matters more
+                return False
+        return False
+
+    def stop(self) -> None:
+        try:
+            self.core.stop(self.label)
+            self.core.waitForDevice(self.label)
+        except Exception as exc:  # noqa: BLE001 - the core's CMMError or a Python device's error
+            raise StageError(f"stopping {self._name()}: {first_line(exc)}") from exc
+
+
+class MMStage(_MMPositioner):
+    """A Micro-Manager stage as this tool's focus axis: the core's focus device, or ``label``.
+
+    Limits: the device's own, where it reports them (the limits of its Position property, used
+    only when the position it reports lies inside them), narrowed to ``limits_mm`` (lowest, highest)
+    when given; a device that reports none needs ``limits_mm`` (UsageError otherwise: they guard the
+    objective).  Each move is sent with setPosition (um), waited for with waitForDevice and verified
+    (see _MMPositioner).  The core's own time-out (core.setTimeoutMs) bounds every wait.
+    """
+
+    what = "focus drive"
+    axes = ("",)
+
+    def __init__(self, core: Any, label: str | None = None, *, limits_mm: tuple[float, float] | None = None,
+                 tolerance_um: float = MM_FOCUS_TOLERANCE_UM) -> None:
+        self._init(core, _mm_label(core, label, "Stage"), tolerance_um)
+        caller = None if limits_mm is None else _limits_pair(limits_mm, "limits_mm")
+        device = self._device_limits_mm()
+        if device is None and caller is None:
+            raise UsageError(f"{self._name()} reports no travel limits: pass limits_mm=(lowest, highest), the "
+                             "focus positions this tool may use (mm), so that no move can reach the specimen")
+        lo, hi = device or caller  # type: ignore[misc]
+        if device is not None and caller is not None:
+            lo, hi = max(device[0], caller[0]), min(device[1], caller[1])
+            if lo >= hi:
+                raise UsageError(f"limits_mm {caller[0]:g}..{caller[1]:g} mm lies outside the travel "
+                                 f"{device[0]:g}..{device[1]:g} mm that {self._name()} reports")
+        self._limits_axes = ((lo, hi),)
+        self.limits_from = "device" if caller is None else "limits_mm" if device is None else "device and limits_mm"
+
+    def _device_limits_mm(self) -> tuple[float, float] | None:
+        """The travel the device reports (its Position property's limits, um), if believable."""
+        core, label = self.core, self.label
+        try:
+            if not (core.hasProperty(label, "Position") and core.hasPropertyLimits(label, "Position")):
+                return None
+            lo_um = float(core.getPropertyLowerLimit(label, "Position"))
+            hi_um = float(core.getPropertyUpperLimit(label, "Position"))
+            now_um = float(core.getPosition(label))
+        except Exception:  # noqa: BLE001 - a device that cannot say has no limits to use
+            return None
+        if not (math.isfinite(lo_um) and math.isfinite(hi_um) and lo_um < hi_um and lo_um <= now_um <= hi_um):
+            log.warning("%s reports Position limits %g..%g with the position %g: not used as travel limits",
+                        self._name(), lo_um, hi_um, now_um)
+            return None
+        return lo_um / 1000.0, hi_um / 1000.0
+
+    def _read_um(self) -> tuple[float, ...]:
+        return (float(self.core.getPosition(self.label)),)
+
+    def _send_um(self, target_um: tuple[float, ...]) -> None:
+        self.core.setPosition(self.label, target_um[0])
+
+    def describe(self) -> dict[str, Any]:
+        """What was found, for logs."""
+        lo, hi = self._limits_axes[0]
+        return {"device": self.label, "limits_mm": [lo, hi], "limits_from": self.limits_from,
+                "tolerance_um": self.tolerance_um}
+
+    def limits_mm(self) -> tuple[float, float]:
+        return self._limits_axes[0]
+
+    def position_mm(self) -> float:
+        return self._read()[0]
+
+    def move_to(self, z_mm: float) -> None:
+        self._move((z_mm,))
+
+
+class MMXYStage(_MMPositioner):
+    """A Micro-Manager XY stage (the core's XY stage device, or ``label``) with the XY stage
+    interface of ``focus_map``: ``move_to(x_mm, y_mm)``, ``position_mm() -> (x_mm, y_mm)``,
+    ``limits_mm() -> ((x_lo, x_hi), (y_lo, y_hi))``, ``stop()``.
+
+    The core has no call that reports an XY stage's travel, so ``limits_mm`` is required.  Moves
+    are setXYPosition (um), waitForDevice, and verified on both axes (see _MMPositioner).
+    """
+
+    what = "XY stage"
+    axes = (" in x", " in y")
+
+    def __init__(self, core: Any, label: str | None = None, *,
+                 limits_mm: tuple[tuple[float, float], tuple[float, float]] | None = None,
+                 tolerance_um: float = MM_XY_TOLERANCE_UM) -> None:
+        self._init(core, _mm_label(core, label, "XYStage"), tolerance_um)
+        if limits_mm is None:
+            raise UsageError(f"{self._name()}: pass limits_mm=((x_lo, x_hi), (y_lo, y_hi)) in mm, the area this "
+                             "tool may move to (Micro-Manager does not report an XY stage's travel)")
+        if not (isinstance(limits_mm, Sequence) and len(limits_mm) == 2):
+            raise UsageError(f"limits_mm {limits_mm!r} must be ((x_lo, x_hi), (y_lo, y_hi)) in mm")
+        self._limits_axes = (_limits_pair(limits_mm[0], "limits_mm x"), _limits_pair(limits_mm[1], "limits_mm y"))
+
+    def _read_um(self) -> tuple[float, ...]:
+        x, y = self.core.getXYPosition(self.label)
+        return float(x), float(y)
+
+    def _send_um(self, target_um: tuple[float, ...]) -> None:
+        self.core.setXYPosition(self.label, target_um[0], target_um[1])
+
+    def limits_mm(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        return self._limits_axes  # type: ignore[return-value]
+
+    def position_mm(self) -> tuple[float, float]:
+        x, y = self._read()
+        return x, y
+
+    def move_to(self, x_mm: float, y_mm: float) -> None:
+        self._move((x_mm, y_mm))
+
+
+class MMCamera:
+    """The Micro-Manager core's camera (or ``label``): one ``snapImage`` per frame.
+
+    snapImage starts its exposure when it is called (and opens and closes the shutter when the
+    core's auto-shutter is on), so every frame is exposed after the move before it; a running
+    sequence acquisition (live mode) is stopped for the run and restarted afterwards.  A sequence
+    acquisition would keep frames exposed during the move in its buffer, and which of its frames
+    began after the move is not something the core reports (README, "Micro-Manager").
+
+    ``exposure_ms`` and ``roi`` (x, y, w, h: the camera's own ROI, fewer pixels read) change the
+    camera for the run; ``close()`` (or leaving the ``with`` block) puts every setting it changed
+    back, and the selected camera too.  The bit depth (``bit_depth``: a frame all at 2^bits - 1 is
+    saturated) and the ROI (``roi``) are read from the core; a colour frame is scored in gray.
+    """
+
+    def __init__(self, core: Any, label: str | None = None, *, exposure_ms: float | None = None,
+                 roi: Roi | None = None) -> None:
+        self.core = core
+        self.label = _mm_label(core, label, "Camera")
+        self._journal = SettingsJournal(self._setting, self._set_setting)
+        self._live = False
+        self._closed = False
+        self.check_settings(exposure_ms, roi)
+        try:
+            if core.isSequenceRunning():  # live mode: the core refuses snapImage while a sequence runs
+                core.stopSequenceAcquisition()
+                self._live = True
+            self._journal.set("Camera", self.label)
+            if exposure_ms is not None:
+                self._journal.set("Exposure", float(exposure_ms))
+            if roi is not None:
+                self._set_roi(tuple(int(v) for v in roi))  # type: ignore[arg-type]
+            self.roi: Roi = tuple(int(v) for v in core.getROI())  # type: ignore[assignment]
+            self.bit_depth = int(core.getImageBitDepth())
+            self.exposure_ms = float(core.getExposure())
+            self._shape = (int(core.getImageHeight()), int(core.getImageWidth()))
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, Exception) and not isinstance(exc, AutofocusError):
+                raise CameraError(f"cannot set up the Micro-Manager camera {self.label!r}: {first_line(exc)}") from exc
+            raise
+        log.info("Micro-Manager camera %r: %dx%d, %d-bit, ROI %s, exposure %.3f ms", self.label, self._shape[1],
+                 self._shape[0], self.bit_depth, ",".join(map(str, self.roi)), self.exposure_ms)
+
+    @staticmethod
+    def check_settings(exposure_ms: float | None, roi: Roi | None, names: tuple[str, str] = ("exposure_ms", "roi")) -> None:
+        """UsageError unless ``exposure_ms`` and ``roi`` are None or values a camera could take."""
+        if exposure_ms is not None and not (_is_number(exposure_ms) and 0 < exposure_ms <= MAX_EXPOSURE_MS):
+            raise UsageError(f"{names[0]} {exposure_ms!r} must be above 0 and at most {MAX_EXPOSURE_MS:g} ms")
+        if roi is not None and not (isinstance(roi, Sequence) and len(roi) == 4 and all(
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in roi)
+                and roi[2] >= MIN_ROI_PX and roi[3] >= MIN_ROI_PX):
+            raise UsageError(f"{names[1]} {roi!r} must be (x, y, width, height) in whole camera pixels, at least "
+                             f"{MIN_ROI_PX} wide and high")
+
+    def _setting(self, name: str) -> Any:
+        core = self.core
+        return {"Camera": core.getCameraDevice, "Exposure": core.getExposure,
+                "ROI": lambda: tuple(int(v) for v in core.getROI())}[name]()
+
+    def _set_setting(self, name: str, value: Any) -> None:
+        core = self.core
+        if name == "Camera":
+            core.setCameraDevice(value)
+        elif name == "Exposure":
+            core.setExposure(value)
+        else:  # the full frame may be what clearROI gives, not a setROI of its size
+            core.clearROI()
+            if tuple(int(v) for v in core.getROI()) != tuple(value):
+                core.setROI(*value)
+
+    def _set_roi(self, roi: Roi) -> None:
+        try:
+            self._journal.set("ROI", roi)
+        except Exception as exc:  # noqa: BLE001 - the camera's refusal, in its own words
+            raise UsageError(f"the Micro-Manager camera {self.label!r} refused the ROI {','.join(map(str, roi))}: "
+                             f"{first_line(exc)}; choose a region on its sensor") from exc
+        got = tuple(int(v) for v in self.core.getROI())
+        if got != roi:
+            log.warning("ROI %s rounded by the camera to %s", ",".join(map(str, roi)), ",".join(map(str, got)))
+
+    def describe(self) -> dict[str, Any]:
+        """What was found, for logs."""
+        return {"camera": self.label, "bit_depth": self.bit_depth, "roi": list(self.roi),
+                "exposure_ms": self.exposure_ms}
+
+    def capture(self) -> np.ndarray:
+        try:
+            self.core.snapImage()
+            frame = np.array(self.core.getImage(), copy=True)  # the next snap may reuse the core's buffer
+        except Exception as exc:  # noqa: BLE001 - the core's CMMError or a Python device's error
+            raise CameraError(f"the Micro-Manager camera {self.label!r} delivered no frame: {first_line(exc)}; "
+                              "check it in Micro-Manager") from exc
+        if frame.shape[:2] != self._shape:
+            raise CameraError(f"the Micro-Manager camera {self.label!r} delivered a {frame.shape} frame for its "
+                              f"{self._shape[1]}x{self._shape[0]} ROI; is another program changing its ROI or binning?")
+        if frame.ndim == 3:  # pymmcore-plus gives RGB (fixImage); a plain core's RGB32 is BGRA
+            frame = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY if frame.shape[2] == 3 else cv2.COLOR_BGRA2GRAY)
+        if frame.dtype.kind == "u" and 0 < self.bit_depth < 8 * frame.dtype.itemsize \
+                and int(frame.min()) >= (1 << self.bit_depth) - 1:
+            raise CameraError(f"the frame is fully saturated ({self.bit_depth}-bit); lower the exposure or the light")
+        return frame
+
+    def restore(self) -> None:
+        """Put back every setting this adapter changed and restart live mode if it ran; safe to
+        call more than once; never raises a device error."""
+        if self._closed:
+            return
+        self._closed = True
+        failed = self._journal.restore()
+        if failed:
+            log.warning("the Micro-Manager core did not take back %d camera setting(s) (%s%s)", len(failed),
+                        failed[0], ", ..." if len(failed) > 1 else "")
+        if self._live:
+            try:
+                self.core.startContinuousSequenceAcquisition(0)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not restart the camera's live mode: %s", first_line(exc))
+
+    close = restore  # the core and its camera are the caller's: nothing to release
+
+    def __enter__(self) -> MMCamera:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MMAutofocus:
+    """This tool's autofocus standing in for a Micro-Manager core's autofocus device; made and
+    attached by ``mm_autofocus``.  ``results`` holds the FocusResult of every search that ended
+    with a verdict (``no_peak`` and ``edge`` too)."""
+
+    def __init__(self, core: Any, start_mm: float, end_mm: float, step_mm: float, *, stage_label: str | None,
+                 limits_mm: tuple[float, float] | None, tolerance_um: float, exposure_ms: float | None,
+                 camera_roi: Roi | None, options: dict[str, Any]) -> None:
+        # Held weakly (as the MDA engine holds it): the core holds this object, and a core that is
+        # not dropped before Python exits can abort the process (pymmcore-plus 0.18.1, Python devices).
+        self._core = weakref.ref(core)
+        self.range = (start_mm, end_mm, step_mm)
+        self.stage_label, self.limits_mm, self.tolerance_um = stage_label, limits_mm, tolerance_um
+        self.exposure_ms, self.camera_roi = exposure_ms, camera_roi
+        self.options = options
+        self.results: list[FocusResult] = []
+        self.core_class = _core_class(core)  # the core's own class, put back by detach()
+
+    @property
+    def core(self) -> Any:
+        """The core this autofocus belongs to."""
+        core = self._core()
+        if core is None:
+            raise UsageError("the Micro-Manager core of this autofocus no longer exists")
+        return core
+
+    def full_focus(self) -> FocusResult:
+        """Run focus() once on the core's focus device and camera, as they are now.
+
+        ``focused``: the focus is left at the answer.  ``edge`` and ``no_peak``: the focus goes back
+        to where it was and RuntimeError (a hardware autofocus's failure to the MDA engine, which
+        logs it and keeps its z correction), as for a range that leaves the limits here (nothing
+        moved).  A hardware fault raises the tool's own error (the MDA stops); after an outside
+        interruption the engine's restore_initial_state is turned off, so nothing moves."""
+        stage = MMStage(self.core, self.stage_label, limits_mm=self.limits_mm, tolerance_um=self.tolerance_um)
+        start, end, step = self.range
+        try:
+            with MMCamera(self.core, exposure_ms=self.exposure_ms, roi=self.camera_roi) as camera:
+                result = focus(stage, camera, start, end, step, **self.options)
+                self.results.append(result)
+                if result.verdict.kind == "edge":
+                    stage.move_to(result.start_mm)
+        except UsageError as exc:
+            if exc.partial is None:  # before any move: the range leaves the limits at this position
+                raise RuntimeError(f"autofocus.py: {exc}") from exc
+            raise
+        except StageError as exc:
+            if not exc.may_move:
+                self._keep_engine_still()
+            raise
+        if result.verdict.kind != "focused":
+            raise RuntimeError(f"autofocus.py: {result.verdict.kind}: {result.verdict.reason}; the focus went back "
+                               f"to {result.start_mm:.4f} mm")
+        return result
+
+    def _keep_engine_still(self) -> None:
+        """Turn off the MDA engine's return to the initial XY and z at the end of the run."""
+        engine = self.core.mda.engine
+        if isinstance(engine, _mm().mda.MDAEngine) and engine.restore_initial_state:
+            engine.restore_initial_state = False
+            log.warning("the MDA engine's restore_initial_state was turned off: the stage was moved from outside, "
+                        "so the engine must not move it back (set it again for the next run)")
+
+    def detach(self) -> None:
+        """The core's own fullFocus() and autofocus device again."""
+        if type(self.core) is not self.core_class and self.core._autofocus is self:
+            self.core.__class__ = self.core_class
+            del self.core._autofocus
+
+
+class _AutofocusCoreMethods:
+    """What mm_autofocus gives a core: a subclass of the core's own class with these methods first."""
+
+    _autofocus: MMAutofocus
+
+    def getAutoFocusDevice(self) -> str:  # noqa: N802 - the core's own method names
+        return MM_AUTOFOCUS_LABEL
+
+    def fullFocus(self) -> None:  # noqa: N802
+        self._autofocus.full_focus()
+
+    def setAutoFocusOffset(self, offset: float) -> None:  # noqa: N802
+        raise UsageError(f"autofocus.py has no offset motor (autofocus_motor_offset {offset}): leave "
+                         "autofocus_motor_offset unset in the autofocus plan")
+
+
+_AUTOFOCUS_CORES: dict[type, type] = {}  # a core class -> its subclass whose fullFocus() runs this tool
+
+
+def _autofocus_core_class(base: type) -> type:
+    """The subclass of a core class whose autofocus is an MMAutofocus (made once per class; with
+    the base's own metaclass: pymmcore's is SWIG's)."""
+    if base not in _AUTOFOCUS_CORES:
+        _AUTOFOCUS_CORES[base] = type(base)(f"{base.__name__}WithAutofocus", (_AutofocusCoreMethods, base), {})
+    return _AUTOFOCUS_CORES[base]
+
+
+def _core_class(core: Any) -> type:
+    """The core's own class: the one mm_autofocus made a subclass of, or its class."""
+    return next((base for base, sub in _AUTOFOCUS_CORES.items() if type(core) is sub), type(core))
+
+
+def mm_autofocus(core: Any, start_mm: float, end_mm: float, step_mm: float, *, relative: bool = True,
+                 stage_label: str | None = None, limits_mm: tuple[float, float] | None = None,
+                 tolerance_um: float = MM_FOCUS_TOLERANCE_UM, exposure_ms: float | None = None,
+                 camera_roi: Roi | None = None, **options: Any) -> MMAutofocus:
+    """Make ``core.fullFocus()`` run this tool's autofocus, so that a pymmcore-plus MDA with
+    ``autofocus_plan=AxesBasedAF(...)`` focuses with it at each position.
+
+    The range (relative to where the focus is when fullFocus() is called, unless ``relative=False``),
+    STEP and every ``focus()`` option (``search``, ``metric``, ``roi``, ``z_min``, ...) are set here,
+    once, and checked now (UsageError).  ``stage_label``, ``limits_mm`` and ``tolerance_um`` are
+    MMStage's (the core's focus device by default); ``exposure_ms`` and ``camera_roi`` MMCamera's,
+    for the autofocus frames only.  The core becomes an instance of a subclass of its own class that
+    provides fullFocus() and getAutoFocusDevice() (which answers MM_AUTOFOCUS_LABEL, no device of the
+    core): the MMCore calls the MDA engine makes for a hardware autofocus, so the engine applies the
+    z correction as it does a hardware autofocus's.  ``detach()`` on the returned MMAutofocus puts
+    the core's class back; attaching again replaces the settings.
+    """
+    mine = {"relative", "stage_label", "limits_mm", "tolerance_um", "exposure_ms", "camera_roi"}
+    known = set(inspect.signature(focus).parameters) - {"stage", "camera", "start_mm", "end_mm", "step_mm"} - mine
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UsageError(f"mm_autofocus: unknown option {', '.join(unknown)}; choose from {', '.join(sorted(known | mine))}")
+    check_request(start_mm, end_mm, step_mm, **options)
+    MMCamera.check_settings(exposure_ms, camera_roi, ("exposure_ms", "camera_roi"))
+    MMStage(core, stage_label, limits_mm=limits_mm, tolerance_um=tolerance_um)  # the stage and its limits, now
+    _mm_label(core, None, "Camera")
+    autofocus = MMAutofocus(core, start_mm, end_mm, step_mm, stage_label=stage_label, limits_mm=limits_mm,
+                            tolerance_um=tolerance_um, exposure_ms=exposure_ms, camera_roi=camera_roi,
+                            options={**options, "relative": bool(relative)})
+    core.__class__ = _autofocus_core_class(autofocus.core_class)
+    core._autofocus = autofocus
+    return autofocus
 
 
 ###############################################################################
