@@ -33,8 +33,8 @@ import autofocus
 
 class FocusDrive(StageDevice):
     """A focus drive in um; ``moves`` records every commanded position, ``land_off_um`` the error
-    of the next moves (as if someone held the knob); ``travel_um`` adds a Position property with
-    limits, as C++ stage adapters report their travel."""
+    of the next moves (as if someone held the knob), ``move_s`` the time a move takes; ``travel_um``
+    adds a Position property with limits, as C++ stage adapters report their travel."""
 
     def __init__(self, z_um: float = 12300.0, travel_um: tuple[float, float] | None = None) -> None:
         super().__init__()
@@ -48,12 +48,27 @@ class FocusDrive(StageDevice):
             self.register_property("Position", default_value=self.z_um, limits=travel_um,
                                    getter=lambda dev: dev.z_um)
 
+    move_s = 0.0  # how long a move takes: busy() until then, and the position on the way meanwhile
+    _motion: tuple[float, float, float] | None = None  # (from, to, start time) while moving
+
     def set_position_um(self, val: float) -> None:
         self.moves.append(float(val))
-        self.z_um = float(val) + self.land_off_um
+        target = float(val) + self.land_off_um
+        if self.move_s > 0:
+            self._motion = (self.get_position_um(), target, time.perf_counter())
+        self.z_um = target
 
     def get_position_um(self) -> float:
+        if self._motion is not None:
+            start, end, t0 = self._motion
+            done = (time.perf_counter() - t0) / self.move_s
+            if done < 1:
+                return start + (end - start) * done
+            self._motion = None
         return self.z_um
+
+    def busy(self) -> bool:
+        return self.get_position_um() != self.z_um
 
     def get_focus_direction(self) -> FocusDirection:
         return self.focus_direction

@@ -94,6 +94,15 @@ def test_a_move_that_ends_off_target_is_an_interruption() -> None:
         assert stage.position_mm() == 12.3001
 
 
+def test_moves_are_waited_for() -> None:
+    with mm_devices.microscope() as scope:
+        stage, camera = mm(scope)
+        scope.focus.move_s = 0.03  # busy (and on its way) for 30 ms after each move
+        stage.move_to(12.31)
+        assert not scope.core.deviceBusy("Z") and stage.position_mm() == 12.31
+        camera.close()
+
+
 # --- limits, devices, settings --------------------------------------------------------------------------
 
 
