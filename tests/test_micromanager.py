@@ -290,6 +290,25 @@ def test_mm_autofocus_checks_its_settings_once() -> None:
         assert core.getAutoFocusDevice() == ""
 
 
+# --- focus_map (issue 22) on the real core ---------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(autofocus, "focus_map"), reason="focus_map (issue 22) is not in autofocus.py yet")
+def test_focus_map_on_the_real_core() -> None:
+    with mm_devices.microscope(surface_mm=tilted) as scope:
+        xy = autofocus.MMXYStage(scope.core, limits_mm=((-1.0, 4.0), (-1.0, 2.0)))
+        stage, camera = mm(scope)
+        fmap = autofocus.focus_map(xy, stage, camera, area_mm=(0.0, 0.0, 2.0, 1.0), grid=(3, 2), start_mm=12.28,
+                                   end_mm=12.34, step_mm=STEP_20X)
+        camera.close()
+        assert len(fmap.points) == 6 and all(p.result.verdict.kind == "focused" for p in fmap.points)
+        for x_mm, y_mm in ((0.0, 0.0), (1.0, 0.5), (2.0, 1.0), (0.5, 0.75)):
+            assert abs(fmap.z_at(x_mm, y_mm) - tilted(x_mm * 1000, y_mm * 1000)) * 1000 <= 1.0  # a quarter STEP
+        visited = {(round(x / 1000, 6), round(y / 1000, 6)) for x, y in scope.plate.moves}
+        assert visited == {(x, y) for x in (0.0, 1.0, 2.0) for y in (0.0, 1.0)}  # verified XY moves, the grid only
+        assert all(12280.0 - 1e-6 <= z <= 12340.0 + 1e-6 for z in scope.focus.moves)  # Z within START..END
+
+
 # --- the README ------------------------------------------------------------------------------------------
 
 
