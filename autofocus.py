@@ -3004,7 +3004,7 @@ class _MMPositioner:
         if not (_is_number(tolerance_um) and 0 < tolerance_um <= 1000):
             raise UsageError(f"tolerance_um {tolerance_um!r} must be a number of um above 0 (and at most 1000)")
         self.tolerance_um = float(tolerance_um)
-        self._left_at: tuple[float, ...] | None = None  # where the last verified move ended (mm)
+        self._left_at: tuple[float, ...] | None = None  # where it was last seen (mm): a verified move's end, a read
 
     def _read_um(self) -> tuple[float, ...]:
         raise NotImplementedError
@@ -3043,7 +3043,7 @@ class _MMPositioner:
             at = self._read()
             if self._off_um(at, left) > self.tolerance_um:
                 raise StageInterrupted(f"before the {what}: it is at {self._text(at)}, not at {self._text(left)} where "
-                                       "this tool left it: it was moved from outside (the focus knob or joystick, "
+                                       "this tool last saw it: it was moved from outside (the focus knob or joystick, "
                                        "a Micro-Manager window or another program); nothing more is moved")
         self._left_at = None
         try:
@@ -3059,8 +3059,8 @@ class _MMPositioner:
         at = self._read()
         off = self._off_um(at, target)
         if off > self.tolerance_um:
-            raise StageInterrupted(f"the {what} ended at {self._text(at)}, {off:.2f} um off (tolerance "
-                                   f"{self.tolerance_um:g} um, tolerance_um=): it was moved or stopped from outside "
+            raise StageInterrupted(f"the {what} ended at {self._text(at)}, {off:.2f} um off (tolerance_um "
+                                   f"{self.tolerance_um:g}): it was moved or stopped from outside "
                                    "(the focus knob or joystick, a Micro-Manager window or another program), or it "
                                    "cannot reach that position; nothing more is moved")
 
@@ -3294,7 +3294,8 @@ class MMCamera:
             frame = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY if frame.shape[2] == 3 else cv2.COLOR_BGRA2GRAY)
         if frame.dtype.kind == "u" and 0 < self.bit_depth < 8 * frame.dtype.itemsize \
                 and int(frame.min()) >= (1 << self.bit_depth) - 1:
-            raise CameraError(f"the frame is fully saturated ({self.bit_depth}-bit); lower the exposure or the light")
+            raise CameraError(f"the Micro-Manager camera {self.label!r} delivered a fully saturated frame "
+                              f"({self.bit_depth}-bit); lower the exposure or the light")
         return frame
 
     def restore(self) -> None:

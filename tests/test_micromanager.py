@@ -166,7 +166,7 @@ def test_saturation_is_judged_at_the_cores_bit_depth() -> None:
         camera = autofocus.MMCamera(scope.core)
         assert camera.bit_depth == 12 and camera.capture().dtype == np.uint16
         scope.camera.snap = lambda buffer: (buffer.fill(4095), {})[1]  # every pixel at 2^12 - 1
-        with pytest.raises(autofocus.CameraError, match=r"saturated \(12-bit\)"):
+        with pytest.raises(autofocus.CameraError, match=r"saturated frame \(12-bit\)"):
             camera.capture()
 
 
@@ -182,7 +182,7 @@ def test_xy_stage_adapter() -> None:
             xy.move_to(0, 3)
         scope.plate.xy_um = (1500.0, 20.0)  # the joystick
         with pytest.raises(autofocus.StageInterrupted, match=r"is at \(1\.5000, 0\.0200\) mm, not at \(1\.5000, "
-                                                             r"-0\.2500\) mm where this tool left it"):
+                                                             r"-0\.2500\) mm where this tool last saw it"):
             xy.move_to(0, 0)
         assert len(scope.plate.moves) == 1
         scope.plate.land_off_um = 2.0
