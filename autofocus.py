@@ -3439,8 +3439,10 @@ def mm_autofocus(core: Any, start_mm: float, end_mm: float, step_mm: float, *, r
     for the autofocus frames only.  The core becomes an instance of a subclass of its own class that
     provides fullFocus() and getAutoFocusDevice() (which answers MM_AUTOFOCUS_LABEL, no device of the
     core): the MMCore calls the MDA engine makes for a hardware autofocus, so the engine applies the
-    z correction as it does a hardware autofocus's.  ``detach()`` on the returned MMAutofocus puts
-    the core's class back; attaching again replaces the settings.
+    z correction as it does a hardware autofocus's.  (Micro-Manager's own autofocus API, which every
+    engine version and other callers of fullFocus() use; an engine subclass would have to copy the
+    engine's private z-correction bookkeeping, ``_z_correction`` in pymmcore-plus 0.18.)  ``detach()``
+    on the returned MMAutofocus puts the core's class back; attaching again replaces the settings.
     """
     mine = {"relative", "stage_label", "limits_mm", "tolerance_um", "exposure_ms", "camera_roi"}
     known = set(inspect.signature(focus).parameters) - {"stage", "camera", "start_mm", "end_mm", "step_mm"} - mine
