@@ -3239,7 +3239,8 @@ class MMCamera:
                  self._shape[0], self.bit_depth, ",".join(map(str, self.roi)), self.exposure_ms)
 
     @staticmethod
-    def check_settings(exposure_ms: float | None, roi: Roi | None, names: tuple[str, str] = ("exposure_ms", "roi")) -> None:
+    def check_settings(exposure_ms: float | None, roi: Roi | None,
+                       names: tuple[str, str] = ("exposure_ms", "roi")) -> None:
         """UsageError unless ``exposure_ms`` and ``roi`` are None or values a camera could take."""
         if exposure_ms is not None and not (_is_number(exposure_ms) and 0 < exposure_ms <= MAX_EXPOSURE_MS):
             raise UsageError(f"{names[0]} {exposure_ms!r} must be above 0 and at most {MAX_EXPOSURE_MS:g} ms")
@@ -3448,7 +3449,8 @@ def mm_autofocus(core: Any, start_mm: float, end_mm: float, step_mm: float, *, r
     known = set(inspect.signature(focus).parameters) - {"stage", "camera", "start_mm", "end_mm", "step_mm"} - mine
     unknown = sorted(set(options) - known)
     if unknown:
-        raise UsageError(f"mm_autofocus: unknown option {', '.join(unknown)}; choose from {', '.join(sorted(known | mine))}")
+        raise UsageError(f"mm_autofocus: unknown option {', '.join(unknown)}; choose from "
+                         f"{', '.join(sorted(known | mine))}")
     check_request(start_mm, end_mm, step_mm, **options)
     MMCamera.check_settings(exposure_ms, camera_roi, ("exposure_ms", "camera_roi"))
     MMStage(core, stage_label, limits_mm=limits_mm, tolerance_um=tolerance_um)  # the stage and its limits, now
