@@ -20,7 +20,8 @@ Exit codes:
     3    no_peak: the focus curve is flat or noise-only; the stage went back to where it started
     4    edge: the best focus lies at the start or end of the range; the focus may be outside it
     5    hardware or communication error (stage, camera); the stage was stopped and returned
-         when possible -- after an interruption from outside (flag NI) nothing more is moved
+         when possible -- after an interruption from outside (flag NI) nothing more is moved;
+         also an output that could not be written (a full disk, a stdout nobody reads)
     130  interrupted (Ctrl-C, SIGINT); the stage was stopped and sent back to where it started
     143  terminated (SIGTERM: kill, a job scheduler); handled exactly like Ctrl-C
     129  hung up (SIGHUP: the terminal or SSH session closed; POSIX only); handled like Ctrl-C
@@ -32,8 +33,9 @@ output, command line.
 """
 from __future__ import annotations
 
-import signal
 import sys
+
+import _signal  # `signal`'s C core, loaded with the interpreter: importing `signal` itself loads `enum` first
 
 # Signals while the tool starts.  Loading the libraries takes from ~70 ms to seconds (a cold start
 # of OpenCV), parsing the command line a few ms: from the first line until main() installs its own
@@ -67,11 +69,15 @@ NO_RESULT_JSON = {
     "stage_info": None, "roi": None, "camera_roi": None,
 }
 EARLY_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK")  # SIGHUP: POSIX only; SIGBREAK: Windows only
+# Run as the command (python autofocus.py, or the `autofocus` command pip installs), not imported by a
+# script: only then are the signals this file's to handle.
+_AS_COMMAND = __name__ == "__main__" or sys.argv[0].replace("\\", "/").rsplit("/", 1)[-1] in (
+    "autofocus", "autofocus.exe", "autofocus-script.py")
 
-if __name__ == "__main__":
+if _AS_COMMAND:
     for _name in EARLY_SIGNALS:
-        if hasattr(signal, _name):
-            signal.signal(getattr(signal, _name), _while_loading)
+        if hasattr(_signal, _name):
+            _signal.signal(getattr(_signal, _name), _while_loading)
 try:
     import argparse
     import collections
@@ -87,7 +93,7 @@ try:
     import numbers
     import os
     import re
-    import shutil
+    import signal
     import subprocess
     import threading
     import time
@@ -99,15 +105,15 @@ try:
     import cv2
     import numpy as np
 except KeyboardInterrupt:  # Ctrl-C (or kill) while the libraries load: one line
-    if __name__ != "__main__":
+    if not _AS_COMMAND:
         raise
     for _name in EARLY_SIGNALS:  # a second signal must not cut this message short
-        if hasattr(signal, _name):
-            signal.signal(getattr(signal, _name), signal.SIG_IGN)
+        if hasattr(_signal, _name):
+            _signal.signal(getattr(_signal, _name), _signal.SIG_IGN)
     import json
     import os
 
-    _code = 128 + int(_early_signal or signal.SIGINT)
+    _code = 128 + int(_early_signal or _signal.SIGINT)
     _say = [(2, "autofocus.py: interrupted while starting; nothing was opened or moved\n")]
     if "--json" in sys.argv:
         _say.append((1, json.dumps({**NO_RESULT_JSON, "exit_code": _code, "error": "interrupted while starting"})
@@ -118,10 +124,10 @@ except KeyboardInterrupt:  # Ctrl-C (or kill) while the libraries load: one line
         except OSError:
             pass
     raise SystemExit(_code) from None
-if __name__ == "__main__":
+if _AS_COMMAND:
     for _name in EARLY_SIGNALS:
-        if hasattr(signal, _name):
-            signal.signal(getattr(signal, _name), _while_starting)
+        if hasattr(_signal, _name):
+            _signal.signal(getattr(_signal, _name), _while_starting)
 
 __version__ = "1.0.0"
 
@@ -560,9 +566,21 @@ def score_binning(shape: tuple[int, ...]) -> int:
     return 2 if shape[0] * shape[1] > SCORE_MAX_PIXELS else 1
 
 
+def float_in_range(gray: np.ndarray) -> np.ndarray:
+    """A float frame scaled by a power of two (exactly) when its largest value is far from 1 (3e38,
+    1e-40): sums over its pixels (binning, the mean) then neither overflow nor lose subnormal bits.
+    The scores divide by the mean, so the scale changes none of them."""
+    top = float(np.max(np.abs(gray)))
+    if top == 0.0 or 2.0**-32 < top < 2.0**32:
+        return gray
+    return (gray.astype(np.float64) * 2.0 ** -math.frexp(top)[1]).astype(np.float32)
+
+
 def prepare_gray(image: np.ndarray, binning: int | None = None) -> np.ndarray:
     """Gray, binned and mean-normalised frame that every focus score starts from."""
     gray = to_gray_float(image)
+    if image.dtype.kind == "f":
+        gray = float_in_range(gray)
     gray = bin_image(gray, score_binning(gray.shape) if binning is None else binning)
     mean = float(cv2.mean(gray)[0])
     if not mean > 0:
@@ -589,7 +607,7 @@ def filtered_gray(image: np.ndarray, blur: int, binning: int | None = None) -> n
     gray = to_gray_float(image)
     factor = score_binning(gray.shape) if binning is None else binning
     diameter = max(3, int(round(blur / factor)) | 1)
-    return bilateral(prepare_gray(gray, factor), diameter)
+    return bilateral(prepare_gray(float_in_range(gray) if image.dtype.kind == "f" else gray, factor), diameter)
 
 
 def laplacian_views(image: np.ndarray, blur: int, binning: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -676,7 +694,9 @@ class Scorer:
     invert: bool = False
 
     def crop(self, image: np.ndarray) -> np.ndarray:
-        """The part of the frame that is scored (a view, no copy)."""
+        """The part of the frame that is scored (a view, no copy); CameraError for what is not a frame."""
+        if (problem := frame_problem(image)) is not None:
+            raise CameraError(f"cannot score {problem}")
         if self.roi is None:
             return image
         x, y, w, h = self.roi
@@ -4581,20 +4601,25 @@ def open_microscope(args: argparse.Namespace) -> Iterator[tuple[Stage, Camera]]:
 
 
 def configure_logging(verbose: bool) -> None:
-    """Log to stderr: every step with --verbose, else warnings only.  Other libraries' chatter --
-    Python warnings (numpy's RuntimeWarning), matplotlib's notes about its cache folder -- is shown
-    with --verbose only, so that an error stays one line."""
+    """Log to stderr: every step with --verbose, else warnings only.  matplotlib's notes (a cache
+    folder it had to make in the temporary folder) are shown with --verbose only, so that an error
+    stays one line; Python warnings likewise (``log_warning``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.WARNING)
     log.propagate = False
-    logging.captureWarnings(True)
-    for name, quiet in (("py.warnings", logging.CRITICAL + 1), ("matplotlib", logging.ERROR)):
-        other = logging.getLogger(name)
-        other.handlers[:] = [handler]
-        other.setLevel(logging.DEBUG if verbose else quiet)
-        other.propagate = False
+    mpl = logging.getLogger("matplotlib")
+    mpl.handlers[:] = [handler]
+    mpl.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    mpl.propagate = False
+
+
+def log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                line: str | None = None) -> None:
+    """warnings.showwarning for a run: a Python warning (numpy's RuntimeWarning, a library's
+    DeprecationWarning) is a --verbose line, never a second line beside an error."""
+    log.debug("%s: %s (%s:%d)", category.__name__, message, filename, lineno)
 
 
 def stage_header(info: dict[str, Any], port: str) -> str:
@@ -4997,7 +5022,8 @@ def _main(argv: list[str]) -> int:
             print(strict_json(result_json(None, exit_code=code, error=json_error)))
         return code
 
-    with INTERRUPTS:
+    with INTERRUPTS, warnings.catch_warnings():
+        warnings.showwarning = log_warning
         try:
             if _early_signal is not None:  # arrived while this file loaded, before the handlers
                 signum, _early_signal = _early_signal, None
