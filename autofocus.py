@@ -401,7 +401,7 @@ def check_value(scope: str, name: str, value: Any, rule: Rule) -> Any:
             return value
         raise bad("must be a non-empty string")
     if kind == "roi":
-        if not (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 4
+        if not (isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, str) and len(value) == 4
                 and all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in value)):
             raise bad("must be (x, y, width, height) in whole camera pixels")
         x, y, w, h = (int(v) for v in value)
@@ -410,7 +410,7 @@ def check_value(scope: str, name: str, value: Any, rule: Rule) -> Any:
                       "(the region must not be empty)")
         return x, y, w, h
     if kind == "interval":
-        if not (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+        if not (isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, str) and len(value) == 2
                 and all(_is_number(v) and abs(v) <= rule.hi for v in value) and value[0] < value[1]):
             raise bad(f"must be two numbers (lowest, highest) within +-{rule.hi:g}{rule.unit}")
         return float(value[0]), float(value[1])

@@ -119,7 +119,8 @@ def test_strings_are_never_taken_for_true() -> None:
         with pytest.raises(autofocus.UsageError, match="must be True or False"):
             autofocus.focus(stage, CountingCamera(stage), 12, 12.7, 0.1, **keywords)
     assert stage.moves == []
-    result = autofocus.focus(stage, CountingCamera(stage), 12, 12.7, 0.1, relative=np.bool_(False))  # numpy's bool
+    result = autofocus.focus(stage, CountingCamera(stage), 12, 12.7, 0.1, relative=np.bool_(False),  # numpy's own
+                             roi=np.array([20, 10, 60, 40]), blur=np.int64(9))
     assert min(stage.moves) >= 12.0 and result.verdict.kind == "focused"
 
 

@@ -309,16 +309,23 @@ def test_make_figures_with_json_prints_one_object(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.skipif(not POSIX, reason="/proc and the temporary folders are POSIX")
-def test_matplotlib_without_a_writable_folder_is_one_line_before_anything_moves(tmp_path: Path) -> None:
-    run = ("import sys, tempfile, runpy; tempfile._candidate_tempdir_list = lambda: ['/proc/nowhere']; "
-           "sys.argv = ['autofocus.py', *sys.argv[1:]]; runpy.run_path('autofocus.py', run_name='__main__')")
+@pytest.mark.parametrize("temporary_folder", [True, False])
+def test_matplotlib_without_a_writable_home_is_quiet_and_without_any_folder_one_line(tmp_path: Path,
+                                                                                     temporary_folder: bool) -> None:
+    patch = "" if temporary_folder else "tempfile._candidate_tempdir_list = lambda: ['/proc/nowhere']; "
+    run = (f"import sys, tempfile, runpy; {patch}sys.argv = ['autofocus.py', *sys.argv[1:]]; "
+           "runpy.run_path('autofocus.py', run_name='__main__')")
     env = {**os.environ, "HOME": "/proc/nowhere", "XDG_CONFIG_HOME": "/proc/nowhere", "XDG_CACHE_HOME": "/proc/nowhere",
-           "TMPDIR": "/proc/nowhere"}
+           "TMPDIR": str(tmp_path) if temporary_folder else "/proc/nowhere"}
     env.pop("MPLCONFIGDIR", None)
-    proc = subprocess.run([sys.executable, "-c", run, *RANGE, *SIM, "--plot", str(tmp_path / "c.png")], cwd=ROOT,
-                          capture_output=True, text=True, env=env)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "MPLCONFIGDIR" in proc.stderr, proc.stderr
-    assert not (tmp_path / "c.png").exists()
+    proc = subprocess.run([sys.executable, "-c", run, *RANGE, *SIM, "--plot", str(tmp_path / "c.png"), "--json"],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
+    if temporary_folder:  # matplotlib makes a cache folder there; its notes about it are --verbose only
+        assert proc.returncode == 0 and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith("best focus at") and (tmp_path / "c.png").stat().st_size > 0
+    else:
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "MPLCONFIGDIR" in proc.stderr, proc.stderr
+        assert json.loads(proc.stdout)["exit_code"] == 2 and not (tmp_path / "c.png").exists()
 
 
 # --- streams ------------------------------------------------------------------------------------------------
