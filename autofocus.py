@@ -353,7 +353,7 @@ def show_value(value: Any) -> str:
 def _is_number(value: Any) -> bool:
     """A finite real number (not a bool)."""
     return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-            and math.isfinite(value))
+            and (isinstance(value, numbers.Integral) or math.isfinite(value)))  # 10**400 has no float
 
 
 def _span(rule: Rule) -> str:
@@ -378,7 +378,7 @@ def check_value(scope: str, name: str, value: Any, rule: Rule) -> Any:
             raise bad("is not a number")
         if kind == "whole" and not isinstance(value, numbers.Integral):
             raise bad("is not a whole number")
-        if not math.isfinite(value):
+        if not _is_number(value):
             raise bad("is not a finite number")
         if rule.choices:
             if value not in rule.choices:
@@ -3211,6 +3211,23 @@ def _bmp_size(data: bytes) -> tuple[int, int, int | None]:
     return abs(width), abs(height), None
 
 
+def _gif_size(data: bytes) -> tuple[int, int, int | None]:
+    """GIF: the logical screen, or the first image where it reaches beyond the screen (the image a
+    decoder reads and allocates)."""
+    width, height, flags = _uint(data, 6, 2, "little"), _uint(data, 8, 2, "little"), _uint(data, 10, 1)
+    at = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
+    while _uint(data, at, 1) == 0x21:  # extensions (graphic control, comments...): sub-blocks to skip
+        at += 2
+        while (size := _uint(data, at, 1)) != 0:
+            at += size + 1
+        at += 1
+    if _uint(data, at, 1) != 0x2C:
+        raise ValueError("the GIF has no image descriptor")
+    left, top = _uint(data, at + 1, 2, "little"), _uint(data, at + 3, 2, "little")
+    w, h = _uint(data, at + 5, 2, "little"), _uint(data, at + 7, 2, "little")
+    return max(width, left + w), max(height, top + h), None
+
+
 # (signature test, size reader) in the order OpenCV's decoders are tried.
 _IMAGE_FORMATS: tuple[tuple[str, Callable[[bytes], bool], Callable[[bytes], tuple[int, int, int | None]]], ...] = (
     ("BMP", lambda d: d[:2] == b"BM", _bmp_size),
@@ -3226,8 +3243,7 @@ _IMAGE_FORMATS: tuple[tuple[str, Callable[[bytes], bool], Callable[[bytes], tupl
      lambda d: (_uint(d, 16, 4), _uint(d, 20, 4), None)),
     ("JPEG 2000", lambda d: d[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or d[:4] == b"\xff\x4f\xff\x51",
      _jp2_size),
-    ("GIF", lambda d: d[:6] in (b"GIF87a", b"GIF89a"), lambda d: (_uint(d, 6, 2, "little"), _uint(d, 8, 2, "little"),
-                                                                 None)),
+    ("GIF", lambda d: d[:6] in (b"GIF87a", b"GIF89a"), _gif_size),
 )
 
 
@@ -3299,13 +3315,22 @@ def read_image(path: Path, what: str) -> np.ndarray:
     return image
 
 
+def file_exists(path: Path, what: str, error: type[UsageError] = StackError) -> bool:
+    """Whether a file (of a replay stack, by default) is there; ``error`` when the system refuses
+    the name (longer than it allows, a path through a file it cannot search)."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise error(f"{what} cannot be read ({exc.strerror or exc})") from exc
+
+
 class ReplayStack:
     """A recorded through-focus stack: ``stack.csv`` (z_mm, file, ...) and its images."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         csv_path = self.folder / "stack.csv"
-        if not csv_path.is_file():
+        if not file_exists(csv_path, f"replay stack {self.folder}: stack.csv"):
             raise StackError(f"replay stack {self.folder}: no stack.csv there (expected columns z_mm,file)")
         rows = self._read_rows(csv_path)
         zs = [z for z, _ in rows]
@@ -3319,7 +3344,7 @@ class ReplayStack:
         total_bytes = 0
         for z, name in rows:
             path = self.folder / name
-            if not path.is_file():
+            if not file_exists(path, f"replay stack {csv_path}: image {name}"):
                 raise StackError(f"replay stack {csv_path}: image {name} (z={z:g} mm) is missing")
             key = path.resolve()
             if key not in decoded:
@@ -3345,10 +3370,14 @@ class ReplayStack:
         as they name them): stack.csv, roi.json and each image (StackError for a broken stack.csv)."""
         folder = Path(folder)
         csv_path = folder / "stack.csv"
-        if not csv_path.is_file():
+        if not file_exists(csv_path, f"replay stack {folder}: stack.csv"):
             raise StackError(f"replay stack {folder}: no stack.csv there (expected columns z_mm,file)")
         rows = ReplayStack._read_rows(csv_path)
-        return [p.resolve() for p in (csv_path, folder / ROI_FILE, *(folder / name for _, name in rows))]
+        try:
+            return [p.resolve() for p in (csv_path, folder / ROI_FILE, *(folder / name for _, name in rows))]
+        except OSError as exc:
+            raise StackError(f"replay stack {csv_path}: a file it names cannot be found ({exc.strerror or exc})") \
+                from exc
 
     @staticmethod
     def _read_roi(path: Path, frame_shape: tuple[int, ...]) -> Roi | None:
@@ -4399,7 +4428,7 @@ def validate(args: argparse.Namespace) -> Request:
     # mistake wherever it is given.
     check_values("zaber", ZABER_RULES, {name: getattr(args, name) for name in ZABER_RULES if name != "port"})
     check_values("camera", CAMERA_RULES, {name: getattr(args, dest) for name, dest in CAMERA_OPTIONS.items()})
-    if args.device_db and not Path(args.device_db).is_file():
+    if args.device_db and not file_exists(Path(args.device_db), f"--device-db {args.device_db}", UsageError):
         raise UsageError(f"--device-db {args.device_db}: no such file; download Zaber's offline device database "
                          "or use --native-unit-nm")
     if args.show_images and (problem := display_problem()):

@@ -62,13 +62,14 @@ class CountingCamera:
 BAD_ARGUMENTS = [
     # (positional START, END, STEP), keywords, the keyword or argument the message names
     ((None, 12.7, 0.1), {}, "start_mm"), (("12", 12.7, 0.1), {}, "start_mm"), ((True, 12.7, 0.1), {}, "start_mm"),
-    ((math.inf, 12.7, 0.1), {}, "start_mm"), (([12], 12.7, 0.1), {}, "start_mm"),
+    ((math.inf, 12.7, 0.1), {}, "start_mm"), (([12], 12.7, 0.1), {}, "start_mm"), ((10**400, 12.7, 0.1), {}, "start_mm"),
     ((12, math.nan, 0.1), {}, "end_mm"), ((12, -1e300, 0.1), {}, "end_mm"),
     ((12, 12.7, -0.1), {}, "step_mm"), ((12, 12.7, "0.1"), {}, "step_mm"), ((12, 12.7, False), {}, "step_mm"),
     ((12, 12.7, 0.1), {"search": "quick"}, "search"), ((12, 12.7, 0.1), {"search": None}, "search"),
     ((12, 12.7, 0.1), {"metric": "sobel"}, "metric"), ((12, 12.7, 0.1), {"metric": 3}, "metric"),
     ((12, 12.7, 0.1), {"blur": 9.0}, "blur"), ((12, 12.7, 0.1), {"blur": "9"}, "blur"),
     ((12, 12.7, 0.1), {"blur": True}, "blur"), ((12, 12.7, 0.1), {"blur": 101}, "blur"),
+    ((12, 12.7, 0.1), {"blur": 10**400 + 1}, "blur"),  # no float holds it
     ((12, 12.7, 0.1), {"roi": "0,0,50,50"}, "roi"), ((12, 12.7, 0.1), {"roi": (0.5, 0, 50, 50)}, "roi"),
     ((12, 12.7, 0.1), {"roi": (True, 0, 50, 50)}, "roi"), ((12, 12.7, 0.1), {"roi": (0, 0, 50, 7)}, "roi"),
     ((12, 12.7, 0.1), {"settle_ms": "5"}, "settle_ms"), ((12, 12.7, 0.1), {"settle_ms": math.nan}, "settle_ms"),

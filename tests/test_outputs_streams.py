@@ -191,7 +191,9 @@ BOMBS = {  # each declares 30000x30000 pixels (900 MP) in a few bytes
     "JPEG": jpeg(30000, 30000),
     "BMP": b"BM" + bytes(12) + struct.pack("<Iii", 40, 30000, -30000) + bytes(28),
     "WebP": b"RIFF\x00\x00\x00\x00WEBPVP8X\x0a\x00\x00\x00\x00\x00\x00\x00" + (29999).to_bytes(3, "little") * 2,
-    "GIF": b"GIF89a" + struct.pack("<HH", 30000, 30000) + bytes(8),
+    "GIF": b"GIF89a" + struct.pack("<HH", 30000, 30000) + bytes(3) + b"\x2c" + bytes(4) + struct.pack("<HH", 8, 8),
+    "GIF frame beyond its screen": b"GIF89a" + struct.pack("<HHBBB", 8, 8, 0, 0, 0) + b"\x21\xf9\x04" + bytes(4)
+                                   + b"\x00\x2c" + bytes(4) + struct.pack("<HH", 30000, 30000) + bytes(3),
     "PNM": b"P5\n# a comment\n30000 30000\n255\n",
     "PAM": b"P7\nWIDTH 30000\nHEIGHT 30000\nDEPTH 1\nMAXVAL 255\nENDHDR\n",
     "PFM": b"Pf\n30000 30000\n-1\n",
@@ -284,6 +286,20 @@ def test_output_paths_the_system_refuses_are_one_line_and_nothing_moves(tmp_path
             assert json.loads(out)["exit_code"] == 2
         assert unhomed.motion_commands() == []  # not one move, not even homing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # no trial file left behind
+
+
+def test_names_the_system_refuses_inside_a_replay_are_one_line(tmp_path: Path,
+                                                               capfd: pytest.CaptureFixture[str]) -> None:
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    (stack / "stack.csv").write_text("z_mm,file\n" + "".join(f"{12 + i / 10},{'x' * 300}.png\n" for i in range(3)))
+    for extra in ([], ["--save-curve", tmp_path / "c.csv"]):
+        code, out, err = call(capfd, "12", "12.2", "0.1", "--replay", stack, *extra, "--json")
+        assert code == 2 and "File name too long" in err and err.count("\n") == 1, err
+    code, _, err = call(capfd, "12", "12.2", "0.1", "--replay", tmp_path / ("y" * 300))
+    assert code == 2 and "File name too long" in err and err.count("\n") == 1, err
+    code, _, err = call(capfd, *RANGE, "COM99", "--device-db", tmp_path / ("z" * 300))
+    assert code == 2 and "--device-db" in err and "too long" in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("target, message", [("file", "is a file, not a folder"),
