@@ -68,7 +68,8 @@ class FocusDrive(StageDevice):
         return self.z_um
 
     def busy(self) -> bool:
-        return self.get_position_um() != self.z_um
+        self.get_position_um()  # ends the motion once its time is up
+        return self._motion is not None
 
     def get_focus_direction(self) -> FocusDirection:
         return self.focus_direction

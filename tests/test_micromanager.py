@@ -154,6 +154,46 @@ def test_camera_settings_it_changes_are_restored() -> None:
             autofocus.MMCamera(core, exposure_ms=0)
 
 
+BAD_SETTINGS = [  # (adapter, keywords, the keyword the message names)
+    ("MMStage", {"limits_mm": "0..25"}, "limits_mm"),
+    ("MMStage", {"limits_mm": (1.0, float("nan"))}, "limits_mm"),
+    ("MMStage", {"limits_mm": (5, 15), "tolerance_um": True}, "tolerance_um"),
+    ("MMStage", {"limits_mm": (5, 15), "tolerance_um": 0}, "tolerance_um"),
+    ("MMStage", {"limits_mm": (5, 15), "label": 5}, "label"),
+    ("MMXYStage", {"limits_mm": ((0, 1),)}, "limits_mm"),
+    ("MMXYStage", {"limits_mm": ((0, 1), (2, 1))}, "limits_mm"),
+    ("MMXYStage", {"limits_mm": ((0, 1), (0, 1)), "tolerance_um": float("inf")}, "tolerance_um"),
+    ("MMCamera", {"exposure_ms": "5"}, "exposure_ms"),
+    ("MMCamera", {"exposure_ms": 0.0}, "exposure_ms"),
+    ("MMCamera", {"roi": (0, 0, 64)}, "roi"),
+    ("MMCamera", {"roi": (0.5, 0, 64, 64)}, "roi"),
+    ("mm_autofocus", {"limits_mm": (0, 25), "exposure_ms": -1.0}, "exposure_ms"),
+    ("mm_autofocus", {"limits_mm": (0, 25), "tolerance_um": np.nan}, "tolerance_um"),
+    ("mm_autofocus", {"limits_mm": (0, 25), "search": "quick"}, "search"),
+    ("mm_autofocus", {"limits_mm": (0, 25), "on_frame": "print"}, "on_frame"),
+]
+
+
+@pytest.mark.parametrize(("adapter", "keywords", "named"), BAD_SETTINGS)
+def test_bad_settings_are_refused_naming_them_and_nothing_changes(adapter: str, keywords: dict, named: str) -> None:
+    with mm_devices.microscope(travel_um=(0.0, 20000.0)) as scope:
+        core = scope.core
+        args = (-0.03, 0.03, STEP_20X) if adapter == "mm_autofocus" else ()
+        with pytest.raises(autofocus.UsageError, match=rf"^{named}\b"):
+            getattr(autofocus, adapter)(core, *args, **keywords)
+        assert (type(core), core.getExposure(), list(core.getROI())) == (UniMMCore, 10.0, [0, 0, 320, 200])
+        assert scope.focus.moves == [] and scope.plate.moves == []
+
+
+def test_a_position_that_is_not_a_number_is_a_stage_error() -> None:
+    with mm_devices.microscope() as scope:
+        stage = autofocus.MMStage(scope.core, limits_mm=(0, 25))
+        scope.focus.land_off_um = float("nan")  # the device reports NaN after the move
+        with pytest.raises(autofocus.StageError, match="reports its position as"):
+            stage.move_to(12.3)  # the verification must not pass a NaN
+        assert scope.focus.moves == [12300.0]
+
+
 class TwelveBitCore(UniMMCore):
     """A core whose camera is 12-bit in 16-bit pixels, as most scientific cameras' adapters report."""
 
@@ -257,10 +297,12 @@ def test_mm_autofocus_checks_its_settings_once() -> None:
         core = scope.core
         with pytest.raises(autofocus.UsageError, match="unknown option serach"):
             autofocus.mm_autofocus(core, -0.03, 0.03, STEP_20X, limits_mm=(0, 25), serach="fast")
-        with pytest.raises(autofocus.UsageError, match="STEP"):
+        with pytest.raises(autofocus.UsageError, match="step_mm"):
             autofocus.mm_autofocus(core, -0.03, 0.03, 0, limits_mm=(0, 25))
         with pytest.raises(autofocus.UsageError, match="camera_roi"):
             autofocus.mm_autofocus(core, -0.03, 0.03, STEP_20X, limits_mm=(0, 25), camera_roi=(0, 0, 2, 2))
+        with pytest.raises(autofocus.UsageError, match="relative"):
+            autofocus.mm_autofocus(core, -0.03, 0.03, STEP_20X, limits_mm=(0, 25), relative="yes")
         with pytest.raises(autofocus.UsageError, match="reports no travel limits"):
             autofocus.mm_autofocus(core, -0.03, 0.03, STEP_20X)
         assert type(core) is UniMMCore  # nothing attached by a refused call
@@ -268,26 +310,28 @@ def test_mm_autofocus_checks_its_settings_once() -> None:
         second = autofocus.mm_autofocus(core, -0.1, 0.1, 0.01, limits_mm=(0, 25), search="fast", exposure_ms=2.0)
         assert core.getAutoFocusDevice() == autofocus.MM_AUTOFOCUS_LABEL
         core.fullFocus()
-        assert (first.results, second.results[0].search) == ([], "fast")
+        assert (first.results, second.results[0].search) == ([], "fast")  # the settings of the last attached
         assert core.getExposure() == 10.0  # the autofocus exposure was for its own frames
         with pytest.raises(autofocus.UsageError, match="no offset motor"):
             core.setAutoFocusOffset(1.0)
-        # the focus beyond the range: edge, and back to where it was (a failed autofocus to the engine)
+        first.detach()  # not the attached one: nothing changes
+        assert core.getAutoFocusDevice() == autofocus.MM_AUTOFOCUS_LABEL
+        third = autofocus.mm_autofocus(core, -0.03, 0.03, STEP_20X, limits_mm=(0, 25))
+        # the focal plane beyond the range: edge, and back to where it was (a failed autofocus to the engine)
         scope.focus.z_um = 12275.0  # searching 12.245..12.305 mm, the focal plane 5 um above it
-        second.range = (-0.03, 0.03, STEP_20X)
         with pytest.raises(RuntimeError, match=r"autofocus.py: edge: .*the focus went back to 12\.2750 mm"):
             core.fullFocus()
-        assert scope.focus.z_um == 12275.0 and second.results[-1].verdict.kind == "edge"
+        assert scope.focus.z_um == 12275.0 and third.results[-1].verdict.kind == "edge"
         # a range that leaves the limits here is a failed autofocus to the engine (RuntimeError), nothing moved
         scope.focus.z_um = 24990.0
         moves = len(scope.focus.moves)
         with pytest.raises(RuntimeError, match="leaves the allowed interval"):
             core.fullFocus()
         assert len(scope.focus.moves) == moves
-        first.detach()  # not the attached one: nothing changes
-        assert core.getAutoFocusDevice() == autofocus.MM_AUTOFOCUS_LABEL
-        second.detach()
-        assert core.getAutoFocusDevice() == ""
+        third.detach()
+        assert core.getAutoFocusDevice() == "" and type(core) is UniMMCore
+        second.detach()  # detached already: nothing to do
+        assert type(core) is UniMMCore
 
 
 # --- focus_map (issue 22) on the real core ---------------------------------------------------------------
