@@ -241,7 +241,8 @@ class BadValue(UsageError):
     the command line names it by its option instead (``relabel``: ``--settle-ms``).
 
     ``scope`` says whose keyword it is -- "request" (focus()), "simulator" (simulated_microscope(),
-    SimOptics, SimTiming), "zaber" (ZaberStage), "camera" (FlirCamera, BaslerCamera) -- and
+    SimOptics, SimTiming), "zaber" (ZaberStage), "camera" (FlirCamera, BaslerCamera), "micromanager"
+    (MMStage, MMXYStage, MMCamera, mm_autofocus) -- and
     ``fields`` which keywords the message names; ``text(*labels)`` writes it."""
 
     def __init__(self, scope: str, fields: tuple[str, ...], text: Callable[..., str]) -> None:
@@ -320,7 +321,7 @@ class Interrupted(KeyboardInterrupt):
 ###############################################################################
 # Every argument the tool takes -- focus()'s request, the simulator's options, the backends'
 # settings -- is checked against one row of a table (REQUEST_RULES, SIM_RULES, ZABER_RULES,
-# CAMERA_RULES) before anything moves: its type (a bool is not a number, the string "False" is not
+# CAMERA_RULES, MM_RULES) before anything moves: its type (a bool is not a number, the string "False" is not
 # False, 8.0 is not a whole number) and its range.  The command line only parses text into numbers;
 # these checks are the same for it and for a script, and it only renames the argument in the message.
 
