@@ -11,6 +11,7 @@ Example::
     python autofocus.py 10 14 0.05 COM3            # MVR focus stage: device 3, axis 1
     python autofocus.py 10 14 0.05 --simulate      # no hardware needed
     python autofocus.py 10 14 0.05 COM3 --camera basler   # a Basler camera (pip install pypylon)
+    python autofocus.py 10 14 0.01 COM3 --map 5x4 --map-area 20,10,28,16   # a focus map of the slide
 
 Exit codes:
 
@@ -26,9 +27,18 @@ Exit codes:
     129  hung up (SIGHUP: the terminal or SSH session closed; POSIX only); handled like Ctrl-C
     149  Ctrl-Break (SIGBREAK; Windows only); handled like Ctrl-C
 
+    With --map: 0 the slide's surface was fitted and its leave-one-out error is within half the
+    depth of field, 4 a surface less certain than that, 3 no surface (too few points focused);
+    2, 5 and 130 as above (after a fault or Ctrl-C nothing more moves and the points so far are
+    written).
+
+Python API: ``focus()`` (one field), ``focus_map()`` (a grid over the XY plate -> ``FocusMap``,
+``z_at(x, y)``), ``simulated_microscope()``, ``simulated_slide()``, the ``Stage``, ``XYStage`` and
+``Camera`` protocols, ``ZaberStage``, ``ZaberPlate``, ``FlirCamera``, ``BaslerCamera``.
+
 Sections, in dependency order: constants, exceptions, result types, focus scores, peak
-fitting and verdict, search, device interfaces, backends (Zaber + FLIR, Basler, simulated, replay),
-output, command line.
+fitting and verdict, the slide's surface (focus maps, pure), search, device interfaces, backends
+(Zaber + FLIR, Basler, simulated, replay), output, Python API (focus, focus maps), command line.
 """
 from __future__ import annotations
 

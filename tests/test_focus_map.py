@@ -192,6 +192,7 @@ def test_window_covers_the_prediction_and_its_uncertainty_on_the_grid() -> None:
     lo, hi = af.plan_window(12.3402, 0.002, positions, 0.004, 14)
     assert round((hi - lo) / 0.004) + 1 == 7 and lo < 12.3402 - 2.5 * 0.002 < 12.3402 + 2.5 * 0.002 < hi
     assert af.plan_window(12.262, 0.0005, positions, 0.004, 14) == (12.26, 12.276)  # shifted inside
+    assert af.plan_window(12.4195, 0.0005, positions, 0.004, 14) == (12.404, 12.42)
     assert af.plan_window(12.3402, 0.01, positions, 0.004, 14) is None  # as dear as the whole range
     down = positions[::-1]
     assert af.plan_window(12.3402, 0.0005, down, 0.004, 14) == (12.348, 12.332)  # a downward range

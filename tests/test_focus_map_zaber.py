@@ -67,19 +67,24 @@ def test_map_on_a_zaber_microscope_found_by_zml(capfd: pytest.CaptureFixture[str
         assert len(csv_path.read_text().splitlines()) == 5
 
 
+@pytest.mark.parametrize(("move", "device"), [(49, 2), (40, 3)])  # the 4th point's x move; a focus move
 def test_a_fault_mid_map_writes_the_partial_map_and_nothing_moves_after_it(
-        fake: FakeZaber, capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    """An encoder fault (FQ) latches at a plate move in the middle of the map: exit 5, one line,
-    the points so far in the CSV and JSON, and not one motion command after the faulted move."""
+        fake: FakeZaber, capfd: pytest.CaptureFixture[str], tmp_path: Path, move: int, device: int) -> None:
+    """An encoder fault (FQ) latches in the middle of the map, at a plate move or a focus move:
+    exit 5, one line, the points so far in the CSV and JSON, and not one motion command after
+    the faulted move."""
     out_csv, out_json = tmp_path / "map.csv", tmp_path / "map.json"
-    fake.inject(fault_at_move=40)
+    fake.inject(fault_at_move=move)
     code, _, err = call_main(capfd, argv(fake, "--map", "3x3", "--map-area", "44,33,50,39", "--map-out", out_csv,
                                          "--map-json", out_json))
     assert code == 5, err
+    assert fake.move_targets(2, 2)[:2] == [native(44), native(47)]  # --xy-device: x is axis 2 ...
+    assert fake.move_targets(2, 1)[0] == native(33)  # ... and y axis 1
     lines = [line for line in err.splitlines() if line.startswith("autofocus.py:")]
     assert len(lines) == 1 and "fault FQ" in lines[0] and "nothing more was moved" in lines[0]
     moves = [i for i, r in enumerate(fake.log) if r.text.startswith("move abs")]
-    faulted = moves[39]
+    faulted = moves[move - 1]
+    assert fake.log[faulted].device == device  # (the move numbers follow the map's deterministic path)
     assert not [r.text for r in fake.log[faulted + 1:] if r.text.startswith(MOTION_PREFIXES)]
     doc = json.loads(out_json.read_text())
     assert not doc["complete"] and doc["points"][-1]["status"] == "failed"
