@@ -801,7 +801,7 @@ PRIOR_TILT_MM_PER_MM = 0.010
 PRIOR_BOW_MM_PER_MM2 = 0.0003
 NOISE_REPEATS = 4  # frames repeated at the first focus: the score's frame-to-frame noise
 SIGMA_PER_90 = 1.0 / 1.645  # uncertainty_mm is a ~90% half-width: one sigma is 1/1.645 of it
-XY_TOLERANCE_MM = 0.002  # a plate move must end within 2 um of its target (Zaber axes: within their own native tolerance too)
+XY_TOLERANCE_MM = 0.002  # a plate move must end within 2 um of its target (a Zaber axis: its own tolerance too)
 Z_AT_MARGIN = 0.05  # z_at answers up to 5% of the area's span beyond its edges (tiles on the border)
 
 
@@ -924,11 +924,13 @@ def fit_surface(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[flo
     lowest leave-one-out error unless given."""
     u, v = _normalised(area_mm, x_mm, y_mm)
     z = np.asarray(z_mm, float)
-    w = _weights(np.asarray(sigma_mm, float))
     n = len(z)
+    if n < 4:
+        return None
+    w = _weights(np.asarray(sigma_mm, float))
     area = tuple(float(a) for a in area_mm)
     plane = _poly_basis("plane", u, v)
-    if n < 4 or np.linalg.matrix_rank(plane * np.sqrt(w)[:, None]) < 3:
+    if np.linalg.matrix_rank(plane * np.sqrt(w)[:, None]) < 3:
         return None
     if model in ("plane", "quadratic"):
         basis = _poly_basis(model, u, v)
@@ -2414,9 +2416,9 @@ class ZaberPlate:
     verified exactly as a focus move is (flags read before anything clears them, the position
     within tolerance of the target, bounded waits, faults and interruptions by their flags).
 
-    ``from_microscope(connection)`` finds the plate with ZML's ``microscopy.Microscope.find`` (it
-    reads the axes' ``zaber.microscope.part`` storage keys, as Zaber Launcher's microscope set-up
-    leaves them); ``from_device(connection, n)`` takes device n's axis 2 as x and axis 1 as y, as
+    ``from_microscope(connection)`` finds the plate with ZML's ``microscopy.Microscope.find`` (ZML
+    10.3 identifies the parts by the axes' ``zaber.microscope.part`` storage keys, x, y and focus;
+    which devices leave the factory with them is not documented); ``from_device(connection, n)`` takes device n's axis 2 as x and axis 1 as y, as
     Zaber's scanning examples do.  Units: millimetres through Zaber's device database, or
     ``native_unit_nm`` (the size of one native unit of both axes).  The caller owns the
     connection."""
@@ -2453,8 +2455,8 @@ class ZaberPlate:
                              "with --xy-device N (x = its axis 2, y = axis 1)") from exc
         if scope.x_axis is None or scope.y_axis is None:
             raise UsageError("ZML's microscope detection found no XY plate on this connection (no axis carries "
-                             "the zaber.microscope.part key of a Zaber Launcher microscope set-up); name its device "
-                             "with --xy-device N (x = its axis 2, y = axis 1) and --xy-native-unit-nm NM offline")
+                             "a zaber.microscope.part storage key of x and y); name its device with --xy-device N "
+                             "(x = its axis 2, y = axis 1) and --xy-native-unit-nm NM offline")
         return cls.from_axes(scope.x_axis, scope.y_axis, **stage_options)
 
     def move_to(self, x_mm: float, y_mm: float) -> None:
@@ -4482,8 +4484,8 @@ def summarise_map(points: Sequence[MapPoint], *, area_mm: tuple[float, float, fl
                         "not all on one line, are needed); check START..END and the area")
     empty = [(p.x_mm, p.y_mm) for p in new if p.status == "not_focused"]
     if empty:
-        warnings.append(f"{len(empty)} point{'s' if len(empty) > 1 else ''} without a focus (bare glass, an empty field, "
-                        f"or the focus outside START..END), left out: {_where(empty)}")
+        warnings.append(f"{len(empty)} point{'s' if len(empty) > 1 else ''} without a focus (bare glass, an empty "
+                        f"field, or the focus outside START..END), left out: {_where(empty)}")
     if not complete:
         warnings.append(f"the map was cut short after {sum(p.status != 'failed' for p in new)} of "
                         f"{grid[0] * grid[1]} grid points")
@@ -4501,7 +4503,8 @@ def check_map_request(area_mm: Any, grid: Any, *, xy_limits_mm: Any = None, refi
         raise UsageError(f"map area {area_mm!r} must be X0,Y0,X1,Y1: four finite numbers of mm")
     x0, y0, x1, y1 = (float(v) for v in area_mm)
     if max(abs(v) for v in (x0, y0, x1, y1)) > MAX_ABS_POSITION_MM:
-        raise UsageError(f"map area {x0:g},{y0:g},{x1:g},{y1:g} mm is out of range: within +-{MAX_ABS_POSITION_MM:g} mm")
+        raise UsageError(f"map area {x0:g},{y0:g},{x1:g},{y1:g} mm is out of range: within "
+                         f"+-{MAX_ABS_POSITION_MM:g} mm")
     if x0 == x1 or y0 == y1:
         raise UsageError(f"map area {x0:g},{y0:g},{x1:g},{y1:g} mm has no {'width' if x0 == x1 else 'height'}: "
                          "give two opposite corners X0,Y0,X1,Y1")
@@ -4535,12 +4538,13 @@ def check_area_inside(area_mm: tuple[float, float, float, float],
     allowed = [[tx0, tx1], [ty0, ty1]]
     if xy_limits_mm is not None:
         lx0, ly0, lx1, ly1 = xy_limits_mm
-        allowed = [[max(tx0, min(lx0, lx1)), min(tx1, max(lx0, lx1))], [max(ty0, min(ly0, ly1)), min(ty1, max(ly0, ly1))]]
+        allowed = [[max(tx0, min(lx0, lx1)), min(tx1, max(lx0, lx1))],
+                   [max(ty0, min(ly0, ly1)), min(ty1, max(ly0, ly1))]]
     x0, y0, x1, y1 = area_mm
     for name, (lo, hi), (a, b) in (("X", allowed[0], (x0, x1)), ("Y", allowed[1], (y0, y1))):
         if min(a, b) < lo - 1e-9 or max(a, b) > hi + 1e-9:
-            raise UsageError(f"the map area's {name} {min(a, b):g}..{max(a, b):g} mm leaves the allowed {lo:g}..{hi:g} mm "
-                             f"(plate travel X {tx0:g}..{tx1:g}, Y {ty0:g}..{ty1:g} mm"
+            raise UsageError(f"the map area's {name} {min(a, b):g}..{max(a, b):g} mm leaves the allowed "
+                             f"{lo:g}..{hi:g} mm (plate travel X {tx0:g}..{tx1:g}, Y {ty0:g}..{ty1:g} mm"
                              + (", and the XY soft limits" if xy_limits_mm is not None else "")
                              + "); choose an area inside it; nothing moved")
     return (allowed[0][0], allowed[0][1]), (allowed[1][0], allowed[1][1])
@@ -4611,10 +4615,9 @@ class _Mapper:
         used = [p for p in self.points if p.z_mm is not None and p.status == "used"]
         window = None
         if used and self.rel_noise is not None:
+            sigmas = [point_sigma_mm(p.result, self.step_mm) for p in used]  # type: ignore[arg-type]
             predicted, sigma = predict_focus([p.x_mm for p in used], [p.y_mm for p in used],
-                                             [p.z_mm for p in used],  # type: ignore[misc]
-                                             [point_sigma_mm(p.result, self.step_mm) for p in used],  # type: ignore[arg-type]
-                                             (x_mm, y_mm))
+                                             [p.z_mm for p in used], sigmas, (x_mm, y_mm))  # type: ignore[misc]
             window = plan_window(predicted, sigma, self.positions, self.step_mm, self.full_frames)
         note = ""
         if window is not None:
@@ -4662,7 +4665,9 @@ def focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, *, area_mm: Seq
     Safety: everything is checked before anything moves (UsageError): the area, the grid, the
     area inside the plate's travel and ``xy_limits_mm`` (X0, Y0, X1, Y1), the focus range inside
     the focus stage's travel and ``z_min``/``z_max``; Z is only ever commanded inside START..END
-    (with a backlash overshoot, the frames start one overshoot inside) and the soft limits.  Every
+    (with a backlash overshoot, the frames start one overshoot inside) and the soft limits: a focus
+    stage outside them is first sent to the range's first position, so that a search that finds
+    nothing (or fails) returns it there, not outside.  Every
     plate move is verified (within XY_TOLERANCE_MM of its target, and the plate still where the
     map left it before the next one).  A fault or Ctrl-C stops the map at once: nothing more
     moves (a search in progress makes its own axis safe as ``focus()`` does), and the error carries
@@ -4733,6 +4738,8 @@ def focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, *, area_mm: Seq
                              elapsed_s=time.perf_counter() - t0)
 
     try:
+        if not z_lo - 1e-9 <= z_stage.position_mm() <= z_hi + 1e-9:
+            mapper.approach_z(positions[0])  # into the range first: every search then starts (and returns) inside it
         for x, y in path:
             mapper.points.append(mapper.measure(x, y))
             if on_point is not None:
@@ -4779,7 +4786,7 @@ def focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, *, area_mm: Seq
                 partial = getattr(exc, "partial", None)
                 mapper.points.append(MapPoint(mapper.current[0], mapper.current[1], partial,
                                               tuple(mapper.searches) + ((partial,) if partial is not None else ()),
-                                              "failed", first_line(exc)))
+                                              "failed", failure_line(exc)[1]))
             try:
                 partial_map: FocusMap | None = summary(False)
             except Exception:  # noqa: BLE001 - the error being raised is what matters

@@ -991,6 +991,8 @@ def section_map(quick: bool) -> None:
         for grid in ((5, 4),) if name != "tilted + bowed" or quick else ((5, 4), (7, 5)):
             for photons in photon_levels:
                 for strategy in strategies:
+                    if strategy == "sweep" and (name, grid, photons) != ("tilted + bowed", (5, 4), 1000.0):
+                        continue  # the sweep (41 frames a point) as a reference on the main case only
                     cases = [map_case(slide, grid, photons, size, seed, strategy) for size in sizes for seed in seeds]
                     results[(name, grid, photons, strategy)] = cases
                     rows.append([name, f"{grid[0]}x{grid[1]}", f"{photons:g}", strategy,

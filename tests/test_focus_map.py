@@ -341,7 +341,7 @@ class Recorder:
 
 
 def simulated(**slide: Any) -> tuple[Recorder, Recorder, af.SlideCamera]:
-    plate, stage, camera = af.simulated_slide(**SIM, **slide)
+    plate, stage, camera = af.simulated_slide(**{**SIM, **slide})
     return Recorder(plate), Recorder(stage), camera
 
 
@@ -379,6 +379,14 @@ def test_map_visits_a_snake_and_never_leaves_the_range_or_the_limits(bowed_map: 
     assert [(p.x_mm, p.y_mm) for p in fmap.points] == af.snake_path(AREA, (5, 4))
     assert all(RANGE[0] - 1e-12 <= z <= RANGE[1] + 1e-12 for (z,) in stage.moves)
     assert stage.moves[-1] == (fmap.points[-1].z_mm,)  # left at the last point's focus
+
+
+def test_z_stays_in_the_range_when_the_stage_starts_outside_it_and_the_first_point_is_bare() -> None:
+    plate, stage, camera = simulated(start_mm=5.0, bare_glass=((43.0, 32.0, 45.0, 34.0),))
+    fmap = af.focus_map(plate, stage, camera, area_mm=AREA, grid=(2, 2), start_mm=RANGE[0], end_mm=RANGE[1],
+                        step_mm=RANGE[2])
+    assert fmap.points[0].status == "not_focused"  # its search returned the stage to where it started ...
+    assert stage.moves[0] == (RANGE[0],) and all(RANGE[0] <= z <= RANGE[1] for (z,) in stage.moves)  # ... in range
 
 
 def test_bare_glass_points_are_reported_and_never_bend_the_surface(bowed_map: Any) -> None:
@@ -559,3 +567,14 @@ def test_readme_tiling_loop_runs_on_the_simulator(capsys: pytest.CaptureFixture[
     # every tile was taken at the surface's focus: within 1.5 um of the slide's true focal plane
     for (x, y), _ in tiles.items():
         assert abs(fmap.z_at(x, y) - camera.slide.z_mm(x, y)) < 1.5e-3
+
+
+def test_cli_map_shows_a_progress_bar_per_point(capfd: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # as on a terminal
+    code, stdout, stderr = call_main(capfd, [*CLI, "--map", "2x2", "--map-area", "44,33,48,36"])
+    assert code == 0 and "focus map 2x2" in stdout
+    # tqdm's bar, counted in points, each with where it was and what it found
+    assert re.search(r"focus map: +\d+%.*[1-4]/4 \[.*point/s, \(4[48], 3[36]\) focused, \d+ frames", stderr), stderr
