@@ -998,15 +998,17 @@ class SurfaceChoice:
 
 def choose_surface(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[float],
                    sigma_mm: Sequence[float], area_mm: Sequence[float], outlier_floor_mm: float,
-                   models: Sequence[str] = MAP_MODELS) -> SurfaceChoice:
-    """Fit every model, pick one by leave-one-out error, and leave out outliers (worst first).
+                   models: Sequence[str] = MAP_MODELS, own_sigma_mm: Sequence[float] | None = None) -> SurfaceChoice:
+    """Fit every model (weights from ``sigma_mm``), pick one by leave-one-out error, and leave out
+    outliers (worst first).
 
     A point is an outlier when its leave-one-out residual under the chosen model exceeds both
     OUTLIER_SIGMAS robust sigmas of all the leave-one-out residuals (1.4826 x their median
-    absolute value) or of its own error bar, and ``outlier_floor_mm`` (half the depth of field).
-    At most OUTLIER_MAX_FRACTION of the points are left out, and never so many that fewer than 5
-    remain."""
+    absolute value) or of its own error bar (``own_sigma_mm``, 0 where a point has none; default
+    ``sigma_mm``), and ``outlier_floor_mm`` (half the depth of field).  At most
+    OUTLIER_MAX_FRACTION of the points are left out, and never so many that fewer than 5 remain."""
     x, y, z, s = (np.asarray(a, float) for a in (x_mm, y_mm, z_mm, sigma_mm))
+    own = s if own_sigma_mm is None else np.asarray(own_sigma_mm, float)
     used = np.ones(len(z), bool)
     outliers: list[int] = []
     most = int(len(z) * OUTLIER_MAX_FRACTION)
@@ -1018,7 +1020,7 @@ def choose_surface(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[
         fit = fits[select_model(fits)]
         loo = np.abs(fit.loo_mm)
         robust = 1.4826 * float(np.median(loo))
-        limit = np.maximum(OUTLIER_SIGMAS * np.maximum(robust, s[idx]), outlier_floor_mm)
+        limit = np.maximum(OUTLIER_SIGMAS * np.maximum(robust, own[idx]), outlier_floor_mm)
         worst = int(np.argmax(loo / limit))
         if loo[worst] <= limit[worst] or len(outliers) >= most or len(idx) - 1 < 5:
             return SurfaceChoice(fit, {m: f.loo_rms_mm for m, f in fits.items()}, used, tuple(outliers))
@@ -2418,10 +2420,10 @@ class ZaberPlate:
 
     ``from_microscope(connection)`` finds the plate with ZML's ``microscopy.Microscope.find`` (ZML
     10.3 identifies the parts by the axes' ``zaber.microscope.part`` storage keys, x, y and focus;
-    which devices leave the factory with them is not documented); ``from_device(connection, n)`` takes device n's axis 2 as x and axis 1 as y, as
-    Zaber's scanning examples do.  Units: millimetres through Zaber's device database, or
-    ``native_unit_nm`` (the size of one native unit of both axes).  The caller owns the
-    connection."""
+    which devices leave the factory with them is not documented); ``from_device(connection, n)``
+    takes device n's axis 2 as x and axis 1 as y, as Zaber's scanning examples do.  Units:
+    millimetres through Zaber's device database, or ``native_unit_nm`` (the size of one native
+    unit of both axes).  The caller owns the connection."""
 
     def __init__(self, x: ZaberStage, y: ZaberStage) -> None:
         x.role, y.role = "X", "Y"
@@ -4441,7 +4443,11 @@ def summarise_map(points: Sequence[MapPoint], *, area_mm: tuple[float, float, fl
     y = [points[i].y_mm for i in focused]
     z = [points[i].z_mm for i in focused]
     s = [point_sigma_mm(points[i].result, step_mm) for i in focused]  # type: ignore[arg-type]
-    choice = choose_surface(x, y, z, s, area_mm, depth_of_field_mm / 2.0)  # type: ignore[arg-type]
+    # An assumed error bar (STEP/4, where a search gives none) weights the fit but does not widen
+    # the outlier test: that rests on the points' own scatter then.
+    own = [sigma if points[i].result.uncertainty_mm is not None else 0.0  # type: ignore[union-attr]
+           for i, sigma in zip(focused, s)]
+    choice = choose_surface(x, y, z, s, area_mm, depth_of_field_mm / 2.0, own_sigma_mm=own)  # type: ignore[arg-type]
     fit = choice.fit
     new = list(points)
     for i, p in enumerate(points):
@@ -4637,6 +4643,17 @@ class _Mapper:
             note = f"window {window[0]:.4f}..{window[1]:.4f} mm: {verdict.kind}; searched the whole range"
         found = focus(self.z, self.camera, self.positions[0], self.positions[-1], self.step_mm, **self.full_opts)
         self.searches.append(found)
+        if (window is not None and found.verdict.kind == "focused"
+                and min(window) + self.step_mm - 1e-9 <= found.best_mm <= max(window) - self.step_mm + 1e-9):
+            # The whole range's peak lies inside the window (a STEP or more from its ends), where the
+            # window, judged with the slide's measured noise, showed no peak: the same positions, the
+            # more sensitive test -- a noise maximum (the verdict's known weakness on empty fields).
+            # Not a focus; back to where that search began.
+            moves = found.moves + self.approach_z(found.start_mm)
+            found = dataclasses.replace(found, best_mm=found.start_mm, moves=moves, verdict=dataclasses.replace(
+                found.verdict, kind="no_peak", reason=f"its peak at {found.best_mm:.4f} mm lies inside the window "
+                f"{min(window):.4f}..{max(window):.4f} mm, which showed none: noise"))
+            note += "; its peak lay in the window, which showed none: taken as noise"
         noise_frames = self.measure_noise() if found.verdict.kind == "focused" and self.rel_noise is None else 0
         return MapPoint(x_mm, y_mm, found, tuple(self.searches), "used" if found.verdict.kind == "focused"
                         else "not_focused", note, noise_frames, added)

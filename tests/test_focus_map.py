@@ -5,6 +5,7 @@ The real ZML against the fake plate is in tests/test_focus_map_zaber.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -147,6 +148,23 @@ def test_points_within_half_a_depth_of_field_are_never_outliers() -> None:
     z[11] += 0.0015  # far beyond the others' 0.01 um scatter, but within DOF/2 = 2 um
     assert af.choose_surface(x, y, z, np.full(len(x), 1e-5), AREA, 0.002).outliers == ()
     assert af.choose_surface(x, y, z, np.full(len(x), 1e-5), AREA, 0.001).outliers == (11,)
+
+
+def test_an_assumed_error_bar_does_not_hide_an_outlier() -> None:
+    """STEP/4 (1 um here) weights points without an error bar of their own, but the outlier test
+    then rests on the points' scatter: a point 3.5 um off a surface the others follow to 0.2 um
+    is an outlier -- unless its own error bar says it may be that far off."""
+    rng = np.random.default_rng(8)
+    x, y = grid_points()
+    z = bowed(x, y) + rng.normal(0, 2e-4, len(x))
+    z[6] += 0.0035
+    assumed = np.full(len(x), 1e-3)
+    assert af.choose_surface(x, y, z, assumed, AREA, 0.002, own_sigma_mm=np.zeros(len(x))).outliers == (6,)
+    assert af.choose_surface(x, y, z, assumed, AREA, 0.002).outliers == ()
+    pts = [af.MapPoint(float(a), float(b), fake_result(float(c))) for a, b, c in zip(x, y, z)]  # no error bars
+    fmap = af.summarise_map(pts, area_mm=AREA, grid=(5, 4), depth_of_field_mm=0.004, range_mm=(12.26, 12.42),
+                            step_mm=0.004)
+    assert [p.status for p in fmap.points].count("outlier") == 1 and fmap.points[6].status == "outlier"
 
 
 def test_surface_round_trips_through_json_and_refuses_points_outside_the_area() -> None:
@@ -402,6 +420,36 @@ def test_bare_glass_points_are_reported_and_never_bend_the_surface(bowed_map: An
     assert np.max(np.abs(fmap.z_at(gx, gy) - plain.z_at(gx, gy))) < 1.0e-3
     err = true_error_um(fmap, camera)
     assert np.sqrt(np.mean(err ** 2)) < 0.5 and np.max(np.abs(err)) < 1.5
+
+
+def test_a_whole_range_peak_inside_a_window_that_showed_none_is_noise(bowed_map: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """focus()'s verdict can still call a noise maximum on an empty field focused (issue 20); where
+    the window, judged with the slide's measured noise, covered that z and showed no peak, the map
+    takes it as noise: the bare-glass point is reported, the stage goes back, the surface is unbent."""
+    plate, stage, camera = simulated(bare_glass=((49.0, 35.5, 51.0, 36.5),))  # the point (50, 36)
+    real, windows = af.focus, []
+
+    def focus(z_stage: Any, cam: Any, start: float, end: float, step: float, **kw: Any) -> af.FocusResult:
+        result = real(z_stage, cam, start, end, step, **kw)
+        if kw.get("search") == "sweep":
+            windows.append((start, end))
+        elif plate.inner.xy == (50.0, 36.0) and result.verdict.kind == "no_peak":
+            fake_z = round(sum(windows[-1]) / 2, 6)  # a made-up peak in the middle of the window
+            z_stage.move_to(fake_z)
+            result = dataclasses.replace(result, best_mm=fake_z, verdict=dataclasses.replace(result.verdict,
+                                                                                              kind="focused"))
+        return result
+
+    monkeypatch.setattr(af, "focus", focus)
+    fmap = af.focus_map(plate, stage, camera, area_mm=AREA, grid=(5, 4), start_mm=RANGE[0], end_mm=RANGE[1],
+                        step_mm=RANGE[2])
+    point = next(p for p in fmap.points if (p.x_mm, p.y_mm) == (50.0, 36.0))
+    assert point.status == "not_focused" and "taken as noise" in point.note
+    assert point.result.verdict.kind == "no_peak" and point.searches[-1].verdict.kind == "focused"  # both kept
+    assert stage.moves[-1] != point.searches[-1].best_mm
+    gx, gy = dense()
+    assert np.max(np.abs(fmap.z_at(gx, gy) - bowed_map[0].z_at(gx, gy))) < 1.0e-3
 
 
 def test_refine_adds_points_where_the_map_is_uncertain() -> None:
