@@ -258,6 +258,16 @@ def test_window_verdict_rejects_noise_and_reports_an_edge() -> None:
     assert af.judge_window(small, float("nan")).kind == "no_peak"
 
 
+def test_a_window_shows_a_weak_real_peak_but_not_noise() -> None:
+    """A peak found by the whole-range search inside a window: a 15% rise there (a real, weak peak
+    at 300 photons) is shown, a 1% ripple of noise is not (the noise is 3%)."""
+    z = np.linspace(12.312, 12.328, 5)
+    weak = [af.Sample(float(a), float(b)) for a, b in zip(z, (0.78, 0.85, 0.97, 1.0, 0.86))]
+    flat = [af.Sample(float(a), float(b)) for a, b in zip(z, (0.993, 0.994, 1.0, 0.994, 0.988))]
+    assert af.window_shows(weak, 12.324, 0.03) and not af.window_shows(flat, 12.320, 0.03)
+    assert af.window_shows(flat, 12.312, 0.03)  # at the window's end: nothing to say
+
+
 def test_relative_noise_of_repeated_frames() -> None:
     rng = np.random.default_rng(0)
     scores = 0.05 * (1 + rng.normal(0, 0.02, 400))
@@ -428,12 +438,12 @@ def test_a_whole_range_peak_inside_a_window_that_showed_none_is_noise(bowed_map:
     the window, judged with the slide's measured noise, covered that z and showed no peak, the map
     takes it as noise: the bare-glass point is reported, the stage goes back, the surface is unbent."""
     plate, stage, camera = simulated(bare_glass=((49.0, 35.5, 51.0, 36.5),))  # the point (50, 36)
-    real, windows = af.focus, []
+    real, windows = af._run_request, []
 
-    def focus(z_stage: Any, cam: Any, start: float, end: float, step: float, **kw: Any) -> af.FocusResult:
-        result = real(z_stage, cam, start, end, step, **kw)
-        if kw.get("search") == "sweep":
-            windows.append((start, end))
+    def run(z_stage: Any, cam: Any, request: af.Request, on_frame: Any) -> af.FocusResult:
+        result = real(z_stage, cam, request, on_frame)
+        if request.search == "sweep":
+            windows.append((request.start_mm, request.end_mm))
         elif plate.inner.xy == (50.0, 36.0) and result.verdict.kind == "no_peak":
             fake_z = round(sum(windows[-1]) / 2, 6)  # a made-up peak in the middle of the window
             z_stage.move_to(fake_z)
@@ -441,7 +451,7 @@ def test_a_whole_range_peak_inside_a_window_that_showed_none_is_noise(bowed_map:
                                                                                               kind="focused"))
         return result
 
-    monkeypatch.setattr(af, "focus", focus)
+    monkeypatch.setattr(af, "_run_request", run)
     fmap = af.focus_map(plate, stage, camera, area_mm=AREA, grid=(5, 4), start_mm=RANGE[0], end_mm=RANGE[1],
                         step_mm=RANGE[2])
     point = next(p for p in fmap.points if (p.x_mm, p.y_mm) == (50.0, 36.0))
