@@ -5417,9 +5417,9 @@ def focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, *, area_mm: Seq
     the focus stage's travel and ``z_min``/``z_max``; Z is only ever commanded inside START..END
     (with a backlash overshoot, the frames start one overshoot inside) and the soft limits: a focus
     stage outside them is first sent to the range's first position, so that a search that finds
-    nothing (or fails) returns it there, not outside.  Every
-    plate move is verified (within XY_TOLERANCE_MM of its target, and the plate still where the
-    map left it before the next one).  A fault or Ctrl-C stops the map at once: nothing more
+    nothing (or fails) returns it there, not outside.  Every plate move is verified (within
+    XY_TOLERANCE_MM of its target, and the plate still where the map left it before the next
+    one).  A fault or Ctrl-C stops the map at once: nothing more
     moves (a search in progress makes its own axis safe as ``focus()`` does), and the error carries
     ``partial_map`` (a FocusMap of the points measured so far, ``complete=False``) and
     ``stage_state`` (where the stages were left).  A map that completes leaves the plate at its
