@@ -12,6 +12,7 @@ Example::
     python autofocus.py 10 14 0.05 COM3            # MVR focus stage: device 3, axis 1
     python autofocus.py 10 14 0.05 --simulate      # no hardware needed
     python autofocus.py 10 14 0.05 COM3 --camera basler   # a Basler camera (pip install pypylon)
+    python autofocus.py 10 14 0.01 COM3 --map 5x4 --map-area 20,10,28,16   # a focus map of the slide
 
 Exit codes:
 
@@ -28,9 +29,19 @@ Exit codes:
     129  hung up (SIGHUP: the terminal or SSH session closed; POSIX only); handled like Ctrl-C
     149  Ctrl-Break (SIGBREAK; Windows only); handled like Ctrl-C
 
+    With --map: 0 the slide's surface was fitted and its leave-one-out error is within half the
+    depth of field, 4 a surface less certain than that, 3 no surface (too few points focused);
+    2, 5 and 130 as above (after a fault or Ctrl-C nothing more moves and the points so far are
+    written).
+
+Python API: ``focus()`` (one field), ``focus_map()`` (a grid over the XY plate -> ``FocusMap``,
+``z_at(x, y)``), ``simulated_microscope()``, ``simulated_slide()``, the ``Stage``, ``XYStage`` and
+``Camera`` protocols, ``ZaberStage``, ``ZaberPlate``, ``FlirCamera``, ``BaslerCamera``.
+
 Sections, in dependency order: constants, exceptions, result types, focus scores, peak
-fitting and verdict, search, device interfaces, backends (Zaber + FLIR, Basler, simulated, replay,
-Micro-Manager), output, command line.
+fitting and verdict, the slide's surface (focus maps, pure), search, device interfaces, backends
+(Zaber + FLIR, Basler, simulated, replay, Micro-Manager), output, Python API (focus, focus maps),
+command line.
 """
 from __future__ import annotations
 
@@ -506,6 +517,7 @@ class FocusResult:
     transparent: bool = False  # --transparent: scores are 1/contrast, the focus is the contrast minimum
     peaks: tuple[Extremum, ...] = ()  # every significant peak of the fine curve, by z
     dips: tuple[Extremum, ...] = ()  # every significant dip between rising flanks, by z
+    uncertainty_mm: float | None = None  # half-width of a ~90% interval for the true focus, when known
 
     @property
     def frames(self) -> int:
@@ -973,6 +985,448 @@ def choose_peak(peaks: Sequence[Extremum], policy: str, start_mm: float) -> Extr
     if policy == "nearest":
         return min(peaks, key=lambda p: abs(p.z_mm - start_mm))
     return max(peaks, key=lambda p: p.score)
+
+
+###############################################################################
+# Focus maps: the slide's surface (pure) ######################################
+###############################################################################
+# A focus map (``focus_map``, below) focuses at a grid of plate positions and fits the slide's
+# focal surface z(x, y) to the answers.  Everything in this section is pure: points in, a
+# surface, a search window or a verdict out.
+#
+# Surfaces: a plane (3 parameters), a quadratic (6), and a thin-plate spline whose smoothness is
+# chosen by leave-one-out error.  Each is a weighted least-squares fit (weights 1/sigma^2 from each
+# point's error bar) and a linear smoother (fitted = H z), so the leave-one-out residual of point
+# i -- how far the surface fitted to all the OTHER points misses it -- is exactly r_i / (1 - H_ii):
+# no refitting.  The simplest surface whose leave-one-out error is within MODEL_TOLERANCE of the
+# best one's is chosen.  An outlier (a focus on dust, a false peak) is a point whose leave-one-out
+# residual lies beyond OUTLIER_SIGMAS robust sigmas of the others' AND beyond half the depth of
+# field (closer than that it is in focus anyway): removed one at a time, worst first.
+
+MAP_MODELS = ("plane", "quadratic", "spline")  # simplest first: the order of preference
+MAP_MAX_SIDE = 30  # --map NXxNY: at most 30 points a side (900 focus searches)
+SPLINE_MAX_POINTS = 400  # the spline's fit grows as n^3: beyond 400 points only the plane and quadratic
+MAP_MAX_REFINE = 500  # --map-refine: at most this many added points
+MODEL_TOLERANCE = 0.10  # a more complex surface must cut the leave-one-out error by more than 10%
+OUTLIER_SIGMAS = 4.0  # a leave-one-out residual beyond 4 robust sigmas (and DOF/2) is an outlier
+OUTLIER_MAX_FRACTION = 1.0 / 3.0  # never call more than a third of the focused points outliers
+SPLINE_SMOOTHING = tuple(10.0 ** (k / 2) for k in range(-14, 7))  # lambda grid (normalised units)
+# A point's search window covers the predicted focus +- WINDOW_SIGMAS of the prediction's own
+# uncertainty, plus one STEP so that the peak has a measured neighbour on each side; at least
+# WINDOW_MIN_HALF_STEPS STEPs each way (5 frames: the fewest a verdict is made from).
+WINDOW_SIGMAS = 2.5
+WINDOW_MIN_HALF_STEPS = 2
+# The prior the first predictions rest on (before the points pin the surface down): a slide
+# tilted by up to ~10 um/mm and bowed by up to ~0.3 um/mm^2 (one standard deviation each).
+PRIOR_TILT_MM_PER_MM = 0.010
+PRIOR_BOW_MM_PER_MM2 = 0.0003
+NOISE_REPEATS = 6  # frames repeated at the first focus: the score's frame-to-frame noise
+# A peak another search found inside a window counts as shown there when the window's frame at it
+# stands above its lowest frames by this many sigma of that noise (a position given, not sought).
+WINDOW_SHOWS_SIGMAS = 2.0
+SIGMA_PER_90 = 1.0 / 1.645  # uncertainty_mm is a ~90% half-width: one sigma is 1/1.645 of it
+XY_TOLERANCE_MM = 0.002  # a plate move must end within 2 um of its target (a Zaber axis: its own tolerance too)
+Z_AT_MARGIN = 0.05  # z_at answers up to 5% of the area's span beyond its edges (tiles on the border)
+
+
+def _normalised(area_mm: Sequence[float], x_mm: Any, y_mm: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Plate coordinates mapped so that the area spans [-1, 1] along its longer side."""
+    x0, y0, x1, y1 = area_mm
+    half = max(abs(x1 - x0), abs(y1 - y0)) / 2.0 or 1.0
+    return ((np.asarray(x_mm, float) - (x0 + x1) / 2.0) / half,
+            (np.asarray(y_mm, float) - (y0 + y1) / 2.0) / half)
+
+
+def _poly_basis(model: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Columns 1, u, v (plane) and u^2, uv, v^2 (quadratic); one row per point."""
+    cols = [np.ones_like(u), u, v]
+    if model == "quadratic":
+        cols += [u * u, u * v, v * v]
+    return np.stack(cols, axis=-1)
+
+
+def _tps_kernel(r: np.ndarray) -> np.ndarray:
+    """The thin-plate spline's radial function r^2 log r (0 at r = 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(r > 0, r * r * np.log(np.where(r > 0, r, 1.0)), 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Surface:
+    """A fitted focal surface of the slide over the mapped area; ``z_at(x, y)`` in mm.
+
+    ``model`` is "plane", "quadratic" or "spline" (a thin-plate spline: ``knots`` are the points
+    it was fitted to, in normalised coordinates, ``weights`` their kernel weights, and
+    ``coefficients`` its plane part).  ``to_json``/``from_json`` carry it to a scan script."""
+
+    model: str
+    area_mm: tuple[float, float, float, float]  # X0, Y0, X1, Y1 as mapped
+    coefficients: tuple[float, ...]
+    knots: tuple[tuple[float, float], ...] = ()
+    weights: tuple[float, ...] = ()
+    smoothing: float = 0.0
+
+    def z_at(self, x_mm: Any, y_mm: Any) -> Any:
+        """The surface's focus at (x, y), mm (a float, or an array for arrays of x and y).
+
+        Raises ValueError beyond the mapped area (by more than Z_AT_MARGIN of its span): the
+        map says nothing there, and an extrapolated curve can run into the slide."""
+        x, y = np.broadcast_arrays(np.asarray(x_mm, float), np.asarray(y_mm, float))
+        x0, y0, x1, y1 = self.area_mm
+        mx, my = Z_AT_MARGIN * abs(x1 - x0), Z_AT_MARGIN * abs(y1 - y0)
+        inside = ((min(x0, x1) - mx <= x) & (x <= max(x0, x1) + mx) & (min(y0, y1) - my <= y)
+                  & (y <= max(y0, y1) + my))
+        if not np.all(inside):
+            bad = np.argwhere(~inside)[0]
+            raise ValueError(f"({float(x[tuple(bad)]):g}, {float(y[tuple(bad)]):g}) mm is outside the mapped area "
+                             f"X {min(x0, x1):g}..{max(x0, x1):g}, Y {min(y0, y1):g}..{max(y0, y1):g} mm: "
+                             "map that area too")
+        u, v = _normalised(self.area_mm, x, y)
+        if self.model == "spline":
+            knots = np.asarray(self.knots, float)
+            r = np.hypot(u[..., None] - knots[:, 0], v[..., None] - knots[:, 1])
+            z = _tps_kernel(r) @ np.asarray(self.weights) + _poly_basis("plane", u, v) @ np.asarray(self.coefficients)
+        else:
+            z = _poly_basis(self.model, u, v) @ np.asarray(self.coefficients)
+        return float(z) if z.ndim == 0 else z
+
+    def gradient_um_per_mm(self, x_mm: float, y_mm: float, h_mm: float = 1e-3) -> tuple[float, float]:
+        """dz/dx and dz/dy at (x, y), um per mm (central differences)."""
+        dx = (self.z_at(x_mm + h_mm, y_mm) - self.z_at(x_mm - h_mm, y_mm)) / (2 * h_mm)
+        dy = (self.z_at(x_mm, y_mm + h_mm) - self.z_at(x_mm, y_mm - h_mm)) / (2 * h_mm)
+        return 1000.0 * dx, 1000.0 * dy
+
+    def to_json(self) -> dict[str, Any]:
+        """A plain dict (JSON-ready); ``Surface.from_json`` rebuilds the same surface."""
+        return {"model": self.model, "area_mm": list(self.area_mm), "coefficients": list(self.coefficients),
+                "knots": [list(k) for k in self.knots], "weights": list(self.weights), "smoothing": self.smoothing}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Surface:
+        """The surface ``to_json`` wrote (e.g. ``json.load(f)["surface"]`` of a --map-json file)."""
+        try:
+            surface = cls(str(data["model"]), tuple(float(v) for v in data["area_mm"]),  # type: ignore[arg-type]
+                          tuple(float(v) for v in data["coefficients"]),
+                          tuple((float(k[0]), float(k[1])) for k in data.get("knots", ())),
+                          tuple(float(v) for v in data.get("weights", ())), float(data.get("smoothing", 0.0)))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ValueError(f"not a focus-map surface: {exc}") from exc
+        need = {"plane": 3, "quadratic": 6, "spline": 3}.get(surface.model)
+        if (need is None or len(surface.area_mm) != 4 or len(surface.coefficients) != need
+                or len(surface.knots) != len(surface.weights)):
+            raise ValueError(f"not a focus-map surface: model {surface.model!r} with {len(surface.coefficients)} "
+                             "coefficients")
+        return surface
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SurfaceFit:
+    """One model fitted to the points: the surface, each point's residual and leave-one-out
+    residual (mm), and the weighted leave-one-out RMS that ranks the models."""
+
+    surface: Surface
+    residuals_mm: np.ndarray
+    loo_mm: np.ndarray
+    loo_rms_mm: float
+
+
+def _weights(sigma_mm: np.ndarray) -> np.ndarray:
+    """1/sigma^2, normalised to a mean of 1."""
+    w = 1.0 / np.square(sigma_mm)
+    return w / w.mean()
+
+
+def _weighted_rms(values: np.ndarray, w: np.ndarray) -> float:
+    return float(np.sqrt(np.sum(w * values * values) / np.sum(w)))
+
+
+def fit_surface(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[float], sigma_mm: Sequence[float],
+                model: str, area_mm: Sequence[float], smoothing: float | None = None) -> SurfaceFit | None:
+    """Fit one model (MAP_MODELS) by weighted least squares; None when the points cannot determine
+    it (too few for a leave-one-out error, or all on a line).  The spline's ``smoothing`` (lambda,
+    in units of the weights normalised to a mean of 1) is the one of SPLINE_SMOOTHING with the
+    lowest leave-one-out error unless given."""
+    u, v = _normalised(area_mm, x_mm, y_mm)
+    z = np.asarray(z_mm, float)
+    n = len(z)
+    if n < 4:
+        return None
+    w = _weights(np.asarray(sigma_mm, float))
+    area = tuple(float(a) for a in area_mm)
+    plane = _poly_basis("plane", u, v)
+    if np.linalg.matrix_rank(plane * np.sqrt(w)[:, None]) < 3:
+        return None
+    if model in ("plane", "quadratic"):
+        basis = _poly_basis(model, u, v)
+        p = basis.shape[1]
+        a = basis * np.sqrt(w)[:, None]
+        if n < p + 1 or np.linalg.matrix_rank(a) < p:
+            return None
+        q, r = np.linalg.qr(a)
+        beta = np.linalg.solve(r, q.T @ (np.sqrt(w) * z))
+        leverage = np.sum(q * q, axis=1)  # diagonal of the hat matrix
+        if np.any(leverage > 1 - 1e-9):
+            return None  # a point that alone fixes a parameter has no leave-one-out residual
+        residuals = z - basis @ beta
+        loo = residuals / (1 - leverage)
+        return SurfaceFit(Surface(model, area, tuple(float(b) for b in beta)),  # type: ignore[arg-type]
+                          residuals, loo, _weighted_rms(loo, w))
+    if model != "spline":
+        raise ValueError(f"unknown surface model {model!r}; choose one of {', '.join(MAP_MODELS)}")
+    if n < 5 or n > SPLINE_MAX_POINTS:
+        return None
+    kernel = _tps_kernel(np.hypot(u[:, None] - u[None, :], v[:, None] - v[None, :]))
+    best: SurfaceFit | None = None
+    for lam in SPLINE_SMOOTHING if smoothing is None else (smoothing,):
+        # Minimise sum w_i (z_i - f_i)^2 + lam * bending energy: (K + lam/W) c + P a = z, P' c = 0.
+        system = np.zeros((n + 3, n + 3))
+        system[:n, :n] = kernel + np.diag(lam / w)
+        system[:n, n:] = plane
+        system[n:, :n] = plane.T
+        try:
+            solution = np.linalg.solve(system, np.vstack([np.eye(n), np.zeros((3, n))]))
+        except np.linalg.LinAlgError:
+            continue
+        hat = kernel @ solution[:n] + plane @ solution[n:]
+        leverage = np.diag(hat)
+        if np.any(leverage > 1 - 1e-9):
+            continue
+        c, coef = solution[:n] @ z, solution[n:] @ z
+        residuals = z - hat @ z
+        loo = residuals / (1 - leverage)
+        fit = SurfaceFit(Surface("spline", area, tuple(float(b) for b in coef),  # type: ignore[arg-type]
+                                 tuple((float(a), float(b)) for a, b in zip(u, v)), tuple(float(b) for b in c),
+                                 float(lam)), residuals, loo, _weighted_rms(loo, w))
+        if best is None or fit.loo_rms_mm < best.loo_rms_mm * (1 - 1e-9):
+            best = fit
+    return best
+
+
+def select_model(fits: dict[str, SurfaceFit]) -> str:
+    """The simplest model whose leave-one-out RMS is within MODEL_TOLERANCE of the best (1 pm slack
+    for exact fits)."""
+    best = min(f.loo_rms_mm for f in fits.values())
+    return next(m for m in MAP_MODELS if m in fits and fits[m].loo_rms_mm <= best * (1 + MODEL_TOLERANCE) + 1e-9)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SurfaceChoice:
+    """The chosen surface (None when the points cannot determine one), every model's
+    leave-one-out RMS, which points it rests on, and the outliers left out (indices)."""
+
+    fit: SurfaceFit | None
+    loo_by_model_mm: dict[str, float]
+    used: np.ndarray  # bool, one per input point
+    outliers: tuple[int, ...]
+
+
+def choose_surface(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[float],
+                   sigma_mm: Sequence[float], area_mm: Sequence[float], outlier_floor_mm: float,
+                   models: Sequence[str] = MAP_MODELS, own_sigma_mm: Sequence[float] | None = None) -> SurfaceChoice:
+    """Fit every model (weights from ``sigma_mm``), pick one by leave-one-out error, and leave out
+    outliers (worst first).
+
+    A point is an outlier when its leave-one-out residual under the chosen model exceeds both
+    OUTLIER_SIGMAS robust sigmas of all the leave-one-out residuals (1.4826 x their median
+    absolute value) or of its own error bar (``own_sigma_mm``, 0 where a point has none; default
+    ``sigma_mm``), and ``outlier_floor_mm`` (half the depth of field).  At most
+    OUTLIER_MAX_FRACTION of the points are left out, and never so many that fewer than 5 remain."""
+    x, y, z, s = (np.asarray(a, float) for a in (x_mm, y_mm, z_mm, sigma_mm))
+    own = s if own_sigma_mm is None else np.asarray(own_sigma_mm, float)
+    used = np.ones(len(z), bool)
+    outliers: list[int] = []
+    most = int(len(z) * OUTLIER_MAX_FRACTION)
+    while True:
+        idx = np.flatnonzero(used)
+        fits = {m: f for m in models if (f := fit_surface(x[idx], y[idx], z[idx], s[idx], m, area_mm)) is not None}
+        if not fits:
+            return SurfaceChoice(None, {}, used, tuple(outliers))
+        fit = fits[select_model(fits)]
+        loo = np.abs(fit.loo_mm)
+        robust = 1.4826 * float(np.median(loo))
+        limit = np.maximum(OUTLIER_SIGMAS * np.maximum(robust, own[idx]), outlier_floor_mm)
+        worst = int(np.argmax(loo / limit))
+        if loo[worst] <= limit[worst] or len(outliers) >= most or len(idx) - 1 < 5:
+            return SurfaceChoice(fit, {m: f.loo_rms_mm for m, f in fits.items()}, used, tuple(outliers))
+        used[idx[worst]] = False
+        outliers.append(int(idx[worst]))
+
+
+def predict_focus(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[float], sigma_mm: Sequence[float],
+                  at_mm: tuple[float, float]) -> tuple[float, float]:
+    """Where the focus is expected at ``at_mm`` = (x, y), and how uncertain that is (one sigma, mm).
+
+    A Bayesian quadratic through the points measured so far: any offset, tilts of about
+    PRIOR_TILT_MM_PER_MM and bows of about PRIOR_BOW_MM_PER_MM2 a priori, each point weighted by
+    its error bar.  One point predicts the same focus nearby, with an uncertainty growing with
+    the distance (the unknown tilt); points along a row pin the tilt along the row but not across
+    it.  When the points scatter about the fit by more than their error bars (a surface the
+    quadratic does not follow), the uncertainty is scaled up by that excess (the Birge ratio)."""
+    x, y, z, s = (np.asarray(a, float) for a in (x_mm, y_mm, z_mm, sigma_mm))
+    xr, yr = float(x.mean()), float(y.mean())
+
+    def basis(px: Any, py: Any) -> np.ndarray:
+        dx, dy = np.asarray(px, float) - xr, np.asarray(py, float) - yr
+        return np.stack([np.ones_like(dx), dx, dy, dx * dx, dx * dy, dy * dy], axis=-1)
+
+    t2, b2 = PRIOR_TILT_MM_PER_MM ** 2, PRIOR_BOW_MM_PER_MM2 ** 2
+    prior = np.array([1e6, t2, t2, b2, b2, b2])  # the offset is free (1 km^2)
+    phi = basis(x, y)
+    inv_noise = 1.0 / np.square(s)
+    precision = phi.T @ (phi * inv_noise[:, None]) + np.diag(1.0 / prior)
+    cov = np.linalg.inv(precision)
+    mean = cov @ (phi.T @ (inv_noise * z))
+    hat_trace = float(np.trace(phi @ cov @ phi.T * inv_noise[None, :]))
+    chi2 = float(np.sum(np.square(z - phi @ mean) * inv_noise))
+    birge = chi2 / (len(z) - hat_trace) if len(z) - hat_trace >= 1.0 else 1.0
+    at = basis(*at_mm)
+    var = float(at @ cov @ at) * max(1.0, birge)
+    return float(at @ mean), math.sqrt(max(var, 0.0))
+
+
+def full_search_frames(n_positions: int, search: str) -> int:
+    """About how many frames a search over the whole range costs (sweep: all; fast: its coarse
+    pass and a refinement) -- a window costing as much is no saving."""
+    if search == "sweep" or n_positions < MIN_FAST_POSITIONS:
+        return n_positions
+    return math.ceil(n_positions / max(2, min(COARSE_FACTOR, n_positions // 10))) + 4
+
+
+def plan_window(predicted_mm: float, sigma_mm: float, positions: Sequence[float], step_mm: float,
+                full_frames: int) -> tuple[float, float] | None:
+    """The first and last position of a point's search window on the range's grid ``positions``
+    (START..END every STEP, in sweep order), or None when a window would cost as many frames as
+    searching the whole range (``full_frames``).
+
+    The window covers the prediction +- WINDOW_SIGMAS sigma plus one STEP (the peak needs a lower
+    neighbour each side), at least WINDOW_MIN_HALF_STEPS STEPs each way; next to an end of the
+    range it is shifted inside rather than cut short."""
+    n = len(positions)
+    half = max(WINDOW_MIN_HALF_STEPS, math.ceil(WINDOW_SIGMAS * sigma_mm / step_mm + 1.0 - 1e-9))
+    size = 2 * half + 1
+    if size >= min(n, full_frames):
+        return None
+    centre = min(range(n), key=lambda i: abs(positions[i] - predicted_mm))
+    lo = min(max(centre - half, 0), n - size)
+    return positions[lo], positions[lo + size - 1]
+
+
+def relative_noise(scores: Sequence[float]) -> float:
+    """The frame-to-frame noise of repeated frames at one position, relative to their score
+    (std / |mean|), raised by 1.64/sqrt(dof) for the few frames it rests on (as ``judge``'s
+    noise is)."""
+    a = np.asarray(scores, float)
+    if len(a) < 2 or not np.all(np.isfinite(a)) or float(np.mean(np.abs(a))) == 0.0:
+        return float("nan")
+    dof = len(a) - 1
+    return float(np.std(a, ddof=1) / np.mean(np.abs(a))) * (1 + 1.64 / math.sqrt(dof))
+
+
+def judge_window(samples: Sequence[Sample], rel_noise: float) -> Verdict:
+    """Is there a focus inside a map point's narrow search window?
+
+    ``judge`` cannot tell: it takes the noise from the frames off the peak and the floor from
+    the median, and a window of 5-9 frames around the predicted focus is nearly all peak (its
+    noise estimate then measures the peak's curvature, and real foci read as no_peak).  This rule
+    takes the noise from repeated frames on the same slide instead (``relative_noise``; the
+    score's noise grows with the score): ``focused`` when the best frame is inside the window
+    and the curve falls from it to the lowest frame on each side by more than sqrt(2 ln n) + 3
+    of that noise (the sigma of the difference of the two frames), n the window's frames --
+    the margin ``judge`` uses.  ``edge`` when the best frame is at the window's end (the focus
+    may lie beyond it), else ``no_peak``."""
+    ordered = by_z(samples)
+    n = len(ordered)
+    nan = float("nan")
+    if n < MIN_FRAMES_FOR_VERDICT or not math.isfinite(rel_noise):
+        return Verdict("no_peak", nan, nan, nan, f"a window of {n} frames cannot be judged (at least "
+                       f"{MIN_FRAMES_FOR_VERDICT}, and the slide's frame noise, are needed)")
+    scores = np.array([s.score for s in ordered])
+    i = int(np.argmax(scores))
+    best = float(scores[i])
+    margin = math.sqrt(2 * math.log(n)) + PEAK_MARGIN_SIGMA
+    if i in (0, n - 1):
+        return Verdict("edge", nan, rel_noise * abs(best), nan, "the best frame is at the end of the window: the "
+                       "focus may lie beyond it")
+    drops, thresholds = [], []
+    for side in (scores[:i], scores[i + 1:]):
+        low = float(side.min())
+        drops.append(best - low)
+        thresholds.append(margin * rel_noise * math.hypot(best, low))
+    k = int(np.argmin(np.array(drops) - np.array(thresholds)))
+    if not all(d > t for d, t in zip(drops, thresholds)):
+        return Verdict("no_peak", drops[k], rel_noise * abs(best), thresholds[k],
+                       f"no peak in the window: the curve falls by {drops[k]:.3g} on one side, within its noise "
+                       f"(threshold {thresholds[k]:.3g})")
+    return Verdict("focused", drops[k], rel_noise * abs(best), thresholds[k],
+                   f"peak in the window, {drops[k] / thresholds[k]:.1f}x the noise threshold "
+                   "(noise from repeated frames on this slide)")
+
+
+def window_shows(samples: Sequence[Sample], z_mm: float, rel_noise: float) -> bool:
+    """Whether a window's frames show a rise at ``z_mm`` (a peak found there by another search):
+    the frame nearest it stands above the lowest frame on each side of it by more than
+    WINDOW_SHOWS_SIGMAS of the noise (``relative_noise``; no look-elsewhere allowance, as the
+    position was found independently).  A window that "showed no peak" by ``judge_window``'s stricter rule
+    can still show a weak real one this way; on an empty field it does not."""
+    ordered = by_z(samples)
+    if len(ordered) < 3 or not math.isfinite(rel_noise):
+        return True  # nothing to contradict it with
+    i = min(range(len(ordered)), key=lambda k: abs(ordered[k].z_mm - z_mm))
+    if i in (0, len(ordered) - 1):
+        return True
+    s = ordered[i].score
+    return all(s - low > WINDOW_SHOWS_SIGMAS * rel_noise * math.hypot(s, low)
+               for low in (min(o.score for o in ordered[:i]), min(o.score for o in ordered[i + 1:])))
+
+
+def snake_path(area_mm: Sequence[float], grid: tuple[int, int]) -> list[tuple[float, float]]:
+    """The grid's points in visiting order: rows along x from X0 to X1 and back (a snake), the
+    rows stepping from Y0 to Y1."""
+    x0, y0, x1, y1 = area_mm
+    nx, ny = grid
+    xs = np.linspace(x0, x1, nx) if nx > 1 else np.array([(x0 + x1) / 2.0])
+    ys = np.linspace(y0, y1, ny) if ny > 1 else np.array([(y0 + y1) / 2.0])
+    path = []
+    for row, yv in enumerate(ys):
+        for xv in (xs if row % 2 == 0 else xs[::-1]):
+            path.append((round(float(xv), POSITION_DECIMALS), round(float(yv), POSITION_DECIMALS)))
+    return path
+
+
+def suggest_points(x_mm: Sequence[float], y_mm: Sequence[float], loo_mm: Sequence[float],
+                   measured_mm: Sequence[tuple[float, float]], area_mm: Sequence[float], grid: tuple[int, int],
+                   count: int) -> list[tuple[float, float]]:
+    """Where the map most needs more points: up to ``count`` positions of the half-spaced grid
+    (the cell centres and edge midpoints between the grid's points), not measured yet, ranked by
+    the leave-one-out error nearby (inverse-distance weighted over the used points) times
+    (1 + the distance to the nearest used point in grid spacings); at least one grid spacing
+    apart.  ``x_mm, y_mm, loo_mm`` are the used points and their leave-one-out residuals."""
+    x0, y0, x1, y1 = area_mm
+    nx, ny = grid
+    xs = np.linspace(x0, x1, max(2 * nx - 1, 1))
+    ys = np.linspace(y0, y1, max(2 * ny - 1, 1))
+    spacing = float(np.mean([abs(x1 - x0) / max(nx - 1, 1), abs(y1 - y0) / max(ny - 1, 1)]))
+    px, py, err = (np.asarray(a, float) for a in (x_mm, y_mm, loo_mm))
+    taken = np.asarray(measured_mm, float).reshape(-1, 2)
+    candidates = []
+    for yv in ys:
+        for xv in xs:
+            if len(taken) and np.min(np.hypot(taken[:, 0] - xv, taken[:, 1] - yv)) < 1e-6:
+                continue
+            if len(px):
+                d = np.hypot(px - xv, py - yv)
+                weight = 1.0 / np.maximum(d, 1e-9) ** 2
+                score = float(np.sum(weight * np.abs(err)) / np.sum(weight)) * (1 + float(d.min()) / spacing)
+            else:
+                score = 1.0
+            candidates.append((score, float(xv), float(yv)))
+    chosen: list[tuple[float, float]] = []
+    for _, xv, yv in sorted(candidates, key=lambda c: -c[0]):  # stable: ties keep the grid's order
+        if len(chosen) >= count:
+            break
+        if all(math.hypot(xv - cx, yv - cy) >= 0.99 * spacing for cx, cy in chosen):
+            chosen.append((round(xv, POSITION_DECIMALS), round(yv, POSITION_DECIMALS)))
+    return chosen
 
 
 ###############################################################################
@@ -1475,6 +1929,27 @@ class Camera(Protocol):
         ...
 
 
+@runtime_checkable
+class XYStage(Protocol):
+    """An XY plate (the slide's stage): what a focus map needs and nothing more."""
+
+    def move_to(self, x_mm: float, y_mm: float) -> None:
+        """Move to (x, y) and return once it has arrived (or raise StageError)."""
+        ...
+
+    def position_mm(self) -> tuple[float, float]:
+        """Where the plate is now, (x, y) mm."""
+        ...
+
+    def limits_mm(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """The travel limits ((x_lo, x_hi), (y_lo, y_hi)), mm."""
+        ...
+
+    def stop(self) -> None:
+        """Stop any motion now."""
+        ...
+
+
 # Pieces every GenICam camera backend (FLIR through PySpin, Basler through pypylon) shares: the
 # sensor ROI, the pixel format choice, and putting back every setting a run changed.  The
 # contract of a camera backend: it changes only what the run needs, through a SettingsJournal,
@@ -1819,6 +2294,8 @@ class ZaberStage:
     by STOP_TIMEOUT_S; a move or homing that runs out of time sends ``stop`` itself.
     """
 
+    role = "focus"  # what the axis does, for messages ("X" and "Y" for a plate's axes: ZaberPlate)
+
     def __init__(self, port: str, device: int = DEFAULT_DEVICE, axis: int = DEFAULT_AXIS, *,
                  native_unit_nm: float | None = None, device_db: str | None = None,
                  move_timeout_s: float = DEFAULT_MOVE_TIMEOUT_S, home_timeout_s: float = DEFAULT_HOME_TIMEOUT_S,
@@ -2084,7 +2561,7 @@ class ZaberStage:
         lo, hi = self._limits
         if not lo - 1e-9 <= z_mm <= hi + 1e-9:  # last line of defence; plans are checked earlier
             raise StageError(f"refusing to move to {z_mm} mm: outside the travel {lo}..{hi} mm")
-        what = f"focus move to {z_mm:.4f} mm"
+        what = f"{self.role} move to {z_mm:.4f} mm"
         target = self._native_inside(z_mm)
         try:
             self._axis.move_absolute(target, self._zm.Units.NATIVE, wait_until_idle=False)
@@ -2218,6 +2695,101 @@ class ZaberStage:
         if self._owns_connection and self._connection is not None:
             with contextlib.suppress(Exception):
                 self._connection.close()
+
+
+class ZaberPlate:
+    """A Zaber microscope's XY plate through ZML: two ZaberStage axes, so every plate move is
+    verified exactly as a focus move is (flags read before anything clears them, the position
+    within tolerance of the target, bounded waits, faults and interruptions by their flags).
+
+    ``from_microscope(connection)`` finds the plate with ZML's ``microscopy.Microscope.find`` (ZML
+    10.3 identifies the parts by the axes' ``zaber.microscope.part`` storage keys, x, y and focus;
+    which devices leave the factory with them is not documented); ``from_device(connection, n)``
+    takes device n's axis 2 as x and axis 1 as y, as Zaber's scanning examples do.  Units:
+    millimetres through Zaber's device database, or ``native_unit_nm`` (the size of one native
+    unit of both axes).  The caller owns the connection."""
+
+    def __init__(self, x: ZaberStage, y: ZaberStage) -> None:
+        x.role, y.role = "X", "Y"
+        self.x, self.y = x, y
+
+    @classmethod
+    def from_axes(cls, x_axis: Any, y_axis: Any, **stage_options: Any) -> ZaberPlate:
+        """A plate over two ZML ``Axis`` objects; ``stage_options`` as ``ZaberStage.from_axis``."""
+        try:
+            return cls(ZaberStage.from_axis(x_axis, **stage_options), ZaberStage.from_axis(y_axis, **stage_options))
+        except BadValue as exc:  # the plate's own options (--xy-native-unit-nm), not the focus axis's
+            raise BadValue("plate", exc.fields, lambda *labels: "XY plate: " + exc._text(*labels)) from exc
+        except UsageError as exc:
+            raise UsageError(f"XY plate: {exc}".replace("--native-unit-nm", "--xy-native-unit-nm")) from exc
+
+    @classmethod
+    def from_device(cls, connection: Any, device: int, **stage_options: Any) -> ZaberPlate:
+        """Device ``device``'s axis 2 as x and axis 1 as y (as in Zaber's examples)."""
+        dev = connection.get_device(device)
+        return cls.from_axes(dev.get_axis(2), dev.get_axis(1), **stage_options)
+
+    @classmethod
+    def from_microscope(cls, connection: Any, **stage_options: Any) -> ZaberPlate:
+        """The plate ZML's ``Microscope.find`` identifies on the connection (UsageError when it
+        finds none: then name the device, ``from_device``)."""
+        zm = _zml()
+        from zaber_motion.microscopy import Microscope  # noqa: PLC0415
+
+        try:
+            scope = Microscope.find(connection)
+        except zm.exceptions.MotionLibException as exc:
+            raise UsageError(f"ZML's microscope detection failed ({first_line(exc)}); name the XY plate's device "
+                             "with --xy-device N (x = its axis 2, y = axis 1)") from exc
+        if scope.x_axis is None or scope.y_axis is None:
+            raise UsageError("ZML's microscope detection found no XY plate on this connection (no axis carries "
+                             "a zaber.microscope.part storage key of x and y); name its device with --xy-device N "
+                             "(x = its axis 2, y = axis 1) and --xy-native-unit-nm NM offline")
+        return cls.from_axes(scope.x_axis, scope.y_axis, **stage_options)
+
+    def move_to(self, x_mm: float, y_mm: float) -> None:
+        self.x.move_to(x_mm)
+        self.y.move_to(y_mm)
+
+    def position_mm(self) -> tuple[float, float]:
+        return self.x.position_mm(), self.y.position_mm()
+
+    def limits_mm(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        return self.x.limits_mm(), self.y.limits_mm()
+
+    def stop(self) -> None:
+        failures = []
+        for axis in (self.x, self.y):  # both, even when the first one fails
+            try:
+                axis.stop()
+            except StageError as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
+
+    @property
+    def homed(self) -> bool:
+        """Whether both axes have a reference position."""
+        return self.x.homed and self.y.homed
+
+    def home_if_needed(self) -> bool:
+        """Home each axis that has no reference position (x first); True when one homed."""
+        homed_x = self.x.home_if_needed()
+        return self.y.home_if_needed() or homed_x
+
+    def set_soft_limits(self, limits_mm: tuple[tuple[float, float], tuple[float, float]] | None) -> None:
+        """Soft limits (x, y) that positions are rounded inside of (None: the travel only)."""
+        (self.x.soft_limits_mm, self.y.soft_limits_mm) = limits_mm or ((None, None), (None, None))
+
+    def describe(self) -> dict[str, Any]:
+        """Both axes, as ZaberStage.describe (the unit from --xy-native-unit-nm, not the focus axis's option)."""
+        def axis(stage: ZaberStage) -> dict[str, Any]:
+            info = stage.describe()
+            if info["units_from"] == "--native-unit-nm":
+                info["units_from"] = "--xy-native-unit-nm"
+            return info
+
+        return {"x": axis(self.x), "y": axis(self.y)}
 
 
 def describe_flag(flag: str) -> str:
@@ -3051,6 +3623,92 @@ class SimCamera:
                    + (t.acquisition_start_stop_s if self.one_shot else 0.0))
         self.clock.spend(modeled, since=t0)
         return frame
+
+
+class SimXYStage:
+    """A simulated XY plate (travel 0-100 x 0-75 mm), both axes moving at once, with modelled move
+    time on the clock it shares with the focus stage and the camera."""
+
+    def __init__(self, travel_mm: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 100.0), (0.0, 75.0)),
+                 position_mm: tuple[float, float] = (50.0, 37.5), timing: SimTiming | None = None,
+                 clock: SimClock | None = None) -> None:
+        self.travel = travel_mm
+        self.xy = position_mm
+        self.timing = timing or SimTiming()
+        self.clock = clock or SimClock(self.timing.scale)
+
+    def move_to(self, x_mm: float, y_mm: float) -> None:
+        (x_lo, x_hi), (y_lo, y_hi) = self.travel
+        if not (x_lo - 1e-9 <= x_mm <= x_hi + 1e-9 and y_lo - 1e-9 <= y_mm <= y_hi + 1e-9):
+            raise StageError(f"simulated plate rejected a move to ({x_mm}, {y_mm}) mm: outside the travel "
+                             f"X {x_lo}..{x_hi}, Y {y_lo}..{y_hi} mm")
+        self.clock.spend(self.timing.move_s(max(abs(x_mm - self.xy[0]), abs(y_mm - self.xy[1]))))
+        self.xy = (x_mm, y_mm)
+
+    def position_mm(self) -> tuple[float, float]:
+        return self.xy
+
+    def limits_mm(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        return self.travel
+
+    def stop(self) -> None:
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SimSlide:
+    """A simulated slide on the plate: its focal surface z(x, y) and where it is bare glass.
+
+    z = focus_mm + tilt . (p - centre) + bow |p - centre|^2 + ripple sin(2 pi (dx + dy) / ripple_mm),
+    p = (x, y) in mm: tilted (um/mm), bowed (um/mm^2; positive: the centre lies lowest) and, with
+    ``ripple_um``, warped in a way no polynomial follows.  Inside a ``bare_glass`` box
+    (X0, Y0, X1, Y1 mm) there is no specimen: an empty field."""
+
+    focus_mm: float = SimOptics.focus_mm  # the focal surface at the slide's centre
+    centre_mm: tuple[float, float] = (50.0, 37.5)
+    tilt_um_per_mm: tuple[float, float] = (4.0, -2.5)
+    bow_um_per_mm2: float = 0.15
+    ripple_um: float = 0.0
+    ripple_mm: float = 10.0
+    bare_glass: tuple[tuple[float, float, float, float], ...] = ()
+
+    def z_mm(self, x_mm: Any, y_mm: Any) -> Any:
+        """The focal surface at (x, y), mm (arrays broadcast)."""
+        dx, dy = np.asarray(x_mm, float) - self.centre_mm[0], np.asarray(y_mm, float) - self.centre_mm[1]
+        um = (self.tilt_um_per_mm[0] * dx + self.tilt_um_per_mm[1] * dy + self.bow_um_per_mm2 * (dx * dx + dy * dy)
+              + self.ripple_um * np.sin(2 * np.pi * (dx + dy) / self.ripple_mm))
+        z = self.focus_mm + um / 1000.0
+        return float(z) if np.ndim(z) == 0 else z
+
+    def bare(self, x_mm: float, y_mm: float) -> bool:
+        """Whether (x, y) lies on bare glass."""
+        return any(min(x0, x1) <= x_mm <= max(x0, x1) and min(y0, y1) <= y_mm <= max(y0, y1)
+                   for x0, y0, x1, y1 in self.bare_glass)
+
+
+class SlideCamera(SimCamera):
+    """The simulated camera over a SimSlide on a plate: every field of view (a frame's width and
+    height in the specimen plane) shows its own specimen (re-seeded per field), in focus at the
+    slide's surface at the plate's position, or bare glass (an empty field)."""
+
+    def __init__(self, stage: Stage, plate: XYStage, slide: SimSlide, optics: SimOptics | None = None,
+                 timing: SimTiming | None = None, clock: SimClock | None = None, one_shot: bool = False,
+                 roi: Roi | None = None) -> None:
+        super().__init__(stage, optics, timing, clock, one_shot, roi)
+        self.plate, self.slide, self.base_optics = plate, slide, self.optics
+
+    def field(self, x_mm: float, y_mm: float) -> SimOptics:
+        """What the camera sees at plate position (x, y)."""
+        o = self.base_optics
+        fov_w_mm, fov_h_mm = o.width * o.sample_pixel_um / 1000.0, o.height * o.sample_pixel_um / 1000.0
+        ix, iy = math.floor(x_mm / fov_w_mm), math.floor(y_mm / fov_h_mm)
+        seed = (o.seed * 1_000_003 + ix * 7_919 + iy * 104_729) % 2**32
+        return dataclasses.replace(o, focus_mm=self.slide.z_mm(x_mm, y_mm), seed=seed,
+                                   specimen="blank" if self.slide.bare(x_mm, y_mm) else o.specimen)
+
+    def capture(self) -> np.ndarray:
+        self.optics = self.field(*self.plate.position_mm())
+        return super().capture()
 
 
 ###############################################################################
@@ -4126,6 +4784,99 @@ def plot_curve(path: str | Path, result: FocusResult) -> None:
         plt.close(fig)
 
 
+MAP_CSV_HEADER = ("x_mm", "y_mm", "z_mm", "verdict", "uncertainty_mm", "status", "frames", "loo_um", "note")
+
+
+def write_map_csv(path: str | Path, fmap: FocusMap) -> None:
+    """One row per map point in visiting order: x_mm, y_mm, z_mm (empty without a focus), verdict,
+    uncertainty_mm (the point's +-, empty where its search gives none), status, frames, loo_um, note."""
+    def cell(v: float | None) -> str:
+        return "" if v is None or not math.isfinite(v) else repr(float(v))
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(MAP_CSV_HEADER)
+            for p in fmap.points:
+                w.writerow([repr(float(p.x_mm)), repr(float(p.y_mm)), cell(p.z_mm), p.verdict,
+                            cell(None if p.result is None else p.result.uncertainty_mm), p.status, p.frames,
+                            cell(p.loo_um), p.note])
+
+    write_replacing(path, write)
+
+
+def write_map_json(path: str | Path, fmap: FocusMap) -> None:
+    """``fmap.to_json()`` as a strict JSON file."""
+    text = strict_json(fmap.to_json()) + "\n"
+    write_replacing(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def write_map_npy(path: str | Path, fmap: FocusMap, grid: tuple[int, int] | None = None) -> None:
+    """The m x n float64 array of Zaber's high-throughput scanning example (``FocusMap.offsets_um``);
+    ValueError without a surface."""
+    offsets = fmap.offsets_um(grid)
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as f:  # np.save(str) would append ".npy" to a name without it
+            np.save(f, offsets)
+
+    write_replacing(path, write)
+
+
+def plot_map(path: str | Path, fmap: FocusMap) -> None:
+    """A heat map of the fitted surface (um from its mean) with every measured point marked by
+    what became of it; the title gives the model, tilt and leave-one-out error against DOF/2."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # noqa: PLC0415
+
+    x0, y0, x1, y1 = fmap.area_mm
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+    try:
+        if fmap.surface is not None:
+            gx, gy = np.meshgrid(np.linspace(x0, x1, 121), np.linspace(y0, y1, 121))  # the surface: the area only
+            z_um = 1000.0 * np.asarray(fmap.z_at(gx, gy))
+            mean = float(z_um.mean())
+            mesh = ax.pcolormesh(gx, gy, z_um - mean, shading="auto", cmap="viridis")
+            ax.contour(gx, gy, z_um - mean, levels=10, colors="white", linewidths=0.5, alpha=0.6)
+            fig.colorbar(mesh, ax=ax, label=f"focus, um from {mean / 1000.0:.4f} mm")
+        marks = {"used": ("o", "black", "used"), "not_focused": ("x", "tab:red", "no focus (bare glass, ...)"),
+                 "outlier": ("X", "tab:orange", "outlier (left out)"), "failed": ("s", "tab:red", "failed")}
+        for status, (marker, colour, label) in marks.items():
+            pts = [p for p in fmap.points if p.status == status]
+            if pts:
+                ax.scatter([p.x_mm for p in pts], [p.y_mm for p in pts], marker=marker, c=colour,
+                           s=36 if marker == "o" else 80, label=f"{label}: {len(pts)}",
+                           edgecolors="white" if marker == "o" else None, linewidths=0.6 if marker == "o" else 2.0)
+        added = [p for p in fmap.points if p.added]
+        if added:
+            ax.scatter([p.x_mm for p in added], [p.y_mm for p in added], marker="o", facecolors="none",
+                       edgecolors="tab:cyan", s=110, linewidths=1.2, label=f"added where uncertain: {len(added)}")
+        if fmap.suggestions_mm:
+            ax.scatter([s[0] for s in fmap.suggestions_mm], [s[1] for s in fmap.suggestions_mm], marker="+",
+                       c="tab:pink", s=90, label="points missing here")
+        pad = 0.04 * max(abs(x1 - x0), abs(y1 - y0))  # the border points whole, not cut in half
+        ax.set_xlim(min(x0, x1) - pad, max(x0, x1) + pad)
+        ax.set_ylim(min(y0, y1) - pad, max(y0, y1) + pad)
+        ax.set_aspect("equal")
+        ax.set_xlabel("plate x (mm)")
+        ax.set_ylabel("plate y (mm)")
+        if fmap.surface is None:
+            title = "no surface (too few points focused)"
+        else:
+            tx, ty = fmap.tilt_um_per_mm or (float("nan"), float("nan"))
+            title = (f"{fmap.model}: tilt {tx:+.2f} / {ty:+.2f} um/mm, leave-one-out {fmap.loo_rms_um:.2f} um "
+                     f"({'within' if fmap.trusted else 'ABOVE'} DOF/2 = {500 * fmap.depth_of_field_mm:.2f} um)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(loc="upper left", bbox_to_anchor=(0, -0.12), ncol=3, fontsize=7, frameon=False)
+        fig.tight_layout()
+        ext = Path(path).suffix.lower().lstrip(".")
+        write_replacing(path, lambda temporary: fig.savefig(temporary, format=ext))
+    finally:
+        plt.close(fig)
+
+
 # The files --save-images writes into its folder besides stack.csv and roi.json (and what --overwrite
 # removes): frames, and a frame being written (a temporary name, renamed once complete).
 FRAME_FILE = re.compile(r"\.?frame_\d{5}\.(png|tif)(\.part)?")
@@ -4347,8 +5098,9 @@ def save_png(path: Path, image: np.ndarray) -> None:
 def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR) -> list[Path]:
     """The README's figures, from the simulator: blurry and focused frames with their
     Laplacians, a sweep animation (frame, filtered, Laplacian, curve so far), the live view
-    of a two-plane field scored on a region of interest (roi.png), and the V-shaped contrast
-    curve of an unstained specimen with --transparent (transparent.png)."""
+    of a two-plane field scored on a region of interest (roi.png), the V-shaped contrast
+    curve of an unstained specimen with --transparent (transparent.png), and the heat map of a
+    focus map over a tilted, bowed slide (focus_map.png)."""
     from PIL import Image  # noqa: PLC0415  (pillow comes with matplotlib)
 
     folder = Path(folder)
@@ -4406,6 +5158,16 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
                    0.0005, transparent=True)
     path = folder / "transparent.png"
     plot_curve(path, result)
+    written.append(path)
+    # --map: a tilted, bowed slide with a patch of bare glass, 20x, STEP ~ one depth of field (the
+    # README's command, on 320x200 frames).
+    plate, z_stage, slide_camera = simulated_slide(objective="20x", width=320, height=200, time_scale=0.0,
+                                                   seed=optics.seed, photons=optics.photons, start_mm=12.3,
+                                                   bare_glass=((48.5, 35.0, 51.5, 40.5),))
+    fmap = focus_map(plate, z_stage, slide_camera, area_mm=(44, 33, 56, 42), grid=(5, 4), start_mm=12.26,
+                     end_mm=12.42, step_mm=0.004)
+    path = folder / "focus_map.png"
+    plot_map(path, fmap)
     written.append(path)
     return written
 
@@ -4565,6 +5327,28 @@ def check_parts(stage: Any, camera: Any, on_frame: Any) -> None:
             f"{a}: {show_value(on_frame)} must be a function on_frame(index, z_mm, frame, score), or None"))
 
 
+def check_step_native(stage: Stage, step_mm: float) -> None:
+    """Refuse a STEP of fewer than MIN_STEP_NATIVE native units of a Zaber stage (BadValue)."""
+    if isinstance(stage, ZaberStage):
+        unit_mm = stage.native_unit_mm
+        if step_mm < MIN_STEP_NATIVE * unit_mm * (1 - 1e-9):
+            raise BadValue("request", ("step_mm",), lambda a: (
+                f"{a} {step_mm:g} mm is {step_mm / unit_mm:.3g} native units of this stage (one unit is "
+                f"{unit_mm * 1e6:.4g} nm); a {a} must be at least {MIN_STEP_NATIVE} units, "
+                f"{MIN_STEP_NATIVE * unit_mm:.4g} mm"))
+
+
+def relative_origin(stage: Stage, relative: bool) -> float:
+    """What START and END are offsets from: where the axis is now with ``relative`` (refused for an
+    axis without a reference position), else 0."""
+    if not relative:
+        return 0.0
+    if getattr(stage, "homed", True) is False:
+        raise UsageError("--relative: the axis has no reference position, so where it is now means nothing; "
+                         "home it first (or give absolute START and END)")
+    return stage_position(stage)
+
+
 def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm: float, *,
           search: str = "sweep", metric: str | None = None, blur: int = DEFAULT_BLUR,
           roi: Sequence[int] | None = None, settle_ms: float = 0.0, backlash_mm: float = 0.0,
@@ -4618,20 +5402,10 @@ def run_request(stage: Stage, camera: Camera, request: Request, *, on_frame: Fra
 
 
 def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook | None) -> FocusResult:
+    check_step_native(stage, r.step_mm)
     if isinstance(stage, ZaberStage):
         stage.soft_limits_mm = (r.z_min, r.z_max)
-        unit_mm = stage.native_unit_mm
-        if r.step_mm < MIN_STEP_NATIVE * unit_mm * (1 - 1e-9):
-            raise BadValue("request", ("step_mm",), lambda a: (
-                f"{a} {r.step_mm:g} mm is {r.step_mm / unit_mm:.3g} native units of this stage (one unit is "
-                f"{unit_mm * 1e6:.4g} nm); a {a} must be at least {MIN_STEP_NATIVE} units, "
-                f"{MIN_STEP_NATIVE * unit_mm:.4g} mm"))
-    origin_mm = 0.0
-    if r.relative:
-        if getattr(stage, "homed", True) is False:
-            raise UsageError("--relative: the axis has no reference position, so where it is now means nothing; "
-                             "home it first (or give absolute START and END)")
-        origin_mm = stage_position(stage)
+    origin_mm = relative_origin(stage, r.relative)
     plan = Plan(tuple(plan_positions(r.start_mm + origin_mm, r.end_mm + origin_mm, r.step_mm)), r.search,
                 r.backlash_mm, r.settle_ms, r.peak)
     check_plan(plan, stage_limits(stage), (r.z_min, r.z_max))
@@ -4694,6 +5468,636 @@ def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
                             roi=given.get("camera_roi"))
 
 
+def simulated_slide(**options: Any) -> tuple[SimXYStage, SimStage, SlideCamera]:
+    """A simulated XY plate, focus stage and camera over a tilted, bowed slide, to try
+    ``focus_map()`` without hardware: ``plate, stage, camera = simulated_slide(objective="20x")``.
+
+    Keywords: every ``simulated_microscope`` keyword (``focus_mm`` is the slide's focal surface at
+    its centre), every other ``SimSlide`` field (``centre_mm``, ``tilt_um_per_mm``,
+    ``bow_um_per_mm2``, ``ripple_um``, ``ripple_mm``, ``bare_glass``: boxes (X0, Y0, X1, Y1) with
+    no specimen), ``xy_travel_mm`` ((x_lo, x_hi), (y_lo, y_hi); default 0-100 x 0-75 mm) and
+    ``xy_start_mm`` (where the plate starts; default the slide's centre)."""
+    slide_names = {f.name for f in dataclasses.fields(SimSlide)} - {"focus_mm"}
+    slide_options = {k: options.pop(k) for k in list(options) if k in slide_names}
+    travel = options.pop("xy_travel_mm", ((0.0, 100.0), (0.0, 75.0)))
+    start = options.pop("xy_start_mm", None)
+    stage, camera = simulated_microscope(**options)
+
+    def numbers(value: Any, count: int) -> bool:
+        return (isinstance(value, Sequence) and len(value) == count
+                and all(_is_number(v) and abs(v) <= MAX_ABS_POSITION_MM for v in value))
+
+    checks: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "centre_mm": (lambda v: numbers(v, 2), "(x, y) in mm"),
+        "tilt_um_per_mm": (lambda v: numbers(v, 2), "(x, y) in um/mm"),
+        "bow_um_per_mm2": (lambda v: _is_number(v) and abs(v) <= 100, "a number of um/mm^2 within +-100"),
+        "ripple_um": (lambda v: _is_number(v) and abs(v) <= 1000, "a number of um within +-1000"),
+        "ripple_mm": (lambda v: _is_number(v) and 0 < v <= MAX_ABS_POSITION_MM, "a wavelength above 0 mm"),
+        "bare_glass": (lambda v: isinstance(v, Sequence) and all(numbers(b, 4) for b in v),
+                       "boxes (X0, Y0, X1, Y1) in mm"),
+        "xy_travel_mm": (lambda v: isinstance(v, Sequence) and len(v) == 2 and all(numbers(t, 2) and t[0] < t[1]
+                                                                                   for t in v),
+                         "((x_lo, x_hi), (y_lo, y_hi)) in mm, lowest first"),
+        "xy_start_mm": (lambda v: v is None or numbers(v, 2), "(x, y) in mm"),
+    }
+    for name, value in {**slide_options, "xy_travel_mm": travel, "xy_start_mm": start}.items():
+        ok, what = checks[name]
+        if not ok(value):
+            raise BadValue("slide", (name,), lambda a, v=value, w=what: f"{a} {show_value(v)} must be {w}")
+    slide = SimSlide(focus_mm=camera.optics.focus_mm, **{k: (tuple(tuple(b) for b in v) if k == "bare_glass" else
+                                                           tuple(v) if isinstance(v, Sequence) else v)
+                                                        for k, v in slide_options.items()})
+    xy_travel = (tuple(travel[0]), tuple(travel[1]))
+    at = tuple(start) if start is not None else slide.centre_mm
+    if not all(lo <= v <= hi for v, (lo, hi) in zip(at, xy_travel)):
+        raise BadValue("slide", ("xy_start_mm",), lambda a: f"the plate must start inside its travel "
+                       f"{show_value(xy_travel)} mm: {a} {show_value(at)}")
+    plate = SimXYStage(xy_travel, at, stage.timing, stage.clock)  # type: ignore[arg-type]
+    return plate, stage, SlideCamera(stage, plate, slide, camera.optics, camera.timing, camera.clock,
+                                     camera.one_shot, camera.roi)
+
+
+@dataclasses.dataclass(frozen=True)
+class MapPoint:
+    """One position of a focus map and what was found there.
+
+    ``result`` is the search that decided the point (its narrow window, or the whole range
+    after it); ``searches`` holds every search run there, in order.  ``status``: "used" (in the
+    surface), "not_focused" (no focus: bare glass, an empty field, the focus outside
+    START..END), "outlier" (focused, but far off the surface the others make), "failed" (the
+    map stopped here)."""
+
+    x_mm: float
+    y_mm: float
+    result: FocusResult | None
+    searches: tuple[FocusResult, ...] = ()
+    status: str = "used"
+    note: str = ""
+    noise_frames: int = 0  # frames repeated here to measure the score's noise
+    added: bool = False  # added where the map was uncertain (refine)
+    loo_um: float | None = None  # used points: how far the surface fitted to the others misses it
+
+    @property
+    def z_mm(self) -> float | None:
+        """The focus found here (None when there is none)."""
+        r = self.result
+        return r.best_mm if r is not None and r.verdict.kind == "focused" and math.isfinite(r.best_mm) else None
+
+    @property
+    def verdict(self) -> str:
+        """The decisive search's verdict ("failed" when it did not finish)."""
+        return "failed" if self.status == "failed" or self.result is None else self.result.verdict.kind
+
+    @property
+    def frames(self) -> int:
+        """Frames captured at this point (every search, and the noise frames)."""
+        return sum(r.frames for r in self.searches) + self.noise_frames
+
+
+@dataclasses.dataclass(frozen=True)
+class FocusMap:
+    """A focus map of the slide: the points measured and the surface fitted to them.
+
+    ``z_at(x, y)`` is the surface's focus (mm) anywhere in the mapped area (ValueError beyond it,
+    or without a surface).  ``model`` is the surface chosen by leave-one-out error ("plane",
+    "quadratic", "spline"; None with too few focused points), ``tilt_x_um_per_mm`` /
+    ``tilt_y_um_per_mm`` the slope of the best plane, ``rms_um`` and ``loo_rms_um`` the residuals
+    of the used points about the surface and their leave-one-out residuals (weighted by the
+    points' error bars), ``trusted`` whether the leave-one-out error is within half the depth of
+    field, ``frames`` every frame captured, ``to_json()`` all of it."""
+
+    area_mm: tuple[float, float, float, float]
+    grid: tuple[int, int]
+    points: tuple[MapPoint, ...]
+    surface: Surface | None
+    depth_of_field_mm: float
+    range_mm: tuple[float, float]
+    step_mm: float
+    loo_by_model_um: dict[str, float] = dataclasses.field(default_factory=dict)
+    rms_um: float | None = None
+    loo_rms_um: float | None = None
+    tilt_um_per_mm: tuple[float, float] | None = None
+    rel_noise: float | None = None
+    complete: bool = True
+    warnings: tuple[str, ...] = ()
+    suggestions_mm: tuple[tuple[float, float], ...] = ()
+    elapsed_s: float = 0.0
+
+    @property
+    def model(self) -> str | None:
+        return None if self.surface is None else self.surface.model
+
+    @property
+    def tilt_x_um_per_mm(self) -> float | None:
+        return None if self.tilt_um_per_mm is None else self.tilt_um_per_mm[0]
+
+    @property
+    def tilt_y_um_per_mm(self) -> float | None:
+        return None if self.tilt_um_per_mm is None else self.tilt_um_per_mm[1]
+
+    @property
+    def frames(self) -> int:
+        """Every frame the map captured."""
+        return sum(p.frames for p in self.points)
+
+    @property
+    def trusted(self) -> bool:
+        """A surface whose leave-one-out error is at most half the depth of field."""
+        return self.loo_rms_um is not None and self.loo_rms_um <= 500.0 * self.depth_of_field_mm
+
+    @property
+    def exit_code(self) -> int:
+        """The CLI's exit code: 0 a trusted surface, 4 a surface less certain than DOF/2, 3 none."""
+        return EXIT_NO_PEAK if self.surface is None else EXIT_OK if self.trusted else EXIT_EDGE
+
+    def z_at(self, x_mm: Any, y_mm: Any) -> Any:
+        """The surface's focus at (x, y), mm (floats or arrays); see ``Surface.z_at``."""
+        if self.surface is None:
+            raise ValueError("the focus map has no surface: too few points were focused (see its warnings)")
+        return self.surface.z_at(x_mm, y_mm)
+
+    def z_grid(self, grid: tuple[int, int] | None = None) -> np.ndarray:
+        """The surface on an NX x NY grid spanning the area (the map's own by default): shape
+        (NY, NX), row i at Y0 + i (Y1 - Y0)/(NY - 1), column j at X0 + j (X1 - X0)/(NX - 1), mm."""
+        nx, ny = grid or self.grid
+        x0, y0, x1, y1 = self.area_mm
+        gx, gy = np.meshgrid(np.linspace(x0, x1, nx), np.linspace(y0, y1, ny))
+        return np.asarray(self.z_at(gx, gy), float).reshape(ny, nx)
+
+    def offsets_um(self, grid: tuple[int, int] | None = None) -> np.ndarray:
+        """The layout of Zaber's high-throughput scanning example (``focus_map.npy``): an m x n array,
+        m scan passes (rows: along x, at each y from Y0 to Y1) by n images along each pass (x from X0
+        to X1), each entry the focus offset of that imaging location from the first one (X0, Y0),
+        in um.  In plate order: the example's scan does the snake itself."""
+        z = self.z_grid(grid)
+        return (z - z[0, 0]) * 1000.0
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything about the map as plain JSON-ready values (NaN as None)."""
+        def point(p: MapPoint) -> dict[str, Any]:
+            r = p.result
+            return {"x_mm": p.x_mm, "y_mm": p.y_mm, "z_mm": p.z_mm, "verdict": p.verdict, "status": p.status,
+                    "uncertainty_mm": None if r is None else r.uncertainty_mm, "frames": p.frames,
+                    "noise_frames": p.noise_frames, "added": p.added, "loo_um": p.loo_um, "note": p.note,
+                    "surface_mm": self.z_at(p.x_mm, p.y_mm) if self.surface is not None else None,
+                    "searches": [{"range_mm": [min(q.z_mm for q in s.samples), max(q.z_mm for q in s.samples)]
+                                  if s.samples else None,
+                                  "search": s.search, "verdict": s.verdict.kind, "reason": s.verdict.reason,
+                                  "frames": s.frames, "best_mm": s.best_mm,
+                                  "curve": [[q.z_mm, q.score] for q in s.samples]} for s in p.searches]}
+
+        return finite_only({
+            "area_mm": list(self.area_mm), "grid": list(self.grid), "complete": self.complete,
+            "model": self.model, "trusted": self.trusted, "tilt_um_per_mm": list(self.tilt_um_per_mm or []) or None,
+            "rms_um": self.rms_um, "loo_rms_um": self.loo_rms_um, "loo_by_model_um": dict(self.loo_by_model_um),
+            "depth_of_field_um": 1000.0 * self.depth_of_field_mm, "range_mm": list(self.range_mm),
+            "step_mm": self.step_mm, "frames": self.frames,
+            "frames_per_point": self.frames / len(self.points) if self.points else None,
+            "relative_noise": self.rel_noise, "elapsed_s": round(self.elapsed_s, 4),
+            "warnings": list(self.warnings), "suggested_points_mm": [list(s) for s in self.suggestions_mm],
+            "surface": None if self.surface is None else self.surface.to_json(),
+            "points": [point(p) for p in self.points]})
+
+
+def point_sigma_mm(result: FocusResult, step_mm: float) -> float:
+    """A focused point's error bar as one sigma: from its ``uncertainty_mm`` (a ~90% half-width)
+    where the search gives one, else STEP/4 (about the sweep's worst error at STEP ~ one depth
+    of field)."""
+    u = result.uncertainty_mm
+    return u * SIGMA_PER_90 if u is not None and math.isfinite(u) and u > 0 else step_mm / 4.0
+
+
+def _where(points: Sequence[tuple[float, float]], most: int = 6) -> str:
+    """"(20, 10), (22, 10) mm" (at most ``most`` of them)."""
+    text = ", ".join(f"({x:g}, {y:g})" for x, y in points[:most])
+    return text + (f" and {len(points) - most} more" if len(points) > most else "") + " mm"
+
+
+def summarise_map(points: Sequence[MapPoint], *, area_mm: tuple[float, float, float, float], grid: tuple[int, int],
+                  depth_of_field_mm: float, range_mm: tuple[float, float], step_mm: float, complete: bool = True,
+                  rel_noise: float | None = None, elapsed_s: float = 0.0) -> FocusMap:
+    """The FocusMap of these points: the surface (``choose_surface``), each point's status, the
+    tilt, and the warnings -- points without focus, outliers, too few points, a leave-one-out error
+    above half the depth of field (with where points are missing).  Pure."""
+    focused = [i for i, p in enumerate(points) if p.status != "failed" and p.z_mm is not None]
+    x = [points[i].x_mm for i in focused]
+    y = [points[i].y_mm for i in focused]
+    z = [points[i].z_mm for i in focused]
+    s = [point_sigma_mm(points[i].result, step_mm) for i in focused]  # type: ignore[arg-type]
+    # An assumed error bar (STEP/4, where a search gives none) weights the fit but does not widen
+    # the outlier test: that rests on the points' own scatter then.
+    own = [sigma if points[i].result.uncertainty_mm is not None else 0.0  # type: ignore[union-attr]
+           for i, sigma in zip(focused, s)]
+    choice = choose_surface(x, y, z, s, area_mm, depth_of_field_mm / 2.0, own_sigma_mm=own)  # type: ignore[arg-type]
+    fit = choice.fit
+    new = list(points)
+    for i, p in enumerate(points):
+        if p.status != "failed":
+            new[i] = dataclasses.replace(p, status="not_focused" if p.z_mm is None else "used", loo_um=None)
+    warnings: list[str] = []
+    tilt = rms = loo_rms = None
+    suggestions: list[tuple[float, float]] = []
+    if fit is not None:
+        used = [focused[k] for k in np.flatnonzero(choice.used)]
+        w = _weights(np.asarray(s, float)[choice.used])
+        rms, loo_rms = 1000.0 * _weighted_rms(fit.residuals_mm, w), 1000.0 * fit.loo_rms_mm
+        for k, i in enumerate(used):
+            new[i] = dataclasses.replace(new[i], loo_um=1000.0 * float(fit.loo_mm[k]))
+        off = []
+        for k in choice.outliers:
+            i = focused[k]
+            miss_um = 1000.0 * (z[k] - fit.surface.z_at(x[k], y[k]))  # type: ignore[operator]
+            new[i] = dataclasses.replace(new[i], status="outlier", note=(new[i].note + "; " if new[i].note else "")
+                                         + f"{miss_um:+.1f} um off the surface the other points make")
+            off.append(f"({x[k]:g}, {y[k]:g}) mm {miss_um:+.1f} um")
+        if off:
+            warnings.append(f"{len(off)} outlier{'s' if len(off) > 1 else ''} left out of the surface (a focus on dust "
+                            f"or debris, a second layer): {', '.join(off)}")
+        plane = fit if fit.surface.model == "plane" else fit_surface(
+            [x[k] for k in np.flatnonzero(choice.used)], [y[k] for k in np.flatnonzero(choice.used)],
+            [z[k] for k in np.flatnonzero(choice.used)], np.asarray(s)[choice.used], "plane", area_mm)
+        x0, y0, x1, y1 = area_mm
+        tilt = (plane or fit).surface.gradient_um_per_mm((x0 + x1) / 2.0, (y0 + y1) / 2.0)
+        if loo_rms > 500.0 * depth_of_field_mm:
+            loo = [abs(float(v)) for v in fit.loo_mm]
+            suggestions = suggest_points([x[k] for k in np.flatnonzero(choice.used)],
+                                         [y[k] for k in np.flatnonzero(choice.used)], loo,
+                                         [(p.x_mm, p.y_mm) for p in points], area_mm, grid, 6)
+            warnings.append(f"the surface is uncertain: its leave-one-out error, {loo_rms:.2f} um, exceeds half the "
+                            f"depth of field ({500.0 * depth_of_field_mm:.2f} um); points are missing near "
+                            f"{_where(suggestions)} (--map-refine N / refine=N adds up to N there)")
+    else:
+        warnings.append(f"no surface: only {len(focused)} point{'s' if len(focused) != 1 else ''} focused (at least 4, "
+                        "not all on one line, are needed); check START..END and the area")
+    empty = [(p.x_mm, p.y_mm) for p in new if p.status == "not_focused"]
+    if empty:
+        warnings.append(f"{len(empty)} point{'s' if len(empty) > 1 else ''} without a focus (bare glass, an empty "
+                        f"field, or the focus outside START..END), left out: {_where(empty)}")
+    if not complete:
+        warnings.append(f"the map was cut short after {sum(p.status != 'failed' for p in new)} of "
+                        f"{grid[0] * grid[1]} grid points")
+    return FocusMap(area_mm, grid, tuple(new), None if fit is None else fit.surface, depth_of_field_mm, range_mm,
+                    step_mm, {m: 1000.0 * v for m, v in choice.loo_by_model_mm.items()}, rms, loo_rms, tilt, rel_noise,
+                    complete, tuple(warnings), tuple(suggestions), elapsed_s)
+
+
+MAP_RULES: dict[str, Rule] = {
+    "refine": Rule("whole", 0, MAP_MAX_REFINE),
+    "depth_of_field_mm": Rule("number", 0.0, 10.0, " mm", above=True, optional=True),
+}
+
+
+def check_map_request(area_mm: Any, grid: Any, *, xy_limits_mm: Any = None, refine: Any = 0,
+                      depth_of_field_mm: Any = None) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    """Check a focus map's area (X0, Y0, X1, Y1 mm), grid (NX, NY), XY soft limits (a box, or
+    None), ``refine`` and ``depth_of_field_mm`` before anything moves; BadValue (one line, naming
+    the keyword, or on the command line its option) otherwise.  Returns the area and grid as
+    floats and ints."""
+    def bad(name: str, text: Callable[[str], str]) -> BadValue:
+        return BadValue("map", (name,), text)
+
+    def box(name: str, value: Any) -> tuple[float, float, float, float]:
+        if not (isinstance(value, Sequence) and len(value) == 4 and all(_is_number(v) for v in value)):
+            raise bad(name, lambda a: f"{a} {show_value(value)} must be X0,Y0,X1,Y1: four finite numbers of mm")
+        corners = tuple(float(v) for v in value)
+        if max(abs(v) for v in corners) > MAX_ABS_POSITION_MM:
+            raise bad(name, lambda a: f"{a} {show_value(value)} is out of range: within +-{MAX_ABS_POSITION_MM:g} mm")
+        x0, y0, x1, y1 = corners
+        if x0 == x1 or y0 == y1:
+            raise bad(name, lambda a: f"{a} {x0:g},{y0:g},{x1:g},{y1:g} mm has no "
+                      f"{'width' if x0 == x1 else 'height'}: give two opposite corners X0,Y0,X1,Y1")
+        return corners  # type: ignore[return-value]
+
+    area = box("area_mm", area_mm)
+    if not (isinstance(grid, Sequence) and len(grid) == 2
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in grid)):
+        raise bad("grid", lambda a: f"{a} {show_value(grid)} must be NXxNY: two whole numbers of points")
+    nx, ny = int(grid[0]), int(grid[1])
+    if not (2 <= nx <= MAP_MAX_SIDE and 2 <= ny <= MAP_MAX_SIDE):
+        raise bad("grid", lambda a: f"{a} {nx}x{ny}: each side needs 2 to {MAP_MAX_SIDE} points (a surface needs "
+                  "both directions)")
+    check_values("map", MAP_RULES, {"refine": refine, "depth_of_field_mm": depth_of_field_mm})
+    if xy_limits_mm is not None:
+        box("xy_limits_mm", xy_limits_mm)
+    return area, (nx, ny)
+
+
+def plate_limits(xy: XYStage) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The plate's travel limits, checked before any use: ((x_lo, x_hi), (y_lo, y_hi)), finite
+    numbers of mm, lowest first; StageError otherwise."""
+    limits = xy.limits_mm()
+    try:
+        (x_lo, x_hi), (y_lo, y_hi) = limits
+        usable = all(_is_number(v) for v in (x_lo, x_hi, y_lo, y_hi)) and x_lo <= x_hi and y_lo <= y_hi
+    except (TypeError, ValueError):
+        usable = False
+    if not usable:
+        raise StageError(f"the plate reports its travel limits as {show_value(limits)}, not ((x_lo, x_hi), (y_lo, "
+                         "y_hi)) in finite mm, lowest first; nothing was moved: check the plate (its limits_mm())")
+    return (float(x_lo), float(x_hi)), (float(y_lo), float(y_hi))
+
+
+def plate_position(xy: XYStage) -> tuple[float, float]:
+    """Where the plate says it is, checked before any use: (x, y), finite numbers of mm."""
+    at = xy.position_mm()
+    try:
+        x, y = at
+        usable = _is_number(x) and _is_number(y)
+    except (TypeError, ValueError):
+        usable = False
+    if not usable:
+        raise StageError(f"the plate reports its position as {show_value(at)}, not (x, y) in finite mm; check the "
+                         "plate (its position_mm())")
+    return float(x), float(y)
+
+
+def check_area_inside(area_mm: tuple[float, float, float, float],
+                      travel_mm: tuple[tuple[float, float], tuple[float, float]], xy_limits_mm: Sequence[float] | None,
+                      ) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Refuse an area that leaves the plate's travel or the XY soft limits (UsageError, nothing
+    moved); returns the allowed box ((x_lo, x_hi), (y_lo, y_hi))."""
+    (tx0, tx1), (ty0, ty1) = travel_mm
+    allowed = [[tx0, tx1], [ty0, ty1]]
+    if xy_limits_mm is not None:
+        lx0, ly0, lx1, ly1 = xy_limits_mm
+        allowed = [[max(tx0, min(lx0, lx1)), min(tx1, max(lx0, lx1))],
+                   [max(ty0, min(ly0, ly1)), min(ty1, max(ly0, ly1))]]
+    x0, y0, x1, y1 = area_mm
+    for name, (lo, hi), (a, b) in (("X", allowed[0], (x0, x1)), ("Y", allowed[1], (y0, y1))):
+        if min(a, b) < lo - 1e-9 or max(a, b) > hi + 1e-9:
+            raise UsageError(f"the map area's {name} {min(a, b):g}..{max(a, b):g} mm leaves the allowed "
+                             f"{lo:g}..{hi:g} mm (plate travel X {tx0:g}..{tx1:g}, Y {ty0:g}..{ty1:g} mm"
+                             + (", and the XY soft limits" if xy_limits_mm is not None else "")
+                             + "); choose an area inside it; nothing moved")
+    return (allowed[0][0], allowed[0][1]), (allowed[1][0], allowed[1][1])
+
+
+class _Mapper:
+    """One focus map's acquisition: the plate moves, each point's search, the noise frames."""
+
+    def __init__(self, xy: XYStage, z: Stage, camera: Camera, *, positions: list[float], full: Request,
+                 window: Request, on_frame: FrameHook | None, scorer: Scorer, direction: float) -> None:
+        self.xy, self.z, self.camera = xy, z, camera
+        self.positions, self.step_mm = positions, full.step_mm
+        self.full, self.window, self.on_frame, self.scorer = full, window, on_frame, scorer
+        self.backlash_mm, self.direction = full.backlash_mm, direction
+        self.full_frames = full_search_frames(len(positions), full.search)
+        self.rel_noise: float | None = None
+        self.left_at: tuple[float, float] | None = None  # where the map last sent the plate
+        self.points: list[MapPoint] = []
+        self.current: tuple[float, float] | None = None  # the point being measured (for a failure)
+        self.searches: list[FocusResult] = []
+
+    def move_plate(self, x_mm: float, y_mm: float) -> None:
+        """Move the plate and verify it, and that nothing else moved it since the last point."""
+        if self.left_at is not None:
+            at = plate_position(self.xy)
+            if math.hypot(at[0] - self.left_at[0], at[1] - self.left_at[1]) > XY_TOLERANCE_MM:
+                raise StageInterrupted(f"the plate is at ({at[0]:.4f}, {at[1]:.4f}) mm, not where the map left it "
+                                       f"({self.left_at[0]:.4f}, {self.left_at[1]:.4f}) mm: it was moved from outside "
+                                       "(the joystick, Zaber Launcher or another program)")
+        self.xy.move_to(x_mm, y_mm)
+        at = plate_position(self.xy)
+        if math.hypot(at[0] - x_mm, at[1] - y_mm) > XY_TOLERANCE_MM:
+            err = StageError(f"the plate move to ({x_mm:.4f}, {y_mm:.4f}) mm ended at ({at[0]:.4f}, {at[1]:.4f}) mm: "
+                             "it did not reach its target (blocked, or moved by someone else)")
+            err.may_move = False
+            raise err
+        self.left_at = (x_mm, y_mm)
+
+    def approach_z(self, z_mm: float) -> int:
+        """Send the focus stage to z the way the searches arrive (from the sweep's side with
+        backlash); returns the moves made."""
+        if self.backlash_mm > 0:
+            self.z.move_to(round(z_mm - self.direction * self.backlash_mm, POSITION_DECIMALS))
+            self.z.move_to(z_mm)
+            return 2
+        self.z.move_to(z_mm)
+        return 1
+
+    def measure_noise(self) -> int:
+        """Repeat frames where the stage is (the first focus): the score's relative noise."""
+        scores = []
+        z_now = stage_position(self.z)
+        for _ in range(NOISE_REPEATS):
+            frame = self.camera.capture()
+            check_frame(frame, z_now)
+            scores.append(self.scorer(frame))
+        self.rel_noise = relative_noise(scores)
+        if not math.isfinite(self.rel_noise):
+            self.rel_noise = None
+        return NOISE_REPEATS
+
+    def measure(self, x_mm: float, y_mm: float, added: bool = False) -> MapPoint:
+        """Focus at one plate position: a narrow window around the predicted focus when the
+        points so far predict one, else (or when the window shows no peak) the whole range."""
+        self.current, self.searches = (x_mm, y_mm), []
+        self.move_plate(x_mm, y_mm)
+        used = [p for p in self.points if p.z_mm is not None and p.status == "used"]
+        window = None
+        if used and self.rel_noise is not None:
+            sigmas = [point_sigma_mm(p.result, self.step_mm) for p in used]  # type: ignore[arg-type]
+            predicted, sigma = predict_focus([p.x_mm for p in used], [p.y_mm for p in used],
+                                             [p.z_mm for p in used], sigmas, (x_mm, y_mm))  # type: ignore[misc]
+            window = plan_window(predicted, sigma, self.positions, self.step_mm, self.full_frames)
+        note = ""
+        if window is not None:
+            found = _run_request(self.z, self.camera, check_request(dataclasses.replace(
+                self.window, start_mm=window[0], end_mm=window[1])), self.on_frame)
+            verdict = judge_window(found.samples, self.rel_noise)  # type: ignore[arg-type]
+            if verdict.kind == "focused":
+                fit = found.fit
+                target = fit.z_mm if fit.used and fit.z_mm is not None else best_sample(found.samples).z_mm
+                moves = found.moves
+                if not (found.verdict.kind == "focused" and found.best_mm == target):
+                    moves += self.approach_z(target)  # focus() judged the window by its own rule: go there
+                found = dataclasses.replace(found, verdict=verdict, best_mm=target, moves=moves)
+                self.searches.append(found)
+                return MapPoint(x_mm, y_mm, found, (found,), "used", f"window {window[0]:.4f}..{window[1]:.4f} mm",
+                                added=added)
+            self.searches.append(dataclasses.replace(found, verdict=verdict))
+            note = f"window {window[0]:.4f}..{window[1]:.4f} mm: {verdict.kind}; searched the whole range"
+        found = _run_request(self.z, self.camera, self.full, self.on_frame)
+        self.searches.append(found)
+        if (window is not None and found.verdict.kind == "focused"
+                and min(window) + self.step_mm - 1e-9 <= found.best_mm <= max(window) - self.step_mm + 1e-9
+                and not window_shows(self.searches[0].samples, found.best_mm, self.rel_noise)):  # type: ignore[arg-type]
+            # The whole range's peak lies inside the window (a STEP or more from its ends), and the
+            # window's frames there stand no higher than its lowest ones: a noise maximum (the
+            # verdict's known weakness on empty fields), not a focus.  Back to where that search began.
+            moves = found.moves + self.approach_z(found.start_mm)
+            found = dataclasses.replace(found, best_mm=found.start_mm, moves=moves, verdict=dataclasses.replace(
+                found.verdict, kind="no_peak", reason=f"its peak at {found.best_mm:.4f} mm lies inside the window "
+                f"{min(window):.4f}..{max(window):.4f} mm, whose frames show nothing there: noise"))
+            note += "; its peak lay in the window, whose frames show nothing there: taken as noise"
+        noise_frames = self.measure_noise() if found.verdict.kind == "focused" and self.rel_noise is None else 0
+        return MapPoint(x_mm, y_mm, found, tuple(self.searches), "used" if found.verdict.kind == "focused"
+                        else "not_focused", note, noise_frames, added)
+
+
+def focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, *, area_mm: Sequence[float], grid: Sequence[int],
+              start_mm: float, end_mm: float, step_mm: float, xy_limits_mm: Sequence[float] | None = None,
+              refine: int = 0, depth_of_field_mm: float | None = None,
+              on_point: Callable[[MapPoint, int, int], None] | None = None, search: str = "fast",
+              **options: Any) -> FocusMap:
+    """Focus at an NX x NY grid over the plate area X0, Y0, X1, Y1 (mm) and fit the slide's surface.
+
+    Every point is a ``focus()`` between START and END every STEP (``options`` are focus()'s
+    keywords: ``metric``, ``roi``, ``z_min``, ``backlash_mm``, ...; ``search`` is the search over
+    the whole range, "fast" by default).  Points are visited in a snake (rows along x).  Once a
+    point has focused, the score's frame-to-frame noise is measured there (NOISE_REPEATS frames),
+    and every later point first searches a narrow window (a sweep of 5 frames or more) around the
+    focus the points so far predict (``predict_focus``; the window's width follows the
+    prediction's own uncertainty), judged by ``judge_window``; when the window shows no peak,
+    the whole START..END.  Points without a focus (bare glass, ``edge``) and outliers are left
+    out of the surface and reported (``FocusMap.points``, ``warnings``).  When the leave-one-out
+    error exceeds half the depth of field (``depth_of_field_mm``, default STEP: choose STEP about
+    one depth of field), the map says where points are missing, and with ``refine=N`` measures
+    up to N more there.  ``on_point(point, done, total)`` is called after each point.
+
+    Safety: everything is checked before anything moves (UsageError): the area, the grid, the
+    area inside the plate's travel and ``xy_limits_mm`` (X0, Y0, X1, Y1), the focus range inside
+    the focus stage's travel and ``z_min``/``z_max``; Z is only ever commanded inside START..END
+    (with a backlash overshoot, the frames start one overshoot inside) and the soft limits: a focus
+    stage outside them is first sent to the range's first position, so that a search that finds
+    nothing (or fails) returns it there, not outside.  Every plate move is verified (within
+    XY_TOLERANCE_MM of its target, and the plate still where the map left it before the next
+    one).  A fault or Ctrl-C stops the map at once: nothing more
+    moves (a search in progress makes its own axis safe as ``focus()`` does), and the error carries
+    ``partial_map`` (a FocusMap of the points measured so far, ``complete=False``) and
+    ``stage_state`` (where the stages were left).  A map that completes leaves the plate at its
+    last point and the focus stage at that point's focus."""
+    t0 = time.perf_counter()
+    unknown = sorted(set(options) - set(focus.__kwdefaults__ or {}))
+    if unknown:
+        raise TypeError(f"focus_map() got an unexpected keyword argument {unknown[0]!r}")
+    area, cells = check_map_request(area_mm, grid, xy_limits_mm=xy_limits_mm, refine=refine,
+                                    depth_of_field_mm=depth_of_field_mm)
+    on_frame = options.get("on_frame")
+    request = check_request(Request(start_mm, end_mm, step_mm, search=search,  # type: ignore[arg-type]
+                                    **{k: v for k, v in options.items() if k != "on_frame"}))
+    check_parts(z_stage, camera, on_frame)
+    if not isinstance(xy_stage, XYStage):
+        raise UsageError(f"xy_stage {show_value(xy_stage)} is not an XYStage: it needs move_to(x_mm, y_mm), "
+                         "position_mm(), limits_mm(), stop() (see the Device interfaces section)")
+    with exclusive_use(z_stage, camera):
+        return _focus_map(xy_stage, z_stage, camera, request, area, cells, t0=t0, xy_limits_mm=xy_limits_mm,
+                          refine=refine, depth_of_field_mm=depth_of_field_mm, on_point=on_point, on_frame=on_frame)
+
+
+def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
+               area: tuple[float, float, float, float], cells: tuple[int, int], *, t0: float,
+               xy_limits_mm: Sequence[float] | None, refine: int, depth_of_field_mm: float | None,
+               on_point: Callable[[MapPoint, int, int], None] | None, on_frame: FrameHook | None) -> FocusMap:
+    """focus_map() once its arguments are checked and its parts are its own."""
+    dof_mm = float(depth_of_field_mm) if depth_of_field_mm is not None else r.step_mm
+    check_step_native(z_stage, r.step_mm)
+    origin = relative_origin(z_stage, r.relative)
+    first, last = r.start_mm + origin, r.end_mm + origin
+    direction = 1.0 if last >= first else -1.0
+    # Z stays inside START..END and the soft limits: every search gets their intersection as its
+    # limits, and with a backlash overshoot the frames begin one overshoot inside START.
+    z_lo = min(first, last) if r.z_min is None else max(min(first, last), r.z_min)
+    z_hi = max(first, last) if r.z_max is None else min(max(first, last), r.z_max)
+    positions = plan_positions(round(first + direction * r.backlash_mm, POSITION_DECIMALS), last, r.step_mm)
+    if len(positions) < 2 * WINDOW_MIN_HALF_STEPS + 1 or (last - positions[0]) * direction < 0:
+        raise UsageError(f"the range {first:g}..{last:g} mm holds fewer than {2 * WINDOW_MIN_HALF_STEPS + 1} STEPs "
+                         "(after the backlash overshoot): give a wider range or a smaller STEP")
+    plan = Plan(tuple(positions), r.search, r.backlash_mm, r.settle_ms, r.peak)
+    check_plan(plan, stage_limits(z_stage), (r.z_min, r.z_max))
+    allowed = check_area_inside(area, plate_limits(xy_stage), xy_limits_mm)
+    # Homing (with consent) before anything else moves; both are checked first.
+    z_unhomed = getattr(z_stage, "home_if_needed", None) is not None and getattr(z_stage, "homed", True) is False
+    xy_unhomed = getattr(xy_stage, "home_if_needed", None) is not None and getattr(xy_stage, "homed", True) is False
+    if z_unhomed:
+        check_home_consent(r.home, r.z_min, r.z_max, "the focus axis")
+    if xy_unhomed and (r.home is False or (xy_limits_mm is not None and r.home is not True)):
+        raise UsageError("the XY plate has no reference position (not homed) and must be homed first, but "
+                         + ("--no-home forbids homing" if r.home is False else
+                            "homing drives it to its home corner through positions --xy-limits may forbid: check "
+                            "that its path is clear, then pass --home")
+                         + " (or home it yourself, e.g. in Zaber Launcher); nothing moved")
+    if z_unhomed:
+        z_stage.home_if_needed()  # type: ignore[attr-defined]
+        check_plan(plan, stage_limits(z_stage), (r.z_min, r.z_max))
+    if xy_unhomed:
+        xy_stage.home_if_needed()  # type: ignore[attr-defined]
+    if isinstance(xy_stage, ZaberPlate):
+        xy_stage.set_soft_limits(allowed)
+    full = check_request(dataclasses.replace(r, start_mm=positions[0], end_mm=positions[-1], relative=False,
+                                             home=False, z_min=z_lo, z_max=z_hi))
+    mapper = _Mapper(xy_stage, z_stage, camera, positions=positions, full=full,
+                     window=dataclasses.replace(full, search="sweep", peak="sharpest"), on_frame=on_frame,
+                     scorer=Scorer(full.metric, full.blur, full.roi, invert=full.transparent),  # type: ignore[arg-type]
+                     direction=direction)
+    path = snake_path(area, cells)
+    total = len(path)
+
+    def summary(complete: bool) -> FocusMap:
+        return summarise_map(mapper.points, area_mm=area, grid=cells, depth_of_field_mm=dof_mm,
+                             range_mm=(first, last), step_mm=r.step_mm, complete=complete, rel_noise=mapper.rel_noise,
+                             elapsed_s=time.perf_counter() - t0)
+
+    try:
+        if not z_lo - 1e-9 <= stage_position(z_stage) <= z_hi + 1e-9:
+            mapper.approach_z(positions[0])  # into the range first: every search then starts (and returns) inside it
+        for x, y in path:
+            mapper.points.append(mapper.measure(x, y))
+            if on_point is not None:
+                on_point(mapper.points[-1], len(mapper.points), total)
+        result = summary(True)
+        added = 0
+        while added < refine and result.surface is not None and not result.trusted:
+            used = [p for p in result.points if p.status == "used"]
+            batch = suggest_points([p.x_mm for p in used], [p.y_mm for p in used], [p.loo_um or 0.0 for p in used],
+                                   [(p.x_mm, p.y_mm) for p in mapper.points], area, cells,
+                                   min(refine - added, max(2, len(path) // 5)))
+            if not batch:
+                break
+            total += len(batch)
+            here = mapper.left_at or batch[0]
+            while batch:  # nearest first: short plate moves
+                nxt = min(batch, key=lambda p: math.hypot(p[0] - here[0], p[1] - here[1]))
+                batch.remove(nxt)
+                mapper.points.append(mapper.measure(*nxt, added=True))
+                added += 1
+                here = nxt
+                if on_point is not None:
+                    on_point(mapper.points[-1], len(mapper.points), total)
+            result = summary(True)
+        return result
+    except BaseException as exc:  # a fault or Ctrl-C: nothing more moves; what was measured is kept
+        with INTERRUPTS.held():
+            where = getattr(exc, "stage_state", None)
+            if where is None:  # the plate (or our own check) failed: no search was under way
+                plate_may_move = not (isinstance(exc, StageError) and not exc.may_move)
+                if plate_may_move:
+                    with contextlib.suppress(AutofocusError, KeyboardInterrupt):
+                        xy_stage.stop()
+                where = "nothing more was moved"
+                with contextlib.suppress(AutofocusError, KeyboardInterrupt):
+                    where += f"; the focus stage is at {z_stage.position_mm():.4f} mm"
+            try:
+                at = xy_stage.position_mm()
+                where += f"; the plate is at ({at[0]:.4f}, {at[1]:.4f}) mm"
+            except (AutofocusError, KeyboardInterrupt):
+                where += "; the plate's position is unknown (it no longer answers)"
+            if mapper.current is not None and (not mapper.points or
+                                               (mapper.points[-1].x_mm, mapper.points[-1].y_mm) != mapper.current):
+                partial = getattr(exc, "partial", None)
+                mapper.points.append(MapPoint(mapper.current[0], mapper.current[1], partial,
+                                              tuple(mapper.searches) + ((partial,) if partial is not None else ()),
+                                              "failed", failure_line(exc)[1]))
+            try:
+                partial_map: FocusMap | None = summary(False)
+            except Exception:  # noqa: BLE001 - the error being raised is what matters
+                log.debug("summarising the partial map failed", exc_info=True)
+                partial_map = None
+            with contextlib.suppress(AttributeError, TypeError):
+                exc.partial_map, exc.stage_state = partial_map, where  # type: ignore[union-attr]
+        raise
+
+
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
@@ -4733,12 +6137,18 @@ def whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
 
 
+def two_by(text: str, example: str) -> tuple[int, int]:
+    """"AxB": two whole numbers (argparse's one-line error naming ``example`` otherwise)."""
+    try:
+        a, b = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {example}") from None
+    return a, b
+
+
 def frame_size(text: str) -> tuple[int, int]:
     """WIDTHxHEIGHT in pixels, e.g. 1920x1200."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 1920x1200") from None
+    w, h = two_by(text, "WIDTHxHEIGHT, e.g. 1920x1200")
     return w, h
 
 
@@ -4757,6 +6167,33 @@ def pixel_box(text: str) -> Roi:
         raise argparse.ArgumentTypeError(f"{text!r} is not X,Y,W,H in whole camera pixels, e.g. 640,400,640,400") \
             from None
     return x, y, w, h
+
+
+def number_list(count: int, example: str) -> Callable[[str], tuple[float, ...]]:
+    """An argparse type: ``count`` comma-separated finite numbers (mm or um), e.g. ``example``."""
+
+    def parse(text: str) -> tuple[float, ...]:
+        parts = text.split(",")
+        if len(parts) != count:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {count} comma-separated numbers, e.g. {example}")
+        values = tuple(number(v.strip()) for v in parts)
+        if not all(math.isfinite(v) for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: {next(v for v in values if not math.isfinite(v))} is not a "
+                                             "finite number")
+        if any(abs(v) > MAX_ABS_POSITION_MM for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: each number must be within +-{MAX_ABS_POSITION_MM:g}")
+        return values
+
+    parse.__name__ = "numbers"
+    return parse
+
+
+def grid_size(text: str) -> tuple[int, int]:
+    """NXxNY points, e.g. 5x4 (2 to MAP_MAX_SIDE a side)."""
+    nx, ny = two_by(text, "NXxNY, e.g. 5x4 (points along x and y)")
+    if not (2 <= nx <= MAP_MAX_SIDE and 2 <= ny <= MAP_MAX_SIDE):
+        raise argparse.ArgumentTypeError(f"{text!r}: each side needs 2 to {MAP_MAX_SIDE} points")
+    return nx, ny
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -4816,9 +6253,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "ROI, rounded to its increments and restored afterwards (a faster read-out); the simulated camera "
                           "crops its frame")
     srch = p.add_argument_group("search")
-    srch.add_argument("--search", choices=tuple(SEARCHES), default="sweep",
+    srch.add_argument("--search", choices=tuple(SEARCHES), default=None,
                       help="sweep: every position (default); fast: coarse-to-fine, about a fifth of the frames "
-                           "when there is a focus in the range (a blank field costs a sweep)")
+                           "when there is a focus in the range (a blank field costs a sweep); --map searches the "
+                           "whole range fast unless this says sweep")
     srch.add_argument("--metric", choices=tuple(METRICS), default=None,
                       help="focus score (default laplacian: variance of the Laplacian; normvar with --transparent)")
     srch.add_argument("--transparent", action="store_true",
@@ -4901,8 +6339,75 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--sim-time-scale", metavar="X", type=number, default=1.0,
                      help="1 = real hardware timing (default), 0 = as fast as possible")
     sim.add_argument("--sim-seed", metavar="N", type=whole_number, default=0, help="seed of the specimen and noise")
+    fmap = p.add_argument_group("focus map (slide scanning)")
+    fmap.add_argument("--map", metavar="NXxNY", type=grid_size,
+                      help="focus at an NX x NY grid over --map-area on the XY plate and fit the slide's surface")
+    fmap.add_argument("--map-area", metavar="X0,Y0,X1,Y1", type=number_list(4, "20,10,28,16"),
+                      help="the plate area to map, two opposite corners in mm (the snake starts at X0,Y0)")
+    fmap.add_argument("--xy-device", metavar="N", type=whole_number,
+                      help="Zaber device number of the XY plate (x = its axis 2, y = axis 1); default: found by "
+                           "ZML's microscope detection")
+    fmap.add_argument("--xy-native-unit-nm", metavar="NM", type=number,
+                      help="size of one native unit of the plate's axes in nm (offline PCs, as --native-unit-nm)")
+    fmap.add_argument("--xy-limits", metavar="X0,Y0,X1,Y1", type=number_list(4, "10,5,90,70"),
+                      help="soft limits: never send the plate outside this box (mm)")
+    fmap.add_argument("--map-refine", metavar="N", type=whole_number, default=0,
+                      help="when the surface is uncertain (leave-one-out error above half the depth of field), add "
+                           "up to N points where they are missing (default 0: only say where)")
+    fmap.add_argument("--map-dof-um", metavar="UM", type=number,
+                      help="the objective's depth of field, um (default: STEP)")
+    fmap.add_argument("--map-out", metavar="FILE", type=path_text,
+                      help="save the map's points as CSV (x_mm,y_mm,z_mm,verdict,uncertainty_mm,status,...)")
+    fmap.add_argument("--map-json", metavar="FILE", type=path_text,
+                      help="save the whole map as JSON (points, curves, the surface: autofocus.Surface.from_json)")
+    fmap.add_argument("--map-npy", metavar="FILE", type=path_text,
+                      help="save the surface as the focus_map.npy of Zaber's high-throughput scanning example "
+                           "(m passes x n images, um from the first)")
+    fmap.add_argument("--map-npy-grid", metavar="NXxNY", type=grid_size,
+                      help="the scan's imaging grid for --map-npy (default: the --map grid)")
+    fmap.add_argument("--sim-tilt-um-per-mm", metavar="X,Y", type=number_list(2, "4,-2.5"),
+                      default=SimSlide.tilt_um_per_mm, help="simulated slide: its tilt along x and y (default 4,-2.5)")
+    fmap.add_argument("--sim-bow-um-per-mm2", metavar="B", type=number,
+                      default=SimSlide.bow_um_per_mm2,
+                      help=f"simulated slide: its bow, um per mm^2 from its centre at (50, 37.5) mm "
+                           f"(default {SimSlide.bow_um_per_mm2})")
+    fmap.add_argument("--sim-ripple-um", metavar="UM", type=number, default=0.0,
+                      help="simulated slide: a ripple no polynomial follows, amplitude (wavelength 10 mm; default 0)")
+    fmap.add_argument("--sim-bare-glass", metavar="X0,Y0,X1,Y1", type=number_list(4, "48,35,52,40"),
+                      action="append", help="simulated slide: a box of bare glass, no specimen (repeatable)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
+
+
+def validate_map(args: argparse.Namespace) -> None:
+    """The focus-map options' checks (one line, exit 2, nothing moved)."""
+    given = [flag for flag, value in (
+        ("--map-area", args.map_area), ("--xy-device", args.xy_device), ("--xy-native-unit-nm", args.xy_native_unit_nm),
+        ("--xy-limits", args.xy_limits), ("--map-dof-um", args.map_dof_um), ("--map-out", args.map_out),
+        ("--map-json", args.map_json), ("--map-npy", args.map_npy), ("--map-npy-grid", args.map_npy_grid),
+        ("--sim-bare-glass", args.sim_bare_glass), ("--map-refine", args.map_refine or None)) if value is not None]
+    if args.map is None:
+        if given:
+            raise UsageError(f"{given[0]} belongs to a focus map: add --map NXxNY --map-area X0,Y0,X1,Y1")
+        return
+    if args.map_area is None:
+        raise UsageError("--map needs --map-area X0,Y0,X1,Y1: the plate area to map, two opposite corners in mm")
+    if args.replay:
+        raise UsageError("--map needs an XY plate: a PORT (a Zaber microscope) or --simulate, not --replay")
+    for flag, value in (("--save-images", args.save_images), ("--save-curve", args.save_curve),
+                        ("--show-images", args.show_images or None)):
+        if value is not None:
+            raise UsageError(f"{flag} is for a single focus, not a map: the map's curves are in --map-json")
+    if args.map_npy_grid is not None and args.map_npy is None:
+        raise UsageError("--map-npy-grid needs --map-npy FILE")
+    if args.map_dof_um is not None and not 0 < args.map_dof_um <= 10_000:
+        raise UsageError(f"--map-dof-um: {show_value(args.map_dof_um)} is out of range: must be above 0 to 10000 um")
+    check_map_request(args.map_area, args.map, xy_limits_mm=args.xy_limits, refine=args.map_refine,
+                      depth_of_field_mm=None if args.map_dof_um is None else args.map_dof_um / 1000.0)
+    check_values("plate", ZABER_RULES, {"device": 1 if args.xy_device is None else args.xy_device,
+                                        "native_unit_nm": args.xy_native_unit_nm})
+    if args.simulate or args.camera == "sim":
+        simulated_slide(**sim_options(args), **slide_options(args))  # builds nothing heavy: every value checked
 
 
 # The simulator's keywords and the options that set them (--sim-size sets width and height): how
@@ -4916,6 +6421,12 @@ SIM_OPTIONS: dict[str, str] = {
     "condenser_na": "sim_condenser_na",
 }
 ZABER_OPTIONS = {name: name for name in ZABER_RULES}  # ZaberStage's keywords are the options' names
+# focus_map(), the simulated slide and the plate's axes: their keywords and the options that set them
+MAP_OPTIONS = {"area_mm": "map_area", "grid": "map", "xy_limits_mm": "xy_limits", "refine": "map_refine"}
+SLIDE_OPTIONS = {"tilt_um_per_mm": "sim_tilt_um_per_mm", "bow_um_per_mm2": "sim_bow_um_per_mm2",
+                 "ripple_um": "sim_ripple_um", "bare_glass": "sim_bare_glass"}
+PLATE_OPTIONS = {"device": "xy_device", "native_unit_nm": "xy_native_unit_nm", "move_timeout_s": "move_timeout_s",
+                 "home_timeout_s": "home_timeout_s", "clear_faults": "clear_faults"}
 CAMERA_OPTIONS = {"serial": "camera_serial", "exposure_ms": "exposure_ms", "timeout_ms": "camera_timeout_ms",
                   "roi": "camera_roi"}
 
@@ -4928,7 +6439,8 @@ def option_labels(parser: argparse.ArgumentParser) -> dict[tuple[str, str], str]
         long = [o for o in action.option_strings if o.startswith("--")]
         by_dest[action.dest] = long[0] if long else str(action.metavar or action.dest.upper())
     labels = {("request", name): by_dest[name] for name in REQUEST_RULES if name in by_dest}
-    for scope, table in (("simulator", SIM_OPTIONS), ("zaber", ZABER_OPTIONS), ("camera", CAMERA_OPTIONS)):
+    for scope, table in (("simulator", SIM_OPTIONS), ("zaber", ZABER_OPTIONS), ("camera", CAMERA_OPTIONS),
+                         ("map", MAP_OPTIONS), ("slide", SLIDE_OPTIONS), ("plate", PLATE_OPTIONS)):
         labels.update({(scope, name): by_dest[dest] for name, dest in table.items() if dest in by_dest})
     return labels
 
@@ -4951,6 +6463,9 @@ def validate(args: argparse.Namespace) -> Request:
     backends make themselves (REQUEST_RULES, SIM_RULES, ...).  Each failure is one line and exit 2."""
     if args.step_mm is None:
         raise UsageError("START, END and STEP (mm) are required, e.g. autofocus.py 10 14 0.05 COM3")
+    if args.search is None:  # a map searches the whole range fast unless told to sweep
+        args.search = "fast" if args.map else "sweep"
+    validate_map(args)
     if args.simulate and args.replay:
         raise UsageError("choose one of --simulate and --replay")
     if (args.simulate or args.replay) and args.port:
@@ -5111,7 +6626,8 @@ def check_outputs(args: argparse.Namespace) -> None:
             raise UsageError(f"--save-images {images} already holds a recording ({frames} frames"
                              f"{', stack.csv' if (images / 'stack.csv') in old else ''}): pass --overwrite to replace "
                              "it (its frames are removed first), or pick another folder")
-    for flag, value in (("--save-curve", args.save_curve), ("--plot", args.plot)):
+    for flag, value in (("--save-curve", args.save_curve), ("--plot", args.plot), ("--map-out", args.map_out),
+                        ("--map-json", args.map_json), ("--map-npy", args.map_npy)):
         if value is None:
             continue
         path = Path(value)
@@ -5134,6 +6650,29 @@ def check_outputs(args: argparse.Namespace) -> None:
         check_output_folder("--save-images", images)
 
 
+def zaber_stage(args: argparse.Namespace) -> ZaberStage:
+    """The focus axis the arguments name, on the PORT they give."""
+    return ZaberStage(args.port, args.device, args.axis, native_unit_nm=args.native_unit_nm,
+                      device_db=args.device_db, move_timeout_s=args.move_timeout_s,
+                      home_timeout_s=args.home_timeout_s, clear_faults=args.clear_faults)
+
+
+def live_camera(args: argparse.Namespace) -> Camera:
+    """The FLIR (default) or Basler camera the arguments ask for."""
+    return LIVE_CAMERAS[args.camera or "flir"](args.camera_serial, exposure_ms=args.exposure_ms,
+                                               timeout_ms=args.camera_timeout_ms, roi=args.camera_roi)
+
+
+def close_hardware(camera: Any, zaber: ZaberStage) -> None:
+    """Close the camera (when it was opened) and then the stage's connection."""
+    with INTERRUPTS.held():  # a second Ctrl-C must not leave the camera half restored
+        try:
+            if camera is not None and hasattr(camera, "close"):
+                camera.close()
+        finally:
+            zaber.close()
+
+
 @contextlib.contextmanager
 def open_microscope(args: argparse.Namespace) -> Iterator[tuple[Stage, Camera]]:
     """The stage and camera the arguments ask for; closes them afterwards."""
@@ -5150,25 +6689,17 @@ def open_microscope(args: argparse.Namespace) -> Iterator[tuple[Stage, Camera]]:
     if args.simulate:
         yield simulated_microscope(**sim_options(args))
         return
-    zaber = ZaberStage(args.port, args.device, args.axis, native_unit_nm=args.native_unit_nm,
-                       device_db=args.device_db, move_timeout_s=args.move_timeout_s,
-                       home_timeout_s=args.home_timeout_s, clear_faults=args.clear_faults)
+    zaber = zaber_stage(args)
     camera: Any = None
     try:
         if args.camera == "sim":  # the simulated camera shows what the real stage's position would
             _, sim = simulated_microscope(**sim_options(args))
             camera = SimCamera(zaber, sim.optics, sim.timing, sim.clock, roi=args.camera_roi)
         else:
-            camera = LIVE_CAMERAS[args.camera or "flir"](args.camera_serial, exposure_ms=args.exposure_ms,
-                                                         timeout_ms=args.camera_timeout_ms, roi=args.camera_roi)
+            camera = live_camera(args)
         yield zaber, camera
     finally:
-        with INTERRUPTS.held():  # a second Ctrl-C must not leave the camera half restored
-            try:
-                if camera is not None and hasattr(camera, "close"):
-                    camera.close()
-            finally:
-                zaber.close()
+        close_hardware(camera, zaber)
 
 
 def configure_logging(verbose: bool) -> None:
@@ -5259,6 +6790,181 @@ def summary_line(result: FocusResult) -> str:
     return line
 
 
+def slide_options(args: argparse.Namespace) -> dict[str, Any]:
+    """SimSlide's fields from the --sim-* slide options."""
+    return dict(tilt_um_per_mm=tuple(args.sim_tilt_um_per_mm), bow_um_per_mm2=args.sim_bow_um_per_mm2,
+                ripple_um=args.sim_ripple_um, bare_glass=tuple(tuple(b) for b in args.sim_bare_glass or ()))
+
+
+@contextlib.contextmanager
+def open_map_microscope(args: argparse.Namespace) -> Iterator[tuple[XYStage, Stage, Camera, dict[str, Any] | None]]:
+    """The plate, focus stage and camera a --map run asks for (and, on a Zaber microscope, what
+    was found); closes them afterwards."""
+    if args.simulate:
+        plate, stage, camera = simulated_slide(**sim_options(args), **slide_options(args))
+        yield plate, stage, camera, None
+        return
+    zaber = zaber_stage(args)
+    camera: Any = None
+    try:
+        axes = dict(native_unit_nm=args.xy_native_unit_nm, move_timeout_s=args.move_timeout_s,
+                    home_timeout_s=args.home_timeout_s, clear_faults=args.clear_faults)
+        connection = zaber._connection
+        if args.xy_device is not None:
+            try:
+                plate = ZaberPlate.from_device(connection, args.xy_device, **axes)
+            except UsageError as exc:
+                raise UsageError(str(exc).replace("pass --device N", "pass --xy-device N")) from exc
+        else:
+            plate = ZaberPlate.from_microscope(connection, **axes)
+        if args.camera == "sim":  # the simulated slide, seen at the real stages' positions
+            _, sim = simulated_microscope(**sim_options(args))
+            camera = SlideCamera(zaber, plate, SimSlide(focus_mm=args.sim_focus_mm, **slide_options(args)),
+                                 sim.optics, sim.timing, sim.clock, roi=args.camera_roi)
+        else:
+            camera = live_camera(args)
+        yield plate, zaber, camera, {"focus": zaber.describe(), "plate": plate.describe()}
+    finally:
+        close_hardware(camera, zaber)
+
+
+def plate_header(info: dict[str, Any]) -> str:
+    """The header line for a Zaber plate: which device and axes, their travel and unit."""
+    x, y = info["x"], info["y"]
+    return (f"plate: device {x['device']} axis {x['axis']} (x), device {y['device']} axis {y['axis']} (y): travel "
+            f"X {x['travel_mm'][0]:g}..{x['travel_mm'][1]:g}, Y {y['travel_mm'][0]:g}..{y['travel_mm'][1]:g} mm "
+            f"(native unit {x['native_unit_nm']:g} nm from {x['units_from']})")
+
+
+def map_summary(fmap: FocusMap) -> str:
+    """The human summary of a map: its surface, how far to trust it, its points and its cost."""
+    x0, y0, x1, y1 = fmap.area_mm
+    nx, ny = fmap.grid
+    counts = {s: sum(p.status == s for p in fmap.points) for s in ("used", "not_focused", "outlier", "failed")}
+    head = f"focus map {nx}x{ny} over X {x0:g}..{x1:g}, Y {y0:g}..{y1:g} mm: "
+    if fmap.surface is None:
+        head += "no surface"
+    else:
+        tx, ty = fmap.tilt_um_per_mm or (float("nan"), float("nan"))
+        head += (f"{fmap.model} surface, tilt {tx:+.2f} / {ty:+.2f} um/mm; residual RMS {fmap.rms_um:.2f} um, "
+                 f"leave-one-out {fmap.loo_rms_um:.2f} um ({'within' if fmap.trusted else 'ABOVE'} half the depth of "
+                 f"field, {500 * fmap.depth_of_field_mm:.2f} um)")
+    n = len(fmap.points)
+    return (f"{head}; {counts['used']} of {n} points used, {counts['not_focused']} without focus, "
+            f"{counts['outlier']} outlier{'s' if counts['outlier'] != 1 else ''}"
+            + (f", {counts['failed']} failed" if counts["failed"] else "")
+            + f"; {fmap.frames} frames ({fmap.frames / max(n, 1):.1f} a point), {fmap.elapsed_s:.2f} s")
+
+
+def write_map_outputs(args: argparse.Namespace, fmap: FocusMap) -> str | None:
+    """Write --map-out, --map-json, --map-npy and --plot (the heat map); returns the first failure
+    as one line (None: all written).  Without a surface --map-npy is skipped with a note."""
+    outputs: list[tuple[str, str | None, Callable[[str, FocusMap], None]]] = [
+        ("--map-out", args.map_out, write_map_csv), ("--map-json", args.map_json, write_map_json),
+        ("--map-npy", args.map_npy, lambda path, m: write_map_npy(path, m, args.map_npy_grid)),
+        ("--plot", args.plot, plot_map)]
+    for flag, path, write in outputs:
+        if not path:
+            continue
+        if flag == "--map-npy" and fmap.surface is None:
+            print(f"note: --map-npy {path} not written: the map has no surface", file=sys.stderr)
+            continue
+        try:
+            write(path, fmap)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+            return f"writing {flag} {path} failed ({reason})"
+    return None
+
+
+def report_map(args: argparse.Namespace, fmap: FocusMap | None, code: int, error: str | None, where: str | None,
+               info: dict[str, Any] | None) -> int:
+    """A map run's line(s), its output files and its JSON; returns the exit code."""
+    text = sys.stderr if args.json else sys.stdout
+    try:
+        if error is not None:
+            print(f"autofocus.py: {error}; {where}", file=sys.stderr)
+        if fmap is not None:
+            failed_output = write_map_outputs(args, fmap)
+            if failed_output and error is None:
+                code, error, where = EXIT_HARDWARE, failed_output, "the map had finished"
+                print(f"autofocus.py: {error}; the map's summary follows", file=sys.stderr)
+            late = INTERRUPTS.pending
+            if error is None and late is not None:
+                code, error = interrupt_code(late), f"{interrupt_text(late)} after the map had finished"
+                print(f"autofocus.py: {error}; every output was written", file=sys.stderr)
+            print(map_summary(fmap), file=text if error is None else sys.stderr)
+            for warning in fmap.warnings:
+                print(f"note: {warning}", file=text if error is None else sys.stderr)
+        if args.json:
+            doc = fmap.to_json() if fmap is not None else {"points": []}
+            print(strict_json({**doc, "exit_code": code, "error": error, "stage": where, "stage_info": info}))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return code
+
+
+def run_map(args: argparse.Namespace, request: Request) -> int:
+    """--map: open the plate, focus stage and camera, map (``request``: each point's search, checked
+    by ``validate``), write the outputs; returns the exit code."""
+    check_outputs(args)
+    fmap: FocusMap | None = None
+    error: str | None = None
+    where: str | None = None
+    info: dict[str, Any] | None = None
+    code = EXIT_OK
+    progress: Any = None
+    refused = False
+    try:
+        with open_map_microscope(args) as (plate, stage, camera, info):
+            if info is not None and not args.json:
+                print(stage_header(info["focus"], args.port))
+                print(plate_header(info["plate"]))
+            nx, ny = args.map
+            if sys.stderr.isatty() and not args.verbose:
+                from tqdm import tqdm  # noqa: PLC0415
+
+                progress = tqdm(total=nx * ny, unit="point", desc="focus map", file=sys.stderr, leave=False)
+
+            def on_point(point: MapPoint, done: int, total: int) -> None:
+                if progress is not None:
+                    progress.total = total
+                    progress.set_postfix_str(f"({point.x_mm:g}, {point.y_mm:g}) {point.verdict}, {point.frames} frames",
+                                             refresh=False)
+                    progress.update(1)
+
+            fmap = focus_map(plate, stage, camera, area_mm=args.map_area, grid=args.map, start_mm=args.start_mm,
+                             end_mm=args.end_mm, step_mm=args.step_mm, xy_limits_mm=args.xy_limits,
+                             refine=args.map_refine, on_point=on_point,
+                             depth_of_field_mm=None if args.map_dof_um is None else args.map_dof_um / 1000.0,
+                             **{k: v for k, v in dataclasses.asdict(request).items()
+                                if k not in ("start_mm", "end_mm", "step_mm")})
+            code = fmap.exit_code
+    except BaseException as failed:  # noqa: BLE001 - only a map that had started is handled here
+        with INTERRUPTS.held():
+            origin = with_stage_state(failed)
+            if origin is not None:
+                fmap, where = getattr(origin, "partial_map", None), origin.stage_state  # type: ignore[attr-defined]
+            elif fmap is not None and isinstance(failed, (KeyboardInterrupt, AutofocusError)):
+                where = "the map had finished"  # closing the camera or the stage was cut short
+            else:
+                refused = True
+                raise
+            code, error = failure_line(failed)
+            if args.verbose:
+                log.debug("traceback", exc_info=failed)
+    finally:
+        with INTERRUPTS.held():
+            if progress is not None:
+                progress.close()
+            if not refused:
+                code = report_map(args, fmap, code, error, where, info)
+                INTERRUPTS.finish()
+    return code
+
+
 def run_make_figures(args: argparse.Namespace) -> int:
     """--make-figures DIR: the README's figures; their paths on stdout (stderr with --json, whose
     one object is then the only thing on stdout)."""
@@ -5280,6 +6986,8 @@ def run_make_figures(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace, request: Request) -> int:
     """Open the microscope, run the autofocus (``request``, checked by ``validate``), write the
     outputs; returns the exit code."""
+    if args.map is not None:
+        return run_map(args, request)
     check_outputs(args)
     n_positions = len(plan_positions(args.start_mm, args.end_mm, args.step_mm))
     result: FocusResult | None = None
@@ -5344,13 +7052,7 @@ def run(args: argparse.Namespace, request: Request) -> int:
             else:
                 refused = True
                 raise  # refused before anything moved: main() reports it
-            if isinstance(failed, KeyboardInterrupt):
-                code, error = interrupt_code(failed), interrupt_text(failed)
-            elif isinstance(failed, AutofocusError):
-                code, error = failed.exit_code, first_line(failed)
-            else:
-                code, error = EXIT_BUG, f"internal error {type(failed).__name__}: {first_line(failed)} (please " \
-                                        "report it with the --verbose output)"
+            code, error = failure_line(failed)
             if args.verbose:
                 log.debug("traceback", exc_info=failed)
     finally:
@@ -5429,6 +7131,16 @@ def interrupt_code(exc: BaseException) -> int:
 def interrupt_text(exc: BaseException) -> str:
     """"interrupted (Ctrl-C)", "terminated (SIGTERM)", ..."""
     return exc.describe() if isinstance(exc, Interrupted) else "interrupted (Ctrl-C)"
+
+
+def failure_line(failed: BaseException) -> tuple[int, str]:
+    """The exit code and the one-line error of a run that failed once it had started."""
+    if isinstance(failed, KeyboardInterrupt):
+        return interrupt_code(failed), interrupt_text(failed)
+    if isinstance(failed, AutofocusError):
+        return failed.exit_code, first_line(failed)
+    return EXIT_BUG, (f"internal error {type(failed).__name__}: {first_line(failed)} (please report it with the "
+                      "--verbose output)")
 
 
 class InterruptSignals:
