@@ -321,9 +321,9 @@ def test_a_micrograph_as_the_specimen(tmp_path: Path) -> None:
                                                    start_mm=12.34, defocus="pillbox")
     frame = camera.capture()
     assert frame.shape == (120, 200) and frame.std() > 10  # mirrored tiles fill the larger frame
-    with pytest.raises(autofocus.UsageError, match="cannot be combined with specimen='blank'"):
+    with pytest.raises(autofocus.UsageError, match="cannot be combined with specimen 'blank'"):
         autofocus.simulated_microscope(specimen_image=str(path), specimen="blank")
     with pytest.raises(autofocus.UsageError, match="specimen image .*missing.png cannot be read"):
         autofocus.simulated_microscope(specimen_image=str(tmp_path / "missing.png"))
-    with pytest.raises(autofocus.UsageError, match="defocus='disc'"):
+    with pytest.raises(autofocus.UsageError, match="defocus: 'disc' is unknown; choose one of gaussian, pillbox"):
         autofocus.simulated_microscope(defocus="disc")
