@@ -213,7 +213,7 @@ SCORE_SCATTER = 0.025
 PEAK_SHAPES = tuple(round(-1.0 + 0.1 * i, 1) for i in range(26))  # fit_peak's shape parameter s
 # The peak model's own limit, in frame spacings: its bias on simulated and real-texture peaks
 # (both defocus models, 4x-60x) that the frames' scatter does not show; added to every interval.
-FIT_MODEL_FLOOR = 0.025
+FIT_MODEL_FLOOR = 0.015
 FIT_FLOORS = 6  # ... and how many floors under the peak it weighs (from the baseline up to the fit's lowest frame)
 IN_FLIGHT_FRAMES = 4  # frames captured but not yet scored: bounds memory when scoring lags
 DEFAULT_MOVE_TIMEOUT_S = 30.0
@@ -1457,7 +1457,8 @@ def _fit_floors(near: list[Sample], baseline: float) -> list[float]:
     lowest = min(s.score for s in near)
     top = max(s.score for s in near)
     end = lowest - 0.05 * (top - lowest)
-    return [float(v) for v in np.linspace(baseline, max(baseline, end), FIT_FLOORS)]
+    start = min(baseline, end)
+    return [float(v) for v in np.linspace(start, end, FIT_FLOORS)]
 
 
 def _suggest(end_mm: float, at_low: bool, width_mm: float,

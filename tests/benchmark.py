@@ -1258,10 +1258,10 @@ def write_blank_kind_stack(folder: Path, kind: str, seed: int, size: tuple[int, 
 
 
 def false_focus(quick: bool) -> None:
-    sizes = {(160, 100): 10 if quick else 60, (320, 200): 6 if quick else 60, (640, 400): 2 if quick else 10,
+    sizes = {(160, 100): 10 if quick else 70, (320, 200): 6 if quick else 70, (640, 400): 2 if quick else 10,
              (1280, 800): 1 if quick else 4, (1920, 1200): 1 if quick else 4}  # seeds per size
     kinds = ("noise", "gradient", "fixed pattern", "jitter", "warming")
-    stacks = 2 if quick else 8
+    stacks = 2 if quick else 10
     header("False focus on empty fields",
            f"every metric x both searches; the simulator's blank field at {', '.join(f'{w}x{h} ({s} seeds)' for (w, h), s in sizes.items())}, "
            f"10->14 mm every 0.05 mm (81 positions); and {stacks} recorded stacks each (320x200, 81 slices, "
