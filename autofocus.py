@@ -538,23 +538,26 @@ class FocusResult:
 
 def frame_problem(image: Any) -> str | None:
     """Why ``image`` is not a frame the scores can use (None when it is): a numpy array, HxW or
-    HxWxC with 1, 3 (BGR) or 4 (BGRA) channels, 8- or 16-bit or float32, not empty."""
+    HxWxC with 1, 3 (BGR) or 4 (BGRA) channels, 8- or 16-bit or float32, at least MIN_ROI_PX pixels
+    a side after the binning ``score_binning`` gives it.  Looks at the array's shape and type only
+    (no pass over its pixels): the scores themselves assume a frame that passed."""
     if not isinstance(image, np.ndarray):
-        return f"a {type(image).__name__}, not an image (a numpy array)"
+        return "no frame (None)" if image is None else f"a {type(image).__name__}, not an image (a numpy array)"
     channels = image.shape[2] if image.ndim == 3 else 1
     if image.ndim not in (2, 3) or channels not in (1, 3, 4) or image.dtype.name not in FRAME_DTYPES:
         return (f"a {'x'.join(map(str, image.shape))} {image.dtype} array; a frame must be HxW or HxWx3/4 (BGR, "
                 f"BGRA), {', '.join(FRAME_DTYPES)}")
     if image.size == 0:
-        return "an empty frame"
+        return f"an empty frame ({'x'.join(map(str, image.shape))})"
+    side = MIN_ROI_PX * score_binning(image.shape)  # a large frame is binned 2x2 first: its sides halve
+    if min(image.shape[:2]) < side:
+        return f"a {image.shape[0]}x{image.shape[1]} frame; each side needs at least {side} pixels to be scored"
     return None
 
 
 def to_gray_float(image: np.ndarray) -> np.ndarray:
-    """Grayscale float32 in the frame's own units (8- or 16-bit or float32, mono or BGR/BGRA);
-    CameraError for anything else (``frame_problem``)."""
-    if (problem := frame_problem(image)) is not None:
-        raise CameraError(f"cannot score {problem}")
+    """Grayscale float32 in the frame's own units, of a frame ``frame_problem`` accepts (8- or
+    16-bit or float32, mono or BGR/BGRA)."""
     if image.ndim == 3:
         if image.shape[2] == 1:
             image = image[:, :, 0]
@@ -588,9 +591,10 @@ def float_in_range(gray: np.ndarray) -> np.ndarray:
 
 
 def prepare_gray(image: np.ndarray, binning: int | None = None) -> np.ndarray:
-    """Gray, binned and mean-normalised frame that every focus score starts from."""
+    """Gray, binned and mean-normalised frame that every focus score starts from (a frame
+    ``frame_problem`` accepts)."""
     gray = to_gray_float(image)
-    if image.dtype.kind == "f":
+    if image.dtype.kind == "f":  # only a float frame can be far from 1 (8- and 16-bit ones never are)
         gray = float_in_range(gray)
     gray = bin_image(gray, score_binning(gray.shape) if binning is None else binning)
     mean = float(cv2.mean(gray)[0])
@@ -615,10 +619,9 @@ def bilateral(gray: np.ndarray, blur: int) -> np.ndarray:
 def filtered_gray(image: np.ndarray, blur: int, binning: int | None = None) -> np.ndarray:
     """``prepare_gray`` then ``bilateral``; ``blur`` is in camera pixels, so a binned frame
     gets the diameter that covers the same area (9 camera pixels = 5 binned pixels)."""
-    gray = to_gray_float(image)
-    factor = score_binning(gray.shape) if binning is None else binning
+    factor = score_binning(image.shape) if binning is None else binning
     diameter = max(3, int(round(blur / factor)) | 1)
-    return bilateral(prepare_gray(float_in_range(gray) if image.dtype.kind == "f" else gray, factor), diameter)
+    return bilateral(prepare_gray(image, factor), diameter)
 
 
 def laplacian_views(image: np.ndarray, blur: int, binning: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -705,25 +708,42 @@ class Scorer:
     invert: bool = False
 
     def crop(self, image: np.ndarray) -> np.ndarray:
-        """The part of the frame that is scored (a view, no copy); CameraError for what is not a frame."""
+        """The part of the frame that is scored (a view, no copy), checked: CameraError for what is
+        not a frame (``frame_problem``), UsageError for a region that does not fit in it."""
         if (problem := frame_problem(image)) is not None:
             raise CameraError(f"cannot score {problem}")
-        if self.roi is None:
-            return image
-        x, y, w, h = self.roi
-        return image[y: y + h, x: x + w]
+        if self.roi is not None:
+            check_roi(self.roi, image.shape)
+        return self._region(image)
 
     def __call__(self, image: np.ndarray) -> float:
-        return self._sign(METRICS[self.metric](self.crop(image), self.blur))
-
-    def _sign(self, score: float) -> float:
-        return -score if self.invert else score
+        return self._fine(self.crop(image))
 
     def coarse(self, image: np.ndarray) -> float:
         """The same score on a binned frame: a wide capture range, robust to photon noise
         (the fast search's coarse pass and the verdict's fallback, see ``decide``)."""
-        image = self.crop(image)
-        return self._sign(METRICS[self.metric](image, self.blur, coarse_binning(image.shape)))
+        return self._coarse(self.crop(image))
+
+    def scores(self, frame: np.ndarray, coarse: bool) -> tuple[float, float | None]:
+        """The score, and with ``coarse`` the coarse score, of a frame ``check_frame`` accepted in a
+        run whose first frame the ROI fits: cropped once, not checked again (the Acquisition's path)."""
+        region = self._region(frame)
+        return self._fine(region), self._coarse(region) if coarse else None
+
+    def _region(self, frame: np.ndarray) -> np.ndarray:
+        if self.roi is None:
+            return frame
+        x, y, w, h = self.roi
+        return frame[y: y + h, x: x + w]
+
+    def _fine(self, region: np.ndarray) -> float:
+        return self._sign(METRICS[self.metric](region, self.blur))
+
+    def _coarse(self, region: np.ndarray) -> float:
+        return self._sign(METRICS[self.metric](region, self.blur, coarse_binning(region.shape)))
+
+    def _sign(self, score: float) -> float:
+        return -score if self.invert else score
 
 
 def check_roi(roi: Roi, frame_shape: tuple[int, ...]) -> None:
@@ -1527,8 +1547,7 @@ class Acquisition:
     def _score(self, index: int, z_mm: float, frame: np.ndarray, move_dt: float, capture_dt: float) -> Sample:
         try:
             t0 = time.perf_counter()
-            score = self.scorer(frame)
-            coarse = self.scorer.coarse(frame) if self.coarse else None
+            score, coarse = self.scorer.scores(frame, self.coarse)  # check_frame has checked it
             dt = time.perf_counter() - t0
             sample = Sample(z_mm, score, coarse)
             with self._lock:
@@ -1560,10 +1579,9 @@ def check_frame(frame: Any, z_mm: float, first: np.ndarray | None = None) -> Non
     """Reject frames that cannot be scored (``frame_problem``), that differ in size or type from
     the run's ``first`` frame (a region of interest would score another part of them), or that
     cannot carry focus information: all black or all saturated."""
-    if frame is None or (isinstance(frame, np.ndarray) and frame.size == 0):
-        raise CameraError(f"camera returned an empty frame at z={z_mm:.4f} mm; check the camera connection")
     if (problem := frame_problem(frame)) is not None:
-        raise CameraError(f"the camera delivered {problem} at z={z_mm:.4f} mm; check its capture()")
+        raise CameraError(f"the camera delivered {problem} at z={z_mm:.4f} mm; check the camera (its connection, "
+                          "its capture())")
     if first is not None and (frame.shape, frame.dtype) != (first.shape, first.dtype):
         raise CameraError(f"the frame at z={z_mm:.4f} mm is {'x'.join(map(str, frame.shape))} {frame.dtype}, the "
                           f"run's first was {'x'.join(map(str, first.shape))} {first.dtype}: the camera changed its "
