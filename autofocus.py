@@ -3733,18 +3733,71 @@ class SlideCamera(SimCamera):
 # decoders recognise it (it chooses a decoder by content, not by the file's extension), and its
 # size is read from its header before anything is decoded: a 69-byte PNG or a 600-byte JPEG may
 # declare 50000x50000 pixels (a decompression bomb).  A format whose size cannot be read cheaply
-# (AVIF, OpenEXR, ...) is refused rather than decoded blind.
+# (AVIF, OpenEXR, ...) is refused rather than decoded blind.  (OpenCV's own limit,
+# OPENCV_IO_MAX_IMAGE_PIXELS, is read once, when cv2 is loaded: it cannot protect a script that
+# imported cv2 before this file.)  The readers walk at most MAX_HEADER_STEPS segments, boxes or
+# blocks, and see the file through ``_FileBytes``: only the parts they look at are read.
 HEADER_FORMATS = "PNG, TIFF, JPEG, BMP, WebP, JPEG 2000, GIF, PNM/PAM/PFM, Sun raster, Radiance HDR"
+MAX_HEADER_STEPS = 4096  # a real file has a few dozen segments before its size (JPEG's ICC profile: 255 at most)
+
+ImageBytes = Any  # bytes, or a _FileBytes: what the header readers index (data[a:b], len(data))
 
 
-def _uint(data: bytes, at: int, size: int, order: str = "big") -> int:
-    """An unsigned integer of ``size`` bytes at ``at``; ValueError past the end of the data."""
-    if at < 0 or at + size > len(data):
+class _FileBytes:
+    """An image file's bytes as the header readers index them (``data[a:b]``, ``len(data)``), read
+    from the file in blocks only where a reader looks: a header check of a file of any size reads a
+    few KiB (a TIFF's directory may lie at its end, a JPEG's frame header behind large segments).
+    ``verify`` then checks the whole file, read afterwards, against every block the check saw."""
+
+    BLOCK = 4096
+
+    def __init__(self, file: Any, size: int) -> None:
+        self._file, self._size = file, size
+        self._blocks: dict[int, bytes] = {}
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, key: slice) -> bytes:
+        start, stop, _ = key.indices(self._size)
+        if stop <= start:
+            return b""
+        first, last = start // self.BLOCK, (stop - 1) // self.BLOCK
+        missing = [i for i in range(first, last + 1) if i not in self._blocks]
+        if missing:  # one read for the blocks missing, from the first to the last of them
+            self._file.seek(missing[0] * self.BLOCK)
+            chunk = self._file.read((missing[-1] - missing[0] + 1) * self.BLOCK)
+            for i in range(missing[0], missing[-1] + 1):
+                at = (i - missing[0]) * self.BLOCK
+                self._blocks.setdefault(i, chunk[at: at + self.BLOCK])
+        joined = b"".join(self._blocks[i] for i in range(first, last + 1))
+        return joined[start - first * self.BLOCK: stop - first * self.BLOCK]
+
+    def verify(self, data: bytes) -> bool:
+        """Whether ``data`` (the whole file) holds every byte the header check read."""
+        return all(data[i * self.BLOCK: (i + 1) * self.BLOCK] == block for i, block in self._blocks.items())
+
+
+def _steps(what: str) -> Iterator[int]:
+    """A header reader's walk: MAX_HEADER_STEPS steps, then ValueError (a damaged or hostile file)."""
+    yield from range(MAX_HEADER_STEPS)
+    raise ValueError(f"its {what} runs on for more than {MAX_HEADER_STEPS} segments before giving its size")
+
+
+def _bytes(data: ImageBytes, at: int, size: int) -> bytes:
+    """``size`` bytes at ``at``; ValueError past the end of the data."""
+    chunk = data[at: at + size] if at >= 0 else b""
+    if len(chunk) != size:
         raise ValueError("the header is cut short")
-    return int.from_bytes(data[at: at + size], order)  # type: ignore[arg-type]
+    return chunk
 
 
-def _tiff_size(data: bytes) -> tuple[int, int, int | None]:
+def _uint(data: ImageBytes, at: int, size: int, order: str = "big") -> int:
+    """An unsigned integer of ``size`` bytes at ``at``; ValueError past the end of the data."""
+    return int.from_bytes(_bytes(data, at, size), order)  # type: ignore[arg-type]
+
+
+def _tiff_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """TIFF or BigTIFF: width, length and samples per pixel of the first image (the one OpenCV
     decodes); where a tag is repeated, the largest value counts."""
     order = "little" if data[:2] == b"II" else "big"
@@ -3754,12 +3807,12 @@ def _tiff_size(data: bytes) -> tuple[int, int, int | None]:
     at += 8 if big else 2
     entry, value_at = (20, 12) if big else (12, 8)
     sizes = {3: 2, 4: 4, 16: 8}  # SHORT, LONG, LONG8
+    table = _bytes(data, at, min(count, MAX_HEADER_STEPS) * entry)  # the directory: one read
     tags: dict[int, int] = {}
-    for i in range(min(count, 4096)):
-        e = at + i * entry
-        tag, kind = _uint(data, e, 2, order), _uint(data, e + 2, 2, order)
+    for e in range(0, len(table), entry):
+        tag, kind = _uint(table, e, 2, order), _uint(table, e + 2, 2, order)
         if tag in (256, 257, 277) and kind in sizes:  # ImageWidth, ImageLength, SamplesPerPixel
-            tags[tag] = max(tags.get(tag, 0), _uint(data, e + value_at, sizes[kind], order))
+            tags[tag] = max(tags.get(tag, 0), _uint(table, e + value_at, sizes[kind], order))
     if 256 not in tags or 257 not in tags:
         raise ValueError("its first TIFF directory gives no width or height")
     return tags[256], tags[257], tags.get(277, 1)
@@ -3769,32 +3822,32 @@ def _tiff_size(data: bytes) -> tuple[int, int, int | None]:
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int, int | None]:
+def _jpeg_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """JPEG: the frame header (SOFn), found by walking the marker segments as libjpeg does;
     anything a strict reader would not accept (bytes between segments, no frame header before the
     scan, a height of 0 to be given later by a DNL marker) is refused."""
     at = 2
-    while True:
-        if _uint(data, at, 1) != 0xFF:
-            raise ValueError("its JPEG markers are damaged")
-        while _uint(data, at, 1) == 0xFF:  # fill bytes
-            at += 1
-        marker = _uint(data, at, 1)
-        at += 1
+    for _ in _steps("JPEG header"):
+        run = data[at: at + 256]  # a marker: fill bytes (FF) and its code
+        fill = len(run) - len(run.lstrip(b"\xff"))
+        if not fill or fill == len(run):  # no marker here, or a run of fill bytes no encoder writes
+            raise ValueError("its JPEG markers are damaged" if at + len(run) < len(data) else "the header is cut short")
+        marker = run[fill]
+        at += fill + 1
         if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
             continue
         if marker in (0xD9, 0xDA):  # EOI or the scan itself before any frame header
             raise ValueError("the JPEG has no frame header before its image data")
-        length = _uint(data, at, 2)
         if marker in _JPEG_SOF:
             height, width, components = _uint(data, at + 3, 2), _uint(data, at + 5, 2), _uint(data, at + 7, 1)
             if height == 0:
                 raise ValueError("the JPEG leaves its height to a later DNL marker")
             return width, height, components
-        at += length
+        at += _uint(data, at, 2)
+    raise AssertionError("unreachable")
 
 
-def _jp2_size(data: bytes) -> tuple[int, int, int | None]:
+def _jp2_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """JPEG 2000: a raw codestream's SIZ marker, or a JP2 file's image header box (ihdr) and the
     SIZ of its codestream box (jp2c): the larger of the two, since the decoder reads the latter."""
     def siz(at: int) -> tuple[int, int, int]:
@@ -3806,10 +3859,11 @@ def _jp2_size(data: bytes) -> tuple[int, int, int | None]:
     if data[:4] == b"\xff\x4f\xff\x51":
         return siz(0)
     found: list[tuple[int, int, int]] = []
+    steps = _steps("JPEG 2000 header")
 
     def boxes(start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
         at = start
-        while at + 8 <= end:
+        while at + 8 <= end and next(steps) >= 0:
             length, kind, body = _uint(data, at, 4), data[at + 4: at + 8], at + 8
             if length == 1:
                 length, body = _uint(data, at + 8, 8), at + 16
@@ -3835,7 +3889,7 @@ def _jp2_size(data: bytes) -> tuple[int, int, int | None]:
     return max(w for w, _, _ in found), max(h for _, h, _ in found), max(c for _, _, c in found)
 
 
-def _netpbm_size(data: bytes) -> tuple[int, int, int | None]:
+def _netpbm_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """PBM/PGM/PPM (P1-P6), PFM (PF, Pf): width and height after the magic, comments skipped;
     PAM (P7): its WIDTH, HEIGHT and DEPTH lines."""
     head = data[:4096]
@@ -3853,17 +3907,18 @@ def _netpbm_size(data: bytes) -> tuple[int, int, int | None]:
         raise ValueError("its PNM header gives no width or height") from None
 
 
-def _hdr_size(data: bytes) -> tuple[int, int, int | None]:
+def _hdr_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """Radiance HDR: the resolution line after the header's blank line (only the standard
     "-Y rows +X columns" orientation, the one OpenCV reads)."""
-    end = data.find(b"\n\n", 0, 65536)
-    match = re.match(rb"-Y (\d+) \+X (\d+)\n", data[end + 2: end + 64]) if end >= 0 else None
+    head = data[:65536]
+    end = head.find(b"\n\n")
+    match = re.match(rb"-Y (\d+) \+X (\d+)\n", head[end + 2: end + 64]) if end >= 0 else None
     if match is None:
         raise ValueError("its Radiance header has no -Y ROWS +X COLUMNS line")
     return int(match.group(2)), int(match.group(1)), 3
 
 
-def _webp_size(data: bytes) -> tuple[int, int, int | None]:
+def _webp_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """WebP: the canvas (VP8X) or the frame size of a lossy (VP8) or lossless (VP8L) image."""
     chunk = data[12:16]
     if chunk == b"VP8X":
@@ -3876,24 +3931,23 @@ def _webp_size(data: bytes) -> tuple[int, int, int | None]:
     raise ValueError("its WebP header is not one of VP8, VP8L or VP8X")
 
 
-def _bmp_size(data: bytes) -> tuple[int, int, int | None]:
+def _bmp_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """BMP: the info header (BITMAPCOREHEADER or a later one; a negative height is top-down)."""
     if _uint(data, 14, 4, "little") == 12:
         return _uint(data, 18, 2, "little"), _uint(data, 20, 2, "little"), None
-    _uint(data, 22, 4)  # the header is long enough
-    width = int.from_bytes(data[18:22], "little", signed=True)
-    height = int.from_bytes(data[22:26], "little", signed=True)
+    width, height = (int.from_bytes(_bytes(data, at, 4), "little", signed=True) for at in (18, 22))
     return abs(width), abs(height), None
 
 
-def _gif_size(data: bytes) -> tuple[int, int, int | None]:
+def _gif_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """GIF: the logical screen, or the first image where it reaches beyond the screen (the image a
     decoder reads and allocates)."""
     width, height, flags = _uint(data, 6, 2, "little"), _uint(data, 8, 2, "little"), _uint(data, 10, 1)
     at = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
-    while _uint(data, at, 1) == 0x21:  # extensions (graphic control, comments...): sub-blocks to skip
+    steps = _steps("GIF header")
+    while _uint(data, at, 1) == 0x21 and next(steps) >= 0:  # extensions (graphic control, comments...)
         at += 2
-        while (size := _uint(data, at, 1)) != 0:
+        while (size := _uint(data, at, 1)) != 0 and next(steps) >= 0:  # their sub-blocks, skipped
             at += size + 1
         at += 1
     if _uint(data, at, 1) != 0x2C:
@@ -3903,29 +3957,37 @@ def _gif_size(data: bytes) -> tuple[int, int, int | None]:
     return max(width, left + w), max(height, top + h), None
 
 
-# (signature test, size reader) in the order OpenCV's decoders are tried.
-_IMAGE_FORMATS: tuple[tuple[str, Callable[[bytes], bool], Callable[[bytes], tuple[int, int, int | None]]], ...] = (
-    ("BMP", lambda d: d[:2] == b"BM", _bmp_size),
-    ("Radiance HDR", lambda d: d[:6] == b"#?RGBE" or d[:10] == b"#?RADIANCE", _hdr_size),
-    ("JPEG", lambda d: d[:3] == b"\xff\xd8\xff", _jpeg_size),
+def _starts(*magics: bytes) -> Callable[[ImageBytes], bool]:
+    """A signature test: the data starts with one of ``magics``."""
+    return lambda d: any(d[:len(m)] == m for m in magics)
+
+
+def _sizes_at(width_at: int, height_at: int) -> Callable[[ImageBytes], tuple[int, int, int | None]]:
+    """A size reader for a header with width and height as 32-bit big-endian numbers at fixed places."""
+    return lambda d: (_uint(d, width_at, 4), _uint(d, height_at, 4), None)
+
+
+# (name, signature test, size reader) in the order OpenCV's decoders are tried.
+_IMAGE_FORMATS: tuple[tuple[str, Callable[[ImageBytes], bool],
+                            Callable[[ImageBytes], tuple[int, int, int | None]]], ...] = (
+    ("BMP", _starts(b"BM"), _bmp_size),
+    ("Radiance HDR", _starts(b"#?RGBE", b"#?RADIANCE"), _hdr_size),
+    ("JPEG", _starts(b"\xff\xd8\xff"), _jpeg_size),
     ("WebP", lambda d: d[:4] == b"RIFF" and d[8:12] == b"WEBP", _webp_size),
-    ("Sun raster", lambda d: d[:4] == b"\x59\xa6\x6a\x95",
-     lambda d: (_uint(d, 4, 4), _uint(d, 8, 4), None)),
-    ("PNM", lambda d: len(d) > 2 and d[:1] == b"P" and d[1:2] in b"1234567" and d[2:3].isspace(), _netpbm_size),
-    ("PFM", lambda d: d[:2] in (b"PF", b"Pf") and d[2:3].isspace(), _netpbm_size),
-    ("TIFF", lambda d: d[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"), _tiff_size),
-    ("PNG", lambda d: d[:8] == b"\x89PNG\r\n\x1a\n" and d[12:16] == b"IHDR",
-     lambda d: (_uint(d, 16, 4), _uint(d, 20, 4), None)),
-    ("JPEG 2000", lambda d: d[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or d[:4] == b"\xff\x4f\xff\x51",
-     _jp2_size),
-    ("GIF", lambda d: d[:6] in (b"GIF87a", b"GIF89a"), _gif_size),
+    ("Sun raster", _starts(b"\x59\xa6\x6a\x95"), _sizes_at(4, 8)),
+    ("PNM", lambda d: d[:1] == b"P" and d[1:2] in (*(b"%d" % i for i in range(1, 8)), b"F", b"f")
+     and d[2:3].isspace(), _netpbm_size),  # PBM/PGM/PPM, PAM (P7) and PFM (PF, Pf)
+    ("TIFF", _starts(b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"), _tiff_size),
+    ("PNG", lambda d: d[:8] == b"\x89PNG\r\n\x1a\n" and d[12:16] == b"IHDR", _sizes_at(16, 20)),
+    ("JPEG 2000", _starts(b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51"), _jp2_size),
+    ("GIF", _starts(b"GIF87a", b"GIF89a"), _gif_size),
 )
 
 
-def image_header(data: bytes) -> tuple[str, int, int, int | None]:
-    """(format, width, height, samples per pixel or None) of an image file's bytes, from its
-    header alone.  ValueError for a format it does not know (see HEADER_FORMATS) or a header that
-    does not say."""
+def image_header(data: ImageBytes) -> tuple[str, int, int, int | None]:
+    """(format, width, height, samples per pixel or None) of an image file's bytes (or a
+    ``_FileBytes``), from its header alone.  ValueError for a format it does not know (see
+    HEADER_FORMATS) or a header that does not say."""
     for name, matches, size in _IMAGE_FORMATS:
         if matches(data):
             return (name, *size(data))
@@ -3953,27 +4015,41 @@ def quiet_stderr() -> Iterator[None]:
 def read_image(path: Path, what: str) -> np.ndarray:
     """Decode one replay image after checking its header; StackError (one line) for a file
     too large, truncated, of an unsupported format, type or channel count, or with non-finite
-    pixels.  The file's bytes are read here and decoded from memory: OpenCV is never given a path
-    (its Python binding crashes on a file name that is not valid UTF-8, and on Windows it cannot
-    open non-ASCII paths), and the bytes checked are the bytes decoded."""
+    pixels.  Only the parts of the file its header check needs are read before the check passes;
+    then the whole file is read and decoded from memory: OpenCV is never given a path (its Python
+    binding crashes on a file name that is not valid UTF-8, and on Windows it cannot open non-ASCII
+    paths), and the bytes checked are the bytes decoded."""
+    too_large = f"{what} is more than {MAX_IMAGE_FILE_BYTES >> 20} MiB; too large for a microscope frame"
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_IMAGE_FILE_BYTES:
+                raise StackError(too_large)
+            head = _FileBytes(f, size)
+            try:
+                kind, width, height, channels = image_header(head)
+            except ValueError as exc:
+                raise StackError(f"{what} cannot be read as an image: {exc}") from None
+            if width * height > MAX_IMAGE_PIXELS:
+                raise StackError(f"{what} declares {width}x{height} pixels, more than {MAX_IMAGE_PIXELS / 1e6:g} MP, "
+                                 f"in its {kind} header; not a microscope frame (or a damaged file)")
+            if channels is not None and channels not in (1, 3, 4):
+                raise StackError(f"{what} has {channels} channels; a stack must hold gray, colour or colour+alpha "
+                                 "images")
+            f.seek(0)
             data = f.read(MAX_IMAGE_FILE_BYTES + 1)
     except OSError as exc:
         raise StackError(f"{what} cannot be read ({exc.strerror})") from exc
     if len(data) > MAX_IMAGE_FILE_BYTES:
-        raise StackError(f"{what} is more than {MAX_IMAGE_FILE_BYTES >> 20} MiB; too large for a microscope frame")
+        raise StackError(too_large)
+    if not head.verify(data):
+        raise StackError(f"{what} changed while it was read; replay the stack when nothing writes to it")
     try:
-        kind, width, height, channels = image_header(data)
-    except ValueError as exc:
-        raise StackError(f"{what} cannot be read as an image: {exc}") from None
-    if width * height > MAX_IMAGE_PIXELS:
-        raise StackError(f"{what} declares {width}x{height} pixels, more than {MAX_IMAGE_PIXELS / 1e6:g} MP, in its "
-                         f"{kind} header; not a microscope frame (or a damaged file)")
-    if channels is not None and channels not in (1, 3, 4):
-        raise StackError(f"{what} has {channels} channels; a stack must hold gray, colour or colour+alpha images")
-    with quiet_stderr():
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        with quiet_stderr():
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # OpenCV's own limits (CV_IO_MAX_IMAGE_WIDTH: 2^20 pixels a side), ...
+        raise StackError(f"{what} ({width}x{height} {kind}) cannot be decoded: OpenCV refuses it "
+                         f"({getattr(exc, 'err', '') or first_line(exc)})") from exc
     if image is None:
         raise StackError(f"{what} cannot be read as an image (truncated, damaged or not an image)")
     if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:  # the decoder's word against the header's
