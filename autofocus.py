@@ -4084,6 +4084,15 @@ class ReplayStack:
         if not file_exists(csv_path, f"replay stack {self.folder}: stack.csv"):
             raise StackError(f"replay stack {self.folder}: no stack.csv there (expected columns z_mm,file)")
         rows = self._read_rows(csv_path)
+        # Every file the replay reads, as its row names it (the folder resolved, the last part as
+        # named: a link itself) and as it resolves (the file a link leads to): what no output of a
+        # run that replays this stack may write, replace or remove (``check_outputs``).
+        named = [csv_path, self.folder / ROI_FILE, *(self.folder / name for _, name in rows)]
+        try:
+            self.files = sorted({q for f in named for q in (f.parent.resolve() / f.name, f.resolve())})
+        except OSError as exc:
+            raise StackError(f"replay stack {csv_path}: a file it names cannot be found ({exc.strerror or exc})") \
+                from exc
         zs = [z for z, _ in rows]
         dupes = sorted(z for z, count in collections.Counter(zs).items() if count > 1)
         if dupes:
@@ -4114,21 +4123,6 @@ class ReplayStack:
         self.z_mm = self.z_mm[order]
         self.frames = [self.frames[i] for i in order]
         self.roi = self._read_roi(self.folder / ROI_FILE, self.frames[0].shape)
-
-    @staticmethod
-    def files(folder: str | Path) -> list[Path]:
-        """Every file a replay of ``folder`` reads, resolved (links followed, ../ and absolute rows
-        as they name them): stack.csv, roi.json and each image (StackError for a broken stack.csv)."""
-        folder = Path(folder)
-        csv_path = folder / "stack.csv"
-        if not file_exists(csv_path, f"replay stack {folder}: stack.csv"):
-            raise StackError(f"replay stack {folder}: no stack.csv there (expected columns z_mm,file)")
-        rows = ReplayStack._read_rows(csv_path)
-        try:
-            return [p.resolve() for p in (csv_path, folder / ROI_FILE, *(folder / name for _, name in rows))]
-        except OSError as exc:
-            raise StackError(f"replay stack {csv_path}: a file it names cannot be found ({exc.strerror or exc})") \
-                from exc
 
     @staticmethod
     def _read_roi(path: Path, frame_shape: tuple[int, ...]) -> Roi | None:
@@ -4171,6 +4165,9 @@ class ReplayStack:
                                          "is not a number") from None
                     if not math.isfinite(z) or not row["file"]:
                         raise StackError(f"replay stack {csv_path}, line {line}: needs a finite z_mm and a file")
+                    if "\x00" in row["file"]:
+                        raise StackError(f"replay stack {csv_path}, line {line}: the file name holds a NUL byte, "
+                                         "which no file system allows; fix the row")
                     rows.append((z, row["file"]))
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise StackError(f"replay stack {csv_path}: cannot read it ({exc})") from exc
@@ -6137,17 +6134,16 @@ def check_output_folder(flag: str, folder: Path) -> None:
                          "pick another folder") from exc
 
 
-def check_outputs(args: argparse.Namespace) -> None:
+def check_outputs(args: argparse.Namespace, stack: ReplayStack | None = None) -> None:
     """Fail before anything moves (homing included) when an output cannot be written as given.
 
     Each file output must be a writable file path (not a folder, a link, a device or another
     output's path); --plot needs a format matplotlib can write here; --save-images must be a folder
-    that holds no file the replayed stack reads, however its rows name them (relative paths, ../,
-    absolute paths, links), and no earlier recording unless --overwrite; no output may be a file
-    the replayed stack reads.  Exactly the paths given are written."""
-    replay_files: set[str] = set()
-    if args.replay:
-        replay_files = {os.path.normcase(str(f)) for f in ReplayStack.files(args.replay)}
+    in which no file the saver writes or removes (stack.csv, roi.json, frame_NNNNN.*) is one the
+    replayed ``stack`` reads, however its rows reach it (relative paths, ../, absolute paths,
+    links: ``ReplayStack.files``), and that holds no earlier recording unless --overwrite; no output
+    may be a file the replayed stack reads.  Exactly the paths given are written."""
+    replay_files = set() if stack is None else {os.path.normcase(str(f)) for f in stack.files}
     taken: dict[str, str] = {}
 
     def key_of(path: Path) -> str:  # one spelling per file: case-insensitive where the OS is
@@ -6157,10 +6153,12 @@ def check_outputs(args: argparse.Namespace) -> None:
     if images is not None:
         try:
             where = key_of(images)
-            if args.replay and where == key_of(Path(args.replay)):
+            if stack is not None and where == key_of(stack.folder):
                 raise UsageError(f"--save-images {images} is the stack being replayed: it would overwrite the "
                                  "recording; save into another folder")
-            read_there = sorted(f for f in replay_files if f == where or f.startswith(where.rstrip(os.sep) + os.sep))
+            read_there = sorted(f for f in replay_files if os.path.dirname(f) == where
+                                and (os.path.basename(f) in ("stack.csv", ROI_FILE)
+                                     or FRAME_FILE.fullmatch(os.path.basename(f))))
             if read_there:
                 raise UsageError(f"--save-images {images} holds {Path(read_there[0]).name}, which the replayed "
                                  "stack reads: it would overwrite the recording; save into another folder")
@@ -6190,7 +6188,7 @@ def check_outputs(args: argparse.Namespace) -> None:
         if key in taken or (in_images and FRAME_FILE.fullmatch(path.name.lower())):
             raise UsageError(f"{flag} {path} is also written as {taken.get(key, '--save-images frames')}; "
                              "give each output its own path")
-        if key in replay_files or (args.replay and key_of(path.parent) == key_of(Path(args.replay))
+        if key in replay_files or (stack is not None and key_of(path.parent) == key_of(stack.folder)
                                    and (path.exists() or path.name in ("stack.csv", ROI_FILE))):
             raise UsageError(f"{flag} {path} is a file of the stack being replayed; write elsewhere")
         taken[key] = flag
@@ -6225,10 +6223,10 @@ def close_hardware(camera: Any, zaber: ZaberStage) -> None:
 
 
 @contextlib.contextmanager
-def open_microscope(args: argparse.Namespace) -> Iterator[tuple[Stage, Camera]]:
-    """The stage and camera the arguments ask for; closes them afterwards."""
-    if args.replay:
-        stack = ReplayStack(args.replay)
+def open_microscope(args: argparse.Namespace, stack: ReplayStack | None = None) -> Iterator[tuple[Stage, Camera]]:
+    """The stage and camera the arguments ask for (with --replay, ``stack``, read by the caller);
+    closes them afterwards."""
+    if stack is not None:
         lo, hi = stack.range_mm
         # (--relative: offsets; the plan check against the stage's travel, the stack's range, says it)
         for name, z in () if args.relative else (("START", args.start_mm), ("END", args.end_mm)):
@@ -6539,7 +6537,8 @@ def run(args: argparse.Namespace, request: Request) -> int:
     outputs; returns the exit code."""
     if args.map is not None:
         return run_map(args, request)
-    check_outputs(args)
+    stack = ReplayStack(args.replay) if args.replay else None  # read once: its files are checked, then replayed
+    check_outputs(args, stack)
     n_positions = len(plan_positions(args.start_mm, args.end_mm, args.step_mm))
     result: FocusResult | None = None
     error: str | None = None
@@ -6554,7 +6553,7 @@ def run(args: argparse.Namespace, request: Request) -> int:
     refused = False
     plan_log.setLevel(logging.INFO if args.relative else logging.NOTSET)  # --relative: say where, in absolute mm
     try:
-        with open_microscope(args) as (stage, camera):
+        with open_microscope(args, stack) as (stage, camera):
             if isinstance(stage, ZaberStage):
                 zaber = stage
                 stage_info = stage.describe()

@@ -150,7 +150,7 @@ def test_interrupt_while_writing_the_outputs_still_writes_them(monkeypatch: pyte
 
 def test_interrupt_before_the_search_is_one_line_and_one_json(monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    def open_microscope(args: Any) -> Any:
+    def open_microscope(args: Any, stack: Any = None) -> Any:
         signal.raise_signal(signal.SIGTERM)
         raise AssertionError("not reached")
 
