@@ -1911,7 +1911,6 @@ def stop_and_locate(stage: Stage, what: str) -> str:
 # all implement them.
 
 
-@runtime_checkable
 class Stage(Protocol):
     """A focus axis: what the search needs and nothing more."""
 
@@ -1932,7 +1931,6 @@ class Stage(Protocol):
         ...
 
 
-@runtime_checkable
 class Camera(Protocol):
     """A camera: one call, one frame exposed after the call began."""
 
@@ -1942,7 +1940,6 @@ class Camera(Protocol):
         ...
 
 
-@runtime_checkable
 class XYStage(Protocol):
     """An XY plate (the slide's stage): what a focus map needs and nothing more."""
 
@@ -4813,10 +4810,45 @@ def check_request(request: Request) -> Request:
     return dataclasses.replace(r, metric=r.metric or ("normvar" if r.transparent else "laplacian"))
 
 
+_PROTOCOLS = {"stage": "a Stage needs limits_mm(), position_mm(), move_to(z_mm) and stop()",
+              "camera": "a Camera needs capture()",
+              "plate": "an XYStage needs move_to(x_mm, y_mm), position_mm(), limits_mm() and stop()"}
+
+
+def call_part(part: Any, what: str, method: str) -> Any:
+    """``part.method()`` on a stage, camera or plate a caller gave, the way the readers below call
+    it -- before anything moves.  A part without that method, or whose ``method`` is not callable or
+    takes other arguments, is the caller's mistake: UsageError naming what is missing, not an
+    AttributeError or TypeError from deep in a run.  (Errors raised inside the method are its own.)"""
+    def called(value: Any) -> str:  # None, "a str", "an object"
+        kind = type(value).__name__
+        return "None" if value is None else f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
+
+    label = called(part)
+    try:
+        bound = getattr(part, method)
+    except AttributeError as exc:
+        if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+            raise  # raised inside a property or __getattr__ of the part: its own error
+        raise UsageError(f"the {what} ({label}) has no {method}() method: {_PROTOCOLS[what]} (see the Device "
+                         "interfaces section); nothing was moved") from None
+    if not callable(bound):
+        shown = show_value(bound)
+        raise UsageError(f"the {what}'s {method} is {called(bound) if chr(10) in shown else shown}, not callable: "
+                         f"{_PROTOCOLS[what]} (methods, see the Device interfaces section); nothing was moved")
+    try:
+        return bound()
+    except TypeError as exc:
+        if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+            raise  # raised inside the method
+        raise UsageError(f"the {what}'s {method}() cannot be called without arguments ({exc}): "
+                         f"{_PROTOCOLS[what]}; nothing was moved") from None
+
+
 def stage_limits(stage: Stage) -> tuple[float, float]:
     """The stage's travel limits, checked before any use: two finite numbers of mm, lowest first
     (a NaN would pass every comparison of the plan check); StageError otherwise."""
-    limits = stage.limits_mm()
+    limits = call_part(stage, "stage", "limits_mm")
     try:
         lo, hi = limits
         usable = _is_number(lo) and _is_number(hi) and lo <= hi
@@ -4830,7 +4862,7 @@ def stage_limits(stage: Stage) -> tuple[float, float]:
 
 def stage_position(stage: Stage) -> float:
     """Where the stage says it is, checked before any use: a finite number of mm; StageError otherwise."""
-    z_mm = stage.position_mm()
+    z_mm = call_part(stage, "stage", "position_mm")
     if not _is_number(z_mm):
         raise StageError(f"the stage reports its position as {show_value(z_mm)}, not a finite number of mm; "
                          "nothing was moved: check the stage (its position_mm())")
@@ -4862,17 +4894,23 @@ def exclusive_use(stage: Stage, camera: Camera) -> Iterator[None]:
                 _in_use.pop(key, None)
 
 
-def check_parts(stage: Any, camera: Any, on_frame: Any) -> None:
-    """UsageError unless ``stage`` and ``camera`` implement the Stage and Camera protocols and
-    ``on_frame`` is callable (or None); nothing is called on them here."""
-    for what, part, protocol, methods in (("stage", stage, Stage, "limits_mm(), position_mm(), move_to(z_mm), stop()"),
-                                          ("camera", camera, Camera, "capture()")):
-        if not isinstance(part, protocol):
-            raise UsageError(f"{what} {show_value(part)} is not a {protocol.__name__}: it needs {methods} "
-                             "(see the Device interfaces section)")
+def check_on_frame(on_frame: Any) -> None:
+    """BadValue unless ``on_frame`` is a function (or None)."""
     if on_frame is not None and not callable(on_frame):
         raise BadValue("request", ("on_frame",), lambda a: (
             f"{a}: {show_value(on_frame)} must be a function on_frame(index, z_mm, frame, score), or None"))
+
+
+def check_camera(camera: Camera, roi: Roi | None) -> None:
+    """One frame captured where the stage is, before the first move (a capture moves nothing): the
+    camera answers (``call_part``) with a frame the scores can use (CameraError) that the region of
+    interest fits (UsageError).  The run's first frame is checked again: the camera may change."""
+    frame = call_part(camera, "camera", "capture")
+    if (problem := frame_problem(frame)) is not None:
+        raise CameraError(f"the camera delivered {problem} (a frame captured before anything moved); check the "
+                          "camera (its connection, its capture())")
+    if roi is not None:
+        check_roi(roi, frame.shape)
 
 
 def check_step_native(stage: Stage, step_mm: float) -> None:
@@ -4944,12 +4982,15 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
 def run_request(stage: Stage, camera: Camera, request: Request, *, on_frame: FrameHook | None = None) -> FocusResult:
     """focus() for a request already checked by ``check_request`` (the command line checks its
     own before it opens anything): the parts checked, then plan, homing, search and final move."""
-    check_parts(stage, camera, on_frame)
+    check_on_frame(on_frame)
     with exclusive_use(stage, camera):
         return _run_request(stage, camera, request, on_frame)
 
 
-def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook | None) -> FocusResult:
+def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook | None, *,
+                 look_first: bool = True) -> FocusResult:
+    """run_request() inside its exclusive use; ``look_first``: a frame is captured and checked
+    (``check_camera``) before anything moves (a focus map looks once, not at every point)."""
     check_step_native(stage, r.step_mm)
     if isinstance(stage, ZaberStage):
         stage.soft_limits_mm = (r.z_min, r.z_max)
@@ -4957,6 +4998,9 @@ def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook |
     plan = Plan(tuple(plan_positions(r.start_mm + origin_mm, r.end_mm + origin_mm, r.step_mm)), r.search,
                 r.backlash_mm, r.settle_ms, r.peak)
     check_plan(plan, stage_limits(stage), (r.z_min, r.z_max))
+    if look_first:
+        stage_position(stage)  # checked first: a simulated camera renders where the stage says it is
+        check_camera(camera, r.roi)
     home_if_needed = getattr(stage, "home_if_needed", None)
     if home_if_needed is not None and getattr(stage, "homed", True) is False:
         axis = f"device {stage.device_number} axis {stage.axis_number}" if isinstance(stage, ZaberStage) \
@@ -5333,7 +5377,7 @@ def check_map_request(area_mm: Any, grid: Any, *, xy_limits_mm: Any = None, refi
 def plate_limits(xy: XYStage) -> tuple[tuple[float, float], tuple[float, float]]:
     """The plate's travel limits, checked before any use: ((x_lo, x_hi), (y_lo, y_hi)), finite
     numbers of mm, lowest first; StageError otherwise."""
-    limits = xy.limits_mm()
+    limits = call_part(xy, "plate", "limits_mm")
     try:
         (x_lo, x_hi), (y_lo, y_hi) = limits
         usable = all(_is_number(v) for v in (x_lo, x_hi, y_lo, y_hi)) and x_lo <= x_hi and y_lo <= y_hi
@@ -5347,7 +5391,7 @@ def plate_limits(xy: XYStage) -> tuple[tuple[float, float], tuple[float, float]]
 
 def plate_position(xy: XYStage) -> tuple[float, float]:
     """Where the plate says it is, checked before any use: (x, y), finite numbers of mm."""
-    at = xy.position_mm()
+    at = call_part(xy, "plate", "position_mm")
     try:
         x, y = at
         usable = _is_number(x) and _is_number(y)
@@ -5451,7 +5495,8 @@ class _Mapper:
         note = ""
         if window is not None:
             found = _run_request(self.z, self.camera, check_request(dataclasses.replace(
-                self.window, start_mm=window[0], end_mm=window[1])), self.on_frame)
+                self.window, start_mm=window[0], end_mm=window[1])), self.on_frame,
+                                 look_first=False)
             verdict = judge_window(found.samples, self.rel_noise)  # type: ignore[arg-type]
             if verdict.kind == "focused":
                 fit = found.fit
@@ -5465,7 +5510,7 @@ class _Mapper:
                                 added=added)
             self.searches.append(dataclasses.replace(found, verdict=verdict))
             note = f"window {window[0]:.4f}..{window[1]:.4f} mm: {verdict.kind}; searched the whole range"
-        found = _run_request(self.z, self.camera, self.full, self.on_frame)
+        found = _run_request(self.z, self.camera, self.full, self.on_frame, look_first=False)
         self.searches.append(found)
         if (window is not None and found.verdict.kind == "focused"
                 and min(window) + self.step_mm - 1e-9 <= found.best_mm <= max(window) - self.step_mm + 1e-9
@@ -5524,10 +5569,7 @@ def focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, *, area_mm: Seq
     on_frame = options.get("on_frame")
     request = check_request(Request(start_mm, end_mm, step_mm, search=search,  # type: ignore[arg-type]
                                     **{k: v for k, v in options.items() if k != "on_frame"}))
-    check_parts(z_stage, camera, on_frame)
-    if not isinstance(xy_stage, XYStage):
-        raise UsageError(f"xy_stage {show_value(xy_stage)} is not an XYStage: it needs move_to(x_mm, y_mm), "
-                         "position_mm(), limits_mm(), stop() (see the Device interfaces section)")
+    check_on_frame(on_frame)
     with exclusive_use(z_stage, camera):
         return _focus_map(xy_stage, z_stage, camera, request, area, cells, t0=t0, xy_limits_mm=xy_limits_mm,
                           refine=refine, depth_of_field_mm=depth_of_field_mm, on_point=on_point, on_frame=on_frame)
@@ -5554,6 +5596,8 @@ def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
     plan = Plan(tuple(positions), r.search, r.backlash_mm, r.settle_ms, r.peak)
     check_plan(plan, stage_limits(z_stage), (r.z_min, r.z_max))
     allowed = check_area_inside(area, plate_limits(xy_stage), xy_limits_mm)
+    plate_position(xy_stage)  # the plate answers, before anything moves
+    check_camera(camera, r.roi)
     # Homing (with consent) before anything else moves; both are checked first.
     z_unhomed = getattr(z_stage, "home_if_needed", None) is not None and getattr(z_stage, "homed", True) is False
     xy_unhomed = getattr(xy_stage, "home_if_needed", None) is not None and getattr(xy_stage, "homed", True) is False
