@@ -104,13 +104,14 @@ try:
     import os
     import re
     import signal
+    import stat
     import subprocess
     import threading
     import time
     import warnings
     from collections.abc import Callable, Iterator, Mapping, Sequence
     from pathlib import Path
-    from typing import Any, Protocol, TypeVar, runtime_checkable
+    from typing import Any, Protocol, TypeVar
 
     import cv2
     import numpy as np
@@ -5714,11 +5715,18 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def number(text: str) -> float:
-    """A number, as text (its range is checked with the other values, see ``validate``)."""
+    """A number, as text (its range is checked with the other values, see ``validate``); one that a
+    float cannot hold (1e400 is no infinity, 1e-400 no zero) is refused as typed."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if math.isinf(value) and not re.fullmatch(r"\s*[+-]?inf(inity)?\s*", text, re.I):
+        raise argparse.ArgumentTypeError(f"{text!r} is beyond the largest number a float holds (about 1.8e308)")
+    if value == 0 and re.search(r"[1-9]", re.split(r"[eE]", text)[0]):
+        raise argparse.ArgumentTypeError(f"{text!r} is too small to tell apart from 0 (a float holds down to about "
+                                         "5e-324)")
+    return value
 
 
 def whole_number(text: str) -> int:
@@ -6121,14 +6129,44 @@ def check_plot_format(path: str) -> None:
                          "use .png, .pdf or .svg") from exc
 
 
-def _not_a_file(path: Path) -> str | None:
-    """Why ``path`` cannot be a regular output file: a link, a device, a pipe, a Windows reserved name."""
+def _special_file(path: Path) -> str | None:
+    """What ``path`` leads to, in words, when an output must not be written there: the standard
+    output or error (/dev/stdout; "the standard output (a pipe)"), a terminal, a pipe, a socket or a
+    device (/dev/null, /dev/full); None for a file or folder of its own, or nothing."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+
+    def same(fd: int) -> bool:
+        try:
+            return os.path.samestat(st, os.fstat(fd))
+        except OSError:
+            return False
+
+    mode = st.st_mode
+    kind = (None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode)
+            else "a terminal" if stat.S_ISCHR(mode) and any(same(fd) and os.isatty(fd) for fd in (0, 1, 2))
+            else "a device")
+    stream = next((name for fd, name in ((1, "the standard output"), (2, "the standard error")) if same(fd)), None)
+    if stream is not None:
+        return f"{stream} ({kind})" if kind else stream
+    return kind
+
+
+def _not_a_file(path: Path, *, folder: bool = False) -> str | None:
+    """Why ``path`` cannot be an output file (or with ``folder``, an output folder), and what to do:
+    a Windows device name, the standard output, a terminal, a pipe, a device, a symbolic link."""
+    want = "a folder" if folder else "a file name"
     if os.name == "nt" and path.name.split(".")[0].upper() in WINDOWS_RESERVED_NAMES:
-        return f"{path.name} is a Windows device name"
+        return f"{path.name} is a Windows device name; give {want}"
+    if special := _special_file(path):
+        own = " of its own" if special.startswith("the standard") else ""
+        return f"it is {special}, not {'a folder' if folder else 'a file'}{own}; give {want}"
     if path.is_symlink():
-        return "it is a symbolic link, and the tool never writes through a link; give the file it points to"
-    if path.exists() and not path.is_file() and not path.is_dir():  # /dev/full, /dev/null, a FIFO
-        return "it is a device or a pipe, not a file"
+        return (f"it is a symbolic link to {os.readlink(path)}, and the tool never writes through a link; give that "
+                f"{'folder' if folder else 'file'}'s own path, or another name")
     return None
 
 
@@ -6143,7 +6181,7 @@ def check_file_output(flag: str, path: Path, *, inside_new_folder: bool = False)
     that leaves an existing file untouched and removes a file it created)."""
     try:
         if problem := _not_a_file(path):
-            raise UsageError(f"{flag} {path}: {problem}; give a file name")
+            raise UsageError(f"{flag} {path}: {problem}")
         if path.is_dir():
             raise UsageError(f"{flag} {path} is a folder; give a file name inside it, e.g. {path / 'curve.csv'}")
         if inside_new_folder:
@@ -6166,8 +6204,8 @@ def check_output_folder(flag: str, folder: Path) -> None:
     """A folder output (--save-images, --make-figures): not a link, a file or a device; created
     (with its parents) when missing, and writable."""
     try:
-        if problem := _not_a_file(folder):
-            raise UsageError(f"{flag} {folder}: {problem}; give a folder")
+        if problem := _not_a_file(folder, folder=True):
+            raise UsageError(f"{flag} {folder}: {problem}")
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"{flag} {folder}: is a file, not a folder; pick another name")
         folder.mkdir(parents=True, exist_ok=True)
@@ -6298,7 +6336,8 @@ def open_microscope(args: argparse.Namespace, stack: ReplayStack | None = None) 
 def configure_logging(verbose: bool) -> None:
     """Log to stderr: every step with --verbose, else warnings only.  matplotlib's notes (a cache
     folder it had to make in the temporary folder) are shown with --verbose only, so that an error
-    stays one line; Python warnings likewise (``log_warning``)."""
+    stays one line, and never its debug lines (hundreds of "findfont: ..."); Python warnings are
+    --verbose lines too (``log_warning``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
@@ -6306,7 +6345,7 @@ def configure_logging(verbose: bool) -> None:
     log.propagate = False
     mpl = logging.getLogger("matplotlib")
     mpl.handlers[:] = [handler]
-    mpl.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    mpl.setLevel(logging.INFO if verbose else logging.ERROR)
     mpl.propagate = False
 
 

@@ -208,7 +208,7 @@ def output_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--save-curve", ""], "empty path"),
     ]
     if POSIX:
-        cases.append((["--save-curve", "/dev/full"], "it is a device or a pipe, not a file"))
+        cases.append((["--save-curve", "/dev/full"], "it is a device, not a file; give a file name"))
     return cases
 
 
