@@ -3283,7 +3283,7 @@ class SimTiming:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # SIM_RULES; ``scale`` is simulated_microscope's time_scale
             name = "time_scale" if f.name == "scale" else f.name
-            check_value("simulator", name, getattr(self, f.name), SIM_RULES[name])
+            object.__setattr__(self, f.name, check_value("simulator", name, getattr(self, f.name), SIM_RULES[name]))
 
     def move_s(self, distance_mm: float) -> float:
         """Trapezoidal move time plus settle, rounded up to ZML's idle polls."""
@@ -3329,8 +3329,8 @@ class SimOptics:
     right_focus_mm: float | None = None
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # every value against SIM_RULES, then together
-            check_value("simulator", f.name, getattr(self, f.name), SIM_RULES[f.name])
+        for f in dataclasses.fields(self):  # every value against SIM_RULES (as the tool uses it), then together
+            object.__setattr__(self, f.name, check_value("simulator", f.name, getattr(self, f.name), SIM_RULES[f.name]))
         if self.width * self.height > MAX_SIM_PIXELS:
             raise BadValue("simulator", ("width",), lambda a: (
                 f"{a}: a {self.width}x{self.height} frame is too large: at most {MAX_SIM_PIXELS / 1e6:g} MP in all"))
@@ -4267,17 +4267,21 @@ def strict_json(data: dict[str, Any]) -> str:
 
 
 def write_replacing(path: str | Path, write: Callable[[Path], None]) -> None:
-    """``write`` a new file next to ``path`` (a name this call creates, exclusively), then rename
-    it onto ``path``: a failure (a full disk) leaves the old file or none, never half a file, and a
-    link planted at ``path`` is replaced, never written through."""
+    """``write`` a new file next to ``path`` (a name this call creates, exclusively: "." + the start
+    of the name + 8 random hex digits + ".part"), then rename it onto ``path``: a failure (a full
+    disk) leaves the old file or none, never half a file, and a link planted at ``path`` (or at a
+    temporary name) is replaced or passed over, never written through.  Every output file of the
+    tool is written so (the curve, the plot, the map's files, each --save-images frame)."""
     path = Path(path)
     for _ in range(100):  # a free temporary name (claimed exclusively: nothing there is followed)
-        temporary = path.with_name(f".autofocus-{os.getpid()}-{os.urandom(4).hex()}.tmp")
+        temporary = path.with_name(f".{path.name[:32]}.{os.urandom(4).hex()}.part")
         try:
             open(temporary, "xb").close()  # noqa: SIM115
             break
         except FileExistsError:
             continue
+    else:
+        raise FileExistsError(f"no free temporary name next to {path} (100 tried)")
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -4424,8 +4428,9 @@ def plot_map(path: str | Path, fmap: FocusMap) -> None:
 
 
 # The files --save-images writes into its folder besides stack.csv and roi.json (and what --overwrite
-# removes): frames, and a frame being written (a temporary name, renamed once complete).
-FRAME_FILE = re.compile(r"\.?frame_\d{5}\.(png|tif)(\.part)?")
+# removes): frames, and a frame being written (``write_replacing``'s temporary name; without the
+# random digits: an older version's).
+FRAME_FILE = re.compile(r"frame_\d{5}\.(png|tif)|\.frame_\d{5}\.(png|tif)(\.[0-9a-f]{8})?\.part")
 
 
 def recording_files(folder: Path) -> list[Path]:
@@ -4444,21 +4449,14 @@ def encode_frame(frame: np.ndarray) -> tuple[str, bytes]:
     return ext, encoded.tobytes()
 
 
-def write_new_file(path: Path, data: bytes) -> None:
-    """Create ``path`` (exclusively: an existing file, or a link planted there, is an error, never
-    written through) holding ``data``."""
-    with open(path, "xb") as fh:
-        fh.write(data)
-
-
 class ImageSaver:
     """Writes every frame losslessly (``encode_frame``: PNG, or float TIFF for float32 frames) and
     appends a row to DIR/stack.csv as it goes.
 
-    Every file is created here, exclusively, so nothing is ever written through a link that was
-    there before.  A recording already in DIR (stack.csv, roi.json, frames) is refused unless
-    ``overwrite``, which removes it first (links are removed, never followed): no stale slice is
-    left behind.  Frames are saved whole; a region of interest is recorded in DIR/roi.json, so
+    Every file is created here (``write_replacing``; stack.csv exclusively), so nothing is ever
+    written through a link that was there before.  A recording already in DIR (stack.csv,
+    roi.json, frames) is refused unless ``overwrite``, which removes it first (links are removed,
+    never followed): no stale slice is left behind.  Frames are saved whole; a region of interest is recorded in DIR/roi.json, so
     that ``--replay DIR`` scores the same region."""
 
     def __init__(self, folder: str | Path, roi: Roi | None = None, *, overwrite: bool = False) -> None:
@@ -4472,7 +4470,8 @@ class ImageSaver:
             for path in old:
                 path.unlink()
             if roi is not None:
-                write_new_file(self.folder / ROI_FILE, (json.dumps({"roi": list(roi)}) + "\n").encode())
+                text = json.dumps({"roi": list(roi)}) + "\n"
+                write_replacing(self.folder / ROI_FILE, lambda temporary: temporary.write_text(text, encoding="utf-8"))
             self._csv = open(self.folder / "stack.csv", "x", newline="", encoding="utf-8")  # noqa: SIM115
             self._writer = csv.writer(self._csv)
             self._writer.writerow(["z_mm", "file", "score"])
@@ -4485,24 +4484,20 @@ class ImageSaver:
     def __call__(self, index: int, z_mm: float, frame: np.ndarray, score: float) -> None:
         """Write one frame, then its row: a row is only ever listed for a file completely written.
 
-        The frame is encoded in memory and written under a temporary name, then renamed, so a
-        full disk is one OSError here (no libpng messages) and never leaves a truncated frame
-        behind a row.  The first failure stops the run (OutputError, exit 5)."""
+        The frame is encoded in memory and written by ``write_replacing``, so a full disk is one
+        OSError here (no libpng messages) and never leaves a truncated frame behind a row.  The
+        first failure stops the run (OutputError, exit 5)."""
         with self._lock:  # close() waits for a frame being written, and no frame follows it
             if self._csv.closed:
                 return
             ext, encoded = encode_frame(frame)
             name = f"frame_{index:05d}{ext}"
             path = self.folder / name
-            partial = path.with_name(f".{name}.part")
             try:
-                write_new_file(partial, encoded)
-                os.replace(partial, path)  # replaces a link planted at ``path``; never follows it
+                write_replacing(path, lambda temporary: temporary.write_bytes(encoded))
                 self._writer.writerow([repr(float(z_mm)), name, repr(float(score))])
                 self._csv.flush()
             except OSError as exc:
-                with contextlib.suppress(OSError):
-                    partial.unlink(missing_ok=True)
                 raise OutputError(f"--save-images: writing {path} failed ({exc.strerror or exc}); the frames "
                                   f"before it are in {self.folder / 'stack.csv'}") from exc
 
@@ -4739,8 +4734,8 @@ class Request:
     """One autofocus request: focus()'s arguments, which the command line builds from its options.
 
     Checked as a whole by ``check_request`` before anything moves; its fields are focus()'s
-    keywords (and the command line's option names).  ``metric`` None means "laplacian", or
-    "normvar" with ``transparent``."""
+    keywords (and the command line's option names), and their defaults are focus()'s.  ``metric``
+    None means "laplacian", or "normvar" with ``transparent``."""
 
     start_mm: float
     end_mm: float
@@ -4937,10 +4932,11 @@ def relative_origin(stage: Stage, relative: bool) -> float:
 
 
 def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm: float, *,
-          search: str = "sweep", metric: str | None = None, blur: int = DEFAULT_BLUR,
-          roi: Sequence[int] | None = None, settle_ms: float = 0.0, backlash_mm: float = 0.0,
-          z_min: float | None = None, z_max: float | None = None, relative: bool = False,
-          home: bool | None = None, peak: str = "sharpest", transparent: bool = False, allow_many: bool = False,
+          search: str = Request.search, metric: str | None = Request.metric, blur: int = Request.blur,
+          roi: Sequence[int] | None = Request.roi, settle_ms: float = Request.settle_ms,
+          backlash_mm: float = Request.backlash_mm, z_min: float | None = Request.z_min,
+          z_max: float | None = Request.z_max, relative: bool = Request.relative, home: bool | None = Request.home,
+          peak: str = Request.peak, transparent: bool = Request.transparent, allow_many: bool = Request.allow_many,
           on_frame: FrameHook | None = None) -> FocusResult:
     """Find the sharpest focus between START and END every STEP (mm) and send the stage there.
 
@@ -5046,10 +5042,13 @@ def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
     """
     optics_names = {f.name for f in dataclasses.fields(SimOptics)}
     timing_names = {f.name for f in dataclasses.fields(SimTiming)} - {"scale"}
-    given = check_values("simulator", SIM_RULES, options)  # every value, before anything is built
-    lens = objective_optics(given["objective"]) if given.get("objective") is not None else {}
-    optics = SimOptics(**{**lens, **{k: v for k, v in given.items() if k in optics_names}})
-    timing = SimTiming(scale=given.get("time_scale", 1.0), **{k: v for k, v in given.items() if k in timing_names})
+    # Each value is checked once, where it is used: SimOptics and SimTiming check their own fields
+    # (time_scale is SimTiming's scale), objective_optics the objective, and here the rest.
+    built = optics_names | timing_names | {"time_scale", "objective"}
+    given = check_values("simulator", SIM_RULES, {k: v for k, v in options.items() if k not in built})
+    lens = objective_optics(options["objective"]) if options.get("objective") is not None else {}
+    optics = SimOptics(**{**lens, **{k: v for k, v in options.items() if k in optics_names}})
+    timing = SimTiming(scale=options.get("time_scale", 1.0), **{k: v for k, v in options.items() if k in timing_names})
     travel = given.get("travel_mm", (0.0, 25.0))
     start = given.get("start_mm", 0.0)
     if not travel[0] <= start <= travel[1]:
@@ -6603,7 +6602,7 @@ def run_make_figures(args: argparse.Namespace) -> int:
     folder = Path(args.make_figures)
     check_output_folder("--make-figures", folder)
     load_matplotlib("--make-figures")
-    optics = SimOptics(**check_values("simulator", SIM_RULES, {"seed": args.sim_seed, "photons": args.sim_photons}))
+    optics = SimOptics(seed=args.sim_seed, photons=args.sim_photons)
     try:
         written = make_figures(folder, optics, args.blur)
     except OSError as exc:
@@ -6787,7 +6786,7 @@ class InterruptSignals:
     can handle; use Ctrl-C or Ctrl-Break there.
     """
 
-    NAMES = ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK")
+    NAMES = EARLY_SIGNALS  # the same signals as while the tool starts
 
     def __init__(self) -> None:
         self.pending: Interrupted | None = None
