@@ -202,6 +202,12 @@ def test_only_files_the_saver_writes_count_however_the_rows_reach_them(rec: Path
         (replay / "stack.csv").write_text("z_mm,file\n12,linked.png\n12.1,../other/frame_00002.png\n")
         code, _, err = call(capfd, "12", "12.1", "0.05", "--replay", replay, "--save-images", other, "--overwrite")
         assert code == 2 and "holds frame_00001.png, which the replayed stack reads" in err and err.count("\n") == 1
+        # A row naming a link the saver's --overwrite would remove (the file it leads to is elsewhere).
+        (other / "frame_00009.png").symlink_to(other / "picture.png")
+        (replay / "stack.csv").write_text("z_mm,file\n12,../other/frame_00009.png\n12.1,../other/picture.png\n")
+        code, _, err = call(capfd, "12", "12.1", "0.05", "--replay", replay, "--save-images", other, "--overwrite")
+        assert code == 2 and "holds frame_00009.png, which the replayed stack reads" in err, err
+        assert (other / "frame_00009.png").is_symlink()
 
 
 # --- an ROI larger than the frame --------------------------------------------------------------------------
