@@ -4946,13 +4946,15 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
     1. checks every argument (``check_request``: type and range; UsageError) and the plan against the stage's travel limits
        and the soft limits ``z_min``/``z_max``, backlash overshoot included (UsageError,
        nothing moved); ``relative=True`` reads the stage's position and makes START and END
-       offsets from it (an axis without a reference position is refused);
+       offsets from it (an axis without a reference position is refused); the stage and camera
+       are called, not probed (a missing method is a UsageError naming it), and one frame is
+       captured where the stage is and checked, the ROI against it (nothing moved);
     2. homes a Zaber axis that has no reference position (announced, as the CLI does; home it
        yourself to choose when).  Homing drives to the home sensor through positions ``z_min``/
        ``z_max`` may forbid, so with a soft limit it needs ``home=True``; ``home=False`` never
        homes (UsageError, nothing moved);
     3. searches (``search``: "sweep" or "fast"), scoring ``roi=(x, y, w, h)`` (camera pixels;
-       checked against the first frame) or the whole frame with ``metric`` and ``blur``;
+       checked again on the first frame) or the whole frame with ``metric`` and ``blur``;
     4. judges the curve: ``focused`` or ``edge`` sends the stage to the best position;
        ``no_peak`` sends it back to where it started.  The verdict is in ``result.verdict.kind``
        (``result.exit_code`` is the CLI's exit code for it), never an exception.
