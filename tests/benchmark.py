@@ -13,7 +13,7 @@ Prints Markdown tables (medians; ratios are measured within one run) and, at the
 Sections:
 
 score     milliseconds per 1920x1200 frame for each metric (8-bit mono, 16-bit mono, 8-bit
-          colour), vs a naive seed-style score on the full frame.
+          colour, float32 mono), vs a naive seed-style score on the full frame.
 accuracy  (a) the simulator with known truth at several noise levels and focal planes, both
           search modes; (b) every recorded stack in ../shared/stacks, plus a blank stack.
 timing    real-time simulator at 1920x1200: a seed-style loop (start/stop per frame, scoring
@@ -211,7 +211,9 @@ def sim_frame(optics: af.SimOptics, z_mm: float) -> np.ndarray:
 
 def naive_median_score(img: np.ndarray) -> float:
     """The seed's pipeline: median blur 9, then the variance of the float64 Laplacian."""
-    if img.dtype != np.uint8:  # medianBlur with ksize > 5 takes 8-bit only
+    if img.dtype.kind == "f":  # medianBlur with ksize > 5 takes 8-bit only
+        img = np.clip(img * 255, 0, 255).astype(np.uint8)
+    elif img.dtype != np.uint8:
         img = (img >> 8).astype(np.uint8)
     return float(cv2.Laplacian(cv2.medianBlur(img, 9), cv2.CV_64F).var())
 
@@ -236,12 +238,13 @@ def section_score(quick: bool) -> None:
     mono8 = sim_frame(af.SimOptics(), 12.34)
     mono16 = sim_frame(af.SimOptics(bit_depth=16), 12.34)
     colour = np.ascontiguousarray(np.dstack([mono8, np.roll(mono8, 1, axis=1), np.roll(mono8, 1, axis=0)]))
-    formats = [("8-bit mono", mono8), ("16-bit mono", mono16), ("8-bit BGR", colour)]
+    mono32f = mono16.astype(np.float32) / 65535  # a float camera (or a float TIFF replayed): rescaled once
+    formats = [("8-bit mono", mono8), ("16-bit mono", mono16), ("8-bit BGR", colour), ("float32 mono", mono32f)]
     fast_scorer = af.Scorer()
     seed_label = "naive seed: medianBlur 9 + Laplacian CV_64F .var()"
     labels = {m: f"`{m}`" for m in af.METRICS}
     fns = {**{m: af.Scorer(m) for m in af.METRICS},
-           "fast": lambda im: (fast_scorer(im), fast_scorer.coarse(im)),
+           "fast": lambda im: fast_scorer.scores(im, True),  # as a run scores a checked frame
            "seed": naive_median_score, "bilateral": naive_bilateral_score}
     labels.update({"fast": "`laplacian` + coarse (fast search, per frame)", "seed": seed_label,
                    "bilateral": "naive: bilateral 9 + Laplacian CV_64F .var()"})
