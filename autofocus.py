@@ -137,6 +137,11 @@ STOP_TIMEOUT_S = 5.0  # after `stop`, the axis must be at rest within this (a de
 # settle window, cloop.settle.tolerance, when it has a larger one): a few steps of a stepper, a few
 # encoder counts of a direct-drive stage.
 POSITION_TOLERANCE_NATIVE = 5
+MOTION_MARGIN_MM = 0.01  # a moving axis may stray this far off its path (overshoot) before it is someone else's
+MOTION_POLL_S = 0.001  # pause between status requests while the axis moves (each request is a round trip)
+NATIVE_UNIT_MISMATCH = 0.01  # --native-unit-nm more than 1% off Zaber's device database is refused
+HOMING_FLAGS = frozenset({"WR", "WH"})  # no reference position: expected until homing ends
+OUTSIDE_FLAGS = frozenset({"NI", "NC", "WM"})  # interrupted, the knob, displaced while still: someone else
 # A focus axis travels 1..300 mm: a --native-unit-nm implying a travel outside this is a typo
 # (a factor of 1000, um typed for nm) and is refused before anything moves.
 PLAUSIBLE_TRAVEL_MM = (1.0, 300.0)
@@ -165,7 +170,8 @@ class AutofocusError(Exception):
      +-- UsageError        bad input or configuration; nothing moved      (exit 2)
      |    +-- StackError   a replay stack that cannot be used             (exit 2)
      +-- HardwareError     the stage or camera failed                     (exit 5)
-     |    +-- StageError
+     |    +-- StageError   a stage fault: nothing more is moved
+     |    |    +-- StageInterrupted   moved or stopped from outside
      |    +-- CameraError
      +-- OutputError       an output could not be written mid-run         (exit 5)
 
@@ -196,18 +202,21 @@ class HardwareError(AutofocusError):
 
 
 class StageError(HardwareError):
-    """The focus stage refused a command, faulted, or stopped answering."""
+    """The focus stage refused a command, faulted, or stopped answering: an event the tool did
+    not cause, so nothing more is moved (see make_safe)."""
 
-    # False when the axis must not be commanded again in this run (no stop, no return to start):
-    # it was taken from outside, or its fault makes any further motion unsafe.  See make_safe.
-    may_move = True
+    # True only when the tool itself stopped the axis for its own reason (its own time-out): then
+    # the axis may be sent back to where the run started.  False: no stop, no return, no retry.
+    may_move = False
+    # True when found by the check before a move was sent: the frame exposed just before may not
+    # have been exposed where it was labelled, so the run drops it from the curve.
+    before_move = False
 
 
 class StageInterrupted(StageError):
-    """A move was cut short from outside (flag NI): a person at the knob or joystick, Zaber
-    Launcher or another program has the axis, so nothing more is commanded."""
-
-    may_move = False
+    """The axis was moved or stopped from outside: a person at the knob or joystick, Zaber
+    Launcher or another program (flag NI or NC, a move that ended off target, an axis found
+    moving or not where the tool left it), so nothing more is commanded."""
 
 
 class CameraError(HardwareError):
@@ -806,6 +815,9 @@ class Acquisition:
         self._frame_index = 0
         self._last_z: float | None = None
         self._failed: BaseException | None = None  # the scoring thread's first error (e.g. disk full)
+        self._indices: list[int] = []  # frame index of each entry of samples
+        self._dropped: set[int] = set()  # frames the stage's check found unvouched for (see move_to)
+        self._frame_z = float("nan")  # where the last frame was captured
 
     def approach(self, z_mm: float) -> float:
         """Move to z; with backlash, arrive from the sweep's direction (overshoot first).
@@ -817,10 +829,8 @@ class Acquisition:
                 self._last_z is not None and (z_mm - self._last_z) * self.direction < 0
             )
             if self.backlash_mm > 0 and (coming_from_wrong_side or self._last_z is None):
-                self.stage.move_to(round(z_mm - self.direction * self.backlash_mm, POSITION_DECIMALS))
-                self.moves += 1
-            self.stage.move_to(z_mm)
-            self.moves += 1
+                self.move_to(round(z_mm - self.direction * self.backlash_mm, POSITION_DECIMALS))
+            self.move_to(z_mm)
             self._last_z = z_mm
             if self.settle_s > 0:
                 time.sleep(self.settle_s)
@@ -828,6 +838,35 @@ class Acquisition:
             dt = time.perf_counter() - t0
             self.move_s += dt
         return dt
+
+    @property
+    def last_z(self) -> float | None:
+        """The last position approached (None before the first)."""
+        return self._last_z
+
+    def move_to(self, z_mm: float) -> None:
+        """One stage move, counted.  When the stage's check before the move finds that it was
+        disturbed (``StageError.before_move``: moved, moving or flagged since it arrived), the frame
+        exposed last is dropped from the curve: it may not have been exposed where it is labelled."""
+        try:
+            self.stage.move_to(z_mm)
+        except StageError as exc:
+            if exc.before_move:
+                self._drop_last_frame(exc)
+            raise
+        self.moves += 1
+
+    def _drop_last_frame(self, exc: StageError) -> None:
+        with self._lock:
+            index = self._frame_index - 1
+            if index < 0 or index in self._dropped:
+                return
+            self._dropped.add(index)  # not scored yet: it never will be listed (see _score)
+            if self._indices and self._indices[-1] == index:
+                self._indices.pop()
+                self.samples.pop()
+        exc.args = (f"{exc.args[0] if exc.args else exc} (the frame at z={self._frame_z:.4f} mm, exposed "
+                    "just before, was dropped from the curve: the stage may not have stood there)", *exc.args[1:])
 
     def measure(self, z_mm: float) -> concurrent.futures.Future[Sample]:
         """Move to z, capture a frame, and hand it to the scoring thread."""
@@ -850,6 +889,7 @@ class Acquisition:
             raise
         index = self._frame_index
         self._frame_index += 1
+        self._frame_z = z_mm
         return self._pool.submit(self._score, index, z_mm, frame, move_dt, capture_dt)
 
     def _score(self, index: int, z_mm: float, frame: np.ndarray, move_dt: float, capture_dt: float) -> Sample:
@@ -861,7 +901,10 @@ class Acquisition:
             sample = Sample(z_mm, score, coarse)
             with self._lock:
                 self.score_s += dt
+                if index in self._dropped:
+                    return sample
                 self.samples.append(sample)
+                self._indices.append(index)
             log.info("frame %d: z=%.4f mm score=%.6g (move %.1f ms, capture %.1f ms, score %.1f ms)",
                      index, z_mm, score, move_dt * 1e3, capture_dt * 1e3, dt * 1e3)
             if self.on_frame is not None:
@@ -1042,14 +1085,17 @@ class RunFailed(Exception):
 
 
 def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
-                  on_frame: FrameHook | None = None) -> FocusResult:
+                  on_frame: FrameHook | None = None, return_to_start: bool = True) -> FocusResult:
     """Search, judge, and send the stage to the answer (or back to where it started).
 
-    Faults and Ctrl-C stop the axis, send it back to where it started when it still answers,
-    and raise RunFailed with the partial curve.
+    Faults and Ctrl-C make the stage safe (``make_safe``: back to where it started when that is
+    allowed) and raise RunFailed with the partial curve.  ``return_to_start`` False (the axis was
+    homed for this run: where it stood before means nothing): no_peak leaves the stage where the
+    last frame was taken, inside the range, and a fault only stops it.
     """
     t0 = time.perf_counter()
     start_mm = stage.position_mm()
+    origin_mm = start_mm if return_to_start else None
     acq = Acquisition(stage, camera, scorer, settle_ms=plan.settle_ms, backlash_mm=plan.backlash_mm,
                       direction=plan.direction, coarse=True,
                       on_frame=on_frame)
@@ -1098,9 +1144,10 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
                 reason=f"{verdict.reason}; the {plan.peak} of {len(peaks)} significant peaks (--peak {plan.peak})")
             best_z = chosen.z_mm
         if verdict.kind == "no_peak":
-            target = start_mm  # never move to a noise maximum: back to where the user left it
-            stage.move_to(target)
-            acq.moves += 1
+            # Never to a noise maximum: back to where the user left it -- or, after homing, stay at
+            # the last frame (a move of length zero, so that it is checked like any other).
+            target = start_mm if return_to_start or acq.last_z is None else acq.last_z
+            acq.move_to(target)
         else:
             fitted = verdict.kind == "focused" and fit.used and fit.z_mm is not None
             target = fit.z_mm if fitted else best_z  # type: ignore[assignment]
@@ -1108,7 +1155,7 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
         return dataclasses.replace(result(samples, target, fit, verdict, best_z), peaks=tuple(peaks),
                                    dips=tuple(dips), transparent=scorer.invert)
     except BaseException as exc:  # faults, Ctrl-C, and bugs alike: the stage is made safe first
-        where = make_safe(stage, start_mm, exc)  # a second Ctrl-C may interrupt the return: it re-stops
+        where = make_safe(stage, origin_mm, exc)  # a second Ctrl-C may interrupt the return: it re-stops
         with INTERRUPTS.held():  # from here on nothing may lose the partial curve
             samples = list(acq.samples)
             fit = fit_peak(samples) if samples else PeakFit(None, False, "no samples")
@@ -1159,28 +1206,47 @@ def coarse_bracket(samples: Sequence[Sample], noise_samples: Sequence[Sample]) -
     return ordered[max(i - 1, 0)].z_mm, ordered[min(i + 1, len(ordered) - 1)].z_mm
 
 
-def make_safe(stage: Stage, start_mm: float, cause: BaseException | None = None) -> str:
+def make_safe(stage: Stage, start_mm: float | None, cause: BaseException | None = None) -> str:
     """Stop the axis and send it back to where it started; say where it is now.
 
-    After an interruption from outside (or a fault that makes motion unsafe) nothing is
-    commanded at all: the axis belongs to whoever took it."""
+    After an event the tool did not cause -- a StageError that may not move: the axis was moved
+    or stopped from outside, or it faulted -- nothing is commanded at all (the adapter has
+    already stopped its own motion where that was needed).  Only the tool's own reasons (Ctrl-C,
+    its own time-out, a camera or disk fault, a bug) stop and return.  ``start_mm`` None: the
+    axis was homed for this run, so there is no start to go back to; it is only stopped.  A stop
+    that fails (a custom Stage's own exception too) does not end the clean-up: the original
+    fault is what is reported, and the return is still tried."""
     if isinstance(cause, StageError) and not cause.may_move:
         try:
             return f"nothing more was moved; the stage is at {stage.position_mm():.4f} mm"
-        except (AutofocusError, KeyboardInterrupt):
+        except (Exception, KeyboardInterrupt):  # noqa: BLE001 - a custom Stage's own error too
             return "nothing more was moved; the stage position is unknown (it no longer answers)"
-    for attempt in (stage.stop, lambda: stage.move_to(start_mm)):
+    stop_note = ""
+    try:
+        stage.stop()
+    except KeyboardInterrupt:  # a second Ctrl-C: the axis may still be moving
+        return stop_and_locate(stage, "the stop was interrupted")
+    except Exception as exc:  # noqa: BLE001 - the cause is what is reported; the return is still tried
+        log.debug("making the stage safe: the stop failed: %s", exc)
+        stop_note = f"stopping it failed ({first_line(exc)}); "
+    if start_mm is None:
         try:
-            attempt()
-        except (AutofocusError, KeyboardInterrupt) as exc:
-            log.debug("making the stage safe: %s", exc)
-            if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: the axis may still be moving
-                return stop_and_locate(stage, f"the return to {start_mm:.4f} mm was interrupted")
-            try:
-                return f"stage stopped at {stage.position_mm():.4f} mm (could not return to {start_mm:.4f} mm)"
-            except (AutofocusError, KeyboardInterrupt):
-                return "stage position unknown (it no longer answers); check it before the next run"
-    return f"stage returned to its start, {start_mm:.4f} mm"
+            where = f"the stage is at {stage.position_mm():.4f} mm"
+        except (Exception, KeyboardInterrupt):  # noqa: BLE001
+            where = "the stage position is unknown"
+        return f"{stop_note}stopped; {where} (it was homed for this run: there is no start to return to)"
+    try:
+        stage.move_to(start_mm)
+    except KeyboardInterrupt:  # a second Ctrl-C: the axis may still be moving
+        return stop_and_locate(stage, f"the return to {start_mm:.4f} mm was interrupted")
+    except Exception as exc:  # noqa: BLE001
+        log.debug("making the stage safe: the return failed: %s", exc)
+        try:
+            return (f"{stop_note}stage stopped at {stage.position_mm():.4f} mm (could not return to "
+                    f"{start_mm:.4f} mm: {first_line(exc)})")
+        except (Exception, KeyboardInterrupt):  # noqa: BLE001
+            return f"{stop_note}stage position unknown (it no longer answers); check it before the next run"
+    return f"{stop_note}stage returned to its start, {start_mm:.4f} mm"
 
 
 def stop_and_locate(stage: Stage, what: str) -> str:
@@ -1554,13 +1620,22 @@ def _zml() -> Any:
 class ZaberStage:
     """The focus axis of a Zaber device through ZML (serial port or tcp://HOST:PORT).
 
-    Set-up reads the axis's warning flags before anything moves: notices (N*, and W* other than
-    "not homed") are reported and cleared, faults (F*) refuse the run unless ``clear_faults``.
-    Every move (and homing) is verified once the axis is idle: its flags are read BEFORE anything
-    clears them (ZML's own ``wait_until_idle`` sends ``warnings clear`` and would hide an
-    interruption), and its position must lie within ``tolerance_native`` native units of the
-    target.  Waits are bounded: moves by ``move_timeout_s``, homing by ``home_timeout_s``, a stop
-    by STOP_TIMEOUT_S; a move or homing that runs out of time sends ``stop`` itself.
+    Set-up (and ``prepare_run``, at the start of every focus() run) reads the axis's warning flags
+    before anything moves: notices (N*, and W* other than "not homed") are reported and cleared,
+    faults (F*) refuse the run unless ``clear_faults``; an axis that is moving is refused.
+
+    Every move (and homing) is bracketed by status reads (``get pos``: status, flag and position
+    in one round trip), so a frame counts only if the stage stood still where it was labelled:
+    before the move is sent the axis must be idle, show no new flag and stand where this tool
+    left it (the frame exposed there was exposed standing still); while it moves it must stay on
+    its path; once idle it must show no new flag and lie within ``tolerance_native`` native units
+    of the target.  Anything else -- whatever ZML did to the flags (a second ZML client clears
+    the NI its own stop or move causes; ZML clears a fault it meets in a reply) -- is an event
+    this tool did not cause: StageInterrupted or StageError, and nothing more is moved.  Waits
+    are bounded: moves by ``move_timeout_s``, homing by ``home_timeout_s``, a stop by
+    STOP_TIMEOUT_S; a move or homing that runs out of time sends ``stop`` itself (the only stop
+    after which a run may return to its start).  Move the axis only through this object while a
+    run uses it; between focus() runs a script may move it with ZML (``prepare_run`` notes where).
     """
 
     def __init__(self, port: str, device: int = DEFAULT_DEVICE, axis: int = DEFAULT_AXIS, *,
@@ -1652,11 +1727,32 @@ class ZaberStage:
         self._limits = (self._setting("limit.min"), self._setting("limit.max"))
         self._check_travel()
         self.tolerance_native = self._tolerance_native()
-        if self._busy():
+        # While a move runs the axis stays on its path (start to target) within this margin (a
+        # closed-loop stage may overshoot a little); someone else's move leaves it.
+        self._margin_native = max(self.tolerance_native, MOTION_MARGIN_MM * self._native_per_mm)
+        self._take_over(flags)
+
+    def prepare_run(self) -> None:
+        """Take the axis as it is now, as set-up does (focus() calls this at the start of every
+        run): refused when it is moving or faulted, notices cleared, and its position noted.
+        From here on, an axis found anywhere but where this tool left it was moved from outside."""
+        try:
+            flags = set(self._axis.warnings.get_flags())
+        except self._exc.MotionLibException as exc:
+            raise StageError(f"reading the warning flags of {self._where()}: {first_line(exc)}") from exc
+        self._take_over(flags)
+
+    def _take_over(self, flags: set[str]) -> None:
+        busy, _, at = self._state()
+        if busy:
             raise StageError(f"{self._where()} is moving (the knob or joystick, Zaber Launcher or another "
                              "program): wait until it stops and run again; nothing was commanded")
-        flags = self._settle_flags(flags)
-        self._homed = "WR" not in flags and "WH" not in flags
+        left = self._settle_flags(flags)
+        self._homed = not left & HOMING_FLAGS
+        # Flags that stay after clearing are standing conditions (a warm controller: WT); any other
+        # flag that shows from now on is news.
+        self._baseline = frozenset(left - HOMING_FLAGS)
+        self._expect_native, self._left_by = at, "where it stood when the run began"
 
     def _where(self) -> str:
         """"device 3 axis 1" for messages."""
@@ -1680,34 +1776,65 @@ class ZaberStage:
             raise StageError(f"device {self.device_number} on {self.port} does not answer: {first_line(exc)}") from exc
 
     def _choose_units(self, device: Any) -> None:
-        """Native units of a known size, or millimetres through Zaber's device database."""
+        """Millimetres through Zaber's device database, or native units of a known size
+        (``native_unit_nm``) -- checked against the database whenever ZML can identify the device:
+        there the database's unit is the truth, and a --native-unit-nm more than 1% off is refused."""
         zm = self._zm
+        database = self._database_unit(device, needed=self.native_unit_nm is None)
+        self.units_checked = database is not None and self.native_unit_nm is not None
         if self.native_unit_nm is not None:
-            self._unit = zm.Units.NATIVE
-            self._scale = 1e6 / self.native_unit_nm  # device values per mm (native units per mm)
-            self._native_per_mm = self._scale
-            return
+            given = 1e6 / self.native_unit_nm
+            if database is not None and abs(given / database - 1) > NATIVE_UNIT_MISMATCH:
+                self._unit_mismatch(given, database)
+            if database is None:
+                self._unit = zm.Units.NATIVE
+                self._scale = self._native_per_mm = given  # device values per mm (native units per mm)
+                return
+        self._unit, self._scale, self._native_per_mm = zm.Units.LENGTH_MILLIMETRES, 1.0, database
+
+    def _database_unit(self, device: Any, *, needed: bool) -> float | None:
+        """Native units per mm by Zaber's device database (ZML identifies the device: from its cache,
+        --device-db, or online); None when it cannot and ``needed`` is False."""
+        zm = self._zm
         try:
             if not device.is_identified:
                 device.identify()
             self.name = device.name or None
-            self._native_per_mm = self._axis.settings.convert_to_native_units(
-                "pos", 1.0, zm.Units.LENGTH_MILLIMETRES)
+            return float(self._axis.settings.convert_to_native_units("pos", 1.0, zm.Units.LENGTH_MILLIMETRES))
         except (self._exc.DeviceDbFailedException, self._exc.DeviceNotIdentifiedException) as exc:
-            raise UsageError(
-                "cannot convert millimetres: ZML could not load Zaber's device database "
-                f"({first_line(exc)}); connect once with internet, or pass --device-db FILE "
-                "(Zaber's offline database), or --native-unit-nm N (size of one native unit)") from exc
+            if needed:
+                raise UsageError(
+                    "cannot convert millimetres: ZML could not load Zaber's device database "
+                    f"({first_line(exc)}); connect once with internet, or pass --device-db FILE "
+                    "(Zaber's offline database), or --native-unit-nm N (size of one native unit)") from exc
+            log.info("ZML could not identify device %s (%s): --native-unit-nm %g is not cross-checked",
+                     self.device_number, first_line(exc), self.native_unit_nm)
         except self._exc.MotionLibException as exc:
-            raise StageError(f"identifying device {self.device_number} failed: {first_line(exc)}") from exc
-        self._unit = zm.Units.LENGTH_MILLIMETRES
-        self._scale = 1.0
+            if needed:
+                raise StageError(f"identifying device {self.device_number} failed: {first_line(exc)}") from exc
+            log.info("identifying device %s failed (%s): --native-unit-nm %g is not cross-checked",
+                     self.device_number, first_line(exc), self.native_unit_nm)
+        return None
+
+    def _unit_mismatch(self, given_per_mm: float, database_per_mm: float) -> None:
+        """UsageError: --native-unit-nm contradicts Zaber's device database."""
+        try:
+            span = (self._axis.settings.get("limit.max", self._zm.Units.NATIVE)
+                    - self._axis.settings.get("limit.min", self._zm.Units.NATIVE))
+            travel = f"its travel is {span / database_per_mm:g} mm, not {span / given_per_mm:g} mm"
+        except self._exc.MotionLibException:
+            travel = "the travel would be wrong by the same factor"
+        raise UsageError(f"--native-unit-nm {self.native_unit_nm:g} disagrees with Zaber's device database for "
+                         f"{self.name or 'device ' + str(self.device_number)} ({self._where()}): one native unit is "
+                         f"{1e6 / database_per_mm:.6g} nm there, so {travel}; drop --native-unit-nm (ZML knows this "
+                         "device) or correct it; nothing moved")
 
     def _check_travel(self) -> None:
-        """Refuse a --native-unit-nm that makes the travel implausible for a focus axis."""
+        """Refuse a --native-unit-nm that makes the travel implausible for a focus axis (when the
+        device database could not check it)."""
         lo_mm, hi_mm = PLAUSIBLE_TRAVEL_MM
         travel = self._limits[1] - self._limits[0]
-        if self.native_unit_nm is not None and not lo_mm <= travel <= hi_mm:
+        if self.native_unit_nm is not None and not self.units_checked and not lo_mm <= travel <= hi_mm:
             native = round(travel * self._native_per_mm)
             raise UsageError(f"--native-unit-nm {self.native_unit_nm:g} makes the travel of {self._where()} "
                              f"{travel:g} mm ({native} native units); a focus axis travels {lo_mm:g}-{hi_mm:g} mm: "
@@ -1720,13 +1847,6 @@ class ZaberStage:
         except self._exc.MotionLibException:  # open-loop devices have no such setting (RJ BADCOMMAND)
             settle = 0.0
         return max(float(POSITION_TOLERANCE_NATIVE), settle)
-
-    def _busy(self) -> bool:
-        """Whether the axis is moving now (one status request)."""
-        try:
-            return bool(self._axis.is_busy())
-        except self._exc.MotionLibException as exc:
-            raise StageError(f"reading the status of {self._where()}: {first_line(exc)}") from exc
 
     def _settle_flags(self, flags: set[str]) -> set[str]:
         """Report and clear notices left from earlier work; refuse latched faults unless told to
@@ -1774,10 +1894,10 @@ class ZaberStage:
         """What was found, for the run's header and --json."""
         lo, hi = self._limits
         return {"device": self.device_number, "axis": self.axis_number, "name": self.name,
-                "travel_mm": [round(lo, 6), round(hi, 6)],
-                "native_unit_nm": self.native_unit_nm if self.native_unit_nm is not None
-                else round(1e6 / self._native_per_mm, 6),
+                "travel_mm": [round(lo, 6), round(hi, 6)], "native_unit_nm": round(1e6 / self._native_per_mm, 6),
                 "units_from": "--native-unit-nm" if self.native_unit_nm is not None else "device database",
+                # --native-unit-nm confirmed by the device database (None: no --native-unit-nm)
+                "units_checked": None if self.native_unit_nm is None else self.units_checked,
                 "homed": self._homed, "homed_now": False, "position_tolerance_native": self.tolerance_native}
 
     @property
@@ -1789,24 +1909,24 @@ class ZaberStage:
         """Home the axis when it has no reference position; True when it homed.
 
         Homing drives to the home sensor and may cross any position: the caller decides whether
-        that is allowed (see ``run``)."""
+        that is allowed (see ``run``).  It is checked like a move (see ``move_to``)."""
         if self._homed:
             return False
         log.warning("homing %s: it has no reference position (the stage moves to its home sensor)", self._where())
         try:
-            try:
-                self._axis.home(wait_until_idle=False)
-            except self._exc.MotionLibException as exc:
-                raise StageError(f"homing {self._where()} failed: {first_line(exc)}") from exc
-            self._await_idle("homing", self.home_timeout_s, "--home-timeout-s")
+            start = self._check_still("homing", allow=HOMING_FLAGS)
+            self._send(lambda: self._axis.home(wait_until_idle=False), "homing")
+            flags, at = self._await("homing", self.home_timeout_s, "--home-timeout-s", start, None, HOMING_FLAGS)
         except KeyboardInterrupt as exc:  # Ctrl-C at any point of the homing: stop it, whatever comes next
             exc.stage_state = stop_and_locate(self, "homing was interrupted")  # type: ignore[attr-defined]
             raise
-        flags = self._flags_after("homing")
-        if "WR" in flags or "WH" in flags:
+        if flags & HOMING_FLAGS:
             raise StageError(f"homing {self._where()} ended without a reference position "
-                             f"({', '.join(sorted(flags & {'WR', 'WH'}))}); check the home sensor")
+                             f"({', '.join(sorted(flags & HOMING_FLAGS))}) at {self._mm(at):.4f} mm: it was stopped "
+                             "from outside (another program's ZML clears the NI flag its stop causes) or the home "
+                             "sensor was not found; check the stage")
         self._homed = True
+        self._expect_native, self._left_by = at, "where homing left it"
         return True
 
     def limits_mm(self) -> tuple[float, float]:
@@ -1819,28 +1939,28 @@ class ZaberStage:
             raise StageError(f"reading the position of device {self.device_number}: {first_line(exc)}") from exc
 
     def move_to(self, z_mm: float) -> None:
+        """Move to z, verified before and after.
+
+        Before the move is sent, the axis must still be idle, show no new flag and stand where
+        this tool left it (which also closes the bracket of the frame exposed there); after it,
+        idle, no new flag, within ``tolerance_native`` of the target -- and while it runs, on its
+        path.  Anything else is an event this tool did not cause: StageInterrupted (moved or
+        stopped from outside) or a StageError (a fault); then nothing more is moved."""
         lo, hi = self._limits
         if not lo - 1e-9 <= z_mm <= hi + 1e-9:  # last line of defence; plans are checked earlier
             raise StageError(f"refusing to move to {z_mm} mm: outside the travel {lo}..{hi} mm")
-        what = f"focus move to {z_mm:.4f} mm"
+        what = f"the move to {z_mm:.4f} mm"
         target = self._native_inside(z_mm)
-        try:
-            self._axis.move_absolute(target, self._zm.Units.NATIVE, wait_until_idle=False)
-        except self._exc.MovementFailedException as exc:
-            raise StageError(f"move to {z_mm:.4f} mm failed: {first_line(exc)}") from exc
-        except self._exc.CommandFailedException as exc:
-            raise StageError(f"device {self.device_number} rejected the move to {z_mm:.4f} mm: "
-                             f"{first_line(exc)}") from exc
-        except self._exc.MotionLibException as exc:
-            raise StageError(f"lost the stage while moving to {z_mm:.4f} mm: {first_line(exc)}") from exc
-        self._await_idle(f"moving to {z_mm:.4f} mm", self.move_timeout_s, "--move-timeout-s", what)
-        self._flags_after(what)
-        at = self.position_mm()
-        off_native = abs(at * self._native_per_mm - target)
+        start = self._check_still(what)
+        self._send(lambda: self._axis.move_absolute(target, self._zm.Units.NATIVE, wait_until_idle=False), what)
+        _, at = self._await(what, self.move_timeout_s, "--move-timeout-s", start, target)
+        off_native = abs(at - target)
         if off_native > self.tolerance_native + 1e-6:
-            raise StageError(f"{what} ended at {at:.4f} mm, {off_native:.0f} native units off the target "
-                             f"(tolerance {self.tolerance_native:g}): the axis did not reach it (something blocked it, "
-                             "or another program or the knob moved it)")
+            raise StageInterrupted(
+                f"{what} ended at {self._mm(at):.4f} mm, {off_native:.0f} native units off the target (tolerance "
+                f"{self.tolerance_native:g}): the axis was stopped or moved from outside (the knob or joystick, Zaber "
+                "Launcher or another program, whose ZML clears the NI flag at once) or something blocked it")
+        self._expect_native, self._left_by = target, f"where {what} left it"
 
     @property
     def native_unit_mm(self) -> float:
@@ -1866,25 +1986,112 @@ class ZaberStage:
             target = math.ceil(lo * per_mm - 1e-6)
         return target
 
-    def _await_idle(self, doing: str, timeout_s: float, option: str, what: str | None = None) -> None:
-        """Poll until the axis is idle, at most ``timeout_s``; on time-out send ``stop`` at once.
+    def _mm(self, native: float) -> float:
+        return native / self._native_per_mm
 
-        While it is busy the flags are read too (every ~0.1 s), so an interruption by someone
-        else (NI; e.g. the knob keeps the axis busy) is reported at once, without stopping them."""
-        deadline = time.monotonic() + timeout_s
-        next_flags = time.monotonic() + 0.1
+    def _state(self) -> tuple[bool, set[str], float]:
+        """(busy, active warning flags, position in native units), in ONE round trip while no flag is up.
+
+        Every ASCII reply carries the axis's status (IDLE/BUSY) and its highest-priority warning
+        flag (``@03 1 07 OK IDLE -- 10200000``); the reply to ``get pos`` adds the position.  Only
+        when a flag shows is the full list asked for.  ZML's generic_command clears nothing (its own
+        motion calls send ``warnings clear`` when they see a flag)."""
         try:
-            while self._axis.is_busy():
-                now = time.monotonic()
-                if now > deadline:
+            reply = self._axis.generic_command("get pos")
+            flags = set() if reply.warning_flag in ("--", "") else set(self._axis.warnings.get_flags())
+            return reply.status == "BUSY", flags, float(reply.data.split()[0])
+        except self._exc.MotionLibException as exc:
+            raise StageError(f"lost the stage: {self._where()} does not answer ({first_line(exc)})") from exc
+
+    def _readback(self) -> str:
+        """"10.1713 mm, flag NC up": where the axis is now and what it shows, read back for a message."""
+        try:
+            _, flags, at = self._state()
+        except StageError:
+            return "an unknown position (it no longer answers)"
+        return f"{self._mm(at):.4f} mm, " + (f"flag {', '.join(sorted(flags))} up" if flags else "no flag up")
+
+    def _check_still(self, doing: str, allow: frozenset[str] = frozenset()) -> float:
+        """Before a move or homing is sent: the axis is idle, shows no new flag and stands where this
+        tool left it (a frame exposed there was exposed standing still).  Returns its position."""
+        busy, flags, at = self._state()
+        if flags - self._baseline - allow:
+            raise self._flag_error(flags - self._baseline - allow, f"before {doing}", before_move=True)
+        expect = self._expect_native
+        if busy:
+            err: StageError = StageInterrupted(
+                f"before {doing}: {self._where()} was moving, not by this tool's command (the knob or joystick, "
+                f"Zaber Launcher or another program); it is at {self._readback()}")
+        elif expect is not None and abs(at - expect) > self.tolerance_native + 1e-6:
+            err = StageInterrupted(
+                f"before {doing}: {self._where()} is at {self._mm(at):.4f} mm, not at {self._mm(expect):.4f} mm "
+                f"{self._left_by}: it was moved from outside while it stood still (the knob or joystick, Zaber "
+                "Launcher or another program)")
+        else:
+            return at
+        err.before_move = True
+        raise err
+
+    def _send(self, command: Callable[[], None], what: str) -> None:
+        """Send a motion command; ZML's errors in this tool's terms (the flag policy of ``_flag_error``)."""
+        exc = self._exc
+        try:
+            command()
+        except (exc.MovementFailedException, exc.MovementInterruptedException) as error:
+            # ZML saw a flag in the reply, sent "warnings clear" and raised; the motion the command
+            # started may be running: the tool's own, so it is stopped.  The flags seen are the news.
+            seen = set(error.details.warnings) or {"NI" if isinstance(error, exc.MovementInterruptedException)
+                                                    else "FF"}
+            note = self._stop_own()
+            try:
+                cleared = seen - set(self._axis.warnings.get_flags())
+            except exc.MotionLibException:
+                cleared = set()
+            raise self._flag_error(seen - self._baseline or seen, what, cleared=cleared, note=note) from error
+        except exc.DriverDisabledException as error:
+            try:
+                off = set(self._axis.warnings.get_flags())
+            except exc.MotionLibException:
+                off = set()
+            if not any(f.startswith("F") for f in off):
+                raise StageError(f"{self._where()} refused {what}: its driver is disabled ({first_line(error)}); "
+                                 "enable it in Zaber Launcher once the cause is checked") from error
+            raise self._flag_error(off, what, note=" and refused the move (driver disabled)") from error
+        except exc.CommandFailedException as error:
+            raise StageError(f"device {self.device_number} rejected {what}: {first_line(error)}") from error
+        except exc.MotionLibException as error:
+            raise StageError(f"lost the stage during {what}: {first_line(error)}") from error
+
+    def _await(self, what: str, timeout_s: float, option: str, start: float, target: float | None,
+               allow: frozenset[str] = frozenset()) -> tuple[set[str], float]:
+        """Poll until the axis is idle (one round trip a poll, see ``_state``); returns its flags and
+        position then.  While it moves: a new flag, or (``target`` given) a position off the path
+        from ``start`` to ``target``, ends the wait at once -- someone else's motion is not stopped,
+        the tool's own is stopped after a fault.  After ``timeout_s`` the tool sends ``stop`` itself."""
+        deadline = time.monotonic() + timeout_s
+        path = (min(start, target) - self._margin_native, max(start, target) + self._margin_native) \
+            if target is not None else None
+        try:
+            while True:
+                busy, flags, at = self._state()
+                new = flags - self._baseline - allow
+                if new:
+                    faulted = any(f.startswith("F") for f in new)
+                    raise self._flag_error(new, what, note=self._stop_own() if busy and faulted else "")
+                if not busy:
+                    return flags, at
+                if path is not None and not path[0] <= at <= path[1]:
+                    raise StageInterrupted(
+                        f"{what}: {self._where()} went to {self._mm(at):.4f} mm, off its path from "
+                        f"{self._mm(start):.4f} mm: someone else is moving it (the knob or joystick, Zaber Launcher "
+                        "or another program); it was not stopped")
+                if time.monotonic() > deadline:
                     where = self._stop_now()
-                    raise StageError(f"{doing}: the axis was still busy after {timeout_s:g} s; stopped it{where} "
+                    err = StageError(f"{what}: the axis was still busy after {timeout_s:g} s; stopped it{where} "
                                      f"(raise {option} if the stage is slow)")
-                if what is not None and now >= next_flags:
-                    next_flags = now + 0.1
-                    if "NI" in self._axis.warnings.get_flags():
-                        self._interrupted(what)
-                time.sleep(0.005)
+                    err.may_move = True  # the tool's own stop, for its own reason: it may return to start
+                    raise err
+                time.sleep(MOTION_POLL_S)
         except KeyboardInterrupt:
             for _ in range(3):  # a second Ctrl-C must not cut the stop short
                 try:
@@ -1896,52 +2103,59 @@ class ZaberStage:
                     break
             raise
         except self._exc.MotionLibException as exc:
-            raise StageError(f"lost the stage while {doing}: {first_line(exc)}") from exc
+            raise StageError(f"lost the stage during {what}: {first_line(exc)}") from exc
 
-    def _flags_after(self, what: str) -> set[str]:
-        """The flags once a motion has ended: NI -> StageInterrupted; a fault -> StageError."""
-        try:
-            flags = set(self._axis.warnings.get_flags())  # read, not cleared (see the class docstring)
-        except self._exc.MotionLibException as exc:
-            raise StageError(f"lost the stage after the {what}: {first_line(exc)}") from exc
-        if "NI" in flags:
-            self._interrupted(what)
+    def _flag_error(self, flags: set[str], what: str, *, cleared: set[str] | frozenset[str] = frozenset(),
+                    note: str = "", before_move: bool = False) -> StageError:
+        """The one policy for a flag the tool did not expect, whether it read the flag itself or ZML
+        met it (and cleared it: ``cleared``): NI/NC/WM -> StageInterrupted (moved or stopped from
+        outside); a fault (F*) or any other warning -> a StageError that moves nothing more."""
         faults = sorted(f for f in flags if f.startswith("F"))
+        outside = sorted(f for f in flags if f in OUTSIDE_FLAGS)
+        rest = sorted(set(flags) - set(faults) - set(outside))
+        named = ", ".join(describe_flag(f) for f in faults + outside + rest)
+        if cleared:
+            named += (", which ZML had already cleared" if set(cleared) >= set(flags) else
+                      f" (ZML had already cleared {', '.join(sorted(cleared))})")
+        where = self._readback()
+        err: StageError
         if faults:
-            at = self._position_text()
-            if faults == ["FS"]:  # a stall: cleared so that the stage can go back to where it started
-                with contextlib.suppress(self._exc.MotionLibException):
-                    self._axis.warnings.clear_flags()
-                raise StageError(f"{what} failed: {describe_flag('FS')} at {at}: "
-                                 f"{FAULT_ADVICE['FS']}")
-            err = StageError(f"{what} ended with fault {describe_flag(faults[0])} at {at}: "
+            err = StageError(f"{what}: {self._where()} reported fault {named}{note}; it is at {where}: "
                              f"{FAULT_ADVICE.get(faults[0], 'see the Warning Flags section of the Zaber ASCII manual')}")
-            err.may_move = False  # the drive or the position cannot be trusted: move nothing more
-            raise err
-        return flags
-
-    def _interrupted(self, what: str) -> None:
-        """Raise StageInterrupted naming where the axis is."""
-        raise StageInterrupted(f"{what} was interrupted (NI) at {self._position_text()}: the axis was moved or "
-                               "stopped from outside (the knob or joystick, Zaber Launcher or another program)")
-
-    def _position_text(self) -> str:
-        """"10.1713 mm", or "an unknown position" when it cannot be read."""
-        try:
-            return f"{self.position_mm():.4f} mm"
-        except StageError:
-            return "an unknown position"
+        elif outside:
+            err = StageInterrupted(f"{what}: the axis was moved or stopped from outside ({named}: the knob or "
+                                   f"joystick, Zaber Launcher or another program){note}; it is at {where}")
+        else:
+            err = StageError(f"{what}: {self._where()} reported {named}{note}, so where it stands cannot be vouched "
+                             f"for; it is at {where}")
+        err.before_move = before_move
+        return err
 
     def _stop_now(self) -> str:
-        """Send ``stop`` and wait (at most STOP_TIMEOUT_S) for the axis to come to rest; returns
-        "" or a note that it did not.  ZML's own stop() waits for idle with no time limit."""
+        """Send ``stop`` and wait (at most STOP_TIMEOUT_S) for the axis to come to rest (a stop
+        decelerates); returns "" or a note that it did not.  ZML's own stop() waits for idle with
+        no time limit.  The axis then stands where the tool's stop left it: the NI that stop set
+        is the tool's own (ZML clears it on seeing it in the reply; if not, it is cleared here)."""
         self._axis.stop(wait_until_idle=False)
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        while self._axis.is_busy():
+        while True:
+            busy, flags, at = self._state()
+            if not busy:
+                break
             if time.monotonic() > deadline:
                 return f", but it was still busy {STOP_TIMEOUT_S:g} s after the stop"
-            time.sleep(0.005)
+            time.sleep(MOTION_POLL_S)
+        if flags - self._baseline == {"NI"}:
+            self._axis.warnings.clear_flags()
+        self._expect_native, self._left_by = at, "where the tool's stop left it"
         return ""
+
+    def _stop_own(self) -> str:
+        """Stop the tool's own motion after a fault (stopping is always allowed); a note for the message."""
+        try:
+            return "; the move was stopped" + self._stop_now()
+        except (StageError, self._exc.MotionLibException):
+            return "; stopping the move failed"
 
     def stop(self) -> None:
         try:
@@ -3391,6 +3605,7 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
     box: Roi | None = None if roi is None else (int(roi[0]), int(roi[1]), int(roi[2]), int(roi[3]))
     if isinstance(stage, ZaberStage):
         stage.soft_limits_mm = (z_min, z_max)
+        stage.prepare_run()  # the axis as it stands now: moving, faulted or not, and where
         unit_mm = stage.native_unit_mm
         if step_mm < MIN_STEP_NATIVE * unit_mm * (1 - 1e-9):
             raise UsageError(f"STEP {step_mm:g} mm is {step_mm / unit_mm:.3g} native units of this stage (one unit is "
@@ -3406,11 +3621,12 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
                 settle_ms, peak)
     check_plan(plan, stage.limits_mm(), (z_min, z_max))
     home_if_needed = getattr(stage, "home_if_needed", None)
+    homed_now = False  # after homing there is no start to return to (the home sensor is outside any soft limit)
     if home_if_needed is not None and getattr(stage, "homed", True) is False:
         axis = f"device {stage.device_number} axis {stage.axis_number}" if isinstance(stage, ZaberStage) \
             else "the focus axis"
         check_home_consent(home, z_min, z_max, axis)
-        home_if_needed()
+        homed_now = bool(home_if_needed())
         check_plan(plan, stage.limits_mm(), (z_min, z_max))
     first, last = plan.positions[0], plan.positions[-1]
     plan_log.info("searching %.4f..%.4f mm every %g mm%s: %d positions, %s search, %s score%s",
@@ -3419,7 +3635,8 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
                   len(plan.positions), search, metric,
                   f", ROI {','.join(map(str, box))}" if box else "")
     try:
-        return run_autofocus(stage, camera, Scorer(metric, blur, box, invert=transparent), plan, on_frame=on_frame)
+        return run_autofocus(stage, camera, Scorer(metric, blur, box, invert=transparent), plan, on_frame=on_frame,
+                             return_to_start=not homed_now)
     except RunFailed as failed:
         stopped = failed
     finally:
@@ -3938,8 +4155,11 @@ def stage_header(info: dict[str, Any], port: str) -> str:
     """The run's header line for a Zaber stage: which stage, its travel, where the unit came from."""
     lo, hi = info["travel_mm"]
     name = f"{info['name']}, " if info.get("name") else ""
+    checked = {None: "", True: ", which Zaber's device database confirms",
+               False: ": the travel it implies; not checked against Zaber's device database (ZML could not "
+                      "identify the device)"}[info.get("units_checked")]
     return (f"stage: {name}device {info['device']} axis {info['axis']} on {port}: travel {lo:g}..{hi:g} mm "
-            f"({hi - lo:g} mm; native unit {info['native_unit_nm']:g} nm from {info['units_from']})")
+            f"({hi - lo:g} mm; native unit {info['native_unit_nm']:g} nm from {info['units_from']}{checked})")
 
 
 def check_home_consent(home: bool | None, z_min: float | None, z_max: float | None, axis: str) -> None:
@@ -3986,7 +4206,9 @@ def summary_line(result: FocusResult) -> str:
     head = {
         "focused": f"{at} at {result.best_mm:.4f} mm{fit}",
         "edge": f"best focus at the edge of the range, {result.best_mm:.4f} mm",
-        "no_peak": f"no focus found; stage returned to {result.best_mm:.4f} mm",
+        "no_peak": f"no focus found; stage returned to {result.best_mm:.4f} mm" if result.best_mm == result.start_mm
+        else f"no focus found; stage left at the last frame, {result.best_mm:.4f} mm (it was homed for this run: "
+             "there is no start to return to)",
     }[result.verdict.kind]
     if result.verdict.scale == "coarse" and result.verdict.kind == "focused":
         head += " (found at the coarse scale: fine detail is lost in noise)"
