@@ -1400,13 +1400,16 @@ class SettingsJournal:
 
     ``read(name)`` and ``write(name, value)`` are the backend's node accessors.  ``set`` records
     a node's value the first time the run changes it (a write of the value it already has is
-    skipped).  ``restore`` writes them back in GenICam's dependency order (``restore_plan``),
-    goes on past failures, and returns the ones it could not put back.
+    skipped).  The trigger nodes (TRIGGER_NODES) belong to the selected TriggerSelector entry:
+    ``set_trigger`` changes one entry's node and records all of that entry's trigger nodes the
+    first time it changes any.  ``restore`` writes them back in GenICam's dependency order
+    (``restore_plan``), goes on past failures, and returns the ones it could not put back.
     """
 
     def __init__(self, read: Callable[[str], Any], write: Callable[[str, Any], None]) -> None:
         self.read, self.write = read, write
         self.original: dict[str, Any] = {}
+        self.triggers: dict[str, dict[str, Any]] = {}  # TriggerSelector entry -> its trigger nodes before
 
     def set(self, name: str, value: Any) -> None:
         """Change a node, remembering its value before the first change."""
@@ -1416,18 +1419,37 @@ class SettingsJournal:
         self.original.setdefault(name, current)
         self.write(name, value)
 
+    def set_trigger(self, entry: str, name: str, value: Any, nodes: Sequence[str]) -> None:
+        """Change trigger node ``name`` of TriggerSelector entry ``entry``; ``nodes``: the trigger
+        nodes this camera has, all recorded for the entry before its first change."""
+        self.set("TriggerSelector", entry)
+        if self.read(name) == value:
+            return
+        if entry not in self.triggers:
+            self.triggers[entry] = {n: self.read(n) for n in nodes}
+        self.write(name, value)
+
     def restore(self) -> list[str]:
         """Put every changed node back; returns "name=value (why)" for each that failed."""
         failed = []
-        for name, value in restore_plan(self.original):
+        entry_ok = True  # a selector that could not be set: that entry's writes would hit another one
+        for name, value in restore_plan(self.original, self.triggers):
+            if name != "TriggerSelector" and name in TRIGGER_NODES and not entry_ok:
+                failed.append(f"{name}={value} (its TriggerSelector entry could not be selected)")
+                continue
             try:
                 if self.read(name) != value:
                     self.write(name, value)
+                entry_ok = True
             except Exception as exc:  # noqa: BLE001 - a vendor error of any kind: report, go on
                 failed.append(f"{name}={value} ({first_line(exc)})")
+                entry_ok = name != "TriggerSelector"
         self.original.clear()
+        self.triggers.clear()
         return failed
 
+
+TRIGGER_NODES = ("TriggerMode", "TriggerSource", "TriggerActivation")  # per TriggerSelector entry
 
 ROI_NODES = ("OffsetX", "OffsetY", "Width", "Height")
 
@@ -1466,15 +1488,26 @@ def freeze_auto(journal: SettingsJournal, has: Callable[[str], bool], errors: tu
                               f"turn {auto} off in {viewer} (or the camera's user set) and try again") from exc
 
 
-def software_trigger(journal: SettingsJournal, has: Callable[[str], bool]) -> None:
+def software_trigger(journal: SettingsJournal, has: Callable[[str], bool],
+                     entries: Callable[[str], Sequence[str]]) -> None:
     """Continuous acquisition, each frame started by a software trigger (FrameStart), through
-    ``journal`` so that all of it is put back."""
+    ``journal`` so that all of it is put back.  The trigger nodes belong to the selected
+    TriggerSelector entry (``entries(node)``: the entries a camera offers): every other trigger
+    (AcquisitionStart, FrameBurstStart, ... left on by a user) is turned off, or it would gate or
+    time the frames."""
     journal.set("AcquisitionMode", "Continuous")
-    journal.set("TriggerMode", "Off")  # the selector and source are only writable with the trigger off
-    if has("TriggerSelector"):
-        journal.set("TriggerSelector", "FrameStart")
-    journal.set("TriggerSource", "Software")
-    journal.set("TriggerMode", "On")
+    if not has("TriggerSelector"):  # one trigger only: its nodes are plain nodes
+        journal.set("TriggerMode", "Off")  # the source is only writable with the trigger off
+        journal.set("TriggerSource", "Software")
+        journal.set("TriggerMode", "On")
+        return
+    nodes = [n for n in TRIGGER_NODES if has(n)]
+    for entry in entries("TriggerSelector"):
+        if entry != "FrameStart":
+            journal.set_trigger(entry, "TriggerMode", "Off", nodes)
+    journal.set_trigger("FrameStart", "TriggerMode", "Off", nodes)  # the source is only writable with it off
+    journal.set_trigger("FrameStart", "TriggerSource", "Software", nodes)
+    journal.set_trigger("FrameStart", "TriggerMode", "On", nodes)
 
 
 def frame_timeout_ms(timeout_ms: int, exposure_ms: float) -> int:
@@ -1580,15 +1613,24 @@ class GenicamAdapter:
         self.close()
 
 
-def restore_plan(original: dict[str, Any]) -> list[tuple[str, Any]]:
-    """The writes that put ``original`` back on a GenICam camera, in an order it accepts.
+def restore_plan(original: dict[str, Any], triggers: dict[str, dict[str, Any]] | None = None,
+                 ) -> list[tuple[str, Any]]:
+    """The writes that put ``original`` (plain nodes) and ``triggers`` (per TriggerSelector entry:
+    its trigger nodes before) back on a GenICam camera, in an order it accepts.
 
-    The trigger selector and source are writable only with the trigger off, so TriggerMode goes
-    Off first and back last; an offset plus a size may not exceed the sensor, so offsets go to 0
-    before the sizes are restored; everything else in reverse order of change (ExposureTime
-    before ExposureAuto, which makes it writable).
+    A trigger's source and activation are writable only with that trigger off, so each entry's
+    TriggerMode goes Off first and back last (after every other node), the TriggerSelector back
+    to its own value at the very end; an offset plus a size may not exceed the sensor, so offsets
+    go to 0 before the sizes are restored; everything else in reverse order of change
+    (ExposureTime before ExposureAuto, which makes it writable).
     """
+    triggers = triggers or {}
     plan: list[tuple[str, Any]] = []
+    for entry, nodes in triggers.items():
+        plan.append(("TriggerSelector", entry))
+        if "TriggerMode" in nodes:
+            plan.append(("TriggerMode", "Off"))
+        plan += [(n, v) for n, v in nodes.items() if n != "TriggerMode"]
     if "TriggerMode" in original:
         plan.append(("TriggerMode", "Off"))
     offsets = [n for n in ("OffsetX", "OffsetY") if n in original]
@@ -1596,9 +1638,15 @@ def restore_plan(original: dict[str, Any]) -> list[tuple[str, Any]]:
         plan += [(n, 0) for n in offsets]
         plan += [(n, original[n]) for n in ("Width", "Height") if n in original]
         plan += [(n, original[n]) for n in offsets]
-    plan += [(n, original[n]) for n in reversed(original) if n != "TriggerMode" and n not in ROI_NODES]
+    last = ("TriggerMode", "TriggerSelector")
+    plan += [(n, original[n]) for n in reversed(original) if n not in last and n not in ROI_NODES]
+    for entry, nodes in triggers.items():
+        if nodes.get("TriggerMode", "Off") != "Off":
+            plan += [("TriggerSelector", entry), ("TriggerMode", nodes["TriggerMode"])]
     if "TriggerMode" in original:
         plan.append(("TriggerMode", original["TriggerMode"]))
+    if "TriggerSelector" in original:
+        plan.append(("TriggerSelector", original["TriggerSelector"]))
     return plan
 
 
@@ -1957,8 +2005,8 @@ class ZaberStage:
         off_native = abs(at - target)
         if off_native > self.tolerance_native + 1e-6:
             raise StageInterrupted(
-                f"{what} ended at {self._mm(at):.4f} mm, {off_native:.0f} native units off the target (tolerance "
-                f"{self.tolerance_native:g}): the axis was stopped or moved from outside (the knob or joystick, Zaber "
+                f"{what} ended {off_native:.0f} native units off the target (tolerance {self.tolerance_native:g}), at "
+                f"{self._readback()}: the axis was stopped or moved from outside (the knob or joystick, Zaber "
                 "Launcher or another program, whose ZML clears the NI flag at once) or something blocked it")
         self._expect_native, self._left_by = target, f"where {what} left it"
 
@@ -2024,9 +2072,9 @@ class ZaberStage:
                 f"Zaber Launcher or another program); it is at {self._readback()}")
         elif expect is not None and abs(at - expect) > self.tolerance_native + 1e-6:
             err = StageInterrupted(
-                f"before {doing}: {self._where()} is at {self._mm(at):.4f} mm, not at {self._mm(expect):.4f} mm "
-                f"{self._left_by}: it was moved from outside while it stood still (the knob or joystick, Zaber "
-                "Launcher or another program)")
+                f"before {doing}: {self._where()} is at {self._mm(at):.4f} mm (no flag up), not at "
+                f"{self._mm(expect):.4f} mm {self._left_by}: it was moved from outside while it stood still (the "
+                "knob or joystick, Zaber Launcher or another program)")
         else:
             return at
         err.before_move = True
@@ -2082,7 +2130,7 @@ class ZaberStage:
                     return flags, at
                 if path is not None and not path[0] <= at <= path[1]:
                     raise StageInterrupted(
-                        f"{what}: {self._where()} went to {self._mm(at):.4f} mm, off its path from "
+                        f"{what}: {self._where()} went to {self._mm(at):.4f} mm (no flag up), off its path from "
                         f"{self._mm(start):.4f} mm: someone else is moving it (the knob or joystick, Zaber Launcher "
                         "or another program); it was not stopped")
                 if time.monotonic() > deadline:
@@ -2249,12 +2297,20 @@ class FlirCamera(GenicamAdapter):
         try:
             cam.init()
         except spin.SpinnakerException as exc:
+            _release_spin(cam)
             busy = getattr(exc, "errorcode", None) == -1004  # SPINNAKER_ERR_RESOURCE_IN_USE
             raise CameraError(f"cannot open {name}: {first_line(exc)}; " + (
                 "another program (SpinView, another script) or an earlier run that was not closed still holds "
                 "it: close that program, or unplug and replug the camera" if busy else
                 "check the USB cable and that no other program (SpinView) holds it")) from exc
-        self._setup(spin, sp, cam, owned=True, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
+        except BaseException:  # Ctrl-C during init(): Init may have succeeded, so DeInit, or the next open fails
+            _release_spin(cam)
+            raise
+        try:
+            self._setup(spin, sp, cam, owned=True, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
+        except BaseException:  # _setup closes on its failures; a Ctrl-C before its own guard too
+            _release_spin(cam)
+            raise
 
     @classmethod
     def from_camera(cls, camera: Any, *, exposure_ms: float | None = None,
@@ -2304,12 +2360,18 @@ class FlirCamera(GenicamAdapter):
     def _has(self, name: str) -> bool:
         return name in self._cam.camera_attributes
 
+    def _entries(self, name: str) -> list[str]:
+        """The entries of enumeration node ``name`` this camera offers."""
+        spin = self._spin
+        entries = (spin.CEnumEntryPtr(e) for e in self._cam.camera_attributes[name].GetEntries())
+        return [e.GetSymbolic() for e in entries if spin.IsAvailable(e) and spin.IsReadable(e)]
+
     def _configure(self, exposure_ms: float | None, timeout_ms: int, roi: Roi | None) -> None:
         cam, journal = self._cam, self._journal
         self._set_pixel_format()
         if roi is not None:
             self._set_roi(roi)
-        software_trigger(journal, self._has)
+        software_trigger(journal, self._has, self._entries)
         self._freeze_auto()
         if exposure_ms is not None:
             journal.set("ExposureTime", exposure_ms * 1000.0)
@@ -2325,11 +2387,7 @@ class FlirCamera(GenicamAdapter):
         node = cam.camera_attributes.get("PixelFormat")
         if node is None:
             raise CameraError("the FLIR camera has no PixelFormat node: cannot tell what its frames hold")
-        offered = []
-        for entry in node.GetEntries():
-            entry = spin.CEnumEntryPtr(entry)
-            if spin.IsAvailable(entry) and spin.IsReadable(entry):
-                offered.append(entry.GetSymbolic())
+        offered = self._entries("PixelFormat")
         if self._has("AdcBitDepth") and spin.IsReadable(cam.camera_attributes["AdcBitDepth"]):
             sensor_bits = format_bits(str(cam.AdcBitDepth))
         else:
@@ -2393,10 +2451,15 @@ class FlirCamera(GenicamAdapter):
         self._cam.start()
 
     def _release(self) -> None:
-        with contextlib.suppress(Exception):
-            self._cam.cam.DeInit()  # simple_pyspin's close() does not: the next Init would fail (-1004)
-        with contextlib.suppress(Exception):
-            self._cam.close()
+        _release_spin(self._cam)
+
+
+def _release_spin(cam: Any) -> None:
+    """Release a simple_pyspin Camera whatever state it is in; never raises, safe to repeat."""
+    with contextlib.suppress(Exception):
+        cam.cam.DeInit()  # simple_pyspin's close() does not: the next Init would fail (-1004)
+    with contextlib.suppress(Exception):
+        cam.close()
 
 
 ###############################################################################
@@ -2461,14 +2524,23 @@ class BaslerCamera(GenicamAdapter):
                         len(devices), ", ".join(found), found[0])
         info = devices[0]
         name = f"the Basler camera {info.GetSerialNumber()}"
+        cam: Any = None
         try:
             cam = pylon.InstantCamera(factory.CreateDevice(info))
             cam.Open()
         except genicam.GenericException as exc:
+            _release_pylon(cam)
             raise CameraError(f"cannot open {name} ({info.GetModelName()}): {first_line(exc)}; another program "
                               "(pylon Viewer, another script) may hold it: close it, or unplug and replug the "
                               "camera") from exc
-        self._setup(pylon, genicam, cam, owned=True, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
+        except BaseException:  # Ctrl-C during Open(): close what was opened, or the next open finds it held
+            _release_pylon(cam)
+            raise
+        try:
+            self._setup(pylon, genicam, cam, owned=True, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
+        except BaseException:
+            _release_pylon(cam)
+            raise
 
     @classmethod
     def from_camera(cls, camera: Any, *, exposure_ms: float | None = None,
@@ -2530,7 +2602,7 @@ class BaslerCamera(GenicamAdapter):
             self.roi = set_sensor_roi(journal, roi, (int(cam.WidthMax.Value), int(cam.HeightMax.Value)),
                                       {n: int(getattr(cam, n).Inc) for n in ROI_NODES},
                                       (int(cam.Width.Min), int(cam.Height.Min)), bayer=self._bayer_code is not None)
-        software_trigger(journal, self._has)
+        software_trigger(journal, self._has, lambda name: list(getattr(cam, name).Symbolics))
         freeze_auto(journal, self._has, (self._genicam.GenericException,), "Basler camera", "pylon Viewer")
         exposure = next((n for n in ("ExposureTime", "ExposureTimeAbs") if self._has(n)), None)
         if exposure_ms is not None:
@@ -2610,10 +2682,17 @@ class BaslerCamera(GenicamAdapter):
         self._cam.StartGrabbing()
 
     def _release(self) -> None:
-        with contextlib.suppress(Exception):
-            self._cam.Close()
-        with contextlib.suppress(Exception):
-            self._cam.DestroyDevice()
+        _release_pylon(self._cam)
+
+
+def _release_pylon(cam: Any) -> None:
+    """Close a pylon InstantCamera and release its device; never raises, safe to repeat."""
+    if cam is None:
+        return
+    with contextlib.suppress(Exception):
+        cam.Close()
+    with contextlib.suppress(Exception):
+        cam.DestroyDevice()
 
 
 # The live cameras --camera can name (besides "sim"); each takes (serial, *, exposure_ms, timeout_ms, roi).
