@@ -18,9 +18,11 @@ Exit codes:
     1    unexpected internal error (a bug: please report it with --verbose output)
     2    usage or configuration error (bad input, broken replay stack); nothing moved
     3    no_peak: the focus curve is flat or noise-only; the stage went back to where it started
+         (after homing, when there is no such place: it stays at the last frame)
     4    edge: the best focus lies at the start or end of the range; the focus may be outside it
-    5    hardware or communication error (stage, camera); the stage was stopped and returned
-         when possible -- after an interruption from outside (flag NI) nothing more is moved
+    5    hardware or communication error (stage, camera); after anything the tool did not cause
+         (the axis moved or stopped from outside, a fault) nothing more is moved, otherwise the
+         stage was stopped and returned
     130  interrupted (Ctrl-C, SIGINT); the stage was stopped and sent back to where it started
     143  terminated (SIGTERM: kill, a job scheduler); handled exactly like Ctrl-C
     129  hung up (SIGHUP: the terminal or SSH session closed; POSIX only); handled like Ctrl-C
@@ -138,7 +140,7 @@ STOP_TIMEOUT_S = 5.0  # after `stop`, the axis must be at rest within this (a de
 # encoder counts of a direct-drive stage.
 POSITION_TOLERANCE_NATIVE = 5
 MOTION_MARGIN_MM = 0.01  # a moving axis may stray this far off its path (overshoot) before it is someone else's
-MOTION_POLL_S = 0.001  # pause between status requests while the axis moves (each request is a round trip)
+MOTION_POLL_S = 0.001  # at most one status request a millisecond while the axis moves
 NATIVE_UNIT_MISMATCH = 0.01  # --native-unit-nm more than 1% off Zaber's device database is refused
 HOMING_FLAGS = frozenset({"WR", "WH"})  # no reference position: expected until homing ends
 OUTSIDE_FLAGS = frozenset({"NI", "NC", "WM"})  # interrupted, the knob, displaced while still: someone else
@@ -2121,6 +2123,7 @@ class ZaberStage:
             if target is not None else None
         try:
             while True:
+                sent = time.monotonic()
                 busy, flags, at = self._state()
                 new = flags - self._baseline - allow
                 if new:
@@ -2139,7 +2142,9 @@ class ZaberStage:
                                      f"(raise {option} if the stage is slow)")
                     err.may_move = True  # the tool's own stop, for its own reason: it may return to start
                     raise err
-                time.sleep(MOTION_POLL_S)
+                # Poll again at once on a slow line (the round trip paces it), at most every MOTION_POLL_S
+                # on a fast one: each poll sent after the axis stops is what its arrival waits for.
+                time.sleep(max(0.0, MOTION_POLL_S - (time.monotonic() - sent)))
         except KeyboardInterrupt:
             for _ in range(3):  # a second Ctrl-C must not cut the stop short
                 try:

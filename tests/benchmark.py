@@ -21,6 +21,9 @@ timing    real-time simulator at 1920x1200: a seed-style loop (start/stop per fr
           and our sweep with a 640x400 sensor ROI (--camera-roi: read-out time per row read).
 memory    peak RSS of the CLI with --save-images (and --show-images under Xvfb) over 10 vs 500
           steps.
+bracketing the Zaber path (real ZML, tests/fake_zaber.py with a modelled serial latency): what
+          verifying every frame before and after it costs, in round trips and ms per frame, and the
+          loop's wall time against the modelled hardware time.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ import numpy as np  # noqa: E402
 import autofocus as af  # noqa: E402
 
 SHARED_STACKS = Path(__file__).resolve().parents[2] / "shared" / "stacks"
-SECTIONS = ("score", "accuracy", "timing", "memory")
+SECTIONS = ("score", "accuracy", "timing", "memory", "bracketing")
 FRAME_PERIOD_MS = 1000.0 / 41.0  # BFLY-U3-23S6M at 1920x1200
 RANGE_MM = (10.0, 14.0)
 STEP_MM = 0.05
@@ -899,6 +902,105 @@ def section_memory(quick: bool) -> None:
         else:
             target(f"{label}: {big}-step peak RSS within 100 MB of the 10-step run",
                    f"skipped ({display.why})", None)
+
+
+###############################################################################
+# 5. Zaber: what bracketing every frame costs
+###############################################################################
+
+
+def zaber_run(latency_s: float, bracket: bool, positions: list[float], optics: af.SimOptics) -> dict:
+    """One sweep through the REAL ZML against the fake, every reply ``latency_s`` late (a serial
+    line's round trip), the fake moving at SimTiming's speed and settle in its own process (a
+    device does not share this process's interpreter), the simulated camera exposing and reading
+    out in real time.  ``bracket`` False: the check after each exposure (the status read before
+    the next move is sent) is skipped -- the comparison, not a product mode."""
+    import json  # noqa: PLC0415
+
+    timing = af.SimTiming(scale=1.0)
+    start_native = round(positions[0] * 1e6)
+    fake = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_zaber.py"), "--homed", "--log-on-exit",
+                             "--position", str(start_native), "--speed", str(timing.speed_mm_s * 1e6),
+                             "--settle-s", str(timing.settle_s), "--reply-delay-s", str(latency_s)],
+                            stdout=subprocess.PIPE, text=True)
+    port = int(fake.stdout.readline().rsplit(":", 1)[1])  # type: ignore[union-attr]
+    stage = af.ZaberStage(f"tcp://127.0.0.1:{port}", native_unit_nm=1)
+    real_check = af.ZaberStage._check_still
+    commanded = {"z": positions[0]}
+    real_move = af.ZaberStage.move_to
+
+    def move_to(self: af.ZaberStage, z_mm: float) -> None:
+        real_move(self, z_mm)
+        commanded["z"] = z_mm
+
+    class AtTarget:  # the simulated camera renders where the stage was sent, without a round trip
+        def position_mm(self) -> float:
+            return commanded["z"]
+
+    try:
+        af.ZaberStage.move_to = move_to  # type: ignore[method-assign]
+        if not bracket:
+            af.ZaberStage._check_still = lambda self, doing, allow=frozenset(): self._expect_native  # type: ignore
+        clock = af.SimClock(1.0)
+        camera = af.SimCamera(AtTarget(), optics, timing, clock)  # type: ignore[arg-type]
+        t_start = time.time()
+        t0 = time.perf_counter()
+        r = af.run_autofocus(stage, camera, af.Scorer(), af.Plan(tuple(positions)))
+        wall = time.perf_counter() - t0
+        t_end = time.time()
+    finally:
+        af.ZaberStage._check_still = real_check  # type: ignore[method-assign]
+        af.ZaberStage.move_to = real_move  # type: ignore[method-assign]
+        stage.close()
+        fake.terminate()
+    log = [json.loads(line) for line in fake.communicate(timeout=10)[0].splitlines() if line.startswith("[")]
+    sent = [text for t, _, text in log if t_start <= t <= t_end]
+    targets = [int(text.split()[2]) for text in sent if text.startswith("move abs")]
+    where = [start_native] + targets
+    motion_s = sum(abs(b - a) / (timing.speed_mm_s * 1e6) + timing.settle_s for a, b in zip(where, where[1:]))
+    # What the hardware needs at the least: the start's position read; per move its command and
+    # the one status reply that finds it idle (after motion + settle); per frame the exposure and
+    # read-out and -- with bracketing -- one status read after it.
+    trips = 1 + 2 * len(targets) + (r.frames if bracket else 0)
+    modelled = trips * latency_s + motion_s + clock.modeled_s
+    return dict(wall=wall, modelled=modelled, frames=r.frames, moves=len(targets), requests=len(sent),
+                best_mm=r.best_mm, verdict=r.verdict.kind)
+
+
+def section_bracketing(quick: bool) -> None:
+    repeats = 1 if quick else 3
+    # 640x400 frames (rendering and scoring a 1920x1200 frame would load the host, not the loop under
+    # test); the modelled read-out stays the full sensor's, as with --camera-roi of the whole sensor.
+    optics = af.SimOptics(width=640, height=400)
+    positions = af.plan_positions(12.0, 12.6 if quick else 13.0, STEP_MM)
+    timing = af.SimTiming()
+    latencies = (timing.command_s,) if quick else (0.002, timing.command_s, 0.010)
+    header("Bracketing every frame (Zaber, real ZML, modelled serial latency)",
+           f"sweep {positions[0]:g}->{positions[-1]:g} mm every {STEP_MM} mm ({len(positions)} frames, 640x400 "
+           f"8-bit simulated camera in real time: exposure {timing.exposure_s * 1e3:g} ms + read-out "
+           f"{timing.readout_s * 1e3:.1f} ms), tests/fake_zaber.py moving at {timing.speed_mm_s:g} mm/s with "
+           f"{timing.settle_s * 1e3:g} ms settle, every reply late by the latency; median of {repeats} repeat(s). "
+           "Modelled hardware time: motion + settle + camera + the round trips a verified frame needs "
+           "(a move's command, the reply that finds it idle, and the status read after the exposure)")
+    sim_frame(optics, optics.focus_mm)
+    rows = []
+    for latency in latencies:
+        on = [zaber_run(latency, True, positions, optics) for _ in range(repeats)]
+        off = [zaber_run(latency, False, positions, optics) for _ in range(repeats)]
+        frames = on[0]["frames"]
+        cost_ms = 1000 * (med([r["wall"] for r in on]) - med([r["wall"] for r in off])) / frames
+        ratio = med([r["wall"] / r["modelled"] for r in on])
+        rows.append([f"{latency * 1e3:g} ms", fmt(med([r["requests"] for r in on]) / frames, 2),
+                     fmt(med([r["requests"] for r in off]) / frames, 2), fmt(cost_ms, 2),
+                     fmt(1000 * med([r["wall"] for r in on]) / frames, 1),
+                     fmt(1000 * med([r["modelled"] for r in on]) / frames, 1), fmt(ratio, 3),
+                     fmt(med([r["wall"] / r["modelled"] for r in off]), 3)])
+        if latency == timing.command_s:
+            target(f"bracketing: loop wall <= 1.05 x modelled hardware time (serial round trip {latency * 1e3:g} ms)",
+                   f"{ratio:.3f}x; the bracket costs {cost_ms:.2f} ms a frame", ratio <= 1.05)
+    table(["round trip", "requests / frame (bracketed)", "requests / frame (no check after exposure)",
+           "bracket cost ms / frame", "wall ms / frame", "modelled ms / frame", "wall / modelled",
+           "wall / modelled (no check)"], rows)
 
 
 ###############################################################################

@@ -786,9 +786,24 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--port", type=int, default=0, help="TCP port (0 = pick a free one)")
     p.add_argument("--address", type=int, default=3, help="device address")
     p.add_argument("--homed", action="store_true", help="start homed (no WR flag)")
+    p.add_argument("--position", type=int, default=0, help="start position, native units")
+    p.add_argument("--speed", type=float, default=100_000_000.0, help="native units per second")
+    p.add_argument("--settle-s", type=float, default=0.002, help="BUSY time at the target")
+    p.add_argument("--reply-delay-s", type=float, default=0.0, help="every reply this late (a serial round trip)")
     p.add_argument("--verbose", action="store_true", help="print every received command")
+    p.add_argument("--log-on-exit", action="store_true",
+                   help="on SIGTERM or Ctrl-C print the command log as JSON lines [t, client, text]")
     args = p.parse_args(argv)
-    with FakeZaber(devices=[DeviceConfig(address=args.address, homed=args.homed)], port=args.port) as fake:
+    import json
+    import signal
+
+    def leave(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, leave)
+    with FakeZaber(devices=[DeviceConfig(address=args.address, homed=args.homed, position=args.position)],
+                   speed_native_per_s=args.speed, settle_s=args.settle_s,
+                   faults=Faults(reply_delay_s=args.reply_delay_s), port=args.port) as fake:
         print("fake Zaber device %d listening on 127.0.0.1:%d" % (args.address, fake.port), flush=True)
         seen = 0
         try:
@@ -799,7 +814,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                         print("%d %d %s -> %s" % (r.device, r.axis, r.text, r.reply), flush=True)
                     seen = len(fake.log)
         except KeyboardInterrupt:
-            pass
+            if args.log_on_exit:
+                for r in fake.log:
+                    print(json.dumps([r.t, r.client, r.text]), flush=True)
 
 
 if __name__ == "__main__":
