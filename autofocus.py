@@ -3676,10 +3676,11 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
     significant peaks (dust above the specimen, two layers); ``result.peaks`` and
     ``result.dips`` list every significant one.
     ``on_frame(index, z_mm, frame, score)`` is called for every frame (from the scoring thread).
-    A fault (stage, camera, a bad ROI, Ctrl-C, or an exception from your own Stage/Camera)
-    stops the axis, returns it to where it started when it still answers, and re-raises the
-    error with ``partial`` (a FocusResult of the frames scored so far) and ``stage_state`` (where
-    the stage was left) attached.  The tool's own errors are AutofocusError subclasses:
+    A fault (camera, a bad ROI, Ctrl-C, or an exception from your own Stage/Camera) stops the
+    axis, returns it to where it started when it still answers (not after homing: there is no
+    such place), and re-raises the error with ``partial`` (a FocusResult of the frames scored so
+    far) and ``stage_state`` (where the stage was left) attached; after a StageError (a stage
+    fault, or StageInterrupted: moved or stopped from outside) nothing more is moved at all.  The tool's own errors are AutofocusError subclasses:
     UsageError, StageError, CameraError, OutputError.
     """
     metric = metric or ("normvar" if transparent else "laplacian")
