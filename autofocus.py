@@ -2186,10 +2186,11 @@ class ZaberStage:
 
     def _stop_now(self) -> str:
         """Send ``stop`` and wait (at most STOP_TIMEOUT_S) for the axis to come to rest (a stop
-        decelerates); returns "" or a note that it did not.  ZML's own stop() waits for idle with
-        no time limit.  The axis then stands where the tool's stop left it: the NI that stop set
-        is the tool's own (ZML clears it on seeing it in the reply; if not, it is cleared here)."""
-        self._axis.stop(wait_until_idle=False)
+        decelerates); returns "" or a note that it did not.  Sent as a generic command: ZML's own
+        stop() waits for idle with no time limit, and on a flag in its reply clears it (a fault
+        too) and raises.  The axis then stands where the tool's stop left it; the NI that stop set
+        is the tool's own and is cleared here (only when it is the one new flag)."""
+        self._axis.generic_command("stop")
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while True:
             busy, flags, at = self._state()

@@ -239,6 +239,22 @@ def test_a_fault_zml_meets_in_a_moves_reply_is_named_and_said_cleared(capsys: py
         assert fake.flags() == [] and len(fake.move_targets()) == 4
 
 
+def test_a_fault_during_a_move_stops_the_tools_own_move_and_nothing_more_moves(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # The poll used to read only NI: an FQ latched during a (slow) move went unseen until it ended.
+    with FakeZaber(devices=[DeviceConfig(homed=True, position=10 * NM)], speed_native_per_s=NM // 2) as fake:
+        latcher = when(lambda: fake.move_count >= 3 and fake.is_busy(), lambda: fake.latch("FQ"))
+        code, _, err = run(fake, capsys)
+        latcher.join(5)
+        assert code == 5 and err.count("\n") == 1 and "the move to 10.1000 mm: device 3 axis 1 reported fault FQ" in err
+        assert "the move was stopped" in err and "nothing more was moved" in err, err
+        # Nothing cleared the fault (the stop went as a generic command: ZML's stop() would have cleared
+        # it); the NI is the tool's own stop's, left with it (warnings clear would take FQ too).
+        assert "warnings clear" not in fake.commands() and fake.flags() == ["FQ", "NI"]
+        stop_at = first(fake, "stop", tool_client(fake))
+        assert set(sent_after(fake, stop_at, tool_client(fake))) <= STATUS_READS and len(fake.move_targets()) == 3
+
+
 @pytest.mark.parametrize("flag", ["FO", "FD"])
 def test_a_disabled_driver_is_named_and_nothing_more_moves(capsys: pytest.CaptureFixture[str], flag: str) -> None:
     with FakeZaber(devices=[DeviceConfig(homed=True, position=5 * NM)],
