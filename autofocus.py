@@ -1087,17 +1087,21 @@ class RunFailed(Exception):
 
 
 def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
-                  on_frame: FrameHook | None = None, return_to_start: bool = True) -> FocusResult:
+                  on_frame: FrameHook | None = None, return_to_start: bool = True,
+                  soft_mm: tuple[float | None, float | None] = (None, None)) -> FocusResult:
     """Search, judge, and send the stage to the answer (or back to where it started).
 
     Faults and Ctrl-C make the stage safe (``make_safe``: back to where it started when that is
-    allowed) and raise RunFailed with the partial curve.  ``return_to_start`` False (the axis was
-    homed for this run: where it stood before means nothing): no_peak leaves the stage where the
-    last frame was taken, inside the range, and a fault only stops it.
+    allowed) and raise RunFailed with the partial curve.  There is no start to go back to when
+    ``return_to_start`` is False (the axis was homed for this run: where it stood before means
+    nothing) or the start lies outside the soft limits ``soft_mm``: then no_peak leaves the stage
+    where the last frame was taken, inside the range, and a fault only stops it.
     """
     t0 = time.perf_counter()
     start_mm = stage.position_mm()
-    origin_mm = start_mm if return_to_start else None
+    soft_lo, soft_hi = soft_mm
+    inside = (soft_lo is None or start_mm >= soft_lo - 1e-9) and (soft_hi is None or start_mm <= soft_hi + 1e-9)
+    origin_mm = start_mm if return_to_start and inside else None
     acq = Acquisition(stage, camera, scorer, settle_ms=plan.settle_ms, backlash_mm=plan.backlash_mm,
                       direction=plan.direction, coarse=True,
                       on_frame=on_frame)
@@ -1146,9 +1150,9 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
                 reason=f"{verdict.reason}; the {plan.peak} of {len(peaks)} significant peaks (--peak {plan.peak})")
             best_z = chosen.z_mm
         if verdict.kind == "no_peak":
-            # Never to a noise maximum: back to where the user left it -- or, after homing, stay at
-            # the last frame (a move of length zero, so that it is checked like any other).
-            target = start_mm if return_to_start or acq.last_z is None else acq.last_z
+            # Never to a noise maximum: back to where the user left it -- or, with no start to go back
+            # to, stay at the last frame (a move of length zero, so that it is checked like any other).
+            target = start_mm if origin_mm is not None or acq.last_z is None else acq.last_z
             acq.move_to(target)
         else:
             fitted = verdict.kind == "focused" and fit.used and fit.z_mm is not None
@@ -1214,8 +1218,9 @@ def make_safe(stage: Stage, start_mm: float | None, cause: BaseException | None 
     After an event the tool did not cause -- a StageError that may not move: the axis was moved
     or stopped from outside, or it faulted -- nothing is commanded at all (the adapter has
     already stopped its own motion where that was needed).  Only the tool's own reasons (Ctrl-C,
-    its own time-out, a camera or disk fault, a bug) stop and return.  ``start_mm`` None: the
-    axis was homed for this run, so there is no start to go back to; it is only stopped.  A stop
+    its own time-out, a camera or disk fault, a bug) stop and return.  ``start_mm`` None: there
+    is no start to go back to (homed for this run, or it lies outside the soft limits); the axis
+    is only stopped.  A stop
     that fails (a custom Stage's own exception too) does not end the clean-up: the original
     fault is what is reported, and the return is still tried."""
     if isinstance(cause, StageError) and not cause.may_move:
@@ -1236,7 +1241,8 @@ def make_safe(stage: Stage, start_mm: float | None, cause: BaseException | None 
             where = f"the stage is at {stage.position_mm():.4f} mm"
         except (Exception, KeyboardInterrupt):  # noqa: BLE001
             where = "the stage position is unknown"
-        return f"{stop_note}stopped; {where} (it was homed for this run: there is no start to return to)"
+        return (f"{stop_note}stopped; {where} (not returned: the axis was homed for this run, or where it started "
+                "lies outside --z-min/--z-max)")
     try:
         stage.move_to(start_mm)
     except KeyboardInterrupt:  # a second Ctrl-C: the axis may still be moving
@@ -1293,7 +1299,9 @@ class Stage(Protocol):
         ...
 
     def move_to(self, z_mm: float) -> None:
-        """Move to z and return once it has arrived (or raise StageError)."""
+        """Move to z and return once it has arrived (or raise StageError).  A stage that checks,
+        before moving, that it stood still since its last move (ZaberStage does) raises a
+        StageError with ``before_move`` True when it did not: the frame taken there is dropped."""
         ...
 
     def stop(self) -> None:
@@ -3707,7 +3715,7 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
                 settle_ms, peak)
     check_plan(plan, stage.limits_mm(), (z_min, z_max))
     home_if_needed = getattr(stage, "home_if_needed", None)
-    homed_now = False  # after homing there is no start to return to (the home sensor is outside any soft limit)
+    homed_now = False  # after homing there is no start to return to (the home sensor may be below --z-min)
     if home_if_needed is not None and getattr(stage, "homed", True) is False:
         axis = f"device {stage.device_number} axis {stage.axis_number}" if isinstance(stage, ZaberStage) \
             else "the focus axis"
@@ -3722,7 +3730,7 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
                   f", ROI {','.join(map(str, box))}" if box else "")
     try:
         return run_autofocus(stage, camera, Scorer(metric, blur, box, invert=transparent), plan, on_frame=on_frame,
-                             return_to_start=not homed_now)
+                             return_to_start=not homed_now, soft_mm=(z_min, z_max))
     except RunFailed as failed:
         stopped = failed
     finally:
@@ -4293,8 +4301,8 @@ def summary_line(result: FocusResult) -> str:
         "focused": f"{at} at {result.best_mm:.4f} mm{fit}",
         "edge": f"best focus at the edge of the range, {result.best_mm:.4f} mm",
         "no_peak": f"no focus found; stage returned to {result.best_mm:.4f} mm" if result.best_mm == result.start_mm
-        else f"no focus found; stage left at the last frame, {result.best_mm:.4f} mm (it was homed for this run: "
-             "there is no start to return to)",
+        else f"no focus found; stage left at the last frame, {result.best_mm:.4f} mm (not returned to where the run "
+             f"started, {result.start_mm:.4f} mm: the axis was homed for this run, or that lies outside --z-min/--z-max)",
     }[result.verdict.kind]
     if result.verdict.scale == "coarse" and result.verdict.kind == "focused":
         head += " (found at the coarse scale: fine detail is lost in noise)"

@@ -392,7 +392,14 @@ def test_home_with_z_min_then_no_peak_never_goes_below_z_min(tmp_path: Path,
         assert fake.position() == 10.5 * NM  # where the last frame was taken: inside --z-min..--z-max
         result = json.loads(out)
         assert result["best_mm"] == 10.5 and result["stage_info"]["homed_now"]
-        assert "stage left at the last frame, 10.5000 mm (it was homed for this run" in err
+        assert "stage left at the last frame, 10.5000 mm (not returned to where the run started" in err
+
+
+def test_a_start_outside_the_soft_limits_is_not_gone_back_to(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeZaber(devices=[DeviceConfig(homed=True, position=5 * NM)]) as fake:  # left at 5 mm; --z-min 9
+        code, out, err = run(fake, capsys, "--z-min", "9", "--sim-specimen", "blank")
+        assert code == autofocus.EXIT_NO_PEAK and min(fake.move_targets()) >= 9 * NM, err
+        assert fake.position() == 10.5 * NM and "outside --z-min/--z-max" in out
 
 
 def test_after_homing_a_fault_only_stops_the_axis(monkeypatch: pytest.MonkeyPatch,
@@ -409,7 +416,7 @@ def test_after_homing_a_fault_only_stops_the_axis(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(autofocus.SimCamera, "capture", capture)
     with FakeZaber(devices=[DeviceConfig(position=5 * NM)]) as fake:
         code, _, err = run(fake, capsys, "--home", "--z-min", "9")
-        assert code == 5 and "camera timed out" in err and "there is no start to return to" in err, err
+        assert code == 5 and "camera timed out" in err and "not returned: the axis was homed" in err, err
         assert min(fake.move_targets()) >= 9 * NM and fake.position() == round(10.15 * NM)
 
 
