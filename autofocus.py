@@ -18,7 +18,7 @@ Exit codes:
     1    unexpected internal error (a bug: please report it with --verbose output)
     2    usage or configuration error (bad input, broken replay stack); nothing moved
     3    no_peak: the focus curve is flat or noise-only; the stage went back to where it started
-         (after homing, when there is no such place: it stays at the last frame)
+         (after homing, or from outside --z-min/--z-max: it stays at the last frame)
     4    edge: the best focus lies at the start or end of the range; the focus may be outside it
     5    hardware or communication error (stage, camera); after anything the tool did not cause
          (the axis moved or stopped from outside, a fault) nothing more is moved, otherwise the
@@ -1220,9 +1220,8 @@ def make_safe(stage: Stage, start_mm: float | None, cause: BaseException | None 
     already stopped its own motion where that was needed).  Only the tool's own reasons (Ctrl-C,
     its own time-out, a camera or disk fault, a bug) stop and return.  ``start_mm`` None: there
     is no start to go back to (homed for this run, or it lies outside the soft limits); the axis
-    is only stopped.  A stop
-    that fails (a custom Stage's own exception too) does not end the clean-up: the original
-    fault is what is reported, and the return is still tried."""
+    is only stopped.  A stop that fails (a custom Stage's own exception too) does not end the
+    clean-up: the original fault is what is reported, and the return is still tried."""
     if isinstance(cause, StageError) and not cause.may_move:
         try:
             return f"nothing more was moved; the stage is at {stage.position_mm():.4f} mm"
@@ -1442,18 +1441,19 @@ class SettingsJournal:
     def restore(self) -> list[str]:
         """Put every changed node back; returns "name=value (why)" for each that failed."""
         failed = []
-        entry_ok = True  # a selector that could not be set: that entry's writes would hit another one
+        selected = True  # False after a TriggerSelector write failed: its trigger writes would hit another entry
         for name, value in restore_plan(self.original, self.triggers):
-            if name != "TriggerSelector" and name in TRIGGER_NODES and not entry_ok:
+            if name in TRIGGER_NODES and not selected:
                 failed.append(f"{name}={value} (its TriggerSelector entry could not be selected)")
                 continue
             try:
                 if self.read(name) != value:
                     self.write(name, value)
-                entry_ok = True
             except Exception as exc:  # noqa: BLE001 - a vendor error of any kind: report, go on
                 failed.append(f"{name}={value} ({first_line(exc)})")
-                entry_ok = name != "TriggerSelector"
+                selected = selected and name != "TriggerSelector"
+                continue
+            selected = selected or name == "TriggerSelector"
         self.original.clear()
         self.triggers.clear()
         return failed
@@ -2310,8 +2310,9 @@ class FlirCamera(GenicamAdapter):
                               "program (SpinView) holds it") from exc
         try:
             cam.init()
-        except spin.SpinnakerException as exc:
-            _release_spin(cam)
+        except spin.SpinnakerException as exc:  # Init failed: nothing to DeInit (it may be another's)
+            with contextlib.suppress(Exception):
+                cam.close()
             busy = getattr(exc, "errorcode", None) == -1004  # SPINNAKER_ERR_RESOURCE_IN_USE
             raise CameraError(f"cannot open {name}: {first_line(exc)}; " + (
                 "another program (SpinView, another script) or an earlier run that was not closed still holds "

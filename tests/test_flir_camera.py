@@ -275,12 +275,13 @@ def test_ctrl_c_while_the_camera_opens_still_releases_it(PySpin: ModuleType, sp:
 
 
 def test_a_camera_left_initialised_is_reported_in_one_line(PySpin: ModuleType, sp: ModuleType) -> None:  # noqa: N803
-    fake_camera(PySpin)
+    dev = fake_camera(PySpin)
     held = sp.Camera()
     held.init()  # e.g. an earlier script that never released it
     with pytest.raises(autofocus.CameraError, match="still holds it") as info:
         autofocus.FlirCamera(timeout_ms=200)
     assert "-1004" in str(info.value) and "\n" not in str(info.value)
+    assert dev.initialized  # the failed open did not DeInit a camera that another part of the process holds
     held.cam.DeInit()
 
 
