@@ -922,7 +922,7 @@ def zaber_run(latency_s: float, bracket: bool, positions: list[float], optics: a
     fake = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_zaber.py"), "--homed", "--log-on-exit",
                              "--position", str(start_native), "--speed", str(timing.speed_mm_s * 1e6),
                              "--settle-s", str(timing.settle_s), "--reply-delay-s", str(latency_s)],
-                            stdout=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     port = int(fake.stdout.readline().rsplit(":", 1)[1])  # type: ignore[union-attr]
     stage = af.ZaberStage(f"tcp://127.0.0.1:{port}", native_unit_nm=1)
     real_check = af.ZaberStage._check_still
@@ -952,8 +952,7 @@ def zaber_run(latency_s: float, bracket: bool, positions: list[float], optics: a
         af.ZaberStage._check_still = real_check  # type: ignore[method-assign]
         af.ZaberStage.move_to = real_move  # type: ignore[method-assign]
         stage.close()
-        fake.terminate()
-    log = [json.loads(line) for line in fake.communicate(timeout=10)[0].splitlines() if line.startswith("[")]
+    log = [json.loads(line) for line in fake.communicate("", timeout=10)[0].splitlines() if line.startswith("[")]
     sent = [text for t, _, text in log if t_start <= t <= t_end]
     targets = [int(text.split()[2]) for text in sent if text.startswith("move abs")]
     where = [start_native] + targets

@@ -792,19 +792,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--reply-delay-s", type=float, default=0.0, help="every reply this late (a serial round trip)")
     p.add_argument("--verbose", action="store_true", help="print every received command")
     p.add_argument("--log-on-exit", action="store_true",
-                   help="on SIGTERM or Ctrl-C print the command log as JSON lines [t, client, text]")
+                   help="serve until standard input closes, then print the command log as JSON lines [t, client, text]")
     args = p.parse_args(argv)
     import json
-    import signal
+    import sys
 
-    def leave(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, leave)
     with FakeZaber(devices=[DeviceConfig(address=args.address, homed=args.homed, position=args.position)],
                    speed_native_per_s=args.speed, settle_s=args.settle_s,
                    faults=Faults(reply_delay_s=args.reply_delay_s), port=args.port) as fake:
         print("fake Zaber device %d listening on 127.0.0.1:%d" % (args.address, fake.port), flush=True)
+        if args.log_on_exit:  # portable: a caller ends it by closing our stdin (no signal needed)
+            sys.stdin.read()
+            for r in fake.log:
+                print(json.dumps([r.t, r.client, r.text]), flush=True)
+            return
         seen = 0
         try:
             while True:
@@ -814,9 +815,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                         print("%d %d %s -> %s" % (r.device, r.axis, r.text, r.reply), flush=True)
                     seen = len(fake.log)
         except KeyboardInterrupt:
-            if args.log_on_exit:
-                for r in fake.log:
-                    print(json.dumps([r.t, r.client, r.text]), flush=True)
+            pass
 
 
 if __name__ == "__main__":
