@@ -354,6 +354,17 @@ def test_fit_roi(roi: tuple, sensor: tuple, steps: tuple, expected: tuple) -> No
     assert x + w <= sensor[0] and y + h <= sensor[1]
 
 
+def test_restore_plan_turns_each_trigger_off_first_and_back_on_last_then_the_selector() -> None:
+    triggers = {"FrameBurstStart": {"TriggerMode": "On", "TriggerSource": "Line2", "TriggerActivation": "RisingEdge"},
+                "FrameStart": {"TriggerMode": "On", "TriggerSource": "Line1", "TriggerActivation": "FallingEdge"}}
+    plan = autofocus.restore_plan({"TriggerSelector": "FrameBurstStart", "AcquisitionMode": "SingleFrame"}, triggers)
+    assert plan[:4] == [("TriggerSelector", "FrameBurstStart"), ("TriggerMode", "Off"), ("TriggerSource", "Line2"),
+                        ("TriggerActivation", "RisingEdge")]  # its source is only writable with it off
+    assert plan[8] == ("AcquisitionMode", "SingleFrame")
+    assert plan[9:] == [("TriggerSelector", "FrameBurstStart"), ("TriggerMode", "On"), ("TriggerSelector", "FrameStart"),
+                        ("TriggerMode", "On"), ("TriggerSelector", "FrameBurstStart")]  # the user's selection last
+
+
 def test_restore_plan_puts_trigger_and_roi_back_in_an_order_genicam_accepts() -> None:
     original = {"PixelFormat": "Mono12p", "OffsetX": 8, "Width": 120, "TriggerMode": "On", "TriggerSource": "Line1",
                 "ExposureAuto": "Continuous", "ExposureTime": 900.0}
