@@ -114,6 +114,7 @@ all devices, all connections) from 1; ``fake.move_count`` is the running count. 
 * ``fault_at_move=N``        the Nth move arrives, then latches ``fault_flag`` (default ``FQ``, encoder error)
                              until ``warnings clear``.
 * ``flag_on_move=N``         ``fault_flag`` latches just before the Nth move arrives; its reply carries it.
+* ``slow_at_move=N``         the Nth move runs at ``slow_speed_native_per_s`` (0.1 mm/s): time to act mid-move.
                              -> ``MovementFailedException`` (a fault), ``DriverDisabledException`` (FD/FO/...).
 * ``reply_delay_s=X``        every reply is sent X s late (>= ~1 s -> ``RequestTimeoutException``).
 * ``silent=True``            execute and answer nothing from now on.
@@ -183,6 +184,8 @@ class Faults:
     fault_at_move: Optional[int] = None
     flag_on_move: Optional[int] = None
     fault_flag: str = "FQ"
+    slow_at_move: Optional[int] = None
+    slow_speed_native_per_s: float = 100_000.0
     reply_delay_s: float = 0.0
     silent: bool = False
 
@@ -715,6 +718,8 @@ class FakeZaber:
                 return "RJ DRIVERDISABLED"
         target = int(w[2])
         speed = float(w[3]) / VELOCITY_SCALE if len(w) > 3 and float(w[3]) > 0 else None
+        if f.slow_at_move == n:
+            speed = f.slow_speed_native_per_s
         for a in axes:
             if self.reject_unhomed_moves and "WR" in a.flags:
                 return "RJ " + self.unhomed_reason

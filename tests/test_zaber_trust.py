@@ -108,11 +108,10 @@ STATUS_READS = {"", "get pos", "warnings"}  # all a tool may send once it found 
 @pytest.mark.parametrize("move, frames", [(4, 3), (12, 11)], ids=["sweep move", "final move to best"])
 def test_another_zml_clients_stop_mid_move_ends_the_run_and_nothing_moves_after_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], move: int, frames: int) -> None:
-    # Slow moves (0.05 mm in ~100 ms): the other program presses Stop halfway through the Nth one.
-    with FakeZaber(devices=[DeviceConfig(homed=True, position=10 * NM)], speed_native_per_s=NM // 2) as fake, \
+    # The Nth move is slow (0.05 mm in 0.5 s): the other program presses Stop while it runs.
+    with FakeZaber(devices=[DeviceConfig(homed=True, position=10 * NM)], faults=Faults(slow_at_move=move)) as fake, \
             other_program(fake) as theirs:
-        stopper = when(lambda: fake.move_count >= move and fake.is_busy() and fake.position() % 50_000 > 20_000,
-                       theirs.stop)
+        stopper = when(lambda: fake.move_count >= move and fake.is_busy(), theirs.stop)
         code, out, err = run(fake, capsys, "--json", "--save-curve", str(tmp_path / "c.csv"))
         stopper.join(5)
         assert code == autofocus.EXIT_HARDWARE, err
@@ -131,8 +130,8 @@ def test_another_zml_clients_stop_mid_move_ends_the_run_and_nothing_moves_after_
 @pytest.mark.parametrize("theirs_do", ["move", "home"])
 def test_another_zml_clients_move_or_home_mid_move_is_reported_at_once_and_not_fought(
         capsys: pytest.CaptureFixture[str], theirs_do: str) -> None:
-    with FakeZaber(devices=[DeviceConfig(homed=True, position=10 * NM)], speed_native_per_s=NM // 2) as fake, \
-            other_program(fake) as theirs:
+    with FakeZaber(devices=[DeviceConfig(homed=True, position=10 * NM)], speed_native_per_s=NM // 2,
+                   faults=Faults(slow_at_move=3)) as fake, other_program(fake) as theirs:
         act = (lambda: theirs.move_absolute(12 * NM, wait_until_idle=False)) if theirs_do == "move" else \
             (lambda: theirs.home(wait_until_idle=False))
         mover = when(lambda: fake.move_count >= 3 and fake.is_busy(), act)
@@ -242,7 +241,7 @@ def test_a_fault_zml_meets_in_a_moves_reply_is_named_and_said_cleared(capsys: py
 def test_a_fault_during_a_move_stops_the_tools_own_move_and_nothing_more_moves(
         capsys: pytest.CaptureFixture[str]) -> None:
     # The poll used to read only NI: an FQ latched during a (slow) move went unseen until it ended.
-    with FakeZaber(devices=[DeviceConfig(homed=True, position=10 * NM)], speed_native_per_s=NM // 2) as fake:
+    with FakeZaber(devices=[DeviceConfig(homed=True, position=10 * NM)], faults=Faults(slow_at_move=3)) as fake:
         latcher = when(lambda: fake.move_count >= 3 and fake.is_busy(), lambda: fake.latch("FQ"))
         code, _, err = run(fake, capsys)
         latcher.join(5)
