@@ -2522,6 +2522,9 @@ class ZaberStage:
         # While a move runs the axis stays on its path (start to target) within this margin (a
         # closed-loop stage may overshoot a little); someone else's move leaves it.
         self._margin_native = max(self.tolerance_native, MOTION_MARGIN_MM * self._native_per_mm)
+        # Per move length (native units): when a move of that length was last seen to end, as (after
+        # its last busy poll, by its first idle poll) in seconds after the move command returned.
+        self._arrival: dict[int, tuple[float, float]] = {}
         self._take_over(flags)
 
     def prepare_run(self) -> None:
@@ -2856,13 +2859,23 @@ class ZaberStage:
 
     def _await(self, what: str, timeout_s: float, option: str, start: float, target: float | None,
                allow: frozenset[str] = frozenset()) -> tuple[set[str], float]:
-        """Poll until the axis is idle (one round trip a poll, see ``_state``); returns its flags and
+        """Poll until the axis is idle (one round trip a poll, see ``_state``; a move as long as an
+        earlier one is first polled when that one ended, see ``_arrival``); returns its flags and
         position then.  While it moves: a new flag, or (``target`` given) a position off the path
         from ``start`` to ``target``, ends the wait at once -- someone else's motion is not stopped,
         the tool's own is stopped after a fault.  After ``timeout_s`` the tool sends ``stop`` itself."""
-        deadline = time.monotonic() + timeout_s
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
         path = (min(start, target) - self._margin_native, max(start, target) + self._margin_native) \
             if target is not None else None
+        # A move as long as one before it (a sweep's steps) ends about when that one did: the first
+        # poll is aimed inside the interval that move's last busy and first idle poll left, which
+        # halves each time, instead of at a round trip's granularity after the end.
+        key = round(abs(target - start)) if target is not None else None
+        lo, hi = self._arrival.get(key, (0.0, 0.0))
+        if hi > 0:
+            time.sleep(max(0.0, (lo + hi) / 2 if hi - lo > MOTION_POLL_S else hi))
+        last_busy = None
         try:
             while True:
                 sent = time.monotonic()
@@ -2872,7 +2885,10 @@ class ZaberStage:
                     faulted = any(f.startswith("F") for f in new)
                     raise self._flag_error(new, what, note=self._stop_own() if busy and faulted else "")
                 if not busy:
+                    if key is not None:
+                        self._arrival[key] = (lo if last_busy is None else last_busy - t0, sent - t0)
                     return flags, at
+                last_busy = sent
                 if path is not None and not path[0] <= at <= path[1]:
                     raise StageInterrupted(
                         f"{what}: {self._where()} went to {self._mm(at):.4f} mm (no flag up), off its path from "
