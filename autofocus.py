@@ -2873,10 +2873,10 @@ class ZaberStage:
         # halves each time, instead of at a round trip's granularity after the end.
         key = round(abs(target - start)) if target is not None else None
         lo, hi = self._arrival.get(key, (0.0, 0.0))
-        if hi > 0:
-            time.sleep(max(0.0, (lo + hi) / 2 if hi - lo > MOTION_POLL_S else hi))
         last_busy = None
         try:
+            if hi > 0:  # inside the try: a Ctrl-C while waiting stops the axis too
+                time.sleep(max(0.0, (lo + hi) / 2 if hi - lo > MOTION_POLL_S else hi))
             while True:
                 sent = time.monotonic()
                 busy, flags, at = self._state()

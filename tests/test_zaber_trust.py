@@ -301,6 +301,18 @@ def test_a_closed_loop_axis_is_accepted_anywhere_in_its_settle_window(capsys: py
         assert abs(fake.position() - fake.move_targets()[-1]) == 8
 
 
+def test_equal_moves_are_polled_where_the_last_one_ended_not_all_the_way(capsys: pytest.CaptureFixture[str]) -> None:
+    # 0.05 mm at 1 mm/s: 50 ms a step.  Polled from the start, a step costs ~50 status requests on the
+    # line; aimed at where the previous equal step ended, a few.
+    with FakeZaber(devices=[DeviceConfig(homed=True, position=10 * NM)], speed_native_per_s=NM) as fake:
+        code, _, err = run(fake, capsys)
+        assert code == 0, err
+        ours = [r.text for r in fake.log if r.client == tool_client(fake)]
+        moves = [i for i, c in enumerate(ours) if c.startswith("move abs")]
+        polls = [ours[a + 1:b].count("get pos") for a, b in zip(moves, moves[1:])]
+        assert polls[1] > 20 and max(polls[3:-1]) <= 4, polls  # polls[0]: the move to the start, 0 mm  # (each also holds the check before the next move)
+
+
 def test_the_tools_own_time_out_still_returns_to_start(capsys: pytest.CaptureFixture[str]) -> None:
     with FakeZaber(devices=[DeviceConfig(homed=True, position=5 * NM)], faults=Faults(busy_forever_at_move=3)) as fake:
         code, _, err = run(fake, capsys, "--move-timeout-s", "0.3")
