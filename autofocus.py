@@ -3281,8 +3281,12 @@ def draw_curve(curve: Sequence[Sample], height: int, width: int | None = None, *
         cv2.circle(canvas, (bx, by), 6, red, 2, cv2.LINE_AA)
         put_text(canvas, ylabels[0], (left - 4, top + 8), small, grey, right=True)  # the score's scale
         put_text(canvas, ylabels[1], (left - 4, bottom - 2), small, grey, right=True)
-        cv2.circle(canvas, (12, legend_y - line_px // 4), 5, red, 2, cv2.LINE_AA)  # legend: best frame, fit
-        legend = f"best frame {ordered[best].z_mm:.4f}"
+        # The legend: the best frame's ring and the fit's dashes, named (shorter where it would not fit).
+        names = ("best frame", "fitted peak")
+        if 60 + sum(cv2.getTextSize(f"{n} 00.0000", VIEW_FONT, small, 1)[0][0] for n in names) > width:
+            names = ("best", "fit")
+        cv2.circle(canvas, (12, legend_y - line_px // 4), 5, red, 2, cv2.LINE_AA)
+        legend = f"{names[0]} {ordered[best].z_mm:.4f}"
         put_text(canvas, legend, (22, legend_y), small, red)
         if shows_fit:
             x = px(fit.z_mm)  # type: ignore[arg-type]
@@ -3291,7 +3295,7 @@ def draw_curve(curve: Sequence[Sample], height: int, width: int | None = None, *
             lx = 22 + cv2.getTextSize(legend, VIEW_FONT, small, 1)[0][0] + 12
             for x0 in (lx, lx + 6):
                 cv2.line(canvas, (x0, legend_y - line_px // 4), (x0 + 3, legend_y - line_px // 4), green, 2)
-            put_text(canvas, f"fitted peak {fit.z_mm:.4f}", (lx + 14, legend_y), small, green)
+            put_text(canvas, f"{names[1]} {fit.z_mm:.4f}", (lx + 14, legend_y), small, green)
             u = result.uncertainty_mm if result is not None else None
             if u is not None and math.isfinite(u) and u > 0:  # the +/- as an error bar through the peak
                 a, b = max(px(fit.z_mm - u), left), min(px(fit.z_mm + u), right)  # type: ignore[operator]
