@@ -46,11 +46,14 @@ def need_x_tools() -> None:
 
 @contextlib.contextmanager
 def x_server(width: int, height: int) -> Iterator[str]:
-    """A private Xvfb; it picks a free display number itself (-displayfd) and says which."""
+    """A private Xvfb; it picks a free display number itself (-displayfd) and says which.
+
+    -noreset: an X server resets itself whenever its last client leaves, and a client connecting
+    meanwhile (the next autofocus.py, its display probe) fails or finds a window it cannot paint."""
     need_x_tools()
     read_fd, write_fd = os.pipe()
     server = subprocess.Popen(["Xvfb", "-displayfd", str(write_fd), "-screen", "0", f"{width}x{height}x24",
-                               "-nolisten", "tcp"], pass_fds=(write_fd,), stdout=subprocess.DEVNULL,
+                               "-nolisten", "tcp", "-noreset"], pass_fds=(write_fd,), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     os.close(write_fd)
     try:
@@ -158,6 +161,20 @@ def close_button(display: str, wid: int) -> None:
     subprocess.run([sys.executable, "-c", WM_DELETE, str(wid)], env=x_env(display), check=True, timeout=20)
 
 
+def shows(display: str, wid: int, expected: np.ndarray, timeout_s: float = 20) -> None:
+    """Wait until the screen shows ``expected`` in the window, pixel for pixel (Qt paints it soon after)."""
+    deadline = time.monotonic() + timeout_s
+    while not np.array_equal(shot := on_screen(display, wid), expected):
+        if time.monotonic() > deadline:
+            cv2.imwrite(str(Path(os.environ.get("TMPDIR", "/tmp")) / "autofocus_window_seen.png"), shot)
+            differs = np.any(shot != expected, axis=2) if shot.shape == expected.shape else None
+            rows, cols = np.nonzero(differs) if differs is not None else ((), ())
+            pytest.fail(f"the window shows {shot.shape}, not the expected {expected.shape}" if differs is None else
+                        f"{differs.mean():.1%} of the window's pixels differ (rows {min(rows)}-{max(rows)}, "
+                        f"columns {min(cols)}-{max(cols)}); what it shows is in autofocus_window_seen.png")
+        time.sleep(0.05)
+
+
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -165,12 +182,26 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 20) 
         time.sleep(0.05)
 
 
+CHILDREN: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def no_child_left() -> Iterator[None]:
+    """A failed test's autofocus.py (a window held open, say) must not outlive it."""
+    yield
+    while CHILDREN:
+        proc = CHILDREN.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 class Child:
     """autofocus.py on an X display: stdin and stdout on a pseudo-terminal (an interactive run)
     or not (a script); stderr collected as it comes."""
 
     def __init__(self, display: str, *argv: str | Path, tty: bool = False, env: dict[str, str] | None = None) -> None:
-        self.err, self.out = "", b""
+        self.err, self.out, self._master = "", b"", None
         cmd = [sys.executable, "autofocus.py", *map(str, argv)]
         if tty:
             import pty  # noqa: PLC0415  (POSIX)
@@ -179,11 +210,12 @@ class Child:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**x_env(display), **(env or {})}, stdin=slave,
                                          stdout=slave, stderr=subprocess.PIPE)
             os.close(slave)
-            out_fd = master
+            out_fd = self._master = master
         else:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**x_env(display), **(env or {})},
                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             out_fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
+        CHILDREN.append(self.proc)
         self._readers = [threading.Thread(target=self._read, args=(out_fd, "out"), daemon=True),
                          threading.Thread(target=self._read, args=(self.proc.stderr.fileno(), "err"), daemon=True)]
         for reader in self._readers:
@@ -215,6 +247,8 @@ class Child:
             pytest.fail(f"autofocus.py did not end within {timeout_s} s: {self.err}")
         for reader in self._readers:
             reader.join(timeout=5)
+        if self._master is not None:
+            os.close(self._master)
         return code
 
 
@@ -241,7 +275,7 @@ def test_the_window_held_at_the_end_is_the_view_at_its_own_size_on_the_screen(sc
     expected = final_view_of(argv, SCREEN)
     assert expected.shape[:2] == (264, 1536)  # the view's own size: 4 panels 240 high (320x200 frames), status
     assert geometry(screen, wid)[2:] == (expected.shape[1], expected.shape[0])
-    wait_until(lambda: np.array_equal(on_screen(screen, wid), expected), "the screen shows the final view")
+    shows(screen, wid, expected)
     press(screen, wid, "s")  # s saves what is on the screen, and the window stays
     child.wait_for("saved the view as")
     assert np.array_equal(cv2.imread(str(tmp_path / "autofocus_view_001.png")), expected)
@@ -260,7 +294,7 @@ def test_on_a_small_screen_the_window_fits_and_its_close_button_ends_the_hold() 
         expected = final_view_of(argv, (1024, 600))
         assert expected.shape[1] <= 1024 - autofocus.SCREEN_MARGIN_PX[0] < 1536  # drawn smaller, to fit
         assert geometry(small, wid)[2:] == (expected.shape[1], expected.shape[0])
-        wait_until(lambda: np.array_equal(on_screen(small, wid), expected), "the screen shows the final view")
+        shows(small, wid, expected)
         close_button(small, wid)
         assert child.finish() == 3  # the run's own code: no focus in 10..11 mm (the stage went back)
         assert b"no focus found" in child.out
@@ -422,6 +456,15 @@ def test_the_view_is_drawn_at_the_largest_size_that_fits_the_screen(screen_px: t
     larger = autofocus.view_size_px((200, 320), height + 1)
     assert w <= room_w and h <= room_h and (larger[0] > room_w or larger[1] > room_h)
     assert abs(w / (h - autofocus.status_bar_px(height)) - 1536 / 240) < 0.03  # the aspect is kept
+
+
+def test_a_relative_run_places_the_planned_range_on_its_first_frame() -> None:
+    view = autofocus.LiveView(9, positions=autofocus.plan_positions(-0.1, 0.1, 0.05), relative=True)  # no window yet
+    view.offer(0, 7.21, np.full((8, 8), 9, np.uint8), 1.0)  # START (-0.1 mm) from a stage that was at 7.31 mm
+    view.offer(1, 7.26, np.full((8, 8), 9, np.uint8), 2.0)
+    assert view.positions == pytest.approx([7.21, 7.26, 7.31, 7.36, 7.41])  # the curve spans these
+    best = view.best_frame()
+    assert best is not None and best[1] == 7.26
 
 
 def test_a_stop_from_the_window_is_handled_as_ctrl_c() -> None:
