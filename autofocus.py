@@ -3675,10 +3675,11 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
     path = folder / "transparent.png"
     plot_curve(path, result)
     written.append(path)
-    # --show-images: the window held open at the end of the card's run on the simulator
-    # (python autofocus.py 10 14 0.05 --simulate --show-images), exactly as the screen shows it.
-    stage, camera = simulated_microscope(**{f.name: getattr(optics, f.name) for f in dataclasses.fields(optics)},
-                                         time_scale=0)
+    # --show-images: the window held open at the end of the card's run on the simulator, exactly as
+    # the screen shows it (python autofocus.py 10 14 0.05 --simulate --sim-size 960x600 --show-images:
+    # a quarter of the default frame, whose cells would be specks at the window's size).
+    fields = {f.name: getattr(optics, f.name) for f in dataclasses.fields(optics)}
+    stage, camera = simulated_microscope(**{**fields, "width": 960, "height": 600}, time_scale=0)
     result = focus(stage, camera, 10.0, 14.0, 0.05, blur=blur)
     path = folder / "show_images.png"
     cv2.imwrite(str(path), final_view(camera.capture(), result.best_mm, result, blur=blur,
