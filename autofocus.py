@@ -335,7 +335,7 @@ class FocusResult:
     transparent: bool = False  # --transparent: scores are 1/contrast, the focus is the contrast minimum
     peaks: tuple[Extremum, ...] = ()  # every significant peak of the fine curve, by z
     dips: tuple[Extremum, ...] = ()  # every significant dip between rising flanks, by z
-    uncertainty_mm: float | None = None  # the +- of best_mm (one standard error), when the decision gives one
+    uncertainty_mm: float | None = None  # the decision's +- of best_mm, mm; None when it gives none
 
     @property
     def frames(self) -> int:
@@ -3237,8 +3237,8 @@ def draw_curve(curve: Sequence[Sample], height: int, width: int | None = None, *
     """The focus curve as a BGR plot: every frame (a dot), the best frame (red ring), the fitted
     peak (green dashed line, with its +/- as an error bar when ``result`` has one), where the
     stage was sent (red line), the positions still to measure (grey band; none once there is a
-    ``result``), the verdict, and the scales (z in mm below, the score's range at the left).  It spans ``span_mm`` (the planned
-    range) or else the measured one."""
+    ``result``), the verdict, and the scales (z in mm below, the score's range at the left).
+    It spans ``span_mm`` (the planned range) or else the measured one."""
     width = width or int(height * CURVE_ASPECT)
     canvas = np.full((height, width, 3), 255, np.uint8)
     size, small = font_scale(height), font_scale(height) * 0.85
@@ -4471,7 +4471,8 @@ def run(args: argparse.Namespace) -> int:
                             ",".join(map(str, roi)))
             if args.show_images:
                 live = LiveView(args.blur, roi, positions=plan_positions(args.start_mm, args.end_mm, args.step_mm),
-                                relative=args.relative, search=args.search, score_name=curve_title(args.metric, args.transparent),
+                                relative=args.relative, search=args.search,
+                                score_name=curve_title(args.metric, args.transparent),
                                 save_dir=outputs_folder(args), say=say, screen_px=screen_size_px())
             if sys.stderr.isatty() and not args.verbose:
                 from tqdm import tqdm  # noqa: PLC0415
