@@ -11,6 +11,7 @@ Example::
     python autofocus.py 10 14 0.05 COM3            # MVR focus stage: device 3, axis 1
     python autofocus.py 10 14 0.05 --simulate      # no hardware needed
     python autofocus.py 10 14 0.05 COM3 --camera basler   # a Basler camera (pip install pypylon)
+    python autofocus.py 10 14 0.01 COM3 --map 5x4 --map-area 20,10,28,16   # a focus map of the slide
 
 Exit codes:
 
@@ -20,70 +21,124 @@ Exit codes:
     3    no_peak: the focus curve is flat or noise-only; the stage went back to where it started
     4    edge: the best focus lies at the start or end of the range; the focus may be outside it
     5    hardware or communication error (stage, camera); the stage was stopped and returned
-         when possible -- after an interruption from outside (flag NI) nothing more is moved
+         when possible -- after an interruption from outside (flag NI) nothing more is moved;
+         also an output that could not be written (a full disk, a stdout nobody reads)
     130  interrupted (Ctrl-C, SIGINT, or q / Esc / the close button of the --show-images window);
          the stage was stopped and sent back to where it started
     143  terminated (SIGTERM: kill, a job scheduler); handled exactly like Ctrl-C
     129  hung up (SIGHUP: the terminal or SSH session closed; POSIX only); handled like Ctrl-C
     149  Ctrl-Break (SIGBREAK; Windows only); handled like Ctrl-C
 
+    With --map: 0 the slide's surface was fitted and its leave-one-out error is within half the
+    depth of field, 4 a surface less certain than that, 3 no surface (too few points focused);
+    2, 5 and 130 as above (after a fault or Ctrl-C nothing more moves and the points so far are
+    written).
+
+Python API: ``focus()`` (one field), ``focus_map()`` (a grid over the XY plate -> ``FocusMap``,
+``z_at(x, y)``), ``simulated_microscope()``, ``simulated_slide()``, the ``Stage``, ``XYStage`` and
+``Camera`` protocols, ``ZaberStage``, ``ZaberPlate``, ``FlirCamera``, ``BaslerCamera``.
+
 Sections, in dependency order: constants, exceptions, result types, focus scores, peak
-fitting and verdict, search, device interfaces, backends (Zaber + FLIR, Basler, simulated, replay),
-output, command line.
+fitting and verdict, the slide's surface (focus maps, pure), search, device interfaces, backends
+(Zaber + FLIR, Basler, simulated, replay), output, Python API (focus, focus maps), command line.
 """
 from __future__ import annotations
 
-import argparse
-import collections
-import concurrent.futures
-import contextlib
-import csv
-import dataclasses
-import functools
-import json
-import logging
-import math
-import numbers
-import os
-import re
-import signal
-import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
-from typing import Any, Protocol, TypeVar
 
-_early_signal = signal.SIGINT
+import _signal  # `signal`'s C core, loaded with the interpreter: importing `signal` itself loads `enum` first
+
+# Signals while the tool starts.  Loading the libraries takes from ~70 ms to seconds (a cold start
+# of OpenCV), parsing the command line a few ms: from the first line until main() installs its own
+# handlers, Ctrl-C and the termination signals end the run with one line (and one JSON object with
+# --json) and exit 128 + N -- never a traceback, never a silent death.  While the libraries load the
+# signal aborts the loading; afterwards it is noted and main() reports it before doing anything.
+_early_signal: int | None = None
 
 
-def _while_loading(signum: int, frame: Any) -> None:
-    """SIGTERM/SIGHUP while the libraries load: handled as Ctrl-C is (below)."""
+def _while_loading(signum: int, frame: object) -> None:
+    """A signal while the libraries load: abort the loading (see the except clause below)."""
     global _early_signal
-    _early_signal = signal.Signals(signum)
+    _early_signal = signum
     raise KeyboardInterrupt
 
 
-_loading_handlers = {}
-if __name__ == "__main__":
-    for _name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, _name):
-            _loading_handlers[getattr(signal, _name)] = signal.signal(getattr(signal, _name), _while_loading)
+def _while_starting(signum: int, frame: object) -> None:
+    """A signal after loading, before main() took over: noted; main() reports it first thing."""
+    global _early_signal
+    _early_signal = _early_signal or signum
+
+
+# --json's object when nothing was measured: every key of ``result_json`` (a test keeps them equal);
+# here because an interrupt while the libraries load is reported before the rest of this file exists.
+NO_RESULT_JSON = {
+    "best_mm": None, "best_score": None, "best_sample_mm": None, "fit_mm": None, "fit_used": False,
+    "fit_reason": None, "verdict": None, "reason": None, "suggested_range_mm": None, "verdict_scale": None,
+    "prominence": None, "noise": None, "threshold": None, "frames": 0, "moves": 0, "elapsed_s": None,
+    "search": None, "metric": None, "start_mm": None, "curve": [], "transparent": False, "peaks": [], "dips": [],
+    "timing": {"move_s": 0.0, "capture_s": 0.0, "score_s": 0.0}, "exit_code": None, "error": None, "stage": None,
+    "stage_info": None, "roi": None, "camera_roi": None,
+}
+EARLY_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK")  # SIGHUP: POSIX only; SIGBREAK: Windows only
+# Run as the command (python autofocus.py, or the `autofocus` command pip installs), not imported by a
+# script: only then are the signals this file's to handle.
+_AS_COMMAND = __name__ == "__main__" or sys.argv[0].replace("\\", "/").rsplit("/", 1)[-1] in (
+    "autofocus", "autofocus.exe", "autofocus-script.py")
+
+if _AS_COMMAND:
+    for _name in EARLY_SIGNALS:
+        if hasattr(_signal, _name):
+            _signal.signal(getattr(_signal, _name), _while_loading)
 try:
+    import argparse
+    import collections
+    import concurrent.futures
+    import contextlib
+    import csv
+    import dataclasses
+    import functools
+    import io
+    import json
+    import logging
+    import math
+    import numbers
+    import os
+    import re
+    import signal
+    import subprocess
+    import threading
+    import time
+    import warnings
+    from collections.abc import Callable, Iterator, Mapping, Sequence
+    from pathlib import Path
+    from typing import Any, Protocol, TypeVar, runtime_checkable
+
     import cv2
     import numpy as np
-except KeyboardInterrupt:  # Ctrl-C (or kill) while the libraries load (seconds on a cold start): one line
-    if __name__ != "__main__":
+except KeyboardInterrupt:  # Ctrl-C (or kill) while the libraries load: one line
+    if not _AS_COMMAND:
         raise
-    _code = 128 + int(_early_signal)
-    sys.stderr.write("autofocus.py: interrupted while starting; nothing was opened or moved\n")
+    for _name in EARLY_SIGNALS:  # a second signal must not cut this message short
+        if hasattr(_signal, _name):
+            _signal.signal(getattr(_signal, _name), _signal.SIG_IGN)
+    import json
+    import os
+
+    _code = 128 + int(_early_signal or _signal.SIGINT)
+    _say = [(2, "autofocus.py: interrupted while starting; nothing was opened or moved\n")]
     if "--json" in sys.argv:
-        sys.stdout.write(f'{{"verdict": null, "exit_code": {_code}, "error": "interrupted", "curve": []}}\n')
+        _say.append((1, json.dumps({**NO_RESULT_JSON, "exit_code": _code, "error": "interrupted while starting"})
+                     + "\n"))
+    for _fd, _text in _say:  # straight to the descriptors: sys.stdout may be None (closed) or failing
+        try:
+            os.write(_fd, _text.encode())
+        except OSError:
+            pass
     raise SystemExit(_code) from None
-finally:
-    for _number, _previous in _loading_handlers.items():
-        signal.signal(_number, _previous)
+if _AS_COMMAND:
+    for _name in EARLY_SIGNALS:
+        if hasattr(_signal, _name):
+            _signal.signal(getattr(_signal, _name), _while_starting)
 
 __version__ = "1.0.0"
 
@@ -146,8 +201,10 @@ CAMERA_TIMEOUT_MARGIN_MS = 500  # frame timeout >= exposure + this (read-out ~25
 # A replay image is checked from its header before it is decoded: a 69-byte PNG may declare
 # 50000x50000 pixels (a decompression bomb).  50 MP is twice the largest microscope sensors.
 MAX_IMAGE_PIXELS = 50_000_000
+# ... and a file at most as large as the largest such frame uncompressed (4 channels of float32).
+MAX_IMAGE_FILE_BYTES = MAX_IMAGE_PIXELS * 16
 MAX_STACK_BYTES = 4 << 30  # all decoded frames of a replay stack are held in memory: at most 4 GiB
-REPLAY_DTYPES = ("uint8", "uint16", "float32")  # what a camera or a saved stack delivers
+FRAME_DTYPES = ("uint8", "uint16", "float32")  # what a camera, a saved stack or a replay may deliver
 # Names Windows reserves for devices in every folder (writing "nul.csv" writes to NUL).
 WINDOWS_RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
                           *(f"LPT{i}" for i in range(1, 10))}
@@ -171,6 +228,7 @@ class AutofocusError(Exception):
 
     AutofocusError
      +-- UsageError        bad input or configuration; nothing moved      (exit 2)
+     |    +-- BadValue     an argument outside what it may be             (exit 2)
      |    +-- StackError   a replay stack that cannot be used             (exit 2)
      +-- HardwareError     the stage or camera failed                     (exit 5)
      |    +-- StageError
@@ -191,6 +249,29 @@ class UsageError(AutofocusError):
     """The command line or the configuration cannot work; nothing has moved."""
 
     exit_code = EXIT_USAGE
+
+
+class BadValue(UsageError):
+    """An argument the tool cannot use: its message names it by its keyword (``settle_ms``), and
+    the command line names it by its option instead (``relabel``: ``--settle-ms``).
+
+    ``scope`` says whose keyword it is -- "request" (focus()), "simulator" (simulated_microscope(),
+    SimOptics, SimTiming), "zaber" (ZaberStage), "camera" (FlirCamera, BaslerCamera) -- and
+    ``fields`` which keywords the message names; ``text(*labels)`` writes it."""
+
+    def __init__(self, scope: str, fields: tuple[str, ...], text: Callable[..., str]) -> None:
+        self.scope, self.fields, self._text = scope, fields, text
+        self._labels: dict[str, str] = {}
+        super().__init__(str(self))
+
+    def relabel(self, labels: Mapping[tuple[str, str], str]) -> BadValue:
+        """Name each field as ``labels[(scope, field)]`` says (fields it does not list keep their keyword)."""
+        self._labels = {f: labels[(self.scope, f)] for f in self.fields if (self.scope, f) in labels}
+        self.args = (str(self),)
+        return self
+
+    def __str__(self) -> str:
+        return self._text(*(self._labels.get(f, f) for f in self.fields))
 
 
 class StackError(UsageError):
@@ -259,6 +340,122 @@ class WindowStop(Interrupted):
 
     def describe(self) -> str:
         return f"stopped from the --show-images window ({self.how})"
+
+
+###############################################################################
+# Checked values ##############################################################
+###############################################################################
+# Every argument the tool takes -- focus()'s request, the simulator's options, the backends'
+# settings -- is checked against one row of a table (REQUEST_RULES, SIM_RULES, ZABER_RULES,
+# CAMERA_RULES) before anything moves: its type (a bool is not a number, the string "False" is not
+# False, 8.0 is not a whole number) and its range.  The command line only parses text into numbers;
+# these checks are the same for it and for a script, and it only renames the argument in the message.
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What one argument may be.
+
+    ``kind``: "number" (a finite real from ``lo`` to ``hi``, above ``lo`` with ``above``), "whole"
+    (an integer from ``lo`` to ``hi``; odd with ``odd``; one of ``choices`` when given), "flag"
+    (True or False), "choice" (one of ``choices``), "text" (a non-empty string), "roi" (x, y, width,
+    height in whole pixels: x, y >= 0, width and height >= MIN_ROI_PX) or "interval" (two numbers
+    within +-``hi``, lowest first).  ``optional``: None is allowed too."""
+
+    kind: str
+    lo: float = -math.inf
+    hi: float = math.inf
+    unit: str = ""
+    above: bool = False
+    odd: bool = False
+    choices: tuple[Any, ...] = ()
+    optional: bool = False
+
+
+def show_value(value: Any) -> str:
+    """A value as a message shows it: 5 for 5.0, 1e+300, 'text', (1, 2)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number (not a bool)."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+            and (isinstance(value, numbers.Integral) or math.isfinite(value)))  # 10**400 has no float
+
+
+def _span(rule: Rule) -> str:
+    """"from 0 to 60000 ms", "above 0 to 1e+07"."""
+    fmt = (lambda v: str(int(v))) if rule.kind == "whole" else (lambda v: f"{v:g}")
+    return f"{'above' if rule.above else 'from'} {fmt(rule.lo)} to {fmt(rule.hi)}{rule.unit}"
+
+
+def check_value(scope: str, name: str, value: Any, rule: Rule) -> Any:
+    """``value`` as the tool uses it (a float, an int, a bool, a tuple) when ``rule`` allows it;
+    BadValue naming ``name`` otherwise."""
+    def bad(problem: str) -> BadValue:
+        return BadValue(scope, (name,), lambda label: f"{label}: {show_value(value)} {problem}")
+
+    if value is None:
+        if rule.optional:
+            return None
+        raise bad("is not given (None)")
+    kind = rule.kind
+    if kind in ("number", "whole"):
+        if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+            raise bad("is not a number")
+        if kind == "whole" and not isinstance(value, numbers.Integral):
+            raise bad("is not a whole number")
+        if not _is_number(value):
+            raise bad("is not a finite number")
+        if rule.choices:
+            if value not in rule.choices:
+                raise bad(f"is not one of {', '.join(map(str, rule.choices))}")
+        elif rule.odd and (value % 2 == 0 or not rule.lo <= value <= rule.hi):
+            raise bad(f"must be odd, {_span(rule)} (e.g. 5, 9, 15)")
+        elif value < rule.lo or value > rule.hi or (rule.above and value == rule.lo):
+            raise bad(f"is out of range: must be {_span(rule)}")
+        return int(value) if kind == "whole" else float(value)
+    if kind == "flag":
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise bad("must be True or False")
+    if kind == "choice":
+        if isinstance(value, str) and value in rule.choices:
+            return value
+        raise bad(f"is unknown; choose one of {', '.join(map(str, rule.choices))}")
+    if kind == "text":
+        if isinstance(value, str) and value.strip():
+            return value
+        raise bad("must be a non-empty string")
+    if kind == "roi":
+        if not (isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, str) and len(value) == 4
+                and all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in value)):
+            raise bad("must be (x, y, width, height) in whole camera pixels")
+        x, y, w, h = (int(v) for v in value)
+        if x < 0 or y < 0 or w < MIN_ROI_PX or h < MIN_ROI_PX:
+            raise bad(f"is not a region: X and Y must be 0 or more, and W and H at least {MIN_ROI_PX} pixels "
+                      "(the region must not be empty)")
+        return x, y, w, h
+    if kind == "interval":
+        if not (isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, str) and len(value) == 2
+                and all(_is_number(v) and abs(v) <= rule.hi for v in value) and value[0] < value[1]):
+            raise bad(f"must be two numbers (lowest, highest) within +-{rule.hi:g}{rule.unit}")
+        return float(value[0]), float(value[1])
+    raise AssertionError(f"unknown rule kind {kind!r}")
+
+
+def check_values(scope: str, rules: Mapping[str, Rule], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Every value checked against its rule (``check_value``); keywords without a rule are refused."""
+    unknown = sorted(set(values) - set(rules))
+    if unknown:
+        raise UsageError(f"unknown option {', '.join(unknown)}; choose from {', '.join(sorted(rules))}")
+    return {name: check_value(scope, name, value, rules[name]) for name, value in values.items()}
+
+
+POSITION_RULE = Rule("number", -MAX_ABS_POSITION_MM, MAX_ABS_POSITION_MM, " mm")  # START, END, limits, ...
 
 
 ###############################################################################
@@ -335,7 +532,7 @@ class FocusResult:
     transparent: bool = False  # --transparent: scores are 1/contrast, the focus is the contrast minimum
     peaks: tuple[Extremum, ...] = ()  # every significant peak of the fine curve, by z
     dips: tuple[Extremum, ...] = ()  # every significant dip between rising flanks, by z
-    uncertainty_mm: float | None = None  # the decision's +- of best_mm, mm; None when it gives none
+    uncertainty_mm: float | None = None  # half-width of a ~90% interval for the true focus, when known
 
     @property
     def frames(self) -> int:
@@ -359,16 +556,31 @@ class FocusResult:
 # cancels illumination drift and exposure changes between the frames of a sweep.
 
 
+def frame_problem(image: Any) -> str | None:
+    """Why ``image`` is not a frame the scores can use (None when it is): a numpy array, HxW or
+    HxWxC with 1, 3 (BGR) or 4 (BGRA) channels, 8- or 16-bit or float32, not empty."""
+    if not isinstance(image, np.ndarray):
+        return f"a {type(image).__name__}, not an image (a numpy array)"
+    channels = image.shape[2] if image.ndim == 3 else 1
+    if image.ndim not in (2, 3) or channels not in (1, 3, 4) or image.dtype.name not in FRAME_DTYPES:
+        return (f"a {'x'.join(map(str, image.shape))} {image.dtype} array; a frame must be HxW or HxWx3/4 (BGR, "
+                f"BGRA), {', '.join(FRAME_DTYPES)}")
+    if image.size == 0:
+        return "an empty frame"
+    return None
+
+
 def to_gray_float(image: np.ndarray) -> np.ndarray:
-    """Grayscale float32 in the frame's own units (8- or 16-bit, mono or BGR/BGRA)."""
+    """Grayscale float32 in the frame's own units (8- or 16-bit or float32, mono or BGR/BGRA);
+    CameraError for anything else (``frame_problem``)."""
+    if (problem := frame_problem(image)) is not None:
+        raise CameraError(f"cannot score {problem}")
     if image.ndim == 3:
         if image.shape[2] == 1:
             image = image[:, :, 0]
         else:
             code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
             image = cv2.cvtColor(image, code)
-    elif image.ndim != 2:
-        raise CameraError(f"cannot score a frame of shape {image.shape}: expected HxW or HxWxC")
     return image.astype(np.float32, copy=False)
 
 
@@ -385,9 +597,21 @@ def score_binning(shape: tuple[int, ...]) -> int:
     return 2 if shape[0] * shape[1] > SCORE_MAX_PIXELS else 1
 
 
+def float_in_range(gray: np.ndarray) -> np.ndarray:
+    """A float frame scaled by a power of two (exactly) when its largest value is far from 1 (3e38,
+    1e-40): sums over its pixels (binning, the mean) then neither overflow nor lose subnormal bits.
+    The scores divide by the mean, so the scale changes none of them."""
+    top = float(np.max(np.abs(gray)))
+    if top == 0.0 or 2.0**-32 < top < 2.0**32:
+        return gray
+    return (gray.astype(np.float64) * 2.0 ** -math.frexp(top)[1]).astype(np.float32)
+
+
 def prepare_gray(image: np.ndarray, binning: int | None = None) -> np.ndarray:
     """Gray, binned and mean-normalised frame that every focus score starts from."""
     gray = to_gray_float(image)
+    if image.dtype.kind == "f":
+        gray = float_in_range(gray)
     gray = bin_image(gray, score_binning(gray.shape) if binning is None else binning)
     mean = float(cv2.mean(gray)[0])
     if not mean > 0:
@@ -414,7 +638,7 @@ def filtered_gray(image: np.ndarray, blur: int, binning: int | None = None) -> n
     gray = to_gray_float(image)
     factor = score_binning(gray.shape) if binning is None else binning
     diameter = max(3, int(round(blur / factor)) | 1)
-    return bilateral(prepare_gray(gray, factor), diameter)
+    return bilateral(prepare_gray(float_in_range(gray) if image.dtype.kind == "f" else gray, factor), diameter)
 
 
 def laplacian_views(image: np.ndarray, blur: int, binning: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -501,7 +725,9 @@ class Scorer:
     invert: bool = False
 
     def crop(self, image: np.ndarray) -> np.ndarray:
-        """The part of the frame that is scored (a view, no copy)."""
+        """The part of the frame that is scored (a view, no copy); CameraError for what is not a frame."""
+        if (problem := frame_problem(image)) is not None:
+            raise CameraError(f"cannot score {problem}")
         if self.roi is None:
             return image
         x, y, w, h = self.roi
@@ -777,6 +1003,448 @@ def choose_peak(peaks: Sequence[Extremum], policy: str, start_mm: float) -> Extr
 
 
 ###############################################################################
+# Focus maps: the slide's surface (pure) ######################################
+###############################################################################
+# A focus map (``focus_map``, below) focuses at a grid of plate positions and fits the slide's
+# focal surface z(x, y) to the answers.  Everything in this section is pure: points in, a
+# surface, a search window or a verdict out.
+#
+# Surfaces: a plane (3 parameters), a quadratic (6), and a thin-plate spline whose smoothness is
+# chosen by leave-one-out error.  Each is a weighted least-squares fit (weights 1/sigma^2 from each
+# point's error bar) and a linear smoother (fitted = H z), so the leave-one-out residual of point
+# i -- how far the surface fitted to all the OTHER points misses it -- is exactly r_i / (1 - H_ii):
+# no refitting.  The simplest surface whose leave-one-out error is within MODEL_TOLERANCE of the
+# best one's is chosen.  An outlier (a focus on dust, a false peak) is a point whose leave-one-out
+# residual lies beyond OUTLIER_SIGMAS robust sigmas of the others' AND beyond half the depth of
+# field (closer than that it is in focus anyway): removed one at a time, worst first.
+
+MAP_MODELS = ("plane", "quadratic", "spline")  # simplest first: the order of preference
+MAP_MAX_SIDE = 30  # --map NXxNY: at most 30 points a side (900 focus searches)
+SPLINE_MAX_POINTS = 400  # the spline's fit grows as n^3: beyond 400 points only the plane and quadratic
+MAP_MAX_REFINE = 500  # --map-refine: at most this many added points
+MODEL_TOLERANCE = 0.10  # a more complex surface must cut the leave-one-out error by more than 10%
+OUTLIER_SIGMAS = 4.0  # a leave-one-out residual beyond 4 robust sigmas (and DOF/2) is an outlier
+OUTLIER_MAX_FRACTION = 1.0 / 3.0  # never call more than a third of the focused points outliers
+SPLINE_SMOOTHING = tuple(10.0 ** (k / 2) for k in range(-14, 7))  # lambda grid (normalised units)
+# A point's search window covers the predicted focus +- WINDOW_SIGMAS of the prediction's own
+# uncertainty, plus one STEP so that the peak has a measured neighbour on each side; at least
+# WINDOW_MIN_HALF_STEPS STEPs each way (5 frames: the fewest a verdict is made from).
+WINDOW_SIGMAS = 2.5
+WINDOW_MIN_HALF_STEPS = 2
+# The prior the first predictions rest on (before the points pin the surface down): a slide
+# tilted by up to ~10 um/mm and bowed by up to ~0.3 um/mm^2 (one standard deviation each).
+PRIOR_TILT_MM_PER_MM = 0.010
+PRIOR_BOW_MM_PER_MM2 = 0.0003
+NOISE_REPEATS = 6  # frames repeated at the first focus: the score's frame-to-frame noise
+# A peak another search found inside a window counts as shown there when the window's frame at it
+# stands above its lowest frames by this many sigma of that noise (a position given, not sought).
+WINDOW_SHOWS_SIGMAS = 2.0
+SIGMA_PER_90 = 1.0 / 1.645  # uncertainty_mm is a ~90% half-width: one sigma is 1/1.645 of it
+XY_TOLERANCE_MM = 0.002  # a plate move must end within 2 um of its target (a Zaber axis: its own tolerance too)
+Z_AT_MARGIN = 0.05  # z_at answers up to 5% of the area's span beyond its edges (tiles on the border)
+
+
+def _normalised(area_mm: Sequence[float], x_mm: Any, y_mm: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Plate coordinates mapped so that the area spans [-1, 1] along its longer side."""
+    x0, y0, x1, y1 = area_mm
+    half = max(abs(x1 - x0), abs(y1 - y0)) / 2.0 or 1.0
+    return ((np.asarray(x_mm, float) - (x0 + x1) / 2.0) / half,
+            (np.asarray(y_mm, float) - (y0 + y1) / 2.0) / half)
+
+
+def _poly_basis(model: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Columns 1, u, v (plane) and u^2, uv, v^2 (quadratic); one row per point."""
+    cols = [np.ones_like(u), u, v]
+    if model == "quadratic":
+        cols += [u * u, u * v, v * v]
+    return np.stack(cols, axis=-1)
+
+
+def _tps_kernel(r: np.ndarray) -> np.ndarray:
+    """The thin-plate spline's radial function r^2 log r (0 at r = 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(r > 0, r * r * np.log(np.where(r > 0, r, 1.0)), 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Surface:
+    """A fitted focal surface of the slide over the mapped area; ``z_at(x, y)`` in mm.
+
+    ``model`` is "plane", "quadratic" or "spline" (a thin-plate spline: ``knots`` are the points
+    it was fitted to, in normalised coordinates, ``weights`` their kernel weights, and
+    ``coefficients`` its plane part).  ``to_json``/``from_json`` carry it to a scan script."""
+
+    model: str
+    area_mm: tuple[float, float, float, float]  # X0, Y0, X1, Y1 as mapped
+    coefficients: tuple[float, ...]
+    knots: tuple[tuple[float, float], ...] = ()
+    weights: tuple[float, ...] = ()
+    smoothing: float = 0.0
+
+    def z_at(self, x_mm: Any, y_mm: Any) -> Any:
+        """The surface's focus at (x, y), mm (a float, or an array for arrays of x and y).
+
+        Raises ValueError beyond the mapped area (by more than Z_AT_MARGIN of its span): the
+        map says nothing there, and an extrapolated curve can run into the slide."""
+        x, y = np.broadcast_arrays(np.asarray(x_mm, float), np.asarray(y_mm, float))
+        x0, y0, x1, y1 = self.area_mm
+        mx, my = Z_AT_MARGIN * abs(x1 - x0), Z_AT_MARGIN * abs(y1 - y0)
+        inside = ((min(x0, x1) - mx <= x) & (x <= max(x0, x1) + mx) & (min(y0, y1) - my <= y)
+                  & (y <= max(y0, y1) + my))
+        if not np.all(inside):
+            bad = np.argwhere(~inside)[0]
+            raise ValueError(f"({float(x[tuple(bad)]):g}, {float(y[tuple(bad)]):g}) mm is outside the mapped area "
+                             f"X {min(x0, x1):g}..{max(x0, x1):g}, Y {min(y0, y1):g}..{max(y0, y1):g} mm: "
+                             "map that area too")
+        u, v = _normalised(self.area_mm, x, y)
+        if self.model == "spline":
+            knots = np.asarray(self.knots, float)
+            r = np.hypot(u[..., None] - knots[:, 0], v[..., None] - knots[:, 1])
+            z = _tps_kernel(r) @ np.asarray(self.weights) + _poly_basis("plane", u, v) @ np.asarray(self.coefficients)
+        else:
+            z = _poly_basis(self.model, u, v) @ np.asarray(self.coefficients)
+        return float(z) if z.ndim == 0 else z
+
+    def gradient_um_per_mm(self, x_mm: float, y_mm: float, h_mm: float = 1e-3) -> tuple[float, float]:
+        """dz/dx and dz/dy at (x, y), um per mm (central differences)."""
+        dx = (self.z_at(x_mm + h_mm, y_mm) - self.z_at(x_mm - h_mm, y_mm)) / (2 * h_mm)
+        dy = (self.z_at(x_mm, y_mm + h_mm) - self.z_at(x_mm, y_mm - h_mm)) / (2 * h_mm)
+        return 1000.0 * dx, 1000.0 * dy
+
+    def to_json(self) -> dict[str, Any]:
+        """A plain dict (JSON-ready); ``Surface.from_json`` rebuilds the same surface."""
+        return {"model": self.model, "area_mm": list(self.area_mm), "coefficients": list(self.coefficients),
+                "knots": [list(k) for k in self.knots], "weights": list(self.weights), "smoothing": self.smoothing}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Surface:
+        """The surface ``to_json`` wrote (e.g. ``json.load(f)["surface"]`` of a --map-json file)."""
+        try:
+            surface = cls(str(data["model"]), tuple(float(v) for v in data["area_mm"]),  # type: ignore[arg-type]
+                          tuple(float(v) for v in data["coefficients"]),
+                          tuple((float(k[0]), float(k[1])) for k in data.get("knots", ())),
+                          tuple(float(v) for v in data.get("weights", ())), float(data.get("smoothing", 0.0)))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ValueError(f"not a focus-map surface: {exc}") from exc
+        need = {"plane": 3, "quadratic": 6, "spline": 3}.get(surface.model)
+        if (need is None or len(surface.area_mm) != 4 or len(surface.coefficients) != need
+                or len(surface.knots) != len(surface.weights)):
+            raise ValueError(f"not a focus-map surface: model {surface.model!r} with {len(surface.coefficients)} "
+                             "coefficients")
+        return surface
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SurfaceFit:
+    """One model fitted to the points: the surface, each point's residual and leave-one-out
+    residual (mm), and the weighted leave-one-out RMS that ranks the models."""
+
+    surface: Surface
+    residuals_mm: np.ndarray
+    loo_mm: np.ndarray
+    loo_rms_mm: float
+
+
+def _weights(sigma_mm: np.ndarray) -> np.ndarray:
+    """1/sigma^2, normalised to a mean of 1."""
+    w = 1.0 / np.square(sigma_mm)
+    return w / w.mean()
+
+
+def _weighted_rms(values: np.ndarray, w: np.ndarray) -> float:
+    return float(np.sqrt(np.sum(w * values * values) / np.sum(w)))
+
+
+def fit_surface(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[float], sigma_mm: Sequence[float],
+                model: str, area_mm: Sequence[float], smoothing: float | None = None) -> SurfaceFit | None:
+    """Fit one model (MAP_MODELS) by weighted least squares; None when the points cannot determine
+    it (too few for a leave-one-out error, or all on a line).  The spline's ``smoothing`` (lambda,
+    in units of the weights normalised to a mean of 1) is the one of SPLINE_SMOOTHING with the
+    lowest leave-one-out error unless given."""
+    u, v = _normalised(area_mm, x_mm, y_mm)
+    z = np.asarray(z_mm, float)
+    n = len(z)
+    if n < 4:
+        return None
+    w = _weights(np.asarray(sigma_mm, float))
+    area = tuple(float(a) for a in area_mm)
+    plane = _poly_basis("plane", u, v)
+    if np.linalg.matrix_rank(plane * np.sqrt(w)[:, None]) < 3:
+        return None
+    if model in ("plane", "quadratic"):
+        basis = _poly_basis(model, u, v)
+        p = basis.shape[1]
+        a = basis * np.sqrt(w)[:, None]
+        if n < p + 1 or np.linalg.matrix_rank(a) < p:
+            return None
+        q, r = np.linalg.qr(a)
+        beta = np.linalg.solve(r, q.T @ (np.sqrt(w) * z))
+        leverage = np.sum(q * q, axis=1)  # diagonal of the hat matrix
+        if np.any(leverage > 1 - 1e-9):
+            return None  # a point that alone fixes a parameter has no leave-one-out residual
+        residuals = z - basis @ beta
+        loo = residuals / (1 - leverage)
+        return SurfaceFit(Surface(model, area, tuple(float(b) for b in beta)),  # type: ignore[arg-type]
+                          residuals, loo, _weighted_rms(loo, w))
+    if model != "spline":
+        raise ValueError(f"unknown surface model {model!r}; choose one of {', '.join(MAP_MODELS)}")
+    if n < 5 or n > SPLINE_MAX_POINTS:
+        return None
+    kernel = _tps_kernel(np.hypot(u[:, None] - u[None, :], v[:, None] - v[None, :]))
+    best: SurfaceFit | None = None
+    for lam in SPLINE_SMOOTHING if smoothing is None else (smoothing,):
+        # Minimise sum w_i (z_i - f_i)^2 + lam * bending energy: (K + lam/W) c + P a = z, P' c = 0.
+        system = np.zeros((n + 3, n + 3))
+        system[:n, :n] = kernel + np.diag(lam / w)
+        system[:n, n:] = plane
+        system[n:, :n] = plane.T
+        try:
+            solution = np.linalg.solve(system, np.vstack([np.eye(n), np.zeros((3, n))]))
+        except np.linalg.LinAlgError:
+            continue
+        hat = kernel @ solution[:n] + plane @ solution[n:]
+        leverage = np.diag(hat)
+        if np.any(leverage > 1 - 1e-9):
+            continue
+        c, coef = solution[:n] @ z, solution[n:] @ z
+        residuals = z - hat @ z
+        loo = residuals / (1 - leverage)
+        fit = SurfaceFit(Surface("spline", area, tuple(float(b) for b in coef),  # type: ignore[arg-type]
+                                 tuple((float(a), float(b)) for a, b in zip(u, v)), tuple(float(b) for b in c),
+                                 float(lam)), residuals, loo, _weighted_rms(loo, w))
+        if best is None or fit.loo_rms_mm < best.loo_rms_mm * (1 - 1e-9):
+            best = fit
+    return best
+
+
+def select_model(fits: dict[str, SurfaceFit]) -> str:
+    """The simplest model whose leave-one-out RMS is within MODEL_TOLERANCE of the best (1 pm slack
+    for exact fits)."""
+    best = min(f.loo_rms_mm for f in fits.values())
+    return next(m for m in MAP_MODELS if m in fits and fits[m].loo_rms_mm <= best * (1 + MODEL_TOLERANCE) + 1e-9)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SurfaceChoice:
+    """The chosen surface (None when the points cannot determine one), every model's
+    leave-one-out RMS, which points it rests on, and the outliers left out (indices)."""
+
+    fit: SurfaceFit | None
+    loo_by_model_mm: dict[str, float]
+    used: np.ndarray  # bool, one per input point
+    outliers: tuple[int, ...]
+
+
+def choose_surface(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[float],
+                   sigma_mm: Sequence[float], area_mm: Sequence[float], outlier_floor_mm: float,
+                   models: Sequence[str] = MAP_MODELS, own_sigma_mm: Sequence[float] | None = None) -> SurfaceChoice:
+    """Fit every model (weights from ``sigma_mm``), pick one by leave-one-out error, and leave out
+    outliers (worst first).
+
+    A point is an outlier when its leave-one-out residual under the chosen model exceeds both
+    OUTLIER_SIGMAS robust sigmas of all the leave-one-out residuals (1.4826 x their median
+    absolute value) or of its own error bar (``own_sigma_mm``, 0 where a point has none; default
+    ``sigma_mm``), and ``outlier_floor_mm`` (half the depth of field).  At most
+    OUTLIER_MAX_FRACTION of the points are left out, and never so many that fewer than 5 remain."""
+    x, y, z, s = (np.asarray(a, float) for a in (x_mm, y_mm, z_mm, sigma_mm))
+    own = s if own_sigma_mm is None else np.asarray(own_sigma_mm, float)
+    used = np.ones(len(z), bool)
+    outliers: list[int] = []
+    most = int(len(z) * OUTLIER_MAX_FRACTION)
+    while True:
+        idx = np.flatnonzero(used)
+        fits = {m: f for m in models if (f := fit_surface(x[idx], y[idx], z[idx], s[idx], m, area_mm)) is not None}
+        if not fits:
+            return SurfaceChoice(None, {}, used, tuple(outliers))
+        fit = fits[select_model(fits)]
+        loo = np.abs(fit.loo_mm)
+        robust = 1.4826 * float(np.median(loo))
+        limit = np.maximum(OUTLIER_SIGMAS * np.maximum(robust, own[idx]), outlier_floor_mm)
+        worst = int(np.argmax(loo / limit))
+        if loo[worst] <= limit[worst] or len(outliers) >= most or len(idx) - 1 < 5:
+            return SurfaceChoice(fit, {m: f.loo_rms_mm for m, f in fits.items()}, used, tuple(outliers))
+        used[idx[worst]] = False
+        outliers.append(int(idx[worst]))
+
+
+def predict_focus(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[float], sigma_mm: Sequence[float],
+                  at_mm: tuple[float, float]) -> tuple[float, float]:
+    """Where the focus is expected at ``at_mm`` = (x, y), and how uncertain that is (one sigma, mm).
+
+    A Bayesian quadratic through the points measured so far: any offset, tilts of about
+    PRIOR_TILT_MM_PER_MM and bows of about PRIOR_BOW_MM_PER_MM2 a priori, each point weighted by
+    its error bar.  One point predicts the same focus nearby, with an uncertainty growing with
+    the distance (the unknown tilt); points along a row pin the tilt along the row but not across
+    it.  When the points scatter about the fit by more than their error bars (a surface the
+    quadratic does not follow), the uncertainty is scaled up by that excess (the Birge ratio)."""
+    x, y, z, s = (np.asarray(a, float) for a in (x_mm, y_mm, z_mm, sigma_mm))
+    xr, yr = float(x.mean()), float(y.mean())
+
+    def basis(px: Any, py: Any) -> np.ndarray:
+        dx, dy = np.asarray(px, float) - xr, np.asarray(py, float) - yr
+        return np.stack([np.ones_like(dx), dx, dy, dx * dx, dx * dy, dy * dy], axis=-1)
+
+    t2, b2 = PRIOR_TILT_MM_PER_MM ** 2, PRIOR_BOW_MM_PER_MM2 ** 2
+    prior = np.array([1e6, t2, t2, b2, b2, b2])  # the offset is free (1 km^2)
+    phi = basis(x, y)
+    inv_noise = 1.0 / np.square(s)
+    precision = phi.T @ (phi * inv_noise[:, None]) + np.diag(1.0 / prior)
+    cov = np.linalg.inv(precision)
+    mean = cov @ (phi.T @ (inv_noise * z))
+    hat_trace = float(np.trace(phi @ cov @ phi.T * inv_noise[None, :]))
+    chi2 = float(np.sum(np.square(z - phi @ mean) * inv_noise))
+    birge = chi2 / (len(z) - hat_trace) if len(z) - hat_trace >= 1.0 else 1.0
+    at = basis(*at_mm)
+    var = float(at @ cov @ at) * max(1.0, birge)
+    return float(at @ mean), math.sqrt(max(var, 0.0))
+
+
+def full_search_frames(n_positions: int, search: str) -> int:
+    """About how many frames a search over the whole range costs (sweep: all; fast: its coarse
+    pass and a refinement) -- a window costing as much is no saving."""
+    if search == "sweep" or n_positions < MIN_FAST_POSITIONS:
+        return n_positions
+    return math.ceil(n_positions / max(2, min(COARSE_FACTOR, n_positions // 10))) + 4
+
+
+def plan_window(predicted_mm: float, sigma_mm: float, positions: Sequence[float], step_mm: float,
+                full_frames: int) -> tuple[float, float] | None:
+    """The first and last position of a point's search window on the range's grid ``positions``
+    (START..END every STEP, in sweep order), or None when a window would cost as many frames as
+    searching the whole range (``full_frames``).
+
+    The window covers the prediction +- WINDOW_SIGMAS sigma plus one STEP (the peak needs a lower
+    neighbour each side), at least WINDOW_MIN_HALF_STEPS STEPs each way; next to an end of the
+    range it is shifted inside rather than cut short."""
+    n = len(positions)
+    half = max(WINDOW_MIN_HALF_STEPS, math.ceil(WINDOW_SIGMAS * sigma_mm / step_mm + 1.0 - 1e-9))
+    size = 2 * half + 1
+    if size >= min(n, full_frames):
+        return None
+    centre = min(range(n), key=lambda i: abs(positions[i] - predicted_mm))
+    lo = min(max(centre - half, 0), n - size)
+    return positions[lo], positions[lo + size - 1]
+
+
+def relative_noise(scores: Sequence[float]) -> float:
+    """The frame-to-frame noise of repeated frames at one position, relative to their score
+    (std / |mean|), raised by 1.64/sqrt(dof) for the few frames it rests on (as ``judge``'s
+    noise is)."""
+    a = np.asarray(scores, float)
+    if len(a) < 2 or not np.all(np.isfinite(a)) or float(np.mean(np.abs(a))) == 0.0:
+        return float("nan")
+    dof = len(a) - 1
+    return float(np.std(a, ddof=1) / np.mean(np.abs(a))) * (1 + 1.64 / math.sqrt(dof))
+
+
+def judge_window(samples: Sequence[Sample], rel_noise: float) -> Verdict:
+    """Is there a focus inside a map point's narrow search window?
+
+    ``judge`` cannot tell: it takes the noise from the frames off the peak and the floor from
+    the median, and a window of 5-9 frames around the predicted focus is nearly all peak (its
+    noise estimate then measures the peak's curvature, and real foci read as no_peak).  This rule
+    takes the noise from repeated frames on the same slide instead (``relative_noise``; the
+    score's noise grows with the score): ``focused`` when the best frame is inside the window
+    and the curve falls from it to the lowest frame on each side by more than sqrt(2 ln n) + 3
+    of that noise (the sigma of the difference of the two frames), n the window's frames --
+    the margin ``judge`` uses.  ``edge`` when the best frame is at the window's end (the focus
+    may lie beyond it), else ``no_peak``."""
+    ordered = by_z(samples)
+    n = len(ordered)
+    nan = float("nan")
+    if n < MIN_FRAMES_FOR_VERDICT or not math.isfinite(rel_noise):
+        return Verdict("no_peak", nan, nan, nan, f"a window of {n} frames cannot be judged (at least "
+                       f"{MIN_FRAMES_FOR_VERDICT}, and the slide's frame noise, are needed)")
+    scores = np.array([s.score for s in ordered])
+    i = int(np.argmax(scores))
+    best = float(scores[i])
+    margin = math.sqrt(2 * math.log(n)) + PEAK_MARGIN_SIGMA
+    if i in (0, n - 1):
+        return Verdict("edge", nan, rel_noise * abs(best), nan, "the best frame is at the end of the window: the "
+                       "focus may lie beyond it")
+    drops, thresholds = [], []
+    for side in (scores[:i], scores[i + 1:]):
+        low = float(side.min())
+        drops.append(best - low)
+        thresholds.append(margin * rel_noise * math.hypot(best, low))
+    k = int(np.argmin(np.array(drops) - np.array(thresholds)))
+    if not all(d > t for d, t in zip(drops, thresholds)):
+        return Verdict("no_peak", drops[k], rel_noise * abs(best), thresholds[k],
+                       f"no peak in the window: the curve falls by {drops[k]:.3g} on one side, within its noise "
+                       f"(threshold {thresholds[k]:.3g})")
+    return Verdict("focused", drops[k], rel_noise * abs(best), thresholds[k],
+                   f"peak in the window, {drops[k] / thresholds[k]:.1f}x the noise threshold "
+                   "(noise from repeated frames on this slide)")
+
+
+def window_shows(samples: Sequence[Sample], z_mm: float, rel_noise: float) -> bool:
+    """Whether a window's frames show a rise at ``z_mm`` (a peak found there by another search):
+    the frame nearest it stands above the lowest frame on each side of it by more than
+    WINDOW_SHOWS_SIGMAS of the noise (``relative_noise``; no look-elsewhere allowance, as the
+    position was found independently).  A window that "showed no peak" by ``judge_window``'s stricter rule
+    can still show a weak real one this way; on an empty field it does not."""
+    ordered = by_z(samples)
+    if len(ordered) < 3 or not math.isfinite(rel_noise):
+        return True  # nothing to contradict it with
+    i = min(range(len(ordered)), key=lambda k: abs(ordered[k].z_mm - z_mm))
+    if i in (0, len(ordered) - 1):
+        return True
+    s = ordered[i].score
+    return all(s - low > WINDOW_SHOWS_SIGMAS * rel_noise * math.hypot(s, low)
+               for low in (min(o.score for o in ordered[:i]), min(o.score for o in ordered[i + 1:])))
+
+
+def snake_path(area_mm: Sequence[float], grid: tuple[int, int]) -> list[tuple[float, float]]:
+    """The grid's points in visiting order: rows along x from X0 to X1 and back (a snake), the
+    rows stepping from Y0 to Y1."""
+    x0, y0, x1, y1 = area_mm
+    nx, ny = grid
+    xs = np.linspace(x0, x1, nx) if nx > 1 else np.array([(x0 + x1) / 2.0])
+    ys = np.linspace(y0, y1, ny) if ny > 1 else np.array([(y0 + y1) / 2.0])
+    path = []
+    for row, yv in enumerate(ys):
+        for xv in (xs if row % 2 == 0 else xs[::-1]):
+            path.append((round(float(xv), POSITION_DECIMALS), round(float(yv), POSITION_DECIMALS)))
+    return path
+
+
+def suggest_points(x_mm: Sequence[float], y_mm: Sequence[float], loo_mm: Sequence[float],
+                   measured_mm: Sequence[tuple[float, float]], area_mm: Sequence[float], grid: tuple[int, int],
+                   count: int) -> list[tuple[float, float]]:
+    """Where the map most needs more points: up to ``count`` positions of the half-spaced grid
+    (the cell centres and edge midpoints between the grid's points), not measured yet, ranked by
+    the leave-one-out error nearby (inverse-distance weighted over the used points) times
+    (1 + the distance to the nearest used point in grid spacings); at least one grid spacing
+    apart.  ``x_mm, y_mm, loo_mm`` are the used points and their leave-one-out residuals."""
+    x0, y0, x1, y1 = area_mm
+    nx, ny = grid
+    xs = np.linspace(x0, x1, max(2 * nx - 1, 1))
+    ys = np.linspace(y0, y1, max(2 * ny - 1, 1))
+    spacing = float(np.mean([abs(x1 - x0) / max(nx - 1, 1), abs(y1 - y0) / max(ny - 1, 1)]))
+    px, py, err = (np.asarray(a, float) for a in (x_mm, y_mm, loo_mm))
+    taken = np.asarray(measured_mm, float).reshape(-1, 2)
+    candidates = []
+    for yv in ys:
+        for xv in xs:
+            if len(taken) and np.min(np.hypot(taken[:, 0] - xv, taken[:, 1] - yv)) < 1e-6:
+                continue
+            if len(px):
+                d = np.hypot(px - xv, py - yv)
+                weight = 1.0 / np.maximum(d, 1e-9) ** 2
+                score = float(np.sum(weight * np.abs(err)) / np.sum(weight)) * (1 + float(d.min()) / spacing)
+            else:
+                score = 1.0
+            candidates.append((score, float(xv), float(yv)))
+    chosen: list[tuple[float, float]] = []
+    for _, xv, yv in sorted(candidates, key=lambda c: -c[0]):  # stable: ties keep the grid's order
+        if len(chosen) >= count:
+            break
+        if all(math.hypot(xv - cx, yv - cy) >= 0.99 * spacing for cx, cy in chosen):
+            chosen.append((round(xv, POSITION_DECIMALS), round(yv, POSITION_DECIMALS)))
+    return chosen
+
+
+###############################################################################
 # Search ######################################################################
 ###############################################################################
 
@@ -825,6 +1493,7 @@ class Acquisition:
         self._slots = threading.BoundedSemaphore(IN_FLIGHT_FRAMES)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
         self._frame_index = 0
+        self._first: np.ndarray | None = None  # the run's first frame: every frame has its size and type
         self._last_z: float | None = None
         self._failed: BaseException | None = None  # the scoring thread's first error (e.g. disk full)
 
@@ -863,9 +1532,11 @@ class Acquisition:
             finally:
                 capture_dt = time.perf_counter() - t0
                 self.capture_s += capture_dt
-            check_frame(frame, z_mm)
-            if self.scorer.roi is not None and self._frame_index == 0:
-                check_roi(self.scorer.roi, frame.shape)  # the frame size is known only now
+            check_frame(frame, z_mm, self._first)
+            if self._first is None:
+                if self.scorer.roi is not None:
+                    check_roi(self.scorer.roi, frame.shape)  # the frame size is known only now
+                self._first = frame  # every later frame must be like it
         except BaseException:
             self._slots.release()
             raise
@@ -905,10 +1576,18 @@ class Acquisition:
         return Timing(self.move_s, self.capture_s, self.score_s)
 
 
-def check_frame(frame: np.ndarray, z_mm: float) -> None:
-    """Reject frames that cannot carry focus information: all black or all saturated."""
-    if frame is None or frame.size == 0:
+def check_frame(frame: Any, z_mm: float, first: np.ndarray | None = None) -> None:
+    """Reject frames that cannot be scored (``frame_problem``), that differ in size or type from
+    the run's ``first`` frame (a region of interest would score another part of them), or that
+    cannot carry focus information: all black or all saturated."""
+    if frame is None or (isinstance(frame, np.ndarray) and frame.size == 0):
         raise CameraError(f"camera returned an empty frame at z={z_mm:.4f} mm; check the camera connection")
+    if (problem := frame_problem(frame)) is not None:
+        raise CameraError(f"the camera delivered {problem} at z={z_mm:.4f} mm; check its capture()")
+    if first is not None and (frame.shape, frame.dtype) != (first.shape, first.dtype):
+        raise CameraError(f"the frame at z={z_mm:.4f} mm is {'x'.join(map(str, frame.shape))} {frame.dtype}, the "
+                          f"run's first was {'x'.join(map(str, first.shape))} {first.dtype}: the camera changed its "
+                          "format during the run (another program, or its capture())")
     if frame.dtype.kind == "f" and not np.isfinite(frame).all():
         raise CameraError(f"frame at z={z_mm:.4f} mm has non-finite pixels (NaN or infinity); no score can be "
                           "computed from it")
@@ -1070,7 +1749,7 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
     and raise RunFailed with the partial curve.
     """
     t0 = time.perf_counter()
-    start_mm = stage.position_mm()
+    start_mm = stage_position(stage)
     acq = Acquisition(stage, camera, scorer, settle_ms=plan.settle_ms, backlash_mm=plan.backlash_mm,
                       direction=plan.direction, coarse=True,
                       on_frame=on_frame)
@@ -1234,6 +1913,7 @@ def stop_and_locate(stage: Stage, what: str) -> str:
 # all implement them.
 
 
+@runtime_checkable
 class Stage(Protocol):
     """A focus axis: what the search needs and nothing more."""
 
@@ -1254,11 +1934,34 @@ class Stage(Protocol):
         ...
 
 
+@runtime_checkable
 class Camera(Protocol):
     """A camera: one call, one frame exposed after the call began."""
 
     def capture(self) -> np.ndarray:
-        """One frame (HxW or HxWxC, 8- or 16-bit), exposed after this call began."""
+        """One frame exposed after this call began: a numpy array, HxW or HxWx3/4 (BGR, BGRA),
+        uint8, uint16 or float32, the same size and type for every frame of a run."""
+        ...
+
+
+@runtime_checkable
+class XYStage(Protocol):
+    """An XY plate (the slide's stage): what a focus map needs and nothing more."""
+
+    def move_to(self, x_mm: float, y_mm: float) -> None:
+        """Move to (x, y) and return once it has arrived (or raise StageError)."""
+        ...
+
+    def position_mm(self) -> tuple[float, float]:
+        """Where the plate is now, (x, y) mm."""
+        ...
+
+    def limits_mm(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """The travel limits ((x_lo, x_hi), (y_lo, y_hi)), mm."""
+        ...
+
+    def stop(self) -> None:
+        """Stop any motion now."""
         ...
 
 
@@ -1268,6 +1971,15 @@ class Camera(Protocol):
 # and ``close()`` (or a borrowed camera's ``restore()``) puts all of it back on every exit path.
 
 Roi = tuple[int, int, int, int]  # x, y, width, height in camera pixels
+
+# The settings of a camera backend (FlirCamera, BaslerCamera: their constructors and from_camera),
+# checked before the camera is opened or changed.
+CAMERA_RULES: dict[str, Rule] = {
+    "serial": Rule("text", optional=True),
+    "exposure_ms": Rule("number", 0.0, MAX_EXPOSURE_MS, " ms", above=True, optional=True),
+    "timeout_ms": Rule("whole", 1, MAX_CAMERA_TIMEOUT_MS, " ms"),
+    "roi": Rule("roi", optional=True),
+}
 
 
 def fit_roi(roi: Roi, sensor_px: tuple[int, int], *, offset_step_px: tuple[int, int] = (1, 1),
@@ -1572,6 +2284,19 @@ def _zml() -> Any:
     return zaber_motion
 
 
+# The settings of a ZaberStage (its constructor and from_axis), checked before the port is opened.
+ZABER_RULES: dict[str, Rule] = {
+    "port": Rule("text"),
+    "device": Rule("whole", 1, 99),
+    "axis": Rule("whole", 1, 99),
+    "native_unit_nm": Rule("number", 0.0, 1e6, " nm", above=True, optional=True),
+    "device_db": Rule("text", optional=True),
+    "move_timeout_s": Rule("number", 0.0, MAX_TIMEOUT_S, " s", above=True),
+    "home_timeout_s": Rule("number", 0.0, MAX_TIMEOUT_S, " s", above=True),
+    "clear_faults": Rule("flag"),
+}
+
+
 class ZaberStage:
     """The focus axis of a Zaber device through ZML (serial port or tcp://HOST:PORT).
 
@@ -1584,10 +2309,13 @@ class ZaberStage:
     by STOP_TIMEOUT_S; a move or homing that runs out of time sends ``stop`` itself.
     """
 
+    role = "focus"  # what the axis does, for messages ("X" and "Y" for a plate's axes: ZaberPlate)
+
     def __init__(self, port: str, device: int = DEFAULT_DEVICE, axis: int = DEFAULT_AXIS, *,
                  native_unit_nm: float | None = None, device_db: str | None = None,
                  move_timeout_s: float = DEFAULT_MOVE_TIMEOUT_S, home_timeout_s: float = DEFAULT_HOME_TIMEOUT_S,
                  clear_faults: bool = False) -> None:
+        check_values("zaber", ZABER_RULES, {"port": port, "device": device, "axis": axis, "device_db": device_db})
         self._configure(port, native_unit_nm=native_unit_nm, move_timeout_s=move_timeout_s,
                         home_timeout_s=home_timeout_s, clear_faults=clear_faults)
         self.device_number, self.axis_number = device, axis
@@ -1608,6 +2336,8 @@ class ZaberStage:
         """Settings every way of making a ZaberStage shares; no device traffic.  (An adapter over
         an axis the caller owns sets these, then calls ``_setup_axis``; ``close`` leaves a
         connection it did not open alone.)"""
+        check_values("zaber", ZABER_RULES, {"native_unit_nm": native_unit_nm, "move_timeout_s": move_timeout_s,
+                                            "home_timeout_s": home_timeout_s, "clear_faults": clear_faults})
         self.port = port
         self.native_unit_nm = native_unit_nm
         self.move_timeout_s, self.home_timeout_s = move_timeout_s, home_timeout_s
@@ -1637,6 +2367,9 @@ class ZaberStage:
         self = cls.__new__(cls)
         self._configure("the caller's connection", native_unit_nm=native_unit_nm, move_timeout_s=move_timeout_s,
                         home_timeout_s=home_timeout_s, clear_faults=clear_faults)
+        if not isinstance(axis, self._zm.ascii.Axis):
+            raise UsageError(f"ZaberStage.from_axis needs a zaber_motion.ascii.Axis (e.g. "
+                             f"connection.get_device(3).get_axis(1)), not {show_value(axis)}")
         self._connection = axis.device.connection
         self._setup_axis(axis)
         return self
@@ -1843,7 +2576,7 @@ class ZaberStage:
         lo, hi = self._limits
         if not lo - 1e-9 <= z_mm <= hi + 1e-9:  # last line of defence; plans are checked earlier
             raise StageError(f"refusing to move to {z_mm} mm: outside the travel {lo}..{hi} mm")
-        what = f"focus move to {z_mm:.4f} mm"
+        what = f"{self.role} move to {z_mm:.4f} mm"
         target = self._native_inside(z_mm)
         try:
             self._axis.move_absolute(target, self._zm.Units.NATIVE, wait_until_idle=False)
@@ -1979,6 +2712,101 @@ class ZaberStage:
                 self._connection.close()
 
 
+class ZaberPlate:
+    """A Zaber microscope's XY plate through ZML: two ZaberStage axes, so every plate move is
+    verified exactly as a focus move is (flags read before anything clears them, the position
+    within tolerance of the target, bounded waits, faults and interruptions by their flags).
+
+    ``from_microscope(connection)`` finds the plate with ZML's ``microscopy.Microscope.find`` (ZML
+    10.3 identifies the parts by the axes' ``zaber.microscope.part`` storage keys, x, y and focus;
+    which devices leave the factory with them is not documented); ``from_device(connection, n)``
+    takes device n's axis 2 as x and axis 1 as y, as Zaber's scanning examples do.  Units:
+    millimetres through Zaber's device database, or ``native_unit_nm`` (the size of one native
+    unit of both axes).  The caller owns the connection."""
+
+    def __init__(self, x: ZaberStage, y: ZaberStage) -> None:
+        x.role, y.role = "X", "Y"
+        self.x, self.y = x, y
+
+    @classmethod
+    def from_axes(cls, x_axis: Any, y_axis: Any, **stage_options: Any) -> ZaberPlate:
+        """A plate over two ZML ``Axis`` objects; ``stage_options`` as ``ZaberStage.from_axis``."""
+        try:
+            return cls(ZaberStage.from_axis(x_axis, **stage_options), ZaberStage.from_axis(y_axis, **stage_options))
+        except BadValue as exc:  # the plate's own options (--xy-native-unit-nm), not the focus axis's
+            raise BadValue("plate", exc.fields, lambda *labels: "XY plate: " + exc._text(*labels)) from exc
+        except UsageError as exc:
+            raise UsageError(f"XY plate: {exc}".replace("--native-unit-nm", "--xy-native-unit-nm")) from exc
+
+    @classmethod
+    def from_device(cls, connection: Any, device: int, **stage_options: Any) -> ZaberPlate:
+        """Device ``device``'s axis 2 as x and axis 1 as y (as in Zaber's examples)."""
+        dev = connection.get_device(device)
+        return cls.from_axes(dev.get_axis(2), dev.get_axis(1), **stage_options)
+
+    @classmethod
+    def from_microscope(cls, connection: Any, **stage_options: Any) -> ZaberPlate:
+        """The plate ZML's ``Microscope.find`` identifies on the connection (UsageError when it
+        finds none: then name the device, ``from_device``)."""
+        zm = _zml()
+        from zaber_motion.microscopy import Microscope  # noqa: PLC0415
+
+        try:
+            scope = Microscope.find(connection)
+        except zm.exceptions.MotionLibException as exc:
+            raise UsageError(f"ZML's microscope detection failed ({first_line(exc)}); name the XY plate's device "
+                             "with --xy-device N (x = its axis 2, y = axis 1)") from exc
+        if scope.x_axis is None or scope.y_axis is None:
+            raise UsageError("ZML's microscope detection found no XY plate on this connection (no axis carries "
+                             "a zaber.microscope.part storage key of x and y); name its device with --xy-device N "
+                             "(x = its axis 2, y = axis 1) and --xy-native-unit-nm NM offline")
+        return cls.from_axes(scope.x_axis, scope.y_axis, **stage_options)
+
+    def move_to(self, x_mm: float, y_mm: float) -> None:
+        self.x.move_to(x_mm)
+        self.y.move_to(y_mm)
+
+    def position_mm(self) -> tuple[float, float]:
+        return self.x.position_mm(), self.y.position_mm()
+
+    def limits_mm(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        return self.x.limits_mm(), self.y.limits_mm()
+
+    def stop(self) -> None:
+        failures = []
+        for axis in (self.x, self.y):  # both, even when the first one fails
+            try:
+                axis.stop()
+            except StageError as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
+
+    @property
+    def homed(self) -> bool:
+        """Whether both axes have a reference position."""
+        return self.x.homed and self.y.homed
+
+    def home_if_needed(self) -> bool:
+        """Home each axis that has no reference position (x first); True when one homed."""
+        homed_x = self.x.home_if_needed()
+        return self.y.home_if_needed() or homed_x
+
+    def set_soft_limits(self, limits_mm: tuple[tuple[float, float], tuple[float, float]] | None) -> None:
+        """Soft limits (x, y) that positions are rounded inside of (None: the travel only)."""
+        (self.x.soft_limits_mm, self.y.soft_limits_mm) = limits_mm or ((None, None), (None, None))
+
+    def describe(self) -> dict[str, Any]:
+        """Both axes, as ZaberStage.describe (the unit from --xy-native-unit-nm, not the focus axis's option)."""
+        def axis(stage: ZaberStage) -> dict[str, Any]:
+            info = stage.describe()
+            if info["units_from"] == "--native-unit-nm":
+                info["units_from"] = "--xy-native-unit-nm"
+            return info
+
+        return {"x": axis(self.x), "y": axis(self.y)}
+
+
 def describe_flag(flag: str) -> str:
     """"FS (Stalled and stopped)": the flag and its meaning, from ZML's WarningFlags names."""
     from zaber_motion.ascii import WarningFlags  # noqa: PLC0415 - ZML is loaded by now
@@ -2046,6 +2874,8 @@ class FlirCamera(GenicamAdapter):
 
     def __init__(self, serial: str | None = None, *, exposure_ms: float | None = None,
                  timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None) -> None:
+        check_values("camera", CAMERA_RULES, {"serial": serial, "exposure_ms": exposure_ms, "timeout_ms": timeout_ms,
+                                              "roi": roi})
         spin, sp = _pyspin()
         name = f"the FLIR camera{' ' + serial if serial else ''}"
         try:
@@ -2078,6 +2908,7 @@ class FlirCamera(GenicamAdapter):
                     ...                                      # focus with ``camera``
                 # here cam's settings are as they were before
         """
+        check_values("camera", CAMERA_RULES, {"exposure_ms": exposure_ms, "timeout_ms": timeout_ms, "roi": roi})
         spin, sp = _pyspin()
         if not getattr(camera, "initialized", False):
             raise UsageError("FlirCamera.from_camera needs an initialised simple_pyspin.Camera: call its init() "
@@ -2248,6 +3079,8 @@ class BaslerCamera(GenicamAdapter):
 
     def __init__(self, serial: str | None = None, *, exposure_ms: float | None = None,
                  timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None) -> None:
+        check_values("camera", CAMERA_RULES, {"serial": serial, "exposure_ms": exposure_ms, "timeout_ms": timeout_ms,
+                                              "roi": roi})
         pylon, genicam = _pylon()
         try:
             factory = pylon.TlFactory.GetInstance()
@@ -2292,6 +3125,7 @@ class BaslerCamera(GenicamAdapter):
                 ...                                          # focus with ``camera``
             cam.Close()
         """
+        check_values("camera", CAMERA_RULES, {"exposure_ms": exposure_ms, "timeout_ms": timeout_ms, "roi": roi})
         pylon, genicam = _pylon()
         if not (hasattr(camera, "IsOpen") and camera.IsOpen()):
             raise UsageError("BaslerCamera.from_camera needs an open pylon.InstantCamera: call its Open() first")
@@ -2450,6 +3284,11 @@ class SimTiming:
     acquisition_start_stop_s: float = 0.100  # one-shot BeginAcquisition/EndAcquisition (estimate, 50-150 ms)
     scale: float = 1.0
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # SIM_RULES; ``scale`` is simulated_microscope's time_scale
+            name = "time_scale" if f.name == "scale" else f.name
+            check_value("simulator", name, getattr(self, f.name), SIM_RULES[name])
+
     def move_s(self, distance_mm: float) -> float:
         """Trapezoidal move time plus settle, rounded up to ZML's idle polls."""
         d = abs(distance_mm)
@@ -2493,6 +3332,16 @@ class SimOptics:
     right_specimen: str | None = None
     right_focus_mm: float | None = None
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # every value against SIM_RULES, then together
+            check_value("simulator", f.name, getattr(self, f.name), SIM_RULES[f.name])
+        if self.width * self.height > MAX_SIM_PIXELS:
+            raise BadValue("simulator", ("width",), lambda a: (
+                f"{a}: a {self.width}x{self.height} frame is too large: at most {MAX_SIM_PIXELS / 1e6:g} MP in all"))
+        if self.na >= self.immersion_index:
+            raise BadValue("simulator", ("na", "immersion_index"), lambda a, b: (
+                f"{a} {self.na:g} must be below {b} {self.immersion_index:g} (NA = n sin(half-angle))"))
+
     @property
     def sample_pixel_um(self) -> float:
         """One camera pixel, in the specimen plane."""
@@ -2534,10 +3383,50 @@ OBJECTIVES: dict[str, tuple[float, float, float]] = {
 
 def objective_optics(name: str) -> dict[str, float]:
     """SimOptics fields for an objective of OBJECTIVES."""
-    if name not in OBJECTIVES:
-        raise UsageError(f"objective {name!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
-    magnification, na, n = OBJECTIVES[name]
+    magnification, na, n = OBJECTIVES[check_value("simulator", "objective", name, SIM_RULES["objective"])]
     return {"magnification": magnification, "na": na, "immersion_index": n}
+
+
+SECONDS_RULE = Rule("number", 0.0, 60.0, " s")
+# Every option of the simulated microscope (SimOptics, SimTiming, simulated_microscope()): what it
+# models.  A new option is one row here (and a field, and a --sim-* option with a row in SIM_OPTIONS).
+SIM_RULES: dict[str, Rule] = {
+    # SimOptics: optics, specimen and sensor
+    "focus_mm": POSITION_RULE,
+    "magnification": Rule("number", 0.0, 500.0, above=True),
+    "na": Rule("number", 0.0, 1.7, above=True),
+    "immersion_index": Rule("number", 1.0, 2.0),
+    "wavelength_um": Rule("number", 0.2, 2.0, " um"),
+    "pixel_um": Rule("number", 0.0, 100.0, " um", above=True),
+    "width": Rule("whole", 16, 10000, " pixels"),
+    "height": Rule("whole", 16, 10000, " pixels"),
+    "photons": Rule("number", 0.01, MAX_SIM_PHOTONS),
+    "read_noise_e": Rule("number", 0.0, 1000.0, " e"),
+    "bit_depth": Rule("whole", choices=(8, 12, 16)),
+    "specimen": Rule("choice", choices=SIM_SPECIMENS),
+    "dust_height_mm": Rule("number", -5.0, 5.0, " mm"),
+    "phase_rad": Rule("number", 0.0, 20.0, " rad"),
+    "condenser_na": Rule("number", 0.0, 1.4, above=True),
+    "seed": Rule("whole", 0, 2**32 - 1),
+    "right_specimen": Rule("choice", choices=SIM_SPECIMENS, optional=True),
+    "right_focus_mm": dataclasses.replace(POSITION_RULE, optional=True),
+    # SimTiming: modelled hardware time
+    "command_s": SECONDS_RULE,
+    "poll_s": Rule("number", 0.0, 1.0, " s", above=True),
+    "speed_mm_s": Rule("number", 0.0, 1000.0, " mm/s", above=True),
+    "accel_mm_s2": Rule("number", 0.0, 1e6, " mm/s^2", above=True),
+    "settle_s": SECONDS_RULE,
+    "exposure_s": SECONDS_RULE,
+    "readout_s": SECONDS_RULE,
+    "acquisition_start_stop_s": SECONDS_RULE,
+    "time_scale": Rule("number", 0.0, MAX_SIM_TIME_SCALE),
+    # simulated_microscope(): the stage and the session
+    "start_mm": POSITION_RULE,
+    "travel_mm": Rule("interval", hi=MAX_ABS_POSITION_MM, unit=" mm"),
+    "one_shot": Rule("flag"),
+    "camera_roi": Rule("roi", optional=True),
+    "objective": Rule("choice", choices=tuple(OBJECTIVES), optional=True),
+}
 
 
 @functools.lru_cache(maxsize=4)
@@ -2751,34 +3640,299 @@ class SimCamera:
         return frame
 
 
+class SimXYStage:
+    """A simulated XY plate (travel 0-100 x 0-75 mm), both axes moving at once, with modelled move
+    time on the clock it shares with the focus stage and the camera."""
+
+    def __init__(self, travel_mm: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 100.0), (0.0, 75.0)),
+                 position_mm: tuple[float, float] = (50.0, 37.5), timing: SimTiming | None = None,
+                 clock: SimClock | None = None) -> None:
+        self.travel = travel_mm
+        self.xy = position_mm
+        self.timing = timing or SimTiming()
+        self.clock = clock or SimClock(self.timing.scale)
+
+    def move_to(self, x_mm: float, y_mm: float) -> None:
+        (x_lo, x_hi), (y_lo, y_hi) = self.travel
+        if not (x_lo - 1e-9 <= x_mm <= x_hi + 1e-9 and y_lo - 1e-9 <= y_mm <= y_hi + 1e-9):
+            raise StageError(f"simulated plate rejected a move to ({x_mm}, {y_mm}) mm: outside the travel "
+                             f"X {x_lo}..{x_hi}, Y {y_lo}..{y_hi} mm")
+        self.clock.spend(self.timing.move_s(max(abs(x_mm - self.xy[0]), abs(y_mm - self.xy[1]))))
+        self.xy = (x_mm, y_mm)
+
+    def position_mm(self) -> tuple[float, float]:
+        return self.xy
+
+    def limits_mm(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        return self.travel
+
+    def stop(self) -> None:
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SimSlide:
+    """A simulated slide on the plate: its focal surface z(x, y) and where it is bare glass.
+
+    z = focus_mm + tilt . (p - centre) + bow |p - centre|^2 + ripple sin(2 pi (dx + dy) / ripple_mm),
+    p = (x, y) in mm: tilted (um/mm), bowed (um/mm^2; positive: the centre lies lowest) and, with
+    ``ripple_um``, warped in a way no polynomial follows.  Inside a ``bare_glass`` box
+    (X0, Y0, X1, Y1 mm) there is no specimen: an empty field."""
+
+    focus_mm: float = SimOptics.focus_mm  # the focal surface at the slide's centre
+    centre_mm: tuple[float, float] = (50.0, 37.5)
+    tilt_um_per_mm: tuple[float, float] = (4.0, -2.5)
+    bow_um_per_mm2: float = 0.15
+    ripple_um: float = 0.0
+    ripple_mm: float = 10.0
+    bare_glass: tuple[tuple[float, float, float, float], ...] = ()
+
+    def z_mm(self, x_mm: Any, y_mm: Any) -> Any:
+        """The focal surface at (x, y), mm (arrays broadcast)."""
+        dx, dy = np.asarray(x_mm, float) - self.centre_mm[0], np.asarray(y_mm, float) - self.centre_mm[1]
+        um = (self.tilt_um_per_mm[0] * dx + self.tilt_um_per_mm[1] * dy + self.bow_um_per_mm2 * (dx * dx + dy * dy)
+              + self.ripple_um * np.sin(2 * np.pi * (dx + dy) / self.ripple_mm))
+        z = self.focus_mm + um / 1000.0
+        return float(z) if np.ndim(z) == 0 else z
+
+    def bare(self, x_mm: float, y_mm: float) -> bool:
+        """Whether (x, y) lies on bare glass."""
+        return any(min(x0, x1) <= x_mm <= max(x0, x1) and min(y0, y1) <= y_mm <= max(y0, y1)
+                   for x0, y0, x1, y1 in self.bare_glass)
+
+
+class SlideCamera(SimCamera):
+    """The simulated camera over a SimSlide on a plate: every field of view (a frame's width and
+    height in the specimen plane) shows its own specimen (re-seeded per field), in focus at the
+    slide's surface at the plate's position, or bare glass (an empty field)."""
+
+    def __init__(self, stage: Stage, plate: XYStage, slide: SimSlide, optics: SimOptics | None = None,
+                 timing: SimTiming | None = None, clock: SimClock | None = None, one_shot: bool = False,
+                 roi: Roi | None = None) -> None:
+        super().__init__(stage, optics, timing, clock, one_shot, roi)
+        self.plate, self.slide, self.base_optics = plate, slide, self.optics
+
+    def field(self, x_mm: float, y_mm: float) -> SimOptics:
+        """What the camera sees at plate position (x, y)."""
+        o = self.base_optics
+        fov_w_mm, fov_h_mm = o.width * o.sample_pixel_um / 1000.0, o.height * o.sample_pixel_um / 1000.0
+        ix, iy = math.floor(x_mm / fov_w_mm), math.floor(y_mm / fov_h_mm)
+        seed = (o.seed * 1_000_003 + ix * 7_919 + iy * 104_729) % 2**32
+        return dataclasses.replace(o, focus_mm=self.slide.z_mm(x_mm, y_mm), seed=seed,
+                                   specimen="blank" if self.slide.bare(x_mm, y_mm) else o.specimen)
+
+    def capture(self) -> np.ndarray:
+        self.optics = self.field(*self.plate.position_mm())
+        return super().capture()
+
+
 ###############################################################################
 # Backends: replay of a recorded stack ########################################
 ###############################################################################
 
 
-def image_header(path: Path) -> tuple[int, int, int | None] | None:
-    """(width, height, samples per pixel or None) from a PNG or TIFF header, without decoding;
-    None for other formats."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-        if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
-            w, h = (int.from_bytes(f.read(4), "big") for _ in range(2))
-            return w, h, None
-        if head[:4] in (b"II*\x00", b"MM\x00*"):
-            order = "little" if head[:2] == b"II" else "big"
-            f.seek(int.from_bytes(head[4:8], order))
-            count = int.from_bytes(f.read(2), order)
-            tags = {}
-            for _ in range(min(count, 4096)):
-                entry = f.read(12)
-                if len(entry) < 12:
-                    break
-                tag, kind = int.from_bytes(entry[0:2], order), int.from_bytes(entry[2:4], order)
-                if tag in (256, 257, 277):  # ImageWidth, ImageLength, SamplesPerPixel: SHORT (3) or LONG
-                    tags[tag] = int.from_bytes(entry[8:10] if kind == 3 else entry[8:12], order)
-            if 256 in tags and 257 in tags:
-                return tags[256], tags[257], tags.get(277, 1)
-        return None
+# Every image format this OpenCV build can decode is recognised by its signature, as OpenCV's own
+# decoders recognise it (it chooses a decoder by content, not by the file's extension), and its
+# size is read from its header before anything is decoded: a 69-byte PNG or a 600-byte JPEG may
+# declare 50000x50000 pixels (a decompression bomb).  A format whose size cannot be read cheaply
+# (AVIF, OpenEXR, ...) is refused rather than decoded blind.
+HEADER_FORMATS = "PNG, TIFF, JPEG, BMP, WebP, JPEG 2000, GIF, PNM/PAM/PFM, Sun raster, Radiance HDR"
+
+
+def _uint(data: bytes, at: int, size: int, order: str = "big") -> int:
+    """An unsigned integer of ``size`` bytes at ``at``; ValueError past the end of the data."""
+    if at < 0 or at + size > len(data):
+        raise ValueError("the header is cut short")
+    return int.from_bytes(data[at: at + size], order)  # type: ignore[arg-type]
+
+
+def _tiff_size(data: bytes) -> tuple[int, int, int | None]:
+    """TIFF or BigTIFF: width, length and samples per pixel of the first image (the one OpenCV
+    decodes); where a tag is repeated, the largest value counts."""
+    order = "little" if data[:2] == b"II" else "big"
+    big = _uint(data, 2, 2, order) == 43
+    at = _uint(data, 8, 8, order) if big else _uint(data, 4, 4, order)
+    count = _uint(data, at, 8 if big else 2, order)
+    at += 8 if big else 2
+    entry, value_at = (20, 12) if big else (12, 8)
+    sizes = {3: 2, 4: 4, 16: 8}  # SHORT, LONG, LONG8
+    tags: dict[int, int] = {}
+    for i in range(min(count, 4096)):
+        e = at + i * entry
+        tag, kind = _uint(data, e, 2, order), _uint(data, e + 2, 2, order)
+        if tag in (256, 257, 277) and kind in sizes:  # ImageWidth, ImageLength, SamplesPerPixel
+            tags[tag] = max(tags.get(tag, 0), _uint(data, e + value_at, sizes[kind], order))
+    if 256 not in tags or 257 not in tags:
+        raise ValueError("its first TIFF directory gives no width or height")
+    return tags[256], tags[257], tags.get(277, 1)
+
+
+# JPEG frame headers (SOFn): every C0..CF marker except DHT (C4), JPG (C8) and DAC (CC).
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int, int | None]:
+    """JPEG: the frame header (SOFn), found by walking the marker segments as libjpeg does;
+    anything a strict reader would not accept (bytes between segments, no frame header before the
+    scan, a height of 0 to be given later by a DNL marker) is refused."""
+    at = 2
+    while True:
+        if _uint(data, at, 1) != 0xFF:
+            raise ValueError("its JPEG markers are damaged")
+        while _uint(data, at, 1) == 0xFF:  # fill bytes
+            at += 1
+        marker = _uint(data, at, 1)
+        at += 1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            continue
+        if marker in (0xD9, 0xDA):  # EOI or the scan itself before any frame header
+            raise ValueError("the JPEG has no frame header before its image data")
+        length = _uint(data, at, 2)
+        if marker in _JPEG_SOF:
+            height, width, components = _uint(data, at + 3, 2), _uint(data, at + 5, 2), _uint(data, at + 7, 1)
+            if height == 0:
+                raise ValueError("the JPEG leaves its height to a later DNL marker")
+            return width, height, components
+        at += length
+
+
+def _jp2_size(data: bytes) -> tuple[int, int, int | None]:
+    """JPEG 2000: a raw codestream's SIZ marker, or a JP2 file's image header box (ihdr) and the
+    SIZ of its codestream box (jp2c): the larger of the two, since the decoder reads the latter."""
+    def siz(at: int) -> tuple[int, int, int]:
+        if data[at: at + 4] != b"\xff\x4f\xff\x51":
+            raise ValueError("the JPEG 2000 codestream does not start with SOC, SIZ")
+        return (_uint(data, at + 8, 4) - _uint(data, at + 16, 4), _uint(data, at + 12, 4) - _uint(data, at + 20, 4),
+                _uint(data, at + 40, 2))
+
+    if data[:4] == b"\xff\x4f\xff\x51":
+        return siz(0)
+    found: list[tuple[int, int, int]] = []
+
+    def boxes(start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+        at = start
+        while at + 8 <= end:
+            length, kind, body = _uint(data, at, 4), data[at + 4: at + 8], at + 8
+            if length == 1:
+                length, body = _uint(data, at + 8, 8), at + 16
+            elif length == 0:
+                length = end - at
+            if length < body - at or at + length > end:
+                raise ValueError("a JPEG 2000 box runs past the end of the file")
+            yield kind, body, at + length
+            at += length
+
+    codestreams = 0
+    for kind, body, end in boxes(0, len(data)):
+        if kind == b"jp2h":
+            for inner, inner_body, _ in boxes(body, end):
+                if inner == b"ihdr":
+                    found.append((_uint(data, inner_body + 4, 4), _uint(data, inner_body, 4),
+                                  _uint(data, inner_body + 8, 2)))
+        elif kind == b"jp2c":
+            found.append(siz(body))
+            codestreams += 1
+    if not codestreams:
+        raise ValueError("the JP2 file has no codestream")
+    return max(w for w, _, _ in found), max(h for _, h, _ in found), max(c for _, _, c in found)
+
+
+def _netpbm_size(data: bytes) -> tuple[int, int, int | None]:
+    """PBM/PGM/PPM (P1-P6), PFM (PF, Pf): width and height after the magic, comments skipped;
+    PAM (P7): its WIDTH, HEIGHT and DEPTH lines."""
+    head = data[:4096]
+    if head[:2] == b"P7":
+        fields = dict(line.split(None, 1) for line in head.split(b"\n")[1:] if b" " in line.strip())
+        try:
+            return int(fields[b"WIDTH"]), int(fields[b"HEIGHT"]), int(fields.get(b"DEPTH", b"1"))
+        except (KeyError, ValueError):
+            raise ValueError("its PAM header gives no WIDTH or HEIGHT") from None
+    text = re.sub(rb"#[^\n]*", b" ", head[2:])
+    tokens = text.split()
+    try:
+        return int(tokens[0]), int(tokens[1]), None
+    except (IndexError, ValueError):
+        raise ValueError("its PNM header gives no width or height") from None
+
+
+def _hdr_size(data: bytes) -> tuple[int, int, int | None]:
+    """Radiance HDR: the resolution line after the header's blank line (only the standard
+    "-Y rows +X columns" orientation, the one OpenCV reads)."""
+    end = data.find(b"\n\n", 0, 65536)
+    match = re.match(rb"-Y (\d+) \+X (\d+)\n", data[end + 2: end + 64]) if end >= 0 else None
+    if match is None:
+        raise ValueError("its Radiance header has no -Y ROWS +X COLUMNS line")
+    return int(match.group(2)), int(match.group(1)), 3
+
+
+def _webp_size(data: bytes) -> tuple[int, int, int | None]:
+    """WebP: the canvas (VP8X) or the frame size of a lossy (VP8) or lossless (VP8L) image."""
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        return _uint(data, 24, 3, "little") + 1, _uint(data, 27, 3, "little") + 1, None
+    if chunk == b"VP8L":
+        bits = _uint(data, 21, 4, "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, None
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        return _uint(data, 26, 2, "little") & 0x3FFF, _uint(data, 28, 2, "little") & 0x3FFF, None
+    raise ValueError("its WebP header is not one of VP8, VP8L or VP8X")
+
+
+def _bmp_size(data: bytes) -> tuple[int, int, int | None]:
+    """BMP: the info header (BITMAPCOREHEADER or a later one; a negative height is top-down)."""
+    if _uint(data, 14, 4, "little") == 12:
+        return _uint(data, 18, 2, "little"), _uint(data, 20, 2, "little"), None
+    _uint(data, 22, 4)  # the header is long enough
+    width = int.from_bytes(data[18:22], "little", signed=True)
+    height = int.from_bytes(data[22:26], "little", signed=True)
+    return abs(width), abs(height), None
+
+
+def _gif_size(data: bytes) -> tuple[int, int, int | None]:
+    """GIF: the logical screen, or the first image where it reaches beyond the screen (the image a
+    decoder reads and allocates)."""
+    width, height, flags = _uint(data, 6, 2, "little"), _uint(data, 8, 2, "little"), _uint(data, 10, 1)
+    at = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
+    while _uint(data, at, 1) == 0x21:  # extensions (graphic control, comments...): sub-blocks to skip
+        at += 2
+        while (size := _uint(data, at, 1)) != 0:
+            at += size + 1
+        at += 1
+    if _uint(data, at, 1) != 0x2C:
+        raise ValueError("the GIF has no image descriptor")
+    left, top = _uint(data, at + 1, 2, "little"), _uint(data, at + 3, 2, "little")
+    w, h = _uint(data, at + 5, 2, "little"), _uint(data, at + 7, 2, "little")
+    return max(width, left + w), max(height, top + h), None
+
+
+# (signature test, size reader) in the order OpenCV's decoders are tried.
+_IMAGE_FORMATS: tuple[tuple[str, Callable[[bytes], bool], Callable[[bytes], tuple[int, int, int | None]]], ...] = (
+    ("BMP", lambda d: d[:2] == b"BM", _bmp_size),
+    ("Radiance HDR", lambda d: d[:6] == b"#?RGBE" or d[:10] == b"#?RADIANCE", _hdr_size),
+    ("JPEG", lambda d: d[:3] == b"\xff\xd8\xff", _jpeg_size),
+    ("WebP", lambda d: d[:4] == b"RIFF" and d[8:12] == b"WEBP", _webp_size),
+    ("Sun raster", lambda d: d[:4] == b"\x59\xa6\x6a\x95",
+     lambda d: (_uint(d, 4, 4), _uint(d, 8, 4), None)),
+    ("PNM", lambda d: len(d) > 2 and d[:1] == b"P" and d[1:2] in b"1234567" and d[2:3].isspace(), _netpbm_size),
+    ("PFM", lambda d: d[:2] in (b"PF", b"Pf") and d[2:3].isspace(), _netpbm_size),
+    ("TIFF", lambda d: d[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"), _tiff_size),
+    ("PNG", lambda d: d[:8] == b"\x89PNG\r\n\x1a\n" and d[12:16] == b"IHDR",
+     lambda d: (_uint(d, 16, 4), _uint(d, 20, 4), None)),
+    ("JPEG 2000", lambda d: d[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or d[:4] == b"\xff\x4f\xff\x51",
+     _jp2_size),
+    ("GIF", lambda d: d[:6] in (b"GIF87a", b"GIF89a"), _gif_size),
+)
+
+
+def image_header(data: bytes) -> tuple[str, int, int, int | None]:
+    """(format, width, height, samples per pixel or None) of an image file's bytes, from its
+    header alone.  ValueError for a format it does not know (see HEADER_FORMATS) or a header that
+    does not say."""
+    for name, matches, size in _IMAGE_FORMATS:
+        if matches(data):
+            return (name, *size(data))
+    raise ValueError(f"not one of the formats whose size can be checked before decoding ({HEADER_FORMATS}); "
+                     "convert it to PNG or TIFF")
 
 
 @contextlib.contextmanager
@@ -2800,27 +3954,35 @@ def quiet_stderr() -> Iterator[None]:
 
 def read_image(path: Path, what: str) -> np.ndarray:
     """Decode one replay image after checking its header; StackError (one line) for a file
-    too large, truncated, of an unsupported type or channel count, or with non-finite pixels."""
+    too large, truncated, of an unsupported format, type or channel count, or with non-finite
+    pixels.  The file's bytes are read here and decoded from memory: OpenCV is never given a path
+    (its Python binding crashes on a file name that is not valid UTF-8, and on Windows it cannot
+    open non-ASCII paths), and the bytes checked are the bytes decoded."""
     try:
-        size = image_header(path)
+        with open(path, "rb") as f:
+            data = f.read(MAX_IMAGE_FILE_BYTES + 1)
     except OSError as exc:
         raise StackError(f"{what} cannot be read ({exc.strerror})") from exc
-    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
-        raise StackError(f"{what} declares {size[0]}x{size[1]} pixels, more than {MAX_IMAGE_PIXELS / 1e6:g} MP; "
-                         "not a microscope frame (or a damaged file)")
-    if size is not None and size[2] is not None and size[2] not in (1, 3, 4):
-        raise StackError(f"{what} has {size[2]} channels; a stack must hold gray, colour or colour+alpha images")
-    if size is None and path.stat().st_size > MAX_IMAGE_PIXELS * 8:
-        raise StackError(f"{what} is {path.stat().st_size / 1e6:.0f} MB; too large for a microscope frame")
+    if len(data) > MAX_IMAGE_FILE_BYTES:
+        raise StackError(f"{what} is more than {MAX_IMAGE_FILE_BYTES >> 20} MiB; too large for a microscope frame")
+    try:
+        kind, width, height, channels = image_header(data)
+    except ValueError as exc:
+        raise StackError(f"{what} cannot be read as an image: {exc}") from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise StackError(f"{what} declares {width}x{height} pixels, more than {MAX_IMAGE_PIXELS / 1e6:g} MP, in its "
+                         f"{kind} header; not a microscope frame (or a damaged file)")
+    if channels is not None and channels not in (1, 3, 4):
+        raise StackError(f"{what} has {channels} channels; a stack must hold gray, colour or colour+alpha images")
     with quiet_stderr():
-        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise StackError(f"{what} cannot be read as an image (truncated, damaged or not an image)")
-    if image.size > MAX_IMAGE_PIXELS * 4:
+    if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:  # the decoder's word against the header's
         raise StackError(f"{what} is {image.shape}; more than {MAX_IMAGE_PIXELS / 1e6:g} MP")
     channels = 1 if image.ndim == 2 else image.shape[2]
-    if image.dtype.name not in REPLAY_DTYPES:
-        raise StackError(f"{what} has {image.dtype} pixels; a stack must hold {', '.join(REPLAY_DTYPES)} images "
+    if image.dtype.name not in FRAME_DTYPES:
+        raise StackError(f"{what} has {image.dtype} pixels; a stack must hold {', '.join(FRAME_DTYPES)} images "
                          "(as cameras deliver them)")
     if channels not in (1, 3, 4):
         raise StackError(f"{what} has {channels} channels; a stack must hold gray, colour or colour+alpha images")
@@ -2830,13 +3992,22 @@ def read_image(path: Path, what: str) -> np.ndarray:
     return image
 
 
+def file_exists(path: Path, what: str, error: type[UsageError] = StackError) -> bool:
+    """Whether a file (of a replay stack, by default) is there; ``error`` when the system refuses
+    the name (longer than it allows, a path through a file it cannot search)."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise error(f"{what} cannot be read ({exc.strerror or exc})") from exc
+
+
 class ReplayStack:
     """A recorded through-focus stack: ``stack.csv`` (z_mm, file, ...) and its images."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         csv_path = self.folder / "stack.csv"
-        if not csv_path.is_file():
+        if not file_exists(csv_path, f"replay stack {self.folder}: stack.csv"):
             raise StackError(f"replay stack {self.folder}: no stack.csv there (expected columns z_mm,file)")
         rows = self._read_rows(csv_path)
         zs = [z for z, _ in rows]
@@ -2850,7 +4021,7 @@ class ReplayStack:
         total_bytes = 0
         for z, name in rows:
             path = self.folder / name
-            if not path.is_file():
+            if not file_exists(path, f"replay stack {csv_path}: image {name}"):
                 raise StackError(f"replay stack {csv_path}: image {name} (z={z:g} mm) is missing")
             key = path.resolve()
             if key not in decoded:
@@ -2869,6 +4040,21 @@ class ReplayStack:
         self.z_mm = self.z_mm[order]
         self.frames = [self.frames[i] for i in order]
         self.roi = self._read_roi(self.folder / ROI_FILE, self.frames[0].shape)
+
+    @staticmethod
+    def files(folder: str | Path) -> list[Path]:
+        """Every file a replay of ``folder`` reads, resolved (links followed, ../ and absolute rows
+        as they name them): stack.csv, roi.json and each image (StackError for a broken stack.csv)."""
+        folder = Path(folder)
+        csv_path = folder / "stack.csv"
+        if not file_exists(csv_path, f"replay stack {folder}: stack.csv"):
+            raise StackError(f"replay stack {folder}: no stack.csv there (expected columns z_mm,file)")
+        rows = ReplayStack._read_rows(csv_path)
+        try:
+            return [p.resolve() for p in (csv_path, folder / ROI_FILE, *(folder / name for _, name in rows))]
+        except OSError as exc:
+            raise StackError(f"replay stack {csv_path}: a file it names cannot be found ({exc.strerror or exc})") \
+                from exc
 
     @staticmethod
     def _read_roi(path: Path, frame_shape: tuple[int, ...]) -> Roi | None:
@@ -2952,44 +4138,46 @@ def first_line(exc: BaseException) -> str:
 def result_json(result: FocusResult | None, *, exit_code: int, error: str | None = None,
                 where: str | None = None, stage_info: dict[str, Any] | None = None,
                 roi: Sequence[int] | None = None, camera_roi: Sequence[int] | None = None) -> dict[str, Any]:
-    """The machine-readable summary printed by --json: the same keys on every exit."""
+    """The machine-readable summary printed by --json: the same keys on every exit (NO_RESULT_JSON's
+    when nothing was measured)."""
 
     def num(x: float | None) -> float | None:
         return None if x is None or not math.isfinite(x) else float(x)
 
+    run_keys = {"exit_code": exit_code, "error": error, "stage": where, "stage_info": stage_info,
+                "roi": list(roi) if roi else None, "camera_roi": list(camera_roi) if camera_roi else None}
     r = result
-    verdict = None if r is None else (r.verdict.kind if error is None else "failed")
+    if r is None:
+        return {**NO_RESULT_JSON, **run_keys}
+    verdict = r.verdict.kind if error is None else "failed"
     return {
-        "best_mm": num(r.best_mm) if r else None,
-        "best_score": num(r.best_score) if r else None,
-        "best_sample_mm": num(r.best_sample_mm) if r else None,
-        "fit_mm": num(r.fit.z_mm) if r else None,
-        "fit_used": r.fit.used if r else False,
-        "fit_reason": r.fit.reason if r else None,
+        "best_mm": num(r.best_mm),
+        "best_score": num(r.best_score),
+        "best_sample_mm": num(r.best_sample_mm),
+        "fit_mm": num(r.fit.z_mm),
+        "fit_used": r.fit.used,
+        "fit_reason": r.fit.reason,
         "verdict": verdict,
-        "reason": r.verdict.reason if r else None,
-        "suggested_range_mm": list(r.verdict.suggestion_mm) if r and r.verdict.suggestion_mm else None,
-        "verdict_scale": r.verdict.scale if r else None,
-        "prominence": num(r.verdict.prominence) if r else None,
-        "noise": num(r.verdict.noise) if r else None,
-        "threshold": num(r.verdict.threshold) if r else None,
-        "frames": r.frames if r else 0,
-        "moves": r.moves if r else 0,
-        "elapsed_s": round(r.elapsed_s, 4) if r else None,
-        "search": r.search if r else None,
-        "metric": r.metric if r else None,
-        "start_mm": num(r.start_mm) if r else None,
-        "curve": [[s.z_mm, s.score] for s in r.samples] if r else [],
-        "transparent": r.transparent if r else False,  # then the curve holds -score (the minimum is the peak)
-        "peaks": [dataclasses.asdict(e) for e in r.peaks] if r else [],
-        "dips": [dataclasses.asdict(e) for e in r.dips] if r else [],
-        "timing": {k: round(v, 4) for k, v in dataclasses.asdict(r.timing if r else Timing()).items()},
-        "exit_code": exit_code,
-        "error": error,
-        "stage": where,
-        "stage_info": stage_info,  # Zaber runs: device, axis, name, travel_mm, native_unit_nm, ...
-        "roi": list(roi) if roi else None,  # the scored region [x, y, w, h] (camera pixels), None: whole frame
-        "camera_roi": list(camera_roi) if camera_roi else None,  # the sensor region read out, None: whole sensor
+        "reason": r.verdict.reason,
+        "suggested_range_mm": list(r.verdict.suggestion_mm) if r.verdict.suggestion_mm else None,
+        "verdict_scale": r.verdict.scale,
+        "prominence": num(r.verdict.prominence),
+        "noise": num(r.verdict.noise),
+        "threshold": num(r.verdict.threshold),
+        "frames": r.frames,
+        "moves": r.moves,
+        "elapsed_s": round(r.elapsed_s, 4),
+        "search": r.search,
+        "metric": r.metric,
+        "start_mm": num(r.start_mm),
+        "curve": [[s.z_mm, s.score] for s in r.samples],
+        "transparent": r.transparent,  # then the curve holds -score (the minimum is the peak)
+        "peaks": [dataclasses.asdict(e) for e in r.peaks],
+        "dips": [dataclasses.asdict(e) for e in r.dips],
+        "timing": {k: round(v, 4) for k, v in dataclasses.asdict(r.timing).items()},
+        # exit_code, error, stage (where it was left), stage_info (Zaber runs: device, axis, name,
+        # travel_mm, ...), roi (the scored region [x, y, w, h], None: the whole frame), camera_roi
+        **run_keys,
     }
 
 
@@ -3009,20 +4197,43 @@ def strict_json(data: dict[str, Any]) -> str:
     return json.dumps(finite_only(data), allow_nan=False)
 
 
+def write_replacing(path: str | Path, write: Callable[[Path], None]) -> None:
+    """``write`` a new file next to ``path`` (a name this call creates, exclusively), then rename
+    it onto ``path``: a failure (a full disk) leaves the old file or none, never half a file, and a
+    link planted at ``path`` is replaced, never written through."""
+    path = Path(path)
+    for _ in range(100):  # a free temporary name (claimed exclusively: nothing there is followed)
+        temporary = path.with_name(f".autofocus-{os.getpid()}-{os.urandom(4).hex()}.tmp")
+        try:
+            open(temporary, "xb").close()  # noqa: SIM115
+            break
+        except FileExistsError:
+            continue
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+
+
 def write_curve_csv(path: str | Path, samples: Sequence[Sample]) -> None:
     """The focus curve in capture order: index,z_mm,score."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["index", "z_mm", "score"])
-        for i, s in enumerate(samples):
-            w.writerow([i, repr(float(s.z_mm)), repr(float(s.score))])
+    def write(temporary: Path) -> None:
+        with open(temporary, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["index", "z_mm", "score"])
+            for i, s in enumerate(samples):
+                w.writerow([i, repr(float(s.z_mm)), repr(float(s.score))])
+
+    write_replacing(path, write)
 
 
 def plot_curve(path: str | Path, result: FocusResult) -> None:
-    """A PNG of the focus curve: samples, chosen position, fitted peak."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
+    """A plot of the focus curve (the format from the name's extension): samples, chosen position,
+    fitted peak."""
+    load_matplotlib("--plot")
     from matplotlib import pyplot as plt  # noqa: PLC0415
 
     ordered = by_z(result.samples)
@@ -3044,53 +4255,180 @@ def plot_curve(path: str | Path, result: FocusResult) -> None:
         ax.set_title(f"verdict: {result.verdict.kind}")
         ax.legend(loc="best", fontsize=8)
         fig.tight_layout()
-        fig.savefig(path)
+        ext = Path(path).suffix.lower().lstrip(".")
+        write_replacing(path, lambda temporary: fig.savefig(temporary, format=ext))
     finally:
         plt.close(fig)
 
 
+MAP_CSV_HEADER = ("x_mm", "y_mm", "z_mm", "verdict", "uncertainty_mm", "status", "frames", "loo_um", "note")
+
+
+def write_map_csv(path: str | Path, fmap: FocusMap) -> None:
+    """One row per map point in visiting order: x_mm, y_mm, z_mm (empty without a focus), verdict,
+    uncertainty_mm (the point's +-, empty where its search gives none), status, frames, loo_um, note."""
+    def cell(v: float | None) -> str:
+        return "" if v is None or not math.isfinite(v) else repr(float(v))
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(MAP_CSV_HEADER)
+            for p in fmap.points:
+                w.writerow([repr(float(p.x_mm)), repr(float(p.y_mm)), cell(p.z_mm), p.verdict,
+                            cell(None if p.result is None else p.result.uncertainty_mm), p.status, p.frames,
+                            cell(p.loo_um), p.note])
+
+    write_replacing(path, write)
+
+
+def write_map_json(path: str | Path, fmap: FocusMap) -> None:
+    """``fmap.to_json()`` as a strict JSON file."""
+    text = strict_json(fmap.to_json()) + "\n"
+    write_replacing(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def write_map_npy(path: str | Path, fmap: FocusMap, grid: tuple[int, int] | None = None) -> None:
+    """The m x n float64 array of Zaber's high-throughput scanning example (``FocusMap.offsets_um``);
+    ValueError without a surface."""
+    offsets = fmap.offsets_um(grid)
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as f:  # np.save(str) would append ".npy" to a name without it
+            np.save(f, offsets)
+
+    write_replacing(path, write)
+
+
+def plot_map(path: str | Path, fmap: FocusMap) -> None:
+    """A heat map of the fitted surface (um from its mean) with every measured point marked by
+    what became of it; the title gives the model, tilt and leave-one-out error against DOF/2."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # noqa: PLC0415
+
+    x0, y0, x1, y1 = fmap.area_mm
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+    try:
+        if fmap.surface is not None:
+            gx, gy = np.meshgrid(np.linspace(x0, x1, 121), np.linspace(y0, y1, 121))  # the surface: the area only
+            z_um = 1000.0 * np.asarray(fmap.z_at(gx, gy))
+            mean = float(z_um.mean())
+            mesh = ax.pcolormesh(gx, gy, z_um - mean, shading="auto", cmap="viridis")
+            ax.contour(gx, gy, z_um - mean, levels=10, colors="white", linewidths=0.5, alpha=0.6)
+            fig.colorbar(mesh, ax=ax, label=f"focus, um from {mean / 1000.0:.4f} mm")
+        marks = {"used": ("o", "black", "used"), "not_focused": ("x", "tab:red", "no focus (bare glass, ...)"),
+                 "outlier": ("X", "tab:orange", "outlier (left out)"), "failed": ("s", "tab:red", "failed")}
+        for status, (marker, colour, label) in marks.items():
+            pts = [p for p in fmap.points if p.status == status]
+            if pts:
+                ax.scatter([p.x_mm for p in pts], [p.y_mm for p in pts], marker=marker, c=colour,
+                           s=36 if marker == "o" else 80, label=f"{label}: {len(pts)}",
+                           edgecolors="white" if marker == "o" else None, linewidths=0.6 if marker == "o" else 2.0)
+        added = [p for p in fmap.points if p.added]
+        if added:
+            ax.scatter([p.x_mm for p in added], [p.y_mm for p in added], marker="o", facecolors="none",
+                       edgecolors="tab:cyan", s=110, linewidths=1.2, label=f"added where uncertain: {len(added)}")
+        if fmap.suggestions_mm:
+            ax.scatter([s[0] for s in fmap.suggestions_mm], [s[1] for s in fmap.suggestions_mm], marker="+",
+                       c="tab:pink", s=90, label="points missing here")
+        pad = 0.04 * max(abs(x1 - x0), abs(y1 - y0))  # the border points whole, not cut in half
+        ax.set_xlim(min(x0, x1) - pad, max(x0, x1) + pad)
+        ax.set_ylim(min(y0, y1) - pad, max(y0, y1) + pad)
+        ax.set_aspect("equal")
+        ax.set_xlabel("plate x (mm)")
+        ax.set_ylabel("plate y (mm)")
+        if fmap.surface is None:
+            title = "no surface (too few points focused)"
+        else:
+            tx, ty = fmap.tilt_um_per_mm or (float("nan"), float("nan"))
+            title = (f"{fmap.model}: tilt {tx:+.2f} / {ty:+.2f} um/mm, leave-one-out {fmap.loo_rms_um:.2f} um "
+                     f"({'within' if fmap.trusted else 'ABOVE'} DOF/2 = {500 * fmap.depth_of_field_mm:.2f} um)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(loc="upper left", bbox_to_anchor=(0, -0.12), ncol=3, fontsize=7, frameon=False)
+        fig.tight_layout()
+        ext = Path(path).suffix.lower().lstrip(".")
+        write_replacing(path, lambda temporary: fig.savefig(temporary, format=ext))
+    finally:
+        plt.close(fig)
+
+
+# The files --save-images writes into its folder besides stack.csv and roi.json (and what --overwrite
+# removes): frames, and a frame being written (a temporary name, renamed once complete).
+FRAME_FILE = re.compile(r"\.?frame_\d{5}\.(png|tif)(\.part)?")
+
+
+def recording_files(folder: Path) -> list[Path]:
+    """The files of a recording in ``folder`` (stack.csv, roi.json, frames, frames cut short)."""
+    return sorted(p for p in folder.iterdir() if p.name in ("stack.csv", ROI_FILE) or FRAME_FILE.fullmatch(p.name))
+
+
+def encode_frame(frame: np.ndarray) -> tuple[str, bytes]:
+    """(extension, file bytes) of a lossless image of the frame: PNG for 8- and 16-bit frames,
+    32-bit float TIFF for float32 ones (PNG has no float pixels; OpenCV would round them to 8 bits)."""
+    ext = ".tif" if frame.dtype == np.float32 else ".png"
+    params = [] if ext == ".tif" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    ok, encoded = cv2.imencode(ext, frame, params)
+    if not ok:
+        raise OutputError(f"OpenCV could not encode a {frame.dtype} frame as {ext[1:].upper()}")
+    return ext, encoded.tobytes()
+
+
+def write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` (exclusively: an existing file, or a link planted there, is an error, never
+    written through) holding ``data``."""
+    with open(path, "xb") as fh:
+        fh.write(data)
+
+
 class ImageSaver:
-    """Writes every frame as a lossless PNG and appends a row to DIR/stack.csv as it goes.
+    """Writes every frame losslessly (``encode_frame``: PNG, or float TIFF for float32 frames) and
+    appends a row to DIR/stack.csv as it goes.
 
-    Frames are saved whole; a region of interest is recorded in DIR/roi.json (and a stale one
-    from an earlier run without it removed), so that ``--replay DIR`` scores the same region."""
+    Every file is created here, exclusively, so nothing is ever written through a link that was
+    there before.  A recording already in DIR (stack.csv, roi.json, frames) is refused unless
+    ``overwrite``, which removes it first (links are removed, never followed): no stale slice is
+    left behind.  Frames are saved whole; a region of interest is recorded in DIR/roi.json, so
+    that ``--replay DIR`` scores the same region."""
 
-    def __init__(self, folder: str | Path, roi: Roi | None = None) -> None:
+    def __init__(self, folder: str | Path, roi: Roi | None = None, *, overwrite: bool = False) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        roi_path = self.folder / ROI_FILE
         try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            old = recording_files(self.folder)
+            if old and not overwrite:
+                raise OutputError(f"--save-images: {self.folder} already holds a recording; pass --overwrite to "
+                                  "replace it")
+            for path in old:
+                path.unlink()
             if roi is not None:
-                roi_path.write_text(json.dumps({"roi": list(roi)}) + "\n", encoding="utf-8")
-            else:
-                roi_path.unlink(missing_ok=True)
+                write_new_file(self.folder / ROI_FILE, (json.dumps({"roi": list(roi)}) + "\n").encode())
+            self._csv = open(self.folder / "stack.csv", "x", newline="", encoding="utf-8")  # noqa: SIM115
+            self._writer = csv.writer(self._csv)
+            self._writer.writerow(["z_mm", "file", "score"])
+            self._csv.flush()
         except OSError as exc:
-            raise OutputError(f"--save-images: writing {roi_path} failed ({exc.strerror})") from exc
-        self._csv = open(self.folder / "stack.csv", "w", newline="")  # noqa: SIM115
-        self._writer = csv.writer(self._csv)
-        self._writer.writerow(["z_mm", "file", "score"])
-        self._csv.flush()
+            raise OutputError(f"--save-images: starting the recording in {self.folder} failed "
+                              f"({exc.strerror or exc})") from exc
         self._lock = threading.Lock()
 
     def __call__(self, index: int, z_mm: float, frame: np.ndarray, score: float) -> None:
         """Write one frame, then its row: a row is only ever listed for a file completely written.
 
-        The PNG is encoded in memory and written under a temporary name, then renamed, so a
+        The frame is encoded in memory and written under a temporary name, then renamed, so a
         full disk is one OSError here (no libpng messages) and never leaves a truncated frame
         behind a row.  The first failure stops the run (OutputError, exit 5)."""
-        name = f"frame_{index:05d}.png"
-        path = self.folder / name
         with self._lock:  # close() waits for a frame being written, and no frame follows it
             if self._csv.closed:
                 return
-            ok, encoded = cv2.imencode(".png", frame, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-            if not ok:
-                raise OutputError(f"--save-images: OpenCV could not encode frame {index} as PNG")
+            ext, encoded = encode_frame(frame)
+            name = f"frame_{index:05d}{ext}"
+            path = self.folder / name
             partial = path.with_name(f".{name}.part")
             try:
-                with open(partial, "wb") as fh:
-                    fh.write(encoded.tobytes())
-                os.replace(partial, path)
+                write_new_file(partial, encoded)
+                os.replace(partial, path)  # replaces a link planted at ``path``; never follows it
                 self._writer.writerow([repr(float(z_mm)), name, repr(float(score))])
                 self._csv.flush()
             except OSError as exc:
@@ -3562,13 +4900,11 @@ class LiveView:
         n = 1
         while (path := self.save_dir / f"autofocus_view_{n:03d}.png").exists():
             n += 1
-        ok, encoded = cv2.imencode(".png", self._shown)
         try:
-            if not ok:
-                raise OSError("OpenCV could not encode it")
-            path.write_bytes(encoded.tobytes())
-        except OSError as exc:
-            self.say(f"autofocus.py: could not save the view as {path} ({exc.strerror or exc}); the run goes on")
+            save_png(path, self._shown)
+        except (OSError, OutputError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+            self.say(f"autofocus.py: could not save the view as {path} ({reason}); the run goes on")
             return None
         self.say(f"autofocus.py: saved the view as {path}")
         return path
@@ -3612,12 +4948,22 @@ class LiveCamera:
         return self.camera.capture()
 
 
+def save_png(path: Path, image: np.ndarray, compression: int | None = None) -> None:
+    """An 8- or 16-bit image as a PNG at ``path`` (encoded in memory: OpenCV never sees the path);
+    ``compression`` 0-9 (OpenCV's default when None)."""
+    ok, encoded = cv2.imencode(".png", image, [] if compression is None else [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    if not ok:
+        raise OutputError(f"OpenCV could not encode {path.name} as PNG")
+    write_replacing(path, lambda temporary: temporary.write_bytes(encoded.tobytes()))
+
+
 def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR) -> list[Path]:
     """The README's figures, from the simulator: blurry and focused frames with their
     Laplacians, a sweep animation (frame, filtered, Laplacian, curve so far), the live view
     of a two-plane field scored on a region of interest (roi.png), the V-shaped contrast
-    curve of an unstained specimen with --transparent (transparent.png), and the --show-images
-    window held open at the end of a run (show_images.png)."""
+    curve of an unstained specimen with --transparent (transparent.png), the heat map of a
+    focus map over a tilted, bowed slide (focus_map.png), and the --show-images window held open
+    at the end of a run (show_images.png)."""
     from PIL import Image  # noqa: PLC0415  (pillow comes with matplotlib)
 
     folder = Path(folder)
@@ -3638,7 +4984,7 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
         lap_u8 = np.clip(np.abs(lap) * (255.0 / 0.5), 0, 255).astype(np.uint8)
         for suffix, img in (("image", frame), ("laplacian", lap_u8)):
             path = folder / f"{name}_{suffix}.png"
-            cv2.imwrite(str(path), img)
+            save_png(path, img)
             written.append(path)
     frames, curve = [], []
     sweep = plan_positions(optics.focus_mm - 0.5, optics.focus_mm + 0.5, 0.05)
@@ -3650,7 +4996,9 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
         rgb = Image.fromarray(cv2.cvtColor(view, cv2.COLOR_BGR2RGB))
         frames.append(rgb.quantize(colors=64, dither=Image.Dither.NONE))  # keeps the GIF small
     gif = folder / "autofocus.gif"
-    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=200, loop=0, optimize=True)
+    write_replacing(gif, lambda temporary: frames[0].save(temporary, format="GIF", save_all=True,
+                                                          append_images=frames[1:], duration=200, loop=0,
+                                                          optimize=True))
     written.append(gif)
     # --roi: a two-plane field (the right half 0.2 mm above the left), only the outlined right
     # part scored: the curve peaks at the right half's plane, where the view is taken.
@@ -3664,7 +5012,7 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
         curve.append(Sample(z, scorer(camera.capture())))
     stage.z = best_sample(curve).z_mm
     path = folder / "roi.png"
-    cv2.imwrite(str(path), compose_view(camera.capture(), blur, curve, height=150, roi=roi, frame_mm=stage.z))
+    save_png(path, compose_view(camera.capture(), blur, curve, height=150, roi=roi, frame_mm=stage.z))
     written.append(path)
     # --transparent: an unstained specimen at 40x; the contrast (normvar) curve is V-shaped, its
     # minimum at focus, and the edge score (laplacian) peaks on either side of it.
@@ -3675,6 +5023,16 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
     path = folder / "transparent.png"
     plot_curve(path, result)
     written.append(path)
+    # --map: a tilted, bowed slide with a patch of bare glass, 20x, STEP ~ one depth of field (the
+    # README's command, on 320x200 frames).
+    plate, z_stage, slide_camera = simulated_slide(objective="20x", width=320, height=200, time_scale=0.0,
+                                                   seed=optics.seed, photons=optics.photons, start_mm=12.3,
+                                                   bare_glass=((48.5, 35.0, 51.5, 40.5),))
+    fmap = focus_map(plate, z_stage, slide_camera, area_mm=(44, 33, 56, 42), grid=(5, 4), start_mm=12.26,
+                     end_mm=12.42, step_mm=0.004)
+    path = folder / "focus_map.png"
+    plot_map(path, fmap)
+    written.append(path)
     # --show-images: the window held open at the end of the card's run on the simulator, exactly as
     # the screen shows it (python autofocus.py 10 14 0.05 --simulate --sim-size 960x600 --show-images:
     # a quarter of the default frame, whose cells would be specks at the window's size).
@@ -3682,8 +5040,8 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
     stage, camera = simulated_microscope(**{**fields, "width": 960, "height": 600}, time_scale=0)
     result = focus(stage, camera, 10.0, 14.0, 0.05, blur=blur)
     path = folder / "show_images.png"
-    cv2.imwrite(str(path), final_view(camera.capture(), result.best_mm, result, blur=blur,
-                                      positions=plan_positions(10.0, 14.0, 0.05)), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    save_png(path, final_view(camera.capture(), result.best_mm, result, blur=blur,
+                              positions=plan_positions(10.0, 14.0, 0.05)), compression=9)
     written.append(path)
     return written
 
@@ -3704,66 +5062,165 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
 plan_log = logging.getLogger("autofocus.plan")  # the header line: what will be searched (absolute mm)
 
 
-def _is_number(value: Any) -> bool:
-    """A finite real number (not a bool)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One autofocus request: focus()'s arguments, which the command line builds from its options.
+
+    Checked as a whole by ``check_request`` before anything moves; its fields are focus()'s
+    keywords (and the command line's option names).  ``metric`` None means "laplacian", or
+    "normvar" with ``transparent``."""
+
+    start_mm: float
+    end_mm: float
+    step_mm: float
+    search: str = "sweep"
+    metric: str | None = None
+    blur: int = DEFAULT_BLUR
+    roi: Roi | None = None
+    settle_ms: float = 0.0
+    backlash_mm: float = 0.0
+    z_min: float | None = None
+    z_max: float | None = None
+    relative: bool = False
+    home: bool | None = None
+    peak: str = "sharpest"
+    transparent: bool = False
+    allow_many: bool = False
 
 
-def check_request(start_mm: float, end_mm: float, step_mm: float, *, search: str = "sweep",
-                  metric: str | None = "laplacian", blur: int = DEFAULT_BLUR, roi: Sequence[int] | None = None,
-                  settle_ms: float = 0.0, backlash_mm: float = 0.0, z_min: float | None = None,
-                  z_max: float | None = None, allow_many: bool = False, peak: str = "sharpest",
-                  **_others: Any) -> None:
-    """Everything about a request that can be checked before anything moves; UsageError (one
-    line) otherwise.  The CLI runs it before opening the hardware, focus() on every call."""
-    for name, value in (("START", start_mm), ("END", end_mm), ("STEP", step_mm)):
-        if not _is_number(value):
-            raise UsageError(f"{name} {value!r} is not a finite number of mm")
-        if abs(value) > MAX_ABS_POSITION_MM:
-            raise UsageError(f"{name} {value!r} mm is out of range: must be within +-{MAX_ABS_POSITION_MM:g} mm")
-    if not step_mm > 0:
-        raise UsageError(f"STEP {step_mm!r} must be greater than 0")
-    if step_mm < MIN_STEP_MM:
-        raise UsageError(f"STEP {step_mm!r} mm is below {MIN_STEP_MM:g} mm (1 nm), finer than any stage moves")
-    span = abs(end_mm - start_mm)
+REQUEST_RULES: dict[str, Rule] = {
+    "start_mm": POSITION_RULE,
+    "end_mm": POSITION_RULE,  # relative: offsets from where the stage is; the plan check sees the sums
+    "step_mm": Rule("number", MIN_STEP_MM, 2 * MAX_ABS_POSITION_MM, " mm"),
+    "search": Rule("choice", choices=tuple(SEARCHES)),
+    "metric": Rule("choice", choices=tuple(METRICS), optional=True),
+    "blur": Rule("whole", 3, MAX_BLUR, odd=True),
+    "roi": Rule("roi", optional=True),
+    "settle_ms": Rule("number", 0.0, MAX_SETTLE_MS, " ms"),
+    "backlash_mm": Rule("number", 0.0, MAX_BACKLASH_MM, " mm"),
+    "z_min": dataclasses.replace(POSITION_RULE, optional=True),
+    "z_max": dataclasses.replace(POSITION_RULE, optional=True),
+    "relative": Rule("flag"),
+    "home": Rule("flag", optional=True),
+    "peak": Rule("choice", choices=PEAK_CHOICES),
+    "transparent": Rule("flag"),
+    "allow_many": Rule("flag"),
+}
+
+
+def check_request(request: Request) -> Request:
+    """The request with every field checked (REQUEST_RULES), and then as a whole (a range of at
+    least one STEP, a sane number of positions, soft limits in order, --peak on a sweep); the
+    metric resolved.  BadValue (a UsageError) otherwise.  Nothing here needs the stage."""
+    r = Request(**check_values("request", REQUEST_RULES, dataclasses.asdict(request)))
+    span = abs(r.end_mm - r.start_mm)
     if span == 0:
-        raise UsageError("START equals END: nothing to search; give a range of at least one STEP")
-    if step_mm > span + 1e-12:
-        raise UsageError(f"STEP {step_mm:g} mm is larger than the range {span:g} mm; use a smaller STEP")
-    whole_steps = math.floor(span / step_mm + 1e-9)
-    n = whole_steps + 1 + (abs(whole_steps * step_mm - span) > 1e-9)
+        raise BadValue("request", ("start_mm", "end_mm", "step_mm"), lambda a, b, c: (
+            f"{a} equals {b}: nothing to search; give a range of at least one {c}"))
+    if r.step_mm > span + 1e-12:
+        raise BadValue("request", ("step_mm",), lambda a: (
+            f"{a} {r.step_mm:g} mm is larger than the range {span:g} mm; use a smaller {a}"))
+    whole_steps = math.floor(span / r.step_mm + 1e-9)
+    n = whole_steps + 1 + (abs(whole_steps * r.step_mm - span) > 1e-9)
     if n > MAX_POSITIONS_ALLOWED:
-        raise UsageError(f"{n:,} positions (range {span:g} mm / STEP {step_mm:g} mm) is more than {MAX_POSITIONS_ALLOWED:,}, "
-                         "even with --allow-many; check the units (mm) or split the range")
-    if n > MAX_POSITIONS and not allow_many:
-        raise UsageError(f"{n:,} positions (range {span:g} mm / STEP {step_mm:g} mm) is more than "
-                         f"{MAX_POSITIONS:,}: check the units (mm), or confirm with --allow-many")
-    if search not in SEARCHES:
-        raise UsageError(f"search {search!r} is unknown; choose one of {', '.join(SEARCHES)}")
-    if peak not in PEAK_CHOICES:
-        raise UsageError(f"peak {peak!r} is unknown; choose one of {', '.join(PEAK_CHOICES)}")
-    if peak != "sharpest" and search != "sweep":
-        raise UsageError(f"--peak {peak} compares every peak of the curve, which only a sweep measures: "
-                         "use --search sweep (the default)")
-    if metric is not None and metric not in METRICS:
-        raise UsageError(f"metric {metric!r} is unknown; choose one of {', '.join(METRICS)}")
-    if not (isinstance(blur, numbers.Integral) and 3 <= blur <= MAX_BLUR and blur % 2 == 1):
-        raise UsageError(f"blur {blur!r} must be an odd whole number of pixels from 3 to {MAX_BLUR} (e.g. 5, 9, 15)")
-    for name, value, most in (("settle_ms", settle_ms, MAX_SETTLE_MS), ("backlash_mm", backlash_mm, MAX_BACKLASH_MM)):
-        if not (_is_number(value) and 0 <= value <= most):
-            raise UsageError(f"{name} {value!r} must be a number from 0 to {most:g}")
-    for name, value in (("z_min", z_min), ("z_max", z_max)):
-        if value is not None and not (_is_number(value) and abs(value) <= MAX_ABS_POSITION_MM):
-            raise UsageError(f"{name} {value!r} must be a number of mm within +-{MAX_ABS_POSITION_MM:g} (or None)")
-    if z_min is not None and z_max is not None and z_min >= z_max:
-        raise UsageError(f"--z-min {z_min:g} must be below --z-max {z_max:g}")
-    if roi is not None:
-        if not (isinstance(roi, Sequence) and len(roi) == 4 and
-                all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in roi)):
-            raise UsageError(f"roi {roi!r} must be (x, y, width, height) in whole camera pixels")
-        if roi[0] < 0 or roi[1] < 0 or roi[2] < MIN_ROI_PX or roi[3] < MIN_ROI_PX:
-            raise UsageError(f"ROI {','.join(map(str, roi))}: X and Y must be 0 or more, and W and H at least "
-                             f"{MIN_ROI_PX} pixels (the region must not be empty)")
+        raise BadValue("request", ("allow_many",), lambda a: (
+            f"{n:,} positions (range {span:g} mm / STEP {r.step_mm:g} mm) is more than {MAX_POSITIONS_ALLOWED:,}, "
+            f"even with {a}; check the units (mm) or split the range"))
+    if n > MAX_POSITIONS and not r.allow_many:
+        raise BadValue("request", ("allow_many",), lambda a: (
+            f"{n:,} positions (range {span:g} mm / STEP {r.step_mm:g} mm) is more than {MAX_POSITIONS:,}: check "
+            f"the units (mm), or confirm with {a}"))
+    if r.z_min is not None and r.z_max is not None and r.z_min >= r.z_max:
+        raise BadValue("request", ("z_min", "z_max"), lambda a, b: f"{a} {r.z_min:g} must be below {b} {r.z_max:g}")
+    if r.peak != "sharpest" and r.search != "sweep":
+        raise BadValue("request", ("peak", "search"), lambda a, b: (
+            f"{a} {r.peak} compares every peak of the curve, which only a sweep measures: use {b} sweep "
+            "(the default)"))
+    return dataclasses.replace(r, metric=r.metric or ("normvar" if r.transparent else "laplacian"))
+
+
+def stage_limits(stage: Stage) -> tuple[float, float]:
+    """The stage's travel limits, checked before any use: two finite numbers of mm, lowest first
+    (a NaN would pass every comparison of the plan check); StageError otherwise."""
+    limits = stage.limits_mm()
+    try:
+        lo, hi = limits
+        usable = _is_number(lo) and _is_number(hi) and lo <= hi
+    except (TypeError, ValueError):
+        usable = False
+    if not usable:
+        raise StageError(f"the stage reports its travel limits as {show_value(limits)}, not two finite numbers of mm, "
+                         "lowest first; nothing was moved: check the stage (its limits_mm())")
+    return float(lo), float(hi)
+
+
+def stage_position(stage: Stage) -> float:
+    """Where the stage says it is, checked before any use: a finite number of mm; StageError otherwise."""
+    z_mm = stage.position_mm()
+    if not _is_number(z_mm):
+        raise StageError(f"the stage reports its position as {show_value(z_mm)}, not a finite number of mm; "
+                         "nothing was moved: check the stage (its position_mm())")
+    return float(z_mm)
+
+
+_in_use: dict[int, str] = {}  # id() of every stage and camera inside a focus() call -> "stage"/"camera"
+_in_use_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def exclusive_use(stage: Stage, camera: Camera) -> Iterator[None]:
+    """One focus() call at a time per stage object and per camera object.  A second call on either
+    -- from another thread, or from the first call's own on_frame -- is refused (UsageError, before
+    it reads or moves anything): its moves would interleave with the first call's, and one result's
+    best_mm would not be where the stage ended.  A Zaber axis refuses a second program the same way."""
+    parts = {id(stage): "stage", id(camera): "camera"}
+    with _in_use_lock:
+        busy = [what for key, what in parts.items() if key in _in_use]
+        if busy:
+            raise UsageError(f"this {busy[0]} object is already in another focus() call (another thread, or that "
+                             f"call's on_frame): one call at a time per {busy[0]}; wait for it to return")
+        _in_use.update(parts)
+    try:
+        yield
+    finally:
+        with _in_use_lock:
+            for key in parts:
+                _in_use.pop(key, None)
+
+
+def check_parts(stage: Any, camera: Any, on_frame: Any) -> None:
+    """UsageError unless ``stage`` and ``camera`` implement the Stage and Camera protocols and
+    ``on_frame`` is callable (or None); nothing is called on them here."""
+    for what, part, protocol, methods in (("stage", stage, Stage, "limits_mm(), position_mm(), move_to(z_mm), stop()"),
+                                          ("camera", camera, Camera, "capture()")):
+        if not isinstance(part, protocol):
+            raise UsageError(f"{what} {show_value(part)} is not a {protocol.__name__}: it needs {methods} "
+                             "(see the Device interfaces section)")
+    if on_frame is not None and not callable(on_frame):
+        raise BadValue("request", ("on_frame",), lambda a: (
+            f"{a}: {show_value(on_frame)} must be a function on_frame(index, z_mm, frame, score), or None"))
+
+
+def check_step_native(stage: Stage, step_mm: float) -> None:
+    """Refuse a STEP of fewer than MIN_STEP_NATIVE native units of a Zaber stage (BadValue)."""
+    if isinstance(stage, ZaberStage):
+        unit_mm = stage.native_unit_mm
+        if step_mm < MIN_STEP_NATIVE * unit_mm * (1 - 1e-9):
+            raise BadValue("request", ("step_mm",), lambda a: (
+                f"{a} {step_mm:g} mm is {step_mm / unit_mm:.3g} native units of this stage (one unit is "
+                f"{unit_mm * 1e6:.4g} nm); a {a} must be at least {MIN_STEP_NATIVE} units, "
+                f"{MIN_STEP_NATIVE * unit_mm:.4g} mm"))
+
+
+def relative_origin(stage: Stage, relative: bool) -> float:
+    """What START and END are offsets from: where the axis is now with ``relative`` (refused for an
+    axis without a reference position), else 0."""
+    if not relative:
+        return 0.0
+    if getattr(stage, "homed", True) is False:
+        raise UsageError("--relative: the axis has no reference position, so where it is now means nothing; "
+                         "home it first (or give absolute START and END)")
+    return stage_position(stage)
 
 
 def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm: float, *,
@@ -3777,7 +5234,7 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
     Exactly what ``python autofocus.py START END STEP ...`` does, on a stage and a camera the
     caller holds (nothing is opened or closed here):
 
-    1. checks the request (``check_request``) and the plan against the stage's travel limits
+    1. checks every argument (``check_request``: type and range; UsageError) and the plan against the stage's travel limits
        and the soft limits ``z_min``/``z_max``, backlash overshoot included (UsageError,
        nothing moved); ``relative=True`` reads the stage's position and makes START and END
        offsets from it (an axis without a reference position is refused);
@@ -3803,42 +5260,45 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
     the stage was left) attached.  The tool's own errors are AutofocusError subclasses:
     UsageError, StageError, CameraError, OutputError.
     """
-    metric = metric or ("normvar" if transparent else "laplacian")
-    check_request(start_mm, end_mm, step_mm, search=search, metric=metric, blur=blur, roi=roi,
-                  settle_ms=settle_ms, backlash_mm=backlash_mm, z_min=z_min, z_max=z_max, allow_many=allow_many,
-                  peak=peak)
-    box: Roi | None = None if roi is None else (int(roi[0]), int(roi[1]), int(roi[2]), int(roi[3]))
+    request = check_request(Request(start_mm, end_mm, step_mm, search=search, metric=metric, blur=blur,
+                                    roi=roi, settle_ms=settle_ms, backlash_mm=backlash_mm,  # type: ignore[arg-type]
+                                    z_min=z_min, z_max=z_max, relative=relative, home=home, peak=peak,
+                                    transparent=transparent, allow_many=allow_many))
+    return run_request(stage, camera, request, on_frame=on_frame)
+
+
+def run_request(stage: Stage, camera: Camera, request: Request, *, on_frame: FrameHook | None = None) -> FocusResult:
+    """focus() for a request already checked by ``check_request`` (the command line checks its
+    own before it opens anything): the parts checked, then plan, homing, search and final move."""
+    check_parts(stage, camera, on_frame)
+    with exclusive_use(stage, camera):
+        return _run_request(stage, camera, request, on_frame)
+
+
+def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook | None) -> FocusResult:
+    check_step_native(stage, r.step_mm)
     if isinstance(stage, ZaberStage):
-        stage.soft_limits_mm = (z_min, z_max)
-        unit_mm = stage.native_unit_mm
-        if step_mm < MIN_STEP_NATIVE * unit_mm * (1 - 1e-9):
-            raise UsageError(f"STEP {step_mm:g} mm is {step_mm / unit_mm:.3g} native units of this stage (one unit is "
-                             f"{unit_mm * 1e6:.4g} nm); a STEP must be at least {MIN_STEP_NATIVE} units, "
-                             f"{MIN_STEP_NATIVE * unit_mm:.4g} mm")
-    origin_mm = 0.0
-    if relative:
-        if getattr(stage, "homed", True) is False:
-            raise UsageError("--relative: the axis has no reference position, so where it is now means nothing; "
-                             "home it first (or give absolute START and END)")
-        origin_mm = stage.position_mm()
-    plan = Plan(tuple(plan_positions(start_mm + origin_mm, end_mm + origin_mm, step_mm)), search, backlash_mm,
-                settle_ms, peak)
-    check_plan(plan, stage.limits_mm(), (z_min, z_max))
+        stage.soft_limits_mm = (r.z_min, r.z_max)
+    origin_mm = relative_origin(stage, r.relative)
+    plan = Plan(tuple(plan_positions(r.start_mm + origin_mm, r.end_mm + origin_mm, r.step_mm)), r.search,
+                r.backlash_mm, r.settle_ms, r.peak)
+    check_plan(plan, stage_limits(stage), (r.z_min, r.z_max))
     home_if_needed = getattr(stage, "home_if_needed", None)
     if home_if_needed is not None and getattr(stage, "homed", True) is False:
         axis = f"device {stage.device_number} axis {stage.axis_number}" if isinstance(stage, ZaberStage) \
             else "the focus axis"
-        check_home_consent(home, z_min, z_max, axis)
+        check_home_consent(r.home, r.z_min, r.z_max, axis)
         home_if_needed()
-        check_plan(plan, stage.limits_mm(), (z_min, z_max))
+        check_plan(plan, stage_limits(stage), (r.z_min, r.z_max))
     first, last = plan.positions[0], plan.positions[-1]
     plan_log.info("searching %.4f..%.4f mm every %g mm%s: %d positions, %s search, %s score%s",
-                  first, last, step_mm,
-                  f" ({start_mm:+g}..{end_mm:+g} mm from {origin_mm:.4f} mm)" if relative else "",
-                  len(plan.positions), search, metric,
-                  f", ROI {','.join(map(str, box))}" if box else "")
+                  first, last, r.step_mm,
+                  f" ({r.start_mm:+g}..{r.end_mm:+g} mm from {origin_mm:.4f} mm)" if r.relative else "",
+                  len(plan.positions), r.search, r.metric,
+                  f", ROI {','.join(map(str, r.roi))}" if r.roi else "")
     try:
-        return run_autofocus(stage, camera, Scorer(metric, blur, box, invert=transparent), plan, on_frame=on_frame)
+        return run_autofocus(stage, camera, Scorer(r.metric, r.blur, r.roi, invert=r.transparent), plan,  # type: ignore[arg-type]
+                             on_frame=on_frame)
     except RunFailed as failed:
         stopped = failed
     finally:
@@ -3867,48 +5327,649 @@ def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
     """
     optics_names = {f.name for f in dataclasses.fields(SimOptics)}
     timing_names = {f.name for f in dataclasses.fields(SimTiming)} - {"scale"}
-    stage_names = {"time_scale", "start_mm", "travel_mm", "one_shot", "camera_roi", "objective"}
-    unknown = sorted(set(options) - optics_names - timing_names - stage_names)
-    if unknown:
-        raise UsageError(f"simulated_microscope: unknown option {', '.join(unknown)}; choose from "
-                         f"{', '.join(sorted(optics_names | timing_names | stage_names))}")
-    for name in ("specimen", "right_specimen"):
-        if options.get(name) not in (None, *SIM_SPECIMENS):
-            raise UsageError(f"simulated_microscope: {name}={options[name]!r}; choose {', '.join(SIM_SPECIMENS)}")
-    lens = objective_optics(options["objective"]) if options.get("objective") is not None else {}
-    optics = SimOptics(**{**lens, **{k: v for k, v in options.items() if k in optics_names}})
-    if not (16 <= optics.width <= 10000 and 16 <= optics.height <= 10000
-            and optics.width * optics.height <= MAX_SIM_PIXELS):
-        raise UsageError(f"simulated_microscope: width and height must be 16 to 10000 pixels, at most "
-                         f"{MAX_SIM_PIXELS / 1e6:g} MP in all")
-    if not (_is_number(optics.photons) and 0 < optics.photons <= MAX_SIM_PHOTONS):
-        raise UsageError(f"simulated_microscope: photons {optics.photons!r} must be above 0 and at most "
-                         f"{MAX_SIM_PHOTONS:g}")
-    if not (isinstance(optics.seed, numbers.Integral) and 0 <= optics.seed < 2**32):
-        raise UsageError(f"simulated_microscope: seed {optics.seed!r} must be a whole number from 0 to {2**32 - 1}")
-    scale = options.get("time_scale", 1.0)
-    if not (_is_number(scale) and 0 <= scale <= MAX_SIM_TIME_SCALE):
-        raise UsageError(f"simulated_microscope: time_scale {scale!r} must be from 0 to {MAX_SIM_TIME_SCALE:g}")
-    if optics.bit_depth not in (8, 12, 16):
-        raise UsageError(f"simulated_microscope: bit_depth {optics.bit_depth!r}; choose 8, 12 or 16")
-    travel = tuple(options.get("travel_mm", (0.0, 25.0)))
-    for name in ("focus_mm", "right_focus_mm", "start_mm"):
-        value = options.get(name)
-        if value is not None and not (_is_number(value) and abs(value) <= MAX_ABS_POSITION_MM):
-            raise UsageError(f"simulated_microscope: {name} {value!r} must be a number of mm within "
-                             f"+-{MAX_ABS_POSITION_MM:g}")
-    start = options.get("start_mm", 0.0)
-    if not (len(travel) == 2 and _is_number(travel[0]) and _is_number(travel[1]) and travel[0] < travel[1]
-            and travel[0] <= start <= travel[1]):
-        raise UsageError(f"simulated_microscope: the stage must start inside its travel: start_mm {start!r} "
-                         f"is outside {travel!r} (--sim-start-mm)")
-    timing = SimTiming(scale=options.get("time_scale", 1.0), **{k: v for k, v in options.items() if k in timing_names})
+    given = check_values("simulator", SIM_RULES, options)  # every value, before anything is built
+    lens = objective_optics(given["objective"]) if given.get("objective") is not None else {}
+    optics = SimOptics(**{**lens, **{k: v for k, v in given.items() if k in optics_names}})
+    timing = SimTiming(scale=given.get("time_scale", 1.0), **{k: v for k, v in given.items() if k in timing_names})
+    travel = given.get("travel_mm", (0.0, 25.0))
+    start = given.get("start_mm", 0.0)
+    if not travel[0] <= start <= travel[1]:
+        raise BadValue("simulator", ("start_mm",), lambda a: (
+            f"{a}: the stage must start inside its travel: {start:g} mm is outside {travel[0]:g}..{travel[1]:g} mm"))
     clock = SimClock(timing.scale)
-    stage = SimStage(travel_mm=tuple(options.get("travel_mm", (0.0, 25.0))),  # type: ignore[arg-type]
-                     position_mm=options.get("start_mm", 0.0), timing=timing, clock=clock)
-    camera_roi = options.get("camera_roi")
-    return stage, SimCamera(stage, optics, timing, clock, one_shot=options.get("one_shot", False),
-                            roi=None if camera_roi is None else tuple(camera_roi))  # type: ignore[arg-type]
+    stage = SimStage(travel_mm=travel, position_mm=start, timing=timing, clock=clock)
+    return stage, SimCamera(stage, optics, timing, clock, one_shot=given.get("one_shot", False),
+                            roi=given.get("camera_roi"))
+
+
+def simulated_slide(**options: Any) -> tuple[SimXYStage, SimStage, SlideCamera]:
+    """A simulated XY plate, focus stage and camera over a tilted, bowed slide, to try
+    ``focus_map()`` without hardware: ``plate, stage, camera = simulated_slide(objective="20x")``.
+
+    Keywords: every ``simulated_microscope`` keyword (``focus_mm`` is the slide's focal surface at
+    its centre), every other ``SimSlide`` field (``centre_mm``, ``tilt_um_per_mm``,
+    ``bow_um_per_mm2``, ``ripple_um``, ``ripple_mm``, ``bare_glass``: boxes (X0, Y0, X1, Y1) with
+    no specimen), ``xy_travel_mm`` ((x_lo, x_hi), (y_lo, y_hi); default 0-100 x 0-75 mm) and
+    ``xy_start_mm`` (where the plate starts; default the slide's centre)."""
+    slide_names = {f.name for f in dataclasses.fields(SimSlide)} - {"focus_mm"}
+    slide_options = {k: options.pop(k) for k in list(options) if k in slide_names}
+    travel = options.pop("xy_travel_mm", ((0.0, 100.0), (0.0, 75.0)))
+    start = options.pop("xy_start_mm", None)
+    stage, camera = simulated_microscope(**options)
+
+    def numbers(value: Any, count: int) -> bool:
+        return (isinstance(value, Sequence) and len(value) == count
+                and all(_is_number(v) and abs(v) <= MAX_ABS_POSITION_MM for v in value))
+
+    checks: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "centre_mm": (lambda v: numbers(v, 2), "(x, y) in mm"),
+        "tilt_um_per_mm": (lambda v: numbers(v, 2), "(x, y) in um/mm"),
+        "bow_um_per_mm2": (lambda v: _is_number(v) and abs(v) <= 100, "a number of um/mm^2 within +-100"),
+        "ripple_um": (lambda v: _is_number(v) and abs(v) <= 1000, "a number of um within +-1000"),
+        "ripple_mm": (lambda v: _is_number(v) and 0 < v <= MAX_ABS_POSITION_MM, "a wavelength above 0 mm"),
+        "bare_glass": (lambda v: isinstance(v, Sequence) and all(numbers(b, 4) for b in v),
+                       "boxes (X0, Y0, X1, Y1) in mm"),
+        "xy_travel_mm": (lambda v: isinstance(v, Sequence) and len(v) == 2 and all(numbers(t, 2) and t[0] < t[1]
+                                                                                   for t in v),
+                         "((x_lo, x_hi), (y_lo, y_hi)) in mm, lowest first"),
+        "xy_start_mm": (lambda v: v is None or numbers(v, 2), "(x, y) in mm"),
+    }
+    for name, value in {**slide_options, "xy_travel_mm": travel, "xy_start_mm": start}.items():
+        ok, what = checks[name]
+        if not ok(value):
+            raise BadValue("slide", (name,), lambda a, v=value, w=what: f"{a} {show_value(v)} must be {w}")
+    slide = SimSlide(focus_mm=camera.optics.focus_mm, **{k: (tuple(tuple(b) for b in v) if k == "bare_glass" else
+                                                           tuple(v) if isinstance(v, Sequence) else v)
+                                                        for k, v in slide_options.items()})
+    xy_travel = (tuple(travel[0]), tuple(travel[1]))
+    at = tuple(start) if start is not None else slide.centre_mm
+    if not all(lo <= v <= hi for v, (lo, hi) in zip(at, xy_travel)):
+        raise BadValue("slide", ("xy_start_mm",), lambda a: f"the plate must start inside its travel "
+                       f"{show_value(xy_travel)} mm: {a} {show_value(at)}")
+    plate = SimXYStage(xy_travel, at, stage.timing, stage.clock)  # type: ignore[arg-type]
+    return plate, stage, SlideCamera(stage, plate, slide, camera.optics, camera.timing, camera.clock,
+                                     camera.one_shot, camera.roi)
+
+
+@dataclasses.dataclass(frozen=True)
+class MapPoint:
+    """One position of a focus map and what was found there.
+
+    ``result`` is the search that decided the point (its narrow window, or the whole range
+    after it); ``searches`` holds every search run there, in order.  ``status``: "used" (in the
+    surface), "not_focused" (no focus: bare glass, an empty field, the focus outside
+    START..END), "outlier" (focused, but far off the surface the others make), "failed" (the
+    map stopped here)."""
+
+    x_mm: float
+    y_mm: float
+    result: FocusResult | None
+    searches: tuple[FocusResult, ...] = ()
+    status: str = "used"
+    note: str = ""
+    noise_frames: int = 0  # frames repeated here to measure the score's noise
+    added: bool = False  # added where the map was uncertain (refine)
+    loo_um: float | None = None  # used points: how far the surface fitted to the others misses it
+
+    @property
+    def z_mm(self) -> float | None:
+        """The focus found here (None when there is none)."""
+        r = self.result
+        return r.best_mm if r is not None and r.verdict.kind == "focused" and math.isfinite(r.best_mm) else None
+
+    @property
+    def verdict(self) -> str:
+        """The decisive search's verdict ("failed" when it did not finish)."""
+        return "failed" if self.status == "failed" or self.result is None else self.result.verdict.kind
+
+    @property
+    def frames(self) -> int:
+        """Frames captured at this point (every search, and the noise frames)."""
+        return sum(r.frames for r in self.searches) + self.noise_frames
+
+
+@dataclasses.dataclass(frozen=True)
+class FocusMap:
+    """A focus map of the slide: the points measured and the surface fitted to them.
+
+    ``z_at(x, y)`` is the surface's focus (mm) anywhere in the mapped area (ValueError beyond it,
+    or without a surface).  ``model`` is the surface chosen by leave-one-out error ("plane",
+    "quadratic", "spline"; None with too few focused points), ``tilt_x_um_per_mm`` /
+    ``tilt_y_um_per_mm`` the slope of the best plane, ``rms_um`` and ``loo_rms_um`` the residuals
+    of the used points about the surface and their leave-one-out residuals (weighted by the
+    points' error bars), ``trusted`` whether the leave-one-out error is within half the depth of
+    field, ``frames`` every frame captured, ``to_json()`` all of it."""
+
+    area_mm: tuple[float, float, float, float]
+    grid: tuple[int, int]
+    points: tuple[MapPoint, ...]
+    surface: Surface | None
+    depth_of_field_mm: float
+    range_mm: tuple[float, float]
+    step_mm: float
+    loo_by_model_um: dict[str, float] = dataclasses.field(default_factory=dict)
+    rms_um: float | None = None
+    loo_rms_um: float | None = None
+    tilt_um_per_mm: tuple[float, float] | None = None
+    rel_noise: float | None = None
+    complete: bool = True
+    warnings: tuple[str, ...] = ()
+    suggestions_mm: tuple[tuple[float, float], ...] = ()
+    elapsed_s: float = 0.0
+
+    @property
+    def model(self) -> str | None:
+        return None if self.surface is None else self.surface.model
+
+    @property
+    def tilt_x_um_per_mm(self) -> float | None:
+        return None if self.tilt_um_per_mm is None else self.tilt_um_per_mm[0]
+
+    @property
+    def tilt_y_um_per_mm(self) -> float | None:
+        return None if self.tilt_um_per_mm is None else self.tilt_um_per_mm[1]
+
+    @property
+    def frames(self) -> int:
+        """Every frame the map captured."""
+        return sum(p.frames for p in self.points)
+
+    @property
+    def trusted(self) -> bool:
+        """A surface whose leave-one-out error is at most half the depth of field."""
+        return self.loo_rms_um is not None and self.loo_rms_um <= 500.0 * self.depth_of_field_mm
+
+    @property
+    def exit_code(self) -> int:
+        """The CLI's exit code: 0 a trusted surface, 4 a surface less certain than DOF/2, 3 none."""
+        return EXIT_NO_PEAK if self.surface is None else EXIT_OK if self.trusted else EXIT_EDGE
+
+    def z_at(self, x_mm: Any, y_mm: Any) -> Any:
+        """The surface's focus at (x, y), mm (floats or arrays); see ``Surface.z_at``."""
+        if self.surface is None:
+            raise ValueError("the focus map has no surface: too few points were focused (see its warnings)")
+        return self.surface.z_at(x_mm, y_mm)
+
+    def z_grid(self, grid: tuple[int, int] | None = None) -> np.ndarray:
+        """The surface on an NX x NY grid spanning the area (the map's own by default): shape
+        (NY, NX), row i at Y0 + i (Y1 - Y0)/(NY - 1), column j at X0 + j (X1 - X0)/(NX - 1), mm."""
+        nx, ny = grid or self.grid
+        x0, y0, x1, y1 = self.area_mm
+        gx, gy = np.meshgrid(np.linspace(x0, x1, nx), np.linspace(y0, y1, ny))
+        return np.asarray(self.z_at(gx, gy), float).reshape(ny, nx)
+
+    def offsets_um(self, grid: tuple[int, int] | None = None) -> np.ndarray:
+        """The layout of Zaber's high-throughput scanning example (``focus_map.npy``): an m x n array,
+        m scan passes (rows: along x, at each y from Y0 to Y1) by n images along each pass (x from X0
+        to X1), each entry the focus offset of that imaging location from the first one (X0, Y0),
+        in um.  In plate order: the example's scan does the snake itself."""
+        z = self.z_grid(grid)
+        return (z - z[0, 0]) * 1000.0
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything about the map as plain JSON-ready values (NaN as None)."""
+        def point(p: MapPoint) -> dict[str, Any]:
+            r = p.result
+            return {"x_mm": p.x_mm, "y_mm": p.y_mm, "z_mm": p.z_mm, "verdict": p.verdict, "status": p.status,
+                    "uncertainty_mm": None if r is None else r.uncertainty_mm, "frames": p.frames,
+                    "noise_frames": p.noise_frames, "added": p.added, "loo_um": p.loo_um, "note": p.note,
+                    "surface_mm": self.z_at(p.x_mm, p.y_mm) if self.surface is not None else None,
+                    "searches": [{"range_mm": [min(q.z_mm for q in s.samples), max(q.z_mm for q in s.samples)]
+                                  if s.samples else None,
+                                  "search": s.search, "verdict": s.verdict.kind, "reason": s.verdict.reason,
+                                  "frames": s.frames, "best_mm": s.best_mm,
+                                  "curve": [[q.z_mm, q.score] for q in s.samples]} for s in p.searches]}
+
+        return finite_only({
+            "area_mm": list(self.area_mm), "grid": list(self.grid), "complete": self.complete,
+            "model": self.model, "trusted": self.trusted, "tilt_um_per_mm": list(self.tilt_um_per_mm or []) or None,
+            "rms_um": self.rms_um, "loo_rms_um": self.loo_rms_um, "loo_by_model_um": dict(self.loo_by_model_um),
+            "depth_of_field_um": 1000.0 * self.depth_of_field_mm, "range_mm": list(self.range_mm),
+            "step_mm": self.step_mm, "frames": self.frames,
+            "frames_per_point": self.frames / len(self.points) if self.points else None,
+            "relative_noise": self.rel_noise, "elapsed_s": round(self.elapsed_s, 4),
+            "warnings": list(self.warnings), "suggested_points_mm": [list(s) for s in self.suggestions_mm],
+            "surface": None if self.surface is None else self.surface.to_json(),
+            "points": [point(p) for p in self.points]})
+
+
+def point_sigma_mm(result: FocusResult, step_mm: float) -> float:
+    """A focused point's error bar as one sigma: from its ``uncertainty_mm`` (a ~90% half-width)
+    where the search gives one, else STEP/4 (about the sweep's worst error at STEP ~ one depth
+    of field)."""
+    u = result.uncertainty_mm
+    return u * SIGMA_PER_90 if u is not None and math.isfinite(u) and u > 0 else step_mm / 4.0
+
+
+def _where(points: Sequence[tuple[float, float]], most: int = 6) -> str:
+    """"(20, 10), (22, 10) mm" (at most ``most`` of them)."""
+    text = ", ".join(f"({x:g}, {y:g})" for x, y in points[:most])
+    return text + (f" and {len(points) - most} more" if len(points) > most else "") + " mm"
+
+
+def summarise_map(points: Sequence[MapPoint], *, area_mm: tuple[float, float, float, float], grid: tuple[int, int],
+                  depth_of_field_mm: float, range_mm: tuple[float, float], step_mm: float, complete: bool = True,
+                  rel_noise: float | None = None, elapsed_s: float = 0.0) -> FocusMap:
+    """The FocusMap of these points: the surface (``choose_surface``), each point's status, the
+    tilt, and the warnings -- points without focus, outliers, too few points, a leave-one-out error
+    above half the depth of field (with where points are missing).  Pure."""
+    focused = [i for i, p in enumerate(points) if p.status != "failed" and p.z_mm is not None]
+    x = [points[i].x_mm for i in focused]
+    y = [points[i].y_mm for i in focused]
+    z = [points[i].z_mm for i in focused]
+    s = [point_sigma_mm(points[i].result, step_mm) for i in focused]  # type: ignore[arg-type]
+    # An assumed error bar (STEP/4, where a search gives none) weights the fit but does not widen
+    # the outlier test: that rests on the points' own scatter then.
+    own = [sigma if points[i].result.uncertainty_mm is not None else 0.0  # type: ignore[union-attr]
+           for i, sigma in zip(focused, s)]
+    choice = choose_surface(x, y, z, s, area_mm, depth_of_field_mm / 2.0, own_sigma_mm=own)  # type: ignore[arg-type]
+    fit = choice.fit
+    new = list(points)
+    for i, p in enumerate(points):
+        if p.status != "failed":
+            new[i] = dataclasses.replace(p, status="not_focused" if p.z_mm is None else "used", loo_um=None)
+    warnings: list[str] = []
+    tilt = rms = loo_rms = None
+    suggestions: list[tuple[float, float]] = []
+    if fit is not None:
+        used = [focused[k] for k in np.flatnonzero(choice.used)]
+        w = _weights(np.asarray(s, float)[choice.used])
+        rms, loo_rms = 1000.0 * _weighted_rms(fit.residuals_mm, w), 1000.0 * fit.loo_rms_mm
+        for k, i in enumerate(used):
+            new[i] = dataclasses.replace(new[i], loo_um=1000.0 * float(fit.loo_mm[k]))
+        off = []
+        for k in choice.outliers:
+            i = focused[k]
+            miss_um = 1000.0 * (z[k] - fit.surface.z_at(x[k], y[k]))  # type: ignore[operator]
+            new[i] = dataclasses.replace(new[i], status="outlier", note=(new[i].note + "; " if new[i].note else "")
+                                         + f"{miss_um:+.1f} um off the surface the other points make")
+            off.append(f"({x[k]:g}, {y[k]:g}) mm {miss_um:+.1f} um")
+        if off:
+            warnings.append(f"{len(off)} outlier{'s' if len(off) > 1 else ''} left out of the surface (a focus on dust "
+                            f"or debris, a second layer): {', '.join(off)}")
+        plane = fit if fit.surface.model == "plane" else fit_surface(
+            [x[k] for k in np.flatnonzero(choice.used)], [y[k] for k in np.flatnonzero(choice.used)],
+            [z[k] for k in np.flatnonzero(choice.used)], np.asarray(s)[choice.used], "plane", area_mm)
+        x0, y0, x1, y1 = area_mm
+        tilt = (plane or fit).surface.gradient_um_per_mm((x0 + x1) / 2.0, (y0 + y1) / 2.0)
+        if loo_rms > 500.0 * depth_of_field_mm:
+            loo = [abs(float(v)) for v in fit.loo_mm]
+            suggestions = suggest_points([x[k] for k in np.flatnonzero(choice.used)],
+                                         [y[k] for k in np.flatnonzero(choice.used)], loo,
+                                         [(p.x_mm, p.y_mm) for p in points], area_mm, grid, 6)
+            warnings.append(f"the surface is uncertain: its leave-one-out error, {loo_rms:.2f} um, exceeds half the "
+                            f"depth of field ({500.0 * depth_of_field_mm:.2f} um); points are missing near "
+                            f"{_where(suggestions)} (--map-refine N / refine=N adds up to N there)")
+    else:
+        warnings.append(f"no surface: only {len(focused)} point{'s' if len(focused) != 1 else ''} focused (at least 4, "
+                        "not all on one line, are needed); check START..END and the area")
+    empty = [(p.x_mm, p.y_mm) for p in new if p.status == "not_focused"]
+    if empty:
+        warnings.append(f"{len(empty)} point{'s' if len(empty) > 1 else ''} without a focus (bare glass, an empty "
+                        f"field, or the focus outside START..END), left out: {_where(empty)}")
+    if not complete:
+        warnings.append(f"the map was cut short after {sum(p.status != 'failed' for p in new)} of "
+                        f"{grid[0] * grid[1]} grid points")
+    return FocusMap(area_mm, grid, tuple(new), None if fit is None else fit.surface, depth_of_field_mm, range_mm,
+                    step_mm, {m: 1000.0 * v for m, v in choice.loo_by_model_mm.items()}, rms, loo_rms, tilt, rel_noise,
+                    complete, tuple(warnings), tuple(suggestions), elapsed_s)
+
+
+MAP_RULES: dict[str, Rule] = {
+    "refine": Rule("whole", 0, MAP_MAX_REFINE),
+    "depth_of_field_mm": Rule("number", 0.0, 10.0, " mm", above=True, optional=True),
+}
+
+
+def check_map_request(area_mm: Any, grid: Any, *, xy_limits_mm: Any = None, refine: Any = 0,
+                      depth_of_field_mm: Any = None) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    """Check a focus map's area (X0, Y0, X1, Y1 mm), grid (NX, NY), XY soft limits (a box, or
+    None), ``refine`` and ``depth_of_field_mm`` before anything moves; BadValue (one line, naming
+    the keyword, or on the command line its option) otherwise.  Returns the area and grid as
+    floats and ints."""
+    def bad(name: str, text: Callable[[str], str]) -> BadValue:
+        return BadValue("map", (name,), text)
+
+    def box(name: str, value: Any) -> tuple[float, float, float, float]:
+        if not (isinstance(value, Sequence) and len(value) == 4 and all(_is_number(v) for v in value)):
+            raise bad(name, lambda a: f"{a} {show_value(value)} must be X0,Y0,X1,Y1: four finite numbers of mm")
+        corners = tuple(float(v) for v in value)
+        if max(abs(v) for v in corners) > MAX_ABS_POSITION_MM:
+            raise bad(name, lambda a: f"{a} {show_value(value)} is out of range: within +-{MAX_ABS_POSITION_MM:g} mm")
+        x0, y0, x1, y1 = corners
+        if x0 == x1 or y0 == y1:
+            raise bad(name, lambda a: f"{a} {x0:g},{y0:g},{x1:g},{y1:g} mm has no "
+                      f"{'width' if x0 == x1 else 'height'}: give two opposite corners X0,Y0,X1,Y1")
+        return corners  # type: ignore[return-value]
+
+    area = box("area_mm", area_mm)
+    if not (isinstance(grid, Sequence) and len(grid) == 2
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in grid)):
+        raise bad("grid", lambda a: f"{a} {show_value(grid)} must be NXxNY: two whole numbers of points")
+    nx, ny = int(grid[0]), int(grid[1])
+    if not (2 <= nx <= MAP_MAX_SIDE and 2 <= ny <= MAP_MAX_SIDE):
+        raise bad("grid", lambda a: f"{a} {nx}x{ny}: each side needs 2 to {MAP_MAX_SIDE} points (a surface needs "
+                  "both directions)")
+    check_values("map", MAP_RULES, {"refine": refine, "depth_of_field_mm": depth_of_field_mm})
+    if xy_limits_mm is not None:
+        box("xy_limits_mm", xy_limits_mm)
+    return area, (nx, ny)
+
+
+def plate_limits(xy: XYStage) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The plate's travel limits, checked before any use: ((x_lo, x_hi), (y_lo, y_hi)), finite
+    numbers of mm, lowest first; StageError otherwise."""
+    limits = xy.limits_mm()
+    try:
+        (x_lo, x_hi), (y_lo, y_hi) = limits
+        usable = all(_is_number(v) for v in (x_lo, x_hi, y_lo, y_hi)) and x_lo <= x_hi and y_lo <= y_hi
+    except (TypeError, ValueError):
+        usable = False
+    if not usable:
+        raise StageError(f"the plate reports its travel limits as {show_value(limits)}, not ((x_lo, x_hi), (y_lo, "
+                         "y_hi)) in finite mm, lowest first; nothing was moved: check the plate (its limits_mm())")
+    return (float(x_lo), float(x_hi)), (float(y_lo), float(y_hi))
+
+
+def plate_position(xy: XYStage) -> tuple[float, float]:
+    """Where the plate says it is, checked before any use: (x, y), finite numbers of mm."""
+    at = xy.position_mm()
+    try:
+        x, y = at
+        usable = _is_number(x) and _is_number(y)
+    except (TypeError, ValueError):
+        usable = False
+    if not usable:
+        raise StageError(f"the plate reports its position as {show_value(at)}, not (x, y) in finite mm; check the "
+                         "plate (its position_mm())")
+    return float(x), float(y)
+
+
+def check_area_inside(area_mm: tuple[float, float, float, float],
+                      travel_mm: tuple[tuple[float, float], tuple[float, float]], xy_limits_mm: Sequence[float] | None,
+                      ) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Refuse an area that leaves the plate's travel or the XY soft limits (UsageError, nothing
+    moved); returns the allowed box ((x_lo, x_hi), (y_lo, y_hi))."""
+    (tx0, tx1), (ty0, ty1) = travel_mm
+    allowed = [[tx0, tx1], [ty0, ty1]]
+    if xy_limits_mm is not None:
+        lx0, ly0, lx1, ly1 = xy_limits_mm
+        allowed = [[max(tx0, min(lx0, lx1)), min(tx1, max(lx0, lx1))],
+                   [max(ty0, min(ly0, ly1)), min(ty1, max(ly0, ly1))]]
+    x0, y0, x1, y1 = area_mm
+    for name, (lo, hi), (a, b) in (("X", allowed[0], (x0, x1)), ("Y", allowed[1], (y0, y1))):
+        if min(a, b) < lo - 1e-9 or max(a, b) > hi + 1e-9:
+            raise UsageError(f"the map area's {name} {min(a, b):g}..{max(a, b):g} mm leaves the allowed "
+                             f"{lo:g}..{hi:g} mm (plate travel X {tx0:g}..{tx1:g}, Y {ty0:g}..{ty1:g} mm"
+                             + (", and the XY soft limits" if xy_limits_mm is not None else "")
+                             + "); choose an area inside it; nothing moved")
+    return (allowed[0][0], allowed[0][1]), (allowed[1][0], allowed[1][1])
+
+
+class _Mapper:
+    """One focus map's acquisition: the plate moves, each point's search, the noise frames."""
+
+    def __init__(self, xy: XYStage, z: Stage, camera: Camera, *, positions: list[float], full: Request,
+                 window: Request, on_frame: FrameHook | None, scorer: Scorer, direction: float) -> None:
+        self.xy, self.z, self.camera = xy, z, camera
+        self.positions, self.step_mm = positions, full.step_mm
+        self.full, self.window, self.on_frame, self.scorer = full, window, on_frame, scorer
+        self.backlash_mm, self.direction = full.backlash_mm, direction
+        self.full_frames = full_search_frames(len(positions), full.search)
+        self.rel_noise: float | None = None
+        self.left_at: tuple[float, float] | None = None  # where the map last sent the plate
+        self.points: list[MapPoint] = []
+        self.current: tuple[float, float] | None = None  # the point being measured (for a failure)
+        self.searches: list[FocusResult] = []
+
+    def move_plate(self, x_mm: float, y_mm: float) -> None:
+        """Move the plate and verify it, and that nothing else moved it since the last point."""
+        if self.left_at is not None:
+            at = plate_position(self.xy)
+            if math.hypot(at[0] - self.left_at[0], at[1] - self.left_at[1]) > XY_TOLERANCE_MM:
+                raise StageInterrupted(f"the plate is at ({at[0]:.4f}, {at[1]:.4f}) mm, not where the map left it "
+                                       f"({self.left_at[0]:.4f}, {self.left_at[1]:.4f}) mm: it was moved from outside "
+                                       "(the joystick, Zaber Launcher or another program)")
+        self.xy.move_to(x_mm, y_mm)
+        at = plate_position(self.xy)
+        if math.hypot(at[0] - x_mm, at[1] - y_mm) > XY_TOLERANCE_MM:
+            err = StageError(f"the plate move to ({x_mm:.4f}, {y_mm:.4f}) mm ended at ({at[0]:.4f}, {at[1]:.4f}) mm: "
+                             "it did not reach its target (blocked, or moved by someone else)")
+            err.may_move = False
+            raise err
+        self.left_at = (x_mm, y_mm)
+
+    def approach_z(self, z_mm: float) -> int:
+        """Send the focus stage to z the way the searches arrive (from the sweep's side with
+        backlash); returns the moves made."""
+        if self.backlash_mm > 0:
+            self.z.move_to(round(z_mm - self.direction * self.backlash_mm, POSITION_DECIMALS))
+            self.z.move_to(z_mm)
+            return 2
+        self.z.move_to(z_mm)
+        return 1
+
+    def measure_noise(self) -> int:
+        """Repeat frames where the stage is (the first focus): the score's relative noise."""
+        scores = []
+        z_now = stage_position(self.z)
+        for _ in range(NOISE_REPEATS):
+            frame = self.camera.capture()
+            check_frame(frame, z_now)
+            scores.append(self.scorer(frame))
+        self.rel_noise = relative_noise(scores)
+        if not math.isfinite(self.rel_noise):
+            self.rel_noise = None
+        return NOISE_REPEATS
+
+    def measure(self, x_mm: float, y_mm: float, added: bool = False) -> MapPoint:
+        """Focus at one plate position: a narrow window around the predicted focus when the
+        points so far predict one, else (or when the window shows no peak) the whole range."""
+        self.current, self.searches = (x_mm, y_mm), []
+        self.move_plate(x_mm, y_mm)
+        used = [p for p in self.points if p.z_mm is not None and p.status == "used"]
+        window = None
+        if used and self.rel_noise is not None:
+            sigmas = [point_sigma_mm(p.result, self.step_mm) for p in used]  # type: ignore[arg-type]
+            predicted, sigma = predict_focus([p.x_mm for p in used], [p.y_mm for p in used],
+                                             [p.z_mm for p in used], sigmas, (x_mm, y_mm))  # type: ignore[misc]
+            window = plan_window(predicted, sigma, self.positions, self.step_mm, self.full_frames)
+        note = ""
+        if window is not None:
+            found = _run_request(self.z, self.camera, check_request(dataclasses.replace(
+                self.window, start_mm=window[0], end_mm=window[1])), self.on_frame)
+            verdict = judge_window(found.samples, self.rel_noise)  # type: ignore[arg-type]
+            if verdict.kind == "focused":
+                fit = found.fit
+                target = fit.z_mm if fit.used and fit.z_mm is not None else best_sample(found.samples).z_mm
+                moves = found.moves
+                if not (found.verdict.kind == "focused" and found.best_mm == target):
+                    moves += self.approach_z(target)  # focus() judged the window by its own rule: go there
+                found = dataclasses.replace(found, verdict=verdict, best_mm=target, moves=moves)
+                self.searches.append(found)
+                return MapPoint(x_mm, y_mm, found, (found,), "used", f"window {window[0]:.4f}..{window[1]:.4f} mm",
+                                added=added)
+            self.searches.append(dataclasses.replace(found, verdict=verdict))
+            note = f"window {window[0]:.4f}..{window[1]:.4f} mm: {verdict.kind}; searched the whole range"
+        found = _run_request(self.z, self.camera, self.full, self.on_frame)
+        self.searches.append(found)
+        if (window is not None and found.verdict.kind == "focused"
+                and min(window) + self.step_mm - 1e-9 <= found.best_mm <= max(window) - self.step_mm + 1e-9
+                and not window_shows(self.searches[0].samples, found.best_mm, self.rel_noise)):  # type: ignore[arg-type]
+            # The whole range's peak lies inside the window (a STEP or more from its ends), and the
+            # window's frames there stand no higher than its lowest ones: a noise maximum (the
+            # verdict's known weakness on empty fields), not a focus.  Back to where that search began.
+            moves = found.moves + self.approach_z(found.start_mm)
+            found = dataclasses.replace(found, best_mm=found.start_mm, moves=moves, verdict=dataclasses.replace(
+                found.verdict, kind="no_peak", reason=f"its peak at {found.best_mm:.4f} mm lies inside the window "
+                f"{min(window):.4f}..{max(window):.4f} mm, whose frames show nothing there: noise"))
+            note += "; its peak lay in the window, whose frames show nothing there: taken as noise"
+        noise_frames = self.measure_noise() if found.verdict.kind == "focused" and self.rel_noise is None else 0
+        return MapPoint(x_mm, y_mm, found, tuple(self.searches), "used" if found.verdict.kind == "focused"
+                        else "not_focused", note, noise_frames, added)
+
+
+def focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, *, area_mm: Sequence[float], grid: Sequence[int],
+              start_mm: float, end_mm: float, step_mm: float, xy_limits_mm: Sequence[float] | None = None,
+              refine: int = 0, depth_of_field_mm: float | None = None,
+              on_point: Callable[[MapPoint, int, int], None] | None = None, search: str = "fast",
+              **options: Any) -> FocusMap:
+    """Focus at an NX x NY grid over the plate area X0, Y0, X1, Y1 (mm) and fit the slide's surface.
+
+    Every point is a ``focus()`` between START and END every STEP (``options`` are focus()'s
+    keywords: ``metric``, ``roi``, ``z_min``, ``backlash_mm``, ...; ``search`` is the search over
+    the whole range, "fast" by default).  Points are visited in a snake (rows along x).  Once a
+    point has focused, the score's frame-to-frame noise is measured there (NOISE_REPEATS frames),
+    and every later point first searches a narrow window (a sweep of 5 frames or more) around the
+    focus the points so far predict (``predict_focus``; the window's width follows the
+    prediction's own uncertainty), judged by ``judge_window``; when the window shows no peak,
+    the whole START..END.  Points without a focus (bare glass, ``edge``) and outliers are left
+    out of the surface and reported (``FocusMap.points``, ``warnings``).  When the leave-one-out
+    error exceeds half the depth of field (``depth_of_field_mm``, default STEP: choose STEP about
+    one depth of field), the map says where points are missing, and with ``refine=N`` measures
+    up to N more there.  ``on_point(point, done, total)`` is called after each point.
+
+    Safety: everything is checked before anything moves (UsageError): the area, the grid, the
+    area inside the plate's travel and ``xy_limits_mm`` (X0, Y0, X1, Y1), the focus range inside
+    the focus stage's travel and ``z_min``/``z_max``; Z is only ever commanded inside START..END
+    (with a backlash overshoot, the frames start one overshoot inside) and the soft limits: a focus
+    stage outside them is first sent to the range's first position, so that a search that finds
+    nothing (or fails) returns it there, not outside.  Every plate move is verified (within
+    XY_TOLERANCE_MM of its target, and the plate still where the map left it before the next
+    one).  A fault or Ctrl-C stops the map at once: nothing more
+    moves (a search in progress makes its own axis safe as ``focus()`` does), and the error carries
+    ``partial_map`` (a FocusMap of the points measured so far, ``complete=False``) and
+    ``stage_state`` (where the stages were left).  A map that completes leaves the plate at its
+    last point and the focus stage at that point's focus."""
+    t0 = time.perf_counter()
+    unknown = sorted(set(options) - set(focus.__kwdefaults__ or {}))
+    if unknown:
+        raise TypeError(f"focus_map() got an unexpected keyword argument {unknown[0]!r}")
+    area, cells = check_map_request(area_mm, grid, xy_limits_mm=xy_limits_mm, refine=refine,
+                                    depth_of_field_mm=depth_of_field_mm)
+    on_frame = options.get("on_frame")
+    request = check_request(Request(start_mm, end_mm, step_mm, search=search,  # type: ignore[arg-type]
+                                    **{k: v for k, v in options.items() if k != "on_frame"}))
+    check_parts(z_stage, camera, on_frame)
+    if not isinstance(xy_stage, XYStage):
+        raise UsageError(f"xy_stage {show_value(xy_stage)} is not an XYStage: it needs move_to(x_mm, y_mm), "
+                         "position_mm(), limits_mm(), stop() (see the Device interfaces section)")
+    with exclusive_use(z_stage, camera):
+        return _focus_map(xy_stage, z_stage, camera, request, area, cells, t0=t0, xy_limits_mm=xy_limits_mm,
+                          refine=refine, depth_of_field_mm=depth_of_field_mm, on_point=on_point, on_frame=on_frame)
+
+
+def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
+               area: tuple[float, float, float, float], cells: tuple[int, int], *, t0: float,
+               xy_limits_mm: Sequence[float] | None, refine: int, depth_of_field_mm: float | None,
+               on_point: Callable[[MapPoint, int, int], None] | None, on_frame: FrameHook | None) -> FocusMap:
+    """focus_map() once its arguments are checked and its parts are its own."""
+    dof_mm = float(depth_of_field_mm) if depth_of_field_mm is not None else r.step_mm
+    check_step_native(z_stage, r.step_mm)
+    origin = relative_origin(z_stage, r.relative)
+    first, last = r.start_mm + origin, r.end_mm + origin
+    direction = 1.0 if last >= first else -1.0
+    # Z stays inside START..END and the soft limits: every search gets their intersection as its
+    # limits, and with a backlash overshoot the frames begin one overshoot inside START.
+    z_lo = min(first, last) if r.z_min is None else max(min(first, last), r.z_min)
+    z_hi = max(first, last) if r.z_max is None else min(max(first, last), r.z_max)
+    positions = plan_positions(round(first + direction * r.backlash_mm, POSITION_DECIMALS), last, r.step_mm)
+    if len(positions) < 2 * WINDOW_MIN_HALF_STEPS + 1 or (last - positions[0]) * direction < 0:
+        raise UsageError(f"the range {first:g}..{last:g} mm holds fewer than {2 * WINDOW_MIN_HALF_STEPS + 1} STEPs "
+                         "(after the backlash overshoot): give a wider range or a smaller STEP")
+    plan = Plan(tuple(positions), r.search, r.backlash_mm, r.settle_ms, r.peak)
+    check_plan(plan, stage_limits(z_stage), (r.z_min, r.z_max))
+    allowed = check_area_inside(area, plate_limits(xy_stage), xy_limits_mm)
+    # Homing (with consent) before anything else moves; both are checked first.
+    z_unhomed = getattr(z_stage, "home_if_needed", None) is not None and getattr(z_stage, "homed", True) is False
+    xy_unhomed = getattr(xy_stage, "home_if_needed", None) is not None and getattr(xy_stage, "homed", True) is False
+    if z_unhomed:
+        check_home_consent(r.home, r.z_min, r.z_max, "the focus axis")
+    if xy_unhomed and (r.home is False or (xy_limits_mm is not None and r.home is not True)):
+        raise UsageError("the XY plate has no reference position (not homed) and must be homed first, but "
+                         + ("--no-home forbids homing" if r.home is False else
+                            "homing drives it to its home corner through positions --xy-limits may forbid: check "
+                            "that its path is clear, then pass --home")
+                         + " (or home it yourself, e.g. in Zaber Launcher); nothing moved")
+    if z_unhomed:
+        z_stage.home_if_needed()  # type: ignore[attr-defined]
+        check_plan(plan, stage_limits(z_stage), (r.z_min, r.z_max))
+    if xy_unhomed:
+        xy_stage.home_if_needed()  # type: ignore[attr-defined]
+    if isinstance(xy_stage, ZaberPlate):
+        xy_stage.set_soft_limits(allowed)
+    full = check_request(dataclasses.replace(r, start_mm=positions[0], end_mm=positions[-1], relative=False,
+                                             home=False, z_min=z_lo, z_max=z_hi))
+    mapper = _Mapper(xy_stage, z_stage, camera, positions=positions, full=full,
+                     window=dataclasses.replace(full, search="sweep", peak="sharpest"), on_frame=on_frame,
+                     scorer=Scorer(full.metric, full.blur, full.roi, invert=full.transparent),  # type: ignore[arg-type]
+                     direction=direction)
+    path = snake_path(area, cells)
+    total = len(path)
+
+    def summary(complete: bool) -> FocusMap:
+        return summarise_map(mapper.points, area_mm=area, grid=cells, depth_of_field_mm=dof_mm,
+                             range_mm=(first, last), step_mm=r.step_mm, complete=complete, rel_noise=mapper.rel_noise,
+                             elapsed_s=time.perf_counter() - t0)
+
+    try:
+        if not z_lo - 1e-9 <= stage_position(z_stage) <= z_hi + 1e-9:
+            mapper.approach_z(positions[0])  # into the range first: every search then starts (and returns) inside it
+        for x, y in path:
+            mapper.points.append(mapper.measure(x, y))
+            if on_point is not None:
+                on_point(mapper.points[-1], len(mapper.points), total)
+        result = summary(True)
+        added = 0
+        while added < refine and result.surface is not None and not result.trusted:
+            used = [p for p in result.points if p.status == "used"]
+            batch = suggest_points([p.x_mm for p in used], [p.y_mm for p in used], [p.loo_um or 0.0 for p in used],
+                                   [(p.x_mm, p.y_mm) for p in mapper.points], area, cells,
+                                   min(refine - added, max(2, len(path) // 5)))
+            if not batch:
+                break
+            total += len(batch)
+            here = mapper.left_at or batch[0]
+            while batch:  # nearest first: short plate moves
+                nxt = min(batch, key=lambda p: math.hypot(p[0] - here[0], p[1] - here[1]))
+                batch.remove(nxt)
+                mapper.points.append(mapper.measure(*nxt, added=True))
+                added += 1
+                here = nxt
+                if on_point is not None:
+                    on_point(mapper.points[-1], len(mapper.points), total)
+            result = summary(True)
+        return result
+    except BaseException as exc:  # a fault or Ctrl-C: nothing more moves; what was measured is kept
+        with INTERRUPTS.held():
+            where = getattr(exc, "stage_state", None)
+            if where is None:  # the plate (or our own check) failed: no search was under way
+                plate_may_move = not (isinstance(exc, StageError) and not exc.may_move)
+                if plate_may_move:
+                    with contextlib.suppress(AutofocusError, KeyboardInterrupt):
+                        xy_stage.stop()
+                where = "nothing more was moved"
+                with contextlib.suppress(AutofocusError, KeyboardInterrupt):
+                    where += f"; the focus stage is at {z_stage.position_mm():.4f} mm"
+            try:
+                at = xy_stage.position_mm()
+                where += f"; the plate is at ({at[0]:.4f}, {at[1]:.4f}) mm"
+            except (AutofocusError, KeyboardInterrupt):
+                where += "; the plate's position is unknown (it no longer answers)"
+            if mapper.current is not None and (not mapper.points or
+                                               (mapper.points[-1].x_mm, mapper.points[-1].y_mm) != mapper.current):
+                partial = getattr(exc, "partial", None)
+                mapper.points.append(MapPoint(mapper.current[0], mapper.current[1], partial,
+                                              tuple(mapper.searches) + ((partial,) if partial is not None else ()),
+                                              "failed", failure_line(exc)[1]))
+            try:
+                partial_map: FocusMap | None = summary(False)
+            except Exception:  # noqa: BLE001 - the error being raised is what matters
+                log.debug("summarising the partial map failed", exc_info=True)
+                partial_map = None
+            with contextlib.suppress(AttributeError, TypeError):
+                exc.partial_map, exc.stage_state = partial_map, where  # type: ignore[union-attr]
+        raise
 
 
 ###############################################################################
@@ -3917,96 +5978,51 @@ def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit code 2, and a negative number in
-    any form (-1e-3, -.5, -inf) is a value, not an option."""
+    """argparse, but a usage error is one line on stderr and exit code 2 (``last_error`` keeps it
+    for --json), no option may be abbreviated (--js is not --json), and a negative number in any
+    form (-1e-3, -.5, -inf) is a value, not an option.  It only parses: every value is checked with
+    the others (``validate``), as focus() checks a script's."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+        self.last_error: str | None = None
         self._negative_number_matcher = re.compile(
             r"^-(\d+\.?\d*(e[+-]?\d+)?|\.\d+(e[+-]?\d+)?|inf|infinity|nan)$", re.I)
 
     def error(self, message: str) -> Any:  # type: ignore[override]
         """One line on stderr, exit code 2."""
+        self.last_error = message
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def finite_float(text: str) -> float:
-    """A finite number (rejects nan, inf and words)."""
+def number(text: str) -> float:
+    """A number, as text (its range is checked with the other values, see ``validate``)."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite number above 0."""
-    value = finite_float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """A finite number, 0 or more."""
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return value
-
-
-def bounded(lo: float, hi: float, unit: str = "", *, integer: bool = False,
-            above: bool = False) -> Callable[[str], Any]:
-    """An argparse type: a finite number (whole with ``integer``) from lo to hi (above lo with
-    ``above``); outside, one line naming the range."""
-
-    def parse(text: str) -> Any:
-        value = whole_number(text) if integer else finite_float(text)
-        if value > hi or value < lo or (above and value == lo):
-            low, high = (f"{int(lo)}", f"{int(hi)}") if integer else (f"{lo:g}", f"{hi:g}")
-            span = f"above {low}" if above else f"from {low}"
-            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {span} to {high}{unit}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
 
 
 def whole_number(text: str) -> int:
-    """An integer."""
+    """An integer, as text."""
     try:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
 
 
-def blur_size(text: str) -> int:
-    """The bilateral filter diameter: an odd integer from 3 to MAX_BLUR."""
-    value = whole_number(text)
-    if value < 3 or value % 2 == 0 or value > MAX_BLUR:
-        raise argparse.ArgumentTypeError(f"{value} must be odd, from 3 to {MAX_BLUR} (e.g. 5, 9, 15)")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """An integer, 1 or more."""
-    value = whole_number(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
-    return value
+def two_by(text: str, example: str) -> tuple[int, int]:
+    """"AxB": two whole numbers (argparse's one-line error naming ``example`` otherwise)."""
+    try:
+        a, b = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {example}") from None
+    return a, b
 
 
 def frame_size(text: str) -> tuple[int, int]:
     """WIDTHxHEIGHT in pixels, e.g. 1920x1200."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 1920x1200") from None
-    if not (16 <= w <= 10000 and 16 <= h <= 10000) or w * h > MAX_SIM_PIXELS:
-        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be 16 to 10000 pixels, "
-                                         f"at most {MAX_SIM_PIXELS / 1e6:g} MP in all")
+    w, h = two_by(text, "WIDTHxHEIGHT, e.g. 1920x1200")
     return w, h
 
 
@@ -4017,29 +6033,41 @@ def path_text(text: str) -> str:
     return text
 
 
-def pixel_roi(text: str) -> Roi:
-    """X,Y,W,H in camera pixels, e.g. 640,400,640,400 (a region of a 1920x1200 sensor)."""
+def pixel_box(text: str) -> Roi:
+    """X,Y,W,H in camera pixels, e.g. 640,400,640,400 (--roi, --camera-roi)."""
     try:
         x, y, w, h = (int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not X,Y,W,H in camera pixels, e.g. 640,400,640,400") from None
-    if x < 0 or y < 0 or w < 1 or h < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: X and Y must be 0 or more, W and H 1 or more")
+        raise argparse.ArgumentTypeError(f"{text!r} is not X,Y,W,H in whole camera pixels, e.g. 640,400,640,400") \
+            from None
     return x, y, w, h
 
 
-def roi_box(text: str) -> Roi:
-    """X,Y,W,H in camera pixels: the region of interest (checked against the frame size later)."""
-    try:
-        x, y, w, h = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not X,Y,W,H in whole pixels, e.g. 800,400,320,240") from None
-    if x < 0 or y < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: X and Y (the top-left corner) must be 0 or more")
-    if w < MIN_ROI_PX or h < MIN_ROI_PX:
-        raise argparse.ArgumentTypeError(f"{text!r}: the region is {'empty' if w < 1 or h < 1 else 'too small'}; "
-                                         f"W and H must be at least {MIN_ROI_PX} pixels")
-    return x, y, w, h
+def number_list(count: int, example: str) -> Callable[[str], tuple[float, ...]]:
+    """An argparse type: ``count`` comma-separated finite numbers (mm or um), e.g. ``example``."""
+
+    def parse(text: str) -> tuple[float, ...]:
+        parts = text.split(",")
+        if len(parts) != count:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {count} comma-separated numbers, e.g. {example}")
+        values = tuple(number(v.strip()) for v in parts)
+        if not all(math.isfinite(v) for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: {next(v for v in values if not math.isfinite(v))} is not a "
+                                             "finite number")
+        if any(abs(v) > MAX_ABS_POSITION_MM for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: each number must be within +-{MAX_ABS_POSITION_MM:g}")
+        return values
+
+    parse.__name__ = "numbers"
+    return parse
+
+
+def grid_size(text: str) -> tuple[int, int]:
+    """NXxNY points, e.g. 5x4 (2 to MAP_MAX_SIDE a side)."""
+    nx, ny = two_by(text, "NXxNY, e.g. 5x4 (points along x and y)")
+    if not (2 <= nx <= MAP_MAX_SIDE and 2 <= ny <= MAP_MAX_SIDE):
+        raise argparse.ArgumentTypeError(f"{text!r}: each side needs 2 to {MAP_MAX_SIDE} points")
+    return nx, ny
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -4052,10 +6080,10 @@ def build_parser() -> argparse.ArgumentParser:
                "the range, 5 hardware error, 130 interrupted (Ctrl-C, or q in the --show-images window).  "
                "Example: python autofocus.py 10 14 0.05 COM3",
     )
-    p.add_argument("start_mm", metavar="START_MM", type=bounded(-MAX_ABS_POSITION_MM, MAX_ABS_POSITION_MM, " mm"), nargs="?",
+    p.add_argument("start_mm", metavar="START_MM", type=number, nargs="?",
                    help="first focus position, mm")
-    p.add_argument("end_mm", metavar="END_MM", type=bounded(-MAX_ABS_POSITION_MM, MAX_ABS_POSITION_MM, " mm"), nargs="?", help="last focus position, mm (below START sweeps downward)")
-    p.add_argument("step_mm", metavar="STEP_MM", type=bounded(MIN_STEP_MM, 2 * MAX_ABS_POSITION_MM, " mm"), nargs="?",
+    p.add_argument("end_mm", metavar="END_MM", type=number, nargs="?", help="last focus position, mm (below START sweeps downward)")
+    p.add_argument("step_mm", metavar="STEP_MM", type=number, nargs="?",
                    help=f"distance between frames, mm (about one depth of field; at least {MIN_STEP_MM:g} mm and "
                         f"{MIN_STEP_NATIVE} native units of the stage)")
     p.add_argument("port", metavar="PORT", nargs="?", help="serial port (COM3, /dev/ttyUSB0) or tcp://HOST:PORT; "
@@ -4066,15 +6094,15 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--camera", choices=(*LIVE_CAMERAS, "sim"), help="camera: flir (default with a PORT), basler "
                      "(pypylon) or sim "
                      "(renders what the stage's position would show; default with --simulate)")
-    src.add_argument("--device", metavar="N", type=bounded(1, 99, integer=True), default=DEFAULT_DEVICE,
+    src.add_argument("--device", metavar="N", type=whole_number, default=DEFAULT_DEVICE,
                      help="Zaber device number of the focus stage (default 3: Zaber MVR)")
-    src.add_argument("--axis", metavar="N", type=bounded(1, 99, integer=True), default=DEFAULT_AXIS, help="axis number (default 1)")
+    src.add_argument("--axis", metavar="N", type=whole_number, default=DEFAULT_AXIS, help="axis number (default 1)")
     src.add_argument("--device-db", metavar="FILE", help="Zaber's offline device database file, for offline PCs")
-    src.add_argument("--native-unit-nm", type=bounded(0, 1e6, " nm", above=True), metavar="NM",
+    src.add_argument("--native-unit-nm", type=number, metavar="NM",
                      help="size of one native unit of the axis in nm: skips identification (offline PCs)")
-    src.add_argument("--move-timeout-s", metavar="S", type=bounded(0, MAX_TIMEOUT_S, " s", above=True), default=DEFAULT_MOVE_TIMEOUT_S,
+    src.add_argument("--move-timeout-s", metavar="S", type=number, default=DEFAULT_MOVE_TIMEOUT_S,
                      help=f"give up on a move after this long and stop it (default {DEFAULT_MOVE_TIMEOUT_S:g})")
-    src.add_argument("--home-timeout-s", metavar="S", type=bounded(0, MAX_TIMEOUT_S, " s", above=True), default=DEFAULT_HOME_TIMEOUT_S,
+    src.add_argument("--home-timeout-s", metavar="S", type=number, default=DEFAULT_HOME_TIMEOUT_S,
                      help=f"give up on homing after this long and stop it (default {DEFAULT_HOME_TIMEOUT_S:g})")
     homing = src.add_mutually_exclusive_group()
     homing.add_argument("--home", dest="home", action="store_true", default=None,
@@ -4089,39 +6117,40 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--camera-serial", metavar="SERIAL",
                      help="camera serial number, to choose among several (FLIR: SpinView; Basler: pylon Viewer; "
                           "default: the first camera)")
-    src.add_argument("--exposure-ms", metavar="MS", type=bounded(0, MAX_EXPOSURE_MS, " ms", above=True),
+    src.add_argument("--exposure-ms", metavar="MS", type=number,
                      help="exposure time of the FLIR or Basler camera (default: the camera's setting)")
-    src.add_argument("--camera-timeout-ms", metavar="MS", type=bounded(1, MAX_CAMERA_TIMEOUT_MS, " ms", integer=True),
+    src.add_argument("--camera-timeout-ms", metavar="MS", type=whole_number,
                      default=DEFAULT_CAMERA_TIMEOUT_MS,
                      help=f"give up waiting for a frame after this long (default {DEFAULT_CAMERA_TIMEOUT_MS}; never "
                           f"less than the exposure + {CAMERA_TIMEOUT_MARGIN_MS} ms)")
-    src.add_argument("--camera-roi", metavar="X,Y,W,H", type=pixel_roi,
+    src.add_argument("--camera-roi", metavar="X,Y,W,H", type=pixel_box,
                      help="read only this region of the sensor (camera pixels): the FLIR or Basler camera's own "
                           "ROI, rounded to its increments and restored afterwards (a faster read-out); the simulated camera "
                           "crops its frame")
     srch = p.add_argument_group("search")
-    srch.add_argument("--search", choices=tuple(SEARCHES), default="sweep",
+    srch.add_argument("--search", choices=tuple(SEARCHES), default=None,
                       help="sweep: every position (default); fast: coarse-to-fine, about a fifth of the frames "
-                           "when there is a focus in the range (a blank field costs a sweep)")
+                           "when there is a focus in the range (a blank field costs a sweep); --map searches the "
+                           "whole range fast unless this says sweep")
     srch.add_argument("--metric", choices=tuple(METRICS), default=None,
                       help="focus score (default laplacian: variance of the Laplacian; normvar with --transparent)")
     srch.add_argument("--transparent", action="store_true",
                       help="an unstained (transparent) specimen in brightfield: live cells, yeast, bacteria. Its "
                            "contrast vanishes at focus and grows on either side, so focus on the contrast minimum "
                            "(scored by normvar unless --metric says otherwise)")
-    srch.add_argument("--blur", "-b", metavar="N", type=blur_size, default=DEFAULT_BLUR,
+    srch.add_argument("--blur", "-b", metavar="N", type=whole_number, default=DEFAULT_BLUR,
                       help="bilateral filter diameter in pixels, odd, 3-99 (default 9); larger suppresses more noise")
-    srch.add_argument("--settle-ms", metavar="MS", type=bounded(0, MAX_SETTLE_MS, " ms"), default=0.0,
+    srch.add_argument("--settle-ms", metavar="MS", type=number, default=0.0,
                       help="wait after each move before exposing (default 0; raise at high magnification)")
-    srch.add_argument("--backlash-mm", metavar="MM", type=bounded(0, MAX_BACKLASH_MM, " mm"), default=0.0,
+    srch.add_argument("--backlash-mm", metavar="MM", type=number, default=0.0,
                       help="approach every position from the sweep's direction, overshooting by this much "
                            "(default 0: direct-drive stages like the MVR's X-LDA; ~0.01-0.05 for leadscrews)")
-    srch.add_argument("--z-min", metavar="MM", type=bounded(-MAX_ABS_POSITION_MM, MAX_ABS_POSITION_MM, " mm"), help="soft limit: never command a position below this (mm)")
-    srch.add_argument("--z-max", metavar="MM", type=bounded(-MAX_ABS_POSITION_MM, MAX_ABS_POSITION_MM, " mm"), help="soft limit: never command a position above this (mm)")
+    srch.add_argument("--z-min", metavar="MM", type=number, help="soft limit: never command a position below this (mm)")
+    srch.add_argument("--z-max", metavar="MM", type=number, help="soft limit: never command a position above this (mm)")
     srch.add_argument("--relative", action="store_true",
                       help="START and END are offsets from where the stage is now (e.g. -0.1 0.1 0.01: +-0.1 mm "
                            "around the current focus); limits apply to the absolute positions")
-    srch.add_argument("--roi", metavar="X,Y,W,H", type=roi_box,
+    srch.add_argument("--roi", metavar="X,Y,W,H", type=pixel_box,
                       help="score only this region of the frame (camera pixels: left, top, width, height); "
                            "with --replay, the ROI saved with the stack is the default")
     srch.add_argument("--peak", choices=PEAK_CHOICES, default="sharpest",
@@ -4143,19 +6172,23 @@ def build_parser() -> argparse.ArgumentParser:
                           "only when run from a terminal (stdin and stdout), never with --json")
     out.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
     out.add_argument("--save-images", metavar="DIR", type=path_text,
-                     help="save every frame (PNG) and DIR/stack.csv (replayable); not the --replay folder")
+                     help="save every frame (PNG; float32 frames as TIFF) and DIR/stack.csv (replayable); not the "
+                          "--replay folder; a DIR holding a recording needs --overwrite")
+    out.add_argument("--overwrite", action="store_true",
+                     help="--save-images into a folder that holds a recording: remove its stack.csv, roi.json and "
+                          "frames first, then record")
     out.add_argument("--save-curve", metavar="FILE", type=path_text, help="save the focus curve as CSV (index,z_mm,score)")
     out.add_argument("--plot", metavar="FILE", type=path_text,
                      help="save a plot of the focus curve; the extension picks the format (.png, .pdf, .svg, ...)")
     out.add_argument("--make-figures", metavar="DIR",
                      help="write the README's figures (from the simulator) to DIR and exit")
     sim = p.add_argument_group("simulated microscope")
-    sim.add_argument("--sim-focus-mm", metavar="MM", type=bounded(-MAX_ABS_POSITION_MM, MAX_ABS_POSITION_MM, " mm"), default=SimOptics.focus_mm,
+    sim.add_argument("--sim-focus-mm", metavar="MM", type=number, default=SimOptics.focus_mm,
                      help=f"focal plane of the simulated specimen (default {SimOptics.focus_mm})")
-    sim.add_argument("--sim-photons", metavar="N", type=bounded(0, MAX_SIM_PHOTONS, above=True), default=SimOptics.photons,
+    sim.add_argument("--sim-photons", metavar="N", type=number, default=SimOptics.photons,
                      help=f"photons per pixel at the brightest structure (default {SimOptics.photons:g}); "
                           "lower is noisier")
-    sim.add_argument("--sim-read-noise-e", metavar="E", type=bounded(0, 1000, " e"), default=SimOptics.read_noise_e,
+    sim.add_argument("--sim-read-noise-e", metavar="E", type=number, default=SimOptics.read_noise_e,
                      help=f"camera read noise, electrons (default {SimOptics.read_noise_e:g})")
     sim.add_argument("--sim-objective", choices=tuple(OBJECTIVES), default="4x",
                      help="the simulated objective (magnification/NA): 4x/0.10 (default), 10x/0.25, 20x/0.40, "
@@ -4165,37 +6198,155 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cells (default); blank: an empty field with nothing to focus on; dusty: the cells plus "
                           "dust on the coverslip --sim-dust-height-mm above them (two peaks); transparent: "
                           "unstained cells in brightfield (contrast vanishes at focus: use --transparent)")
-    sim.add_argument("--sim-phase-rad", metavar="RAD", type=bounded(0, 20, " rad"), default=SimOptics.phase_rad,
+    sim.add_argument("--sim-phase-rad", metavar="RAD", type=number, default=SimOptics.phase_rad,
                      help=f"transparent: phase delay through a cell (default {SimOptics.phase_rad})")
-    sim.add_argument("--sim-condenser-na", metavar="NA", type=bounded(0, 1.4, above=True),
+    sim.add_argument("--sim-condenser-na", metavar="NA", type=number,
                      default=SimOptics.condenser_na,
                      help=f"transparent: condenser aperture, NA (default {SimOptics.condenser_na}; at most the "
                           "objective's counts)")
-    sim.add_argument("--sim-dust-height-mm", metavar="MM", type=bounded(-5, 5, " mm"),
+    sim.add_argument("--sim-dust-height-mm", metavar="MM", type=number,
                      default=SimOptics.dust_height_mm,
                      help=f"dusty: the dust plane's height above the cells (default {SimOptics.dust_height_mm})")
     sim.add_argument("--sim-right-specimen", choices=SIM_SPECIMENS,
                      help="the right half of the field shows this specimen (a two-region field, e.g. for --roi)")
-    sim.add_argument("--sim-right-focus-mm", metavar="MM", type=bounded(-MAX_ABS_POSITION_MM, MAX_ABS_POSITION_MM, " mm"),
+    sim.add_argument("--sim-right-focus-mm", metavar="MM", type=number,
                      help="the right half of the field is in focus at this position (a two-plane field)")
     sim.add_argument("--sim-size", type=frame_size, default=(SimOptics.width, SimOptics.height),
                      metavar="WxH", help="simulated frame size (default 1920x1200)")
-    sim.add_argument("--sim-bits", metavar="BITS", type=int, choices=(8, 12, 16), default=8, help="simulated pixel depth")
-    sim.add_argument("--sim-start-mm", metavar="MM", type=bounded(-MAX_ABS_POSITION_MM, MAX_ABS_POSITION_MM, " mm"), default=0.0,
+    sim.add_argument("--sim-bits", metavar="BITS", type=whole_number, default=8,
+                     help="simulated pixel depth: 8, 12 or 16")
+    sim.add_argument("--sim-start-mm", metavar="MM", type=number, default=0.0,
                      help="where the simulated stage starts (default 0)")
-    sim.add_argument("--sim-time-scale", metavar="X", type=bounded(0, MAX_SIM_TIME_SCALE), default=1.0,
+    sim.add_argument("--sim-time-scale", metavar="X", type=number, default=1.0,
                      help="1 = real hardware timing (default), 0 = as fast as possible")
-    sim.add_argument("--sim-seed", metavar="N", type=bounded(0, 2**32 - 1, integer=True), default=0, help="seed of the specimen and noise")
+    sim.add_argument("--sim-seed", metavar="N", type=whole_number, default=0, help="seed of the specimen and noise")
+    fmap = p.add_argument_group("focus map (slide scanning)")
+    fmap.add_argument("--map", metavar="NXxNY", type=grid_size,
+                      help="focus at an NX x NY grid over --map-area on the XY plate and fit the slide's surface")
+    fmap.add_argument("--map-area", metavar="X0,Y0,X1,Y1", type=number_list(4, "20,10,28,16"),
+                      help="the plate area to map, two opposite corners in mm (the snake starts at X0,Y0)")
+    fmap.add_argument("--xy-device", metavar="N", type=whole_number,
+                      help="Zaber device number of the XY plate (x = its axis 2, y = axis 1); default: found by "
+                           "ZML's microscope detection")
+    fmap.add_argument("--xy-native-unit-nm", metavar="NM", type=number,
+                      help="size of one native unit of the plate's axes in nm (offline PCs, as --native-unit-nm)")
+    fmap.add_argument("--xy-limits", metavar="X0,Y0,X1,Y1", type=number_list(4, "10,5,90,70"),
+                      help="soft limits: never send the plate outside this box (mm)")
+    fmap.add_argument("--map-refine", metavar="N", type=whole_number, default=0,
+                      help="when the surface is uncertain (leave-one-out error above half the depth of field), add "
+                           "up to N points where they are missing (default 0: only say where)")
+    fmap.add_argument("--map-dof-um", metavar="UM", type=number,
+                      help="the objective's depth of field, um (default: STEP)")
+    fmap.add_argument("--map-out", metavar="FILE", type=path_text,
+                      help="save the map's points as CSV (x_mm,y_mm,z_mm,verdict,uncertainty_mm,status,...)")
+    fmap.add_argument("--map-json", metavar="FILE", type=path_text,
+                      help="save the whole map as JSON (points, curves, the surface: autofocus.Surface.from_json)")
+    fmap.add_argument("--map-npy", metavar="FILE", type=path_text,
+                      help="save the surface as the focus_map.npy of Zaber's high-throughput scanning example "
+                           "(m passes x n images, um from the first)")
+    fmap.add_argument("--map-npy-grid", metavar="NXxNY", type=grid_size,
+                      help="the scan's imaging grid for --map-npy (default: the --map grid)")
+    fmap.add_argument("--sim-tilt-um-per-mm", metavar="X,Y", type=number_list(2, "4,-2.5"),
+                      default=SimSlide.tilt_um_per_mm, help="simulated slide: its tilt along x and y (default 4,-2.5)")
+    fmap.add_argument("--sim-bow-um-per-mm2", metavar="B", type=number,
+                      default=SimSlide.bow_um_per_mm2,
+                      help=f"simulated slide: its bow, um per mm^2 from its centre at (50, 37.5) mm "
+                           f"(default {SimSlide.bow_um_per_mm2})")
+    fmap.add_argument("--sim-ripple-um", metavar="UM", type=number, default=0.0,
+                      help="simulated slide: a ripple no polynomial follows, amplitude (wavelength 10 mm; default 0)")
+    fmap.add_argument("--sim-bare-glass", metavar="X0,Y0,X1,Y1", type=number_list(4, "48,35,52,40"),
+                      action="append", help="simulated slide: a box of bare glass, no specimen (repeatable)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
-def validate(args: argparse.Namespace) -> None:
-    """Checks that need more than one argument; each failure is one line and exit 2."""
-    if args.make_figures:
+def validate_map(args: argparse.Namespace) -> None:
+    """The focus-map options' checks (one line, exit 2, nothing moved)."""
+    given = [flag for flag, value in (
+        ("--map-area", args.map_area), ("--xy-device", args.xy_device), ("--xy-native-unit-nm", args.xy_native_unit_nm),
+        ("--xy-limits", args.xy_limits), ("--map-dof-um", args.map_dof_um), ("--map-out", args.map_out),
+        ("--map-json", args.map_json), ("--map-npy", args.map_npy), ("--map-npy-grid", args.map_npy_grid),
+        ("--sim-bare-glass", args.sim_bare_glass), ("--map-refine", args.map_refine or None)) if value is not None]
+    if args.map is None:
+        if given:
+            raise UsageError(f"{given[0]} belongs to a focus map: add --map NXxNY --map-area X0,Y0,X1,Y1")
         return
+    if args.map_area is None:
+        raise UsageError("--map needs --map-area X0,Y0,X1,Y1: the plate area to map, two opposite corners in mm")
+    if args.replay:
+        raise UsageError("--map needs an XY plate: a PORT (a Zaber microscope) or --simulate, not --replay")
+    for flag, value in (("--save-images", args.save_images), ("--save-curve", args.save_curve),
+                        ("--show-images", args.show_images or None)):
+        if value is not None:
+            raise UsageError(f"{flag} is for a single focus, not a map: the map's curves are in --map-json")
+    if args.map_npy_grid is not None and args.map_npy is None:
+        raise UsageError("--map-npy-grid needs --map-npy FILE")
+    if args.map_dof_um is not None and not 0 < args.map_dof_um <= 10_000:
+        raise UsageError(f"--map-dof-um: {show_value(args.map_dof_um)} is out of range: must be above 0 to 10000 um")
+    check_map_request(args.map_area, args.map, xy_limits_mm=args.xy_limits, refine=args.map_refine,
+                      depth_of_field_mm=None if args.map_dof_um is None else args.map_dof_um / 1000.0)
+    check_values("plate", ZABER_RULES, {"device": 1 if args.xy_device is None else args.xy_device,
+                                        "native_unit_nm": args.xy_native_unit_nm})
+    if args.simulate or args.camera == "sim":
+        simulated_slide(**sim_options(args), **slide_options(args))  # builds nothing heavy: every value checked
+
+
+# The simulator's keywords and the options that set them (--sim-size sets width and height): how
+# sim_options() builds simulated_microscope()'s keywords, and how a message names them.
+SIM_OPTIONS: dict[str, str] = {
+    "focus_mm": "sim_focus_mm", "photons": "sim_photons", "read_noise_e": "sim_read_noise_e",
+    "specimen": "sim_specimen", "right_specimen": "sim_right_specimen", "right_focus_mm": "sim_right_focus_mm",
+    "width": "sim_size", "height": "sim_size", "bit_depth": "sim_bits", "seed": "sim_seed",
+    "time_scale": "sim_time_scale", "start_mm": "sim_start_mm", "camera_roi": "camera_roi",
+    "objective": "sim_objective", "dust_height_mm": "sim_dust_height_mm", "phase_rad": "sim_phase_rad",
+    "condenser_na": "sim_condenser_na",
+}
+ZABER_OPTIONS = {name: name for name in ZABER_RULES}  # ZaberStage's keywords are the options' names
+# focus_map(), the simulated slide and the plate's axes: their keywords and the options that set them
+MAP_OPTIONS = {"area_mm": "map_area", "grid": "map", "xy_limits_mm": "xy_limits", "refine": "map_refine"}
+SLIDE_OPTIONS = {"tilt_um_per_mm": "sim_tilt_um_per_mm", "bow_um_per_mm2": "sim_bow_um_per_mm2",
+                 "ripple_um": "sim_ripple_um", "bare_glass": "sim_bare_glass"}
+PLATE_OPTIONS = {"device": "xy_device", "native_unit_nm": "xy_native_unit_nm", "move_timeout_s": "move_timeout_s",
+                 "home_timeout_s": "home_timeout_s", "clear_faults": "clear_faults"}
+CAMERA_OPTIONS = {"serial": "camera_serial", "exposure_ms": "exposure_ms", "timeout_ms": "camera_timeout_ms",
+                  "roi": "camera_roi"}
+
+
+def option_labels(parser: argparse.ArgumentParser) -> dict[tuple[str, str], str]:
+    """How the command line names each keyword a BadValue may name: (scope, keyword) -> its
+    option (--settle-ms) or positional (STEP_MM)."""
+    by_dest: dict[str, str] = {}
+    for action in parser._actions:
+        long = [o for o in action.option_strings if o.startswith("--")]
+        by_dest[action.dest] = long[0] if long else str(action.metavar or action.dest.upper())
+    labels = {("request", name): by_dest[name] for name in REQUEST_RULES if name in by_dest}
+    for scope, table in (("simulator", SIM_OPTIONS), ("zaber", ZABER_OPTIONS), ("camera", CAMERA_OPTIONS),
+                         ("map", MAP_OPTIONS), ("slide", SLIDE_OPTIONS), ("plate", PLATE_OPTIONS)):
+        labels.update({(scope, name): by_dest[dest] for name, dest in table.items() if dest in by_dest})
+    return labels
+
+
+def focus_keywords(args: argparse.Namespace) -> dict[str, Any]:
+    """focus()'s keywords from the command line: each one that has an option of the same name."""
+    return {name: getattr(args, name) for name in (focus.__kwdefaults__ or {}) if hasattr(args, name)}
+
+
+def sim_options(args: argparse.Namespace) -> dict[str, Any]:
+    """simulated_microscope()'s keywords from the --sim-* options."""
+    options = {name: getattr(args, dest) for name, dest in SIM_OPTIONS.items()}
+    options["width"], options["height"] = args.sim_size
+    return options
+
+
+def validate(args: argparse.Namespace) -> Request:
+    """Every check that needs no hardware, before anything is opened: the options together, then
+    the request, the simulator's options and the backends' settings with the checks focus() and the
+    backends make themselves (REQUEST_RULES, SIM_RULES, ...).  Each failure is one line and exit 2."""
     if args.step_mm is None:
         raise UsageError("START, END and STEP (mm) are required, e.g. autofocus.py 10 14 0.05 COM3")
+    if args.search is None:  # a map searches the whole range fast unless told to sweep
+        args.search = "fast" if args.map else "sweep"
+    validate_map(args)
     if args.simulate and args.replay:
         raise UsageError("choose one of --simulate and --replay")
     if (args.simulate or args.replay) and args.port:
@@ -4207,9 +6358,15 @@ def validate(args: argparse.Namespace) -> None:
                          "(use --camera sim with a PORT to put the simulated camera on a real stage)")
     if not (args.simulate or args.replay) and not args.port:
         raise UsageError("no PORT: give the stage's serial port (e.g. COM3, /dev/ttyUSB0) or tcp://HOST:PORT, "
-                     "or use --simulate or --replay DIR")
-    check_request(args.start_mm, args.end_mm, args.step_mm, **focus_keywords(args))
-    if args.device_db and not Path(args.device_db).is_file():
+                         "or use --simulate or --replay DIR")
+    request = check_request(Request(args.start_mm, args.end_mm, args.step_mm, **focus_keywords(args)))
+    if args.simulate or args.camera == "sim":
+        simulated_microscope(**sim_options(args))  # builds nothing heavy: every value checked
+    # The stage's and camera's settings too, whichever backend runs: a value out of its range is a
+    # mistake wherever it is given.
+    check_values("zaber", ZABER_RULES, {name: getattr(args, name) for name in ZABER_RULES if name != "port"})
+    check_values("camera", CAMERA_RULES, {name: getattr(args, dest) for name, dest in CAMERA_OPTIONS.items()})
+    if args.device_db and not file_exists(Path(args.device_db), f"--device-db {args.device_db}", UsageError):
         raise UsageError(f"--device-db {args.device_db}: no such file; download Zaber's offline device database "
                          "or use --native-unit-nm")
     if args.hold_window and not args.show_images:
@@ -4217,103 +6374,186 @@ def validate(args: argparse.Namespace) -> None:
     if args.show_images and (problem := display_problem()):
         raise UsageError(f"--show-images needs a display and none is available ({problem}); "
                          "use --save-images DIR to keep the frames, or --plot FILE for the curve")
+    return request
 
 
-def plot_formats() -> set[str]:
-    """The file extensions matplotlib can save a figure as (png, pdf, svg, ...)."""
-    from matplotlib.backend_bases import FigureCanvasBase  # noqa: PLC0415 - only for --plot
+def load_matplotlib(flag: str) -> Any:
+    """matplotlib, for ``flag`` (--plot, --make-figures); UsageError when it cannot start -- it
+    needs a writable folder for its cache and configuration (HOME, the temporary folder, or
+    MPLCONFIGDIR) -- instead of a traceback."""
+    try:
+        import matplotlib  # noqa: PLC0415 - only for the plots
 
-    return set(FigureCanvasBase.get_supported_filetypes())
+        matplotlib.use("Agg")
+    except OSError as exc:
+        raise UsageError(f"{flag} needs matplotlib, which cannot start: {first_line(exc)}") from exc
+    return matplotlib
+
+
+def check_plot_format(path: str) -> None:
+    """--plot PATH: an extension matplotlib writes, and a trial plot in that format (in memory),
+    so that a format needing a program that is missing (.pgf: xelatex) fails before anything moves."""
+    load_matplotlib("--plot")
+    from matplotlib.backend_bases import FigureCanvasBase  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    ext = Path(path).suffix.lower().lstrip(".")
+    formats = set(FigureCanvasBase.get_supported_filetypes())
+    if ext not in formats:
+        what = "has no extension" if not ext else f".{ext} is not a format matplotlib writes"
+        raise UsageError(f"--plot {path}: {what}; end the name with one of "
+                         f"{', '.join('.' + f for f in sorted(formats))} (e.g. curve.png)")
+    trial = Figure(figsize=(1, 1))
+    trial.text(0.5, 0.5, "z (mm)")  # text: some formats lay it out with an outside program
+    try:
+        trial.savefig(io.BytesIO(), format=ext)
+    except Exception as exc:  # noqa: BLE001 - whatever the backend raises, it would raise after the sweep
+        raise UsageError(f"--plot {path}: matplotlib cannot write .{ext} here ({first_line(exc)}); "
+                         "use .png, .pdf or .svg") from exc
 
 
 def _not_a_file(path: Path) -> str | None:
-    """Why ``path`` cannot be a regular output file: a device, a pipe, a Windows reserved name."""
+    """Why ``path`` cannot be a regular output file: a link, a device, a pipe, a Windows reserved name."""
     if os.name == "nt" and path.name.split(".")[0].upper() in WINDOWS_RESERVED_NAMES:
         return f"{path.name} is a Windows device name"
+    if path.is_symlink():
+        return "it is a symbolic link, and the tool never writes through a link; give the file it points to"
     if path.exists() and not path.is_file() and not path.is_dir():  # /dev/full, /dev/null, a FIFO
         return "it is a device or a pipe, not a file"
     return None
 
 
+def _os_problem(flag: str, path: Path, exc: OSError) -> UsageError:
+    """An operating system's refusal (a name too long, a path through a file, /proc) as one line."""
+    return UsageError(f"{flag} {path}: {exc.strerror or exc} (checked before anything moved); pick another path")
+
+
+def check_file_output(flag: str, path: Path, *, inside_new_folder: bool = False) -> None:
+    """A file output (--save-curve, --plot) can be written exactly there: not a link, a device or a
+    folder, in a folder that exists and is writable, and a name the file system takes (a trial open
+    that leaves an existing file untouched and removes a file it created)."""
+    try:
+        if problem := _not_a_file(path):
+            raise UsageError(f"{flag} {path}: {problem}; give a file name")
+        if path.is_dir():
+            raise UsageError(f"{flag} {path} is a folder; give a file name inside it, e.g. {path / 'curve.csv'}")
+        if inside_new_folder:
+            return  # the --save-images folder: created later, checked there
+        parent = path.resolve().parent
+        if not parent.is_dir():
+            raise UsageError(f"{flag} {path}: folder {parent} does not exist; create it or pick another path")
+        if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise UsageError(f"{flag} {path}: cannot write there; pick another path")
+        existed = path.exists()
+        with open(path, "ab"):  # appends nothing: an existing file keeps its bytes
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as exc:
+        raise _os_problem(flag, path, exc) from exc
+
+
+def check_output_folder(flag: str, folder: Path) -> None:
+    """A folder output (--save-images, --make-figures): not a link, a file or a device; created
+    (with its parents) when missing, and writable."""
+    try:
+        if problem := _not_a_file(folder):
+            raise UsageError(f"{flag} {folder}: {problem}; give a folder")
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{flag} {folder}: is a file, not a folder; pick another name")
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"{flag} {folder}: cannot write there; pick another folder")
+    except OSError as exc:
+        raise UsageError(f"{flag} {folder}: cannot create the folder ({exc.strerror or exc}); "
+                         "pick another folder") from exc
+
+
 def check_outputs(args: argparse.Namespace) -> None:
     """Fail before anything moves (homing included) when an output cannot be written as given.
 
-    Each file output must be a writable file path (not a folder, a device or another output's
-    path); --plot needs an extension matplotlib writes; --save-images must be a folder that does
-    not hold the stack being replayed; exactly the paths given are written."""
-    files = [(flag, Path(value)) for flag, value in (("--save-curve", args.save_curve), ("--plot", args.plot))
-             if value is not None]
+    Each file output must be a writable file path (not a folder, a link, a device or another
+    output's path); --plot needs a format matplotlib can write here; --save-images must be a folder
+    that holds no file the replayed stack reads, however its rows name them (relative paths, ../,
+    absolute paths, links), and no earlier recording unless --overwrite; no output may be a file
+    the replayed stack reads.  Exactly the paths given are written."""
+    replay_files: set[str] = set()
+    if args.replay:
+        replay_files = {os.path.normcase(str(f)) for f in ReplayStack.files(args.replay)}
     taken: dict[str, str] = {}
 
     def key_of(path: Path) -> str:  # one spelling per file: case-insensitive where the OS is
         return os.path.normcase(str(path.resolve()))
 
-    if args.save_images is not None:
-        folder = Path(args.save_images)
-        if problem := _not_a_file(folder):
-            raise UsageError(f"--save-images {folder}: {problem}; give a folder")
-        if folder.exists() and not folder.is_dir():
-            raise UsageError(f"--save-images {folder}: is a file, not a folder; pick another name")
-        if args.replay and folder.resolve() == Path(args.replay).resolve():
-            raise UsageError(f"--save-images {folder} is the stack being replayed: it would overwrite the "
-                             "recording; save into another folder")
-        for name in ("stack.csv", ROI_FILE):
-            inside = folder / name
-            if inside.exists() and not inside.is_file():
-                raise UsageError(f"--save-images {folder}: {inside} is a folder; remove it or pick another folder")
-            taken[key_of(inside)] = f"--save-images's {name}"
-    for flag, path in files:
-        if problem := _not_a_file(path):
-            raise UsageError(f"{flag} {path}: {problem}; give a file name")
-        if path.is_dir():
-            raise UsageError(f"{flag} {path} is a folder; give a file name inside it, e.g. {path / 'curve.csv'}")
-        key = key_of(path)
-        images = None if args.save_images is None else key_of(Path(args.save_images))
-        in_images = images is not None and key_of(path.parent) == images
-        if key in taken or (in_images and re.fullmatch(r"frame_\d{5}\.png", path.name.lower())):
+    images = None if args.save_images is None else Path(args.save_images)
+    if images is not None:
+        try:
+            where = key_of(images)
+            if args.replay and where == key_of(Path(args.replay)):
+                raise UsageError(f"--save-images {images} is the stack being replayed: it would overwrite the "
+                                 "recording; save into another folder")
+            read_there = sorted(f for f in replay_files if f == where or f.startswith(where.rstrip(os.sep) + os.sep))
+            if read_there:
+                raise UsageError(f"--save-images {images} holds {Path(read_there[0]).name}, which the replayed "
+                                 "stack reads: it would overwrite the recording; save into another folder")
+            for name in ("stack.csv", ROI_FILE):
+                inside = images / name
+                if inside.exists() and not inside.is_file() and not inside.is_symlink():
+                    raise UsageError(f"--save-images {images}: {inside} is a folder; remove it or pick another folder")
+                taken[key_of(inside)] = f"--save-images's {name}"
+            old = recording_files(images) if images.is_dir() else []
+        except OSError as exc:
+            raise _os_problem("--save-images", images, exc) from exc
+        if old and not args.overwrite:
+            frames = sum(1 for f in old if FRAME_FILE.fullmatch(f.name))
+            raise UsageError(f"--save-images {images} already holds a recording ({frames} frames"
+                             f"{', stack.csv' if (images / 'stack.csv') in old else ''}): pass --overwrite to replace "
+                             "it (its frames are removed first), or pick another folder")
+    for flag, value in (("--save-curve", args.save_curve), ("--plot", args.plot), ("--map-out", args.map_out),
+                        ("--map-json", args.map_json), ("--map-npy", args.map_npy)):
+        if value is None:
+            continue
+        path = Path(value)
+        try:
+            key = key_of(path)
+            in_images = images is not None and key_of(path.parent) == key_of(images)
+        except OSError as exc:
+            raise _os_problem(flag, path, exc) from exc
+        if key in taken or (in_images and FRAME_FILE.fullmatch(path.name.lower())):
             raise UsageError(f"{flag} {path} is also written as {taken.get(key, '--save-images frames')}; "
                              "give each output its own path")
-        if args.replay and key.parent == Path(args.replay).resolve() and path.exists():
+        if key in replay_files or (args.replay and key_of(path.parent) == key_of(Path(args.replay))
+                                   and (path.exists() or path.name in ("stack.csv", ROI_FILE))):
             raise UsageError(f"{flag} {path} is a file of the stack being replayed; write elsewhere")
         taken[key] = flag
-        parent = path.resolve().parent
-        if in_images:
-            continue  # the --save-images folder: created below, checked there
-        if not parent.is_dir():
-            raise UsageError(f"{flag} {path}: folder {parent} does not exist; create it or pick another path")
-        if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-            raise UsageError(f"{flag} {path}: cannot write there; pick another path")
+        check_file_output(flag, path, inside_new_folder=in_images and not images.is_dir())  # type: ignore[union-attr]
     if args.plot is not None:
-        ext = Path(args.plot).suffix.lower().lstrip(".")
-        formats = plot_formats()
-        if ext not in formats:
-            what = "has no extension" if not ext else f".{ext} is not a format matplotlib writes"
-            raise UsageError(f"--plot {args.plot}: {what}; end the name with one of "
-                             f"{', '.join('.' + f for f in sorted(formats))} (e.g. curve.png)")
-    if args.save_images is not None:
-        folder = Path(args.save_images)
+        check_plot_format(args.plot)
+    if images is not None:
+        check_output_folder("--save-images", images)
+
+
+def zaber_stage(args: argparse.Namespace) -> ZaberStage:
+    """The focus axis the arguments name, on the PORT they give."""
+    return ZaberStage(args.port, args.device, args.axis, native_unit_nm=args.native_unit_nm,
+                      device_db=args.device_db, move_timeout_s=args.move_timeout_s,
+                      home_timeout_s=args.home_timeout_s, clear_faults=args.clear_faults)
+
+
+def live_camera(args: argparse.Namespace) -> Camera:
+    """The FLIR (default) or Basler camera the arguments ask for."""
+    return LIVE_CAMERAS[args.camera or "flir"](args.camera_serial, exposure_ms=args.exposure_ms,
+                                               timeout_ms=args.camera_timeout_ms, roi=args.camera_roi)
+
+
+def close_hardware(camera: Any, zaber: ZaberStage) -> None:
+    """Close the camera (when it was opened) and then the stage's connection."""
+    with INTERRUPTS.held():  # a second Ctrl-C must not leave the camera half restored
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"--save-images {folder}: cannot create the folder ({exc.strerror})") from exc
-        if not os.access(folder, os.W_OK):
-            raise UsageError(f"--save-images {folder}: cannot write there; pick another folder")
-
-
-def focus_keywords(args: argparse.Namespace) -> dict[str, Any]:
-    """focus()'s keywords from the command line: each one that has an option of the same name."""
-    return {name: getattr(args, name) for name in (focus.__kwdefaults__ or {}) if hasattr(args, name)}
-
-
-def sim_options(args: argparse.Namespace) -> dict[str, Any]:
-    """simulated_microscope()'s keywords from the --sim-* options."""
-    return dict(focus_mm=args.sim_focus_mm, photons=args.sim_photons, read_noise_e=args.sim_read_noise_e,
-                specimen=args.sim_specimen, right_specimen=args.sim_right_specimen,
-                right_focus_mm=args.sim_right_focus_mm, width=args.sim_size[0], height=args.sim_size[1],
-                bit_depth=args.sim_bits, seed=args.sim_seed, time_scale=args.sim_time_scale,
-                start_mm=args.sim_start_mm, camera_roi=args.camera_roi, objective=args.sim_objective,
-                dust_height_mm=args.sim_dust_height_mm, phase_rad=args.sim_phase_rad,
-                condenser_na=args.sim_condenser_na)
+            if camera is not None and hasattr(camera, "close"):
+                camera.close()
+        finally:
+            zaber.close()
 
 
 @contextlib.contextmanager
@@ -4332,34 +6572,39 @@ def open_microscope(args: argparse.Namespace) -> Iterator[tuple[Stage, Camera]]:
     if args.simulate:
         yield simulated_microscope(**sim_options(args))
         return
-    zaber = ZaberStage(args.port, args.device, args.axis, native_unit_nm=args.native_unit_nm,
-                       device_db=args.device_db, move_timeout_s=args.move_timeout_s,
-                       home_timeout_s=args.home_timeout_s, clear_faults=args.clear_faults)
+    zaber = zaber_stage(args)
     camera: Any = None
     try:
         if args.camera == "sim":  # the simulated camera shows what the real stage's position would
             _, sim = simulated_microscope(**sim_options(args))
             camera = SimCamera(zaber, sim.optics, sim.timing, sim.clock, roi=args.camera_roi)
         else:
-            camera = LIVE_CAMERAS[args.camera or "flir"](args.camera_serial, exposure_ms=args.exposure_ms,
-                                                         timeout_ms=args.camera_timeout_ms, roi=args.camera_roi)
+            camera = live_camera(args)
         yield zaber, camera
     finally:
-        with INTERRUPTS.held():  # a second Ctrl-C must not leave the camera half restored
-            try:
-                if camera is not None and hasattr(camera, "close"):
-                    camera.close()
-            finally:
-                zaber.close()
+        close_hardware(camera, zaber)
 
 
 def configure_logging(verbose: bool) -> None:
-    """Log to stderr: every step with --verbose, else warnings only."""
+    """Log to stderr: every step with --verbose, else warnings only.  matplotlib's notes (a cache
+    folder it had to make in the temporary folder) are shown with --verbose only, so that an error
+    stays one line; Python warnings likewise (``log_warning``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.WARNING)
     log.propagate = False
+    mpl = logging.getLogger("matplotlib")
+    mpl.handlers[:] = [handler]
+    mpl.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    mpl.propagate = False
+
+
+def log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                line: str | None = None) -> None:
+    """warnings.showwarning for a run: a Python warning (numpy's RuntimeWarning, a library's
+    DeprecationWarning) is a --verbose line, never a second line beside an error."""
+    log.debug("%s: %s (%s:%d)", category.__name__, message, filename, lineno)
 
 
 def stage_header(info: dict[str, Any], port: str) -> str:
@@ -4428,13 +6673,204 @@ def summary_line(result: FocusResult) -> str:
     return line
 
 
-def run(args: argparse.Namespace) -> int:
-    """Open the microscope, run the autofocus, write the outputs; returns the exit code."""
-    if args.make_figures:
-        optics = SimOptics(seed=args.sim_seed, photons=args.sim_photons)
-        for path in make_figures(args.make_figures, optics, args.blur):
-            print(path)
-        return EXIT_OK
+def slide_options(args: argparse.Namespace) -> dict[str, Any]:
+    """SimSlide's fields from the --sim-* slide options."""
+    return dict(tilt_um_per_mm=tuple(args.sim_tilt_um_per_mm), bow_um_per_mm2=args.sim_bow_um_per_mm2,
+                ripple_um=args.sim_ripple_um, bare_glass=tuple(tuple(b) for b in args.sim_bare_glass or ()))
+
+
+@contextlib.contextmanager
+def open_map_microscope(args: argparse.Namespace) -> Iterator[tuple[XYStage, Stage, Camera, dict[str, Any] | None]]:
+    """The plate, focus stage and camera a --map run asks for (and, on a Zaber microscope, what
+    was found); closes them afterwards."""
+    if args.simulate:
+        plate, stage, camera = simulated_slide(**sim_options(args), **slide_options(args))
+        yield plate, stage, camera, None
+        return
+    zaber = zaber_stage(args)
+    camera: Any = None
+    try:
+        axes = dict(native_unit_nm=args.xy_native_unit_nm, move_timeout_s=args.move_timeout_s,
+                    home_timeout_s=args.home_timeout_s, clear_faults=args.clear_faults)
+        connection = zaber._connection
+        if args.xy_device is not None:
+            try:
+                plate = ZaberPlate.from_device(connection, args.xy_device, **axes)
+            except UsageError as exc:
+                raise UsageError(str(exc).replace("pass --device N", "pass --xy-device N")) from exc
+        else:
+            plate = ZaberPlate.from_microscope(connection, **axes)
+        if args.camera == "sim":  # the simulated slide, seen at the real stages' positions
+            _, sim = simulated_microscope(**sim_options(args))
+            camera = SlideCamera(zaber, plate, SimSlide(focus_mm=args.sim_focus_mm, **slide_options(args)),
+                                 sim.optics, sim.timing, sim.clock, roi=args.camera_roi)
+        else:
+            camera = live_camera(args)
+        yield plate, zaber, camera, {"focus": zaber.describe(), "plate": plate.describe()}
+    finally:
+        close_hardware(camera, zaber)
+
+
+def plate_header(info: dict[str, Any]) -> str:
+    """The header line for a Zaber plate: which device and axes, their travel and unit."""
+    x, y = info["x"], info["y"]
+    return (f"plate: device {x['device']} axis {x['axis']} (x), device {y['device']} axis {y['axis']} (y): travel "
+            f"X {x['travel_mm'][0]:g}..{x['travel_mm'][1]:g}, Y {y['travel_mm'][0]:g}..{y['travel_mm'][1]:g} mm "
+            f"(native unit {x['native_unit_nm']:g} nm from {x['units_from']})")
+
+
+def map_summary(fmap: FocusMap) -> str:
+    """The human summary of a map: its surface, how far to trust it, its points and its cost."""
+    x0, y0, x1, y1 = fmap.area_mm
+    nx, ny = fmap.grid
+    counts = {s: sum(p.status == s for p in fmap.points) for s in ("used", "not_focused", "outlier", "failed")}
+    head = f"focus map {nx}x{ny} over X {x0:g}..{x1:g}, Y {y0:g}..{y1:g} mm: "
+    if fmap.surface is None:
+        head += "no surface"
+    else:
+        tx, ty = fmap.tilt_um_per_mm or (float("nan"), float("nan"))
+        head += (f"{fmap.model} surface, tilt {tx:+.2f} / {ty:+.2f} um/mm; residual RMS {fmap.rms_um:.2f} um, "
+                 f"leave-one-out {fmap.loo_rms_um:.2f} um ({'within' if fmap.trusted else 'ABOVE'} half the depth of "
+                 f"field, {500 * fmap.depth_of_field_mm:.2f} um)")
+    n = len(fmap.points)
+    return (f"{head}; {counts['used']} of {n} points used, {counts['not_focused']} without focus, "
+            f"{counts['outlier']} outlier{'s' if counts['outlier'] != 1 else ''}"
+            + (f", {counts['failed']} failed" if counts["failed"] else "")
+            + f"; {fmap.frames} frames ({fmap.frames / max(n, 1):.1f} a point), {fmap.elapsed_s:.2f} s")
+
+
+def write_map_outputs(args: argparse.Namespace, fmap: FocusMap) -> str | None:
+    """Write --map-out, --map-json, --map-npy and --plot (the heat map); returns the first failure
+    as one line (None: all written).  Without a surface --map-npy is skipped with a note."""
+    outputs: list[tuple[str, str | None, Callable[[str, FocusMap], None]]] = [
+        ("--map-out", args.map_out, write_map_csv), ("--map-json", args.map_json, write_map_json),
+        ("--map-npy", args.map_npy, lambda path, m: write_map_npy(path, m, args.map_npy_grid)),
+        ("--plot", args.plot, plot_map)]
+    for flag, path, write in outputs:
+        if not path:
+            continue
+        if flag == "--map-npy" and fmap.surface is None:
+            print(f"note: --map-npy {path} not written: the map has no surface", file=sys.stderr)
+            continue
+        try:
+            write(path, fmap)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+            return f"writing {flag} {path} failed ({reason})"
+    return None
+
+
+def report_map(args: argparse.Namespace, fmap: FocusMap | None, code: int, error: str | None, where: str | None,
+               info: dict[str, Any] | None) -> int:
+    """A map run's line(s), its output files and its JSON; returns the exit code."""
+    text = sys.stderr if args.json else sys.stdout
+    try:
+        if error is not None:
+            print(f"autofocus.py: {error}; {where}", file=sys.stderr)
+        if fmap is not None:
+            failed_output = write_map_outputs(args, fmap)
+            if failed_output and error is None:
+                code, error, where = EXIT_HARDWARE, failed_output, "the map had finished"
+                print(f"autofocus.py: {error}; the map's summary follows", file=sys.stderr)
+            late = INTERRUPTS.pending
+            if error is None and late is not None:
+                code, error = interrupt_code(late), f"{interrupt_text(late)} after the map had finished"
+                print(f"autofocus.py: {error}; every output was written", file=sys.stderr)
+            print(map_summary(fmap), file=text if error is None else sys.stderr)
+            for warning in fmap.warnings:
+                print(f"note: {warning}", file=text if error is None else sys.stderr)
+        if args.json:
+            doc = fmap.to_json() if fmap is not None else {"points": []}
+            print(strict_json({**doc, "exit_code": code, "error": error, "stage": where, "stage_info": info}))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return code
+
+
+def run_map(args: argparse.Namespace, request: Request) -> int:
+    """--map: open the plate, focus stage and camera, map (``request``: each point's search, checked
+    by ``validate``), write the outputs; returns the exit code."""
+    check_outputs(args)
+    fmap: FocusMap | None = None
+    error: str | None = None
+    where: str | None = None
+    info: dict[str, Any] | None = None
+    code = EXIT_OK
+    progress: Any = None
+    refused = False
+    try:
+        with open_map_microscope(args) as (plate, stage, camera, info):
+            if info is not None and not args.json:
+                print(stage_header(info["focus"], args.port))
+                print(plate_header(info["plate"]))
+            nx, ny = args.map
+            if sys.stderr.isatty() and not args.verbose:
+                from tqdm import tqdm  # noqa: PLC0415
+
+                progress = tqdm(total=nx * ny, unit="point", desc="focus map", file=sys.stderr, leave=False)
+
+            def on_point(point: MapPoint, done: int, total: int) -> None:
+                if progress is not None:
+                    progress.total = total
+                    progress.set_postfix_str(f"({point.x_mm:g}, {point.y_mm:g}) {point.verdict}, {point.frames} frames",
+                                             refresh=False)
+                    progress.update(1)
+
+            fmap = focus_map(plate, stage, camera, area_mm=args.map_area, grid=args.map, start_mm=args.start_mm,
+                             end_mm=args.end_mm, step_mm=args.step_mm, xy_limits_mm=args.xy_limits,
+                             refine=args.map_refine, on_point=on_point,
+                             depth_of_field_mm=None if args.map_dof_um is None else args.map_dof_um / 1000.0,
+                             **{k: v for k, v in dataclasses.asdict(request).items()
+                                if k not in ("start_mm", "end_mm", "step_mm")})
+            code = fmap.exit_code
+    except BaseException as failed:  # noqa: BLE001 - only a map that had started is handled here
+        with INTERRUPTS.held():
+            origin = with_stage_state(failed)
+            if origin is not None:
+                fmap, where = getattr(origin, "partial_map", None), origin.stage_state  # type: ignore[attr-defined]
+            elif fmap is not None and isinstance(failed, (KeyboardInterrupt, AutofocusError)):
+                where = "the map had finished"  # closing the camera or the stage was cut short
+            else:
+                refused = True
+                raise
+            code, error = failure_line(failed)
+            if args.verbose:
+                log.debug("traceback", exc_info=failed)
+    finally:
+        with INTERRUPTS.held():
+            if progress is not None:
+                progress.close()
+            if not refused:
+                code = report_map(args, fmap, code, error, where, info)
+                INTERRUPTS.finish()
+    return code
+
+
+def run_make_figures(args: argparse.Namespace) -> int:
+    """--make-figures DIR: the README's figures; their paths on stdout (stderr with --json, whose
+    one object is then the only thing on stdout)."""
+    folder = Path(args.make_figures)
+    check_output_folder("--make-figures", folder)
+    load_matplotlib("--make-figures")
+    optics = SimOptics(**check_values("simulator", SIM_RULES, {"seed": args.sim_seed, "photons": args.sim_photons}))
+    try:
+        written = make_figures(folder, optics, args.blur)
+    except OSError as exc:
+        raise OutputError(f"--make-figures {folder}: writing the figures failed ({exc.strerror or exc})") from exc
+    for path in written:
+        print(path, file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(strict_json(result_json(None, exit_code=EXIT_OK)))
+    return EXIT_OK
+
+
+def run(args: argparse.Namespace, request: Request) -> int:
+    """Open the microscope, run the autofocus (``request``, checked by ``validate``), write the
+    outputs; returns the exit code."""
+    if args.map is not None:
+        return run_map(args, request)
     check_outputs(args)
     n_positions = len(plan_positions(args.start_mm, args.end_mm, args.step_mm))
     result: FocusResult | None = None
@@ -4484,15 +6920,17 @@ def run(args: argparse.Namespace) -> int:
                 nonlocal saver
                 if args.save_images:
                     if saver is None:  # on the first frame: a plan refused before moving leaves no stack
-                        saver = ImageSaver(args.save_images, roi)
+                        saver = ImageSaver(args.save_images, roi, overwrite=args.overwrite)
                     saver(index, z_mm, frame, score)
                 if live is not None:
                     live.offer(index, z_mm, frame, score)
                 if progress is not None:
                     progress.update(1)
 
-            result = focus(stage, camera if live is None else LiveCamera(camera, live), args.start_mm, args.end_mm,
-                           args.step_mm, **{**focus_keywords(args), "roi": roi, "on_frame": on_frame})
+            if roi != request.roi:  # the region recorded with a replayed stack: checked as a --roi would be
+                request = check_request(dataclasses.replace(request, roi=roi))
+            result = run_request(stage, camera if live is None else LiveCamera(camera, live), request,
+                                 on_frame=on_frame)
             if live is not None:
                 live.refresh()
                 if hold_window(args):
@@ -4510,13 +6948,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 refused = True
                 raise  # refused before anything moved: main() reports it
-            if isinstance(failed, KeyboardInterrupt):
-                code, error = interrupt_code(failed), interrupt_text(failed)
-            elif isinstance(failed, AutofocusError):
-                code, error = failed.exit_code, first_line(failed)
-            else:
-                code, error = EXIT_BUG, f"internal error {type(failed).__name__}: {first_line(failed)} (please " \
-                                        "report it with the --verbose output)"
+            code, error = failure_line(failed)
             if args.verbose:
                 log.debug("traceback", exc_info=failed)
     finally:
@@ -4582,34 +7014,31 @@ def with_stage_state(exc: BaseException) -> BaseException | None:
 
 def report(args: argparse.Namespace, result: FocusResult | None, code: int, error: str | None, where: str | None,
            stage_info: dict[str, Any] | None, zaber: ZaberStage | None, roi: Roi | None) -> int:
-    """The run's line(s), its output files and its JSON; returns the exit code."""
-    try:
-        if error is not None:
+    """The run's line(s), its output files and its JSON; returns the exit code.  (A stdout or stderr
+    that cannot be written is main()'s to report: see GuardedStream.)"""
+    if error is not None:
+        print(f"autofocus.py: {error}; {where}", file=sys.stderr)
+    if result is not None:
+        failed_output = write_outputs(args, result)
+        if failed_output and error is None:
+            code, error, where = EXIT_HARDWARE, failed_output, f"the stage is at {result.best_mm:.4f} mm"
             print(f"autofocus.py: {error}; {where}", file=sys.stderr)
-        if result is not None:
-            failed_output = write_outputs(args, result)
-            if failed_output and error is None:
-                code, error, where = EXIT_HARDWARE, failed_output, f"the stage is at {result.best_mm:.4f} mm"
-                print(f"autofocus.py: {error}; {where}", file=sys.stderr)
-            if error is None:
-                late = INTERRUPTS.pending
-                if late is not None:  # the run had finished: say so, and exit as interrupted
-                    code, error = interrupt_code(late), f"{interrupt_text(late)} after the search had finished"
-                    where = f"the stage is at {result.best_mm:.4f} mm"
-                    print(f"autofocus.py: {error}; {where}; every output was written", file=sys.stderr)
-                else:
-                    print(summary_line(result), file=sys.stderr if args.json else sys.stdout)
-                    if note := curve_note(result, args.peak):
-                        print(note, file=sys.stderr if args.json else sys.stdout)
-        if stage_info is not None and zaber is not None:
-            stage_info["homed_now"] = not stage_info["homed"] and zaber.homed
-        if args.json:
-            print(strict_json(result_json(result, exit_code=code, error=error, where=where, stage_info=stage_info,
-                                         roi=roi, camera_roi=args.camera_roi)))
-        sys.stdout.flush()
-    except BrokenPipeError:  # stdout closed early (--json | head): nothing more to say there
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if error is None:
+            late = INTERRUPTS.pending
+            if late is not None:  # the run had finished: say so, and exit as interrupted
+                code, error = interrupt_code(late), f"{interrupt_text(late)} after the search had finished"
+                where = f"the stage is at {result.best_mm:.4f} mm"
+                print(f"autofocus.py: {error}; {where}; every output was written", file=sys.stderr)
+            else:
+                print(summary_line(result), file=sys.stderr if args.json else sys.stdout)
+                if note := curve_note(result, args.peak):
+                    print(note, file=sys.stderr if args.json else sys.stdout)
+    if stage_info is not None and zaber is not None:
+        stage_info["homed_now"] = not stage_info["homed"] and zaber.homed
+    if args.json:
+        print(strict_json(result_json(result, exit_code=code, error=error, where=where, stage_info=stage_info,
+                                     roi=roi, camera_roi=args.camera_roi)))
+    sys.stdout.flush()
     return code
 
 
@@ -4621,7 +7050,7 @@ def write_outputs(args: argparse.Namespace, result: FocusResult) -> str | None:
             continue
         try:
             write(path, result.samples if write is write_curve_csv else result)  # type: ignore[operator]
-        except (OSError, ValueError) as exc:  # disk full, folder removed, a format matplotlib refuses
+        except Exception as exc:  # noqa: BLE001 - disk full, folder removed, a backend failing: one line
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
             return f"writing {flag} {path} failed ({reason}); the result is in the --json output and on screen"
     return None
@@ -4635,6 +7064,16 @@ def interrupt_code(exc: BaseException) -> int:
 def interrupt_text(exc: BaseException) -> str:
     """"interrupted (Ctrl-C)", "terminated (SIGTERM)", ..."""
     return exc.describe() if isinstance(exc, Interrupted) else "interrupted (Ctrl-C)"
+
+
+def failure_line(failed: BaseException) -> tuple[int, str]:
+    """The exit code and the one-line error of a run that failed once it had started."""
+    if isinstance(failed, KeyboardInterrupt):
+        return interrupt_code(failed), interrupt_text(failed)
+    if isinstance(failed, AutofocusError):
+        return failed.exit_code, first_line(failed)
+    return EXIT_BUG, (f"internal error {type(failed).__name__}: {first_line(failed)} (please report it with the "
+                      "--verbose output)")
 
 
 class InterruptSignals:
@@ -4694,36 +7133,143 @@ class InterruptSignals:
 INTERRUPTS = InterruptSignals()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line, run, and turn every error into one line and an exit code."""
-    parser = build_parser()
-    try:
-        args = parser.parse_intermixed_args(argv)  # options may stand between the positionals
-    except SystemExit as exc:  # argparse: --help, --version, or a one-line usage error
-        code = exc.code if isinstance(exc.code, int) else EXIT_USAGE
-        if code and "--json" in (sys.argv[1:] if argv is None else argv):
-            print(strict_json(result_json(None, exit_code=code, error="usage error (see stderr)")))
-        return code
-    configure_logging(args.verbose)
-    with INTERRUPTS:
+class GuardedStream:
+    """stdout or stderr for the length of main(): writing never raises into the run.
+
+    A stream closed when the tool started (``2>&-``, ``>&-``: Python makes it None) is /dev/null.
+    A stream that fails (a full disk, a reader that went away, ``> /dev/full``) is written no
+    more: ``error`` keeps why, and its descriptor is pointed at /dev/null so that nothing still
+    buffered fails again when Python exits.  main() then reports a failed stdout (exit code)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.error: BaseException | None = None
+
+    def write(self, text: str) -> int:
+        if self.stream is not None and self.error is None:
+            try:
+                self.stream.write(text)
+            except (OSError, ValueError) as exc:  # ValueError: written after it was closed
+                self._failed(exc)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.stream is not None and self.error is None:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError) as exc:
+                self._failed(exc)
+
+    def isatty(self) -> bool:
         try:
-            validate(args)
-            return run(args)
+            return self.stream is not None and self.error is None and bool(self.stream.isatty())
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        if self.stream is None:
+            raise io.UnsupportedOperation("the stream was closed when the tool started")
+        return int(self.stream.fileno())
+
+    def __getattr__(self, name: str) -> Any:  # encoding, errors, ... as the stream has them
+        return getattr(self.stream, name)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.error = exc
+        with contextlib.suppress(Exception):  # a test's capture object has no descriptor: nothing to do
+            fd = self.stream.fileno()
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+
+
+@contextlib.contextmanager
+def guarded_streams() -> Iterator[tuple[GuardedStream, GuardedStream]]:
+    """sys.stdout and sys.stderr as GuardedStreams for the block.  A descriptor 0-2 closed when the
+    tool started is first opened on /dev/null, so that no file the run opens takes its number
+    (libpng and OpenCV write to descriptor 2 directly; a saved frame must not receive them)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                null = os.open(os.devnull, os.O_RDWR)
+                if null != fd:
+                    os.dup2(null, fd)
+                    os.close(null)
+    saved = sys.stdout, sys.stderr
+    out, err = GuardedStream(sys.stdout), GuardedStream(sys.stderr)
+    sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
+    try:
+        yield out, err
+    finally:
+        out.flush()
+        err.flush()
+        sys.stdout, sys.stderr = saved
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, run, and turn every error into one line and an exit code.
+
+    A stdout that cannot be written (a full disk, a closed pipe) does not change what the run
+    does to the stage; it turns a verdict's exit code (0, 3, 4) into 5, with one line on stderr:
+    the result did not reach the reader."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with guarded_streams() as (out, err):
+        code = _main(argv)
+        out.flush()
+        if out.error is not None and code in VERDICT_EXIT.values():
+            reason = getattr(out.error, "strerror", None) or first_line(out.error)
+            print(f"autofocus.py: could not write to stdout ({reason}); the result did not reach it: exit code "
+                  f"{EXIT_HARDWARE}, not {code}", file=sys.stderr)
+            code = EXIT_HARDWARE
+    return code
+
+
+def _main(argv: list[str]) -> int:
+    """main() inside its guarded streams: the signal handlers from the first moment (parsing too),
+    then parse, check, run; every exit prints one JSON object with --json."""
+    global _early_signal
+    wants_json, verbose = "--json" in argv, False  # until the options are parsed (no abbreviations)
+
+    def say(code: int, message: str, json_error: str) -> int:
+        print(f"autofocus.py: {message}", file=sys.stderr)
+        if wants_json:
+            print(strict_json(result_json(None, exit_code=code, error=json_error)))
+        return code
+
+    with INTERRUPTS, warnings.catch_warnings():
+        warnings.showwarning = log_warning
+        try:
+            if _early_signal is not None:  # arrived while this file loaded, before the handlers
+                signum, _early_signal = _early_signal, None
+                raise Interrupted(signum)
+            parser = build_parser()
+            try:
+                args = parser.parse_intermixed_args(argv)  # options may stand between the positionals
+            except SystemExit as exc:  # argparse: --help, --version, or a one-line usage error
+                code = exc.code if isinstance(exc.code, int) else EXIT_USAGE
+                if code and wants_json:
+                    print(strict_json(result_json(None, exit_code=code, error=getattr(parser, "last_error", None)
+                                                  or "usage error (see stderr)")))
+                return code
+            wants_json, verbose = args.json, args.verbose
+            configure_logging(args.verbose)
+            if args.make_figures:
+                return run_make_figures(args)
+            request = validate(args)
+            return run(args, request)
         except AutofocusError as exc:
             INTERRUPTS.finish()
-            print(f"autofocus.py: {exc}", file=sys.stderr)
-            if args.verbose:
+            if isinstance(exc, BadValue):  # named by its option, not its keyword
+                exc.relabel(option_labels(build_parser()))
+            if verbose:
                 log.debug("traceback", exc_info=exc)
-            if args.json:
-                print(strict_json(result_json(None, exit_code=exc.exit_code, error=str(exc))))
-            return exc.exit_code
+            return say(exc.exit_code, str(exc), str(exc))
         except KeyboardInterrupt as exc:
             INTERRUPTS.finish()
-            print(f"autofocus.py: {interrupt_text(exc)} before the search started; nothing was measured, and any "
-                  "motion (homing) was stopped", file=sys.stderr)
-            if args.json:
-                print(strict_json(result_json(None, exit_code=interrupt_code(exc), error=interrupt_text(exc))))
-            return interrupt_code(exc)
+            return say(interrupt_code(exc), f"{interrupt_text(exc)} before the search started; nothing was measured, "
+                       "and any motion (homing) was stopped", interrupt_text(exc))
 
 
 if __name__ == "__main__":

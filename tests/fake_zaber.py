@@ -20,8 +20,9 @@ Usage::
 reject_unhomed_moves=True, unhomed_reason="BADCOMMAND", interrupt_flag=True, motion_clears_notices=True,
 host="127.0.0.1", port=0)``.
 ``devices`` entries are ``DeviceConfig`` (address, device_id, axes, limit_min, limit_max, position, homed,
-resolution, speed_native_per_s, serial, version, version_build, peripheral_id, flags) or bare addresses
-(``devices=[1, 2]``); ``flags`` are warning flags latched at power-up (e.g. ``("FS",)`` or ``("NI",)``). Default speed 100 mm/s: 50 um takes ~2.5 ms (incl. settle), 25 mm 0.25 s.
+resolution, speed_native_per_s, serial, version, version_build, peripheral_id, flags, storage) or bare addresses
+(``devices=[1, 2]``); ``flags`` are warning flags latched at power-up (e.g. ``("FS",)`` or ``("NI",)``); ``storage``
+holds axis-scope keys answered to ``storage all print [prefix P]`` (ZML's ``Microscope.find``). Default speed 100 mm/s: 50 um takes ~2.5 ms (incl. settle), 25 mm 0.25 s.
 
 Protocol (per /work/shared/zaber-ascii.md): requests ``/DEV AXIS ID CMD:CS\\n`` (ID and checksum
 optional; a bad checksum is answered ``RJ ... BADDATA``); replies ``@DD A ID OK|RJ IDLE|BUSY FLAG DATA\\r\\n``
@@ -116,6 +117,9 @@ class DeviceConfig:
     version_build: int = 17000
     peripheral_id: int = 0
     flags: Tuple[str, ...] = ()  # warning flags latched at power-up, e.g. ("FS",) or ("NI",)
+    # Axis-scope key-value storage, (axis, key, value) entries, e.g. (2, "zaber.microscope.part", "x"):
+    # what ZML's Microscope.find reads to identify a microscope's plate and focus axes.
+    storage: Tuple[Tuple[int, str, str], ...] = ()
 
 
 @dataclass
@@ -261,6 +265,7 @@ class FakeZaber:
         self._listener: Optional[socket.socket] = None
         self._accept_thread: Optional[threading.Thread] = None
         self._clients: List[_Client] = []
+        self._msg_id: Optional[str] = None
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> "FakeZaber":
@@ -511,6 +516,7 @@ class FakeZaber:
             self._update(dev, ax, now)
         if self.faults.silent:
             return None
+        self._msg_id = msg_id  # for info messages that follow the reply (storage print)
         ok, data = True, "0"
         words = text.split()
         if not cs_ok:
@@ -549,6 +555,8 @@ class FakeZaber:
             elif w[1:]:
                 return "RJ BADCOMMAND"
             return " ".join(["%02d" % len(flags)] + flags)
+        if w[0] == "storage":
+            return self._storage(client, dev, w)
         if w == ["stop"]:
             for a in axes:
                 if not self.faults.ignore_stop:
@@ -584,6 +592,20 @@ class FakeZaber:
                     self._begin(a, float(a.hi if v > 0 else a.lo), "vel", now, speed=abs(v))
             else:
                 return "RJ BADCOMMAND"
+        return "0"
+
+    def _storage(self, client: _Client, dev: _Device, w: List[str]) -> str:
+        """``storage all print [prefix P]``: OK, then one info message per stored key, ``#DD A ID set KEY
+        VALUE`` (axis-scope keys carry their axis), sent after the reply -- the form ZML 10.3's
+        Microscope.find parses (it sends exactly this command, and finds the axes whose
+        ``zaber.microscope.part`` is x, y or focus).  Other storage commands: RJ BADCOMMAND."""
+        if w[1:3] != ["all", "print"] or len(w) not in (3, 5) or (len(w) == 5 and w[3] != "prefix"):
+            return "RJ BADCOMMAND"
+        prefix = w[4] if len(w) == 5 else ""
+        msg_id = self._msg_id + " " if self._msg_id is not None else ""
+        for axis, key, value in dev.cfg.storage:
+            if key.startswith(prefix):
+                client.outbox.append("#%02d %d %sset %s %s" % (dev.address, axis, msg_id, key, value))
         return "0"
 
     def _move_abs(self, client: _Client, dev: _Device, axes: List[_Axis], w: List[str], now: float) -> Optional[str]:

@@ -35,19 +35,19 @@ def strict(text: str) -> Any:
 
 @pytest.mark.parametrize("argv, message", [
     (["10", "14", "5e-324"], "STEP_MM: 5e-324 is out of range"),
-    (["1e300", "14", "0.05"], "START_MM: 1e300 is out of range"),
-    (["10", "1e300", "0.05"], "END_MM: 1e300 is out of range"),
-    (["10", "14", "0.05", "--settle-ms", "1e308"], "--settle-ms: 1e308 is out of range"),
+    (["1e300", "14", "0.05"], "START_MM: 1e+300 is out of range"),
+    (["10", "1e300", "0.05"], "END_MM: 1e+300 is out of range"),
+    (["10", "14", "0.05", "--settle-ms", "1e308"], "--settle-ms: 1e+308 is out of range"),
     (["10", "14", "0.05", "--camera-timeout-ms", "1000000000000"], "--camera-timeout-ms: 1000000000000 is out"),
-    (["10", "14", "0.05", "--move-timeout-s", "1e308"], "--move-timeout-s: 1e308 is out of range"),
-    (["10", "14", "0.05", "--backlash-mm", "1e300"], "--backlash-mm: 1e300 is out of range"),
+    (["10", "14", "0.05", "--move-timeout-s", "1e308"], "--move-timeout-s: 1e+308 is out of range"),
+    (["10", "14", "0.05", "--backlash-mm", "1e300"], "--backlash-mm: 1e+300 is out of range"),
     (["10", "14", "0.05", "--sim-seed", "-1"], "--sim-seed: -1 is out of range: must be from 0 to 4294967295"),
-    (["10", "14", "0.05", "--sim-time-scale", "1e300"], "--sim-time-scale: 1e300 is out of range"),
-    (["10", "14", "0.05", "--sim-photons", "1e308"], "--sim-photons: 1e308 is out of range"),
+    (["10", "14", "0.05", "--sim-time-scale", "1e300"], "--sim-time-scale: 1e+300 is out of range"),
+    (["10", "14", "0.05", "--sim-photons", "1e308"], "--sim-photons: 1e+308 is out of range"),
     (["10", "14", "0.05", "--sim-size", "10000x10000"], "at most 25 MP"),
-    (["0", "20", "0.00000001", "--allow-many"], "STEP_MM: 0.00000001 is out of range"),
+    (["0", "20", "0.00000001", "--allow-many"], "STEP_MM: 1e-08 is out of range"),
     (["0", "20", "0.000002", "--allow-many"], "more than 1,000,000, even with --allow-many"),
-    (["12", "12.000005", "0.000001", "--search", "fast"], "STEP 1e-06 mm is 1 native units of this stage"),
+    (["12", "12.000005", "0.000001", "--search", "fast"], "STEP_MM 1e-06 mm is 1 native units of this stage"),
 ])
 def test_extreme_numbers_are_one_line_exit_2_and_nothing_moves(capsys: pytest.CaptureFixture[str], argv: list[str],
                                                                message: str) -> None:
@@ -71,7 +71,7 @@ def test_a_step_below_a_few_native_units_is_refused_before_anything_moves(micron
     code = autofocus.main(["10", "10.02", "0.002", url(micron_fake), "--camera", "sim", "--native-unit-nm", "1000",
                            "--sim-time-scale", "0", "--sim-size", "320x200"])
     err = capsys.readouterr().err
-    assert code == 2 and "STEP 0.002 mm is 2 native units of this stage (one unit is 1000 nm)" in err
+    assert code == 2 and "STEP_MM 0.002 mm is 2 native units of this stage (one unit is 1000 nm)" in err
     assert "at least 3 units" in err and micron_fake.motion_commands() == []
 
 
@@ -173,16 +173,17 @@ def test_hostile_replay_images_are_one_line_and_nothing_from_opencv_reaches_stde
 def test_each_distinct_file_is_decoded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     frame = (np.random.default_rng(2).random((48, 64)) * 200).astype(np.uint8)
     stack = make_stack(tmp_path / "stack", tiff(frame), rows=50)
-    real_imread = cv2.imread
+    real_imdecode = cv2.imdecode
     calls = []
 
-    def imread(*args: Any) -> Any:
-        calls.append(args[0])
-        return real_imread(*args)
+    def imdecode(*args: Any) -> Any:  # the file's bytes are decoded: OpenCV never opens a path itself
+        calls.append(len(args[0]))
+        return real_imdecode(*args)
 
-    monkeypatch.setattr(autofocus.cv2, "imread", imread)
+    monkeypatch.setattr(autofocus.cv2, "imdecode", imdecode)
+    monkeypatch.setattr(autofocus.cv2, "imread", None)  # never called
     replay = autofocus.ReplayStack(stack)
-    assert len(replay.frames) == 50 and calls == [str(stack / "img.tif")]
+    assert len(replay.frames) == 50 and calls == [(stack / "img.tif").stat().st_size]
 
 
 def test_replay_picks_the_nearest_slice_between_slices(tmp_path: Path) -> None:
@@ -237,8 +238,8 @@ def test_documented_values_work(extra: list[str], capsys: pytest.CaptureFixture[
 
 
 @pytest.mark.parametrize("options, message", [({"start_mm": 30.0}, "must start inside its travel"),
-                                              ({"bit_depth": 64}, "choose 8, 12 or 16"),
-                                              ({"focus_mm": float("inf")}, "focus_mm inf must be a number")])
+                                              ({"bit_depth": 64}, "bit_depth: 64 is not one of 8, 12, 16"),
+                                              ({"focus_mm": float("inf")}, "focus_mm: inf is not a finite number")])
 def test_simulator_options_outside_what_it_models_are_refused(options: dict, message: str) -> None:
     with pytest.raises(autofocus.UsageError, match=message):
         autofocus.simulated_microscope(**options)

@@ -228,20 +228,20 @@ class CountingStage(autofocus.SimStage):
 
 
 @pytest.mark.parametrize("args, keywords, message", [
-    ((12, 13, 0), {}, "STEP 0 must be greater than 0"),
-    ((float("nan"), 13, 0.1), {}, "START nan is not a finite number"),
-    ((12, "13", 0.1), {}, "END '13' is not a finite number"),
-    ((12, 12, 0.1), {}, "START equals END"),
-    ((0, 25, 1e-3), {}, "confirm with --allow-many"),
-    ((0, 25, 1e-6), {"allow_many": True}, "more than 1,000,000, even with --allow-many"),
-    ((12, 13, 5e-324), {}, "below 1e-06 mm"),
-    ((1e300, 13, 0.1), {}, "out of range: must be within"),
-    ((12, 13, 0.1), {"settle_ms": 1e308}, "settle_ms 1e+308 must be a number from 0 to 60000"),
-    ((12, 13, 0.1), {"search": "quick"}, "search 'quick' is unknown; choose one of sweep, fast"),
-    ((12, 13, 0.1), {"metric": "sobel"}, "metric 'sobel' is unknown"),
-    ((12, 13, 0.1), {"blur": 4}, "blur 4 must be an odd whole number"),
-    ((12, 13, 0.1), {"settle_ms": -1}, "settle_ms -1 must be a number from 0 to 60000"),
-    ((12, 13, 0.1), {"z_min": 13, "z_max": 12}, "--z-min 13 must be below --z-max 12"),
+    ((12, 13, 0), {}, "step_mm: 0 is out of range: must be from 1e-06 to 2000 mm"),
+    ((float("nan"), 13, 0.1), {}, "start_mm: nan is not a finite number"),
+    ((12, "13", 0.1), {}, "end_mm: '13' is not a number"),
+    ((12, 12, 0.1), {}, "start_mm equals end_mm"),
+    ((0, 25, 1e-3), {}, "confirm with allow_many"),
+    ((0, 25, 1e-6), {"allow_many": True}, "more than 1,000,000, even with allow_many"),
+    ((12, 13, 5e-324), {}, "step_mm: 5e-324 is out of range: must be from 1e-06"),
+    ((1e300, 13, 0.1), {}, "start_mm: 1e+300 is out of range: must be from -1000 to 1000 mm"),
+    ((12, 13, 0.1), {"settle_ms": 1e308}, "settle_ms: 1e+308 is out of range: must be from 0 to 60000 ms"),
+    ((12, 13, 0.1), {"search": "quick"}, "search: 'quick' is unknown; choose one of sweep, fast"),
+    ((12, 13, 0.1), {"metric": "sobel"}, "metric: 'sobel' is unknown"),
+    ((12, 13, 0.1), {"blur": 4}, "blur: 4 must be odd, from 3 to 99"),
+    ((12, 13, 0.1), {"settle_ms": -1}, "settle_ms: -1 is out of range: must be from 0 to 60000 ms"),
+    ((12, 13, 0.1), {"z_min": 13, "z_max": 12}, "z_min 13 must be below z_max 12"),
     ((12, 13, 0.1), {"z_max": 12.5}, "leaves the allowed interval 0..12.5"),
     ((12, 13, 0.1), {"roi": (0, 0, 100)}, "must be (x, y, width, height)"),
     ((12, 13, 0.1), {"roi": (0, 0, 0, 10)}, "must not be empty"),
@@ -333,11 +333,11 @@ def test_simulated_microscope_takes_the_simulators_options() -> None:
 
 @pytest.mark.parametrize("options, message", [
     ({"focus": 12}, "unknown option focus"),
-    ({"specimen": "dots"}, "choose cells, blank, dusty"),
+    ({"specimen": "dots"}, "choose one of cells, blank, dusty"),
     ({"width": 4}, "16 to 10000 pixels"),
-    ({"seed": -1}, "seed -1 must be a whole number"),
-    ({"time_scale": 1e300}, r"time_scale 1e\+300 must be from 0 to 100"),
-    ({"photons": 1e308}, r"photons 1e\+308 must be above 0 and at most"),
+    ({"seed": -1}, "seed: -1 is out of range: must be from 0 to 4294967295"),
+    ({"time_scale": 1e300}, r"time_scale: 1e\+300 is out of range: must be from 0 to 100"),
+    ({"photons": 1e308}, r"photons: 1e\+308 is out of range: must be from 0.01 to 1e\+07"),
 ])
 def test_simulated_microscope_rejects_bad_options(options: dict, message: str) -> None:
     with pytest.raises(autofocus.UsageError, match=message):

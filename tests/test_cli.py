@@ -93,7 +93,7 @@ BAD_INPUTS = [
     (["10", "14", "0"], "STEP_MM: 0 is out of range: must be from 1e-06 to 2000 mm"),
     (["10", "14", "-0.05"], "out of range: must be from 1e-06"),
     (["10", "14", "5"], "larger than the range"),
-    (["10", "10", "0.05"], "START equals END"),
+    (["10", "10", "0.05"], "START_MM equals END_MM"),
     (["0", "20", "0.000001"], "--allow-many"),
     (["10", "14", "0.05", "--blur", "8"], "must be odd"),
     (["10", "14", "0.05", "--blur", "1"], "must be odd"),

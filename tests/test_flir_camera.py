@@ -331,7 +331,7 @@ def test_sim_camera_roi_crops_the_frame_and_reads_out_faster() -> None:
 
 @pytest.mark.parametrize("argv, message", [
     (["--simulate", "--camera-roi", "300,0,100,100"], "outside the sensor's 320x200 pixels"),
-    (["--simulate", "--camera-roi", "0,0,0,10"], "W and H 1 or more"),
+    (["--simulate", "--camera-roi", "0,0,0,10"], "W and H at least 8 pixels"),
     (["--simulate", "--camera-roi", "1,2,3"], "is not X,Y,W,H"),
 ])
 def test_camera_roi_bad_input_is_one_line_and_exit_2(argv: list[str], message: str,

@@ -452,9 +452,9 @@ def test_json_on_a_usage_error(capfd: pytest.CaptureFixture[str]) -> None:
     code = call_main(["12", "12", "0.05", *SIM, "--json"])  # START equals END
     cap = capfd.readouterr()
     assert code == 2
-    assert_one_line_error(cap.err, "START equals END")
+    assert_one_line_error(cap.err, "START_MM equals END_MM")
     doc = json.loads(cap.out)
-    assert doc["exit_code"] == 2 and "START equals END" in doc["error"]
+    assert doc["exit_code"] == 2 and "START_MM equals END_MM" in doc["error"]
 
 
 ###############################################################################

@@ -87,7 +87,7 @@ def test_roi_outside_the_frame_stops_with_the_stage_back_at_start(fake: FakeZabe
 
 
 @pytest.mark.parametrize("roi, message", [
-    ("10,10,0,50", "the region is empty"), ("10,10,4,50", "too small"), ("1,2,3", "is not X,Y,W,H"),
+    ("10,10,0,50", "the region must not be empty"), ("10,10,4,50", "W and H at least 8 pixels"), ("1,2,3", "is not X,Y,W,H"),
     ("=-1,0,50,50", "must be 0 or more"),
 ])
 def test_empty_or_malformed_roi_is_refused_before_anything_moves(fake: FakeZaber, capfd: pytest.CaptureFixture[str],
@@ -118,8 +118,8 @@ def test_saved_stack_records_the_roi_and_replay_reuses_it(tmp_path: Path, capfd:
     code, out, _ = call_main(capfd, ["11.7", "12.7", "0.02", "--replay", stack, "--roi", ",".join(map(str, LEFT)),
                                      "--json"])
     assert code == 0 and abs(json.loads(out)["best_mm"] - 12.0) <= 0.02
-    # Saving into the same folder without an ROI removes the stale roi.json.
-    code, _, _ = call_main(capfd, ["11.7", "12.7", "0.1", *SIM, *two_planes, "--save-images", stack])
+    # Saving into the same folder (--overwrite: it holds a recording) without an ROI removes the stale roi.json.
+    code, _, _ = call_main(capfd, ["11.7", "12.7", "0.1", *SIM, *two_planes, "--save-images", stack, "--overwrite"])
     assert code in (0, 3, 4) and not (stack / "roi.json").exists()
 
 

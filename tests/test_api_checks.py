@@ -1,0 +1,342 @@
+"""Every argument of the Python API is checked before anything moves (issue 19).
+
+focus(), simulated_microscope(), ZaberStage (its constructor and from_axis), FlirCamera and
+BaslerCamera (constructors and from_camera): a value of the wrong type or out of its range is the
+tool's UsageError (BadValue) and nothing moved or changed.  Numbers from a stage (limits,
+positions) are checked before use: a StageError.  Frames a camera delivers are checked before
+they are scored: a CameraError.  One focus() at a time per stage and per camera.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+import autofocus
+from conftest import FAST_SIM
+from fake_zaber import DeviceConfig, FakeZaber
+
+NM = 1_000_000
+
+
+class CountingStage(autofocus.SimStage):
+    """A simulated stage at 12.3 mm that counts every call the run makes on it."""
+
+    def __init__(self, limits: Any = (0.0, 25.0), position: Any = 12.3) -> None:
+        super().__init__(position_mm=12.3, timing=autofocus.SimTiming(scale=0.0))
+        self.reported_limits, self.reported_position = limits, position
+        self.moves: list[float] = []
+
+    def limits_mm(self) -> Any:
+        return self.reported_limits
+
+    def position_mm(self) -> Any:
+        return self.reported_position if not self.moves else self.z
+
+    def move_to(self, z_mm: float) -> None:
+        self.moves.append(z_mm)
+        super().move_to(z_mm)
+
+
+class CountingCamera:
+    """Renders the simulated optics (focus at 12.34 mm) at the stage's position, or ``frames``."""
+
+    def __init__(self, stage: autofocus.Stage, frames: list[Any] | None = None) -> None:
+        optics = autofocus.SimOptics(focus_mm=12.34, width=96, height=64)
+        self.sim = autofocus.SimCamera(stage, optics, autofocus.SimTiming(scale=0.0))
+        self.frames, self.captures = frames, 0
+
+    def capture(self) -> Any:
+        self.captures += 1
+        if self.frames is not None:
+            return self.frames[min(self.captures, len(self.frames)) - 1]
+        return self.sim.capture()
+
+
+# --- focus(): every argument, bad values, nothing moved -------------------------------------------
+
+BAD_ARGUMENTS = [
+    # (positional START, END, STEP), keywords, the keyword or argument the message names
+    ((None, 12.7, 0.1), {}, "start_mm"), (("12", 12.7, 0.1), {}, "start_mm"), ((True, 12.7, 0.1), {}, "start_mm"),
+    ((math.inf, 12.7, 0.1), {}, "start_mm"), (([12], 12.7, 0.1), {}, "start_mm"), ((10**400, 12.7, 0.1), {}, "start_mm"),
+    ((12, math.nan, 0.1), {}, "end_mm"), ((12, -1e300, 0.1), {}, "end_mm"),
+    ((12, 12.7, -0.1), {}, "step_mm"), ((12, 12.7, "0.1"), {}, "step_mm"), ((12, 12.7, False), {}, "step_mm"),
+    ((12, 12.7, 0.1), {"search": "quick"}, "search"), ((12, 12.7, 0.1), {"search": None}, "search"),
+    ((12, 12.7, 0.1), {"metric": "sobel"}, "metric"), ((12, 12.7, 0.1), {"metric": 3}, "metric"),
+    ((12, 12.7, 0.1), {"blur": 9.0}, "blur"), ((12, 12.7, 0.1), {"blur": "9"}, "blur"),
+    ((12, 12.7, 0.1), {"blur": True}, "blur"), ((12, 12.7, 0.1), {"blur": 101}, "blur"),
+    ((12, 12.7, 0.1), {"blur": 10**400 + 1}, "blur"),  # no float holds it
+    ((12, 12.7, 0.1), {"roi": "0,0,50,50"}, "roi"), ((12, 12.7, 0.1), {"roi": (0.5, 0, 50, 50)}, "roi"),
+    ((12, 12.7, 0.1), {"roi": (True, 0, 50, 50)}, "roi"), ((12, 12.7, 0.1), {"roi": (0, 0, 50, 7)}, "roi"),
+    ((12, 12.7, 0.1), {"settle_ms": "5"}, "settle_ms"), ((12, 12.7, 0.1), {"settle_ms": math.nan}, "settle_ms"),
+    ((12, 12.7, 0.1), {"backlash_mm": -0.01}, "backlash_mm"), ((12, 12.7, 0.1), {"backlash_mm": 11}, "backlash_mm"),
+    ((12, 12.7, 0.1), {"z_min": "12"}, "z_min"), ((12, 12.7, 0.1), {"z_max": math.nan}, "z_max"),
+    ((12, 12.7, 0.1), {"z_max": True}, "z_max"),
+    ((-0.2, 0.4, 0.1), {"relative": "False"}, "relative"), ((12, 12.7, 0.1), {"relative": 1}, "relative"),
+    ((12, 12.7, 0.1), {"relative": None}, "relative"),
+    ((12, 12.7, 0.1), {"home": "yes"}, "home"), ((12, 12.7, 0.1), {"home": 0}, "home"),
+    ((12, 12.7, 0.1), {"peak": "lowest z"}, "peak"), ((12, 12.7, 0.1), {"peak": None}, "peak"),
+    ((12, 12.7, 0.1), {"transparent": "no"}, "transparent"), ((12, 12.7, 0.1), {"transparent": 0}, "transparent"),
+    ((12, 12.7, 0.1), {"allow_many": "yes"}, "allow_many"),
+    ((12, 12.7, 0.1), {"on_frame": "print"}, "on_frame"), ((12, 12.7, 0.1), {"on_frame": 5}, "on_frame"),
+]
+
+
+@pytest.mark.parametrize("args, keywords, named", BAD_ARGUMENTS)
+def test_every_bad_argument_is_a_usage_error_naming_it_and_nothing_moves(args: tuple, keywords: dict,
+                                                                         named: str) -> None:
+    stage = CountingStage()
+    camera = CountingCamera(stage)
+    with pytest.raises(autofocus.BadValue) as caught:
+        autofocus.focus(stage, camera, *args, **keywords)
+    assert isinstance(caught.value, autofocus.UsageError) and str(caught.value).startswith(named)
+    assert stage.moves == [] and camera.captures == 0 and caught.value.partial is None
+
+
+@pytest.mark.parametrize("stage_arg, camera_arg, message", [
+    (None, "camera", "stage None is not a Stage"), ("COM3", "camera", "stage 'COM3' is not a Stage"),
+    ("stage", None, "camera None is not a Camera"), ("stage", object(), "is not a Camera: it needs capture()"),
+    ("stage", lambda: np.zeros((8, 8)), "is not a Camera"),
+])
+def test_a_stage_or_camera_that_is_not_one_is_refused_before_anything_moves(stage_arg: Any, camera_arg: Any,
+                                                                            message: str) -> None:
+    stage = CountingStage()
+    camera = CountingCamera(stage)
+    stage_arg = stage if stage_arg == "stage" else stage_arg
+    camera_arg = camera if isinstance(camera_arg, str) else camera_arg
+    with pytest.raises(autofocus.UsageError, match=message):
+        autofocus.focus(stage_arg, camera_arg, 12, 12.7, 0.1)
+    assert stage.moves == [] and camera.captures == 0
+
+
+def test_strings_are_never_taken_for_true() -> None:
+    # relative="False" once searched 24-24.7 mm (12.3 + 12..12.7), transparent="no" ran the inverted search.
+    stage = CountingStage()
+    for keywords in ({"relative": "False"}, {"transparent": "no"}, {"home": "False"}, {"allow_many": "0"}):
+        with pytest.raises(autofocus.UsageError, match="must be True or False"):
+            autofocus.focus(stage, CountingCamera(stage), 12, 12.7, 0.1, **keywords)
+    assert stage.moves == []
+    result = autofocus.focus(stage, CountingCamera(stage), 12, 12.7, 0.1, relative=np.bool_(False),  # numpy's own
+                             roi=np.array([20, 10, 60, 40]), blur=np.int64(9))
+    assert min(stage.moves) >= 12.0 and result.verdict.kind == "focused"
+
+
+def test_the_request_fields_are_focus_keywords_and_each_has_a_rule() -> None:
+    fields = [f.name for f in autofocus.dataclasses.fields(autofocus.Request)]
+    assert fields[:3] == ["start_mm", "end_mm", "step_mm"]
+    assert set(fields[3:]) == set(autofocus.focus.__kwdefaults__) - {"on_frame"}
+    assert set(fields) == set(autofocus.REQUEST_RULES)
+
+
+# --- numbers from the stage --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("limits, position", [
+    ((0.0, math.nan), 12.3), ((math.nan, 25.0), 12.3), ((None, None), 12.3), ((25.0, 0.0), 12.3),
+    (("0", "25"), 12.3), ((0.0, 25.0, 50.0), 12.3), (None, 12.3), ((0.0, math.inf), 12.3),
+    ((0.0, 25.0), math.nan), ((0.0, 25.0), None), ((0.0, 25.0), "12.3"), ((0.0, 25.0), math.inf),
+])
+@pytest.mark.parametrize("relative", [False, True])
+def test_limits_and_positions_from_a_stage_are_checked_before_use(limits: Any, position: Any, relative: bool) -> None:
+    # (0, nan) once passed the plan check (NaN comparisons are false) and 12..20 mm was commanded
+    # past z_max=13.
+    stage = CountingStage(limits, position)
+    span = (-0.2, 0.2, 0.1) if relative else (12, 20, 0.5) if position == 12.3 else (12, 12.5, 0.1)
+    with pytest.raises(autofocus.StageError, match="the stage reports its (travel limits|position) as"):
+        autofocus.focus(stage, CountingCamera(stage), *span, z_max=None if position != 12.3 else 13,
+                        relative=relative)
+    assert stage.moves == []
+
+
+def test_the_cli_reports_a_stage_number_as_a_stage_error(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(autofocus.SimStage, "limits_mm", lambda self: (0.0, math.nan))
+    code = autofocus.main(["12", "12.6", "0.05", *FAST_SIM])
+    err = capsys.readouterr().err
+    assert code == autofocus.EXIT_HARDWARE and err.count("\n") == 1 and "travel limits as (0.0, nan)" in err
+
+
+# --- frames ----------------------------------------------------------------------------------------
+
+GOOD = (np.random.default_rng(5).random((64, 96)) * 200 + 20).astype(np.uint8)
+
+
+@pytest.mark.parametrize("frames, message", [
+    ([np.dstack([GOOD, GOOD])], "96x2 uint8 array"),  # HxWx2
+    ([np.dstack([GOOD] * 5)], "64x96x5 uint8 array"),
+    ([np.dstack([GOOD] * 3).astype(np.int8)], "int8 array"),
+    ([GOOD.astype(np.float64)], "float64 array"),
+    ([GOOD.tolist()], "a list, not an image"),
+    ([GOOD[None]], "1x64x96 uint8 array"),
+    ([GOOD, GOOD[:, :40]], "the run's first was 64x96 uint8"),  # shrinks under the ROI
+    ([GOOD, GOOD.astype(np.uint16)], "the run's first was 64x96 uint8"),
+])
+def test_frames_that_cannot_be_scored_are_a_camera_error_and_the_stage_goes_back(frames: list[Any],
+                                                                                 message: str) -> None:
+    stage = CountingStage()
+    with pytest.raises(autofocus.CameraError, match=message) as caught:
+        autofocus.focus(stage, CountingCamera(stage, frames), 12, 12.7, 0.1, roi=(60, 10, 30, 30))
+    assert stage.z == 12.3 and caught.value.stage_state == "stage returned to its start, 12.3000 mm"
+
+
+@pytest.mark.parametrize("frame", [np.dstack([GOOD, GOOD]), np.dstack([GOOD] * 5), GOOD.astype(np.int8), [[1, 2]],
+                                   None, np.zeros((0, 5), np.uint8)])
+def test_the_scores_refuse_odd_frames_with_a_camera_error(frame: Any) -> None:
+    for scorer in (autofocus.Scorer(), autofocus.Scorer("normvar"), autofocus.Scorer(roi=(0, 0, 8, 8))):
+        with pytest.raises(autofocus.CameraError):
+            scorer(frame)
+
+
+# --- one focus() at a time per stage and camera -------------------------------------------------------
+
+def test_a_second_focus_on_the_same_stage_is_refused_while_the_first_runs() -> None:
+    stage, camera = autofocus.simulated_microscope(width=96, height=64, time_scale=0, start_mm=12.3)
+    first_frame, refused = threading.Event(), threading.Event()
+    results: list[Any] = []
+
+    def hold(index: int, z_mm: float, frame: Any, score: float) -> None:
+        if index == 0:
+            first_frame.set()
+            assert refused.wait(10)
+
+    worker = threading.Thread(target=lambda: results.append(autofocus.focus(stage, camera, 12, 12.7, 0.05,
+                                                                            on_frame=hold)))
+    worker.start()
+    assert first_frame.wait(10)
+    moves_before = stage.z
+    for other_camera in (camera, CountingCamera(stage)):  # the same stage, with its own or another camera
+        with pytest.raises(autofocus.UsageError, match="stage object is already in another focus"):
+            autofocus.focus(stage, other_camera, 12.2, 12.4, 0.05)
+    other_stage = CountingStage()
+    with pytest.raises(autofocus.UsageError, match="camera object is already in another focus"):
+        autofocus.focus(other_stage, camera, 12.2, 12.4, 0.05)
+    assert stage.z == moves_before and other_stage.moves == []
+    refused.set()
+    worker.join(10)
+    assert results[0].verdict.kind == "focused" and results[0].best_mm == stage.position_mm()
+    # Once it returned, the stage is free again.
+    assert autofocus.focus(stage, camera, 12.2, 12.5, 0.05).best_mm == stage.position_mm()
+
+
+def test_on_frame_cannot_start_a_focus_on_its_own_stage() -> None:
+    stage, camera = autofocus.simulated_microscope(width=96, height=64, time_scale=0, start_mm=12.3)
+
+    def nested(index: int, z_mm: float, frame: Any, score: float) -> None:
+        autofocus.focus(stage, camera, 12.2, 12.4, 0.05)
+
+    with pytest.raises(autofocus.UsageError, match="already in another focus"):
+        autofocus.focus(stage, camera, 12, 12.7, 0.05, on_frame=nested)
+    assert stage.position_mm() == 12.3  # the outer run stopped and went back
+
+
+# --- simulated_microscope(): one table of what the simulator models ------------------------------------
+
+@pytest.mark.parametrize("options, named", [
+    ({"dust_height_mm": math.inf}, "dust_height_mm"), ({"condenser_na": -1}, "condenser_na"), ({"na": 0}, "na"),
+    ({"magnification": 0}, "magnification"), ({"bit_depth": 8.0}, "bit_depth"), ({"read_noise_e": -1}, "read_noise_e"),
+    ({"exposure_s": -0.01}, "exposure_s"), ({"poll_s": 0}, "poll_s"), ({"photons": 1e-300}, "photons"),
+    ({"width": 96.0}, "width"), ({"seed": 1.5}, "seed"), ({"specimen": None}, "specimen"),
+    ({"travel_mm": (25, 0)}, "travel_mm"), ({"travel_mm": (0, math.nan)}, "travel_mm"),
+    ({"one_shot": "yes"}, "one_shot"), ({"camera_roi": (0, 0, 4, 4)}, "camera_roi"), ({"objective": "7x"}, "objective"),
+    ({"na": 1.2}, "na 1.2 must be below immersion_index 1"), ({"time_scale": -1}, "time_scale"),
+    ({"wavelength_um": 550}, "wavelength_um"), ({"start_mm": "0"}, "start_mm"),
+])
+def test_simulator_values_it_cannot_render_are_refused(options: dict, named: str) -> None:
+    with pytest.raises(autofocus.BadValue) as caught:
+        autofocus.simulated_microscope(**{"width": 96, "height": 64, "time_scale": 0, **options})
+    assert str(caught.value).startswith(named)
+
+
+def test_every_simulator_field_has_a_rule() -> None:
+    fields = {f.name for cls in (autofocus.SimOptics, autofocus.SimTiming) for f in autofocus.dataclasses.fields(cls)}
+    assert fields - {"scale"} <= set(autofocus.SIM_RULES)
+    with pytest.raises(autofocus.BadValue, match="na: 0 is out of range"):  # built directly, too
+        autofocus.SimOptics(na=0)
+    with pytest.raises(autofocus.BadValue, match="poll_s: 0 is out of range"):
+        autofocus.SimTiming(poll_s=0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sim-condenser-na", "-1"], "--sim-condenser-na: -1 is out of range: must be above 0 to 1.4"),
+    (["--sim-dust-height-mm", "inf"], "--sim-dust-height-mm: inf is not a finite number"),
+    (["--sim-bits", "10"], "--sim-bits: 10 is not one of 8, 12, 16"),
+    (["--sim-size", "8x8"], "--sim-size: 8 is out of range: must be from 16 to 10000 pixels"),
+    (["--device", "0"], "--device: 0 is out of range"),
+    (["--camera-roi", "0,0,4,4"], "--camera-roi: (0, 0, 4, 4) is not a region"),
+])
+def test_the_cli_names_a_bad_value_by_its_option(argv: list[str], message: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code = autofocus.main(["12", "12.6", "0.05", *FAST_SIM, *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"autofocus.py: {message}") and err.count("\n") == 1, err
+
+
+# --- the backends' constructors ------------------------------------------------------------------------
+
+ZABER_BAD = [({"native_unit_nm": -1}, "native_unit_nm"), ({"native_unit_nm": "1"}, "native_unit_nm"),
+             ({"move_timeout_s": math.nan}, "move_timeout_s"), ({"home_timeout_s": 0}, "home_timeout_s"),
+             ({"clear_faults": "yes"}, "clear_faults")]
+
+
+def test_from_axis_refuses_bad_settings_before_any_device_traffic() -> None:
+    from zaber_motion.ascii import Connection
+
+    with FakeZaber(devices=[DeviceConfig(homed=True, position=round(12.3 * NM))]) as fake:
+        with Connection.open_tcp("127.0.0.1", fake.port) as connection:
+            axis = connection.get_device(3).get_axis(1)
+            sent = len(fake.commands())
+            for keywords, named in ZABER_BAD:
+                with pytest.raises(autofocus.BadValue) as caught:
+                    autofocus.ZaberStage.from_axis(axis, **{"native_unit_nm": 1, **keywords})
+                assert str(caught.value).startswith(named)
+            with pytest.raises(autofocus.UsageError, match="needs a zaber_motion.ascii.Axis"):
+                autofocus.ZaberStage.from_axis(None, native_unit_nm=1)  # type: ignore[arg-type]
+            assert len(fake.commands()) == sent  # not one request reached the device
+
+
+@pytest.mark.parametrize("keywords, named", [({"device": 0}, "device"), ({"axis": 1.0}, "axis"),
+                                             ({"port": ""}, "port"), ({"device_db": 5}, "device_db")])
+def test_zaber_stage_refuses_bad_settings_before_opening_the_port(keywords: dict, named: str) -> None:
+    with pytest.raises(autofocus.BadValue) as caught:
+        autofocus.ZaberStage(**{"port": "tcp://127.0.0.1:9", **keywords})  # nothing listens there: not opened
+    assert str(caught.value).startswith(named)
+
+
+CAMERA_BAD = [({"exposure_ms": -1}, "exposure_ms"), ({"exposure_ms": "5"}, "exposure_ms"),
+              ({"timeout_ms": 0}, "timeout_ms"), ({"timeout_ms": 200.0}, "timeout_ms"),
+              ({"roi": (0, 0, 4, 4)}, "roi"), ({"roi": [0, 0, 80]}, "roi")]
+
+
+def test_flir_from_camera_refuses_bad_settings_and_changes_nothing(PySpin: ModuleType, sp: ModuleType) -> None:  # noqa: N803
+    PySpin.fake.reset(cameras=[PySpin.FakeCameraSpec(serial="4242", width=160, height=120)])
+    dev = PySpin.fake.camera("4242")
+    with sp.Camera() as cam:
+        before = dict(dev.values)
+        for keywords, named in CAMERA_BAD:
+            with pytest.raises(autofocus.BadValue) as caught:
+                autofocus.FlirCamera.from_camera(cam, **keywords)
+            assert str(caught.value).startswith(named) and dict(dev.values) == before
+            with pytest.raises(autofocus.BadValue):
+                autofocus.FlirCamera(**keywords)  # checked before the camera is opened
+
+
+def test_basler_from_camera_refuses_bad_settings_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    pylon = pytest.importorskip("pypylon.pylon", reason="pypylon is not installed")
+    monkeypatch.setenv("PYLON_CAMEMU", "1")
+    cam = pylon.InstantCamera(pylon.TlFactory.GetInstance().CreateFirstDevice())
+    cam.Open()
+    try:
+        before = {n: getattr(cam, n).Value for n in ("PixelFormat", "Width", "TriggerMode", "ExposureTime")}
+        for keywords, named in CAMERA_BAD:
+            with pytest.raises(autofocus.BadValue) as caught:
+                autofocus.BaslerCamera.from_camera(cam, **keywords)
+            assert str(caught.value).startswith(named) and not cam.IsGrabbing()
+            assert {n: getattr(cam, n).Value for n in before} == before
+            with pytest.raises(autofocus.BadValue):
+                autofocus.BaslerCamera(**keywords)  # checked before any camera is listed or opened
+    finally:
+        cam.Close()
+        cam.DestroyDevice()
