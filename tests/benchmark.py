@@ -27,6 +27,9 @@ map       focus maps on the simulated slide (20x, STEP ~ one depth of field): fr
 bracketing the Zaber path (real ZML, tests/fake_zaber.py with a modelled serial latency): what
           verifying every frame before and after it costs, in round trips and ms per frame, and the
           loop's wall time against the modelled hardware time.
+mm        the real pymmcore-plus core with Python devices (tests/mm_devices.py): focus() accuracy at
+          20x on it (and that it equals the simulator's), and frames after a move through snapImage
+          vs a running sequence acquisition.
 """
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ import numpy as np  # noqa: E402
 import autofocus as af  # noqa: E402
 
 SHARED_STACKS = Path(__file__).resolve().parents[2] / "shared" / "stacks"
-SECTIONS = ("score", "accuracy", "timing", "memory", "map", "bracketing")
+SECTIONS = ("score", "accuracy", "timing", "memory", "map", "bracketing", "mm")
 FRAME_PERIOD_MS = 1000.0 / 41.0  # BFLY-U3-23S6M at 1920x1200
 RANGE_MM = (10.0, 14.0)
 STEP_MM = 0.05
@@ -1155,6 +1158,125 @@ def section_bracketing(quick: bool) -> None:
     table(["round trip", "requests / frame (bracketed)", "requests / frame (no check after exposure)",
            "bracket cost ms / frame", "wall ms / frame", "modelled ms / frame", "wall / modelled",
            "wall / modelled (no check)", "wall / oracle"], rows)
+# 7. Micro-Manager (pymmcore-plus)
+###############################################################################
+
+
+def section_mm(quick: bool) -> None:
+    """Issue 23: the real pymmcore-plus core with Python devices rendering the simulator."""
+    try:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import mm_devices  # noqa: PLC0415 - needs pymmcore-plus (pip install .[mm])
+    except ImportError as exc:
+        print(f"\n## Micro-Manager\n\n_skipped: {exc}_\n")
+        target("focus() on the real pymmcore-plus core: within 0.5 um at 20x (STEP 4 um ~ 1 DOF)", "not run", None)
+        return
+    mm_accuracy(mm_devices, quick)
+    mm_frames_after_move(mm_devices, quick)
+
+
+def mm_accuracy(mm_devices, quick: bool) -> None:
+    seeds = (0, 1) if quick else (0, 1, 2)
+    offsets = [k / 10 for k in range(0, 10, 2 if quick else 1)]
+    steps = (0.004, 0.002)
+    header("Micro-Manager (a): focus() on the real core, 20x",
+           f"UniMMCore (pymmcore-plus) with Python devices, camera rendering the simulator (20x / 0.40, DOF 4.2 um, "
+           f"320x200, photons 1000, cells, Gaussian defocus), focal plane 12.31 mm + offsets {offsets} STEP off the "
+           f"grid, seeds {seeds}, range 12.26..12.36 mm; error = |answer - focal plane|; 'same' = the simulator "
+           "driven directly gives the identical answer and frame count")
+    rows = []
+    for step in steps:
+        for search in ("sweep", "fast"):
+            errs, frames, same, ms = [], [], 0, []
+            for seed in seeds:
+                for off in offsets:
+                    focus_mm = round(12.31 + off * step, 9)
+                    with mm_devices.microscope(focus_mm=focus_mm, seed=seed) as scope:
+                        stage = af.MMStage(scope.core, limits_mm=(0, 25))
+                        with af.MMCamera(scope.core) as camera:
+                            t0 = time.perf_counter()
+                            r = af.focus(stage, camera, 12.26, 12.36, step, search=search)
+                            ms.append((time.perf_counter() - t0) * 1000 / r.frames)
+                    plain = af.focus(*af.simulated_microscope(objective="20x", focus_mm=focus_mm, seed=seed,
+                                                              width=320, height=200, time_scale=0, start_mm=12.3),
+                                     12.26, 12.36, step, search=search)
+                    same += (r.best_mm, r.frames, r.verdict.kind) == (plain.best_mm, plain.frames, plain.verdict.kind)
+                    errs.append(abs(r.best_mm - focus_mm) * 1000 if r.verdict.kind == "focused" else float("inf"))
+                    frames.append(r.frames)
+            n = len(errs)
+            rows.append([f"{step * 1000:g} um", search, n, sum(e < float("inf") for e in errs), f"{same}/{n}",
+                         fmt(med(errs), 3), fmt(sorted(errs)[int(0.9 * (n - 1))], 3), fmt(max(errs), 3),
+                         f"{sum(e <= 0.5 for e in errs)}/{n}", fmt(med(frames), 0), fmt(med(ms), 2)])
+            if step == 0.004:
+                target(f"focus() on the real pymmcore-plus core ({search}): within 0.5 um at 20x (STEP 4 um ~ 1 DOF), "
+                       "every off-grid offset", f"{sum(e <= 0.5 for e in errs)}/{n}; median {med(errs):.3f} um, "
+                       f"worst {max(errs):.3f} um; identical to the simulator {same}/{n}", max(errs) <= 0.5)
+    table(["STEP", "search", "runs", "focused", "same as simulator", "error med (um)", "error p90 (um)",
+           "error worst (um)", "within 0.5 um", "frames med", "ms per frame"], rows)
+
+
+def mm_frames_after_move(mm_devices, quick: bool) -> None:
+    """snapImage vs a running sequence acquisition: how long after a move the frame comes, and
+    whether it shows the position before the move (exposed, or begun, before the move ended)."""
+    import pymmcore  # noqa: PLC0415
+
+    moves = 20 if quick else 60
+    exposure_ms = 10.0
+
+    header("Micro-Manager (b): the frame after a move, snapImage vs sequence acquisition",
+           f"UniMMCore with Python devices: the camera exposes {exposure_ms:g} ms (slept) after rendering "
+           f"320x200 at the position it reads at the start of its exposure; {moves} moves of 4 um, each after a wait "
+           "spread over a frame period (else the moves lock to the camera's phase); "
+           "'previous position' = the frame shows where the drive was before the move")
+    rows = []
+    with mm_devices.microscope() as scope:
+        core = scope.core
+        scope.camera.exposure_s = exposure_ms / 1000.0
+        z0 = scope.focus.z_um
+
+        def move(i: int) -> tuple[float, float]:
+            """Move i (alternating 4 um steps): the target and when the move ended."""
+            z = z0 + 4.0 * (i % 2 + 1)
+            time.sleep((i * 7 % 10) / 10 * exposure_ms / 1000.0)
+            core.setPosition("Z", z)
+            core.waitForDevice("Z")
+            return z, time.perf_counter()
+
+        lat, stale = [], 0
+        for i in range(moves):
+            z, t_end = move(i)
+            core.snapImage()
+            core.getImage()
+            lat.append((time.perf_counter() - t_end) * 1000)
+            stale += scope.camera.snaps[-1].z_um != z
+        rows.append(["snapImage + getImage (MMCamera)", fmt(med(lat), 1), f"{stale}/{moves}"])
+        core.startContinuousSequenceAcquisition(0)
+        try:
+            first, second, stale1, stale2 = [], [], 0, 0
+            for i in range(moves):
+                z, t_end = move(i)
+                while core.getRemainingImageCount():  # drop what came before (clearCircularBuffer races UniMMCore's
+                    core.popNextImage()                # acquisition thread: "No pending slot to finalize")
+                got = []
+                while len(got) < 2:
+                    if core.getRemainingImageCount():
+                        md = pymmcore.Metadata()
+                        core.popNextImageMD(md)
+                        got.append(((time.perf_counter() - t_end) * 1000, float(md.GetSingleTag("z_um").GetValue())))
+                    else:
+                        time.sleep(0.0002)
+                first.append(got[0][0])
+                second.append(got[1][0])
+                stale1 += abs(got[0][1] - z) > 1e-3
+                stale2 += abs(got[1][1] - z) > 1e-3
+        finally:
+            core.stopSequenceAcquisition()
+        rows.append(["sequence: first frame after the move", fmt(med(first), 1), f"{stale1}/{moves}"])
+        rows.append(["sequence: second frame after the move", fmt(med(second), 1), f"{stale2}/{moves}"])
+    table(["frame", "ms after the move (median)", "previous position"], rows)
+    target("MMCamera (snapImage): every frame after a move shows the new position", f"{stale}/{moves} stale",
+           stale == 0)
+
 
 
 ###############################################################################
