@@ -4,7 +4,8 @@ Steps the focus (Z) axis of a Zaber microscope through a range, scores each came
 the variance of the Laplacian of the bilateral-filtered image, and moves to the sharpest
 position.  Hardware: the Zaber Motion Library (ZML) for the stage, a Teledyne FLIR camera
 through simple-pyspin, or a Basler camera through pypylon.  No hardware?  ``--simulate`` uses a
-built-in simulated microscope and ``--replay DIR`` a recorded through-focus stack.
+built-in simulated microscope and ``--replay DIR`` a recorded through-focus stack.  From Python,
+any Micro-Manager microscope too, through pymmcore-plus (``MMStage``, ``MMCamera``, ``mm_autofocus``).
 
 Example::
 
@@ -19,11 +20,14 @@ Exit codes:
     1    unexpected internal error (a bug: please report it with --verbose output)
     2    usage or configuration error (bad input, broken replay stack); nothing moved
     3    no_peak: the focus curve is flat or noise-only; the stage went back to where it started
+         (after homing, or from outside --z-min/--z-max: it stays at the last frame)
     4    edge: the best focus lies at the start or end of the range; the focus may be outside it
-    5    hardware or communication error (stage, camera); the stage was stopped and returned
-         when possible -- after an interruption from outside (flag NI) nothing more is moved;
-         also an output that could not be written (a full disk, a stdout nobody reads)
-    130  interrupted (Ctrl-C, SIGINT); the stage was stopped and sent back to where it started
+    5    hardware or communication error (stage, camera); after anything the tool did not cause
+         (the axis moved or stopped from outside, a fault) nothing more is moved, otherwise the
+         stage was stopped and returned; also an output that could not be written (a full disk,
+         a stdout nobody reads)
+    130  interrupted (Ctrl-C, SIGINT, or q / Esc / the close button of the --show-images window);
+         the stage was stopped and sent back to where it started
     143  terminated (SIGTERM: kill, a job scheduler); handled exactly like Ctrl-C
     129  hung up (SIGHUP: the terminal or SSH session closed; POSIX only); handled like Ctrl-C
     149  Ctrl-Break (SIGBREAK; Windows only); handled like Ctrl-C
@@ -39,7 +43,8 @@ Python API: ``focus()`` (one field), ``focus_map()`` (a grid over the XY plate -
 
 Sections, in dependency order: constants, exceptions, result types, focus scores, peak
 fitting and verdict, the slide's surface (focus maps, pure), search, device interfaces, backends
-(Zaber + FLIR, Basler, simulated, replay), output, Python API (focus, focus maps), command line.
+(Zaber + FLIR, Basler, simulated, replay, Micro-Manager), output, Python API (focus, focus maps),
+command line.
 """
 from __future__ import annotations
 
@@ -96,6 +101,7 @@ try:
     import csv
     import dataclasses
     import functools
+    import inspect
     import io
     import json
     import logging
@@ -109,6 +115,7 @@ try:
     import threading
     import time
     import warnings
+    import weakref
     from collections.abc import Callable, Iterator, Mapping, Sequence
     from pathlib import Path
     from typing import Any, Protocol, TypeVar
@@ -193,6 +200,11 @@ STOP_TIMEOUT_S = 5.0  # after `stop`, the axis must be at rest within this (a de
 # settle window, cloop.settle.tolerance, when it has a larger one): a few steps of a stepper, a few
 # encoder counts of a direct-drive stage.
 POSITION_TOLERANCE_NATIVE = 5
+MOTION_MARGIN_MM = 0.01  # a moving axis may stray this far off its path (overshoot) before it is someone else's
+MOTION_POLL_S = 0.001  # at most one status request a millisecond while the axis moves
+NATIVE_UNIT_MISMATCH = 0.01  # --native-unit-nm more than 1% off Zaber's device database is refused
+HOMING_FLAGS = frozenset({"WR", "WH"})  # no reference position: expected until homing ends
+OUTSIDE_FLAGS = frozenset({"NI", "NC", "WM"})  # interrupted, the knob, displaced while still: someone else
 # A focus axis travels 1..300 mm: a --native-unit-nm implying a travel outside this is a typo
 # (a factor of 1000, um typed for nm) and is refused before anything moves.
 PLAUSIBLE_TRAVEL_MM = (1.0, 300.0)
@@ -210,6 +222,13 @@ WINDOWS_RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range
                           *(f"LPT{i}" for i in range(1, 10))}
 ROI_FILE = "roi.json"  # next to a saved stack's stack.csv: the region of interest it was scored on
 MIN_ROI_PX = 8  # a region of interest narrower than this has too few pixels for any score (Brenner needs 3)
+# --show-images: the panels' height at the view's own size (a 16:10 frame makes it 1536x264 in all),
+# never below MIN_VIEW_HEIGHT_PX to fit a screen, which keeps SCREEN_MARGIN_PX free (borders, a title
+# bar, a task bar); keys are read every PAUSE_POLL_MS while paused or held open at the end.
+VIEW_HEIGHT_PX = 240
+MIN_VIEW_HEIGHT_PX = 32
+SCREEN_MARGIN_PX = (32, 96)
+PAUSE_POLL_MS = HOLD_POLL_MS = 50
 
 ###############################################################################
 # Exceptions ##################################################################
@@ -224,7 +243,8 @@ class AutofocusError(Exception):
      |    +-- BadValue     an argument outside what it may be             (exit 2)
      |    +-- StackError   a replay stack that cannot be used             (exit 2)
      +-- HardwareError     the stage or camera failed                     (exit 5)
-     |    +-- StageError
+     |    +-- StageError   a stage fault: nothing more is moved
+     |    |    +-- StageInterrupted   moved or stopped from outside
      |    +-- CameraError
      +-- OutputError       an output could not be written mid-run         (exit 5)
 
@@ -249,7 +269,8 @@ class BadValue(UsageError):
     the command line names it by its option instead (``relabel``: ``--settle-ms``).
 
     ``scope`` says whose keyword it is -- "request" (focus()), "simulator" (simulated_microscope(),
-    SimOptics, SimTiming), "zaber" (ZaberStage), "camera" (FlirCamera, BaslerCamera) -- and
+    SimOptics, SimTiming), "zaber" (ZaberStage), "camera" (FlirCamera, BaslerCamera), "micromanager"
+    (MMStage, MMXYStage, MMCamera, mm_autofocus) -- and
     ``fields`` which keywords the message names; ``text(*labels)`` writes it."""
 
     def __init__(self, scope: str, fields: tuple[str, ...], text: Callable[..., str]) -> None:
@@ -278,18 +299,21 @@ class HardwareError(AutofocusError):
 
 
 class StageError(HardwareError):
-    """The focus stage refused a command, faulted, or stopped answering."""
+    """The focus stage refused a command, faulted, or stopped answering: an event the tool did
+    not cause, so nothing more is moved (see make_safe)."""
 
-    # False when the axis must not be commanded again in this run (no stop, no return to start):
-    # it was taken from outside, or its fault makes any further motion unsafe.  See make_safe.
-    may_move = True
+    # True only when the tool itself stopped the axis for its own reason (its own time-out): then
+    # the axis may be sent back to where the run started.  False: no stop, no return, no retry.
+    may_move = False
+    # True when found by the check before a move was sent: the frame exposed just before may not
+    # have been exposed where it was labelled, so the run drops it from the curve.
+    before_move = False
 
 
 class StageInterrupted(StageError):
-    """A move was cut short from outside (flag NI): a person at the knob or joystick, Zaber
-    Launcher or another program has the axis, so nothing more is commanded."""
-
-    may_move = False
+    """The axis was moved or stopped from outside: a person at the knob or joystick, Zaber
+    Launcher or another program (flag NI or NC, a move that ended off target, an axis found
+    moving or not where the tool left it), so nothing more is commanded."""
 
 
 class CameraError(HardwareError):
@@ -323,12 +347,24 @@ class Interrupted(KeyboardInterrupt):
                 }.get(self.signal_name, f"interrupted ({self.signal_name})")
 
 
+class WindowStop(Interrupted):
+    """q, Esc or the close button of the --show-images window: the user stopped the run, which is
+    handled exactly as Ctrl-C (stop, return to start, outputs written) and exits 130 as Ctrl-C does."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__(signal.SIGINT)
+        self.how = how  # "q", "Esc", "the close button"
+
+    def describe(self) -> str:
+        return f"stopped from the --show-images window ({self.how})"
+
+
 ###############################################################################
 # Checked values ##############################################################
 ###############################################################################
 # Every argument the tool takes -- focus()'s request, the simulator's options, the backends'
 # settings -- is checked against one row of a table (REQUEST_RULES, SIM_RULES, ZABER_RULES,
-# CAMERA_RULES) before anything moves: its type (a bool is not a number, the string "False" is not
+# CAMERA_RULES, MM_RULES) before anything moves: its type (a bool is not a number, the string "False" is not
 # False, 8.0 is not a whole number) and its range.  The command line only parses text into numbers;
 # these checks are the same for it and for a script, and it only renames the argument in the message.
 
@@ -1497,6 +1533,9 @@ class Acquisition:
         self._first: np.ndarray | None = None  # the run's first frame: every frame has its size and type
         self._last_z: float | None = None
         self._failed: BaseException | None = None  # the scoring thread's first error (e.g. disk full)
+        self._indices: list[int] = []  # frame index of each entry of samples
+        self._dropped: set[int] = set()  # frames the stage's check found unvouched for (see move_to)
+        self._frame_z = float("nan")  # where the last frame was captured
 
     def approach(self, z_mm: float) -> float:
         """Move to z; with backlash, arrive from the sweep's direction (overshoot first).
@@ -1508,10 +1547,8 @@ class Acquisition:
                 self._last_z is not None and (z_mm - self._last_z) * self.direction < 0
             )
             if self.backlash_mm > 0 and (coming_from_wrong_side or self._last_z is None):
-                self.stage.move_to(round(z_mm - self.direction * self.backlash_mm, POSITION_DECIMALS))
-                self.moves += 1
-            self.stage.move_to(z_mm)
-            self.moves += 1
+                self.move_to(round(z_mm - self.direction * self.backlash_mm, POSITION_DECIMALS))
+            self.move_to(z_mm)
             self._last_z = z_mm
             if self.settle_s > 0:
                 time.sleep(self.settle_s)
@@ -1519,6 +1556,35 @@ class Acquisition:
             dt = time.perf_counter() - t0
             self.move_s += dt
         return dt
+
+    @property
+    def last_z(self) -> float | None:
+        """The last position approached (None before the first)."""
+        return self._last_z
+
+    def move_to(self, z_mm: float) -> None:
+        """One stage move, counted.  When the stage's check before the move finds that it was
+        disturbed (``StageError.before_move``: moved, moving or flagged since it arrived), the frame
+        exposed last is dropped from the curve: it may not have been exposed where it is labelled."""
+        try:
+            self.stage.move_to(z_mm)
+        except StageError as exc:
+            if exc.before_move:
+                self._drop_last_frame(exc)
+            raise
+        self.moves += 1
+
+    def _drop_last_frame(self, exc: StageError) -> None:
+        with self._lock:
+            index = self._frame_index - 1
+            if index < 0 or index in self._dropped:
+                return
+            self._dropped.add(index)  # not scored yet: it never will be listed (see _score)
+            if self._indices and self._indices[-1] == index:
+                self._indices.pop()
+                self.samples.pop()
+        exc.args = (f"{exc.args[0] if exc.args else exc} (the frame at z={self._frame_z:.4f} mm, exposed "
+                    "just before, was dropped from the curve: the stage may not have stood there)", *exc.args[1:])
 
     def measure(self, z_mm: float) -> concurrent.futures.Future[Sample]:
         """Move to z, capture a frame, and hand it to the scoring thread."""
@@ -1543,6 +1609,7 @@ class Acquisition:
             raise
         index = self._frame_index
         self._frame_index += 1
+        self._frame_z = z_mm
         return self._pool.submit(self._score, index, z_mm, frame, move_dt, capture_dt)
 
     def _score(self, index: int, z_mm: float, frame: np.ndarray, move_dt: float, capture_dt: float) -> Sample:
@@ -1553,7 +1620,10 @@ class Acquisition:
             sample = Sample(z_mm, score, coarse)
             with self._lock:
                 self.score_s += dt
+                if index in self._dropped:
+                    return sample
                 self.samples.append(sample)
+                self._indices.append(index)
             log.info("frame %d: z=%.4f mm score=%.6g (move %.1f ms, capture %.1f ms, score %.1f ms)",
                      index, z_mm, score, move_dt * 1e3, capture_dt * 1e3, dt * 1e3)
             if self.on_frame is not None:
@@ -1741,14 +1811,21 @@ class RunFailed(Exception):
 
 
 def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
-                  on_frame: FrameHook | None = None) -> FocusResult:
+                  on_frame: FrameHook | None = None, return_to_start: bool = True,
+                  soft_mm: tuple[float | None, float | None] = (None, None)) -> FocusResult:
     """Search, judge, and send the stage to the answer (or back to where it started).
 
-    Faults and Ctrl-C stop the axis, send it back to where it started when it still answers,
-    and raise RunFailed with the partial curve.
+    Faults and Ctrl-C make the stage safe (``make_safe``: back to where it started when that is
+    allowed) and raise RunFailed with the partial curve.  There is no start to go back to when
+    ``return_to_start`` is False (the axis was homed for this run: where it stood before means
+    nothing) or the start lies outside the soft limits ``soft_mm``: then no_peak leaves the stage
+    where the last frame was taken, inside the range, and a fault only stops it.
     """
     t0 = time.perf_counter()
     start_mm = stage_position(stage)
+    soft_lo, soft_hi = soft_mm
+    inside = (soft_lo is None or start_mm >= soft_lo - 1e-9) and (soft_hi is None or start_mm <= soft_hi + 1e-9)
+    origin_mm = start_mm if return_to_start and inside else None
     acq = Acquisition(stage, camera, scorer, settle_ms=plan.settle_ms, backlash_mm=plan.backlash_mm,
                       direction=plan.direction, coarse=True,
                       on_frame=on_frame)
@@ -1797,9 +1874,10 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
                 reason=f"{verdict.reason}; the {plan.peak} of {len(peaks)} significant peaks (--peak {plan.peak})")
             best_z = chosen.z_mm
         if verdict.kind == "no_peak":
-            target = start_mm  # never move to a noise maximum: back to where the user left it
-            stage.move_to(target)
-            acq.moves += 1
+            # Never to a noise maximum: back to where the user left it -- or, with no start to go back
+            # to, stay at the last frame (a move of length zero, so that it is checked like any other).
+            target = start_mm if origin_mm is not None or acq.last_z is None else acq.last_z
+            acq.move_to(target)
         else:
             fitted = verdict.kind == "focused" and fit.used and fit.z_mm is not None
             target = fit.z_mm if fitted else best_z  # type: ignore[assignment]
@@ -1807,7 +1885,7 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
         return dataclasses.replace(result(samples, target, fit, verdict, best_z), peaks=tuple(peaks),
                                    dips=tuple(dips), transparent=scorer.invert)
     except BaseException as exc:  # faults, Ctrl-C, and bugs alike: the stage is made safe first
-        where = make_safe(stage, start_mm, exc)  # a second Ctrl-C may interrupt the return: it re-stops
+        where = make_safe(stage, origin_mm, exc)  # a second Ctrl-C may interrupt the return: it re-stops
         with INTERRUPTS.held():  # from here on nothing may lose the partial curve
             samples = list(acq.samples)
             fit = fit_peak(samples) if samples else PeakFit(None, False, "no samples")
@@ -1858,28 +1936,48 @@ def coarse_bracket(samples: Sequence[Sample], noise_samples: Sequence[Sample]) -
     return ordered[max(i - 1, 0)].z_mm, ordered[min(i + 1, len(ordered) - 1)].z_mm
 
 
-def make_safe(stage: Stage, start_mm: float, cause: BaseException | None = None) -> str:
+def make_safe(stage: Stage, start_mm: float | None, cause: BaseException | None = None) -> str:
     """Stop the axis and send it back to where it started; say where it is now.
 
-    After an interruption from outside (or a fault that makes motion unsafe) nothing is
-    commanded at all: the axis belongs to whoever took it."""
+    After an event the tool did not cause -- a StageError that may not move: the axis was moved
+    or stopped from outside, or it faulted -- nothing is commanded at all (the adapter has
+    already stopped its own motion where that was needed).  Only the tool's own reasons (Ctrl-C,
+    its own time-out, a camera or disk fault, a bug) stop and return.  ``start_mm`` None: there
+    is no start to go back to (homed for this run, or it lies outside the soft limits); the axis
+    is only stopped.  A stop that fails (a custom Stage's own exception too) does not end the
+    clean-up: the original fault is what is reported, and the return is still tried."""
     if isinstance(cause, StageError) and not cause.may_move:
         try:
             return f"nothing more was moved; the stage is at {stage.position_mm():.4f} mm"
-        except (AutofocusError, KeyboardInterrupt):
+        except (Exception, KeyboardInterrupt):  # noqa: BLE001 - a custom Stage's own error too
             return "nothing more was moved; the stage position is unknown (it no longer answers)"
-    for attempt in (stage.stop, lambda: stage.move_to(start_mm)):
+    stop_note = ""
+    try:
+        stage.stop()
+    except KeyboardInterrupt:  # a second Ctrl-C: the axis may still be moving
+        return stop_and_locate(stage, "the stop was interrupted")
+    except Exception as exc:  # noqa: BLE001 - the cause is what is reported; the return is still tried
+        log.debug("making the stage safe: the stop failed: %s", exc)
+        stop_note = f"stopping it failed ({first_line(exc)}); "
+    if start_mm is None:
         try:
-            attempt()
-        except (AutofocusError, KeyboardInterrupt) as exc:
-            log.debug("making the stage safe: %s", exc)
-            if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: the axis may still be moving
-                return stop_and_locate(stage, f"the return to {start_mm:.4f} mm was interrupted")
-            try:
-                return f"stage stopped at {stage.position_mm():.4f} mm (could not return to {start_mm:.4f} mm)"
-            except (AutofocusError, KeyboardInterrupt):
-                return "stage position unknown (it no longer answers); check it before the next run"
-    return f"stage returned to its start, {start_mm:.4f} mm"
+            where = f"the stage is at {stage.position_mm():.4f} mm"
+        except (Exception, KeyboardInterrupt):  # noqa: BLE001
+            where = "the stage position is unknown"
+        return (f"{stop_note}stopped; {where} (not returned: the axis was homed for this run, or where it started "
+                "lies outside --z-min/--z-max)")
+    try:
+        stage.move_to(start_mm)
+    except KeyboardInterrupt:  # a second Ctrl-C: the axis may still be moving
+        return stop_and_locate(stage, f"the return to {start_mm:.4f} mm was interrupted")
+    except Exception as exc:  # noqa: BLE001
+        log.debug("making the stage safe: the return failed: %s", exc)
+        try:
+            return (f"{stop_note}stage stopped at {stage.position_mm():.4f} mm (could not return to "
+                    f"{start_mm:.4f} mm: {first_line(exc)})")
+        except (Exception, KeyboardInterrupt):  # noqa: BLE001
+            return f"{stop_note}stage position unknown (it no longer answers); check it before the next run"
+    return f"{stop_note}stage returned to its start, {start_mm:.4f} mm"
 
 
 def stop_and_locate(stage: Stage, what: str) -> str:
@@ -1924,7 +2022,9 @@ class Stage(Protocol):
         ...
 
     def move_to(self, z_mm: float) -> None:
-        """Move to z and return once it has arrived (or raise StageError)."""
+        """Move to z and return once it has arrived (or raise StageError).  A stage that checks,
+        before moving, that it stood still since its last move (ZaberStage does) raises a
+        StageError with ``before_move`` True when it did not: the frame taken there is dropped."""
         ...
 
     def stop(self) -> None:
@@ -2063,13 +2163,16 @@ class SettingsJournal:
 
     ``read(name)`` and ``write(name, value)`` are the backend's node accessors.  ``set`` records
     a node's value the first time the run changes it (a write of the value it already has is
-    skipped).  ``restore`` writes them back in GenICam's dependency order (``restore_plan``),
-    goes on past failures, and returns the ones it could not put back.
+    skipped).  The trigger nodes (TRIGGER_NODES) belong to the selected TriggerSelector entry:
+    ``set_trigger`` changes one entry's node and records all of that entry's trigger nodes the
+    first time it changes any.  ``restore`` writes them back in GenICam's dependency order
+    (``restore_plan``), goes on past failures, and returns the ones it could not put back.
     """
 
     def __init__(self, read: Callable[[str], Any], write: Callable[[str, Any], None]) -> None:
         self.read, self.write = read, write
         self.original: dict[str, Any] = {}
+        self.triggers: dict[str, dict[str, Any]] = {}  # TriggerSelector entry -> its trigger nodes before
 
     def set(self, name: str, value: Any) -> None:
         """Change a node, remembering its value before the first change."""
@@ -2079,18 +2182,38 @@ class SettingsJournal:
         self.original.setdefault(name, current)
         self.write(name, value)
 
+    def set_trigger(self, entry: str, name: str, value: Any, nodes: Sequence[str]) -> None:
+        """Change trigger node ``name`` of TriggerSelector entry ``entry``; ``nodes``: the trigger
+        nodes this camera has, all recorded for the entry before its first change."""
+        self.set("TriggerSelector", entry)
+        if self.read(name) == value:
+            return
+        if entry not in self.triggers:
+            self.triggers[entry] = {n: self.read(n) for n in nodes}
+        self.write(name, value)
+
     def restore(self) -> list[str]:
         """Put every changed node back; returns "name=value (why)" for each that failed."""
         failed = []
-        for name, value in restore_plan(self.original):
+        selected = True  # False after a TriggerSelector write failed: its trigger writes would hit another entry
+        for name, value in restore_plan(self.original, self.triggers):
+            if name in TRIGGER_NODES and not selected:
+                failed.append(f"{name}={value} (its TriggerSelector entry could not be selected)")
+                continue
             try:
                 if self.read(name) != value:
                     self.write(name, value)
             except Exception as exc:  # noqa: BLE001 - a vendor error of any kind: report, go on
                 failed.append(f"{name}={value} ({first_line(exc)})")
+                selected = selected and name != "TriggerSelector"
+                continue
+            selected = selected or name == "TriggerSelector"
         self.original.clear()
+        self.triggers.clear()
         return failed
 
+
+TRIGGER_NODES = ("TriggerMode", "TriggerSource", "TriggerActivation")  # per TriggerSelector entry
 
 ROI_NODES = ("OffsetX", "OffsetY", "Width", "Height")
 
@@ -2129,15 +2252,26 @@ def freeze_auto(journal: SettingsJournal, has: Callable[[str], bool], errors: tu
                               f"turn {auto} off in {viewer} (or the camera's user set) and try again") from exc
 
 
-def software_trigger(journal: SettingsJournal, has: Callable[[str], bool]) -> None:
+def software_trigger(journal: SettingsJournal, has: Callable[[str], bool],
+                     entries: Callable[[str], Sequence[str]]) -> None:
     """Continuous acquisition, each frame started by a software trigger (FrameStart), through
-    ``journal`` so that all of it is put back."""
+    ``journal`` so that all of it is put back.  The trigger nodes belong to the selected
+    TriggerSelector entry (``entries(node)``: the entries a camera offers): every other trigger
+    (AcquisitionStart, FrameBurstStart, ... left on by a user) is turned off, or it would gate or
+    time the frames."""
     journal.set("AcquisitionMode", "Continuous")
-    journal.set("TriggerMode", "Off")  # the selector and source are only writable with the trigger off
-    if has("TriggerSelector"):
-        journal.set("TriggerSelector", "FrameStart")
-    journal.set("TriggerSource", "Software")
-    journal.set("TriggerMode", "On")
+    if not has("TriggerSelector"):  # one trigger only: its nodes are plain nodes
+        journal.set("TriggerMode", "Off")  # the source is only writable with the trigger off
+        journal.set("TriggerSource", "Software")
+        journal.set("TriggerMode", "On")
+        return
+    nodes = [n for n in TRIGGER_NODES if has(n)]
+    for entry in entries("TriggerSelector"):
+        if entry != "FrameStart":
+            journal.set_trigger(entry, "TriggerMode", "Off", nodes)
+    journal.set_trigger("FrameStart", "TriggerMode", "Off", nodes)  # the source is only writable with it off
+    journal.set_trigger("FrameStart", "TriggerSource", "Software", nodes)
+    journal.set_trigger("FrameStart", "TriggerMode", "On", nodes)
 
 
 def frame_timeout_ms(timeout_ms: int, exposure_ms: float) -> int:
@@ -2243,15 +2377,24 @@ class GenicamAdapter:
         self.close()
 
 
-def restore_plan(original: dict[str, Any]) -> list[tuple[str, Any]]:
-    """The writes that put ``original`` back on a GenICam camera, in an order it accepts.
+def restore_plan(original: dict[str, Any], triggers: dict[str, dict[str, Any]] | None = None,
+                 ) -> list[tuple[str, Any]]:
+    """The writes that put ``original`` (plain nodes) and ``triggers`` (per TriggerSelector entry:
+    its trigger nodes before) back on a GenICam camera, in an order it accepts.
 
-    The trigger selector and source are writable only with the trigger off, so TriggerMode goes
-    Off first and back last; an offset plus a size may not exceed the sensor, so offsets go to 0
-    before the sizes are restored; everything else in reverse order of change (ExposureTime
-    before ExposureAuto, which makes it writable).
+    A trigger's source and activation are writable only with that trigger off, so each entry's
+    TriggerMode goes Off first and back last (after every other node), the TriggerSelector back
+    to its own value at the very end; an offset plus a size may not exceed the sensor, so offsets
+    go to 0 before the sizes are restored; everything else in reverse order of change
+    (ExposureTime before ExposureAuto, which makes it writable).
     """
+    triggers = triggers or {}
     plan: list[tuple[str, Any]] = []
+    for entry, nodes in triggers.items():
+        plan.append(("TriggerSelector", entry))
+        if "TriggerMode" in nodes:
+            plan.append(("TriggerMode", "Off"))
+        plan += [(n, v) for n, v in nodes.items() if n != "TriggerMode"]
     if "TriggerMode" in original:
         plan.append(("TriggerMode", "Off"))
     offsets = [n for n in ("OffsetX", "OffsetY") if n in original]
@@ -2259,9 +2402,15 @@ def restore_plan(original: dict[str, Any]) -> list[tuple[str, Any]]:
         plan += [(n, 0) for n in offsets]
         plan += [(n, original[n]) for n in ("Width", "Height") if n in original]
         plan += [(n, original[n]) for n in offsets]
-    plan += [(n, original[n]) for n in reversed(original) if n != "TriggerMode" and n not in ROI_NODES]
+    last = ("TriggerMode", "TriggerSelector")
+    plan += [(n, original[n]) for n in reversed(original) if n not in last and n not in ROI_NODES]
+    for entry, nodes in triggers.items():
+        if nodes.get("TriggerMode", "Off") != "Off":
+            plan += [("TriggerSelector", entry), ("TriggerMode", nodes["TriggerMode"])]
     if "TriggerMode" in original:
         plan.append(("TriggerMode", original["TriggerMode"]))
+    if "TriggerSelector" in original:
+        plan.append(("TriggerSelector", original["TriggerSelector"]))
     return plan
 
 
@@ -2296,13 +2445,22 @@ ZABER_RULES: dict[str, Rule] = {
 class ZaberStage:
     """The focus axis of a Zaber device through ZML (serial port or tcp://HOST:PORT).
 
-    Set-up reads the axis's warning flags before anything moves: notices (N*, and W* other than
-    "not homed") are reported and cleared, faults (F*) refuse the run unless ``clear_faults``.
-    Every move (and homing) is verified once the axis is idle: its flags are read BEFORE anything
-    clears them (ZML's own ``wait_until_idle`` sends ``warnings clear`` and would hide an
-    interruption), and its position must lie within ``tolerance_native`` native units of the
-    target.  Waits are bounded: moves by ``move_timeout_s``, homing by ``home_timeout_s``, a stop
-    by STOP_TIMEOUT_S; a move or homing that runs out of time sends ``stop`` itself.
+    Set-up (and ``prepare_run``, at the start of every focus() run) reads the axis's warning flags
+    before anything moves: notices (N*, and W* other than "not homed") are reported and cleared,
+    faults (F*) refuse the run unless ``clear_faults``; an axis that is moving is refused.
+
+    Every move (and homing) is bracketed by status reads (``get pos``: status, flag and position
+    in one round trip), so a frame counts only if the stage stood still where it was labelled:
+    before the move is sent the axis must be idle, show no new flag and stand where this tool
+    left it (the frame exposed there was exposed standing still); while it moves it must stay on
+    its path; once idle it must show no new flag and lie within ``tolerance_native`` native units
+    of the target.  Anything else -- whatever ZML did to the flags (a second ZML client clears
+    the NI its own stop or move causes; ZML clears a fault it meets in a reply) -- is an event
+    this tool did not cause: StageInterrupted or StageError, and nothing more is moved.  Waits
+    are bounded: moves by ``move_timeout_s``, homing by ``home_timeout_s``, a stop by
+    STOP_TIMEOUT_S; a move or homing that runs out of time sends ``stop`` itself (the only stop
+    after which a run may return to its start).  Move the axis only through this object while a
+    run uses it; between focus() runs a script may move it with ZML (``prepare_run`` notes where).
     """
 
     role = "focus"  # what the axis does, for messages ("X" and "Y" for a plate's axes: ZaberPlate)
@@ -2402,11 +2560,35 @@ class ZaberStage:
         self._limits = (self._setting("limit.min"), self._setting("limit.max"))
         self._check_travel()
         self.tolerance_native = self._tolerance_native()
-        if self._busy():
+        # While a move runs the axis stays on its path (start to target) within this margin (a
+        # closed-loop stage may overshoot a little); someone else's move leaves it.
+        self._margin_native = max(self.tolerance_native, MOTION_MARGIN_MM * self._native_per_mm)
+        # Per move length (native units): when a move of that length was last seen to end, as (after
+        # its last busy poll, by its first idle poll) in seconds after the move command returned.
+        self._arrival: dict[int, tuple[float, float]] = {}
+        self._take_over(flags)
+
+    def prepare_run(self) -> None:
+        """Take the axis as it is now, as set-up does (focus() calls this at the start of every
+        run): refused when it is moving or faulted, notices cleared, and its position noted.
+        From here on, an axis found anywhere but where this tool left it was moved from outside."""
+        try:
+            flags = set(self._axis.warnings.get_flags())
+        except self._exc.MotionLibException as exc:
+            raise StageError(f"reading the warning flags of {self._where()}: {first_line(exc)}") from exc
+        self._take_over(flags)
+
+    def _take_over(self, flags: set[str]) -> None:
+        busy, _, at = self._state()
+        if busy:
             raise StageError(f"{self._where()} is moving (the knob or joystick, Zaber Launcher or another "
                              "program): wait until it stops and run again; nothing was commanded")
-        flags = self._settle_flags(flags)
-        self._homed = "WR" not in flags and "WH" not in flags
+        left = self._settle_flags(flags)
+        self._homed = not left & HOMING_FLAGS
+        # Flags that stay after clearing are standing conditions (a warm controller: WT); any other
+        # flag that shows from now on is news.
+        self._baseline = frozenset(left - HOMING_FLAGS)
+        self._expect_native, self._left_by = at, "where it stood when the run began"
 
     def _where(self) -> str:
         """"device 3 axis 1" for messages."""
@@ -2430,34 +2612,65 @@ class ZaberStage:
             raise StageError(f"device {self.device_number} on {self.port} does not answer: {first_line(exc)}") from exc
 
     def _choose_units(self, device: Any) -> None:
-        """Native units of a known size, or millimetres through Zaber's device database."""
+        """Millimetres through Zaber's device database, or native units of a known size
+        (``native_unit_nm``) -- checked against the database whenever ZML can identify the device:
+        there the database's unit is the truth, and a --native-unit-nm more than 1% off is refused."""
         zm = self._zm
+        database = self._database_unit(device, needed=self.native_unit_nm is None)
+        self.units_checked = database is not None and self.native_unit_nm is not None
         if self.native_unit_nm is not None:
-            self._unit = zm.Units.NATIVE
-            self._scale = 1e6 / self.native_unit_nm  # device values per mm (native units per mm)
-            self._native_per_mm = self._scale
-            return
+            given = 1e6 / self.native_unit_nm
+            if database is not None and abs(given / database - 1) > NATIVE_UNIT_MISMATCH:
+                self._unit_mismatch(given, database)
+            if database is None:
+                self._unit = zm.Units.NATIVE
+                self._scale = self._native_per_mm = given  # device values per mm (native units per mm)
+                return
+        self._unit, self._scale, self._native_per_mm = zm.Units.LENGTH_MILLIMETRES, 1.0, database
+
+    def _database_unit(self, device: Any, *, needed: bool) -> float | None:
+        """Native units per mm by Zaber's device database (ZML identifies the device: from its cache,
+        --device-db, or online); None when it cannot and ``needed`` is False."""
+        zm = self._zm
         try:
             if not device.is_identified:
                 device.identify()
             self.name = device.name or None
-            self._native_per_mm = self._axis.settings.convert_to_native_units(
-                "pos", 1.0, zm.Units.LENGTH_MILLIMETRES)
+            return float(self._axis.settings.convert_to_native_units("pos", 1.0, zm.Units.LENGTH_MILLIMETRES))
         except (self._exc.DeviceDbFailedException, self._exc.DeviceNotIdentifiedException) as exc:
-            raise UsageError(
-                "cannot convert millimetres: ZML could not load Zaber's device database "
-                f"({first_line(exc)}); connect once with internet, or pass --device-db FILE "
-                "(Zaber's offline database), or --native-unit-nm N (size of one native unit)") from exc
+            if needed:
+                raise UsageError(
+                    "cannot convert millimetres: ZML could not load Zaber's device database "
+                    f"({first_line(exc)}); connect once with internet, or pass --device-db FILE "
+                    "(Zaber's offline database), or --native-unit-nm N (size of one native unit)") from exc
+            log.info("ZML could not identify device %s (%s): --native-unit-nm %g is not cross-checked",
+                     self.device_number, first_line(exc), self.native_unit_nm)
         except self._exc.MotionLibException as exc:
-            raise StageError(f"identifying device {self.device_number} failed: {first_line(exc)}") from exc
-        self._unit = zm.Units.LENGTH_MILLIMETRES
-        self._scale = 1.0
+            if needed:
+                raise StageError(f"identifying device {self.device_number} failed: {first_line(exc)}") from exc
+            log.info("identifying device %s failed (%s): --native-unit-nm %g is not cross-checked",
+                     self.device_number, first_line(exc), self.native_unit_nm)
+        return None
+
+    def _unit_mismatch(self, given_per_mm: float, database_per_mm: float) -> None:
+        """UsageError: --native-unit-nm contradicts Zaber's device database."""
+        try:
+            span = (self._axis.settings.get("limit.max", self._zm.Units.NATIVE)
+                    - self._axis.settings.get("limit.min", self._zm.Units.NATIVE))
+            travel = f"its travel is {span / database_per_mm:g} mm, not {span / given_per_mm:g} mm"
+        except self._exc.MotionLibException:
+            travel = "the travel would be wrong by the same factor"
+        raise UsageError(f"--native-unit-nm {self.native_unit_nm:g} disagrees with Zaber's device database for "
+                         f"{self.name or 'device ' + str(self.device_number)} ({self._where()}): one native unit is "
+                         f"{1e6 / database_per_mm:.6g} nm there, so {travel}; drop --native-unit-nm (ZML knows this "
+                         "device) or correct it; nothing moved")
 
     def _check_travel(self) -> None:
-        """Refuse a --native-unit-nm that makes the travel implausible for a focus axis."""
+        """Refuse a --native-unit-nm that makes the travel implausible for a focus axis (when the
+        device database could not check it)."""
         lo_mm, hi_mm = PLAUSIBLE_TRAVEL_MM
         travel = self._limits[1] - self._limits[0]
-        if self.native_unit_nm is not None and not lo_mm <= travel <= hi_mm:
+        if self.native_unit_nm is not None and not self.units_checked and not lo_mm <= travel <= hi_mm:
             native = round(travel * self._native_per_mm)
             raise UsageError(f"--native-unit-nm {self.native_unit_nm:g} makes the travel of {self._where()} "
                              f"{travel:g} mm ({native} native units); a focus axis travels {lo_mm:g}-{hi_mm:g} mm: "
@@ -2470,13 +2683,6 @@ class ZaberStage:
         except self._exc.MotionLibException:  # open-loop devices have no such setting (RJ BADCOMMAND)
             settle = 0.0
         return max(float(POSITION_TOLERANCE_NATIVE), settle)
-
-    def _busy(self) -> bool:
-        """Whether the axis is moving now (one status request)."""
-        try:
-            return bool(self._axis.is_busy())
-        except self._exc.MotionLibException as exc:
-            raise StageError(f"reading the status of {self._where()}: {first_line(exc)}") from exc
 
     def _settle_flags(self, flags: set[str]) -> set[str]:
         """Report and clear notices left from earlier work; refuse latched faults unless told to
@@ -2524,10 +2730,10 @@ class ZaberStage:
         """What was found, for the run's header and --json."""
         lo, hi = self._limits
         return {"device": self.device_number, "axis": self.axis_number, "name": self.name,
-                "travel_mm": [round(lo, 6), round(hi, 6)],
-                "native_unit_nm": self.native_unit_nm if self.native_unit_nm is not None
-                else round(1e6 / self._native_per_mm, 6),
+                "travel_mm": [round(lo, 6), round(hi, 6)], "native_unit_nm": round(1e6 / self._native_per_mm, 6),
                 "units_from": "--native-unit-nm" if self.native_unit_nm is not None else "device database",
+                # --native-unit-nm confirmed by the device database (None: no --native-unit-nm)
+                "units_checked": None if self.native_unit_nm is None else self.units_checked,
                 "homed": self._homed, "homed_now": False, "position_tolerance_native": self.tolerance_native}
 
     @property
@@ -2539,24 +2745,24 @@ class ZaberStage:
         """Home the axis when it has no reference position; True when it homed.
 
         Homing drives to the home sensor and may cross any position: the caller decides whether
-        that is allowed (see ``run``)."""
+        that is allowed (see ``run``).  It is checked like a move (see ``move_to``)."""
         if self._homed:
             return False
         log.warning("homing %s: it has no reference position (the stage moves to its home sensor)", self._where())
         try:
-            try:
-                self._axis.home(wait_until_idle=False)
-            except self._exc.MotionLibException as exc:
-                raise StageError(f"homing {self._where()} failed: {first_line(exc)}") from exc
-            self._await_idle("homing", self.home_timeout_s, "--home-timeout-s")
+            start = self._check_still("homing", allow=HOMING_FLAGS)
+            self._send(lambda: self._axis.home(wait_until_idle=False), "homing")
+            flags, at = self._await("homing", self.home_timeout_s, "--home-timeout-s", start, None, HOMING_FLAGS)
         except KeyboardInterrupt as exc:  # Ctrl-C at any point of the homing: stop it, whatever comes next
             exc.stage_state = stop_and_locate(self, "homing was interrupted")  # type: ignore[attr-defined]
             raise
-        flags = self._flags_after("homing")
-        if "WR" in flags or "WH" in flags:
+        if flags & HOMING_FLAGS:
             raise StageError(f"homing {self._where()} ended without a reference position "
-                             f"({', '.join(sorted(flags & {'WR', 'WH'}))}); check the home sensor")
+                             f"({', '.join(sorted(flags & HOMING_FLAGS))}) at {self._mm(at):.4f} mm: it was stopped "
+                             "from outside (another program's ZML clears the NI flag its stop causes) or the home "
+                             "sensor was not found; check the stage")
         self._homed = True
+        self._expect_native, self._left_by = at, "where homing left it"
         return True
 
     def limits_mm(self) -> tuple[float, float]:
@@ -2569,28 +2775,28 @@ class ZaberStage:
             raise StageError(f"reading the position of device {self.device_number}: {first_line(exc)}") from exc
 
     def move_to(self, z_mm: float) -> None:
+        """Move to z, verified before and after.
+
+        Before the move is sent, the axis must still be idle, show no new flag and stand where
+        this tool left it (which also closes the bracket of the frame exposed there); after it,
+        idle, no new flag, within ``tolerance_native`` of the target -- and while it runs, on its
+        path.  Anything else is an event this tool did not cause: StageInterrupted (moved or
+        stopped from outside) or a StageError (a fault); then nothing more is moved."""
         lo, hi = self._limits
         if not lo - 1e-9 <= z_mm <= hi + 1e-9:  # last line of defence; plans are checked earlier
             raise StageError(f"refusing to move to {z_mm} mm: outside the travel {lo}..{hi} mm")
-        what = f"{self.role} move to {z_mm:.4f} mm"
+        what = f"the {'' if self.role == 'focus' else self.role + ' '}move to {z_mm:.4f} mm"
         target = self._native_inside(z_mm)
-        try:
-            self._axis.move_absolute(target, self._zm.Units.NATIVE, wait_until_idle=False)
-        except self._exc.MovementFailedException as exc:
-            raise StageError(f"move to {z_mm:.4f} mm failed: {first_line(exc)}") from exc
-        except self._exc.CommandFailedException as exc:
-            raise StageError(f"device {self.device_number} rejected the move to {z_mm:.4f} mm: "
-                             f"{first_line(exc)}") from exc
-        except self._exc.MotionLibException as exc:
-            raise StageError(f"lost the stage while moving to {z_mm:.4f} mm: {first_line(exc)}") from exc
-        self._await_idle(f"moving to {z_mm:.4f} mm", self.move_timeout_s, "--move-timeout-s", what)
-        self._flags_after(what)
-        at = self.position_mm()
-        off_native = abs(at * self._native_per_mm - target)
+        start = self._check_still(what)
+        self._send(lambda: self._axis.move_absolute(target, self._zm.Units.NATIVE, wait_until_idle=False), what)
+        _, at = self._await(what, self.move_timeout_s, "--move-timeout-s", start, target)
+        off_native = abs(at - target)
         if off_native > self.tolerance_native + 1e-6:
-            raise StageError(f"{what} ended at {at:.4f} mm, {off_native:.0f} native units off the target "
-                             f"(tolerance {self.tolerance_native:g}): the axis did not reach it (something blocked it, "
-                             "or another program or the knob moved it)")
+            raise StageInterrupted(
+                f"{what} ended {off_native:.0f} native units off the target (tolerance {self.tolerance_native:g}), at "
+                f"{self._readback()}: the axis was stopped or moved from outside (the knob or joystick, Zaber "
+                "Launcher or another program, whose ZML clears the NI flag at once) or something blocked it")
+        self._expect_native, self._left_by = target, f"where {what} left it"
 
     @property
     def native_unit_mm(self) -> float:
@@ -2616,25 +2822,128 @@ class ZaberStage:
             target = math.ceil(lo * per_mm - 1e-6)
         return target
 
-    def _await_idle(self, doing: str, timeout_s: float, option: str, what: str | None = None) -> None:
-        """Poll until the axis is idle, at most ``timeout_s``; on time-out send ``stop`` at once.
+    def _mm(self, native: float) -> float:
+        return native / self._native_per_mm
 
-        While it is busy the flags are read too (every ~0.1 s), so an interruption by someone
-        else (NI; e.g. the knob keeps the axis busy) is reported at once, without stopping them."""
-        deadline = time.monotonic() + timeout_s
-        next_flags = time.monotonic() + 0.1
+    def _state(self) -> tuple[bool, set[str], float]:
+        """(busy, active warning flags, position in native units), in ONE round trip while no flag is up.
+
+        Every ASCII reply carries the axis's status (IDLE/BUSY) and its highest-priority warning
+        flag (``@03 1 07 OK IDLE -- 10200000``); the reply to ``get pos`` adds the position.  Only
+        when a flag shows is the full list asked for.  ZML's generic_command clears nothing (its own
+        motion calls send ``warnings clear`` when they see a flag)."""
         try:
-            while self._axis.is_busy():
-                now = time.monotonic()
-                if now > deadline:
+            reply = self._axis.generic_command("get pos")
+            flags = set() if reply.warning_flag in ("--", "") else set(self._axis.warnings.get_flags())
+            return reply.status == "BUSY", flags, float(reply.data.split()[0])
+        except self._exc.MotionLibException as exc:
+            raise StageError(f"lost the stage: {self._where()} does not answer ({first_line(exc)})") from exc
+
+    def _readback(self) -> str:
+        """"10.1713 mm, flag NC up": where the axis is now and what it shows, read back for a message."""
+        try:
+            _, flags, at = self._state()
+        except StageError:
+            return "an unknown position (it no longer answers)"
+        return f"{self._mm(at):.4f} mm, " + (f"flag {', '.join(sorted(flags))} up" if flags else "no flag up")
+
+    def _check_still(self, doing: str, allow: frozenset[str] = frozenset()) -> float:
+        """Before a move or homing is sent: the axis is idle, shows no new flag and stands where this
+        tool left it (a frame exposed there was exposed standing still).  Returns its position."""
+        busy, flags, at = self._state()
+        if flags - self._baseline - allow:
+            raise self._flag_error(flags - self._baseline - allow, f"before {doing}", before_move=True)
+        expect = self._expect_native
+        if busy:
+            err: StageError = StageInterrupted(
+                f"before {doing}: {self._where()} was moving, not by this tool's command (the knob or joystick, "
+                f"Zaber Launcher or another program); it is at {self._readback()}")
+        elif expect is not None and abs(at - expect) > self.tolerance_native + 1e-6:
+            err = StageInterrupted(
+                f"before {doing}: {self._where()} is at {self._mm(at):.4f} mm (no flag up), not at "
+                f"{self._mm(expect):.4f} mm {self._left_by}: it was moved from outside while it stood still (the "
+                "knob or joystick, Zaber Launcher or another program)")
+        else:
+            return at
+        err.before_move = True
+        raise err
+
+    def _send(self, command: Callable[[], None], what: str) -> None:
+        """Send a motion command; ZML's errors in this tool's terms (the flag policy of ``_flag_error``)."""
+        exc = self._exc
+        try:
+            command()
+        except (exc.MovementFailedException, exc.MovementInterruptedException) as error:
+            # ZML saw a flag in the reply, sent "warnings clear" and raised; the motion the command
+            # started may be running: the tool's own, so it is stopped.  The flags seen are the news.
+            seen = set(error.details.warnings) or {"NI" if isinstance(error, exc.MovementInterruptedException)
+                                                    else "FF"}
+            note = self._stop_own()
+            try:
+                cleared = seen - set(self._axis.warnings.get_flags())
+            except exc.MotionLibException:
+                cleared = set()
+            raise self._flag_error(seen - self._baseline or seen, what, cleared=cleared, note=note) from error
+        except exc.DriverDisabledException as error:
+            try:
+                off = set(self._axis.warnings.get_flags())
+            except exc.MotionLibException:
+                off = set()
+            if not any(f.startswith("F") for f in off):
+                raise StageError(f"{self._where()} refused {what}: its driver is disabled ({first_line(error)}); "
+                                 "enable it in Zaber Launcher once the cause is checked") from error
+            raise self._flag_error(off, what, note=" and refused the move (driver disabled)") from error
+        except exc.CommandFailedException as error:
+            raise StageError(f"device {self.device_number} rejected {what}: {first_line(error)}") from error
+        except exc.MotionLibException as error:
+            raise StageError(f"lost the stage during {what}: {first_line(error)}") from error
+
+    def _await(self, what: str, timeout_s: float, option: str, start: float, target: float | None,
+               allow: frozenset[str] = frozenset()) -> tuple[set[str], float]:
+        """Poll until the axis is idle (one round trip a poll, see ``_state``; a move as long as an
+        earlier one is first polled when that one ended, see ``_arrival``); returns its flags and
+        position then.  While it moves: a new flag, or (``target`` given) a position off the path
+        from ``start`` to ``target``, ends the wait at once -- someone else's motion is not stopped,
+        the tool's own is stopped after a fault.  After ``timeout_s`` the tool sends ``stop`` itself."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        path = (min(start, target) - self._margin_native, max(start, target) + self._margin_native) \
+            if target is not None else None
+        # A move as long as one before it (a sweep's steps) ends about when that one did: the first
+        # poll is aimed inside the interval that move's last busy and first idle poll left, which
+        # halves each time, instead of at a round trip's granularity after the end.
+        key = round(abs(target - start)) if target is not None else None
+        lo, hi = self._arrival.get(key, (0.0, 0.0))
+        last_busy = None
+        try:
+            if hi > 0:  # inside the try: a Ctrl-C while waiting stops the axis too
+                time.sleep(max(0.0, (lo + hi) / 2 if hi - lo > MOTION_POLL_S else hi))
+            while True:
+                sent = time.monotonic()
+                busy, flags, at = self._state()
+                new = flags - self._baseline - allow
+                if new:
+                    faulted = any(f.startswith("F") for f in new)
+                    raise self._flag_error(new, what, note=self._stop_own() if busy and faulted else "")
+                if not busy:
+                    if key is not None:
+                        self._arrival[key] = (lo if last_busy is None else last_busy - t0, sent - t0)
+                    return flags, at
+                last_busy = sent
+                if path is not None and not path[0] <= at <= path[1]:
+                    raise StageInterrupted(
+                        f"{what}: {self._where()} went to {self._mm(at):.4f} mm (no flag up), off its path from "
+                        f"{self._mm(start):.4f} mm: someone else is moving it (the knob or joystick, Zaber Launcher "
+                        "or another program); it was not stopped")
+                if time.monotonic() > deadline:
                     where = self._stop_now()
-                    raise StageError(f"{doing}: the axis was still busy after {timeout_s:g} s; stopped it{where} "
+                    err = StageError(f"{what}: the axis was still busy after {timeout_s:g} s; stopped it{where} "
                                      f"(raise {option} if the stage is slow)")
-                if what is not None and now >= next_flags:
-                    next_flags = now + 0.1
-                    if "NI" in self._axis.warnings.get_flags():
-                        self._interrupted(what)
-                time.sleep(0.005)
+                    err.may_move = True  # the tool's own stop, for its own reason: it may return to start
+                    raise err
+                # Poll again at once on a slow line (the round trip paces it), at most every MOTION_POLL_S
+                # on a fast one: each poll sent after the axis stops is what its arrival waits for.
+                time.sleep(max(0.0, MOTION_POLL_S - (time.monotonic() - sent)))
         except KeyboardInterrupt:
             for _ in range(3):  # a second Ctrl-C must not cut the stop short
                 try:
@@ -2646,52 +2955,60 @@ class ZaberStage:
                     break
             raise
         except self._exc.MotionLibException as exc:
-            raise StageError(f"lost the stage while {doing}: {first_line(exc)}") from exc
+            raise StageError(f"lost the stage during {what}: {first_line(exc)}") from exc
 
-    def _flags_after(self, what: str) -> set[str]:
-        """The flags once a motion has ended: NI -> StageInterrupted; a fault -> StageError."""
-        try:
-            flags = set(self._axis.warnings.get_flags())  # read, not cleared (see the class docstring)
-        except self._exc.MotionLibException as exc:
-            raise StageError(f"lost the stage after the {what}: {first_line(exc)}") from exc
-        if "NI" in flags:
-            self._interrupted(what)
+    def _flag_error(self, flags: set[str], what: str, *, cleared: set[str] | frozenset[str] = frozenset(),
+                    note: str = "", before_move: bool = False) -> StageError:
+        """The one policy for a flag the tool did not expect, whether it read the flag itself or ZML
+        met it (and cleared it: ``cleared``): NI/NC/WM -> StageInterrupted (moved or stopped from
+        outside); a fault (F*) or any other warning -> a StageError that moves nothing more."""
         faults = sorted(f for f in flags if f.startswith("F"))
+        outside = sorted(f for f in flags if f in OUTSIDE_FLAGS)
+        rest = sorted(set(flags) - set(faults) - set(outside))
+        named = ", ".join(describe_flag(f) for f in faults + outside + rest)
+        if cleared:
+            named += (", which ZML had already cleared" if set(cleared) >= set(flags) else
+                      f" (ZML had already cleared {', '.join(sorted(cleared))})")
+        where = self._readback()
+        err: StageError
         if faults:
-            at = self._position_text()
-            if faults == ["FS"]:  # a stall: cleared so that the stage can go back to where it started
-                with contextlib.suppress(self._exc.MotionLibException):
-                    self._axis.warnings.clear_flags()
-                raise StageError(f"{what} failed: {describe_flag('FS')} at {at}: "
-                                 f"{FAULT_ADVICE['FS']}")
-            err = StageError(f"{what} ended with fault {describe_flag(faults[0])} at {at}: "
+            err = StageError(f"{what}: {self._where()} reported fault {named}{note}; it is at {where}: "
                              f"{FAULT_ADVICE.get(faults[0], 'see the Warning Flags section of the Zaber ASCII manual')}")
-            err.may_move = False  # the drive or the position cannot be trusted: move nothing more
-            raise err
-        return flags
-
-    def _interrupted(self, what: str) -> None:
-        """Raise StageInterrupted naming where the axis is."""
-        raise StageInterrupted(f"{what} was interrupted (NI) at {self._position_text()}: the axis was moved or "
-                               "stopped from outside (the knob or joystick, Zaber Launcher or another program)")
-
-    def _position_text(self) -> str:
-        """"10.1713 mm", or "an unknown position" when it cannot be read."""
-        try:
-            return f"{self.position_mm():.4f} mm"
-        except StageError:
-            return "an unknown position"
+        elif outside:
+            err = StageInterrupted(f"{what}: the axis was moved or stopped from outside ({named}: the knob or "
+                                   f"joystick, Zaber Launcher or another program){note}; it is at {where}")
+        else:
+            err = StageError(f"{what}: {self._where()} reported {named}{note}, so where it stands cannot be vouched "
+                             f"for; it is at {where}")
+        err.before_move = before_move
+        return err
 
     def _stop_now(self) -> str:
-        """Send ``stop`` and wait (at most STOP_TIMEOUT_S) for the axis to come to rest; returns
-        "" or a note that it did not.  ZML's own stop() waits for idle with no time limit."""
-        self._axis.stop(wait_until_idle=False)
+        """Send ``stop`` and wait (at most STOP_TIMEOUT_S) for the axis to come to rest (a stop
+        decelerates); returns "" or a note that it did not.  Sent as a generic command: ZML's own
+        stop() waits for idle with no time limit, and on a flag in its reply clears it (a fault
+        too) and raises.  The axis then stands where the tool's stop left it; the NI that stop set
+        is the tool's own and is cleared here (only when it is the one new flag)."""
+        self._axis.generic_command("stop")
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        while self._axis.is_busy():
+        while True:
+            busy, flags, at = self._state()
+            if not busy:
+                break
             if time.monotonic() > deadline:
                 return f", but it was still busy {STOP_TIMEOUT_S:g} s after the stop"
-            time.sleep(0.005)
+            time.sleep(MOTION_POLL_S)
+        if flags - self._baseline == {"NI"}:
+            self._axis.warnings.clear_flags()
+        self._expect_native, self._left_by = at, "where the tool's stop left it"
         return ""
+
+    def _stop_own(self) -> str:
+        """Stop the tool's own motion after a fault (stopping is always allowed); a note for the message."""
+        try:
+            return "; the move was stopped" + self._stop_now()
+        except (StageError, self._exc.MotionLibException):
+            return "; stopping the move failed"
 
     def stop(self) -> None:
         try:
@@ -2881,13 +3198,22 @@ class FlirCamera(GenicamAdapter):
                               "program (SpinView) holds it") from exc
         try:
             cam.init()
-        except spin.SpinnakerException as exc:
+        except spin.SpinnakerException as exc:  # Init failed: nothing to DeInit (it may be another's)
+            with contextlib.suppress(Exception):
+                cam.close()
             busy = getattr(exc, "errorcode", None) == -1004  # SPINNAKER_ERR_RESOURCE_IN_USE
             raise CameraError(f"cannot open {name}: {first_line(exc)}; " + (
                 "another program (SpinView, another script) or an earlier run that was not closed still holds "
                 "it: close that program, or unplug and replug the camera" if busy else
                 "check the USB cable and that no other program (SpinView) holds it")) from exc
-        self._setup(spin, sp, cam, owned=True, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
+        except BaseException:  # Ctrl-C during init(): Init may have succeeded, so DeInit, or the next open fails
+            _release_spin(cam)
+            raise
+        try:
+            self._setup(spin, sp, cam, owned=True, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
+        except BaseException:  # _setup closes on its failures; a Ctrl-C before its own guard too
+            _release_spin(cam)
+            raise
 
     @classmethod
     def from_camera(cls, camera: Any, *, exposure_ms: float | None = None,
@@ -2938,12 +3264,18 @@ class FlirCamera(GenicamAdapter):
     def _has(self, name: str) -> bool:
         return name in self._cam.camera_attributes
 
+    def _entries(self, name: str) -> list[str]:
+        """The entries of enumeration node ``name`` this camera offers."""
+        spin = self._spin
+        entries = (spin.CEnumEntryPtr(e) for e in self._cam.camera_attributes[name].GetEntries())
+        return [e.GetSymbolic() for e in entries if spin.IsAvailable(e) and spin.IsReadable(e)]
+
     def _configure(self, exposure_ms: float | None, timeout_ms: int, roi: Roi | None) -> None:
         cam, journal = self._cam, self._journal
         self._set_pixel_format()
         if roi is not None:
             self._set_roi(roi)
-        software_trigger(journal, self._has)
+        software_trigger(journal, self._has, self._entries)
         self._freeze_auto()
         if exposure_ms is not None:
             journal.set("ExposureTime", exposure_ms * 1000.0)
@@ -2959,11 +3291,7 @@ class FlirCamera(GenicamAdapter):
         node = cam.camera_attributes.get("PixelFormat")
         if node is None:
             raise CameraError("the FLIR camera has no PixelFormat node: cannot tell what its frames hold")
-        offered = []
-        for entry in node.GetEntries():
-            entry = spin.CEnumEntryPtr(entry)
-            if spin.IsAvailable(entry) and spin.IsReadable(entry):
-                offered.append(entry.GetSymbolic())
+        offered = self._entries("PixelFormat")
         if self._has("AdcBitDepth") and spin.IsReadable(cam.camera_attributes["AdcBitDepth"]):
             sensor_bits = format_bits(str(cam.AdcBitDepth))
         else:
@@ -3027,10 +3355,15 @@ class FlirCamera(GenicamAdapter):
         self._cam.start()
 
     def _release(self) -> None:
-        with contextlib.suppress(Exception):
-            self._cam.cam.DeInit()  # simple_pyspin's close() does not: the next Init would fail (-1004)
-        with contextlib.suppress(Exception):
-            self._cam.close()
+        _release_spin(self._cam)
+
+
+def _release_spin(cam: Any) -> None:
+    """Release a simple_pyspin Camera whatever state it is in; never raises, safe to repeat."""
+    with contextlib.suppress(Exception):
+        cam.cam.DeInit()  # simple_pyspin's close() does not: the next Init would fail (-1004)
+    with contextlib.suppress(Exception):
+        cam.close()
 
 
 ###############################################################################
@@ -3097,14 +3430,23 @@ class BaslerCamera(GenicamAdapter):
                         len(devices), ", ".join(found), found[0])
         info = devices[0]
         name = f"the Basler camera {info.GetSerialNumber()}"
+        cam: Any = None
         try:
             cam = pylon.InstantCamera(factory.CreateDevice(info))
             cam.Open()
         except genicam.GenericException as exc:
+            _release_pylon(cam)
             raise CameraError(f"cannot open {name} ({info.GetModelName()}): {first_line(exc)}; another program "
                               "(pylon Viewer, another script) may hold it: close it, or unplug and replug the "
                               "camera") from exc
-        self._setup(pylon, genicam, cam, owned=True, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
+        except BaseException:  # Ctrl-C during Open(): close what was opened, or the next open finds it held
+            _release_pylon(cam)
+            raise
+        try:
+            self._setup(pylon, genicam, cam, owned=True, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
+        except BaseException:
+            _release_pylon(cam)
+            raise
 
     @classmethod
     def from_camera(cls, camera: Any, *, exposure_ms: float | None = None,
@@ -3167,7 +3509,7 @@ class BaslerCamera(GenicamAdapter):
             self.roi = set_sensor_roi(journal, roi, (int(cam.WidthMax.Value), int(cam.HeightMax.Value)),
                                       {n: int(getattr(cam, n).Inc) for n in ROI_NODES},
                                       (int(cam.Width.Min), int(cam.Height.Min)), bayer=self._bayer_code is not None)
-        software_trigger(journal, self._has)
+        software_trigger(journal, self._has, lambda name: list(getattr(cam, name).Symbolics))
         freeze_auto(journal, self._has, (self._genicam.GenericException,), "Basler camera", "pylon Viewer")
         exposure = next((n for n in ("ExposureTime", "ExposureTimeAbs") if self._has(n)), None)
         if exposure_ms is not None:
@@ -3247,10 +3589,17 @@ class BaslerCamera(GenicamAdapter):
         self._cam.StartGrabbing()
 
     def _release(self) -> None:
-        with contextlib.suppress(Exception):
-            self._cam.Close()
-        with contextlib.suppress(Exception):
-            self._cam.DestroyDevice()
+        _release_pylon(self._cam)
+
+
+def _release_pylon(cam: Any) -> None:
+    """Close a pylon InstantCamera and release its device; never raises, safe to repeat."""
+    if cam is None:
+        return
+    with contextlib.suppress(Exception):
+        cam.Close()
+    with contextlib.suppress(Exception):
+        cam.DestroyDevice()
 
 
 # The live cameras --camera can name (besides "sim"); each takes (serial, *, exposure_ms, timeout_ms, roi).
@@ -4194,6 +4543,544 @@ class ReplayCamera:
 
 
 ###############################################################################
+# Backends: Micro-Manager (pymmcore-plus) #####################################
+###############################################################################
+# Micro-Manager drives hundreds of cameras and stages; pymmcore-plus is its Python core
+# (CMMCorePlus; UniMMCore for Python devices) and acquisition engine.  These adapters use only the
+# core's public API, in the core's units (um; mm here), on a core the caller owns and keeps: nothing
+# is loaded, unloaded or closed.  ``mm_autofocus`` makes the core's fullFocus() run this tool, so
+# that the MDA engine's autofocus plans (useq's AxesBasedAF) use it as a hardware autofocus.
+
+PYMMCORE_HELP = ("Micro-Manager microscopes need pymmcore-plus (on PyPI): pip install pymmcore-plus "
+                 "(or pip install .[mm])")
+# A verified move ends within this of its target.  Motorized focus drives resolve 0.01-0.1 um
+# (Nikon Ti, Olympus IX83, Zeiss, Prior, ASI); a 60x objective's depth of field is ~0.9 um.
+MM_FOCUS_TOLERANCE_UM = 0.2
+MM_XY_TOLERANCE_UM = 1.0  # XY stages: steppers of 0.05-1 um; a field of view is hundreds of um
+MM_AUTOFOCUS_LABEL = "autofocus.py"  # what core.getAutoFocusDevice() answers while mm_autofocus is attached
+
+
+def _mm() -> Any:
+    """Import pymmcore-plus on first use."""
+    try:
+        import pymmcore_plus  # noqa: PLC0415
+    except ImportError as exc:
+        raise UsageError(PYMMCORE_HELP) from exc
+    return pymmcore_plus
+
+
+# The core's device roles: DeviceType -> (its getter, its setter, what it is called here).
+MM_ROLES = {"Stage": ("getFocusDevice", "setFocusDevice", "focus device"),
+            "XYStage": ("getXYStageDevice", "setXYStageDevice", "XY stage"),
+            "Camera": ("getCameraDevice", "setCameraDevice", "camera")}
+
+
+def _mm_label(core: Any, label: str | None, kind: str) -> str:
+    """``label``, or the core's current device of the role ``kind`` (a key of MM_ROLES), checked
+    to be a loaded device of that DeviceType."""
+    device_type = _mm().DeviceType
+    getter, setter, what = MM_ROLES[kind]
+    label = check_value("micromanager", "label", label, MM_RULES["label"])
+    if label is None:
+        label = getattr(core, getter)()
+        if not label:
+            raise UsageError(f"the Micro-Manager core has no {what} selected: load one and select it "
+                             f"(core.{setter}(LABEL)), or pass label=")
+    try:
+        found = core.getDeviceType(label)
+    except Exception as exc:  # noqa: BLE001 - the core's CMMError (a RuntimeError) or a Python device's error
+        raise UsageError(f"no device {label!r} is loaded in the Micro-Manager core ({first_line(exc)}); "
+                         f"loaded: {', '.join(core.getLoadedDevices()) or 'none'}") from exc
+    if int(found) != int(device_type[kind]):
+        raise UsageError(f"Micro-Manager device {label!r} is of type {device_type(int(found)).name}, not "
+                         f"{device_type[kind].name}: pass a {what}")
+    return label
+
+
+MM_LIMITS_RULE = Rule("interval", hi=MAX_ABS_POSITION_MM, unit=" mm")  # (lowest, highest), mm
+MM_RULES: dict[str, Rule] = {  # the Micro-Manager adapters' settings (BadValue scope "micromanager")
+    "label": Rule("text", optional=True),
+    "stage_label": Rule("text", optional=True),
+    "tolerance_um": Rule("number", 0.0, 1000.0, " um", above=True),
+    "exposure_ms": CAMERA_RULES["exposure_ms"],
+    "roi": CAMERA_RULES["roi"],
+    "camera_roi": CAMERA_RULES["roi"],
+}
+
+
+class _MMPositioner:
+    """What MMStage and MMXYStage share: moves through the core, waited for and verified.
+
+    Every move is checked twice.  Before it is sent, the device must still be where the last move
+    left it (within ``tolerance_um``): Python devices and most adapters report no motion of their
+    own, so a position read is the only way to notice the focus knob, a Micro-Manager window or
+    another program.  After it, once ``waitForDevice`` returns, it must be at its target.  Either
+    mismatch raises StageInterrupted: nothing more is commanded (no return to start)."""
+
+    what = "stage"
+    axes: tuple[str, ...] = ()
+    core: Any
+    label: str
+    tolerance_um: float
+    _limits_axes: tuple[tuple[float, float], ...]
+
+    def _init(self, core: Any, label: str, tolerance_um: float) -> None:
+        self.core, self.label = core, label
+        self.tolerance_um = check_value("micromanager", "tolerance_um", tolerance_um, MM_RULES["tolerance_um"])
+        self._left_at: tuple[float, ...] | None = None  # where it was last seen (mm): a verified move's end, a read
+
+    def _read_um(self) -> tuple[float, ...]:
+        raise NotImplementedError
+
+    def _send_um(self, target_um: tuple[float, ...]) -> None:
+        raise NotImplementedError
+
+    def _name(self) -> str:
+        return f"the Micro-Manager {self.what} {self.label!r}"
+
+    @staticmethod
+    def _text(mm: tuple[float, ...]) -> str:
+        return f"{mm[0]:.4f} mm" if len(mm) == 1 else "(" + ", ".join(f"{v:.4f}" for v in mm) + ") mm"
+
+    def _read(self) -> tuple[float, ...]:
+        """The position now, mm (a read also becomes the reference for the next move's check)."""
+        try:
+            um = self._read_um()
+        except Exception as exc:  # noqa: BLE001 - the core's CMMError or a Python device's error
+            raise StageError(f"reading the position of {self._name()}: {first_line(exc)}") from exc
+        if not all(math.isfinite(v) for v in um):  # a NaN would pass every comparison of the checks
+            raise StageError(f"{self._name()} reports its position as {show_value(um)} um, not finite numbers; "
+                             "check the device")
+        self._left_at = tuple(round(v / 1000.0, POSITION_DECIMALS) for v in um)
+        return self._left_at
+
+    def _off_um(self, a: tuple[float, ...], b: tuple[float, ...]) -> float:
+        return max(abs(x - y) for x, y in zip(a, b)) * 1000.0
+
+    def _move(self, target: tuple[float, ...]) -> None:
+        """Move to ``target`` (mm, one value per axis): limits, check, send, wait, verify."""
+        for value, (lo, hi), axis in zip(target, self._limits_axes, self.axes):
+            if not (_is_number(value) and lo - 1e-9 <= value <= hi + 1e-9):  # plans are checked earlier
+                raise StageError(f"refusing to move {self._name()}{axis} to {value} mm: outside its limits "
+                                 f"{lo:g}..{hi:g} mm")
+        what = f"move of {self._name()} to {self._text(target)}"
+        left = self._left_at
+        if left is not None:
+            at = self._read()
+            if self._off_um(at, left) > self.tolerance_um:
+                raise StageInterrupted(f"before the {what}: it is at {self._text(at)}, not at {self._text(left)} where "
+                                       "this tool last saw it: it was moved from outside (the focus knob or joystick, "
+                                       "a Micro-Manager window or another program); nothing more is moved")
+        self._left_at = None
+        try:
+            self._send_um(tuple(v * 1000.0 for v in target))
+            self.core.waitForDevice(self.label)
+        except KeyboardInterrupt:
+            self._stop_quietly()
+            raise
+        except Exception as exc:  # noqa: BLE001 - the core's CMMError, its time-out, or a Python device's error
+            stopped = self._stop_quietly()
+            raise StageError(f"the {what} failed: {first_line(exc)}; "
+                             + ("stopped it" if stopped else "stopping it failed too: check the stage")) from exc
+        at = self._read()
+        off = self._off_um(at, target)
+        if off > self.tolerance_um:
+            raise StageInterrupted(f"the {what} ended at {self._text(at)}, {off:.2f} um off (tolerance_um "
+                                   f"{self.tolerance_um:g}): it was moved or stopped from outside "
+                                   "(the focus knob or joystick, a Micro-Manager window or another program), or it "
+                                   "cannot reach that position; nothing more is moved")
+
+    def _stop_quietly(self) -> bool:
+        """Send stop, whatever happened; True when the core took it."""
+        for _ in range(3):  # a second Ctrl-C must not cut the stop short
+            try:
+                self.core.stop(self.label)
+                return True
+            except KeyboardInterrupt:
+                continue
+            except Exception:  # noqa: BLE001 - the failure being reported matters more
+                return False
+        return False
+
+    def stop(self) -> None:
+        try:
+            self.core.stop(self.label)
+            self.core.waitForDevice(self.label)
+        except Exception as exc:  # noqa: BLE001 - the core's CMMError or a Python device's error
+            raise StageError(f"stopping {self._name()}: {first_line(exc)}") from exc
+
+
+class MMStage(_MMPositioner):
+    """A Micro-Manager stage as this tool's focus axis: the core's focus device, or ``label``.
+
+    Limits: the device's own, where it reports them (the limits of its Position property, used
+    only when the position it reports lies inside them), narrowed to ``limits_mm`` (lowest, highest)
+    when given; a device that reports none needs ``limits_mm`` (UsageError otherwise: they guard the
+    objective).  Each move is sent with setPosition (um), waited for with waitForDevice and verified
+    (see _MMPositioner).  The core's own time-out (core.setTimeoutMs) bounds every wait.
+    """
+
+    what = "focus drive"
+    axes = ("",)
+
+    def __init__(self, core: Any, label: str | None = None, *, limits_mm: tuple[float, float] | None = None,
+                 tolerance_um: float = MM_FOCUS_TOLERANCE_UM) -> None:
+        self._init(core, _mm_label(core, label, "Stage"), tolerance_um)
+        caller = None if limits_mm is None else check_value("micromanager", "limits_mm", limits_mm, MM_LIMITS_RULE)
+        device = self._device_limits_mm()
+        if device is None and caller is None:
+            raise UsageError(f"{self._name()} reports no travel limits: pass limits_mm=(lowest, highest), the "
+                             "focus positions this tool may use (mm), so that no move can reach the specimen")
+        lo, hi = device or caller  # type: ignore[misc]
+        if device is not None and caller is not None:
+            lo, hi = max(device[0], caller[0]), min(device[1], caller[1])
+            if lo >= hi:
+                raise UsageError(f"limits_mm {caller[0]:g}..{caller[1]:g} mm lies outside the travel "
+                                 f"{device[0]:g}..{device[1]:g} mm that {self._name()} reports")
+        self._limits_axes = ((lo, hi),)
+        self.limits_from = "device" if caller is None else "limits_mm" if device is None else "device and limits_mm"
+
+    def _device_limits_mm(self) -> tuple[float, float] | None:
+        """The travel the device reports (its Position property's limits, um), if believable."""
+        core, label = self.core, self.label
+        try:
+            if not (core.hasProperty(label, "Position") and core.hasPropertyLimits(label, "Position")):
+                return None
+            lo_um = float(core.getPropertyLowerLimit(label, "Position"))
+            hi_um = float(core.getPropertyUpperLimit(label, "Position"))
+            now_um = float(core.getPosition(label))
+        except Exception:  # noqa: BLE001 - a device that cannot say has no limits to use
+            return None
+        if not (math.isfinite(lo_um) and math.isfinite(hi_um) and lo_um < hi_um and lo_um <= now_um <= hi_um):
+            log.warning("%s reports Position limits %g..%g with the position %g: not used as travel limits",
+                        self._name(), lo_um, hi_um, now_um)
+            return None
+        return lo_um / 1000.0, hi_um / 1000.0
+
+    def _read_um(self) -> tuple[float, ...]:
+        return (float(self.core.getPosition(self.label)),)
+
+    def _send_um(self, target_um: tuple[float, ...]) -> None:
+        self.core.setPosition(self.label, target_um[0])
+
+    def describe(self) -> dict[str, Any]:
+        """What was found, for logs."""
+        lo, hi = self._limits_axes[0]
+        return {"device": self.label, "limits_mm": [lo, hi], "limits_from": self.limits_from,
+                "tolerance_um": self.tolerance_um}
+
+    def limits_mm(self) -> tuple[float, float]:
+        return self._limits_axes[0]
+
+    def position_mm(self) -> float:
+        return self._read()[0]
+
+    def move_to(self, z_mm: float) -> None:
+        self._move((z_mm,))
+
+
+class MMXYStage(_MMPositioner):
+    """A Micro-Manager XY stage (the core's XY stage device, or ``label``) with the XY stage
+    interface of ``focus_map``: ``move_to(x_mm, y_mm)``, ``position_mm() -> (x_mm, y_mm)``,
+    ``limits_mm() -> ((x_lo, x_hi), (y_lo, y_hi))``, ``stop()``.
+
+    The core has no call that reports an XY stage's travel, so ``limits_mm`` is required.  Moves
+    are setXYPosition (um), waitForDevice, and verified on both axes (see _MMPositioner).
+    """
+
+    what = "XY stage"
+    axes = (" in x", " in y")
+
+    def __init__(self, core: Any, label: str | None = None, *,
+                 limits_mm: tuple[tuple[float, float], tuple[float, float]] | None = None,
+                 tolerance_um: float = MM_XY_TOLERANCE_UM) -> None:
+        self._init(core, _mm_label(core, label, "XYStage"), tolerance_um)
+        if limits_mm is None:
+            raise UsageError(f"{self._name()}: pass limits_mm=((x_lo, x_hi), (y_lo, y_hi)) in mm, the area this "
+                             "tool may move to (Micro-Manager does not report an XY stage's travel)")
+        if not (isinstance(limits_mm, Sequence) and not isinstance(limits_mm, str) and len(limits_mm) == 2):
+            raise BadValue("micromanager", ("limits_mm",), lambda a: (
+                f"{a}: {show_value(limits_mm)} must be ((x_lo, x_hi), (y_lo, y_hi)) in mm"))
+        self._limits_axes = tuple(check_value("micromanager", "limits_mm", pair, MM_LIMITS_RULE) for pair in limits_mm)
+
+    def _read_um(self) -> tuple[float, ...]:
+        x, y = self.core.getXYPosition(self.label)
+        return float(x), float(y)
+
+    def _send_um(self, target_um: tuple[float, ...]) -> None:
+        self.core.setXYPosition(self.label, target_um[0], target_um[1])
+
+    def limits_mm(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        return self._limits_axes  # type: ignore[return-value]
+
+    def position_mm(self) -> tuple[float, float]:
+        x, y = self._read()
+        return x, y
+
+    def move_to(self, x_mm: float, y_mm: float) -> None:
+        self._move((x_mm, y_mm))
+
+
+class MMCamera:
+    """The Micro-Manager core's camera (or ``label``): one ``snapImage`` per frame.
+
+    snapImage starts its exposure when it is called (and opens and closes the shutter when the
+    core's auto-shutter is on), so every frame is exposed after the move before it; a running
+    sequence acquisition (live mode) is stopped for the run and restarted afterwards.  A sequence
+    acquisition would keep frames exposed during the move in its buffer, and which of its frames
+    began after the move is not something the core reports (README, "Micro-Manager").
+
+    ``exposure_ms`` and ``roi`` (x, y, w, h: the camera's own ROI, fewer pixels read) change the
+    camera for the run; ``close()`` (or leaving the ``with`` block) puts every setting it changed
+    back, and the selected camera too.  The bit depth (``bit_depth``: a frame all at 2^bits - 1 is
+    saturated) and the ROI (``roi``) are read from the core; a colour frame is scored in gray.
+    """
+
+    def __init__(self, core: Any, label: str | None = None, *, exposure_ms: float | None = None,
+                 roi: Roi | None = None) -> None:
+        self.core = core
+        self.label = _mm_label(core, label, "Camera")
+        self._journal = SettingsJournal(self._setting, self._set_setting)
+        self._live = False
+        self._closed = False
+        check_values("micromanager", MM_RULES, {"exposure_ms": exposure_ms, "roi": roi})
+        try:
+            if core.isSequenceRunning():  # live mode: the core refuses snapImage while a sequence runs
+                core.stopSequenceAcquisition()
+                self._live = True
+            self._journal.set("Camera", self.label)
+            if exposure_ms is not None:
+                self._journal.set("Exposure", float(exposure_ms))
+            if roi is not None:
+                self._set_roi(tuple(int(v) for v in roi))  # type: ignore[arg-type]
+            self.roi: Roi = tuple(int(v) for v in core.getROI())  # type: ignore[assignment]
+            self.bit_depth = int(core.getImageBitDepth())
+            self.exposure_ms = float(core.getExposure())
+            self._shape = (int(core.getImageHeight()), int(core.getImageWidth()))
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, Exception) and not isinstance(exc, AutofocusError):
+                raise CameraError(f"cannot set up the Micro-Manager camera {self.label!r}: {first_line(exc)}") from exc
+            raise
+        log.info("Micro-Manager camera %r: %dx%d, %d-bit, ROI %s, exposure %.3f ms", self.label, self._shape[1],
+                 self._shape[0], self.bit_depth, ",".join(map(str, self.roi)), self.exposure_ms)
+
+    def _setting(self, name: str) -> Any:
+        core = self.core
+        return {"Camera": core.getCameraDevice, "Exposure": core.getExposure,
+                "ROI": lambda: tuple(int(v) for v in core.getROI())}[name]()
+
+    def _set_setting(self, name: str, value: Any) -> None:
+        core = self.core
+        if name == "Camera":
+            core.setCameraDevice(value)
+        elif name == "Exposure":
+            core.setExposure(value)
+        else:  # the full frame may be what clearROI gives, not a setROI of its size
+            core.clearROI()
+            if tuple(int(v) for v in core.getROI()) != tuple(value):
+                core.setROI(*value)
+
+    def _set_roi(self, roi: Roi) -> None:
+        try:
+            self._journal.set("ROI", roi)
+        except Exception as exc:  # noqa: BLE001 - the camera's refusal, in its own words
+            raise UsageError(f"the Micro-Manager camera {self.label!r} refused the ROI {','.join(map(str, roi))}: "
+                             f"{first_line(exc)}; choose a region on its sensor") from exc
+        got = tuple(int(v) for v in self.core.getROI())
+        if got != roi:
+            log.warning("ROI %s rounded by the camera to %s", ",".join(map(str, roi)), ",".join(map(str, got)))
+
+    def describe(self) -> dict[str, Any]:
+        """What was found, for logs."""
+        return {"camera": self.label, "bit_depth": self.bit_depth, "roi": list(self.roi),
+                "exposure_ms": self.exposure_ms}
+
+    def capture(self) -> np.ndarray:
+        try:
+            self.core.snapImage()
+            frame = np.array(self.core.getImage(), copy=True)  # the next snap may reuse the core's buffer
+        except Exception as exc:  # noqa: BLE001 - the core's CMMError or a Python device's error
+            raise CameraError(f"the Micro-Manager camera {self.label!r} delivered no frame: {first_line(exc)}; "
+                              "check it in Micro-Manager") from exc
+        if frame.shape[:2] != self._shape:
+            raise CameraError(f"the Micro-Manager camera {self.label!r} delivered a {frame.shape} frame for its "
+                              f"{self._shape[1]}x{self._shape[0]} ROI; is another program changing its ROI or binning?")
+        if frame.ndim == 3:  # pymmcore-plus gives RGB (fixImage); a plain core's RGB32 is BGRA
+            frame = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY if frame.shape[2] == 3 else cv2.COLOR_BGRA2GRAY)
+        if frame.dtype.kind == "u" and 0 < self.bit_depth < 8 * frame.dtype.itemsize \
+                and int(frame.min()) >= (1 << self.bit_depth) - 1:
+            raise CameraError(f"the Micro-Manager camera {self.label!r} delivered a fully saturated frame "
+                              f"({self.bit_depth}-bit); lower the exposure or the light")
+        return frame
+
+    def restore(self) -> None:
+        """Put back every setting this adapter changed and restart live mode if it ran; safe to
+        call more than once; never raises a device error."""
+        if self._closed:
+            return
+        self._closed = True
+        failed = self._journal.restore()
+        if failed:
+            log.warning("the Micro-Manager core did not take back %d camera setting(s) (%s%s)", len(failed),
+                        failed[0], ", ..." if len(failed) > 1 else "")
+        if self._live:
+            try:
+                self.core.startContinuousSequenceAcquisition(0)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not restart the camera's live mode: %s", first_line(exc))
+
+    close = restore  # the core and its camera are the caller's: nothing to release
+
+    def __enter__(self) -> MMCamera:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MMAutofocus:
+    """This tool's autofocus standing in for a Micro-Manager core's autofocus device; made and
+    attached by ``mm_autofocus``.  ``results`` holds the FocusResult of every search that ended
+    with a verdict (``no_peak`` and ``edge`` too)."""
+
+    def __init__(self, core: Any, request: Request, *, on_frame: FrameHook | None, stage_label: str | None,
+                 limits_mm: tuple[float, float] | None, tolerance_um: float, exposure_ms: float | None,
+                 camera_roi: Roi | None) -> None:
+        # Held weakly (as the MDA engine holds it): the core holds this object, and a core that is
+        # not dropped before Python exits can abort the process (pymmcore-plus 0.18.1, Python devices).
+        self._core = weakref.ref(core)
+        self.request, self.on_frame = request, on_frame  # checked: the range, STEP and focus() options
+        self.stage_label, self.limits_mm, self.tolerance_um = stage_label, limits_mm, tolerance_um
+        self.exposure_ms, self.camera_roi = exposure_ms, camera_roi
+        self.results: list[FocusResult] = []
+        self.core_class = _core_class(core)  # the core's own class, put back by detach()
+
+    @property
+    def core(self) -> Any:
+        """The core this autofocus belongs to."""
+        core = self._core()
+        if core is None:
+            raise UsageError("the Micro-Manager core of this autofocus no longer exists")
+        return core
+
+    def full_focus(self) -> FocusResult:
+        """Run focus() once on the core's focus device and camera, as they are now.
+
+        ``focused``: the focus is left at the answer.  ``edge`` and ``no_peak``: the focus goes back
+        to where it was and RuntimeError (a hardware autofocus's failure to the MDA engine, which
+        logs it and keeps its z correction), as for a range that leaves the limits here (nothing
+        moved).  A hardware fault raises the tool's own error (the MDA stops); after an outside
+        interruption the engine's restore_initial_state is turned off, so nothing moves."""
+        stage = MMStage(self.core, self.stage_label, limits_mm=self.limits_mm, tolerance_um=self.tolerance_um)
+        try:
+            with MMCamera(self.core, exposure_ms=self.exposure_ms, roi=self.camera_roi) as camera:
+                result = run_request(stage, camera, self.request, on_frame=self.on_frame)
+                self.results.append(result)
+                if result.verdict.kind == "edge":
+                    stage.move_to(result.start_mm)
+        except UsageError as exc:
+            if exc.partial is None:  # before any move: the range leaves the limits at this position
+                raise RuntimeError(f"autofocus.py: {exc}") from exc
+            raise
+        except StageError as exc:
+            if not exc.may_move:
+                self._keep_engine_still()
+            raise
+        if result.verdict.kind != "focused":
+            raise RuntimeError(f"autofocus.py: {result.verdict.kind}: {result.verdict.reason}; the focus went back "
+                               f"to {result.start_mm:.4f} mm")
+        return result
+
+    def _keep_engine_still(self) -> None:
+        """Turn off the MDA engine's return to the initial XY and z at the end of the run."""
+        engine = self.core.mda.engine
+        if isinstance(engine, _mm().mda.MDAEngine) and engine.restore_initial_state:
+            engine.restore_initial_state = False
+            log.warning("the MDA engine's restore_initial_state was turned off: the stage was moved from outside, "
+                        "so the engine must not move it back (set it again for the next run)")
+
+    def detach(self) -> None:
+        """The core's own fullFocus() and autofocus device again."""
+        if type(self.core) is not self.core_class and self.core._autofocus is self:
+            self.core.__class__ = self.core_class
+            del self.core._autofocus
+
+
+class _AutofocusCoreMethods:
+    """What mm_autofocus gives a core: a subclass of the core's own class with these methods first."""
+
+    _autofocus: MMAutofocus
+
+    def getAutoFocusDevice(self) -> str:  # noqa: N802 - the core's own method names
+        return MM_AUTOFOCUS_LABEL
+
+    def fullFocus(self) -> None:  # noqa: N802
+        self._autofocus.full_focus()
+
+    def setAutoFocusOffset(self, offset: float) -> None:  # noqa: N802
+        raise UsageError(f"autofocus.py has no offset motor (autofocus_motor_offset {offset}): leave "
+                         "autofocus_motor_offset unset in the autofocus plan")
+
+
+_AUTOFOCUS_CORES: dict[type, type] = {}  # a core class -> its subclass whose fullFocus() runs this tool
+
+
+def _autofocus_core_class(base: type) -> type:
+    """The subclass of a core class whose autofocus is an MMAutofocus (made once per class; with
+    the base's own metaclass: pymmcore's is SWIG's)."""
+    if base not in _AUTOFOCUS_CORES:
+        _AUTOFOCUS_CORES[base] = type(base)(f"{base.__name__}WithAutofocus", (_AutofocusCoreMethods, base), {})
+    return _AUTOFOCUS_CORES[base]
+
+
+def _core_class(core: Any) -> type:
+    """The core's own class: the one mm_autofocus made a subclass of, or its class."""
+    return next((base for base, sub in _AUTOFOCUS_CORES.items() if type(core) is sub), type(core))
+
+
+def mm_autofocus(core: Any, start_mm: float, end_mm: float, step_mm: float, *, relative: bool = True,
+                 stage_label: str | None = None, limits_mm: tuple[float, float] | None = None,
+                 tolerance_um: float = MM_FOCUS_TOLERANCE_UM, exposure_ms: float | None = None,
+                 camera_roi: Roi | None = None, **options: Any) -> MMAutofocus:
+    """Make ``core.fullFocus()`` run this tool's autofocus, so that a pymmcore-plus MDA with
+    ``autofocus_plan=AxesBasedAF(...)`` focuses with it at each position.
+
+    The range (relative to where the focus is when fullFocus() is called, unless ``relative=False``),
+    STEP and every ``focus()`` option (``search``, ``metric``, ``roi``, ``z_min``, ...) are set here,
+    once, and checked now (UsageError).  ``stage_label``, ``limits_mm`` and ``tolerance_um`` are
+    MMStage's (the core's focus device by default); ``exposure_ms`` and ``camera_roi`` MMCamera's,
+    for the autofocus frames only.  The core becomes an instance of a subclass of its own class that
+    provides fullFocus() and getAutoFocusDevice() (which answers MM_AUTOFOCUS_LABEL, no device of the
+    core): the MMCore calls the MDA engine makes for a hardware autofocus, so the engine applies the
+    z correction as it does a hardware autofocus's.  (Micro-Manager's own autofocus API, which every
+    engine version and other callers of fullFocus() use; an engine subclass would have to copy the
+    engine's private z-correction bookkeeping, ``_z_correction`` in pymmcore-plus 0.18.)  ``detach()``
+    on the returned MMAutofocus puts the core's class back; attaching again replaces the settings.
+    """
+    fields = {f.name for f in dataclasses.fields(Request)} - {"start_mm", "end_mm", "step_mm"}
+    unknown = sorted(set(options) - fields - {"on_frame"})
+    if unknown:
+        mine = {"stage_label", "limits_mm", "tolerance_um", "exposure_ms", "camera_roi", "on_frame"}
+        raise UsageError(f"mm_autofocus: unknown option {', '.join(unknown)}; choose from "
+                         f"{', '.join(sorted(fields | mine))}")
+    on_frame = options.pop("on_frame", None)
+    if on_frame is not None and not callable(on_frame):
+        raise BadValue("request", ("on_frame",), lambda a: (
+            f"{a}: {show_value(on_frame)} must be a function on_frame(index, z_mm, frame, score), or None"))
+    request = check_request(Request(start_mm, end_mm, step_mm, relative=relative, **options))
+    check_values("micromanager", MM_RULES, {"stage_label": stage_label, "tolerance_um": tolerance_um,
+                                            "exposure_ms": exposure_ms, "camera_roi": camera_roi})
+    MMStage(core, stage_label, limits_mm=limits_mm, tolerance_um=tolerance_um)  # the stage and its limits, now
+    _mm_label(core, None, "Camera")
+    autofocus = MMAutofocus(core, request, on_frame=on_frame, stage_label=stage_label, limits_mm=limits_mm,
+                            tolerance_um=tolerance_um, exposure_ms=exposure_ms, camera_roi=camera_roi)
+    core.__class__ = _autofocus_core_class(autofocus.core_class)
+    core._autofocus = autofocus
+    return autofocus
+
+
+###############################################################################
 # Output ######################################################################
 ###############################################################################
 
@@ -4506,10 +5393,90 @@ class ImageSaver:
             self._csv.close()
 
 
-def compose_view(frame: np.ndarray, blur: int, curve: Sequence[Sample], height: int = 240,
-                 roi: Roi | None = None) -> np.ndarray:
-    """One BGR picture: the frame, the filtered frame, its Laplacian, and the curve so far;
-    the region of interest (the part that is scored) outlined in yellow on the three images."""
+# The --show-images view: the frame, the filtered frame, its Laplacian and the focus curve side
+# by side, each ``height`` pixels high and titled with its display scale; in the live window a
+# status line below them says what is happening and which keys do what.
+VIEW_FONT = cv2.FONT_HERSHEY_SIMPLEX
+CURVE_ASPECT = 1.6  # the curve panel is this many times as wide as it is high
+KEY_ESC = 27
+
+
+def curve_title(metric: str | None = None, transparent: bool = False) -> str:
+    """The curve panel's title: the score and its metric (as focus() picks it)."""
+    metric = metric or ("normvar" if transparent else "laplacian")
+    return f"score: -contrast ({metric})" if transparent else f"focus score ({metric})"
+
+
+def font_scale(height: int) -> float:
+    """OpenCV text scale for a view ``height`` pixels high: capitals ~11 px at 240, never below ~8 px."""
+    return max(0.35, height / 480)
+
+
+def put_label(img: np.ndarray, text: str, org: tuple[int, int], scale: float,
+              color: tuple[int, int, int] = (255, 255, 255)) -> None:
+    """Text readable on any image: ``color`` on a darkened box (an outline drawn thicker would
+    not line up: OpenCV 5's font spaces thick text wider)."""
+    (w, h), base = cv2.getTextSize(text, VIEW_FONT, scale, 1)
+    x, y = org
+    box = img[max(y - h - 3, 0): y + base + 1, max(x - 3, 0): x + w + 3]
+    box //= 3
+    cv2.putText(img, text, org, VIEW_FONT, scale, color, 1, cv2.LINE_AA)
+
+
+def put_text(img: np.ndarray, text: str, org: tuple[int, int], scale: float,
+             color: tuple[int, int, int] = (40, 40, 40), right: bool = False) -> None:
+    """Plain text (on the curve panel's white), left-aligned at ``org`` or right-aligned to it."""
+    if right:
+        org = (org[0] - cv2.getTextSize(text, VIEW_FONT, scale, 1)[0][0], org[1])
+    cv2.putText(img, text, org, VIEW_FONT, scale, color, 1, cv2.LINE_AA)
+
+
+def fitted(text: str, width: int, scale: float) -> float:
+    """``scale``, made smaller (down to 60%) when ``text`` would not fit ``width`` pixels."""
+    need = cv2.getTextSize(text, VIEW_FONT, scale, 1)[0][0]
+    return scale if need <= width else max(scale * 0.6, scale * width / need)
+
+
+def status_bar_px(height: int) -> int:
+    """Height of the status line under a view whose panels are ``height`` pixels high."""
+    return max(16, round(height / 10))
+
+
+def view_size_px(frame_shape: tuple[int, ...], height: int, status: bool = True) -> tuple[int, int]:
+    """(width, height) of the picture ``compose_view`` draws for frames of this shape."""
+    panel_w = max(1, int(round(frame_shape[1] * height / frame_shape[0])))
+    return 3 * panel_w + int(height * CURVE_ASPECT), height + (status_bar_px(height) if status else 0)
+
+
+def fit_view_height(frame_shape: tuple[int, ...], screen_px: tuple[int, int] | None,
+                    height: int = VIEW_HEIGHT_PX) -> int:
+    """The panel height at which the whole view fits the screen (less SCREEN_MARGIN_PX), at
+    most ``height``: the view is drawn at the size it is shown, so its labels stay sharp."""
+    if screen_px is None:
+        return height
+    room_w, room_h = screen_px[0] - SCREEN_MARGIN_PX[0], screen_px[1] - SCREEN_MARGIN_PX[1]
+    while height > MIN_VIEW_HEIGHT_PX:
+        w, h = view_size_px(frame_shape, height)
+        if w <= room_w and h <= room_h:
+            break
+        height = max(MIN_VIEW_HEIGHT_PX, min(height - 1, int(height * min(room_w / w, room_h / h))))
+    return height
+
+
+def compose_view(frame: np.ndarray, blur: int, curve: Sequence[Sample], height: int = VIEW_HEIGHT_PX,
+                 roi: Roi | None = None, *, frame_mm: float | None = None, positions: Sequence[float] = (),
+                 todo_label: str = "to go", result: FocusResult | None = None, score_name: str = curve_title(),
+                 status: str | None = None) -> np.ndarray:
+    """One BGR picture: the frame, the filtered frame, its Laplacian, and the focus curve, ``height``
+    pixels high, each titled with its display scale; the region of interest (the part that is
+    scored) outlined in yellow on the three images; ``status``, when given, in a line below.
+
+    The image scales are fixed (not per frame) so that the panels compare across a sweep.
+    ``frame_mm``: where the frame was taken (default: the last sample's position);
+    ``positions``: the planned grid (the curve spans it and shades the positions not measured
+    yet, labelled ``todo_label``); ``result``: a finished run, whose fitted peak, its +- and the
+    verdict the curve shows.
+    """
     filtered, lap = laplacian_views(frame, blur)
     gray = to_gray_float(frame)
     peak = float(np.iinfo(frame.dtype).max) if np.issubdtype(frame.dtype, np.integer) else 1.0
@@ -4520,50 +5487,199 @@ def compose_view(frame: np.ndarray, blur: int, curve: Sequence[Sample], height: 
         u8 = cv2.resize(u8, (w, height), interpolation=cv2.INTER_AREA)
         return cv2.applyColorMap(u8, cmap) if cmap is not None else cv2.cvtColor(u8, cv2.COLOR_GRAY2BGR)
 
-    # Fixed display scales (not per frame) so that the panels compare across the sweep.
     panels = [
-        panel(gray, 0.0, peak, None),
+        panel(gray, 0.0, peak, None),  # camera counts
         panel(filtered, 0.0, 4.0, cv2.COLORMAP_VIRIDIS),  # in units of the frame's mean
         panel(np.abs(lap), 0.0, 0.5, None),
-        draw_curve(curve, height),
     ]
-    titles = ["frame", "filtered", "Laplacian", "focus score"]
+    z_mm = frame_mm if frame_mm is not None else (curve[-1].z_mm if curve else None)
+    titles = [f"frame{f' at {z_mm:.4f} mm' if z_mm is not None else ''}, 0-{peak:g}",
+              "filtered, 0-4x mean (viridis)", "|Laplacian|, 0-0.5x mean"]
     if roi is not None:
         scale = height / frame.shape[0]  # every image panel is the whole frame, resized to `height`
         x, y, w, h = (int(round(v * scale)) for v in roi)
-        for p in panels[:3]:
+        for p in panels:
             cv2.rectangle(p, (x, y), (x + max(w, 1) - 1, y + max(h, 1) - 1), (0, 255, 255), 1)
-        titles[0] = "frame (ROI scored)"
+        titles[0] += " (ROI scored)"
+    size = font_scale(height)
     for p, t in zip(panels, titles):
-        cv2.putText(p, t, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 255), 1, cv2.LINE_AA)
-    return np.hstack(panels)
+        s = fitted(t, p.shape[1] - 12, size)
+        put_label(p, t, (6, 6 + cv2.getTextSize(t, VIEW_FONT, s, 1)[0][1]), s)
+    span = (min(positions), max(positions)) if len(positions) else None
+    measured = {round(s.z_mm, 6) for s in curve}
+    todo = [z for z in positions if round(z, 6) not in measured]
+    panels.append(draw_curve(curve, height, span_mm=span, todo_mm=todo, todo_label=todo_label, result=result,
+                             score_name=score_name))
+    view = np.hstack(panels)
+    if status is not None:
+        bar = np.full((status_bar_px(height), view.shape[1], 3), 48, np.uint8)
+        s = fitted(status, view.shape[1] - 12, size)
+        put_text(bar, status, (6, (bar.shape[0] + cv2.getTextSize(status, VIEW_FONT, s, 1)[0][1]) // 2), s,
+                 (235, 235, 235))
+        view = np.vstack([view, bar])
+    return view
 
 
-def draw_curve(curve: Sequence[Sample], height: int, width: int | None = None) -> np.ndarray:
-    """The focus curve so far as a small BGR plot."""
-    width = width or int(height * 1.4)
+def draw_curve(curve: Sequence[Sample], height: int, width: int | None = None, *,
+               span_mm: tuple[float, float] | None = None, todo_mm: Sequence[float] = (), todo_label: str = "to go",
+               result: FocusResult | None = None, score_name: str = curve_title()) -> np.ndarray:
+    """The focus curve as a BGR plot: every frame (a dot), the best frame (red ring), the fitted
+    peak (green dashed line, with its +/- as an error bar when ``result`` has one), where the
+    stage was sent (red line), the positions still to measure (grey band; none once there is a
+    ``result``), the verdict, and the scales (z in mm below, the score's range at the left).
+    It spans ``span_mm`` (the planned range) or else the measured one."""
+    width = width or int(height * CURVE_ASPECT)
     canvas = np.full((height, width, 3), 255, np.uint8)
+    size, small = font_scale(height), font_scale(height) * 0.85
+    line_px = int(cv2.getTextSize("Ag", VIEW_FONT, size, 1)[0][1] * 1.9)
+    right, top, bottom = width - 8, int(3.3 * line_px), height - int(1.3 * line_px)
+    red, green, grey = (0, 0, 220), (0, 140, 0), (110, 110, 110)
+    put_text(canvas, score_name, (6, line_px - 4), fitted(score_name, width - 12, size), (0, 0, 0))
     ordered = by_z(curve)
-    if len(ordered) >= 1:
-        z = np.array([s.z_mm for s in ordered])
-        y = np.array([s.score for s in ordered])
-        zspan = (z.max() - z.min()) or 1.0
-        yspan = (y.max() - y.min()) or 1.0
-        px = (10 + (z - z.min()) / zspan * (width - 20)).astype(np.int32)
-        py = (height - 10 - (y - y.min()) / yspan * (height - 40)).astype(np.int32)
-        pts = np.stack([px, py], axis=1)
-        cv2.polylines(canvas, [pts], False, (40, 40, 200), 2, cv2.LINE_AA)
+    zs = [s.z_mm for s in ordered]
+    y = np.array([s.score for s in ordered])
+    ylabels = (f"{y.max():.3g}", f"{y.min():.3g}") if ordered else ("", "")
+    left = 10 + max(cv2.getTextSize(t, VIEW_FONT, small, 1)[0][0] for t in ylabels)  # room for the score scale
+    lo, hi = span_mm if span_mm is not None else ((min(zs), max(zs)) if zs else (0.0, 1.0))
+    zspan = (hi - lo) or 1.0
+
+    def px(z: float) -> int:
+        return int(round(left + (z - lo) / zspan * (right - left)))
+
+    if len(todo_mm) and result is None:  # the positions not measured yet: a grey band a grid step wide
+        gaps = np.diff(sorted(todo_mm))
+        step_mm = float(gaps[gaps > 0].min()) if (gaps > 0).any() else zspan / 100
+        half = max(1, int(math.ceil(step_mm / zspan * (right - left) / 2)))
+        for z in todo_mm:
+            cv2.rectangle(canvas, (px(z) - half, top), (px(z) + half, bottom), (225, 225, 225), -1)
+        put_text(canvas, todo_label, (right - 2, bottom - 4), small, (130, 130, 130), right=True)
+    cv2.line(canvas, (left, bottom), (right, bottom), (150, 150, 150), 1)  # the z axis
+    fit = result.fit if result is not None else fit_peak(ordered)
+    shows_fit = fit.used and fit.z_mm is not None and lo - 1e-9 <= fit.z_mm <= hi + 1e-9
+    legend_y = 3 * line_px - 6
+    if ordered:
+        ylo, yhi = float(y.min()), float(y.max())
+        yspan = (yhi - ylo) or 1.0
+        pts = np.stack([[px(z) for z in zs], np.round(bottom - 4 - (y - ylo) / yspan * (bottom - top - 8))],
+                       axis=1).astype(np.int32)
+        cv2.polylines(canvas, [pts], False, (200, 120, 40), 1, cv2.LINE_AA)
         for p in pts:
-            cv2.circle(canvas, (int(p[0]), int(p[1])), 2, (0, 0, 0), -1)
-        latest = curve[-1]
-        font, small, grey = cv2.FONT_HERSHEY_SIMPLEX, 0.4, (90, 90, 90)
-        cv2.putText(canvas, f"z {latest.z_mm:.4f} mm  score {latest.score:.4g}", (6, 36), font, small, grey, 1,
-                    cv2.LINE_AA)
-        cv2.putText(canvas, f"{z.min():.3f}", (4, height - 2), font, small, grey, 1, cv2.LINE_AA)
-        label = f"{z.max():.3f} mm"
-        (tw, _), _ = cv2.getTextSize(label, font, small, 1)
-        cv2.putText(canvas, label, (width - tw - 4, height - 2), font, small, grey, 1, cv2.LINE_AA)
+            cv2.circle(canvas, (int(p[0]), int(p[1])), 2, (40, 40, 40), -1, cv2.LINE_AA)
+        best = int(np.argmax(y))
+        bx, by = int(pts[best][0]), int(pts[best][1])
+        cv2.circle(canvas, (bx, by), 6, red, 2, cv2.LINE_AA)
+        put_text(canvas, ylabels[0], (left - 4, top + 8), small, grey, right=True)  # the score's scale
+        put_text(canvas, ylabels[1], (left - 4, bottom - 2), small, grey, right=True)
+        # The legend: the best frame's ring and the fit's dashes, named (shorter where it would not fit).
+        names = ("best frame", "fitted peak")
+        if 60 + sum(cv2.getTextSize(f"{n} 00.0000", VIEW_FONT, small, 1)[0][0] for n in names) > width:
+            names = ("best", "fit")
+        cv2.circle(canvas, (12, legend_y - line_px // 4), 5, red, 2, cv2.LINE_AA)
+        legend = f"{names[0]} {ordered[best].z_mm:.4f}"
+        put_text(canvas, legend, (22, legend_y), small, red)
+        if shows_fit:
+            x = px(fit.z_mm)  # type: ignore[arg-type]
+            for y0 in range(top, bottom, 6):
+                cv2.line(canvas, (x, y0), (x, min(y0 + 3, bottom)), green, 1)
+            lx = 22 + cv2.getTextSize(legend, VIEW_FONT, small, 1)[0][0] + 12
+            for x0 in (lx, lx + 6):
+                cv2.line(canvas, (x0, legend_y - line_px // 4), (x0 + 3, legend_y - line_px // 4), green, 2)
+            put_text(canvas, f"{names[1]} {fit.z_mm:.4f}", (lx + 14, legend_y), small, green)
+            u = result.uncertainty_mm if result is not None else None
+            if u is not None and math.isfinite(u) and u > 0:  # the +/- as an error bar through the peak
+                a, b = max(px(fit.z_mm - u), left), min(px(fit.z_mm + u), right)  # type: ignore[operator]
+                ey = max(by - 12, top)  # just above the best frame's ring
+                cv2.line(canvas, (a, ey), (b, ey), green, 2)
+                for end in (a, b):
+                    cv2.line(canvas, (end, ey - 4), (end, ey + 4), green, 2)
+        if result is None:
+            now = f"now at {curve[-1].z_mm:.4f} mm, score {curve[-1].score:.4g}"
+            put_text(canvas, now, (6, 2 * line_px - 5), fitted(now, width - 12, size), (70, 70, 70))
+    if result is not None:
+        kind = result.verdict.kind
+        u = result.uncertainty_mm
+        pm = f" +/- {u:.4f}" if u is not None and math.isfinite(u) else ""
+        text, color = {
+            "focused": (f"focused at {result.best_mm:.4f}{pm} mm", green),
+            "edge": (f"edge: best at {result.best_mm:.4f} mm (focus may be outside)", (0, 110, 230)),
+            "no_peak": (f"no peak: stage back at {result.best_mm:.4f} mm", red),
+        }[kind]
+        if kind != "no_peak" and lo - 1e-9 <= result.best_mm <= hi + 1e-9:
+            cv2.line(canvas, (px(result.best_mm), top), (px(result.best_mm), bottom), red, 1)  # the stage's
+        put_text(canvas, text, (6, 2 * line_px - 5), fitted(text, width - 12, size), color)
+    put_text(canvas, f"{lo:.3f}", (left, height - 6), small, grey)
+    put_text(canvas, f"{hi:.3f} mm", (right, height - 6), small, grey, right=True)
     return canvas
+
+
+def screen_size_px() -> tuple[int, int] | None:
+    """The size of the screen a new window opens on, in the units windows are sized in (None
+    when it cannot be told): Windows' work area (the task bar left out), the X11 monitor marked
+    primary (XRandR) or else the whole X screen, macOS's main display."""
+    import ctypes  # noqa: PLC0415  (only for --show-images)
+    import ctypes.util  # noqa: PLC0415
+
+    try:
+        if sys.platform == "win32":
+            rect = (ctypes.c_long * 4)()
+            if ctypes.windll.user32.SystemParametersInfoW(0x30, 0, ctypes.byref(rect), 0):  # SPI_GETWORKAREA
+                return rect[2] - rect[0], rect[3] - rect[1]
+            return None
+        if sys.platform == "darwin":
+            cg = ctypes.cdll.LoadLibrary(ctypes.util.find_library("CoreGraphics") or "CoreGraphics")
+            cg.CGMainDisplayID.restype = ctypes.c_uint32
+            cg.CGDisplayPixelsWide.argtypes = cg.CGDisplayPixelsHigh.argtypes = [ctypes.c_uint32]
+            cg.CGDisplayPixelsWide.restype = cg.CGDisplayPixelsHigh.restype = ctypes.c_size_t
+            main = cg.CGMainDisplayID()
+            return int(cg.CGDisplayPixelsWide(main)), int(cg.CGDisplayPixelsHigh(main))
+        return x11_screen_px() if os.environ.get("DISPLAY") else None
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def x11_screen_px() -> tuple[int, int] | None:
+    """The X11 primary monitor's size (XRandR), or the whole screen's; None without an X server."""
+    import ctypes  # noqa: PLC0415
+
+    class Monitor(ctypes.Structure):  # XRRMonitorInfo
+        _fields_ = [("name", ctypes.c_ulong), ("primary", ctypes.c_int), ("automatic", ctypes.c_int),
+                    ("noutput", ctypes.c_int), ("x", ctypes.c_int), ("y", ctypes.c_int), ("width", ctypes.c_int),
+                    ("height", ctypes.c_int), ("mwidth", ctypes.c_int), ("mheight", ctypes.c_int),
+                    ("outputs", ctypes.c_void_p)]
+
+    x11 = ctypes.cdll.LoadLibrary("libX11.so.6")  # OpenCV's Qt and GTK backends load it too
+    x11.XOpenDisplay.restype = ctypes.c_void_p
+    x11.XOpenDisplay.argtypes = [ctypes.c_char_p]
+    for name in ("XDefaultScreen", "XCloseDisplay"):
+        getattr(x11, name).argtypes = [ctypes.c_void_p]
+    for name in ("XDisplayWidth", "XDisplayHeight", "XRootWindow"):
+        getattr(x11, name).argtypes = [ctypes.c_void_p, ctypes.c_int]
+    x11.XRootWindow.restype = ctypes.c_ulong
+    display = x11.XOpenDisplay(None)
+    if not display:
+        return None
+    try:
+        screen = x11.XDefaultScreen(display)
+        size = (int(x11.XDisplayWidth(display, screen)), int(x11.XDisplayHeight(display, screen)))
+        try:
+            xrandr = ctypes.cdll.LoadLibrary("libXrandr.so.2")
+        except OSError:
+            return size
+        xrandr.XRRGetMonitors.restype = ctypes.POINTER(Monitor)
+        xrandr.XRRGetMonitors.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+        xrandr.XRRFreeMonitors.argtypes = [ctypes.POINTER(Monitor)]
+        count = ctypes.c_int(0)
+        monitors = xrandr.XRRGetMonitors(display, x11.XRootWindow(display, screen), 1, ctypes.byref(count))
+        if not monitors:
+            return size
+        try:
+            found = [monitors[i] for i in range(count.value)]
+            chosen = next((m for m in found if m.primary), found[0] if found else None)
+            return (chosen.width, chosen.height) if chosen is not None and chosen.width > 0 else size
+        finally:
+            xrandr.XRRFreeMonitors(monitors)
+    finally:
+        x11.XCloseDisplay(display)
 
 
 def display_problem() -> str | None:
@@ -4586,51 +5702,207 @@ def display_problem() -> str | None:
     return None
 
 
+def final_view(frame: np.ndarray, frame_mm: float, result: FocusResult, *, blur: int = DEFAULT_BLUR,
+               roi: Roi | None = None, positions: Sequence[float] = (), score_name: str = curve_title(),
+               height: int = VIEW_HEIGHT_PX) -> np.ndarray:
+    """The view the window shows when held open at the end of a run: the frame where the stage
+    was left (``frame_mm``), the whole curve with the best frame, the fitted peak and its +-, the
+    verdict, and what the keys do now."""
+    what = {"focused": "focused", "edge": "best focus at the edge of the range", "no_peak": "no focus found"}
+    status = (f"done: {what[result.verdict.kind]}, {result.frames} frames ({result.search} search)   "
+              "s: save view   any other key or the close button: exit")
+    return compose_view(frame, blur, result.samples, height, roi, frame_mm=frame_mm, positions=positions,
+                        result=result, score_name=score_name, status=status)
+
+
 class LiveView:
-    """One window, updated in place from the main thread; holds only the latest frame."""
+    """The --show-images window: the newest frame, its filtered image and Laplacian, and the
+    curve so far, drawn from the main thread between frames (OpenCV's windows live there).
+
+    It opens at the view's own size, or smaller to fit the screen, with the aspect kept: the view
+    is drawn at the size it is shown (its labels stay sharp), in a plain window (no Qt toolbar)
+    the user may resize.  Keys, read between frames (``poll``): space pauses before the next
+    frame -- nothing moves and nothing waits on the camera, so nothing times out -- and resumes;
+    ``s`` saves the view as a PNG in ``save_dir``; q, Esc or the close button raise WindowStop,
+    which stops the run exactly as Ctrl-C does.  ``hold`` shows a finished run until a key.
+    Memory stays flat: only the newest frame and the best one are kept.
+    """
 
     WINDOW = "autofocus"
 
-    def __init__(self, blur: int, roi: Roi | None = None) -> None:
-        self.blur, self.roi = blur, roi
+    def __init__(self, blur: int, roi: Roi | None = None, *, positions: Sequence[float] = (),
+                 relative: bool = False, search: str = "sweep", score_name: str = curve_title(),
+                 save_dir: str | Path = ".", say: Callable[[str], None] | None = None,
+                 screen_px: tuple[int, int] | None = None) -> None:
+        self.blur, self.roi, self.search, self.score_name = blur, roi, search, score_name
+        self.positions: list[float] = list(positions)
+        self._relative = relative  # positions are offsets: placed on the first frame's position
+        self.save_dir = Path(save_dir)
+        self.say = say or (lambda line: print(line, file=sys.stderr))
+        self.screen_px = screen_px
+        self.height: int | None = None  # the panels' height, chosen on the first frame
+        self.paused = False
         self._curve: list[Sample] = []
         self._latest: tuple[np.ndarray, list[Sample]] | None = None
+        self._best: tuple[float, np.ndarray, float] | None = None  # (score, frame, z_mm)
+        self._shown: np.ndarray | None = None
+        self._frame: tuple[np.ndarray, list[Sample]] | None = None  # what the window shows
+        self._can_tell_closed = False
         self._lock = threading.Lock()
-        cv2.namedWindow(self.WINDOW, cv2.WINDOW_NORMAL)
 
     def offer(self, index: int, z_mm: float, frame: np.ndarray, score: float) -> None:
-        """Called from the scoring thread: keep only the newest frame (memory stays flat)."""
+        """Called from the scoring thread: keep only the newest frame (and the best one)."""
         with self._lock:
+            if self._relative and not self._curve and self.positions:
+                origin = z_mm - self.positions[0]
+                self.positions = [round(z + origin, POSITION_DECIMALS) for z in self.positions]
             self._curve.append(Sample(z_mm, score))
             self._latest = (frame, list(self._curve))
+            if self._best is None or score > self._best[0]:
+                self._best = (score, frame, z_mm)
 
-    def refresh(self) -> None:
-        """Show the newest frame (main thread only) and let the window process events."""
+    def best_frame(self) -> tuple[np.ndarray, float] | None:
+        """The best-scoring frame so far and where it was taken."""
+        with self._lock:
+            return None if self._best is None else (self._best[1], self._best[2])
+
+    def _status(self) -> str:
+        n = len(self._frame[1]) if self._frame else 0
+        where = f"frame {n} of {len(self.positions)}" if self.search == "sweep" and self.positions else \
+            f"frame {n} ({self.search} search)"
+        if self.paused:
+            return f"PAUSED after {where}: the stage stands still   space: resume   s: save view   q/Esc: stop"
+        return f"{where}   space: pause   s: save view   q/Esc: stop the run"
+
+    def _compose(self, frame: np.ndarray, curve: Sequence[Sample], status: str) -> np.ndarray:
+        if self.height is None:
+            self.height = fit_view_height(frame.shape, self.screen_px)
+        return compose_view(frame, self.blur, curve, self.height, self.roi, positions=self.positions,
+                            todo_label="to go" if self.search == "sweep" else "not measured",
+                            score_name=self.score_name, status=status)
+
+    def _show(self, view: np.ndarray) -> None:
+        first = self._shown is None
+        self._shown = view
+        if first:
+            # Opened with the first view, at its size.  WINDOW_NORMAL alone opens at the backend's
+            # default size (Qt: ~400x300, with a toolbar and a status bar that squeeze the image
+            # further) and scales the view into it; WINDOW_AUTOSIZE fixes the size (no resizing)
+            # and keeps Qt's toolbar.  A plain window (WINDOW_GUI_NORMAL: no toolbar; other
+            # backends ignore the flag) sized to the view shows it pixel for pixel, and the user may
+            # still resize it, the aspect kept.
+            cv2.namedWindow(self.WINDOW, cv2.WINDOW_NORMAL | cv2.WINDOW_KEEPRATIO | cv2.WINDOW_GUI_NORMAL)
+            with contextlib.suppress(cv2.error):  # a backend without it keeps its default size
+                cv2.resizeWindow(self.WINDOW, view.shape[1], view.shape[0])
+        cv2.imshow(self.WINDOW, view)
+        if first:
+            cv2.waitKey(1)
+            # A backend that cannot report visibility says < 1 for an open window: never read it.
+            self._can_tell_closed = self._visible() >= 1
+
+    def _visible(self) -> float:
+        try:
+            return float(cv2.getWindowProperty(self.WINDOW, cv2.WND_PROP_VISIBLE))
+        except cv2.error:  # Qt: the window is gone (closed by the user)
+            return -1.0
+
+    def closed(self) -> bool:
+        """The user closed the window (its close button, Alt+F4)."""
+        return self._can_tell_closed and self._visible() < 1
+
+    def refresh(self, force: bool = False) -> None:
+        """Show the newest frame (main thread only), if there is a new one or ``force``."""
         with self._lock:
             latest, self._latest = self._latest, None
         if latest is not None:
-            cv2.imshow(self.WINDOW, compose_view(latest[0], self.blur, latest[1], roi=self.roi))
-        cv2.waitKey(1)
+            self._frame = latest
+        if (latest is not None or force) and self._frame is not None and not self.closed():
+            self._show(self._compose(self._frame[0], self._frame[1], self._status()))
+
+    def poll(self) -> None:
+        """Between two frames (main thread): show the newest, then act on the keys pressed.
+
+        Space pauses here until space again; q, Esc and the close button raise WindowStop."""
+        self.refresh()
+        self._act(cv2.waitKey(1))
+        while self.paused:
+            self.refresh()
+            self._act(cv2.waitKey(PAUSE_POLL_MS))
+
+    def _act(self, key: int) -> None:
+        if self.closed():
+            raise WindowStop("the close button")
+        key = key & 0xFF if key != -1 else -1
+        if key in (ord("q"), ord("Q"), KEY_ESC):
+            raise WindowStop("Esc" if key == KEY_ESC else "q")
+        if key == ord(" "):
+            self.paused = not self.paused
+            self.say("autofocus.py: paused: the stage stands still (space in the window resumes, q stops)"
+                     if self.paused else "autofocus.py: resumed")
+            self.refresh(force=True)
+        elif key in (ord("s"), ord("S")):
+            self.save()
+
+    def save(self) -> Path | None:
+        """Write the view the window shows as a PNG in ``save_dir`` (autofocus_view_NNN.png, never
+        overwriting); a failure is one line and the run goes on."""
+        if self._shown is None:
+            return None
+        n = 1
+        while (path := self.save_dir / f"autofocus_view_{n:03d}.png").exists():
+            n += 1
+        try:
+            save_png(path, self._shown)
+        except (OSError, OutputError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+            self.say(f"autofocus.py: could not save the view as {path} ({reason}); the run goes on")
+            return None
+        self.say(f"autofocus.py: saved the view as {path}")
+        return path
+
+    def hold(self, frame: np.ndarray, frame_mm: float, result: FocusResult) -> None:
+        """The end of a finished run -- the frame at the chosen position, the curve with its fitted
+        peak, +- and verdict -- until a key (s saves first), the close button, or a signal."""
+        if self.closed():
+            return
+        if self.height is None:
+            self.height = fit_view_height(frame.shape, self.screen_px)
+        self._show(final_view(frame, frame_mm, result, blur=self.blur, roi=self.roi, positions=self.positions,
+                              score_name=self.score_name, height=self.height))
+        self.say("autofocus.py: the window stays open until you press a key in it or close it "
+                 "(--no-hold-window: never wait)")
+        while True:
+            key = cv2.waitKey(HOLD_POLL_MS)
+            if self.closed() or INTERRUPTS.pending is not None:
+                return
+            if key != -1 and key & 0xFF in (ord("s"), ord("S")):
+                self.save()
+            elif key != -1:
+                return
 
     def close(self) -> None:
         with contextlib.suppress(cv2.error):
             cv2.destroyWindow(self.WINDOW)
+            cv2.waitKey(1)  # let the backend take the window off the screen
 
 
 class LiveCamera:
-    """A camera whose every capture first refreshes the live window (from the main thread)."""
+    """A camera whose every capture first lets the live window refresh and read its keys (from
+    the main thread, after the stage has moved and before the frame is taken: a pause there
+    leaves the stage standing and no frame waited for; a stop there loses no frame)."""
 
     def __init__(self, camera: Camera, view: LiveView) -> None:
         self.camera, self.view = camera, view
 
     def capture(self) -> np.ndarray:
-        self.view.refresh()
+        self.view.poll()
         return self.camera.capture()
 
 
-def save_png(path: Path, image: np.ndarray) -> None:
-    """An 8- or 16-bit image as a PNG at ``path`` (encoded in memory: OpenCV never sees the path)."""
-    ok, encoded = cv2.imencode(".png", image)
+def save_png(path: Path, image: np.ndarray, compression: int | None = None) -> None:
+    """An 8- or 16-bit image as a PNG at ``path`` (encoded in memory: OpenCV never sees the path);
+    ``compression`` 0-9 (OpenCV's default when None)."""
+    ok, encoded = cv2.imencode(".png", image, [] if compression is None else [cv2.IMWRITE_PNG_COMPRESSION, compression])
     if not ok:
         raise OutputError(f"OpenCV could not encode {path.name} as PNG")
     write_replacing(path, lambda temporary: temporary.write_bytes(encoded.tobytes()))
@@ -4640,8 +5912,9 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
     """The README's figures, from the simulator: blurry and focused frames with their
     Laplacians, a sweep animation (frame, filtered, Laplacian, curve so far), the live view
     of a two-plane field scored on a region of interest (roi.png), the V-shaped contrast
-    curve of an unstained specimen with --transparent (transparent.png), and the heat map of a
-    focus map over a tilted, bowed slide (focus_map.png)."""
+    curve of an unstained specimen with --transparent (transparent.png), the heat map of a
+    focus map over a tilted, bowed slide (focus_map.png), and the --show-images window held open
+    at the end of a run (show_images.png)."""
     from PIL import Image  # noqa: PLC0415  (pillow comes with matplotlib)
 
     folder = Path(folder)
@@ -4665,11 +5938,12 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
             save_png(path, img)
             written.append(path)
     frames, curve = [], []
-    for z in plan_positions(optics.focus_mm - 0.5, optics.focus_mm + 0.5, 0.05):
+    sweep = plan_positions(optics.focus_mm - 0.5, optics.focus_mm + 0.5, 0.05)
+    for z in sweep:
         stage.z = z
         frame = crop(camera.capture(), (240, 150))
         curve.append(Sample(z, score_laplacian_variance(frame, blur)))
-        view = compose_view(frame, blur, curve, height=120)
+        view = compose_view(frame, blur, curve, height=120, positions=sweep)
         rgb = Image.fromarray(cv2.cvtColor(view, cv2.COLOR_BGR2RGB))
         frames.append(rgb.quantize(colors=64, dither=Image.Dither.NONE))  # keeps the GIF small
     gif = folder / "autofocus.gif"
@@ -4689,7 +5963,7 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
         curve.append(Sample(z, scorer(camera.capture())))
     stage.z = best_sample(curve).z_mm
     path = folder / "roi.png"
-    save_png(path, compose_view(camera.capture(), blur, curve, height=150, roi=roi))
+    save_png(path, compose_view(camera.capture(), blur, curve, height=150, roi=roi, frame_mm=stage.z))
     written.append(path)
     # --transparent: an unstained specimen at 40x; the contrast (normvar) curve is V-shaped, its
     # minimum at focus, and the edge score (laplacian) peaks on either side of it.
@@ -4709,6 +5983,16 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
                      end_mm=12.42, step_mm=0.004)
     path = folder / "focus_map.png"
     plot_map(path, fmap)
+    written.append(path)
+    # --show-images: the window held open at the end of the card's run on the simulator, exactly as
+    # the screen shows it (python autofocus.py 10 14 0.05 --simulate --sim-size 960x600 --show-images:
+    # a quarter of the default frame, whose cells would be specks at the window's size).
+    fields = {f.name: getattr(optics, f.name) for f in dataclasses.fields(optics)}
+    stage, camera = simulated_microscope(**{**fields, "width": 960, "height": 600}, time_scale=0)
+    result = focus(stage, camera, 10.0, 14.0, 0.05, blur=blur)
+    path = folder / "show_images.png"
+    save_png(path, final_view(camera.capture(), result.best_mm, result, blur=blur,
+                              positions=plan_positions(10.0, 14.0, 0.05)), compression=9)
     written.append(path)
     return written
 
@@ -4965,11 +6249,13 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
     significant peaks (dust above the specimen, two layers); ``result.peaks`` and
     ``result.dips`` list every significant one.
     ``on_frame(index, z_mm, frame, score)`` is called for every frame (from the scoring thread).
-    A fault (stage, camera, a bad ROI, Ctrl-C, or an exception from your own Stage/Camera)
-    stops the axis, returns it to where it started when it still answers, and re-raises the
-    error with ``partial`` (a FocusResult of the frames scored so far) and ``stage_state`` (where
-    the stage was left) attached.  The tool's own errors are AutofocusError subclasses:
-    UsageError, StageError, CameraError, OutputError.
+    A fault (camera, a bad ROI, Ctrl-C, or an exception from your own Stage/Camera) stops the
+    axis, returns it to where it started when it still answers (not after homing: there is no
+    such place), and re-raises the error with ``partial`` (a FocusResult of the frames scored so
+    far) and ``stage_state`` (where the stage was left) attached; after a StageError (a stage
+    fault, or StageInterrupted: moved or stopped from outside) nothing more is moved at all.
+    The tool's own errors are AutofocusError subclasses: UsageError, StageError, CameraError,
+    OutputError.
     """
     request = check_request(Request(start_mm, end_mm, step_mm, search=search, metric=metric, blur=blur,
                                     roi=roi, settle_ms=settle_ms, backlash_mm=backlash_mm,  # type: ignore[arg-type]
@@ -4993,6 +6279,7 @@ def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook |
     check_step_native(stage, r.step_mm)
     if isinstance(stage, ZaberStage):
         stage.soft_limits_mm = (r.z_min, r.z_max)
+        stage.prepare_run()  # the axis as it stands now: moving, faulted or not, and where
     origin_mm = relative_origin(stage, r.relative)
     plan = Plan(tuple(plan_positions(r.start_mm + origin_mm, r.end_mm + origin_mm, r.step_mm)), r.search,
                 r.backlash_mm, r.settle_ms, r.peak)
@@ -5001,11 +6288,12 @@ def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook |
         stage_position(stage)  # checked first: a simulated camera renders where the stage says it is
         check_camera(camera, r.roi)
     home_if_needed = getattr(stage, "home_if_needed", None)
+    homed_now = False  # after homing there is no start to return to (the home sensor may be below --z-min)
     if home_if_needed is not None and getattr(stage, "homed", True) is False:
         axis = f"device {stage.device_number} axis {stage.axis_number}" if isinstance(stage, ZaberStage) \
             else "the focus axis"
         check_home_consent(r.home, r.z_min, r.z_max, axis)
-        home_if_needed()
+        homed_now = bool(home_if_needed())
         check_plan(plan, stage_limits(stage), (r.z_min, r.z_max))
     first, last = plan.positions[0], plan.positions[-1]
     plan_log.info("searching %.4f..%.4f mm every %g mm%s: %d positions, %s search, %s score%s",
@@ -5015,7 +6303,7 @@ def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook |
                   f", ROI {','.join(map(str, r.roi))}" if r.roi else "")
     try:
         return run_autofocus(stage, camera, Scorer(r.metric, r.blur, r.roi, invert=r.transparent), plan,  # type: ignore[arg-type]
-                             on_frame=on_frame)
+                             on_frame=on_frame, return_to_start=not homed_now, soft_mm=(r.z_min, r.z_max))
     except RunFailed as failed:
         stopped = failed
     finally:
@@ -5804,7 +7092,8 @@ def build_parser() -> argparse.ArgumentParser:
         usage="%(prog)s START_MM END_MM STEP_MM [PORT] [options]",
         description="Find the sharpest focus position of a motorized microscope and move there.",
         epilog="exit codes: 0 focused, 2 usage error, 3 no peak (stage back at start), 4 best at the edge of "
-               "the range, 5 hardware error, 130 interrupted.  Example: python autofocus.py 10 14 0.05 COM3",
+               "the range, 5 hardware error, 130 interrupted (Ctrl-C, or q in the --show-images window).  "
+               "Example: python autofocus.py 10 14 0.05 COM3",
     )
     p.add_argument("start_mm", metavar="START_MM", type=number, nargs="?",
                    help="first focus position, mm")
@@ -5889,7 +7178,13 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument("--verbose", "-v", action="store_true", help="log every step (and tracebacks on errors)")
     out.add_argument("--show-images", action="store_true",
-                     help="a live window: frame, filtered frame, Laplacian and the curve so far (needs a display)")
+                     help="a live window: frame, filtered frame, Laplacian and the curve so far (needs a display). "
+                          "Keys in it: space pauses and resumes, s saves the view as a PNG beside the outputs, "
+                          "q, Esc or its close button stop the run as Ctrl-C does (exit 130)")
+    out.add_argument("--hold-window", action=argparse.BooleanOptionalAction, default=None,
+                     help="--show-images: keep the window open at the end (the frame at the chosen position, the "
+                          "curve with its fitted peak, the verdict) until a key or its close button; default: "
+                          "only when run from a terminal (stdin and stdout), never with --json")
     out.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
     out.add_argument("--save-images", metavar="DIR", type=path_text,
                      help="save every frame (PNG; float32 frames as TIFF) and DIR/stack.csv (replayable); not the "
@@ -6089,6 +7384,8 @@ def validate(args: argparse.Namespace) -> Request:
     if args.device_db and not file_exists(Path(args.device_db), f"--device-db {args.device_db}", UsageError):
         raise UsageError(f"--device-db {args.device_db}: no such file; download Zaber's offline device database "
                          "or use --native-unit-nm")
+    if args.hold_window and not args.show_images:
+        raise UsageError("--hold-window keeps the --show-images window open at the end: add --show-images")
     if args.show_images and (problem := display_problem()):
         raise UsageError(f"--show-images needs a display and none is available ({problem}); "
                          "use --save-images DIR to keep the frames, or --plot FILE for the curve")
@@ -6361,8 +7658,11 @@ def stage_header(info: dict[str, Any], port: str) -> str:
     """The run's header line for a Zaber stage: which stage, its travel, where the unit came from."""
     lo, hi = info["travel_mm"]
     name = f"{info['name']}, " if info.get("name") else ""
+    checked = {None: "", True: ", which Zaber's device database confirms",
+               False: ": the travel it implies; not checked against Zaber's device database (ZML could not "
+                      "identify the device)"}[info.get("units_checked")]
     return (f"stage: {name}device {info['device']} axis {info['axis']} on {port}: travel {lo:g}..{hi:g} mm "
-            f"({hi - lo:g} mm; native unit {info['native_unit_nm']:g} nm from {info['units_from']})")
+            f"({hi - lo:g} mm; native unit {info['native_unit_nm']:g} nm from {info['units_from']}{checked})")
 
 
 def check_home_consent(home: bool | None, z_min: float | None, z_max: float | None, axis: str) -> None:
@@ -6409,7 +7709,9 @@ def summary_line(result: FocusResult) -> str:
     head = {
         "focused": f"{at} at {result.best_mm:.4f} mm{fit}",
         "edge": f"best focus at the edge of the range, {result.best_mm:.4f} mm",
-        "no_peak": f"no focus found; stage returned to {result.best_mm:.4f} mm",
+        "no_peak": f"no focus found; stage returned to {result.best_mm:.4f} mm" if result.best_mm == result.start_mm
+        else f"no focus found; stage left at the last frame, {result.best_mm:.4f} mm (not returned to where the run "
+             f"started, {result.start_mm:.4f} mm: the axis was homed for this run, or that lies outside --z-min/--z-max)",
     }[result.verdict.kind]
     if result.verdict.scale == "coarse" and result.verdict.kind == "focused":
         head += " (found at the coarse scale: fine detail is lost in noise)"
@@ -6632,9 +7934,17 @@ def run(args: argparse.Namespace, request: Request) -> int:
     code = EXIT_OK
     saver: ImageSaver | None = None
     live: LiveView | None = None
+    held: tuple[np.ndarray, float] | None = None  # the frame the window shows when held open at the end
     progress: Any = None
     roi: Roi | None = args.roi
     refused = False
+
+    def say(line: str) -> None:  # a line on stderr, under the progress bar when there is one
+        if progress is not None:
+            progress.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+
     plan_log.setLevel(logging.INFO if args.relative else logging.NOTSET)  # --relative: say where, in absolute mm
     try:
         with open_microscope(args, stack) as (stage, camera):
@@ -6649,7 +7959,10 @@ def run(args: argparse.Namespace, request: Request) -> int:
                 log.warning("scoring the region of interest saved with the stack, %s (--roi X,Y,W,H to change it)",
                             ",".join(map(str, roi)))
             if args.show_images:
-                live = LiveView(args.blur, roi)
+                live = LiveView(args.blur, roi, positions=plan_positions(args.start_mm, args.end_mm, args.step_mm),
+                                relative=args.relative, search=args.search,
+                                score_name=curve_title(args.metric, args.transparent),
+                                save_dir=outputs_folder(args), say=say, screen_px=screen_size_px())
             if sys.stderr.isatty() and not args.verbose:
                 from tqdm import tqdm  # noqa: PLC0415
 
@@ -6673,6 +7986,8 @@ def run(args: argparse.Namespace, request: Request) -> int:
                                  on_frame=on_frame)
             if live is not None:
                 live.refresh()
+                if hold_window(args):
+                    held = final_frame(camera, live, result)
             code = result.exit_code
     except BaseException as failed:  # noqa: BLE001 - only a run that had started is handled here
         with INTERRUPTS.held():  # a further Ctrl-C now must not lose what was measured
@@ -6695,12 +8010,49 @@ def run(args: argparse.Namespace, request: Request) -> int:
                 progress.close()  # before any message: a line printed over the bar would be glued to it
             if saver is not None:
                 saver.close()
-            if live is not None:
-                live.close()
             if not refused:
                 code = report(args, result, code, error, where, stage_info, zaber, roi)
                 INTERRUPTS.finish()  # everything is said: a signal from now on changes nothing
+            if live is not None:
+                try:  # a finished run, everything written and said: it stays on screen until a key
+                    if held is not None and result is not None and error is None and INTERRUPTS.pending is None:
+                        live.hold(held[0], held[1], result)
+                finally:
+                    live.close()
     return code
+
+
+def hold_window(args: argparse.Namespace) -> bool:
+    """Whether the --show-images window stays open at the end: --hold-window / --no-hold-window,
+    else only in an interactive run (a terminal on stdin and on stdout), never with --json."""
+    if args.hold_window is not None:
+        return bool(args.hold_window)
+    try:
+        return not args.json and all(f is not None and f.isatty() for f in (sys.stdin, sys.stdout))
+    except (ValueError, OSError):  # a closed stream
+        return False
+
+
+def final_frame(camera: Camera, live: LiveView, result: FocusResult) -> tuple[np.ndarray, float] | None:
+    """A frame where the run left the stage (its answer, or its start after no_peak), for the
+    window held open at the end; the best frame of the run when the camera cannot give one."""
+    try:
+        return camera.capture(), result.best_mm
+    except AutofocusError as exc:  # the result stands: the picture is only a picture
+        log.warning("no frame at %.4f mm for the window (%s); it shows the best frame", result.best_mm,
+                    first_line(exc))
+        return live.best_frame()
+
+
+
+
+def outputs_folder(args: argparse.Namespace) -> Path:
+    """Where the window's ``s`` saves views: beside the outputs (--save-curve's or --plot's
+    folder, else --save-images DIR), else the current folder."""
+    for path in (args.save_curve, args.plot):
+        if path:
+            return Path(path).parent
+    return Path(args.save_images) if args.save_images else Path(".")
 
 
 def with_stage_state(exc: BaseException) -> BaseException | None:

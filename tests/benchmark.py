@@ -24,12 +24,19 @@ memory    peak RSS of the CLI with --save-images (and --show-images under Xvfb) 
 map       focus maps on the simulated slide (20x, STEP ~ one depth of field): frames a point and
           z_at's error against the true surface, focus_map() vs a full search at every point; tilted
           + bowed, steeper, bare-glass and rippled slides; a real micrograph texture.
+bracketing the Zaber path (real ZML, tests/fake_zaber.py with a modelled serial latency): what
+          verifying every frame before and after it costs, in round trips and ms per frame, and the
+          loop's wall time against the modelled hardware time.
+mm        the real pymmcore-plus core with Python devices (tests/mm_devices.py): focus() accuracy at
+          20x on it (and that it equals the simulator's), and frames after a move through snapImage
+          vs a running sequence acquisition.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
+import math
 import os
 import platform
 import re
@@ -52,7 +59,7 @@ import numpy as np  # noqa: E402
 import autofocus as af  # noqa: E402
 
 SHARED_STACKS = Path(__file__).resolve().parents[2] / "shared" / "stacks"
-SECTIONS = ("score", "accuracy", "timing", "memory", "map")
+SECTIONS = ("score", "accuracy", "timing", "memory", "map", "bracketing", "mm")
 FRAME_PERIOD_MS = 1000.0 / 41.0  # BFLY-U3-23S6M at 1920x1200
 RANGE_MM = (10.0, 14.0)
 STEP_MM = 0.05
@@ -1052,6 +1059,227 @@ def section_map(quick: bool) -> None:
     target(f"map on a real micrograph texture ({name}, 320x200): z_at RMS <= 0.5 um, worst <= 1.5 um, "
            "<= 10 frames a point", f"RMS max {rms_r:.2f}, worst max {worst_r:.2f} um, {fpp_r:.1f} frames a point",
            rms_r <= 0.5 and worst_r <= 1.5 and fpp_r <= 10)
+
+
+###############################################################################
+# 6. Zaber: what bracketing every frame costs
+###############################################################################
+
+
+def zaber_run(latency_s: float, bracket: bool, positions: list[float], optics: af.SimOptics) -> dict:
+    """One sweep through the REAL ZML against the fake, every reply ``latency_s`` late (a serial
+    line's round trip), the fake moving at SimTiming's speed and settle in its own process (a
+    device does not share this process's interpreter), the simulated camera exposing and reading
+    out in real time.  ``bracket`` False: the check after each exposure (the status read before
+    the next move is sent) is skipped -- the comparison, not a product mode."""
+    import json  # noqa: PLC0415
+
+    timing = af.SimTiming(scale=1.0)
+    start_native = round(positions[0] * 1e6)
+    fake = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_zaber.py"), "--homed", "--log-on-exit",
+                             "--position", str(start_native), "--speed", str(timing.speed_mm_s * 1e6),
+                             "--settle-s", str(timing.settle_s), "--reply-delay-s", str(latency_s)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    port = int(fake.stdout.readline().rsplit(":", 1)[1])  # type: ignore[union-attr]
+    stage = af.ZaberStage(f"tcp://127.0.0.1:{port}", native_unit_nm=1)
+    real_check = af.ZaberStage._check_still
+    commanded = {"z": positions[0]}
+    real_move = af.ZaberStage.move_to
+
+    def move_to(self: af.ZaberStage, z_mm: float) -> None:
+        real_move(self, z_mm)
+        commanded["z"] = z_mm
+
+    class AtTarget:  # the simulated camera renders where the stage was sent, without a round trip
+        def position_mm(self) -> float:
+            return commanded["z"]
+
+    try:
+        af.ZaberStage.move_to = move_to  # type: ignore[method-assign]
+        if not bracket:
+            af.ZaberStage._check_still = lambda self, doing, allow=frozenset(): self._expect_native  # type: ignore
+        clock = af.SimClock(1.0)
+        camera = af.SimCamera(AtTarget(), optics, timing, clock)  # type: ignore[arg-type]
+        t_start = time.time()
+        t0 = time.perf_counter()
+        r = af.run_autofocus(stage, camera, af.Scorer(), af.Plan(tuple(positions)))
+        wall = time.perf_counter() - t0
+        t_end = time.time()
+    finally:
+        af.ZaberStage._check_still = real_check  # type: ignore[method-assign]
+        af.ZaberStage.move_to = real_move  # type: ignore[method-assign]
+        stage.close()
+    log = [json.loads(line) for line in fake.communicate("", timeout=10)[0].splitlines() if line.startswith("[")]
+    sent = [text for t, _, text in log if t_start <= t <= t_end]
+    targets = [int(text.split()[2]) for text in sent if text.startswith("move abs")]
+    where = [start_native] + targets
+    motions = [abs(b - a) / (timing.speed_mm_s * 1e6) + timing.settle_s for a, b in zip(where, where[1:])]
+    # Modelled hardware time, as SimTiming.move_s counts a move (its command, then the motion rounded
+    # up to the status polls, here back to back: one round trip apart), plus the start's position
+    # read, per frame the exposure and read-out and -- bracketed -- one status read after it.
+    # The "oracle" instead sees the arrival the instant it happens (motion + one round trip a move).
+    fixed = (1 + (r.frames if bracket else 0)) * latency_s + clock.modeled_s
+    modelled = fixed + sum((max(1, math.ceil(t / latency_s)) + 1) * latency_s for t in motions)
+    oracle = fixed + sum(t + latency_s for t in motions)
+    return dict(wall=wall, modelled=modelled, oracle=oracle, frames=r.frames, moves=len(targets),
+                requests=len(sent), best_mm=r.best_mm, verdict=r.verdict.kind)
+
+
+def section_bracketing(quick: bool) -> None:
+    repeats = 1 if quick else 3
+    # 640x400 frames (rendering and scoring a 1920x1200 frame would load the host, not the loop under
+    # test); the modelled read-out stays the full sensor's, as with --camera-roi of the whole sensor.
+    optics = af.SimOptics(width=640, height=400)
+    positions = af.plan_positions(12.0, 12.6 if quick else 13.0, STEP_MM)
+    timing = af.SimTiming()
+    latencies = (timing.command_s,) if quick else (0.002, timing.command_s, 0.010)
+    header("Bracketing every frame (Zaber, real ZML, modelled serial latency)",
+           f"sweep {positions[0]:g}->{positions[-1]:g} mm every {STEP_MM} mm ({len(positions)} frames, 640x400 "
+           f"8-bit simulated camera in real time: exposure {timing.exposure_s * 1e3:g} ms + read-out "
+           f"{timing.readout_s * 1e3:.1f} ms), tests/fake_zaber.py in its own process moving at "
+           f"{timing.speed_mm_s:g} mm/s with {timing.settle_s * 1e3:g} ms settle, every reply late by the round "
+           f"trip; median of {repeats} repeat(s).  Modelled hardware time as SimTiming counts a move (command, "
+           "then motion rounded up to the status polls, back to back), plus the camera and, bracketed, one status "
+           "read a frame; the oracle sees each arrival the instant it happens (no polling at all)")
+    sim_frame(optics, optics.focus_mm)
+    rows = []
+    for latency in latencies:
+        on = [zaber_run(latency, True, positions, optics) for _ in range(repeats)]
+        off = [zaber_run(latency, False, positions, optics) for _ in range(repeats)]
+        frames = on[0]["frames"]
+        cost_ms = 1000 * (med([r["wall"] for r in on]) - med([r["wall"] for r in off])) / frames
+        ratio = med([r["wall"] / r["modelled"] for r in on])
+        rows.append([f"{latency * 1e3:g} ms", fmt(med([r["requests"] for r in on]) / frames, 2),
+                     fmt(med([r["requests"] for r in off]) / frames, 2), fmt(cost_ms, 2),
+                     fmt(1000 * med([r["wall"] for r in on]) / frames, 1),
+                     fmt(1000 * med([r["modelled"] for r in on]) / frames, 1), fmt(ratio, 3),
+                     fmt(med([r["wall"] / r["modelled"] for r in off]), 3),
+                     fmt(med([r["wall"] / r["oracle"] for r in on]), 3)])
+        if latency == timing.command_s:
+            target(f"bracketing: loop wall <= 1.05 x modelled hardware time (serial round trip {latency * 1e3:g} ms)",
+                   f"{ratio:.3f}x; the bracket costs {cost_ms:.2f} ms a frame (one request)", ratio <= 1.05)
+    table(["round trip", "requests / frame (bracketed)", "requests / frame (no check after exposure)",
+           "bracket cost ms / frame", "wall ms / frame", "modelled ms / frame", "wall / modelled",
+           "wall / modelled (no check)", "wall / oracle"], rows)
+# 7. Micro-Manager (pymmcore-plus)
+###############################################################################
+
+
+def section_mm(quick: bool) -> None:
+    """Issue 23: the real pymmcore-plus core with Python devices rendering the simulator."""
+    try:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import mm_devices  # noqa: PLC0415 - needs pymmcore-plus (pip install .[mm])
+    except ImportError as exc:
+        print(f"\n## Micro-Manager\n\n_skipped: {exc}_\n")
+        target("focus() on the real pymmcore-plus core: within 0.5 um at 20x (STEP 4 um ~ 1 DOF)", "not run", None)
+        return
+    mm_accuracy(mm_devices, quick)
+    mm_frames_after_move(mm_devices, quick)
+
+
+def mm_accuracy(mm_devices, quick: bool) -> None:
+    seeds = (0, 1) if quick else (0, 1, 2)
+    offsets = [k / 10 for k in range(0, 10, 2 if quick else 1)]
+    steps = (0.004, 0.002)
+    header("Micro-Manager (a): focus() on the real core, 20x",
+           f"UniMMCore (pymmcore-plus) with Python devices, camera rendering the simulator (20x / 0.40, DOF 4.2 um, "
+           f"320x200, photons 1000, cells, Gaussian defocus), focal plane 12.31 mm + offsets {offsets} STEP off the "
+           f"grid, seeds {seeds}, range 12.26..12.36 mm; error = |answer - focal plane|; 'same' = the simulator "
+           "driven directly gives the identical answer and frame count")
+    rows = []
+    for step in steps:
+        for search in ("sweep", "fast"):
+            errs, frames, same, ms = [], [], 0, []
+            for seed in seeds:
+                for off in offsets:
+                    focus_mm = round(12.31 + off * step, 9)
+                    with mm_devices.microscope(focus_mm=focus_mm, seed=seed) as scope:
+                        stage = af.MMStage(scope.core, limits_mm=(0, 25))
+                        with af.MMCamera(scope.core) as camera:
+                            t0 = time.perf_counter()
+                            r = af.focus(stage, camera, 12.26, 12.36, step, search=search)
+                            ms.append((time.perf_counter() - t0) * 1000 / r.frames)
+                    plain = af.focus(*af.simulated_microscope(objective="20x", focus_mm=focus_mm, seed=seed,
+                                                              width=320, height=200, time_scale=0, start_mm=12.3),
+                                     12.26, 12.36, step, search=search)
+                    same += (r.best_mm, r.frames, r.verdict.kind) == (plain.best_mm, plain.frames, plain.verdict.kind)
+                    errs.append(abs(r.best_mm - focus_mm) * 1000 if r.verdict.kind == "focused" else float("inf"))
+                    frames.append(r.frames)
+            n = len(errs)
+            rows.append([f"{step * 1000:g} um", search, n, sum(e < float("inf") for e in errs), f"{same}/{n}",
+                         fmt(med(errs), 3), fmt(sorted(errs)[int(0.9 * (n - 1))], 3), fmt(max(errs), 3),
+                         f"{sum(e <= 0.5 for e in errs)}/{n}", fmt(med(frames), 0), fmt(med(ms), 2)])
+            if step == 0.004:
+                target(f"focus() on the real pymmcore-plus core ({search}): within 0.5 um at 20x (STEP 4 um ~ 1 DOF), "
+                       "every off-grid offset", f"{sum(e <= 0.5 for e in errs)}/{n}; median {med(errs):.3f} um, "
+                       f"worst {max(errs):.3f} um; identical to the simulator {same}/{n}", max(errs) <= 0.5)
+    table(["STEP", "search", "runs", "focused", "same as simulator", "error med (um)", "error p90 (um)",
+           "error worst (um)", "within 0.5 um", "frames med", "ms per frame"], rows)
+
+
+def mm_frames_after_move(mm_devices, quick: bool) -> None:
+    """snapImage vs a running sequence acquisition: how long after a move the frame comes, and
+    whether it shows the position before the move (exposed, or begun, before the move ended)."""
+    import pymmcore  # noqa: PLC0415
+
+    moves = 20 if quick else 60
+    exposure_ms = 10.0
+
+    header("Micro-Manager (b): the frame after a move, snapImage vs sequence acquisition",
+           f"UniMMCore with Python devices: the camera exposes {exposure_ms:g} ms (slept) after rendering "
+           f"320x200 at the position it reads at the start of its exposure; {moves} moves of 4 um, each after a wait "
+           "spread over a frame period (else the moves lock to the camera's phase); "
+           "'previous position' = the frame shows where the drive was before the move")
+    rows = []
+    with mm_devices.microscope() as scope:
+        core = scope.core
+        scope.camera.exposure_s = exposure_ms / 1000.0
+        z0 = scope.focus.z_um
+
+        def move(i: int) -> tuple[float, float]:
+            """Move i (alternating 4 um steps): the target and when the move ended."""
+            z = z0 + 4.0 * (i % 2 + 1)
+            time.sleep((i * 7 % 10) / 10 * exposure_ms / 1000.0)
+            core.setPosition("Z", z)
+            core.waitForDevice("Z")
+            return z, time.perf_counter()
+
+        lat, stale = [], 0
+        for i in range(moves):
+            z, t_end = move(i)
+            core.snapImage()
+            core.getImage()
+            lat.append((time.perf_counter() - t_end) * 1000)
+            stale += scope.camera.snaps[-1].z_um != z
+        rows.append(["snapImage + getImage (MMCamera)", fmt(med(lat), 1), f"{stale}/{moves}"])
+        core.startContinuousSequenceAcquisition(0)
+        try:
+            first, second, stale1, stale2 = [], [], 0, 0
+            for i in range(moves):
+                z, t_end = move(i)
+                while core.getRemainingImageCount():  # drop what came before (clearCircularBuffer races UniMMCore's
+                    core.popNextImage()                # acquisition thread: "No pending slot to finalize")
+                got = []
+                while len(got) < 2:
+                    if core.getRemainingImageCount():
+                        md = pymmcore.Metadata()
+                        core.popNextImageMD(md)
+                        got.append(((time.perf_counter() - t_end) * 1000, float(md.GetSingleTag("z_um").GetValue())))
+                    else:
+                        time.sleep(0.0002)
+                first.append(got[0][0])
+                second.append(got[1][0])
+                stale1 += abs(got[0][1] - z) > 1e-3
+                stale2 += abs(got[1][1] - z) > 1e-3
+        finally:
+            core.stopSequenceAcquisition()
+        rows.append(["sequence: first frame after the move", fmt(med(first), 1), f"{stale1}/{moves}"])
+        rows.append(["sequence: second frame after the move", fmt(med(second), 1), f"{stale2}/{moves}"])
+    table(["frame", "ms after the move (median)", "previous position"], rows)
+    target("MMCamera (snapImage): every frame after a move shows the new position", f"{stale}/{moves} stale",
+           stale == 0)
+
 
 
 ###############################################################################

@@ -139,8 +139,9 @@ def test_stage_fault_raises_the_tools_exception_with_the_partial_curve(fake: Fak
         partial = caught.value.partial
         assert isinstance(partial, autofocus.FocusResult) and partial.frames == 5
         assert [s.z_mm for s in partial.samples] == autofocus.plan_positions(12.1, 12.5, 0.02)[:5]
-        assert caught.value.stage_state == "stage returned to its start, 12.3000 mm"
-        assert fake.position() == round(12.3 * NM) and "stop" in fake.commands()
+        # A rejected move is an event the tool did not cause: nothing more moves (issue 18).
+        assert caught.value.stage_state == "nothing more was moved; the stage is at 12.1800 mm"
+        assert fake.position() == round(12.18 * NM) and "stop" not in fake.commands()
         assert connection.get_device(3).get_axis(1).get_position() is not None  # still usable
 
 
@@ -167,6 +168,33 @@ def test_any_fault_leaves_the_stage_at_its_start_with_the_partial_curve(error: B
     assert caught.value.partial.frames == 7 and caught.value.partial.verdict.reason == "run did not finish"
     assert caught.value.stage_state == "stage returned to its start, 12.3000 mm"
     assert stage.position_mm() == 12.3
+
+
+class StopRaises(autofocus.SimStage):
+    """A user's own Stage whose stop() raises its own exception (not one of the tool's)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(position_mm=12.3, timing=autofocus.SimTiming(scale=0.0))
+        self.error, self.targets = error, []
+
+    def move_to(self, z_mm: float) -> None:
+        self.targets.append(z_mm)
+        super().move_to(z_mm)
+
+    def stop(self) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize("stop_error", [RuntimeError("serial write failed"), autofocus.CameraError("odd")])
+def test_a_custom_stop_that_raises_does_not_end_the_clean_up(stop_error: BaseException) -> None:
+    # Issue 19's item in make_safe: the camera's fault is what is raised, and the return is still tried.
+    stage = StopRaises(stop_error)
+    fault = autofocus.CameraError("camera unplugged")
+    with pytest.raises(autofocus.CameraError, match="camera unplugged") as caught:
+        autofocus.focus(stage, FailingCamera(stage, 4, fault), 12.0, 12.6, 0.02)
+    assert caught.value is fault and caught.value.partial.frames == 4
+    assert caught.value.stage_state == (f"stopping it failed ({stop_error}); stage returned to its start, 12.3000 mm")
+    assert stage.targets[-1] == 12.3 and stage.position_mm() == 12.3
 
 
 # --- a custom camera (the README's example) ---------------------------------------------------------

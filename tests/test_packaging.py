@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,9 @@ def test_wheel_installs_the_module_and_the_command(tmp_path: Path) -> None:
     assert build.returncode == 0, build.stdout + build.stderr
     wheels = list((tmp_path / "dist").glob("autofocus-*.whl"))
     assert len(wheels) == 1
+    with zipfile.ZipFile(wheels[0]) as wheel:  # the optional extras: pip install .[basler], .[mm]
+        metadata = next(wheel.read(n).decode() for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
+    assert "Provides-Extra: mm" in metadata and 'Requires-Dist: pymmcore-plus>=0.18; extra == "mm"' in metadata
     target = tmp_path / "site"
     install = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheels[0])],
                              capture_output=True, text=True, timeout=120)
