@@ -191,7 +191,7 @@ def test_a_custom_stop_that_raises_does_not_end_the_clean_up(stop_error: BaseExc
     stage = StopRaises(stop_error)
     fault = autofocus.CameraError("camera unplugged")
     with pytest.raises(autofocus.CameraError, match="camera unplugged") as caught:
-        autofocus.focus(stage, FailingCamera(stage, 4, fault), 12.0, 12.6, 0.02)
+        autofocus.focus(stage, FailingCamera(stage, 5, fault), 12.0, 12.6, 0.02)  # the look before moving + 4
     assert caught.value is fault and caught.value.partial.frames == 4
     assert caught.value.stage_state == (f"stopping it failed ({stop_error}); stage returned to its start, 12.3000 mm")
     assert stage.targets[-1] == 12.3 and stage.position_mm() == 12.3
