@@ -20,11 +20,14 @@ Exit codes:
     1    unexpected internal error (a bug: please report it with --verbose output)
     2    usage or configuration error (bad input, broken replay stack); nothing moved
     3    no_peak: the focus curve is flat or noise-only; the stage went back to where it started
+         (after homing, or from outside --z-min/--z-max: it stays at the last frame)
     4    edge: the best focus lies at the start or end of the range; the focus may be outside it
-    5    hardware or communication error (stage, camera); the stage was stopped and returned
-         when possible -- after an interruption from outside (flag NI) nothing more is moved;
-         also an output that could not be written (a full disk, a stdout nobody reads)
-    130  interrupted (Ctrl-C, SIGINT); the stage was stopped and sent back to where it started
+    5    hardware or communication error (stage, camera); after anything the tool did not cause
+         (the axis moved or stopped from outside, a fault) nothing more is moved, otherwise the
+         stage was stopped and returned; also an output that could not be written (a full disk,
+         a stdout nobody reads)
+    130  interrupted (Ctrl-C, SIGINT, or q / Esc / the close button of the --show-images window);
+         the stage was stopped and sent back to where it started
     143  terminated (SIGTERM: kill, a job scheduler); handled exactly like Ctrl-C
     129  hung up (SIGHUP: the terminal or SSH session closed; POSIX only); handled like Ctrl-C
     149  Ctrl-Break (SIGBREAK; Windows only); handled like Ctrl-C
@@ -108,6 +111,7 @@ try:
     import os
     import re
     import signal
+    import stat
     import subprocess
     import threading
     import time
@@ -115,7 +119,7 @@ try:
     import weakref
     from collections.abc import Callable, Iterator, Mapping, Sequence
     from pathlib import Path
-    from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+    from typing import Any, Literal, Protocol, TypeVar
 
     import cv2
     import numpy as np
@@ -223,6 +227,11 @@ STOP_TIMEOUT_S = 5.0  # after `stop`, the axis must be at rest within this (a de
 # settle window, cloop.settle.tolerance, when it has a larger one): a few steps of a stepper, a few
 # encoder counts of a direct-drive stage.
 POSITION_TOLERANCE_NATIVE = 5
+MOTION_MARGIN_MM = 0.01  # a moving axis may stray this far off its path (overshoot) before it is someone else's
+MOTION_POLL_S = 0.001  # at most one status request a millisecond while the axis moves
+NATIVE_UNIT_MISMATCH = 0.01  # --native-unit-nm more than 1% off Zaber's device database is refused
+HOMING_FLAGS = frozenset({"WR", "WH"})  # no reference position: expected until homing ends
+OUTSIDE_FLAGS = frozenset({"NI", "NC", "WM"})  # interrupted, the knob, displaced while still: someone else
 # A focus axis travels 1..300 mm: a --native-unit-nm implying a travel outside this is a typo
 # (a factor of 1000, um typed for nm) and is refused before anything moves.
 PLAUSIBLE_TRAVEL_MM = (1.0, 300.0)
@@ -240,6 +249,13 @@ WINDOWS_RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range
                           *(f"LPT{i}" for i in range(1, 10))}
 ROI_FILE = "roi.json"  # next to a saved stack's stack.csv: the region of interest it was scored on
 MIN_ROI_PX = 8  # a region of interest narrower than this has too few pixels for any score (Brenner needs 3)
+# --show-images: the panels' height at the view's own size (a 16:10 frame makes it 1536x264 in all),
+# never below MIN_VIEW_HEIGHT_PX to fit a screen, which keeps SCREEN_MARGIN_PX free (borders, a title
+# bar, a task bar); keys are read every PAUSE_POLL_MS while paused or held open at the end.
+VIEW_HEIGHT_PX = 240
+MIN_VIEW_HEIGHT_PX = 32
+SCREEN_MARGIN_PX = (32, 96)
+PAUSE_POLL_MS = HOLD_POLL_MS = 50
 
 ###############################################################################
 # Exceptions ##################################################################
@@ -254,7 +270,8 @@ class AutofocusError(Exception):
      |    +-- BadValue     an argument outside what it may be             (exit 2)
      |    +-- StackError   a replay stack that cannot be used             (exit 2)
      +-- HardwareError     the stage or camera failed                     (exit 5)
-     |    +-- StageError
+     |    +-- StageError   a stage fault: nothing more is moved
+     |    |    +-- StageInterrupted   moved or stopped from outside
      |    +-- CameraError
      +-- OutputError       an output could not be written mid-run         (exit 5)
 
@@ -309,18 +326,21 @@ class HardwareError(AutofocusError):
 
 
 class StageError(HardwareError):
-    """The focus stage refused a command, faulted, or stopped answering."""
+    """The focus stage refused a command, faulted, or stopped answering: an event the tool did
+    not cause, so nothing more is moved (see make_safe)."""
 
-    # False when the axis must not be commanded again in this run (no stop, no return to start):
-    # it was taken from outside, or its fault makes any further motion unsafe.  See make_safe.
-    may_move = True
+    # True only when the tool itself stopped the axis for its own reason (its own time-out): then
+    # the axis may be sent back to where the run started.  False: no stop, no return, no retry.
+    may_move = False
+    # True when found by the check before a move was sent: the frame exposed just before may not
+    # have been exposed where it was labelled, so the run drops it from the curve.
+    before_move = False
 
 
 class StageInterrupted(StageError):
-    """A move was cut short from outside (flag NI): a person at the knob or joystick, Zaber
-    Launcher or another program has the axis, so nothing more is commanded."""
-
-    may_move = False
+    """The axis was moved or stopped from outside: a person at the knob or joystick, Zaber
+    Launcher or another program (flag NI or NC, a move that ended off target, an axis found
+    moving or not where the tool left it), so nothing more is commanded."""
 
 
 class CameraError(HardwareError):
@@ -352,6 +372,18 @@ class Interrupted(KeyboardInterrupt):
         return {"SIGINT": "interrupted (Ctrl-C)", "SIGTERM": "terminated (SIGTERM)",
                 "SIGHUP": "hung up (SIGHUP: the terminal closed)", "SIGBREAK": "interrupted (Ctrl-Break)",
                 }.get(self.signal_name, f"interrupted ({self.signal_name})")
+
+
+class WindowStop(Interrupted):
+    """q, Esc or the close button of the --show-images window: the user stopped the run, which is
+    handled exactly as Ctrl-C (stop, return to start, outputs written) and exits 130 as Ctrl-C does."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__(signal.SIGINT)
+        self.how = how  # "q", "Esc", "the close button"
+
+    def describe(self) -> str:
+        return f"stopped from the --show-images window ({self.how})"
 
 
 ###############################################################################
@@ -585,23 +617,26 @@ class FocusResult:
 
 def frame_problem(image: Any) -> str | None:
     """Why ``image`` is not a frame the scores can use (None when it is): a numpy array, HxW or
-    HxWxC with 1, 3 (BGR) or 4 (BGRA) channels, 8- or 16-bit or float32, not empty."""
+    HxWxC with 1, 3 (BGR) or 4 (BGRA) channels, 8- or 16-bit or float32, at least MIN_ROI_PX pixels
+    a side after the binning ``score_binning`` gives it.  Looks at the array's shape and type only
+    (no pass over its pixels): the scores themselves assume a frame that passed."""
     if not isinstance(image, np.ndarray):
-        return f"a {type(image).__name__}, not an image (a numpy array)"
+        return "no frame (None)" if image is None else f"a {type(image).__name__}, not an image (a numpy array)"
     channels = image.shape[2] if image.ndim == 3 else 1
     if image.ndim not in (2, 3) or channels not in (1, 3, 4) or image.dtype.name not in FRAME_DTYPES:
         return (f"a {'x'.join(map(str, image.shape))} {image.dtype} array; a frame must be HxW or HxWx3/4 (BGR, "
                 f"BGRA), {', '.join(FRAME_DTYPES)}")
     if image.size == 0:
-        return "an empty frame"
+        return f"an empty frame ({'x'.join(map(str, image.shape))})"
+    side = MIN_ROI_PX * score_binning(image.shape)  # a large frame is binned 2x2 first: its sides halve
+    if min(image.shape[:2]) < side:
+        return f"a {image.shape[0]}x{image.shape[1]} frame; each side needs at least {side} pixels to be scored"
     return None
 
 
 def to_gray_float(image: np.ndarray) -> np.ndarray:
-    """Grayscale float32 in the frame's own units (8- or 16-bit or float32, mono or BGR/BGRA);
-    CameraError for anything else (``frame_problem``)."""
-    if (problem := frame_problem(image)) is not None:
-        raise CameraError(f"cannot score {problem}")
+    """Grayscale float32 in the frame's own units, of a frame ``frame_problem`` accepts (8- or
+    16-bit or float32, mono or BGR/BGRA)."""
     if image.ndim == 3:
         if image.shape[2] == 1:
             image = image[:, :, 0]
@@ -635,9 +670,10 @@ def float_in_range(gray: np.ndarray) -> np.ndarray:
 
 
 def prepare_gray(image: np.ndarray, binning: int | None = None) -> np.ndarray:
-    """Gray, binned and mean-normalised frame that every focus score starts from."""
+    """Gray, binned and mean-normalised frame that every focus score starts from (a frame
+    ``frame_problem`` accepts)."""
     gray = to_gray_float(image)
-    if image.dtype.kind == "f":
+    if image.dtype.kind == "f":  # only a float frame can be far from 1 (8- and 16-bit ones never are)
         gray = float_in_range(gray)
     gray = bin_image(gray, score_binning(gray.shape) if binning is None else binning)
     mean = float(cv2.mean(gray)[0])
@@ -662,10 +698,9 @@ def bilateral(gray: np.ndarray, blur: int) -> np.ndarray:
 def filtered_gray(image: np.ndarray, blur: int, binning: int | None = None) -> np.ndarray:
     """``prepare_gray`` then ``bilateral``; ``blur`` is in camera pixels, so a binned frame
     gets the diameter that covers the same area (9 camera pixels = 5 binned pixels)."""
-    gray = to_gray_float(image)
-    factor = score_binning(gray.shape) if binning is None else binning
+    factor = score_binning(image.shape) if binning is None else binning
     diameter = max(3, int(round(blur / factor)) | 1)
-    return bilateral(prepare_gray(float_in_range(gray) if image.dtype.kind == "f" else gray, factor), diameter)
+    return bilateral(prepare_gray(image, factor), diameter)
 
 
 def laplacian_views(image: np.ndarray, blur: int, binning: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -752,25 +787,42 @@ class Scorer:
     invert: bool = False
 
     def crop(self, image: np.ndarray) -> np.ndarray:
-        """The part of the frame that is scored (a view, no copy); CameraError for what is not a frame."""
+        """The part of the frame that is scored (a view, no copy), checked: CameraError for what is
+        not a frame (``frame_problem``), UsageError for a region that does not fit in it."""
         if (problem := frame_problem(image)) is not None:
             raise CameraError(f"cannot score {problem}")
-        if self.roi is None:
-            return image
-        x, y, w, h = self.roi
-        return image[y: y + h, x: x + w]
+        if self.roi is not None:
+            check_roi(self.roi, image.shape)
+        return self._region(image)
 
     def __call__(self, image: np.ndarray) -> float:
-        return self._sign(METRICS[self.metric](self.crop(image), self.blur))
-
-    def _sign(self, score: float) -> float:
-        return -score if self.invert else score
+        return self._fine(self.crop(image))
 
     def coarse(self, image: np.ndarray) -> float:
         """The same score on a binned frame: a wide capture range, robust to photon noise
         (the fast search's coarse pass and the verdict's fallback, see ``decide``)."""
-        image = self.crop(image)
-        return self._sign(METRICS[self.metric](image, self.blur, coarse_binning(image.shape)))
+        return self._coarse(self.crop(image))
+
+    def scores(self, frame: np.ndarray, coarse: bool) -> tuple[float, float | None]:
+        """The score, and with ``coarse`` the coarse score, of a frame ``check_frame`` accepted in a
+        run whose first frame the ROI fits: cropped once, not checked again (the Acquisition's path)."""
+        region = self._region(frame)
+        return self._fine(region), self._coarse(region) if coarse else None
+
+    def _region(self, frame: np.ndarray) -> np.ndarray:
+        if self.roi is None:
+            return frame
+        x, y, w, h = self.roi
+        return frame[y: y + h, x: x + w]
+
+    def _fine(self, region: np.ndarray) -> float:
+        return self._sign(METRICS[self.metric](region, self.blur))
+
+    def _coarse(self, region: np.ndarray) -> float:
+        return self._sign(METRICS[self.metric](region, self.blur, coarse_binning(region.shape)))
+
+    def _sign(self, score: float) -> float:
+        return -score if self.invert else score
 
 
 def check_roi(roi: Roi, frame_shape: tuple[int, ...]) -> None:
@@ -1457,8 +1509,7 @@ def _fit_floors(near: list[Sample], baseline: float) -> list[float]:
     lowest = min(s.score for s in near)
     top = max(s.score for s in near)
     end = lowest - 0.05 * (top - lowest)
-    start = min(baseline, end)
-    return [float(v) for v in np.linspace(start, end, FIT_FLOORS)]
+    return [float(v) for v in np.linspace(baseline, max(baseline, end), FIT_FLOORS)]
 
 
 def _suggest(end_mm: float, at_low: bool, width_mm: float,
@@ -1975,6 +2026,9 @@ class Acquisition:
         self._first: np.ndarray | None = None  # the run's first frame: every frame has its size and type
         self._last_z: float | None = None
         self._failed: BaseException | None = None  # the scoring thread's first error (e.g. disk full)
+        self._indices: list[int] = []  # frame index of each entry of samples
+        self._dropped: set[int] = set()  # frames the stage's check found unvouched for (see move_to)
+        self._frame_z = float("nan")  # where the last frame was captured
 
     def approach(self, z_mm: float) -> float:
         """Move to z; with backlash, arrive from the sweep's direction (overshoot first).
@@ -1986,10 +2040,8 @@ class Acquisition:
                 self._last_z is not None and (z_mm - self._last_z) * self.direction < 0
             )
             if self.backlash_mm > 0 and (coming_from_wrong_side or self._last_z is None):
-                self.stage.move_to(round(z_mm - self.direction * self.backlash_mm, POSITION_DECIMALS))
-                self.moves += 1
-            self.stage.move_to(z_mm)
-            self.moves += 1
+                self.move_to(round(z_mm - self.direction * self.backlash_mm, POSITION_DECIMALS))
+            self.move_to(z_mm)
             self._last_z = z_mm
             if self.settle_s > 0:
                 time.sleep(self.settle_s)
@@ -1997,6 +2049,35 @@ class Acquisition:
             dt = time.perf_counter() - t0
             self.move_s += dt
         return dt
+
+    @property
+    def last_z(self) -> float | None:
+        """The last position approached (None before the first)."""
+        return self._last_z
+
+    def move_to(self, z_mm: float) -> None:
+        """One stage move, counted.  When the stage's check before the move finds that it was
+        disturbed (``StageError.before_move``: moved, moving or flagged since it arrived), the frame
+        exposed last is dropped from the curve: it may not have been exposed where it is labelled."""
+        try:
+            self.stage.move_to(z_mm)
+        except StageError as exc:
+            if exc.before_move:
+                self._drop_last_frame(exc)
+            raise
+        self.moves += 1
+
+    def _drop_last_frame(self, exc: StageError) -> None:
+        with self._lock:
+            index = self._frame_index - 1
+            if index < 0 or index in self._dropped:
+                return
+            self._dropped.add(index)  # not scored yet: it never will be listed (see _score)
+            if self._indices and self._indices[-1] == index:
+                self._indices.pop()
+                self.samples.pop()
+        exc.args = (f"{exc.args[0] if exc.args else exc} (the frame at z={self._frame_z:.4f} mm, exposed "
+                    "just before, was dropped from the curve: the stage may not have stood there)", *exc.args[1:])
 
     def measure(self, z_mm: float) -> concurrent.futures.Future[Sample]:
         """Move to z, capture a frame, and hand it to the scoring thread."""
@@ -2022,6 +2103,7 @@ class Acquisition:
         index = self._frame_index
         self._frame_index += 1
         self._taken.add(z_mm)
+        self._frame_z = z_mm
         return self._pool.submit(self._score, index, z_mm, frame, move_dt, capture_dt)
 
     def measure_all(self, positions: Sequence[float]) -> None:
@@ -2034,14 +2116,16 @@ class Acquisition:
     def _score(self, index: int, z_mm: float, frame: np.ndarray, move_dt: float, capture_dt: float) -> Sample:
         try:
             t0 = time.perf_counter()
-            score = self.scorer(frame)
-            coarse = self.scorer.coarse(frame) if self.coarse else None
+            score, coarse = self.scorer.scores(frame, self.coarse)  # check_frame has checked it
             dt = time.perf_counter() - t0
             sample = Sample(z_mm, score, coarse)
             with self._lock:
                 self.score_s += dt
+                if index in self._dropped:
+                    return sample
                 self.samples.append(sample)
                 self.scored.setdefault(z_mm, sample)
+                self._indices.append(index)
             log.info("frame %d: z=%.4f mm score=%.6g (move %.1f ms, capture %.1f ms, score %.1f ms)",
                      index, z_mm, score, move_dt * 1e3, capture_dt * 1e3, dt * 1e3)
             if self.on_frame is not None:
@@ -2068,10 +2152,9 @@ def check_frame(frame: Any, z_mm: float, first: np.ndarray | None = None) -> Non
     """Reject frames that cannot be scored (``frame_problem``), that differ in size or type from
     the run's ``first`` frame (a region of interest would score another part of them), or that
     cannot carry focus information: all black or all saturated."""
-    if frame is None or (isinstance(frame, np.ndarray) and frame.size == 0):
-        raise CameraError(f"camera returned an empty frame at z={z_mm:.4f} mm; check the camera connection")
     if (problem := frame_problem(frame)) is not None:
-        raise CameraError(f"the camera delivered {problem} at z={z_mm:.4f} mm; check its capture()")
+        raise CameraError(f"the camera delivered {problem} at z={z_mm:.4f} mm; check the camera (its connection, "
+                          "its capture())")
     if first is not None and (frame.shape, frame.dtype) != (first.shape, first.dtype):
         raise CameraError(f"the frame at z={z_mm:.4f} mm is {'x'.join(map(str, frame.shape))} {frame.dtype}, the "
                           f"run's first was {'x'.join(map(str, first.shape))} {first.dtype}: the camera changed its "
@@ -2239,14 +2322,21 @@ class RunFailed(Exception):
 
 
 def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
-                  on_frame: FrameHook | None = None) -> FocusResult:
+                  on_frame: FrameHook | None = None, return_to_start: bool = True,
+                  soft_mm: tuple[float | None, float | None] = (None, None)) -> FocusResult:
     """Search, decide, and send the stage to the answer (or back to where it started).
 
-    Faults and Ctrl-C stop the axis, send it back to where it started when it still answers,
-    and raise RunFailed with the partial curve.
+    Faults and Ctrl-C make the stage safe (``make_safe``: back to where it started when that is
+    allowed) and raise RunFailed with the partial curve.  There is no start to go back to when
+    ``return_to_start`` is False (the axis was homed for this run: where it stood before means
+    nothing) or the start lies outside the soft limits ``soft_mm``: then no_peak leaves the stage
+    where the last frame was taken, inside the range, and a fault only stops it.
     """
     t0 = time.perf_counter()
     start_mm = stage_position(stage)
+    soft_lo, soft_hi = soft_mm
+    inside = (soft_lo is None or start_mm >= soft_lo - 1e-9) and (soft_hi is None or start_mm <= soft_hi + 1e-9)
+    origin_mm = start_mm if return_to_start and inside else None
     acq = Acquisition(stage, camera, scorer, settle_ms=plan.settle_ms, backlash_mm=plan.backlash_mm,
                       direction=plan.direction, coarse=True,
                       on_frame=on_frame)
@@ -2276,15 +2366,16 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
         finally:
             acq.drain()
         if decision.target_mm is None:
-            target = start_mm  # never move to a noise maximum: back to where the user left it
-            stage.move_to(target)
-            acq.moves += 1
+            # Never to a noise maximum: back to where the user left it -- or, with no start to go back
+            # to, stay at the last frame (a move of length zero, so that it is checked like any other).
+            target = start_mm if origin_mm is not None or acq.last_z is None else acq.last_z
+            acq.move_to(target)
         else:
             target = decision.target_mm
             acq.approach(target)
         return result(list(acq.samples), target, decision)
     except BaseException as exc:  # faults, Ctrl-C, and bugs alike: the stage is made safe first
-        where = make_safe(stage, start_mm, exc)  # a second Ctrl-C may interrupt the return: it re-stops
+        where = make_safe(stage, origin_mm, exc)  # a second Ctrl-C may interrupt the return: it re-stops
         with INTERRUPTS.held():  # from here on nothing may lose the partial curve
             samples = list(acq.samples)
             verdict = Verdict("no_peak", float("nan"), float("nan"), float("nan"), "run did not finish")
@@ -2294,28 +2385,48 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
                             where) from exc
 
 
-def make_safe(stage: Stage, start_mm: float, cause: BaseException | None = None) -> str:
+def make_safe(stage: Stage, start_mm: float | None, cause: BaseException | None = None) -> str:
     """Stop the axis and send it back to where it started; say where it is now.
 
-    After an interruption from outside (or a fault that makes motion unsafe) nothing is
-    commanded at all: the axis belongs to whoever took it."""
+    After an event the tool did not cause -- a StageError that may not move: the axis was moved
+    or stopped from outside, or it faulted -- nothing is commanded at all (the adapter has
+    already stopped its own motion where that was needed).  Only the tool's own reasons (Ctrl-C,
+    its own time-out, a camera or disk fault, a bug) stop and return.  ``start_mm`` None: there
+    is no start to go back to (homed for this run, or it lies outside the soft limits); the axis
+    is only stopped.  A stop that fails (a custom Stage's own exception too) does not end the
+    clean-up: the original fault is what is reported, and the return is still tried."""
     if isinstance(cause, StageError) and not cause.may_move:
         try:
             return f"nothing more was moved; the stage is at {stage.position_mm():.4f} mm"
-        except (AutofocusError, KeyboardInterrupt):
+        except (Exception, KeyboardInterrupt):  # noqa: BLE001 - a custom Stage's own error too
             return "nothing more was moved; the stage position is unknown (it no longer answers)"
-    for attempt in (stage.stop, lambda: stage.move_to(start_mm)):
+    stop_note = ""
+    try:
+        stage.stop()
+    except KeyboardInterrupt:  # a second Ctrl-C: the axis may still be moving
+        return stop_and_locate(stage, "the stop was interrupted")
+    except Exception as exc:  # noqa: BLE001 - the cause is what is reported; the return is still tried
+        log.debug("making the stage safe: the stop failed: %s", exc)
+        stop_note = f"stopping it failed ({first_line(exc)}); "
+    if start_mm is None:
         try:
-            attempt()
-        except (AutofocusError, KeyboardInterrupt) as exc:
-            log.debug("making the stage safe: %s", exc)
-            if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: the axis may still be moving
-                return stop_and_locate(stage, f"the return to {start_mm:.4f} mm was interrupted")
-            try:
-                return f"stage stopped at {stage.position_mm():.4f} mm (could not return to {start_mm:.4f} mm)"
-            except (AutofocusError, KeyboardInterrupt):
-                return "stage position unknown (it no longer answers); check it before the next run"
-    return f"stage returned to its start, {start_mm:.4f} mm"
+            where = f"the stage is at {stage.position_mm():.4f} mm"
+        except (Exception, KeyboardInterrupt):  # noqa: BLE001
+            where = "the stage position is unknown"
+        return (f"{stop_note}stopped; {where} (not returned: the axis was homed for this run, or where it started "
+                "lies outside --z-min/--z-max)")
+    try:
+        stage.move_to(start_mm)
+    except KeyboardInterrupt:  # a second Ctrl-C: the axis may still be moving
+        return stop_and_locate(stage, f"the return to {start_mm:.4f} mm was interrupted")
+    except Exception as exc:  # noqa: BLE001
+        log.debug("making the stage safe: the return failed: %s", exc)
+        try:
+            return (f"{stop_note}stage stopped at {stage.position_mm():.4f} mm (could not return to "
+                    f"{start_mm:.4f} mm: {first_line(exc)})")
+        except (Exception, KeyboardInterrupt):  # noqa: BLE001
+            return f"{stop_note}stage position unknown (it no longer answers); check it before the next run"
+    return f"{stop_note}stage returned to its start, {start_mm:.4f} mm"
 
 
 def stop_and_locate(stage: Stage, what: str) -> str:
@@ -2348,7 +2459,6 @@ def stop_and_locate(stage: Stage, what: str) -> str:
 # all implement them.
 
 
-@runtime_checkable
 class Stage(Protocol):
     """A focus axis: what the search needs and nothing more."""
 
@@ -2361,7 +2471,9 @@ class Stage(Protocol):
         ...
 
     def move_to(self, z_mm: float) -> None:
-        """Move to z and return once it has arrived (or raise StageError)."""
+        """Move to z and return once it has arrived (or raise StageError).  A stage that checks,
+        before moving, that it stood still since its last move (ZaberStage does) raises a
+        StageError with ``before_move`` True when it did not: the frame taken there is dropped."""
         ...
 
     def stop(self) -> None:
@@ -2369,7 +2481,6 @@ class Stage(Protocol):
         ...
 
 
-@runtime_checkable
 class Camera(Protocol):
     """A camera: one call, one frame exposed after the call began."""
 
@@ -2379,7 +2490,6 @@ class Camera(Protocol):
         ...
 
 
-@runtime_checkable
 class XYStage(Protocol):
     """An XY plate (the slide's stage): what a focus map needs and nothing more."""
 
@@ -2502,13 +2612,16 @@ class SettingsJournal:
 
     ``read(name)`` and ``write(name, value)`` are the backend's node accessors.  ``set`` records
     a node's value the first time the run changes it (a write of the value it already has is
-    skipped).  ``restore`` writes them back in GenICam's dependency order (``restore_plan``),
-    goes on past failures, and returns the ones it could not put back.
+    skipped).  The trigger nodes (TRIGGER_NODES) belong to the selected TriggerSelector entry:
+    ``set_trigger`` changes one entry's node and records all of that entry's trigger nodes the
+    first time it changes any.  ``restore`` writes them back in GenICam's dependency order
+    (``restore_plan``), goes on past failures, and returns the ones it could not put back.
     """
 
     def __init__(self, read: Callable[[str], Any], write: Callable[[str, Any], None]) -> None:
         self.read, self.write = read, write
         self.original: dict[str, Any] = {}
+        self.triggers: dict[str, dict[str, Any]] = {}  # TriggerSelector entry -> its trigger nodes before
 
     def set(self, name: str, value: Any) -> None:
         """Change a node, remembering its value before the first change."""
@@ -2518,18 +2631,38 @@ class SettingsJournal:
         self.original.setdefault(name, current)
         self.write(name, value)
 
+    def set_trigger(self, entry: str, name: str, value: Any, nodes: Sequence[str]) -> None:
+        """Change trigger node ``name`` of TriggerSelector entry ``entry``; ``nodes``: the trigger
+        nodes this camera has, all recorded for the entry before its first change."""
+        self.set("TriggerSelector", entry)
+        if self.read(name) == value:
+            return
+        if entry not in self.triggers:
+            self.triggers[entry] = {n: self.read(n) for n in nodes}
+        self.write(name, value)
+
     def restore(self) -> list[str]:
         """Put every changed node back; returns "name=value (why)" for each that failed."""
         failed = []
-        for name, value in restore_plan(self.original):
+        selected = True  # False after a TriggerSelector write failed: its trigger writes would hit another entry
+        for name, value in restore_plan(self.original, self.triggers):
+            if name in TRIGGER_NODES and not selected:
+                failed.append(f"{name}={value} (its TriggerSelector entry could not be selected)")
+                continue
             try:
                 if self.read(name) != value:
                     self.write(name, value)
             except Exception as exc:  # noqa: BLE001 - a vendor error of any kind: report, go on
                 failed.append(f"{name}={value} ({first_line(exc)})")
+                selected = selected and name != "TriggerSelector"
+                continue
+            selected = selected or name == "TriggerSelector"
         self.original.clear()
+        self.triggers.clear()
         return failed
 
+
+TRIGGER_NODES = ("TriggerMode", "TriggerSource", "TriggerActivation")  # per TriggerSelector entry
 
 ROI_NODES = ("OffsetX", "OffsetY", "Width", "Height")
 
@@ -2568,15 +2701,26 @@ def freeze_auto(journal: SettingsJournal, has: Callable[[str], bool], errors: tu
                               f"turn {auto} off in {viewer} (or the camera's user set) and try again") from exc
 
 
-def software_trigger(journal: SettingsJournal, has: Callable[[str], bool]) -> None:
+def software_trigger(journal: SettingsJournal, has: Callable[[str], bool],
+                     entries: Callable[[str], Sequence[str]]) -> None:
     """Continuous acquisition, each frame started by a software trigger (FrameStart), through
-    ``journal`` so that all of it is put back."""
+    ``journal`` so that all of it is put back.  The trigger nodes belong to the selected
+    TriggerSelector entry (``entries(node)``: the entries a camera offers): every other trigger
+    (AcquisitionStart, FrameBurstStart, ... left on by a user) is turned off, or it would gate or
+    time the frames."""
     journal.set("AcquisitionMode", "Continuous")
-    journal.set("TriggerMode", "Off")  # the selector and source are only writable with the trigger off
-    if has("TriggerSelector"):
-        journal.set("TriggerSelector", "FrameStart")
-    journal.set("TriggerSource", "Software")
-    journal.set("TriggerMode", "On")
+    if not has("TriggerSelector"):  # one trigger only: its nodes are plain nodes
+        journal.set("TriggerMode", "Off")  # the source is only writable with the trigger off
+        journal.set("TriggerSource", "Software")
+        journal.set("TriggerMode", "On")
+        return
+    nodes = [n for n in TRIGGER_NODES if has(n)]
+    for entry in entries("TriggerSelector"):
+        if entry != "FrameStart":
+            journal.set_trigger(entry, "TriggerMode", "Off", nodes)
+    journal.set_trigger("FrameStart", "TriggerMode", "Off", nodes)  # the source is only writable with it off
+    journal.set_trigger("FrameStart", "TriggerSource", "Software", nodes)
+    journal.set_trigger("FrameStart", "TriggerMode", "On", nodes)
 
 
 def frame_timeout_ms(timeout_ms: int, exposure_ms: float) -> int:
@@ -2682,15 +2826,24 @@ class GenicamAdapter:
         self.close()
 
 
-def restore_plan(original: dict[str, Any]) -> list[tuple[str, Any]]:
-    """The writes that put ``original`` back on a GenICam camera, in an order it accepts.
+def restore_plan(original: dict[str, Any], triggers: dict[str, dict[str, Any]] | None = None,
+                 ) -> list[tuple[str, Any]]:
+    """The writes that put ``original`` (plain nodes) and ``triggers`` (per TriggerSelector entry:
+    its trigger nodes before) back on a GenICam camera, in an order it accepts.
 
-    The trigger selector and source are writable only with the trigger off, so TriggerMode goes
-    Off first and back last; an offset plus a size may not exceed the sensor, so offsets go to 0
-    before the sizes are restored; everything else in reverse order of change (ExposureTime
-    before ExposureAuto, which makes it writable).
+    A trigger's source and activation are writable only with that trigger off, so each entry's
+    TriggerMode goes Off first and back last (after every other node), the TriggerSelector back
+    to its own value at the very end; an offset plus a size may not exceed the sensor, so offsets
+    go to 0 before the sizes are restored; everything else in reverse order of change
+    (ExposureTime before ExposureAuto, which makes it writable).
     """
+    triggers = triggers or {}
     plan: list[tuple[str, Any]] = []
+    for entry, nodes in triggers.items():
+        plan.append(("TriggerSelector", entry))
+        if "TriggerMode" in nodes:
+            plan.append(("TriggerMode", "Off"))
+        plan += [(n, v) for n, v in nodes.items() if n != "TriggerMode"]
     if "TriggerMode" in original:
         plan.append(("TriggerMode", "Off"))
     offsets = [n for n in ("OffsetX", "OffsetY") if n in original]
@@ -2698,9 +2851,15 @@ def restore_plan(original: dict[str, Any]) -> list[tuple[str, Any]]:
         plan += [(n, 0) for n in offsets]
         plan += [(n, original[n]) for n in ("Width", "Height") if n in original]
         plan += [(n, original[n]) for n in offsets]
-    plan += [(n, original[n]) for n in reversed(original) if n != "TriggerMode" and n not in ROI_NODES]
+    last = ("TriggerMode", "TriggerSelector")
+    plan += [(n, original[n]) for n in reversed(original) if n not in last and n not in ROI_NODES]
+    for entry, nodes in triggers.items():
+        if nodes.get("TriggerMode", "Off") != "Off":
+            plan += [("TriggerSelector", entry), ("TriggerMode", nodes["TriggerMode"])]
     if "TriggerMode" in original:
         plan.append(("TriggerMode", original["TriggerMode"]))
+    if "TriggerSelector" in original:
+        plan.append(("TriggerSelector", original["TriggerSelector"]))
     return plan
 
 
@@ -2735,13 +2894,22 @@ ZABER_RULES: dict[str, Rule] = {
 class ZaberStage:
     """The focus axis of a Zaber device through ZML (serial port or tcp://HOST:PORT).
 
-    Set-up reads the axis's warning flags before anything moves: notices (N*, and W* other than
-    "not homed") are reported and cleared, faults (F*) refuse the run unless ``clear_faults``.
-    Every move (and homing) is verified once the axis is idle: its flags are read BEFORE anything
-    clears them (ZML's own ``wait_until_idle`` sends ``warnings clear`` and would hide an
-    interruption), and its position must lie within ``tolerance_native`` native units of the
-    target.  Waits are bounded: moves by ``move_timeout_s``, homing by ``home_timeout_s``, a stop
-    by STOP_TIMEOUT_S; a move or homing that runs out of time sends ``stop`` itself.
+    Set-up (and ``prepare_run``, at the start of every focus() run) reads the axis's warning flags
+    before anything moves: notices (N*, and W* other than "not homed") are reported and cleared,
+    faults (F*) refuse the run unless ``clear_faults``; an axis that is moving is refused.
+
+    Every move (and homing) is bracketed by status reads (``get pos``: status, flag and position
+    in one round trip), so a frame counts only if the stage stood still where it was labelled:
+    before the move is sent the axis must be idle, show no new flag and stand where this tool
+    left it (the frame exposed there was exposed standing still); while it moves it must stay on
+    its path; once idle it must show no new flag and lie within ``tolerance_native`` native units
+    of the target.  Anything else -- whatever ZML did to the flags (a second ZML client clears
+    the NI its own stop or move causes; ZML clears a fault it meets in a reply) -- is an event
+    this tool did not cause: StageInterrupted or StageError, and nothing more is moved.  Waits
+    are bounded: moves by ``move_timeout_s``, homing by ``home_timeout_s``, a stop by
+    STOP_TIMEOUT_S; a move or homing that runs out of time sends ``stop`` itself (the only stop
+    after which a run may return to its start).  Move the axis only through this object while a
+    run uses it; between focus() runs a script may move it with ZML (``prepare_run`` notes where).
     """
 
     role = "focus"  # what the axis does, for messages ("X" and "Y" for a plate's axes: ZaberPlate)
@@ -2841,11 +3009,35 @@ class ZaberStage:
         self._limits = (self._setting("limit.min"), self._setting("limit.max"))
         self._check_travel()
         self.tolerance_native = self._tolerance_native()
-        if self._busy():
+        # While a move runs the axis stays on its path (start to target) within this margin (a
+        # closed-loop stage may overshoot a little); someone else's move leaves it.
+        self._margin_native = max(self.tolerance_native, MOTION_MARGIN_MM * self._native_per_mm)
+        # Per move length (native units): when a move of that length was last seen to end, as (after
+        # its last busy poll, by its first idle poll) in seconds after the move command returned.
+        self._arrival: dict[int, tuple[float, float]] = {}
+        self._take_over(flags)
+
+    def prepare_run(self) -> None:
+        """Take the axis as it is now, as set-up does (focus() calls this at the start of every
+        run): refused when it is moving or faulted, notices cleared, and its position noted.
+        From here on, an axis found anywhere but where this tool left it was moved from outside."""
+        try:
+            flags = set(self._axis.warnings.get_flags())
+        except self._exc.MotionLibException as exc:
+            raise StageError(f"reading the warning flags of {self._where()}: {first_line(exc)}") from exc
+        self._take_over(flags)
+
+    def _take_over(self, flags: set[str]) -> None:
+        busy, _, at = self._state()
+        if busy:
             raise StageError(f"{self._where()} is moving (the knob or joystick, Zaber Launcher or another "
                              "program): wait until it stops and run again; nothing was commanded")
-        flags = self._settle_flags(flags)
-        self._homed = "WR" not in flags and "WH" not in flags
+        left = self._settle_flags(flags)
+        self._homed = not left & HOMING_FLAGS
+        # Flags that stay after clearing are standing conditions (a warm controller: WT); any other
+        # flag that shows from now on is news.
+        self._baseline = frozenset(left - HOMING_FLAGS)
+        self._expect_native, self._left_by = at, "where it stood when the run began"
 
     def _where(self) -> str:
         """"device 3 axis 1" for messages."""
@@ -2869,34 +3061,65 @@ class ZaberStage:
             raise StageError(f"device {self.device_number} on {self.port} does not answer: {first_line(exc)}") from exc
 
     def _choose_units(self, device: Any) -> None:
-        """Native units of a known size, or millimetres through Zaber's device database."""
+        """Millimetres through Zaber's device database, or native units of a known size
+        (``native_unit_nm``) -- checked against the database whenever ZML can identify the device:
+        there the database's unit is the truth, and a --native-unit-nm more than 1% off is refused."""
         zm = self._zm
+        database = self._database_unit(device, needed=self.native_unit_nm is None)
+        self.units_checked = database is not None and self.native_unit_nm is not None
         if self.native_unit_nm is not None:
-            self._unit = zm.Units.NATIVE
-            self._scale = 1e6 / self.native_unit_nm  # device values per mm (native units per mm)
-            self._native_per_mm = self._scale
-            return
+            given = 1e6 / self.native_unit_nm
+            if database is not None and abs(given / database - 1) > NATIVE_UNIT_MISMATCH:
+                self._unit_mismatch(given, database)
+            if database is None:
+                self._unit = zm.Units.NATIVE
+                self._scale = self._native_per_mm = given  # device values per mm (native units per mm)
+                return
+        self._unit, self._scale, self._native_per_mm = zm.Units.LENGTH_MILLIMETRES, 1.0, database
+
+    def _database_unit(self, device: Any, *, needed: bool) -> float | None:
+        """Native units per mm by Zaber's device database (ZML identifies the device: from its cache,
+        --device-db, or online); None when it cannot and ``needed`` is False."""
+        zm = self._zm
         try:
             if not device.is_identified:
                 device.identify()
             self.name = device.name or None
-            self._native_per_mm = self._axis.settings.convert_to_native_units(
-                "pos", 1.0, zm.Units.LENGTH_MILLIMETRES)
+            return float(self._axis.settings.convert_to_native_units("pos", 1.0, zm.Units.LENGTH_MILLIMETRES))
         except (self._exc.DeviceDbFailedException, self._exc.DeviceNotIdentifiedException) as exc:
-            raise UsageError(
-                "cannot convert millimetres: ZML could not load Zaber's device database "
-                f"({first_line(exc)}); connect once with internet, or pass --device-db FILE "
-                "(Zaber's offline database), or --native-unit-nm N (size of one native unit)") from exc
+            if needed:
+                raise UsageError(
+                    "cannot convert millimetres: ZML could not load Zaber's device database "
+                    f"({first_line(exc)}); connect once with internet, or pass --device-db FILE "
+                    "(Zaber's offline database), or --native-unit-nm N (size of one native unit)") from exc
+            log.info("ZML could not identify device %s (%s): --native-unit-nm %g is not cross-checked",
+                     self.device_number, first_line(exc), self.native_unit_nm)
         except self._exc.MotionLibException as exc:
-            raise StageError(f"identifying device {self.device_number} failed: {first_line(exc)}") from exc
-        self._unit = zm.Units.LENGTH_MILLIMETRES
-        self._scale = 1.0
+            if needed:
+                raise StageError(f"identifying device {self.device_number} failed: {first_line(exc)}") from exc
+            log.info("identifying device %s failed (%s): --native-unit-nm %g is not cross-checked",
+                     self.device_number, first_line(exc), self.native_unit_nm)
+        return None
+
+    def _unit_mismatch(self, given_per_mm: float, database_per_mm: float) -> None:
+        """UsageError: --native-unit-nm contradicts Zaber's device database."""
+        try:
+            span = (self._axis.settings.get("limit.max", self._zm.Units.NATIVE)
+                    - self._axis.settings.get("limit.min", self._zm.Units.NATIVE))
+            travel = f"its travel is {span / database_per_mm:g} mm, not {span / given_per_mm:g} mm"
+        except self._exc.MotionLibException:
+            travel = "the travel would be wrong by the same factor"
+        raise UsageError(f"--native-unit-nm {self.native_unit_nm:g} disagrees with Zaber's device database for "
+                         f"{self.name or 'device ' + str(self.device_number)} ({self._where()}): one native unit is "
+                         f"{1e6 / database_per_mm:.6g} nm there, so {travel}; drop --native-unit-nm (ZML knows this "
+                         "device) or correct it; nothing moved")
 
     def _check_travel(self) -> None:
-        """Refuse a --native-unit-nm that makes the travel implausible for a focus axis."""
+        """Refuse a --native-unit-nm that makes the travel implausible for a focus axis (when the
+        device database could not check it)."""
         lo_mm, hi_mm = PLAUSIBLE_TRAVEL_MM
         travel = self._limits[1] - self._limits[0]
-        if self.native_unit_nm is not None and not lo_mm <= travel <= hi_mm:
+        if self.native_unit_nm is not None and not self.units_checked and not lo_mm <= travel <= hi_mm:
             native = round(travel * self._native_per_mm)
             raise UsageError(f"--native-unit-nm {self.native_unit_nm:g} makes the travel of {self._where()} "
                              f"{travel:g} mm ({native} native units); a focus axis travels {lo_mm:g}-{hi_mm:g} mm: "
@@ -2909,13 +3132,6 @@ class ZaberStage:
         except self._exc.MotionLibException:  # open-loop devices have no such setting (RJ BADCOMMAND)
             settle = 0.0
         return max(float(POSITION_TOLERANCE_NATIVE), settle)
-
-    def _busy(self) -> bool:
-        """Whether the axis is moving now (one status request)."""
-        try:
-            return bool(self._axis.is_busy())
-        except self._exc.MotionLibException as exc:
-            raise StageError(f"reading the status of {self._where()}: {first_line(exc)}") from exc
 
     def _settle_flags(self, flags: set[str]) -> set[str]:
         """Report and clear notices left from earlier work; refuse latched faults unless told to
@@ -2963,10 +3179,10 @@ class ZaberStage:
         """What was found, for the run's header and --json."""
         lo, hi = self._limits
         return {"device": self.device_number, "axis": self.axis_number, "name": self.name,
-                "travel_mm": [round(lo, 6), round(hi, 6)],
-                "native_unit_nm": self.native_unit_nm if self.native_unit_nm is not None
-                else round(1e6 / self._native_per_mm, 6),
+                "travel_mm": [round(lo, 6), round(hi, 6)], "native_unit_nm": round(1e6 / self._native_per_mm, 6),
                 "units_from": "--native-unit-nm" if self.native_unit_nm is not None else "device database",
+                # --native-unit-nm confirmed by the device database (None: no --native-unit-nm)
+                "units_checked": None if self.native_unit_nm is None else self.units_checked,
                 "homed": self._homed, "homed_now": False, "position_tolerance_native": self.tolerance_native}
 
     @property
@@ -2978,24 +3194,24 @@ class ZaberStage:
         """Home the axis when it has no reference position; True when it homed.
 
         Homing drives to the home sensor and may cross any position: the caller decides whether
-        that is allowed (see ``run``)."""
+        that is allowed (see ``run``).  It is checked like a move (see ``move_to``)."""
         if self._homed:
             return False
         log.warning("homing %s: it has no reference position (the stage moves to its home sensor)", self._where())
         try:
-            try:
-                self._axis.home(wait_until_idle=False)
-            except self._exc.MotionLibException as exc:
-                raise StageError(f"homing {self._where()} failed: {first_line(exc)}") from exc
-            self._await_idle("homing", self.home_timeout_s, "--home-timeout-s")
+            start = self._check_still("homing", allow=HOMING_FLAGS)
+            self._send(lambda: self._axis.home(wait_until_idle=False), "homing")
+            flags, at = self._await("homing", self.home_timeout_s, "--home-timeout-s", start, None, HOMING_FLAGS)
         except KeyboardInterrupt as exc:  # Ctrl-C at any point of the homing: stop it, whatever comes next
             exc.stage_state = stop_and_locate(self, "homing was interrupted")  # type: ignore[attr-defined]
             raise
-        flags = self._flags_after("homing")
-        if "WR" in flags or "WH" in flags:
+        if flags & HOMING_FLAGS:
             raise StageError(f"homing {self._where()} ended without a reference position "
-                             f"({', '.join(sorted(flags & {'WR', 'WH'}))}); check the home sensor")
+                             f"({', '.join(sorted(flags & HOMING_FLAGS))}) at {self._mm(at):.4f} mm: it was stopped "
+                             "from outside (another program's ZML clears the NI flag its stop causes) or the home "
+                             "sensor was not found; check the stage")
         self._homed = True
+        self._expect_native, self._left_by = at, "where homing left it"
         return True
 
     def limits_mm(self) -> tuple[float, float]:
@@ -3008,28 +3224,28 @@ class ZaberStage:
             raise StageError(f"reading the position of device {self.device_number}: {first_line(exc)}") from exc
 
     def move_to(self, z_mm: float) -> None:
+        """Move to z, verified before and after.
+
+        Before the move is sent, the axis must still be idle, show no new flag and stand where
+        this tool left it (which also closes the bracket of the frame exposed there); after it,
+        idle, no new flag, within ``tolerance_native`` of the target -- and while it runs, on its
+        path.  Anything else is an event this tool did not cause: StageInterrupted (moved or
+        stopped from outside) or a StageError (a fault); then nothing more is moved."""
         lo, hi = self._limits
         if not lo - 1e-9 <= z_mm <= hi + 1e-9:  # last line of defence; plans are checked earlier
             raise StageError(f"refusing to move to {z_mm} mm: outside the travel {lo}..{hi} mm")
-        what = f"{self.role} move to {z_mm:.4f} mm"
+        what = f"the {'' if self.role == 'focus' else self.role + ' '}move to {z_mm:.4f} mm"
         target = self._native_inside(z_mm)
-        try:
-            self._axis.move_absolute(target, self._zm.Units.NATIVE, wait_until_idle=False)
-        except self._exc.MovementFailedException as exc:
-            raise StageError(f"move to {z_mm:.4f} mm failed: {first_line(exc)}") from exc
-        except self._exc.CommandFailedException as exc:
-            raise StageError(f"device {self.device_number} rejected the move to {z_mm:.4f} mm: "
-                             f"{first_line(exc)}") from exc
-        except self._exc.MotionLibException as exc:
-            raise StageError(f"lost the stage while moving to {z_mm:.4f} mm: {first_line(exc)}") from exc
-        self._await_idle(f"moving to {z_mm:.4f} mm", self.move_timeout_s, "--move-timeout-s", what)
-        self._flags_after(what)
-        at = self.position_mm()
-        off_native = abs(at * self._native_per_mm - target)
+        start = self._check_still(what)
+        self._send(lambda: self._axis.move_absolute(target, self._zm.Units.NATIVE, wait_until_idle=False), what)
+        _, at = self._await(what, self.move_timeout_s, "--move-timeout-s", start, target)
+        off_native = abs(at - target)
         if off_native > self.tolerance_native + 1e-6:
-            raise StageError(f"{what} ended at {at:.4f} mm, {off_native:.0f} native units off the target "
-                             f"(tolerance {self.tolerance_native:g}): the axis did not reach it (something blocked it, "
-                             "or another program or the knob moved it)")
+            raise StageInterrupted(
+                f"{what} ended {off_native:.0f} native units off the target (tolerance {self.tolerance_native:g}), at "
+                f"{self._readback()}: the axis was stopped or moved from outside (the knob or joystick, Zaber "
+                "Launcher or another program, whose ZML clears the NI flag at once) or something blocked it")
+        self._expect_native, self._left_by = target, f"where {what} left it"
 
     @property
     def native_unit_mm(self) -> float:
@@ -3055,25 +3271,128 @@ class ZaberStage:
             target = math.ceil(lo * per_mm - 1e-6)
         return target
 
-    def _await_idle(self, doing: str, timeout_s: float, option: str, what: str | None = None) -> None:
-        """Poll until the axis is idle, at most ``timeout_s``; on time-out send ``stop`` at once.
+    def _mm(self, native: float) -> float:
+        return native / self._native_per_mm
 
-        While it is busy the flags are read too (every ~0.1 s), so an interruption by someone
-        else (NI; e.g. the knob keeps the axis busy) is reported at once, without stopping them."""
-        deadline = time.monotonic() + timeout_s
-        next_flags = time.monotonic() + 0.1
+    def _state(self) -> tuple[bool, set[str], float]:
+        """(busy, active warning flags, position in native units), in ONE round trip while no flag is up.
+
+        Every ASCII reply carries the axis's status (IDLE/BUSY) and its highest-priority warning
+        flag (``@03 1 07 OK IDLE -- 10200000``); the reply to ``get pos`` adds the position.  Only
+        when a flag shows is the full list asked for.  ZML's generic_command clears nothing (its own
+        motion calls send ``warnings clear`` when they see a flag)."""
         try:
-            while self._axis.is_busy():
-                now = time.monotonic()
-                if now > deadline:
+            reply = self._axis.generic_command("get pos")
+            flags = set() if reply.warning_flag in ("--", "") else set(self._axis.warnings.get_flags())
+            return reply.status == "BUSY", flags, float(reply.data.split()[0])
+        except self._exc.MotionLibException as exc:
+            raise StageError(f"lost the stage: {self._where()} does not answer ({first_line(exc)})") from exc
+
+    def _readback(self) -> str:
+        """"10.1713 mm, flag NC up": where the axis is now and what it shows, read back for a message."""
+        try:
+            _, flags, at = self._state()
+        except StageError:
+            return "an unknown position (it no longer answers)"
+        return f"{self._mm(at):.4f} mm, " + (f"flag {', '.join(sorted(flags))} up" if flags else "no flag up")
+
+    def _check_still(self, doing: str, allow: frozenset[str] = frozenset()) -> float:
+        """Before a move or homing is sent: the axis is idle, shows no new flag and stands where this
+        tool left it (a frame exposed there was exposed standing still).  Returns its position."""
+        busy, flags, at = self._state()
+        if flags - self._baseline - allow:
+            raise self._flag_error(flags - self._baseline - allow, f"before {doing}", before_move=True)
+        expect = self._expect_native
+        if busy:
+            err: StageError = StageInterrupted(
+                f"before {doing}: {self._where()} was moving, not by this tool's command (the knob or joystick, "
+                f"Zaber Launcher or another program); it is at {self._readback()}")
+        elif expect is not None and abs(at - expect) > self.tolerance_native + 1e-6:
+            err = StageInterrupted(
+                f"before {doing}: {self._where()} is at {self._mm(at):.4f} mm (no flag up), not at "
+                f"{self._mm(expect):.4f} mm {self._left_by}: it was moved from outside while it stood still (the "
+                "knob or joystick, Zaber Launcher or another program)")
+        else:
+            return at
+        err.before_move = True
+        raise err
+
+    def _send(self, command: Callable[[], None], what: str) -> None:
+        """Send a motion command; ZML's errors in this tool's terms (the flag policy of ``_flag_error``)."""
+        exc = self._exc
+        try:
+            command()
+        except (exc.MovementFailedException, exc.MovementInterruptedException) as error:
+            # ZML saw a flag in the reply, sent "warnings clear" and raised; the motion the command
+            # started may be running: the tool's own, so it is stopped.  The flags seen are the news.
+            seen = set(error.details.warnings) or {"NI" if isinstance(error, exc.MovementInterruptedException)
+                                                    else "FF"}
+            note = self._stop_own()
+            try:
+                cleared = seen - set(self._axis.warnings.get_flags())
+            except exc.MotionLibException:
+                cleared = set()
+            raise self._flag_error(seen - self._baseline or seen, what, cleared=cleared, note=note) from error
+        except exc.DriverDisabledException as error:
+            try:
+                off = set(self._axis.warnings.get_flags())
+            except exc.MotionLibException:
+                off = set()
+            if not any(f.startswith("F") for f in off):
+                raise StageError(f"{self._where()} refused {what}: its driver is disabled ({first_line(error)}); "
+                                 "enable it in Zaber Launcher once the cause is checked") from error
+            raise self._flag_error(off, what, note=" and refused the move (driver disabled)") from error
+        except exc.CommandFailedException as error:
+            raise StageError(f"device {self.device_number} rejected {what}: {first_line(error)}") from error
+        except exc.MotionLibException as error:
+            raise StageError(f"lost the stage during {what}: {first_line(error)}") from error
+
+    def _await(self, what: str, timeout_s: float, option: str, start: float, target: float | None,
+               allow: frozenset[str] = frozenset()) -> tuple[set[str], float]:
+        """Poll until the axis is idle (one round trip a poll, see ``_state``; a move as long as an
+        earlier one is first polled when that one ended, see ``_arrival``); returns its flags and
+        position then.  While it moves: a new flag, or (``target`` given) a position off the path
+        from ``start`` to ``target``, ends the wait at once -- someone else's motion is not stopped,
+        the tool's own is stopped after a fault.  After ``timeout_s`` the tool sends ``stop`` itself."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        path = (min(start, target) - self._margin_native, max(start, target) + self._margin_native) \
+            if target is not None else None
+        # A move as long as one before it (a sweep's steps) ends about when that one did: the first
+        # poll is aimed inside the interval that move's last busy and first idle poll left, which
+        # halves each time, instead of at a round trip's granularity after the end.
+        key = round(abs(target - start)) if target is not None else None
+        lo, hi = self._arrival.get(key, (0.0, 0.0))
+        last_busy = None
+        try:
+            if hi > 0:  # inside the try: a Ctrl-C while waiting stops the axis too
+                time.sleep(max(0.0, (lo + hi) / 2 if hi - lo > MOTION_POLL_S else hi))
+            while True:
+                sent = time.monotonic()
+                busy, flags, at = self._state()
+                new = flags - self._baseline - allow
+                if new:
+                    faulted = any(f.startswith("F") for f in new)
+                    raise self._flag_error(new, what, note=self._stop_own() if busy and faulted else "")
+                if not busy:
+                    if key is not None:
+                        self._arrival[key] = (lo if last_busy is None else last_busy - t0, sent - t0)
+                    return flags, at
+                last_busy = sent
+                if path is not None and not path[0] <= at <= path[1]:
+                    raise StageInterrupted(
+                        f"{what}: {self._where()} went to {self._mm(at):.4f} mm (no flag up), off its path from "
+                        f"{self._mm(start):.4f} mm: someone else is moving it (the knob or joystick, Zaber Launcher "
+                        "or another program); it was not stopped")
+                if time.monotonic() > deadline:
                     where = self._stop_now()
-                    raise StageError(f"{doing}: the axis was still busy after {timeout_s:g} s; stopped it{where} "
+                    err = StageError(f"{what}: the axis was still busy after {timeout_s:g} s; stopped it{where} "
                                      f"(raise {option} if the stage is slow)")
-                if what is not None and now >= next_flags:
-                    next_flags = now + 0.1
-                    if "NI" in self._axis.warnings.get_flags():
-                        self._interrupted(what)
-                time.sleep(0.005)
+                    err.may_move = True  # the tool's own stop, for its own reason: it may return to start
+                    raise err
+                # Poll again at once on a slow line (the round trip paces it), at most every MOTION_POLL_S
+                # on a fast one: each poll sent after the axis stops is what its arrival waits for.
+                time.sleep(max(0.0, MOTION_POLL_S - (time.monotonic() - sent)))
         except KeyboardInterrupt:
             for _ in range(3):  # a second Ctrl-C must not cut the stop short
                 try:
@@ -3085,52 +3404,60 @@ class ZaberStage:
                     break
             raise
         except self._exc.MotionLibException as exc:
-            raise StageError(f"lost the stage while {doing}: {first_line(exc)}") from exc
+            raise StageError(f"lost the stage during {what}: {first_line(exc)}") from exc
 
-    def _flags_after(self, what: str) -> set[str]:
-        """The flags once a motion has ended: NI -> StageInterrupted; a fault -> StageError."""
-        try:
-            flags = set(self._axis.warnings.get_flags())  # read, not cleared (see the class docstring)
-        except self._exc.MotionLibException as exc:
-            raise StageError(f"lost the stage after the {what}: {first_line(exc)}") from exc
-        if "NI" in flags:
-            self._interrupted(what)
+    def _flag_error(self, flags: set[str], what: str, *, cleared: set[str] | frozenset[str] = frozenset(),
+                    note: str = "", before_move: bool = False) -> StageError:
+        """The one policy for a flag the tool did not expect, whether it read the flag itself or ZML
+        met it (and cleared it: ``cleared``): NI/NC/WM -> StageInterrupted (moved or stopped from
+        outside); a fault (F*) or any other warning -> a StageError that moves nothing more."""
         faults = sorted(f for f in flags if f.startswith("F"))
+        outside = sorted(f for f in flags if f in OUTSIDE_FLAGS)
+        rest = sorted(set(flags) - set(faults) - set(outside))
+        named = ", ".join(describe_flag(f) for f in faults + outside + rest)
+        if cleared:
+            named += (", which ZML had already cleared" if set(cleared) >= set(flags) else
+                      f" (ZML had already cleared {', '.join(sorted(cleared))})")
+        where = self._readback()
+        err: StageError
         if faults:
-            at = self._position_text()
-            if faults == ["FS"]:  # a stall: cleared so that the stage can go back to where it started
-                with contextlib.suppress(self._exc.MotionLibException):
-                    self._axis.warnings.clear_flags()
-                raise StageError(f"{what} failed: {describe_flag('FS')} at {at}: "
-                                 f"{FAULT_ADVICE['FS']}")
-            err = StageError(f"{what} ended with fault {describe_flag(faults[0])} at {at}: "
+            err = StageError(f"{what}: {self._where()} reported fault {named}{note}; it is at {where}: "
                              f"{FAULT_ADVICE.get(faults[0], 'see the Warning Flags section of the Zaber ASCII manual')}")
-            err.may_move = False  # the drive or the position cannot be trusted: move nothing more
-            raise err
-        return flags
-
-    def _interrupted(self, what: str) -> None:
-        """Raise StageInterrupted naming where the axis is."""
-        raise StageInterrupted(f"{what} was interrupted (NI) at {self._position_text()}: the axis was moved or "
-                               "stopped from outside (the knob or joystick, Zaber Launcher or another program)")
-
-    def _position_text(self) -> str:
-        """"10.1713 mm", or "an unknown position" when it cannot be read."""
-        try:
-            return f"{self.position_mm():.4f} mm"
-        except StageError:
-            return "an unknown position"
+        elif outside:
+            err = StageInterrupted(f"{what}: the axis was moved or stopped from outside ({named}: the knob or "
+                                   f"joystick, Zaber Launcher or another program){note}; it is at {where}")
+        else:
+            err = StageError(f"{what}: {self._where()} reported {named}{note}, so where it stands cannot be vouched "
+                             f"for; it is at {where}")
+        err.before_move = before_move
+        return err
 
     def _stop_now(self) -> str:
-        """Send ``stop`` and wait (at most STOP_TIMEOUT_S) for the axis to come to rest; returns
-        "" or a note that it did not.  ZML's own stop() waits for idle with no time limit."""
-        self._axis.stop(wait_until_idle=False)
+        """Send ``stop`` and wait (at most STOP_TIMEOUT_S) for the axis to come to rest (a stop
+        decelerates); returns "" or a note that it did not.  Sent as a generic command: ZML's own
+        stop() waits for idle with no time limit, and on a flag in its reply clears it (a fault
+        too) and raises.  The axis then stands where the tool's stop left it; the NI that stop set
+        is the tool's own and is cleared here (only when it is the one new flag)."""
+        self._axis.generic_command("stop")
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        while self._axis.is_busy():
+        while True:
+            busy, flags, at = self._state()
+            if not busy:
+                break
             if time.monotonic() > deadline:
                 return f", but it was still busy {STOP_TIMEOUT_S:g} s after the stop"
-            time.sleep(0.005)
+            time.sleep(MOTION_POLL_S)
+        if flags - self._baseline == {"NI"}:
+            self._axis.warnings.clear_flags()
+        self._expect_native, self._left_by = at, "where the tool's stop left it"
         return ""
+
+    def _stop_own(self) -> str:
+        """Stop the tool's own motion after a fault (stopping is always allowed); a note for the message."""
+        try:
+            return "; the move was stopped" + self._stop_now()
+        except (StageError, self._exc.MotionLibException):
+            return "; stopping the move failed"
 
     def stop(self) -> None:
         try:
@@ -3320,13 +3647,22 @@ class FlirCamera(GenicamAdapter):
                               "program (SpinView) holds it") from exc
         try:
             cam.init()
-        except spin.SpinnakerException as exc:
+        except spin.SpinnakerException as exc:  # Init failed: nothing to DeInit (it may be another's)
+            with contextlib.suppress(Exception):
+                cam.close()
             busy = getattr(exc, "errorcode", None) == -1004  # SPINNAKER_ERR_RESOURCE_IN_USE
             raise CameraError(f"cannot open {name}: {first_line(exc)}; " + (
                 "another program (SpinView, another script) or an earlier run that was not closed still holds "
                 "it: close that program, or unplug and replug the camera" if busy else
                 "check the USB cable and that no other program (SpinView) holds it")) from exc
-        self._setup(spin, sp, cam, owned=True, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
+        except BaseException:  # Ctrl-C during init(): Init may have succeeded, so DeInit, or the next open fails
+            _release_spin(cam)
+            raise
+        try:
+            self._setup(spin, sp, cam, owned=True, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
+        except BaseException:  # _setup closes on its failures; a Ctrl-C before its own guard too
+            _release_spin(cam)
+            raise
 
     @classmethod
     def from_camera(cls, camera: Any, *, exposure_ms: float | None = None,
@@ -3377,12 +3713,18 @@ class FlirCamera(GenicamAdapter):
     def _has(self, name: str) -> bool:
         return name in self._cam.camera_attributes
 
+    def _entries(self, name: str) -> list[str]:
+        """The entries of enumeration node ``name`` this camera offers."""
+        spin = self._spin
+        entries = (spin.CEnumEntryPtr(e) for e in self._cam.camera_attributes[name].GetEntries())
+        return [e.GetSymbolic() for e in entries if spin.IsAvailable(e) and spin.IsReadable(e)]
+
     def _configure(self, exposure_ms: float | None, timeout_ms: int, roi: Roi | None) -> None:
         cam, journal = self._cam, self._journal
         self._set_pixel_format()
         if roi is not None:
             self._set_roi(roi)
-        software_trigger(journal, self._has)
+        software_trigger(journal, self._has, self._entries)
         self._freeze_auto()
         if exposure_ms is not None:
             journal.set("ExposureTime", exposure_ms * 1000.0)
@@ -3398,11 +3740,7 @@ class FlirCamera(GenicamAdapter):
         node = cam.camera_attributes.get("PixelFormat")
         if node is None:
             raise CameraError("the FLIR camera has no PixelFormat node: cannot tell what its frames hold")
-        offered = []
-        for entry in node.GetEntries():
-            entry = spin.CEnumEntryPtr(entry)
-            if spin.IsAvailable(entry) and spin.IsReadable(entry):
-                offered.append(entry.GetSymbolic())
+        offered = self._entries("PixelFormat")
         if self._has("AdcBitDepth") and spin.IsReadable(cam.camera_attributes["AdcBitDepth"]):
             sensor_bits = format_bits(str(cam.AdcBitDepth))
         else:
@@ -3466,10 +3804,15 @@ class FlirCamera(GenicamAdapter):
         self._cam.start()
 
     def _release(self) -> None:
-        with contextlib.suppress(Exception):
-            self._cam.cam.DeInit()  # simple_pyspin's close() does not: the next Init would fail (-1004)
-        with contextlib.suppress(Exception):
-            self._cam.close()
+        _release_spin(self._cam)
+
+
+def _release_spin(cam: Any) -> None:
+    """Release a simple_pyspin Camera whatever state it is in; never raises, safe to repeat."""
+    with contextlib.suppress(Exception):
+        cam.cam.DeInit()  # simple_pyspin's close() does not: the next Init would fail (-1004)
+    with contextlib.suppress(Exception):
+        cam.close()
 
 
 ###############################################################################
@@ -3536,14 +3879,23 @@ class BaslerCamera(GenicamAdapter):
                         len(devices), ", ".join(found), found[0])
         info = devices[0]
         name = f"the Basler camera {info.GetSerialNumber()}"
+        cam: Any = None
         try:
             cam = pylon.InstantCamera(factory.CreateDevice(info))
             cam.Open()
         except genicam.GenericException as exc:
+            _release_pylon(cam)
             raise CameraError(f"cannot open {name} ({info.GetModelName()}): {first_line(exc)}; another program "
                               "(pylon Viewer, another script) may hold it: close it, or unplug and replug the "
                               "camera") from exc
-        self._setup(pylon, genicam, cam, owned=True, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
+        except BaseException:  # Ctrl-C during Open(): close what was opened, or the next open finds it held
+            _release_pylon(cam)
+            raise
+        try:
+            self._setup(pylon, genicam, cam, owned=True, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
+        except BaseException:
+            _release_pylon(cam)
+            raise
 
     @classmethod
     def from_camera(cls, camera: Any, *, exposure_ms: float | None = None,
@@ -3606,7 +3958,7 @@ class BaslerCamera(GenicamAdapter):
             self.roi = set_sensor_roi(journal, roi, (int(cam.WidthMax.Value), int(cam.HeightMax.Value)),
                                       {n: int(getattr(cam, n).Inc) for n in ROI_NODES},
                                       (int(cam.Width.Min), int(cam.Height.Min)), bayer=self._bayer_code is not None)
-        software_trigger(journal, self._has)
+        software_trigger(journal, self._has, lambda name: list(getattr(cam, name).Symbolics))
         freeze_auto(journal, self._has, (self._genicam.GenericException,), "Basler camera", "pylon Viewer")
         exposure = next((n for n in ("ExposureTime", "ExposureTimeAbs") if self._has(n)), None)
         if exposure_ms is not None:
@@ -3686,10 +4038,17 @@ class BaslerCamera(GenicamAdapter):
         self._cam.StartGrabbing()
 
     def _release(self) -> None:
-        with contextlib.suppress(Exception):
-            self._cam.Close()
-        with contextlib.suppress(Exception):
-            self._cam.DestroyDevice()
+        _release_pylon(self._cam)
+
+
+def _release_pylon(cam: Any) -> None:
+    """Close a pylon InstantCamera and release its device; never raises, safe to repeat."""
+    if cam is None:
+        return
+    with contextlib.suppress(Exception):
+        cam.Close()
+    with contextlib.suppress(Exception):
+        cam.DestroyDevice()
 
 
 # The live cameras --camera can name (besides "sim"); each takes (serial, *, exposure_ms, timeout_ms, roi).
@@ -3722,7 +4081,7 @@ class SimTiming:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # SIM_RULES; ``scale`` is simulated_microscope's time_scale
             name = "time_scale" if f.name == "scale" else f.name
-            check_value("simulator", name, getattr(self, f.name), SIM_RULES[name])
+            object.__setattr__(self, f.name, check_value("simulator", name, getattr(self, f.name), SIM_RULES[name]))
 
     def move_s(self, distance_mm: float) -> float:
         """Trapezoidal move time plus settle, rounded up to ZML's idle polls."""
@@ -3772,8 +4131,8 @@ class SimOptics:
     specimen_image: str | None = None  # a micrograph (file path) in place of the synthetic cells
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # every value against SIM_RULES, then together
-            check_value("simulator", f.name, getattr(self, f.name), SIM_RULES[f.name])
+        for f in dataclasses.fields(self):  # every value against SIM_RULES (as the tool uses it), then together
+            object.__setattr__(self, f.name, check_value("simulator", f.name, getattr(self, f.name), SIM_RULES[f.name]))
         if self.width * self.height > MAX_SIM_PIXELS:
             raise BadValue("simulator", ("width",), lambda a: (
                 f"{a}: a {self.width}x{self.height} frame is too large: at most {MAX_SIM_PIXELS / 1e6:g} MP in all"))
@@ -4288,18 +4647,71 @@ class SlideCamera(SimCamera):
 # decoders recognise it (it chooses a decoder by content, not by the file's extension), and its
 # size is read from its header before anything is decoded: a 69-byte PNG or a 600-byte JPEG may
 # declare 50000x50000 pixels (a decompression bomb).  A format whose size cannot be read cheaply
-# (AVIF, OpenEXR, ...) is refused rather than decoded blind.
+# (AVIF, OpenEXR, ...) is refused rather than decoded blind.  (OpenCV's own limit,
+# OPENCV_IO_MAX_IMAGE_PIXELS, is read once, when cv2 is loaded: it cannot protect a script that
+# imported cv2 before this file.)  The readers walk at most MAX_HEADER_STEPS segments, boxes or
+# blocks, and see the file through ``_FileBytes``: only the parts they look at are read.
 HEADER_FORMATS = "PNG, TIFF, JPEG, BMP, WebP, JPEG 2000, GIF, PNM/PAM/PFM, Sun raster, Radiance HDR"
+MAX_HEADER_STEPS = 4096  # a real file has a few dozen segments before its size (JPEG's ICC profile: 255 at most)
+
+ImageBytes = Any  # bytes, or a _FileBytes: what the header readers index (data[a:b], len(data))
 
 
-def _uint(data: bytes, at: int, size: int, order: str = "big") -> int:
-    """An unsigned integer of ``size`` bytes at ``at``; ValueError past the end of the data."""
-    if at < 0 or at + size > len(data):
+class _FileBytes:
+    """An image file's bytes as the header readers index them (``data[a:b]``, ``len(data)``), read
+    from the file in blocks only where a reader looks: a header check of a file of any size reads a
+    few KiB (a TIFF's directory may lie at its end, a JPEG's frame header behind large segments).
+    ``verify`` then checks the whole file, read afterwards, against every block the check saw."""
+
+    BLOCK = 4096
+
+    def __init__(self, file: Any, size: int) -> None:
+        self._file, self._size = file, size
+        self._blocks: dict[int, bytes] = {}
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, key: slice) -> bytes:
+        start, stop, _ = key.indices(self._size)
+        if stop <= start:
+            return b""
+        first, last = start // self.BLOCK, (stop - 1) // self.BLOCK
+        missing = [i for i in range(first, last + 1) if i not in self._blocks]
+        if missing:  # one read for the blocks missing, from the first to the last of them
+            self._file.seek(missing[0] * self.BLOCK)
+            chunk = self._file.read((missing[-1] - missing[0] + 1) * self.BLOCK)
+            for i in range(missing[0], missing[-1] + 1):
+                at = (i - missing[0]) * self.BLOCK
+                self._blocks.setdefault(i, chunk[at: at + self.BLOCK])
+        joined = b"".join(self._blocks[i] for i in range(first, last + 1))
+        return joined[start - first * self.BLOCK: stop - first * self.BLOCK]
+
+    def verify(self, data: bytes) -> bool:
+        """Whether ``data`` (the whole file) holds every byte the header check read."""
+        return all(data[i * self.BLOCK: (i + 1) * self.BLOCK] == block for i, block in self._blocks.items())
+
+
+def _steps(what: str) -> Iterator[int]:
+    """A header reader's walk: MAX_HEADER_STEPS steps, then ValueError (a damaged or hostile file)."""
+    yield from range(MAX_HEADER_STEPS)
+    raise ValueError(f"its {what} runs on for more than {MAX_HEADER_STEPS} segments before giving its size")
+
+
+def _bytes(data: ImageBytes, at: int, size: int) -> bytes:
+    """``size`` bytes at ``at``; ValueError past the end of the data."""
+    chunk = data[at: at + size] if at >= 0 else b""
+    if len(chunk) != size:
         raise ValueError("the header is cut short")
-    return int.from_bytes(data[at: at + size], order)  # type: ignore[arg-type]
+    return chunk
 
 
-def _tiff_size(data: bytes) -> tuple[int, int, int | None]:
+def _uint(data: ImageBytes, at: int, size: int, order: str = "big") -> int:
+    """An unsigned integer of ``size`` bytes at ``at``; ValueError past the end of the data."""
+    return int.from_bytes(_bytes(data, at, size), order)  # type: ignore[arg-type]
+
+
+def _tiff_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """TIFF or BigTIFF: width, length and samples per pixel of the first image (the one OpenCV
     decodes); where a tag is repeated, the largest value counts."""
     order = "little" if data[:2] == b"II" else "big"
@@ -4309,12 +4721,12 @@ def _tiff_size(data: bytes) -> tuple[int, int, int | None]:
     at += 8 if big else 2
     entry, value_at = (20, 12) if big else (12, 8)
     sizes = {3: 2, 4: 4, 16: 8}  # SHORT, LONG, LONG8
+    table = _bytes(data, at, min(count, MAX_HEADER_STEPS) * entry)  # the directory: one read
     tags: dict[int, int] = {}
-    for i in range(min(count, 4096)):
-        e = at + i * entry
-        tag, kind = _uint(data, e, 2, order), _uint(data, e + 2, 2, order)
+    for e in range(0, len(table), entry):
+        tag, kind = _uint(table, e, 2, order), _uint(table, e + 2, 2, order)
         if tag in (256, 257, 277) and kind in sizes:  # ImageWidth, ImageLength, SamplesPerPixel
-            tags[tag] = max(tags.get(tag, 0), _uint(data, e + value_at, sizes[kind], order))
+            tags[tag] = max(tags.get(tag, 0), _uint(table, e + value_at, sizes[kind], order))
     if 256 not in tags or 257 not in tags:
         raise ValueError("its first TIFF directory gives no width or height")
     return tags[256], tags[257], tags.get(277, 1)
@@ -4324,32 +4736,32 @@ def _tiff_size(data: bytes) -> tuple[int, int, int | None]:
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int, int | None]:
+def _jpeg_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """JPEG: the frame header (SOFn), found by walking the marker segments as libjpeg does;
     anything a strict reader would not accept (bytes between segments, no frame header before the
     scan, a height of 0 to be given later by a DNL marker) is refused."""
     at = 2
-    while True:
-        if _uint(data, at, 1) != 0xFF:
-            raise ValueError("its JPEG markers are damaged")
-        while _uint(data, at, 1) == 0xFF:  # fill bytes
-            at += 1
-        marker = _uint(data, at, 1)
-        at += 1
+    for _ in _steps("JPEG header"):
+        run = data[at: at + 256]  # a marker: fill bytes (FF) and its code
+        fill = len(run) - len(run.lstrip(b"\xff"))
+        if not fill or fill == len(run):  # no marker here, or a run of fill bytes no encoder writes
+            raise ValueError("its JPEG markers are damaged" if at + len(run) < len(data) else "the header is cut short")
+        marker = run[fill]
+        at += fill + 1
         if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
             continue
         if marker in (0xD9, 0xDA):  # EOI or the scan itself before any frame header
             raise ValueError("the JPEG has no frame header before its image data")
-        length = _uint(data, at, 2)
         if marker in _JPEG_SOF:
             height, width, components = _uint(data, at + 3, 2), _uint(data, at + 5, 2), _uint(data, at + 7, 1)
             if height == 0:
                 raise ValueError("the JPEG leaves its height to a later DNL marker")
             return width, height, components
-        at += length
+        at += _uint(data, at, 2)
+    raise AssertionError("unreachable")
 
 
-def _jp2_size(data: bytes) -> tuple[int, int, int | None]:
+def _jp2_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """JPEG 2000: a raw codestream's SIZ marker, or a JP2 file's image header box (ihdr) and the
     SIZ of its codestream box (jp2c): the larger of the two, since the decoder reads the latter."""
     def siz(at: int) -> tuple[int, int, int]:
@@ -4361,10 +4773,11 @@ def _jp2_size(data: bytes) -> tuple[int, int, int | None]:
     if data[:4] == b"\xff\x4f\xff\x51":
         return siz(0)
     found: list[tuple[int, int, int]] = []
+    steps = _steps("JPEG 2000 header")
 
     def boxes(start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
         at = start
-        while at + 8 <= end:
+        while at + 8 <= end and next(steps) >= 0:
             length, kind, body = _uint(data, at, 4), data[at + 4: at + 8], at + 8
             if length == 1:
                 length, body = _uint(data, at + 8, 8), at + 16
@@ -4390,7 +4803,7 @@ def _jp2_size(data: bytes) -> tuple[int, int, int | None]:
     return max(w for w, _, _ in found), max(h for _, h, _ in found), max(c for _, _, c in found)
 
 
-def _netpbm_size(data: bytes) -> tuple[int, int, int | None]:
+def _netpbm_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """PBM/PGM/PPM (P1-P6), PFM (PF, Pf): width and height after the magic, comments skipped;
     PAM (P7): its WIDTH, HEIGHT and DEPTH lines."""
     head = data[:4096]
@@ -4408,17 +4821,18 @@ def _netpbm_size(data: bytes) -> tuple[int, int, int | None]:
         raise ValueError("its PNM header gives no width or height") from None
 
 
-def _hdr_size(data: bytes) -> tuple[int, int, int | None]:
+def _hdr_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """Radiance HDR: the resolution line after the header's blank line (only the standard
     "-Y rows +X columns" orientation, the one OpenCV reads)."""
-    end = data.find(b"\n\n", 0, 65536)
-    match = re.match(rb"-Y (\d+) \+X (\d+)\n", data[end + 2: end + 64]) if end >= 0 else None
+    head = data[:65536]
+    end = head.find(b"\n\n")
+    match = re.match(rb"-Y (\d+) \+X (\d+)\n", head[end + 2: end + 64]) if end >= 0 else None
     if match is None:
         raise ValueError("its Radiance header has no -Y ROWS +X COLUMNS line")
     return int(match.group(2)), int(match.group(1)), 3
 
 
-def _webp_size(data: bytes) -> tuple[int, int, int | None]:
+def _webp_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """WebP: the canvas (VP8X) or the frame size of a lossy (VP8) or lossless (VP8L) image."""
     chunk = data[12:16]
     if chunk == b"VP8X":
@@ -4431,24 +4845,23 @@ def _webp_size(data: bytes) -> tuple[int, int, int | None]:
     raise ValueError("its WebP header is not one of VP8, VP8L or VP8X")
 
 
-def _bmp_size(data: bytes) -> tuple[int, int, int | None]:
+def _bmp_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """BMP: the info header (BITMAPCOREHEADER or a later one; a negative height is top-down)."""
     if _uint(data, 14, 4, "little") == 12:
         return _uint(data, 18, 2, "little"), _uint(data, 20, 2, "little"), None
-    _uint(data, 22, 4)  # the header is long enough
-    width = int.from_bytes(data[18:22], "little", signed=True)
-    height = int.from_bytes(data[22:26], "little", signed=True)
+    width, height = (int.from_bytes(_bytes(data, at, 4), "little", signed=True) for at in (18, 22))
     return abs(width), abs(height), None
 
 
-def _gif_size(data: bytes) -> tuple[int, int, int | None]:
+def _gif_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """GIF: the logical screen, or the first image where it reaches beyond the screen (the image a
     decoder reads and allocates)."""
     width, height, flags = _uint(data, 6, 2, "little"), _uint(data, 8, 2, "little"), _uint(data, 10, 1)
     at = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
-    while _uint(data, at, 1) == 0x21:  # extensions (graphic control, comments...): sub-blocks to skip
+    steps = _steps("GIF header")
+    while _uint(data, at, 1) == 0x21 and next(steps) >= 0:  # extensions (graphic control, comments...)
         at += 2
-        while (size := _uint(data, at, 1)) != 0:
+        while (size := _uint(data, at, 1)) != 0 and next(steps) >= 0:  # their sub-blocks, skipped
             at += size + 1
         at += 1
     if _uint(data, at, 1) != 0x2C:
@@ -4458,29 +4871,37 @@ def _gif_size(data: bytes) -> tuple[int, int, int | None]:
     return max(width, left + w), max(height, top + h), None
 
 
-# (signature test, size reader) in the order OpenCV's decoders are tried.
-_IMAGE_FORMATS: tuple[tuple[str, Callable[[bytes], bool], Callable[[bytes], tuple[int, int, int | None]]], ...] = (
-    ("BMP", lambda d: d[:2] == b"BM", _bmp_size),
-    ("Radiance HDR", lambda d: d[:6] == b"#?RGBE" or d[:10] == b"#?RADIANCE", _hdr_size),
-    ("JPEG", lambda d: d[:3] == b"\xff\xd8\xff", _jpeg_size),
+def _starts(*magics: bytes) -> Callable[[ImageBytes], bool]:
+    """A signature test: the data starts with one of ``magics``."""
+    return lambda d: any(d[:len(m)] == m for m in magics)
+
+
+def _sizes_at(width_at: int, height_at: int) -> Callable[[ImageBytes], tuple[int, int, int | None]]:
+    """A size reader for a header with width and height as 32-bit big-endian numbers at fixed places."""
+    return lambda d: (_uint(d, width_at, 4), _uint(d, height_at, 4), None)
+
+
+# (name, signature test, size reader) in the order OpenCV's decoders are tried.
+_IMAGE_FORMATS: tuple[tuple[str, Callable[[ImageBytes], bool],
+                            Callable[[ImageBytes], tuple[int, int, int | None]]], ...] = (
+    ("BMP", _starts(b"BM"), _bmp_size),
+    ("Radiance HDR", _starts(b"#?RGBE", b"#?RADIANCE"), _hdr_size),
+    ("JPEG", _starts(b"\xff\xd8\xff"), _jpeg_size),
     ("WebP", lambda d: d[:4] == b"RIFF" and d[8:12] == b"WEBP", _webp_size),
-    ("Sun raster", lambda d: d[:4] == b"\x59\xa6\x6a\x95",
-     lambda d: (_uint(d, 4, 4), _uint(d, 8, 4), None)),
-    ("PNM", lambda d: len(d) > 2 and d[:1] == b"P" and d[1:2] in b"1234567" and d[2:3].isspace(), _netpbm_size),
-    ("PFM", lambda d: d[:2] in (b"PF", b"Pf") and d[2:3].isspace(), _netpbm_size),
-    ("TIFF", lambda d: d[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"), _tiff_size),
-    ("PNG", lambda d: d[:8] == b"\x89PNG\r\n\x1a\n" and d[12:16] == b"IHDR",
-     lambda d: (_uint(d, 16, 4), _uint(d, 20, 4), None)),
-    ("JPEG 2000", lambda d: d[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or d[:4] == b"\xff\x4f\xff\x51",
-     _jp2_size),
-    ("GIF", lambda d: d[:6] in (b"GIF87a", b"GIF89a"), _gif_size),
+    ("Sun raster", _starts(b"\x59\xa6\x6a\x95"), _sizes_at(4, 8)),
+    ("PNM", lambda d: d[:1] == b"P" and d[1:2] in (*(b"%d" % i for i in range(1, 8)), b"F", b"f")
+     and d[2:3].isspace(), _netpbm_size),  # PBM/PGM/PPM, PAM (P7) and PFM (PF, Pf)
+    ("TIFF", _starts(b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"), _tiff_size),
+    ("PNG", lambda d: d[:8] == b"\x89PNG\r\n\x1a\n" and d[12:16] == b"IHDR", _sizes_at(16, 20)),
+    ("JPEG 2000", _starts(b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51"), _jp2_size),
+    ("GIF", _starts(b"GIF87a", b"GIF89a"), _gif_size),
 )
 
 
-def image_header(data: bytes) -> tuple[str, int, int, int | None]:
-    """(format, width, height, samples per pixel or None) of an image file's bytes, from its
-    header alone.  ValueError for a format it does not know (see HEADER_FORMATS) or a header that
-    does not say."""
+def image_header(data: ImageBytes) -> tuple[str, int, int, int | None]:
+    """(format, width, height, samples per pixel or None) of an image file's bytes (or a
+    ``_FileBytes``), from its header alone.  ValueError for a format it does not know (see
+    HEADER_FORMATS) or a header that does not say."""
     for name, matches, size in _IMAGE_FORMATS:
         if matches(data):
             return (name, *size(data))
@@ -4508,27 +4929,41 @@ def quiet_stderr() -> Iterator[None]:
 def read_image(path: Path, what: str) -> np.ndarray:
     """Decode one replay image after checking its header; StackError (one line) for a file
     too large, truncated, of an unsupported format, type or channel count, or with non-finite
-    pixels.  The file's bytes are read here and decoded from memory: OpenCV is never given a path
-    (its Python binding crashes on a file name that is not valid UTF-8, and on Windows it cannot
-    open non-ASCII paths), and the bytes checked are the bytes decoded."""
+    pixels.  Only the parts of the file its header check needs are read before the check passes;
+    then the whole file is read and decoded from memory: OpenCV is never given a path (its Python
+    binding crashes on a file name that is not valid UTF-8, and on Windows it cannot open non-ASCII
+    paths), and the bytes checked are the bytes decoded."""
+    too_large = f"{what} is more than {MAX_IMAGE_FILE_BYTES >> 20} MiB; too large for a microscope frame"
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_IMAGE_FILE_BYTES:
+                raise StackError(too_large)
+            head = _FileBytes(f, size)
+            try:
+                kind, width, height, channels = image_header(head)
+            except ValueError as exc:
+                raise StackError(f"{what} cannot be read as an image: {exc}") from None
+            if width * height > MAX_IMAGE_PIXELS:
+                raise StackError(f"{what} declares {width}x{height} pixels, more than {MAX_IMAGE_PIXELS / 1e6:g} MP, "
+                                 f"in its {kind} header; not a microscope frame (or a damaged file)")
+            if channels is not None and channels not in (1, 3, 4):
+                raise StackError(f"{what} has {channels} channels; a stack must hold gray, colour or colour+alpha "
+                                 "images")
+            f.seek(0)
             data = f.read(MAX_IMAGE_FILE_BYTES + 1)
     except OSError as exc:
         raise StackError(f"{what} cannot be read ({exc.strerror})") from exc
     if len(data) > MAX_IMAGE_FILE_BYTES:
-        raise StackError(f"{what} is more than {MAX_IMAGE_FILE_BYTES >> 20} MiB; too large for a microscope frame")
+        raise StackError(too_large)
+    if not head.verify(data):
+        raise StackError(f"{what} changed while it was read; replay the stack when nothing writes to it")
     try:
-        kind, width, height, channels = image_header(data)
-    except ValueError as exc:
-        raise StackError(f"{what} cannot be read as an image: {exc}") from None
-    if width * height > MAX_IMAGE_PIXELS:
-        raise StackError(f"{what} declares {width}x{height} pixels, more than {MAX_IMAGE_PIXELS / 1e6:g} MP, in its "
-                         f"{kind} header; not a microscope frame (or a damaged file)")
-    if channels is not None and channels not in (1, 3, 4):
-        raise StackError(f"{what} has {channels} channels; a stack must hold gray, colour or colour+alpha images")
-    with quiet_stderr():
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        with quiet_stderr():
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # OpenCV's own limits (CV_IO_MAX_IMAGE_WIDTH: 2^20 pixels a side), ...
+        raise StackError(f"{what} ({width}x{height} {kind}) cannot be decoded: OpenCV refuses it "
+                         f"({getattr(exc, 'err', '') or first_line(exc)})") from exc
     if image is None:
         raise StackError(f"{what} cannot be read as an image (truncated, damaged or not an image)")
     if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:  # the decoder's word against the header's
@@ -4563,6 +4998,15 @@ class ReplayStack:
         if not file_exists(csv_path, f"replay stack {self.folder}: stack.csv"):
             raise StackError(f"replay stack {self.folder}: no stack.csv there (expected columns z_mm,file)")
         rows = self._read_rows(csv_path)
+        # Every file the replay reads, as its row names it (the folder resolved, the last part as
+        # named: a link itself) and as it resolves (the file a link leads to): what no output of a
+        # run that replays this stack may write, replace or remove (``check_outputs``).
+        named = [csv_path, self.folder / ROI_FILE, *(self.folder / name for _, name in rows)]
+        try:
+            self.files = sorted({q for f in named for q in (f.parent.resolve() / f.name, f.resolve())})
+        except OSError as exc:
+            raise StackError(f"replay stack {csv_path}: a file it names cannot be found ({exc.strerror or exc})") \
+                from exc
         zs = [z for z, _ in rows]
         dupes = sorted(z for z, count in collections.Counter(zs).items() if count > 1)
         if dupes:
@@ -4593,21 +5037,6 @@ class ReplayStack:
         self.z_mm = self.z_mm[order]
         self.frames = [self.frames[i] for i in order]
         self.roi = self._read_roi(self.folder / ROI_FILE, self.frames[0].shape)
-
-    @staticmethod
-    def files(folder: str | Path) -> list[Path]:
-        """Every file a replay of ``folder`` reads, resolved (links followed, ../ and absolute rows
-        as they name them): stack.csv, roi.json and each image (StackError for a broken stack.csv)."""
-        folder = Path(folder)
-        csv_path = folder / "stack.csv"
-        if not file_exists(csv_path, f"replay stack {folder}: stack.csv"):
-            raise StackError(f"replay stack {folder}: no stack.csv there (expected columns z_mm,file)")
-        rows = ReplayStack._read_rows(csv_path)
-        try:
-            return [p.resolve() for p in (csv_path, folder / ROI_FILE, *(folder / name for _, name in rows))]
-        except OSError as exc:
-            raise StackError(f"replay stack {csv_path}: a file it names cannot be found ({exc.strerror or exc})") \
-                from exc
 
     @staticmethod
     def _read_roi(path: Path, frame_shape: tuple[int, ...]) -> Roi | None:
@@ -4650,6 +5079,9 @@ class ReplayStack:
                                          "is not a number") from None
                     if not math.isfinite(z) or not row["file"]:
                         raise StackError(f"replay stack {csv_path}, line {line}: needs a finite z_mm and a file")
+                    if "\x00" in row["file"]:
+                        raise StackError(f"replay stack {csv_path}, line {line}: the file name holds a NUL byte, "
+                                         "which no file system allows; fix the row")
                     rows.append((z, row["file"]))
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise StackError(f"replay stack {csv_path}: cannot read it ({exc})") from exc
@@ -5345,17 +5777,21 @@ def strict_json(data: dict[str, Any]) -> str:
 
 
 def write_replacing(path: str | Path, write: Callable[[Path], None]) -> None:
-    """``write`` a new file next to ``path`` (a name this call creates, exclusively), then rename
-    it onto ``path``: a failure (a full disk) leaves the old file or none, never half a file, and a
-    link planted at ``path`` is replaced, never written through."""
+    """``write`` a new file next to ``path`` (a name this call creates, exclusively: "." + the start
+    of the name + 8 random hex digits + ".part"), then rename it onto ``path``: a failure (a full
+    disk) leaves the old file or none, never half a file, and a link planted at ``path`` (or at a
+    temporary name) is replaced or passed over, never written through.  Every output file of the
+    tool is written so (the curve, the plot, the map's files, each --save-images frame)."""
     path = Path(path)
     for _ in range(100):  # a free temporary name (claimed exclusively: nothing there is followed)
-        temporary = path.with_name(f".autofocus-{os.getpid()}-{os.urandom(4).hex()}.tmp")
+        temporary = path.with_name(f".{path.name[:32]}.{os.urandom(4).hex()}.part")
         try:
             open(temporary, "xb").close()  # noqa: SIM115
             break
         except FileExistsError:
             continue
+    else:
+        raise FileExistsError(f"no free temporary name next to {path} (100 tried)")
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -5502,8 +5938,9 @@ def plot_map(path: str | Path, fmap: FocusMap) -> None:
 
 
 # The files --save-images writes into its folder besides stack.csv and roi.json (and what --overwrite
-# removes): frames, and a frame being written (a temporary name, renamed once complete).
-FRAME_FILE = re.compile(r"\.?frame_\d{5}\.(png|tif)(\.part)?")
+# removes): frames, and a frame being written (``write_replacing``'s temporary name; without the
+# random digits: an older version's).
+FRAME_FILE = re.compile(r"frame_\d{5}\.(png|tif)|\.frame_\d{5}\.(png|tif)(\.[0-9a-f]{8})?\.part")
 
 
 def recording_files(folder: Path) -> list[Path]:
@@ -5522,21 +5959,14 @@ def encode_frame(frame: np.ndarray) -> tuple[str, bytes]:
     return ext, encoded.tobytes()
 
 
-def write_new_file(path: Path, data: bytes) -> None:
-    """Create ``path`` (exclusively: an existing file, or a link planted there, is an error, never
-    written through) holding ``data``."""
-    with open(path, "xb") as fh:
-        fh.write(data)
-
-
 class ImageSaver:
     """Writes every frame losslessly (``encode_frame``: PNG, or float TIFF for float32 frames) and
     appends a row to DIR/stack.csv as it goes.
 
-    Every file is created here, exclusively, so nothing is ever written through a link that was
-    there before.  A recording already in DIR (stack.csv, roi.json, frames) is refused unless
-    ``overwrite``, which removes it first (links are removed, never followed): no stale slice is
-    left behind.  Frames are saved whole; a region of interest is recorded in DIR/roi.json, so
+    Every file is created here (``write_replacing``; stack.csv exclusively), so nothing is ever
+    written through a link that was there before.  A recording already in DIR (stack.csv,
+    roi.json, frames) is refused unless ``overwrite``, which removes it first (links are removed,
+    never followed): no stale slice is left behind.  Frames are saved whole; a region of interest is recorded in DIR/roi.json, so
     that ``--replay DIR`` scores the same region."""
 
     def __init__(self, folder: str | Path, roi: Roi | None = None, *, overwrite: bool = False) -> None:
@@ -5550,7 +5980,8 @@ class ImageSaver:
             for path in old:
                 path.unlink()
             if roi is not None:
-                write_new_file(self.folder / ROI_FILE, (json.dumps({"roi": list(roi)}) + "\n").encode())
+                text = json.dumps({"roi": list(roi)}) + "\n"
+                write_replacing(self.folder / ROI_FILE, lambda temporary: temporary.write_text(text, encoding="utf-8"))
             self._csv = open(self.folder / "stack.csv", "x", newline="", encoding="utf-8")  # noqa: SIM115
             self._writer = csv.writer(self._csv)
             self._writer.writerow(["z_mm", "file", "score"])
@@ -5563,24 +5994,20 @@ class ImageSaver:
     def __call__(self, index: int, z_mm: float, frame: np.ndarray, score: float) -> None:
         """Write one frame, then its row: a row is only ever listed for a file completely written.
 
-        The frame is encoded in memory and written under a temporary name, then renamed, so a
-        full disk is one OSError here (no libpng messages) and never leaves a truncated frame
-        behind a row.  The first failure stops the run (OutputError, exit 5)."""
+        The frame is encoded in memory and written by ``write_replacing``, so a full disk is one
+        OSError here (no libpng messages) and never leaves a truncated frame behind a row.  The
+        first failure stops the run (OutputError, exit 5)."""
         with self._lock:  # close() waits for a frame being written, and no frame follows it
             if self._csv.closed:
                 return
             ext, encoded = encode_frame(frame)
             name = f"frame_{index:05d}{ext}"
             path = self.folder / name
-            partial = path.with_name(f".{name}.part")
             try:
-                write_new_file(partial, encoded)
-                os.replace(partial, path)  # replaces a link planted at ``path``; never follows it
+                write_replacing(path, lambda temporary: temporary.write_bytes(encoded))
                 self._writer.writerow([repr(float(z_mm)), name, repr(float(score))])
                 self._csv.flush()
             except OSError as exc:
-                with contextlib.suppress(OSError):
-                    partial.unlink(missing_ok=True)
                 raise OutputError(f"--save-images: writing {path} failed ({exc.strerror or exc}); the frames "
                                   f"before it are in {self.folder / 'stack.csv'}") from exc
 
@@ -5589,10 +6016,90 @@ class ImageSaver:
             self._csv.close()
 
 
-def compose_view(frame: np.ndarray, blur: int, curve: Sequence[Sample], height: int = 240,
-                 roi: Roi | None = None) -> np.ndarray:
-    """One BGR picture: the frame, the filtered frame, its Laplacian, and the curve so far;
-    the region of interest (the part that is scored) outlined in yellow on the three images."""
+# The --show-images view: the frame, the filtered frame, its Laplacian and the focus curve side
+# by side, each ``height`` pixels high and titled with its display scale; in the live window a
+# status line below them says what is happening and which keys do what.
+VIEW_FONT = cv2.FONT_HERSHEY_SIMPLEX
+CURVE_ASPECT = 1.6  # the curve panel is this many times as wide as it is high
+KEY_ESC = 27
+
+
+def curve_title(metric: str | None = None, transparent: bool = False) -> str:
+    """The curve panel's title: the score and its metric (as focus() picks it)."""
+    metric = metric or ("normvar" if transparent else "laplacian")
+    return f"score: -contrast ({metric})" if transparent else f"focus score ({metric})"
+
+
+def font_scale(height: int) -> float:
+    """OpenCV text scale for a view ``height`` pixels high: capitals ~11 px at 240, never below ~8 px."""
+    return max(0.35, height / 480)
+
+
+def put_label(img: np.ndarray, text: str, org: tuple[int, int], scale: float,
+              color: tuple[int, int, int] = (255, 255, 255)) -> None:
+    """Text readable on any image: ``color`` on a darkened box (an outline drawn thicker would
+    not line up: OpenCV 5's font spaces thick text wider)."""
+    (w, h), base = cv2.getTextSize(text, VIEW_FONT, scale, 1)
+    x, y = org
+    box = img[max(y - h - 3, 0): y + base + 1, max(x - 3, 0): x + w + 3]
+    box //= 3
+    cv2.putText(img, text, org, VIEW_FONT, scale, color, 1, cv2.LINE_AA)
+
+
+def put_text(img: np.ndarray, text: str, org: tuple[int, int], scale: float,
+             color: tuple[int, int, int] = (40, 40, 40), right: bool = False) -> None:
+    """Plain text (on the curve panel's white), left-aligned at ``org`` or right-aligned to it."""
+    if right:
+        org = (org[0] - cv2.getTextSize(text, VIEW_FONT, scale, 1)[0][0], org[1])
+    cv2.putText(img, text, org, VIEW_FONT, scale, color, 1, cv2.LINE_AA)
+
+
+def fitted(text: str, width: int, scale: float) -> float:
+    """``scale``, made smaller (down to 60%) when ``text`` would not fit ``width`` pixels."""
+    need = cv2.getTextSize(text, VIEW_FONT, scale, 1)[0][0]
+    return scale if need <= width else max(scale * 0.6, scale * width / need)
+
+
+def status_bar_px(height: int) -> int:
+    """Height of the status line under a view whose panels are ``height`` pixels high."""
+    return max(16, round(height / 10))
+
+
+def view_size_px(frame_shape: tuple[int, ...], height: int, status: bool = True) -> tuple[int, int]:
+    """(width, height) of the picture ``compose_view`` draws for frames of this shape."""
+    panel_w = max(1, int(round(frame_shape[1] * height / frame_shape[0])))
+    return 3 * panel_w + int(height * CURVE_ASPECT), height + (status_bar_px(height) if status else 0)
+
+
+def fit_view_height(frame_shape: tuple[int, ...], screen_px: tuple[int, int] | None,
+                    height: int = VIEW_HEIGHT_PX) -> int:
+    """The panel height at which the whole view fits the screen (less SCREEN_MARGIN_PX), at
+    most ``height``: the view is drawn at the size it is shown, so its labels stay sharp."""
+    if screen_px is None:
+        return height
+    room_w, room_h = screen_px[0] - SCREEN_MARGIN_PX[0], screen_px[1] - SCREEN_MARGIN_PX[1]
+    while height > MIN_VIEW_HEIGHT_PX:
+        w, h = view_size_px(frame_shape, height)
+        if w <= room_w and h <= room_h:
+            break
+        height = max(MIN_VIEW_HEIGHT_PX, min(height - 1, int(height * min(room_w / w, room_h / h))))
+    return height
+
+
+def compose_view(frame: np.ndarray, blur: int, curve: Sequence[Sample], height: int = VIEW_HEIGHT_PX,
+                 roi: Roi | None = None, *, frame_mm: float | None = None, positions: Sequence[float] = (),
+                 todo_label: str = "to go", result: FocusResult | None = None, score_name: str = curve_title(),
+                 status: str | None = None) -> np.ndarray:
+    """One BGR picture: the frame, the filtered frame, its Laplacian, and the focus curve, ``height``
+    pixels high, each titled with its display scale; the region of interest (the part that is
+    scored) outlined in yellow on the three images; ``status``, when given, in a line below.
+
+    The image scales are fixed (not per frame) so that the panels compare across a sweep.
+    ``frame_mm``: where the frame was taken (default: the last sample's position);
+    ``positions``: the planned grid (the curve spans it and shades the positions not measured
+    yet, labelled ``todo_label``); ``result``: a finished run, whose fitted peak, its +- and the
+    verdict the curve shows.
+    """
     filtered, lap = laplacian_views(frame, blur)
     gray = to_gray_float(frame)
     peak = float(np.iinfo(frame.dtype).max) if np.issubdtype(frame.dtype, np.integer) else 1.0
@@ -5603,50 +6110,199 @@ def compose_view(frame: np.ndarray, blur: int, curve: Sequence[Sample], height: 
         u8 = cv2.resize(u8, (w, height), interpolation=cv2.INTER_AREA)
         return cv2.applyColorMap(u8, cmap) if cmap is not None else cv2.cvtColor(u8, cv2.COLOR_GRAY2BGR)
 
-    # Fixed display scales (not per frame) so that the panels compare across the sweep.
     panels = [
-        panel(gray, 0.0, peak, None),
+        panel(gray, 0.0, peak, None),  # camera counts
         panel(filtered, 0.0, 4.0, cv2.COLORMAP_VIRIDIS),  # in units of the frame's mean
         panel(np.abs(lap), 0.0, 0.5, None),
-        draw_curve(curve, height),
     ]
-    titles = ["frame", "filtered", "Laplacian", "focus score"]
+    z_mm = frame_mm if frame_mm is not None else (curve[-1].z_mm if curve else None)
+    titles = [f"frame{f' at {z_mm:.4f} mm' if z_mm is not None else ''}, 0-{peak:g}",
+              "filtered, 0-4x mean (viridis)", "|Laplacian|, 0-0.5x mean"]
     if roi is not None:
         scale = height / frame.shape[0]  # every image panel is the whole frame, resized to `height`
         x, y, w, h = (int(round(v * scale)) for v in roi)
-        for p in panels[:3]:
+        for p in panels:
             cv2.rectangle(p, (x, y), (x + max(w, 1) - 1, y + max(h, 1) - 1), (0, 255, 255), 1)
-        titles[0] = "frame (ROI scored)"
+        titles[0] += " (ROI scored)"
+    size = font_scale(height)
     for p, t in zip(panels, titles):
-        cv2.putText(p, t, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 255), 1, cv2.LINE_AA)
-    return np.hstack(panels)
+        s = fitted(t, p.shape[1] - 12, size)
+        put_label(p, t, (6, 6 + cv2.getTextSize(t, VIEW_FONT, s, 1)[0][1]), s)
+    span = (min(positions), max(positions)) if len(positions) else None
+    measured = {round(s.z_mm, 6) for s in curve}
+    todo = [z for z in positions if round(z, 6) not in measured]
+    panels.append(draw_curve(curve, height, span_mm=span, todo_mm=todo, todo_label=todo_label, result=result,
+                             score_name=score_name))
+    view = np.hstack(panels)
+    if status is not None:
+        bar = np.full((status_bar_px(height), view.shape[1], 3), 48, np.uint8)
+        s = fitted(status, view.shape[1] - 12, size)
+        put_text(bar, status, (6, (bar.shape[0] + cv2.getTextSize(status, VIEW_FONT, s, 1)[0][1]) // 2), s,
+                 (235, 235, 235))
+        view = np.vstack([view, bar])
+    return view
 
 
-def draw_curve(curve: Sequence[Sample], height: int, width: int | None = None) -> np.ndarray:
-    """The focus curve so far as a small BGR plot."""
-    width = width or int(height * 1.4)
+def draw_curve(curve: Sequence[Sample], height: int, width: int | None = None, *,
+               span_mm: tuple[float, float] | None = None, todo_mm: Sequence[float] = (), todo_label: str = "to go",
+               result: FocusResult | None = None, score_name: str = curve_title()) -> np.ndarray:
+    """The focus curve as a BGR plot: every frame (a dot), the best frame (red ring), the fitted
+    peak (green dashed line, with its +/- as an error bar when ``result`` has one), where the
+    stage was sent (red line), the positions still to measure (grey band; none once there is a
+    ``result``), the verdict, and the scales (z in mm below, the score's range at the left).
+    It spans ``span_mm`` (the planned range) or else the measured one."""
+    width = width or int(height * CURVE_ASPECT)
     canvas = np.full((height, width, 3), 255, np.uint8)
+    size, small = font_scale(height), font_scale(height) * 0.85
+    line_px = int(cv2.getTextSize("Ag", VIEW_FONT, size, 1)[0][1] * 1.9)
+    right, top, bottom = width - 8, int(3.3 * line_px), height - int(1.3 * line_px)
+    red, green, grey = (0, 0, 220), (0, 140, 0), (110, 110, 110)
+    put_text(canvas, score_name, (6, line_px - 4), fitted(score_name, width - 12, size), (0, 0, 0))
     ordered = by_z(curve)
-    if len(ordered) >= 1:
-        z = np.array([s.z_mm for s in ordered])
-        y = np.array([s.score for s in ordered])
-        zspan = (z.max() - z.min()) or 1.0
-        yspan = (y.max() - y.min()) or 1.0
-        px = (10 + (z - z.min()) / zspan * (width - 20)).astype(np.int32)
-        py = (height - 10 - (y - y.min()) / yspan * (height - 40)).astype(np.int32)
-        pts = np.stack([px, py], axis=1)
-        cv2.polylines(canvas, [pts], False, (40, 40, 200), 2, cv2.LINE_AA)
+    zs = [s.z_mm for s in ordered]
+    y = np.array([s.score for s in ordered])
+    ylabels = (f"{y.max():.3g}", f"{y.min():.3g}") if ordered else ("", "")
+    left = 10 + max(cv2.getTextSize(t, VIEW_FONT, small, 1)[0][0] for t in ylabels)  # room for the score scale
+    lo, hi = span_mm if span_mm is not None else ((min(zs), max(zs)) if zs else (0.0, 1.0))
+    zspan = (hi - lo) or 1.0
+
+    def px(z: float) -> int:
+        return int(round(left + (z - lo) / zspan * (right - left)))
+
+    if len(todo_mm) and result is None:  # the positions not measured yet: a grey band a grid step wide
+        gaps = np.diff(sorted(todo_mm))
+        step_mm = float(gaps[gaps > 0].min()) if (gaps > 0).any() else zspan / 100
+        half = max(1, int(math.ceil(step_mm / zspan * (right - left) / 2)))
+        for z in todo_mm:
+            cv2.rectangle(canvas, (px(z) - half, top), (px(z) + half, bottom), (225, 225, 225), -1)
+        put_text(canvas, todo_label, (right - 2, bottom - 4), small, (130, 130, 130), right=True)
+    cv2.line(canvas, (left, bottom), (right, bottom), (150, 150, 150), 1)  # the z axis
+    fit = result.fit if result is not None else fit_peak(ordered)
+    shows_fit = fit.used and fit.z_mm is not None and lo - 1e-9 <= fit.z_mm <= hi + 1e-9
+    legend_y = 3 * line_px - 6
+    if ordered:
+        ylo, yhi = float(y.min()), float(y.max())
+        yspan = (yhi - ylo) or 1.0
+        pts = np.stack([[px(z) for z in zs], np.round(bottom - 4 - (y - ylo) / yspan * (bottom - top - 8))],
+                       axis=1).astype(np.int32)
+        cv2.polylines(canvas, [pts], False, (200, 120, 40), 1, cv2.LINE_AA)
         for p in pts:
-            cv2.circle(canvas, (int(p[0]), int(p[1])), 2, (0, 0, 0), -1)
-        latest = curve[-1]
-        font, small, grey = cv2.FONT_HERSHEY_SIMPLEX, 0.4, (90, 90, 90)
-        cv2.putText(canvas, f"z {latest.z_mm:.4f} mm  score {latest.score:.4g}", (6, 36), font, small, grey, 1,
-                    cv2.LINE_AA)
-        cv2.putText(canvas, f"{z.min():.3f}", (4, height - 2), font, small, grey, 1, cv2.LINE_AA)
-        label = f"{z.max():.3f} mm"
-        (tw, _), _ = cv2.getTextSize(label, font, small, 1)
-        cv2.putText(canvas, label, (width - tw - 4, height - 2), font, small, grey, 1, cv2.LINE_AA)
+            cv2.circle(canvas, (int(p[0]), int(p[1])), 2, (40, 40, 40), -1, cv2.LINE_AA)
+        best = int(np.argmax(y))
+        bx, by = int(pts[best][0]), int(pts[best][1])
+        cv2.circle(canvas, (bx, by), 6, red, 2, cv2.LINE_AA)
+        put_text(canvas, ylabels[0], (left - 4, top + 8), small, grey, right=True)  # the score's scale
+        put_text(canvas, ylabels[1], (left - 4, bottom - 2), small, grey, right=True)
+        # The legend: the best frame's ring and the fit's dashes, named (shorter where it would not fit).
+        names = ("best frame", "fitted peak")
+        if 60 + sum(cv2.getTextSize(f"{n} 00.0000", VIEW_FONT, small, 1)[0][0] for n in names) > width:
+            names = ("best", "fit")
+        cv2.circle(canvas, (12, legend_y - line_px // 4), 5, red, 2, cv2.LINE_AA)
+        legend = f"{names[0]} {ordered[best].z_mm:.4f}"
+        put_text(canvas, legend, (22, legend_y), small, red)
+        if shows_fit:
+            x = px(fit.z_mm)  # type: ignore[arg-type]
+            for y0 in range(top, bottom, 6):
+                cv2.line(canvas, (x, y0), (x, min(y0 + 3, bottom)), green, 1)
+            lx = 22 + cv2.getTextSize(legend, VIEW_FONT, small, 1)[0][0] + 12
+            for x0 in (lx, lx + 6):
+                cv2.line(canvas, (x0, legend_y - line_px // 4), (x0 + 3, legend_y - line_px // 4), green, 2)
+            put_text(canvas, f"{names[1]} {fit.z_mm:.4f}", (lx + 14, legend_y), small, green)
+            u = result.uncertainty_mm if result is not None else None
+            if u is not None and math.isfinite(u) and u > 0:  # the +/- as an error bar through the peak
+                a, b = max(px(fit.z_mm - u), left), min(px(fit.z_mm + u), right)  # type: ignore[operator]
+                ey = max(by - 12, top)  # just above the best frame's ring
+                cv2.line(canvas, (a, ey), (b, ey), green, 2)
+                for end in (a, b):
+                    cv2.line(canvas, (end, ey - 4), (end, ey + 4), green, 2)
+        if result is None:
+            now = f"now at {curve[-1].z_mm:.4f} mm, score {curve[-1].score:.4g}"
+            put_text(canvas, now, (6, 2 * line_px - 5), fitted(now, width - 12, size), (70, 70, 70))
+    if result is not None:
+        kind = result.verdict.kind
+        u = result.uncertainty_mm
+        pm = f" +/- {u:.4f}" if u is not None and math.isfinite(u) else ""
+        text, color = {
+            "focused": (f"focused at {result.best_mm:.4f}{pm} mm", green),
+            "edge": (f"edge: best at {result.best_mm:.4f} mm (focus may be outside)", (0, 110, 230)),
+            "no_peak": (f"no peak: stage back at {result.best_mm:.4f} mm", red),
+        }[kind]
+        if kind != "no_peak" and lo - 1e-9 <= result.best_mm <= hi + 1e-9:
+            cv2.line(canvas, (px(result.best_mm), top), (px(result.best_mm), bottom), red, 1)  # the stage's
+        put_text(canvas, text, (6, 2 * line_px - 5), fitted(text, width - 12, size), color)
+    put_text(canvas, f"{lo:.3f}", (left, height - 6), small, grey)
+    put_text(canvas, f"{hi:.3f} mm", (right, height - 6), small, grey, right=True)
     return canvas
+
+
+def screen_size_px() -> tuple[int, int] | None:
+    """The size of the screen a new window opens on, in the units windows are sized in (None
+    when it cannot be told): Windows' work area (the task bar left out), the X11 monitor marked
+    primary (XRandR) or else the whole X screen, macOS's main display."""
+    import ctypes  # noqa: PLC0415  (only for --show-images)
+    import ctypes.util  # noqa: PLC0415
+
+    try:
+        if sys.platform == "win32":
+            rect = (ctypes.c_long * 4)()
+            if ctypes.windll.user32.SystemParametersInfoW(0x30, 0, ctypes.byref(rect), 0):  # SPI_GETWORKAREA
+                return rect[2] - rect[0], rect[3] - rect[1]
+            return None
+        if sys.platform == "darwin":
+            cg = ctypes.cdll.LoadLibrary(ctypes.util.find_library("CoreGraphics") or "CoreGraphics")
+            cg.CGMainDisplayID.restype = ctypes.c_uint32
+            cg.CGDisplayPixelsWide.argtypes = cg.CGDisplayPixelsHigh.argtypes = [ctypes.c_uint32]
+            cg.CGDisplayPixelsWide.restype = cg.CGDisplayPixelsHigh.restype = ctypes.c_size_t
+            main = cg.CGMainDisplayID()
+            return int(cg.CGDisplayPixelsWide(main)), int(cg.CGDisplayPixelsHigh(main))
+        return x11_screen_px() if os.environ.get("DISPLAY") else None
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def x11_screen_px() -> tuple[int, int] | None:
+    """The X11 primary monitor's size (XRandR), or the whole screen's; None without an X server."""
+    import ctypes  # noqa: PLC0415
+
+    class Monitor(ctypes.Structure):  # XRRMonitorInfo
+        _fields_ = [("name", ctypes.c_ulong), ("primary", ctypes.c_int), ("automatic", ctypes.c_int),
+                    ("noutput", ctypes.c_int), ("x", ctypes.c_int), ("y", ctypes.c_int), ("width", ctypes.c_int),
+                    ("height", ctypes.c_int), ("mwidth", ctypes.c_int), ("mheight", ctypes.c_int),
+                    ("outputs", ctypes.c_void_p)]
+
+    x11 = ctypes.cdll.LoadLibrary("libX11.so.6")  # OpenCV's Qt and GTK backends load it too
+    x11.XOpenDisplay.restype = ctypes.c_void_p
+    x11.XOpenDisplay.argtypes = [ctypes.c_char_p]
+    for name in ("XDefaultScreen", "XCloseDisplay"):
+        getattr(x11, name).argtypes = [ctypes.c_void_p]
+    for name in ("XDisplayWidth", "XDisplayHeight", "XRootWindow"):
+        getattr(x11, name).argtypes = [ctypes.c_void_p, ctypes.c_int]
+    x11.XRootWindow.restype = ctypes.c_ulong
+    display = x11.XOpenDisplay(None)
+    if not display:
+        return None
+    try:
+        screen = x11.XDefaultScreen(display)
+        size = (int(x11.XDisplayWidth(display, screen)), int(x11.XDisplayHeight(display, screen)))
+        try:
+            xrandr = ctypes.cdll.LoadLibrary("libXrandr.so.2")
+        except OSError:
+            return size
+        xrandr.XRRGetMonitors.restype = ctypes.POINTER(Monitor)
+        xrandr.XRRGetMonitors.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+        xrandr.XRRFreeMonitors.argtypes = [ctypes.POINTER(Monitor)]
+        count = ctypes.c_int(0)
+        monitors = xrandr.XRRGetMonitors(display, x11.XRootWindow(display, screen), 1, ctypes.byref(count))
+        if not monitors:
+            return size
+        try:
+            found = [monitors[i] for i in range(count.value)]
+            chosen = next((m for m in found if m.primary), found[0] if found else None)
+            return (chosen.width, chosen.height) if chosen is not None and chosen.width > 0 else size
+        finally:
+            xrandr.XRRFreeMonitors(monitors)
+    finally:
+        x11.XCloseDisplay(display)
 
 
 def display_problem() -> str | None:
@@ -5669,51 +6325,207 @@ def display_problem() -> str | None:
     return None
 
 
+def final_view(frame: np.ndarray, frame_mm: float, result: FocusResult, *, blur: int = DEFAULT_BLUR,
+               roi: Roi | None = None, positions: Sequence[float] = (), score_name: str = curve_title(),
+               height: int = VIEW_HEIGHT_PX) -> np.ndarray:
+    """The view the window shows when held open at the end of a run: the frame where the stage
+    was left (``frame_mm``), the whole curve with the best frame, the fitted peak and its +-, the
+    verdict, and what the keys do now."""
+    what = {"focused": "focused", "edge": "best focus at the edge of the range", "no_peak": "no focus found"}
+    status = (f"done: {what[result.verdict.kind]}, {result.frames} frames ({result.search} search)   "
+              "s: save view   any other key or the close button: exit")
+    return compose_view(frame, blur, result.samples, height, roi, frame_mm=frame_mm, positions=positions,
+                        result=result, score_name=score_name, status=status)
+
+
 class LiveView:
-    """One window, updated in place from the main thread; holds only the latest frame."""
+    """The --show-images window: the newest frame, its filtered image and Laplacian, and the
+    curve so far, drawn from the main thread between frames (OpenCV's windows live there).
+
+    It opens at the view's own size, or smaller to fit the screen, with the aspect kept: the view
+    is drawn at the size it is shown (its labels stay sharp), in a plain window (no Qt toolbar)
+    the user may resize.  Keys, read between frames (``poll``): space pauses before the next
+    frame -- nothing moves and nothing waits on the camera, so nothing times out -- and resumes;
+    ``s`` saves the view as a PNG in ``save_dir``; q, Esc or the close button raise WindowStop,
+    which stops the run exactly as Ctrl-C does.  ``hold`` shows a finished run until a key.
+    Memory stays flat: only the newest frame and the best one are kept.
+    """
 
     WINDOW = "autofocus"
 
-    def __init__(self, blur: int, roi: Roi | None = None) -> None:
-        self.blur, self.roi = blur, roi
+    def __init__(self, blur: int, roi: Roi | None = None, *, positions: Sequence[float] = (),
+                 relative: bool = False, search: str = "sweep", score_name: str = curve_title(),
+                 save_dir: str | Path = ".", say: Callable[[str], None] | None = None,
+                 screen_px: tuple[int, int] | None = None) -> None:
+        self.blur, self.roi, self.search, self.score_name = blur, roi, search, score_name
+        self.positions: list[float] = list(positions)
+        self._relative = relative  # positions are offsets: placed on the first frame's position
+        self.save_dir = Path(save_dir)
+        self.say = say or (lambda line: print(line, file=sys.stderr))
+        self.screen_px = screen_px
+        self.height: int | None = None  # the panels' height, chosen on the first frame
+        self.paused = False
         self._curve: list[Sample] = []
         self._latest: tuple[np.ndarray, list[Sample]] | None = None
+        self._best: tuple[float, np.ndarray, float] | None = None  # (score, frame, z_mm)
+        self._shown: np.ndarray | None = None
+        self._frame: tuple[np.ndarray, list[Sample]] | None = None  # what the window shows
+        self._can_tell_closed = False
         self._lock = threading.Lock()
-        cv2.namedWindow(self.WINDOW, cv2.WINDOW_NORMAL)
 
     def offer(self, index: int, z_mm: float, frame: np.ndarray, score: float) -> None:
-        """Called from the scoring thread: keep only the newest frame (memory stays flat)."""
+        """Called from the scoring thread: keep only the newest frame (and the best one)."""
         with self._lock:
+            if self._relative and not self._curve and self.positions:
+                origin = z_mm - self.positions[0]
+                self.positions = [round(z + origin, POSITION_DECIMALS) for z in self.positions]
             self._curve.append(Sample(z_mm, score))
             self._latest = (frame, list(self._curve))
+            if self._best is None or score > self._best[0]:
+                self._best = (score, frame, z_mm)
 
-    def refresh(self) -> None:
-        """Show the newest frame (main thread only) and let the window process events."""
+    def best_frame(self) -> tuple[np.ndarray, float] | None:
+        """The best-scoring frame so far and where it was taken."""
+        with self._lock:
+            return None if self._best is None else (self._best[1], self._best[2])
+
+    def _status(self) -> str:
+        n = len(self._frame[1]) if self._frame else 0
+        where = f"frame {n} of {len(self.positions)}" if self.search == "sweep" and self.positions else \
+            f"frame {n} ({self.search} search)"
+        if self.paused:
+            return f"PAUSED after {where}: the stage stands still   space: resume   s: save view   q/Esc: stop"
+        return f"{where}   space: pause   s: save view   q/Esc: stop the run"
+
+    def _compose(self, frame: np.ndarray, curve: Sequence[Sample], status: str) -> np.ndarray:
+        if self.height is None:
+            self.height = fit_view_height(frame.shape, self.screen_px)
+        return compose_view(frame, self.blur, curve, self.height, self.roi, positions=self.positions,
+                            todo_label="to go" if self.search == "sweep" else "not measured",
+                            score_name=self.score_name, status=status)
+
+    def _show(self, view: np.ndarray) -> None:
+        first = self._shown is None
+        self._shown = view
+        if first:
+            # Opened with the first view, at its size.  WINDOW_NORMAL alone opens at the backend's
+            # default size (Qt: ~400x300, with a toolbar and a status bar that squeeze the image
+            # further) and scales the view into it; WINDOW_AUTOSIZE fixes the size (no resizing)
+            # and keeps Qt's toolbar.  A plain window (WINDOW_GUI_NORMAL: no toolbar; other
+            # backends ignore the flag) sized to the view shows it pixel for pixel, and the user may
+            # still resize it, the aspect kept.
+            cv2.namedWindow(self.WINDOW, cv2.WINDOW_NORMAL | cv2.WINDOW_KEEPRATIO | cv2.WINDOW_GUI_NORMAL)
+            with contextlib.suppress(cv2.error):  # a backend without it keeps its default size
+                cv2.resizeWindow(self.WINDOW, view.shape[1], view.shape[0])
+        cv2.imshow(self.WINDOW, view)
+        if first:
+            cv2.waitKey(1)
+            # A backend that cannot report visibility says < 1 for an open window: never read it.
+            self._can_tell_closed = self._visible() >= 1
+
+    def _visible(self) -> float:
+        try:
+            return float(cv2.getWindowProperty(self.WINDOW, cv2.WND_PROP_VISIBLE))
+        except cv2.error:  # Qt: the window is gone (closed by the user)
+            return -1.0
+
+    def closed(self) -> bool:
+        """The user closed the window (its close button, Alt+F4)."""
+        return self._can_tell_closed and self._visible() < 1
+
+    def refresh(self, force: bool = False) -> None:
+        """Show the newest frame (main thread only), if there is a new one or ``force``."""
         with self._lock:
             latest, self._latest = self._latest, None
         if latest is not None:
-            cv2.imshow(self.WINDOW, compose_view(latest[0], self.blur, latest[1], roi=self.roi))
-        cv2.waitKey(1)
+            self._frame = latest
+        if (latest is not None or force) and self._frame is not None and not self.closed():
+            self._show(self._compose(self._frame[0], self._frame[1], self._status()))
+
+    def poll(self) -> None:
+        """Between two frames (main thread): show the newest, then act on the keys pressed.
+
+        Space pauses here until space again; q, Esc and the close button raise WindowStop."""
+        self.refresh()
+        self._act(cv2.waitKey(1))
+        while self.paused:
+            self.refresh()
+            self._act(cv2.waitKey(PAUSE_POLL_MS))
+
+    def _act(self, key: int) -> None:
+        if self.closed():
+            raise WindowStop("the close button")
+        key = key & 0xFF if key != -1 else -1
+        if key in (ord("q"), ord("Q"), KEY_ESC):
+            raise WindowStop("Esc" if key == KEY_ESC else "q")
+        if key == ord(" "):
+            self.paused = not self.paused
+            self.say("autofocus.py: paused: the stage stands still (space in the window resumes, q stops)"
+                     if self.paused else "autofocus.py: resumed")
+            self.refresh(force=True)
+        elif key in (ord("s"), ord("S")):
+            self.save()
+
+    def save(self) -> Path | None:
+        """Write the view the window shows as a PNG in ``save_dir`` (autofocus_view_NNN.png, never
+        overwriting); a failure is one line and the run goes on."""
+        if self._shown is None:
+            return None
+        n = 1
+        while (path := self.save_dir / f"autofocus_view_{n:03d}.png").exists():
+            n += 1
+        try:
+            save_png(path, self._shown)
+        except (OSError, OutputError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+            self.say(f"autofocus.py: could not save the view as {path} ({reason}); the run goes on")
+            return None
+        self.say(f"autofocus.py: saved the view as {path}")
+        return path
+
+    def hold(self, frame: np.ndarray, frame_mm: float, result: FocusResult) -> None:
+        """The end of a finished run -- the frame at the chosen position, the curve with its fitted
+        peak, +- and verdict -- until a key (s saves first), the close button, or a signal."""
+        if self.closed():
+            return
+        if self.height is None:
+            self.height = fit_view_height(frame.shape, self.screen_px)
+        self._show(final_view(frame, frame_mm, result, blur=self.blur, roi=self.roi, positions=self.positions,
+                              score_name=self.score_name, height=self.height))
+        self.say("autofocus.py: the window stays open until you press a key in it or close it "
+                 "(--no-hold-window: never wait)")
+        while True:
+            key = cv2.waitKey(HOLD_POLL_MS)
+            if self.closed() or INTERRUPTS.pending is not None:
+                return
+            if key != -1 and key & 0xFF in (ord("s"), ord("S")):
+                self.save()
+            elif key != -1:
+                return
 
     def close(self) -> None:
         with contextlib.suppress(cv2.error):
             cv2.destroyWindow(self.WINDOW)
+            cv2.waitKey(1)  # let the backend take the window off the screen
 
 
 class LiveCamera:
-    """A camera whose every capture first refreshes the live window (from the main thread)."""
+    """A camera whose every capture first lets the live window refresh and read its keys (from
+    the main thread, after the stage has moved and before the frame is taken: a pause there
+    leaves the stage standing and no frame waited for; a stop there loses no frame)."""
 
     def __init__(self, camera: Camera, view: LiveView) -> None:
         self.camera, self.view = camera, view
 
     def capture(self) -> np.ndarray:
-        self.view.refresh()
+        self.view.poll()
         return self.camera.capture()
 
 
-def save_png(path: Path, image: np.ndarray) -> None:
-    """An 8- or 16-bit image as a PNG at ``path`` (encoded in memory: OpenCV never sees the path)."""
-    ok, encoded = cv2.imencode(".png", image)
+def save_png(path: Path, image: np.ndarray, compression: int | None = None) -> None:
+    """An 8- or 16-bit image as a PNG at ``path`` (encoded in memory: OpenCV never sees the path);
+    ``compression`` 0-9 (OpenCV's default when None)."""
+    ok, encoded = cv2.imencode(".png", image, [] if compression is None else [cv2.IMWRITE_PNG_COMPRESSION, compression])
     if not ok:
         raise OutputError(f"OpenCV could not encode {path.name} as PNG")
     write_replacing(path, lambda temporary: temporary.write_bytes(encoded.tobytes()))
@@ -5723,8 +6535,9 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
     """The README's figures, from the simulator: blurry and focused frames with their
     Laplacians, a sweep animation (frame, filtered, Laplacian, curve so far), the live view
     of a two-plane field scored on a region of interest (roi.png), the V-shaped contrast
-    curve of an unstained specimen with --transparent (transparent.png), and the heat map of a
-    focus map over a tilted, bowed slide (focus_map.png)."""
+    curve of an unstained specimen with --transparent (transparent.png), the heat map of a
+    focus map over a tilted, bowed slide (focus_map.png), and the --show-images window held open
+    at the end of a run (show_images.png)."""
     from PIL import Image  # noqa: PLC0415  (pillow comes with matplotlib)
 
     folder = Path(folder)
@@ -5748,11 +6561,12 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
             save_png(path, img)
             written.append(path)
     frames, curve = [], []
-    for z in plan_positions(optics.focus_mm - 0.5, optics.focus_mm + 0.5, 0.05):
+    sweep = plan_positions(optics.focus_mm - 0.5, optics.focus_mm + 0.5, 0.05)
+    for z in sweep:
         stage.z = z
         frame = crop(camera.capture(), (240, 150))
         curve.append(Sample(z, score_laplacian_variance(frame, blur)))
-        view = compose_view(frame, blur, curve, height=120)
+        view = compose_view(frame, blur, curve, height=120, positions=sweep)
         rgb = Image.fromarray(cv2.cvtColor(view, cv2.COLOR_BGR2RGB))
         frames.append(rgb.quantize(colors=64, dither=Image.Dither.NONE))  # keeps the GIF small
     gif = folder / "autofocus.gif"
@@ -5772,7 +6586,7 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
         curve.append(Sample(z, scorer(camera.capture())))
     stage.z = best_sample(curve).z_mm
     path = folder / "roi.png"
-    save_png(path, compose_view(camera.capture(), blur, curve, height=150, roi=roi))
+    save_png(path, compose_view(camera.capture(), blur, curve, height=150, roi=roi, frame_mm=stage.z))
     written.append(path)
     # --transparent: an unstained specimen at 40x; the contrast (normvar) curve is V-shaped, its
     # minimum at focus, and the edge score (laplacian) peaks on either side of it.
@@ -5792,6 +6606,16 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
                      end_mm=12.42, step_mm=0.004)
     path = folder / "focus_map.png"
     plot_map(path, fmap)
+    written.append(path)
+    # --show-images: the window held open at the end of the card's run on the simulator, exactly as
+    # the screen shows it (python autofocus.py 10 14 0.05 --simulate --sim-size 960x600 --show-images:
+    # a quarter of the default frame, whose cells would be specks at the window's size).
+    fields = {f.name: getattr(optics, f.name) for f in dataclasses.fields(optics)}
+    stage, camera = simulated_microscope(**{**fields, "width": 960, "height": 600}, time_scale=0)
+    result = focus(stage, camera, 10.0, 14.0, 0.05, blur=blur)
+    path = folder / "show_images.png"
+    save_png(path, final_view(camera.capture(), result.best_mm, result, blur=blur,
+                              positions=plan_positions(10.0, 14.0, 0.05)), compression=9)
     written.append(path)
     return written
 
@@ -5817,8 +6641,8 @@ class Request:
     """One autofocus request: focus()'s arguments, which the command line builds from its options.
 
     Checked as a whole by ``check_request`` before anything moves; its fields are focus()'s
-    keywords (and the command line's option names).  ``metric`` None means "laplacian", or
-    "normvar" with ``transparent``."""
+    keywords (and the command line's option names), and their defaults are focus()'s.  ``metric``
+    None means "laplacian", or "normvar" with ``transparent``."""
 
     start_mm: float
     end_mm: float
@@ -5893,10 +6717,45 @@ def check_request(request: Request) -> Request:
     return dataclasses.replace(r, metric=r.metric or ("normvar" if r.transparent else "laplacian"))
 
 
+_PROTOCOLS = {"stage": "a Stage needs limits_mm(), position_mm(), move_to(z_mm) and stop()",
+              "camera": "a Camera needs capture()",
+              "plate": "an XYStage needs move_to(x_mm, y_mm), position_mm(), limits_mm() and stop()"}
+
+
+def call_part(part: Any, what: str, method: str) -> Any:
+    """``part.method()`` on a stage, camera or plate a caller gave, the way the readers below call
+    it -- before anything moves.  A part without that method, or whose ``method`` is not callable or
+    takes other arguments, is the caller's mistake: UsageError naming what is missing, not an
+    AttributeError or TypeError from deep in a run.  (Errors raised inside the method are its own.)"""
+    def called(value: Any) -> str:  # None, "a str", "an object"
+        kind = type(value).__name__
+        return "None" if value is None else f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
+
+    label = called(part)
+    try:
+        bound = getattr(part, method)
+    except AttributeError as exc:
+        if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+            raise  # raised inside a property or __getattr__ of the part: its own error
+        raise UsageError(f"the {what} ({label}) has no {method}() method: {_PROTOCOLS[what]} (see the Device "
+                         "interfaces section); nothing was moved") from None
+    if not callable(bound):
+        shown = show_value(bound)
+        raise UsageError(f"the {what}'s {method} is {called(bound) if chr(10) in shown else shown}, not callable: "
+                         f"{_PROTOCOLS[what]} (methods, see the Device interfaces section); nothing was moved")
+    try:
+        return bound()
+    except TypeError as exc:
+        if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+            raise  # raised inside the method
+        raise UsageError(f"the {what}'s {method}() cannot be called without arguments ({exc}): "
+                         f"{_PROTOCOLS[what]}; nothing was moved") from None
+
+
 def stage_limits(stage: Stage) -> tuple[float, float]:
     """The stage's travel limits, checked before any use: two finite numbers of mm, lowest first
     (a NaN would pass every comparison of the plan check); StageError otherwise."""
-    limits = stage.limits_mm()
+    limits = call_part(stage, "stage", "limits_mm")
     try:
         lo, hi = limits
         usable = _is_number(lo) and _is_number(hi) and lo <= hi
@@ -5910,7 +6769,7 @@ def stage_limits(stage: Stage) -> tuple[float, float]:
 
 def stage_position(stage: Stage) -> float:
     """Where the stage says it is, checked before any use: a finite number of mm; StageError otherwise."""
-    z_mm = stage.position_mm()
+    z_mm = call_part(stage, "stage", "position_mm")
     if not _is_number(z_mm):
         raise StageError(f"the stage reports its position as {show_value(z_mm)}, not a finite number of mm; "
                          "nothing was moved: check the stage (its position_mm())")
@@ -5942,17 +6801,23 @@ def exclusive_use(stage: Stage, camera: Camera) -> Iterator[None]:
                 _in_use.pop(key, None)
 
 
-def check_parts(stage: Any, camera: Any, on_frame: Any) -> None:
-    """UsageError unless ``stage`` and ``camera`` implement the Stage and Camera protocols and
-    ``on_frame`` is callable (or None); nothing is called on them here."""
-    for what, part, protocol, methods in (("stage", stage, Stage, "limits_mm(), position_mm(), move_to(z_mm), stop()"),
-                                          ("camera", camera, Camera, "capture()")):
-        if not isinstance(part, protocol):
-            raise UsageError(f"{what} {show_value(part)} is not a {protocol.__name__}: it needs {methods} "
-                             "(see the Device interfaces section)")
+def check_on_frame(on_frame: Any) -> None:
+    """BadValue unless ``on_frame`` is a function (or None)."""
     if on_frame is not None and not callable(on_frame):
         raise BadValue("request", ("on_frame",), lambda a: (
             f"{a}: {show_value(on_frame)} must be a function on_frame(index, z_mm, frame, score), or None"))
+
+
+def check_camera(camera: Camera, roi: Roi | None) -> None:
+    """One frame captured where the stage is, before the first move (a capture moves nothing): the
+    camera answers (``call_part``) with a frame the scores can use (CameraError) that the region of
+    interest fits (UsageError).  The run's first frame is checked again: the camera may change."""
+    frame = call_part(camera, "camera", "capture")
+    if (problem := frame_problem(frame)) is not None:
+        raise CameraError(f"the camera delivered {problem} (a frame captured before anything moved); check the "
+                          "camera (its connection, its capture())")
+    if roi is not None:
+        check_roi(roi, frame.shape)
 
 
 def check_step_native(stage: Stage, step_mm: float) -> None:
@@ -5978,11 +6843,13 @@ def relative_origin(stage: Stage, relative: bool) -> float:
 
 
 def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm: float, *,
-          search: str = "sweep", metric: str | None = None, blur: int = DEFAULT_BLUR,
-          roi: Sequence[int] | None = None, settle_ms: float = 0.0, backlash_mm: float = 0.0,
-          z_min: float | None = None, z_max: float | None = None, relative: bool = False,
-          home: bool | None = None, peak: PeakPolicy = "sharpest", transparent: bool = False, allow_many: bool = False,
-          objective: str | None = None, on_frame: FrameHook | None = None) -> FocusResult:
+          search: str = Request.search, metric: str | None = Request.metric, blur: int = Request.blur,
+          roi: Sequence[int] | None = Request.roi, settle_ms: float = Request.settle_ms,
+          backlash_mm: float = Request.backlash_mm, z_min: float | None = Request.z_min,
+          z_max: float | None = Request.z_max, relative: bool = Request.relative, home: bool | None = Request.home,
+          peak: PeakPolicy = Request.peak, transparent: bool = Request.transparent,  # type: ignore[assignment]
+          allow_many: bool = Request.allow_many, objective: str | None = Request.objective,
+          on_frame: FrameHook | None = None) -> FocusResult:
     """Find the sharpest focus between START and END every STEP (mm) and send the stage there.
 
     Exactly what ``python autofocus.py START END STEP ...`` does, on a stage and a camera the
@@ -5991,13 +6858,15 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
     1. checks every argument (``check_request``: type and range; UsageError) and the plan against the stage's travel limits
        and the soft limits ``z_min``/``z_max``, backlash overshoot included (UsageError,
        nothing moved); ``relative=True`` reads the stage's position and makes START and END
-       offsets from it (an axis without a reference position is refused);
+       offsets from it (an axis without a reference position is refused); the stage and camera
+       are called, not probed (a missing method is a UsageError naming it), and one frame is
+       captured where the stage is and checked, the ROI against it (nothing moved);
     2. homes a Zaber axis that has no reference position (announced, as the CLI does; home it
        yourself to choose when).  Homing drives to the home sensor through positions ``z_min``/
        ``z_max`` may forbid, so with a soft limit it needs ``home=True``; ``home=False`` never
        homes (UsageError, nothing moved);
     3. searches (``search``: "sweep" or "fast"), scoring ``roi=(x, y, w, h)`` (camera pixels;
-       checked against the first frame) or the whole frame with ``metric`` and ``blur``;
+       checked again on the first frame) or the whole frame with ``metric`` and ``blur``;
     4. judges the curve: ``focused`` or ``edge`` sends the stage to the best position;
        ``no_peak`` sends it back to where it started.  The verdict is in ``result.verdict.kind``
        (``result.exit_code`` is the CLI's exit code for it), never an exception.
@@ -6008,11 +6877,13 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
     significant peaks (dust above the specimen, two layers); ``result.peaks`` and
     ``result.dips`` list every significant one.
     ``on_frame(index, z_mm, frame, score)`` is called for every frame (from the scoring thread).
-    A fault (stage, camera, a bad ROI, Ctrl-C, or an exception from your own Stage/Camera)
-    stops the axis, returns it to where it started when it still answers, and re-raises the
-    error with ``partial`` (a FocusResult of the frames scored so far) and ``stage_state`` (where
-    the stage was left) attached.  The tool's own errors are AutofocusError subclasses:
-    UsageError, StageError, CameraError, OutputError.
+    A fault (camera, a bad ROI, Ctrl-C, or an exception from your own Stage/Camera) stops the
+    axis, returns it to where it started when it still answers (not after homing: there is no
+    such place), and re-raises the error with ``partial`` (a FocusResult of the frames scored so
+    far) and ``stage_state`` (where the stage was left) attached; after a StageError (a stage
+    fault, or StageInterrupted: moved or stopped from outside) nothing more is moved at all.
+    The tool's own errors are AutofocusError subclasses: UsageError, StageError, CameraError,
+    OutputError.
     """
     request = check_request(Request(start_mm, end_mm, step_mm, search=search, metric=metric, blur=blur,
                                     roi=roi, settle_ms=settle_ms, backlash_mm=backlash_mm,  # type: ignore[arg-type]
@@ -6024,29 +6895,37 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
 def run_request(stage: Stage, camera: Camera, request: Request, *, on_frame: FrameHook | None = None) -> FocusResult:
     """focus() for a request already checked by ``check_request`` (the command line checks its
     own before it opens anything): the parts checked, then plan, homing, search and final move."""
-    check_parts(stage, camera, on_frame)
+    check_on_frame(on_frame)
     with exclusive_use(stage, camera):
         return _run_request(stage, camera, request, on_frame)
 
 
-def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook | None) -> FocusResult:
+def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook | None, *,
+                 look_first: bool = True) -> FocusResult:
+    """run_request() inside its exclusive use; ``look_first``: a frame is captured and checked
+    (``check_camera``) before anything moves (a focus map looks once, not at every point)."""
     check_step_native(stage, r.step_mm)
     if isinstance(stage, ZaberStage):
         stage.soft_limits_mm = (r.z_min, r.z_max)
+        stage.prepare_run()  # the axis as it stands now: moving, faulted or not, and where
     origin_mm = relative_origin(stage, r.relative)
     dof_um = depth_of_field_um(r.objective) if r.objective is not None else None
     plan = Plan(tuple(plan_positions(r.start_mm + origin_mm, r.end_mm + origin_mm, r.step_mm)), r.search,
                 r.backlash_mm, r.settle_ms, r.peak, dof_um)  # type: ignore[arg-type]
     check_plan(plan, stage_limits(stage), (r.z_min, r.z_max))
+    if look_first:
+        stage_position(stage)  # checked first: a simulated camera renders where the stage says it is
+        check_camera(camera, r.roi)
     if isinstance(stage, ReplayStage):  # a recording has frames at its slices only: never invent others
         positions, note = snap_to_recorded(plan.positions, stage.recorded_mm)
         plan = dataclasses.replace(plan, positions=positions, notes=(note,) if note else ())
     home_if_needed = getattr(stage, "home_if_needed", None)
+    homed_now = False  # after homing there is no start to return to (the home sensor may be below --z-min)
     if home_if_needed is not None and getattr(stage, "homed", True) is False:
         axis = f"device {stage.device_number} axis {stage.axis_number}" if isinstance(stage, ZaberStage) \
             else "the focus axis"
         check_home_consent(r.home, r.z_min, r.z_max, axis)
-        home_if_needed()
+        homed_now = bool(home_if_needed())
         check_plan(plan, stage_limits(stage), (r.z_min, r.z_max))
     travel_lo, travel_hi = stage_limits(stage)
     plan = dataclasses.replace(plan, allowed_mm=(travel_lo if r.z_min is None else max(travel_lo, r.z_min),
@@ -6062,7 +6941,7 @@ def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook |
                   f", ROI {','.join(map(str, r.roi))}" if r.roi else "")
     try:
         return run_autofocus(stage, camera, Scorer(r.metric, r.blur, r.roi, invert=r.transparent), plan,  # type: ignore[arg-type]
-                             on_frame=on_frame)
+                             on_frame=on_frame, return_to_start=not homed_now, soft_mm=(r.z_min, r.z_max))
     except RunFailed as failed:
         stopped = failed
     finally:
@@ -6093,18 +6972,21 @@ def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
     """
     optics_names = {f.name for f in dataclasses.fields(SimOptics)}
     timing_names = {f.name for f in dataclasses.fields(SimTiming)} - {"scale"}
-    if options.get("specimen_image") is not None and isinstance(options["specimen_image"], os.PathLike):
+    if isinstance(options.get("specimen_image"), os.PathLike):
         options = {**options, "specimen_image": os.fspath(options["specimen_image"])}
-    given = check_values("simulator", SIM_RULES, options)  # every value, before anything is built
-    if given.get("specimen_image") is not None and given.get("specimen", "cells") not in ("cells", "dusty"):
-        raise BadValue("simulator", ("specimen_image", "specimen"), lambda a, b: (
-            f"{a} replaces the synthetic cells; it cannot be combined with {b} {given['specimen']!r} (use cells "
-            "or dusty)"))
-    lens = objective_optics(given["objective"]) if given.get("objective") is not None else {}
-    optics = SimOptics(**{**lens, **{k: v for k, v in given.items() if k in optics_names}})
+    # Each value is checked once, where it is used: SimOptics and SimTiming check their own fields
+    # (time_scale is SimTiming's scale), objective_optics the objective, and here the rest.
+    built = optics_names | timing_names | {"time_scale", "objective"}
+    given = check_values("simulator", SIM_RULES, {k: v for k, v in options.items() if k not in built})
+    lens = objective_optics(options["objective"]) if options.get("objective") is not None else {}
+    optics = SimOptics(**{**lens, **{k: v for k, v in options.items() if k in optics_names}})
     if optics.specimen_image is not None:
+        if optics.specimen not in ("cells", "dusty"):
+            raise BadValue("simulator", ("specimen_image", "specimen"), lambda a, b: (
+                f"{a} replaces the synthetic cells; it cannot be combined with {b} {optics.specimen!r} (use cells "
+                "or dusty)"))
         optics.texture()  # read it now: a missing or broken file is one line before anything moves
-    timing = SimTiming(scale=given.get("time_scale", 1.0), **{k: v for k, v in given.items() if k in timing_names})
+    timing = SimTiming(scale=options.get("time_scale", 1.0), **{k: v for k, v in options.items() if k in timing_names})
     travel = given.get("travel_mm", (0.0, 25.0))
     start = given.get("start_mm", 0.0)
     if not travel[0] <= start <= travel[1]:
@@ -6433,7 +7315,7 @@ def check_map_request(area_mm: Any, grid: Any, *, xy_limits_mm: Any = None, refi
 def plate_limits(xy: XYStage) -> tuple[tuple[float, float], tuple[float, float]]:
     """The plate's travel limits, checked before any use: ((x_lo, x_hi), (y_lo, y_hi)), finite
     numbers of mm, lowest first; StageError otherwise."""
-    limits = xy.limits_mm()
+    limits = call_part(xy, "plate", "limits_mm")
     try:
         (x_lo, x_hi), (y_lo, y_hi) = limits
         usable = all(_is_number(v) for v in (x_lo, x_hi, y_lo, y_hi)) and x_lo <= x_hi and y_lo <= y_hi
@@ -6447,7 +7329,7 @@ def plate_limits(xy: XYStage) -> tuple[tuple[float, float], tuple[float, float]]
 
 def plate_position(xy: XYStage) -> tuple[float, float]:
     """Where the plate says it is, checked before any use: (x, y), finite numbers of mm."""
-    at = xy.position_mm()
+    at = call_part(xy, "plate", "position_mm")
     try:
         x, y = at
         usable = _is_number(x) and _is_number(y)
@@ -6551,7 +7433,8 @@ class _Mapper:
         note = ""
         if window is not None:
             found = _run_request(self.z, self.camera, check_request(dataclasses.replace(
-                self.window, start_mm=window[0], end_mm=window[1])), self.on_frame)
+                self.window, start_mm=window[0], end_mm=window[1])), self.on_frame,
+                                 look_first=False)
             verdict = judge_window(found.samples, self.rel_noise)  # type: ignore[arg-type]
             if verdict.kind == "focused":
                 fit = found.fit
@@ -6565,7 +7448,7 @@ class _Mapper:
                                 added=added)
             self.searches.append(dataclasses.replace(found, verdict=verdict))
             note = f"window {window[0]:.4f}..{window[1]:.4f} mm: {verdict.kind}; searched the whole range"
-        found = _run_request(self.z, self.camera, self.full, self.on_frame)
+        found = _run_request(self.z, self.camera, self.full, self.on_frame, look_first=False)
         self.searches.append(found)
         if (window is not None and found.verdict.kind == "focused"
                 and min(window) + self.step_mm - 1e-9 <= found.best_mm <= max(window) - self.step_mm + 1e-9
@@ -6624,10 +7507,7 @@ def focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, *, area_mm: Seq
     on_frame = options.get("on_frame")
     request = check_request(Request(start_mm, end_mm, step_mm, search=search,  # type: ignore[arg-type]
                                     **{k: v for k, v in options.items() if k != "on_frame"}))
-    check_parts(z_stage, camera, on_frame)
-    if not isinstance(xy_stage, XYStage):
-        raise UsageError(f"xy_stage {show_value(xy_stage)} is not an XYStage: it needs move_to(x_mm, y_mm), "
-                         "position_mm(), limits_mm(), stop() (see the Device interfaces section)")
+    check_on_frame(on_frame)
     with exclusive_use(z_stage, camera):
         return _focus_map(xy_stage, z_stage, camera, request, area, cells, t0=t0, xy_limits_mm=xy_limits_mm,
                           refine=refine, depth_of_field_mm=depth_of_field_mm, on_point=on_point, on_frame=on_frame)
@@ -6654,6 +7534,8 @@ def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
     plan = Plan(tuple(positions), r.search, r.backlash_mm, r.settle_ms, r.peak)
     check_plan(plan, stage_limits(z_stage), (r.z_min, r.z_max))
     allowed = check_area_inside(area, plate_limits(xy_stage), xy_limits_mm)
+    plate_position(xy_stage)  # the plate answers, before anything moves
+    check_camera(camera, r.roi)
     # Homing (with consent) before anything else moves; both are checked first.
     z_unhomed = getattr(z_stage, "home_if_needed", None) is not None and getattr(z_stage, "homed", True) is False
     xy_unhomed = getattr(xy_stage, "home_if_needed", None) is not None and getattr(xy_stage, "homed", True) is False
@@ -6770,11 +7652,18 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def number(text: str) -> float:
-    """A number, as text (its range is checked with the other values, see ``validate``)."""
+    """A number, as text (its range is checked with the other values, see ``validate``); one that a
+    float cannot hold (1e400 is no infinity, 1e-400 no zero) is refused as typed."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if math.isinf(value) and not re.fullmatch(r"\s*[+-]?inf(inity)?\s*", text, re.I):
+        raise argparse.ArgumentTypeError(f"{text!r} is beyond the largest number a float holds (about 1.8e308)")
+    if value == 0 and re.search(r"[1-9]", re.split(r"[eE]", text)[0]):
+        raise argparse.ArgumentTypeError(f"{text!r} is too small to tell apart from 0 (a float holds down to about "
+                                         "5e-324)")
+    return value
 
 
 def whole_number(text: str) -> int:
@@ -6851,7 +7740,8 @@ def build_parser() -> argparse.ArgumentParser:
         usage="%(prog)s START_MM END_MM STEP_MM [PORT] [options]",
         description="Find the sharpest focus position of a motorized microscope and move there.",
         epilog="exit codes: 0 focused, 2 usage error, 3 no peak (stage back at start), 4 best at the edge of "
-               "the range, 5 hardware error, 130 interrupted.  Example: python autofocus.py 10 14 0.05 COM3",
+               "the range, 5 hardware error, 130 interrupted (Ctrl-C, or q in the --show-images window).  "
+               "Example: python autofocus.py 10 14 0.05 COM3",
     )
     p.add_argument("start_mm", metavar="START_MM", type=number, nargs="?",
                    help="first focus position, mm")
@@ -6940,7 +7830,13 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument("--verbose", "-v", action="store_true", help="log every step (and tracebacks on errors)")
     out.add_argument("--show-images", action="store_true",
-                     help="a live window: frame, filtered frame, Laplacian and the curve so far (needs a display)")
+                     help="a live window: frame, filtered frame, Laplacian and the curve so far (needs a display). "
+                          "Keys in it: space pauses and resumes, s saves the view as a PNG beside the outputs, "
+                          "q, Esc or its close button stop the run as Ctrl-C does (exit 130)")
+    out.add_argument("--hold-window", action=argparse.BooleanOptionalAction, default=None,
+                     help="--show-images: keep the window open at the end (the frame at the chosen position, the "
+                          "curve with its fitted peak, the verdict) until a key or its close button; default: "
+                          "only when run from a terminal (stdin and stdout), never with --json")
     out.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
     out.add_argument("--save-images", metavar="DIR", type=path_text,
                      help="save every frame (PNG; float32 frames as TIFF) and DIR/stack.csv (replayable); not the "
@@ -7147,6 +8043,8 @@ def validate(args: argparse.Namespace) -> Request:
     if args.device_db and not file_exists(Path(args.device_db), f"--device-db {args.device_db}", UsageError):
         raise UsageError(f"--device-db {args.device_db}: no such file; download Zaber's offline device database "
                          "or use --native-unit-nm")
+    if args.hold_window and not args.show_images:
+        raise UsageError("--hold-window keeps the --show-images window open at the end: add --show-images")
     if args.show_images and (problem := display_problem()):
         raise UsageError(f"--show-images needs a display and none is available ({problem}); "
                          "use --save-images DIR to keep the frames, or --plot FILE for the curve")
@@ -7188,14 +8086,44 @@ def check_plot_format(path: str) -> None:
                          "use .png, .pdf or .svg") from exc
 
 
-def _not_a_file(path: Path) -> str | None:
-    """Why ``path`` cannot be a regular output file: a link, a device, a pipe, a Windows reserved name."""
+def _special_file(path: Path) -> str | None:
+    """What ``path`` leads to, in words, when an output must not be written there: the standard
+    output or error (/dev/stdout; "the standard output (a pipe)"), a terminal, a pipe, a socket or a
+    device (/dev/null, /dev/full); None for a file or folder of its own, or nothing."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+
+    def same(fd: int) -> bool:
+        try:
+            return os.path.samestat(st, os.fstat(fd))
+        except OSError:
+            return False
+
+    mode = st.st_mode
+    kind = (None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode)
+            else "a terminal" if stat.S_ISCHR(mode) and any(same(fd) and os.isatty(fd) for fd in (0, 1, 2))
+            else "a device")
+    stream = next((name for fd, name in ((1, "the standard output"), (2, "the standard error")) if same(fd)), None)
+    if stream is not None:
+        return f"{stream} ({kind})" if kind else stream
+    return kind
+
+
+def _not_a_file(path: Path, *, folder: bool = False) -> str | None:
+    """Why ``path`` cannot be an output file (or with ``folder``, an output folder), and what to do:
+    a Windows device name, the standard output, a terminal, a pipe, a device, a symbolic link."""
+    want = "a folder" if folder else "a file name"
     if os.name == "nt" and path.name.split(".")[0].upper() in WINDOWS_RESERVED_NAMES:
-        return f"{path.name} is a Windows device name"
+        return f"{path.name} is a Windows device name; give {want}"
+    if special := _special_file(path):
+        own = " of its own" if special.startswith("the standard") else ""
+        return f"it is {special}, not {'a folder' if folder else 'a file'}{own}; give {want}"
     if path.is_symlink():
-        return "it is a symbolic link, and the tool never writes through a link; give the file it points to"
-    if path.exists() and not path.is_file() and not path.is_dir():  # /dev/full, /dev/null, a FIFO
-        return "it is a device or a pipe, not a file"
+        return (f"it is a symbolic link to {os.readlink(path)}, and the tool never writes through a link; give that "
+                f"{'folder' if folder else 'file'}'s own path, or another name")
     return None
 
 
@@ -7210,7 +8138,7 @@ def check_file_output(flag: str, path: Path, *, inside_new_folder: bool = False)
     that leaves an existing file untouched and removes a file it created)."""
     try:
         if problem := _not_a_file(path):
-            raise UsageError(f"{flag} {path}: {problem}; give a file name")
+            raise UsageError(f"{flag} {path}: {problem}")
         if path.is_dir():
             raise UsageError(f"{flag} {path} is a folder; give a file name inside it, e.g. {path / 'curve.csv'}")
         if inside_new_folder:
@@ -7233,8 +8161,8 @@ def check_output_folder(flag: str, folder: Path) -> None:
     """A folder output (--save-images, --make-figures): not a link, a file or a device; created
     (with its parents) when missing, and writable."""
     try:
-        if problem := _not_a_file(folder):
-            raise UsageError(f"{flag} {folder}: {problem}; give a folder")
+        if problem := _not_a_file(folder, folder=True):
+            raise UsageError(f"{flag} {folder}: {problem}")
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"{flag} {folder}: is a file, not a folder; pick another name")
         folder.mkdir(parents=True, exist_ok=True)
@@ -7245,17 +8173,16 @@ def check_output_folder(flag: str, folder: Path) -> None:
                          "pick another folder") from exc
 
 
-def check_outputs(args: argparse.Namespace) -> None:
+def check_outputs(args: argparse.Namespace, stack: ReplayStack | None = None) -> None:
     """Fail before anything moves (homing included) when an output cannot be written as given.
 
     Each file output must be a writable file path (not a folder, a link, a device or another
     output's path); --plot needs a format matplotlib can write here; --save-images must be a folder
-    that holds no file the replayed stack reads, however its rows name them (relative paths, ../,
-    absolute paths, links), and no earlier recording unless --overwrite; no output may be a file
-    the replayed stack reads.  Exactly the paths given are written."""
-    replay_files: set[str] = set()
-    if args.replay:
-        replay_files = {os.path.normcase(str(f)) for f in ReplayStack.files(args.replay)}
+    in which no file the saver writes or removes (stack.csv, roi.json, frame_NNNNN.*) is one the
+    replayed ``stack`` reads, however its rows reach it (relative paths, ../, absolute paths,
+    links: ``ReplayStack.files``), and that holds no earlier recording unless --overwrite; no output
+    may be a file the replayed stack reads.  Exactly the paths given are written."""
+    replay_files = set() if stack is None else {os.path.normcase(str(f)) for f in stack.files}
     taken: dict[str, str] = {}
 
     def key_of(path: Path) -> str:  # one spelling per file: case-insensitive where the OS is
@@ -7265,10 +8192,12 @@ def check_outputs(args: argparse.Namespace) -> None:
     if images is not None:
         try:
             where = key_of(images)
-            if args.replay and where == key_of(Path(args.replay)):
+            if stack is not None and where == key_of(stack.folder):
                 raise UsageError(f"--save-images {images} is the stack being replayed: it would overwrite the "
                                  "recording; save into another folder")
-            read_there = sorted(f for f in replay_files if f == where or f.startswith(where.rstrip(os.sep) + os.sep))
+            read_there = sorted(f for f in replay_files if os.path.dirname(f) == where
+                                and (os.path.basename(f) in ("stack.csv", ROI_FILE)
+                                     or FRAME_FILE.fullmatch(os.path.basename(f))))
             if read_there:
                 raise UsageError(f"--save-images {images} holds {Path(read_there[0]).name}, which the replayed "
                                  "stack reads: it would overwrite the recording; save into another folder")
@@ -7298,7 +8227,7 @@ def check_outputs(args: argparse.Namespace) -> None:
         if key in taken or (in_images and FRAME_FILE.fullmatch(path.name.lower())):
             raise UsageError(f"{flag} {path} is also written as {taken.get(key, '--save-images frames')}; "
                              "give each output its own path")
-        if key in replay_files or (args.replay and key_of(path.parent) == key_of(Path(args.replay))
+        if key in replay_files or (stack is not None and key_of(path.parent) == key_of(stack.folder)
                                    and (path.exists() or path.name in ("stack.csv", ROI_FILE))):
             raise UsageError(f"{flag} {path} is a file of the stack being replayed; write elsewhere")
         taken[key] = flag
@@ -7333,10 +8262,10 @@ def close_hardware(camera: Any, zaber: ZaberStage) -> None:
 
 
 @contextlib.contextmanager
-def open_microscope(args: argparse.Namespace) -> Iterator[tuple[Stage, Camera]]:
-    """The stage and camera the arguments ask for; closes them afterwards."""
-    if args.replay:
-        stack = ReplayStack(args.replay)
+def open_microscope(args: argparse.Namespace, stack: ReplayStack | None = None) -> Iterator[tuple[Stage, Camera]]:
+    """The stage and camera the arguments ask for (with --replay, ``stack``, read by the caller);
+    closes them afterwards."""
+    if stack is not None:
         lo, hi = stack.range_mm
         # (--relative: offsets; the plan check against the stage's travel, the stack's range, says it)
         for name, z in () if args.relative else (("START", args.start_mm), ("END", args.end_mm)):
@@ -7364,7 +8293,8 @@ def open_microscope(args: argparse.Namespace) -> Iterator[tuple[Stage, Camera]]:
 def configure_logging(verbose: bool) -> None:
     """Log to stderr: every step with --verbose, else warnings only.  matplotlib's notes (a cache
     folder it had to make in the temporary folder) are shown with --verbose only, so that an error
-    stays one line; Python warnings likewise (``log_warning``)."""
+    stays one line, and never its debug lines (hundreds of "findfont: ..."); Python warnings are
+    --verbose lines too (``log_warning``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
@@ -7372,7 +8302,7 @@ def configure_logging(verbose: bool) -> None:
     log.propagate = False
     mpl = logging.getLogger("matplotlib")
     mpl.handlers[:] = [handler]
-    mpl.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    mpl.setLevel(logging.INFO if verbose else logging.ERROR)
     mpl.propagate = False
 
 
@@ -7387,8 +8317,11 @@ def stage_header(info: dict[str, Any], port: str) -> str:
     """The run's header line for a Zaber stage: which stage, its travel, where the unit came from."""
     lo, hi = info["travel_mm"]
     name = f"{info['name']}, " if info.get("name") else ""
+    checked = {None: "", True: ", which Zaber's device database confirms",
+               False: ": the travel it implies; not checked against Zaber's device database (ZML could not "
+                      "identify the device)"}[info.get("units_checked")]
     return (f"stage: {name}device {info['device']} axis {info['axis']} on {port}: travel {lo:g}..{hi:g} mm "
-            f"({hi - lo:g} mm; native unit {info['native_unit_nm']:g} nm from {info['units_from']})")
+            f"({hi - lo:g} mm; native unit {info['native_unit_nm']:g} nm from {info['units_from']}{checked})")
 
 
 def check_home_consent(home: bool | None, z_min: float | None, z_max: float | None, axis: str) -> None:
@@ -7436,7 +8369,9 @@ def summary_line(result: FocusResult) -> str:
     head = {
         "focused": f"{at} at {result.best_mm:.4f} mm{plus}{fit}",
         "edge": f"best focus at the edge of the range, {result.best_mm:.4f} mm",
-        "no_peak": f"no focus found; stage returned to {result.best_mm:.4f} mm",
+        "no_peak": f"no focus found; stage returned to {result.best_mm:.4f} mm" if result.best_mm == result.start_mm
+        else f"no focus found; stage left at the last frame, {result.best_mm:.4f} mm (not returned to where the run "
+             f"started, {result.start_mm:.4f} mm: the axis was homed for this run, or that lies outside --z-min/--z-max)",
     }[result.verdict.kind]
     if result.verdict.kind == "focused" and result.fit.scale == "coarse":  # the coarse score gave the position
         head += (" (found at the coarse scale: " + ("the peak is narrower than STEP)" if result.verdict.narrow
@@ -7632,7 +8567,7 @@ def run_make_figures(args: argparse.Namespace) -> int:
     folder = Path(args.make_figures)
     check_output_folder("--make-figures", folder)
     load_matplotlib("--make-figures")
-    optics = SimOptics(**check_values("simulator", SIM_RULES, {"seed": args.sim_seed, "photons": args.sim_photons}))
+    optics = SimOptics(seed=args.sim_seed, photons=args.sim_photons)
     try:
         written = make_figures(folder, optics, args.blur)
     except OSError as exc:
@@ -7649,7 +8584,8 @@ def run(args: argparse.Namespace, request: Request) -> int:
     outputs; returns the exit code."""
     if args.map is not None:
         return run_map(args, request)
-    check_outputs(args)
+    stack = ReplayStack(args.replay) if args.replay else None  # read once: its files are checked, then replayed
+    check_outputs(args, stack)
     n_positions = len(plan_positions(args.start_mm, args.end_mm, args.step_mm))
     result: FocusResult | None = None
     error: str | None = None
@@ -7659,12 +8595,20 @@ def run(args: argparse.Namespace, request: Request) -> int:
     code = EXIT_OK
     saver: ImageSaver | None = None
     live: LiveView | None = None
+    held: tuple[np.ndarray, float] | None = None  # the frame the window shows when held open at the end
     progress: Any = None
     roi: Roi | None = args.roi
     refused = False
+
+    def say(line: str) -> None:  # a line on stderr, under the progress bar when there is one
+        if progress is not None:
+            progress.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+
     plan_log.setLevel(logging.INFO if args.relative else logging.NOTSET)  # --relative: say where, in absolute mm
     try:
-        with open_microscope(args) as (stage, camera):
+        with open_microscope(args, stack) as (stage, camera):
             if isinstance(stage, ZaberStage):
                 zaber = stage
                 stage_info = stage.describe()
@@ -7676,7 +8620,10 @@ def run(args: argparse.Namespace, request: Request) -> int:
                 log.warning("scoring the region of interest saved with the stack, %s (--roi X,Y,W,H to change it)",
                             ",".join(map(str, roi)))
             if args.show_images:
-                live = LiveView(args.blur, roi)
+                live = LiveView(args.blur, roi, positions=plan_positions(args.start_mm, args.end_mm, args.step_mm),
+                                relative=args.relative, search=args.search,
+                                score_name=curve_title(args.metric, args.transparent),
+                                save_dir=outputs_folder(args), say=say, screen_px=screen_size_px())
             if sys.stderr.isatty() and not args.verbose:
                 from tqdm import tqdm  # noqa: PLC0415
 
@@ -7704,6 +8651,8 @@ def run(args: argparse.Namespace, request: Request) -> int:
                                  on_frame=on_frame)
             if live is not None:
                 live.refresh()
+                if hold_window(args):
+                    held = final_frame(camera, live, result)
             code = result.exit_code
     except BaseException as failed:  # noqa: BLE001 - only a run that had started is handled here
         with INTERRUPTS.held():  # a further Ctrl-C now must not lose what was measured
@@ -7726,12 +8675,49 @@ def run(args: argparse.Namespace, request: Request) -> int:
                 progress.close()  # before any message: a line printed over the bar would be glued to it
             if saver is not None:
                 saver.close()
-            if live is not None:
-                live.close()
             if not refused:
                 code = report(args, result, code, error, where, stage_info, zaber, roi)
                 INTERRUPTS.finish()  # everything is said: a signal from now on changes nothing
+            if live is not None:
+                try:  # a finished run, everything written and said: it stays on screen until a key
+                    if held is not None and result is not None and error is None and INTERRUPTS.pending is None:
+                        live.hold(held[0], held[1], result)
+                finally:
+                    live.close()
     return code
+
+
+def hold_window(args: argparse.Namespace) -> bool:
+    """Whether the --show-images window stays open at the end: --hold-window / --no-hold-window,
+    else only in an interactive run (a terminal on stdin and on stdout), never with --json."""
+    if args.hold_window is not None:
+        return bool(args.hold_window)
+    try:
+        return not args.json and all(f is not None and f.isatty() for f in (sys.stdin, sys.stdout))
+    except (ValueError, OSError):  # a closed stream
+        return False
+
+
+def final_frame(camera: Camera, live: LiveView, result: FocusResult) -> tuple[np.ndarray, float] | None:
+    """A frame where the run left the stage (its answer, or its start after no_peak), for the
+    window held open at the end; the best frame of the run when the camera cannot give one."""
+    try:
+        return camera.capture(), result.best_mm
+    except AutofocusError as exc:  # the result stands: the picture is only a picture
+        log.warning("no frame at %.4f mm for the window (%s); it shows the best frame", result.best_mm,
+                    first_line(exc))
+        return live.best_frame()
+
+
+
+
+def outputs_folder(args: argparse.Namespace) -> Path:
+    """Where the window's ``s`` saves views: beside the outputs (--save-curve's or --plot's
+    folder, else --save-images DIR), else the current folder."""
+    for path in (args.save_curve, args.plot):
+        if path:
+            return Path(path).parent
+    return Path(args.save_images) if args.save_images else Path(".")
 
 
 def with_stage_state(exc: BaseException) -> BaseException | None:
@@ -7821,7 +8807,7 @@ class InterruptSignals:
     can handle; use Ctrl-C or Ctrl-Break there.
     """
 
-    NAMES = ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK")
+    NAMES = EARLY_SIGNALS  # the same signals as while the tool starts
 
     def __init__(self) -> None:
         self.pending: Interrupted | None = None

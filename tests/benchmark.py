@@ -14,7 +14,7 @@ Prints Markdown tables (medians; ratios are measured within one run) and, at the
 Sections:
 
 score     milliseconds per 1920x1200 frame for each metric (8-bit mono, 16-bit mono, 8-bit
-          colour), vs a naive seed-style score on the full frame.
+          colour, float32 mono), vs a naive seed-style score on the full frame.
 accuracy  (a) the simulator with known truth at several noise levels and focal planes, both
           search modes; (b) every recorded stack in ../shared/stacks, plus a blank stack.
 timing    real-time simulator at 1920x1200: a seed-style loop (start/stop per frame, scoring
@@ -25,6 +25,9 @@ memory    peak RSS of the CLI with --save-images (and --show-images under Xvfb) 
 map       focus maps on the simulated slide (20x, STEP ~ one depth of field): frames a point and
           z_at's error against the true surface, focus_map() vs a full search at every point; tilted
           + bowed, steeper, bare-glass and rippled slides; a real micrograph texture.
+bracketing the Zaber path (real ZML, tests/fake_zaber.py with a modelled serial latency): what
+          verifying every frame before and after it costs, in round trips and ms per frame, and the
+          loop's wall time against the modelled hardware time.
 mm        the real pymmcore-plus core with Python devices (tests/mm_devices.py): focus() accuracy at
           20x on it (and that it equals the simulator's), and frames after a move through snapImage
           vs a running sequence acquisition.
@@ -39,6 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import math
 import os
 import platform
 import re
@@ -61,7 +65,7 @@ import numpy as np  # noqa: E402
 import autofocus as af  # noqa: E402
 
 SHARED_STACKS = Path(__file__).resolve().parents[2] / "shared" / "stacks"
-SECTIONS = ("score", "accuracy", "timing", "memory", "map", "mm", "decision")
+SECTIONS = ("score", "accuracy", "timing", "memory", "map", "bracketing", "mm", "decision")
 FRAME_PERIOD_MS = 1000.0 / 41.0  # BFLY-U3-23S6M at 1920x1200
 RANGE_MM = (10.0, 14.0)
 STEP_MM = 0.05
@@ -220,7 +224,9 @@ def sim_frame(optics: af.SimOptics, z_mm: float) -> np.ndarray:
 
 def naive_median_score(img: np.ndarray) -> float:
     """The seed's pipeline: median blur 9, then the variance of the float64 Laplacian."""
-    if img.dtype != np.uint8:  # medianBlur with ksize > 5 takes 8-bit only
+    if img.dtype.kind == "f":  # medianBlur with ksize > 5 takes 8-bit only
+        img = np.clip(img * 255, 0, 255).astype(np.uint8)
+    elif img.dtype != np.uint8:
         img = (img >> 8).astype(np.uint8)
     return float(cv2.Laplacian(cv2.medianBlur(img, 9), cv2.CV_64F).var())
 
@@ -245,12 +251,13 @@ def section_score(quick: bool) -> None:
     mono8 = sim_frame(af.SimOptics(), 12.34)
     mono16 = sim_frame(af.SimOptics(bit_depth=16), 12.34)
     colour = np.ascontiguousarray(np.dstack([mono8, np.roll(mono8, 1, axis=1), np.roll(mono8, 1, axis=0)]))
-    formats = [("8-bit mono", mono8), ("16-bit mono", mono16), ("8-bit BGR", colour)]
+    mono32f = mono16.astype(np.float32) / 65535  # a float camera (or a float TIFF replayed): rescaled once
+    formats = [("8-bit mono", mono8), ("16-bit mono", mono16), ("8-bit BGR", colour), ("float32 mono", mono32f)]
     fast_scorer = af.Scorer()
     seed_label = "naive seed: medianBlur 9 + Laplacian CV_64F .var()"
     labels = {m: f"`{m}`" for m in af.METRICS}
     fns = {**{m: af.Scorer(m) for m in af.METRICS},
-           "fast": lambda im: (fast_scorer(im), fast_scorer.coarse(im)),
+           "fast": lambda im: fast_scorer.scores(im, True),  # as a run scores a checked frame
            "seed": naive_median_score, "bilateral": naive_bilateral_score}
     labels.update({"fast": "`laplacian` + coarse (fast search, per frame)", "seed": seed_label,
                    "bilateral": "naive: bilateral 9 + Laplacian CV_64F .var()"})
@@ -1064,7 +1071,106 @@ def section_map(quick: bool) -> None:
 
 
 ###############################################################################
-# 6. Micro-Manager (pymmcore-plus)
+# 6. Zaber: what bracketing every frame costs
+###############################################################################
+
+
+def zaber_run(latency_s: float, bracket: bool, positions: list[float], optics: af.SimOptics) -> dict:
+    """One sweep through the REAL ZML against the fake, every reply ``latency_s`` late (a serial
+    line's round trip), the fake moving at SimTiming's speed and settle in its own process (a
+    device does not share this process's interpreter), the simulated camera exposing and reading
+    out in real time.  ``bracket`` False: the check after each exposure (the status read before
+    the next move is sent) is skipped -- the comparison, not a product mode."""
+    import json  # noqa: PLC0415
+
+    timing = af.SimTiming(scale=1.0)
+    start_native = round(positions[0] * 1e6)
+    fake = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_zaber.py"), "--homed", "--log-on-exit",
+                             "--position", str(start_native), "--speed", str(timing.speed_mm_s * 1e6),
+                             "--settle-s", str(timing.settle_s), "--reply-delay-s", str(latency_s)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    port = int(fake.stdout.readline().rsplit(":", 1)[1])  # type: ignore[union-attr]
+    stage = af.ZaberStage(f"tcp://127.0.0.1:{port}", native_unit_nm=1)
+    real_check = af.ZaberStage._check_still
+    commanded = {"z": positions[0]}
+    real_move = af.ZaberStage.move_to
+
+    def move_to(self: af.ZaberStage, z_mm: float) -> None:
+        real_move(self, z_mm)
+        commanded["z"] = z_mm
+
+    class AtTarget:  # the simulated camera renders where the stage was sent, without a round trip
+        def position_mm(self) -> float:
+            return commanded["z"]
+
+    try:
+        af.ZaberStage.move_to = move_to  # type: ignore[method-assign]
+        if not bracket:
+            af.ZaberStage._check_still = lambda self, doing, allow=frozenset(): self._expect_native  # type: ignore
+        clock = af.SimClock(1.0)
+        camera = af.SimCamera(AtTarget(), optics, timing, clock)  # type: ignore[arg-type]
+        t_start = time.time()
+        t0 = time.perf_counter()
+        r = af.run_autofocus(stage, camera, af.Scorer(), af.Plan(tuple(positions)))
+        wall = time.perf_counter() - t0
+        t_end = time.time()
+    finally:
+        af.ZaberStage._check_still = real_check  # type: ignore[method-assign]
+        af.ZaberStage.move_to = real_move  # type: ignore[method-assign]
+        stage.close()
+    log = [json.loads(line) for line in fake.communicate("", timeout=10)[0].splitlines() if line.startswith("[")]
+    sent = [text for t, _, text in log if t_start <= t <= t_end]
+    targets = [int(text.split()[2]) for text in sent if text.startswith("move abs")]
+    where = [start_native] + targets
+    motions = [abs(b - a) / (timing.speed_mm_s * 1e6) + timing.settle_s for a, b in zip(where, where[1:])]
+    # Modelled hardware time, as SimTiming.move_s counts a move (its command, then the motion rounded
+    # up to the status polls, here back to back: one round trip apart), plus the start's position
+    # read, per frame the exposure and read-out and -- bracketed -- one status read after it.
+    # The "oracle" instead sees the arrival the instant it happens (motion + one round trip a move).
+    fixed = (1 + (r.frames if bracket else 0)) * latency_s + clock.modeled_s
+    modelled = fixed + sum((max(1, math.ceil(t / latency_s)) + 1) * latency_s for t in motions)
+    oracle = fixed + sum(t + latency_s for t in motions)
+    return dict(wall=wall, modelled=modelled, oracle=oracle, frames=r.frames, moves=len(targets),
+                requests=len(sent), best_mm=r.best_mm, verdict=r.verdict.kind)
+
+
+def section_bracketing(quick: bool) -> None:
+    repeats = 1 if quick else 3
+    # 640x400 frames (rendering and scoring a 1920x1200 frame would load the host, not the loop under
+    # test); the modelled read-out stays the full sensor's, as with --camera-roi of the whole sensor.
+    optics = af.SimOptics(width=640, height=400)
+    positions = af.plan_positions(12.0, 12.6 if quick else 13.0, STEP_MM)
+    timing = af.SimTiming()
+    latencies = (timing.command_s,) if quick else (0.002, timing.command_s, 0.010)
+    header("Bracketing every frame (Zaber, real ZML, modelled serial latency)",
+           f"sweep {positions[0]:g}->{positions[-1]:g} mm every {STEP_MM} mm ({len(positions)} frames, 640x400 "
+           f"8-bit simulated camera in real time: exposure {timing.exposure_s * 1e3:g} ms + read-out "
+           f"{timing.readout_s * 1e3:.1f} ms), tests/fake_zaber.py in its own process moving at "
+           f"{timing.speed_mm_s:g} mm/s with {timing.settle_s * 1e3:g} ms settle, every reply late by the round "
+           f"trip; median of {repeats} repeat(s).  Modelled hardware time as SimTiming counts a move (command, "
+           "then motion rounded up to the status polls, back to back), plus the camera and, bracketed, one status "
+           "read a frame; the oracle sees each arrival the instant it happens (no polling at all)")
+    sim_frame(optics, optics.focus_mm)
+    rows = []
+    for latency in latencies:
+        on = [zaber_run(latency, True, positions, optics) for _ in range(repeats)]
+        off = [zaber_run(latency, False, positions, optics) for _ in range(repeats)]
+        frames = on[0]["frames"]
+        cost_ms = 1000 * (med([r["wall"] for r in on]) - med([r["wall"] for r in off])) / frames
+        ratio = med([r["wall"] / r["modelled"] for r in on])
+        rows.append([f"{latency * 1e3:g} ms", fmt(med([r["requests"] for r in on]) / frames, 2),
+                     fmt(med([r["requests"] for r in off]) / frames, 2), fmt(cost_ms, 2),
+                     fmt(1000 * med([r["wall"] for r in on]) / frames, 1),
+                     fmt(1000 * med([r["modelled"] for r in on]) / frames, 1), fmt(ratio, 3),
+                     fmt(med([r["wall"] / r["modelled"] for r in off]), 3),
+                     fmt(med([r["wall"] / r["oracle"] for r in on]), 3)])
+        if latency == timing.command_s:
+            target(f"bracketing: loop wall <= 1.05 x modelled hardware time (serial round trip {latency * 1e3:g} ms)",
+                   f"{ratio:.3f}x; the bracket costs {cost_ms:.2f} ms a frame (one request)", ratio <= 1.05)
+    table(["round trip", "requests / frame (bracketed)", "requests / frame (no check after exposure)",
+           "bracket cost ms / frame", "wall ms / frame", "modelled ms / frame", "wall / modelled",
+           "wall / modelled (no check)", "wall / oracle"], rows)
+# 7. Micro-Manager (pymmcore-plus)
 ###############################################################################
 
 

@@ -18,11 +18,12 @@ Usage::
 
 ``FakeZaber(devices=None, *, speed_native_per_s=1e8, settle_s=0.002, alert=False, faults=None,
 reject_unhomed_moves=True, unhomed_reason="BADCOMMAND", interrupt_flag=True, motion_clears_notices=True,
-host="127.0.0.1", port=0)``.
+stop_decel_s=0.02, host="127.0.0.1", port=0)``.
 ``devices`` entries are ``DeviceConfig`` (address, device_id, axes, limit_min, limit_max, position, homed,
-resolution, speed_native_per_s, serial, version, version_build, peripheral_id, flags, storage) or bare addresses
-(``devices=[1, 2]``); ``flags`` are warning flags latched at power-up (e.g. ``("FS",)`` or ``("NI",)``); ``storage``
-holds axis-scope keys answered to ``storage all print [prefix P]`` (ZML's ``Microscope.find``). Default speed 100 mm/s: 50 um takes ~2.5 ms (incl. settle), 25 mm 0.25 s.
+resolution, speed_native_per_s, serial, version, version_build, peripheral_id, flags, settle_tolerance,
+storage) or bare addresses (``devices=[1, 2]``); ``flags`` are warning flags latched at power-up (e.g. ``("FS",)``
+or ``("NI",)``); ``storage`` holds axis-scope keys answered to ``storage all print [prefix P]`` (ZML's
+``Microscope.find``). Default speed 100 mm/s: 50 um takes ~2.5 ms (incl. settle), 25 mm 0.25 s.
 
 Protocol (per /work/shared/zaber-ascii.md): requests ``/DEV AXIS ID CMD:CS\\n`` (ID and checksum
 optional; a bad checksum is answered ``RJ ... BADDATA``); replies ``@DD A ID OK|RJ IDLE|BUSY FLAG DATA\\r\\n``
@@ -36,7 +37,48 @@ Motion is real time: linear at the axis speed, then ``settle_s`` of BUSY at the 
 command or ``stop`` that interrupts a motion sets flag ``NI`` (ZML then raises MovementInterruptedException
 in whoever waits for the interrupted move); ``interrupt_flag=False`` turns that off. Any client may
 interrupt: a ``stop`` or a move from a second connection (as Zaber Launcher or a second script would
-send through Launcher's shared port) interrupts the first client's move just the same.
+send through Launcher's shared port) interrupts the first client's move just the same. Every reply
+carries the axis's status and its highest-priority flag (``@03 1 05 OK BUSY NI 0``), whatever the command.
+
+What a second ZML client does (observed with ZML 10.3 against this fake, tests/test_fake_zaber.py): when the
+reply to ITS ``stop`` or move carries ``NI``, its ZML sends ``warnings clear`` at once, within a round
+trip -- so the first client finds the flag gone; only the position tells what happened. A ZML
+``move_absolute`` whose reply carries a fault flag sends ``warnings clear`` and raises
+``MovementFailedException`` (``details.warnings`` lists the flags) while the move it sent runs on.
+``generic_command``, ``get_position``, ``is_busy`` and ``warnings.get_flags`` clear nothing.
+
+Closer to the firmware than a plain motion model (each behaviour with its source):
+
+* ``stop`` decelerates: BUSY for up to ``stop_decel_s`` (20 ms), coasting on at half the speed it had
+  (linear deceleration) but never past the motion's own end. Protocol manual, reply format ("All
+  movement commands, including stop, put the axis into the BUSY state, while they are being executed";
+  quoted in lokraszewski/zaber, zaber_types.h). ``stop_decel_s=0`` stops at once.
+* the knob, ``fake.turn_knob(distance_native, duration_s)``: manual motion, BUSY with ``NC`` while it
+  turns ("NC - Axis is busy due to manual control via the knob. This warning persists until a movement
+  command is issued"); ``NI`` only if a movement command was running ("NI - A movement operation (command
+  or manual control) was requested while the axis was executing another movement command"); a movement
+  command (``stop`` too) clears NC, and NI when the axis is idle or under manual control ("... persists
+  until a movement command is issued when the axis is either idle or executing a manual control
+  movement"); the command then takes over from the knob. Same source, section "Warning Flags".
+* faults that latch at any time, also while the axis stands still: ``fake.latch("FQ")`` (FQ: "The
+  encoder-measured position may be unreliable ... due to poor sensor alignment, vibration, dirt"; it need
+  not wait for a move), or ``Faults(flag_on_move=N)``: latched an instant before the Nth move arrives,
+  so the move's own reply carries it.
+* driver disabled (``FD``, ``FO``, ``FH``, ``FV``; ZML's WarningFlags: "Driver Disabled", "Driver Disabled on
+  Startup or by Command", "Hardware Emergency Stop Driver Disabled", "Overvoltage or Undervoltage Driver
+  Disabled"): every movement command is refused ``RJ IDLE FO DRIVERDISABLED`` (ZML: DriverDisabledException,
+  "Thrown when a device cannot carry out a movement command because the motor driver is disabled"; the
+  reason string DRIVERDISABLED is in ZML's core). They stay until the driver runs again: ``warnings clear``
+  leaves them, ``driver enable`` clears FO, ``fake.unlatch(flag)`` the others (FD "persists until the
+  driver returns to normal operating conditions", Warning Flags).
+* ``cloop.settle.tolerance`` (``DeviceConfig(settle_tolerance=N)``, readable and settable): a closed-loop
+  axis reports IDLE once inside its settle window, not at the exact target; the fake ends each ``move abs``
+  at the window's edge, +N then -N (the worst case a verified move must accept). Without it the
+  setting is ``RJ BADCOMMAND`` (an open-loop stepper). Setting: Zaber protocol manual, Settings
+  ("cloop.settle.tolerance"; ZML's SettingConstants.CLOOP_SETTLE_TOLERANCE); Zaber's own settling example
+  (zaber-examples: "For higher accuracy it often helps to tighten the settle tolerance, but tightening
+  too much could result in never settling").
+* reply latency: ``Faults(reply_delay_s=X)`` (a serial line's round trip; >= ~1 s is a time-out in ZML).
 
 Flag lifetimes follow the Zaber ASCII Protocol Manual, section "Warning Flags" (the passage is quoted
 in lokraszewski/zaber, zaber/include/zaber/zaber_types.h): FS, FT, FB, FP, FE, FQ and WL "persist
@@ -72,11 +114,15 @@ all devices, all connections) from 1; ``fake.move_count`` is the running count. 
                              (as if the axis slipped or was pushed); ZML notices nothing.
 * ``fault_at_move=N``        the Nth move arrives, then latches ``fault_flag`` (default ``FQ``, encoder error)
                              until ``warnings clear``.
+* ``flag_on_move=N``         ``fault_flag`` latches just before the Nth move arrives; its reply carries it.
+* ``slow_at_move=N``         the Nth move runs at ``slow_speed_native_per_s`` (0.1 mm/s): time to act mid-move.
+                             -> ``MovementFailedException`` (a fault), ``DriverDisabledException`` (FD/FO/...).
 * ``reply_delay_s=X``        every reply is sent X s late (>= ~1 s -> ``RequestTimeoutException``).
 * ``silent=True``            execute and answer nothing from now on.
-``fake.disconnect_clients()`` drops every connection immediately.
+``fake.disconnect_clients()`` drops every connection immediately; ``fake.turn_knob(...)``, ``fake.latch(flag)``,
+``fake.unlatch(flag)`` act on the axis at once (see above).
 
-Log (thread-safe): ``fake.log`` (``LogRecord``: t, device, axis, msg_id, text, reply, accepted),
+Log (thread-safe): ``fake.log`` (``LogRecord``: t, device, axis, msg_id, text, reply, client, accepted),
 ``fake.commands()``, ``fake.motion_commands(device=None, axis=None)``, ``fake.move_targets(device=3,
 axis=1)`` (accepted ``move abs`` targets), ``fake.position(...)``, ``fake.flags(...)``, ``fake.is_busy(...)``.
 
@@ -96,7 +142,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 VELOCITY_SCALE = 1.6384  # native velocity unit = native units per second * 1.6384
 FLAG_PRIORITY = ["FF", "FZ", "FS", "FT", "FO", "FE", "FB", "FP", "FQ", "FM", "FD", "FH", "FV", "FA",
                  "WL", "WH", "WV", "WT", "WM", "WP", "WS", "WR", "NC", "NI", "ND", "NU", "NJ"]
-CLEARABLE = {"FS", "FT", "FO", "FE", "FB", "FP", "FQ", "FM", "FD", "FH", "FV", "FA", "NC", "NI", "ND", "NU", "NJ"}
+# "warnings clear" clears these; the driver-disabled flags (DRIVER_OFF) reflect a state of the driver
+# and stay until it is enabled again ("driver enable" for FO, fake.unlatch() for the others).
+CLEARABLE = {"FS", "FT", "FE", "FB", "FP", "FQ", "FM", "FA", "NC", "NI", "ND", "NU", "NJ"}
+DRIVER_OFF = {"FD", "FO", "FH", "FV"}  # movement commands are refused: RJ ... DRIVERDISABLED
 MOTION_PREFIXES = ("move abs", "move rel", "move vel", "move min", "move max", "home")
 
 
@@ -117,6 +166,7 @@ class DeviceConfig:
     version_build: int = 17000
     peripheral_id: int = 0
     flags: Tuple[str, ...] = ()  # warning flags latched at power-up, e.g. ("FS",) or ("NI",)
+    settle_tolerance: Optional[int] = None  # cloop.settle.tolerance (closed loop); None: open loop, no setting
     # Axis-scope key-value storage, (axis, key, value) entries, e.g. (2, "zaber.microscope.part", "x"):
     # what ZML's Microscope.find reads to identify a microscope's plate and focus axes.
     storage: Tuple[Tuple[int, str, str], ...] = ()
@@ -136,7 +186,10 @@ class Faults:
     miss_at_move: Optional[int] = None
     miss_native: int = 100
     fault_at_move: Optional[int] = None
+    flag_on_move: Optional[int] = None
     fault_flag: str = "FQ"
+    slow_at_move: Optional[int] = None
+    slow_speed_native_per_s: float = 100_000.0
     reply_delay_s: float = 0.0
     silent: bool = False
 
@@ -144,13 +197,15 @@ class Faults:
 @dataclass
 class LogRecord:
     """One received request: wall-clock time, addressed device (0 = broadcast) and axis, message id,
-    command text without the header or checksum, and the first reply line sent (None if none was)."""
+    command text without the header or checksum, the first reply line sent (None if none was), and
+    which connection sent it (1, 2, ... in the order they connected)."""
     t: float
     device: int
     axis: int
     msg_id: Optional[str]
     text: str
     reply: Optional[str] = None
+    client: int = 0
 
     @property
     def accepted(self) -> bool:
@@ -164,7 +219,7 @@ class _Motion:
     t0: float
     speed: float  # native units/s
     settle_s: float
-    kind: str  # "move", "home" or "vel"
+    kind: str  # "move", "home", "vel", "stop" (decelerating) or "knob" (manual control, not a command)
     stall: bool = False
     end_flag: Optional[str] = None  # latched on arrival (fault injection)
 
@@ -190,9 +245,15 @@ class _Axis:
     motion: Optional[_Motion] = None
     busy_forever: bool = False
     accel: int = 2000
+    settle_tol: Optional[int] = None
+    settle_sign: int = 1  # where in its settle window the next closed-loop move ends: +tol, then -tol, ...
 
     def busy(self) -> bool:
         return self.motion is not None or self.busy_forever
+
+    def commanded(self) -> bool:
+        """Busy with a movement command (not only with the knob)."""
+        return self.busy_forever or (self.motion is not None and self.motion.kind != "knob")
 
 
 class _Device:
@@ -202,13 +263,15 @@ class _Device:
         self.alert = alert
         spd = cfg.speed_native_per_s or speed
         self.axes = [_Axis(n, float(cfg.position), cfg.limit_min, cfg.limit_max, spd, cfg.resolution,
-                           cfg.peripheral_id, (set() if cfg.homed else {"WR"}) | set(cfg.flags))
+                           cfg.peripheral_id, (set() if cfg.homed else {"WR"}) | set(cfg.flags),
+                           settle_tol=cfg.settle_tolerance)
                      for n in range(1, cfg.axes + 1)]
 
 
 class _Client:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, number: int = 0) -> None:
         self.sock = sock
+        self.number = number
         self.outbox: List[str] = []
         self.closed = False
         self.drop = False  # set by the disconnect fault: close after the current command, no reply
@@ -247,7 +310,8 @@ class FakeZaber:
                  speed_native_per_s: float = 100_000_000.0, settle_s: float = 0.002, alert: bool = False,
                  faults: Optional[Faults] = None, reject_unhomed_moves: bool = True,
                  unhomed_reason: str = "BADCOMMAND", interrupt_flag: bool = True,
-                 motion_clears_notices: bool = True, host: str = "127.0.0.1", port: int = 0) -> None:
+                 motion_clears_notices: bool = True, stop_decel_s: float = 0.02, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
         cfgs = [d if isinstance(d, DeviceConfig) else DeviceConfig(address=int(d))
                 for d in (devices if devices is not None else [DeviceConfig()])]
         self.devices: Dict[int, _Device] = {c.address: _Device(c, speed_native_per_s, alert) for c in cfgs}
@@ -257,6 +321,7 @@ class FakeZaber:
         self.unhomed_reason = unhomed_reason
         self.interrupt_flag = interrupt_flag
         self.motion_clears_notices = motion_clears_notices
+        self.stop_decel_s = stop_decel_s
         self.host, self.port = host, port
         self.log: List[LogRecord] = []
         self.move_count = 0
@@ -265,6 +330,7 @@ class FakeZaber:
         self._listener: Optional[socket.socket] = None
         self._accept_thread: Optional[threading.Thread] = None
         self._clients: List[_Client] = []
+        self._connections = 0
         self._msg_id: Optional[str] = None
 
     # ----------------------------------------------------------------- lifecycle
@@ -311,6 +377,33 @@ class FakeZaber:
     def clear_faults(self) -> None:
         with self._lock:
             self.faults = Faults()
+
+    def turn_knob(self, distance_native: int, duration_s: float = 0.05, device: int = 3, axis: int = 1) -> None:
+        """Someone turns the axis's knob now: manual motion by ``distance_native`` over ``duration_s``
+        (BUSY with NC meanwhile; NI too if a movement command was running)."""
+        with self._lock:
+            now = time.monotonic()
+            dev = self.devices[device]
+            ax = self._axis(device, axis)
+            self._update(dev, ax, now)
+            start = self._pos(ax, now)
+            if ax.commanded() and self.interrupt_flag:
+                ax.flags.add("NI")  # manual control requested while a movement command executes
+            ax.flags.add("NC")
+            ax.busy_forever = False
+            final = float(min(max(start + distance_native, ax.lo), ax.hi))
+            speed = abs(final - start) / duration_s if duration_s > 0 else float("inf")
+            ax.pos, ax.motion = start, _Motion(start, final, now, speed, 0.0, "knob")
+
+    def latch(self, flag: str, device: int = 3, axis: int = 1) -> None:
+        """A warning flag appears now (e.g. ``FQ``, an encoder error while the axis stands still)."""
+        with self._lock:
+            self._axis(device, axis).flags.add(flag)
+
+    def unlatch(self, flag: str, device: int = 3, axis: int = 1) -> None:
+        """The condition behind a flag is gone (e.g. a driver that has cooled down: ``FD``)."""
+        with self._lock:
+            self._axis(device, axis).flags.discard(flag)
 
     def disconnect_clients(self) -> None:
         """Close every client connection now (the listener stays open)."""
@@ -367,7 +460,8 @@ class FakeZaber:
             except OSError:
                 return
             sock.settimeout(0.02)
-            client = _Client(sock)
+            self._connections += 1
+            client = _Client(sock, self._connections)
             client.thread = threading.Thread(target=self._serve, args=(client,), name="fake-zaber-client", daemon=True)
             with self._lock:
                 self._clients.append(client)
@@ -427,7 +521,7 @@ class FakeZaber:
         if parsed is None:
             return
         dev_no, axis_no, msg_id, text, cs_ok = parsed
-        record = LogRecord(time.time(), dev_no, axis_no, msg_id, text)
+        record = LogRecord(time.time(), dev_no, axis_no, msg_id, text, client=client.number)
         with self._lock:
             self.log.append(record)
             was_silent = self.faults.silent
@@ -486,27 +580,43 @@ class FakeZaber:
         flags = set().union(*(a.flags for a in axes))
         return min(flags, key=FLAG_PRIORITY.index) if flags else "--"
 
+    def _notices_on_command(self, ax: _Axis) -> None:
+        """What a movement command (stop included) does to NI/NC before it executes: it sets NI when
+        it cuts a movement command short; it clears NI when the axis is idle or under manual
+        control, and NC in every case (the module docstring quotes the manual)."""
+        interrupted = ax.commanded()
+        if self.motion_clears_notices:
+            ax.flags.discard("NC")
+            if not interrupted:
+                ax.flags.discard("NI")
+        if interrupted and self.interrupt_flag:
+            ax.flags.add("NI")
+
     def _begin(self, ax: _Axis, final: float, kind: str, now: float, speed: Optional[float] = None,
                stall: bool = False, end_flag: Optional[str] = None) -> None:
         start = self._pos(ax, now)
-        interrupted = ax.busy()
+        self._notices_on_command(ax)
         ax.pos = start
-        # Faults (F*) stay latched until "warnings clear"; a move sent to an idle axis clears the
-        # notices NI/NC (see the module docstring for the manual's wording).
-        if not interrupted and self.motion_clears_notices:
-            ax.flags -= {"NI", "NC"}
-        if interrupted and self.interrupt_flag:
-            ax.flags.add("NI")
         ax.busy_forever = False
         settle = 0.0 if kind == "vel" else self.settle_s
         ax.motion = _Motion(start, final, now, speed or ax.speed, settle, kind, stall, end_flag)
 
     def _halt(self, ax: _Axis, now: float) -> None:
-        if ax.busy() and self.interrupt_flag:
-            ax.flags.add("NI")
-        ax.pos = self._pos(ax, now)
-        ax.motion = None
-        ax.busy_forever = False
+        """``stop`` (or ``move vel 0``): the axis decelerates, BUSY for ``stop_decel_s``, and comes to
+        rest past the point where the command found it (at most at the motion's own end)."""
+        moving, was_busy = ax.motion, ax.busy()
+        self._notices_on_command(ax)
+        pos = self._pos(ax, now)
+        ax.pos, ax.motion, ax.busy_forever = pos, None, False
+        if not was_busy or self.stop_decel_s <= 0:
+            return  # an idle axis has nothing to decelerate
+        speed = moving.speed if moving is not None and pos != moving.final else 0.0
+        coast = min(speed * self.stop_decel_s / 2, abs(moving.final - pos)) if moving is not None else 0.0
+        if coast > 0:  # linear deceleration: average speed speed/2, at most stop_decel_s
+            direction = 1.0 if moving.final >= pos else -1.0
+            ax.motion = _Motion(pos, pos + direction * coast, now, speed / 2, 0.0, "stop")
+        else:  # at its end already (settling, or BUSY forever): BUSY for the deceleration time
+            ax.motion = _Motion(pos, pos, now, 1.0, self.stop_decel_s, "stop")
 
     def _execute(self, client: _Client, dev: _Device, axis_no: int, msg_id: Optional[str], text: str,
                  cs_ok: bool) -> Optional[str]:
@@ -562,6 +672,12 @@ class FakeZaber:
                 if not self.faults.ignore_stop:
                     self._halt(a, now)
             return "0"
+        if w == ["driver", "enable"]:
+            for a in axes:
+                a.flags.discard("FO")
+            return "0"
+        if (w[0] == "move" or w == ["home"]) and any(a.flags & DRIVER_OFF for a in axes):
+            return "RJ DRIVERDISABLED"
         if w == ["home"]:
             for a in axes:
                 self._begin(a, float(min(max(0, a.lo), a.hi)), "home", now)
@@ -617,8 +733,15 @@ class FakeZaber:
             return None
         if f.reject_move == n:
             return "RJ BADDATA"
+        if f.flag_on_move == n:  # latched an instant before this command arrived
+            for a in axes:
+                a.flags.add(f.fault_flag)
+            if any(a.flags & DRIVER_OFF for a in axes):
+                return "RJ DRIVERDISABLED"
         target = int(w[2])
         speed = float(w[3]) / VELOCITY_SCALE if len(w) > 3 and float(w[3]) > 0 else None
+        if f.slow_at_move == n:
+            speed = f.slow_speed_native_per_s
         for a in axes:
             if self.reject_unhomed_moves and "WR" in a.flags:
                 return "RJ " + self.unhomed_reason
@@ -629,6 +752,9 @@ class FakeZaber:
             if stall:
                 start = self._pos(a, now)
                 final = start + (target - start) * f.stall_fraction
+            elif a.settle_tol:  # closed loop: IDLE anywhere in the settle window (worst case: its edge)
+                final = float(min(max(target + a.settle_sign * a.settle_tol, a.lo), a.hi))
+                a.settle_sign = -a.settle_sign
             if f.miss_at_move == n:
                 final = float(min(max(target + f.miss_native, a.lo), a.hi))
             end_flag = f.fault_flag if f.fault_at_move == n else None
@@ -657,6 +783,8 @@ class FakeZaber:
                 "peripheralid": a.peripheral_id, "peripheral.serial": 0, "peripheral.hw.modified": 0,
                 "limit.home.offset": 0,
             }
+            if a.settle_tol is not None:
+                values["cloop.settle.tolerance"] = a.settle_tol
             if name not in values:
                 return None
             per_axis.append(str(int(round(values[name]))))
@@ -668,7 +796,9 @@ class FakeZaber:
             dev.alert = bool(int(v))
             return "0"
         attr = {"pos": "pos", "limit.min": "lo", "limit.max": "hi", "maxspeed": "speed", "accel": "accel",
-                "resolution": "resolution"}.get(name)
+                "resolution": "resolution", "cloop.settle.tolerance": "settle_tol"}.get(name)
+        if name == "cloop.settle.tolerance" and any(a.settle_tol is None for a in axes):
+            return "RJ BADCOMMAND"
         if attr is None:
             return "RJ BADCOMMAND"
         if name == "maxspeed" and v <= 0:
@@ -683,10 +813,26 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--port", type=int, default=0, help="TCP port (0 = pick a free one)")
     p.add_argument("--address", type=int, default=3, help="device address")
     p.add_argument("--homed", action="store_true", help="start homed (no WR flag)")
+    p.add_argument("--position", type=int, default=0, help="start position, native units")
+    p.add_argument("--speed", type=float, default=100_000_000.0, help="native units per second")
+    p.add_argument("--settle-s", type=float, default=0.002, help="BUSY time at the target")
+    p.add_argument("--reply-delay-s", type=float, default=0.0, help="every reply this late (a serial round trip)")
     p.add_argument("--verbose", action="store_true", help="print every received command")
+    p.add_argument("--log-on-exit", action="store_true",
+                   help="serve until standard input closes, then print the command log as JSON lines [t, client, text]")
     args = p.parse_args(argv)
-    with FakeZaber(devices=[DeviceConfig(address=args.address, homed=args.homed)], port=args.port) as fake:
+    import json
+    import sys
+
+    with FakeZaber(devices=[DeviceConfig(address=args.address, homed=args.homed, position=args.position)],
+                   speed_native_per_s=args.speed, settle_s=args.settle_s,
+                   faults=Faults(reply_delay_s=args.reply_delay_s), port=args.port) as fake:
         print("fake Zaber device %d listening on 127.0.0.1:%d" % (args.address, fake.port), flush=True)
+        if args.log_on_exit:  # portable: a caller ends it by closing our stdin (no signal needed)
+            sys.stdin.read()
+            for r in fake.log:
+                print(json.dumps([r.t, r.client, r.text]), flush=True)
+            return
         seen = 0
         try:
             while True:

@@ -87,13 +87,15 @@ def test_rounding_to_native_units_never_leaves_the_soft_limits(micron_fake: Fake
     assert all(10001 <= t <= 10010 for t in targets)  # the final move (or the return to 10005) too
 
 
-def test_a_start_outside_the_soft_limits_is_returned_to_as_it_is_not_clamped(micron_fake: FakeZaber) -> None:
-    # Only the rounding is moved inside: the stage goes back exactly where it started (documented:
-    # the one position outside the soft limits the tool may command), never silently to the limit.
+def test_a_start_outside_the_soft_limits_is_not_returned_to_nor_clamped(micron_fake: FakeZaber) -> None:
+    # Issue 18: nothing outside --z-min/--z-max is ever commanded, not even the return to a start
+    # outside them (10.005 mm < 10.010): no_peak leaves the stage at the last frame -- never silently
+    # at the limit either.
     code = autofocus.main(["10.010", "10.040", "0.005", url(micron_fake), "--camera", "sim", "--native-unit-nm",
                            "1000", "--z-min", "10.010", "--sim-time-scale", "0", "--sim-size", "320x200",
                            "--sim-specimen", "blank"])
-    assert code == 3 and micron_fake.move_targets()[-1] == 10_005 and micron_fake.position() == 10_005
+    assert code == 3 and min(micron_fake.move_targets()) >= 10_010
+    assert micron_fake.move_targets()[-1] == 10_040 and micron_fake.position() == 10_040
 
 
 # --- replay stacks ----------------------------------------------------------------------------------
@@ -205,8 +207,13 @@ def test_json_never_holds_nan_or_infinity() -> None:
 
 
 def test_a_failed_run_prints_strict_json(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    real_capture, captures = autofocus.SimCamera.capture, []
+
     def capture(self: Any) -> Any:
-        raise autofocus.CameraError("camera unplugged")
+        captures.append(1)
+        if len(captures) > 1:  # the look before moving, then unplugged: the run fails with no frame scored
+            raise autofocus.CameraError("camera unplugged")
+        return real_capture(self)
 
     monkeypatch.setattr(autofocus.SimCamera, "capture", capture)
     code = autofocus.main(["10", "11", "0.05", *FAST_SIM, "--json"])

@@ -87,6 +87,35 @@ def test_the_adapter_configures_grabs_and_puts_every_node_back(user_camera: Any)
     assert user_camera.IsOpen() and not user_camera.IsGrabbing()  # the caller's camera: open, as lent
 
 
+def triggers(cam: Any) -> tuple[str, dict[str, tuple[str, str, str]]]:
+    """The selected TriggerSelector entry, and every entry's (mode, source, activation)."""
+    selected, out = cam.TriggerSelector.Value, {}
+    for entry in cam.TriggerSelector.Symbolics:
+        cam.TriggerSelector.Value = entry
+        out[entry] = (cam.TriggerMode.Value, cam.TriggerSource.Value, cam.TriggerActivation.Value)
+    cam.TriggerSelector.Value = selected
+    return selected, out
+
+
+def test_trigger_settings_are_put_back_per_trigger_selector_entry(user_camera: Any) -> None:
+    # A camera left with FrameStart triggered by Line1 (falling edge), a burst trigger on, and the
+    # selector on FrameBurstStart: TriggerMode belongs to the selected entry, so a journal keeping
+    # one value brought FrameStart back Off (reproduced on this emulator before the fix).
+    cam = user_camera
+    cam.TriggerSelector.Value = "FrameStart"
+    cam.TriggerSource.Value, cam.TriggerActivation.Value, cam.TriggerMode.Value = "Line1", "FallingEdge", "On"
+    cam.TriggerSelector.Value = "FrameBurstStart"
+    cam.TriggerSource.Value, cam.TriggerMode.Value = "Line2", "On"
+    before = triggers(cam)
+    assert before[0] == "FrameBurstStart" and before[1]["FrameStart"] == ("On", "Line1", "FallingEdge")
+    with autofocus.BaslerCamera.from_camera(cam) as basler:
+        during = triggers(cam)[1]
+        assert during["FrameStart"][:2] == ("On", "Software") and cam.TriggerSelector.Value == "FrameStart"
+        assert [e for e, (mode, _, _) in during.items() if mode == "On"] == ["FrameStart"]  # the burst gate off
+        assert basler.capture().ndim == 2
+    assert triggers(cam) == before  # every entry's mode, source and activation, and the selector
+
+
 def test_a_camera_the_tool_opens_is_configured_and_closed(emulator: None) -> None:
     basler = autofocus.BaslerCamera(exposure_ms=1.0)
     cam = basler._cam
@@ -107,6 +136,31 @@ def test_each_capture_is_a_new_frame_triggered_after_the_call(user_camera: Any, 
     with autofocus.BaslerCamera.from_camera(cam) as basler:
         means = [int(basler.capture().mean()) >> 8 for _ in range(4)]  # Mono16: the 8-bit file << 8
     assert means == [20, 40, 60, 80]  # one trigger, one frame, in order: nothing stale, nothing skipped
+
+
+@pytest.mark.parametrize("where", ["Open", "configuration"])
+def test_ctrl_c_while_the_camera_opens_still_closes_it(emulator: None, monkeypatch: pytest.MonkeyPatch,
+                                                       where: str) -> None:
+    opened: list[Any] = []
+
+    class InterruptedCamera(pylon.InstantCamera):  # type: ignore[misc, name-defined]
+        def Open(self) -> None:  # noqa: N802 - pylon's name
+            super().Open()
+            opened.append(self)
+            if where == "Open":
+                raise KeyboardInterrupt  # Ctrl-C as Open() returns: the camera is open
+
+    monkeypatch.setattr(pylon, "InstantCamera", InterruptedCamera)
+    if where == "configuration":
+        monkeypatch.setattr(autofocus.BaslerCamera, "_configure", lambda self, *a: signal.raise_signal(signal.SIGINT))
+    with pytest.raises(KeyboardInterrupt):
+        autofocus.BaslerCamera()
+    assert len(opened) == 1 and not opened[0].IsOpen()  # closed (the emulator would not refuse a second open)
+    monkeypatch.undo()
+    monkeypatch.setenv("PYLON_CAMEMU", "1")
+    again = autofocus.BaslerCamera()
+    assert again.capture().ndim == 2
+    again.close()
 
 
 def test_an_unknown_serial_names_the_cameras_found(emulator: None) -> None:
@@ -141,7 +195,7 @@ def rendered_stack(folder: Path, positions: list[float], focus_mm: float) -> Non
 @pytest.fixture
 def serving(user_camera: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
     positions = autofocus.plan_positions(10.0, 10.5, 0.02)
-    rendered_stack(tmp_path / "frames", positions, focus_mm=10.237)
+    rendered_stack(tmp_path / "frames", [10.0, *positions], focus_mm=10.237)  # first: the look before moving
     cam = user_camera
     cam.TestImageSelector.Value, cam.ImageFileMode.Value = "Off", "On"
     cam.ImageFilename.Value = str(tmp_path / "frames")
@@ -177,7 +231,7 @@ def test_end_to_end_finds_the_focal_plane_with_the_stage_idle_at_every_trigger(
         result = json.loads(out.out)
         assert code == 0, out.err
         assert abs(result["best_mm"] - 10.237) <= 0.02 / 4  # within STEP/4 of the simulator's focal plane
-        assert result["frames"] == len(serving) == len(busy) and not any(busy)  # idle at every trigger
+        assert result["frames"] == len(serving) == len(busy) - 1 and not any(busy)  # idle at every trigger
         assert fake.move_targets()[:-1] == [round(z * NM) for z in serving]
 
 
@@ -192,5 +246,6 @@ def test_every_node_is_put_back_after_a_fault_or_ctrl_c_mid_sweep(
         code = autofocus.main(["10", "10.5", "0.02", url(fake), "--camera", "basler", "--native-unit-nm", "1"])
         err = capsys.readouterr().err
         assert code == (5 if how == "stage fault" else 130), err
-        assert "returned to its start, 10.0000 mm" in err
+        # A rejected move is not the tool's doing: nothing more moves; Ctrl-C is: back to the start.
+        assert ("nothing more was moved" if how == "stage fault" else "returned to its start, 10.0000 mm") in err
     assert snapshot(user_camera) == before and not user_camera.IsGrabbing()

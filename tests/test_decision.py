@@ -77,7 +77,7 @@ def test_noise_on_sparse_selected_frames_is_never_a_peak() -> None:
 
 
 class NoiseCamera:
-    """A 1x1 'frame' whose value is fresh Gaussian noise (a blank field), optionally times a lamp."""
+    """An 8x8 frame (the smallest the tool scores) whose value is fresh Gaussian noise (a blank field), optionally times a lamp."""
 
     def __init__(self, seed: int, lamp: object = None) -> None:
         self.rng, self.lamp, self.k = np.random.default_rng(seed), lamp, 0
@@ -85,7 +85,7 @@ class NoiseCamera:
     def capture(self) -> np.ndarray:
         gain = 1.0 if self.lamp is None else self.lamp(self.k)  # type: ignore[operator]
         self.k += 1
-        return np.array([[100.0 * (1 + 0.01 * self.rng.standard_normal()) / gain]], np.float32)
+        return np.full((8, 8), 100.0 * (1 + 0.01 * self.rng.standard_normal()) / gain, np.float32)
 
 
 class ValueScorer(autofocus.Scorer):

@@ -151,6 +151,39 @@ def test_trigger_source_not_writable_while_trigger_mode_on(PySpin, sp):
         assert (cam.TriggerSource, cam.TriggerMode) == ("Software", "On")
 
 
+def test_trigger_nodes_belong_to_the_selected_trigger_selector_entry(PySpin, sp):
+    dev = PySpin.fake.camera(0)
+    with sp.Camera() as cam:
+        cam.TriggerSource = "Line1"
+        cam.TriggerMode = "On"  # FrameStart
+        cam.TriggerSelector = "FrameBurstStart"  # writable while FrameStart is On (as on pylon's emulator)
+        assert (cam.TriggerMode, cam.TriggerSource) == ("Off", "Line0")  # the burst trigger's own nodes
+        cam.TriggerSource = "Line2"  # writable: the SELECTED trigger is off
+        cam.TriggerSelector = "FrameStart"
+        assert (cam.TriggerMode, cam.TriggerSource) == ("On", "Line1")
+        with pytest.raises(sp.CameraError, match="not currently writable"):
+            cam.TriggerSource = "Line3"  # the selected trigger is on
+        assert dev.trigger_value("FrameBurstStart", "TriggerSource") == "Line2"
+
+
+def test_an_acquisition_start_trigger_left_on_gates_every_frame(PySpin, sp):
+    with sp.Camera() as cam:
+        cam.TriggerSelector = "AcquisitionStart"
+        cam.TriggerSource = "Line2"
+        cam.TriggerMode = "On"
+        cam.TriggerSelector = "FrameStart"
+        cam.TriggerSource = "Software"
+        cam.TriggerMode = "On"
+        cam.start()
+        cam.TriggerSoftware()  # no frame: the acquisition waits for Line2
+        with pytest.raises(PySpin.SpinnakerException):
+            cam.cam.GetNextImage(200)
+        PySpin.fake.camera(0).fire_line_trigger("Line2")
+        cam.TriggerSoftware()
+        cam.cam.GetNextImage(1000).Release()
+        cam.stop()
+
+
 def test_image_format_locked_while_acquiring(PySpin, sp):
     with sp.Camera() as cam:
         cam.start()

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fake_zaber import DeviceConfig, FakeZaber, Faults, checksum, parse_request  # noqa: E402
 from zaber_motion import (  # noqa: E402
     BadCommandException, BadDataException, CommandFailedException, ConnectionClosedException,
-    ConnectionFailedException, DeviceDbFailedException, DeviceDbSourceType, Library, MotionLibException,
+    ConnectionFailedException, DeviceDbFailedException, DeviceDbSourceType, DriverDisabledException, Library,
+    MotionLibException,
     MovementFailedException, MovementInterruptedException, RequestTimeoutException,
 )
 from zaber_motion.ascii import Axis, Connection  # noqa: E402
@@ -333,6 +334,120 @@ def test_slow_replies_still_work(fake: FakeZaber, axis: Axis) -> None:
     fake.inject(reply_delay_s=0.0)
     axis.move_absolute(MM)
     assert axis.get_position() == MM
+
+
+# ------------------------------------------------------------------ the device as others see it (issue 18)
+def _reply(conn: Connection, command: str = "") -> tuple:
+    """(status, flag, data) of one command, read through ZML's generic command (which clears nothing)."""
+    r = conn.generic_command(command, device=3, axis=1)
+    return r.status, r.warning_flag, r.data
+
+
+def test_a_second_zml_clients_stop_clears_ni_before_the_first_client_can_read_it() -> None:
+    with FakeZaber(devices=[DeviceConfig(homed=True)], speed_native_per_s=10 * MM) as fake, \
+            _open(fake) as ours, _open(fake) as theirs:
+        ours.get_device(3).get_axis(1).move_absolute(5 * MM, wait_until_idle=False)
+        time.sleep(0.05)
+        n = len(fake.log)
+        theirs.get_device(3).get_axis(1).stop()  # as Zaber Launcher or another script would
+        sent = [(r.text, r.reply.split()[5]) for r in fake.log[n:]]  # (command, flag in its reply)
+        assert sent[:2] == [("stop", "NI"), ("warnings clear", "--")], sent  # THEIR ZML cleared it
+        assert _reply(ours, "warnings")[2] == "00" and fake.flags() == []
+        assert 0 < fake.position() < 5 * MM  # only the position tells
+
+
+def test_a_second_zml_clients_move_clears_ni_and_takes_the_axis() -> None:
+    with FakeZaber(devices=[DeviceConfig(homed=True)], speed_native_per_s=10 * MM) as fake, \
+            _open(fake) as ours, _open(fake) as theirs:
+        ours.get_device(3).get_axis(1).move_absolute(5 * MM, wait_until_idle=False)
+        time.sleep(0.05)
+        theirs.get_device(3).get_axis(1).move_absolute(1 * MM)
+        assert fake.flags() == [] and fake.position() == 1 * MM  # not where we sent it, and no flag
+
+
+def test_stop_decelerates_busy_for_tens_of_ms() -> None:
+    with FakeZaber(devices=[DeviceConfig(homed=True)], speed_native_per_s=10 * MM) as fake, _open(fake) as conn:
+        conn.get_device(3).get_axis(1).move_absolute(5 * MM, wait_until_idle=False)
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        assert _reply(conn, "stop")[:2] == ("BUSY", "NI")  # still moving when the stop is answered
+        at_stop = fake.position()
+        while fake.is_busy():
+            time.sleep(0.001)
+        assert 0.015 < time.monotonic() - t0 < 0.1
+        assert at_stop < fake.position() <= at_stop + 10 * MM * 0.02 / 2 + 1  # coasts on, decelerating
+    with FakeZaber(devices=[DeviceConfig(homed=True)]) as fake, _open(fake) as conn:
+        assert _reply(conn, "stop")[0] == "IDLE"  # an idle axis has nothing to decelerate
+
+
+def test_the_knob_keeps_the_axis_busy_with_nc_and_sets_ni_only_over_a_commanded_move() -> None:
+    with FakeZaber(devices=[DeviceConfig(homed=True, position=5 * MM)], speed_native_per_s=10 * MM) as fake, \
+            _open(fake) as conn:
+        axis = conn.get_device(3).get_axis(1)
+        fake.turn_knob(200_000, duration_s=0.05)  # idle axis: manual motion only
+        assert _reply(conn)[:2] == ("BUSY", "NC")
+        time.sleep(0.08)
+        assert _reply(conn, "get pos") == ("IDLE", "NC", str(5 * MM + 200_000))  # NC stays until a move
+        axis.move_absolute(5 * MM)  # a movement command clears NC
+        assert fake.flags() == []
+        axis.move_absolute(8 * MM, wait_until_idle=False)
+        time.sleep(0.02)
+        fake.turn_knob(-100_000, duration_s=0.1)  # over a commanded move: NI too
+        assert fake.flags() == ["NC", "NI"]
+        n = len(fake.log)
+        axis.generic_command("move abs 6000000")  # a move during manual motion clears NI (and NC)
+        assert fake.log[n].reply.split()[4:6] == ["BUSY", "--"] and fake.flags() == []
+        axis.wait_until_idle()
+        assert fake.position() == 6 * MM  # the command took over from the knob
+
+
+def test_a_fault_latched_while_idle_surfaces_at_the_next_zml_move_which_runs_on() -> None:
+    with FakeZaber(devices=[DeviceConfig(homed=True)], speed_native_per_s=10 * MM) as fake, _open(fake) as conn:
+        axis = conn.get_device(3).get_axis(1)
+        fake.latch("FQ")  # an encoder error while the axis stands still
+        assert _reply(conn, "get pos")[:2] == ("IDLE", "FQ")
+        with pytest.raises(MovementFailedException) as info:
+            axis.move_absolute(5 * MM, wait_until_idle=False)
+        assert info.value.details.warnings == ["FQ"] and "Encoder Error (FQ)" in info.value.details.reason
+        assert fake.flags() == [] and "warnings clear" in fake.commands()  # ZML cleared it itself ...
+        assert fake.is_busy()  # ... and the move it sent runs on
+        fake.inject(flag_on_move=2, fault_flag="FS")
+        axis.stop()
+        with pytest.raises(MovementFailedException, match="FS"):
+            axis.move_absolute(0, wait_until_idle=False)
+
+
+@pytest.mark.parametrize("flag", ["FO", "FD"])
+def test_a_disabled_driver_refuses_every_move_until_it_runs_again(flag: str) -> None:
+    with FakeZaber(devices=[DeviceConfig(homed=True, flags=(flag,))]) as fake, _open(fake) as conn:
+        axis = conn.get_device(3).get_axis(1)
+        with pytest.raises(DriverDisabledException):
+            axis.move_absolute(MM)
+        with pytest.raises(DriverDisabledException):
+            axis.home()
+        assert fake.log[0].reply.split()[3:] == ["RJ", "IDLE", flag, "DRIVERDISABLED"]
+        axis.warnings.clear_flags()
+        assert fake.flags() == [flag]  # not a notice: the driver is still off
+        if flag == "FO":
+            axis.generic_command("driver enable")
+        else:
+            fake.unlatch(flag)  # it cooled down
+        axis.move_absolute(MM)
+        assert fake.move_targets() == [MM]
+
+
+def test_settle_tolerance_is_a_setting_and_moves_end_inside_the_window() -> None:
+    with FakeZaber(devices=[DeviceConfig(homed=True, settle_tolerance=8)]) as fake, _open(fake) as conn:
+        axis = conn.get_device(3).get_axis(1)
+        assert axis.settings.get("cloop.settle.tolerance") == 8
+        ends = []
+        for target in (MM, 2 * MM, 3 * MM):
+            axis.move_absolute(target)
+            ends.append(axis.get_position() - target)
+        assert ends == [8, -8, 8]
+    with FakeZaber(devices=[DeviceConfig(homed=True)]) as fake, _open(fake) as conn:  # open loop
+        with pytest.raises(BadCommandException):
+            conn.get_device(3).get_axis(1).settings.get("cloop.settle.tolerance")
 
 
 # ------------------------------------------------------------------ wire level

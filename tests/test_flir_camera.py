@@ -30,9 +30,10 @@ def fake_camera(PySpin: ModuleType, **spec: Any) -> Any:  # noqa: N803
 
 
 def snapshot(dev: Any) -> dict[str, Any]:
-    """Every node value of the camera (the fake's node store, read past the access rules)."""
+    """Every node value of the camera (the fake's node store, read past the access rules), the
+    trigger nodes of every TriggerSelector entry included."""
     dev.value("PayloadSize")  # refresh the derived values
-    return dict(dev.values)
+    return {**dev.values, "triggers": {e: dict(t) for e, t in dev.trigger_entries.items()}}
 
 
 def uniform_colour(t: float) -> np.ndarray:
@@ -156,8 +157,14 @@ def lived_in(PySpin: ModuleType, sp: ModuleType) -> None:  # noqa: N803
     cam = sp.Camera()
     cam.init()
     cam.AcquisitionMode = "MultiFrame"
-    cam.TriggerSource = "Line1"
+    cam.TriggerSource = "Line1"  # FrameStart: a hardware trigger on Line1, falling edge
+    cam.TriggerActivation = "FallingEdge"
     cam.TriggerMode = "On"
+    cam.TriggerSelector = "AcquisitionStart"  # acquisition gated by Line2: no frame without it
+    cam.TriggerSource = "Line2"
+    cam.TriggerMode = "On"
+    cam.TriggerSelector = "FrameBurstStart"  # left selected, Off, with its own source
+    cam.TriggerSource = "Line3"
     cam.ExposureAuto = "Off"
     cam.ExposureTime = 1500.0
     cam.ExposureAuto = "Once"  # converges and turns itself Off (fake), as on a real camera
@@ -204,7 +211,9 @@ def test_every_node_is_restored_and_the_camera_reopens_after_any_run(PySpin: Mod
                       exposure_auto="Continuous")
     lived_in(PySpin, sp)
     before = snapshot(dev)
-    assert before["PixelFormat"] == "Mono12p" and before["TriggerSource"] == "Line1"
+    assert before["PixelFormat"] == "Mono12p" and before["TriggerSelector"] == "FrameBurstStart"
+    assert before["triggers"]["FrameStart"] == {"TriggerMode": "On", "TriggerSource": "Line1",
+                                                "TriggerActivation": "FallingEdge"}
     code, stage = focus_cli(PySpin, sp)
     err = capsys.readouterr().err
     if exit_code is None:
@@ -223,13 +232,56 @@ def test_every_node_is_restored_and_the_camera_reopens_after_any_run(PySpin: Mod
     assert snapshot(dev) == before
 
 
+def test_trigger_settings_are_journalled_and_restored_per_trigger_selector_entry(PySpin: ModuleType,  # noqa: N803
+                                                                                 sp: ModuleType) -> None:
+    dev = fake_camera(PySpin, render=flat)
+    lived_in(PySpin, sp)  # FrameStart on Line1 (falling edge), AcquisitionStart on Line2, FrameBurstStart selected
+    before = snapshot(dev)["triggers"]
+    with autofocus.FlirCamera(timeout_ms=200) as camera:
+        assert dev.trigger_value("AcquisitionStart", "TriggerMode") == "Off"  # left on, it would gate every frame
+        assert [dev.trigger_value("FrameStart", n) for n in ("TriggerMode", "TriggerSource")] == ["On", "Software"]
+        assert dev.value("TriggerSelector") == "FrameStart"  # TriggerSoftware fires the selected trigger
+        assert camera.capture().shape == (100, 120)  # the camera's own ROI, as lived_in() left it
+    assert snapshot(dev)["triggers"] == before  # mode, source and activation of every entry
+    assert dev.value("TriggerSelector") == "FrameBurstStart"
+
+
+@pytest.mark.parametrize("where", ["Init", "node walk", "configuration"])
+def test_ctrl_c_while_the_camera_opens_still_releases_it(PySpin: ModuleType, sp: ModuleType,  # noqa: N803
+                                                         monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    dev = fake_camera(PySpin, render=flat)
+    once = {"left": 1}
+
+    def interrupt_once() -> None:
+        if once["left"]:
+            once["left"] -= 1
+            raise KeyboardInterrupt
+
+    if where == "Init":  # Spinnaker's Init() has returned (the camera is initialised) when Ctrl-C lands
+        real_init = PySpin.CameraPtr.Init
+        monkeypatch.setattr(PySpin.CameraPtr, "Init", lambda self: (real_init(self), interrupt_once()))
+    elif where == "node walk":  # simple_pyspin's init() walks every node after Init()
+        real_nodemap = PySpin.CameraPtr.GetNodeMap
+        monkeypatch.setattr(PySpin.CameraPtr, "GetNodeMap", lambda self: (interrupt_once(), real_nodemap(self))[1])
+    else:  # the tool's own set-up, once the camera is open
+        real_configure = autofocus.FlirCamera._configure
+        monkeypatch.setattr(autofocus.FlirCamera, "_configure",
+                            lambda self, *a: (interrupt_once(), real_configure(self, *a))[1])
+    with pytest.raises(KeyboardInterrupt):
+        autofocus.FlirCamera(timeout_ms=200)
+    assert not dev.initialized and not dev.streaming  # released: DeInit
+    with autofocus.FlirCamera(timeout_ms=200) as again:  # the next open in this process works (no -1004)
+        assert again.capture().shape == (H, W)
+
+
 def test_a_camera_left_initialised_is_reported_in_one_line(PySpin: ModuleType, sp: ModuleType) -> None:  # noqa: N803
-    fake_camera(PySpin)
+    dev = fake_camera(PySpin)
     held = sp.Camera()
     held.init()  # e.g. an earlier script that never released it
     with pytest.raises(autofocus.CameraError, match="still holds it") as info:
         autofocus.FlirCamera(timeout_ms=200)
     assert "-1004" in str(info.value) and "\n" not in str(info.value)
+    assert dev.initialized  # the failed open did not DeInit a camera that another part of the process holds
     held.cam.DeInit()
 
 
@@ -300,6 +352,17 @@ def test_fit_roi(roi: tuple, sensor: tuple, steps: tuple, expected: tuple) -> No
     assert x <= roi[0] and y <= roi[1] and x + w >= roi[0] + roi[2] and y + h >= roi[1] + roi[3]
     assert x % off[0] == 0 and y % off[1] == 0 and (w - least[0]) % size[0] == 0 and (h - least[1]) % size[1] == 0
     assert x + w <= sensor[0] and y + h <= sensor[1]
+
+
+def test_restore_plan_turns_each_trigger_off_first_and_back_on_last_then_the_selector() -> None:
+    triggers = {"FrameBurstStart": {"TriggerMode": "On", "TriggerSource": "Line2", "TriggerActivation": "RisingEdge"},
+                "FrameStart": {"TriggerMode": "On", "TriggerSource": "Line1", "TriggerActivation": "FallingEdge"}}
+    plan = autofocus.restore_plan({"TriggerSelector": "FrameBurstStart", "AcquisitionMode": "SingleFrame"}, triggers)
+    assert plan[:4] == [("TriggerSelector", "FrameBurstStart"), ("TriggerMode", "Off"), ("TriggerSource", "Line2"),
+                        ("TriggerActivation", "RisingEdge")]  # its source is only writable with it off
+    assert plan[8] == ("AcquisitionMode", "SingleFrame")
+    assert plan[9:] == [("TriggerSelector", "FrameBurstStart"), ("TriggerMode", "On"), ("TriggerSelector", "FrameStart"),
+                        ("TriggerMode", "On"), ("TriggerSelector", "FrameBurstStart")]  # the user's selection last
 
 
 def test_restore_plan_puts_trigger_and_roi_back_in_an_order_genicam_accepts() -> None:

@@ -601,7 +601,7 @@ def test_make_figures_writes_valid_images(tmp_path: Path, capfd: pytest.CaptureF
     written = [Path(line) for line in out.splitlines() if line.strip()]
     names = {p.name for p in written}
     assert {"blurry_image.png", "blurry_laplacian.png", "focused_image.png", "focused_laplacian.png",
-            "autofocus.gif", "roi.png", "transparent.png"} <= names
+            "autofocus.gif", "roi.png", "transparent.png", "show_images.png"} <= names
     roi_view = cv2.imread(str(folder / "roi.png"))
     assert np.all(roi_view == (0, 255, 255), axis=2).sum() > 100  # the --roi figure outlines its region
     assert all(p.is_file() and p.parent == folder for p in written)

@@ -76,17 +76,17 @@ class PeakCamera:
         z = self.stage.position_mm()
         peak = 0.0 if self.focus is None else math.exp(-0.5 * ((z - self.focus) / self.width) ** 2)
         value = 1.0 + peak + self.noise * self.rng.standard_normal()
-        return np.array([[value * 100.0]], dtype=np.float32)
+        return np.full((8, 8), value * 100.0, dtype=np.float32)  # the smallest frame the tool scores
 
 
 class ValueScorer(autofocus.Scorer):
-    """Scores a 1x1 'frame' by its value; coarse score is the same."""
+    """Scores a uniform 'frame' by its value; coarse score is the same."""
 
-    def __call__(self, image: np.ndarray) -> float:
-        return float(image[0, 0])
+    def _fine(self, region: np.ndarray) -> float:
+        return float(region[0, 0])
 
-    def coarse(self, image: np.ndarray) -> float:
-        return float(image[0, 0])
+    def _coarse(self, region: np.ndarray) -> float:
+        return float(region[0, 0])
 
 
 def run(focus: float | None, start: float = 10, end: float = 14, step: float = 0.05, search: str = "sweep",
@@ -125,7 +125,7 @@ def test_fit_not_trusted_moves_to_best_sample() -> None:
         def capture(self) -> np.ndarray:
             z = stage.position_mm()
             v = 5.0 if z in (12.0, 12.1) else 1.0 + 0.001 * abs(z - 12)
-            return np.array([[v]], np.float32)
+            return np.full((8, 8), v, np.float32)
 
     plan = Plan(tuple(autofocus.plan_positions(11, 13, 0.1)))
     result = autofocus.run_autofocus(stage, Plateau(), ValueScorer(), plan)

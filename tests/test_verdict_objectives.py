@@ -130,7 +130,7 @@ def test_objectives_set_magnification_na_and_physical_blur() -> None:
     assert optics.blur_sigma_px(dz_mm) == pytest.approx(math.hypot(radius_px / 2, optics.blur_sigma_px(0)), rel=1e-6)
     assert autofocus.SimOptics(**autofocus.objective_optics("4x")).depth_of_field_um == pytest.approx(69.65, abs=0.1)
     assert 0.8 < autofocus.SimOptics(**autofocus.objective_optics("60x")).depth_of_field_um < 1.0
-    with pytest.raises(autofocus.UsageError, match="objective: '7x' is unknown"):
+    with pytest.raises(autofocus.UsageError, match="objective: '7x' is not an objective"):
         autofocus.simulated_microscope(objective="7x")
 
 

@@ -152,7 +152,7 @@ def test_bad_input_never_moves_the_stage(fake: FakeZaber, argv: list[str]) -> No
     assert fake.motion_commands() == []
 
 
-# --- faults during the run: stop, return to start, keep what was measured, exit 5 --------------------
+# --- faults during the run: keep what was measured, exit 5; only the tool's own stop returns to start ---
 
 def run_with_fault(tmp_path: Path, fault: dict, *extra: str) -> tuple[subprocess.CompletedProcess[str], FakeZaber]:
     fake = FakeZaber(devices=[DeviceConfig(homed=True, position=5 * NM)], faults=Faults(**fault)).start()
@@ -171,19 +171,22 @@ def partial_rows(tmp_path: Path) -> tuple[int, int]:
 
 
 def test_rejected_move(tmp_path: Path) -> None:
+    # The device refused a valid move: an event the tool did not cause, so nothing more moves (issue 18).
     proc, fake = run_with_fault(tmp_path, {"reject_move": 6})
     out = json.loads(proc.stdout)
     assert proc.returncode == 5 and "rejected the move to 10.2500 mm" in proc.stderr
-    assert proc.stderr.count("\n") == 1 and "returned to its start, 5.0000 mm" in proc.stderr
-    assert fake.position() == 5 * NM and "stop" in fake.commands()
+    assert proc.stderr.count("\n") == 1 and "nothing more was moved; the stage is at 10.2000 mm" in proc.stderr
+    assert fake.position() == round(10.2 * NM) and "stop" not in fake.commands()
     assert out["frames"] == 5 and len(out["curve"]) == 5 and out["error"] and out["verdict"] == "failed"
     assert partial_rows(tmp_path) == (5, 5)
 
 
 def test_stall(tmp_path: Path) -> None:
+    # A fault: the objective may be blocked, so nothing more moves -- no return through it (issue 18).
     proc, fake = run_with_fault(tmp_path, {"stall_at_move": 4})
     assert proc.returncode == 5 and "Stalled" in proc.stderr and proc.stderr.count("\n") == 1
-    assert fake.position() == 5 * NM
+    assert "nothing more was moved" in proc.stderr
+    assert fake.position() == round(10.125 * NM) and len(fake.move_targets()) == 4  # halfway 10.10 -> 10.15
     assert partial_rows(tmp_path) == (3, 3)
 
 

@@ -105,6 +105,19 @@ DIFFERENCES = """
   "Once" converges at once and turns itself Off.
 * Enumeration entries a camera does not offer (PixelFormat, AdcBitDepth) are
   NA; setting one raises an AccessException (-2006).
+* Triggers: TriggerMode, TriggerSource and TriggerActivation belong to the
+  selected TriggerSelector entry (FrameStart, AcquisitionStart, FrameBurstStart,
+  as on a Blackfly S; GenICam SFNC: "TriggerMode: Controls if the selected
+  trigger is active").  A trigger's source and activation are writable only
+  while THAT trigger is Off; the selector is writable at any time (as on
+  pylon's camera emulator: a camera can be left with FrameStart On and
+  another entry selected).  TriggerSoftware fires the selected trigger.  An
+  AcquisitionStart or FrameBurstStart trigger that is On gates every frame
+  until it fires (Basler's manuals, "Acquisition Start Trigger On" use case:
+  the camera waits "for acquisition start trigger"); once fired the gate stays
+  open until the acquisition ends (a real camera re-arms it after a frame or
+  burst count: the fake is laxer there).  fake.camera().trigger_value(entry,
+  node) reads one entry's node; value(node) reads the selected entry's.
 """
 
 # ---------------------------------------------------------------------------
@@ -204,7 +217,7 @@ _IMAGE_STATUS_TEXT = {
 # entry (and of the module constant <Enum>_<Entry>) is its index here.
 _ENUM_ENTRIES = {
     "AcquisitionMode": ["Continuous", "SingleFrame", "MultiFrame"],
-    "TriggerSelector": ["FrameStart"],
+    "TriggerSelector": ["FrameStart", "AcquisitionStart", "FrameBurstStart"],
     "TriggerMode": ["Off", "On"],
     "TriggerSource": ["Software", "Line0", "Line1", "Line2", "Line3"],
     "TriggerActivation": ["RisingEdge", "FallingEdge"],
@@ -225,6 +238,32 @@ for _enum_name, _entries in _ENUM_ENTRIES.items():
     for _i, _entry in enumerate(_entries):
         globals()["%s_%s" % (_enum_name, _entry)] = _i
 del _enum_name, _entries, _i, _entry
+
+# The nodes that belong to the selected TriggerSelector entry (each entry has its own), and the
+# entries that gate frames: while one of them is On, no frame starts until it has fired.
+TRIGGER_NODES = ("TriggerMode", "TriggerSource", "TriggerActivation")
+_GATING_TRIGGERS = ("AcquisitionStart", "FrameBurstStart")
+
+
+class _SelectedStore:
+    """A node store for TRIGGER_NODES: reads and writes go to the selected TriggerSelector entry."""
+
+    def __init__(self, dev):
+        self._dev = dev
+
+    def _entry(self):
+        return self._dev.trigger_entries[self._dev.values["TriggerSelector"]]
+
+    def __getitem__(self, name):
+        return self._entry()[name]
+
+    def __setitem__(self, name, value):
+        self._entry()[name] = value
+
+    def setdefault(self, name, value):
+        for entry in self._dev.trigger_entries.values():
+            entry.setdefault(name, value)
+        return self[name]
 
 
 
@@ -1094,6 +1133,7 @@ class FakeCamera:
         self._queue = collections.deque()
         self._inflight = collections.deque()
         self._next_start = None
+        self._gate_open = False
         self._busy_until = 0.0
         self._frames_remaining = None
         self._frame_id = 0
@@ -1106,6 +1146,9 @@ class FakeCamera:
         self.values: dict = {}
         self.tl_values: dict = {}
         v = self.values
+        # Each TriggerSelector entry has its own TriggerMode, TriggerSource and TriggerActivation.
+        self.trigger_entries: dict = {e: {} for e in _ENUM_ENTRIES["TriggerSelector"]}
+        sel = _SelectedStore(self)
 
         def when_init(mode):
             return lambda d: mode if d.initialized else NA
@@ -1115,10 +1158,10 @@ class FakeCamera:
                 return NA
             return RO if d.streaming else RW
 
-        def trig_cfg(d):
+        def trig_cfg(d):  # source and activation of the selected trigger: writable only with it off
             if not d.initialized:
                 return NA
-            return RW if d.values["TriggerMode"] == "Off" else RO
+            return RW if d._selected_trigger()["TriggerMode"] == "Off" else RO
 
         def auto_gated(auto):
             def f(d):
@@ -1130,7 +1173,7 @@ class FakeCamera:
         def trig_sw(d):
             if not d.initialized:
                 return NA
-            return WO if d.values["TriggerSource"] == "Software" else NA
+            return WO if d._selected_trigger()["TriggerSource"] == "Software" else NA
 
         def roi_max_w(d):
             return s.width - d.values["OffsetX"]
@@ -1211,14 +1254,14 @@ class FakeCamera:
             add(_FloatNode(dev, "ExposureTime", s.exposure_us, vmin=10.0, vmax=30_000_000.0,
                            store=v, access=auto_gated("ExposureAuto"), unit="us",
                            description="Exposure time in microseconds when Exposure Mode is Timed.")),
-            add(_EnumNode(dev, "TriggerSelector", "FrameStart", store=v, access=trig_cfg,
+            add(_EnumNode(dev, "TriggerSelector", "FrameStart", store=v, access=rw,
                           description="Selects the type of trigger to configure.")),
-            add(_EnumNode(dev, "TriggerMode", "Off", store=v, access=rw,
+            add(_EnumNode(dev, "TriggerMode", "Off", store=sel, access=rw,
                           on_set=self._on_trigger_mode,
                           description="Controls whether or not the selected trigger is active.")),
-            add(_EnumNode(dev, "TriggerSource", "Line0", store=v, access=trig_cfg,
+            add(_EnumNode(dev, "TriggerSource", "Line0", store=sel, access=trig_cfg,
                           description="Specifies the internal signal or physical input line to use as the trigger source.")),
-            add(_EnumNode(dev, "TriggerActivation", "RisingEdge", store=v, access=trig_cfg,
+            add(_EnumNode(dev, "TriggerActivation", "RisingEdge", store=sel, access=trig_cfg,
                           description="Specifies the activation mode of the trigger.")),
             add(_CommandNode(dev, "TriggerSoftware", lambda: self._trigger("Software", software=True),
                              access=trig_sw,
@@ -1294,8 +1337,23 @@ class FakeCamera:
                 self.values[name] = "Off"
         return hook
 
+    def _selected_trigger(self):
+        return self.trigger_entries[self.values["TriggerSelector"]]
+
+    def _frame_trigger(self):
+        return self.trigger_entries["FrameStart"]
+
+    def _gated(self):
+        """A gating trigger (AcquisitionStart, FrameBurstStart) is On and has not fired yet."""
+        return not self._gate_open and any(self.trigger_entries[e]["TriggerMode"] == "On" for e in _GATING_TRIGGERS)
+
+    def trigger_value(self, entry, name):
+        """A trigger node of one TriggerSelector entry, whichever is selected (test-facing)."""
+        with _lock:
+            return self.trigger_entries[entry][name]
+
     def _on_trigger_mode(self, old, new):
-        if not self.streaming:
+        if not self.streaming or self.values["TriggerSelector"] != "FrameStart":
             return
         now = _clock()
         if new == "Off":
@@ -1306,6 +1364,8 @@ class FakeCamera:
     def value(self, name):
         """Current value of a camera (or TL stream) node, bypassing access rules."""
         with _lock:
+            if name in TRIGGER_NODES:  # the selected TriggerSelector entry's
+                return self._selected_trigger()[name]
             if name in self.values:
                 self._refresh_derived()
                 return self.values[name]
@@ -1336,7 +1396,7 @@ class FakeCamera:
         return self.stream_values["StreamBufferHandlingMode"]
 
     def _can_expose(self):
-        return self._frames_remaining is None or self._frames_remaining > 0
+        return (self._frames_remaining is None or self._frames_remaining > 0) and not self._gated()
 
     # ----- connection ------------------------------------------------------
     def disconnect(self):
@@ -1382,7 +1442,8 @@ class FakeCamera:
         mode = self.values["AcquisitionMode"]
         self._frames_remaining = {"Continuous": None, "SingleFrame": 1,
                                   "MultiFrame": self.values["AcquisitionFrameCount"]}[mode]
-        self._next_start = now if self.values["TriggerMode"] == "Off" else None
+        self._next_start = now if self._frame_trigger()["TriggerMode"] == "Off" else None
+        self._gate_open = False  # AcquisitionStart / FrameBurstStart (when On) must fire again
         self.streaming = True
         self._generation += 1
         self.acquisitions_started += 1
@@ -1461,7 +1522,7 @@ class FakeCamera:
             return
         while self._inflight and self._inflight[0].ready_at <= now:
             self._land(self._inflight.popleft())
-        if self.values["TriggerMode"] != "Off" or self._next_start is None:
+        if self._frame_trigger()["TriggerMode"] != "Off" or self._next_start is None:
             return
         exp, ro, period = self._exposure_s(), self.spec.readout_s, self._period()
         nbuf = len(self._buffers)
@@ -1489,7 +1550,7 @@ class FakeCamera:
         times = []
         if self._inflight:
             times.append(self._inflight[0].ready_at)
-        if (self.streaming and self.values["TriggerMode"] == "Off"
+        if (self.streaming and self._frame_trigger()["TriggerMode"] == "Off"
                 and self._next_start is not None and self._can_expose()):
             times.append(self._next_start + self._exposure_s() + self.spec.readout_s)
         return min(times) if times else None
@@ -1499,14 +1560,31 @@ class FakeCamera:
         self._advance(now)
         if software:
             self.triggers += 1
-        v = self.values
+        # A software trigger fires the selected entry; an edge on a line fires every entry On with that source.
+        fired = [self.values["TriggerSelector"]] if software else [
+            e for e, t in self.trigger_entries.items() if t["TriggerMode"] == "On" and t["TriggerSource"] == source]
+        gates = [e for e in fired if e in _GATING_TRIGGERS]
+        if gates and self.streaming and all(self.trigger_entries[e]["TriggerMode"] == "On" for e in gates):
+            if not self._gate_open:
+                self._gate_open = True
+                if self._frame_trigger()["TriggerMode"] == "Off":
+                    self._next_start = max(now, self._busy_until)  # free-running frames start now
+            self._log("trigger", "%s fired" % ", ".join(gates))
+            if "FrameStart" not in fired:
+                return
+        v = self._frame_trigger()
         reason = None
         if not self.streaming:
             reason = "not acquiring"
+        elif software and self.values["TriggerSelector"] != "FrameStart":
+            reason = "the selected trigger (%s) is Off" % self.values["TriggerSelector"]
         elif v["TriggerMode"] != "On":
             reason = "TriggerMode is Off"
         elif v["TriggerSource"] != source:
             reason = "TriggerSource is %s" % v["TriggerSource"]
+        elif self._gated():
+            reason = "waiting for the %s trigger" % " / ".join(
+                e for e in _GATING_TRIGGERS if self.trigger_entries[e]["TriggerMode"] == "On")
         elif not self._can_expose():
             reason = "acquisition frame count reached"
         elif now < self._busy_until:
