@@ -1491,6 +1491,8 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
                          "the focus, less precisely: more light, a longer exposure, or --metric tenengrad/normvar help")
     verdict = Verdict("focused", prominence, noise.sigma, threshold, reason, None,
                       "coarse" if locate is not None else scale, float(y[i] - base), narrow or sharp)
+    # The chosen peak's entry says what the answer says (its own fit and error bar).
+    peaks = [dataclasses.replace(p, fit_mm=target, uncertainty_mm=uncertainty) if p is chosen else p for p in peaks]
     return Decision(verdict, fit, ordered[i], target, uncertainty, tuple(peaks), tuple(dips), tuple(notes), more_mm)
 
 
