@@ -2510,6 +2510,52 @@ class XYStage(Protocol):
         ...
 
 
+class StageExtras(Protocol):
+    """What a run asks a stage (or a plate) beyond Stage/XYStage.  A stage class declares them by
+    deriving from StageDefaults and overriding what it has; a stage with only the four methods gets
+    the defaults (``extras_of``): it has a reference position, no native grid, a frame anywhere."""
+
+    homed: bool  # whether the axis has a reference position (a Zaber axis after power-up has none)
+    axis_name: str  # names the axis in messages: "device 3 axis 1"
+    native_unit_mm: float  # one step of the axis, mm (0: continuous)
+
+    def home_if_needed(self) -> bool:
+        """Find the reference position when there is none (it may cross any position); True when it homed."""
+        ...
+
+    def run_scope(self, allowed_mm: Any) -> contextlib.AbstractContextManager[None]:
+        """One run: the axis taken as it stands (moving or faulted: refused), every move rounded
+        inside ``allowed_mm`` (travel and soft limits: (lo, hi), or a plate's ((x..), (y..))) until it ends."""
+        ...
+
+    def reachable(self, positions: tuple[float, ...]) -> tuple[tuple[float, ...], str | None]:
+        """The positions this stage has frames at (a replay: its recorded slices), and a note when they differ."""
+        ...
+
+
+class StageDefaults:
+    """StageExtras for a stage that has none of them; the backends derive from it."""
+
+    homed = True
+    axis_name = "the focus axis"
+    native_unit_mm = 0.0
+
+    def home_if_needed(self) -> bool:
+        return False
+
+    def run_scope(self, allowed_mm: Any) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def reachable(self, positions: tuple[float, ...]) -> tuple[tuple[float, ...], str | None]:
+        return positions, None
+
+
+def extras_of(stage: Stage | XYStage) -> StageExtras:
+    """The stage's own StageExtras when its class declares them (derives from StageDefaults), else the
+    defaults: the one place a stage's kind is looked at, so that a four-method stage keeps working."""
+    return stage if isinstance(stage, StageDefaults) else StageDefaults()
+
+
 # Pieces every GenICam camera backend (FLIR through PySpin, Basler through pypylon) shares: the
 # sensor ROI, the pixel format choice, and putting back every setting a run changed.  The
 # contract of a camera backend: it changes only what the run needs, through a SettingsJournal,
@@ -2891,10 +2937,10 @@ ZABER_RULES: dict[str, Rule] = {
 }
 
 
-class ZaberStage:
+class ZaberStage(StageDefaults):
     """The focus axis of a Zaber device through ZML (serial port or tcp://HOST:PORT).
 
-    Set-up (and ``prepare_run``, at the start of every focus() run) reads the axis's warning flags
+    Set-up (and ``run_scope``, at the start of every focus() run) reads the axis's warning flags
     before anything moves: notices (N*, and W* other than "not homed") are reported and cleared,
     faults (F*) refuse the run unless ``clear_faults``; an axis that is moving is refused.
 
@@ -2909,7 +2955,7 @@ class ZaberStage:
     are bounded: moves by ``move_timeout_s``, homing by ``home_timeout_s``, a stop by
     STOP_TIMEOUT_S; a move or homing that runs out of time sends ``stop`` itself (the only stop
     after which a run may return to its start).  Move the axis only through this object while a
-    run uses it; between focus() runs a script may move it with ZML (``prepare_run`` notes where).
+    run uses it; between focus() runs a script may move it with ZML (``run_scope`` notes where).
     """
 
     role = "focus"  # what the axis does, for messages ("X" and "Y" for a plate's axes: ZaberPlate)
@@ -2945,8 +2991,7 @@ class ZaberStage:
         self.native_unit_nm = native_unit_nm
         self.move_timeout_s, self.home_timeout_s = move_timeout_s, home_timeout_s
         self.clear_faults = clear_faults
-        # --z-min/--z-max of the current focus() call: positions are rounded to native units inside them
-        self.soft_limits_mm: tuple[float | None, float | None] = (None, None)
+        self._allowed_mm: tuple[float, float] | None = None  # the current run's: moves are rounded inside them
         self.name: str | None = None  # the device's product name, when ZML could identify it
         self._connection: Any = None
         self._owns_connection = False
@@ -3017,15 +3062,21 @@ class ZaberStage:
         self._arrival: dict[int, tuple[float, float]] = {}
         self._take_over(flags)
 
-    def prepare_run(self) -> None:
-        """Take the axis as it is now, as set-up does (focus() calls this at the start of every
-        run): refused when it is moving or faulted, notices cleared, and its position noted.
-        From here on, an axis found anywhere but where this tool left it was moved from outside."""
+    @contextlib.contextmanager
+    def run_scope(self, allowed_mm: tuple[float, float] | None) -> Iterator[None]:
+        """One focus() run: the axis taken as it is now, as set-up does (refused when it is moving
+        or faulted, notices cleared, its position noted; from here on, an axis found anywhere but
+        where this tool left it was moved from outside); moves rounded inside ``allowed_mm`` until it ends."""
         try:
             flags = set(self._axis.warnings.get_flags())
         except self._exc.MotionLibException as exc:
             raise StageError(f"reading the warning flags of {self._where()}: {first_line(exc)}") from exc
         self._take_over(flags)
+        self._allowed_mm = allowed_mm
+        try:
+            yield
+        finally:
+            self._allowed_mm = None
 
     def _take_over(self, flags: set[str]) -> None:
         busy, _, at = self._state()
@@ -3042,6 +3093,8 @@ class ZaberStage:
     def _where(self) -> str:
         """"device 3 axis 1" for messages."""
         return f"device {self.device_number} axis {self.axis_number}"
+
+    axis_name = property(_where)  # type: ignore[assignment]
 
     def _probe_flags(self) -> set[str]:
         """The axis's warning flags; the first request, so it also tells an absent device or axis."""
@@ -3185,7 +3238,7 @@ class ZaberStage:
                 "units_checked": None if self.native_unit_nm is None else self.units_checked,
                 "homed": self._homed, "homed_now": False, "position_tolerance_native": self.tolerance_native}
 
-    @property
+    @property  # type: ignore[override]
     def homed(self) -> bool:
         """Whether the axis has a reference position (no WR/WH at set-up, or homed since)."""
         return self._homed
@@ -3247,20 +3300,17 @@ class ZaberStage:
                 "Launcher or another program, whose ZML clears the NI flag at once) or something blocked it")
         self._expect_native, self._left_by = target, f"where {what} left it"
 
-    @property
+    @property  # type: ignore[override]
     def native_unit_mm(self) -> float:
         """The size of one native unit (one step of the axis), mm."""
         return 1.0 / self._native_per_mm
 
     def _native_inside(self, z_mm: float) -> int:
         """z in whole native units, rounded to the nearest unit unless that lies outside the
-        travel or the soft limits (``soft_limits_mm``): then toward the inside.  With coarse
+        travel or the run's allowed interval (``run_scope``): then toward the inside.  With coarse
         units, plain rounding could command a position just past --z-max."""
         per_mm = self._native_per_mm
-        lo, hi = self._limits
-        soft_lo, soft_hi = self.soft_limits_mm
-        lo = lo if soft_lo is None else max(lo, soft_lo)
-        hi = hi if soft_hi is None else min(hi, soft_hi)
+        lo, hi = self._allowed_mm or self._limits
         exact = z_mm * per_mm
         target = round(exact)
         # Only the rounding is moved inside (a target within one unit of a limit): a position
@@ -3474,7 +3524,7 @@ class ZaberStage:
                 self._connection.close()
 
 
-class ZaberPlate:
+class ZaberPlate(StageDefaults):
     """A Zaber microscope's XY plate through ZML: two ZaberStage axes, so every plate move is
     verified exactly as a focus move is (flags read before anything clears them, the position
     within tolerance of the target, bounded waits, faults and interruptions by their flags).
@@ -3544,7 +3594,9 @@ class ZaberPlate:
         if failures:
             raise failures[0]
 
-    @property
+    axis_name = "the XY plate"
+
+    @property  # type: ignore[override]
     def homed(self) -> bool:
         """Whether both axes have a reference position."""
         return self.x.homed and self.y.homed
@@ -3554,9 +3606,14 @@ class ZaberPlate:
         homed_x = self.x.home_if_needed()
         return self.y.home_if_needed() or homed_x
 
-    def set_soft_limits(self, limits_mm: tuple[tuple[float, float], tuple[float, float]] | None) -> None:
-        """Soft limits (x, y) that positions are rounded inside of (None: the travel only)."""
-        (self.x.soft_limits_mm, self.y.soft_limits_mm) = limits_mm or ((None, None), (None, None))
+    @contextlib.contextmanager
+    def run_scope(self, allowed_mm: tuple[tuple[float, float], tuple[float, float]]) -> Iterator[None]:
+        """A focus map: positions rounded inside ``allowed_mm`` ((x_lo, x_hi), (y_lo, y_hi)) until it ends."""
+        self.x._allowed_mm, self.y._allowed_mm = allowed_mm
+        try:
+            yield
+        finally:
+            self.x._allowed_mm = self.y._allowed_mm = None
 
     def describe(self) -> dict[str, Any]:
         """Both axes, as ZaberStage.describe (the unit from --xy-native-unit-nm, not the focus axis's option)."""
@@ -4428,7 +4485,7 @@ class SimClock:
                 time.sleep(remaining)
 
 
-class SimStage:
+class SimStage(StageDefaults):
     """A simulated focus stage: travel 0-25 mm like the X-LDA025A, with modelled move time."""
 
     def __init__(self, travel_mm: tuple[float, float] = (0.0, 25.0), position_mm: float = 0.0,
@@ -4552,7 +4609,7 @@ class SimCamera:
         return frame
 
 
-class SimXYStage:
+class SimXYStage(StageDefaults):
     """A simulated XY plate (travel 0-100 x 0-75 mm), both axes moving at once, with modelled move
     time on the clock it shares with the focus stage and the camera."""
 
@@ -5108,6 +5165,9 @@ class ReplayStage(SimStage):
         super().__init__(travel_mm=(lo, hi), position_mm=lo, timing=SimTiming(scale=0.0))
         self.recorded_mm = tuple(float(z) for z in stack.z_mm)
 
+    def reachable(self, positions: tuple[float, ...]) -> tuple[tuple[float, ...], str | None]:
+        return snap_to_recorded(positions, self.recorded_mm)  # never invent frames between the slices
+
 
 class ReplayCamera:
     """Returns the frame recorded at the stage's position; a position between slices is refused
@@ -5229,7 +5289,7 @@ MM_RULES: dict[str, Rule] = {  # the Micro-Manager adapters' settings (BadValue 
 }
 
 
-class _MMPositioner:
+class _MMPositioner(StageDefaults):
     """What MMStage and MMXYStage share: moves through the core, waited for and verified.
 
     Every move is checked twice.  Before it is sent, the device must still be where the last move
@@ -6820,10 +6880,10 @@ def check_camera(camera: Camera, roi: Roi | None) -> None:
         check_roi(roi, frame.shape)
 
 
-def check_step_native(stage: Stage, step_mm: float) -> None:
-    """Refuse a STEP of fewer than MIN_STEP_NATIVE native units of a Zaber stage (BadValue)."""
-    if isinstance(stage, ZaberStage):
-        unit_mm = stage.native_unit_mm
+def check_step_native(axis: StageExtras, step_mm: float) -> None:
+    """Refuse a STEP of fewer than MIN_STEP_NATIVE native units of the stage (BadValue)."""
+    unit_mm = axis.native_unit_mm
+    if unit_mm > 0:
         if step_mm < MIN_STEP_NATIVE * unit_mm * (1 - 1e-9):
             raise BadValue("request", ("step_mm",), lambda a: (
                 f"{a} {step_mm:g} mm is {step_mm / unit_mm:.3g} native units of this stage (one unit is "
@@ -6836,7 +6896,7 @@ def relative_origin(stage: Stage, relative: bool) -> float:
     axis without a reference position), else 0."""
     if not relative:
         return 0.0
-    if getattr(stage, "homed", True) is False:
+    if not extras_of(stage).homed:
         raise UsageError("--relative: the axis has no reference position, so where it is now means nothing; "
                          "home it first (or give absolute START and END)")
     return stage_position(stage)
@@ -6904,10 +6964,18 @@ def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook |
                  look_first: bool = True) -> FocusResult:
     """run_request() inside its exclusive use; ``look_first``: a frame is captured and checked
     (``check_camera``) before anything moves (a focus map looks once, not at every point)."""
-    check_step_native(stage, r.step_mm)
-    if isinstance(stage, ZaberStage):
-        stage.soft_limits_mm = (r.z_min, r.z_max)
-        stage.prepare_run()  # the axis as it stands now: moving, faulted or not, and where
+    axis = extras_of(stage)
+    check_step_native(axis, r.step_mm)
+    travel_lo, travel_hi = stage_limits(stage)
+    allowed_mm = (travel_lo if r.z_min is None else max(travel_lo, r.z_min),
+                  travel_hi if r.z_max is None else min(travel_hi, r.z_max))
+    with axis.run_scope(allowed_mm):  # the axis as it stands now: moving, faulted or not, and where
+        return _run_scoped(stage, axis, camera, r, on_frame, look_first, allowed_mm)
+
+
+def _run_scoped(stage: Stage, axis: StageExtras, camera: Camera, r: Request, on_frame: FrameHook | None,
+                look_first: bool, allowed_mm: tuple[float, float]) -> FocusResult:
+    """_run_request() inside the stage's run scope: plan, homing, search and final move."""
     origin_mm = relative_origin(stage, r.relative)
     dof_um = depth_of_field_um(r.objective) if r.objective is not None else None
     plan = Plan(tuple(plan_positions(r.start_mm + origin_mm, r.end_mm + origin_mm, r.step_mm)), r.search,
@@ -6916,20 +6984,13 @@ def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook |
     if look_first:
         stage_position(stage)  # checked first: a simulated camera renders where the stage says it is
         check_camera(camera, r.roi)
-    if isinstance(stage, ReplayStage):  # a recording has frames at its slices only: never invent others
-        positions, note = snap_to_recorded(plan.positions, stage.recorded_mm)
-        plan = dataclasses.replace(plan, positions=positions, notes=(note,) if note else ())
-    home_if_needed = getattr(stage, "home_if_needed", None)
+    positions, note = axis.reachable(plan.positions)
+    plan = dataclasses.replace(plan, positions=positions, notes=(note,) if note else (), allowed_mm=allowed_mm)
     homed_now = False  # after homing there is no start to return to (the home sensor may be below --z-min)
-    if home_if_needed is not None and getattr(stage, "homed", True) is False:
-        axis = f"device {stage.device_number} axis {stage.axis_number}" if isinstance(stage, ZaberStage) \
-            else "the focus axis"
-        check_home_consent(r.home, r.z_min, r.z_max, axis)
-        homed_now = bool(home_if_needed())
+    if not axis.homed:
+        check_home_consent(r.home, r.z_min, r.z_max, axis.axis_name)
+        homed_now = bool(axis.home_if_needed())
         check_plan(plan, stage_limits(stage), (r.z_min, r.z_max))
-    travel_lo, travel_hi = stage_limits(stage)
-    plan = dataclasses.replace(plan, allowed_mm=(travel_lo if r.z_min is None else max(travel_lo, r.z_min),
-                                                 travel_hi if r.z_max is None else min(travel_hi, r.z_max)))
     if dof_um is not None:  # a STEP too coarse for it: said always; else only with --verbose
         log.log(logging.WARNING if r.step_mm / (dof_um / 1000) > 2 else logging.INFO, "%s",
                 objective_line(r.objective, r.step_mm))  # type: ignore[arg-type]
@@ -6944,9 +7005,6 @@ def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook |
                              on_frame=on_frame, return_to_start=not homed_now, soft_mm=(r.z_min, r.z_max))
     except RunFailed as failed:
         stopped = failed
-    finally:
-        if isinstance(stage, ZaberStage):
-            stage.soft_limits_mm = (None, None)  # this call's limits; a later move_to is the caller's
     # Raised here, outside the handler, so that the error keeps its own cause and traceback.
     with INTERRUPTS.held():
         error = stopped.cause
@@ -7519,7 +7577,7 @@ def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
                on_point: Callable[[MapPoint, int, int], None] | None, on_frame: FrameHook | None) -> FocusMap:
     """focus_map() once its arguments are checked and its parts are its own."""
     dof_mm = float(depth_of_field_mm) if depth_of_field_mm is not None else r.step_mm
-    check_step_native(z_stage, r.step_mm)
+    check_step_native(extras_of(z_stage), r.step_mm)
     origin = relative_origin(z_stage, r.relative)
     first, last = r.start_mm + origin, r.end_mm + origin
     direction = 1.0 if last >= first else -1.0
@@ -7537,10 +7595,10 @@ def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
     plate_position(xy_stage)  # the plate answers, before anything moves
     check_camera(camera, r.roi)
     # Homing (with consent) before anything else moves; both are checked first.
-    z_unhomed = getattr(z_stage, "home_if_needed", None) is not None and getattr(z_stage, "homed", True) is False
-    xy_unhomed = getattr(xy_stage, "home_if_needed", None) is not None and getattr(xy_stage, "homed", True) is False
+    z_axis, plate = extras_of(z_stage), extras_of(xy_stage)
+    z_unhomed, xy_unhomed = not z_axis.homed, not plate.homed
     if z_unhomed:
-        check_home_consent(r.home, r.z_min, r.z_max, "the focus axis")
+        check_home_consent(r.home, r.z_min, r.z_max, z_axis.axis_name)
     if xy_unhomed and (r.home is False or (xy_limits_mm is not None and r.home is not True)):
         raise UsageError("the XY plate has no reference position (not homed) and must be homed first, but "
                          + ("--no-home forbids homing" if r.home is False else
@@ -7548,12 +7606,10 @@ def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
                             "that its path is clear, then pass --home")
                          + " (or home it yourself, e.g. in Zaber Launcher); nothing moved")
     if z_unhomed:
-        z_stage.home_if_needed()  # type: ignore[attr-defined]
+        z_axis.home_if_needed()
         check_plan(plan, stage_limits(z_stage), (r.z_min, r.z_max))
     if xy_unhomed:
-        xy_stage.home_if_needed()  # type: ignore[attr-defined]
-    if isinstance(xy_stage, ZaberPlate):
-        xy_stage.set_soft_limits(allowed)
+        plate.home_if_needed()
     full = check_request(dataclasses.replace(r, start_mm=positions[0], end_mm=positions[-1], relative=False,
                                              home=False, z_min=z_lo, z_max=z_hi))
     mapper = _Mapper(xy_stage, z_stage, camera, positions=positions, full=full,
@@ -7568,64 +7624,65 @@ def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
                              range_mm=(first, last), step_mm=r.step_mm, complete=complete, rel_noise=mapper.rel_noise,
                              elapsed_s=time.perf_counter() - t0)
 
-    try:
-        if not z_lo - 1e-9 <= stage_position(z_stage) <= z_hi + 1e-9:
-            mapper.approach_z(positions[0])  # into the range first: every search then starts (and returns) inside it
-        for x, y in path:
-            mapper.points.append(mapper.measure(x, y))
-            if on_point is not None:
-                on_point(mapper.points[-1], len(mapper.points), total)
-        result = summary(True)
-        added = 0
-        while added < refine and result.surface is not None and not result.trusted:
-            used = [p for p in result.points if p.status == "used"]
-            batch = suggest_points([p.x_mm for p in used], [p.y_mm for p in used], [p.loo_um or 0.0 for p in used],
-                                   [(p.x_mm, p.y_mm) for p in mapper.points], area, cells,
-                                   min(refine - added, max(2, len(path) // 5)))
-            if not batch:
-                break
-            total += len(batch)
-            here = mapper.left_at or batch[0]
-            while batch:  # nearest first: short plate moves
-                nxt = min(batch, key=lambda p: math.hypot(p[0] - here[0], p[1] - here[1]))
-                batch.remove(nxt)
-                mapper.points.append(mapper.measure(*nxt, added=True))
-                added += 1
-                here = nxt
+    with plate.run_scope(allowed):  # plate moves rounded inside the area's limits
+        try:
+            if not z_lo - 1e-9 <= stage_position(z_stage) <= z_hi + 1e-9:
+                mapper.approach_z(positions[0])  # into the range first: every search then starts (and returns) inside it
+            for x, y in path:
+                mapper.points.append(mapper.measure(x, y))
                 if on_point is not None:
                     on_point(mapper.points[-1], len(mapper.points), total)
             result = summary(True)
-        return result
-    except BaseException as exc:  # a fault or Ctrl-C: nothing more moves; what was measured is kept
-        with INTERRUPTS.held():
-            where = getattr(exc, "stage_state", None)
-            if where is None:  # the plate (or our own check) failed: no search was under way
-                plate_may_move = not (isinstance(exc, StageError) and not exc.may_move)
-                if plate_may_move:
+            added = 0
+            while added < refine and result.surface is not None and not result.trusted:
+                used = [p for p in result.points if p.status == "used"]
+                batch = suggest_points([p.x_mm for p in used], [p.y_mm for p in used], [p.loo_um or 0.0 for p in used],
+                                       [(p.x_mm, p.y_mm) for p in mapper.points], area, cells,
+                                       min(refine - added, max(2, len(path) // 5)))
+                if not batch:
+                    break
+                total += len(batch)
+                here = mapper.left_at or batch[0]
+                while batch:  # nearest first: short plate moves
+                    nxt = min(batch, key=lambda p: math.hypot(p[0] - here[0], p[1] - here[1]))
+                    batch.remove(nxt)
+                    mapper.points.append(mapper.measure(*nxt, added=True))
+                    added += 1
+                    here = nxt
+                    if on_point is not None:
+                        on_point(mapper.points[-1], len(mapper.points), total)
+                result = summary(True)
+            return result
+        except BaseException as exc:  # a fault or Ctrl-C: nothing more moves; what was measured is kept
+            with INTERRUPTS.held():
+                where = getattr(exc, "stage_state", None)
+                if where is None:  # the plate (or our own check) failed: no search was under way
+                    plate_may_move = not (isinstance(exc, StageError) and not exc.may_move)
+                    if plate_may_move:
+                        with contextlib.suppress(AutofocusError, KeyboardInterrupt):
+                            xy_stage.stop()
+                    where = "nothing more was moved"
                     with contextlib.suppress(AutofocusError, KeyboardInterrupt):
-                        xy_stage.stop()
-                where = "nothing more was moved"
-                with contextlib.suppress(AutofocusError, KeyboardInterrupt):
-                    where += f"; the focus stage is at {z_stage.position_mm():.4f} mm"
-            try:
-                at = xy_stage.position_mm()
-                where += f"; the plate is at ({at[0]:.4f}, {at[1]:.4f}) mm"
-            except (AutofocusError, KeyboardInterrupt):
-                where += "; the plate's position is unknown (it no longer answers)"
-            if mapper.current is not None and (not mapper.points or
-                                               (mapper.points[-1].x_mm, mapper.points[-1].y_mm) != mapper.current):
-                partial = getattr(exc, "partial", None)
-                mapper.points.append(MapPoint(mapper.current[0], mapper.current[1], partial,
-                                              tuple(mapper.searches) + ((partial,) if partial is not None else ()),
-                                              "failed", failure_line(exc)[1]))
-            try:
-                partial_map: FocusMap | None = summary(False)
-            except Exception:  # noqa: BLE001 - the error being raised is what matters
-                log.debug("summarising the partial map failed", exc_info=True)
-                partial_map = None
-            with contextlib.suppress(AttributeError, TypeError):
-                exc.partial_map, exc.stage_state = partial_map, where  # type: ignore[union-attr]
-        raise
+                        where += f"; the focus stage is at {z_stage.position_mm():.4f} mm"
+                try:
+                    at = xy_stage.position_mm()
+                    where += f"; the plate is at ({at[0]:.4f}, {at[1]:.4f}) mm"
+                except (AutofocusError, KeyboardInterrupt):
+                    where += "; the plate's position is unknown (it no longer answers)"
+                if mapper.current is not None and (not mapper.points or
+                                                   (mapper.points[-1].x_mm, mapper.points[-1].y_mm) != mapper.current):
+                    partial = getattr(exc, "partial", None)
+                    mapper.points.append(MapPoint(mapper.current[0], mapper.current[1], partial,
+                                                  tuple(mapper.searches) + ((partial,) if partial is not None else ()),
+                                                  "failed", failure_line(exc)[1]))
+                try:
+                    partial_map: FocusMap | None = summary(False)
+                except Exception:  # noqa: BLE001 - the error being raised is what matters
+                    log.debug("summarising the partial map failed", exc_info=True)
+                    partial_map = None
+                with contextlib.suppress(AttributeError, TypeError):
+                    exc.partial_map, exc.stage_state = partial_map, where  # type: ignore[union-attr]
+            raise
 
 
 ###############################################################################

@@ -6,6 +6,7 @@ custom camera class.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -391,3 +392,38 @@ def test_import_loads_no_hardware_library_and_opens_nothing(tmp_path: Any) -> No
     assert proc.returncode == 0, proc.stderr
     heavy, threads, new_fds = json.loads(proc.stdout)
     assert heavy == [] and threads == 1 and new_fds == [], proc.stdout
+
+
+class DeclaringStage(autofocus.SimStage):
+    """A stage that declares StageExtras: no reference position, a 1 um native grid, a run scope."""
+
+    native_unit_mm = 0.001
+    axis_name = "my Z drive"
+
+    def __init__(self) -> None:
+        super().__init__(position_mm=12.3, timing=autofocus.SimTiming(scale=0.0))
+        self.homed, self.homings, self.scopes = False, 0, []
+
+    def home_if_needed(self) -> bool:
+        self.homings += 1
+        self.homed, self.z = True, 0.0
+        return True
+
+    @contextlib.contextmanager
+    def run_scope(self, allowed_mm: Any) -> Iterator[None]:
+        self.scopes.append(allowed_mm)
+        yield
+        self.scopes.append("ended")
+
+
+def test_a_stage_declares_its_extras_and_the_run_uses_them() -> None:
+    stage = DeclaringStage()
+    with pytest.raises(autofocus.BadValue, match="at least 3 units"):  # its native grid, not Zaber's only
+        autofocus.focus(stage, RenderAtStage(stage, 12.34), 12.2, 12.5, 0.0015)
+    with pytest.raises(autofocus.UsageError, match="my Z drive has no reference position"):
+        autofocus.focus(stage, RenderAtStage(stage, 12.34), 12.2, 12.5, 0.02, z_max=20)  # consent needed
+    result = autofocus.focus(stage, RenderAtStage(stage, 12.34), 12.2, 12.5, 0.02, z_max=20, home=True)
+    assert stage.homings == 1 and result.verdict.kind == "focused"
+    assert stage.scopes[-2:] == [(0.0, 20), "ended"]  # travel and soft limits, for the run only
+    autofocus.focus(stage, RenderAtStage(stage, 12.34), 12.2, 12.5, 0.02)
+    assert stage.homings == 1  # homed now: never again
