@@ -276,12 +276,14 @@ class AutofocusError(Exception):
      +-- OutputError       an output could not be written mid-run         (exit 5)
 
     Raised by ``focus()`` after the stage has started moving, an error also carries what the
-    run measured (``partial``: a FocusResult with the frames scored so far) and where the stage
-    was left (``stage_state``: one sentence); both are None for errors raised before any move.
+    run measured (``partial``: a FocusResult with the frames scored so far; ``focus_map()``'s: a
+    FocusMap of the points so far) and where the stage was left (``stage_state``: one sentence);
+    both are None for errors raised before any move.  Any other exception from a run arrives as
+    the tool's own (``as_run_failure``): RunFailed, or Interrupted for a KeyboardInterrupt.
     """
 
     exit_code = EXIT_BUG
-    partial: FocusResult | None = None
+    partial: FocusResult | FocusMap | None = None
     stage_state: str | None = None
 
 
@@ -353,9 +355,18 @@ class OutputError(AutofocusError):
     exit_code = EXIT_HARDWARE
 
 
+class RunFailed(AutofocusError):
+    """A run stopped by an exception that is not the tool's own (from the caller's Stage or Camera,
+    or a bug: exit 1); the original is its ``__cause__``."""
+
+
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or a termination signal (SIGTERM, SIGHUP, SIGBREAK) during a CLI run: handled as
-    Ctrl-C always was (stop, return to start, outputs written), exit code 128 + the signal."""
+    """Ctrl-C or a termination signal (SIGTERM, SIGHUP, SIGBREAK): handled as Ctrl-C always was
+    (stop, return to start, outputs written), exit code 128 + the signal; ``partial`` and
+    ``stage_state`` as AutofocusError's."""
+
+    partial: FocusResult | FocusMap | None = None
+    stage_state: str | None = None
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
@@ -384,6 +395,18 @@ class WindowStop(Interrupted):
 
     def describe(self) -> str:
         return f"stopped from the --show-images window ({self.how})"
+
+
+def as_run_failure(error: BaseException, partial: FocusResult | FocusMap | None,
+                   stage_state: str | None) -> AutofocusError | Interrupted:
+    """The exception a run that failed raises: the tool's own error itself, else the tool's own
+    (Interrupted for a KeyboardInterrupt, RunFailed for anything else; raise it ``from error``),
+    carrying the partial result and where the stage was left."""
+    own = error if isinstance(error, (AutofocusError, Interrupted)) else (
+        Interrupted(signal.SIGINT) if isinstance(error, KeyboardInterrupt)
+        else RunFailed(f"{type(error).__name__}: {first_line(error)}"))
+    own.partial, own.stage_state = partial, stage_state
+    return own
 
 
 ###############################################################################
@@ -2313,21 +2336,13 @@ def check_plan(plan: Plan, limits_mm: tuple[float, float], soft_mm: tuple[float 
         )
 
 
-class RunFailed(Exception):
-    """A run stopped by a fault or Ctrl-C; carries the partial result and the cause."""
-
-    def __init__(self, partial: FocusResult | None, cause: BaseException, where: str) -> None:
-        super().__init__(str(cause))
-        self.partial, self.cause, self.where = partial, cause, where
-
-
 def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
                   on_frame: FrameHook | None = None, return_to_start: bool = True,
                   soft_mm: tuple[float | None, float | None] = (None, None)) -> FocusResult:
     """Search, decide, and send the stage to the answer (or back to where it started).
 
     Faults and Ctrl-C make the stage safe (``make_safe``: back to where it started when that is
-    allowed) and raise RunFailed with the partial curve.  There is no start to go back to when
+    allowed) and raise the tool's own exception with the partial curve (``as_run_failure``).  There is no start to go back to when
     ``return_to_start`` is False (the axis was homed for this run: where it stood before means
     nothing) or the start lies outside the soft limits ``soft_mm``: then no_peak leaves the stage
     where the last frame was taken, inside the range, and a fault only stops it.
@@ -2381,8 +2396,11 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
             verdict = Verdict("no_peak", float("nan"), float("nan"), float("nan"), "run did not finish")
             fit = fit_peak(samples) if samples else PeakFit(None, False, "no samples")
             best = best_sample(samples) if samples else None
-            raise RunFailed(result(samples, float("nan"), Decision(verdict, fit, best, None, None)), exc,
-                            where) from exc
+            failure = as_run_failure(exc, result(samples, float("nan"), Decision(verdict, fit, best, None, None)),
+                                     where)
+            if failure is exc:
+                raise
+            raise failure from exc
 
 
 def make_safe(stage: Stage, start_mm: float | None, cause: BaseException | None = None) -> str:
@@ -3256,8 +3274,10 @@ class ZaberStage(StageDefaults):
             self._send(lambda: self._axis.home(wait_until_idle=False), "homing")
             flags, at = self._await("homing", self.home_timeout_s, "--home-timeout-s", start, None, HOMING_FLAGS)
         except KeyboardInterrupt as exc:  # Ctrl-C at any point of the homing: stop it, whatever comes next
-            exc.stage_state = stop_and_locate(self, "homing was interrupted")  # type: ignore[attr-defined]
-            raise
+            failure = as_run_failure(exc, None, stop_and_locate(self, "homing was interrupted"))
+            if failure is exc:
+                raise
+            raise failure from exc
         if flags & HOMING_FLAGS:
             raise StageError(f"homing {self._where()} ended without a reference position "
                              f"({', '.join(sorted(flags & HOMING_FLAGS))}) at {self._mm(at):.4f} mm: it was stopped "
@@ -7000,17 +7020,8 @@ def _run_scoped(stage: Stage, axis: StageExtras, camera: Camera, r: Request, on_
                   f" ({r.start_mm:+g}..{r.end_mm:+g} mm from {origin_mm:.4f} mm)" if r.relative else "",
                   len(plan.positions), r.search, r.metric,
                   f", ROI {','.join(map(str, r.roi))}" if r.roi else "")
-    try:
-        return run_autofocus(stage, camera, Scorer(r.metric, r.blur, r.roi, invert=r.transparent), plan,  # type: ignore[arg-type]
-                             on_frame=on_frame, return_to_start=not homed_now, soft_mm=(r.z_min, r.z_max))
-    except RunFailed as failed:
-        stopped = failed
-    # Raised here, outside the handler, so that the error keeps its own cause and traceback.
-    with INTERRUPTS.held():
-        error = stopped.cause
-        with contextlib.suppress(AttributeError, TypeError):  # an exception class with __slots__
-            error.partial, error.stage_state = stopped.partial, stopped.where  # type: ignore[union-attr]
-        raise error
+    return run_autofocus(stage, camera, Scorer(r.metric, r.blur, r.roi, invert=r.transparent), plan,  # type: ignore[arg-type]
+                         on_frame=on_frame, return_to_start=not homed_now, soft_mm=(r.z_min, r.z_max))
 
 
 def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
@@ -7553,7 +7564,7 @@ def focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, *, area_mm: Seq
     XY_TOLERANCE_MM of its target, and the plate still where the map left it before the next
     one).  A fault or Ctrl-C stops the map at once: nothing more
     moves (a search in progress makes its own axis safe as ``focus()`` does), and the error carries
-    ``partial_map`` (a FocusMap of the points measured so far, ``complete=False``) and
+    ``partial`` (a FocusMap of the points measured so far, ``complete=False``) and
     ``stage_state`` (where the stages were left).  A map that completes leaves the plate at its
     last point and the focus stage at that point's focus."""
     t0 = time.perf_counter()
@@ -7655,7 +7666,8 @@ def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
             return result
         except BaseException as exc:  # a fault or Ctrl-C: nothing more moves; what was measured is kept
             with INTERRUPTS.held():
-                where = getattr(exc, "stage_state", None)
+                carried = exc if isinstance(exc, (AutofocusError, Interrupted)) else None
+                where = carried.stage_state if carried is not None else None
                 if where is None:  # the plate (or our own check) failed: no search was under way
                     plate_may_move = not (isinstance(exc, StageError) and not exc.may_move)
                     if plate_may_move:
@@ -7671,7 +7683,7 @@ def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
                     where += "; the plate's position is unknown (it no longer answers)"
                 if mapper.current is not None and (not mapper.points or
                                                    (mapper.points[-1].x_mm, mapper.points[-1].y_mm) != mapper.current):
-                    partial = getattr(exc, "partial", None)
+                    partial = carried.partial if carried is not None else None
                     mapper.points.append(MapPoint(mapper.current[0], mapper.current[1], partial,
                                                   tuple(mapper.searches) + ((partial,) if partial is not None else ()),
                                                   "failed", failure_line(exc)[1]))
@@ -7680,9 +7692,10 @@ def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
                 except Exception:  # noqa: BLE001 - the error being raised is what matters
                     log.debug("summarising the partial map failed", exc_info=True)
                     partial_map = None
-                with contextlib.suppress(AttributeError, TypeError):
-                    exc.partial_map, exc.stage_state = partial_map, where  # type: ignore[union-attr]
-            raise
+                failure = as_run_failure(exc, partial_map, where)
+                if failure is exc:
+                    raise
+                raise failure from exc
 
 
 ###############################################################################
@@ -8599,7 +8612,7 @@ def run_map(args: argparse.Namespace, request: Request) -> int:
         with INTERRUPTS.held():
             origin = with_stage_state(failed)
             if origin is not None:
-                fmap, where = getattr(origin, "partial_map", None), origin.stage_state  # type: ignore[attr-defined]
+                fmap, where = origin.partial, origin.stage_state  # type: ignore[assignment]
             elif fmap is not None and isinstance(failed, (KeyboardInterrupt, AutofocusError)):
                 where = "the map had finished"  # closing the camera or the stage was cut short
             else:
@@ -8715,7 +8728,7 @@ def run(args: argparse.Namespace, request: Request) -> int:
         with INTERRUPTS.held():  # a further Ctrl-C now must not lose what was measured
             origin = with_stage_state(failed)
             if origin is not None:
-                result, where = getattr(origin, "partial", None), origin.stage_state  # type: ignore[attr-defined]
+                result, where = origin.partial, origin.stage_state  # type: ignore[assignment]
             elif result is not None and isinstance(failed, (KeyboardInterrupt, AutofocusError)):
                 # The search had finished and the stage had been sent to its answer (closing the
                 # camera or the live view was cut short): the run's result stands.
@@ -8777,11 +8790,12 @@ def outputs_folder(args: argparse.Namespace) -> Path:
     return Path(args.save_images) if args.save_images else Path(".")
 
 
-def with_stage_state(exc: BaseException) -> BaseException | None:
-    """The exception, or one it was raised while handling, that says where the stage was left."""
+def with_stage_state(exc: BaseException) -> AutofocusError | Interrupted | None:
+    """The run's failure that says where the stage was left: ``exc``, or the one it was raised while
+    handling (closing the camera failed after the run had failed)."""
     seen = 0
     while exc is not None and seen < 8:
-        if getattr(exc, "stage_state", None) is not None:
+        if isinstance(exc, (AutofocusError, Interrupted)) and exc.stage_state is not None:
             return exc
         exc, seen = exc.__context__, seen + 1  # type: ignore[assignment]
     return None
@@ -8845,6 +8859,8 @@ def interrupt_text(exc: BaseException) -> str:
 
 def failure_line(failed: BaseException) -> tuple[int, str]:
     """The exit code and the one-line error of a run that failed once it had started."""
+    if isinstance(failed, RunFailed) and failed.__cause__ is not None:
+        failed = failed.__cause__  # a bug: named by its own type
     if isinstance(failed, KeyboardInterrupt):
         return interrupt_code(failed), interrupt_text(failed)
     if isinstance(failed, AutofocusError):
