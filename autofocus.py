@@ -286,6 +286,30 @@ class AutofocusError(Exception):
     partial: FocusResult | FocusMap | None = None
     stage_state: str | None = None
 
+    def __init__(self, message: str | Callable[..., str] = "", scope: str = "", fields: tuple[str, ...] = ()) -> None:
+        """``message``: the text, or ``text(*labels)`` writing it with a label for each of ``fields``:
+        the keyword of ``scope`` (a backend's own term, as a script gives it) unless ``relabel``
+        names it otherwise (the command line: by its option).  Adapters speak in device terms."""
+        self.scope, self.fields = scope, fields
+        self._text = message if callable(message) else lambda *_: message
+        self._labels: dict[str, str] = {}
+        super().__init__(str(self))
+
+    def extend(self, more: str) -> None:
+        """Add ``more`` to the end of the message."""
+        text = self._text
+        self._text = lambda *labels: text(*labels) + more
+        self.args = (str(self),)
+
+    def relabel(self, labels: Mapping[tuple[str, str], str]) -> AutofocusError:
+        """Name each field as ``labels[(scope, field)]`` says (fields it does not list keep their keyword)."""
+        self._labels = {f: labels[(self.scope, f)] for f in self.fields if (self.scope, f) in labels}
+        self.args = (str(self),)
+        return self
+
+    def __str__(self) -> str:
+        return self._text(*(self._labels.get(f, f) for f in self.fields))
+
 
 class UsageError(AutofocusError):
     """The command line or the configuration cannot work; nothing has moved."""
@@ -303,18 +327,7 @@ class BadValue(UsageError):
     ``fields`` which keywords the message names; ``text(*labels)`` writes it."""
 
     def __init__(self, scope: str, fields: tuple[str, ...], text: Callable[..., str]) -> None:
-        self.scope, self.fields, self._text = scope, fields, text
-        self._labels: dict[str, str] = {}
-        super().__init__(str(self))
-
-    def relabel(self, labels: Mapping[tuple[str, str], str]) -> BadValue:
-        """Name each field as ``labels[(scope, field)]`` says (fields it does not list keep their keyword)."""
-        self._labels = {f: labels[(self.scope, f)] for f in self.fields if (self.scope, f) in labels}
-        self.args = (str(self),)
-        return self
-
-    def __str__(self) -> str:
-        return self._text(*(self._labels.get(f, f) for f in self.fields))
+        super().__init__(text, scope, fields)
 
 
 class StackError(UsageError):
@@ -2099,8 +2112,8 @@ class Acquisition:
             if self._indices and self._indices[-1] == index:
                 self._indices.pop()
                 self.samples.pop()
-        exc.args = (f"{exc.args[0] if exc.args else exc} (the frame at z={self._frame_z:.4f} mm, exposed "
-                    "just before, was dropped from the curve: the stage may not have stood there)", *exc.args[1:])
+        exc.extend(f" (the frame at z={self._frame_z:.4f} mm, exposed just before, was dropped from the curve: "
+                   "the stage may not have stood there)")
 
     def measure(self, z_mm: float) -> concurrent.futures.Future[Sample]:
         """Move to z, capture a frame, and hand it to the scoring thread."""
@@ -2591,9 +2604,13 @@ CAMERA_RULES: dict[str, Rule] = {
 }
 
 
+def timeout_error(what: str) -> CameraError:
+    """CameraError ``what``, advising a longer frame time-out (the camera's ``timeout_ms``)."""
+    return CameraError(lambda o: f"{what}; check the cable, or raise {o}", "camera", ("timeout_ms",))
+
+
 def fit_roi(roi: Roi, sensor_px: tuple[int, int], *, offset_step_px: tuple[int, int] = (1, 1),
-            size_step_px: tuple[int, int] = (1, 1), min_size_px: tuple[int, int] = (1, 1),
-            flag: str = "--camera-roi") -> Roi:
+            size_step_px: tuple[int, int] = (1, 1), min_size_px: tuple[int, int] = (1, 1)) -> Roi:
     """The region a camera can set that covers ``roi``: offsets rounded down to their increment,
     sizes rounded up to ``min + N * increment`` (GenICam's rule), kept on the sensor.
 
@@ -2602,8 +2619,8 @@ def fit_roi(roi: Roi, sensor_px: tuple[int, int], *, offset_step_px: tuple[int, 
     x, y, w, h = roi
     sw, sh = sensor_px
     if x + w > sw or y + h > sh:
-        raise UsageError(f"{flag} {x},{y},{w},{h} reaches pixel {x + w},{y + h}, outside the sensor's "
-                         f"{sw}x{sh} pixels; choose a region inside it")
+        raise UsageError(lambda o: f"{o} {x},{y},{w},{h} reaches pixel {x + w},{y + h}, outside the sensor's "
+                         f"{sw}x{sh} pixels; choose a region inside it", "camera", ("roi",))
     fitted = []
     for start, size, full, off_step, size_step, least in ((x, w, sw, offset_step_px[0], size_step_px[0],
                                                            min_size_px[0]),
@@ -2739,7 +2756,7 @@ def set_sensor_roi(journal: SettingsJournal, roi: Roi, sensor_px: tuple[int, int
     fitted = fit_roi(roi, sensor_px, offset_step_px=(math.lcm(inc["OffsetX"], even), math.lcm(inc["OffsetY"], even)),
                      size_step_px=(inc["Width"], inc["Height"]), min_size_px=min_size_px)
     if fitted != tuple(roi):
-        log.warning("--camera-roi %s rounded to the camera's increments: %s", ",".join(map(str, roi)),
+        log.warning("sensor region %s rounded to the camera's increments: %s", ",".join(map(str, roi)),
                     ",".join(map(str, fitted)))
     x, y, w, h = fitted
     for name, value in (("OffsetX", 0), ("OffsetY", 0), ("Width", w), ("Height", h), ("OffsetX", x),
@@ -3119,14 +3136,13 @@ class ZaberStage(StageDefaults):
         try:
             return set(self._axis.warnings.get_flags())
         except (self._exc.RequestTimeoutException, self._exc.DeviceAddressConflictException) as exc:
-            raise UsageError(f"no Zaber device {self.device_number} on {self.port}; {self._found()}; "
-                             "pass --device N") from exc
-        except self._exc.BadDataException as exc:
-            raise UsageError(f"device {self.device_number} has no axis {self.axis_number}; "
-                             "pass --axis N") from exc
-        except self._exc.CommandFailedException as exc:
-            if "BADAXIS" in str(exc) or "axis" in str(exc).lower():
-                raise UsageError(f"device {self.device_number} has no axis {self.axis_number}; pass --axis N") from exc
+            found = self._found()
+            raise UsageError(lambda d: f"no Zaber device {self.device_number} on {self.port}; {found}; give the right "
+                             f"device number ({d} N)", "zaber", ("device",)) from exc
+        except (self._exc.BadDataException, self._exc.CommandFailedException) as exc:
+            if isinstance(exc, self._exc.BadDataException) or "BADAXIS" in str(exc) or "axis" in str(exc).lower():
+                raise UsageError(lambda a: f"device {self.device_number} has no axis {self.axis_number}; give the "
+                                 f"right axis number ({a} N)", "zaber", ("axis",)) from exc
             raise StageError(f"device {self.device_number} rejected a status request: {first_line(exc)}") from exc
         except self._exc.MotionLibException as exc:
             raise StageError(f"device {self.device_number} on {self.port} does not answer: {first_line(exc)}") from exc
@@ -3159,42 +3175,44 @@ class ZaberStage(StageDefaults):
             return float(self._axis.settings.convert_to_native_units("pos", 1.0, zm.Units.LENGTH_MILLIMETRES))
         except (self._exc.DeviceDbFailedException, self._exc.DeviceNotIdentifiedException) as exc:
             if needed:
-                raise UsageError(
+                why = first_line(exc)  # (``exc`` is gone once this handler ends; the message is written later)
+                raise UsageError(lambda db, nm: (
                     "cannot convert millimetres: ZML could not load Zaber's device database "
-                    f"({first_line(exc)}); connect once with internet, or pass --device-db FILE "
-                    "(Zaber's offline database), or --native-unit-nm N (size of one native unit)") from exc
-            log.info("ZML could not identify device %s (%s): --native-unit-nm %g is not cross-checked",
+                    f"({why}); connect once with internet, or give Zaber's offline database ({db} FILE) "
+                    f"or the size of one native unit ({nm} N)"), "zaber", ("device_db", "native_unit_nm")) from exc
+            log.info("ZML could not identify device %s (%s): the native unit given, %g nm, is not cross-checked",
                      self.device_number, first_line(exc), self.native_unit_nm)
         except self._exc.MotionLibException as exc:
             if needed:
                 raise StageError(f"identifying device {self.device_number} failed: {first_line(exc)}") from exc
-            log.info("identifying device %s failed (%s): --native-unit-nm %g is not cross-checked",
+            log.info("identifying device %s failed (%s): the native unit given, %g nm, is not cross-checked",
                      self.device_number, first_line(exc), self.native_unit_nm)
         return None
 
     def _unit_mismatch(self, given_per_mm: float, database_per_mm: float) -> None:
-        """UsageError: --native-unit-nm contradicts Zaber's device database."""
+        """UsageError: the native unit given contradicts Zaber's device database."""
         try:
             span = (self._axis.settings.get("limit.max", self._zm.Units.NATIVE)
                     - self._axis.settings.get("limit.min", self._zm.Units.NATIVE))
             travel = f"its travel is {span / database_per_mm:g} mm, not {span / given_per_mm:g} mm"
         except self._exc.MotionLibException:
             travel = "the travel would be wrong by the same factor"
-        raise UsageError(f"--native-unit-nm {self.native_unit_nm:g} disagrees with Zaber's device database for "
+        raise UsageError(lambda nm: f"{nm} {self.native_unit_nm:g} disagrees with Zaber's device database for "
                          f"{self.name or 'device ' + str(self.device_number)} ({self._where()}): one native unit is "
-                         f"{1e6 / database_per_mm:.6g} nm there, so {travel}; drop --native-unit-nm (ZML knows this "
-                         "device) or correct it; nothing moved")
+                         f"{1e6 / database_per_mm:.6g} nm there, so {travel}; drop {nm} (ZML knows this "
+                         "device) or correct it; nothing moved", "zaber", ("native_unit_nm",))
 
     def _check_travel(self) -> None:
-        """Refuse a --native-unit-nm that makes the travel implausible for a focus axis (when the
+        """Refuse a native unit size that makes the travel implausible for a focus axis (when the
         device database could not check it)."""
         lo_mm, hi_mm = PLAUSIBLE_TRAVEL_MM
         travel = self._limits[1] - self._limits[0]
         if self.native_unit_nm is not None and not self.units_checked and not lo_mm <= travel <= hi_mm:
             native = round(travel * self._native_per_mm)
-            raise UsageError(f"--native-unit-nm {self.native_unit_nm:g} makes the travel of {self._where()} "
+            raise UsageError(lambda nm: f"{nm} {self.native_unit_nm:g} makes the travel of {self._where()} "
                              f"{travel:g} mm ({native} native units); a focus axis travels {lo_mm:g}-{hi_mm:g} mm: "
-                             "check the native unit size in the stage's datasheet (nm, not um); nothing moved")
+                             "check the native unit size in the stage's datasheet (nm, not um); nothing moved",
+                             "zaber", ("native_unit_nm",))
 
     def _tolerance_native(self) -> float:
         """How far from its target a finished move may be, in native units (see the constant)."""
@@ -3212,9 +3230,10 @@ class ZaberStage(StageDefaults):
         if faults and not self.clear_faults:
             first = faults[0]
             also = f" (also {', '.join(describe_flag(f) for f in faults[1:])})" if len(faults) > 1 else ""
-            raise StageError(f"{self._where()} reports fault {describe_flag(first)}{also}: "
+            raise StageError(lambda c: f"{self._where()} reports fault {describe_flag(first)}{also}: "
                              f"{FAULT_ADVICE.get(first, 'see the Warning Flags section of the Zaber ASCII manual')}"
-                             "; once checked, run again with --clear-faults to clear it; nothing was moved")
+                             f"; once checked, run again with {c} to clear it; nothing was moved",
+                             "zaber", ("clear_faults",))
         if not faults and not notices:
             return flags
         try:
@@ -3224,7 +3243,7 @@ class ZaberStage(StageDefaults):
             raise StageError(f"clearing the warning flags of {self._where()}: {first_line(exc)}") from exc
         what = ", ".join(describe_flag(f) for f in faults + notices)
         log.warning("%s had %s latched from earlier work: cleared%s", self._where(), what,
-                    " (--clear-faults)" if faults else "")
+                    " (as asked: clear_faults)" if faults else "")
         still = sorted(f for f in left if f.startswith("F"))
         if still:
             raise StageError(f"{self._where()} still reports fault {describe_flag(still[0])} after clearing: "
@@ -3272,7 +3291,7 @@ class ZaberStage(StageDefaults):
         try:
             start = self._check_still("homing", allow=HOMING_FLAGS)
             self._send(lambda: self._axis.home(wait_until_idle=False), "homing")
-            flags, at = self._await("homing", self.home_timeout_s, "--home-timeout-s", start, None, HOMING_FLAGS)
+            flags, at = self._await("homing", self.home_timeout_s, "home_timeout_s", start, None, HOMING_FLAGS)
         except KeyboardInterrupt as exc:  # Ctrl-C at any point of the homing: stop it, whatever comes next
             failure = as_run_failure(exc, None, stop_and_locate(self, "homing was interrupted"))
             if failure is exc:
@@ -3311,7 +3330,7 @@ class ZaberStage(StageDefaults):
         target = self._native_inside(z_mm)
         start = self._check_still(what)
         self._send(lambda: self._axis.move_absolute(target, self._zm.Units.NATIVE, wait_until_idle=False), what)
-        _, at = self._await(what, self.move_timeout_s, "--move-timeout-s", start, target)
+        _, at = self._await(what, self.move_timeout_s, "move_timeout_s", start, target)
         off_native = abs(at - target)
         if off_native > self.tolerance_native + 1e-6:
             raise StageInterrupted(
@@ -3456,8 +3475,8 @@ class ZaberStage(StageDefaults):
                         "or another program); it was not stopped")
                 if time.monotonic() > deadline:
                     where = self._stop_now()
-                    err = StageError(f"{what}: the axis was still busy after {timeout_s:g} s; stopped it{where} "
-                                     f"(raise {option} if the stage is slow)")
+                    err = StageError(lambda o: f"{what}: the axis was still busy after {timeout_s:g} s; stopped it{where} "
+                                     f"(raise {o} if the stage is slow)", "zaber", (option,))
                     err.may_move = True  # the tool's own stop, for its own reason: it may return to start
                     raise err
                 # Poll again at once on a slow line (the round trip paces it), at most every MOTION_POLL_S
@@ -3565,10 +3584,10 @@ class ZaberPlate(StageDefaults):
         """A plate over two ZML ``Axis`` objects; ``stage_options`` as ``ZaberStage.from_axis``."""
         try:
             return cls(ZaberStage.from_axis(x_axis, **stage_options), ZaberStage.from_axis(y_axis, **stage_options))
-        except BadValue as exc:  # the plate's own options (--xy-native-unit-nm), not the focus axis's
-            raise BadValue("plate", exc.fields, lambda *labels: "XY plate: " + exc._text(*labels)) from exc
-        except UsageError as exc:
-            raise UsageError(f"XY plate: {exc}".replace("--native-unit-nm", "--xy-native-unit-nm")) from exc
+        except UsageError as exc:  # the plate's own options (its device, its native unit), not the focus axis's
+            text = functools.partial(lambda error, *labels: "XY plate: " + error._text(*labels), exc)
+            raise (BadValue("plate", exc.fields, text) if isinstance(exc, BadValue)
+                   else UsageError(text, "plate", exc.fields)) from exc
 
     @classmethod
     def from_device(cls, connection: Any, device: int, **stage_options: Any) -> ZaberPlate:
@@ -3586,12 +3605,14 @@ class ZaberPlate(StageDefaults):
         try:
             scope = Microscope.find(connection)
         except zm.exceptions.MotionLibException as exc:
-            raise UsageError(f"ZML's microscope detection failed ({first_line(exc)}); name the XY plate's device "
-                             "with --xy-device N (x = its axis 2, y = axis 1)") from exc
+            why = first_line(exc)
+            raise UsageError(lambda d: f"ZML's microscope detection failed ({why}); name the XY plate's "
+                             f"device ({d} N: x = its axis 2, y = axis 1)", "plate", ("device",)) from exc
         if scope.x_axis is None or scope.y_axis is None:
-            raise UsageError("ZML's microscope detection found no XY plate on this connection (no axis carries "
-                             "a zaber.microscope.part storage key of x and y); name its device with --xy-device N "
-                             "(x = its axis 2, y = axis 1) and --xy-native-unit-nm NM offline")
+            raise UsageError(lambda d, nm: "ZML's microscope detection found no XY plate on this connection (no axis "
+                             f"carries a zaber.microscope.part storage key of x and y); name its device with {d} N "
+                             f"(x = its axis 2, y = axis 1) and its native unit with {nm} NM offline",
+                             "plate", ("device", "native_unit_nm"))
         return cls.from_axes(scope.x_axis, scope.y_axis, **stage_options)
 
     def move_to(self, x_mm: float, y_mm: float) -> None:
@@ -3676,8 +3697,9 @@ FAULT_ADVICE = {
 PYSPIN_HELP = (
     "the FLIR camera needs Teledyne FLIR's Spinnaker SDK and its PySpin wheel (not on PyPI): "
     "install the SDK and the spinnaker_python wheel matching your Python from Teledyne FLIR's "
-    "download site, then pip install simple-pyspin; or use --camera sim / --simulate / --replay"
+    "download site, then pip install simple-pyspin; or use {}"
 )
+NO_CAMERA = "simulated_microscope() or replay_microscope()"  # the CLI names its options (option_labels)
 
 
 def _pyspin() -> tuple[Any, Any]:
@@ -3686,7 +3708,7 @@ def _pyspin() -> tuple[Any, Any]:
         import PySpin  # noqa: PLC0415
         import simple_pyspin  # noqa: PLC0415
     except ImportError as exc:
-        raise UsageError(PYSPIN_HELP) from exc
+        raise UsageError(PYSPIN_HELP.format, "camera", (NO_CAMERA,)) from exc
     return PySpin, simple_pyspin
 
 
@@ -3860,8 +3882,7 @@ class FlirCamera(GenicamAdapter):
             self._cam.TriggerSoftware()
             image = raw.GetNextImage(int(self.timeout_ms))  # the SDK wants a plain int
         except spin.SpinnakerException as exc:
-            raise CameraError(f"no frame from the FLIR camera within {self.timeout_ms} ms: {first_line(exc)}; "
-                              "check the cable, or raise --camera-timeout-ms") from exc
+            raise timeout_error(f"no frame from the FLIR camera within {self.timeout_ms} ms: {first_line(exc)}") from exc
         try:
             if image.IsIncomplete():
                 raise CameraError(f"the FLIR camera delivered an incomplete frame (status {image.GetImageStatus()}); "
@@ -3899,7 +3920,7 @@ def _release_spin(cam: Any) -> None:
 # (PYLON_CAMEMU=N presents N emulated cameras) drives this adapter through the real SDK in tests.
 
 PYPYLON_HELP = ("the Basler camera needs Basler's pypylon (on PyPI): pip install pypylon; "
-                "or use --camera sim / --simulate / --replay")
+                "or use {}")
 
 
 def _pylon() -> tuple[Any, Any]:
@@ -3907,7 +3928,7 @@ def _pylon() -> tuple[Any, Any]:
     try:
         from pypylon import genicam, pylon  # noqa: PLC0415
     except ImportError as exc:
-        raise UsageError(PYPYLON_HELP) from exc
+        raise UsageError(PYPYLON_HELP.format, "camera", (NO_CAMERA,)) from exc
     return pylon, genicam
 
 
@@ -3950,9 +3971,10 @@ class BaslerCamera(GenicamAdapter):
         if serial:
             devices = [d for d in devices if d.GetSerialNumber() == serial]
             if not devices:
-                raise CameraError(f"--camera-serial {serial}: no such Basler camera; found {', '.join(found)}")
+                raise CameraError(lambda o: f"{o} {serial}: no such Basler camera; found {', '.join(found)}",
+                                  "camera", ("serial",))
         elif len(devices) > 1:
-            log.warning("%d Basler cameras found (%s): using %s; choose one with --camera-serial",
+            log.warning("%d Basler cameras found (%s): using %s; choose one by its serial number",
                         len(devices), ", ".join(found), found[0])
         info = devices[0]
         name = f"the Basler camera {info.GetSerialNumber()}"
@@ -4040,8 +4062,8 @@ class BaslerCamera(GenicamAdapter):
         exposure = next((n for n in ("ExposureTime", "ExposureTimeAbs") if self._has(n)), None)
         if exposure_ms is not None:
             if exposure is None:
-                raise CameraError("the Basler camera has no ExposureTime node: --exposure-ms cannot be set; "
-                                  "drop it and set the exposure in pylon Viewer")
+                raise CameraError(lambda o: f"the Basler camera has no ExposureTime node: {o} cannot be set; "
+                                  "drop it and set the exposure in pylon Viewer", "camera", ("exposure_ms",))
             journal.set(exposure, exposure_ms * 1000.0)
         exposure_now_ms = getattr(cam, exposure).Value / 1000.0 if exposure else 0.0
         self.timeout_ms = frame_timeout_ms(timeout_ms, exposure_now_ms)
@@ -4083,13 +4105,11 @@ class BaslerCamera(GenicamAdapter):
                 stale.Release()
                 self.stale_frames += 1
             if not cam.WaitForFrameTriggerReady(int(self.timeout_ms), pylon.TimeoutHandling_Return):
-                raise CameraError(f"the Basler camera was not ready for a trigger within {self.timeout_ms} ms; "
-                                  "check the cable, or raise --camera-timeout-ms")
+                raise timeout_error(f"the Basler camera was not ready for a trigger within {self.timeout_ms} ms")
             cam.ExecuteSoftwareTrigger()
             result = cam.RetrieveResult(int(self.timeout_ms), pylon.TimeoutHandling_ThrowException)
         except genicam.GenericException as exc:
-            raise CameraError(f"no frame from the Basler camera within {self.timeout_ms} ms: {first_line(exc)}; "
-                              "check the cable, or raise --camera-timeout-ms") from exc
+            raise timeout_error(f"no frame from the Basler camera within {self.timeout_ms} ms: {first_line(exc)}") from exc
         try:
             if not result.GrabSucceeded():
                 raise CameraError(f"the Basler camera delivered a failed frame ({result.GetErrorDescription()}, "
@@ -8051,7 +8071,7 @@ MAP_OPTIONS = {"area_mm": "map_area", "grid": "map", "xy_limits_mm": "xy_limits"
 SLIDE_OPTIONS = {"tilt_um_per_mm": "sim_tilt_um_per_mm", "bow_um_per_mm2": "sim_bow_um_per_mm2",
                  "ripple_um": "sim_ripple_um", "bare_glass": "sim_bare_glass"}
 PLATE_OPTIONS = {"device": "xy_device", "native_unit_nm": "xy_native_unit_nm", "move_timeout_s": "move_timeout_s",
-                 "home_timeout_s": "home_timeout_s", "clear_faults": "clear_faults"}
+                 "home_timeout_s": "home_timeout_s", "clear_faults": "clear_faults", "device_db": "device_db"}
 CAMERA_OPTIONS = {"serial": "camera_serial", "exposure_ms": "exposure_ms", "timeout_ms": "camera_timeout_ms",
                   "roi": "camera_roi"}
 
@@ -8067,6 +8087,7 @@ def option_labels(parser: argparse.ArgumentParser) -> dict[tuple[str, str], str]
     for scope, table in (("simulator", SIM_OPTIONS), ("zaber", ZABER_OPTIONS), ("camera", CAMERA_OPTIONS),
                          ("map", MAP_OPTIONS), ("slide", SLIDE_OPTIONS), ("plate", PLATE_OPTIONS)):
         labels.update({(scope, name): by_dest[dest] for name, dest in table.items() if dest in by_dest})
+    labels[("camera", NO_CAMERA)] = "--camera sim / --simulate / --replay"
     return labels
 
 
@@ -8618,7 +8639,7 @@ def run_map(args: argparse.Namespace, request: Request) -> int:
             else:
                 refused = True
                 raise
-            code, error = failure_line(failed)
+            code, error = failure_line(in_option_terms(failed))
             if args.verbose:
                 log.debug("traceback", exc_info=failed)
     finally:
@@ -8736,7 +8757,7 @@ def run(args: argparse.Namespace, request: Request) -> int:
             else:
                 refused = True
                 raise  # refused before anything moved: main() reports it
-            code, error = failure_line(failed)
+            code, error = failure_line(in_option_terms(failed))
             if args.verbose:
                 log.debug("traceback", exc_info=failed)
     finally:
@@ -8855,6 +8876,14 @@ def interrupt_code(exc: BaseException) -> int:
 def interrupt_text(exc: BaseException) -> str:
     """"interrupted (Ctrl-C)", "terminated (SIGTERM)", ..."""
     return exc.describe() if isinstance(exc, Interrupted) else "interrupted (Ctrl-C)"
+
+
+def in_option_terms(failed: BaseException) -> BaseException:
+    """The error as the command line says it: every keyword it names given by its option."""
+    for error in (failed, failed.__cause__):
+        if isinstance(error, AutofocusError):
+            error.relabel(option_labels(build_parser()))
+    return failed
 
 
 def failure_line(failed: BaseException) -> tuple[int, str]:
@@ -9054,8 +9083,7 @@ def _main(argv: list[str]) -> int:
             return run(args, request)
         except AutofocusError as exc:
             INTERRUPTS.finish()
-            if isinstance(exc, BadValue):  # named by its option, not its keyword
-                exc.relabel(option_labels(build_parser()))
+            exc.relabel(option_labels(build_parser()))  # named by its option, not its keyword
             if verbose:
                 log.debug("traceback", exc_info=exc)
             return say(exc.exit_code, str(exc), str(exc))

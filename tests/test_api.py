@@ -432,3 +432,16 @@ def test_a_stage_declares_its_extras_and_the_run_uses_them() -> None:
     assert stage.scopes[-2:] == [(0.0, 20), "ended"]  # travel and soft limits, for the run only
     autofocus.focus(stage, RenderAtStage(stage, 12.34), 12.2, 12.5, 0.02)
     assert stage.homings == 1  # homed now: never again
+
+
+def test_a_backend_speaks_in_its_own_terms_not_in_options() -> None:
+    from zaber_motion.ascii import Connection
+
+    with FakeZaber() as fake:
+        connection = Connection.open_tcp("127.0.0.1", fake.port)
+        try:
+            with pytest.raises(autofocus.UsageError, match=r"no Zaber device 5 .*device number \(device N\)") as caught:
+                autofocus.ZaberStage.from_axis(connection.get_device(5).get_axis(1), native_unit_nm=1)
+        finally:
+            connection.close()
+    assert "--" not in str(caught.value)  # a script has no --device option
