@@ -2824,19 +2824,24 @@ _Adapter = TypeVar("_Adapter", bound="GenicamAdapter")
 class GenicamAdapter:
     """What the GenICam camera backends share at the end of a run: ``restore()`` puts back every
     node the run changed (their SettingsJournal), ``close()`` also releases a camera the adapter
-    opened, on every exit path (a ``with`` block).  A backend sets ``_cam``, ``_journal``,
-    ``_owned``, ``_was_running``, ``_closed`` and defines the vendor calls below."""
+    opened, on every exit path (a ``with`` block).  A backend calls ``__init__`` first, then
+    configures the camera, and defines the vendor calls below."""
 
     vendor = "camera"  # "FLIR camera": for messages
     viewer = "its viewer"  # the vendor's program to check the camera with
-    pixel_format: str | None
     _shape: tuple[int, int]
-    _bayer_code: int | None
-    _cam: Any
-    _journal: SettingsJournal
-    _owned: bool
-    _was_running: bool
-    _closed: bool
+
+    def __init__(self, cam: Any, *, owned: bool, running: bool, timeout_ms: int,
+                 read: Callable[[str], Any], write: Callable[[str, Any], None]) -> None:
+        """The state every backend shares: the camera, whether this adapter opened it (and closes
+        it) or it is lent (and was streaming: ``running``), and the journal of the nodes a run changes."""
+        self._cam, self._owned, self._was_running = cam, owned, running
+        self._journal = SettingsJournal(read, write)
+        self._closed = False
+        self._bayer_code: int | None = None
+        self.pixel_format: str | None = None
+        self.roi: Roi | None = None
+        self.timeout_ms = timeout_ms
 
     def _stop(self) -> None:
         """Stop streaming."""
@@ -2896,7 +2901,7 @@ class GenicamAdapter:
         try:
             self.restore()
         finally:
-            if self._owned and getattr(self, "_cam", None) is not None:
+            if self._owned and self._cam is not None:
                 self._release()
                 self._cam = None
 
@@ -2998,10 +3003,29 @@ class ZaberStage(StageDefaults):
     def __init__(self, port: str, device: int = DEFAULT_DEVICE, axis: int = DEFAULT_AXIS, *,
                  native_unit_nm: float | None = None, device_db: str | None = None,
                  move_timeout_s: float = DEFAULT_MOVE_TIMEOUT_S, home_timeout_s: float = DEFAULT_HOME_TIMEOUT_S,
-                 clear_faults: bool = False) -> None:
-        check_values("zaber", ZABER_RULES, {"port": port, "device": device, "axis": axis, "device_db": device_db})
-        self._configure(port, native_unit_nm=native_unit_nm, move_timeout_s=move_timeout_s,
-                        home_timeout_s=home_timeout_s, clear_faults=clear_faults)
+                 clear_faults: bool = False, zml_axis: Any = None) -> None:
+        """Open ``port`` and take device ``device``'s axis ``axis``; or take ``zml_axis``, an axis on
+        the caller's connection (``from_axis``: ``port`` then only names it in messages)."""
+        check_values("zaber", ZABER_RULES, {"port": port, "device": device, "axis": axis, "device_db": device_db,
+                                            "native_unit_nm": native_unit_nm, "move_timeout_s": move_timeout_s,
+                                            "home_timeout_s": home_timeout_s, "clear_faults": clear_faults})
+        self.port = port
+        self.native_unit_nm = native_unit_nm
+        self.move_timeout_s, self.home_timeout_s = move_timeout_s, home_timeout_s
+        self.clear_faults = clear_faults
+        self._allowed_mm: tuple[float, float] | None = None  # the current run's: moves are rounded inside them
+        self.name: str | None = None  # the device's product name, when ZML could identify it
+        self._connection: Any = None
+        self._owns_connection = False  # ``close`` leaves a connection it did not open alone
+        self._zm = _zml()
+        self._exc = self._zm.exceptions
+        if zml_axis is not None:
+            if not isinstance(zml_axis, self._zm.ascii.Axis):
+                raise UsageError(f"ZaberStage.from_axis needs a zaber_motion.ascii.Axis (e.g. "
+                                 f"connection.get_device(3).get_axis(1)), not {show_value(zml_axis)}")
+            self._connection = zml_axis.device.connection
+            self._setup_axis(zml_axis)
+            return
         self.device_number, self.axis_number = device, axis
         # A library-wide setting, so only for a connection the tool opens (from_axis leaves it alone).
         self._zm.Library.set_idle_polling_period(10)  # ms; ZML's 50 ms default would add ~25 ms a move
@@ -3014,25 +3038,6 @@ class ZaberStage(StageDefaults):
         except BaseException:
             self.close()
             raise
-
-    def _configure(self, port: str, *, native_unit_nm: float | None, move_timeout_s: float,
-                   home_timeout_s: float, clear_faults: bool) -> None:
-        """Settings every way of making a ZaberStage shares; no device traffic.  (An adapter over
-        an axis the caller owns sets these, then calls ``_setup_axis``; ``close`` leaves a
-        connection it did not open alone.)"""
-        check_values("zaber", ZABER_RULES, {"native_unit_nm": native_unit_nm, "move_timeout_s": move_timeout_s,
-                                            "home_timeout_s": home_timeout_s, "clear_faults": clear_faults})
-        self.port = port
-        self.native_unit_nm = native_unit_nm
-        self.move_timeout_s, self.home_timeout_s = move_timeout_s, home_timeout_s
-        self.clear_faults = clear_faults
-        self._allowed_mm: tuple[float, float] | None = None  # the current run's: moves are rounded inside them
-        self.name: str | None = None  # the device's product name, when ZML could identify it
-        self._connection: Any = None
-        self._owns_connection = False
-        zm = _zml()
-        self._zm = zm
-        self._exc = zm.exceptions
 
     @classmethod
     def from_axis(cls, axis: Any, *, native_unit_nm: float | None = None,
@@ -3047,15 +3052,8 @@ class ZaberStage(StageDefaults):
         from the axis as for a port the tool opens itself, latched flags are handled the same way
         (``clear_faults`` as ``--clear-faults``), and nothing moves here.
         """
-        self = cls.__new__(cls)
-        self._configure("the caller's connection", native_unit_nm=native_unit_nm, move_timeout_s=move_timeout_s,
-                        home_timeout_s=home_timeout_s, clear_faults=clear_faults)
-        if not isinstance(axis, self._zm.ascii.Axis):
-            raise UsageError(f"ZaberStage.from_axis needs a zaber_motion.ascii.Axis (e.g. "
-                             f"connection.get_device(3).get_axis(1)), not {show_value(axis)}")
-        self._connection = axis.device.connection
-        self._setup_axis(axis)
-        return self
+        return cls("the caller's connection", native_unit_nm=native_unit_nm, move_timeout_s=move_timeout_s,
+                   home_timeout_s=home_timeout_s, clear_faults=clear_faults, zml_axis=axis)
 
     def _open(self, port: str) -> Any:
         """Open the serial port or tcp://HOST:PORT; errors are one UsageError."""
@@ -3734,10 +3732,17 @@ class FlirCamera(GenicamAdapter):
     vendor, viewer = "FLIR camera", "SpinView"
 
     def __init__(self, serial: str | None = None, *, exposure_ms: float | None = None,
-                 timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None) -> None:
+                 timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None, camera: Any = None) -> None:
+        """Open the camera ``serial`` (default: the first one), or adapt ``camera`` (``from_camera``)."""
         check_values("camera", CAMERA_RULES, {"serial": serial, "exposure_ms": exposure_ms, "timeout_ms": timeout_ms,
                                               "roi": roi})
         spin, sp = _pyspin()
+        if camera is not None:
+            if not getattr(camera, "initialized", False):
+                raise UsageError("FlirCamera.from_camera needs an initialised simple_pyspin.Camera: call its init() "
+                                 "or open it with `with simple_pyspin.Camera() as cam:` first")
+            self._setup(spin, sp, camera, owned=False, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
+            return
         name = f"the FLIR camera{' ' + serial if serial else ''}"
         try:
             cam = sp.Camera(serial if serial else 0)
@@ -3778,26 +3783,14 @@ class FlirCamera(GenicamAdapter):
                     ...                                      # focus with ``camera``
                 # here cam's settings are as they were before
         """
-        check_values("camera", CAMERA_RULES, {"exposure_ms": exposure_ms, "timeout_ms": timeout_ms, "roi": roi})
-        spin, sp = _pyspin()
-        if not getattr(camera, "initialized", False):
-            raise UsageError("FlirCamera.from_camera needs an initialised simple_pyspin.Camera: call its init() "
-                             "or open it with `with simple_pyspin.Camera() as cam:` first")
-        self = cls.__new__(cls)
-        self._setup(spin, sp, camera, owned=False, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
-        return self
+        return cls(camera=camera, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
 
     def _setup(self, spin: Any, sp: Any, cam: Any, *, owned: bool, exposure_ms: float | None,
                timeout_ms: int, roi: Roi | None) -> None:
         """Configure the camera for the sweep and start streaming; on any failure put it back."""
-        self._spin, self._sp, self._cam, self._owned = spin, sp, cam, owned
-        self._was_running = bool(getattr(cam, "running", False))
-        self._journal = SettingsJournal(lambda n: getattr(cam, n), lambda n, v: setattr(cam, n, v))
-        self._closed = False
-        self._bayer_code: int | None = None
-        self.pixel_format: str | None = None
-        self.roi: Roi | None = None
-        self.timeout_ms = timeout_ms
+        super().__init__(cam, owned=owned, running=bool(getattr(cam, "running", False)), timeout_ms=timeout_ms,
+                         read=lambda n: getattr(cam, n), write=lambda n, v: setattr(cam, n, v))
+        self._spin, self._sp = spin, sp
         try:
             cam.stop()  # a lent camera may be streaming: image format and trigger are locked then
             self._configure(exposure_ms, timeout_ms, roi)
@@ -3954,10 +3947,16 @@ class BaslerCamera(GenicamAdapter):
     vendor, viewer = "Basler camera", "pylon Viewer"
 
     def __init__(self, serial: str | None = None, *, exposure_ms: float | None = None,
-                 timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None) -> None:
+                 timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None, camera: Any = None) -> None:
+        """Open the camera ``serial`` (default: the first one), or adapt ``camera`` (``from_camera``)."""
         check_values("camera", CAMERA_RULES, {"serial": serial, "exposure_ms": exposure_ms, "timeout_ms": timeout_ms,
                                               "roi": roi})
         pylon, genicam = _pylon()
+        if camera is not None:
+            if not (hasattr(camera, "IsOpen") and camera.IsOpen()):
+                raise UsageError("BaslerCamera.from_camera needs an open pylon.InstantCamera: call its Open() first")
+            self._setup(pylon, genicam, camera, owned=False, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
+            return
         try:
             factory = pylon.TlFactory.GetInstance()
             devices = list(factory.EnumerateDevices())
@@ -4011,26 +4010,15 @@ class BaslerCamera(GenicamAdapter):
                 ...                                          # focus with ``camera``
             cam.Close()
         """
-        check_values("camera", CAMERA_RULES, {"exposure_ms": exposure_ms, "timeout_ms": timeout_ms, "roi": roi})
-        pylon, genicam = _pylon()
-        if not (hasattr(camera, "IsOpen") and camera.IsOpen()):
-            raise UsageError("BaslerCamera.from_camera needs an open pylon.InstantCamera: call its Open() first")
-        self = cls.__new__(cls)
-        self._setup(pylon, genicam, camera, owned=False, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
-        return self
+        return cls(camera=camera, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
 
     def _setup(self, pylon: Any, genicam: Any, cam: Any, *, owned: bool, exposure_ms: float | None,
                timeout_ms: int, roi: Roi | None) -> None:
         """Configure the camera for the sweep and start grabbing; on any failure put it back."""
-        self._pylon, self._genicam, self._cam, self._owned = pylon, genicam, cam, owned
-        self._was_running = bool(cam.IsGrabbing())
-        self._journal = SettingsJournal(lambda n: getattr(cam, n).Value, self._write)
-        self._closed = False
-        self._bayer_code: int | None = None
+        super().__init__(cam, owned=owned, running=bool(cam.IsGrabbing()), timeout_ms=timeout_ms,
+                         read=lambda n: getattr(cam, n).Value, write=self._write)
+        self._pylon, self._genicam = pylon, genicam
         self._converter: Any = None
-        self.pixel_format: str | None = None
-        self.roi: Roi | None = None
-        self.timeout_ms = timeout_ms
         self.stale_frames = 0  # frames delivered before a capture began, dropped (diagnostics)
         try:
             cam.StopGrabbing()  # a lent camera may be grabbing: format, ROI and trigger are locked then
