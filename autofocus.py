@@ -187,12 +187,15 @@ MAX_SIM_PIXELS = 25_000_000
 POSITION_DECIMALS = 9  # positions are rounded to 1 pm so that float noise never leaks into commands
 SCORE_MAX_PIXELS = 1_500_000  # larger frames are 2x2 binned before scoring (see focus scores)
 COARSE_FACTOR = 8  # fast search: coarse pass every 8 STEPs, scored on an 8x binned image
-SIM_SPECIMENS = ("cells", "blank", "dusty", "transparent")  # --sim-specimen
+Specimen = Literal["cells", "blank", "dusty", "transparent"]  # what the simulator shows
+SIM_SPECIMENS: tuple[Specimen, ...] = ("cells", "blank", "dusty", "transparent")  # --sim-specimen
 DefocusModel = Literal["gaussian", "pillbox"]  # --sim-defocus: how the simulator blurs out of focus
 DEFOCUS_MODELS: tuple[DefocusModel, ...] = ("gaussian", "pillbox")
 VerdictKind = Literal["focused", "edge", "no_peak"]
 Scale = Literal["fine", "coarse"]  # which curve decided: the score, or the same score on a binned frame
 PeakPolicy = Literal["sharpest", "lowest", "highest", "nearest"]  # --peak: which of several peaks
+Search = Literal["sweep", "fast"]  # every STEP, or coarse then fine around the peak (SEARCHES)
+RuleKind = Literal["number", "whole", "flag", "choice", "text", "roi", "interval"]  # what a Rule admits
 PEAK_CHOICES: tuple[PeakPolicy, ...] = ("sharpest", "lowest", "highest", "nearest")
 MIN_FAST_POSITIONS = 24  # shorter grids are swept: a coarse pass would hold too few frames to judge
 COARSE_MIN_SIDE_PX = 32  # ... but the binned image keeps at least this many pixels a side
@@ -442,7 +445,7 @@ class Rule:
     height in whole pixels: x, y >= 0, width and height >= MIN_ROI_PX) or "interval" (two numbers
     within +-``hi``, lowest first).  ``optional``: None is allowed too."""
 
-    kind: str
+    kind: RuleKind
     lo: float = -math.inf
     hi: float = math.inf
     unit: str = ""
@@ -611,7 +614,7 @@ class Extremum:
 class FocusResult:
     """Everything a run found; ``best_mm`` is where the stage was finally sent."""
 
-    search: str
+    search: Search
     metric: str
     samples: tuple[Sample, ...]  # capture order
     best_sample_mm: float
@@ -1861,7 +1864,7 @@ def predict_focus(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[f
     return float(at @ mean), math.sqrt(max(var, 0.0))
 
 
-def full_search_frames(n_positions: int, search: str) -> int:
+def full_search_frames(n_positions: int, search: Search) -> int:
     """About how many frames a search over the whole range costs (sweep: all; fast: its coarse
     pass and a refinement) -- a window costing as much is no saving."""
     if search == "sweep" or n_positions < MIN_FAST_POSITIONS:
@@ -2296,7 +2299,7 @@ def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude
         spacing = max(1, spacing // 2)
 
 
-SEARCHES: dict[str, Callable[[Acquisition, Sequence[float], Conclude], None]] = {
+SEARCHES: dict[Search, Callable[[Acquisition, Sequence[float], Conclude], None]] = {
     "sweep": sweep_search,
     "fast": fast_search,
 }
@@ -2307,7 +2310,7 @@ class Plan:
     """What a run will do, checked against the limits before anything moves."""
 
     positions: tuple[float, ...]
-    search: str = "sweep"
+    search: Search = "sweep"
     backlash_mm: float = 0.0
     settle_ms: float = 0.0
     peak: PeakPolicy = "sharpest"  # which of several significant peaks (PEAK_CHOICES)
@@ -4201,14 +4204,14 @@ class SimOptics:
     photons: float = 1000.0  # mean photons per pixel at the brightest structure
     read_noise_e: float = 7.0
     bit_depth: int = 8
-    specimen: str = "cells"  # "cells", "blank" or "dusty" (cells, plus dust on the coverslip above them)
+    specimen: Specimen = "cells"  # "dusty": cells, plus dust on the coverslip above them
     dust_height_mm: float = 0.17  # "dusty": the dust plane lies this far above the cells (a #1.5 coverslip)
     phase_rad: float = 1.5  # "transparent": the phase delay through a cell's centre, radians
     condenser_na: float = 0.3  # "transparent": brightfield condenser aperture (partial coherence)
     seed: int = 0
     # A two-region field (for --roi): the right half of the frame shows right_specimen (default:
     # the same specimen) in the plane right_focus_mm (default: focus_mm); None, None = one plane.
-    right_specimen: str | None = None
+    right_specimen: Specimen | None = None
     right_focus_mm: float | None = None
     # How defocus blurs: "gaussian" (a Gaussian of the geometric blur disc's second moment) or
     # "pillbox" (the geometric blur disc itself, a uniform disc, as ray optics has it).
@@ -4367,7 +4370,7 @@ SIM_RULES: dict[str, Rule] = {
 
 
 @functools.lru_cache(maxsize=4)
-def make_specimen(width: int, height: int, kind: str = "cells", seed: int = 0) -> np.ndarray:
+def make_specimen(width: int, height: int, kind: Specimen = "cells", seed: int = 0) -> np.ndarray:
     """A deterministic synthetic specimen, relative brightness 0..1 (float32, height x width).
 
     "cells": cell bodies with a bright membrane and nucleus, granules, filaments and a fine
@@ -6442,7 +6445,7 @@ class LiveView:
     WINDOW = "autofocus"
 
     def __init__(self, blur: int, roi: Roi | None = None, *, positions: Sequence[float] = (),
-                 relative: bool = False, search: str = "sweep", score_name: str = curve_title(),
+                 relative: bool = False, search: Search = "sweep", score_name: str = curve_title(),
                  save_dir: str | Path = ".", say: Callable[[str], None] | None = None,
                  screen_px: tuple[int, int] | None = None) -> None:
         self.blur, self.roi, self.search, self.score_name = blur, roi, search, score_name
@@ -6735,7 +6738,7 @@ class Request:
     start_mm: float
     end_mm: float
     step_mm: float
-    search: str = "sweep"
+    search: Search = "sweep"
     metric: str | None = None
     blur: int = DEFAULT_BLUR
     roi: Roi | None = None
@@ -6745,7 +6748,7 @@ class Request:
     z_max: float | None = None
     relative: bool = False
     home: bool | None = None
-    peak: str = "sharpest"
+    peak: PeakPolicy = "sharpest"
     transparent: bool = False
     allow_many: bool = False
     objective: str | None = None  # --objective: names the STEP that suits it (objective_optics)
@@ -6931,11 +6934,11 @@ def relative_origin(stage: Stage, relative: bool) -> float:
 
 
 def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm: float, *,
-          search: str = Request.search, metric: str | None = Request.metric, blur: int = Request.blur,
+          search: Search = Request.search, metric: str | None = Request.metric, blur: int = Request.blur,
           roi: Sequence[int] | None = Request.roi, settle_ms: float = Request.settle_ms,
           backlash_mm: float = Request.backlash_mm, z_min: float | None = Request.z_min,
           z_max: float | None = Request.z_max, relative: bool = Request.relative, home: bool | None = Request.home,
-          peak: PeakPolicy = Request.peak, transparent: bool = Request.transparent,  # type: ignore[assignment]
+          peak: PeakPolicy = Request.peak, transparent: bool = Request.transparent,
           allow_many: bool = Request.allow_many, objective: str | None = Request.objective,
           on_frame: FrameHook | None = None) -> FocusResult:
     """Find the sharpest focus between START and END every STEP (mm) and send the stage there.
@@ -7007,7 +7010,7 @@ def _run_scoped(stage: Stage, axis: StageExtras, camera: Camera, r: Request, on_
     origin_mm = relative_origin(stage, r.relative)
     dof_um = depth_of_field_um(r.objective) if r.objective is not None else None
     plan = Plan(tuple(plan_positions(r.start_mm + origin_mm, r.end_mm + origin_mm, r.step_mm)), r.search,
-                r.backlash_mm, r.settle_ms, r.peak, dof_um)  # type: ignore[arg-type]
+                r.backlash_mm, r.settle_ms, r.peak, dof_um)
     check_plan(plan, stage_limits(stage), (r.z_min, r.z_max))
     if look_first:
         stage_position(stage)  # checked first: a simulated camera renders where the stage says it is
@@ -7546,7 +7549,7 @@ class _Mapper:
 def focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, *, area_mm: Sequence[float], grid: Sequence[int],
               start_mm: float, end_mm: float, step_mm: float, xy_limits_mm: Sequence[float] | None = None,
               refine: int = 0, depth_of_field_mm: float | None = None,
-              on_point: Callable[[MapPoint, int, int], None] | None = None, search: str = "fast",
+              on_point: Callable[[MapPoint, int, int], None] | None = None, search: Search = "fast",
               **options: Any) -> FocusMap:
     """Focus at an NX x NY grid over the plate area X0, Y0, X1, Y1 (mm) and fit the slide's surface.
 
@@ -8417,7 +8420,7 @@ def check_home_consent(home: bool | None, z_min: float | None, z_max: float | No
                          "yourself); nothing moved")
 
 
-def curve_note(result: FocusResult, policy: str) -> str | None:
+def curve_note(result: FocusResult, policy: PeakPolicy) -> str | None:
     """One line when the curve is not one clean peak: several significant peaks (and the option
     that picks another), or a dip between two peaks (an unstained specimen's focus)."""
     peaks = result.peaks
