@@ -3023,9 +3023,6 @@ class ZaberStage(StageDefaults):
         self._zm = _zml()
         self._exc = self._zm.exceptions
         if zml_axis is not None:
-            if not isinstance(zml_axis, self._zm.ascii.Axis):
-                raise UsageError(f"ZaberStage.from_axis needs a zaber_motion.ascii.Axis (e.g. "
-                                 f"connection.get_device(3).get_axis(1)), not {show_value(zml_axis)}")
             self._connection = zml_axis.device.connection
             self._setup_axis(zml_axis)
             return
@@ -3055,6 +3052,9 @@ class ZaberStage(StageDefaults):
         from the axis as for a port the tool opens itself, latched flags are handled the same way
         (``clear_faults`` as ``--clear-faults``), and nothing moves here.
         """
+        if not isinstance(axis, _zml().ascii.Axis):
+            raise UsageError(f"ZaberStage.from_axis needs a zaber_motion.ascii.Axis (e.g. "
+                             f"connection.get_device(3).get_axis(1)), not {show_value(axis)}")
         return cls("the caller's connection", native_unit_nm=native_unit_nm, move_timeout_s=move_timeout_s,
                    home_timeout_s=home_timeout_s, clear_faults=clear_faults, zml_axis=axis)
 
