@@ -185,8 +185,18 @@ MAX_SIM_PHOTONS = 1e7
 MAX_SIM_TIME_SCALE = 100.0
 MAX_SIM_PIXELS = 25_000_000
 POSITION_DECIMALS = 9  # positions are rounded to 1 pm so that float noise never leaks into commands
+# Float noise, not a real difference: a position this close to a limit is on it (1 pm, far below any
+# stage's resolution: 12.3 + 0.1 must not leave a range that ends at 12.4); a ratio this close to a
+# whole number is one (a span of exactly N STEPs); a target this close to a whole native unit is that unit.
+FLOAT_SLACK_MM = 1e-9
+FLOAT_SLACK_RATIO = 1e-9
+FLOAT_SLACK_NATIVE = 1e-6  # native units
 SCORE_MAX_PIXELS = 1_500_000  # larger frames are 2x2 binned before scoring (see focus scores)
 COARSE_FACTOR = 8  # fast search: coarse pass every 8 STEPs, scored on an 8x binned image
+# Fast search: the peak lies within one coarse spacing of the coarse maximum, so the climb from there
+# takes at most two spacings, plus a few steps that noise may add; a longer one is wandering.
+CLIMB_EXTRA_STEPS = 4
+STOP_ATTEMPTS = 3  # a stop (or the read after it) is tried again when a further Ctrl-C cuts it short
 Specimen = Literal["cells", "blank", "dusty", "transparent"]  # what the simulator shows
 SIM_SPECIMENS: tuple[Specimen, ...] = ("cells", "blank", "dusty", "transparent")  # --sim-specimen
 DefocusModel = Literal["gaussian", "pillbox"]  # --sim-defocus: how the simulator blurs out of focus
@@ -1560,7 +1570,7 @@ def _suggest(end_mm: float, at_low: bool, width_mm: float,
         return (round(lo, 6), round(hi, 6)), ""
     a_lo, a_hi = min(allowed_mm), max(allowed_mm)
     limit = a_lo if at_low else a_hi
-    if (at_low and end_mm <= a_lo + 1e-9) or (not at_low and end_mm >= a_hi - 1e-9):
+    if (at_low and end_mm <= a_lo + FLOAT_SLACK_MM) or (not at_low and end_mm >= a_hi - FLOAT_SLACK_MM):
         return None, (f"; the range already ends at the stage's {'lowest' if at_low else 'highest'} allowed "
                       f"position ({limit:g} mm: its travel or --z-min/--z-max), so no range beyond it can be tried")
     lo, hi = max(lo, a_lo), min(hi, a_hi)
@@ -1745,7 +1755,7 @@ def fit_surface(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[flo
         q, r = np.linalg.qr(a)
         beta = np.linalg.solve(r, q.T @ (np.sqrt(w) * z))
         leverage = np.sum(q * q, axis=1)  # diagonal of the hat matrix
-        if np.any(leverage > 1 - 1e-9):
+        if np.any(leverage > 1 - FLOAT_SLACK_RATIO):
             return None  # a point that alone fixes a parameter has no leave-one-out residual
         residuals = z - basis @ beta
         loo = residuals / (1 - leverage)
@@ -1769,7 +1779,7 @@ def fit_surface(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[flo
             continue
         hat = kernel @ solution[:n] + plane @ solution[n:]
         leverage = np.diag(hat)
-        if np.any(leverage > 1 - 1e-9):
+        if np.any(leverage > 1 - FLOAT_SLACK_RATIO):
             continue
         c, coef = solution[:n] @ z, solution[n:] @ z
         residuals = z - hat @ z
@@ -1777,7 +1787,7 @@ def fit_surface(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[flo
         fit = SurfaceFit(Surface("spline", area, tuple(float(b) for b in coef),  # type: ignore[arg-type]
                                  tuple((float(a), float(b)) for a, b in zip(u, v)), tuple(float(b) for b in c),
                                  float(lam)), residuals, loo, _weighted_rms(loo, w))
-        if best is None or fit.loo_rms_mm < best.loo_rms_mm * (1 - 1e-9):
+        if best is None or fit.loo_rms_mm < best.loo_rms_mm * (1 - FLOAT_SLACK_RATIO):
             best = fit
     return best
 
@@ -1882,7 +1892,7 @@ def plan_window(predicted_mm: float, sigma_mm: float, positions: Sequence[float]
     neighbour each side), at least WINDOW_MIN_HALF_STEPS STEPs each way; next to an end of the
     range it is shifted inside rather than cut short."""
     n = len(positions)
-    half = max(WINDOW_MIN_HALF_STEPS, math.ceil(WINDOW_SIGMAS * sigma_mm / step_mm + 1.0 - 1e-9))
+    half = max(WINDOW_MIN_HALF_STEPS, math.ceil(WINDOW_SIGMAS * sigma_mm / step_mm + 1.0 - FLOAT_SLACK_RATIO))
     size = 2 * half + 1
     if size >= min(n, full_frames):
         return None
@@ -2022,10 +2032,10 @@ def plan_positions(start_mm: float, end_mm: float, step_mm: float) -> list[float
         raise ValueError("step must be positive")
     direction = 1.0 if end_mm >= start_mm else -1.0
     span = abs(end_mm - start_mm)
-    n = math.floor(span / step_mm + 1e-9)
+    n = math.floor(span / step_mm + FLOAT_SLACK_RATIO)
     positions = [float(round(start_mm + direction * i * step_mm, POSITION_DECIMALS)) for i in range(n + 1)]
     end = float(round(end_mm, POSITION_DECIMALS))
-    if abs(positions[-1] - end) > 1e-9:
+    if abs(positions[-1] - end) > FLOAT_SLACK_MM:
         positions.append(end)
     else:
         positions[-1] = end
@@ -2279,7 +2289,7 @@ def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude
         # close in time: a drifting lamp changes them alike); the fit needs them where the peak
         # is wide enough to reach them, and the climb starts from them.
         ensure([j for j in range(guess - FIT_REACH, guess + FIT_REACH + 1) if 0 <= j < n])
-        for _ in range(2 * spacing + 4):
+        for _ in range(2 * spacing + CLIMB_EXTRA_STEPS):
             neighbours = [j for j in (current - 1, current + 1) if 0 <= j < n]
             ensure([current, *neighbours])
             if all(score(j) < score(current) for j in neighbours):
@@ -2342,7 +2352,7 @@ def check_plan(plan: Plan, limits_mm: tuple[float, float], soft_mm: tuple[float 
     allowed_lo = travel_lo if soft_lo is None else max(travel_lo, soft_lo)
     allowed_hi = travel_hi if soft_hi is None else min(travel_hi, soft_hi)
     what = "range" if plan.backlash_mm <= 0 else "range with its backlash overshoot"
-    if lo < allowed_lo - 1e-9 or hi > allowed_hi + 1e-9:
+    if lo < allowed_lo - FLOAT_SLACK_MM or hi > allowed_hi + FLOAT_SLACK_MM:
         raise UsageError(
             f"the {what} {lo:g}..{hi:g} mm leaves the allowed interval {allowed_lo:g}..{allowed_hi:g} mm "
             f"(travel {travel_lo:g}..{travel_hi:g} mm"
@@ -2366,7 +2376,7 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
     t0 = time.perf_counter()
     start_mm = stage_position(stage)
     soft_lo, soft_hi = soft_mm
-    inside = (soft_lo is None or start_mm >= soft_lo - 1e-9) and (soft_hi is None or start_mm <= soft_hi + 1e-9)
+    inside = (soft_lo is None or start_mm >= soft_lo - FLOAT_SLACK_MM) and (soft_hi is None or start_mm <= soft_hi + FLOAT_SLACK_MM)
     origin_mm = start_mm if return_to_start and inside else None
     acq = Acquisition(stage, camera, scorer, settle_ms=plan.settle_ms, backlash_mm=plan.backlash_mm,
                       direction=plan.direction, coarse=True,
@@ -2464,9 +2474,9 @@ def make_safe(stage: Stage, start_mm: float | None, cause: BaseException | None 
 
 
 def stop_and_locate(stage: Stage, what: str) -> str:
-    """Send ``stop`` again (a further Ctrl-C cannot skip it: tried up to three times), then say
+    """Send ``stop`` again (a further Ctrl-C cannot skip it: STOP_ATTEMPTS tries), then say
     where the stage reports it is -- never a position read while it may still be moving."""
-    for _ in range(3):
+    for _ in range(STOP_ATTEMPTS):
         try:
             stage.stop()
             break
@@ -2476,7 +2486,7 @@ def stop_and_locate(stage: Stage, what: str) -> str:
             return f"{what}; stopping it failed ({first_line(exc)}): check the stage before the next run"
     else:
         return f"{what}; the stop could not be confirmed: check the stage before the next run"
-    for _ in range(3):
+    for _ in range(STOP_ATTEMPTS):
         try:
             return f"{what}; stop sent again, the stage reports {stage.position_mm():.4f} mm"
         except KeyboardInterrupt:
@@ -3325,7 +3335,7 @@ class ZaberStage(StageDefaults):
         path.  Anything else is an event this tool did not cause: StageInterrupted (moved or
         stopped from outside) or a StageError (a fault); then nothing more is moved."""
         lo, hi = self._limits
-        if not lo - 1e-9 <= z_mm <= hi + 1e-9:  # last line of defence; plans are checked earlier
+        if not lo - FLOAT_SLACK_MM <= z_mm <= hi + FLOAT_SLACK_MM:  # last line of defence; plans are checked earlier
             raise StageError(f"refusing to move to {z_mm} mm: outside the travel {lo}..{hi} mm")
         what = f"the {'' if self.role == 'focus' else self.role + ' '}move to {z_mm:.4f} mm"
         target = self._native_inside(z_mm)
@@ -3333,7 +3343,7 @@ class ZaberStage(StageDefaults):
         self._send(lambda: self._axis.move_absolute(target, self._zm.Units.NATIVE, wait_until_idle=False), what)
         _, at = self._await(what, self.move_timeout_s, "move_timeout_s", start, target)
         off_native = abs(at - target)
-        if off_native > self.tolerance_native + 1e-6:
+        if off_native > self.tolerance_native + FLOAT_SLACK_NATIVE:
             raise StageInterrupted(
                 f"{what} ended {off_native:.0f} native units off the target (tolerance {self.tolerance_native:g}), at "
                 f"{self._readback()}: the axis was stopped or moved from outside (the knob or joystick, Zaber "
@@ -3355,10 +3365,10 @@ class ZaberStage(StageDefaults):
         target = round(exact)
         # Only the rounding is moved inside (a target within one unit of a limit): a position
         # outside the limits on purpose (the start, where the user left the stage) is kept.
-        if exact <= hi * per_mm + 1e-6 and target > hi * per_mm + 1e-6:
-            target = math.floor(hi * per_mm + 1e-6)  # 1e-6 unit: float noise, not a unit
-        if exact >= lo * per_mm - 1e-6 and target < lo * per_mm - 1e-6:
-            target = math.ceil(lo * per_mm - 1e-6)
+        if exact <= hi * per_mm + FLOAT_SLACK_NATIVE and target > hi * per_mm + FLOAT_SLACK_NATIVE:
+            target = math.floor(hi * per_mm + FLOAT_SLACK_NATIVE)
+        if exact >= lo * per_mm - FLOAT_SLACK_NATIVE and target < lo * per_mm - FLOAT_SLACK_NATIVE:
+            target = math.ceil(lo * per_mm - FLOAT_SLACK_NATIVE)
         return target
 
     def _mm(self, native: float) -> float:
@@ -3397,7 +3407,7 @@ class ZaberStage(StageDefaults):
             err: StageError = StageInterrupted(
                 f"before {doing}: {self._where()} was moving, not by this tool's command (the knob or joystick, "
                 f"Zaber Launcher or another program); it is at {self._readback()}")
-        elif expect is not None and abs(at - expect) > self.tolerance_native + 1e-6:
+        elif expect is not None and abs(at - expect) > self.tolerance_native + FLOAT_SLACK_NATIVE:
             err = StageInterrupted(
                 f"before {doing}: {self._where()} is at {self._mm(at):.4f} mm (no flag up), not at "
                 f"{self._mm(expect):.4f} mm {self._left_by}: it was moved from outside while it stood still (the "
@@ -3484,7 +3494,7 @@ class ZaberStage(StageDefaults):
                 # on a fast one: each poll sent after the axis stops is what its arrival waits for.
                 time.sleep(max(0.0, MOTION_POLL_S - (time.monotonic() - sent)))
         except KeyboardInterrupt:
-            for _ in range(3):  # a second Ctrl-C must not cut the stop short
+            for _ in range(STOP_ATTEMPTS):
                 try:
                     self._stop_now()
                     break
@@ -4534,7 +4544,7 @@ class SimStage(StageDefaults):
 
     def move_to(self, z_mm: float) -> None:
         lo, hi = self.travel
-        if not lo - 1e-9 <= z_mm <= hi + 1e-9:
+        if not lo - FLOAT_SLACK_MM <= z_mm <= hi + FLOAT_SLACK_MM:
             raise StageError(f"simulated stage rejected a move to {z_mm} mm: outside the travel {lo}..{hi} mm")
         self.clock.spend(self.timing.move_s(z_mm - self.z))
         self.z = z_mm
@@ -4654,7 +4664,7 @@ class SimXYStage(StageDefaults):
 
     def move_to(self, x_mm: float, y_mm: float) -> None:
         (x_lo, x_hi), (y_lo, y_hi) = self.travel
-        if not (x_lo - 1e-9 <= x_mm <= x_hi + 1e-9 and y_lo - 1e-9 <= y_mm <= y_hi + 1e-9):
+        if not (x_lo - FLOAT_SLACK_MM <= x_mm <= x_hi + FLOAT_SLACK_MM and y_lo - FLOAT_SLACK_MM <= y_mm <= y_hi + FLOAT_SLACK_MM):
             raise StageError(f"simulated plate rejected a move to ({x_mm}, {y_mm}) mm: outside the travel "
                              f"X {x_lo}..{x_hi}, Y {y_lo}..{y_hi} mm")
         self.clock.spend(self.timing.move_s(max(abs(x_mm - self.xy[0]), abs(y_mm - self.xy[1]))))
@@ -5372,7 +5382,7 @@ class _MMPositioner(StageDefaults):
     def _move(self, target: tuple[float, ...]) -> None:
         """Move to ``target`` (mm, one value per axis): limits, check, send, wait, verify."""
         for value, (lo, hi), axis in zip(target, self._limits_axes, self.axes):
-            if not (_is_number(value) and lo - 1e-9 <= value <= hi + 1e-9):  # plans are checked earlier
+            if not (_is_number(value) and lo - FLOAT_SLACK_MM <= value <= hi + FLOAT_SLACK_MM):  # plans are checked earlier
                 raise StageError(f"refusing to move {self._name()}{axis} to {value} mm: outside its limits "
                                  f"{lo:g}..{hi:g} mm")
         what = f"move of {self._name()} to {self._text(target)}"
@@ -5404,7 +5414,7 @@ class _MMPositioner(StageDefaults):
 
     def _stop_quietly(self) -> bool:
         """Send stop, whatever happened; True when the core took it."""
-        for _ in range(3):  # a second Ctrl-C must not cut the stop short
+        for _ in range(STOP_ATTEMPTS):
             try:
                 self.core.stop(self.label)
                 return True
@@ -6269,7 +6279,7 @@ def draw_curve(curve: Sequence[Sample], height: int, width: int | None = None, *
         put_text(canvas, todo_label, (right - 2, bottom - 4), small, (130, 130, 130), right=True)
     cv2.line(canvas, (left, bottom), (right, bottom), (150, 150, 150), 1)  # the z axis
     fit = result.fit if result is not None else fit_peak(ordered)
-    shows_fit = fit.used and fit.z_mm is not None and lo - 1e-9 <= fit.z_mm <= hi + 1e-9
+    shows_fit = fit.used and fit.z_mm is not None and lo - FLOAT_SLACK_MM <= fit.z_mm <= hi + FLOAT_SLACK_MM
     legend_y = 3 * line_px - 6
     if ordered:
         ylo, yhi = float(y.min()), float(y.max())
@@ -6318,7 +6328,7 @@ def draw_curve(curve: Sequence[Sample], height: int, width: int | None = None, *
             "edge": (f"edge: best at {result.best_mm:.4f} mm (focus may be outside)", (0, 110, 230)),
             "no_peak": (f"no peak: stage back at {result.best_mm:.4f} mm", red),
         }[kind]
-        if kind != "no_peak" and lo - 1e-9 <= result.best_mm <= hi + 1e-9:
+        if kind != "no_peak" and lo - FLOAT_SLACK_MM <= result.best_mm <= hi + FLOAT_SLACK_MM:
             cv2.line(canvas, (px(result.best_mm), top), (px(result.best_mm), bottom), red, 1)  # the stage's
         put_text(canvas, text, (6, 2 * line_px - 5), fitted(text, width - 12, size), color)
     put_text(canvas, f"{lo:.3f}", (left, height - 6), small, grey)
@@ -6787,8 +6797,8 @@ def check_request(request: Request) -> Request:
     if r.step_mm > span + 1e-12:
         raise BadValue("request", ("step_mm",), lambda a: (
             f"{a} {r.step_mm:g} mm is larger than the range {span:g} mm; use a smaller {a}"))
-    whole_steps = math.floor(span / r.step_mm + 1e-9)
-    n = whole_steps + 1 + (abs(whole_steps * r.step_mm - span) > 1e-9)
+    whole_steps = math.floor(span / r.step_mm + FLOAT_SLACK_RATIO)
+    n = whole_steps + 1 + (abs(whole_steps * r.step_mm - span) > FLOAT_SLACK_MM)
     if n > MAX_POSITIONS_ALLOWED:
         raise BadValue("request", ("allow_many",), lambda a: (
             f"{n:,} positions (range {span:g} mm / STEP {r.step_mm:g} mm) is more than {MAX_POSITIONS_ALLOWED:,}, "
@@ -6915,7 +6925,7 @@ def check_step_native(axis: StageExtras, step_mm: float) -> None:
     """Refuse a STEP of fewer than MIN_STEP_NATIVE native units of the stage (BadValue)."""
     unit_mm = axis.native_unit_mm
     if unit_mm > 0:
-        if step_mm < MIN_STEP_NATIVE * unit_mm * (1 - 1e-9):
+        if step_mm < MIN_STEP_NATIVE * unit_mm * (1 - FLOAT_SLACK_RATIO):
             raise BadValue("request", ("step_mm",), lambda a: (
                 f"{a} {step_mm:g} mm is {step_mm / unit_mm:.3g} native units of this stage (one unit is "
                 f"{unit_mm * 1e6:.4g} nm); a {a} must be at least {MIN_STEP_NATIVE} units, "
@@ -7434,7 +7444,7 @@ def check_area_inside(area_mm: tuple[float, float, float, float],
                    [max(ty0, min(ly0, ly1)), min(ty1, max(ly0, ly1))]]
     x0, y0, x1, y1 = area_mm
     for name, (lo, hi), (a, b) in (("X", allowed[0], (x0, x1)), ("Y", allowed[1], (y0, y1))):
-        if min(a, b) < lo - 1e-9 or max(a, b) > hi + 1e-9:
+        if min(a, b) < lo - FLOAT_SLACK_MM or max(a, b) > hi + FLOAT_SLACK_MM:
             raise UsageError(f"the map area's {name} {min(a, b):g}..{max(a, b):g} mm leaves the allowed "
                              f"{lo:g}..{hi:g} mm (plate travel X {tx0:g}..{tx1:g}, Y {ty0:g}..{ty1:g} mm"
                              + (", and the XY soft limits" if xy_limits_mm is not None else "")
@@ -7531,7 +7541,7 @@ class _Mapper:
         found = _run_request(self.z, self.camera, self.full, self.on_frame, look_first=False)
         self.searches.append(found)
         if (window is not None and found.verdict.kind == "focused"
-                and min(window) + self.step_mm - 1e-9 <= found.best_mm <= max(window) - self.step_mm + 1e-9
+                and min(window) + self.step_mm - FLOAT_SLACK_MM <= found.best_mm <= max(window) - self.step_mm + FLOAT_SLACK_MM
                 and not window_shows(self.searches[0].samples, found.best_mm, self.rel_noise)):  # type: ignore[arg-type]
             # The whole range's peak lies inside the window (a STEP or more from its ends), and the
             # window's frames there stand no higher than its lowest ones: a noise maximum (the
@@ -7648,7 +7658,7 @@ def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
 
     with plate.run_scope(allowed):  # plate moves rounded inside the area's limits
         try:
-            if not z_lo - 1e-9 <= stage_position(z_stage) <= z_hi + 1e-9:
+            if not z_lo - FLOAT_SLACK_MM <= stage_position(z_stage) <= z_hi + FLOAT_SLACK_MM:
                 mapper.approach_z(positions[0])  # into the range first: every search then starts (and returns) inside it
             for x, y in path:
                 mapper.points.append(mapper.measure(x, y))
@@ -8351,7 +8361,7 @@ def open_microscope(args: argparse.Namespace, stack: ReplayStack | None = None) 
         lo, hi = stack.range_mm
         # (--relative: offsets; the plan check against the stage's travel, the stack's range, says it)
         for name, z in () if args.relative else (("START", args.start_mm), ("END", args.end_mm)):
-            if not lo - 1e-9 <= z <= hi + 1e-9:
+            if not lo - FLOAT_SLACK_MM <= z <= hi + FLOAT_SLACK_MM:
                 raise UsageError(f"{name} {z!r} mm is outside the replay stack's range {lo!r}..{hi!r} mm")
         stage: Any = ReplayStage(stack)
         yield stage, ReplayCamera(stage, stack)
