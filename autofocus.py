@@ -2230,31 +2230,15 @@ def sweep_search(acq: Acquisition, positions: Sequence[float], conclude: Conclud
 def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude) -> None:
     """Coarse-to-fine search on the STEP grid, reusing every frame it takes.
 
-    1. Coarse pass: every COARSE_FACTOR-th grid position (and the last), each frame also scored
-       on a copy binned COARSE_FACTOR times.  Far from focus the full-resolution score sinks
-       into its noise floor while the coarse score still rises toward focus over a range
-       several times wider (defocus blur grows in proportion to the distance from focus, so
-       coarser detail stays visible proportionally farther away): the coarse samples lead to
-       a narrow peak that they straddle.
-    2. Prediction: a peak fitted through the best coarse sample and its coarse neighbours (on
-       the coarse scores) predicts the peak; that grid position and FIT_REACH neighbours on each
-       side are measured, all in flight before waiting (close in time: a drifting lamp changes
-       them alike).
-    3. Refinement: hill-climb on the full-resolution score one grid STEP at a time until the
-       best frame of the whole run has both grid neighbours measured and lower.
-    4. The decision (``conclude``: ``decide`` on every frame so far) measures what it needs for
-       its answer: the second grid neighbours where the peak is wide enough to show on them
-       (a fit on more than three points), the STEP grid across a coarse-scale peak.
-
-    Typical cost: N/8 + 3 to 5 frames for N grid positions; each halving of the spacing (nothing
-    found yet) adds the new coarse frames and a refinement.  Grids of fewer than
-    MIN_FAST_POSITIONS positions are swept exhaustively; up to 80 positions the coarse spacing is
-    n/10 STEPs (at least 2).  When the frames so far show no peak at either scale (the
-    decision's own rule: a sparse curve measures its noise less well, so it needs a larger
-    margin), the spacing is halved and the peak sought again, until one shows or every
-    position is measured: a blank field costs a sweep.  Assumes STEP is about the depth of
-    field (as for a sweep); a peak much narrower than the coarse spacing with no coarse-scale
-    signal can be missed.
+    1. Coarse pass: every few grid positions (and the last), each frame also scored on a copy
+       binned COARSE_FACTOR times: far from focus the full score sinks into its noise while the
+       coarse one still rises toward focus (blur grows with the distance from focus).
+    2. Prediction: a peak fitted through the best coarse frame and its neighbours; that position
+       and FIT_REACH neighbours each side are measured together (a drifting lamp changes them alike).
+    3. Refinement: hill-climb on the full score until the best frame of the run has both grid
+       neighbours measured and lower; ``conclude`` then measures what the decision needs.
+    No peak at either scale: the spacing is halved and the peak sought again, down to a sweep
+    (a blank field costs a sweep).  Grids shorter than MIN_FAST_POSITIONS are swept.
     """
     n = len(positions)
     if n < MIN_FAST_POSITIONS:
@@ -6956,35 +6940,23 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
     Exactly what ``python autofocus.py START END STEP ...`` does, on a stage and a camera the
     caller holds (nothing is opened or closed here):
 
-    1. checks every argument (``check_request``: type and range; UsageError) and the plan against the stage's travel limits
-       and the soft limits ``z_min``/``z_max``, backlash overshoot included (UsageError,
-       nothing moved); ``relative=True`` reads the stage's position and makes START and END
-       offsets from it (an axis without a reference position is refused); the stage and camera
-       are called, not probed (a missing method is a UsageError naming it), and one frame is
-       captured where the stage is and checked, the ROI against it (nothing moved);
-    2. homes a Zaber axis that has no reference position (announced, as the CLI does; home it
-       yourself to choose when).  Homing drives to the home sensor through positions ``z_min``/
-       ``z_max`` may forbid, so with a soft limit it needs ``home=True``; ``home=False`` never
-       homes (UsageError, nothing moved);
-    3. searches (``search``: "sweep" or "fast"), scoring ``roi=(x, y, w, h)`` (camera pixels;
-       checked again on the first frame) or the whole frame with ``metric`` and ``blur``;
-    4. judges the curve: ``focused`` or ``edge`` sends the stage to the best position;
-       ``no_peak`` sends it back to where it started.  The verdict is in ``result.verdict.kind``
-       (``result.exit_code`` is the CLI's exit code for it), never an exception.
+    1. checks every argument, and the plan (backlash overshoot included) against the travel and
+       the soft limits ``z_min``/``z_max``; ``relative=True`` makes START and END offsets from
+       where the axis is; one frame is captured where the stage is and checked, the ROI against
+       it -- all before anything moves (UsageError);
+    2. homes an axis without a reference position (StageExtras), announced: with a soft limit
+       only with ``home=True``, never with ``home=False`` (UsageError, nothing moved);
+    3. searches (``search``), scoring ``roi=(x, y, w, h)`` or the whole frame with ``metric``;
+    4. judges the curve: ``focused`` or ``edge`` sends the stage to the best position, ``no_peak``
+       back to where it started.  The verdict is ``result.verdict.kind``, never an exception.
 
-    ``transparent=True`` (``--transparent``) focuses an unstained specimen at its contrast
-    minimum: ``metric`` defaults to "normvar" then, and the curve holds -score.
-    ``peak`` ("sharpest", "lowest", "highest", "nearest": ``--peak``) chooses among several
-    significant peaks (dust above the specimen, two layers); ``result.peaks`` and
-    ``result.dips`` list every significant one.
-    ``on_frame(index, z_mm, frame, score)`` is called for every frame (from the scoring thread).
-    A fault (camera, a bad ROI, Ctrl-C, or an exception from your own Stage/Camera) stops the
-    axis, returns it to where it started when it still answers (not after homing: there is no
-    such place), and re-raises the error with ``partial`` (a FocusResult of the frames scored so
-    far) and ``stage_state`` (where the stage was left) attached; after a StageError (a stage
-    fault, or StageInterrupted: moved or stopped from outside) nothing more is moved at all.
-    The tool's own errors are AutofocusError subclasses: UsageError, StageError, CameraError,
-    OutputError.
+    ``transparent=True`` focuses an unstained specimen at its contrast minimum; ``peak`` chooses
+    among several significant peaks (``result.peaks``, ``result.dips``); ``on_frame(index, z_mm,
+    frame, score)`` is called for every frame (from the scoring thread).
+    A fault or Ctrl-C stops the axis and returns it to its start when it still answers (never
+    after a StageError: nothing more moves), then raises the tool's own exception (an
+    AutofocusError, or Interrupted; ``as_run_failure``) with ``partial`` (a FocusResult of the
+    frames so far) and ``stage_state`` (where the stage was left).
     """
     request = check_request(Request(start_mm, end_mm, step_mm, search=search, metric=metric, blur=blur,
                                     roi=roi, settle_ms=settle_ms, backlash_mm=backlash_mm,  # type: ignore[arg-type]
@@ -7563,30 +7535,22 @@ def focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, *, area_mm: Seq
               **options: Any) -> FocusMap:
     """Focus at an NX x NY grid over the plate area X0, Y0, X1, Y1 (mm) and fit the slide's surface.
 
-    Every point is a ``focus()`` between START and END every STEP (``options`` are focus()'s
-    keywords: ``metric``, ``roi``, ``z_min``, ``backlash_mm``, ...; ``search`` is the search over
-    the whole range, "fast" by default).  Points are visited in a snake (rows along x).  Once a
-    point has focused, the score's frame-to-frame noise is measured there (NOISE_REPEATS frames),
-    and every later point first searches a narrow window (a sweep of 5 frames or more) around the
-    focus the points so far predict (``predict_focus``; the window's width follows the
-    prediction's own uncertainty), judged by ``judge_window``; when the window shows no peak,
-    the whole START..END.  Points without a focus (bare glass, ``edge``) and outliers are left
-    out of the surface and reported (``FocusMap.points``, ``warnings``).  When the leave-one-out
-    error exceeds half the depth of field (``depth_of_field_mm``, default STEP: choose STEP about
-    one depth of field), the map says where points are missing, and with ``refine=N`` measures
-    up to N more there.  ``on_point(point, done, total)`` is called after each point.
+    Every point is a ``focus()`` between START and END every STEP (``options``: focus()'s
+    keywords; ``search`` over the whole range, "fast" by default), visited in a snake.  Once a
+    point has focused, the score's noise is measured there (NOISE_REPEATS frames), and every
+    later point first searches a narrow window around the focus the points so far predict
+    (``predict_focus``, ``judge_window``), else the whole range.  Points without a focus and
+    outliers are left out of the surface and reported.  When the leave-one-out error exceeds
+    half the depth of field (``depth_of_field_mm``, default STEP), the map says where points are
+    missing, and with ``refine=N`` measures up to N more.  ``on_point(point, done, total)`` is
+    called after each point.
 
-    Safety: everything is checked before anything moves (UsageError): the area, the grid, the
-    area inside the plate's travel and ``xy_limits_mm`` (X0, Y0, X1, Y1), the focus range inside
-    the focus stage's travel and ``z_min``/``z_max``; Z is only ever commanded inside START..END
-    (with a backlash overshoot, the frames start one overshoot inside) and the soft limits: a focus
-    stage outside them is first sent to the range's first position, so that a search that finds
-    nothing (or fails) returns it there, not outside.  Every plate move is verified (within
-    XY_TOLERANCE_MM of its target, and the plate still where the map left it before the next
-    one).  A fault or Ctrl-C stops the map at once: nothing more
-    moves (a search in progress makes its own axis safe as ``focus()`` does), and the error carries
-    ``partial`` (a FocusMap of the points measured so far, ``complete=False``) and
-    ``stage_state`` (where the stages were left).  A map that completes leaves the plate at its
+    Everything is checked before anything moves (UsageError): the area inside the plate's travel
+    and ``xy_limits_mm``, the range inside the focus travel and ``z_min``/``z_max``.  Z is only
+    commanded inside START..END and the soft limits (a stage outside is first sent to the first
+    position); every plate move is verified (XY_TOLERANCE_MM).  A fault or Ctrl-C stops the map
+    at once, nothing more moves, and the error carries ``partial`` (a FocusMap of the points so
+    far, ``complete=False``) and ``stage_state``.  A map that completes leaves the plate at its
     last point and the focus stage at that point's focus."""
     t0 = time.perf_counter()
     unknown = sorted(set(options) - set(focus.__kwdefaults__ or {}))
