@@ -37,9 +37,17 @@ Exit codes:
     2, 5 and 130 as above (after a fault or Ctrl-C nothing more moves and the points so far are
     written).
 
-Python API: ``focus()`` (one field), ``focus_map()`` (a grid over the XY plate -> ``FocusMap``,
-``z_at(x, y)``), ``simulated_microscope()``, ``simulated_slide()``, the ``Stage``, ``XYStage`` and
-``Camera`` protocols, ``ZaberStage``, ``ZaberPlate``, ``FlirCamera``, ``BaslerCamera``.
+Python API (``__all__``; everything else is internal):
+
+    focus, focus_map, decide     one field; a grid over the XY plate (FocusMap.z_at); a curve's answer
+    simulated_microscope, simulated_slide, replay_microscope, mm_autofocus, main
+    Stage, Camera, XYStage       the protocols a part implements; StageExtras, StageDefaults: the rest
+    ZaberStage, ZaberPlate, FlirCamera, BaslerCamera, MMStage, MMXYStage, MMCamera, MMAutofocus
+    SimStage, SimCamera, SimOptics, SimTiming, ReplayStage, ReplayCamera
+    FocusResult, Verdict, PeakFit, Extremum, Sample, Timing, FocusMap, MapPoint, Surface
+    VerdictKind, Search, PeakPolicy, Scale, DefocusModel, Specimen   (Literal types of their strings)
+    AutofocusError and its tree (UsageError, BadValue, StackError, HardwareError, StageError,
+    StageInterrupted, CameraError, OutputError, RunFailed), Interrupted (a KeyboardInterrupt)
 
 Sections, in dependency order: constants, exceptions, result types, focus scores, peak
 fitting and verdict, the slide's surface (focus maps, pure), search, device interfaces, backends
@@ -149,6 +157,15 @@ if _AS_COMMAND:
             _signal.signal(getattr(_signal, _name), _while_starting)
 
 __version__ = "1.0.0"
+__all__ = [
+    "focus", "focus_map", "decide", "simulated_microscope", "simulated_slide", "replay_microscope", "mm_autofocus",
+    "main", "Stage", "Camera", "XYStage", "StageExtras", "StageDefaults", "ZaberStage", "ZaberPlate", "FlirCamera",
+    "BaslerCamera", "MMStage", "MMXYStage", "MMCamera", "MMAutofocus", "SimStage", "SimCamera", "SimOptics",
+    "SimTiming", "ReplayStage", "ReplayCamera", "FocusResult", "Verdict", "PeakFit", "Extremum", "Sample", "Timing",
+    "FocusMap", "MapPoint", "Surface", "VerdictKind", "Search", "PeakPolicy", "Scale", "DefocusModel", "Specimen",
+    "AutofocusError", "UsageError", "BadValue", "StackError", "HardwareError", "StageError", "StageInterrupted",
+    "CameraError", "OutputError", "RunFailed", "Interrupted",
+]
 
 log = logging.getLogger("autofocus")
 

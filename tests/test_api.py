@@ -445,3 +445,25 @@ def test_a_backend_speaks_in_its_own_terms_not_in_options() -> None:
         finally:
             connection.close()
     assert "--" not in str(caught.value)  # a script has no --device option
+
+
+def test_the_public_api_is_all_and_documented() -> None:
+    import inspect
+
+    missing = [name for name in autofocus.__all__ if not hasattr(autofocus, name)]
+    assert not missing and len(set(autofocus.__all__)) == len(autofocus.__all__)
+    for name in autofocus.__all__:
+        value = getattr(autofocus, name)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            own = value.__dict__.get("__doc__") if inspect.isclass(value) else value.__doc__
+            assert own and own.strip(), f"{name} has no docstring"
+        else:  # a Literal type: named in the module docstring's table
+            assert re.search(rf"\b{name}\b", autofocus.__doc__ or ""), name
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    api = readme[readme.index("## Python API"):]
+    api = api[:api.index("\n## ", 5)]
+    used = set(re.findall(r"autofocus\.([A-Za-z_]\w*)", readme)) | set(re.findall(r"`([A-Za-z_]\w*)", api))
+    public = {n for n in used if hasattr(autofocus, n) and not n.startswith("_")
+              and (inspect.isclass(getattr(autofocus, n)) or inspect.isfunction(getattr(autofocus, n)))}
+    assert public - set(autofocus.__all__) == set()  # every name the README's API uses is public
+    assert "check_request" not in autofocus.__all__ and "first_line" not in autofocus.__all__
