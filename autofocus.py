@@ -60,9 +60,8 @@ import sys
 
 import _signal  # `signal`'s C core, loaded with the interpreter: importing `signal` itself loads `enum` first
 
-# Signals while the tool starts.  Loading the libraries takes from ~70 ms to seconds (a cold start
-# of OpenCV), parsing the command line a few ms: from the first line until main() installs its own
-# handlers, Ctrl-C and the termination signals end the run with one line (and one JSON object with
+# Signals while the tool starts (loading the libraries can take seconds: a cold start of OpenCV):
+# from the first line until main() installs its own handlers, Ctrl-C and the termination signals end the run with one line (and one JSON object with
 # --json) and exit 128 + N -- never a traceback, never a silent death.  While the libraries load the
 # signal aborts the loading; afterwards it is noted and main() reports it before doing anything.
 _early_signal: int | None = None
@@ -2581,9 +2580,7 @@ class StageExtras(Protocol):
 class StageDefaults:
     """StageExtras for a stage that has none of them; the backends derive from it."""
 
-    homed = True
-    axis_name = "the focus axis"
-    native_unit_mm = 0.0
+    homed, axis_name, native_unit_mm = True, "the focus axis", 0.0
 
     def home_if_needed(self) -> bool:
         return False
@@ -3785,18 +3782,9 @@ class FlirCamera(GenicamAdapter):
     @classmethod
     def from_camera(cls, camera: Any, *, exposure_ms: float | None = None,
                     timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None) -> FlirCamera:
-        """An adapter over an open simple-pyspin ``Camera`` that the caller owns and keeps.
-
-        Configures it as a run needs (see the class) and starts streaming; ``restore()`` (or
-        leaving the ``with`` block: the adapter is a context manager) stops streaming and puts
-        every node back as it was, restarting the stream if the camera was streaming when lent.
-        The camera is never closed or de-initialised here.  One adapter per use::
-
-            with simple_pyspin.Camera() as cam:             # yours: opened and closed by you
-                with autofocus.FlirCamera.from_camera(cam) as camera:
-                    ...                                      # focus with ``camera``
-                # here cam's settings are as they were before
-        """
+        """An adapter over an open simple-pyspin ``Camera`` that the caller owns and keeps (README:
+        FLIR camera): configured as a run needs and streaming; ``restore()`` (or leaving its ``with``
+        block) puts every node back and restarts a stream that was running.  Never closed here."""
         return cls(camera=camera, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
 
     def _setup(self, spin: Any, sp: Any, cam: Any, *, owned: bool, exposure_ms: float | None,
@@ -4012,18 +4000,8 @@ class BaslerCamera(GenicamAdapter):
     @classmethod
     def from_camera(cls, camera: Any, *, exposure_ms: float | None = None,
                     timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None) -> BaslerCamera:
-        """An adapter over an open ``pylon.InstantCamera`` that the caller owns and keeps.
-
-        Configures it as a run needs and starts grabbing; ``restore()`` (or leaving the ``with``
-        block) stops grabbing and puts every node back, restarting grabbing if it was grabbing when
-        lent.  The camera is never closed here::
-
-            cam = pylon.InstantCamera(pylon.TlFactory.GetInstance().CreateFirstDevice())
-            cam.Open()                                       # yours: opened and closed by you
-            with autofocus.BaslerCamera.from_camera(cam) as camera:
-                ...                                          # focus with ``camera``
-            cam.Close()
-        """
+        """An adapter over an open ``pylon.InstantCamera`` that the caller owns and keeps, as
+        ``FlirCamera.from_camera`` (README: Basler camera).  Never closed here."""
         return cls(camera=camera, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
 
     def _setup(self, pylon: Any, genicam: Any, cam: Any, *, owned: bool, exposure_ms: float | None,
@@ -4374,7 +4352,7 @@ SIM_RULES: dict[str, Rule] = {
     "one_shot": Rule("flag"),
     "camera_roi": Rule("roi", optional=True),
     "objective": Rule("choice", choices=tuple(OBJECTIVES), optional=True),
-    # Issue 20: the defocus model and a micrograph as the specimen
+    # The defocus model and a micrograph as the specimen
     "defocus": Rule("choice", choices=DEFOCUS_MODELS),
     "specimen_image": Rule("text", optional=True),
 }
