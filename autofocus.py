@@ -61,9 +61,10 @@ import sys
 import _signal  # `signal`'s C core, loaded with the interpreter: importing `signal` itself loads `enum` first
 
 # Signals while the tool starts (loading the libraries can take seconds: a cold start of OpenCV):
-# from the first line until main() installs its own handlers, Ctrl-C and the termination signals end the run with one line (and one JSON object with
-# --json) and exit 128 + N -- never a traceback, never a silent death.  While the libraries load the
-# signal aborts the loading; afterwards it is noted and main() reports it before doing anything.
+# from the first line until main() installs its own handlers, Ctrl-C and the termination signals end
+# the run with one line (and one JSON object with --json) and exit 128 + N -- never a traceback, never
+# a silent death.  While the libraries load the signal aborts the loading; afterwards it is noted and
+# main() reports it before doing anything.
 _early_signal: int | None = None
 
 
