@@ -1017,17 +1017,15 @@ def _residuals(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
 def estimate_noise(z: np.ndarray, y: np.ndarray) -> Noise:
     """The noise of a curve (z ascending), from the frames off every peak.
 
-    Each interior frame is compared with the straight line through its neighbours (straight
-    trends such as drift cancel).  Residuals that touch a peak measure its curvature, not noise:
-    a frame belongs to a peak when it is the highest, or stands more than NOISE_EXCLUDE_SIGMA sigma
-    above the median of the other frames next to a peak frame or next to another such frame (a
-    lone high frame is as likely noise, and stays); every residual touching one is left out, and so is a
-    residual next to one that lies NOISE_CLIP_SIGMA robust sigmas out (a flank the mask missed;
-    anywhere else a large residual is noise, and counts); sigma (their root mean
-    square) is estimated again until the set settles, or until fewer than NOISE_KEEP_RESIDUALS
-    would be left (a peak that fills the range: its flanks' curvature then counts as noise, which
-    only makes the verdict more cautious).  Neighbouring residuals share frames, so m of them
-    carry about m/2 degrees of freedom (Satterthwaite's approximation, for any spacing).
+    Each interior frame is compared with the straight line through its neighbours (straight trends
+    such as drift cancel).  A frame belongs to a peak when it is the highest, or stands more than
+    NOISE_EXCLUDE_SIGMA sigma above the median of the other frames next to a peak frame (a lone high
+    frame is as likely noise, and stays).  Residuals touching a peak measure its curvature, not noise,
+    and are left out, as is one next to a peak that lies NOISE_CLIP_SIGMA robust sigmas out (a flank
+    the mask missed); sigma (their root mean square) is estimated again until the set settles, or
+    until fewer than NOISE_KEEP_RESIDUALS would be left (a peak that fills the range: its flanks then
+    count as noise, which only makes the verdict more cautious).  Neighbouring residuals share frames,
+    so m of them carry about m/2 degrees of freedom (Satterthwaite's approximation, for any spacing).
     """
     n = len(y)
     if n < 3:
@@ -1108,12 +1106,11 @@ def curve_noise(samples: Sequence[Sample]) -> float:
 def noise_threshold(noise: Noise, n_grid: int, rate: float = FALSE_PEAK_RATE) -> float:
     """How far above the baseline noise alone reaches, at most, anywhere on an n_grid grid.
 
-    A search picks its best frame from every grid position it could have measured (a fast search
-    refines where the curve is high), so the bound covers all n_grid of them: each frame exceeds
-    it with probability FALSE_PEAK_RATE / n_grid.  The noise is itself estimated, from few
-    residuals on a sparse curve, so the quantile is Student's t with the estimate's degrees of
-    freedom (a sparse curve needs a larger margin, never a luckier one), widened for the
-    uncertainty of the baseline (a median of b frames: sigma * 1.25 / sqrt(b)).
+    A search picks its best frame from every grid position it could have measured, so each frame
+    exceeds the bound with probability FALSE_PEAK_RATE / n_grid.  The noise is itself estimated, so
+    the quantile is Student's t with the estimate's degrees of freedom (a sparse curve needs a larger
+    margin, never a luckier one), widened for the uncertainty of the baseline (a median of b frames:
+    sigma * 1.25 / sqrt(b)).
     """
     if not math.isfinite(noise.sigma) or noise.dof <= 0:
         return float("nan")
@@ -1172,20 +1169,16 @@ def fit_peak(samples: Sequence[Sample], *, floor: float | Sequence[float] | None
              shapes: Sequence[float] | None = None) -> PeakFit:
     """The sub-step peak position, and the half-width of a FIT_INTERVAL interval around it.
 
-    Uses the best sample and up to FIT_REACH neighbours on each side (the caller passes the
-    frames it means: ``decide`` gives STEP-spaced ones).  The model is a symmetric peak on a
-    floor: score = floor + A (1 + q (z - c)^2)^(-1/s), a parabola in (score - floor)^-s, or in
-    log(score - floor) at s = 0: a Gaussian at s = 0, a Lorentzian at s = 1, flat-topped below 0,
-    a parabola at s = -1.  No single shape is assumed: each s of PEAK_SHAPES is fitted by weighted
-    least squares (each frame's noise: ``noise`` plus SCORE_SCATTER of its rise), on each of the
-    ``floor`` values given (one, or several the peak may stand on), and every (floor, shape) is
-    weighted by how well it fits (chi-square, scaled up by the best fit's own misfit when the
-    frames are noisier than assumed).  The position is the weighted mean; the interval covers the
-    spread of the shapes the frames allow and the noise of each.  With three frames every shape
-    fits, so the interval is the spread of all of them.  Each shape's vertex is kept between the
-    midpoints to the best frame's neighbours, where a symmetric peak must lie.  ``shapes`` (-1,)
-    fits a parabola (the contrast minimum of --transparent, the default when every score is
-    negative).  The best frame needs a lower neighbour on each side.
+    Uses the best sample and up to FIT_REACH neighbours on each side (``decide`` gives STEP-spaced
+    ones).  The model is a symmetric peak on a floor, score = floor + A (1 + q (z - c)^2)^(-1/s): a
+    Gaussian at s = 0, a Lorentzian at s = 1, a parabola at s = -1, flat-topped below 0.  Each s of
+    PEAK_SHAPES is fitted by weighted least squares (each frame's noise: ``noise`` plus SCORE_SCATTER
+    of its rise) on each ``floor`` given, and every (floor, shape) is weighted by its chi-square
+    (scaled up by the best fit's misfit when the frames are noisier than assumed).  The position is
+    the weighted mean; the interval covers the spread of the shapes the frames allow and the noise of
+    each.  Each vertex is kept between the midpoints to the best frame's neighbours, where a symmetric
+    peak must lie.  ``shapes=(-1,)`` fits a parabola (--transparent's contrast minimum; the default
+    when every score is negative).  The best frame needs a lower neighbour on each side.
     """
     ordered = by_z(samples)
     if len(ordered) < 3:
@@ -1367,18 +1360,16 @@ def decide(samples: Sequence[Sample], grid_mm: Sequence[float], *, peak: PeakPol
     """The answer from a run's frames: verdict, chosen peak, fitted position, error bar, reasons.
 
     ``samples`` are the frames measured so far (any order); ``grid_mm`` every position the search
-    could have measured (the plan: its size bounds where noise may happen to peak, and the fit's
-    STEP neighbours come from it); ``peak`` chooses among several significant peaks; ``start_mm``
-    is where the stage started (``peak="nearest"``); ``transparent``: the scores are -contrast
-    (the words change, and the peak is fitted as a parabola); ``depth_of_field_um`` (from
-    ``--objective``) names the STEP to use; ``allowed_mm`` (travel and soft limits) keeps a
-    suggested range where the stage may go.
+    could have measured (its size bounds where noise may happen to peak; the fit's STEP neighbours
+    come from it); ``peak`` chooses among several significant peaks; ``start_mm`` is where the stage
+    started (``peak="nearest"``); ``transparent``: the scores are -contrast (fitted as a parabola);
+    ``depth_of_field_um`` (``--objective``) names the STEP to use; ``allowed_mm`` (travel and soft
+    limits) keeps a suggested range where the stage may go.
 
-    The fine (full-resolution) curve decides when it shows a real peak; else the coarse-scale
-    curve (the same score on a binned frame: it averages photon noise away and reaches farther
-    from focus) gets the same test.  ``more_mm`` lists grid positions that must be measured
-    before the answer is final (the fit's STEP neighbours, the STEP grid across a coarse-scale
-    peak); a caller measures them and decides again.
+    The fine (full-resolution) curve decides when it shows a real peak; else the coarse-scale curve
+    (the score on a binned frame: less photon noise, a longer reach) gets the same test.  ``more_mm``
+    lists grid positions to measure before the answer is final (the fit's STEP neighbours, the STEP
+    grid across a coarse-scale peak); a caller measures them and decides again.
     """
     grid = sorted({float(g) for g in grid_mm})
     ordered = by_z(samples)
@@ -1937,13 +1928,11 @@ def judge_window(samples: Sequence[Sample], rel_noise: float) -> Verdict:
     """Is there a focus inside a map point's narrow search window?
 
     ``decide`` cannot tell: it takes the noise from the frames off the peak, and a window of 5-9
-    frames around the predicted focus is nearly all peak (too few frames measure its noise, and
-    real foci read as no_peak).  This rule
-    takes the noise from repeated frames on the same slide instead (``relative_noise``; the
-    score's noise grows with the score): ``focused`` when the best frame is inside the window
-    and the curve falls from it to the lowest frame on each side by more than sqrt(2 ln n) + 3
-    of that noise (the sigma of the difference of the two frames), n the window's frames --
-    (a fixed margin).  ``edge`` when the best frame is at the window's end (the focus
+    frames around the predicted focus is nearly all peak.  This rule takes the noise from repeated
+    frames on the same slide instead (``relative_noise``; it grows with the score): ``focused`` when
+    the best frame is inside the window and the curve falls from it to the lowest frame on each side
+    by more than sqrt(2 ln n) + WINDOW_MARGIN_SIGMA of that noise (the sigma of the difference of the
+    two frames; n the window's frames); ``edge`` when the best frame is at the window's end (the focus
     may lie beyond it), else ``no_peak``."""
     ordered = by_z(samples)
     n = len(ordered)
@@ -2370,11 +2359,11 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
                   soft_mm: tuple[float | None, float | None] = (None, None)) -> FocusResult:
     """Search, decide, and send the stage to the answer (or back to where it started).
 
-    Faults and Ctrl-C make the stage safe (``make_safe``: back to where it started when that is
-    allowed) and raise the tool's own exception with the partial curve (``as_run_failure``).  There is no start to go back to when
-    ``return_to_start`` is False (the axis was homed for this run: where it stood before means
-    nothing) or the start lies outside the soft limits ``soft_mm``: then no_peak leaves the stage
-    where the last frame was taken, inside the range, and a fault only stops it.
+    Faults and Ctrl-C make the stage safe (``make_safe``) and raise the tool's own exception with the
+    partial curve (``as_run_failure``).  There is no start to go back to when ``return_to_start`` is
+    False (the axis was homed for this run) or the start lies outside the soft limits ``soft_mm``:
+    then no_peak leaves the stage where the last frame was taken, inside the range, and a fault only
+    stops it.
     """
     t0 = time.perf_counter()
     start_mm = stage_position(stage)
@@ -2435,13 +2424,11 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
 def make_safe(stage: Stage, start_mm: float | None, cause: BaseException | None = None) -> str:
     """Stop the axis and send it back to where it started; say where it is now.
 
-    After an event the tool did not cause -- a StageError that may not move: the axis was moved
-    or stopped from outside, or it faulted -- nothing is commanded at all (the adapter has
-    already stopped its own motion where that was needed).  Only the tool's own reasons (Ctrl-C,
-    its own time-out, a camera or disk fault, a bug) stop and return.  ``start_mm`` None: there
-    is no start to go back to (homed for this run, or it lies outside the soft limits); the axis
-    is only stopped.  A stop that fails (a custom Stage's own exception too) does not end the
-    clean-up: the original fault is what is reported, and the return is still tried."""
+    After an event the tool did not cause -- a StageError that may not move: the axis was moved or
+    stopped from outside, or it faulted -- nothing is commanded at all.  Only the tool's own reasons
+    (Ctrl-C, its own time-out, a camera or disk fault, a bug) stop and return.  ``start_mm`` None:
+    no start to go back to (homed for this run, or outside the soft limits); the axis is only stopped.
+    A stop that fails does not end the clean-up: the original fault is reported, the return still tried."""
     if isinstance(cause, StageError) and not cause.may_move:
         try:
             return f"nothing more was moved; the stage is at {stage.position_mm():.4f} mm"
@@ -2705,12 +2692,11 @@ def format_bits(name: str) -> int:
 class SettingsJournal:
     """Camera settings a run changed, with the values they had before, to put them back.
 
-    ``read(name)`` and ``write(name, value)`` are the backend's node accessors.  ``set`` records
-    a node's value the first time the run changes it (a write of the value it already has is
-    skipped).  The trigger nodes (TRIGGER_NODES) belong to the selected TriggerSelector entry:
-    ``set_trigger`` changes one entry's node and records all of that entry's trigger nodes the
-    first time it changes any.  ``restore`` writes them back in GenICam's dependency order
-    (``restore_plan``), goes on past failures, and returns the ones it could not put back.
+    ``read(name)`` and ``write(name, value)`` are the backend's node accessors.  ``set`` records a
+    node's value the first time the run changes it (a write of the value it already has is skipped).
+    ``set_trigger`` changes one TriggerSelector entry's node and records all of that entry's trigger
+    nodes (TRIGGER_NODES) the first time it changes any.  ``restore`` writes them back in GenICam's
+    dependency order (``restore_plan``), goes on past failures, and returns the ones it could not.
     """
 
     def __init__(self, read: Callable[[str], Any], write: Callable[[str, Any], None]) -> None:
@@ -2844,6 +2830,7 @@ class GenicamAdapter:
     vendor = "camera"  # "FLIR camera": for messages
     viewer = "its viewer"  # the vendor's program to check the camera with
     _shape: tuple[int, int]
+    _configure: Callable[[float | None, int, Roi | None], None]  # the vendor's set-up: (exposure_ms, timeout_ms, roi)
 
     def __init__(self, cam: Any, *, owned: bool, running: bool, timeout_ms: int,
                  read: Callable[[str], Any], write: Callable[[str, Any], None]) -> None:
@@ -2856,6 +2843,20 @@ class GenicamAdapter:
         self.pixel_format: str | None = None
         self.roi: Roi | None = None
         self.timeout_ms = timeout_ms
+
+    def _start(self, stop: Callable[[], None], start: Callable[[], None], errors: tuple[type[BaseException], ...],
+               exposure_ms: float | None, timeout_ms: int, roi: Roi | None) -> None:
+        """Configure the camera for the sweep and start streaming; on any failure put it back."""
+        try:
+            stop()  # a lent camera may be streaming: format, ROI and trigger are locked then
+            self._configure(exposure_ms, timeout_ms, roi)
+            start()
+        except errors as exc:
+            self.close()
+            raise CameraError(f"cannot configure the {self.vendor}: {first_line(exc)}") from exc
+        except BaseException:
+            self.close()
+            raise
 
     def _stop(self) -> None:
         """Stop streaming."""
@@ -2998,18 +2999,17 @@ class ZaberStage(StageDefaults):
     before anything moves: notices (N*, and W* other than "not homed") are reported and cleared,
     faults (F*) refuse the run unless ``clear_faults``; an axis that is moving is refused.
 
-    Every move (and homing) is bracketed by status reads (``get pos``: status, flag and position
-    in one round trip), so a frame counts only if the stage stood still where it was labelled:
-    before the move is sent the axis must be idle, show no new flag and stand where this tool
-    left it (the frame exposed there was exposed standing still); while it moves it must stay on
-    its path; once idle it must show no new flag and lie within ``tolerance_native`` native units
-    of the target.  Anything else -- whatever ZML did to the flags (a second ZML client clears
-    the NI its own stop or move causes; ZML clears a fault it meets in a reply) -- is an event
-    this tool did not cause: StageInterrupted or StageError, and nothing more is moved.  Waits
-    are bounded: moves by ``move_timeout_s``, homing by ``home_timeout_s``, a stop by
-    STOP_TIMEOUT_S; a move or homing that runs out of time sends ``stop`` itself (the only stop
-    after which a run may return to its start).  Move the axis only through this object while a
-    run uses it; between focus() runs a script may move it with ZML (``run_scope`` notes where).
+    Every move (and homing) is bracketed by status reads (``get pos``: status, flag and position in
+    one round trip), so a frame counts only if the stage stood still where it was labelled: before a
+    move the axis must be idle, show no new flag and stand where this tool left it; while it moves it
+    must stay on its path; once idle it must show no new flag and lie within ``tolerance_native``
+    native units of the target.  Anything else -- whatever ZML did to the flags (a second ZML client
+    clears the NI its own stop or move causes; ZML clears a fault it meets in a reply) -- is an event
+    this tool did not cause: StageInterrupted or StageError, and nothing more is moved.  Waits are
+    bounded (``move_timeout_s``, ``home_timeout_s``, STOP_TIMEOUT_S); a move or homing that runs out
+    of time sends ``stop`` itself (the only stop after which a run may return to its start).  Move
+    the axis only through this object while a run uses it; between focus() runs a script may move it
+    with ZML (``run_scope`` notes where).
     """
 
     role = "focus"  # what the axis does, for messages ("X" and "Y" for a plate's axes: ZaberPlate)
@@ -3057,11 +3057,10 @@ class ZaberStage(StageDefaults):
         """A stage over a ZML ``Axis`` the caller already holds, e.g.
         ``connection.get_device(3).get_axis(1)`` or ``Microscope.find(connection).focus_axis``.
 
-        The caller owns the connection: ``close()`` leaves it open, and no ZML-wide setting
-        (idle polling, device database) is changed (``Library.set_idle_polling_period(10)`` saves
-        ~25 ms a move if your script allows it).  Units, limits and the homed state are read
-        from the axis as for a port the tool opens itself, latched flags are handled the same way
-        (``clear_faults`` as ``--clear-faults``), and nothing moves here.
+        The caller owns the connection: ``close()`` leaves it open, and no ZML-wide setting (idle
+        polling, device database) is changed.  Units, limits, the homed state and latched flags are
+        handled as for a port the tool opens itself (``clear_faults`` as ``--clear-faults``); nothing
+        moves here.
         """
         if not isinstance(axis, _zml().ascii.Axis):
             raise UsageError(f"ZaberStage.from_axis needs a zaber_motion.ascii.Axis (e.g. "
@@ -3577,15 +3576,13 @@ class ZaberStage(StageDefaults):
 
 class ZaberPlate(StageDefaults):
     """A Zaber microscope's XY plate through ZML: two ZaberStage axes, so every plate move is
-    verified exactly as a focus move is (flags read before anything clears them, the position
-    within tolerance of the target, bounded waits, faults and interruptions by their flags).
+    verified exactly as a focus move is.
 
-    ``from_microscope(connection)`` finds the plate with ZML's ``microscopy.Microscope.find`` (ZML
-    10.3 identifies the parts by the axes' ``zaber.microscope.part`` storage keys, x, y and focus;
-    which devices leave the factory with them is not documented); ``from_device(connection, n)``
-    takes device n's axis 2 as x and axis 1 as y, as Zaber's scanning examples do.  Units:
-    millimetres through Zaber's device database, or ``native_unit_nm`` (the size of one native
-    unit of both axes).  The caller owns the connection."""
+    ``from_microscope(connection)`` finds the plate with ZML's ``microscopy.Microscope.find`` (by the
+    axes' ``zaber.microscope.part`` storage keys); ``from_device(connection, n)`` takes device n's
+    axis 2 as x and axis 1 as y, as Zaber's scanning examples do.  Units: millimetres through Zaber's
+    device database, or ``native_unit_nm`` (one native unit of both axes).  The caller owns the
+    connection."""
 
     def __init__(self, x: ZaberStage, y: ZaberStage) -> None:
         x.role, y.role = "X", "Y"
@@ -3727,20 +3724,17 @@ def _pyspin() -> tuple[Any, Any]:
 class FlirCamera(GenicamAdapter):
     """A FLIR camera through simple-pyspin, streaming with a software trigger.
 
-    Set-up, each change recorded in a SettingsJournal: a mono pixel format (Mono16 on a sensor
-    deeper than 8 bits, else Mono8; a colour camera offering neither streams its 8/16-bit Bayer
-    mosaic, which ``capture`` converts to gray: a mosaic is never scored as if it were gray;
-    packed formats are never used); the sensor ROI (``roi``, rounded to the camera's increments);
-    continuous acquisition with a software trigger; auto exposure and auto gain turned off for the
-    sweep (refused with a CameraError when the camera does not allow it); ``exposure_ms``.  The
-    frame timeout is the larger of ``timeout_ms`` and the exposure plus CAMERA_TIMEOUT_MARGIN_MS.
+    Set-up, each change recorded in a SettingsJournal: a mono pixel format (Mono16 on a sensor deeper
+    than 8 bits, else Mono8; a colour camera offering neither streams its 8/16-bit Bayer mosaic, which
+    ``capture`` converts to gray; packed formats are never used); the sensor ROI (``roi``, rounded to
+    the camera's increments); continuous acquisition with a software trigger; auto exposure and auto
+    gain off (CameraError when the camera does not allow it); ``exposure_ms``.  The frame timeout is
+    the larger of ``timeout_ms`` and the exposure plus CAMERA_TIMEOUT_MARGIN_MS.
 
-    Acquisition starts once; each ``capture`` drains stale buffers, triggers one exposure and
-    waits for that frame with the timeout, so no frame exposed before the call (e.g. during the
-    previous move) is ever returned, buffers are always released, and nothing blocks forever.
-    ``close()`` stops acquisition, puts back every node it changed and releases the camera
-    (DeInit), whatever ended the run; a camera lent by the caller (``from_camera``) is only
-    restored, never closed.
+    Each ``capture`` drains stale buffers, triggers one exposure and waits for that frame, so no frame
+    exposed before the call (e.g. during the previous move) is returned and nothing blocks forever.
+    ``close()`` stops acquisition, puts back every node it changed and releases the camera (DeInit),
+    whatever ended the run; a camera lent by the caller (``from_camera``) is only restored.
     """
 
     vendor, viewer = "FLIR camera", "SpinView"
@@ -3796,16 +3790,7 @@ class FlirCamera(GenicamAdapter):
         super().__init__(cam, owned=owned, running=bool(getattr(cam, "running", False)), timeout_ms=timeout_ms,
                          read=lambda n: getattr(cam, n), write=lambda n, v: setattr(cam, n, v))
         self._spin, self._sp = spin, sp
-        try:
-            cam.stop()  # a lent camera may be streaming: image format and trigger are locked then
-            self._configure(exposure_ms, timeout_ms, roi)
-            cam.start()
-        except (sp.CameraError, spin.SpinnakerException) as exc:
-            self.close()
-            raise CameraError(f"cannot configure the FLIR camera: {first_line(exc)}") from exc
-        except BaseException:
-            self.close()
-            raise
+        self._start(cam.stop, cam.start, (sp.CameraError, spin.SpinnakerException), exposure_ms, timeout_ms, roi)
 
     def _has(self, name: str) -> bool:
         return name in self._cam.camera_attributes
@@ -3933,20 +3918,15 @@ def _pylon() -> tuple[Any, Any]:
 class BaslerCamera(GenicamAdapter):
     """A Basler camera through pypylon, streaming with a software trigger (FlirCamera's contract).
 
-    Set-up, each change recorded in a SettingsJournal: a mono pixel format (``choose_pixel_format``:
-    Mono16 or an unpacked Mono12/10 on a sensor deeper than 8 bits, else Mono8; a packed one such
-    as Mono12p only when nothing unpacked of that depth is offered, unpacked by pylon's
-    ImageFormatConverter; a colour camera without mono formats streams its Bayer mosaic, converted
-    to gray); the sensor ROI (``roi``); continuous acquisition with a software trigger on
-    FrameStart; ExposureAuto and GainAuto off; ``exposure_ms`` (ExposureTime, or ExposureTimeAbs
-    on older GigE cameras).  Frame timeout: the larger of ``timeout_ms`` and exposure +
-    CAMERA_TIMEOUT_MARGIN_MS.
+    Set-up as FlirCamera's, with pylon's node names: the pixel format by ``choose_pixel_format``
+    (Mono16 or an unpacked Mono12/10 on a sensor deeper than 8 bits, else Mono8; a packed one such as
+    Mono12p only when nothing unpacked of that depth is offered, unpacked by pylon's
+    ImageFormatConverter); the software trigger on FrameStart; ``exposure_ms`` as ExposureTime, or
+    ExposureTimeAbs on older GigE cameras.
 
     ``serial`` chooses among several cameras (pylon Viewer shows it); without it the first one pylon
     lists is used (a warning names the others).  Each ``capture`` drains frames already delivered,
-    waits until the camera accepts a trigger, triggers, and waits for that frame.  ``close()`` stops
-    grabbing, puts back every node it changed and closes the camera on every exit path; a camera
-    lent by the caller (``from_camera``) is only restored, never closed.
+    waits until the camera accepts a trigger, triggers, and waits for that frame.
     """
 
     vendor, viewer = "Basler camera", "pylon Viewer"
@@ -4015,16 +3995,8 @@ class BaslerCamera(GenicamAdapter):
         self._pylon, self._genicam = pylon, genicam
         self._converter: Any = None
         self.stale_frames = 0  # frames delivered before a capture began, dropped (diagnostics)
-        try:
-            cam.StopGrabbing()  # a lent camera may be grabbing: format, ROI and trigger are locked then
-            self._configure(exposure_ms, timeout_ms, roi)
-            cam.StartGrabbing(pylon.GrabStrategy_OneByOne)
-        except genicam.GenericException as exc:
-            self.close()
-            raise CameraError(f"cannot configure the Basler camera: {first_line(exc)}") from exc
-        except BaseException:
-            self.close()
-            raise
+        self._start(cam.StopGrabbing, lambda: cam.StartGrabbing(pylon.GrabStrategy_OneByOne),
+                    (genicam.GenericException,), exposure_ms, timeout_ms, roi)
 
     def _write(self, name: str, value: Any) -> None:
         getattr(self._cam, name).Value = value
@@ -4365,12 +4337,11 @@ SIM_RULES: dict[str, Rule] = {
 def make_specimen(width: int, height: int, kind: Specimen = "cells", seed: int = 0) -> np.ndarray:
     """A deterministic synthetic specimen, relative brightness 0..1 (float32, height x width).
 
-    "cells": cell bodies with a bright membrane and nucleus, granules, filaments and a fine
-    fibrous texture, on a dim background.  "blank": even illumination with gentle vignetting
-    and no structure at all (nothing to focus on).  "dust": a transmission mask (1 = clear)
-    with sparse dark specks and fibres, for the dust plane of the "dusty" specimen.  "phase": the
-    phase map of an unstained culture (cells, nuclei, granules as smooth bumps; 1 = a cell's full
-    delay), for the "transparent" specimen.
+    "cells": cell bodies with a bright membrane and nucleus, granules, filaments and a fibrous
+    texture, on a dim background.  "blank": even, gently vignetted light, nothing to focus on.
+    "dust": a transmission mask (1 = clear) with sparse dark specks and fibres ("dusty"'s dust plane).
+    "phase": the phase map of an unstained culture (smooth bumps; 1 = a cell's full delay), for the
+    "transparent" specimen.
     """
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     cx, cy = width / 2.0, height / 2.0
@@ -5008,11 +4979,10 @@ def quiet_stderr() -> Iterator[None]:
 
 def read_image(path: Path, what: str) -> np.ndarray:
     """Decode one replay image after checking its header; StackError (one line) for a file
-    too large, truncated, of an unsupported format, type or channel count, or with non-finite
-    pixels.  Only the parts of the file its header check needs are read before the check passes;
-    then the whole file is read and decoded from memory: OpenCV is never given a path (its Python
-    binding crashes on a file name that is not valid UTF-8, and on Windows it cannot open non-ASCII
-    paths), and the bytes checked are the bytes decoded."""
+    too large, truncated, of an unsupported format, type or channel count, or with non-finite pixels.
+    The whole file is read and decoded from memory only once its header passes: OpenCV is never given
+    a path (its Python binding crashes on a file name that is not valid UTF-8, and on Windows it
+    cannot open non-ASCII paths), and the bytes checked are the bytes decoded."""
     too_large = f"{what} is more than {MAX_IMAGE_FILE_BYTES >> 20} MiB; too large for a microscope frame"
     try:
         with open(path, "rb") as f:
@@ -5528,16 +5498,15 @@ class MMXYStage(_MMPositioner):
 class MMCamera:
     """The Micro-Manager core's camera (or ``label``): one ``snapImage`` per frame.
 
-    snapImage starts its exposure when it is called (and opens and closes the shutter when the
-    core's auto-shutter is on), so every frame is exposed after the move before it; a running
-    sequence acquisition (live mode) is stopped for the run and restarted afterwards.  A sequence
-    acquisition would keep frames exposed during the move in its buffer, and which of its frames
-    began after the move is not something the core reports (README, "Micro-Manager").
+    snapImage starts its exposure when it is called (and opens and closes the shutter when the core's
+    auto-shutter is on), so every frame is exposed after the move before it; a running sequence
+    acquisition (live mode), whose buffer would hold frames exposed during the move, is stopped for
+    the run and restarted afterwards (README, "Micro-Manager").
 
-    ``exposure_ms`` and ``roi`` (x, y, w, h: the camera's own ROI, fewer pixels read) change the
-    camera for the run; ``close()`` (or leaving the ``with`` block) puts every setting it changed
-    back, and the selected camera too.  The bit depth (``bit_depth``: a frame all at 2^bits - 1 is
-    saturated) and the ROI (``roi``) are read from the core; a colour frame is scored in gray.
+    ``exposure_ms`` and ``roi`` (x, y, w, h: the camera's own ROI) change the camera for the run;
+    ``close()`` (or leaving the ``with`` block) puts every setting it changed back, and the selected
+    camera too.  The bit depth (``bit_depth``: a frame all at 2^bits - 1 is saturated) and the ROI
+    are read from the core; a colour frame is scored in gray.
     """
 
     def __init__(self, core: Any, label: str | None = None, *, exposure_ms: float | None = None,
@@ -5753,14 +5722,12 @@ def mm_autofocus(core: Any, start_mm: float, end_mm: float, step_mm: float, *, r
     The range (relative to where the focus is when fullFocus() is called, unless ``relative=False``),
     STEP and every ``focus()`` option (``search``, ``metric``, ``roi``, ``z_min``, ...) are set here,
     once, and checked now (UsageError).  ``stage_label``, ``limits_mm`` and ``tolerance_um`` are
-    MMStage's (the core's focus device by default); ``exposure_ms`` and ``camera_roi`` MMCamera's,
-    for the autofocus frames only.  The core becomes an instance of a subclass of its own class that
-    provides fullFocus() and getAutoFocusDevice() (which answers MM_AUTOFOCUS_LABEL, no device of the
-    core): the MMCore calls the MDA engine makes for a hardware autofocus, so the engine applies the
-    z correction as it does a hardware autofocus's.  (Micro-Manager's own autofocus API, which every
-    engine version and other callers of fullFocus() use; an engine subclass would have to copy the
-    engine's private z-correction bookkeeping, ``_z_correction`` in pymmcore-plus 0.18.)  ``detach()``
-    on the returned MMAutofocus puts the core's class back; attaching again replaces the settings.
+    MMStage's (the core's focus device by default); ``exposure_ms`` and ``camera_roi`` MMCamera's, for
+    the autofocus frames only.  The core becomes an instance of a subclass of its own class providing
+    fullFocus() and getAutoFocusDevice() (which answers MM_AUTOFOCUS_LABEL): the calls the MDA engine
+    makes for a hardware autofocus, so the engine applies the z correction as it does for one.
+    ``detach()`` on the returned MMAutofocus puts the core's class back; attaching again replaces the
+    settings.
     """
     fields = {f.name for f in dataclasses.fields(Request)} - {"start_mm", "end_mm", "step_mm"}
     unknown = sorted(set(options) - fields - {"on_frame"})
@@ -6046,11 +6013,11 @@ class ImageSaver:
     """Writes every frame losslessly (``encode_frame``: PNG, or float TIFF for float32 frames) and
     appends a row to DIR/stack.csv as it goes.
 
-    Every file is created here (``write_replacing``; stack.csv exclusively), so nothing is ever
-    written through a link that was there before.  A recording already in DIR (stack.csv,
-    roi.json, frames) is refused unless ``overwrite``, which removes it first (links are removed,
-    never followed): no stale slice is left behind.  Frames are saved whole; a region of interest is recorded in DIR/roi.json, so
-    that ``--replay DIR`` scores the same region."""
+    Every file is created here (``write_replacing``; stack.csv exclusively), so nothing is written
+    through a link that was there before.  A recording already in DIR (stack.csv, roi.json, frames)
+    is refused unless ``overwrite``, which removes it first (links are removed, never followed).
+    Frames are saved whole; a region of interest goes to DIR/roi.json, so that ``--replay DIR``
+    scores the same region."""
 
     def __init__(self, folder: str | Path, roi: Roi | None = None, *, overwrite: bool = False) -> None:
         self.folder = Path(folder)
@@ -6173,15 +6140,13 @@ def compose_view(frame: np.ndarray, blur: int, curve: Sequence[Sample], height: 
                  roi: Roi | None = None, *, frame_mm: float | None = None, positions: Sequence[float] = (),
                  todo_label: str = "to go", result: FocusResult | None = None, score_name: str = curve_title(),
                  status: str | None = None) -> np.ndarray:
-    """One BGR picture: the frame, the filtered frame, its Laplacian, and the focus curve, ``height``
-    pixels high, each titled with its display scale; the region of interest (the part that is
-    scored) outlined in yellow on the three images; ``status``, when given, in a line below.
+    """One BGR picture: the frame, the filtered frame, its Laplacian, and the focus curve,
+    ``height`` pixels high, each titled with its display scale (fixed, so that the panels compare
+    across a sweep); the ROI outlined in yellow on the three images; ``status`` in a line below.
 
-    The image scales are fixed (not per frame) so that the panels compare across a sweep.
-    ``frame_mm``: where the frame was taken (default: the last sample's position);
-    ``positions``: the planned grid (the curve spans it and shades the positions not measured
-    yet, labelled ``todo_label``); ``result``: a finished run, whose fitted peak, its +- and the
-    verdict the curve shows.
+    ``frame_mm``: where the frame was taken (default: the last sample's position); ``positions``: the
+    planned grid (the curve spans it and shades the positions not measured yet, labelled
+    ``todo_label``); ``result``: a finished run, whose fitted peak, its +- and verdict the curve shows.
     """
     filtered, lap = laplacian_views(frame, blur)
     gray = to_gray_float(frame)
@@ -6425,13 +6390,12 @@ class LiveView:
     """The --show-images window: the newest frame, its filtered image and Laplacian, and the
     curve so far, drawn from the main thread between frames (OpenCV's windows live there).
 
-    It opens at the view's own size, or smaller to fit the screen, with the aspect kept: the view
-    is drawn at the size it is shown (its labels stay sharp), in a plain window (no Qt toolbar)
-    the user may resize.  Keys, read between frames (``poll``): space pauses before the next
-    frame -- nothing moves and nothing waits on the camera, so nothing times out -- and resumes;
-    ``s`` saves the view as a PNG in ``save_dir``; q, Esc or the close button raise WindowStop,
-    which stops the run exactly as Ctrl-C does.  ``hold`` shows a finished run until a key.
-    Memory stays flat: only the newest frame and the best one are kept.
+    It opens at the view's own size, or smaller to fit the screen, aspect kept, in a plain window the
+    user may resize.  Keys, read between frames (``poll``): space pauses before the next frame
+    (nothing moves and nothing waits on the camera, so nothing times out) and resumes; ``s`` saves
+    the view as a PNG in ``save_dir``; q, Esc or the close button raise WindowStop, which stops the
+    run exactly as Ctrl-C does.  ``hold`` shows a finished run until a key.  Only the newest frame and
+    the best one are kept.
     """
 
     WINDOW = "autofocus"
@@ -7018,17 +6982,15 @@ def _run_scoped(stage: Stage, axis: StageExtras, camera: Camera, r: Request, on_
 def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
     """A simulated focus stage and camera, to try ``focus()`` without hardware.
 
-    Keywords: every ``SimOptics`` field (``focus_mm``, ``photons``, ``seed``, ``width``,
-    ``height``, ``read_noise_e``, ``bit_depth``, ``specimen``, ``right_specimen``,
-    ``right_focus_mm``, ``magnification``, ``na``, ...); ``time_scale`` (1, the default: real
-    hardware timing; 0: no waiting) and every other ``SimTiming`` field (``exposure_s``,
-    ``readout_s``, ...); ``start_mm`` (where the stage starts, default 0), ``travel_mm``
-    (default (0, 25)), ``objective`` (a name of OBJECTIVES: "4x", "10x", "20x", "40x", "60x",
-    "60x-oil", "100x"; sets magnification, na and immersion_index), ``one_shot`` (an acquisition
-    start/stop per frame), ``camera_roi`` ((x, y, w, h): the sensor region read out, as
-    ``--camera-roi``), ``defocus`` ("gaussian" or "pillbox", ``--sim-defocus``) and
-    ``specimen_image`` (a micrograph's path, in place of the synthetic cells).  The camera's
-    ``lamp`` and ``illumination`` model a flickering or drifting lamp and uneven light.
+    Keywords: every ``SimOptics`` field (``focus_mm``, ``photons``, ``seed``, ``width``, ``height``,
+    ``read_noise_e``, ``bit_depth``, ``specimen``, ``right_specimen``, ``right_focus_mm``,
+    ``magnification``, ``na``, ...); ``time_scale`` (1, the default: real hardware timing; 0: no
+    waiting) and every other ``SimTiming`` field (``exposure_s``, ``readout_s``, ...); ``start_mm``
+    (default 0), ``travel_mm`` (default (0, 25)), ``objective`` (a name of OBJECTIVES: "4x" ...
+    "100x"; sets magnification, na and immersion_index), ``one_shot`` (an acquisition start/stop per
+    frame), ``camera_roi`` ((x, y, w, h): the sensor region read out), ``defocus`` ("gaussian" or
+    "pillbox") and ``specimen_image`` (a micrograph's path, in place of the synthetic cells).  The
+    camera's ``lamp`` and ``illumination`` model a flickering or drifting lamp and uneven light.
     """
     optics_names = {f.name for f in dataclasses.fields(SimOptics)}
     timing_names = {f.name for f in dataclasses.fields(SimTiming)} - {"scale"}
@@ -7148,13 +7110,12 @@ class MapPoint:
 class FocusMap:
     """A focus map of the slide: the points measured and the surface fitted to them.
 
-    ``z_at(x, y)`` is the surface's focus (mm) anywhere in the mapped area (ValueError beyond it,
-    or without a surface).  ``model`` is the surface chosen by leave-one-out error ("plane",
-    "quadratic", "spline"; None with too few focused points), ``tilt_x_um_per_mm`` /
-    ``tilt_y_um_per_mm`` the slope of the best plane, ``rms_um`` and ``loo_rms_um`` the residuals
-    of the used points about the surface and their leave-one-out residuals (weighted by the
-    points' error bars), ``trusted`` whether the leave-one-out error is within half the depth of
-    field, ``frames`` every frame captured, ``to_json()`` all of it."""
+    ``z_at(x, y)`` is the surface's focus (mm) in the mapped area (ValueError beyond it, or without a
+    surface).  ``model``: the surface chosen by leave-one-out error ("plane", "quadratic", "spline";
+    None with too few focused points); ``tilt_x_um_per_mm`` / ``tilt_y_um_per_mm`` the best plane's
+    slope; ``rms_um`` and ``loo_rms_um`` the used points' residuals and leave-one-out residuals
+    (weighted by their error bars); ``trusted``: the leave-one-out error is within half the depth of
+    field; ``frames`` every frame captured; ``to_json()`` all of it."""
 
     area_mm: tuple[float, float, float, float]
     grid: tuple[int, int]
@@ -7533,23 +7494,21 @@ def focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, *, area_mm: Seq
               **options: Any) -> FocusMap:
     """Focus at an NX x NY grid over the plate area X0, Y0, X1, Y1 (mm) and fit the slide's surface.
 
-    Every point is a ``focus()`` between START and END every STEP (``options``: focus()'s
-    keywords; ``search`` over the whole range, "fast" by default), visited in a snake.  Once a
-    point has focused, the score's noise is measured there (NOISE_REPEATS frames), and every
-    later point first searches a narrow window around the focus the points so far predict
-    (``predict_focus``, ``judge_window``), else the whole range.  Points without a focus and
-    outliers are left out of the surface and reported.  When the leave-one-out error exceeds
-    half the depth of field (``depth_of_field_mm``, default STEP), the map says where points are
-    missing, and with ``refine=N`` measures up to N more.  ``on_point(point, done, total)`` is
-    called after each point.
+    Every point is a ``focus()`` between START and END every STEP (``options``: focus()'s keywords;
+    ``search`` over the whole range, "fast" by default), visited in a snake.  Once a point has
+    focused, the score's noise is measured there (NOISE_REPEATS frames), and every later point first
+    searches a narrow window around the focus the points so far predict (``predict_focus``,
+    ``judge_window``), else the whole range.  Points without a focus and outliers are left out of the
+    surface and reported.  When the leave-one-out error exceeds half the depth of field
+    (``depth_of_field_mm``, default STEP), the map says where points are missing, and with
+    ``refine=N`` measures up to N more.  ``on_point(point, done, total)`` is called after each point.
 
-    Everything is checked before anything moves (UsageError): the area inside the plate's travel
-    and ``xy_limits_mm``, the range inside the focus travel and ``z_min``/``z_max``.  Z is only
-    commanded inside START..END and the soft limits (a stage outside is first sent to the first
-    position); every plate move is verified (XY_TOLERANCE_MM).  A fault or Ctrl-C stops the map
-    at once, nothing more moves, and the error carries ``partial`` (a FocusMap of the points so
-    far, ``complete=False``) and ``stage_state``.  A map that completes leaves the plate at its
-    last point and the focus stage at that point's focus."""
+    Everything is checked before anything moves (UsageError): the area inside the plate's travel and
+    ``xy_limits_mm``, the range inside the focus travel and ``z_min``/``z_max``.  Z is only commanded
+    inside START..END and the soft limits; every plate move is verified (XY_TOLERANCE_MM).  A fault or
+    Ctrl-C stops the map at once, nothing more moves, and the error carries ``partial`` (the points so
+    far, ``complete=False``) and ``stage_state``.  A complete map leaves the plate at its last point
+    and the focus stage at that point's focus."""
     t0 = time.perf_counter()
     unknown = sorted(set(options) - set(focus.__kwdefaults__ or {}))
     if unknown:
@@ -8230,12 +8189,10 @@ def check_output_folder(flag: str, folder: Path) -> None:
 def check_outputs(args: argparse.Namespace, stack: ReplayStack | None = None) -> None:
     """Fail before anything moves (homing included) when an output cannot be written as given.
 
-    Each file output must be a writable file path (not a folder, a link, a device or another
-    output's path); --plot needs a format matplotlib can write here; --save-images must be a folder
-    in which no file the saver writes or removes (stack.csv, roi.json, frame_NNNNN.*) is one the
-    replayed ``stack`` reads, however its rows reach it (relative paths, ../, absolute paths,
-    links: ``ReplayStack.files``), and that holds no earlier recording unless --overwrite; no output
-    may be a file the replayed stack reads.  Exactly the paths given are written."""
+    Each file output must be a writable file path (not a folder, a link, a device or another output's
+    path); --plot needs a format matplotlib can write here; --save-images must be a folder that holds
+    no earlier recording unless --overwrite.  No output may be a file the replayed ``stack`` reads,
+    however its rows reach it (``ReplayStack.files``).  Exactly the paths given are written."""
     replay_files = set() if stack is None else {os.path.normcase(str(f)) for f in stack.files}
     taken: dict[str, str] = {}
 
@@ -8864,12 +8821,11 @@ def failure_line(failed: BaseException) -> tuple[int, str]:
 class InterruptSignals:
     """Ctrl-C and the termination signals as one exception, Interrupted, in the main thread.
 
-    Installed by ``main()`` for the length of a run: SIGINT, SIGTERM, and where the platform has
-    them SIGHUP (POSIX: the terminal or SSH session closed) and SIGBREAK (Windows: Ctrl-Break).
-    Inside ``held()`` a signal is remembered in ``pending`` instead of raised, so that closing
-    the stack and writing the outputs are never cut short.  Windows has no SIGTERM from outside
-    (``taskkill /F`` cannot be caught) and closing the console window is not a signal Python
-    can handle; use Ctrl-C or Ctrl-Break there.
+    Installed by ``main()`` for the length of a run: SIGINT, SIGTERM, and where the platform has them
+    SIGHUP (POSIX: the terminal or SSH session closed) and SIGBREAK (Windows: Ctrl-Break).  Inside
+    ``held()`` a signal is remembered in ``pending`` instead of raised, so that closing the stack and
+    writing the outputs are never cut short.  On Windows ``taskkill /F`` and closing the console
+    window cannot be caught; use Ctrl-C or Ctrl-Break there.
     """
 
     NAMES = EARLY_SIGNALS  # the same signals as while the tool starts
