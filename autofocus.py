@@ -60,11 +60,10 @@ import sys
 
 import _signal  # `signal`'s C core, loaded with the interpreter: importing `signal` itself loads `enum` first
 
-# Signals while the tool starts (loading the libraries can take seconds: a cold start of OpenCV):
-# from the first line until main() installs its own handlers, Ctrl-C and the termination signals end
-# the run with one line (and one JSON object with --json) and exit 128 + N -- never a traceback, never
-# a silent death.  While the libraries load the signal aborts the loading; afterwards it is noted and
-# main() reports it before doing anything.
+# Signals while the tool starts (a cold start of OpenCV can take seconds): until main() installs its
+# own handlers, Ctrl-C and the termination signals end the run with one line (and one JSON object
+# with --json) and exit 128 + N, never a traceback.  While the libraries load the signal aborts the
+# loading; afterwards it is noted and main() reports it before doing anything.
 _early_signal: int | None = None
 
 
@@ -228,8 +227,7 @@ MIN_FAST_POSITIONS = 24  # shorter grids are swept: a coarse pass would hold too
 COARSE_MIN_SIDE_PX = 32  # ... but the binned image keeps at least this many pixels a side
 MIN_FRAMES_FOR_VERDICT = 5  # fewer frames cannot separate a peak from noise
 # The decision (see "Decision (pure)").  Noise alone passes one significance test with at most this
-# probability (Gaussian noise; a run makes at most ~10 tests: two scales, a fast search's looks),
-# wherever on the grid it happens to be highest.
+# probability, wherever on the grid it is highest (a run makes at most ~10: two scales, a fast search's looks).
 FALSE_PEAK_RATE = 1e-4
 MIN_NOISE_RESIDUALS = 3  # fewer residuals off the peaks cannot measure the curve's noise
 NOISE_KEEP_RESIDUALS = 6  # ... and a peak that fills the range keeps at least this many (curvature included)
@@ -240,9 +238,8 @@ NARROW_SHARE = 0.10  # ... and a peak whose neighbours are both below this share
 NEIGHBOUR_RATE = 0.01  # a neighbour below this one-frame noise quantile is at the floor (a one-frame peak)
 FIT_REACH = 2  # the sub-step fit uses the best frame and up to 2 grid neighbours on each side
 FIT_INTERVAL = 0.90  # the error bar (uncertainty_mm) is the half-width of this central interval
-# A score's frame-to-frame scatter grows with the score: near focus it is at least this share of
-# the score's rise above the floor (1-2 % on the simulator, every metric: shot noise moves edges
-# through the bilateral filter), on top of the floor's own noise.
+# A score's frame-to-frame scatter grows with the score (shot noise moves edges through the bilateral
+# filter): near focus at least this share of its rise above the floor, on top of the floor's own noise.
 SCORE_SCATTER = 0.025
 PEAK_SHAPES = tuple(round(-1.0 + 0.1 * i, 1) for i in range(26))  # fit_peak's shape parameter s
 # The peak model's own limit, in frame spacings: its bias on simulated and real-texture peaks
@@ -253,9 +250,8 @@ IN_FLIGHT_FRAMES = 4  # frames captured but not yet scored: bounds memory when s
 DEFAULT_MOVE_TIMEOUT_S = 30.0
 DEFAULT_HOME_TIMEOUT_S = 120.0  # homing crosses the whole travel, at the (slower) homing speed
 STOP_TIMEOUT_S = 5.0  # after `stop`, the axis must be at rest within this (a decelerating stop takes ms)
-# A verified move ends within this many native units of its target (or within the device's own
-# settle window, cloop.settle.tolerance, when it has a larger one): a few steps of a stepper, a few
-# encoder counts of a direct-drive stage.
+# A verified move ends within this many native units of its target (or the device's own settle window,
+# cloop.settle.tolerance, when larger): a few steps of a stepper, a few counts of a direct-drive stage.
 POSITION_TOLERANCE_NATIVE = 5
 MOTION_MARGIN_MM = 0.01  # a moving axis may stray this far off its path (overshoot) before it is someone else's
 MOTION_POLL_S = 0.001  # at most one status request a millisecond while the axis moves
@@ -305,11 +301,11 @@ class AutofocusError(Exception):
      |    +-- CameraError
      +-- OutputError       an output could not be written mid-run         (exit 5)
 
-    Raised by ``focus()`` after the stage has started moving, an error also carries what the
-    run measured (``partial``: a FocusResult with the frames scored so far; ``focus_map()``'s: a
-    FocusMap of the points so far) and where the stage was left (``stage_state``: one sentence);
-    both are None for errors raised before any move.  Any other exception from a run arrives as
-    the tool's own (``as_run_failure``): RunFailed, or Interrupted for a KeyboardInterrupt.
+    Raised by ``focus()`` after the stage has started moving, an error also carries what the run
+    measured (``partial``: a FocusResult of the frames so far; ``focus_map()``'s: a FocusMap of the
+    points so far) and where the stage was left (``stage_state``: one sentence); both are None before
+    any move.  Any other exception from a run arrives as RunFailed, or Interrupted for a
+    KeyboardInterrupt (``as_run_failure``).
     """
 
     exit_code = EXIT_BUG
@@ -353,8 +349,8 @@ class BadValue(UsageError):
 
     ``scope`` says whose keyword it is -- "request" (focus()), "simulator" (simulated_microscope(),
     SimOptics, SimTiming), "zaber" (ZaberStage), "camera" (FlirCamera, BaslerCamera), "micromanager"
-    (MMStage, MMXYStage, MMCamera, mm_autofocus) -- and
-    ``fields`` which keywords the message names; ``text(*labels)`` writes it."""
+    (MMStage, MMXYStage, MMCamera, mm_autofocus) -- and ``fields`` which keywords the message names;
+    ``text(*labels)`` writes it."""
 
     def __init__(self, scope: str, fields: tuple[str, ...], text: Callable[..., str]) -> None:
         super().__init__(text, scope, fields)
@@ -457,9 +453,9 @@ def as_run_failure(error: BaseException, partial: FocusResult | FocusMap | None,
 ###############################################################################
 # Every argument the tool takes -- focus()'s request, the simulator's options, the backends'
 # settings -- is checked against one row of a table (REQUEST_RULES, SIM_RULES, ZABER_RULES,
-# CAMERA_RULES, MM_RULES) before anything moves: its type (a bool is not a number, the string "False" is not
-# False, 8.0 is not a whole number) and its range.  The command line only parses text into numbers;
-# these checks are the same for it and for a script, and it only renames the argument in the message.
+# CAMERA_RULES, MM_RULES) before anything moves: its type (a bool is not a number, the string
+# "False" is not False, 8.0 is not a whole number) and its range, the same for the command line
+# (which only parses text and renames the argument in the message) and for a script.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -607,12 +603,11 @@ class PeakFit:
 class Verdict:
     """Whether the curve has a real peak, and where it lies in the range.
 
-    ``height`` is how far the chosen peak's best frame stands above the curve's baseline (the
-    median of the frames off every peak); ``prominence`` how far it stands above the higher of
-    its two surroundings (the lowest frame on each side before a higher one, topographic
-    prominence; at an end of the curve, the one side).  A peak is real when its height clears
-    ``threshold`` (what noise reaches anywhere on the grid), and ``focused`` when the curve also
-    falls on both sides of it, within the range, by more than noise reaches in those few frames;
+    ``height`` is how far the chosen peak's best frame stands above the curve's baseline (the median
+    of the frames off every peak); ``prominence`` how far it stands above the higher of its two
+    surroundings (topographic prominence; at an end of the curve, the one side).  A peak is real when
+    its height clears ``threshold`` (what noise reaches anywhere on the grid), and ``focused`` when the
+    curve also falls on both sides of it, within the range, by more than noise reaches there;
     otherwise ``edge``: the focus may lie beyond the end it does not fall toward."""
 
     kind: VerdictKind
@@ -673,12 +668,11 @@ class FocusResult:
 ###############################################################################
 # Focus scores ################################################################
 ###############################################################################
-# A score maps a frame to a float that is largest at best focus.  Every score sees the
-# same preparation (``prepare_gray``): grayscale float32, 2x2-binned when the frame is larger
-# than SCORE_MAX_PIXELS (keeps a 1920x1200 frame well inside the camera's 24 ms frame period
-# and halves shot noise), and divided by its own mean.  Dividing by the mean is not a contrast
-# stretch: defocus conserves light, so the mean is the same at every z and the division only
-# cancels illumination drift and exposure changes between the frames of a sweep.
+# A score maps a frame to a float that is largest at best focus.  Every score sees the same
+# preparation (``prepare_gray``): grayscale float32, 2x2-binned when the frame is larger than
+# SCORE_MAX_PIXELS (within the camera's frame period, and less shot noise), and divided by its own
+# mean: defocus conserves light, so the division only cancels illumination drift and exposure
+# changes between the frames of a sweep.
 
 
 def frame_problem(image: Any) -> str | None:
@@ -912,19 +906,10 @@ def coarse_binning(shape: tuple[int, ...]) -> int:
 # Decision (pure) #############################################################
 ###############################################################################
 # ``decide`` turns the frames of a run into its answer: the verdict, the chosen peak, the fitted
-# position with its error bar, and the reasons.  Both searches, the CLI, the API and replay use
-# it; nothing here moves or measures.  Its parts:
-#
-# - the curve's noise (``estimate_noise``): how far each frame lies from the straight line through
-#   its two neighbours, over the frames off every peak, with the degrees of freedom it rests on;
-# - how high noise alone could reach (``noise_threshold``): anywhere on the grid, with at most
-#   FALSE_PEAK_RATE, Student's t allowing for the uncertainty of the noise estimate itself;
-# - the peaks (``find_peaks``) and the edge rule: a peak is real when it stands above the
-#   curve's baseline by more than that; several are told apart by their topographic prominence;
-#   the chosen one is in focus when the curve falls on both sides of it within the range;
-# - the sub-step position (``fit_peak``): a family of symmetric peak shapes, from flat-topped
-#   through Gaussian to Lorentzian, each weighted by how well it fits; the error bar comes from
-#   the spread of the shapes the frames allow and from their noise.
+# position with its error bar, and the reasons; both searches, the CLI, the API and replay use it.
+# Its parts: the curve's noise (``estimate_noise``), how high noise alone could reach
+# (``noise_threshold``), the peaks and the edge rule (``find_peaks``), the sub-step position
+# (``fit_peak``).  Nothing here moves or measures.
 
 
 def by_z(samples: Sequence[Sample]) -> list[Sample]:
@@ -1591,17 +1576,12 @@ def _suggest(end_mm: float, at_low: bool, width_mm: float,
 # Focus maps: the slide's surface (pure) ######################################
 ###############################################################################
 # A focus map (``focus_map``, below) focuses at a grid of plate positions and fits the slide's
-# focal surface z(x, y) to the answers.  Everything in this section is pure: points in, a
-# surface, a search window or a verdict out.
-#
-# Surfaces: a plane (3 parameters), a quadratic (6), and a thin-plate spline whose smoothness is
-# chosen by leave-one-out error.  Each is a weighted least-squares fit (weights 1/sigma^2 from each
-# point's error bar) and a linear smoother (fitted = H z), so the leave-one-out residual of point
-# i -- how far the surface fitted to all the OTHER points misses it -- is exactly r_i / (1 - H_ii):
-# no refitting.  The simplest surface whose leave-one-out error is within MODEL_TOLERANCE of the
-# best one's is chosen.  An outlier (a focus on dust, a false peak) is a point whose leave-one-out
-# residual lies beyond OUTLIER_SIGMAS robust sigmas of the others' AND beyond half the depth of
-# field (closer than that it is in focus anyway): removed one at a time, worst first.
+# focal surface z(x, y) to the answers; this section is pure: points in, a surface, a search window
+# or a verdict out.  Surfaces: a plane, a quadratic, and a thin-plate spline, each a weighted
+# least-squares fit and a linear smoother (fitted = H z), so the leave-one-out residual of point i
+# is exactly r_i / (1 - H_ii), no refitting.  The simplest surface whose leave-one-out error is
+# within MODEL_TOLERANCE of the best one's is chosen; outliers (a focus on dust, a false peak) are
+# removed one at a time, worst first (``choose_surface``).
 
 MAP_MODELS = ("plane", "quadratic", "spline")  # simplest first: the order of preference
 MAP_MAX_SIDE = 30  # --map NXxNY: at most 30 points a side (900 focus searches)
@@ -1827,10 +1807,10 @@ def choose_surface(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[
     outliers (worst first).
 
     A point is an outlier when its leave-one-out residual under the chosen model exceeds both
-    OUTLIER_SIGMAS robust sigmas of all the leave-one-out residuals (1.4826 x their median
-    absolute value) or of its own error bar (``own_sigma_mm``, 0 where a point has none; default
-    ``sigma_mm``), and ``outlier_floor_mm`` (half the depth of field).  At most
-    OUTLIER_MAX_FRACTION of the points are left out, and never so many that fewer than 5 remain."""
+    OUTLIER_SIGMAS robust sigmas (of all the leave-one-out residuals, or of its own error bar
+    ``own_sigma_mm``; default ``sigma_mm``) and ``outlier_floor_mm`` (half the depth of field: closer
+    it is in focus anyway).  At most OUTLIER_MAX_FRACTION of the points are left out, and never so
+    many that fewer than 5 remain."""
     x, y, z, s = (np.asarray(a, float) for a in (x_mm, y_mm, z_mm, sigma_mm))
     own = s if own_sigma_mm is None else np.asarray(own_sigma_mm, float)
     used = np.ones(len(z), bool)
@@ -1857,11 +1837,10 @@ def predict_focus(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[f
     """Where the focus is expected at ``at_mm`` = (x, y), and how uncertain that is (one sigma, mm).
 
     A Bayesian quadratic through the points measured so far: any offset, tilts of about
-    PRIOR_TILT_MM_PER_MM and bows of about PRIOR_BOW_MM_PER_MM2 a priori, each point weighted by
-    its error bar.  One point predicts the same focus nearby, with an uncertainty growing with
-    the distance (the unknown tilt); points along a row pin the tilt along the row but not across
-    it.  When the points scatter about the fit by more than their error bars (a surface the
-    quadratic does not follow), the uncertainty is scaled up by that excess (the Birge ratio)."""
+    PRIOR_TILT_MM_PER_MM and bows of about PRIOR_BOW_MM_PER_MM2 a priori, each point weighted by its
+    error bar (one point predicts the same focus nearby, less certain farther away).  When the points
+    scatter about the fit by more than their error bars, the uncertainty is scaled up by that excess
+    (the Birge ratio)."""
     x, y, z, s = (np.asarray(a, float) for a in (x_mm, y_mm, z_mm, sigma_mm))
     xr, yr = float(x.mean()), float(y.mean())
 
@@ -1895,12 +1874,9 @@ def full_search_frames(n_positions: int, search: Search) -> int:
 def plan_window(predicted_mm: float, sigma_mm: float, positions: Sequence[float], step_mm: float,
                 full_frames: int) -> tuple[float, float] | None:
     """The first and last position of a point's search window on the range's grid ``positions``
-    (START..END every STEP, in sweep order), or None when a window would cost as many frames as
-    searching the whole range (``full_frames``).
-
-    The window covers the prediction +- WINDOW_SIGMAS sigma plus one STEP (the peak needs a lower
-    neighbour each side), at least WINDOW_MIN_HALF_STEPS STEPs each way; next to an end of the
-    range it is shifted inside rather than cut short."""
+    (START..END every STEP, in sweep order), or None when a window would cost as many frames as the
+    whole range (``full_frames``).  Next to an end of the range the window is shifted inside rather
+    than cut short."""
     n = len(positions)
     half = max(WINDOW_MIN_HALF_STEPS, math.ceil(WINDOW_SIGMAS * sigma_mm / step_mm + 1.0 - FLOAT_SLACK_RATIO))
     size = 2 * half + 1
@@ -2056,10 +2032,9 @@ FrameHook = Callable[[int, float, np.ndarray, float], None]
 class Acquisition:
     """Moves, captures and scores, overlapping the scoring of frame k with the move to k+1.
 
-    ``measure(z)`` returns a future score; a search waits only for the scores it needs.  At
-    most IN_FLIGHT_FRAMES frames wait for scoring, so memory stays bounded when the scoring
-    (or a frame hook that saves images) is slower than the hardware.  ``samples`` always holds
-    every frame scored so far, so a run that fails still has its partial curve.
+    ``measure(z)`` returns a future score; a search waits only for the scores it needs.  At most
+    IN_FLIGHT_FRAMES frames wait for scoring, so memory stays bounded.  ``samples`` always holds every
+    frame scored so far, so a run that fails still has its partial curve.
     """
 
     def __init__(self, stage: Stage, camera: Camera, scorer: Scorer, *, settle_ms: float = 0.0,
@@ -2238,15 +2213,15 @@ def sweep_search(acq: Acquisition, positions: Sequence[float], conclude: Conclud
 def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude) -> None:
     """Coarse-to-fine search on the STEP grid, reusing every frame it takes.
 
-    1. Coarse pass: every few grid positions (and the last), each frame also scored on a copy
-       binned COARSE_FACTOR times: far from focus the full score sinks into its noise while the
-       coarse one still rises toward focus (blur grows with the distance from focus).
-    2. Prediction: a peak fitted through the best coarse frame and its neighbours; that position
-       and FIT_REACH neighbours each side are measured together (a drifting lamp changes them alike).
+    1. Coarse pass: every few grid positions (and the last), each frame also scored on a copy binned
+       COARSE_FACTOR times: far from focus the full score sinks into its noise while the coarse one
+       still rises toward focus.
+    2. Prediction: a peak fitted through the best coarse frame and its neighbours; that position and
+       FIT_REACH neighbours each side are measured together.
     3. Refinement: hill-climb on the full score until the best frame of the run has both grid
        neighbours measured and lower; ``conclude`` then measures what the decision needs.
-    No peak at either scale: the spacing is halved and the peak sought again, down to a sweep
-    (a blank field costs a sweep).  Grids shorter than MIN_FAST_POSITIONS are swept.
+    No peak at either scale: the spacing is halved and the peak sought again, down to a sweep.  Grids
+    shorter than MIN_FAST_POSITIONS are swept.
     """
     n = len(positions)
     if n < MIN_FAST_POSITIONS:
@@ -2588,10 +2563,9 @@ def extras_of(stage: Stage | XYStage) -> StageExtras:
     return stage if isinstance(stage, StageDefaults) else StageDefaults()
 
 
-# Pieces every GenICam camera backend (FLIR through PySpin, Basler through pypylon) shares: the
-# sensor ROI, the pixel format choice, and putting back every setting a run changed.  The
-# contract of a camera backend: it changes only what the run needs, through a SettingsJournal,
-# and ``close()`` (or a borrowed camera's ``restore()``) puts all of it back on every exit path.
+# Pieces every GenICam camera backend (FLIR, Basler) shares.  The contract of a camera backend: it
+# changes only what the run needs, through a SettingsJournal, and ``close()`` (or a borrowed
+# camera's ``restore()``) puts all of it back on every exit path.
 
 Roi = tuple[int, int, int, int]  # x, y, width, height in camera pixels
 
@@ -2932,11 +2906,10 @@ def restore_plan(original: dict[str, Any], triggers: dict[str, dict[str, Any]] |
     """The writes that put ``original`` (plain nodes) and ``triggers`` (per TriggerSelector entry:
     its trigger nodes before) back on a GenICam camera, in an order it accepts.
 
-    A trigger's source and activation are writable only with that trigger off, so each entry's
-    TriggerMode goes Off first and back last (after every other node), the TriggerSelector back
-    to its own value at the very end; an offset plus a size may not exceed the sensor, so offsets
-    go to 0 before the sizes are restored; everything else in reverse order of change
-    (ExposureTime before ExposureAuto, which makes it writable).
+    Each entry's TriggerMode goes Off first and back last (source and activation are writable only
+    with the trigger off), the TriggerSelector back at the very end; offsets go to 0 before the sizes
+    are restored (an offset plus a size may not exceed the sensor); everything else in reverse order
+    of change (ExposureTime before ExposureAuto, which makes it writable).
     """
     triggers = triggers or {}
     plan: list[tuple[str, Any]] = []
@@ -3327,13 +3300,9 @@ class ZaberStage(StageDefaults):
             raise StageError(f"reading the position of device {self.device_number}: {first_line(exc)}") from exc
 
     def move_to(self, z_mm: float) -> None:
-        """Move to z, verified before and after.
-
-        Before the move is sent, the axis must still be idle, show no new flag and stand where
-        this tool left it (which also closes the bracket of the frame exposed there); after it,
-        idle, no new flag, within ``tolerance_native`` of the target -- and while it runs, on its
-        path.  Anything else is an event this tool did not cause: StageInterrupted (moved or
-        stopped from outside) or a StageError (a fault); then nothing more is moved."""
+        """Move to z, verified before and after (the class's contract): anything else is an event
+        this tool did not cause, StageInterrupted (moved or stopped from outside) or a StageError (a fault),
+        and then nothing more is moved."""
         lo, hi = self._limits
         if not lo - FLOAT_SLACK_MM <= z_mm <= hi + FLOAT_SLACK_MM:  # last line of defence; plans are checked earlier
             raise StageError(f"refusing to move to {z_mm} mm: outside the travel {lo}..{hi} mm")
@@ -4509,10 +4478,9 @@ class SimStage(StageDefaults):
 class SimCamera:
     """Renders what the stage's position would show through the simulated optics.
 
-    Streaming with a software trigger (exposure + readout per frame) by default;
-    ``one_shot`` adds an acquisition start/stop per frame, as the seed's loop does.  ``roi``
-    (x, y, w, h; ``--camera-roi``) crops the frame like a sensor ROI, and the modelled read-out
-    shrinks with the rows read.
+    Streaming with a software trigger (exposure + readout per frame) by default; ``one_shot`` adds an
+    acquisition start/stop per frame, as the seed's loop does.  ``roi`` (x, y, w, h) crops the frame
+    like a sensor ROI, and the modelled read-out shrinks with the rows read.
     """
 
     def __init__(self, stage: Stage, optics: SimOptics | None = None, timing: SimTiming | None = None,
@@ -4555,9 +4523,8 @@ class SimCamera:
             blurred = blurred * self.illumination
         electrons = blurred * np.float32(o.photons * (1.0 if self.lamp is None else self.lamp(self.frames)))
         noise = np.empty_like(electrons)
-        # OpenCV's RNG is 3x faster than numpy's normals but per-thread and global: seeding it
-        # from (seed, frame number) right before use keeps every camera's frames reproducible.
-        # (cv2's seed is a C int: reduced modulo 2^31 - 1, the same noise as before for small seeds)
+        # OpenCV's RNG is faster than numpy's normals but per-thread and global: seeding it from
+        # (seed, frame number) right before use keeps every camera's frames reproducible.
         cv2.setRNGSeed((self.optics.seed * 1_000_003 + self.frames + 1) % (2**31 - 1))
         cv2.randn(noise, 0.0, 1.0)
         self.frames += 1
@@ -4694,14 +4661,12 @@ class SlideCamera(SimCamera):
 ###############################################################################
 
 
-# Every image format this OpenCV build can decode is recognised by its signature, as OpenCV's own
-# decoders recognise it (it chooses a decoder by content, not by the file's extension), and its
-# size is read from its header before anything is decoded: a 69-byte PNG or a 600-byte JPEG may
-# declare 50000x50000 pixels (a decompression bomb).  A format whose size cannot be read cheaply
-# (AVIF, OpenEXR, ...) is refused rather than decoded blind.  (OpenCV's own limit,
-# OPENCV_IO_MAX_IMAGE_PIXELS, is read once, when cv2 is loaded: it cannot protect a script that
-# imported cv2 before this file.)  The readers walk at most MAX_HEADER_STEPS segments, boxes or
-# blocks, and see the file through ``_FileBytes``: only the parts they look at are read.
+# Every image format this OpenCV build can decode is recognised by its signature, as OpenCV's
+# decoders recognise it (by content, not by extension), and its size is read from its header before
+# anything is decoded: a 69-byte PNG may declare 50000x50000 pixels (a decompression bomb).  A
+# format whose size cannot be read cheaply (AVIF, OpenEXR, ...) is refused.  (OpenCV's own limit,
+# OPENCV_IO_MAX_IMAGE_PIXELS, is read when cv2 is loaded: too late if a script imported cv2 first.)
+# The readers walk at most MAX_HEADER_STEPS segments, boxes or blocks, reading only those parts.
 HEADER_FORMATS = "PNG, TIFF, JPEG, BMP, WebP, JPEG 2000, GIF, PNM/PAM/PFM, Sun raster, Radiance HDR"
 MAX_HEADER_STEPS = 4096  # a real file has a few dozen segments before its size (JPEG's ICC profile: 255 at most)
 
@@ -5219,11 +5184,10 @@ def replay_microscope(folder: str | Path) -> tuple[ReplayStage, ReplayCamera]:
 ###############################################################################
 # Backends: Micro-Manager (pymmcore-plus) #####################################
 ###############################################################################
-# Micro-Manager drives hundreds of cameras and stages; pymmcore-plus is its Python core
-# (CMMCorePlus; UniMMCore for Python devices) and acquisition engine.  These adapters use only the
-# core's public API, in the core's units (um; mm here), on a core the caller owns and keeps: nothing
-# is loaded, unloaded or closed.  ``mm_autofocus`` makes the core's fullFocus() run this tool, so
-# that the MDA engine's autofocus plans (useq's AxesBasedAF) use it as a hardware autofocus.
+# pymmcore-plus is Micro-Manager's Python core (CMMCorePlus; UniMMCore for Python devices) and
+# acquisition engine.  These adapters use only the core's public API (um; mm here), on a core the
+# caller owns and keeps: nothing is loaded, unloaded or closed.  ``mm_autofocus`` makes fullFocus()
+# run this tool, so that the MDA engine's autofocus plans (useq's AxesBasedAF) use it.
 
 PYMMCORE_HELP = ("Micro-Manager microscopes need pymmcore-plus (on PyPI): pip install pymmcore-plus "
                  "(or pip install .[mm])")
@@ -5285,11 +5249,10 @@ MM_RULES: dict[str, Rule] = {  # the Micro-Manager adapters' settings (BadValue 
 class _MMPositioner(StageDefaults):
     """What MMStage and MMXYStage share: moves through the core, waited for and verified.
 
-    Every move is checked twice.  Before it is sent, the device must still be where the last move
-    left it (within ``tolerance_um``): Python devices and most adapters report no motion of their
-    own, so a position read is the only way to notice the focus knob, a Micro-Manager window or
-    another program.  After it, once ``waitForDevice`` returns, it must be at its target.  Either
-    mismatch raises StageInterrupted: nothing more is commanded (no return to start)."""
+    Before a move is sent, the device must still be where the last move left it (within
+    ``tolerance_um``: most adapters report no motion of their own, so a position read is the only way
+    to notice the focus knob or another program); once ``waitForDevice`` returns, it must be at its
+    target.  Either mismatch raises StageInterrupted: nothing more is commanded."""
 
     what = "stage"
     axes: tuple[str, ...] = ()
@@ -5387,11 +5350,10 @@ class _MMPositioner(StageDefaults):
 class MMStage(_MMPositioner):
     """A Micro-Manager stage as this tool's focus axis: the core's focus device, or ``label``.
 
-    Limits: the device's own, where it reports them (the limits of its Position property, used
-    only when the position it reports lies inside them), narrowed to ``limits_mm`` (lowest, highest)
-    when given; a device that reports none needs ``limits_mm`` (UsageError otherwise: they guard the
-    objective).  Each move is sent with setPosition (um), waited for with waitForDevice and verified
-    (see _MMPositioner).  The core's own time-out (core.setTimeoutMs) bounds every wait.
+    Limits: the device's own (its Position property's, when the position lies inside them), narrowed
+    to ``limits_mm`` (lowest, highest) when given; a device that reports none needs ``limits_mm``
+    (UsageError otherwise: they guard the objective).  Moves: setPosition (um), waitForDevice,
+    verified (_MMPositioner), every wait bounded by the core's time-out (core.setTimeoutMs).
     """
 
     what = "focus drive"
@@ -5455,11 +5417,10 @@ class MMStage(_MMPositioner):
 
 class MMXYStage(_MMPositioner):
     """A Micro-Manager XY stage (the core's XY stage device, or ``label``) with the XY stage
-    interface of ``focus_map``: ``move_to(x_mm, y_mm)``, ``position_mm() -> (x_mm, y_mm)``,
-    ``limits_mm() -> ((x_lo, x_hi), (y_lo, y_hi))``, ``stop()``.
+    interface of ``focus_map`` (XYStage).
 
-    The core has no call that reports an XY stage's travel, so ``limits_mm`` is required.  Moves
-    are setXYPosition (um), waitForDevice, and verified on both axes (see _MMPositioner).
+    The core has no call that reports an XY stage's travel, so ``limits_mm`` is required.  Moves are
+    setXYPosition (um), waitForDevice, and verified on both axes (see _MMPositioner).
     """
 
     what = "XY stage"
@@ -5640,11 +5601,11 @@ class MMAutofocus:
     def full_focus(self) -> FocusResult:
         """Run focus() once on the core's focus device and camera, as they are now.
 
-        ``focused``: the focus is left at the answer.  ``edge`` and ``no_peak``: the focus goes back
-        to where it was and RuntimeError (a hardware autofocus's failure to the MDA engine, which
-        logs it and keeps its z correction), as for a range that leaves the limits here (nothing
-        moved).  A hardware fault raises the tool's own error (the MDA stops); after an outside
-        interruption the engine's restore_initial_state is turned off, so nothing moves."""
+        ``focused``: the focus is left at the answer.  ``edge``, ``no_peak`` and a range that leaves the
+        limits: the focus goes back to where it was and RuntimeError (a hardware autofocus's failure to
+        the MDA engine, which logs it and keeps its z correction).  A hardware fault raises the tool's own
+        error (the MDA stops); after an outside interruption the engine's restore_initial_state is turned
+        off, so nothing moves."""
         stage = MMStage(self.core, self.stage_label, limits_mm=self.limits_mm, tolerance_um=self.tolerance_um)
         try:
             with MMCamera(self.core, exposure_ms=self.exposure_ms, roi=self.camera_roi) as camera:
@@ -5987,9 +5948,8 @@ def plot_map(path: str | Path, fmap: FocusMap) -> None:
         plt.close(fig)
 
 
-# The files --save-images writes into its folder besides stack.csv and roi.json (and what --overwrite
-# removes): frames, and a frame being written (``write_replacing``'s temporary name; without the
-# random digits: an older version's).
+# The files --save-images writes besides stack.csv and roi.json (and --overwrite removes): frames,
+# and a frame being written (``write_replacing``'s temporary name, with or without its random digits).
 FRAME_FILE = re.compile(r"frame_\d{5}\.(png|tif)|\.frame_\d{5}\.(png|tif)(\.[0-9a-f]{8})?\.part")
 
 
@@ -6066,9 +6026,7 @@ class ImageSaver:
             self._csv.close()
 
 
-# The --show-images view: the frame, the filtered frame, its Laplacian and the focus curve side
-# by side, each ``height`` pixels high and titled with its display scale; in the live window a
-# status line below them says what is happening and which keys do what.
+# The --show-images view (``compose_view``), in the live window with a status line below.
 VIEW_FONT = cv2.FONT_HERSHEY_SIMPLEX
 CURVE_ASPECT = 1.6  # the curve panel is this many times as wide as it is high
 KEY_ESC = 27
@@ -6455,12 +6413,10 @@ class LiveView:
         first = self._shown is None
         self._shown = view
         if first:
-            # Opened with the first view, at its size.  WINDOW_NORMAL alone opens at the backend's
-            # default size (Qt: ~400x300, with a toolbar and a status bar that squeeze the image
-            # further) and scales the view into it; WINDOW_AUTOSIZE fixes the size (no resizing)
-            # and keeps Qt's toolbar.  A plain window (WINDOW_GUI_NORMAL: no toolbar; other
-            # backends ignore the flag) sized to the view shows it pixel for pixel, and the user may
-            # still resize it, the aspect kept.
+            # Opened with the first view, at its size: WINDOW_NORMAL alone opens at the backend's
+            # default size (Qt: ~400x300, squeezed by a toolbar), WINDOW_AUTOSIZE cannot be resized.
+            # A plain window (WINDOW_GUI_NORMAL: no toolbar) sized to the view shows it pixel for
+            # pixel, and the user may still resize it, the aspect kept.
             cv2.namedWindow(self.WINDOW, cv2.WINDOW_NORMAL | cv2.WINDOW_KEEPRATIO | cv2.WINDOW_GUI_NORMAL)
             with contextlib.suppress(cv2.error):  # a backend without it keeps its default size
                 cv2.resizeWindow(self.WINDOW, view.shape[1], view.shape[0])
@@ -6579,12 +6535,11 @@ def save_png(path: Path, image: np.ndarray, compression: int | None = None) -> N
 
 
 def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR) -> list[Path]:
-    """The README's figures, from the simulator: blurry and focused frames with their
-    Laplacians, a sweep animation (frame, filtered, Laplacian, curve so far), the live view
-    of a two-plane field scored on a region of interest (roi.png), the V-shaped contrast
-    curve of an unstained specimen with --transparent (transparent.png), the heat map of a
-    focus map over a tilted, bowed slide (focus_map.png), and the --show-images window held open
-    at the end of a run (show_images.png)."""
+    """The README's figures, from the simulator: blurry and focused frames with their Laplacians,
+    a sweep animation, the live view of a two-plane field scored on a region of interest (roi.png),
+    the V-shaped contrast curve of an unstained specimen with --transparent (transparent.png), the
+    heat map of a focus map over a tilted, bowed slide (focus_map.png), and the --show-images window
+    held open at the end of a run (show_images.png)."""
     from PIL import Image  # noqa: PLC0415  (pillow comes with matplotlib)
 
     folder = Path(folder)
@@ -6654,9 +6609,8 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
     path = folder / "focus_map.png"
     plot_map(path, fmap)
     written.append(path)
-    # --show-images: the window held open at the end of the card's run on the simulator, exactly as
-    # the screen shows it (python autofocus.py 10 14 0.05 --simulate --sim-size 960x600 --show-images:
-    # a quarter of the default frame, whose cells would be specks at the window's size).
+    # --show-images: the window held open at the end of the card's run on the simulator, as the screen
+    # shows it (at --sim-size 960x600: at the default size the cells would be specks in the window).
     fields = {f.name: getattr(optics, f.name) for f in dataclasses.fields(optics)}
     stage, camera = simulated_microscope(**{**fields, "width": 960, "height": 600}, time_scale=0)
     result = focus(stage, camera, 10.0, 14.0, 0.05, blur=blur)
@@ -6670,15 +6624,11 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
 ###############################################################################
 # Python API ##################################################################
 ###############################################################################
-# For scripts that already hold a stage and a camera (a tiling loop, a notebook):
-#
-#     stage, camera = autofocus.simulated_microscope(focus_mm=12.34, start_mm=12.3)
-#     result = autofocus.focus(stage, camera, 12.0, 12.7, 0.01)
-#
-# The command line runs through focus() as well: one path for the checks, the search, the
-# verdict, the final move and the fault handling.  focus()'s keywords are named like the
-# command-line options (``--settle-ms`` is ``settle_ms``); the CLI passes every option that has
-# a keyword of the same name (``focus_keywords``), so a new keyword and its option join in one step.
+# For scripts that already hold a stage and a camera (a tiling loop, a notebook).  The command line
+# runs through focus() as well: one path for the checks, the search, the verdict, the final move
+# and the fault handling.  focus()'s keywords are named like the command-line options
+# (``--settle-ms`` is ``settle_ms``); the CLI passes every option that has a keyword of the same
+# name (``focus_keywords``), so a new keyword and its option join in one step.
 
 plan_log = logging.getLogger("autofocus.plan")  # the header line: what will be searched (absolute mm)
 
@@ -6899,26 +6849,23 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
           on_frame: FrameHook | None = None) -> FocusResult:
     """Find the sharpest focus between START and END every STEP (mm) and send the stage there.
 
-    Exactly what ``python autofocus.py START END STEP ...`` does, on a stage and a camera the
-    caller holds (nothing is opened or closed here):
+    Exactly what ``python autofocus.py START END STEP ...`` does, on a stage and a camera the caller
+    holds (nothing is opened or closed here):
 
-    1. checks every argument, and the plan (backlash overshoot included) against the travel and
-       the soft limits ``z_min``/``z_max``; ``relative=True`` makes START and END offsets from
-       where the axis is; one frame is captured where the stage is and checked, the ROI against
-       it -- all before anything moves (UsageError);
-    2. homes an axis without a reference position (StageExtras), announced: with a soft limit
-       only with ``home=True``, never with ``home=False`` (UsageError, nothing moved);
+    1. checks every argument, and the plan (backlash overshoot included) against the travel and the
+       soft limits ``z_min``/``z_max`` (``relative=True``: START and END are offsets from where the
+       axis is); one frame is captured and checked, the ROI against it -- all before anything moves;
+    2. homes an axis without a reference position (StageExtras), announced: with a soft limit only
+       with ``home=True``, never with ``home=False`` (UsageError, nothing moved);
     3. searches (``search``), scoring ``roi=(x, y, w, h)`` or the whole frame with ``metric``;
     4. judges the curve: ``focused`` or ``edge`` sends the stage to the best position, ``no_peak``
        back to where it started.  The verdict is ``result.verdict.kind``, never an exception.
 
-    ``transparent=True`` focuses an unstained specimen at its contrast minimum; ``peak`` chooses
-    among several significant peaks (``result.peaks``, ``result.dips``); ``on_frame(index, z_mm,
-    frame, score)`` is called for every frame (from the scoring thread).
-    A fault or Ctrl-C stops the axis and returns it to its start when it still answers (never
-    after a StageError: nothing more moves), then raises the tool's own exception (an
-    AutofocusError, or Interrupted; ``as_run_failure``) with ``partial`` (a FocusResult of the
-    frames so far) and ``stage_state`` (where the stage was left).
+    ``transparent=True`` focuses an unstained specimen at its contrast minimum; ``peak`` chooses among
+    several significant peaks (``result.peaks``, ``result.dips``); ``on_frame(index, z_mm, frame,
+    score)`` is called for every frame (from the scoring thread).  A fault or Ctrl-C stops the axis
+    and returns it to its start when it still answers (never after a StageError), then raises the
+    tool's own exception (``as_run_failure``) with ``partial`` and ``stage_state``.
     """
     request = check_request(Request(start_mm, end_mm, step_mm, search=search, metric=metric, blur=blur,
                                     roi=roi, settle_ms=settle_ms, backlash_mm=backlash_mm,  # type: ignore[arg-type]
@@ -7024,11 +6971,10 @@ def simulated_slide(**options: Any) -> tuple[SimXYStage, SimStage, SlideCamera]:
     """A simulated XY plate, focus stage and camera over a tilted, bowed slide, to try
     ``focus_map()`` without hardware: ``plate, stage, camera = simulated_slide(objective="20x")``.
 
-    Keywords: every ``simulated_microscope`` keyword (``focus_mm`` is the slide's focal surface at
-    its centre), every other ``SimSlide`` field (``centre_mm``, ``tilt_um_per_mm``,
-    ``bow_um_per_mm2``, ``ripple_um``, ``ripple_mm``, ``bare_glass``: boxes (X0, Y0, X1, Y1) with
-    no specimen), ``xy_travel_mm`` ((x_lo, x_hi), (y_lo, y_hi); default 0-100 x 0-75 mm) and
-    ``xy_start_mm`` (where the plate starts; default the slide's centre)."""
+    Keywords: every ``simulated_microscope`` keyword (``focus_mm``: the slide's focal surface at its
+    centre), every other ``SimSlide`` field (``centre_mm``, ``tilt_um_per_mm``, ``bow_um_per_mm2``,
+    ``ripple_um``, ``ripple_mm``, ``bare_glass``), ``xy_travel_mm`` ((x_lo, x_hi), (y_lo, y_hi);
+    default 0-100 x 0-75 mm) and ``xy_start_mm`` (where the plate starts; default the slide's centre)."""
     slide_names = {f.name for f in dataclasses.fields(SimSlide)} - {"focus_mm"}
     slide_options = {k: options.pop(k) for k in list(options) if k in slide_names}
     travel = options.pop("xy_travel_mm", ((0.0, 100.0), (0.0, 75.0)))
@@ -7073,11 +7019,10 @@ def simulated_slide(**options: Any) -> tuple[SimXYStage, SimStage, SlideCamera]:
 class MapPoint:
     """One position of a focus map and what was found there.
 
-    ``result`` is the search that decided the point (its narrow window, or the whole range
-    after it); ``searches`` holds every search run there, in order.  ``status``: "used" (in the
-    surface), "not_focused" (no focus: bare glass, an empty field, the focus outside
-    START..END), "outlier" (focused, but far off the surface the others make), "failed" (the
-    map stopped here)."""
+    ``result`` is the search that decided the point (its narrow window, or the whole range after it);
+    ``searches`` holds every search run there, in order.  ``status``: "used" (in the surface),
+    "not_focused" (bare glass, an empty field, the focus outside START..END), "outlier" (focused, but
+    far off the surface the others make), "failed" (the map stopped here)."""
 
     x_mm: float
     y_mm: float
@@ -8720,8 +8665,6 @@ def final_frame(camera: Camera, live: LiveView, result: FocusResult) -> tuple[np
         return live.best_frame()
 
 
-
-
 def outputs_folder(args: argparse.Namespace) -> Path:
     """Where the window's ``s`` saves views: beside the outputs (--save-curve's or --plot's
     folder, else --save-images DIR), else the current folder."""
@@ -8877,10 +8820,10 @@ INTERRUPTS = InterruptSignals()
 class GuardedStream:
     """stdout or stderr for the length of main(): writing never raises into the run.
 
-    A stream closed when the tool started (``2>&-``, ``>&-``: Python makes it None) is /dev/null.
-    A stream that fails (a full disk, a reader that went away, ``> /dev/full``) is written no
-    more: ``error`` keeps why, and its descriptor is pointed at /dev/null so that nothing still
-    buffered fails again when Python exits.  main() then reports a failed stdout (exit code)."""
+    A stream closed when the tool started (``2>&-``: Python makes it None) is /dev/null.  A stream
+    that fails (a full disk, a reader that went away, ``> /dev/full``) is written no more: ``error``
+    keeps why, and its descriptor is pointed at /dev/null so that nothing still buffered fails again
+    when Python exits.  main() then reports a failed stdout (exit code)."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
