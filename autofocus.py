@@ -108,6 +108,7 @@ try:
     import csv
     import dataclasses
     import functools
+    import importlib
     import inspect
     import io
     import itertools
@@ -2818,6 +2819,15 @@ class GenicamAdapter:
         self.roi: Roi | None = None
         self.timeout_ms = timeout_ms
 
+    @classmethod
+    def from_camera(cls: type[_Adapter], camera: Any, *, exposure_ms: float | None = None,
+                    timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None) -> _Adapter:
+        """An adapter over an open camera that the caller owns and keeps (FlirCamera: a simple-pyspin
+        ``Camera``; BaslerCamera: a ``pylon.InstantCamera``; README), configured as a run needs and
+        streaming; ``restore()`` (or leaving its ``with`` block) puts every node back and restarts a
+        stream that was running.  Never closed here."""
+        return cls(camera=camera, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)  # type: ignore[call-arg]
+
     def _start(self, stop: Callable[[], None], start: Callable[[], None], errors: tuple[type[BaseException], ...],
                exposure_ms: float | None, timeout_ms: int, roi: Roi | None) -> None:
         """Configure the camera for the sweep and start streaming; on any failure put it back."""
@@ -2942,14 +2952,20 @@ def restore_plan(original: dict[str, Any], triggers: dict[str, dict[str, Any]] |
 ###############################################################################
 
 
-def _zml() -> Any:
-    """Import the Zaber Motion Library on first use."""
+def lazy_import(missing: UsageError, *modules: str) -> list[Any]:
+    """Import ``modules`` on first use (vendor libraries load only for the backend a run uses);
+    ``missing`` (it says how to install them) when one is not installed.  A package comes before its
+    submodules: a submodule already loaded is found even when its package has since gone."""
     try:
-        import zaber_motion  # noqa: PLC0415
-        import zaber_motion.ascii  # noqa: PLC0415
-    except ImportError as exc:  # pragma: no cover - it is in requirements.txt
-        raise UsageError("the Zaber Motion Library is missing: pip install -r requirements.txt") from exc
-    return zaber_motion
+        return [importlib.import_module(name) for name in modules]
+    except ImportError as exc:
+        raise missing from exc
+
+
+def _zml() -> Any:
+    """Import the Zaber Motion Library on first use (it is in requirements.txt)."""
+    missing = UsageError("the Zaber Motion Library is missing: pip install -r requirements.txt")
+    return lazy_import(missing, "zaber_motion", "zaber_motion.ascii")[0]
 
 
 # The settings of a ZaberStage (its constructor and from_axis), checked before the port is opened.
@@ -3682,12 +3698,8 @@ NO_CAMERA = "simulated_microscope() or replay_microscope()"  # the CLI names its
 
 def _pyspin() -> tuple[Any, Any]:
     """Import PySpin and simple-pyspin on first use."""
-    try:
-        import PySpin  # noqa: PLC0415
-        import simple_pyspin  # noqa: PLC0415
-    except ImportError as exc:
-        raise UsageError(PYSPIN_HELP.format, "camera", (NO_CAMERA,)) from exc
-    return PySpin, simple_pyspin
+    spin, sp = lazy_import(UsageError(PYSPIN_HELP.format, "camera", (NO_CAMERA,)), "PySpin", "simple_pyspin")
+    return spin, sp
 
 
 class FlirCamera(GenicamAdapter):
@@ -3744,14 +3756,6 @@ class FlirCamera(GenicamAdapter):
         except BaseException:  # _setup closes on its failures; a Ctrl-C before its own guard too
             _release_spin(cam)
             raise
-
-    @classmethod
-    def from_camera(cls, camera: Any, *, exposure_ms: float | None = None,
-                    timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None) -> FlirCamera:
-        """An adapter over an open simple-pyspin ``Camera`` that the caller owns and keeps (README:
-        FLIR camera): configured as a run needs and streaming; ``restore()`` (or leaving its ``with``
-        block) puts every node back and restarts a stream that was running.  Never closed here."""
-        return cls(camera=camera, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
 
     def _setup(self, spin: Any, sp: Any, cam: Any, *, owned: bool, exposure_ms: float | None,
                timeout_ms: int, roi: Roi | None) -> None:
@@ -3877,10 +3881,8 @@ PYPYLON_HELP = ("the Basler camera needs Basler's pypylon (on PyPI): pip install
 
 def _pylon() -> tuple[Any, Any]:
     """Import pypylon on first use: (pylon, genicam)."""
-    try:
-        from pypylon import genicam, pylon  # noqa: PLC0415
-    except ImportError as exc:
-        raise UsageError(PYPYLON_HELP.format, "camera", (NO_CAMERA,)) from exc
+    _, genicam, pylon = lazy_import(UsageError(PYPYLON_HELP.format, "camera", (NO_CAMERA,)), "pypylon",
+                                    "pypylon.genicam", "pypylon.pylon")
     return pylon, genicam
 
 
@@ -3948,13 +3950,6 @@ class BaslerCamera(GenicamAdapter):
         except BaseException:
             _release_pylon(cam)
             raise
-
-    @classmethod
-    def from_camera(cls, camera: Any, *, exposure_ms: float | None = None,
-                    timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None) -> BaslerCamera:
-        """An adapter over an open ``pylon.InstantCamera`` that the caller owns and keeps, as
-        ``FlirCamera.from_camera`` (README: Basler camera).  Never closed here."""
-        return cls(camera=camera, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
 
     def _setup(self, pylon: Any, genicam: Any, cam: Any, *, owned: bool, exposure_ms: float | None,
                timeout_ms: int, roi: Roi | None) -> None:
@@ -5200,11 +5195,7 @@ MM_AUTOFOCUS_LABEL = "autofocus.py"  # what core.getAutoFocusDevice() answers wh
 
 def _mm() -> Any:
     """Import pymmcore-plus on first use."""
-    try:
-        import pymmcore_plus  # noqa: PLC0415
-    except ImportError as exc:
-        raise UsageError(PYMMCORE_HELP) from exc
-    return pymmcore_plus
+    return lazy_import(UsageError(PYMMCORE_HELP), "pymmcore_plus")[0]
 
 
 # The core's device roles: DeviceType -> (its getter, its setter, what it is called here).

@@ -139,6 +139,16 @@ def test_an_auto_gain_that_cannot_be_turned_off_is_refused(PySpin: ModuleType, s
     assert snapshot(dev) == before and not dev.initialized  # what it had changed is back; released
 
 
+def test_a_node_the_camera_will_not_take_is_one_line_and_everything_is_put_back(PySpin: ModuleType,  # noqa: N803
+                                                                                  sp: ModuleType) -> None:
+    dev = fake_camera(PySpin, locked_nodes=("ExposureTime",))
+    before = snapshot(dev)
+    with pytest.raises(autofocus.CameraError, match=r"^cannot configure the FLIR camera: .*'ExposureTime'") as info:
+        autofocus.FlirCamera(timeout_ms=500, exposure_ms=2.0)
+    assert "\n" not in str(info.value)
+    assert snapshot(dev) == before and not dev.initialized
+
+
 # --- long exposures ----------------------------------------------------------------------------------
 
 def test_the_frame_timeout_covers_a_long_exposure(PySpin: ModuleType, sp: ModuleType) -> None:  # noqa: N803
