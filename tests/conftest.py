@@ -69,3 +69,12 @@ def sp(PySpin: ModuleType) -> ModuleType:  # noqa: N803
     assert mod.PySpin is PySpin
     assert mod._SYSTEM is None
     return mod
+
+
+@pytest.fixture
+def verdicts_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``decide`` without the sub-step fit of a curve that showed no peak (``_top_fit``: most of a
+    no_peak decision's time, and only ever its ``fit`` field, decided after the verdict): for tests
+    that count false alarms over hundreds of noise curves.  A curve that does show a peak is
+    decided and fitted exactly as always."""
+    monkeypatch.setattr(autofocus, "_top_fit", lambda curve, top, noise: autofocus.PeakFit(None, False, "not fitted"))

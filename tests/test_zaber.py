@@ -67,6 +67,20 @@ def test_downward_sweep_with_end_off_the_grid(fake: FakeZaber) -> None:
     assert targets[-2] == nm(10.02) and "home" not in fake.motion_commands()
 
 
+def test_a_homed_axis_is_never_homed_again(fake: FakeZaber, capsys: pytest.CaptureFixture[str]) -> None:
+    # Homing drives to the home sensor, across whatever lies between: an axis that has its
+    # reference position is not homed by a run, nor by the next run, nor by asking the stage.
+    from zaber_motion.ascii import Connection
+
+    for _ in range(2):
+        assert autofocus.main(["10", "11", "0.1", url(fake), *SIM, "--sim-focus-mm", "10.52"]) == 0
+    with Connection.open_tcp("127.0.0.1", fake.port) as connection:
+        stage = autofocus.ZaberStage.from_axis(connection.get_device(3).get_axis(1), native_unit_nm=1)
+        assert stage.homed is True and stage.home_if_needed() is False
+    assert abs(fake.position() - nm(10.52)) <= nm(0.1) and len(fake.move_targets()) == 2 * (11 + 1)  # two runs
+    assert not [c for c in fake.commands() if "home" in c]
+
+
 def test_fast_search_through_zml(fake: FakeZaber) -> None:
     proc = cli("10", "14", "0.05", url(fake), *SIM, "--search", "fast", "--json")
     out = json.loads(proc.stdout)
