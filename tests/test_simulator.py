@@ -3,7 +3,9 @@ options it models and refuses, and its timing."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -48,3 +50,40 @@ def test_the_phase_object_has_no_contrast_at_focus_most_at_a_few_dof_and_fades_b
     assert far < near / 3  # the condenser's partial coherence fades it farther out
     above, below = (camera.render(optics.focus_mm + s * dof_mm).astype(float) for s in (1, -1))
     assert np.corrcoef((above - above.mean()).ravel(), (below - below.mean()).ravel())[0, 1] < -0.5  # sign flips
+
+
+def test_objective_names_and_custom_objectives() -> None:
+    assert autofocus.depth_of_field_um("100x") == pytest.approx(0.49, abs=0.01)
+    assert autofocus.objective_optics("20x/0.75") == {"magnification": 20.0, "na": 0.75, "immersion_index": 1.0}
+    assert autofocus.objective_optics("100x/1.3/oil")["immersion_index"] == 1.515
+    with pytest.raises(autofocus.UsageError, match="MAGx/NA"):
+        autofocus.objective_optics("20x/1.2")  # NA above air's index
+    line = autofocus.objective_line("40x", 0.05)
+    assert "depth of field 1.5 \N{MICRO SIGN}m" in line and "use STEP 0.0015 mm" in line
+
+
+def test_pillbox_defocus_is_a_uniform_disc() -> None:
+    kernel = autofocus.disc_kernel(5.0)  # 13 x 13, centre at [6, 6]
+    assert kernel.sum() == pytest.approx(1.0) and kernel[6, 6] == pytest.approx(kernel[6, 8])  # flat inside
+    assert 0 < kernel[6, 1] < kernel[6, 6] and kernel[6, 0] == 0 and kernel[0, 0] == 0  # a soft rim, nothing beyond
+    point = np.zeros((64, 64), np.float32)
+    point[32, 32] = 1.0
+    disc = autofocus.blur_pillbox(point, 8.0, 0.0)
+    gauss = autofocus.blur_sigma(point, 4.0)  # the same second moment
+    assert disc[32, 32] < 1.5 * disc[32, 38] and gauss[32, 32] > 2 * gauss[32, 38]
+
+
+def test_a_micrograph_as_the_specimen(tmp_path: Path) -> None:
+    image = (np.random.default_rng(0).uniform(0, 255, (50, 80))).astype(np.uint8)
+    path = tmp_path / "cells.png"
+    cv2.imwrite(str(path), image)
+    stage, camera = autofocus.simulated_microscope(specimen_image=str(path), width=200, height=120, time_scale=0,
+                                                   start_mm=12.34, defocus="pillbox")
+    frame = camera.capture()
+    assert frame.shape == (120, 200) and frame.std() > 10  # mirrored tiles fill the larger frame
+    with pytest.raises(autofocus.UsageError, match="cannot be combined with specimen 'blank'"):
+        autofocus.simulated_microscope(specimen_image=str(path), specimen="blank")
+    with pytest.raises(autofocus.UsageError, match="specimen image .*missing.png cannot be read"):
+        autofocus.simulated_microscope(specimen_image=str(tmp_path / "missing.png"))
+    with pytest.raises(autofocus.UsageError, match="defocus: 'disc' is unknown; choose one of gaussian, pillbox"):
+        autofocus.simulated_microscope(defocus="disc")
