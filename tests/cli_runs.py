@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import autofocus
+from fake_zaber import FakeZaber
 
 REPO = Path(autofocus.__file__).resolve().parent
 JSON_KEYS = {"best_mm", "best_score", "verdict", "frames", "moves", "elapsed_s", "search", "curve", "timing"}
@@ -59,3 +60,14 @@ def call(capfd: pytest.CaptureFixture[str], *argv: Any) -> tuple[int, str, str]:
     code = autofocus.main([str(a) for a in argv])
     cap = capfd.readouterr()
     return code, cap.out, cap.err
+
+
+def url(fake: FakeZaber) -> str:
+    return f"tcp://127.0.0.1:{fake.port}"
+
+
+def strict(text: str) -> Any:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"non-strict JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)

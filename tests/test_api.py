@@ -391,3 +391,17 @@ def test_import_loads_no_hardware_library_and_opens_nothing(tmp_path: Any) -> No
     assert proc.returncode == 0, proc.stderr
     heavy, threads, new_fds = json.loads(proc.stdout)
     assert heavy == [] and threads == 1 and new_fds == [], proc.stdout
+
+
+def test_a_custom_camera_delivering_infinity_is_a_camera_error() -> None:
+    stage, camera = autofocus.simulated_microscope(width=64, height=48, time_scale=0)
+
+    class Hot:
+        def capture(self) -> np.ndarray:
+            frame = camera.capture().astype(np.float32)
+            frame[3, 4] = np.inf
+            return frame
+
+    with pytest.raises(autofocus.CameraError, match="non-finite pixels"):
+        autofocus.focus(stage, Hot(), 12.0, 12.5, 0.05)
+    assert stage.position_mm() == 0.0  # back where it started

@@ -1,4 +1,5 @@
-"""The command line on the simulated microscope: the card's command, options, and one-line errors."""
+"""The command line: the card's command on the simulated microscope, options, one-line errors for bad and
+extreme values (nothing moves: the REAL ZML against tests/fake_zaber.py shows even a homing)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,11 @@ import sys
 import pytest
 
 import autofocus
+from cli_runs import strict, url
 from conftest import FAST_SIM, ROOT
+from fake_zaber import DeviceConfig, FakeZaber
+
+NM = 1_000_000
 
 
 def cli(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -171,3 +176,38 @@ def test_focus_far_beyond_the_range_is_an_edge_with_a_range_to_try(capsys: pytes
     out = json.loads(capsys.readouterr().out)
     assert code == autofocus.EXIT_EDGE and out["verdict"] == "edge"
     assert out["best_mm"] == 10.0 and out["suggested_range_mm"][0] < 9.0
+
+
+# --- extreme numbers and documented values ------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["10", "14", "5e-324"], "STEP_MM: 5e-324 is out of range"),
+    (["1e300", "14", "0.05"], "START_MM: 1e+300 is out of range"),
+    (["10", "1e300", "0.05"], "END_MM: 1e+300 is out of range"),
+    (["10", "14", "0.05", "--settle-ms", "1e308"], "--settle-ms: 1e+308 is out of range"),
+    (["10", "14", "0.05", "--camera-timeout-ms", "1000000000000"], "--camera-timeout-ms: 1000000000000 is out"),
+    (["10", "14", "0.05", "--move-timeout-s", "1e308"], "--move-timeout-s: 1e+308 is out of range"),
+    (["10", "14", "0.05", "--backlash-mm", "1e300"], "--backlash-mm: 1e+300 is out of range"),
+    (["10", "14", "0.05", "--sim-seed", "-1"], "--sim-seed: -1 is out of range: must be from 0 to 4294967295"),
+    (["10", "14", "0.05", "--sim-time-scale", "1e300"], "--sim-time-scale: 1e+300 is out of range"),
+    (["10", "14", "0.05", "--sim-photons", "1e308"], "--sim-photons: 1e+308 is out of range"),
+    (["10", "14", "0.05", "--sim-size", "10000x10000"], "at most 25 MP"),
+    (["0", "20", "0.00000001", "--allow-many"], "STEP_MM: 1e-08 is out of range"),
+    (["0", "20", "0.000002", "--allow-many"], "more than 1,000,000, even with --allow-many"),
+    (["12", "12.000005", "0.000001", "--search", "fast"], "STEP_MM 1e-06 mm is 1 native units of this stage"),
+])
+def test_extreme_numbers_are_one_line_exit_2_and_nothing_moves(capsys: pytest.CaptureFixture[str], argv: list[str],
+                                                               message: str) -> None:
+    with FakeZaber(devices=[DeviceConfig(homed=False, position=5 * NM)]) as unhomed:
+        code = autofocus.main([*argv, url(unhomed), "--camera", "sim", "--native-unit-nm", "1", "--json"])
+        captured = capsys.readouterr()
+        assert code == 2 and message in captured.err and captured.err.count("\n") == 1, captured.err
+        assert strict(captured.out)["exit_code"] == 2
+        assert unhomed.motion_commands() == []  # not even homing
+
+
+@pytest.mark.parametrize("extra", [["--sim-seed", "5000"], ["--sim-seed", "4294967295"], ["--z-min", "-1e-3"],
+                                   ["--z-max", "1e2"]])
+def test_documented_values_work(extra: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # Seeds above 2^31/1e6 overflowed OpenCV's C-int seed; "-1e-3" was taken for an option.
+    assert autofocus.main(["12", "12.6", "0.05", *FAST_SIM, *extra]) == 0, capsys.readouterr().err

@@ -10,6 +10,7 @@ where Xvfb, xwd (x11-apps) or xdotool is missing.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import select
@@ -20,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -515,3 +517,30 @@ def test_no_progress_bar_when_piped_or_verbose(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert autofocus.main([*argv, "--verbose"]) == 0
     assert "/21 [" not in capsys.readouterr().err
+
+
+# --- the progress bar ----------------------------------------------------------------------------------
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_fault_while_the_progress_bar_is_drawn_starts_its_own_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    real_capture = autofocus.SimCamera.capture
+    frames = []
+
+    def capture(self: autofocus.SimCamera) -> Any:
+        frames.append(1)
+        if len(frames) == 6:
+            raise autofocus.CameraError("camera timed out")
+        return real_capture(self)
+
+    monkeypatch.setattr(autofocus.SimCamera, "capture", capture)
+    code = autofocus.main(["10", "11", "0.05", *FAST_SIM])
+    text = terminal.getvalue()
+    assert code == 5 and "autofocus:" in text  # the bar was drawn
+    line = next(seg for seg in text.split("\n") if "autofocus.py:" in seg)
+    assert line.split("\r")[-1].startswith("autofocus.py: camera timed out")  # not glued to the bar

@@ -25,13 +25,15 @@ import numpy as np
 import pytest
 
 import autofocus
-from cli_runs import JSON_KEYS, PNG_MAGIC, TIMING_KEYS, assert_one_line_error, call, call_main, cli, read_csv, run_json
+from cli_runs import (JSON_KEYS, PNG_MAGIC, TIMING_KEYS, assert_one_line_error, call, call_main, cli, read_csv, run_json,
+                      strict, url)
 from conftest import FAST_SIM, ROOT
 from fake_zaber import DeviceConfig, FakeZaber
 
 NM = 1_000_000
 POSIX = os.name == "posix"
 SIM = ["--simulate", "--sim-time-scale", "0", "--sim-size", "96x64"]
+ZABER_SIM = ["--camera", "sim", "--native-unit-nm", "1", "--sim-size", "320x200"]
 RANGE = ["12.1", "12.6", "0.05"]  # 11 positions around the simulated focus, 12.34 mm
 
 
@@ -499,6 +501,26 @@ def test_json_on_a_usage_error(capfd: pytest.CaptureFixture[str]) -> None:
     assert doc["exit_code"] == 2 and "START_MM equals END_MM" in doc["error"]
 
 
+def test_json_never_holds_nan_or_infinity() -> None:
+    assert autofocus.strict_json({"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -float("inf")}}) == \
+        '{"a": null, "b": [1.5, null], "c": {"d": null}}'
+
+
+def test_a_failed_run_prints_strict_json(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    real_capture, captures = autofocus.SimCamera.capture, []
+
+    def capture(self: Any) -> Any:
+        captures.append(1)
+        if len(captures) > 1:  # the look before moving, then unplugged: the run fails with no frame scored
+            raise autofocus.CameraError("camera unplugged")
+        return real_capture(self)
+
+    monkeypatch.setattr(autofocus.SimCamera, "capture", capture)
+    code = autofocus.main(["10", "11", "0.05", *FAST_SIM, "--json"])
+    out = strict(capsys.readouterr().out)  # best_mm and the fit are NaN inside: null here
+    assert code == 5 and out["best_mm"] is None and out["verdict"] == "failed"
+
+
 # --- --save-curve and --plot -------------------------------------------------------------------
 
 def test_save_curve_csv(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -573,3 +595,96 @@ def test_make_figures_writes_valid_images(tmp_path: Path, capfd: pytest.CaptureF
     with Image.open(gif) as anim:
         assert anim.n_frames > 10
         assert anim.size[0] > 100 and anim.size[1] > 50
+
+
+# --- refused before anything moves; written exactly where asked; failing mid-run ---------------------------
+
+def output_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "imgs" / "stack.csv").mkdir(parents=True)
+    cases = [
+        (["--save-curve", str(tmp_path / "adir")], "is a folder; give a file name"),
+        (["--plot", str(tmp_path / "p")], "has no extension"),
+        (["--plot", str(tmp_path / "p.xyz")], ".xyz is not a format matplotlib writes"),
+        (["--save-curve", str(tmp_path / "same.png"), "--plot", str(tmp_path / "same.png")],
+         "is also written as --save-curve"),
+        (["--save-images", str(tmp_path / "imgs")], "stack.csv is a folder"),
+        (["--save-images", str(tmp_path / "adir"), "--save-curve", str(tmp_path / "adir" / "stack.csv")],
+         "is also written as --save-images's stack.csv"),
+        (["--save-curve", ""], "empty path"),
+    ]
+    if POSIX:
+        cases.append((["--save-curve", "/dev/full"], "it is a device, not a file; give a file name"))
+    return cases
+
+
+def test_bad_outputs_are_refused_before_anything_moves_even_homing(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeZaber(devices=[DeviceConfig(homed=False, position=5 * NM)]) as unhomed:
+        for extra, message in output_cases(tmp_path):
+            code = autofocus.main(["10", "10.5", "0.05", url(unhomed), *ZABER_SIM, "--sim-time-scale", "0", *extra])
+            err = capsys.readouterr().err
+            assert code == 2 and message in err and err.count("\n") == 1, (extra, err)
+        assert unhomed.motion_commands() == []  # not one move, not even homing
+
+
+def test_a_curve_inside_a_new_images_folder_and_a_frame_like_name_are_fine(tmp_path: Path) -> None:
+    images = tmp_path / "new" / "imgs"  # does not exist yet: --save-images creates it
+    code = autofocus.main(["12", "12.6", "0.05", *FAST_SIM, "--save-images", str(images), "--save-curve",
+                           str(images / "curve.csv"), "--plot", str(images / "frame_scores.png")])
+    assert code == 0 and (images / "curve.csv").is_file() and (images / "frame_scores.png").is_file()
+
+
+def test_saving_images_into_the_replayed_stack_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stack = tmp_path / "stack"
+    assert autofocus.main(["12", "12.6", "0.05", *FAST_SIM, "--save-images", str(stack)]) == 0
+    before = {p.name: p.read_bytes() for p in stack.iterdir()}
+    capsys.readouterr()
+    code = autofocus.main(["12", "12.6", "0.05", "--replay", str(stack), "--save-images", str(stack)])
+    assert code == 2 and "is the stack being replayed" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in stack.iterdir()} == before  # the recording is untouched
+
+
+def test_exactly_the_plot_path_given_is_written(tmp_path: Path) -> None:
+    assert autofocus.main(["12", "12.6", "0.05", *FAST_SIM, "--plot", str(tmp_path / "curve.pdf")]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["curve.pdf"]
+    assert (tmp_path / "curve.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_a_curve_file_that_fails_mid_run_is_one_line_and_the_json_keeps_the_curve(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    def write_curve_csv(path: Any, samples: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(autofocus, "write_curve_csv", write_curve_csv)
+    code = autofocus.main(["10", "11", "0.05", *FAST_SIM, "--json", "--save-curve", str(tmp_path / "c.csv")])
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert code == 5 and out["exit_code"] == 5 and len(out["curve"]) == 21
+    assert "writing --save-curve" in captured.err and "No space left on device" in captured.err
+    assert captured.err.count("\n") == 1
+
+
+@pytest.mark.skipif(not POSIX, reason="RLIMIT_FSIZE is POSIX")
+def test_a_disk_that_fills_up_while_saving_images_stops_the_run_and_leaves_a_replayable_stack(
+        tmp_path: Path) -> None:
+    import resource
+
+    def small_disk() -> None:  # a file past 37 kB fails with EFBIG, as on a full disk with ENOSPC: the
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # blurred frames' PNGs are ~36.8 kB, sharper ones more
+        resource.setrlimit(resource.RLIMIT_FSIZE, (37_000, 37_000))
+
+    stack = tmp_path / "stack"
+    proc = subprocess.run([sys.executable, "autofocus.py", "10", "14", "0.05", *FAST_SIM, "--save-images", str(stack), "--json"], cwd=ROOT, capture_output=True, text=True,
+                          preexec_fn=small_disk)
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "--save-images: writing" in proc.stderr and "libpng" not in proc.stderr
+    out = json.loads(proc.stdout)
+    assert 0 < out["frames"] < 81
+    rows = (stack / "stack.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[1] for r in rows] == sorted(p.name for p in stack.glob("frame_*.png"))
+    replay = subprocess.run([sys.executable, "autofocus.py", "10", "10.05", "0.05", "--replay", str(stack)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert replay.returncode in (0, 3, 4), replay.stderr  # a valid (partial) stack

@@ -10,14 +10,16 @@ import csv
 import json
 import re
 import struct
+import zlib
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 
 import autofocus
-from cli_runs import PNG_MAGIC, assert_one_line_error, call, call_main, cli, read_csv, run_json
+from cli_runs import PNG_MAGIC, assert_one_line_error, call, call_main, cli, read_csv, run_json, strict
 
 REPO = Path(autofocus.__file__).resolve().parent
 SHARED_STACKS = REPO.parent / "shared" / "stacks"
@@ -424,6 +426,114 @@ def test_every_format_opencv_reads_is_checked_and_replays(ext: str, tmp_path: Pa
 def test_headers_that_cannot_be_checked_are_refused(data: bytes, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         autofocus.image_header(data)
+
+
+def png_bomb() -> bytes:
+    """A 69-byte PNG whose header declares 50000x50000 pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 50000, 50000, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")[:0]) + chunk(b"IEND", b"")
+
+
+def make_stack(folder: Path, writer: Any, rows: int = 3) -> Path:
+    folder.mkdir()
+    writer(folder)
+    (folder / "stack.csv").write_text("z_mm,file\n" + "".join(f"{10 + i * 0.05},img.tif\n" for i in range(rows)))
+    return folder
+
+
+def tiff(array: np.ndarray) -> Any:
+    def write(folder: Path) -> None:
+        assert cv2.imwrite(str(folder / "img.tif"), array)
+    return write
+
+
+def raw(data: bytes) -> Any:
+    def write(folder: Path) -> None:
+        (folder / "img.tif").write_bytes(data)
+    return write
+
+
+def five_channel_tiff(folder: Path) -> None:
+    """An uncompressed 64x48 TIFF with 5 samples a pixel (OpenCV cannot write one)."""
+    h, w, c = 48, 64, 5
+    data = np.random.default_rng(3).integers(0, 255, (h, w, c), np.uint8).tobytes()
+    n = 10
+    bits_at = 8 + 2 + n * 12 + 4
+    data_at = bits_at + 2 * c
+    entries = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, c, bits_at), (259, 3, 1, 1), (262, 3, 1, 1),
+               (273, 4, 1, data_at), (277, 3, 1, c), (278, 3, 1, h), (279, 4, 1, len(data)), (284, 3, 1, 1)]
+    out = b"II*\x00" + struct.pack("<IH", 8, n)
+    for tag, kind, count, value in entries:
+        out += struct.pack("<HHIHH", tag, kind, count, value, 0) if kind == 3 and count == 1 else \
+            struct.pack("<HHII", tag, kind, count, value)
+    (folder / "img.tif").write_bytes(out + struct.pack("<I", 0) + struct.pack(f"<{c}H", *[8] * c) + data)
+
+
+def truncated_png(folder: Path) -> None:
+    ok, encoded = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (200, 320), np.uint8))
+    (folder / "img.tif").write_bytes(encoded.tobytes()[: len(encoded) // 2])  # the name does not matter to OpenCV
+
+
+GRAY = np.random.default_rng(1).random((48, 64))
+
+
+@pytest.mark.parametrize("writer, message", [
+    (raw(png_bomb()), "declares 50000x50000 pixels, more than 50 MP"),
+    (tiff(np.dstack([GRAY] * 3)), "has float64 pixels"),
+    (tiff((GRAY * 1000).astype(np.int16)), "has int16 pixels"),
+    (tiff((GRAY * 1000).astype(np.int32)), "has int32 pixels"),
+    (five_channel_tiff, "has 5 channels"),
+    (tiff(np.where(GRAY > 0.5, np.inf, GRAY).astype(np.float32)), "non-finite pixels"),
+    (truncated_png, "cannot be read as an image"),
+    (raw(b"not an image at all"), "cannot be read as an image"),
+])
+def test_hostile_replay_images_are_one_line_and_nothing_from_opencv_reaches_stderr(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], writer: Any, message: str) -> None:
+    stack = make_stack(tmp_path / "stack", writer)
+    code = autofocus.main(["10", "10.1", "0.05", "--replay", str(stack), "--json"])
+    captured = capfd.readouterr()  # file-descriptor level: libpng and OpenCV write there directly
+    assert code == 2 and message in captured.err, captured.err
+    assert captured.err.count("\n") == 1 and "libpng" not in captured.err and "WARN" not in captured.err
+    assert strict(captured.out)["exit_code"] == 2
+
+
+def test_each_distinct_file_is_decoded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    frame = (np.random.default_rng(2).random((48, 64)) * 200).astype(np.uint8)
+    stack = make_stack(tmp_path / "stack", tiff(frame), rows=50)
+    real_imdecode = cv2.imdecode
+    calls = []
+
+    def imdecode(*args: Any) -> Any:  # the file's bytes are decoded: OpenCV never opens a path itself
+        calls.append(len(args[0]))
+        return real_imdecode(*args)
+
+    monkeypatch.setattr(autofocus.cv2, "imdecode", imdecode)
+    monkeypatch.setattr(autofocus.cv2, "imread", None)  # never called
+    replay = autofocus.ReplayStack(stack)
+    assert len(replay.frames) == 50 and calls == [(stack / "img.tif").stat().st_size]
+
+
+def test_replay_picks_the_nearest_slice_between_slices(tmp_path: Path) -> None:
+    folder = tmp_path / "stack"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"f{i}.png"), np.full((16, 16), 10 + i, np.uint8))
+    (folder / "stack.csv").write_text("z_mm,file\n0.0,f0.png\n0.1,f1.png\n0.2,f2.png\n")
+    replay = autofocus.ReplayStack(folder)
+    picked = {z: int(replay.nearest(z)[0, 0]) - 10 for z in (-1.0, 0.03, 0.07, 0.13, 0.17, 0.2, 5.0)}
+    assert picked == {-1.0: 0, 0.03: 0, 0.07: 1, 0.13: 1, 0.17: 2, 0.2: 2, 5.0: 2}  # nearer neighbour, not lower
+
+
+def test_replay_half_way_between_slices_picks_the_lower_whatever_the_row_order(tmp_path: Path) -> None:
+    folder = tmp_path / "stack"
+    folder.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(folder / f"f{i}.png"), np.full((16, 16), 10 + i, np.uint8))
+    (folder / "stack.csv").write_text("z_mm,file\n0.1,f1.png\n0.0,f0.png\n")  # rows not in z order
+    assert int(autofocus.ReplayStack(folder).nearest(0.05)[0, 0]) == 10
 
 
 ###############################################################################

@@ -87,3 +87,11 @@ def test_a_micrograph_as_the_specimen(tmp_path: Path) -> None:
         autofocus.simulated_microscope(specimen_image=str(tmp_path / "missing.png"))
     with pytest.raises(autofocus.UsageError, match="defocus: 'disc' is unknown; choose one of gaussian, pillbox"):
         autofocus.simulated_microscope(defocus="disc")
+
+
+@pytest.mark.parametrize("options, message", [({"start_mm": 30.0}, "must start inside its travel"),
+                                              ({"bit_depth": 64}, "bit_depth: 64 is not one of 8, 12, 16"),
+                                              ({"focus_mm": float("inf")}, "focus_mm: inf is not a finite number")])
+def test_simulator_options_outside_what_it_models_are_refused(options: dict, message: str) -> None:
+    with pytest.raises(autofocus.UsageError, match=message):
+        autofocus.simulated_microscope(**options)

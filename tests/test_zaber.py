@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -268,3 +269,44 @@ def test_serial_port_held_by_another_program() -> None:
         holder.close()
         os.close(master)
         os.close(slave)
+
+
+# --- native units: a coarse (1 um) axis ------------------------------------------------------------
+
+@pytest.fixture
+def micron_fake() -> Any:
+    """A homed axis whose native unit is 1 um (coarse): 25 mm of travel, at 10.005 mm."""
+    with FakeZaber(devices=[DeviceConfig(homed=True, limit_max=25_000, position=10_005)]) as fake:
+        yield fake
+
+
+def test_a_step_below_a_few_native_units_is_refused_before_anything_moves(micron_fake: FakeZaber,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    code = autofocus.main(["10", "10.02", "0.002", url(micron_fake), "--camera", "sim", "--native-unit-nm", "1000",
+                           "--sim-time-scale", "0", "--sim-size", "320x200"])
+    err = capsys.readouterr().err
+    assert code == 2 and "STEP_MM 0.002 mm is 2 native units of this stage (one unit is 1000 nm)" in err
+    assert "at least 3 units" in err and micron_fake.motion_commands() == []
+
+
+def test_rounding_to_native_units_never_leaves_the_soft_limits(micron_fake: FakeZaber) -> None:
+    # 10.0001 and 10.0106 mm are 10000.1 and 10010.6 units: plain rounding would command 10000
+    # (below --z-min) and 10011 (above --z-max).
+    code = autofocus.main(["10.0001", "10.0106", "0.0035", url(micron_fake), "--camera", "sim", "--native-unit-nm",
+                           "1000", "--z-min", "10.0001", "--z-max", "10.0106", "--sim-time-scale", "0", "--sim-size",
+                           "320x200", "--sim-focus-mm", "10.005"])
+    assert code in (0, 3, 4)
+    targets = micron_fake.move_targets()
+    assert targets[:4] == [10001, 10004, 10007, 10010]
+    assert all(10001 <= t <= 10010 for t in targets)  # the final move (or the return to 10005) too
+
+
+def test_a_start_outside_the_soft_limits_is_not_returned_to_nor_clamped(micron_fake: FakeZaber) -> None:
+    # Issue 18: nothing outside --z-min/--z-max is ever commanded, not even the return to a start
+    # outside them (10.005 mm < 10.010): no_peak leaves the stage at the last frame -- never silently
+    # at the limit either.
+    code = autofocus.main(["10.010", "10.040", "0.005", url(micron_fake), "--camera", "sim", "--native-unit-nm",
+                           "1000", "--z-min", "10.010", "--sim-time-scale", "0", "--sim-size", "320x200",
+                           "--sim-specimen", "blank"])
+    assert code == 3 and min(micron_fake.move_targets()) >= 10_010
+    assert micron_fake.move_targets()[-1] == 10_040 and micron_fake.position() == 10_040
