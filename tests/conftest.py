@@ -6,6 +6,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ import autofocus  # noqa: E402
 
 # Small, fast simulator settings for tests (the defaults are 1920x1200 in real time).
 FAST_SIM = ["--simulate", "--sim-time-scale", "0", "--sim-size", "320x200"]
+LEFT, RIGHT = (10, 10, 140, 180), (170, 10, 140, 180)  # the two halves of a 320x200 frame, clear of the seam
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +46,10 @@ def sim_frame(defocus_mm: float, *, photons: float = 1000.0, bits: int = 8, seed
     stage = autofocus.SimStage(travel_mm=(-25, 25), position_mm=defocus_mm,
                                timing=autofocus.SimTiming(scale=0.0))
     return autofocus.SimCamera(stage, optics, autofocus.SimTiming(scale=0.0)).capture()
+
+
+def small_sim(**options: Any) -> tuple[autofocus.SimStage, autofocus.SimCamera]:
+    return autofocus.simulated_microscope(**{"width": 320, "height": 200, "time_scale": 0, **options})
 
 
 @pytest.fixture

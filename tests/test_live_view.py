@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 import autofocus
-from conftest import FAKE_PYSPIN_DIR, FAST_SIM, ROOT
+from conftest import FAKE_PYSPIN_DIR, FAST_SIM, RIGHT, ROOT, small_sim
 from fake_zaber import DeviceConfig, FakeZaber
 
 NM = 1_000_000
@@ -544,3 +544,22 @@ def test_a_fault_while_the_progress_bar_is_drawn_starts_its_own_line(monkeypatch
     assert code == 5 and "autofocus:" in text  # the bar was drawn
     line = next(seg for seg in text.split("\n") if "autofocus.py:" in seg)
     assert line.split("\r")[-1].startswith("autofocus.py: camera timed out")  # not glued to the bar
+
+
+def test_live_view_outlines_the_roi() -> None:
+    stage, camera = small_sim(focus_mm=12.0, start_mm=12.0)
+    frame = camera.capture()
+    curve = [autofocus.Sample(12.0, 1.0)]
+
+    def yellow(view: np.ndarray) -> np.ndarray:
+        return np.all(view == (0, 255, 255), axis=2)
+
+    plain = autofocus.compose_view(frame, 9, curve, height=200)
+    outlined = autofocus.compose_view(frame, 9, curve, height=200, roi=RIGHT)
+    assert not yellow(plain).any()
+    rows, cols = np.nonzero(yellow(outlined))
+    # The outline on the frame panel (the first 320 columns at this height) is where the ROI is.
+    first = cols < 320
+    assert cols[first].min() == RIGHT[0] and cols[first].max() == RIGHT[0] + RIGHT[2] - 1
+    assert rows[first].min() == RIGHT[1] and rows[first].max() == RIGHT[1] + RIGHT[3] - 1
+    assert (cols >= 640).any()  # ... and on the filtered and Laplacian panels too

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -688,3 +689,123 @@ def test_a_disk_that_fills_up_while_saving_images_stops_the_run_and_leaves_a_rep
     replay = subprocess.run([sys.executable, "autofocus.py", "10", "10.05", "0.05", "--replay", str(stack)],
                             cwd=ROOT, capture_output=True, text=True)
     assert replay.returncode in (0, 3, 4), replay.stderr  # a valid (partial) stack
+
+
+# --- saving beside a replayed stack; logging; links, pipes and replacing writes ---------------------------
+
+@pytest.fixture(scope="module")
+def rec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """rec/stackA: a recording (the simulator, 96x64, 12.0-12.7 mm every 0.05)."""
+    folder = tmp_path_factory.mktemp("rec") / "rec"
+    assert autofocus.main(["12.0", "12.7", "0.05", *SIM, "--save-images", str(folder / "stackA")]) == 0
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_replayed_stack_is_read_once(rec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[Path] = []
+    real = autofocus.ReplayStack._read_rows
+    monkeypatch.setattr(autofocus.ReplayStack, "_read_rows", staticmethod(lambda p: (reads.append(p), real(p))[1]))
+    assert autofocus.main(["12.1", "12.6", "0.05", "--replay", str(rec / "stackA"), "--save-curve",
+                           str(tmp_path / "c.csv"), "--save-images", str(tmp_path / "copy")]) == 0
+    assert len(reads) == 1
+
+
+def test_saving_beside_a_replayed_stack_is_allowed(rec: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # --replay rec/stackA --save-images rec was refused ("holds frame_00000.png, which the replayed
+    # stack reads"), though nothing in rec/stackA is written.
+    work = tmp_path / "rec"
+    shutil.copytree(rec, work)
+    before = snapshot(work / "stackA")
+    code, _, err = call(capfd, "12.1", "12.6", "0.05", "--replay", work / "stackA", "--save-images", work)
+    assert code == 0, err
+    assert snapshot(work / "stackA") == before and (work / "stack.csv").is_file() and (work / "frame_00000.png").is_file()
+
+
+def test_only_files_the_saver_writes_count_however_the_rows_reach_them(rec: Path, tmp_path: Path,
+                                                                       capfd: pytest.CaptureFixture[str]) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(rec / "stackA", other / "sub")  # frames one folder down: not the saver's
+    shutil.copy(rec / "stackA" / "frame_00003.png", other / "picture.png")  # a name the saver never writes
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    rows = [f"{12 + i / 10},{'../other/sub/frame_00003.png' if i % 2 else str(other / 'picture.png')}" for i in range(8)]
+    (replay / "stack.csv").write_text("z_mm,file\n" + "\n".join(rows) + "\n")
+    before = snapshot(other)
+    code, _, err = call(capfd, "12.1", "12.6", "0.1", "--replay", replay, "--save-images", other)
+    assert code in (0, 3, 4) and "which the replayed stack reads" not in err, err
+    assert {k: v for k, v in snapshot(other).items() if k in before} == before
+    # ... but a frame name of the saver's, reached through ../ or a link, still is refused.
+    if POSIX:
+        (replay / "linked.png").symlink_to(other / "frame_00001.png")
+        (replay / "stack.csv").write_text("z_mm,file\n12,linked.png\n12.1,../other/frame_00002.png\n")
+        code, _, err = call(capfd, "12", "12.1", "0.05", "--replay", replay, "--save-images", other, "--overwrite")
+        assert code == 2 and "holds frame_00001.png, which the replayed stack reads" in err and err.count("\n") == 1
+        # A row naming a link the saver's --overwrite would remove (the file it leads to is elsewhere).
+        (other / "frame_00009.png").symlink_to(other / "picture.png")
+        (replay / "stack.csv").write_text("z_mm,file\n12,../other/frame_00009.png\n12.1,../other/picture.png\n")
+        code, _, err = call(capfd, "12", "12.1", "0.05", "--replay", replay, "--save-images", other, "--overwrite")
+        assert code == 2 and "holds frame_00009.png, which the replayed stack reads" in err, err
+        assert (other / "frame_00009.png").is_symlink()
+
+
+def test_verbose_shows_matplotlib_warnings_but_not_its_debug_lines(capfd: pytest.CaptureFixture[str]) -> None:
+    # --verbose --plot printed ~240 "findfont: ..." lines.
+    try:
+        autofocus.configure_logging(True)
+        font_manager = logging.getLogger("matplotlib.font_manager")
+        font_manager.debug("findfont: Matching sans-serif")
+        font_manager.warning("Matplotlib created a temporary cache directory")
+        autofocus.log.debug("frame 0: z=12.0000 mm")
+        err = capfd.readouterr().err
+        assert "findfont" not in err and "temporary cache directory" in err and "frame 0" in err
+        autofocus.configure_logging(False)
+        font_manager.warning("Matplotlib created a temporary cache directory")
+        assert capfd.readouterr().err == ""  # without --verbose an error stays one line
+    finally:
+        autofocus.configure_logging(False)
+
+
+@pytest.mark.skipif(not POSIX, reason="symbolic links, pipes and /dev/stdout are POSIX")
+def test_an_output_that_is_a_link_a_pipe_or_a_standard_stream_says_what_it_is(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "target.csv"
+    target.write_text("keep\n")
+    (tmp_path / "link.csv").symlink_to(target)
+    code, _, err = call(capfd, "12", "12.5", "0.05", *SIM, "--save-curve", tmp_path / "link.csv")
+    assert code == 2 and err.count("\n") == 1 and err.count("give ") == 1, err
+    assert err.rstrip().endswith(f"it is a symbolic link to {target}, and the tool never writes through a link; "
+                                 "give that file's own path, or another name")
+    read_end, write_end = os.pipe()
+    try:
+        for path, what in ((f"/proc/self/fd/{write_end}", "it is a pipe, not a file"),
+                           ("/dev/stdout", "it is the standard output"), ("/dev/null", "it is a device, not a file")):
+            if not Path(path).exists():
+                continue
+            code, _, err = call(capfd, "12", "12.5", "0.05", *SIM, "--save-curve", path)
+            assert code == 2 and err.count("\n") == 1 and what in err and "symbolic link" not in err, err
+            assert err.count("give ") == 1 and err.rstrip().endswith("give a file name"), err
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    code, _, err = call(capfd, "--make-figures", tmp_path / "link.csv")
+    assert code == 2 and "symbolic link" in err and err.rstrip().endswith("or another name"), err
+    assert target.read_text() == "keep\n"
+
+
+@pytest.mark.skipif(not POSIX, reason="symbolic links need privileges on Windows")
+def test_a_replacing_write_never_writes_through_a_name_it_did_not_claim(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    precious = tmp_path / "precious"
+    precious.write_text("keep\n")
+    monkeypatch.setattr(autofocus.os, "urandom", lambda n: b"\x00" * n)  # every temporary name the same ...
+    for name in ("curve.csv", "frame_00000.png"):
+        temporary = tmp_path / f".{name}.00000000.part"
+        temporary.symlink_to(precious)  # ... and a link planted there
+        with pytest.raises(FileExistsError):
+            autofocus.write_replacing(tmp_path / name, lambda path: path.write_text("overwritten\n"))
+        assert precious.read_text() == "keep\n" and not (tmp_path / name).exists()
+        assert autofocus.FRAME_FILE.fullmatch(temporary.name) or name == "curve.csv"  # --overwrite finds it

@@ -6,7 +6,9 @@ a recording keeps, and the shared real stacks (skipped when ../shared is absent)
 """
 from __future__ import annotations
 
+import builtins
 import csv
+import io
 import json
 import re
 import struct
@@ -534,6 +536,82 @@ def test_replay_half_way_between_slices_picks_the_lower_whatever_the_row_order(t
         cv2.imwrite(str(folder / f"f{i}.png"), np.full((16, 16), 10 + i, np.uint8))
     (folder / "stack.csv").write_text("z_mm,file\n0.1,f1.png\n0.0,f0.png\n")  # rows not in z order
     assert int(autofocus.ReplayStack(folder).nearest(0.05)[0, 0]) == 10
+
+
+def one_image_stack(folder: Path, data: bytes, name: str = "img.bin") -> Path:
+    folder.mkdir(parents=True)
+    (folder / name).write_bytes(data)
+    (folder / "stack.csv").write_text(f"z_mm,file\n10,{name}\n10.1,{name}\n")
+    return folder
+
+
+def test_an_image_opencv_refuses_to_decode_is_one_line(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # 1 x 2,000,000 pixels: inside the tool's 50 MP, beyond OpenCV's CV_IO_MAX_IMAGE_WIDTH (2^20).
+    ok, data = cv2.imencode(".tif", np.full((1, 2_000_000), 100, np.uint8))
+    assert ok
+    stack = one_image_stack(tmp_path / "stack", data.tobytes(), "wide.tif")
+    code, out, err = call(capfd, "10", "10.1", "0.05", "--replay", stack, "--json")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "wide.tif (2000000x1 TIFF) cannot be decoded: OpenCV refuses it" in err and "CV_IO_MAX_IMAGE_WIDTH" in err
+    assert json.loads(out)["exit_code"] == 2
+
+
+@pytest.fixture
+def bytes_read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every byte read_image reads from its file, counted where it leaves the file system."""
+    counted: list[int] = []
+
+    class Counting(io.FileIO):
+        def readinto(self, buffer: Any) -> int | None:
+            n = super().readinto(buffer)
+            counted.append(n or 0)
+            return n
+
+    def counting_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        return io.BufferedReader(Counting(file, "r")) if mode == "rb" else builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(autofocus, "open", counting_open, raising=False)
+    return counted
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\xff\xd8" + b"\xff" * (8 << 20), "its JPEG markers are damaged"),  # once walked in Python: 27.6 s for 50 MB
+    (b"BM" + bytes(12) + struct.pack("<Iii", 40, 30000, -30000) + bytes(8 << 20), "declares 30000x30000 pixels"),
+    (b"\xff\xd8" + b"\xff\xe1\x00\x04\x00\x00" * 1_000_000, "runs on for more than 4096 segments"),
+])
+def test_a_file_is_refused_from_its_header_without_reading_the_rest(tmp_path: Path, bytes_read: list[int],
+                                                                    data: bytes, message: str) -> None:
+    path = tmp_path / "img.bin"
+    path.write_bytes(data)
+    with pytest.raises(autofocus.StackError, match=message):
+        autofocus.read_image(path, "img")
+    assert len(data) > 5 << 20 and sum(bytes_read) <= 64 << 10
+
+
+def test_a_header_far_into_the_file_is_found_and_the_file_read_once(tmp_path: Path, bytes_read: list[int]) -> None:
+    frame = (np.random.default_rng(7).random((48, 64)) * 200 + 20).astype(np.uint8)
+    ok, jpeg = cv2.imencode(".jpg", frame)
+    padding = (b"\xff\xef\xff\xff" + bytes(65533)) * 3  # three full APP15 segments: the frame header lies 192 KiB in
+    (tmp_path / "big.jpg").write_bytes(jpeg.tobytes()[:2] + padding + jpeg.tobytes()[2:])
+    ok, tiff = cv2.imencode(".tif", (np.random.default_rng(8).random((400, 400)) * 255).astype(np.uint8))
+    (tmp_path / "end.tif").write_bytes(tiff.tobytes())  # OpenCV writes the TIFF directory after the pixels
+    assert struct.unpack("<I", tiff.tobytes()[4:8])[0] > 150_000
+    for name in ("big.jpg", "end.tif"):
+        bytes_read.clear()
+        image = autofocus.read_image(tmp_path / name, name)
+        size = (tmp_path / name).stat().st_size
+        assert image.shape[:2] in ((48, 64), (400, 400)) and sum(bytes_read) <= size + (32 << 10), name
+
+
+def test_a_nul_byte_in_a_stack_row_is_one_line(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    cv2.imwrite(str(stack / "a.png"), np.full((16, 16), 100, np.uint8))
+    (stack / "stack.csv").write_text("z_mm,file\n12,a.png\n12.1,a\x00.png\n")
+    for extra in ([], ["--save-curve", tmp_path / "c.csv"], ["--save-images", tmp_path / "out"]):
+        code, out, err = call(capfd, "12", "12.1", "0.05", "--replay", stack, *extra, "--json")
+        assert code == 2 and err.count("\n") == 1, err
+        assert "line 3: the file name holds a NUL byte" in err and json.loads(out)["exit_code"] == 2
 
 
 ###############################################################################

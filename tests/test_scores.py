@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import autofocus
-from conftest import sim_frame
+from conftest import LEFT, RIGHT, sim_frame
 
 DEFOCUS_MM = (-0.4, -0.2, -0.1, 0.0, 0.1, 0.2, 0.4)
 
@@ -146,3 +146,31 @@ def cv2_blur(image: np.ndarray) -> np.ndarray:
     import cv2
 
     return cv2.GaussianBlur(image, (0, 0), 3)
+
+
+def test_each_frame_is_checked_once_and_only_float_frames_are_rescaled(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"frame_problem": 0, "float_in_range": 0}
+    for name in calls:
+        real = getattr(autofocus, name)
+        monkeypatch.setattr(autofocus, name, lambda *a, _real=real, _name=name: (
+            calls.__setitem__(_name, calls[_name] + 1), _real(*a))[1])
+    stage, camera = autofocus.simulated_microscope(width=96, height=64, time_scale=0, start_mm=12.3)
+    result = autofocus.focus(stage, camera, 12.0, 12.7, 0.05)
+    # One check per frame (check_frame), one for the look before the first move; no rescaling of 8-bit frames.
+    assert calls == {"frame_problem": result.frames + 1, "float_in_range": 0}
+
+    class Float:
+        def capture(self) -> np.ndarray:
+            return camera.capture().astype(np.float32)
+
+    calls.update(frame_problem=0, float_in_range=0)
+    result = autofocus.focus(stage, Float(), 12.0, 12.7, 0.05)
+    assert calls == {"frame_problem": result.frames + 1, "float_in_range": 2 * result.frames}  # fine + coarse
+
+
+def test_roi_scores_only_the_region() -> None:
+    frame = np.zeros((200, 320), np.uint8)
+    frame[50:60, 200:210] = 255  # one bright square, inside the right half only
+    scorer = autofocus.Scorer(roi=RIGHT)
+    assert scorer(frame) > 0 and scorer.coarse(frame) > 0
+    assert autofocus.Scorer(roi=LEFT)(frame) == 0 and autofocus.Scorer(roi=LEFT).coarse(frame) == 0

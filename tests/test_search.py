@@ -10,6 +10,7 @@ import pytest
 
 import autofocus
 from autofocus import Plan
+from conftest import LEFT, RIGHT, small_sim
 
 
 # --- planning ------------------------------------------------------------------------------
@@ -308,3 +309,27 @@ def test_the_very_first_approach_with_backlash_overshoots_too(start: float, end:
     camera = autofocus.SimCamera(stage, autofocus.SimOptics(width=64, height=48), autofocus.SimTiming(scale=0.0))
     autofocus.focus(stage, camera, start, end, 0.05, backlash_mm=0.02)
     assert stage.targets[:2] == [overshoot, start]  # from the sweep's side, even though nothing came before
+
+
+# --- a region of interest picks the plane it covers ------------------------------------------------
+
+@pytest.mark.parametrize("search, end, step", [("sweep", 12.7, 0.02), ("fast", 13.4, 0.05)])
+def test_roi_picks_the_plane_of_the_region_it_covers(search: str, end: float, step: float) -> None:
+    # Cells everywhere, the right half of the field 0.4 mm above the left half.
+    for roi, plane in ((LEFT, 12.0), (RIGHT, 12.4)):
+        stage, camera = small_sim(focus_mm=12.0, right_focus_mm=12.4, start_mm=11.9)
+        result = autofocus.focus(stage, camera, 11.7, end, step, roi=roi, search=search)
+        assert result.verdict.kind == "focused", (roi, result.verdict.reason)
+        assert abs(result.best_mm - plane) <= step, (search, roi, result.best_mm)
+        assert stage.position_mm() == result.best_mm
+
+
+def test_featureless_half_is_no_peak_and_the_specimen_half_is_found() -> None:
+    # The left half is an empty, evenly lit field (only noise); the right half has cells at 12.4 mm.
+    options = dict(focus_mm=12.0, specimen="blank", right_specimen="cells", right_focus_mm=12.4, start_mm=11.9)
+    stage, camera = small_sim(**options)
+    empty = autofocus.focus(stage, camera, 11.7, 12.7, 0.02, roi=LEFT)
+    assert empty.verdict.kind == "no_peak" and stage.position_mm() == 11.9  # back where it started
+    stage, camera = small_sim(**options)
+    found = autofocus.focus(stage, camera, 11.7, 12.7, 0.02, roi=RIGHT)
+    assert found.verdict.kind == "focused" and abs(found.best_mm - 12.4) <= 0.02
