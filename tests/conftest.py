@@ -23,6 +23,9 @@ import autofocus  # noqa: E402
 
 # Small, fast simulator settings for tests (the defaults are 1920x1200 in real time).
 FAST_SIM = ["--simulate", "--sim-time-scale", "0", "--sim-size", "320x200"]
+CAMERA_BAD = [({"exposure_ms": -1}, "exposure_ms"), ({"exposure_ms": "5"}, "exposure_ms"),  # a camera's bad settings
+              ({"timeout_ms": 0}, "timeout_ms"), ({"timeout_ms": 200.0}, "timeout_ms"),
+              ({"roi": (0, 0, 4, 4)}, "roi"), ({"roi": [0, 0, 80]}, "roi")]
 LEFT, RIGHT = (10, 10, 140, 180), (170, 10, 140, 180)  # the two halves of a 320x200 frame, clear of the seam
 
 

@@ -391,3 +391,18 @@ def test_relative_on_the_simulator_and_on_a_replay(tmp_path: Path, capfd: pytest
     assert code == 0 and json.loads(out)["curve"] == result["curve"]
     code, _, err = call_main(capfd, ["-0.1", "0.1", "0.02", "--replay", tmp_path, "--relative"])
     assert code == 2 and "leaves the allowed interval 11.9..12.5 mm" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sim-condenser-na", "-1"], "--sim-condenser-na: -1 is out of range: must be above 0 to 1.4"),
+    (["--sim-dust-height-mm", "inf"], "--sim-dust-height-mm: inf is not a finite number"),
+    (["--sim-bits", "10"], "--sim-bits: 10 is not one of 8, 12, 16"),
+    (["--sim-size", "8x8"], "--sim-size: 8 is out of range: must be from 16 to 10000 pixels"),
+    (["--device", "0"], "--device: 0 is out of range"),
+    (["--camera-roi", "0,0,4,4"], "--camera-roi: (0, 0, 4, 4) is not a region"),
+])
+def test_the_cli_names_a_bad_value_by_its_option(argv: list[str], message: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code = autofocus.main(["12", "12.6", "0.05", *FAST_SIM, *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"autofocus.py: {message}") and err.count("\n") == 1, err

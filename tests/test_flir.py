@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import autofocus
+from conftest import CAMERA_BAD
 from fake_zaber import DeviceConfig, FakeZaber
 
 W, H = 160, 120
@@ -517,3 +518,16 @@ def test_missing_sdk_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(autofocus.UsageError, match="Spinnaker SDK") as info:
         autofocus.FlirCamera()
     assert "--simulate" in str(info.value)
+
+
+def test_flir_from_camera_refuses_bad_settings_and_changes_nothing(PySpin: ModuleType, sp: ModuleType) -> None:  # noqa: N803
+    PySpin.fake.reset(cameras=[PySpin.FakeCameraSpec(serial="4242", width=160, height=120)])
+    dev = PySpin.fake.camera("4242")
+    with sp.Camera() as cam:
+        before = dict(dev.values)
+        for keywords, named in CAMERA_BAD:
+            with pytest.raises(autofocus.BadValue) as caught:
+                autofocus.FlirCamera.from_camera(cam, **keywords)
+            assert str(caught.value).startswith(named) and dict(dev.values) == before
+            with pytest.raises(autofocus.BadValue):
+                autofocus.FlirCamera(**keywords)  # checked before the camera is opened

@@ -95,3 +95,28 @@ def test_a_micrograph_as_the_specimen(tmp_path: Path) -> None:
 def test_simulator_options_outside_what_it_models_are_refused(options: dict, message: str) -> None:
     with pytest.raises(autofocus.UsageError, match=message):
         autofocus.simulated_microscope(**options)
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"dust_height_mm": math.inf}, "dust_height_mm"), ({"condenser_na": -1}, "condenser_na"), ({"na": 0}, "na"),
+    ({"magnification": 0}, "magnification"), ({"bit_depth": 8.0}, "bit_depth"), ({"read_noise_e": -1}, "read_noise_e"),
+    ({"exposure_s": -0.01}, "exposure_s"), ({"poll_s": 0}, "poll_s"), ({"photons": 1e-300}, "photons"),
+    ({"width": 96.0}, "width"), ({"seed": 1.5}, "seed"), ({"specimen": None}, "specimen"),
+    ({"travel_mm": (25, 0)}, "travel_mm"), ({"travel_mm": (0, math.nan)}, "travel_mm"),
+    ({"one_shot": "yes"}, "one_shot"), ({"camera_roi": (0, 0, 4, 4)}, "camera_roi"), ({"objective": "7x"}, "objective"),
+    ({"na": 1.2}, "na 1.2 must be below immersion_index 1"), ({"time_scale": -1}, "time_scale"),
+    ({"wavelength_um": 550}, "wavelength_um"), ({"start_mm": "0"}, "start_mm"),
+])
+def test_simulator_values_it_cannot_render_are_refused(options: dict, named: str) -> None:
+    with pytest.raises(autofocus.BadValue) as caught:
+        autofocus.simulated_microscope(**{"width": 96, "height": 64, "time_scale": 0, **options})
+    assert str(caught.value).startswith(named)
+
+
+def test_every_simulator_field_has_a_rule() -> None:
+    fields = {f.name for cls in (autofocus.SimOptics, autofocus.SimTiming) for f in autofocus.dataclasses.fields(cls)}
+    assert fields - {"scale"} <= set(autofocus.SIM_RULES)
+    with pytest.raises(autofocus.BadValue, match="na: 0 is out of range"):  # built directly, too
+        autofocus.SimOptics(na=0)
+    with pytest.raises(autofocus.BadValue, match="poll_s: 0 is out of range"):
+        autofocus.SimTiming(poll_s=0)

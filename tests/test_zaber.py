@@ -7,6 +7,7 @@ show) and reads the fake's command log: what moved, where, in which order.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -310,3 +311,34 @@ def test_a_start_outside_the_soft_limits_is_not_returned_to_nor_clamped(micron_f
                            "--sim-specimen", "blank"])
     assert code == 3 and min(micron_fake.move_targets()) >= 10_010
     assert micron_fake.move_targets()[-1] == 10_040 and micron_fake.position() == 10_040
+
+
+# --- bad settings: refused before any device traffic ----------------------------------------------------
+
+ZABER_BAD = [({"native_unit_nm": -1}, "native_unit_nm"), ({"native_unit_nm": "1"}, "native_unit_nm"),
+             ({"move_timeout_s": math.nan}, "move_timeout_s"), ({"home_timeout_s": 0}, "home_timeout_s"),
+             ({"clear_faults": "yes"}, "clear_faults")]
+
+
+def test_from_axis_refuses_bad_settings_before_any_device_traffic() -> None:
+    from zaber_motion.ascii import Connection
+
+    with FakeZaber(devices=[DeviceConfig(homed=True, position=round(12.3 * NM))]) as fake:
+        with Connection.open_tcp("127.0.0.1", fake.port) as connection:
+            axis = connection.get_device(3).get_axis(1)
+            sent = len(fake.commands())
+            for keywords, named in ZABER_BAD:
+                with pytest.raises(autofocus.BadValue) as caught:
+                    autofocus.ZaberStage.from_axis(axis, **{"native_unit_nm": 1, **keywords})
+                assert str(caught.value).startswith(named)
+            with pytest.raises(autofocus.UsageError, match="needs a zaber_motion.ascii.Axis"):
+                autofocus.ZaberStage.from_axis(None, native_unit_nm=1)  # type: ignore[arg-type]
+            assert len(fake.commands()) == sent  # not one request reached the device
+
+
+@pytest.mark.parametrize("keywords, named", [({"device": 0}, "device"), ({"axis": 1.0}, "axis"),
+                                             ({"port": ""}, "port"), ({"device_db": 5}, "device_db")])
+def test_zaber_stage_refuses_bad_settings_before_opening_the_port(keywords: dict, named: str) -> None:
+    with pytest.raises(autofocus.BadValue) as caught:
+        autofocus.ZaberStage(**{"port": "tcp://127.0.0.1:9", **keywords})  # nothing listens there: not opened
+    assert str(caught.value).startswith(named)
