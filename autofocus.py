@@ -78,7 +78,7 @@ def _while_starting(signum: int, frame: object) -> None:
 NO_RESULT_JSON = {
     "best_mm": None, "best_score": None, "best_sample_mm": None, "fit_mm": None, "fit_used": False,
     "fit_reason": None, "verdict": None, "reason": None, "suggested_range_mm": None, "verdict_scale": None,
-    "prominence": None, "noise": None, "threshold": None, "frames": 0, "moves": 0, "elapsed_s": None,
+    "uncertainty_mm": None, "notes": [], "prominence": None, "noise": None, "threshold": None, "frames": 0, "moves": 0, "elapsed_s": None,
     "search": None, "metric": None, "start_mm": None, "curve": [], "transparent": False, "peaks": [], "dips": [],
     "timing": {"move_s": 0.0, "capture_s": 0.0, "score_s": 0.0}, "exit_code": None, "error": None, "stage": None,
     "stage_info": None, "roi": None, "camera_roi": None,
@@ -103,6 +103,7 @@ try:
     import functools
     import inspect
     import io
+    import itertools
     import json
     import logging
     import math
@@ -110,6 +111,7 @@ try:
     import os
     import re
     import signal
+    import stat
     import subprocess
     import threading
     import time
@@ -117,7 +119,7 @@ try:
     import weakref
     from collections.abc import Callable, Iterator, Mapping, Sequence
     from pathlib import Path
-    from typing import Any, Protocol, TypeVar, runtime_checkable
+    from typing import Any, Literal, Protocol, TypeVar
 
     import cv2
     import numpy as np
@@ -186,11 +188,37 @@ POSITION_DECIMALS = 9  # positions are rounded to 1 pm so that float noise never
 SCORE_MAX_PIXELS = 1_500_000  # larger frames are 2x2 binned before scoring (see focus scores)
 COARSE_FACTOR = 8  # fast search: coarse pass every 8 STEPs, scored on an 8x binned image
 SIM_SPECIMENS = ("cells", "blank", "dusty", "transparent")  # --sim-specimen
-PEAK_CHOICES = ("sharpest", "lowest", "highest", "nearest")  # --peak: which of several peaks
+DefocusModel = Literal["gaussian", "pillbox"]  # --sim-defocus: how the simulator blurs out of focus
+DEFOCUS_MODELS: tuple[DefocusModel, ...] = ("gaussian", "pillbox")
+VerdictKind = Literal["focused", "edge", "no_peak"]
+Scale = Literal["fine", "coarse"]  # which curve decided: the score, or the same score on a binned frame
+PeakPolicy = Literal["sharpest", "lowest", "highest", "nearest"]  # --peak: which of several peaks
+PEAK_CHOICES: tuple[PeakPolicy, ...] = ("sharpest", "lowest", "highest", "nearest")
 MIN_FAST_POSITIONS = 24  # shorter grids are swept: a coarse pass would hold too few frames to judge
 COARSE_MIN_SIDE_PX = 32  # ... but the binned image keeps at least this many pixels a side
 MIN_FRAMES_FOR_VERDICT = 5  # fewer frames cannot separate a peak from noise
-PEAK_MARGIN_SIGMA = 3.0  # a peak must clear the expected noise maximum by this many sigma
+# The decision (see "Decision (pure)").  Noise alone passes one significance test with at most this
+# probability (Gaussian noise; a run makes at most ~10 tests: two scales, a fast search's looks),
+# wherever on the grid it happens to be highest.
+FALSE_PEAK_RATE = 1e-4
+MIN_NOISE_RESIDUALS = 3  # fewer residuals off the peaks cannot measure the curve's noise
+NOISE_KEEP_RESIDUALS = 6  # ... and a peak that fills the range keeps at least this many (curvature included)
+NOISE_CLIP_SIGMA = 5.0  # a residual this many robust sigmas out is a peak's curvature or a glitch, not noise
+NOISE_EXCLUDE_SIGMA = 3.0  # frames this far above the baseline belong to a peak, not to the noise
+LOCATE_RATE = 1e-3  # ... and near a peak the coarse scale found, when the fine score locates it
+NARROW_SHARE = 0.10  # ... and a peak whose neighbours are both below this share of its height is narrower than STEP
+NEIGHBOUR_RATE = 0.01  # a neighbour below this one-frame noise quantile is at the floor (a one-frame peak)
+FIT_REACH = 2  # the sub-step fit uses the best frame and up to 2 grid neighbours on each side
+FIT_INTERVAL = 0.90  # the error bar (uncertainty_mm) is the half-width of this central interval
+# A score's frame-to-frame scatter grows with the score: near focus it is at least this share of
+# the score's rise above the floor (1-2 % on the simulator, every metric: shot noise moves edges
+# through the bilateral filter), on top of the floor's own noise.
+SCORE_SCATTER = 0.025
+PEAK_SHAPES = tuple(round(-1.0 + 0.1 * i, 1) for i in range(26))  # fit_peak's shape parameter s
+# The peak model's own limit, in frame spacings: its bias on simulated and real-texture peaks
+# (both defocus models, 4x-60x) that the frames' scatter does not show; added to every interval.
+FIT_MODEL_FLOOR = 0.015
+FIT_FLOORS = 6  # ... and how many floors under the peak it weighs (from the baseline up to the fit's lowest frame)
 IN_FLIGHT_FRAMES = 4  # frames captured but not yet scored: bounds memory when scoring lags
 DEFAULT_MOVE_TIMEOUT_S = 30.0
 DEFAULT_HOME_TIMEOUT_S = 120.0  # homing crosses the whole travel, at the (slower) homing speed
@@ -499,24 +527,37 @@ class Timing:
 
 @dataclasses.dataclass(frozen=True)
 class PeakFit:
-    """A sub-step peak estimate; ``used`` only when every gate passed (see ``fit_peak``)."""
+    """A sub-step peak estimate (see ``fit_peak``); ``used`` when it could be made."""
 
     z_mm: float | None
     used: bool
     reason: str
+    uncertainty_mm: float | None = None  # half-width of a FIT_INTERVAL interval for the true peak
+    points: int = 0  # frames the fit rests on
+    scale: Scale = "fine"  # which score was fitted: the full-resolution one or the coarse (binned) one
 
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    """Whether the curve has a real peak, and where it lies in the range."""
+    """Whether the curve has a real peak, and where it lies in the range.
 
-    kind: str  # "focused", "edge" or "no_peak"
+    ``height`` is how far the chosen peak's best frame stands above the curve's baseline (the
+    median of the frames off every peak); ``prominence`` how far it stands above the higher of
+    its two surroundings (the lowest frame on each side before a higher one, topographic
+    prominence; at an end of the curve, the one side).  A peak is real when its height clears
+    ``threshold`` (what noise reaches anywhere on the grid), and ``focused`` when the curve also
+    falls on both sides of it, within the range, by more than noise reaches in those few frames;
+    otherwise ``edge``: the focus may lie beyond the end it does not fall toward."""
+
+    kind: VerdictKind
     prominence: float
     noise: float
     threshold: float
     reason: str
     suggestion_mm: tuple[float, float] | None = None
-    scale: str = "fine"  # which curve decided: "fine" (the score) or "coarse" (the binned score)
+    scale: Scale = "fine"
+    height: float = float("nan")
+    narrow: bool = False  # the peak is narrower than STEP: its neighbours are at the floor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -525,8 +566,9 @@ class Extremum:
 
     z_mm: float  # the frame at the extremum
     score: float
-    prominence: float  # how far it stands out from the curve on its lower side (peaks) / higher (dips)
-    fit_mm: float | None  # sub-step estimate, when the 3-point fit passes its gates
+    prominence: float  # topographic: above the higher of its two surroundings (dips: below the lower)
+    fit_mm: float | None  # sub-step estimate (fit_peak), when one could be made
+    uncertainty_mm: float | None = None  # the fit's error bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -546,9 +588,10 @@ class FocusResult:
     elapsed_s: float
     timing: Timing
     transparent: bool = False  # --transparent: scores are 1/contrast, the focus is the contrast minimum
-    peaks: tuple[Extremum, ...] = ()  # every significant peak of the fine curve, by z
+    peaks: tuple[Extremum, ...] = ()  # every significant peak of the curve that decided, by z
     dips: tuple[Extremum, ...] = ()  # every significant dip between rising flanks, by z
-    uncertainty_mm: float | None = None  # half-width of a ~90% interval for the true focus, when known
+    uncertainty_mm: float | None = None  # focused: half-width of a ~90 % interval for the true focus
+    notes: tuple[str, ...] = ()  # what the user should know beyond the verdict (one line each)
 
     @property
     def frames(self) -> int:
@@ -574,23 +617,26 @@ class FocusResult:
 
 def frame_problem(image: Any) -> str | None:
     """Why ``image`` is not a frame the scores can use (None when it is): a numpy array, HxW or
-    HxWxC with 1, 3 (BGR) or 4 (BGRA) channels, 8- or 16-bit or float32, not empty."""
+    HxWxC with 1, 3 (BGR) or 4 (BGRA) channels, 8- or 16-bit or float32, at least MIN_ROI_PX pixels
+    a side after the binning ``score_binning`` gives it.  Looks at the array's shape and type only
+    (no pass over its pixels): the scores themselves assume a frame that passed."""
     if not isinstance(image, np.ndarray):
-        return f"a {type(image).__name__}, not an image (a numpy array)"
+        return "no frame (None)" if image is None else f"a {type(image).__name__}, not an image (a numpy array)"
     channels = image.shape[2] if image.ndim == 3 else 1
     if image.ndim not in (2, 3) or channels not in (1, 3, 4) or image.dtype.name not in FRAME_DTYPES:
         return (f"a {'x'.join(map(str, image.shape))} {image.dtype} array; a frame must be HxW or HxWx3/4 (BGR, "
                 f"BGRA), {', '.join(FRAME_DTYPES)}")
     if image.size == 0:
-        return "an empty frame"
+        return f"an empty frame ({'x'.join(map(str, image.shape))})"
+    side = MIN_ROI_PX * score_binning(image.shape)  # a large frame is binned 2x2 first: its sides halve
+    if min(image.shape[:2]) < side:
+        return f"a {image.shape[0]}x{image.shape[1]} frame; each side needs at least {side} pixels to be scored"
     return None
 
 
 def to_gray_float(image: np.ndarray) -> np.ndarray:
-    """Grayscale float32 in the frame's own units (8- or 16-bit or float32, mono or BGR/BGRA);
-    CameraError for anything else (``frame_problem``)."""
-    if (problem := frame_problem(image)) is not None:
-        raise CameraError(f"cannot score {problem}")
+    """Grayscale float32 in the frame's own units, of a frame ``frame_problem`` accepts (8- or
+    16-bit or float32, mono or BGR/BGRA)."""
     if image.ndim == 3:
         if image.shape[2] == 1:
             image = image[:, :, 0]
@@ -624,9 +670,10 @@ def float_in_range(gray: np.ndarray) -> np.ndarray:
 
 
 def prepare_gray(image: np.ndarray, binning: int | None = None) -> np.ndarray:
-    """Gray, binned and mean-normalised frame that every focus score starts from."""
+    """Gray, binned and mean-normalised frame that every focus score starts from (a frame
+    ``frame_problem`` accepts)."""
     gray = to_gray_float(image)
-    if image.dtype.kind == "f":
+    if image.dtype.kind == "f":  # only a float frame can be far from 1 (8- and 16-bit ones never are)
         gray = float_in_range(gray)
     gray = bin_image(gray, score_binning(gray.shape) if binning is None else binning)
     mean = float(cv2.mean(gray)[0])
@@ -651,10 +698,9 @@ def bilateral(gray: np.ndarray, blur: int) -> np.ndarray:
 def filtered_gray(image: np.ndarray, blur: int, binning: int | None = None) -> np.ndarray:
     """``prepare_gray`` then ``bilateral``; ``blur`` is in camera pixels, so a binned frame
     gets the diameter that covers the same area (9 camera pixels = 5 binned pixels)."""
-    gray = to_gray_float(image)
-    factor = score_binning(gray.shape) if binning is None else binning
+    factor = score_binning(image.shape) if binning is None else binning
     diameter = max(3, int(round(blur / factor)) | 1)
-    return bilateral(prepare_gray(float_in_range(gray) if image.dtype.kind == "f" else gray, factor), diameter)
+    return bilateral(prepare_gray(image, factor), diameter)
 
 
 def laplacian_views(image: np.ndarray, blur: int, binning: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -741,25 +787,42 @@ class Scorer:
     invert: bool = False
 
     def crop(self, image: np.ndarray) -> np.ndarray:
-        """The part of the frame that is scored (a view, no copy); CameraError for what is not a frame."""
+        """The part of the frame that is scored (a view, no copy), checked: CameraError for what is
+        not a frame (``frame_problem``), UsageError for a region that does not fit in it."""
         if (problem := frame_problem(image)) is not None:
             raise CameraError(f"cannot score {problem}")
-        if self.roi is None:
-            return image
-        x, y, w, h = self.roi
-        return image[y: y + h, x: x + w]
+        if self.roi is not None:
+            check_roi(self.roi, image.shape)
+        return self._region(image)
 
     def __call__(self, image: np.ndarray) -> float:
-        return self._sign(METRICS[self.metric](self.crop(image), self.blur))
-
-    def _sign(self, score: float) -> float:
-        return -score if self.invert else score
+        return self._fine(self.crop(image))
 
     def coarse(self, image: np.ndarray) -> float:
         """The same score on a binned frame: a wide capture range, robust to photon noise
         (the fast search's coarse pass and the verdict's fallback, see ``decide``)."""
-        image = self.crop(image)
-        return self._sign(METRICS[self.metric](image, self.blur, coarse_binning(image.shape)))
+        return self._coarse(self.crop(image))
+
+    def scores(self, frame: np.ndarray, coarse: bool) -> tuple[float, float | None]:
+        """The score, and with ``coarse`` the coarse score, of a frame ``check_frame`` accepted in a
+        run whose first frame the ROI fits: cropped once, not checked again (the Acquisition's path)."""
+        region = self._region(frame)
+        return self._fine(region), self._coarse(region) if coarse else None
+
+    def _region(self, frame: np.ndarray) -> np.ndarray:
+        if self.roi is None:
+            return frame
+        x, y, w, h = self.roi
+        return frame[y: y + h, x: x + w]
+
+    def _fine(self, region: np.ndarray) -> float:
+        return self._sign(METRICS[self.metric](region, self.blur))
+
+    def _coarse(self, region: np.ndarray) -> float:
+        return self._sign(METRICS[self.metric](region, self.blur, coarse_binning(region.shape)))
+
+    def _sign(self, score: float) -> float:
+        return -score if self.invert else score
 
 
 def check_roi(roi: Roi, frame_shape: tuple[int, ...]) -> None:
@@ -780,8 +843,22 @@ def coarse_binning(shape: tuple[int, ...]) -> int:
 
 
 ###############################################################################
-# Peak fitting and verdict (pure) #############################################
+# Decision (pure) #############################################################
 ###############################################################################
+# ``decide`` turns the frames of a run into its answer: the verdict, the chosen peak, the fitted
+# position with its error bar, and the reasons.  Both searches, the CLI, the API and replay use
+# it; nothing here moves or measures.  Its parts:
+#
+# - the curve's noise (``estimate_noise``): how far each frame lies from the straight line through
+#   its two neighbours, over the frames off every peak, with the degrees of freedom it rests on;
+# - how high noise alone could reach (``noise_threshold``): anywhere on the grid, with at most
+#   FALSE_PEAK_RATE, Student's t allowing for the uncertainty of the noise estimate itself;
+# - the peaks (``find_peaks``) and the edge rule: a peak is real when it stands above the
+#   curve's baseline by more than that; several are told apart by their topographic prominence;
+#   the chosen one is in focus when the curve falls on both sides of it within the range;
+# - the sub-step position (``fit_peak``): a family of symmetric peak shapes, from flat-topped
+#   through Gaussian to Lorentzian, each weighted by how well it fits; the error bar comes from
+#   the spread of the shapes the frames allow and from their noise.
 
 
 def by_z(samples: Sequence[Sample]) -> list[Sample]:
@@ -799,12 +876,250 @@ def best_sample(samples: Sequence[Sample]) -> Sample:
     return max(samples, key=lambda s: s.score)
 
 
-def fit_peak(samples: Sequence[Sample]) -> PeakFit:
-    """Gaussian peak through the best sample and its two neighbours (a parabola on log scores).
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function (modified Lentz, as in Numerical
+    Recipes 6.4)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        for aa in (m * (b - m) * x / ((a - 1.0 + 2 * m) * (a + 2 * m)),
+                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 1.0 + 2 * m))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-13:
+            break
+    return h
 
-    The fit is used only when it can be trusted: the best sample has a measured neighbour on
-    each side, both neighbours score lower (positive scores), the log-parabola opens downward,
-    and its vertex lies between the two neighbours.  Exact for a Gaussian-shaped peak.
+
+def student_t_sf(t: float, dof: float) -> float:
+    """P(T > t) for Student's t with ``dof`` degrees of freedom (t >= 0)."""
+    x = dof / (dof + t * t)
+    a, b = dof / 2.0, 0.5
+    if x <= 0.0:
+        return 0.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return 0.5 * front * _betacf(a, b, x) / a
+    return 0.5 * (1.0 - front * _betacf(b, a, 1.0 - x) / b)
+
+
+def student_t_isf(p: float, dof: float) -> float:
+    """The t with P(T > t) = p (0 < p < 0.5), by bisection; ``dof`` above 1000 counts as 1000."""
+    dof = min(dof, 1000.0)
+    lo, hi = 0.0, 1.0
+    while student_t_sf(hi, dof) > p:
+        lo, hi = hi, hi * 4.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if student_t_sf(mid, dof) > p else (lo, mid)
+        if hi - lo < 1e-9 * hi:
+            break
+    return 0.5 * (lo + hi)
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Noise:
+    """A curve's frame-to-frame noise and what it rests on (see ``estimate_noise``)."""
+
+    sigma: float  # one standard deviation of a score (nan: too few frames off the peaks)
+    dof: float  # degrees of freedom of sigma (neighbouring residuals share frames)
+    residuals: int  # how many residuals it rests on
+    baseline: float  # the median score of the frames off every peak
+    baseline_frames: int
+    off_peak: tuple[bool, ...]  # per frame (in z order): not part of a peak
+
+
+def _residuals(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each interior frame minus the straight line through its two neighbours, scaled so that white
+    noise of sigma s gives residuals of sigma s; and the line's weights and the scales."""
+    span = z[2:] - z[:-2]
+    wl = (z[2:] - z[1:-1]) / span
+    wr = (z[1:-1] - z[:-2]) / span
+    norm = np.sqrt(1.0 + wl**2 + wr**2)
+    return (y[1:-1] - wl * y[:-2] - wr * y[2:]) / norm, wl, wr, norm
+
+
+def estimate_noise(z: np.ndarray, y: np.ndarray) -> Noise:
+    """The noise of a curve (z ascending), from the frames off every peak.
+
+    Each interior frame is compared with the straight line through its neighbours (straight
+    trends such as drift cancel).  Residuals that touch a peak measure its curvature, not noise:
+    a frame belongs to a peak when it is the highest, or stands more than NOISE_EXCLUDE_SIGMA sigma
+    above the median of the other frames next to a peak frame or next to another such frame (a
+    lone high frame is as likely noise, and stays); every residual touching one is left out, and so is a
+    residual next to one that lies NOISE_CLIP_SIGMA robust sigmas out (a flank the mask missed;
+    anywhere else a large residual is noise, and counts); sigma (their root mean
+    square) is estimated again until the set settles, or until fewer than NOISE_KEEP_RESIDUALS
+    would be left (a peak that fills the range: its flanks' curvature then counts as noise, which
+    only makes the verdict more cautious).  Neighbouring residuals share frames, so m of them
+    carry about m/2 degrees of freedom (Satterthwaite's approximation, for any spacing).
+    """
+    n = len(y)
+    if n < 3:
+        return Noise(float("nan"), 0.0, 0, float(np.median(y)) if n else float("nan"), n, (True,) * n)
+    r, wl, wr, norm = _residuals(z, y)
+
+    def kept(peak: np.ndarray) -> np.ndarray:
+        """Residuals touching no peak frame, and not far out (a curvature the mask missed, a glitch)."""
+        keep = ~(peak[:-2] | peak[1:-1] | peak[2:])
+        if keep.sum() >= MIN_NOISE_RESIDUALS:  # next to a peak, a residual far out is its flank's curvature
+            robust = 1.4826 * float(np.median(np.abs(r[keep])))
+            near_peak = peak.copy()
+            for shift in (1, 2, 3):
+                near_peak[shift:] |= peak[:-shift]
+                near_peak[:-shift] |= peak[shift:]
+            flank = near_peak[1:-1]  # residuals centred within 3 frames of a peak frame
+            keep &= ~(flank & (np.abs(r) > NOISE_CLIP_SIGMA * robust))
+        return keep
+
+    peak = np.zeros(n, bool)
+    peak[int(np.argmax(y))] = True
+    level = float(np.median(y[~peak]))  # fixed: a median recomputed without the masked frames would creep down a ramp
+    keep = kept(peak)
+    for _ in range(6):
+        if keep.sum() < MIN_NOISE_RESIDUALS:
+            break
+        high = y > level + NOISE_EXCLUDE_SIGMA * float(np.sqrt(np.mean(r[keep] ** 2)))
+        grown = peak | (high & _in_runs(high, peak))
+        if (grown == peak).all():
+            break
+        grown_keep = kept(grown)
+        if grown_keep.sum() < NOISE_KEEP_RESIDUALS:  # the peak fills the range: keep what measures noise best
+            break
+        peak, keep = grown, grown_keep
+    off = tuple(bool(v) for v in ~peak)
+    base, m = float(np.median(y[~peak])), int(keep.sum())
+    if m < MIN_NOISE_RESIDUALS:
+        return Noise(float("nan"), 0.0, m, base, int((~peak).sum()), off)
+    sigma = float(np.sqrt(np.mean(r[keep] ** 2)))
+    # Correlations of neighbouring residuals (unit variance each): one frame shared at distance 1
+    # (two of them) and at distance 2.
+    rho1 = -(wl[1:] + wr[:-1]) / (norm[:-1] * norm[1:])
+    rho2 = wr[:-2] * wl[2:] / (norm[:-2] * norm[2:])
+    shared = m + 2 * float(np.sum(rho1[keep[:-1] & keep[1:]] ** 2)) + 2 * float(np.sum(rho2[keep[:-2] & keep[2:]] ** 2))
+    return Noise(sigma, m * m / shared, m, base, int((~peak).sum()), off)
+
+
+def _in_runs(high: np.ndarray, peak: np.ndarray) -> np.ndarray:
+    """Frames in a run of ``high`` frames that touches ``peak`` or is at least two frames long (one
+    lone high frame elsewhere is as likely noise: leaving it out would make the noise look smaller)."""
+    out = np.zeros_like(high)
+    i, n = 0, len(high)
+    while i < n:
+        if not high[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < n and high[j + 1]:
+            j += 1
+        if j > i or peak[max(0, i - 1): j + 2].any():
+            out[i: j + 1] = True
+        i = j + 1
+    return out
+
+
+def curve_noise_and_count(samples: Sequence[Sample]) -> tuple[float, int]:
+    """``estimate_noise`` of the samples' curve: sigma and how many residuals it rests on."""
+    ordered = by_z(samples)
+    noise = estimate_noise(np.array([s.z_mm for s in ordered]), np.array([s.score for s in ordered]))
+    return noise.sigma, noise.residuals
+
+
+def curve_noise(samples: Sequence[Sample]) -> float:
+    """The frame-to-frame noise of the scores (one standard deviation; see ``estimate_noise``)."""
+    return curve_noise_and_count(samples)[0]
+
+
+def noise_threshold(noise: Noise, n_grid: int, rate: float = FALSE_PEAK_RATE) -> float:
+    """How far above the baseline noise alone reaches, at most, anywhere on an n_grid grid.
+
+    A search picks its best frame from every grid position it could have measured (a fast search
+    refines where the curve is high), so the bound covers all n_grid of them: each frame exceeds
+    it with probability FALSE_PEAK_RATE / n_grid.  The noise is itself estimated, from few
+    residuals on a sparse curve, so the quantile is Student's t with the estimate's degrees of
+    freedom (a sparse curve needs a larger margin, never a luckier one), widened for the
+    uncertainty of the baseline (a median of b frames: sigma * 1.25 / sqrt(b)).
+    """
+    if not math.isfinite(noise.sigma) or noise.dof <= 0:
+        return float("nan")
+    k = student_t_isf(rate / max(n_grid, 1), noise.dof)
+    return noise.sigma * k * math.sqrt(1.0 + math.pi / (2.0 * max(noise.baseline_frames, 1)))
+
+
+def _maxima(y: np.ndarray) -> list[tuple[int, int, float | None, float | None]]:
+    """Every local maximum of y: (first index, last index (a plateau), low-side base, high-side base).
+
+    A base is the lowest point between the maximum and the next higher sample on that side, or
+    the curve's end; None when the maximum is at that end (nothing beyond it was measured)."""
+    out = []
+    n = len(y)
+    for i in range(n):
+        if i > 0 and y[i - 1] >= y[i]:
+            continue
+        j = i
+        while j + 1 < n and y[j + 1] == y[i]:
+            j += 1
+        if j < n - 1 and y[j + 1] > y[j]:
+            continue
+        low = high = None
+        if i > 0:
+            k, low = i - 1, float(y[i])
+            while k >= 0 and y[k] <= y[i]:
+                low, k = min(low, float(y[k])), k - 1
+        if j < n - 1:
+            k, high = j + 1, float(y[i])
+            while k < n and y[k] <= y[i]:
+                high, k = min(high, float(y[k])), k + 1
+        out.append((i, j, low, high))
+    return out
+
+
+def prominence_of(value: float, low: float | None, high: float | None) -> float:
+    """Topographic prominence: above the higher of the bases there are (0 for a lone frame)."""
+    bases = [b for b in (low, high) if b is not None]
+    return value - max(bases) if bases else 0.0
+
+
+def _G(u: np.ndarray, s: float) -> np.ndarray:
+    """The Box-Cox transform with lambda = -s (log at s = 0): increasing in u > 0."""
+    return np.log(u) if s == 0 else (u ** (-s) - 1.0) / (-s)
+
+
+def _G_inverse(g: np.ndarray, s: float) -> np.ndarray:
+    if s == 0:
+        return np.exp(np.minimum(g, 700.0))
+    v = 1.0 - s * g
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        return np.where(v > 0, np.abs(v) ** (-1.0 / s), np.inf if s > 0 else 0.0)
+
+
+def fit_peak(samples: Sequence[Sample], *, floor: float | Sequence[float] | None = None, noise: float = 0.0,
+             shapes: Sequence[float] | None = None) -> PeakFit:
+    """The sub-step peak position, and the half-width of a FIT_INTERVAL interval around it.
+
+    Uses the best sample and up to FIT_REACH neighbours on each side (the caller passes the
+    frames it means: ``decide`` gives STEP-spaced ones).  The model is a symmetric peak on a
+    floor: score = floor + A (1 + q (z - c)^2)^(-1/s), a parabola in (score - floor)^-s, or in
+    log(score - floor) at s = 0: a Gaussian at s = 0, a Lorentzian at s = 1, flat-topped below 0,
+    a parabola at s = -1.  No single shape is assumed: each s of PEAK_SHAPES is fitted by weighted
+    least squares (each frame's noise: ``noise`` plus SCORE_SCATTER of its rise), on each of the
+    ``floor`` values given (one, or several the peak may stand on), and every (floor, shape) is
+    weighted by how well it fits (chi-square, scaled up by the best fit's own misfit when the
+    frames are noisier than assumed).  The position is the weighted mean; the interval covers the
+    spread of the shapes the frames allow and the noise of each.  With three frames every shape
+    fits, so the interval is the spread of all of them.  Each shape's vertex is kept between the
+    midpoints to the best frame's neighbours, where a symmetric peak must lie.  ``shapes`` (-1,)
+    fits a parabola (the contrast minimum of --transparent, the default when every score is
+    negative).  The best frame needs a lower neighbour on each side.
     """
     ordered = by_z(samples)
     if len(ordered) < 3:
@@ -813,209 +1128,404 @@ def fit_peak(samples: Sequence[Sample]) -> PeakFit:
     i = ordered.index(best)
     if i == 0 or i == len(ordered) - 1:
         return PeakFit(None, False, "best sample at the edge of the measured range")
-    left, mid, right = ordered[i - 1], ordered[i], ordered[i + 1]
-    negated = max(left.score, mid.score, right.score) < 0  # --transparent: -contrast, a V-shaped dip
-    if min(left.score, mid.score, right.score) <= 0 and not negated:
-        return PeakFit(None, False, "non-positive scores")
-    if not (left.score < mid.score and right.score < mid.score):
+    if not (ordered[i - 1].score < best.score and ordered[i + 1].score < best.score):
         return PeakFit(None, False, "flat top: a neighbour scores as high as the best")
-    x = np.array([left.z_mm, mid.z_mm, right.z_mm]) - mid.z_mm
-    # A contrast score falls off from focus like a Gaussian: a parabola on its log.  A contrast
-    # minimum (normalised variance ~ dz^2 near the focus of a phase object) is a parabola itself.
-    scores = [left.score, mid.score, right.score]
-    y = np.array(scores) if negated else np.log(scores)
-    # Parabola through three points: y = a x^2 + b x + c.
-    denom = (x[0] - x[1]) * (x[0] - x[2]) * (x[1] - x[2])
-    a = (x[2] * (y[1] - y[0]) + x[1] * (y[0] - y[2]) + x[0] * (y[2] - y[1])) / denom
-    b = (x[2] ** 2 * (y[0] - y[1]) + x[1] ** 2 * (y[2] - y[0]) + x[0] ** 2 * (y[1] - y[2])) / denom
-    if not a < 0:
-        return PeakFit(None, False, "curvature of the wrong sign")
-    vertex = -b / (2 * a)
-    if not x[0] < vertex < x[2]:
-        return PeakFit(None, False, "vertex outside the bracket")
-    return PeakFit(float(round(mid.z_mm + vertex, POSITION_DECIMALS)), True,
-                   "parabola fit on 3 points (contrast minimum)" if negated else "gaussian fit on 3 points")
-
-
-def curve_noise(samples: Sequence[Sample]) -> float:
-    """Robust estimate of the frame-to-frame noise of the scores (one standard deviation)."""
-    return curve_noise_and_count(samples)[0]
-
-
-def curve_noise_and_count(samples: Sequence[Sample]) -> tuple[float, int]:
-    """The noise estimate and how many residuals it rests on.
-
-    Each interior sample is compared with the straight line through its two neighbours; for
-    white noise of sigma s the residual has sigma s*sqrt(1 + wl^2 + wr^2).  The residuals at
-    the best sample and its neighbours are left out, and the median of the rest (x 1.4826, MAD
-    to sigma) ignores the few that the peak's flanks make large; straight trends
-    (illumination drift, a slope) cancel.
-    """
-    ordered = by_z(samples)
-    z = np.array([s.z_mm for s in ordered])
-    y = np.array([s.score for s in ordered])
-    if len(ordered) < 3:
-        return float("nan"), 0
-    span = z[2:] - z[:-2]
-    wl = (z[2:] - z[1:-1]) / span
-    wr = (z[1:-1] - z[:-2]) / span
-    residual = y[1:-1] - (wl * y[:-2] + wr * y[2:])
-    scaled = np.abs(residual) / np.sqrt(1 + wl**2 + wr**2)
-    # The residuals on the peak measure its curvature, not noise: leave out the peak's extent
-    # (the run of samples around the best one that stand above the median by more than a
-    # quarter of the prominence) and one sample beyond it on each side.  On noise alone that is
-    # the highest sample and its neighbours; on a fast search's curve it is the refined frames
-    # around the peak, so the noise comes from the frames away from it, coarse or refined.
-    lo_i, hi_i = peak_extent(y)
-    keep = np.array([not lo_i - 1 <= i + 1 <= hi_i + 1 for i in range(len(scaled))])
-    if keep.sum() >= 2:
-        scaled = scaled[keep]
-    return float(1.4826 * np.median(scaled)), len(scaled)
-
-
-def peak_extent(scores: np.ndarray) -> tuple[int, int]:
-    """First and last index of the run around the highest score that stands above the median
-    by more than a quarter of the prominence (scores in z order)."""
-    top = int(np.argmax(scores))
-    level = float(np.median(scores)) + 0.25 * float(scores[top] - np.median(scores))
-    lo_i = hi_i = top
-    while lo_i > 0 and scores[lo_i - 1] > level:
-        lo_i -= 1
-    while hi_i < len(scores) - 1 and scores[hi_i + 1] > level:
-        hi_i += 1
-    return lo_i, hi_i
-
-
-def judge(samples: Sequence[Sample], range_mm: tuple[float, float],
-          noise_samples: Sequence[Sample] | None = None) -> Verdict:
-    """Decide focused / edge / no_peak from the curve alone.
-
-    A peak is real when its prominence (best score minus the median score) exceeds the
-    curve's own noise (``curve_noise``: from the residuals of every frame off the peak, refined
-    frames included, the same for both searches; raised to its upper bound for the few residuals
-    it rests on) times sqrt(2 ln n) + 3, n the number of grid positions spanned (a fast search
-    picks its best from all of them): sqrt(2 ln n) is about the largest of n samples of pure
-    noise, in sigmas, and the margin of 3 sigma keeps false peaks rare.  A real peak is
-    ``focused`` only when the curve also falls by more than that threshold on both sides of
-    it, within the range; where it does not, the focus may lie beyond that end: ``edge``.
-    No constant depends on the specimen, the metric or the units of the score.
-    """
-    ordered = by_z(samples)
-    n = len(ordered)
-    lo, hi = min(range_mm), max(range_mm)
-    if n < MIN_FRAMES_FOR_VERDICT:
-        return Verdict("no_peak", float("nan"), float("nan"), float("nan"),
-                       f"only {n} positions: at least {MIN_FRAMES_FOR_VERDICT} are needed to tell a peak "
-                       "from noise; use a smaller STEP")
-    scores = np.array([s.score for s in ordered])
-    sigma, m = curve_noise_and_count(noise_samples if noise_samples is not None and len(noise_samples) >= 3
-                                     else ordered)
-    # A MAD from m residuals is itself uncertain (relative standard error ~1.2-1.35/sqrt(m) for
-    # Gaussian noise at small m, by Monte Carlo): raise it by 1.64/sqrt(m), about 1.2-1.4 standard
-    # errors, so a sparse curve (fast search) is not overconfident.  Together with the 3-sigma
-    # margin this keeps false peaks at or below 1% (tests/test_verdict_objectives.py).
-    noise = sigma * (1 + 1.64 / math.sqrt(max(m, 1)))
-    prominence = float(scores.max() - np.median(scores))
-    # The largest of how many noise values?  Of every grid position the search could have picked
-    # its best frame from, not just those measured: a fast search refines around its highest
-    # frame, so the grid's size (span / finest spacing) counts, not its frame count.
-    z = np.array([s.z_mm for s in ordered])
-    finest = float(np.min(np.diff(z))) if n > 1 else 0.0
-    n_grid = max(n, int(round((z[-1] - z[0]) / finest)) + 1) if finest > 0 else n
-    threshold = noise * (math.sqrt(2 * math.log(n_grid)) + PEAK_MARGIN_SIGMA)
-    if not prominence > threshold:
-        return Verdict("no_peak", prominence, noise, threshold,
-                       f"no peak: prominence {prominence:.3g} is within the curve's noise "
-                       f"(threshold {threshold:.3g}); blank field, no specimen, or focus far outside the range")
-    i = int(np.argmax(scores))
-    best = scores[i]
-    drop_low = best - scores[:i].min() if i > 0 else 0.0
-    drop_high = best - scores[i + 1:].min() if i < n - 1 else 0.0
-    width = hi - lo
-    if drop_low <= threshold:
-        return Verdict("edge", prominence, noise, threshold,
-                       f"the curve is still high at the low end of the range ({lo:.4f} mm): the focus may lie "
-                       "below it", (round(lo - width / 2, 6), round(lo + width / 2, 6)))
-    if drop_high <= threshold:
-        return Verdict("edge", prominence, noise, threshold,
-                       f"the curve is still high at the high end of the range ({hi:.4f} mm): the focus may lie "
-                       "above it", (round(hi - width / 2, 6), round(hi + width / 2, 6)))
-    ratio = f"{prominence / threshold:.1f}x the noise threshold" if threshold > 0 else "above a noise-free curve"
-    return Verdict("focused", prominence, noise, threshold, f"peak prominence {ratio}")
-
-
-def _prominences(y: np.ndarray) -> list[tuple[int, int, float]]:
-    """(first index, last index, topographic prominence) of every local maximum of y (a plateau
-    spans first..last): how far it rises above the
-    higher of the two lowest points between it and the next higher sample on each side (or the
-    curve's end).  Plateaus count once, at their first sample."""
-    out = []
-    n = len(y)
-    for i in range(n):
-        left_ok = i == 0 or y[i] > y[i - 1]
-        j = i
-        while j + 1 < n and y[j + 1] == y[i]:
-            j += 1
-        right_ok = j == n - 1 or y[j] > y[j + 1]
-        if not (left_ok and right_ok) or (i > 0 and y[i - 1] == y[i]):
+    window = ordered[max(0, i - FIT_REACH): i + FIT_REACH + 1]
+    i -= max(0, i - FIT_REACH)
+    z = np.array([s.z_mm for s in window])
+    y = np.array([s.score for s in window])
+    if shapes is None:
+        shapes = (-1.0,) if y.max() < 0 else PEAK_SHAPES
+    if floor is None:
+        floor = 0.0 if y.min() > 0 else float(y.min())
+    floors = [float(floor)] if isinstance(floor, numbers.Real) else [float(f) for f in floor]
+    lowest = min(floors)
+    if not y[i] - lowest > 0:
+        return PeakFit(None, False, "the best frame does not rise above the floor")
+    # Frames beyond the neighbours that are within the floor's noise carry no shape: left out.
+    lo, hi = 0, len(y) - 1
+    while lo < i - 1 and y[lo] - lowest <= 2 * noise:
+        lo += 1
+    while hi > i + 1 and y[hi] - lowest <= 2 * noise:
+        hi -= 1
+    z, y, i = z[lo: hi + 1], y[lo: hi + 1], i - lo
+    h = float(np.median(np.diff(z)))
+    x = (z - z[i]) / h  # in STEPs, the best frame at 0
+    left, right = (x[i - 1] + x[i]) / 2, (x[i] + x[i + 1]) / 2  # a symmetric peak lies between these
+    design = np.vstack([np.ones_like(x), x, x * x]).T
+    fits = []  # (vertex, its variance, chi-square)
+    for b, s in itertools.product(floors, shapes):
+        height = float(y[i] - b)
+        if not height > 0:
             continue
-        lo_left = y[i]
-        k = i - 1
-        while k >= 0 and y[k] <= y[i]:
-            lo_left = min(lo_left, y[k])
-            k -= 1
-        lo_right = y[i]
-        k = j + 1
-        while k < n and y[k] <= y[i]:
-            lo_right = min(lo_right, y[k])
-            k += 1
-        # At the curve's end there is no rising flank beyond: only the other side counts.
-        bases = [b for b, edge in ((lo_left, i == 0), (lo_right, j == n - 1)) if not edge]
-        out.append((i, j, float(y[i] - max(bases)) if bases else 0.0))
-    return out
+        u = np.maximum(y - b, max(0.5 * noise, 1e-9 * height)) / height
+        sig = np.sqrt((noise / height) ** 2 + (SCORE_SCATTER * u) ** 2)
+        g = _G(u, s)
+        w = 1.0 / (u ** (-s - 1.0) * sig) ** 2  # 1 / variance of g (delta method)
+        aw = design * np.sqrt(w)[:, None]
+        coef, *_ = np.linalg.lstsq(aw, g * np.sqrt(w), rcond=None)
+        _, a1, a2 = (float(v) for v in coef)
+        if not a2 < 0:
+            continue
+        vertex = -a1 / (2 * a2)
+        cov = np.linalg.pinv(aw.T @ aw)
+        grad = np.array([0.0, -1.0 / (2 * a2), a1 / (2 * a2 * a2)])
+        predicted = _G_inverse(design @ coef, s)
+        chi2 = float(np.sum(((u - predicted) / sig) ** 2))
+        if not math.isfinite(chi2):
+            continue
+        fits.append((min(max(vertex, left), right), max(float(grad @ cov @ grad), 0.0), chi2))
+    if not fits:
+        return PeakFit(None, False, "no peak shape fits the frames around the best one")
+    chi2 = np.array([f[2] for f in fits])
+    spread = max(1.0, float(chi2.min()) / max(len(x) - 4, 1))  # the frames are noisier than assumed
+    weight = np.exp(-(chi2 - chi2.min()) / (2 * spread))
+    weight /= weight.sum()
+    vertices = np.array([f[0] for f in fits])
+    # Each shape's own uncertainty, and the model's limit (the bias of the best of these shapes on
+    # real peaks, which five frames cannot reveal: FIT_MODEL_FLOOR of the spacing).
+    sds = np.sqrt(np.array([f[1] for f in fits]) * spread + FIT_MODEL_FLOOR**2) + 1e-6
+    centre = float(np.sum(weight * vertices))
+
+    def covered(half: float) -> float:
+        return float(sum(wt * (_normal_cdf((centre + half - v) / sd) - _normal_cdf((centre - half - v) / sd))
+                         for wt, v, sd in zip(weight, vertices, sds)))
+
+    lo_u, hi_u = 0.0, float(x[-1] - x[0]) + 1.0
+    for _ in range(50):
+        mid = 0.5 * (lo_u + hi_u)
+        lo_u, hi_u = (mid, hi_u) if covered(mid) < FIT_INTERVAL else (lo_u, mid)
+    what = "parabola fit on 3 points (contrast minimum)" if tuple(shapes) == (-1.0,) and len(x) == 3 else \
+        f"{'parabola' if tuple(shapes) == (-1.0,) else 'symmetric peak'} fit on {len(x)} points"
+    return PeakFit(float(round(z[i] + centre * h, POSITION_DECIMALS)), True, what, hi_u * h, len(x))
 
 
-def find_peaks(samples: Sequence[Sample], threshold: float) -> list[Extremum]:
-    """Every local maximum whose prominence exceeds ``threshold`` (the verdict's noise rule),
-    in z order, each with its 3-point fit."""
+def find_peaks(samples: Sequence[Sample], threshold: float, baseline: float | None = None,
+               noise: float = 0.0) -> list[Extremum]:
+    """Every significant peak, in z order, each fitted: a local maximum standing more than
+    ``threshold`` above ``baseline`` (default: the median score) and above its surroundings
+    (topographic prominence); the highest frame counts when it clears the baseline test alone
+    (a curve still rising at an end of the range has its best frame there or before it)."""
     ordered = by_z(samples)
     if len(ordered) < 3 or not math.isfinite(threshold):
         return []
     y = np.array([s.score for s in ordered])
+    base = float(np.median(y)) if baseline is None else baseline
+    top = int(np.argmax(y))
     found = []
-    for i, _, prominence in _prominences(y):
-        if prominence > threshold:
-            fit = fit_peak(ordered[max(i - 1, 0): i + 2])
-            found.append(Extremum(ordered[i].z_mm, ordered[i].score, prominence, fit.z_mm if fit.used else None))
+    for i, _, low, high in _maxima(y):
+        prominence = prominence_of(float(y[i]), low, high)
+        if y[i] - base > threshold and (prominence > threshold or i == top):
+            fit = fit_peak(ordered[max(i - FIT_REACH, 0): i + FIT_REACH + 1], floor=base, noise=noise)
+            found.append(Extremum(ordered[i].z_mm, ordered[i].score, prominence, fit.z_mm if fit.used else None,
+                                  fit.uncertainty_mm if fit.used else None))
     return found
 
 
 def find_dips(samples: Sequence[Sample], threshold: float) -> list[Extremum]:
-    """Every local minimum between rising flanks (never at an end of the range) whose depth
-    exceeds ``threshold``, in z order; fitted on the reciprocal score (a dip is its peak)."""
+    """Every local minimum between rising flanks (never at an end of the range) whose depth below
+    the lower of its surroundings exceeds ``threshold``, in z order; fitted on the reciprocal
+    score (a dip is its peak)."""
     ordered = by_z(samples)
     if len(ordered) < 3 or not math.isfinite(threshold):
         return []
     y = np.array([s.score for s in ordered])
     found = []
-    for i, j, depth in _prominences(-y):
-        if i > 0 and j < len(ordered) - 1 and depth > threshold:  # flanks rise on both sides
-            window = [Sample(s.z_mm, 1.0 / s.score) for s in ordered[i - 1: i + 2] if s.score > 0]
-            fit = fit_peak(window) if len(window) == 3 else PeakFit(None, False, "non-positive scores")
-            found.append(Extremum(ordered[i].z_mm, ordered[i].score, depth, fit.z_mm if fit.used else None))
+    for i, j, low, high in _maxima(-y):
+        depth = prominence_of(float(-y[i]), low, high)
+        if low is not None and high is not None and depth > threshold:
+            window = [Sample(s.z_mm, 1.0 / s.score) for s in ordered[max(i - 1, 0): i + 2] if s.score > 0]
+            fit = fit_peak(window, floor=0.0) if len(window) == 3 else PeakFit(None, False, "non-positive scores")
+            found.append(Extremum(ordered[i].z_mm, ordered[i].score, depth, fit.z_mm if fit.used else None,
+                                  fit.uncertainty_mm if fit.used else None))
     return found
 
 
-def choose_peak(peaks: Sequence[Extremum], policy: str, start_mm: float) -> Extremum:
+def choose_peak(peaks: Sequence[Extremum], policy: PeakPolicy, start_mm: float | None) -> Extremum:
     """The peak ``--peak`` asks for: the sharpest (highest score), the lowest or highest in z, or
     the one nearest where the stage started."""
     if policy == "lowest":
         return min(peaks, key=lambda p: p.z_mm)
     if policy == "highest":
         return max(peaks, key=lambda p: p.z_mm)
-    if policy == "nearest":
+    if policy == "nearest" and start_mm is not None:
         return min(peaks, key=lambda p: abs(p.z_mm - start_mm))
     return max(peaks, key=lambda p: p.score)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What ``decide`` concludes from a run's frames."""
+
+    verdict: Verdict
+    fit: PeakFit
+    best: Sample | None  # the chosen peak's best frame (no_peak: the highest frame, if any)
+    target_mm: float | None  # where the stage should go; None: back to where it started
+    uncertainty_mm: float | None  # focused: half-width of a ~90 % interval for the true focus
+    peaks: tuple[Extremum, ...] = ()
+    dips: tuple[Extremum, ...] = ()
+    notes: tuple[str, ...] = ()
+    more_mm: tuple[float, ...] = ()  # grid positions to measure before the answer is final
+
+
+def _length(value_mm: float) -> str:
+    """A length for a person: um below 1 mm, two significant digits (0.49 um, 25 um)."""
+    um = abs(value_mm) * 1000.0
+    return f"{um:.2g} \N{MICRO SIGN}m" if um < 1000 else f"{value_mm:g} mm"
+
+
+def _round_step(step_mm: float) -> float:
+    """A STEP to suggest: the nearest (on a log scale) of 1, 1.5, 2, 3, 5 x a power of ten
+    (70 um -> 0.05 mm, 1.5 um -> 0.0015 mm, 0.88 um -> 0.001 mm)."""
+    if not step_mm > 0:
+        return step_mm
+    power = math.floor(math.log10(step_mm))
+    nice = [m * 10.0**p for p in (power - 1, power, power + 1) for m in (1, 1.5, 2, 3, 5)]
+    return float(f"{min(nice, key=lambda v: abs(math.log(v / step_mm))):.3g}")
+
+
+def step_advice(step_mm: float, depth_of_field_um: float | None) -> str | None:
+    """One clause when STEP is much coarser than the depth of field (None when it suits it)."""
+    if depth_of_field_um is None:
+        return None
+    dof_mm = depth_of_field_um / 1000.0
+    if step_mm > 2.0 * dof_mm:
+        return (f"STEP {step_mm:g} mm is {step_mm / dof_mm:.0f} depths of field of the objective "
+                f"({_length(dof_mm)}): a focus between two frames can be missed; use STEP {_round_step(dof_mm):g} mm")
+    return None
+
+
+def decide(samples: Sequence[Sample], grid_mm: Sequence[float], *, peak: PeakPolicy = "sharpest",
+           start_mm: float | None = None, transparent: bool = False, depth_of_field_um: float | None = None,
+           allowed_mm: tuple[float, float] | None = None) -> Decision:
+    """The answer from a run's frames: verdict, chosen peak, fitted position, error bar, reasons.
+
+    ``samples`` are the frames measured so far (any order); ``grid_mm`` every position the search
+    could have measured (the plan: its size bounds where noise may happen to peak, and the fit's
+    STEP neighbours come from it); ``peak`` chooses among several significant peaks; ``start_mm``
+    is where the stage started (``peak="nearest"``); ``transparent``: the scores are -contrast
+    (the words change, and the peak is fitted as a parabola); ``depth_of_field_um`` (from
+    ``--objective``) names the STEP to use; ``allowed_mm`` (travel and soft limits) keeps a
+    suggested range where the stage may go.
+
+    The fine (full-resolution) curve decides when it shows a real peak; else the coarse-scale
+    curve (the same score on a binned frame: it averages photon noise away and reaches farther
+    from focus) gets the same test.  ``more_mm`` lists grid positions that must be measured
+    before the answer is final (the fit's STEP neighbours, the STEP grid across a coarse-scale
+    peak); a caller measures them and decides again.
+    """
+    grid = sorted({float(g) for g in grid_mm})
+    ordered = by_z(samples)
+    n = len(ordered)
+    if n < MIN_FRAMES_FOR_VERDICT:
+        verdict = Verdict("no_peak", float("nan"), float("nan"), float("nan"),
+                          f"only {n} positions: at least {MIN_FRAMES_FOR_VERDICT} are needed to tell a peak "
+                          "from noise; use a smaller STEP")
+        return Decision(verdict, PeakFit(None, False, "too few positions"), best_sample(ordered) if ordered else None,
+                        None, None)
+    options = dict(grid=grid, policy=peak, start_mm=start_mm, transparent=transparent,
+                   depth_of_field_um=depth_of_field_um, allowed_mm=allowed_mm)
+    fine = _decide_curve(ordered, [s.score for s in ordered], "fine", **options)  # type: ignore[arg-type]
+    if fine.verdict.kind != "no_peak" or any(s.coarse is None for s in ordered):
+        return fine
+    coarse = _decide_curve(ordered, [s.coarse for s in ordered], "coarse", **options)  # type: ignore[misc, arg-type]
+    if coarse.verdict.kind == "no_peak":
+        return fine
+    if coarse.verdict.kind != "focused" or coarse.more_mm or coarse.best is None:
+        return coarse
+    # Found at the coarse scale: the full-resolution score may still show the peak well enough
+    # to locate it (though not above the noise of every position): then it gives the position.
+    gi = min(range(len(grid)), key=lambda k: abs(grid[k] - coarse.best.z_mm))  # type: ignore[union-attr]
+    bracket = (grid[max(0, gi - FIT_REACH)], grid[min(len(grid) - 1, gi + FIT_REACH)])
+    located = _decide_curve(ordered, [s.score for s in ordered], "fine", locate=bracket, **options)  # type: ignore[arg-type]
+    return located if located.verdict.kind == "focused" else coarse
+
+
+def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, grid: list[float],
+                  policy: PeakPolicy, start_mm: float | None, transparent: bool, depth_of_field_um: float | None,
+                  allowed_mm: tuple[float, float] | None, locate: tuple[float, float] | None = None) -> Decision:
+    """``decide`` on one curve (the fine scores or the coarse ones).  ``locate`` (lo, hi): a peak
+    is already known to lie there (found at the coarse scale); look for it on this curve within
+    that bracket only, where noise has only those few frames to peak on."""
+    z = np.array([s.z_mm for s in ordered])
+    y = np.array(scores, dtype=float)
+    curve = [Sample(a, float(b)) for a, b in zip(z, y)]
+    lo, hi = grid[0], grid[-1]
+    step = float(np.min(np.diff(grid))) if len(grid) > 1 else 0.0
+    noise = estimate_noise(z, y)
+    inside = [k for k in range(len(z)) if locate is not None and locate[0] <= z[k] <= locate[1]]
+    threshold = noise_threshold(noise, len(grid)) if locate is None else \
+        noise_threshold(noise, len(inside), LOCATE_RATE)
+    top = int(np.argmax(y))
+    maxima = {i: (low, high) for i, _, low, high in _maxima(y)}
+    if not math.isfinite(threshold):
+        verdict = Verdict("no_peak", float("nan"), noise.sigma, threshold,
+                          f"only {noise.residuals} frames away from the peak to measure the curve's noise: too few to "
+                          "tell a peak from noise; widen the range or use a smaller STEP", scale=scale)
+        return Decision(verdict, _top_fit(curve, top, noise), ordered[top], None, None)
+    base = noise.baseline
+    peaks = find_peaks(curve, threshold, base, noise.sigma)
+    if locate is not None:
+        peaks = [p for p in peaks if locate[0] <= p.z_mm <= locate[1]]
+    dips = find_dips(curve, threshold) if scale == "fine" and locate is None else []
+    top_low, top_high = maxima.get(top, (None, None))
+    if not peaks:
+        advice = step_advice(step, depth_of_field_um)
+        sigmas = (y[top] - base) / noise.sigma if noise.sigma > 0 else 0.0
+        needed = threshold / noise.sigma if noise.sigma > 0 else 0.0
+        well_measured = noise_threshold(dataclasses.replace(noise, dof=1000.0), len(grid)) / max(noise.sigma, 1e-300)
+        if sigmas > well_measured:  # it would count with a well-measured noise: the range is too short
+            reason = (f"no peak: the best frame stands {sigmas:.1f} sigma above the curve's median, but the "
+                      f"noise is measured on only {noise.residuals} residuals off the peak, too few to tell it from "
+                      f"noise (it would need {needed:.1f} sigma); widen the range so that more frames lie away from "
+                      "the peak" + (f" (and {advice})" if advice else ""))
+        else:
+            reason = (f"no peak: the best frame stands {sigmas:.1f} sigma above the curve's median, within its noise "
+                      f"(threshold {needed:.1f} sigma); blank field, no specimen, focus far outside the range"
+                      + (f", or {advice}" if advice else ", or a STEP much coarser than the depth of field "
+                         "(--objective checks it)"))
+        verdict = Verdict("no_peak", prominence_of(float(y[top]), top_low, top_high), noise.sigma, threshold, reason,
+                          scale=scale, height=float(y[top] - base))
+        return Decision(verdict, _top_fit(curve, top, noise), ordered[top], None, None, dips=tuple(dips))
+    chosen = choose_peak(peaks, policy, start_mm)
+    i = int(np.searchsorted(z, chosen.z_mm))
+    low, high = maxima.get(i, (None, None))
+    prominence = prominence_of(float(y[i]), low, high)
+    # The edge rule: once the height has shown a real peak (above what noise reaches anywhere),
+    # whether the curve falls on each side is a question about those few frames: a drop larger
+    # than noise reaches there (LOCATE_RATE), within the range.
+    fall = min(threshold, noise_threshold(noise, len(grid), LOCATE_RATE))
+    falls_low = low is not None and y[i] - low > fall
+    falls_high = high is not None and y[i] - high > fall
+    several = f"; the {policy} of {len(peaks)} significant peaks (--peak {policy})" if len(peaks) > 1 and \
+        policy != "sharpest" else ""
+    # The STEP grid around the chosen frame: what the fit needs, and what is not measured yet.
+    gi = int(np.argmin(np.abs(np.array(grid) - z[i])))
+    measured = {float(v) for v in z}
+    def grid_at(k: int) -> float | None:
+        return grid[k] if 0 <= k < len(grid) else None
+    more: list[float] = []
+    for side in (-1, 1):
+        near = grid_at(gi + side)
+        if near is not None and near not in measured:
+            more.append(near)
+    if scale == "coarse":  # measure the STEP grid across the coarse peak (between its coarse neighbours)
+        span_lo = z[i - 1] if i > 0 else z[i]
+        span_hi = z[i + 1] if i < len(z) - 1 else z[i]
+        more += [g for g in grid if span_lo < g < span_hi and g not in measured]
+    if falls_low and falls_high:
+        for side in (-1, 1):  # the second neighbour, where the first stands above the floor
+            first, second = grid_at(gi + side), grid_at(gi + 2 * side)
+            if first in measured and second is not None and second not in measured:
+                if y[int(np.searchsorted(z, first))] - base > 2 * noise.sigma:
+                    more.append(second)
+    more_mm = tuple(sorted(set(more)))
+    word = "contrast minimum" if transparent else "peak"
+    if not (falls_low and falls_high):
+        # The edge rule: the chosen peak does not fall by more than the threshold on a side (or
+        # sits at an end): the focus may lie beyond that end.
+        if falls_low != falls_high:
+            at_low = not falls_low
+        else:  # neither side falls: the side that falls the least
+            at_low = (y[i] - low if low is not None else 0.0) <= (y[i] - high if high is not None else 0.0)
+        end = lo if at_low else hi
+        where, toward = ("low", "below") if at_low else ("high", "above")
+        still = "the contrast is still falling" if transparent else "the curve is still high"
+        reason = f"{still} at the {where} end of the range ({end:.4f} mm): the {'focus' if not transparent else word} may lie {toward} it"
+        suggestion, limit_note = _suggest(end, at_low, hi - lo, allowed_mm)
+        verdict = Verdict("edge", prominence, noise.sigma, threshold, reason + limit_note + several, suggestion,
+                          scale, float(y[i] - base))
+        return Decision(verdict, PeakFit(None, False, "edge"), ordered[i], float(z[i]), None, tuple(peaks),
+                        tuple(dips), more_mm=more_mm)
+    # Focused: fit the STEP-spaced frames around the chosen one.
+    window = set(grid[max(0, gi - FIT_REACH): gi + FIT_REACH + 1])
+    near = [s for s in curve if s.z_mm in window]
+    k = next(n for n, s in enumerate(near) if s.z_mm == z[i])
+    lo_k, hi_k = k, k  # down each flank only while it falls: beyond a rise lies another peak
+    while lo_k > 0 and near[lo_k - 1].score <= near[lo_k].score:
+        lo_k -= 1
+    while hi_k < len(near) - 1 and near[hi_k + 1].score <= near[hi_k].score:
+        hi_k += 1
+    near = near[lo_k: hi_k + 1]
+    fit = dataclasses.replace(fit_peak(near, floor=_fit_floors(near, base), noise=noise.sigma,
+                                       shapes=(-1.0,) if transparent else None), scale=scale)
+    neighbours = [k for k in (i - 1, i + 1) if 0 <= k < len(z)]
+    gaps = [abs(z[k] - z[i]) for k in neighbours]
+    floor_level = noise.sigma * student_t_isf(NEIGHBOUR_RATE, noise.dof)  # one frame within the floor's noise
+    narrow = all(y[k] - base <= floor_level for k in neighbours)
+    # Neighbours above the floor but both far down the peak: it is a fraction of STEP wide (a
+    # Lorentzian below NARROW_SHARE at both: half-width < 1/6 STEP); the frames see its flanks only,
+    # and the fit's interval (the shapes those flanks allow) says how well that places it.
+    sharp = not narrow and all(y[k] - base < NARROW_SHARE * (y[i] - base) for k in neighbours)
+    notes: list[str] = []
+    ratio = f"{float(y[i] - base) / threshold:.1f}x the noise threshold" if threshold > 0 else "above a noise-free curve"
+    reason = f"{word} height {ratio}{several}"
+    if narrow or not fit.used or fit.uncertainty_mm is None or fit.uncertainty_mm > max(gaps) / 2.0:
+        # A one-frame peak, or a fit no surer than the frames' spacing: the best frame, +-half a gap.
+        target, uncertainty = float(z[i]), max(gaps) / 2.0
+        if fit.used and fit.uncertainty_mm is not None and not narrow:
+            uncertainty = max(fit.uncertainty_mm, uncertainty)
+    else:
+        target, uncertainty = fit.z_mm, fit.uncertainty_mm  # type: ignore[assignment]
+    use = _round_step(depth_of_field_um / 1000.0) if depth_of_field_um else _round_step(max(gaps) / 4)
+    if sharp:
+        notes.append(f"note: the {word} is narrower than STEP (both neighbours are below {NARROW_SHARE:.0%} of its "
+                     f"height): the frames see only its flanks, so the focus is known to within "
+                     f"\N{PLUS-MINUS SIGN}{_length(uncertainty)} of {target:.4f} mm; for a sharp image search "
+                     f"{max(lo, z[i] - max(gaps)):g} {min(hi, z[i] + max(gaps)):g} with STEP {use:g} mm")
+    if narrow:
+        notes.append(f"note: the {word} is one frame wide (both neighbours are at the noise floor): it is narrower "
+                     f"than STEP, so the focus is known only to within \N{PLUS-MINUS SIGN}{_length(uncertainty)} of {z[i]:.4f} mm; for a "
+                     f"sharp image search {max(lo, z[i] - max(gaps)):g} {min(hi, z[i] + max(gaps)):g} with STEP "
+                     f"{use:g} mm"
+                     + ("" if depth_of_field_um else " (--objective names the STEP that suits the objective)"))
+    if locate is not None:
+        reason += (" (the coarse-scale score shows the peak above the noise of every position; the "
+                   "full-resolution score locates it)")
+    elif scale == "coarse":
+        narrow = narrow or step_advice(step, depth_of_field_um) is not None
+        cause = "the peak is narrower than STEP" if narrow else "fine detail is lost in noise"
+        reason += f" (on the coarse-scale score only: {cause})"
+        if cause.startswith("fine"):
+            notes.append("note: the full-resolution score is flat within its noise; the coarse (binned) score found "
+                         "the focus, less precisely: more light, a longer exposure, or --metric tenengrad/normvar help")
+    verdict = Verdict("focused", prominence, noise.sigma, threshold, reason, None,
+                      "coarse" if locate is not None else scale, float(y[i] - base), narrow or sharp)
+    return Decision(verdict, fit, ordered[i], target, uncertainty, tuple(peaks), tuple(dips), tuple(notes), more_mm)
+
+
+def _top_fit(curve: list[Sample], top: int, noise: Noise) -> PeakFit:
+    """The fit around the highest frame of a curve that showed no peak: the stage does not go
+    there, but a caller with its own evidence (a focus map's window) may use it."""
+    near = curve[max(0, top - FIT_REACH): top + FIT_REACH + 1]
+    base = noise.baseline if math.isfinite(noise.baseline) else min(s.score for s in near)
+    return fit_peak(near, floor=_fit_floors(near, base), noise=noise.sigma if math.isfinite(noise.sigma) else 0.0)
+
+
+def _fit_floors(near: list[Sample], baseline: float) -> list[float]:
+    """The floors a peak may stand on, for fit_peak to weigh: from the curve's baseline (far from
+    focus) up to just below the lowest frame of the fit (a broad pedestal under a sharp peak:
+    blurred structure still has some contrast several STEPs out)."""
+    lowest = min(s.score for s in near)
+    top = max(s.score for s in near)
+    end = lowest - 0.05 * (top - lowest)
+    return [float(v) for v in np.linspace(baseline, max(baseline, end), FIT_FLOORS)]
+
+
+def _suggest(end_mm: float, at_low: bool, width_mm: float,
+             allowed_mm: tuple[float, float] | None) -> tuple[tuple[float, float] | None, str]:
+    """A range to try next, centred on the end the focus may lie beyond, kept inside where the
+    stage may go; or none (and why) when the range already ends at that limit."""
+    lo, hi = end_mm - width_mm / 2, end_mm + width_mm / 2
+    if allowed_mm is None:
+        return (round(lo, 6), round(hi, 6)), ""
+    a_lo, a_hi = min(allowed_mm), max(allowed_mm)
+    limit = a_lo if at_low else a_hi
+    if (at_low and end_mm <= a_lo + 1e-9) or (not at_low and end_mm >= a_hi - 1e-9):
+        return None, (f"; the range already ends at the stage's {'lowest' if at_low else 'highest'} allowed "
+                      f"position ({limit:g} mm: its travel or --z-min/--z-max), so no range beyond it can be tried")
+    lo, hi = max(lo, a_lo), min(hi, a_hi)
+    return (round(lo, 6), round(hi, 6)), ""
 
 
 ###############################################################################
@@ -1342,10 +1852,12 @@ def plan_window(predicted_mm: float, sigma_mm: float, positions: Sequence[float]
     return positions[lo], positions[lo + size - 1]
 
 
+WINDOW_MARGIN_SIGMA = 3.0  # a map window's peak must clear the expected noise maximum by this many sigma
+
+
 def relative_noise(scores: Sequence[float]) -> float:
     """The frame-to-frame noise of repeated frames at one position, relative to their score
-    (std / |mean|), raised by 1.64/sqrt(dof) for the few frames it rests on (as ``judge``'s
-    noise is)."""
+    (std / |mean|), raised by 1.64/sqrt(dof) for the few frames it rests on."""
     a = np.asarray(scores, float)
     if len(a) < 2 or not np.all(np.isfinite(a)) or float(np.mean(np.abs(a))) == 0.0:
         return float("nan")
@@ -1356,14 +1868,14 @@ def relative_noise(scores: Sequence[float]) -> float:
 def judge_window(samples: Sequence[Sample], rel_noise: float) -> Verdict:
     """Is there a focus inside a map point's narrow search window?
 
-    ``judge`` cannot tell: it takes the noise from the frames off the peak and the floor from
-    the median, and a window of 5-9 frames around the predicted focus is nearly all peak (its
-    noise estimate then measures the peak's curvature, and real foci read as no_peak).  This rule
+    ``decide`` cannot tell: it takes the noise from the frames off the peak, and a window of 5-9
+    frames around the predicted focus is nearly all peak (too few frames measure its noise, and
+    real foci read as no_peak).  This rule
     takes the noise from repeated frames on the same slide instead (``relative_noise``; the
     score's noise grows with the score): ``focused`` when the best frame is inside the window
     and the curve falls from it to the lowest frame on each side by more than sqrt(2 ln n) + 3
     of that noise (the sigma of the difference of the two frames), n the window's frames --
-    the margin ``judge`` uses.  ``edge`` when the best frame is at the window's end (the focus
+    (a fixed margin).  ``edge`` when the best frame is at the window's end (the focus
     may lie beyond it), else ``no_peak``."""
     ordered = by_z(samples)
     n = len(ordered)
@@ -1374,7 +1886,7 @@ def judge_window(samples: Sequence[Sample], rel_noise: float) -> Verdict:
     scores = np.array([s.score for s in ordered])
     i = int(np.argmax(scores))
     best = float(scores[i])
-    margin = math.sqrt(2 * math.log(n)) + PEAK_MARGIN_SIGMA
+    margin = math.sqrt(2 * math.log(n)) + WINDOW_MARGIN_SIGMA
     if i in (0, n - 1):
         return Verdict("edge", nan, rel_noise * abs(best), nan, "the best frame is at the end of the window: the "
                        "focus may lie beyond it")
@@ -1503,6 +2015,8 @@ class Acquisition:
         self.coarse = coarse
         self.on_frame = on_frame
         self.samples: list[Sample] = []
+        self.scored: dict[float, Sample] = {}  # position -> its (first) frame
+        self._taken: set[float] = set()  # positions measured or in flight
         self.moves = 0
         self.move_s = self.capture_s = self.score_s = 0.0
         self._lock = threading.Lock()
@@ -1588,14 +2102,21 @@ class Acquisition:
             raise
         index = self._frame_index
         self._frame_index += 1
+        self._taken.add(z_mm)
         self._frame_z = z_mm
         return self._pool.submit(self._score, index, z_mm, frame, move_dt, capture_dt)
+
+    def measure_all(self, positions: Sequence[float]) -> None:
+        """Measure every position not measured yet, all in flight before waiting for any, in the
+        sweep's direction (no backlash overshoot between them)."""
+        todo = sorted({z for z in positions if z not in self._taken}, key=lambda z: z * self.direction)
+        for f in [self.measure(z) for z in todo]:
+            f.result()
 
     def _score(self, index: int, z_mm: float, frame: np.ndarray, move_dt: float, capture_dt: float) -> Sample:
         try:
             t0 = time.perf_counter()
-            score = self.scorer(frame)
-            coarse = self.scorer.coarse(frame) if self.coarse else None
+            score, coarse = self.scorer.scores(frame, self.coarse)  # check_frame has checked it
             dt = time.perf_counter() - t0
             sample = Sample(z_mm, score, coarse)
             with self._lock:
@@ -1603,6 +2124,7 @@ class Acquisition:
                 if index in self._dropped:
                     return sample
                 self.samples.append(sample)
+                self.scored.setdefault(z_mm, sample)
                 self._indices.append(index)
             log.info("frame %d: z=%.4f mm score=%.6g (move %.1f ms, capture %.1f ms, score %.1f ms)",
                      index, z_mm, score, move_dt * 1e3, capture_dt * 1e3, dt * 1e3)
@@ -1630,10 +2152,9 @@ def check_frame(frame: Any, z_mm: float, first: np.ndarray | None = None) -> Non
     """Reject frames that cannot be scored (``frame_problem``), that differ in size or type from
     the run's ``first`` frame (a region of interest would score another part of them), or that
     cannot carry focus information: all black or all saturated."""
-    if frame is None or (isinstance(frame, np.ndarray) and frame.size == 0):
-        raise CameraError(f"camera returned an empty frame at z={z_mm:.4f} mm; check the camera connection")
     if (problem := frame_problem(frame)) is not None:
-        raise CameraError(f"the camera delivered {problem} at z={z_mm:.4f} mm; check its capture()")
+        raise CameraError(f"the camera delivered {problem} at z={z_mm:.4f} mm; check the camera (its connection, "
+                          "its capture())")
     if first is not None and (frame.shape, frame.dtype) != (first.shape, first.dtype):
         raise CameraError(f"the frame at z={z_mm:.4f} mm is {'x'.join(map(str, frame.shape))} {frame.dtype}, the "
                           f"run's first was {'x'.join(map(str, first.shape))} {first.dtype}: the camera changed its "
@@ -1648,15 +2169,16 @@ def check_frame(frame: Any, z_mm: float, first: np.ndarray | None = None) -> Non
         raise CameraError(f"frame at z={z_mm:.4f} mm is fully saturated; lower the exposure or the light")
 
 
-def sweep_search(acq: Acquisition, positions: Sequence[float]) -> list[Sample]:
-    """The card's exhaustive search: one frame at every position, in order.
-
-    Returns the samples to estimate the curve's noise from: all of them."""
-    futures = [acq.measure(z) for z in positions]
-    return [f.result() for f in futures]
+Conclude = Callable[[], "Decision"]  # the decision on every frame so far (measuring what it asks for first)
 
 
-def fast_search(acq: Acquisition, positions: Sequence[float]) -> list[Sample]:
+def sweep_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude) -> None:
+    """The card's exhaustive search: one frame at every position, in order."""
+    for f in [acq.measure(z) for z in positions]:
+        f.result()
+
+
+def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude) -> None:
     """Coarse-to-fine search on the STEP grid, reusing every frame it takes.
 
     1. Coarse pass: every COARSE_FACTOR-th grid position (and the last), each frame also scored
@@ -1665,44 +2187,47 @@ def fast_search(acq: Acquisition, positions: Sequence[float]) -> list[Sample]:
        several times wider (defocus blur grows in proportion to the distance from focus, so
        coarser detail stays visible proportionally farther away): the coarse samples lead to
        a narrow peak that they straddle.
-    2. Prediction: a Gaussian through the best coarse sample and its coarse neighbours (on
-       the coarse scores) predicts the peak; that grid position and both neighbours are
-       measured, all in flight before waiting.
+    2. Prediction: a peak fitted through the best coarse sample and its coarse neighbours (on
+       the coarse scores) predicts the peak; that grid position and FIT_REACH neighbours on each
+       side are measured, all in flight before waiting (close in time: a drifting lamp changes
+       them alike).
     3. Refinement: hill-climb on the full-resolution score one grid STEP at a time until the
        best frame of the whole run has both grid neighbours measured and lower.
+    4. The decision (``conclude``: ``decide`` on every frame so far) measures what it needs for
+       its answer: the second grid neighbours where the peak is wide enough to show on them
+       (a fit on more than three points), the STEP grid across a coarse-scale peak.
 
-    Typical cost: N/8 + 3 frames for N grid positions (15 of 81 in the median benchmark case);
-    each halving of the spacing (nothing found yet) adds the new coarse frames and a refinement.
-    Grids of fewer than MIN_FAST_POSITIONS positions are swept exhaustively; up to 80
-    positions the coarse spacing is n/10 STEPs (at least 2).  When the frames so far show no
-    peak at either scale (the verdict's own rule), the spacing is halved and the peak sought
-    again, until one shows or every position is measured: a blank field costs a sweep.  Assumes STEP is
-    about the depth of field (as for a sweep); a peak much narrower than the coarse spacing
-    with no coarse-scale signal can be missed.  Returns the evenly spaced coarse samples, to
-    estimate the curve's noise from.
+    Typical cost: N/8 + 3 to 5 frames for N grid positions; each halving of the spacing (nothing
+    found yet) adds the new coarse frames and a refinement.  Grids of fewer than
+    MIN_FAST_POSITIONS positions are swept exhaustively; up to 80 positions the coarse spacing is
+    n/10 STEPs (at least 2).  When the frames so far show no peak at either scale (the
+    decision's own rule: a sparse curve measures its noise less well, so it needs a larger
+    margin), the spacing is halved and the peak sought again, until one shows or every
+    position is measured: a blank field costs a sweep.  Assumes STEP is about the depth of
+    field (as for a sweep); a peak much narrower than the coarse spacing with no coarse-scale
+    signal can be missed.
     """
     n = len(positions)
     if n < MIN_FAST_POSITIONS:
-        return sweep_search(acq, positions)
+        sweep_search(acq, positions, conclude)
+        return
     # Coarse spacing: COARSE_FACTOR STEPs on long grids, closer on short ones, so that the coarse
     # pass has at least ~10 frames: enough for a noise estimate and a bracket around the peak.
     spacing = max(2, min(COARSE_FACTOR, n // 10))
-    measured: dict[int, Sample] = {}
+    index = {z: i for i, z in enumerate(positions)}
 
     def ensure(indices: list[int]) -> None:
-        """Measure the grid positions not measured yet, all in flight before waiting for any."""
-        # Ascending grid index is the sweep's direction: no backlash overshoot between them.
-        pending = [(i, acq.measure(positions[i])) for i in sorted(set(indices)) if i not in measured]
-        for i, f in pending:
-            measured[i] = f.result()
+        acq.measure_all([positions[i] for i in indices])
 
-    range_mm = (positions[0], positions[-1])
+    def score(i: int) -> float:
+        return acq.scored[positions[i]].score
+
     while True:
         coarse_idx = list(range(0, n, spacing))
         if coarse_idx[-1] != n - 1:
             coarse_idx.append(n - 1)
         ensure(coarse_idx)
-        coarse_samples = [Sample(positions[i], measured[i].coarse or 0.0) for i in coarse_idx]
+        coarse_samples = [Sample(positions[i], acq.scored[positions[i]].coarse or 0.0) for i in coarse_idx]
         top = max(range(len(coarse_idx)), key=lambda k: coarse_samples[k].score)
         guess = coarse_idx[top]
         if 0 < top < len(coarse_idx) - 1:
@@ -1711,29 +2236,31 @@ def fast_search(acq: Acquisition, positions: Sequence[float]) -> list[Sample]:
                 step = positions[1] - positions[0]
                 guess = min(max(int(round((fit.z_mm - positions[0]) / step)), 0), n - 1)
         current = guess
+        # The prediction and two grid neighbours on each side, in one go (in flight together, so
+        # close in time: a drifting lamp changes them alike); the fit needs them where the peak
+        # is wide enough to reach them, and the climb starts from them.
+        ensure([j for j in range(guess - FIT_REACH, guess + FIT_REACH + 1) if 0 <= j < n])
         for _ in range(2 * spacing + 4):
             neighbours = [j for j in (current - 1, current + 1) if 0 <= j < n]
             ensure([current, *neighbours])
-            if all(measured[j].score < measured[current].score for j in neighbours):
+            if all(score(j) < score(current) for j in neighbours):
                 # A local maximum; but the best frame of the run may lie elsewhere (a coarse frame
                 # the prediction passed by): refine there too, so the answer is never unrefined.
-                overall = max(measured, key=lambda j: measured[j].score)
+                overall = index[best_sample(list(acq.scored.values())).z_mm]
                 if overall == current:
                     break
                 current = overall
             else:
-                current = max(neighbours, key=lambda j: measured[j].score)
+                current = max(neighbours, key=score)
         # A peak narrower than the spacing (high NA, STEP ~ one depth of field), or too weak for
         # this many frames, leaves the verdict at no_peak: halve the spacing and look again, down
         # to the full grid.  A blank field costs a sweep's frames; a missed focus would cost more.
-        if spacing == 1 or decide(list(measured.values()), [measured[i] for i in coarse_idx],
-                                  range_mm)[1].kind != "no_peak":
+        if spacing == 1 or conclude().verdict.kind != "no_peak":
             break
         spacing = max(1, spacing // 2)
-    return [measured[i] for i in coarse_idx]
 
 
-SEARCHES: dict[str, Callable[[Acquisition, Sequence[float]], list[Sample]]] = {
+SEARCHES: dict[str, Callable[[Acquisition, Sequence[float], Conclude], None]] = {
     "sweep": sweep_search,
     "fast": fast_search,
 }
@@ -1747,7 +2274,10 @@ class Plan:
     search: str = "sweep"
     backlash_mm: float = 0.0
     settle_ms: float = 0.0
-    peak: str = "sharpest"  # which of several significant peaks (PEAK_CHOICES)
+    peak: PeakPolicy = "sharpest"  # which of several significant peaks (PEAK_CHOICES)
+    depth_of_field_um: float | None = None  # --objective's: names the STEP to use in the reasons
+    allowed_mm: tuple[float, float] | None = None  # travel and soft limits: a suggested range stays inside
+    notes: tuple[str, ...] = ()  # said with the result (a replay grid snapped to the recorded slices)
 
     @property
     def direction(self) -> float:
@@ -1794,7 +2324,7 @@ class RunFailed(Exception):
 def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
                   on_frame: FrameHook | None = None, return_to_start: bool = True,
                   soft_mm: tuple[float | None, float | None] = (None, None)) -> FocusResult:
-    """Search, judge, and send the stage to the answer (or back to where it started).
+    """Search, decide, and send the stage to the answer (or back to where it started).
 
     Faults and Ctrl-C make the stage safe (``make_safe``: back to where it started when that is
     allowed) and raise RunFailed with the partial curve.  There is no start to go back to when
@@ -1810,111 +2340,49 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
     acq = Acquisition(stage, camera, scorer, settle_ms=plan.settle_ms, backlash_mm=plan.backlash_mm,
                       direction=plan.direction, coarse=True,
                       on_frame=on_frame)
-    range_mm = (plan.positions[0], plan.positions[-1])
+    allowed = plan.allowed_mm or stage.limits_mm()
 
-    def result(samples: Sequence[Sample], target: float, fit: PeakFit, verdict: Verdict,
-               best_z: float | None = None) -> FocusResult:
-        best = best_sample(samples) if samples else Sample(float("nan"), float("nan"))
-        if best_z is not None:  # the coarse-scale curve decided: its best frame
-            best = next(s for s in samples if s.z_mm == best_z)
-        return FocusResult(plan.search, scorer.metric, tuple(samples), best.z_mm, best.score, fit, verdict,
-                           target, start_mm, acq.moves, time.perf_counter() - t0, acq.timing())
+    def conclude() -> Decision:
+        """The decision on every frame so far, after measuring the positions it asks for."""
+        while True:
+            decision = decide(list(acq.samples), plan.positions, peak=plan.peak, start_mm=start_mm,
+                              transparent=scorer.invert, depth_of_field_um=plan.depth_of_field_um,
+                              allowed_mm=allowed)
+            if not decision.more_mm:
+                return decision
+            acq.measure_all(decision.more_mm)
+
+    def result(samples: Sequence[Sample], target: float, decision: Decision) -> FocusResult:
+        best = decision.best or Sample(float("nan"), float("nan"))
+        return FocusResult(plan.search, scorer.metric, tuple(samples), best.z_mm, best.score, decision.fit,
+                           decision.verdict, target, start_mm, acq.moves, time.perf_counter() - t0, acq.timing(),
+                           scorer.invert, decision.peaks, decision.dips, decision.uncertainty_mm,
+                           plan.notes + decision.notes)
 
     try:
         try:
-            noise_samples = SEARCHES[plan.search](acq, plan.positions)
+            SEARCHES[plan.search](acq, plan.positions, conclude)
+            decision = conclude()
         finally:
             acq.drain()
-        samples = list(acq.samples)
-        fit, verdict, best_z = decide(samples, noise_samples, range_mm)
-        if verdict.scale == "coarse" and (bracket := coarse_bracket(samples, noise_samples)) is not None:
-            # Found at the coarse scale only: measure the STEP grid across the coarse peak's
-            # bracket before deciding, so the answer comes from STEP-spaced frames.
-            lo, hi = min(bracket), max(bracket)
-            todo = [z for z in plan.positions if lo <= z <= hi and z not in {s.z_mm for s in samples}]
-            try:
-                futures = [acq.measure(z) for z in sorted(todo, key=lambda z: z * plan.direction)]
-                for f in futures:
-                    f.result()
-            finally:
-                acq.drain()
-            samples = list(acq.samples)
-            fit, verdict, best_z = decide(samples, noise_samples, range_mm)
-        peaks: list[Extremum] = []
-        dips: list[Extremum] = []
-        if verdict.scale == "fine" and math.isfinite(verdict.threshold):
-            peaks, dips = find_peaks(samples, verdict.threshold), find_dips(samples, verdict.threshold)
-        if verdict.kind != "no_peak" and plan.peak != "sharpest" and len(peaks) > 1:
-            chosen = choose_peak(peaks, plan.peak, start_mm)
-            ordered = by_z(samples)
-            at_end = chosen.z_mm in (ordered[0].z_mm, ordered[-1].z_mm)
-            i = [s.z_mm for s in ordered].index(chosen.z_mm)
-            fit = fit_peak(ordered[max(i - 1, 0): i + 2])
-            verdict = dataclasses.replace(
-                verdict, kind="edge" if at_end else "focused",
-                reason=f"{verdict.reason}; the {plan.peak} of {len(peaks)} significant peaks (--peak {plan.peak})")
-            best_z = chosen.z_mm
-        if verdict.kind == "no_peak":
+        if decision.target_mm is None:
             # Never to a noise maximum: back to where the user left it -- or, with no start to go back
             # to, stay at the last frame (a move of length zero, so that it is checked like any other).
             target = start_mm if origin_mm is not None or acq.last_z is None else acq.last_z
             acq.move_to(target)
         else:
-            fitted = verdict.kind == "focused" and fit.used and fit.z_mm is not None
-            target = fit.z_mm if fitted else best_z  # type: ignore[assignment]
+            target = decision.target_mm
             acq.approach(target)
-        return dataclasses.replace(result(samples, target, fit, verdict, best_z), peaks=tuple(peaks),
-                                   dips=tuple(dips), transparent=scorer.invert)
+        return result(list(acq.samples), target, decision)
     except BaseException as exc:  # faults, Ctrl-C, and bugs alike: the stage is made safe first
         where = make_safe(stage, origin_mm, exc)  # a second Ctrl-C may interrupt the return: it re-stops
         with INTERRUPTS.held():  # from here on nothing may lose the partial curve
             samples = list(acq.samples)
-            fit = fit_peak(samples) if samples else PeakFit(None, False, "no samples")
             verdict = Verdict("no_peak", float("nan"), float("nan"), float("nan"), "run did not finish")
-            raise RunFailed(result(samples, float("nan"), fit, verdict), exc, where) from exc
-
-
-def decide(samples: Sequence[Sample], noise_samples: Sequence[Sample],
-           range_mm: tuple[float, float]) -> tuple[PeakFit, Verdict, float]:
-    """The verdict, the peak fit and the best position, from the fine curve or else the coarse one.
-
-    When the full-resolution curve shows no peak, the coarse-scale curve (the same score on a
-    binned frame: averages photon noise away and reaches farther from focus) gets the same
-    test.  It can tell a focal plane beyond the range (``edge``) from an empty field, and find
-    a peak in frames too noisy for fine detail.  Both curves are judged with the same rule.
-    """
-    fine = judge(samples, range_mm)  # one rule for both searches: noise from every frame off the peak
-    if fine.kind != "no_peak" or any(s.coarse is None for s in noise_samples):
-        return fit_peak(samples), fine, best_sample(samples).z_mm
-    # The coarse scale is judged on the evenly spaced frames (a sweep's all, a fast search's
-    # coarse passes): frames refined around a fine-scale noise maximum would bias it upward.
-    curve = [Sample(s.z_mm, s.coarse) for s in noise_samples]  # type: ignore[arg-type]
-    coarse = judge(curve, range_mm)
-    # ... and confirmed by every frame's coarse score, the STEP-spaced frames refined across the
-    # claimed peak included: a noise maximum of the coarse pass does not survive them.
-    if coarse.kind == "no_peak" or (len(samples) > len(noise_samples) and judge(
-            [Sample(s.z_mm, s.coarse) for s in samples], range_mm).kind == "no_peak"):  # type: ignore[arg-type]
-        return fit_peak(samples), fine, best_sample(samples).z_mm
-    what = "a peak" if coarse.kind == "focused" else "a rise toward the end of the range"
-    coarse = dataclasses.replace(coarse, scale="coarse", reason=f"{coarse.reason} (fine detail is lost in noise; "
-                                 f"the coarse-scale score shows {what})")
-    # The position comes from STEP-spaced frames: the coarse-scale scores of every frame within
-    # the coarse peak's bracket (its coarse neighbours), which run_autofocus measures on the
-    # STEP grid before deciding; the best of them, fitted when the fit can be trusted.
-    lo, hi = coarse_bracket(samples, noise_samples) or range_mm
-    near = [Sample(s.z_mm, s.coarse) for s in samples  # type: ignore[arg-type]
-            if s.coarse is not None and min(lo, hi) <= s.z_mm <= max(lo, hi)] or curve
-    return fit_peak(near), coarse, best_sample(near).z_mm
-
-
-def coarse_bracket(samples: Sequence[Sample], noise_samples: Sequence[Sample]) -> tuple[float, float] | None:
-    """The z range between the coarse neighbours of the coarse-scale peak (None without one)."""
-    curve = [Sample(s.z_mm, s.coarse) for s in noise_samples if s.coarse is not None]
-    if len(curve) < 3:
-        return None
-    ordered = by_z(curve)
-    i = ordered.index(best_sample(ordered))
-    return ordered[max(i - 1, 0)].z_mm, ordered[min(i + 1, len(ordered) - 1)].z_mm
+            fit = fit_peak(samples) if samples else PeakFit(None, False, "no samples")
+            best = best_sample(samples) if samples else None
+            raise RunFailed(result(samples, float("nan"), Decision(verdict, fit, best, None, None)), exc,
+                            where) from exc
 
 
 def make_safe(stage: Stage, start_mm: float | None, cause: BaseException | None = None) -> str:
@@ -1991,7 +2459,6 @@ def stop_and_locate(stage: Stage, what: str) -> str:
 # all implement them.
 
 
-@runtime_checkable
 class Stage(Protocol):
     """A focus axis: what the search needs and nothing more."""
 
@@ -2014,7 +2481,6 @@ class Stage(Protocol):
         ...
 
 
-@runtime_checkable
 class Camera(Protocol):
     """A camera: one call, one frame exposed after the call began."""
 
@@ -2024,7 +2490,6 @@ class Camera(Protocol):
         ...
 
 
-@runtime_checkable
 class XYStage(Protocol):
     """An XY plate (the slide's stage): what a focus map needs and nothing more."""
 
@@ -3616,7 +4081,7 @@ class SimTiming:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # SIM_RULES; ``scale`` is simulated_microscope's time_scale
             name = "time_scale" if f.name == "scale" else f.name
-            check_value("simulator", name, getattr(self, f.name), SIM_RULES[name])
+            object.__setattr__(self, f.name, check_value("simulator", name, getattr(self, f.name), SIM_RULES[name]))
 
     def move_s(self, distance_mm: float) -> float:
         """Trapezoidal move time plus settle, rounded up to ZML's idle polls."""
@@ -3660,10 +4125,14 @@ class SimOptics:
     # the same specimen) in the plane right_focus_mm (default: focus_mm); None, None = one plane.
     right_specimen: str | None = None
     right_focus_mm: float | None = None
+    # How defocus blurs: "gaussian" (a Gaussian of the geometric blur disc's second moment) or
+    # "pillbox" (the geometric blur disc itself, a uniform disc, as ray optics has it).
+    defocus: DefocusModel = "gaussian"
+    specimen_image: str | None = None  # a micrograph (file path) in place of the synthetic cells
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # every value against SIM_RULES, then together
-            check_value("simulator", f.name, getattr(self, f.name), SIM_RULES[f.name])
+        for f in dataclasses.fields(self):  # every value against SIM_RULES (as the tool uses it), then together
+            object.__setattr__(self, f.name, check_value("simulator", f.name, getattr(self, f.name), SIM_RULES[f.name]))
         if self.width * self.height > MAX_SIM_PIXELS:
             raise BadValue("simulator", ("width",), lambda a: (
                 f"{a}: a {self.width}x{self.height} frame is too large: at most {MAX_SIM_PIXELS / 1e6:g} MP in all"))
@@ -3683,18 +4152,35 @@ class SimOptics:
         n = self.immersion_index
         return n * self.wavelength_um / self.na**2 + n * self.pixel_um / (self.magnification * self.na)
 
-    def blur_sigma_px(self, defocus_mm: float) -> float:
-        """PSF sigma in pixels: diffraction (Airy ~ 0.21 lambda/NA) plus geometric defocus blur.
+    def diffraction_sigma_px(self) -> float:
+        """The in-focus PSF: a Gaussian of sigma ~ 0.21 lambda/NA (the Airy disc), in pixels."""
+        return 0.21 * self.wavelength_um / self.na / self.sample_pixel_um
 
-        The geometric blur disc has radius |dz| tan(theta), theta = asin(NA/n) the half-angle of
-        the light cone (at NA 0.85 that is 1.61 |dz|, not the small-angle 0.85 |dz|); a Gaussian of
-        sigma = radius / 2 matches its second moment.  Near focus diffraction dominates: that
-        flat top is the depth of field.
-        """
-        diffraction = 0.21 * self.wavelength_um / self.na / self.sample_pixel_um
+    def blur_radius_px(self, defocus_mm: float) -> float:
+        """Radius of the geometric blur disc, pixels: |dz| tan(theta), theta = asin(NA/n) the
+        half-angle of the light cone (at NA 0.85 that is 1.61 |dz|, not the small-angle 0.85 |dz|)."""
         half_angle = math.asin(min(self.na / self.immersion_index, 1.0))
-        geometric = math.tan(half_angle) * abs(defocus_mm) * 1000.0 / 2.0 / self.sample_pixel_um
-        return math.hypot(diffraction, geometric)
+        return math.tan(half_angle) * abs(defocus_mm) * 1000.0 / self.sample_pixel_um
+
+    def blur_sigma_px(self, defocus_mm: float) -> float:
+        """PSF sigma in pixels (the "gaussian" model): diffraction plus geometric defocus blur.
+
+        A Gaussian of sigma = radius / 2 matches the blur disc's second moment.  Near focus
+        diffraction dominates: that flat top is the depth of field.
+        """
+        return math.hypot(self.diffraction_sigma_px(), self.blur_radius_px(defocus_mm) / 2.0)
+
+    def blur(self, image: np.ndarray, defocus_mm: float) -> np.ndarray:
+        """``image`` as seen ``defocus_mm`` from its plane, by the ``defocus`` model."""
+        if self.defocus == "pillbox":
+            return blur_pillbox(image, self.blur_radius_px(defocus_mm), self.diffraction_sigma_px())
+        return blur_sigma(image, self.blur_sigma_px(defocus_mm))
+
+    def texture(self) -> np.ndarray:
+        """The in-focus specimen of "cells" and "dusty": the synthetic culture, or ``specimen_image``."""
+        if self.specimen_image is not None:
+            return specimen_from_image(self.specimen_image, self.width, self.height)
+        return make_specimen(self.width, self.height, "cells", self.seed)
 
 
 # Objectives the simulator offers (--sim-objective): magnification, NA, immersion index.  Plan
@@ -3707,13 +4193,47 @@ OBJECTIVES: dict[str, tuple[float, float, float]] = {
     "40x": (40.0, 0.65, 1.0),  # DOF ~1.5 um: STEP 0.0015 mm
     "60x": (60.0, 0.85, 1.0),  # DOF ~0.9 um: STEP 0.001 mm
     "60x-oil": (60.0, 1.40, 1.515),  # DOF ~0.5 um: STEP 0.0005 mm
+    "100x": (100.0, 1.40, 1.515),  # oil; DOF ~0.5 um: STEP 0.0005 mm
 }
+IMMERSION = {"": 1.0, "air": 1.0, "water": 1.33, "glycerol": 1.47, "oil": 1.515}
 
 
 def objective_optics(name: str) -> dict[str, float]:
-    """SimOptics fields for an objective of OBJECTIVES."""
+    """SimOptics fields for an objective: a name of OBJECTIVES, or MAGx/NA[/MEDIUM] (20x/0.75,
+    100x/1.3/oil; the medium air, water, glycerol or oil, air by default)."""
+    m = None if name in OBJECTIVES or not isinstance(name, str) else re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*[xX]\s*/\s*(\d*\.?\d+)\s*(?:/\s*([a-z]+))?\s*", str(name))
+    if m and m.group(3) in (None, *IMMERSION):
+        magnification, na, n = float(m.group(1)), float(m.group(2)), IMMERSION[m.group(3) or ""]
+        if 1 <= magnification <= 200 and 0.01 <= na < n:
+            return {"magnification": magnification, "na": na, "immersion_index": n}
+    if m is not None or (isinstance(name, str) and name not in OBJECTIVES):
+        raise BadValue("request", ("objective",), lambda label: (
+            f"{label}: {name!r} is not an objective; give one of {', '.join(OBJECTIVES)} or MAGx/NA[/MEDIUM] (e.g. "
+            "20x/0.75, 100x/1.3/oil; the NA below the medium's index: air 1, water 1.33, oil 1.515)"))
     magnification, na, n = OBJECTIVES[check_value("simulator", "objective", name, SIM_RULES["objective"])]
     return {"magnification": magnification, "na": na, "immersion_index": n}
+
+
+def depth_of_field_um(objective: str) -> float:
+    """The depth of field of an objective (``objective_optics``), for green light and the
+    simulator's 5.86 um camera pixels: n lambda / NA^2 + n e / (M NA)."""
+    return SimOptics(**objective_optics(objective)).depth_of_field_um
+
+
+def objective_line(objective: str, step_mm: float) -> str:
+    """One line for --objective: its depth of field, the STEP it suggests, and the STEP given."""
+    lens = objective_optics(objective)
+    dof_mm = depth_of_field_um(objective) / 1000.0
+    ratio = step_mm / dof_mm
+    line = (f"objective {lens['magnification']:g}x/{lens['na']:g}: depth of field {_length(dof_mm)}, STEP "
+            f"{_round_step(dof_mm):g} mm suits it; STEP {step_mm:g} mm is {ratio:.2g} depths of field")
+    if ratio > 2:
+        return line + ": coarser than the depth of field, a focus between two frames can be missed (and is " \
+                      f"known only to \N{PLUS-MINUS SIGN}STEP/2); use STEP {_round_step(dof_mm):g} mm"
+    if ratio < 0.25:
+        return line + ": finer than needed (more frames, no better answer); STEP " \
+                      f"{_round_step(dof_mm):g} mm is enough"
+    return line
 
 
 SECONDS_RULE = Rule("number", 0.0, 60.0, " s")
@@ -3755,6 +4275,9 @@ SIM_RULES: dict[str, Rule] = {
     "one_shot": Rule("flag"),
     "camera_roi": Rule("roi", optional=True),
     "objective": Rule("choice", choices=tuple(OBJECTIVES), optional=True),
+    # Issue 20: the defocus model and a micrograph as the specimen
+    "defocus": Rule("choice", choices=DEFOCUS_MODELS),
+    "specimen_image": Rule("text", optional=True),
 }
 
 
@@ -3839,6 +4362,55 @@ def blur_sigma(image: np.ndarray, sigma_px: float) -> np.ndarray:
     return small
 
 
+@functools.lru_cache(maxsize=64)
+def disc_kernel(radius_px: float) -> np.ndarray:
+    """A uniform disc of this radius (the geometric blur of defocus), anti-aliased: each tap is
+    the share of its pixel inside the circle (8x8 sub-samples); a delta below half a pixel."""
+    n = int(math.ceil(radius_px + 0.5))
+    sub = (np.arange(8) + 0.5) / 8 - 0.5
+    offsets = (np.arange(-n, n + 1)[:, None] + sub[None, :]).ravel()
+    inside = (offsets[:, None] ** 2 + offsets[None, :] ** 2) <= radius_px**2
+    taps = inside.reshape(2 * n + 1, 8, 2 * n + 1, 8).mean(axis=(1, 3)).astype(np.float32)
+    if taps.sum() <= taps[n, n] or radius_px < 0.5:
+        taps = np.zeros_like(taps)
+        taps[n, n] = 1.0
+    return taps / taps.sum()
+
+
+def blur_pillbox(image: np.ndarray, radius_px: float, sigma_px: float) -> np.ndarray:
+    """A uniform disc of ``radius_px`` after a Gaussian of ``sigma_px`` (diffraction); large discs
+    on a halved image (pyrDown's own ~1 pixel blur is small beside a disc of 12+ pixels)."""
+    h, w = image.shape
+    small = blur_sigma(image, sigma_px)
+    r = radius_px
+    while r > 12.0 and min(small.shape) > 64:
+        small = cv2.pyrDown(small)
+        r /= 2.0
+    if r >= 0.5:
+        small = cv2.filter2D(small, -1, disc_kernel(round(r, 2)), borderType=cv2.BORDER_REFLECT)
+    if small.shape != image.shape:
+        small = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    return small
+
+
+@functools.lru_cache(maxsize=4)
+def specimen_from_image(path: str, width: int, height: int) -> np.ndarray:
+    """A micrograph as the simulated specimen: gray, relative brightness 0..1 (its 99.9th
+    percentile is 1), the frame's size taken from its centre, or mirrored tiles of it when it
+    is smaller.  It is the in-focus specimen: use a sharp image (a stack's best slice)."""
+    gray = to_gray_float(read_image(Path(path), f"specimen image {path}"))
+    top = float(np.percentile(gray, 99.9))
+    if not top > 0:
+        raise UsageError(f"specimen image {path} is black; use a micrograph with some light in it")
+    gray = np.clip(gray / np.float32(top), 0.0, 1.0)
+    h, w = gray.shape
+    if h < height or w < width:  # mirrored tiles: no seams, no rescaling (the image keeps its sharpness)
+        gray = np.pad(gray, ((0, max(0, height - h)), (0, max(0, width - w))), mode="symmetric")
+        h, w = gray.shape
+    y, x = (h - height) // 2, (w - width) // 2
+    return np.ascontiguousarray(gray[y: y + height, x: x + width], dtype=np.float32)
+
+
 class SimClock:
     """Modelled hardware seconds, and real sleeping scaled by ``scale`` (0: no sleeping)."""
 
@@ -3901,6 +4473,12 @@ class SimCamera:
         self.one_shot = one_shot
         self.frames = 0
         self.roi = None if roi is None else fit_roi(roi, (self.optics.width, self.optics.height))
+        # The lamp's brightness for frame k, relative (None: steady): flicker, warm-up, slow drift.
+        # It scales the light before shot noise and the camera's fixed gain, as a real lamp does.
+        self.lamp: Callable[[int], float] | None = None
+        # Uneven illumination (a gradient across the field): relative light per pixel, in the light
+        # path rather than the specimen plane, so defocus does not blur it (None: even).
+        self.illumination: np.ndarray | None = None
 
     def render(self, z_mm: float) -> np.ndarray:
         """The frame at z: defocus blur, shot noise, read noise, quantisation."""
@@ -3910,19 +4488,21 @@ class SimCamera:
         elif o.specimen == "blank":  # an even field: defocus changes nothing (resampling it in
             blurred = make_specimen(o.width, o.height, "blank", o.seed)  # blur_sigma would add ripples)
         else:
-            specimen = make_specimen(o.width, o.height, "cells" if o.specimen == "dusty" else o.specimen, o.seed)
-            blurred = blur_sigma(specimen, o.blur_sigma_px(z_mm - o.focus_mm))
+            blurred = o.blur(o.texture(), z_mm - o.focus_mm)
         if o.specimen == "dusty":  # dust on the coverslip, in its own plane: bright specks and lint
             # (scattered light, as dust and autofluorescent fibres look on this dark-background field)
             dust = make_specimen(o.width, o.height, "dust", o.seed)
-            blurred = blurred + 0.8 * (1.0 - blur_sigma(dust, o.blur_sigma_px(z_mm - o.focus_mm - o.dust_height_mm)))
+            blurred = blurred + 0.8 * (1.0 - o.blur(dust, z_mm - o.focus_mm - o.dust_height_mm))
         if o.right_specimen is not None or o.right_focus_mm is not None:
             right_plane = o.focus_mm if o.right_focus_mm is None else o.right_focus_mm
-            right = blur_sigma(make_specimen(o.width, o.height, o.right_specimen or o.specimen, o.seed),
-                               o.blur_sigma_px(z_mm - right_plane))
+            kind = o.right_specimen or o.specimen
+            right = o.blur(make_specimen(o.width, o.height, "blank", o.seed) if kind == "blank" else o.texture(),
+                           z_mm - right_plane)
             half = o.width // 2  # a new array: blur_sigma may return the cached specimen itself
             blurred = np.concatenate([blurred[:, :half], right[:, half:]], axis=1)
-        electrons = blurred * np.float32(o.photons)
+        if self.illumination is not None:
+            blurred = blurred * self.illumination
+        electrons = blurred * np.float32(o.photons * (1.0 if self.lamp is None else self.lamp(self.frames)))
         noise = np.empty_like(electrons)
         # OpenCV's RNG is 3x faster than numpy's normals but per-thread and global: seeding it
         # from (seed, frame number) right before use keeps every camera's frames reproducible.
@@ -3952,8 +4532,11 @@ class SimCamera:
         contrast = np.float32(-dz_um * o.wavelength_um / (2 * math.pi)) * laplacian
         na_c = min(o.condenser_na, o.na)
         sigma_c = math.tan(math.asin(min(na_c / o.immersion_index, 1.0))) * abs(dz_um) / 2.0 / o.sample_pixel_um
-        sigma = math.hypot(o.blur_sigma_px(0.0), sigma_c)
-        return np.float32(0.6) * (1.0 + np.clip(blur_sigma(contrast, sigma), -0.95, 0.6))
+        if o.defocus == "pillbox":  # the condenser's blur disc itself
+            blurred = blur_pillbox(contrast, 2.0 * sigma_c, o.diffraction_sigma_px())
+        else:
+            blurred = blur_sigma(contrast, math.hypot(o.diffraction_sigma_px(), sigma_c))
+        return np.float32(0.6) * (1.0 + np.clip(blurred, -0.95, 0.6))
 
     def capture(self) -> np.ndarray:
         t0 = time.perf_counter()
@@ -4064,18 +4647,71 @@ class SlideCamera(SimCamera):
 # decoders recognise it (it chooses a decoder by content, not by the file's extension), and its
 # size is read from its header before anything is decoded: a 69-byte PNG or a 600-byte JPEG may
 # declare 50000x50000 pixels (a decompression bomb).  A format whose size cannot be read cheaply
-# (AVIF, OpenEXR, ...) is refused rather than decoded blind.
+# (AVIF, OpenEXR, ...) is refused rather than decoded blind.  (OpenCV's own limit,
+# OPENCV_IO_MAX_IMAGE_PIXELS, is read once, when cv2 is loaded: it cannot protect a script that
+# imported cv2 before this file.)  The readers walk at most MAX_HEADER_STEPS segments, boxes or
+# blocks, and see the file through ``_FileBytes``: only the parts they look at are read.
 HEADER_FORMATS = "PNG, TIFF, JPEG, BMP, WebP, JPEG 2000, GIF, PNM/PAM/PFM, Sun raster, Radiance HDR"
+MAX_HEADER_STEPS = 4096  # a real file has a few dozen segments before its size (JPEG's ICC profile: 255 at most)
+
+ImageBytes = Any  # bytes, or a _FileBytes: what the header readers index (data[a:b], len(data))
 
 
-def _uint(data: bytes, at: int, size: int, order: str = "big") -> int:
-    """An unsigned integer of ``size`` bytes at ``at``; ValueError past the end of the data."""
-    if at < 0 or at + size > len(data):
+class _FileBytes:
+    """An image file's bytes as the header readers index them (``data[a:b]``, ``len(data)``), read
+    from the file in blocks only where a reader looks: a header check of a file of any size reads a
+    few KiB (a TIFF's directory may lie at its end, a JPEG's frame header behind large segments).
+    ``verify`` then checks the whole file, read afterwards, against every block the check saw."""
+
+    BLOCK = 4096
+
+    def __init__(self, file: Any, size: int) -> None:
+        self._file, self._size = file, size
+        self._blocks: dict[int, bytes] = {}
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, key: slice) -> bytes:
+        start, stop, _ = key.indices(self._size)
+        if stop <= start:
+            return b""
+        first, last = start // self.BLOCK, (stop - 1) // self.BLOCK
+        missing = [i for i in range(first, last + 1) if i not in self._blocks]
+        if missing:  # one read for the blocks missing, from the first to the last of them
+            self._file.seek(missing[0] * self.BLOCK)
+            chunk = self._file.read((missing[-1] - missing[0] + 1) * self.BLOCK)
+            for i in range(missing[0], missing[-1] + 1):
+                at = (i - missing[0]) * self.BLOCK
+                self._blocks.setdefault(i, chunk[at: at + self.BLOCK])
+        joined = b"".join(self._blocks[i] for i in range(first, last + 1))
+        return joined[start - first * self.BLOCK: stop - first * self.BLOCK]
+
+    def verify(self, data: bytes) -> bool:
+        """Whether ``data`` (the whole file) holds every byte the header check read."""
+        return all(data[i * self.BLOCK: (i + 1) * self.BLOCK] == block for i, block in self._blocks.items())
+
+
+def _steps(what: str) -> Iterator[int]:
+    """A header reader's walk: MAX_HEADER_STEPS steps, then ValueError (a damaged or hostile file)."""
+    yield from range(MAX_HEADER_STEPS)
+    raise ValueError(f"its {what} runs on for more than {MAX_HEADER_STEPS} segments before giving its size")
+
+
+def _bytes(data: ImageBytes, at: int, size: int) -> bytes:
+    """``size`` bytes at ``at``; ValueError past the end of the data."""
+    chunk = data[at: at + size] if at >= 0 else b""
+    if len(chunk) != size:
         raise ValueError("the header is cut short")
-    return int.from_bytes(data[at: at + size], order)  # type: ignore[arg-type]
+    return chunk
 
 
-def _tiff_size(data: bytes) -> tuple[int, int, int | None]:
+def _uint(data: ImageBytes, at: int, size: int, order: str = "big") -> int:
+    """An unsigned integer of ``size`` bytes at ``at``; ValueError past the end of the data."""
+    return int.from_bytes(_bytes(data, at, size), order)  # type: ignore[arg-type]
+
+
+def _tiff_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """TIFF or BigTIFF: width, length and samples per pixel of the first image (the one OpenCV
     decodes); where a tag is repeated, the largest value counts."""
     order = "little" if data[:2] == b"II" else "big"
@@ -4085,12 +4721,12 @@ def _tiff_size(data: bytes) -> tuple[int, int, int | None]:
     at += 8 if big else 2
     entry, value_at = (20, 12) if big else (12, 8)
     sizes = {3: 2, 4: 4, 16: 8}  # SHORT, LONG, LONG8
+    table = _bytes(data, at, min(count, MAX_HEADER_STEPS) * entry)  # the directory: one read
     tags: dict[int, int] = {}
-    for i in range(min(count, 4096)):
-        e = at + i * entry
-        tag, kind = _uint(data, e, 2, order), _uint(data, e + 2, 2, order)
+    for e in range(0, len(table), entry):
+        tag, kind = _uint(table, e, 2, order), _uint(table, e + 2, 2, order)
         if tag in (256, 257, 277) and kind in sizes:  # ImageWidth, ImageLength, SamplesPerPixel
-            tags[tag] = max(tags.get(tag, 0), _uint(data, e + value_at, sizes[kind], order))
+            tags[tag] = max(tags.get(tag, 0), _uint(table, e + value_at, sizes[kind], order))
     if 256 not in tags or 257 not in tags:
         raise ValueError("its first TIFF directory gives no width or height")
     return tags[256], tags[257], tags.get(277, 1)
@@ -4100,32 +4736,32 @@ def _tiff_size(data: bytes) -> tuple[int, int, int | None]:
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int, int | None]:
+def _jpeg_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """JPEG: the frame header (SOFn), found by walking the marker segments as libjpeg does;
     anything a strict reader would not accept (bytes between segments, no frame header before the
     scan, a height of 0 to be given later by a DNL marker) is refused."""
     at = 2
-    while True:
-        if _uint(data, at, 1) != 0xFF:
-            raise ValueError("its JPEG markers are damaged")
-        while _uint(data, at, 1) == 0xFF:  # fill bytes
-            at += 1
-        marker = _uint(data, at, 1)
-        at += 1
+    for _ in _steps("JPEG header"):
+        run = data[at: at + 256]  # a marker: fill bytes (FF) and its code
+        fill = len(run) - len(run.lstrip(b"\xff"))
+        if not fill or fill == len(run):  # no marker here, or a run of fill bytes no encoder writes
+            raise ValueError("its JPEG markers are damaged" if at + len(run) < len(data) else "the header is cut short")
+        marker = run[fill]
+        at += fill + 1
         if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
             continue
         if marker in (0xD9, 0xDA):  # EOI or the scan itself before any frame header
             raise ValueError("the JPEG has no frame header before its image data")
-        length = _uint(data, at, 2)
         if marker in _JPEG_SOF:
             height, width, components = _uint(data, at + 3, 2), _uint(data, at + 5, 2), _uint(data, at + 7, 1)
             if height == 0:
                 raise ValueError("the JPEG leaves its height to a later DNL marker")
             return width, height, components
-        at += length
+        at += _uint(data, at, 2)
+    raise AssertionError("unreachable")
 
 
-def _jp2_size(data: bytes) -> tuple[int, int, int | None]:
+def _jp2_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """JPEG 2000: a raw codestream's SIZ marker, or a JP2 file's image header box (ihdr) and the
     SIZ of its codestream box (jp2c): the larger of the two, since the decoder reads the latter."""
     def siz(at: int) -> tuple[int, int, int]:
@@ -4137,10 +4773,11 @@ def _jp2_size(data: bytes) -> tuple[int, int, int | None]:
     if data[:4] == b"\xff\x4f\xff\x51":
         return siz(0)
     found: list[tuple[int, int, int]] = []
+    steps = _steps("JPEG 2000 header")
 
     def boxes(start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
         at = start
-        while at + 8 <= end:
+        while at + 8 <= end and next(steps) >= 0:
             length, kind, body = _uint(data, at, 4), data[at + 4: at + 8], at + 8
             if length == 1:
                 length, body = _uint(data, at + 8, 8), at + 16
@@ -4166,7 +4803,7 @@ def _jp2_size(data: bytes) -> tuple[int, int, int | None]:
     return max(w for w, _, _ in found), max(h for _, h, _ in found), max(c for _, _, c in found)
 
 
-def _netpbm_size(data: bytes) -> tuple[int, int, int | None]:
+def _netpbm_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """PBM/PGM/PPM (P1-P6), PFM (PF, Pf): width and height after the magic, comments skipped;
     PAM (P7): its WIDTH, HEIGHT and DEPTH lines."""
     head = data[:4096]
@@ -4184,17 +4821,18 @@ def _netpbm_size(data: bytes) -> tuple[int, int, int | None]:
         raise ValueError("its PNM header gives no width or height") from None
 
 
-def _hdr_size(data: bytes) -> tuple[int, int, int | None]:
+def _hdr_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """Radiance HDR: the resolution line after the header's blank line (only the standard
     "-Y rows +X columns" orientation, the one OpenCV reads)."""
-    end = data.find(b"\n\n", 0, 65536)
-    match = re.match(rb"-Y (\d+) \+X (\d+)\n", data[end + 2: end + 64]) if end >= 0 else None
+    head = data[:65536]
+    end = head.find(b"\n\n")
+    match = re.match(rb"-Y (\d+) \+X (\d+)\n", head[end + 2: end + 64]) if end >= 0 else None
     if match is None:
         raise ValueError("its Radiance header has no -Y ROWS +X COLUMNS line")
     return int(match.group(2)), int(match.group(1)), 3
 
 
-def _webp_size(data: bytes) -> tuple[int, int, int | None]:
+def _webp_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """WebP: the canvas (VP8X) or the frame size of a lossy (VP8) or lossless (VP8L) image."""
     chunk = data[12:16]
     if chunk == b"VP8X":
@@ -4207,24 +4845,23 @@ def _webp_size(data: bytes) -> tuple[int, int, int | None]:
     raise ValueError("its WebP header is not one of VP8, VP8L or VP8X")
 
 
-def _bmp_size(data: bytes) -> tuple[int, int, int | None]:
+def _bmp_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """BMP: the info header (BITMAPCOREHEADER or a later one; a negative height is top-down)."""
     if _uint(data, 14, 4, "little") == 12:
         return _uint(data, 18, 2, "little"), _uint(data, 20, 2, "little"), None
-    _uint(data, 22, 4)  # the header is long enough
-    width = int.from_bytes(data[18:22], "little", signed=True)
-    height = int.from_bytes(data[22:26], "little", signed=True)
+    width, height = (int.from_bytes(_bytes(data, at, 4), "little", signed=True) for at in (18, 22))
     return abs(width), abs(height), None
 
 
-def _gif_size(data: bytes) -> tuple[int, int, int | None]:
+def _gif_size(data: ImageBytes) -> tuple[int, int, int | None]:
     """GIF: the logical screen, or the first image where it reaches beyond the screen (the image a
     decoder reads and allocates)."""
     width, height, flags = _uint(data, 6, 2, "little"), _uint(data, 8, 2, "little"), _uint(data, 10, 1)
     at = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
-    while _uint(data, at, 1) == 0x21:  # extensions (graphic control, comments...): sub-blocks to skip
+    steps = _steps("GIF header")
+    while _uint(data, at, 1) == 0x21 and next(steps) >= 0:  # extensions (graphic control, comments...)
         at += 2
-        while (size := _uint(data, at, 1)) != 0:
+        while (size := _uint(data, at, 1)) != 0 and next(steps) >= 0:  # their sub-blocks, skipped
             at += size + 1
         at += 1
     if _uint(data, at, 1) != 0x2C:
@@ -4234,29 +4871,37 @@ def _gif_size(data: bytes) -> tuple[int, int, int | None]:
     return max(width, left + w), max(height, top + h), None
 
 
-# (signature test, size reader) in the order OpenCV's decoders are tried.
-_IMAGE_FORMATS: tuple[tuple[str, Callable[[bytes], bool], Callable[[bytes], tuple[int, int, int | None]]], ...] = (
-    ("BMP", lambda d: d[:2] == b"BM", _bmp_size),
-    ("Radiance HDR", lambda d: d[:6] == b"#?RGBE" or d[:10] == b"#?RADIANCE", _hdr_size),
-    ("JPEG", lambda d: d[:3] == b"\xff\xd8\xff", _jpeg_size),
+def _starts(*magics: bytes) -> Callable[[ImageBytes], bool]:
+    """A signature test: the data starts with one of ``magics``."""
+    return lambda d: any(d[:len(m)] == m for m in magics)
+
+
+def _sizes_at(width_at: int, height_at: int) -> Callable[[ImageBytes], tuple[int, int, int | None]]:
+    """A size reader for a header with width and height as 32-bit big-endian numbers at fixed places."""
+    return lambda d: (_uint(d, width_at, 4), _uint(d, height_at, 4), None)
+
+
+# (name, signature test, size reader) in the order OpenCV's decoders are tried.
+_IMAGE_FORMATS: tuple[tuple[str, Callable[[ImageBytes], bool],
+                            Callable[[ImageBytes], tuple[int, int, int | None]]], ...] = (
+    ("BMP", _starts(b"BM"), _bmp_size),
+    ("Radiance HDR", _starts(b"#?RGBE", b"#?RADIANCE"), _hdr_size),
+    ("JPEG", _starts(b"\xff\xd8\xff"), _jpeg_size),
     ("WebP", lambda d: d[:4] == b"RIFF" and d[8:12] == b"WEBP", _webp_size),
-    ("Sun raster", lambda d: d[:4] == b"\x59\xa6\x6a\x95",
-     lambda d: (_uint(d, 4, 4), _uint(d, 8, 4), None)),
-    ("PNM", lambda d: len(d) > 2 and d[:1] == b"P" and d[1:2] in b"1234567" and d[2:3].isspace(), _netpbm_size),
-    ("PFM", lambda d: d[:2] in (b"PF", b"Pf") and d[2:3].isspace(), _netpbm_size),
-    ("TIFF", lambda d: d[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"), _tiff_size),
-    ("PNG", lambda d: d[:8] == b"\x89PNG\r\n\x1a\n" and d[12:16] == b"IHDR",
-     lambda d: (_uint(d, 16, 4), _uint(d, 20, 4), None)),
-    ("JPEG 2000", lambda d: d[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or d[:4] == b"\xff\x4f\xff\x51",
-     _jp2_size),
-    ("GIF", lambda d: d[:6] in (b"GIF87a", b"GIF89a"), _gif_size),
+    ("Sun raster", _starts(b"\x59\xa6\x6a\x95"), _sizes_at(4, 8)),
+    ("PNM", lambda d: d[:1] == b"P" and d[1:2] in (*(b"%d" % i for i in range(1, 8)), b"F", b"f")
+     and d[2:3].isspace(), _netpbm_size),  # PBM/PGM/PPM, PAM (P7) and PFM (PF, Pf)
+    ("TIFF", _starts(b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"), _tiff_size),
+    ("PNG", lambda d: d[:8] == b"\x89PNG\r\n\x1a\n" and d[12:16] == b"IHDR", _sizes_at(16, 20)),
+    ("JPEG 2000", _starts(b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51"), _jp2_size),
+    ("GIF", _starts(b"GIF87a", b"GIF89a"), _gif_size),
 )
 
 
-def image_header(data: bytes) -> tuple[str, int, int, int | None]:
-    """(format, width, height, samples per pixel or None) of an image file's bytes, from its
-    header alone.  ValueError for a format it does not know (see HEADER_FORMATS) or a header that
-    does not say."""
+def image_header(data: ImageBytes) -> tuple[str, int, int, int | None]:
+    """(format, width, height, samples per pixel or None) of an image file's bytes (or a
+    ``_FileBytes``), from its header alone.  ValueError for a format it does not know (see
+    HEADER_FORMATS) or a header that does not say."""
     for name, matches, size in _IMAGE_FORMATS:
         if matches(data):
             return (name, *size(data))
@@ -4284,27 +4929,41 @@ def quiet_stderr() -> Iterator[None]:
 def read_image(path: Path, what: str) -> np.ndarray:
     """Decode one replay image after checking its header; StackError (one line) for a file
     too large, truncated, of an unsupported format, type or channel count, or with non-finite
-    pixels.  The file's bytes are read here and decoded from memory: OpenCV is never given a path
-    (its Python binding crashes on a file name that is not valid UTF-8, and on Windows it cannot
-    open non-ASCII paths), and the bytes checked are the bytes decoded."""
+    pixels.  Only the parts of the file its header check needs are read before the check passes;
+    then the whole file is read and decoded from memory: OpenCV is never given a path (its Python
+    binding crashes on a file name that is not valid UTF-8, and on Windows it cannot open non-ASCII
+    paths), and the bytes checked are the bytes decoded."""
+    too_large = f"{what} is more than {MAX_IMAGE_FILE_BYTES >> 20} MiB; too large for a microscope frame"
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_IMAGE_FILE_BYTES:
+                raise StackError(too_large)
+            head = _FileBytes(f, size)
+            try:
+                kind, width, height, channels = image_header(head)
+            except ValueError as exc:
+                raise StackError(f"{what} cannot be read as an image: {exc}") from None
+            if width * height > MAX_IMAGE_PIXELS:
+                raise StackError(f"{what} declares {width}x{height} pixels, more than {MAX_IMAGE_PIXELS / 1e6:g} MP, "
+                                 f"in its {kind} header; not a microscope frame (or a damaged file)")
+            if channels is not None and channels not in (1, 3, 4):
+                raise StackError(f"{what} has {channels} channels; a stack must hold gray, colour or colour+alpha "
+                                 "images")
+            f.seek(0)
             data = f.read(MAX_IMAGE_FILE_BYTES + 1)
     except OSError as exc:
         raise StackError(f"{what} cannot be read ({exc.strerror})") from exc
     if len(data) > MAX_IMAGE_FILE_BYTES:
-        raise StackError(f"{what} is more than {MAX_IMAGE_FILE_BYTES >> 20} MiB; too large for a microscope frame")
+        raise StackError(too_large)
+    if not head.verify(data):
+        raise StackError(f"{what} changed while it was read; replay the stack when nothing writes to it")
     try:
-        kind, width, height, channels = image_header(data)
-    except ValueError as exc:
-        raise StackError(f"{what} cannot be read as an image: {exc}") from None
-    if width * height > MAX_IMAGE_PIXELS:
-        raise StackError(f"{what} declares {width}x{height} pixels, more than {MAX_IMAGE_PIXELS / 1e6:g} MP, in its "
-                         f"{kind} header; not a microscope frame (or a damaged file)")
-    if channels is not None and channels not in (1, 3, 4):
-        raise StackError(f"{what} has {channels} channels; a stack must hold gray, colour or colour+alpha images")
-    with quiet_stderr():
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        with quiet_stderr():
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # OpenCV's own limits (CV_IO_MAX_IMAGE_WIDTH: 2^20 pixels a side), ...
+        raise StackError(f"{what} ({width}x{height} {kind}) cannot be decoded: OpenCV refuses it "
+                         f"({getattr(exc, 'err', '') or first_line(exc)})") from exc
     if image is None:
         raise StackError(f"{what} cannot be read as an image (truncated, damaged or not an image)")
     if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:  # the decoder's word against the header's
@@ -4339,6 +4998,15 @@ class ReplayStack:
         if not file_exists(csv_path, f"replay stack {self.folder}: stack.csv"):
             raise StackError(f"replay stack {self.folder}: no stack.csv there (expected columns z_mm,file)")
         rows = self._read_rows(csv_path)
+        # Every file the replay reads, as its row names it (the folder resolved, the last part as
+        # named: a link itself) and as it resolves (the file a link leads to): what no output of a
+        # run that replays this stack may write, replace or remove (``check_outputs``).
+        named = [csv_path, self.folder / ROI_FILE, *(self.folder / name for _, name in rows)]
+        try:
+            self.files = sorted({q for f in named for q in (f.parent.resolve() / f.name, f.resolve())})
+        except OSError as exc:
+            raise StackError(f"replay stack {csv_path}: a file it names cannot be found ({exc.strerror or exc})") \
+                from exc
         zs = [z for z, _ in rows]
         dupes = sorted(z for z, count in collections.Counter(zs).items() if count > 1)
         if dupes:
@@ -4369,21 +5037,6 @@ class ReplayStack:
         self.z_mm = self.z_mm[order]
         self.frames = [self.frames[i] for i in order]
         self.roi = self._read_roi(self.folder / ROI_FILE, self.frames[0].shape)
-
-    @staticmethod
-    def files(folder: str | Path) -> list[Path]:
-        """Every file a replay of ``folder`` reads, resolved (links followed, ../ and absolute rows
-        as they name them): stack.csv, roi.json and each image (StackError for a broken stack.csv)."""
-        folder = Path(folder)
-        csv_path = folder / "stack.csv"
-        if not file_exists(csv_path, f"replay stack {folder}: stack.csv"):
-            raise StackError(f"replay stack {folder}: no stack.csv there (expected columns z_mm,file)")
-        rows = ReplayStack._read_rows(csv_path)
-        try:
-            return [p.resolve() for p in (csv_path, folder / ROI_FILE, *(folder / name for _, name in rows))]
-        except OSError as exc:
-            raise StackError(f"replay stack {csv_path}: a file it names cannot be found ({exc.strerror or exc})") \
-                from exc
 
     @staticmethod
     def _read_roi(path: Path, frame_shape: tuple[int, ...]) -> Roi | None:
@@ -4426,6 +5079,9 @@ class ReplayStack:
                                          "is not a number") from None
                     if not math.isfinite(z) or not row["file"]:
                         raise StackError(f"replay stack {csv_path}, line {line}: needs a finite z_mm and a file")
+                    if "\x00" in row["file"]:
+                        raise StackError(f"replay stack {csv_path}, line {line}: the file name holds a NUL byte, "
+                                         "which no file system allows; fix the row")
                     rows.append((z, row["file"]))
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise StackError(f"replay stack {csv_path}: cannot read it ({exc})") from exc
@@ -4443,14 +5099,68 @@ class ReplayStack:
         return self.frames[int(np.argmin(np.abs(self.z_mm - z_mm)))]
 
 
+class ReplayStage(SimStage):
+    """The stage of a replay: its travel is the stack's z range, and only the recorded slices
+    have frames (``focus`` snaps its grid to them: ``snap_to_recorded``)."""
+
+    def __init__(self, stack: ReplayStack) -> None:
+        lo, hi = stack.range_mm
+        super().__init__(travel_mm=(lo, hi), position_mm=lo, timing=SimTiming(scale=0.0))
+        self.recorded_mm = tuple(float(z) for z in stack.z_mm)
+
+
 class ReplayCamera:
-    """Returns the recorded frame nearest the stage's position."""
+    """Returns the frame recorded at the stage's position; a position between slices is refused
+    (a nearest slice there would repeat a frame as if it had been taken at another z)."""
 
     def __init__(self, stage: Stage, stack: ReplayStack) -> None:
         self.stage, self.stack = stage, stack
 
     def capture(self) -> np.ndarray:
-        return self.stack.nearest(self.stage.position_mm())
+        z = self.stage.position_mm()
+        k = int(np.argmin(np.abs(self.stack.z_mm - z)))
+        if abs(self.stack.z_mm[k] - z) > slice_tolerance_mm(self.stack.z_mm):
+            raise CameraError(f"replay: no slice was recorded at z={z:.6f} mm (the nearest is at "
+                              f"{self.stack.z_mm[k]:.6f} mm); search through focus() with a ReplayStage "
+                              "(replay_microscope), which keeps to the recorded slices")
+        return self.stack.frames[k]
+
+
+def slice_tolerance_mm(recorded_mm: Sequence[float] | np.ndarray) -> float:
+    """How close a position must be to a recorded slice to be that slice: 1 % of the closest spacing."""
+    z = np.unique(np.asarray(recorded_mm, dtype=float))
+    return 0.01 * float(np.min(np.diff(z))) if len(z) > 1 else 1e-9
+
+
+def snap_to_recorded(positions: Sequence[float], recorded_mm: Sequence[float]) -> tuple[tuple[float, ...], str | None]:
+    """The plan's positions on a recording: unchanged when each lands on a recorded slice, else
+    the recorded slice nearest each, each slice once, in the plan's order, and a note that says so
+    (never a slice repeated at positions between slices: a curve of repeated frames has steps
+    that look like peaks)."""
+    rec = np.unique(np.asarray(recorded_mm, dtype=float))
+    tol = slice_tolerance_mm(rec)
+    nearest = [float(rec[int(np.argmin(np.abs(rec - z)))]) for z in positions]
+    if all(abs(a - b) <= tol for a, b in zip(nearest, positions)):
+        return tuple(positions), None
+    snapped = tuple(dict.fromkeys(nearest))
+    gaps = np.diff(rec)
+    spacing = (f"every {float(np.median(gaps)):g} mm" if len(gaps) and np.ptp(gaps) <= 0.02 * np.median(gaps)
+               else f"at uneven spacing ({float(gaps.min()):g} to {float(gaps.max()):g} mm)" if len(gaps)
+               else "at one position")
+    lo, hi = min(positions), max(positions)
+    step = abs(positions[1] - positions[0]) if len(positions) > 1 else 0.0
+    tip = ("; a STEP that is a multiple of the recorded spacing, from a recorded START, lands on them"
+           if spacing.startswith("every") else "")
+    return snapped, (f"note: the grid {lo:g}..{hi:g} mm every {step:g} mm asks for positions the stack has no slice "
+                     f"at (recorded {spacing}, {len(rec)} slices from {rec[0]:g} to {rec[-1]:g} mm): searched the "
+                     f"{len(snapped)} recorded slices nearest to it instead{tip}")
+
+
+def replay_microscope(folder: str | Path) -> tuple[ReplayStage, ReplayCamera]:
+    """A recorded stack (``--replay DIR``) as a stage and a camera for ``focus()``."""
+    stack = ReplayStack(folder)
+    stage = ReplayStage(stack)
+    return stage, ReplayCamera(stage, stack)
 
 
 ###############################################################################
@@ -5028,6 +5738,8 @@ def result_json(result: FocusResult | None, *, exit_code: int, error: str | None
         "reason": r.verdict.reason,
         "suggested_range_mm": list(r.verdict.suggestion_mm) if r.verdict.suggestion_mm else None,
         "verdict_scale": r.verdict.scale,
+        "uncertainty_mm": num(r.uncertainty_mm),  # focused: half-width of a ~90 % interval for the true focus
+        "notes": list(r.notes),
         "prominence": num(r.verdict.prominence),
         "noise": num(r.verdict.noise),
         "threshold": num(r.verdict.threshold),
@@ -5065,17 +5777,21 @@ def strict_json(data: dict[str, Any]) -> str:
 
 
 def write_replacing(path: str | Path, write: Callable[[Path], None]) -> None:
-    """``write`` a new file next to ``path`` (a name this call creates, exclusively), then rename
-    it onto ``path``: a failure (a full disk) leaves the old file or none, never half a file, and a
-    link planted at ``path`` is replaced, never written through."""
+    """``write`` a new file next to ``path`` (a name this call creates, exclusively: "." + the start
+    of the name + 8 random hex digits + ".part"), then rename it onto ``path``: a failure (a full
+    disk) leaves the old file or none, never half a file, and a link planted at ``path`` (or at a
+    temporary name) is replaced or passed over, never written through.  Every output file of the
+    tool is written so (the curve, the plot, the map's files, each --save-images frame)."""
     path = Path(path)
     for _ in range(100):  # a free temporary name (claimed exclusively: nothing there is followed)
-        temporary = path.with_name(f".autofocus-{os.getpid()}-{os.urandom(4).hex()}.tmp")
+        temporary = path.with_name(f".{path.name[:32]}.{os.urandom(4).hex()}.part")
         try:
             open(temporary, "xb").close()  # noqa: SIM115
             break
         except FileExistsError:
             continue
+    else:
+        raise FileExistsError(f"no free temporary name next to {path} (100 tried)")
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -5222,8 +5938,9 @@ def plot_map(path: str | Path, fmap: FocusMap) -> None:
 
 
 # The files --save-images writes into its folder besides stack.csv and roi.json (and what --overwrite
-# removes): frames, and a frame being written (a temporary name, renamed once complete).
-FRAME_FILE = re.compile(r"\.?frame_\d{5}\.(png|tif)(\.part)?")
+# removes): frames, and a frame being written (``write_replacing``'s temporary name; without the
+# random digits: an older version's).
+FRAME_FILE = re.compile(r"frame_\d{5}\.(png|tif)|\.frame_\d{5}\.(png|tif)(\.[0-9a-f]{8})?\.part")
 
 
 def recording_files(folder: Path) -> list[Path]:
@@ -5242,21 +5959,14 @@ def encode_frame(frame: np.ndarray) -> tuple[str, bytes]:
     return ext, encoded.tobytes()
 
 
-def write_new_file(path: Path, data: bytes) -> None:
-    """Create ``path`` (exclusively: an existing file, or a link planted there, is an error, never
-    written through) holding ``data``."""
-    with open(path, "xb") as fh:
-        fh.write(data)
-
-
 class ImageSaver:
     """Writes every frame losslessly (``encode_frame``: PNG, or float TIFF for float32 frames) and
     appends a row to DIR/stack.csv as it goes.
 
-    Every file is created here, exclusively, so nothing is ever written through a link that was
-    there before.  A recording already in DIR (stack.csv, roi.json, frames) is refused unless
-    ``overwrite``, which removes it first (links are removed, never followed): no stale slice is
-    left behind.  Frames are saved whole; a region of interest is recorded in DIR/roi.json, so
+    Every file is created here (``write_replacing``; stack.csv exclusively), so nothing is ever
+    written through a link that was there before.  A recording already in DIR (stack.csv,
+    roi.json, frames) is refused unless ``overwrite``, which removes it first (links are removed,
+    never followed): no stale slice is left behind.  Frames are saved whole; a region of interest is recorded in DIR/roi.json, so
     that ``--replay DIR`` scores the same region."""
 
     def __init__(self, folder: str | Path, roi: Roi | None = None, *, overwrite: bool = False) -> None:
@@ -5270,7 +5980,8 @@ class ImageSaver:
             for path in old:
                 path.unlink()
             if roi is not None:
-                write_new_file(self.folder / ROI_FILE, (json.dumps({"roi": list(roi)}) + "\n").encode())
+                text = json.dumps({"roi": list(roi)}) + "\n"
+                write_replacing(self.folder / ROI_FILE, lambda temporary: temporary.write_text(text, encoding="utf-8"))
             self._csv = open(self.folder / "stack.csv", "x", newline="", encoding="utf-8")  # noqa: SIM115
             self._writer = csv.writer(self._csv)
             self._writer.writerow(["z_mm", "file", "score"])
@@ -5283,24 +5994,20 @@ class ImageSaver:
     def __call__(self, index: int, z_mm: float, frame: np.ndarray, score: float) -> None:
         """Write one frame, then its row: a row is only ever listed for a file completely written.
 
-        The frame is encoded in memory and written under a temporary name, then renamed, so a
-        full disk is one OSError here (no libpng messages) and never leaves a truncated frame
-        behind a row.  The first failure stops the run (OutputError, exit 5)."""
+        The frame is encoded in memory and written by ``write_replacing``, so a full disk is one
+        OSError here (no libpng messages) and never leaves a truncated frame behind a row.  The
+        first failure stops the run (OutputError, exit 5)."""
         with self._lock:  # close() waits for a frame being written, and no frame follows it
             if self._csv.closed:
                 return
             ext, encoded = encode_frame(frame)
             name = f"frame_{index:05d}{ext}"
             path = self.folder / name
-            partial = path.with_name(f".{name}.part")
             try:
-                write_new_file(partial, encoded)
-                os.replace(partial, path)  # replaces a link planted at ``path``; never follows it
+                write_replacing(path, lambda temporary: temporary.write_bytes(encoded))
                 self._writer.writerow([repr(float(z_mm)), name, repr(float(score))])
                 self._csv.flush()
             except OSError as exc:
-                with contextlib.suppress(OSError):
-                    partial.unlink(missing_ok=True)
                 raise OutputError(f"--save-images: writing {path} failed ({exc.strerror or exc}); the frames "
                                   f"before it are in {self.folder / 'stack.csv'}") from exc
 
@@ -5934,8 +6641,8 @@ class Request:
     """One autofocus request: focus()'s arguments, which the command line builds from its options.
 
     Checked as a whole by ``check_request`` before anything moves; its fields are focus()'s
-    keywords (and the command line's option names).  ``metric`` None means "laplacian", or
-    "normvar" with ``transparent``."""
+    keywords (and the command line's option names), and their defaults are focus()'s.  ``metric``
+    None means "laplacian", or "normvar" with ``transparent``."""
 
     start_mm: float
     end_mm: float
@@ -5953,6 +6660,7 @@ class Request:
     peak: str = "sharpest"
     transparent: bool = False
     allow_many: bool = False
+    objective: str | None = None  # --objective: names the STEP that suits it (objective_optics)
 
 
 REQUEST_RULES: dict[str, Rule] = {
@@ -5972,6 +6680,7 @@ REQUEST_RULES: dict[str, Rule] = {
     "peak": Rule("choice", choices=PEAK_CHOICES),
     "transparent": Rule("flag"),
     "allow_many": Rule("flag"),
+    "objective": Rule("text", optional=True),  # a name of OBJECTIVES or MAGx/NA[/MEDIUM]: see check_request
 }
 
 
@@ -6003,13 +6712,50 @@ def check_request(request: Request) -> Request:
         raise BadValue("request", ("peak", "search"), lambda a, b: (
             f"{a} {r.peak} compares every peak of the curve, which only a sweep measures: use {b} sweep "
             "(the default)"))
+    if r.objective is not None and r.objective not in OBJECTIVES:
+        objective_optics(r.objective)  # MAGx/NA[/MEDIUM], or BadValue naming it
     return dataclasses.replace(r, metric=r.metric or ("normvar" if r.transparent else "laplacian"))
+
+
+_PROTOCOLS = {"stage": "a Stage needs limits_mm(), position_mm(), move_to(z_mm) and stop()",
+              "camera": "a Camera needs capture()",
+              "plate": "an XYStage needs move_to(x_mm, y_mm), position_mm(), limits_mm() and stop()"}
+
+
+def call_part(part: Any, what: str, method: str) -> Any:
+    """``part.method()`` on a stage, camera or plate a caller gave, the way the readers below call
+    it -- before anything moves.  A part without that method, or whose ``method`` is not callable or
+    takes other arguments, is the caller's mistake: UsageError naming what is missing, not an
+    AttributeError or TypeError from deep in a run.  (Errors raised inside the method are its own.)"""
+    def called(value: Any) -> str:  # None, "a str", "an object"
+        kind = type(value).__name__
+        return "None" if value is None else f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
+
+    label = called(part)
+    try:
+        bound = getattr(part, method)
+    except AttributeError as exc:
+        if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+            raise  # raised inside a property or __getattr__ of the part: its own error
+        raise UsageError(f"the {what} ({label}) has no {method}() method: {_PROTOCOLS[what]} (see the Device "
+                         "interfaces section); nothing was moved") from None
+    if not callable(bound):
+        shown = show_value(bound)
+        raise UsageError(f"the {what}'s {method} is {called(bound) if chr(10) in shown else shown}, not callable: "
+                         f"{_PROTOCOLS[what]} (methods, see the Device interfaces section); nothing was moved")
+    try:
+        return bound()
+    except TypeError as exc:
+        if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+            raise  # raised inside the method
+        raise UsageError(f"the {what}'s {method}() cannot be called without arguments ({exc}): "
+                         f"{_PROTOCOLS[what]}; nothing was moved") from None
 
 
 def stage_limits(stage: Stage) -> tuple[float, float]:
     """The stage's travel limits, checked before any use: two finite numbers of mm, lowest first
     (a NaN would pass every comparison of the plan check); StageError otherwise."""
-    limits = stage.limits_mm()
+    limits = call_part(stage, "stage", "limits_mm")
     try:
         lo, hi = limits
         usable = _is_number(lo) and _is_number(hi) and lo <= hi
@@ -6023,7 +6769,7 @@ def stage_limits(stage: Stage) -> tuple[float, float]:
 
 def stage_position(stage: Stage) -> float:
     """Where the stage says it is, checked before any use: a finite number of mm; StageError otherwise."""
-    z_mm = stage.position_mm()
+    z_mm = call_part(stage, "stage", "position_mm")
     if not _is_number(z_mm):
         raise StageError(f"the stage reports its position as {show_value(z_mm)}, not a finite number of mm; "
                          "nothing was moved: check the stage (its position_mm())")
@@ -6055,17 +6801,23 @@ def exclusive_use(stage: Stage, camera: Camera) -> Iterator[None]:
                 _in_use.pop(key, None)
 
 
-def check_parts(stage: Any, camera: Any, on_frame: Any) -> None:
-    """UsageError unless ``stage`` and ``camera`` implement the Stage and Camera protocols and
-    ``on_frame`` is callable (or None); nothing is called on them here."""
-    for what, part, protocol, methods in (("stage", stage, Stage, "limits_mm(), position_mm(), move_to(z_mm), stop()"),
-                                          ("camera", camera, Camera, "capture()")):
-        if not isinstance(part, protocol):
-            raise UsageError(f"{what} {show_value(part)} is not a {protocol.__name__}: it needs {methods} "
-                             "(see the Device interfaces section)")
+def check_on_frame(on_frame: Any) -> None:
+    """BadValue unless ``on_frame`` is a function (or None)."""
     if on_frame is not None and not callable(on_frame):
         raise BadValue("request", ("on_frame",), lambda a: (
             f"{a}: {show_value(on_frame)} must be a function on_frame(index, z_mm, frame, score), or None"))
+
+
+def check_camera(camera: Camera, roi: Roi | None) -> None:
+    """One frame captured where the stage is, before the first move (a capture moves nothing): the
+    camera answers (``call_part``) with a frame the scores can use (CameraError) that the region of
+    interest fits (UsageError).  The run's first frame is checked again: the camera may change."""
+    frame = call_part(camera, "camera", "capture")
+    if (problem := frame_problem(frame)) is not None:
+        raise CameraError(f"the camera delivered {problem} (a frame captured before anything moved); check the "
+                          "camera (its connection, its capture())")
+    if roi is not None:
+        check_roi(roi, frame.shape)
 
 
 def check_step_native(stage: Stage, step_mm: float) -> None:
@@ -6091,10 +6843,12 @@ def relative_origin(stage: Stage, relative: bool) -> float:
 
 
 def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm: float, *,
-          search: str = "sweep", metric: str | None = None, blur: int = DEFAULT_BLUR,
-          roi: Sequence[int] | None = None, settle_ms: float = 0.0, backlash_mm: float = 0.0,
-          z_min: float | None = None, z_max: float | None = None, relative: bool = False,
-          home: bool | None = None, peak: str = "sharpest", transparent: bool = False, allow_many: bool = False,
+          search: str = Request.search, metric: str | None = Request.metric, blur: int = Request.blur,
+          roi: Sequence[int] | None = Request.roi, settle_ms: float = Request.settle_ms,
+          backlash_mm: float = Request.backlash_mm, z_min: float | None = Request.z_min,
+          z_max: float | None = Request.z_max, relative: bool = Request.relative, home: bool | None = Request.home,
+          peak: PeakPolicy = Request.peak, transparent: bool = Request.transparent,  # type: ignore[assignment]
+          allow_many: bool = Request.allow_many, objective: str | None = Request.objective,
           on_frame: FrameHook | None = None) -> FocusResult:
     """Find the sharpest focus between START and END every STEP (mm) and send the stage there.
 
@@ -6104,13 +6858,15 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
     1. checks every argument (``check_request``: type and range; UsageError) and the plan against the stage's travel limits
        and the soft limits ``z_min``/``z_max``, backlash overshoot included (UsageError,
        nothing moved); ``relative=True`` reads the stage's position and makes START and END
-       offsets from it (an axis without a reference position is refused);
+       offsets from it (an axis without a reference position is refused); the stage and camera
+       are called, not probed (a missing method is a UsageError naming it), and one frame is
+       captured where the stage is and checked, the ROI against it (nothing moved);
     2. homes a Zaber axis that has no reference position (announced, as the CLI does; home it
        yourself to choose when).  Homing drives to the home sensor through positions ``z_min``/
        ``z_max`` may forbid, so with a soft limit it needs ``home=True``; ``home=False`` never
        homes (UsageError, nothing moved);
     3. searches (``search``: "sweep" or "fast"), scoring ``roi=(x, y, w, h)`` (camera pixels;
-       checked against the first frame) or the whole frame with ``metric`` and ``blur``;
+       checked again on the first frame) or the whole frame with ``metric`` and ``blur``;
     4. judges the curve: ``focused`` or ``edge`` sends the stage to the best position;
        ``no_peak`` sends it back to where it started.  The verdict is in ``result.verdict.kind``
        (``result.exit_code`` is the CLI's exit code for it), never an exception.
@@ -6132,27 +6888,37 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
     request = check_request(Request(start_mm, end_mm, step_mm, search=search, metric=metric, blur=blur,
                                     roi=roi, settle_ms=settle_ms, backlash_mm=backlash_mm,  # type: ignore[arg-type]
                                     z_min=z_min, z_max=z_max, relative=relative, home=home, peak=peak,
-                                    transparent=transparent, allow_many=allow_many))
+                                    transparent=transparent, allow_many=allow_many, objective=objective))
     return run_request(stage, camera, request, on_frame=on_frame)
 
 
 def run_request(stage: Stage, camera: Camera, request: Request, *, on_frame: FrameHook | None = None) -> FocusResult:
     """focus() for a request already checked by ``check_request`` (the command line checks its
     own before it opens anything): the parts checked, then plan, homing, search and final move."""
-    check_parts(stage, camera, on_frame)
+    check_on_frame(on_frame)
     with exclusive_use(stage, camera):
         return _run_request(stage, camera, request, on_frame)
 
 
-def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook | None) -> FocusResult:
+def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook | None, *,
+                 look_first: bool = True) -> FocusResult:
+    """run_request() inside its exclusive use; ``look_first``: a frame is captured and checked
+    (``check_camera``) before anything moves (a focus map looks once, not at every point)."""
     check_step_native(stage, r.step_mm)
     if isinstance(stage, ZaberStage):
         stage.soft_limits_mm = (r.z_min, r.z_max)
         stage.prepare_run()  # the axis as it stands now: moving, faulted or not, and where
     origin_mm = relative_origin(stage, r.relative)
+    dof_um = depth_of_field_um(r.objective) if r.objective is not None else None
     plan = Plan(tuple(plan_positions(r.start_mm + origin_mm, r.end_mm + origin_mm, r.step_mm)), r.search,
-                r.backlash_mm, r.settle_ms, r.peak)
+                r.backlash_mm, r.settle_ms, r.peak, dof_um)  # type: ignore[arg-type]
     check_plan(plan, stage_limits(stage), (r.z_min, r.z_max))
+    if look_first:
+        stage_position(stage)  # checked first: a simulated camera renders where the stage says it is
+        check_camera(camera, r.roi)
+    if isinstance(stage, ReplayStage):  # a recording has frames at its slices only: never invent others
+        positions, note = snap_to_recorded(plan.positions, stage.recorded_mm)
+        plan = dataclasses.replace(plan, positions=positions, notes=(note,) if note else ())
     home_if_needed = getattr(stage, "home_if_needed", None)
     homed_now = False  # after homing there is no start to return to (the home sensor may be below --z-min)
     if home_if_needed is not None and getattr(stage, "homed", True) is False:
@@ -6161,6 +6927,12 @@ def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook |
         check_home_consent(r.home, r.z_min, r.z_max, axis)
         homed_now = bool(home_if_needed())
         check_plan(plan, stage_limits(stage), (r.z_min, r.z_max))
+    travel_lo, travel_hi = stage_limits(stage)
+    plan = dataclasses.replace(plan, allowed_mm=(travel_lo if r.z_min is None else max(travel_lo, r.z_min),
+                                                 travel_hi if r.z_max is None else min(travel_hi, r.z_max)))
+    if dof_um is not None:  # a STEP too coarse for it: said always; else only with --verbose
+        log.log(logging.WARNING if r.step_mm / (dof_um / 1000) > 2 else logging.INFO, "%s",
+                objective_line(r.objective, r.step_mm))  # type: ignore[arg-type]
     first, last = plan.positions[0], plan.positions[-1]
     plan_log.info("searching %.4f..%.4f mm every %g mm%s: %d positions, %s search, %s score%s",
                   first, last, r.step_mm,
@@ -6192,16 +6964,29 @@ def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
     hardware timing; 0: no waiting) and every other ``SimTiming`` field (``exposure_s``,
     ``readout_s``, ...); ``start_mm`` (where the stage starts, default 0), ``travel_mm``
     (default (0, 25)), ``objective`` (a name of OBJECTIVES: "4x", "10x", "20x", "40x", "60x",
-    "60x-oil"; sets magnification, na and immersion_index), ``one_shot`` (an acquisition
-    start/stop per frame) and ``camera_roi``
-    ((x, y, w, h): the sensor region read out, as ``--camera-roi``).
+    "60x-oil", "100x"; sets magnification, na and immersion_index), ``one_shot`` (an acquisition
+    start/stop per frame), ``camera_roi`` ((x, y, w, h): the sensor region read out, as
+    ``--camera-roi``), ``defocus`` ("gaussian" or "pillbox", ``--sim-defocus``) and
+    ``specimen_image`` (a micrograph's path, in place of the synthetic cells).  The camera's
+    ``lamp`` and ``illumination`` model a flickering or drifting lamp and uneven light.
     """
     optics_names = {f.name for f in dataclasses.fields(SimOptics)}
     timing_names = {f.name for f in dataclasses.fields(SimTiming)} - {"scale"}
-    given = check_values("simulator", SIM_RULES, options)  # every value, before anything is built
-    lens = objective_optics(given["objective"]) if given.get("objective") is not None else {}
-    optics = SimOptics(**{**lens, **{k: v for k, v in given.items() if k in optics_names}})
-    timing = SimTiming(scale=given.get("time_scale", 1.0), **{k: v for k, v in given.items() if k in timing_names})
+    if isinstance(options.get("specimen_image"), os.PathLike):
+        options = {**options, "specimen_image": os.fspath(options["specimen_image"])}
+    # Each value is checked once, where it is used: SimOptics and SimTiming check their own fields
+    # (time_scale is SimTiming's scale), objective_optics the objective, and here the rest.
+    built = optics_names | timing_names | {"time_scale", "objective"}
+    given = check_values("simulator", SIM_RULES, {k: v for k, v in options.items() if k not in built})
+    lens = objective_optics(options["objective"]) if options.get("objective") is not None else {}
+    optics = SimOptics(**{**lens, **{k: v for k, v in options.items() if k in optics_names}})
+    if optics.specimen_image is not None:
+        if optics.specimen not in ("cells", "dusty"):
+            raise BadValue("simulator", ("specimen_image", "specimen"), lambda a, b: (
+                f"{a} replaces the synthetic cells; it cannot be combined with {b} {optics.specimen!r} (use cells "
+                "or dusty)"))
+        optics.texture()  # read it now: a missing or broken file is one line before anything moves
+    timing = SimTiming(scale=options.get("time_scale", 1.0), **{k: v for k, v in options.items() if k in timing_names})
     travel = given.get("travel_mm", (0.0, 25.0))
     start = given.get("start_mm", 0.0)
     if not travel[0] <= start <= travel[1]:
@@ -6530,7 +7315,7 @@ def check_map_request(area_mm: Any, grid: Any, *, xy_limits_mm: Any = None, refi
 def plate_limits(xy: XYStage) -> tuple[tuple[float, float], tuple[float, float]]:
     """The plate's travel limits, checked before any use: ((x_lo, x_hi), (y_lo, y_hi)), finite
     numbers of mm, lowest first; StageError otherwise."""
-    limits = xy.limits_mm()
+    limits = call_part(xy, "plate", "limits_mm")
     try:
         (x_lo, x_hi), (y_lo, y_hi) = limits
         usable = all(_is_number(v) for v in (x_lo, x_hi, y_lo, y_hi)) and x_lo <= x_hi and y_lo <= y_hi
@@ -6544,7 +7329,7 @@ def plate_limits(xy: XYStage) -> tuple[tuple[float, float], tuple[float, float]]
 
 def plate_position(xy: XYStage) -> tuple[float, float]:
     """Where the plate says it is, checked before any use: (x, y), finite numbers of mm."""
-    at = xy.position_mm()
+    at = call_part(xy, "plate", "position_mm")
     try:
         x, y = at
         usable = _is_number(x) and _is_number(y)
@@ -6648,7 +7433,8 @@ class _Mapper:
         note = ""
         if window is not None:
             found = _run_request(self.z, self.camera, check_request(dataclasses.replace(
-                self.window, start_mm=window[0], end_mm=window[1])), self.on_frame)
+                self.window, start_mm=window[0], end_mm=window[1])), self.on_frame,
+                                 look_first=False)
             verdict = judge_window(found.samples, self.rel_noise)  # type: ignore[arg-type]
             if verdict.kind == "focused":
                 fit = found.fit
@@ -6662,7 +7448,7 @@ class _Mapper:
                                 added=added)
             self.searches.append(dataclasses.replace(found, verdict=verdict))
             note = f"window {window[0]:.4f}..{window[1]:.4f} mm: {verdict.kind}; searched the whole range"
-        found = _run_request(self.z, self.camera, self.full, self.on_frame)
+        found = _run_request(self.z, self.camera, self.full, self.on_frame, look_first=False)
         self.searches.append(found)
         if (window is not None and found.verdict.kind == "focused"
                 and min(window) + self.step_mm - 1e-9 <= found.best_mm <= max(window) - self.step_mm + 1e-9
@@ -6721,10 +7507,7 @@ def focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, *, area_mm: Seq
     on_frame = options.get("on_frame")
     request = check_request(Request(start_mm, end_mm, step_mm, search=search,  # type: ignore[arg-type]
                                     **{k: v for k, v in options.items() if k != "on_frame"}))
-    check_parts(z_stage, camera, on_frame)
-    if not isinstance(xy_stage, XYStage):
-        raise UsageError(f"xy_stage {show_value(xy_stage)} is not an XYStage: it needs move_to(x_mm, y_mm), "
-                         "position_mm(), limits_mm(), stop() (see the Device interfaces section)")
+    check_on_frame(on_frame)
     with exclusive_use(z_stage, camera):
         return _focus_map(xy_stage, z_stage, camera, request, area, cells, t0=t0, xy_limits_mm=xy_limits_mm,
                           refine=refine, depth_of_field_mm=depth_of_field_mm, on_point=on_point, on_frame=on_frame)
@@ -6751,6 +7534,8 @@ def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
     plan = Plan(tuple(positions), r.search, r.backlash_mm, r.settle_ms, r.peak)
     check_plan(plan, stage_limits(z_stage), (r.z_min, r.z_max))
     allowed = check_area_inside(area, plate_limits(xy_stage), xy_limits_mm)
+    plate_position(xy_stage)  # the plate answers, before anything moves
+    check_camera(camera, r.roi)
     # Homing (with consent) before anything else moves; both are checked first.
     z_unhomed = getattr(z_stage, "home_if_needed", None) is not None and getattr(z_stage, "homed", True) is False
     xy_unhomed = getattr(xy_stage, "home_if_needed", None) is not None and getattr(xy_stage, "homed", True) is False
@@ -6867,11 +7652,18 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def number(text: str) -> float:
-    """A number, as text (its range is checked with the other values, see ``validate``)."""
+    """A number, as text (its range is checked with the other values, see ``validate``); one that a
+    float cannot hold (1e400 is no infinity, 1e-400 no zero) is refused as typed."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if math.isinf(value) and not re.fullmatch(r"\s*[+-]?inf(inity)?\s*", text, re.I):
+        raise argparse.ArgumentTypeError(f"{text!r} is beyond the largest number a float holds (about 1.8e308)")
+    if value == 0 and re.search(r"[1-9]", re.split(r"[eE]", text)[0]):
+        raise argparse.ArgumentTypeError(f"{text!r} is too small to tell apart from 0 (a float holds down to about "
+                                         "5e-324)")
+    return value
 
 
 def whole_number(text: str) -> int:
@@ -7029,6 +7821,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "layers): sharpest (default), lowest or highest z (which is nearer the slide depends "
                            "on which way your focus axis points: on an inverted stand higher z usually moves the "
                            "objective up, toward the specimen), or nearest where the stage started; sweep only")
+    srch.add_argument("--objective", metavar="NAME", type=str,
+                      help=f"the objective: {', '.join(OBJECTIVES)}, or MAGx/NA[/MEDIUM] (20x/0.75, 100x/1.3/oil): "
+                           "says its depth of field and the STEP that suits it, checks STEP, and names the STEP to "
+                           "use when a peak is narrower than STEP (default with --simulate: --sim-objective)")
     srch.add_argument("--allow-many", action="store_true",
                       help=f"allow more than {MAX_POSITIONS:,} positions in a sweep (at most {MAX_POSITIONS_ALLOWED:,})")
     out = p.add_argument_group("output")
@@ -7069,6 +7865,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cells (default); blank: an empty field with nothing to focus on; dusty: the cells plus "
                           "dust on the coverslip --sim-dust-height-mm above them (two peaks); transparent: "
                           "unstained cells in brightfield (contrast vanishes at focus: use --transparent)")
+    sim.add_argument("--sim-specimen-image", metavar="PATH", type=path_text,
+                     help="a micrograph (any image OpenCV reads: PNG, TIFF, ...) as the specimen, in place of the "
+                          "synthetic cells: its centre, at the camera's pixel scale (mirrored tiles if smaller "
+                          "than the frame); use a sharp, in-focus image")
+    sim.add_argument("--sim-defocus", choices=DEFOCUS_MODELS, default="gaussian",
+                     help="how defocus blurs: gaussian (default; a Gaussian as wide as the geometric blur disc) "
+                          "or pillbox (the geometric blur disc itself: a uniform disc, as in ray optics)")
     sim.add_argument("--sim-phase-rad", metavar="RAD", type=number, default=SimOptics.phase_rad,
                      help=f"transparent: phase delay through a cell (default {SimOptics.phase_rad})")
     sim.add_argument("--sim-condenser-na", metavar="NA", type=number,
@@ -7170,7 +7973,7 @@ SIM_OPTIONS: dict[str, str] = {
     "width": "sim_size", "height": "sim_size", "bit_depth": "sim_bits", "seed": "sim_seed",
     "time_scale": "sim_time_scale", "start_mm": "sim_start_mm", "camera_roi": "camera_roi",
     "objective": "sim_objective", "dust_height_mm": "sim_dust_height_mm", "phase_rad": "sim_phase_rad",
-    "condenser_na": "sim_condenser_na",
+    "condenser_na": "sim_condenser_na", "defocus": "sim_defocus", "specimen_image": "sim_specimen_image",
 }
 ZABER_OPTIONS = {name: name for name in ZABER_RULES}  # ZaberStage's keywords are the options' names
 # focus_map(), the simulated slide and the plate's axes: their keywords and the options that set them
@@ -7283,14 +8086,44 @@ def check_plot_format(path: str) -> None:
                          "use .png, .pdf or .svg") from exc
 
 
-def _not_a_file(path: Path) -> str | None:
-    """Why ``path`` cannot be a regular output file: a link, a device, a pipe, a Windows reserved name."""
+def _special_file(path: Path) -> str | None:
+    """What ``path`` leads to, in words, when an output must not be written there: the standard
+    output or error (/dev/stdout; "the standard output (a pipe)"), a terminal, a pipe, a socket or a
+    device (/dev/null, /dev/full); None for a file or folder of its own, or nothing."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+
+    def same(fd: int) -> bool:
+        try:
+            return os.path.samestat(st, os.fstat(fd))
+        except OSError:
+            return False
+
+    mode = st.st_mode
+    kind = (None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode)
+            else "a terminal" if stat.S_ISCHR(mode) and any(same(fd) and os.isatty(fd) for fd in (0, 1, 2))
+            else "a device")
+    stream = next((name for fd, name in ((1, "the standard output"), (2, "the standard error")) if same(fd)), None)
+    if stream is not None:
+        return f"{stream} ({kind})" if kind else stream
+    return kind
+
+
+def _not_a_file(path: Path, *, folder: bool = False) -> str | None:
+    """Why ``path`` cannot be an output file (or with ``folder``, an output folder), and what to do:
+    a Windows device name, the standard output, a terminal, a pipe, a device, a symbolic link."""
+    want = "a folder" if folder else "a file name"
     if os.name == "nt" and path.name.split(".")[0].upper() in WINDOWS_RESERVED_NAMES:
-        return f"{path.name} is a Windows device name"
+        return f"{path.name} is a Windows device name; give {want}"
+    if special := _special_file(path):
+        own = " of its own" if special.startswith("the standard") else ""
+        return f"it is {special}, not {'a folder' if folder else 'a file'}{own}; give {want}"
     if path.is_symlink():
-        return "it is a symbolic link, and the tool never writes through a link; give the file it points to"
-    if path.exists() and not path.is_file() and not path.is_dir():  # /dev/full, /dev/null, a FIFO
-        return "it is a device or a pipe, not a file"
+        return (f"it is a symbolic link to {os.readlink(path)}, and the tool never writes through a link; give that "
+                f"{'folder' if folder else 'file'}'s own path, or another name")
     return None
 
 
@@ -7305,7 +8138,7 @@ def check_file_output(flag: str, path: Path, *, inside_new_folder: bool = False)
     that leaves an existing file untouched and removes a file it created)."""
     try:
         if problem := _not_a_file(path):
-            raise UsageError(f"{flag} {path}: {problem}; give a file name")
+            raise UsageError(f"{flag} {path}: {problem}")
         if path.is_dir():
             raise UsageError(f"{flag} {path} is a folder; give a file name inside it, e.g. {path / 'curve.csv'}")
         if inside_new_folder:
@@ -7328,8 +8161,8 @@ def check_output_folder(flag: str, folder: Path) -> None:
     """A folder output (--save-images, --make-figures): not a link, a file or a device; created
     (with its parents) when missing, and writable."""
     try:
-        if problem := _not_a_file(folder):
-            raise UsageError(f"{flag} {folder}: {problem}; give a folder")
+        if problem := _not_a_file(folder, folder=True):
+            raise UsageError(f"{flag} {folder}: {problem}")
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"{flag} {folder}: is a file, not a folder; pick another name")
         folder.mkdir(parents=True, exist_ok=True)
@@ -7340,17 +8173,16 @@ def check_output_folder(flag: str, folder: Path) -> None:
                          "pick another folder") from exc
 
 
-def check_outputs(args: argparse.Namespace) -> None:
+def check_outputs(args: argparse.Namespace, stack: ReplayStack | None = None) -> None:
     """Fail before anything moves (homing included) when an output cannot be written as given.
 
     Each file output must be a writable file path (not a folder, a link, a device or another
     output's path); --plot needs a format matplotlib can write here; --save-images must be a folder
-    that holds no file the replayed stack reads, however its rows name them (relative paths, ../,
-    absolute paths, links), and no earlier recording unless --overwrite; no output may be a file
-    the replayed stack reads.  Exactly the paths given are written."""
-    replay_files: set[str] = set()
-    if args.replay:
-        replay_files = {os.path.normcase(str(f)) for f in ReplayStack.files(args.replay)}
+    in which no file the saver writes or removes (stack.csv, roi.json, frame_NNNNN.*) is one the
+    replayed ``stack`` reads, however its rows reach it (relative paths, ../, absolute paths,
+    links: ``ReplayStack.files``), and that holds no earlier recording unless --overwrite; no output
+    may be a file the replayed stack reads.  Exactly the paths given are written."""
+    replay_files = set() if stack is None else {os.path.normcase(str(f)) for f in stack.files}
     taken: dict[str, str] = {}
 
     def key_of(path: Path) -> str:  # one spelling per file: case-insensitive where the OS is
@@ -7360,10 +8192,12 @@ def check_outputs(args: argparse.Namespace) -> None:
     if images is not None:
         try:
             where = key_of(images)
-            if args.replay and where == key_of(Path(args.replay)):
+            if stack is not None and where == key_of(stack.folder):
                 raise UsageError(f"--save-images {images} is the stack being replayed: it would overwrite the "
                                  "recording; save into another folder")
-            read_there = sorted(f for f in replay_files if f == where or f.startswith(where.rstrip(os.sep) + os.sep))
+            read_there = sorted(f for f in replay_files if os.path.dirname(f) == where
+                                and (os.path.basename(f) in ("stack.csv", ROI_FILE)
+                                     or FRAME_FILE.fullmatch(os.path.basename(f))))
             if read_there:
                 raise UsageError(f"--save-images {images} holds {Path(read_there[0]).name}, which the replayed "
                                  "stack reads: it would overwrite the recording; save into another folder")
@@ -7393,7 +8227,7 @@ def check_outputs(args: argparse.Namespace) -> None:
         if key in taken or (in_images and FRAME_FILE.fullmatch(path.name.lower())):
             raise UsageError(f"{flag} {path} is also written as {taken.get(key, '--save-images frames')}; "
                              "give each output its own path")
-        if key in replay_files or (args.replay and key_of(path.parent) == key_of(Path(args.replay))
+        if key in replay_files or (stack is not None and key_of(path.parent) == key_of(stack.folder)
                                    and (path.exists() or path.name in ("stack.csv", ROI_FILE))):
             raise UsageError(f"{flag} {path} is a file of the stack being replayed; write elsewhere")
         taken[key] = flag
@@ -7428,16 +8262,16 @@ def close_hardware(camera: Any, zaber: ZaberStage) -> None:
 
 
 @contextlib.contextmanager
-def open_microscope(args: argparse.Namespace) -> Iterator[tuple[Stage, Camera]]:
-    """The stage and camera the arguments ask for; closes them afterwards."""
-    if args.replay:
-        stack = ReplayStack(args.replay)
+def open_microscope(args: argparse.Namespace, stack: ReplayStack | None = None) -> Iterator[tuple[Stage, Camera]]:
+    """The stage and camera the arguments ask for (with --replay, ``stack``, read by the caller);
+    closes them afterwards."""
+    if stack is not None:
         lo, hi = stack.range_mm
         # (--relative: offsets; the plan check against the stage's travel, the stack's range, says it)
         for name, z in () if args.relative else (("START", args.start_mm), ("END", args.end_mm)):
             if not lo - 1e-9 <= z <= hi + 1e-9:
                 raise UsageError(f"{name} {z!r} mm is outside the replay stack's range {lo!r}..{hi!r} mm")
-        stage: Any = SimStage(travel_mm=(lo, hi), position_mm=lo, timing=SimTiming(scale=0.0))
+        stage: Any = ReplayStage(stack)
         yield stage, ReplayCamera(stage, stack)
         return
     if args.simulate:
@@ -7459,7 +8293,8 @@ def open_microscope(args: argparse.Namespace) -> Iterator[tuple[Stage, Camera]]:
 def configure_logging(verbose: bool) -> None:
     """Log to stderr: every step with --verbose, else warnings only.  matplotlib's notes (a cache
     folder it had to make in the temporary folder) are shown with --verbose only, so that an error
-    stays one line; Python warnings likewise (``log_warning``)."""
+    stays one line, and never its debug lines (hundreds of "findfont: ..."); Python warnings are
+    --verbose lines too (``log_warning``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
@@ -7467,7 +8302,7 @@ def configure_logging(verbose: bool) -> None:
     log.propagate = False
     mpl = logging.getLogger("matplotlib")
     mpl.handlers[:] = [handler]
-    mpl.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    mpl.setLevel(logging.INFO if verbose else logging.ERROR)
     mpl.propagate = False
 
 
@@ -7530,15 +8365,17 @@ def summary_line(result: FocusResult) -> str:
     fit = f" (fitted peak; best frame at {result.best_sample_mm:.4f} mm)" if result.fit.used and \
         result.best_mm == result.fit.z_mm else ""
     at = "best focus (contrast minimum, --transparent)" if result.transparent else "best focus"
+    plus = f" \N{PLUS-MINUS SIGN} {_length(result.uncertainty_mm)}" if result.uncertainty_mm is not None else ""
     head = {
-        "focused": f"{at} at {result.best_mm:.4f} mm{fit}",
+        "focused": f"{at} at {result.best_mm:.4f} mm{plus}{fit}",
         "edge": f"best focus at the edge of the range, {result.best_mm:.4f} mm",
         "no_peak": f"no focus found; stage returned to {result.best_mm:.4f} mm" if result.best_mm == result.start_mm
         else f"no focus found; stage left at the last frame, {result.best_mm:.4f} mm (not returned to where the run "
              f"started, {result.start_mm:.4f} mm: the axis was homed for this run, or that lies outside --z-min/--z-max)",
     }[result.verdict.kind]
-    if result.verdict.scale == "coarse" and result.verdict.kind == "focused":
-        head += " (found at the coarse scale: fine detail is lost in noise)"
+    if result.verdict.kind == "focused" and result.fit.scale == "coarse":  # the coarse score gave the position
+        head += (" (found at the coarse scale: " + ("the peak is narrower than STEP)" if result.verdict.narrow
+                                                     else "fine detail is lost in noise)"))
     line = (f"{head}: score {result.best_score:.4g}, {result.frames} frames, {result.moves} moves, "
             f"{result.elapsed_s:.2f} s ({result.search} search)")
     if result.verdict.kind != "focused":
@@ -7730,7 +8567,7 @@ def run_make_figures(args: argparse.Namespace) -> int:
     folder = Path(args.make_figures)
     check_output_folder("--make-figures", folder)
     load_matplotlib("--make-figures")
-    optics = SimOptics(**check_values("simulator", SIM_RULES, {"seed": args.sim_seed, "photons": args.sim_photons}))
+    optics = SimOptics(seed=args.sim_seed, photons=args.sim_photons)
     try:
         written = make_figures(folder, optics, args.blur)
     except OSError as exc:
@@ -7747,7 +8584,8 @@ def run(args: argparse.Namespace, request: Request) -> int:
     outputs; returns the exit code."""
     if args.map is not None:
         return run_map(args, request)
-    check_outputs(args)
+    stack = ReplayStack(args.replay) if args.replay else None  # read once: its files are checked, then replayed
+    check_outputs(args, stack)
     n_positions = len(plan_positions(args.start_mm, args.end_mm, args.step_mm))
     result: FocusResult | None = None
     error: str | None = None
@@ -7770,7 +8608,7 @@ def run(args: argparse.Namespace, request: Request) -> int:
 
     plan_log.setLevel(logging.INFO if args.relative else logging.NOTSET)  # --relative: say where, in absolute mm
     try:
-        with open_microscope(args) as (stage, camera):
+        with open_microscope(args, stack) as (stage, camera):
             if isinstance(stage, ZaberStage):
                 zaber = stage
                 stage_info = stage.describe()
@@ -7805,6 +8643,10 @@ def run(args: argparse.Namespace, request: Request) -> int:
 
             if roi != request.roi:  # the region recorded with a replayed stack: checked as a --roi would be
                 request = check_request(dataclasses.replace(request, roi=roi))
+            if request.objective is None and (args.simulate or args.camera == "sim"):  # its objective is known
+                request = dataclasses.replace(request, objective=args.sim_objective)
+            elif args.objective and args.step_mm / (depth_of_field_um(args.objective) / 1000) <= 2:
+                print(objective_line(args.objective, args.step_mm), file=sys.stderr)  # (else focus() warns)
             result = run_request(stage, camera if live is None else LiveCamera(camera, live), request,
                                  on_frame=on_frame)
             if live is not None:
@@ -7907,6 +8749,8 @@ def report(args: argparse.Namespace, result: FocusResult | None, code: int, erro
                 print(f"autofocus.py: {error}; {where}; every output was written", file=sys.stderr)
             else:
                 print(summary_line(result), file=sys.stderr if args.json else sys.stdout)
+                for line in result.notes:
+                    print(line, file=sys.stderr if args.json else sys.stdout)
                 if note := curve_note(result, args.peak):
                     print(note, file=sys.stderr if args.json else sys.stdout)
     if stage_info is not None and zaber is not None:
@@ -7963,7 +8807,7 @@ class InterruptSignals:
     can handle; use Ctrl-C or Ctrl-Break there.
     """
 
-    NAMES = ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK")
+    NAMES = EARLY_SIGNALS  # the same signals as while the tool starts
 
     def __init__(self) -> None:
         self.pending: Interrupted | None = None

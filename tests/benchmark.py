@@ -7,6 +7,7 @@ Run by hand (it is not a pytest module; it defines no test functions)::
     python tests/benchmark.py --quick              # fewer seeds/repeats/steps (< 2 minutes)
     python tests/benchmark.py --section accuracy   # one section (repeatable: --section score --section timing)
     python tests/benchmark.py --section map --write   # ... and put it into tests/BENCHMARKS.md
+    python tests/benchmark.py --section decision --baseline /tmp/old_autofocus.py   # before -> after
 
 Prints Markdown tables (medians; ratios are measured within one run) and, at the end, a
 "targets" summary with PASS/FAIL.  Everything is seeded, so two runs differ only in timings.
@@ -16,7 +17,7 @@ rebuilds its Targets table; ``--merge PRINTOUT --write`` does so from a saved pr
 Sections:
 
 score     milliseconds per 1920x1200 frame for each metric (8-bit mono, 16-bit mono, 8-bit
-          colour), vs a naive seed-style score on the full frame.
+          colour, float32 mono), vs a naive seed-style score on the full frame.
 accuracy  (a) the simulator with known truth at several noise levels and focal planes, both
           search modes; (b) every recorded stack in ../shared/stacks, plus a blank stack.
 timing    real-time simulator at 1920x1200: a seed-style loop (start/stop per frame, scoring
@@ -33,6 +34,11 @@ bracketing the Zaber path (real ZML, tests/fake_zaber.py with a modelled serial 
 mm        the real pymmcore-plus core with Python devices (tests/mm_devices.py): focus() accuracy at
           20x on it (and that it equals the simulator's), and frames after a move through snapImage
           vs a running sequence acquisition.
+decision  false focus on empty fields (the simulator's blank at five frame sizes, replayed blank
+          stacks: noise, gradient, fixed pattern, lamp flicker, warming lamp; every metric, both
+          searches); the error bar's coverage and width and the sub-step accuracy per objective
+          and search (both defocus models, real textures); the fast search's frames on real
+          textures with a drifting lamp.  --baseline OLD.py runs an earlier decision alongside.
 """
 from __future__ import annotations
 
@@ -63,7 +69,7 @@ import numpy as np  # noqa: E402
 import autofocus as af  # noqa: E402
 
 SHARED_STACKS = Path(__file__).resolve().parents[2] / "shared" / "stacks"
-SECTIONS = ("score", "accuracy", "timing", "memory", "map", "bracketing", "mm")
+SECTIONS = ("score", "accuracy", "timing", "memory", "map", "bracketing", "mm", "decision")
 FRAME_PERIOD_MS = 1000.0 / 41.0  # BFLY-U3-23S6M at 1920x1200
 RANGE_MM = (10.0, 14.0)
 STEP_MM = 0.05
@@ -222,7 +228,9 @@ def sim_frame(optics: af.SimOptics, z_mm: float) -> np.ndarray:
 
 def naive_median_score(img: np.ndarray) -> float:
     """The seed's pipeline: median blur 9, then the variance of the float64 Laplacian."""
-    if img.dtype != np.uint8:  # medianBlur with ksize > 5 takes 8-bit only
+    if img.dtype.kind == "f":  # medianBlur with ksize > 5 takes 8-bit only
+        img = np.clip(img * 255, 0, 255).astype(np.uint8)
+    elif img.dtype != np.uint8:
         img = (img >> 8).astype(np.uint8)
     return float(cv2.Laplacian(cv2.medianBlur(img, 9), cv2.CV_64F).var())
 
@@ -247,12 +255,13 @@ def section_score(quick: bool) -> None:
     mono8 = sim_frame(af.SimOptics(), 12.34)
     mono16 = sim_frame(af.SimOptics(bit_depth=16), 12.34)
     colour = np.ascontiguousarray(np.dstack([mono8, np.roll(mono8, 1, axis=1), np.roll(mono8, 1, axis=0)]))
-    formats = [("8-bit mono", mono8), ("16-bit mono", mono16), ("8-bit BGR", colour)]
+    mono32f = mono16.astype(np.float32) / 65535  # a float camera (or a float TIFF replayed): rescaled once
+    formats = [("8-bit mono", mono8), ("16-bit mono", mono16), ("8-bit BGR", colour), ("float32 mono", mono32f)]
     fast_scorer = af.Scorer()
     seed_label = "naive seed: medianBlur 9 + Laplacian CV_64F .var()"
     labels = {m: f"`{m}`" for m in af.METRICS}
     fns = {**{m: af.Scorer(m) for m in af.METRICS},
-           "fast": lambda im: (fast_scorer(im), fast_scorer.coarse(im)),
+           "fast": lambda im: fast_scorer.scores(im, True),  # as a run scores a checked frame
            "seed": naive_median_score, "bilateral": naive_bilateral_score}
     labels.update({"fast": "`laplacian` + coarse (fast search, per frame)", "seed": seed_label,
                    "bilateral": "naive: bilateral 9 + Laplacian CV_64F .var()"})
@@ -576,9 +585,12 @@ def parse_truth(folder: Path) -> tuple[int, float] | None:
 
 
 def replay_run(stack: af.ReplayStack, step: float, search: str, metric: str) -> Run:
+    """focus() on a replay stage: a grid off the recorded slices is snapped to them, as the CLI does."""
     lo, hi = stack.range_mm
-    stage = af.SimStage(travel_mm=(lo, hi), position_mm=lo, timing=af.SimTiming(scale=0.0))
-    return run_once(stage, af.ReplayCamera(stage, stack), af.plan_positions(lo, hi, step), search, metric)
+    stage = af.ReplayStage(stack)
+    r = af.focus(stage, af.ReplayCamera(stage, stack), lo, hi, step, search=search, metric=metric)
+    return Run(search, r.verdict.kind, r.best_mm, r.fit.z_mm if r.fit.used else None, r.frames, r.moves,
+               r.elapsed_s * 1e3 / max(r.frames, 1), r.timing.score_s * 1e3 / max(r.frames, 1))
 
 
 def write_blank_stack(folder: Path, n: int = 31, step: float = 0.01) -> None:
@@ -1282,6 +1294,308 @@ def mm_frames_after_move(mm_devices, quick: bool) -> None:
            stale == 0)
 
 
+###############################################################################
+# 7. The decision: false focus, error bar, sub-step accuracy (issue 20)
+###############################################################################
+
+SHARED_TEXTURES = {  # in-focus slices of the shared stacks, as the simulator's specimen
+    "dfnn slice 15": "dfnn_microtubules_lightsheet/slice_015.png",
+    "zaber_gif slice 17": "zaber_gif/slice_017.png",
+}
+BASELINE: object = None  # --baseline OLD_AUTOFOCUS.py: the same runs through an earlier decision
+
+
+def load_baseline(path: str) -> object:
+    """An earlier autofocus.py as a module (its own decision; this one's simulator and stacks)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("autofocus_baseline", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules["autofocus_baseline"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def decide_with(module: object, stage, camera, start: float, end: float, step: float, **kw):
+    """focus() of ``module`` with the keywords it knows."""
+    import inspect
+
+    known = inspect.signature(module.focus).parameters  # type: ignore[attr-defined]
+    return module.focus(stage, camera, start, end, step, **{k: v for k, v in kw.items() if k in known})  # type: ignore[attr-defined]
+
+
+class Lamp:
+    """A lamp's relative brightness per frame (SimCamera.lamp): before shot noise, fixed gain."""
+
+    def __init__(self, kind: str, seed: int) -> None:
+        self.kind, self.rng = kind, np.random.default_rng(seed + 7)
+        self.phase = float(self.rng.uniform(0, 2 * np.pi))
+
+    def __call__(self, k: int) -> float:
+        if self.kind == "jitter":  # +-3% flicker, frame to frame
+            return 1.0 + float(self.rng.uniform(-0.03, 0.03))
+        if self.kind == "warming":  # 10% dimmer at first, warming up over the first ~third of the run
+            return 1.0 - 0.10 * float(np.exp(-k / 25.0))
+        if self.kind == "periodic":  # +-6%, slow (a 50-frame period)
+            return 1.0 + 0.06 * float(np.sin(2 * np.pi * k / 50.0 + self.phase))
+        return 1.0
+
+
+def write_blank_kind_stack(folder: Path, kind: str, seed: int, size: tuple[int, int] = (320, 200),
+                           n: int = 81, step: float = 0.05) -> None:
+    """A recorded stack of an empty field: noise, an illumination gradient, fixed-pattern sensor
+    noise, a flickering lamp or a warming one (seeded)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stage, camera = af.simulated_microscope(specimen="blank", width=size[0], height=size[1], time_scale=0, seed=seed,
+                                            start_mm=10.0)
+    if kind == "gradient":  # uneven illumination: 40% brighter on one side, 15% toward the bottom
+        yy, xx = np.mgrid[0:size[1], 0:size[0]].astype(np.float32)
+        camera.illumination = (0.8 + 0.4 * xx / size[0] + 0.15 * yy / size[1]).astype(np.float32)
+    if kind in ("jitter", "warming"):
+        camera.lamp = Lamp(kind, seed)
+    pattern = np.random.default_rng(seed + 99).normal(0, 2.0, (size[1], size[0])) if kind == "fixed pattern" else None
+    lines = ["z_mm,file"]
+    for i in range(n):
+        z = round(10.0 + i * step, 9)
+        stage.move_to(z)
+        frame = camera.capture()
+        if pattern is not None:  # a fixed offset per pixel (dark-signal non-uniformity), the same every frame
+            frame = np.clip(frame.astype(np.float32) + pattern, 0, 255).astype(np.uint8)
+        name = f"slice_{i:03d}.png"
+        cv2.imwrite(str(folder / name), frame)
+        lines.append(f"{z:.6f},{name}")
+    (folder / "stack.csv").write_text("\n".join(lines) + "\n")
+
+
+def false_focus(quick: bool) -> None:
+    sizes = {(160, 100): 10 if quick else 70, (320, 200): 6 if quick else 70, (640, 400): 2 if quick else 10,
+             (1280, 800): 1 if quick else 4, (1920, 1200): 1 if quick else 4}  # seeds per size
+    kinds = ("noise", "gradient", "fixed pattern", "jitter", "warming")
+    stacks = 2 if quick else 10
+    header("False focus on empty fields",
+           f"every metric x both searches; the simulator's blank field at {', '.join(f'{w}x{h} ({s} seeds)' for (w, h), s in sizes.items())}, "
+           f"10->14 mm every 0.05 mm (81 positions); and {stacks} recorded stacks each (320x200, 81 slices, "
+           f"replayed) of {', '.join(kinds)} (gradient: uneven illumination, 0.8..1.35 across the field; fixed "
+           "pattern: +-2 DN per pixel; jitter: +-3% lamp per frame; warming: 10% dimmer at first); a monotonic drift "
+           "may read as edge, never as focused")
+    rows, total, focused_total, baseline_focused, baseline_total = [], 0, 0, 0, 0
+    examples = []
+    for size, seeds in sizes.items():
+        counts: dict[str, int] = {}
+        base_counts: dict[str, int] = {}
+        for seed in range(seeds):
+            for metric in af.METRICS:
+                for search in ("sweep", "fast"):
+                    for module, into in ((af, counts), (BASELINE, base_counts)):
+                        if module is None:
+                            continue
+                        stage, camera = af.simulated_microscope(specimen="blank", width=size[0], height=size[1],
+                                                                time_scale=0, seed=seed, start_mm=10.0)
+                        r = decide_with(module, stage, camera, 10.0, 14.0, 0.05, search=search, metric=metric)
+                        into[r.verdict.kind] = into.get(r.verdict.kind, 0) + 1
+                        if module is af and r.verdict.kind == "focused":
+                            examples.append(f"simulator {size[0]}x{size[1]} seed {seed} {metric} {search}: {r.verdict.reason}")
+        n = sum(counts.values())
+        total += n
+        focused_total += counts.get("focused", 0)
+        base = (f"{base_counts.get('focused', 0)}/{sum(base_counts.values())}" if base_counts else "-")
+        baseline_focused += base_counts.get("focused", 0)
+        baseline_total += sum(base_counts.values())
+        rows.append([f"simulator blank {size[0]}x{size[1]}", n, counts.get("focused", 0), counts.get("edge", 0),
+                     counts.get("no_peak", 0), base])
+        print(f"- {rows[-1]}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="af_blank_stacks_") as tmp:
+        for kind in kinds:
+            counts = {}
+            base_counts = {}
+            for seed in range(stacks):
+                folder = Path(tmp) / f"{kind.replace(' ', '_')}_{seed}"
+                write_blank_kind_stack(folder, kind, seed)
+                for metric in af.METRICS:
+                    for search in ("sweep", "fast"):
+                        for module, into in ((af, counts), (BASELINE, base_counts)):
+                            if module is None:
+                                continue
+                            if module is af:
+                                stage, camera = af.replay_microscope(folder)
+                            else:
+                                stack = module.ReplayStack(folder)  # type: ignore[attr-defined]
+                                lo, hi = stack.range_mm
+                                stage = module.SimStage(travel_mm=(lo, hi), position_mm=lo,  # type: ignore[attr-defined]
+                                                        timing=module.SimTiming(scale=0.0))  # type: ignore[attr-defined]
+                                camera = module.ReplayCamera(stage, stack)  # type: ignore[attr-defined]
+                            r = decide_with(module, stage, camera, 10.0, 14.0, 0.05, search=search, metric=metric)
+                            into[r.verdict.kind] = into.get(r.verdict.kind, 0) + 1
+                            if module is af and r.verdict.kind == "focused":
+                                examples.append(f"stack {kind} seed {seed} {metric} {search}: {r.verdict.reason}")
+                shutil.rmtree(folder)
+            n = sum(counts.values())
+            total += n
+            focused_total += counts.get("focused", 0)
+            baseline_focused += base_counts.get("focused", 0)
+            baseline_total += sum(base_counts.values())
+            rows.append([f"replayed stack: {kind}", n, counts.get("focused", 0), counts.get("edge", 0),
+                         counts.get("no_peak", 0),
+                         f"{base_counts.get('focused', 0)}/{sum(base_counts.values())}" if base_counts else "-"])
+            print(f"- {rows[-1]}", flush=True)
+    print()
+    table(["empty field", "runs", "focused", "edge", "no_peak", "baseline: focused/runs"], rows)
+    for e in examples:
+        print(f"- false focus: {e}")
+    target(f"false focus on empty fields <= 1/1000 over >= 2000 runs (simulator blank at 5 frame sizes incl. "
+           f"1920x1200, 5 kinds of replayed blank stacks, every metric, both searches)",
+           f"{focused_total}/{total}" + (f" (baseline: {baseline_focused}/{baseline_total})" if baseline_total else ""),
+           total >= (200 if quick else 2000) and focused_total <= total / 1000)
+
+
+def accuracy_case(objective: str, photons: float, offset: float, defocus: str, texture: str | None, search: str,
+                  size: tuple[int, int] = (320, 200), seed: int = 0, lamp: str | None = None,
+                  module: object = None) -> tuple[str, float, float, int, bool, bool]:
+    """One run on an 81-position grid, STEP ~ one depth of field, the focal plane ``offset``
+    STEPs off the grid position in the middle: (verdict, signed error in STEPs, uncertainty in
+    STEPs (nan: none), frames, narrower than STEP, one frame wide)."""
+    step = OBJECTIVE_STEPS_MM[objective]
+    focus = 10.0 + (40 + offset) * step
+    options = dict(objective=objective, photons=photons, focus_mm=focus, width=size[0], height=size[1],
+                   time_scale=0, seed=seed, start_mm=10.0, defocus=defocus)
+    if texture is not None:
+        options["specimen_image"] = str(SHARED_STACKS / texture)
+    stage, camera = af.simulated_microscope(**options)
+    if lamp is not None:
+        camera.lamp = Lamp(lamp, seed)
+    r = decide_with(module or af, stage, camera, 10.0, 10.0 + 80 * step, step, search=search)
+    u = getattr(r, "uncertainty_mm", None)
+    one_frame = any("one frame wide" in note for note in getattr(r, "notes", ()))
+    return (r.verdict.kind, (r.best_mm - focus) / step, float("nan") if u is None else u / step, r.frames,
+            bool(getattr(r.verdict, "narrow", False)), one_frame)
+
+
+def error_bar_and_accuracy(quick: bool) -> None:
+    photons = (100, 1000) if quick else (100, 400, 1000, 3000)
+    offsets = (0.31, -0.37) if quick else (0.13, 0.31, -0.22, 0.44, -0.37)
+    textures = {"cells (synthetic)": None}
+    if SHARED_STACKS.is_dir():
+        textures.update(SHARED_TEXTURES)
+    if quick:
+        textures = dict(list(textures.items())[:2])
+    header("Error bar and sub-step accuracy",
+           f"simulator 320x200, 81 positions, STEP ~ one depth of field ({', '.join(f'{o} {s * 1000:g} um' for o, s in OBJECTIVE_STEPS_MM.items())}), "
+           f"focal plane {offsets} STEPs off the middle grid position, photons {photons}, defocus gaussian and "
+           f"pillbox, specimens {', '.join(textures)}, seed 0; errors and error bars in STEPs; 'resolved' leaves "
+           "out peaks one frame wide (their neighbours at the floor: +-STEP/2 and a note)")
+    runs = []  # (objective, search, defocus, texture, photons, verdict, err, U, frames, narrow, baseline err)
+    for objective in OBJECTIVE_STEPS_MM:
+        for search in ("sweep", "fast"):
+            for defocus in ("gaussian", "pillbox"):
+                for name, texture in textures.items():
+                    for ph in photons:
+                        for offset in offsets:
+                            kind, err, u, frames, narrow, one = accuracy_case(objective, ph, offset, defocus,
+                                                                              texture, search)
+                            base = float("nan")
+                            if BASELINE is not None:
+                                bkind, berr, *_ = accuracy_case(objective, ph, offset, defocus, texture, search,
+                                                                module=BASELINE)
+                                base = abs(berr) if bkind == "focused" else float("nan")
+                            runs.append((objective, search, defocus, name, ph, kind, err, u, frames, narrow, base,
+                                         offset, one))
+        print(f"- {objective} done", flush=True)
+
+    def summary(sel: list) -> list[object]:
+        f = [r for r in sel if r[5] == "focused"]
+        e = [abs(r[6]) for r in f]
+        res = [abs(r[6]) for r in f if not r[9]]
+        cov = [abs(r[6]) <= r[7] for r in f if r[7] == r[7]]
+        width = [r[7] for r in f if r[7] == r[7]]
+        base = [r[10] for r in sel if r[10] == r[10]]
+        return [len(sel), len(f), f"{sum(r[12] for r in f)} / {sum(r[9] for r in f)}", fmt(med(e), 3),
+                fmt(max(e) if e else float("nan"), 3),
+                fmt(med(res), 3), fmt(max(res) if res else float("nan"), 3),
+                f"{sum(cov) / len(cov):.0%}" if cov else "-", fmt(med(width), 3),
+                f"{fmt(med(base), 3)} / {fmt(max(base) if base else float('nan'), 3)}" if base else "-"]
+
+    headers = ["", "runs", "focused", "one frame wide / narrower than STEP", "|err| median", "|err| worst",
+               "resolved: median", "resolved: worst", "error bar covers", "error bar median",
+               "baseline |err| median / worst"]
+    rows = [[f"{o} {s}", *summary([r for r in runs if r[0] == o and r[1] == s])]
+            for o in OBJECTIVE_STEPS_MM for s in ("sweep", "fast")]
+    print("Per objective and search (all photons, both defocus models, every specimen):\n")
+    table(["objective, search", *headers[1:]], rows)
+    rows = [[f"{d}, {n}", *summary([r for r in runs if r[2] == d and r[3] == n])] for d in ("gaussian", "pillbox")
+            for n in textures]
+    rows += [[f"photons {p}", *summary([r for r in runs if r[4] == p])] for p in photons]
+    rows += [[f"all {s}", *summary([r for r in runs if r[1] == s])] for s in ("sweep", "fast")]
+    print("Per defocus model and specimen, per photon level, and per search:\n")
+    table(["group", *headers[1:]], rows)
+    focused = [r for r in runs if r[5] == "focused"]
+    print("The largest errors, and those outside their error bar:\n")
+    worst = sorted(focused, key=lambda r: -abs(r[6]))[:8] + [r for r in focused if abs(r[6]) > r[7]][:12]
+    table(["objective", "search", "defocus", "specimen", "photons", "offset", "error", "error bar",
+           "narrower than STEP"],
+          [[r[0], r[1], r[2], r[3], r[4], r[11], fmt(r[6], 3), fmt(r[7], 3), r[9]] for r in dict.fromkeys(worst)])
+    cov = [abs(r[6]) <= r[7] for r in focused]
+    widths = [r[7] for r in focused]
+    target("error bar: 85-95% of focused runs within it, median width <= 0.35 STEP (objectives 4x-60x, photons "
+           "100-3000, off-grid, gaussian and pillbox defocus, real textures, both searches)",
+           f"{sum(cov) / len(cov):.1%} of {len(cov)}, median {med(widths):.3f} STEP",
+           0.85 <= sum(cov) / len(cov) <= 0.95 and med(widths) <= 0.35)
+    narrow_ok = all(r[7] >= 0.5 - 1e-9 for r in focused if r[12])
+    target("a peak one frame wide gets at least +-STEP/2", f"{sum(r[12] for r in focused)} such runs, "
+           f"{'all' if narrow_ok else 'not all'} >= STEP/2", narrow_ok)
+    bright = [p for p in photons if p >= 400]
+    for s in ("sweep", "fast"):
+        e = [abs(r[6]) for r in focused if r[1] == s and r[4] in bright and not r[12]]
+        res = [abs(r[6]) for r in focused if r[1] == s and r[4] in bright and not r[9]]
+        pill = [abs(r[6]) for r in focused if r[1] == s and r[4] in bright and not r[9] and r[2] == "pillbox"]
+        target(f"{s}: sub-step accuracy median <= 0.05, worst <= 0.15 STEP (STEP ~ 1 DOF, off-grid, both defocus "
+               f"models, real textures, photons {'-'.join(map(str, (bright[0], bright[-1])))}; peaks not narrower "
+               "than STEP)",
+               f"median {med(res):.3f}, worst {max(res):.3f} over {len(res)} runs (pillbox {med(pill):.3f} / "
+               f"{max(pill):.3f}; with peaks narrower than STEP: {med(e):.3f} / {max(e):.3f})",
+               med(res) <= 0.05 and max(res) <= 0.15)
+    missed = [r for r in runs if r[5] != "focused"]
+    target("every run with the focal plane in the range is focused (matrix above)", f"{len(runs) - len(missed)}/{len(runs)}",
+           not missed)
+
+
+def fast_frames_on_real_textures(quick: bool) -> None:
+    textures = dict(SHARED_TEXTURES) if SHARED_STACKS.is_dir() else {}
+    textures["cells (synthetic)"] = None
+    offsets = (0.13, -0.31) if quick else (0.13, -0.31, 0.42)
+    header("Fast search on real textures with a drifting lamp",
+           f"simulator 320x200, 81 positions, STEP ~ 1 DOF, 400 photons, lamp +-6% periodic (50-frame period), "
+           f"specimens {', '.join(textures)}, defocus gaussian and pillbox, focal plane {offsets} STEPs off the grid")
+    rows, ratios, errs = [], [], {"sweep": [], "fast": []}
+    for objective in OBJECTIVE_STEPS_MM:
+        frames, e = [], {"sweep": [], "fast": []}
+        for name, texture in textures.items():
+            for defocus in ("gaussian", "pillbox"):
+                for seed, offset in enumerate(offsets):
+                    res = {s: accuracy_case(objective, 400, offset, defocus, texture, s, seed=seed, lamp="periodic")
+                           for s in ("sweep", "fast")}
+                    frames.append(res["fast"][3])
+                    ratios.append(res["fast"][3] / res["sweep"][3])
+                    for s in res:
+                        if res[s][0] == "focused" and not res[s][4]:  # peaks not narrower than STEP
+                            e[s].append(abs(res[s][1]))
+                            errs[s].append(abs(res[s][1]))
+        rows.append([objective, len(frames), fmt(med(frames), 0), max(frames), f"{med(frames) / 81:.0%}",
+                     fmt(med(e["sweep"]), 3), fmt(med(e["fast"]), 3)])
+    table(["objective", "runs", "fast frames median", "fast frames max", "of the sweep's 81", "sweep |err| median",
+           "fast |err| median"], rows)
+    target("fast search <= 20% of the sweep's frames on an 81-position grid (real textures, +-6% periodic lamp drift, "
+           "400 photons; median)", f"median {med(ratios):.1%} ({med(ratios) * 81:.0f} frames; stretch <= 12)",
+           med(ratios) <= 0.20)
+    target("fast search as accurate as the sweep there (median |err| within 0.02 STEP of the sweep's, resolved peaks)",
+           f"sweep {med(errs['sweep']):.3f}, fast {med(errs['fast']):.3f} STEP",
+           med(errs["fast"]) <= med(errs["sweep"]) + 0.02)
+
+
+def section_decision(quick: bool) -> None:
+    false_focus(quick)
+    error_bar_and_accuracy(quick)
+    fast_frames_on_real_textures(quick)
+
 
 ###############################################################################
 # The report: tests/BENCHMARKS.md
@@ -1423,12 +1737,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer seeds, repeats and steps (< 2 minutes)")
     p.add_argument("--section", action="append", choices=SECTIONS,
                    help="run only this section (repeatable); default: all")
+    p.add_argument("--baseline", metavar="OLD_AUTOFOCUS_PY",
+                   help="decision section: also run an earlier autofocus.py's decision on the same frames "
+                        "(e.g. git show main:autofocus.py > /tmp/old.py)")
     p.add_argument("--write", metavar="FILE", nargs="?", const=BENCHMARKS_MD, type=Path,
                    help=f"also write the sections run into FILE (default {BENCHMARKS_MD.relative_to(ROOT)}), "
                         "keeping its other sections, and rebuild its Targets table")
     p.add_argument("--merge", metavar="PRINTOUT", type=Path,
                    help="run nothing: write the sections of this saved printout of an earlier run (needs --write)")
     args = p.parse_args(argv)
+    global BASELINE
+    BASELINE = load_baseline(args.baseline) if args.baseline else None
     if args.merge is not None:
         if args.write is None:
             p.error("--merge needs --write [FILE]")

@@ -207,8 +207,13 @@ def test_json_never_holds_nan_or_infinity() -> None:
 
 
 def test_a_failed_run_prints_strict_json(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    real_capture, captures = autofocus.SimCamera.capture, []
+
     def capture(self: Any) -> Any:
-        raise autofocus.CameraError("camera unplugged")
+        captures.append(1)
+        if len(captures) > 1:  # the look before moving, then unplugged: the run fails with no frame scored
+            raise autofocus.CameraError("camera unplugged")
+        return real_capture(self)
 
     monkeypatch.setattr(autofocus.SimCamera, "capture", capture)
     code = autofocus.main(["10", "11", "0.05", *FAST_SIM, "--json"])

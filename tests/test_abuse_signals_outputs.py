@@ -118,9 +118,9 @@ def test_interrupt_after_the_last_frame_keeps_every_frame(monkeypatch: pytest.Mo
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     real_decide = autofocus.decide
 
-    def decide(*args: Any) -> Any:  # every frame is measured; Ctrl-C comes before the final move
+    def decide(*args: Any, **kwargs: Any) -> Any:  # every frame is measured; Ctrl-C comes before the final move
         signal.raise_signal(signal.SIGINT)
-        return real_decide(*args)
+        return real_decide(*args, **kwargs)
 
     monkeypatch.setattr(autofocus, "decide", decide)
     code = autofocus.main(["10", "11", "0.05", *FAST_SIM, "--sim-start-mm", "3", "--json"])
@@ -150,7 +150,7 @@ def test_interrupt_while_writing_the_outputs_still_writes_them(monkeypatch: pyte
 
 def test_interrupt_before_the_search_is_one_line_and_one_json(monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    def open_microscope(args: Any) -> Any:
+    def open_microscope(args: Any, stack: Any = None) -> Any:
         signal.raise_signal(signal.SIGTERM)
         raise AssertionError("not reached")
 
@@ -208,7 +208,7 @@ def output_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--save-curve", ""], "empty path"),
     ]
     if POSIX:
-        cases.append((["--save-curve", "/dev/full"], "it is a device or a pipe, not a file"))
+        cases.append((["--save-curve", "/dev/full"], "it is a device, not a file; give a file name"))
     return cases
 
 

@@ -163,7 +163,7 @@ class FailingCamera:
 def test_any_fault_leaves_the_stage_at_its_start_with_the_partial_curve(error: BaseException) -> None:
     stage, _ = small_sim(start_mm=12.3)
     with pytest.raises(type(error)) as caught:
-        autofocus.focus(stage, FailingCamera(stage, 7, error), 12.0, 12.6, 0.02, search="fast")
+        autofocus.focus(stage, FailingCamera(stage, 8, error), 12.0, 12.6, 0.02, search="fast")  # 1 look + 7
     assert caught.value is error  # the original exception, with its own type and message
     assert caught.value.partial.frames == 7 and caught.value.partial.verdict.reason == "run did not finish"
     assert caught.value.stage_state == "stage returned to its start, 12.3000 mm"
@@ -191,7 +191,7 @@ def test_a_custom_stop_that_raises_does_not_end_the_clean_up(stop_error: BaseExc
     stage = StopRaises(stop_error)
     fault = autofocus.CameraError("camera unplugged")
     with pytest.raises(autofocus.CameraError, match="camera unplugged") as caught:
-        autofocus.focus(stage, FailingCamera(stage, 4, fault), 12.0, 12.6, 0.02)
+        autofocus.focus(stage, FailingCamera(stage, 5, fault), 12.0, 12.6, 0.02)  # the look before moving + 4
     assert caught.value is fault and caught.value.partial.frames == 4
     assert caught.value.stage_state == (f"stopping it failed ({stop_error}); stage returned to its start, 12.3000 mm")
     assert stage.targets[-1] == 12.3 and stage.position_mm() == 12.3
@@ -234,9 +234,10 @@ def test_readme_custom_camera_example(monkeypatch: pytest.MonkeyPatch) -> None:
     result = autofocus.focus(stage, camera, 12.0, 12.6, 0.02)
     assert result.verdict.kind == "focused" and abs(result.best_mm - 12.34) <= 0.02
     cap = FakeVideoCapture.last  # type: ignore[attr-defined]
-    assert cap.reads == result.frames and cap.grabs == 2 * result.frames  # stale frames dropped first
+    looks = 1  # the frame focus() captures before the first move (check_camera)
+    assert cap.reads == result.frames + looks and cap.grabs == 2 * cap.reads  # stale frames dropped first
     # Its error is the tool's CameraError: the run stops with the stage back at its start.
-    monkeypatch.setattr(FakeVideoCapture, "fail_after", 3)
+    monkeypatch.setattr(FakeVideoCapture, "fail_after", 3 + looks)
     camera = namespace["UsbCamera"](0)
     with pytest.raises(autofocus.CameraError, match="no frame from the USB camera") as caught:
         autofocus.focus(stage, camera, 12.0, 12.6, 0.02)

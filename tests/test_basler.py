@@ -195,7 +195,7 @@ def rendered_stack(folder: Path, positions: list[float], focus_mm: float) -> Non
 @pytest.fixture
 def serving(user_camera: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
     positions = autofocus.plan_positions(10.0, 10.5, 0.02)
-    rendered_stack(tmp_path / "frames", positions, focus_mm=10.237)
+    rendered_stack(tmp_path / "frames", [10.0, *positions], focus_mm=10.237)  # first: the look before moving
     cam = user_camera
     cam.TestImageSelector.Value, cam.ImageFileMode.Value = "Off", "On"
     cam.ImageFilename.Value = str(tmp_path / "frames")
@@ -231,7 +231,7 @@ def test_end_to_end_finds_the_focal_plane_with_the_stage_idle_at_every_trigger(
         result = json.loads(out.out)
         assert code == 0, out.err
         assert abs(result["best_mm"] - 10.237) <= 0.02 / 4  # within STEP/4 of the simulator's focal plane
-        assert result["frames"] == len(serving) == len(busy) and not any(busy)  # idle at every trigger
+        assert result["frames"] == len(serving) == len(busy) - 1 and not any(busy)  # idle at every trigger
         assert fake.move_targets()[:-1] == [round(z * NM) for z in serving]
 
 

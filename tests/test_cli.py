@@ -163,9 +163,11 @@ def test_too_noisy_for_fine_detail_falls_back_to_the_coarse_scale(capsys: pytest
     assert abs(out["best_mm"] - 12.34) <= 0.05
 
 
-def test_focus_far_beyond_the_range_is_an_edge_at_the_coarse_scale(capsys: pytest.CaptureFixture[str]) -> None:
+def test_focus_far_beyond_the_range_is_an_edge_with_a_range_to_try(capsys: pytest.CaptureFixture[str]) -> None:
+    # 1 mm (14 depths of field at 4x) below the range: the rise toward the low end is what is seen
+    # (at the fine scale or the coarse one, as the noise falls), and the range to try covers 9 mm.
     code = autofocus.main(["10", "14", "0.05", "--simulate", "--sim-time-scale", "0", "--sim-size", "640x400",
                            "--sim-focus-mm", "9", "--json"])
     out = json.loads(capsys.readouterr().out)
-    assert code == autofocus.EXIT_EDGE and out["verdict"] == "edge" and out["verdict_scale"] == "coarse"
+    assert code == autofocus.EXIT_EDGE and out["verdict"] == "edge"
     assert out["best_mm"] == 10.0 and out["suggested_range_mm"][0] < 9.0

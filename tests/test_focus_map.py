@@ -440,8 +440,8 @@ def test_a_whole_range_peak_inside_a_window_that_showed_none_is_noise(bowed_map:
     plate, stage, camera = simulated(bare_glass=((49.0, 35.5, 51.0, 36.5),))  # the point (50, 36)
     real, windows = af._run_request, []
 
-    def run(z_stage: Any, cam: Any, request: af.Request, on_frame: Any) -> af.FocusResult:
-        result = real(z_stage, cam, request, on_frame)
+    def run(z_stage: Any, cam: Any, request: af.Request, on_frame: Any, **keywords: Any) -> af.FocusResult:
+        result = real(z_stage, cam, request, on_frame, **keywords)
         if request.search == "sweep":
             windows.append((request.start_mm, request.end_mm))
         elif plate.inner.xy == (50.0, 36.0) and result.verdict.kind == "no_peak":

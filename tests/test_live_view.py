@@ -485,7 +485,7 @@ def test_a_stop_from_the_window_is_handled_as_ctrl_c() -> None:
 
         def capture(self) -> np.ndarray:
             self.count += 1
-            if self.count == 5:
+            if self.count == 6:  # (the first: the look before the first move)
                 raise autofocus.WindowStop("q")
             return camera.capture()
 

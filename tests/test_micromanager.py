@@ -43,7 +43,7 @@ def test_focus_on_the_real_core_matches_the_simulator(search: str) -> None:
             result = autofocus.focus(stage, camera, 12.26, 12.36, STEP_20X, search=search)
             camera.close()
             assert scope.focus.z_um == pytest.approx(result.best_mm * 1000, abs=1e-6)  # the drive is at the answer
-            assert len(scope.camera.snaps) == result.frames
+            assert len(scope.camera.snaps) == result.frames + 1  # and the look before the first move
         plain = autofocus.focus(*autofocus.simulated_microscope(objective="20x", focus_mm=focus_mm, width=320,
                                                                 height=200, time_scale=0, start_mm=12.3),
                                 12.26, 12.36, STEP_20X, search=search)
@@ -72,7 +72,7 @@ def test_blank_field_is_no_peak_and_back_to_start(search: str) -> None:
 def test_focus_knob_turned_during_an_exposure_ends_the_run_and_nothing_more_moves() -> None:
     with mm_devices.microscope() as scope:
         stage, camera = mm(scope)
-        scope.camera.nudges = {5: 3.0}  # 3 um, while the sixth frame exposes
+        scope.camera.nudges = {6: 3.0}  # 3 um, while the sixth frame exposes (snap 0: the look before moving)
         with pytest.raises(autofocus.StageInterrupted, match="moved from outside") as info:
             autofocus.focus(stage, camera, 12.26, 12.36, STEP_20X)
         assert len(scope.focus.moves) == 6  # the six frames' moves; no seventh, no return to start
@@ -283,7 +283,7 @@ def test_mda_stops_when_the_focus_is_moved_from_outside_and_nothing_moves_after(
         core = scope.core
         scope.focus.focus_direction = FocusDirection.TowardSample  # the engine restores positions at the end...
         autofocus.mm_autofocus(core, -0.03, 0.03, STEP_20X, limits_mm=(0, 25))
-        scope.camera.nudges = {4: -2.0}
+        scope.camera.nudges = {5: -2.0}  # (snap 0: the look before moving)
         with pytest.raises(autofocus.StageInterrupted, match="moved from outside"):
             core.mda.run(MDASequence(stage_positions=[Position(x=100, y=0, z=12300)],
                                      autofocus_plan=AxesBasedAF(axes=("p",))))
@@ -361,5 +361,5 @@ def test_readme_micromanager_script_runs_as_written(capsys: pytest.CaptureFixtur
     (code,) = [b for b in blocks if "mm_autofocus" in b]
     exec(compile(code, "README.md (Micro-Manager)", "exec"), {"__name__": "__readme__"})  # noqa: S102
     out = capsys.readouterr().out
-    assert out == ("focused at 12.3100 mm\nposition 0: image at z = 12.3102 mm\n"
-                   "position 1: image at z = 12.3098 mm\n")  # what the README says it prints
+    assert out == ("focused at 12.3099 mm\nposition 0: image at z = 12.3100 mm\n"
+                   "position 1: image at z = 12.3100 mm\n")  # what the README says it prints

@@ -166,7 +166,7 @@ def test_nothing_is_written_into_files_the_replayed_stack_reads(recorded: Path, 
     other = tmp_path / "other"
     shutil.copytree(recorded, other)  # a recording the replayed stack's rows reach into
     replay = tmp_path / "replay"
-    replay.mkdir()
+    (replay / "sub").mkdir(parents=True)  # (the OS follows sub/.. only through a folder that is there)
     name = {"relative": "../other/frame_00003.png", "dotdot": "sub/../../other/frame_00003.png",
             "absolute": str(other / "frame_00003.png"), "link": "linked.png"}[how]
     if how == "link":
@@ -273,9 +273,6 @@ def test_output_paths_the_system_refuses_are_one_line_and_nothing_moves(tmp_path
     cases = [(["--save-curve", long_name], "File name too long"), (["--plot", str(long_name) + ".png"], "too long"),
              (["--save-images", tmp_path / ("d" * 300)], "File name too long"),
              (["--save-images", a_file / "sub"], "cannot create the folder")]
-    if POSIX:
-        cases += [(["--save-images", "/proc/autofocus-test"], "cannot create the folder"),
-                  (["--save-curve", "/proc/autofocus-test.csv"], "autofocus-test.csv")]
     if shutil.which("xelatex") is None:
         cases.append((["--plot", tmp_path / "c.pgf"], "matplotlib cannot write .pgf here ('xelatex' not found"))
     with FakeZaber(devices=[DeviceConfig(homed=False, position=12 * NM)]) as unhomed:
@@ -286,6 +283,24 @@ def test_output_paths_the_system_refuses_are_one_line_and_nothing_moves(tmp_path
             assert json.loads(out)["exit_code"] == 2
         assert unhomed.motion_commands() == []  # not one move, not even homing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # no trial file left behind
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc here")
+@pytest.mark.parametrize("flag, path, reason", [
+    ("--save-images", "/proc/autofocus-test", "cannot create the folder (No such file or directory); pick another "
+                                              "folder"),
+    ("--save-curve", "/proc/autofocus-test.csv", "No such file or directory (checked before anything moved); pick "
+                                                 "another path"),
+])
+def test_outputs_under_proc_are_one_line_and_nothing_moves(flag: str, path: str, reason: str,
+                                                           capfd: pytest.CaptureFixture[str]) -> None:
+    with FakeZaber(devices=[DeviceConfig(homed=False, position=12 * NM)]) as unhomed:
+        code, out, err = call(capfd, *RANGE, f"tcp://127.0.0.1:{unhomed.port}", "--camera", "sim",
+                              "--native-unit-nm", "1", flag, path, "--json")
+        assert code == 2 and err == f"autofocus.py: {flag} {path}: {reason}\n"
+        assert json.loads(out)["exit_code"] == 2 and json.loads(out)["error"] == err[len("autofocus.py: "):-1]
+        assert unhomed.motion_commands() == []  # not one move, not even homing
+    assert not Path(path).exists()
 
 
 def test_names_the_system_refuses_inside_a_replay_are_one_line(tmp_path: Path,
@@ -328,7 +343,16 @@ def test_make_figures_with_json_prints_one_object(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize("temporary_folder", [True, False])
 def test_matplotlib_without_a_writable_home_is_quiet_and_without_any_folder_one_line(tmp_path: Path,
                                                                                      temporary_folder: bool) -> None:
-    patch = "" if temporary_folder else "tempfile._candidate_tempdir_list = lambda: ['/proc/nowhere']; "
+    if temporary_folder:
+        # The cache folder matplotlib makes is new and empty: seeded with this machine's font list, so
+        # that matplotlib does not spend seconds rebuilding it (what it writes there is not under test).
+        import matplotlib.font_manager  # noqa: F401 - builds this process's font list once, if missing
+
+        fonts = [str(f) for f in Path(matplotlib.get_cachedir()).glob("fontlist-v*.json")]
+        patch = (f"import shutil; _mkdtemp = tempfile.mkdtemp; tempfile.mkdtemp = lambda *a, **k: (lambda d: "
+                 f"([shutil.copy(f, d) for f in {fonts!r}], d)[1])(_mkdtemp(*a, **k)); ")
+    else:
+        patch = "tempfile._candidate_tempdir_list = lambda: ['/proc/nowhere']; "
     run = (f"import sys, tempfile, runpy; {patch}sys.argv = ['autofocus.py', *sys.argv[1:]]; "
            "runpy.run_path('autofocus.py', run_name='__main__')")
     env = {**os.environ, "HOME": "/proc/nowhere", "XDG_CONFIG_HOME": "/proc/nowhere", "XDG_CACHE_HOME": "/proc/nowhere",
@@ -466,18 +490,18 @@ def test_float_frames_of_any_scale_score_as_at_scale_one_without_warnings(scale:
 
 def test_python_warnings_show_only_with_verbose(monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    real = autofocus.judge
+    real = autofocus.decide
 
     calls = []
 
-    def judge(*args: Any, **kwargs: Any) -> Any:
+    def decide(*args: Any, **kwargs: Any) -> Any:
         import warnings
 
         calls.append(1)  # a new message each time: Python shows a warning once per message and place
         warnings.warn(f"overflow encountered in something ({len(calls)})", RuntimeWarning, stacklevel=1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(autofocus, "judge", judge)
+    monkeypatch.setattr(autofocus, "decide", decide)
     assert autofocus.main([*RANGE, *SIM]) == 0
     assert "RuntimeWarning" not in capsys.readouterr().err
     assert autofocus.main([*RANGE, *SIM, "--verbose"]) == 0

@@ -51,7 +51,7 @@ def test_noise_alone_has_no_significant_peak_or_dip() -> None:
     rng = np.random.default_rng(0)
     for _ in range(50):
         samples = curve(1 + 0.01 * rng.standard_normal(81))
-        verdict = autofocus.judge(samples, (GRID[0], GRID[-1]))
+        verdict = autofocus.decide(samples, GRID).verdict
         assert autofocus.find_peaks(samples, verdict.threshold) == []
         assert autofocus.find_dips(samples, verdict.threshold) == []
 

@@ -97,11 +97,12 @@ def test_flir_and_zaber_together_find_focus(PySpin, sp, zaber, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("fault, message", [
-    # 501 ms, not 200: the frame timeout is never below the exposure (1 ms) + CAMERA_TIMEOUT_MARGIN_MS
-    ({"timeout_from_frame": 5}, "no frame from the FLIR camera within 501 ms"),
-    ({"error_at_frame": 5}, "no frame from the FLIR camera"),
-    ({"incomplete_at_frame": 5}, "incomplete frame"),
-    ({"disconnect_at_frame": 5}, "no frame from the FLIR camera"),
+    # 501 ms, not 200: the frame timeout is never below the exposure (1 ms) + CAMERA_TIMEOUT_MARGIN_MS.
+    # Frame 0 is the look before the first move (check_camera): frames 1-5 are scored, frame 6 fails.
+    ({"timeout_from_frame": 6}, "no frame from the FLIR camera within 501 ms"),
+    ({"error_at_frame": 6}, "no frame from the FLIR camera"),
+    ({"incomplete_at_frame": 6}, "incomplete frame"),
+    ({"disconnect_at_frame": 6}, "no frame from the FLIR camera"),
 ])
 def test_camera_fault_mid_sweep(PySpin, sp, zaber, tmp_path, capsys, fault, message) -> None:  # noqa: N803
     code, out, err = run_flir(PySpin, zaber, tmp_path, capsys, **fault)

@@ -104,5 +104,5 @@ def test_coarse_score_has_a_wider_capture_range() -> None:
 
 
 def test_bad_frame_shape_is_a_camera_error() -> None:
-    with pytest.raises(autofocus.CameraError):
-        autofocus.to_gray_float(np.zeros((2, 2, 2, 2), np.uint8))
+    with pytest.raises(autofocus.CameraError):  # the scorer checks; the pieces behind it assume a frame
+        autofocus.Scorer()(np.zeros((2, 2, 2, 2), np.uint8))

@@ -194,7 +194,7 @@ def test_the_knob_during_an_exposure_ends_the_run_and_the_frame_is_dropped(
     # Frame 5 is the one at the true focus (10.25 mm): a 0.15 mm nudge while it is exposed used to end
     # "focused", exit 0, off by the nudge.
     with FakeZaber(devices=[DeviceConfig(homed=True, position=5 * NM)]) as fake:
-        seen = knob_during_frame(monkeypatch, fake, 5, 150_000, 0.03, wait_s, clear)
+        seen = knob_during_frame(monkeypatch, fake, 6, 150_000, 0.03, wait_s, clear)  # (0: the look before moving)
         code, out, err = run(fake, capsys, "--json", "--save-curve", str(tmp_path / "c.csv"))
         assert code == 5 and err.count("\n") == 1, err
         assert says in err and "nothing more was moved" in err, err
@@ -214,7 +214,7 @@ def test_a_fault_latched_while_the_axis_stands_still_is_caught_before_the_next_m
 
         def capture(self: autofocus.SimCamera) -> Any:
             frames.append(1)
-            if len(frames) == 4:
+            if len(frames) == 5:  # the 4th frame of the sweep (the 1st: the look before moving)
                 fake.latch("FQ")  # an encoder error while the frame is exposed
             return real_capture(self)
 
@@ -420,7 +420,7 @@ def test_after_homing_a_fault_only_stops_the_axis(monkeypatch: pytest.MonkeyPatc
 
     def capture(self: autofocus.SimCamera) -> Any:
         frames.append(1)
-        if len(frames) == 4:
+        if len(frames) == 5:  # the 4th frame of the sweep (the 1st: the look before moving)
             raise autofocus.CameraError("camera timed out")
         return real_capture(self)
 
