@@ -1403,7 +1403,7 @@ def false_focus(quick: bool) -> None:
         baseline_total += sum(base_counts.values())
         rows.append([f"simulator blank {size[0]}x{size[1]}", n, counts.get("focused", 0), counts.get("edge", 0),
                      counts.get("no_peak", 0), base])
-        print(f"- {rows[-1]}", flush=True)
+        print(f"- {rows[-1]}", file=sys.stderr, flush=True)  # progress, not the report
     with tempfile.TemporaryDirectory(prefix="af_blank_stacks_") as tmp:
         for kind in kinds:
             counts = {}
@@ -1437,8 +1437,7 @@ def false_focus(quick: bool) -> None:
             rows.append([f"replayed stack: {kind}", n, counts.get("focused", 0), counts.get("edge", 0),
                          counts.get("no_peak", 0),
                          f"{base_counts.get('focused', 0)}/{sum(base_counts.values())}" if base_counts else "-"])
-            print(f"- {rows[-1]}", flush=True)
-    print()
+            print(f"- {rows[-1]}", file=sys.stderr, flush=True)
     table(["empty field", "runs", "focused", "edge", "no_peak", "baseline: focused/runs"], rows)
     for e in examples:
         print(f"- false focus: {e}")
@@ -1653,8 +1652,12 @@ def targets_json(run: str, targets: list[Target]) -> str:
     return json.dumps(doc, ensure_ascii=False).replace("--", "-\\u002d")  # no "--" inside an HTML comment
 
 
+PROGRESS_LINE = re.compile(r"^- \[.*\]\n", re.M)  # a row as it was measured: progress in older printouts
+
+
 def section_block(name: str, text: str, run: str, targets: list[Target]) -> str:
     """One section as the report holds it: its printout, the run it came from, its targets."""
+    text = re.sub(r"\n{3,}", "\n\n", PROGRESS_LINE.sub("", text))
     return (f"<!-- section {name} -->\n{text.strip()}\n\n_Run: {run.strip('_')}_\n\n"
             f"<!-- targets {name}: {targets_json(run, targets)} -->\n<!-- end of section {name} -->\n")
 
