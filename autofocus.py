@@ -37,9 +37,17 @@ Exit codes:
     2, 5 and 130 as above (after a fault or Ctrl-C nothing more moves and the points so far are
     written).
 
-Python API: ``focus()`` (one field), ``focus_map()`` (a grid over the XY plate -> ``FocusMap``,
-``z_at(x, y)``), ``simulated_microscope()``, ``simulated_slide()``, the ``Stage``, ``XYStage`` and
-``Camera`` protocols, ``ZaberStage``, ``ZaberPlate``, ``FlirCamera``, ``BaslerCamera``.
+Python API (``__all__``; everything else is internal):
+
+    focus, focus_map, decide     one field; a grid over the XY plate (FocusMap.z_at); a curve's answer
+    simulated_microscope, simulated_slide, replay_microscope, mm_autofocus, main
+    Stage, Camera, XYStage       the protocols a part implements; StageExtras, StageDefaults: the rest
+    ZaberStage, ZaberPlate, FlirCamera, BaslerCamera, MMStage, MMXYStage, MMCamera, MMAutofocus
+    SimStage, SimCamera, SimOptics, SimTiming, ReplayStage, ReplayCamera
+    FocusResult, Verdict, PeakFit, Extremum, Sample, Timing, FocusMap, MapPoint, Surface
+    VerdictKind, Search, PeakPolicy, Scale, DefocusModel, Specimen   (Literal types of their strings)
+    AutofocusError and its tree (UsageError, BadValue, StackError, HardwareError, StageError,
+    StageInterrupted, CameraError, OutputError, RunFailed), Interrupted (a KeyboardInterrupt)
 
 Sections, in dependency order: constants, exceptions, result types, focus scores, peak
 fitting and verdict, the slide's surface (focus maps, pure), search, device interfaces, backends
@@ -52,11 +60,11 @@ import sys
 
 import _signal  # `signal`'s C core, loaded with the interpreter: importing `signal` itself loads `enum` first
 
-# Signals while the tool starts.  Loading the libraries takes from ~70 ms to seconds (a cold start
-# of OpenCV), parsing the command line a few ms: from the first line until main() installs its own
-# handlers, Ctrl-C and the termination signals end the run with one line (and one JSON object with
-# --json) and exit 128 + N -- never a traceback, never a silent death.  While the libraries load the
-# signal aborts the loading; afterwards it is noted and main() reports it before doing anything.
+# Signals while the tool starts (loading the libraries can take seconds: a cold start of OpenCV):
+# from the first line until main() installs its own handlers, Ctrl-C and the termination signals end
+# the run with one line (and one JSON object with --json) and exit 128 + N -- never a traceback, never
+# a silent death.  While the libraries load the signal aborts the loading; afterwards it is noted and
+# main() reports it before doing anything.
 _early_signal: int | None = None
 
 
@@ -149,6 +157,15 @@ if _AS_COMMAND:
             _signal.signal(getattr(_signal, _name), _while_starting)
 
 __version__ = "1.0.0"
+__all__ = [
+    "focus", "focus_map", "decide", "simulated_microscope", "simulated_slide", "replay_microscope", "mm_autofocus",
+    "main", "Stage", "Camera", "XYStage", "StageExtras", "StageDefaults", "ZaberStage", "ZaberPlate", "FlirCamera",
+    "BaslerCamera", "MMStage", "MMXYStage", "MMCamera", "MMAutofocus", "SimStage", "SimCamera", "SimOptics",
+    "SimTiming", "ReplayStage", "ReplayCamera", "FocusResult", "Verdict", "PeakFit", "Extremum", "Sample", "Timing",
+    "FocusMap", "MapPoint", "Surface", "VerdictKind", "Search", "PeakPolicy", "Scale", "DefocusModel", "Specimen",
+    "AutofocusError", "UsageError", "BadValue", "StackError", "HardwareError", "StageError", "StageInterrupted",
+    "CameraError", "OutputError", "RunFailed", "Interrupted",
+]
 
 log = logging.getLogger("autofocus")
 
@@ -185,14 +202,27 @@ MAX_SIM_PHOTONS = 1e7
 MAX_SIM_TIME_SCALE = 100.0
 MAX_SIM_PIXELS = 25_000_000
 POSITION_DECIMALS = 9  # positions are rounded to 1 pm so that float noise never leaks into commands
+# Float noise, not a real difference: a position this close to a limit is on it (1 pm, far below any
+# stage's resolution: 12.3 + 0.1 must not leave a range that ends at 12.4); a ratio this close to a
+# whole number is one (a span of exactly N STEPs); a target this close to a whole native unit is that unit.
+FLOAT_SLACK_MM = 1e-9
+FLOAT_SLACK_RATIO = 1e-9
+FLOAT_SLACK_NATIVE = 1e-6  # native units
 SCORE_MAX_PIXELS = 1_500_000  # larger frames are 2x2 binned before scoring (see focus scores)
 COARSE_FACTOR = 8  # fast search: coarse pass every 8 STEPs, scored on an 8x binned image
-SIM_SPECIMENS = ("cells", "blank", "dusty", "transparent")  # --sim-specimen
+# Fast search: the peak lies within one coarse spacing of the coarse maximum, so the climb from there
+# takes at most two spacings, plus a few steps that noise may add; a longer one is wandering.
+CLIMB_EXTRA_STEPS = 4
+STOP_ATTEMPTS = 3  # a stop (or the read after it) is tried again when a further Ctrl-C cuts it short
+Specimen = Literal["cells", "blank", "dusty", "transparent"]  # what the simulator shows
+SIM_SPECIMENS: tuple[Specimen, ...] = ("cells", "blank", "dusty", "transparent")  # --sim-specimen
 DefocusModel = Literal["gaussian", "pillbox"]  # --sim-defocus: how the simulator blurs out of focus
 DEFOCUS_MODELS: tuple[DefocusModel, ...] = ("gaussian", "pillbox")
 VerdictKind = Literal["focused", "edge", "no_peak"]
 Scale = Literal["fine", "coarse"]  # which curve decided: the score, or the same score on a binned frame
 PeakPolicy = Literal["sharpest", "lowest", "highest", "nearest"]  # --peak: which of several peaks
+Search = Literal["sweep", "fast"]  # every STEP, or coarse then fine around the peak (SEARCHES)
+RuleKind = Literal["number", "whole", "flag", "choice", "text", "roi", "interval"]  # what a Rule admits
 PEAK_CHOICES: tuple[PeakPolicy, ...] = ("sharpest", "lowest", "highest", "nearest")
 MIN_FAST_POSITIONS = 24  # shorter grids are swept: a coarse pass would hold too few frames to judge
 COARSE_MIN_SIDE_PX = 32  # ... but the binned image keeps at least this many pixels a side
@@ -276,13 +306,39 @@ class AutofocusError(Exception):
      +-- OutputError       an output could not be written mid-run         (exit 5)
 
     Raised by ``focus()`` after the stage has started moving, an error also carries what the
-    run measured (``partial``: a FocusResult with the frames scored so far) and where the stage
-    was left (``stage_state``: one sentence); both are None for errors raised before any move.
+    run measured (``partial``: a FocusResult with the frames scored so far; ``focus_map()``'s: a
+    FocusMap of the points so far) and where the stage was left (``stage_state``: one sentence);
+    both are None for errors raised before any move.  Any other exception from a run arrives as
+    the tool's own (``as_run_failure``): RunFailed, or Interrupted for a KeyboardInterrupt.
     """
 
     exit_code = EXIT_BUG
-    partial: FocusResult | None = None
+    partial: FocusResult | FocusMap | None = None
     stage_state: str | None = None
+
+    def __init__(self, message: str | Callable[..., str] = "", scope: str = "", fields: tuple[str, ...] = ()) -> None:
+        """``message``: the text, or ``text(*labels)`` writing it with a label for each of ``fields``:
+        the keyword of ``scope`` (a backend's own term, as a script gives it) unless ``relabel``
+        names it otherwise (the command line: by its option).  Adapters speak in device terms."""
+        self.scope, self.fields = scope, fields
+        self._text = message if callable(message) else lambda *_: message
+        self._labels: dict[str, str] = {}
+        super().__init__(str(self))
+
+    def extend(self, more: str) -> None:
+        """Add ``more`` to the end of the message."""
+        text = self._text
+        self._text = lambda *labels: text(*labels) + more
+        self.args = (str(self),)
+
+    def relabel(self, labels: Mapping[tuple[str, str], str]) -> AutofocusError:
+        """Name each field as ``labels[(scope, field)]`` says (fields it does not list keep their keyword)."""
+        self._labels = {f: labels[(self.scope, f)] for f in self.fields if (self.scope, f) in labels}
+        self.args = (str(self),)
+        return self
+
+    def __str__(self) -> str:
+        return self._text(*(self._labels.get(f, f) for f in self.fields))
 
 
 class UsageError(AutofocusError):
@@ -301,18 +357,7 @@ class BadValue(UsageError):
     ``fields`` which keywords the message names; ``text(*labels)`` writes it."""
 
     def __init__(self, scope: str, fields: tuple[str, ...], text: Callable[..., str]) -> None:
-        self.scope, self.fields, self._text = scope, fields, text
-        self._labels: dict[str, str] = {}
-        super().__init__(str(self))
-
-    def relabel(self, labels: Mapping[tuple[str, str], str]) -> BadValue:
-        """Name each field as ``labels[(scope, field)]`` says (fields it does not list keep their keyword)."""
-        self._labels = {f: labels[(self.scope, f)] for f in self.fields if (self.scope, f) in labels}
-        self.args = (str(self),)
-        return self
-
-    def __str__(self) -> str:
-        return self._text(*(self._labels.get(f, f) for f in self.fields))
+        super().__init__(text, scope, fields)
 
 
 class StackError(UsageError):
@@ -353,9 +398,18 @@ class OutputError(AutofocusError):
     exit_code = EXIT_HARDWARE
 
 
+class RunFailed(AutofocusError):
+    """A run stopped by an exception that is not the tool's own (from the caller's Stage or Camera,
+    or a bug: exit 1); the original is its ``__cause__``."""
+
+
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or a termination signal (SIGTERM, SIGHUP, SIGBREAK) during a CLI run: handled as
-    Ctrl-C always was (stop, return to start, outputs written), exit code 128 + the signal."""
+    """Ctrl-C or a termination signal (SIGTERM, SIGHUP, SIGBREAK): handled as Ctrl-C always was
+    (stop, return to start, outputs written), exit code 128 + the signal; ``partial`` and
+    ``stage_state`` as AutofocusError's."""
+
+    partial: FocusResult | FocusMap | None = None
+    stage_state: str | None = None
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
@@ -386,6 +440,18 @@ class WindowStop(Interrupted):
         return f"stopped from the --show-images window ({self.how})"
 
 
+def as_run_failure(error: BaseException, partial: FocusResult | FocusMap | None,
+                   stage_state: str | None) -> AutofocusError | Interrupted:
+    """The exception a run that failed raises: the tool's own error itself, else the tool's own
+    (Interrupted for a KeyboardInterrupt, RunFailed for anything else; raise it ``from error``),
+    carrying the partial result and where the stage was left."""
+    own = error if isinstance(error, (AutofocusError, Interrupted)) else (
+        Interrupted(signal.SIGINT) if isinstance(error, KeyboardInterrupt)
+        else RunFailed(f"{type(error).__name__}: {first_line(error)}"))
+    own.partial, own.stage_state = partial, stage_state
+    return own
+
+
 ###############################################################################
 # Checked values ##############################################################
 ###############################################################################
@@ -406,7 +472,7 @@ class Rule:
     height in whole pixels: x, y >= 0, width and height >= MIN_ROI_PX) or "interval" (two numbers
     within +-``hi``, lowest first).  ``optional``: None is allowed too."""
 
-    kind: str
+    kind: RuleKind
     lo: float = -math.inf
     hi: float = math.inf
     unit: str = ""
@@ -575,7 +641,7 @@ class Extremum:
 class FocusResult:
     """Everything a run found; ``best_mm`` is where the stage was finally sent."""
 
-    search: str
+    search: Search
     metric: str
     samples: tuple[Sample, ...]  # capture order
     best_sample_mm: float
@@ -1491,6 +1557,8 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
                          "the focus, less precisely: more light, a longer exposure, or --metric tenengrad/normvar help")
     verdict = Verdict("focused", prominence, noise.sigma, threshold, reason, None,
                       "coarse" if locate is not None else scale, float(y[i] - base), narrow or sharp)
+    # The chosen peak's entry says what the answer says (its own fit and error bar).
+    peaks = [dataclasses.replace(p, fit_mm=target, uncertainty_mm=uncertainty) if p is chosen else p for p in peaks]
     return Decision(verdict, fit, ordered[i], target, uncertainty, tuple(peaks), tuple(dips), tuple(notes), more_mm)
 
 
@@ -1521,7 +1589,7 @@ def _suggest(end_mm: float, at_low: bool, width_mm: float,
         return (round(lo, 6), round(hi, 6)), ""
     a_lo, a_hi = min(allowed_mm), max(allowed_mm)
     limit = a_lo if at_low else a_hi
-    if (at_low and end_mm <= a_lo + 1e-9) or (not at_low and end_mm >= a_hi - 1e-9):
+    if (at_low and end_mm <= a_lo + FLOAT_SLACK_MM) or (not at_low and end_mm >= a_hi - FLOAT_SLACK_MM):
         return None, (f"; the range already ends at the stage's {'lowest' if at_low else 'highest'} allowed "
                       f"position ({limit:g} mm: its travel or --z-min/--z-max), so no range beyond it can be tried")
     lo, hi = max(lo, a_lo), min(hi, a_hi)
@@ -1706,7 +1774,7 @@ def fit_surface(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[flo
         q, r = np.linalg.qr(a)
         beta = np.linalg.solve(r, q.T @ (np.sqrt(w) * z))
         leverage = np.sum(q * q, axis=1)  # diagonal of the hat matrix
-        if np.any(leverage > 1 - 1e-9):
+        if np.any(leverage > 1 - FLOAT_SLACK_RATIO):
             return None  # a point that alone fixes a parameter has no leave-one-out residual
         residuals = z - basis @ beta
         loo = residuals / (1 - leverage)
@@ -1730,7 +1798,7 @@ def fit_surface(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[flo
             continue
         hat = kernel @ solution[:n] + plane @ solution[n:]
         leverage = np.diag(hat)
-        if np.any(leverage > 1 - 1e-9):
+        if np.any(leverage > 1 - FLOAT_SLACK_RATIO):
             continue
         c, coef = solution[:n] @ z, solution[n:] @ z
         residuals = z - hat @ z
@@ -1738,7 +1806,7 @@ def fit_surface(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[flo
         fit = SurfaceFit(Surface("spline", area, tuple(float(b) for b in coef),  # type: ignore[arg-type]
                                  tuple((float(a), float(b)) for a, b in zip(u, v)), tuple(float(b) for b in c),
                                  float(lam)), residuals, loo, _weighted_rms(loo, w))
-        if best is None or fit.loo_rms_mm < best.loo_rms_mm * (1 - 1e-9):
+        if best is None or fit.loo_rms_mm < best.loo_rms_mm * (1 - FLOAT_SLACK_RATIO):
             best = fit
     return best
 
@@ -1825,7 +1893,7 @@ def predict_focus(x_mm: Sequence[float], y_mm: Sequence[float], z_mm: Sequence[f
     return float(at @ mean), math.sqrt(max(var, 0.0))
 
 
-def full_search_frames(n_positions: int, search: str) -> int:
+def full_search_frames(n_positions: int, search: Search) -> int:
     """About how many frames a search over the whole range costs (sweep: all; fast: its coarse
     pass and a refinement) -- a window costing as much is no saving."""
     if search == "sweep" or n_positions < MIN_FAST_POSITIONS:
@@ -1843,7 +1911,7 @@ def plan_window(predicted_mm: float, sigma_mm: float, positions: Sequence[float]
     neighbour each side), at least WINDOW_MIN_HALF_STEPS STEPs each way; next to an end of the
     range it is shifted inside rather than cut short."""
     n = len(positions)
-    half = max(WINDOW_MIN_HALF_STEPS, math.ceil(WINDOW_SIGMAS * sigma_mm / step_mm + 1.0 - 1e-9))
+    half = max(WINDOW_MIN_HALF_STEPS, math.ceil(WINDOW_SIGMAS * sigma_mm / step_mm + 1.0 - FLOAT_SLACK_RATIO))
     size = 2 * half + 1
     if size >= min(n, full_frames):
         return None
@@ -1983,10 +2051,10 @@ def plan_positions(start_mm: float, end_mm: float, step_mm: float) -> list[float
         raise ValueError("step must be positive")
     direction = 1.0 if end_mm >= start_mm else -1.0
     span = abs(end_mm - start_mm)
-    n = math.floor(span / step_mm + 1e-9)
+    n = math.floor(span / step_mm + FLOAT_SLACK_RATIO)
     positions = [float(round(start_mm + direction * i * step_mm, POSITION_DECIMALS)) for i in range(n + 1)]
     end = float(round(end_mm, POSITION_DECIMALS))
-    if abs(positions[-1] - end) > 1e-9:
+    if abs(positions[-1] - end) > FLOAT_SLACK_MM:
         positions.append(end)
     else:
         positions[-1] = end
@@ -2076,8 +2144,8 @@ class Acquisition:
             if self._indices and self._indices[-1] == index:
                 self._indices.pop()
                 self.samples.pop()
-        exc.args = (f"{exc.args[0] if exc.args else exc} (the frame at z={self._frame_z:.4f} mm, exposed "
-                    "just before, was dropped from the curve: the stage may not have stood there)", *exc.args[1:])
+        exc.extend(f" (the frame at z={self._frame_z:.4f} mm, exposed just before, was dropped from the curve: "
+                   "the stage may not have stood there)")
 
     def measure(self, z_mm: float) -> concurrent.futures.Future[Sample]:
         """Move to z, capture a frame, and hand it to the scoring thread."""
@@ -2181,31 +2249,15 @@ def sweep_search(acq: Acquisition, positions: Sequence[float], conclude: Conclud
 def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude) -> None:
     """Coarse-to-fine search on the STEP grid, reusing every frame it takes.
 
-    1. Coarse pass: every COARSE_FACTOR-th grid position (and the last), each frame also scored
-       on a copy binned COARSE_FACTOR times.  Far from focus the full-resolution score sinks
-       into its noise floor while the coarse score still rises toward focus over a range
-       several times wider (defocus blur grows in proportion to the distance from focus, so
-       coarser detail stays visible proportionally farther away): the coarse samples lead to
-       a narrow peak that they straddle.
-    2. Prediction: a peak fitted through the best coarse sample and its coarse neighbours (on
-       the coarse scores) predicts the peak; that grid position and FIT_REACH neighbours on each
-       side are measured, all in flight before waiting (close in time: a drifting lamp changes
-       them alike).
-    3. Refinement: hill-climb on the full-resolution score one grid STEP at a time until the
-       best frame of the whole run has both grid neighbours measured and lower.
-    4. The decision (``conclude``: ``decide`` on every frame so far) measures what it needs for
-       its answer: the second grid neighbours where the peak is wide enough to show on them
-       (a fit on more than three points), the STEP grid across a coarse-scale peak.
-
-    Typical cost: N/8 + 3 to 5 frames for N grid positions; each halving of the spacing (nothing
-    found yet) adds the new coarse frames and a refinement.  Grids of fewer than
-    MIN_FAST_POSITIONS positions are swept exhaustively; up to 80 positions the coarse spacing is
-    n/10 STEPs (at least 2).  When the frames so far show no peak at either scale (the
-    decision's own rule: a sparse curve measures its noise less well, so it needs a larger
-    margin), the spacing is halved and the peak sought again, until one shows or every
-    position is measured: a blank field costs a sweep.  Assumes STEP is about the depth of
-    field (as for a sweep); a peak much narrower than the coarse spacing with no coarse-scale
-    signal can be missed.
+    1. Coarse pass: every few grid positions (and the last), each frame also scored on a copy
+       binned COARSE_FACTOR times: far from focus the full score sinks into its noise while the
+       coarse one still rises toward focus (blur grows with the distance from focus).
+    2. Prediction: a peak fitted through the best coarse frame and its neighbours; that position
+       and FIT_REACH neighbours each side are measured together (a drifting lamp changes them alike).
+    3. Refinement: hill-climb on the full score until the best frame of the run has both grid
+       neighbours measured and lower; ``conclude`` then measures what the decision needs.
+    No peak at either scale: the spacing is halved and the peak sought again, down to a sweep
+    (a blank field costs a sweep).  Grids shorter than MIN_FAST_POSITIONS are swept.
     """
     n = len(positions)
     if n < MIN_FAST_POSITIONS:
@@ -2240,7 +2292,7 @@ def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude
         # close in time: a drifting lamp changes them alike); the fit needs them where the peak
         # is wide enough to reach them, and the climb starts from them.
         ensure([j for j in range(guess - FIT_REACH, guess + FIT_REACH + 1) if 0 <= j < n])
-        for _ in range(2 * spacing + 4):
+        for _ in range(2 * spacing + CLIMB_EXTRA_STEPS):
             neighbours = [j for j in (current - 1, current + 1) if 0 <= j < n]
             ensure([current, *neighbours])
             if all(score(j) < score(current) for j in neighbours):
@@ -2260,7 +2312,7 @@ def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude
         spacing = max(1, spacing // 2)
 
 
-SEARCHES: dict[str, Callable[[Acquisition, Sequence[float], Conclude], None]] = {
+SEARCHES: dict[Search, Callable[[Acquisition, Sequence[float], Conclude], None]] = {
     "sweep": sweep_search,
     "fast": fast_search,
 }
@@ -2271,7 +2323,7 @@ class Plan:
     """What a run will do, checked against the limits before anything moves."""
 
     positions: tuple[float, ...]
-    search: str = "sweep"
+    search: Search = "sweep"
     backlash_mm: float = 0.0
     settle_ms: float = 0.0
     peak: PeakPolicy = "sharpest"  # which of several significant peaks (PEAK_CHOICES)
@@ -2303,7 +2355,7 @@ def check_plan(plan: Plan, limits_mm: tuple[float, float], soft_mm: tuple[float 
     allowed_lo = travel_lo if soft_lo is None else max(travel_lo, soft_lo)
     allowed_hi = travel_hi if soft_hi is None else min(travel_hi, soft_hi)
     what = "range" if plan.backlash_mm <= 0 else "range with its backlash overshoot"
-    if lo < allowed_lo - 1e-9 or hi > allowed_hi + 1e-9:
+    if lo < allowed_lo - FLOAT_SLACK_MM or hi > allowed_hi + FLOAT_SLACK_MM:
         raise UsageError(
             f"the {what} {lo:g}..{hi:g} mm leaves the allowed interval {allowed_lo:g}..{allowed_hi:g} mm "
             f"(travel {travel_lo:g}..{travel_hi:g} mm"
@@ -2313,21 +2365,13 @@ def check_plan(plan: Plan, limits_mm: tuple[float, float], soft_mm: tuple[float 
         )
 
 
-class RunFailed(Exception):
-    """A run stopped by a fault or Ctrl-C; carries the partial result and the cause."""
-
-    def __init__(self, partial: FocusResult | None, cause: BaseException, where: str) -> None:
-        super().__init__(str(cause))
-        self.partial, self.cause, self.where = partial, cause, where
-
-
 def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
                   on_frame: FrameHook | None = None, return_to_start: bool = True,
                   soft_mm: tuple[float | None, float | None] = (None, None)) -> FocusResult:
     """Search, decide, and send the stage to the answer (or back to where it started).
 
     Faults and Ctrl-C make the stage safe (``make_safe``: back to where it started when that is
-    allowed) and raise RunFailed with the partial curve.  There is no start to go back to when
+    allowed) and raise the tool's own exception with the partial curve (``as_run_failure``).  There is no start to go back to when
     ``return_to_start`` is False (the axis was homed for this run: where it stood before means
     nothing) or the start lies outside the soft limits ``soft_mm``: then no_peak leaves the stage
     where the last frame was taken, inside the range, and a fault only stops it.
@@ -2335,7 +2379,7 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
     t0 = time.perf_counter()
     start_mm = stage_position(stage)
     soft_lo, soft_hi = soft_mm
-    inside = (soft_lo is None or start_mm >= soft_lo - 1e-9) and (soft_hi is None or start_mm <= soft_hi + 1e-9)
+    inside = (soft_lo is None or start_mm >= soft_lo - FLOAT_SLACK_MM) and (soft_hi is None or start_mm <= soft_hi + FLOAT_SLACK_MM)
     origin_mm = start_mm if return_to_start and inside else None
     acq = Acquisition(stage, camera, scorer, settle_ms=plan.settle_ms, backlash_mm=plan.backlash_mm,
                       direction=plan.direction, coarse=True,
@@ -2381,8 +2425,11 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
             verdict = Verdict("no_peak", float("nan"), float("nan"), float("nan"), "run did not finish")
             fit = fit_peak(samples) if samples else PeakFit(None, False, "no samples")
             best = best_sample(samples) if samples else None
-            raise RunFailed(result(samples, float("nan"), Decision(verdict, fit, best, None, None)), exc,
-                            where) from exc
+            failure = as_run_failure(exc, result(samples, float("nan"), Decision(verdict, fit, best, None, None)),
+                                     where)
+            if failure is exc:
+                raise
+            raise failure from exc
 
 
 def make_safe(stage: Stage, start_mm: float | None, cause: BaseException | None = None) -> str:
@@ -2430,9 +2477,9 @@ def make_safe(stage: Stage, start_mm: float | None, cause: BaseException | None 
 
 
 def stop_and_locate(stage: Stage, what: str) -> str:
-    """Send ``stop`` again (a further Ctrl-C cannot skip it: tried up to three times), then say
+    """Send ``stop`` again (a further Ctrl-C cannot skip it: STOP_ATTEMPTS tries), then say
     where the stage reports it is -- never a position read while it may still be moving."""
-    for _ in range(3):
+    for _ in range(STOP_ATTEMPTS):
         try:
             stage.stop()
             break
@@ -2442,7 +2489,7 @@ def stop_and_locate(stage: Stage, what: str) -> str:
             return f"{what}; stopping it failed ({first_line(exc)}): check the stage before the next run"
     else:
         return f"{what}; the stop could not be confirmed: check the stage before the next run"
-    for _ in range(3):
+    for _ in range(STOP_ATTEMPTS):
         try:
             return f"{what}; stop sent again, the stage reports {stage.position_mm():.4f} mm"
         except KeyboardInterrupt:
@@ -2510,6 +2557,50 @@ class XYStage(Protocol):
         ...
 
 
+class StageExtras(Protocol):
+    """What a run asks a stage (or a plate) beyond Stage/XYStage.  A stage class declares them by
+    deriving from StageDefaults and overriding what it has; a stage with only the four methods gets
+    the defaults (``extras_of``): it has a reference position, no native grid, a frame anywhere."""
+
+    homed: bool  # whether the axis has a reference position (a Zaber axis after power-up has none)
+    axis_name: str  # names the axis in messages: "device 3 axis 1"
+    native_unit_mm: float  # one step of the axis, mm (0: continuous)
+
+    def home_if_needed(self) -> bool:
+        """Find the reference position when there is none (it may cross any position); True when it homed."""
+        ...
+
+    def run_scope(self, allowed_mm: Any) -> contextlib.AbstractContextManager[None]:
+        """One run: the axis taken as it stands (moving or faulted: refused), every move rounded
+        inside ``allowed_mm`` (travel and soft limits: (lo, hi), or a plate's ((x..), (y..))) until it ends."""
+        ...
+
+    def reachable(self, positions: tuple[float, ...]) -> tuple[tuple[float, ...], str | None]:
+        """The positions this stage has frames at (a replay: its recorded slices), and a note when they differ."""
+        ...
+
+
+class StageDefaults:
+    """StageExtras for a stage that has none of them; the backends derive from it."""
+
+    homed, axis_name, native_unit_mm = True, "the focus axis", 0.0
+
+    def home_if_needed(self) -> bool:
+        return False
+
+    def run_scope(self, allowed_mm: Any) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def reachable(self, positions: tuple[float, ...]) -> tuple[tuple[float, ...], str | None]:
+        return positions, None
+
+
+def extras_of(stage: Stage | XYStage) -> StageExtras:
+    """The stage's own StageExtras when its class declares them (derives from StageDefaults), else the
+    defaults: the one place a stage's kind is looked at, so that a four-method stage keeps working."""
+    return stage if isinstance(stage, StageDefaults) else StageDefaults()
+
+
 # Pieces every GenICam camera backend (FLIR through PySpin, Basler through pypylon) shares: the
 # sensor ROI, the pixel format choice, and putting back every setting a run changed.  The
 # contract of a camera backend: it changes only what the run needs, through a SettingsJournal,
@@ -2527,9 +2618,13 @@ CAMERA_RULES: dict[str, Rule] = {
 }
 
 
+def timeout_error(what: str) -> CameraError:
+    """CameraError ``what``, advising a longer frame time-out (the camera's ``timeout_ms``)."""
+    return CameraError(lambda o: f"{what}; check the cable, or raise {o}", "camera", ("timeout_ms",))
+
+
 def fit_roi(roi: Roi, sensor_px: tuple[int, int], *, offset_step_px: tuple[int, int] = (1, 1),
-            size_step_px: tuple[int, int] = (1, 1), min_size_px: tuple[int, int] = (1, 1),
-            flag: str = "--camera-roi") -> Roi:
+            size_step_px: tuple[int, int] = (1, 1), min_size_px: tuple[int, int] = (1, 1)) -> Roi:
     """The region a camera can set that covers ``roi``: offsets rounded down to their increment,
     sizes rounded up to ``min + N * increment`` (GenICam's rule), kept on the sensor.
 
@@ -2538,8 +2633,8 @@ def fit_roi(roi: Roi, sensor_px: tuple[int, int], *, offset_step_px: tuple[int, 
     x, y, w, h = roi
     sw, sh = sensor_px
     if x + w > sw or y + h > sh:
-        raise UsageError(f"{flag} {x},{y},{w},{h} reaches pixel {x + w},{y + h}, outside the sensor's "
-                         f"{sw}x{sh} pixels; choose a region inside it")
+        raise UsageError(lambda o: f"{o} {x},{y},{w},{h} reaches pixel {x + w},{y + h}, outside the sensor's "
+                         f"{sw}x{sh} pixels; choose a region inside it", "camera", ("roi",))
     fitted = []
     for start, size, full, off_step, size_step, least in ((x, w, sw, offset_step_px[0], size_step_px[0],
                                                            min_size_px[0]),
@@ -2675,7 +2770,7 @@ def set_sensor_roi(journal: SettingsJournal, roi: Roi, sensor_px: tuple[int, int
     fitted = fit_roi(roi, sensor_px, offset_step_px=(math.lcm(inc["OffsetX"], even), math.lcm(inc["OffsetY"], even)),
                      size_step_px=(inc["Width"], inc["Height"]), min_size_px=min_size_px)
     if fitted != tuple(roi):
-        log.warning("--camera-roi %s rounded to the camera's increments: %s", ",".join(map(str, roi)),
+        log.warning("sensor region %s rounded to the camera's increments: %s", ",".join(map(str, roi)),
                     ",".join(map(str, fitted)))
     x, y, w, h = fitted
     for name, value in (("OffsetX", 0), ("OffsetY", 0), ("Width", w), ("Height", h), ("OffsetX", x),
@@ -2743,19 +2838,24 @@ _Adapter = TypeVar("_Adapter", bound="GenicamAdapter")
 class GenicamAdapter:
     """What the GenICam camera backends share at the end of a run: ``restore()`` puts back every
     node the run changed (their SettingsJournal), ``close()`` also releases a camera the adapter
-    opened, on every exit path (a ``with`` block).  A backend sets ``_cam``, ``_journal``,
-    ``_owned``, ``_was_running``, ``_closed`` and defines the vendor calls below."""
+    opened, on every exit path (a ``with`` block).  A backend calls ``__init__`` first, then
+    configures the camera, and defines the vendor calls below."""
 
     vendor = "camera"  # "FLIR camera": for messages
     viewer = "its viewer"  # the vendor's program to check the camera with
-    pixel_format: str | None
     _shape: tuple[int, int]
-    _bayer_code: int | None
-    _cam: Any
-    _journal: SettingsJournal
-    _owned: bool
-    _was_running: bool
-    _closed: bool
+
+    def __init__(self, cam: Any, *, owned: bool, running: bool, timeout_ms: int,
+                 read: Callable[[str], Any], write: Callable[[str, Any], None]) -> None:
+        """The state every backend shares: the camera, whether this adapter opened it (and closes
+        it) or it is lent (and was streaming: ``running``), and the journal of the nodes a run changes."""
+        self._cam, self._owned, self._was_running = cam, owned, running
+        self._journal = SettingsJournal(read, write)
+        self._closed = False
+        self._bayer_code: int | None = None
+        self.pixel_format: str | None = None
+        self.roi: Roi | None = None
+        self.timeout_ms = timeout_ms
 
     def _stop(self) -> None:
         """Stop streaming."""
@@ -2815,7 +2915,7 @@ class GenicamAdapter:
         try:
             self.restore()
         finally:
-            if self._owned and getattr(self, "_cam", None) is not None:
+            if self._owned and self._cam is not None:
                 self._release()
                 self._cam = None
 
@@ -2891,10 +2991,10 @@ ZABER_RULES: dict[str, Rule] = {
 }
 
 
-class ZaberStage:
+class ZaberStage(StageDefaults):
     """The focus axis of a Zaber device through ZML (serial port or tcp://HOST:PORT).
 
-    Set-up (and ``prepare_run``, at the start of every focus() run) reads the axis's warning flags
+    Set-up (and ``run_scope``, at the start of every focus() run) reads the axis's warning flags
     before anything moves: notices (N*, and W* other than "not homed") are reported and cleared,
     faults (F*) refuse the run unless ``clear_faults``; an axis that is moving is refused.
 
@@ -2909,7 +3009,7 @@ class ZaberStage:
     are bounded: moves by ``move_timeout_s``, homing by ``home_timeout_s``, a stop by
     STOP_TIMEOUT_S; a move or homing that runs out of time sends ``stop`` itself (the only stop
     after which a run may return to its start).  Move the axis only through this object while a
-    run uses it; between focus() runs a script may move it with ZML (``prepare_run`` notes where).
+    run uses it; between focus() runs a script may move it with ZML (``run_scope`` notes where).
     """
 
     role = "focus"  # what the axis does, for messages ("X" and "Y" for a plate's axes: ZaberPlate)
@@ -2917,10 +3017,26 @@ class ZaberStage:
     def __init__(self, port: str, device: int = DEFAULT_DEVICE, axis: int = DEFAULT_AXIS, *,
                  native_unit_nm: float | None = None, device_db: str | None = None,
                  move_timeout_s: float = DEFAULT_MOVE_TIMEOUT_S, home_timeout_s: float = DEFAULT_HOME_TIMEOUT_S,
-                 clear_faults: bool = False) -> None:
-        check_values("zaber", ZABER_RULES, {"port": port, "device": device, "axis": axis, "device_db": device_db})
-        self._configure(port, native_unit_nm=native_unit_nm, move_timeout_s=move_timeout_s,
-                        home_timeout_s=home_timeout_s, clear_faults=clear_faults)
+                 clear_faults: bool = False, zml_axis: Any = None) -> None:
+        """Open ``port`` and take device ``device``'s axis ``axis``; or take ``zml_axis``, an axis on
+        the caller's connection (``from_axis``: ``port`` then only names it in messages)."""
+        check_values("zaber", ZABER_RULES, {"port": port, "device": device, "axis": axis, "device_db": device_db,
+                                            "native_unit_nm": native_unit_nm, "move_timeout_s": move_timeout_s,
+                                            "home_timeout_s": home_timeout_s, "clear_faults": clear_faults})
+        self.port = port
+        self.native_unit_nm = native_unit_nm
+        self.move_timeout_s, self.home_timeout_s = move_timeout_s, home_timeout_s
+        self.clear_faults = clear_faults
+        self._allowed_mm: tuple[float, float] | None = None  # the current run's: moves are rounded inside them
+        self.name: str | None = None  # the device's product name, when ZML could identify it
+        self._connection: Any = None
+        self._owns_connection = False  # ``close`` leaves a connection it did not open alone
+        self._zm = _zml()
+        self._exc = self._zm.exceptions
+        if zml_axis is not None:
+            self._connection = zml_axis.device.connection
+            self._setup_axis(zml_axis)
+            return
         self.device_number, self.axis_number = device, axis
         # A library-wide setting, so only for a connection the tool opens (from_axis leaves it alone).
         self._zm.Library.set_idle_polling_period(10)  # ms; ZML's 50 ms default would add ~25 ms a move
@@ -2933,26 +3049,6 @@ class ZaberStage:
         except BaseException:
             self.close()
             raise
-
-    def _configure(self, port: str, *, native_unit_nm: float | None, move_timeout_s: float,
-                   home_timeout_s: float, clear_faults: bool) -> None:
-        """Settings every way of making a ZaberStage shares; no device traffic.  (An adapter over
-        an axis the caller owns sets these, then calls ``_setup_axis``; ``close`` leaves a
-        connection it did not open alone.)"""
-        check_values("zaber", ZABER_RULES, {"native_unit_nm": native_unit_nm, "move_timeout_s": move_timeout_s,
-                                            "home_timeout_s": home_timeout_s, "clear_faults": clear_faults})
-        self.port = port
-        self.native_unit_nm = native_unit_nm
-        self.move_timeout_s, self.home_timeout_s = move_timeout_s, home_timeout_s
-        self.clear_faults = clear_faults
-        # --z-min/--z-max of the current focus() call: positions are rounded to native units inside them
-        self.soft_limits_mm: tuple[float | None, float | None] = (None, None)
-        self.name: str | None = None  # the device's product name, when ZML could identify it
-        self._connection: Any = None
-        self._owns_connection = False
-        zm = _zml()
-        self._zm = zm
-        self._exc = zm.exceptions
 
     @classmethod
     def from_axis(cls, axis: Any, *, native_unit_nm: float | None = None,
@@ -2967,15 +3063,11 @@ class ZaberStage:
         from the axis as for a port the tool opens itself, latched flags are handled the same way
         (``clear_faults`` as ``--clear-faults``), and nothing moves here.
         """
-        self = cls.__new__(cls)
-        self._configure("the caller's connection", native_unit_nm=native_unit_nm, move_timeout_s=move_timeout_s,
-                        home_timeout_s=home_timeout_s, clear_faults=clear_faults)
-        if not isinstance(axis, self._zm.ascii.Axis):
+        if not isinstance(axis, _zml().ascii.Axis):
             raise UsageError(f"ZaberStage.from_axis needs a zaber_motion.ascii.Axis (e.g. "
                              f"connection.get_device(3).get_axis(1)), not {show_value(axis)}")
-        self._connection = axis.device.connection
-        self._setup_axis(axis)
-        return self
+        return cls("the caller's connection", native_unit_nm=native_unit_nm, move_timeout_s=move_timeout_s,
+                   home_timeout_s=home_timeout_s, clear_faults=clear_faults, zml_axis=axis)
 
     def _open(self, port: str) -> Any:
         """Open the serial port or tcp://HOST:PORT; errors are one UsageError."""
@@ -3017,15 +3109,21 @@ class ZaberStage:
         self._arrival: dict[int, tuple[float, float]] = {}
         self._take_over(flags)
 
-    def prepare_run(self) -> None:
-        """Take the axis as it is now, as set-up does (focus() calls this at the start of every
-        run): refused when it is moving or faulted, notices cleared, and its position noted.
-        From here on, an axis found anywhere but where this tool left it was moved from outside."""
+    @contextlib.contextmanager
+    def run_scope(self, allowed_mm: tuple[float, float] | None) -> Iterator[None]:
+        """One focus() run: the axis taken as it is now, as set-up does (refused when it is moving
+        or faulted, notices cleared, its position noted; from here on, an axis found anywhere but
+        where this tool left it was moved from outside); moves rounded inside ``allowed_mm`` until it ends."""
         try:
             flags = set(self._axis.warnings.get_flags())
         except self._exc.MotionLibException as exc:
             raise StageError(f"reading the warning flags of {self._where()}: {first_line(exc)}") from exc
         self._take_over(flags)
+        self._allowed_mm = allowed_mm
+        try:
+            yield
+        finally:
+            self._allowed_mm = None
 
     def _take_over(self, flags: set[str]) -> None:
         busy, _, at = self._state()
@@ -3043,19 +3141,20 @@ class ZaberStage:
         """"device 3 axis 1" for messages."""
         return f"device {self.device_number} axis {self.axis_number}"
 
+    axis_name = property(_where)  # type: ignore[assignment]
+
     def _probe_flags(self) -> set[str]:
         """The axis's warning flags; the first request, so it also tells an absent device or axis."""
         try:
             return set(self._axis.warnings.get_flags())
         except (self._exc.RequestTimeoutException, self._exc.DeviceAddressConflictException) as exc:
-            raise UsageError(f"no Zaber device {self.device_number} on {self.port}; {self._found()}; "
-                             "pass --device N") from exc
-        except self._exc.BadDataException as exc:
-            raise UsageError(f"device {self.device_number} has no axis {self.axis_number}; "
-                             "pass --axis N") from exc
-        except self._exc.CommandFailedException as exc:
-            if "BADAXIS" in str(exc) or "axis" in str(exc).lower():
-                raise UsageError(f"device {self.device_number} has no axis {self.axis_number}; pass --axis N") from exc
+            found = self._found()
+            raise UsageError(lambda d: f"no Zaber device {self.device_number} on {self.port}; {found}; give the right "
+                             f"device number ({d} N)", "zaber", ("device",)) from exc
+        except (self._exc.BadDataException, self._exc.CommandFailedException) as exc:
+            if isinstance(exc, self._exc.BadDataException) or "BADAXIS" in str(exc) or "axis" in str(exc).lower():
+                raise UsageError(lambda a: f"device {self.device_number} has no axis {self.axis_number}; give the "
+                                 f"right axis number ({a} N)", "zaber", ("axis",)) from exc
             raise StageError(f"device {self.device_number} rejected a status request: {first_line(exc)}") from exc
         except self._exc.MotionLibException as exc:
             raise StageError(f"device {self.device_number} on {self.port} does not answer: {first_line(exc)}") from exc
@@ -3088,42 +3187,44 @@ class ZaberStage:
             return float(self._axis.settings.convert_to_native_units("pos", 1.0, zm.Units.LENGTH_MILLIMETRES))
         except (self._exc.DeviceDbFailedException, self._exc.DeviceNotIdentifiedException) as exc:
             if needed:
-                raise UsageError(
+                why = first_line(exc)  # (``exc`` is gone once this handler ends; the message is written later)
+                raise UsageError(lambda db, nm: (
                     "cannot convert millimetres: ZML could not load Zaber's device database "
-                    f"({first_line(exc)}); connect once with internet, or pass --device-db FILE "
-                    "(Zaber's offline database), or --native-unit-nm N (size of one native unit)") from exc
-            log.info("ZML could not identify device %s (%s): --native-unit-nm %g is not cross-checked",
+                    f"({why}); connect once with internet, or give Zaber's offline database ({db} FILE) "
+                    f"or the size of one native unit ({nm} N)"), "zaber", ("device_db", "native_unit_nm")) from exc
+            log.info("ZML could not identify device %s (%s): the native unit given, %g nm, is not cross-checked",
                      self.device_number, first_line(exc), self.native_unit_nm)
         except self._exc.MotionLibException as exc:
             if needed:
                 raise StageError(f"identifying device {self.device_number} failed: {first_line(exc)}") from exc
-            log.info("identifying device %s failed (%s): --native-unit-nm %g is not cross-checked",
+            log.info("identifying device %s failed (%s): the native unit given, %g nm, is not cross-checked",
                      self.device_number, first_line(exc), self.native_unit_nm)
         return None
 
     def _unit_mismatch(self, given_per_mm: float, database_per_mm: float) -> None:
-        """UsageError: --native-unit-nm contradicts Zaber's device database."""
+        """UsageError: the native unit given contradicts Zaber's device database."""
         try:
             span = (self._axis.settings.get("limit.max", self._zm.Units.NATIVE)
                     - self._axis.settings.get("limit.min", self._zm.Units.NATIVE))
             travel = f"its travel is {span / database_per_mm:g} mm, not {span / given_per_mm:g} mm"
         except self._exc.MotionLibException:
             travel = "the travel would be wrong by the same factor"
-        raise UsageError(f"--native-unit-nm {self.native_unit_nm:g} disagrees with Zaber's device database for "
+        raise UsageError(lambda nm: f"{nm} {self.native_unit_nm:g} disagrees with Zaber's device database for "
                          f"{self.name or 'device ' + str(self.device_number)} ({self._where()}): one native unit is "
-                         f"{1e6 / database_per_mm:.6g} nm there, so {travel}; drop --native-unit-nm (ZML knows this "
-                         "device) or correct it; nothing moved")
+                         f"{1e6 / database_per_mm:.6g} nm there, so {travel}; drop {nm} (ZML knows this "
+                         "device) or correct it; nothing moved", "zaber", ("native_unit_nm",))
 
     def _check_travel(self) -> None:
-        """Refuse a --native-unit-nm that makes the travel implausible for a focus axis (when the
+        """Refuse a native unit size that makes the travel implausible for a focus axis (when the
         device database could not check it)."""
         lo_mm, hi_mm = PLAUSIBLE_TRAVEL_MM
         travel = self._limits[1] - self._limits[0]
         if self.native_unit_nm is not None and not self.units_checked and not lo_mm <= travel <= hi_mm:
             native = round(travel * self._native_per_mm)
-            raise UsageError(f"--native-unit-nm {self.native_unit_nm:g} makes the travel of {self._where()} "
+            raise UsageError(lambda nm: f"{nm} {self.native_unit_nm:g} makes the travel of {self._where()} "
                              f"{travel:g} mm ({native} native units); a focus axis travels {lo_mm:g}-{hi_mm:g} mm: "
-                             "check the native unit size in the stage's datasheet (nm, not um); nothing moved")
+                             "check the native unit size in the stage's datasheet (nm, not um); nothing moved",
+                             "zaber", ("native_unit_nm",))
 
     def _tolerance_native(self) -> float:
         """How far from its target a finished move may be, in native units (see the constant)."""
@@ -3141,9 +3242,10 @@ class ZaberStage:
         if faults and not self.clear_faults:
             first = faults[0]
             also = f" (also {', '.join(describe_flag(f) for f in faults[1:])})" if len(faults) > 1 else ""
-            raise StageError(f"{self._where()} reports fault {describe_flag(first)}{also}: "
+            raise StageError(lambda c: f"{self._where()} reports fault {describe_flag(first)}{also}: "
                              f"{FAULT_ADVICE.get(first, 'see the Warning Flags section of the Zaber ASCII manual')}"
-                             "; once checked, run again with --clear-faults to clear it; nothing was moved")
+                             f"; once checked, run again with {c} to clear it; nothing was moved",
+                             "zaber", ("clear_faults",))
         if not faults and not notices:
             return flags
         try:
@@ -3153,7 +3255,7 @@ class ZaberStage:
             raise StageError(f"clearing the warning flags of {self._where()}: {first_line(exc)}") from exc
         what = ", ".join(describe_flag(f) for f in faults + notices)
         log.warning("%s had %s latched from earlier work: cleared%s", self._where(), what,
-                    " (--clear-faults)" if faults else "")
+                    " (as asked: clear_faults)" if faults else "")
         still = sorted(f for f in left if f.startswith("F"))
         if still:
             raise StageError(f"{self._where()} still reports fault {describe_flag(still[0])} after clearing: "
@@ -3185,7 +3287,7 @@ class ZaberStage:
                 "units_checked": None if self.native_unit_nm is None else self.units_checked,
                 "homed": self._homed, "homed_now": False, "position_tolerance_native": self.tolerance_native}
 
-    @property
+    @property  # type: ignore[override]
     def homed(self) -> bool:
         """Whether the axis has a reference position (no WR/WH at set-up, or homed since)."""
         return self._homed
@@ -3201,10 +3303,12 @@ class ZaberStage:
         try:
             start = self._check_still("homing", allow=HOMING_FLAGS)
             self._send(lambda: self._axis.home(wait_until_idle=False), "homing")
-            flags, at = self._await("homing", self.home_timeout_s, "--home-timeout-s", start, None, HOMING_FLAGS)
+            flags, at = self._await("homing", self.home_timeout_s, "home_timeout_s", start, None, HOMING_FLAGS)
         except KeyboardInterrupt as exc:  # Ctrl-C at any point of the homing: stop it, whatever comes next
-            exc.stage_state = stop_and_locate(self, "homing was interrupted")  # type: ignore[attr-defined]
-            raise
+            failure = as_run_failure(exc, None, stop_and_locate(self, "homing was interrupted"))
+            if failure is exc:
+                raise
+            raise failure from exc
         if flags & HOMING_FLAGS:
             raise StageError(f"homing {self._where()} ended without a reference position "
                              f"({', '.join(sorted(flags & HOMING_FLAGS))}) at {self._mm(at):.4f} mm: it was stopped "
@@ -3232,43 +3336,40 @@ class ZaberStage:
         path.  Anything else is an event this tool did not cause: StageInterrupted (moved or
         stopped from outside) or a StageError (a fault); then nothing more is moved."""
         lo, hi = self._limits
-        if not lo - 1e-9 <= z_mm <= hi + 1e-9:  # last line of defence; plans are checked earlier
+        if not lo - FLOAT_SLACK_MM <= z_mm <= hi + FLOAT_SLACK_MM:  # last line of defence; plans are checked earlier
             raise StageError(f"refusing to move to {z_mm} mm: outside the travel {lo}..{hi} mm")
         what = f"the {'' if self.role == 'focus' else self.role + ' '}move to {z_mm:.4f} mm"
         target = self._native_inside(z_mm)
         start = self._check_still(what)
         self._send(lambda: self._axis.move_absolute(target, self._zm.Units.NATIVE, wait_until_idle=False), what)
-        _, at = self._await(what, self.move_timeout_s, "--move-timeout-s", start, target)
+        _, at = self._await(what, self.move_timeout_s, "move_timeout_s", start, target)
         off_native = abs(at - target)
-        if off_native > self.tolerance_native + 1e-6:
+        if off_native > self.tolerance_native + FLOAT_SLACK_NATIVE:
             raise StageInterrupted(
                 f"{what} ended {off_native:.0f} native units off the target (tolerance {self.tolerance_native:g}), at "
                 f"{self._readback()}: the axis was stopped or moved from outside (the knob or joystick, Zaber "
                 "Launcher or another program, whose ZML clears the NI flag at once) or something blocked it")
         self._expect_native, self._left_by = target, f"where {what} left it"
 
-    @property
+    @property  # type: ignore[override]
     def native_unit_mm(self) -> float:
         """The size of one native unit (one step of the axis), mm."""
         return 1.0 / self._native_per_mm
 
     def _native_inside(self, z_mm: float) -> int:
         """z in whole native units, rounded to the nearest unit unless that lies outside the
-        travel or the soft limits (``soft_limits_mm``): then toward the inside.  With coarse
+        travel or the run's allowed interval (``run_scope``): then toward the inside.  With coarse
         units, plain rounding could command a position just past --z-max."""
         per_mm = self._native_per_mm
-        lo, hi = self._limits
-        soft_lo, soft_hi = self.soft_limits_mm
-        lo = lo if soft_lo is None else max(lo, soft_lo)
-        hi = hi if soft_hi is None else min(hi, soft_hi)
+        lo, hi = self._allowed_mm or self._limits
         exact = z_mm * per_mm
         target = round(exact)
         # Only the rounding is moved inside (a target within one unit of a limit): a position
         # outside the limits on purpose (the start, where the user left the stage) is kept.
-        if exact <= hi * per_mm + 1e-6 and target > hi * per_mm + 1e-6:
-            target = math.floor(hi * per_mm + 1e-6)  # 1e-6 unit: float noise, not a unit
-        if exact >= lo * per_mm - 1e-6 and target < lo * per_mm - 1e-6:
-            target = math.ceil(lo * per_mm - 1e-6)
+        if exact <= hi * per_mm + FLOAT_SLACK_NATIVE and target > hi * per_mm + FLOAT_SLACK_NATIVE:
+            target = math.floor(hi * per_mm + FLOAT_SLACK_NATIVE)
+        if exact >= lo * per_mm - FLOAT_SLACK_NATIVE and target < lo * per_mm - FLOAT_SLACK_NATIVE:
+            target = math.ceil(lo * per_mm - FLOAT_SLACK_NATIVE)
         return target
 
     def _mm(self, native: float) -> float:
@@ -3307,7 +3408,7 @@ class ZaberStage:
             err: StageError = StageInterrupted(
                 f"before {doing}: {self._where()} was moving, not by this tool's command (the knob or joystick, "
                 f"Zaber Launcher or another program); it is at {self._readback()}")
-        elif expect is not None and abs(at - expect) > self.tolerance_native + 1e-6:
+        elif expect is not None and abs(at - expect) > self.tolerance_native + FLOAT_SLACK_NATIVE:
             err = StageInterrupted(
                 f"before {doing}: {self._where()} is at {self._mm(at):.4f} mm (no flag up), not at "
                 f"{self._mm(expect):.4f} mm {self._left_by}: it was moved from outside while it stood still (the "
@@ -3386,15 +3487,15 @@ class ZaberStage:
                         "or another program); it was not stopped")
                 if time.monotonic() > deadline:
                     where = self._stop_now()
-                    err = StageError(f"{what}: the axis was still busy after {timeout_s:g} s; stopped it{where} "
-                                     f"(raise {option} if the stage is slow)")
+                    err = StageError(lambda o: f"{what}: the axis was still busy after {timeout_s:g} s; stopped it{where} "
+                                     f"(raise {o} if the stage is slow)", "zaber", (option,))
                     err.may_move = True  # the tool's own stop, for its own reason: it may return to start
                     raise err
                 # Poll again at once on a slow line (the round trip paces it), at most every MOTION_POLL_S
                 # on a fast one: each poll sent after the axis stops is what its arrival waits for.
                 time.sleep(max(0.0, MOTION_POLL_S - (time.monotonic() - sent)))
         except KeyboardInterrupt:
-            for _ in range(3):  # a second Ctrl-C must not cut the stop short
+            for _ in range(STOP_ATTEMPTS):
                 try:
                     self._stop_now()
                     break
@@ -3474,7 +3575,7 @@ class ZaberStage:
                 self._connection.close()
 
 
-class ZaberPlate:
+class ZaberPlate(StageDefaults):
     """A Zaber microscope's XY plate through ZML: two ZaberStage axes, so every plate move is
     verified exactly as a focus move is (flags read before anything clears them, the position
     within tolerance of the target, bounded waits, faults and interruptions by their flags).
@@ -3495,10 +3596,10 @@ class ZaberPlate:
         """A plate over two ZML ``Axis`` objects; ``stage_options`` as ``ZaberStage.from_axis``."""
         try:
             return cls(ZaberStage.from_axis(x_axis, **stage_options), ZaberStage.from_axis(y_axis, **stage_options))
-        except BadValue as exc:  # the plate's own options (--xy-native-unit-nm), not the focus axis's
-            raise BadValue("plate", exc.fields, lambda *labels: "XY plate: " + exc._text(*labels)) from exc
-        except UsageError as exc:
-            raise UsageError(f"XY plate: {exc}".replace("--native-unit-nm", "--xy-native-unit-nm")) from exc
+        except UsageError as exc:  # the plate's own options (its device, its native unit), not the focus axis's
+            text = functools.partial(lambda error, *labels: "XY plate: " + error._text(*labels), exc)
+            raise (BadValue("plate", exc.fields, text) if isinstance(exc, BadValue)
+                   else UsageError(text, "plate", exc.fields)) from exc
 
     @classmethod
     def from_device(cls, connection: Any, device: int, **stage_options: Any) -> ZaberPlate:
@@ -3516,12 +3617,14 @@ class ZaberPlate:
         try:
             scope = Microscope.find(connection)
         except zm.exceptions.MotionLibException as exc:
-            raise UsageError(f"ZML's microscope detection failed ({first_line(exc)}); name the XY plate's device "
-                             "with --xy-device N (x = its axis 2, y = axis 1)") from exc
+            why = first_line(exc)
+            raise UsageError(lambda d: f"ZML's microscope detection failed ({why}); name the XY plate's "
+                             f"device ({d} N: x = its axis 2, y = axis 1)", "plate", ("device",)) from exc
         if scope.x_axis is None or scope.y_axis is None:
-            raise UsageError("ZML's microscope detection found no XY plate on this connection (no axis carries "
-                             "a zaber.microscope.part storage key of x and y); name its device with --xy-device N "
-                             "(x = its axis 2, y = axis 1) and --xy-native-unit-nm NM offline")
+            raise UsageError(lambda d, nm: "ZML's microscope detection found no XY plate on this connection (no axis "
+                             f"carries a zaber.microscope.part storage key of x and y); name its device with {d} N "
+                             f"(x = its axis 2, y = axis 1) and its native unit with {nm} NM offline",
+                             "plate", ("device", "native_unit_nm"))
         return cls.from_axes(scope.x_axis, scope.y_axis, **stage_options)
 
     def move_to(self, x_mm: float, y_mm: float) -> None:
@@ -3544,7 +3647,9 @@ class ZaberPlate:
         if failures:
             raise failures[0]
 
-    @property
+    axis_name = "the XY plate"
+
+    @property  # type: ignore[override]
     def homed(self) -> bool:
         """Whether both axes have a reference position."""
         return self.x.homed and self.y.homed
@@ -3554,9 +3659,14 @@ class ZaberPlate:
         homed_x = self.x.home_if_needed()
         return self.y.home_if_needed() or homed_x
 
-    def set_soft_limits(self, limits_mm: tuple[tuple[float, float], tuple[float, float]] | None) -> None:
-        """Soft limits (x, y) that positions are rounded inside of (None: the travel only)."""
-        (self.x.soft_limits_mm, self.y.soft_limits_mm) = limits_mm or ((None, None), (None, None))
+    @contextlib.contextmanager
+    def run_scope(self, allowed_mm: tuple[tuple[float, float], tuple[float, float]]) -> Iterator[None]:
+        """A focus map: positions rounded inside ``allowed_mm`` ((x_lo, x_hi), (y_lo, y_hi)) until it ends."""
+        self.x._allowed_mm, self.y._allowed_mm = allowed_mm
+        try:
+            yield
+        finally:
+            self.x._allowed_mm = self.y._allowed_mm = None
 
     def describe(self) -> dict[str, Any]:
         """Both axes, as ZaberStage.describe (the unit from --xy-native-unit-nm, not the focus axis's option)."""
@@ -3599,8 +3709,9 @@ FAULT_ADVICE = {
 PYSPIN_HELP = (
     "the FLIR camera needs Teledyne FLIR's Spinnaker SDK and its PySpin wheel (not on PyPI): "
     "install the SDK and the spinnaker_python wheel matching your Python from Teledyne FLIR's "
-    "download site, then pip install simple-pyspin; or use --camera sim / --simulate / --replay"
+    "download site, then pip install simple-pyspin; or use {}"
 )
+NO_CAMERA = "simulated_microscope() or replay_microscope()"  # the CLI names its options (option_labels)
 
 
 def _pyspin() -> tuple[Any, Any]:
@@ -3609,7 +3720,7 @@ def _pyspin() -> tuple[Any, Any]:
         import PySpin  # noqa: PLC0415
         import simple_pyspin  # noqa: PLC0415
     except ImportError as exc:
-        raise UsageError(PYSPIN_HELP) from exc
+        raise UsageError(PYSPIN_HELP.format, "camera", (NO_CAMERA,)) from exc
     return PySpin, simple_pyspin
 
 
@@ -3635,10 +3746,17 @@ class FlirCamera(GenicamAdapter):
     vendor, viewer = "FLIR camera", "SpinView"
 
     def __init__(self, serial: str | None = None, *, exposure_ms: float | None = None,
-                 timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None) -> None:
+                 timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None, camera: Any = None) -> None:
+        """Open the camera ``serial`` (default: the first one), or adapt ``camera`` (``from_camera``)."""
         check_values("camera", CAMERA_RULES, {"serial": serial, "exposure_ms": exposure_ms, "timeout_ms": timeout_ms,
                                               "roi": roi})
         spin, sp = _pyspin()
+        if camera is not None:
+            if not getattr(camera, "initialized", False):
+                raise UsageError("FlirCamera.from_camera needs an initialised simple_pyspin.Camera: call its init() "
+                                 "or open it with `with simple_pyspin.Camera() as cam:` first")
+            self._setup(spin, sp, camera, owned=False, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
+            return
         name = f"the FLIR camera{' ' + serial if serial else ''}"
         try:
             cam = sp.Camera(serial if serial else 0)
@@ -3667,38 +3785,17 @@ class FlirCamera(GenicamAdapter):
     @classmethod
     def from_camera(cls, camera: Any, *, exposure_ms: float | None = None,
                     timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None) -> FlirCamera:
-        """An adapter over an open simple-pyspin ``Camera`` that the caller owns and keeps.
-
-        Configures it as a run needs (see the class) and starts streaming; ``restore()`` (or
-        leaving the ``with`` block: the adapter is a context manager) stops streaming and puts
-        every node back as it was, restarting the stream if the camera was streaming when lent.
-        The camera is never closed or de-initialised here.  One adapter per use::
-
-            with simple_pyspin.Camera() as cam:             # yours: opened and closed by you
-                with autofocus.FlirCamera.from_camera(cam) as camera:
-                    ...                                      # focus with ``camera``
-                # here cam's settings are as they were before
-        """
-        check_values("camera", CAMERA_RULES, {"exposure_ms": exposure_ms, "timeout_ms": timeout_ms, "roi": roi})
-        spin, sp = _pyspin()
-        if not getattr(camera, "initialized", False):
-            raise UsageError("FlirCamera.from_camera needs an initialised simple_pyspin.Camera: call its init() "
-                             "or open it with `with simple_pyspin.Camera() as cam:` first")
-        self = cls.__new__(cls)
-        self._setup(spin, sp, camera, owned=False, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
-        return self
+        """An adapter over an open simple-pyspin ``Camera`` that the caller owns and keeps (README:
+        FLIR camera): configured as a run needs and streaming; ``restore()`` (or leaving its ``with``
+        block) puts every node back and restarts a stream that was running.  Never closed here."""
+        return cls(camera=camera, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
 
     def _setup(self, spin: Any, sp: Any, cam: Any, *, owned: bool, exposure_ms: float | None,
                timeout_ms: int, roi: Roi | None) -> None:
         """Configure the camera for the sweep and start streaming; on any failure put it back."""
-        self._spin, self._sp, self._cam, self._owned = spin, sp, cam, owned
-        self._was_running = bool(getattr(cam, "running", False))
-        self._journal = SettingsJournal(lambda n: getattr(cam, n), lambda n, v: setattr(cam, n, v))
-        self._closed = False
-        self._bayer_code: int | None = None
-        self.pixel_format: str | None = None
-        self.roi: Roi | None = None
-        self.timeout_ms = timeout_ms
+        super().__init__(cam, owned=owned, running=bool(getattr(cam, "running", False)), timeout_ms=timeout_ms,
+                         read=lambda n: getattr(cam, n), write=lambda n, v: setattr(cam, n, v))
+        self._spin, self._sp = spin, sp
         try:
             cam.stop()  # a lent camera may be streaming: image format and trigger are locked then
             self._configure(exposure_ms, timeout_ms, roi)
@@ -3783,8 +3880,7 @@ class FlirCamera(GenicamAdapter):
             self._cam.TriggerSoftware()
             image = raw.GetNextImage(int(self.timeout_ms))  # the SDK wants a plain int
         except spin.SpinnakerException as exc:
-            raise CameraError(f"no frame from the FLIR camera within {self.timeout_ms} ms: {first_line(exc)}; "
-                              "check the cable, or raise --camera-timeout-ms") from exc
+            raise timeout_error(f"no frame from the FLIR camera within {self.timeout_ms} ms: {first_line(exc)}") from exc
         try:
             if image.IsIncomplete():
                 raise CameraError(f"the FLIR camera delivered an incomplete frame (status {image.GetImageStatus()}); "
@@ -3822,7 +3918,7 @@ def _release_spin(cam: Any) -> None:
 # (PYLON_CAMEMU=N presents N emulated cameras) drives this adapter through the real SDK in tests.
 
 PYPYLON_HELP = ("the Basler camera needs Basler's pypylon (on PyPI): pip install pypylon; "
-                "or use --camera sim / --simulate / --replay")
+                "or use {}")
 
 
 def _pylon() -> tuple[Any, Any]:
@@ -3830,7 +3926,7 @@ def _pylon() -> tuple[Any, Any]:
     try:
         from pypylon import genicam, pylon  # noqa: PLC0415
     except ImportError as exc:
-        raise UsageError(PYPYLON_HELP) from exc
+        raise UsageError(PYPYLON_HELP.format, "camera", (NO_CAMERA,)) from exc
     return pylon, genicam
 
 
@@ -3856,10 +3952,16 @@ class BaslerCamera(GenicamAdapter):
     vendor, viewer = "Basler camera", "pylon Viewer"
 
     def __init__(self, serial: str | None = None, *, exposure_ms: float | None = None,
-                 timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None) -> None:
+                 timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None, camera: Any = None) -> None:
+        """Open the camera ``serial`` (default: the first one), or adapt ``camera`` (``from_camera``)."""
         check_values("camera", CAMERA_RULES, {"serial": serial, "exposure_ms": exposure_ms, "timeout_ms": timeout_ms,
                                               "roi": roi})
         pylon, genicam = _pylon()
+        if camera is not None:
+            if not (hasattr(camera, "IsOpen") and camera.IsOpen()):
+                raise UsageError("BaslerCamera.from_camera needs an open pylon.InstantCamera: call its Open() first")
+            self._setup(pylon, genicam, camera, owned=False, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
+            return
         try:
             factory = pylon.TlFactory.GetInstance()
             devices = list(factory.EnumerateDevices())
@@ -3873,9 +3975,10 @@ class BaslerCamera(GenicamAdapter):
         if serial:
             devices = [d for d in devices if d.GetSerialNumber() == serial]
             if not devices:
-                raise CameraError(f"--camera-serial {serial}: no such Basler camera; found {', '.join(found)}")
+                raise CameraError(lambda o: f"{o} {serial}: no such Basler camera; found {', '.join(found)}",
+                                  "camera", ("serial",))
         elif len(devices) > 1:
-            log.warning("%d Basler cameras found (%s): using %s; choose one with --camera-serial",
+            log.warning("%d Basler cameras found (%s): using %s; choose one by its serial number",
                         len(devices), ", ".join(found), found[0])
         info = devices[0]
         name = f"the Basler camera {info.GetSerialNumber()}"
@@ -3900,38 +4003,17 @@ class BaslerCamera(GenicamAdapter):
     @classmethod
     def from_camera(cls, camera: Any, *, exposure_ms: float | None = None,
                     timeout_ms: int = DEFAULT_CAMERA_TIMEOUT_MS, roi: Roi | None = None) -> BaslerCamera:
-        """An adapter over an open ``pylon.InstantCamera`` that the caller owns and keeps.
-
-        Configures it as a run needs and starts grabbing; ``restore()`` (or leaving the ``with``
-        block) stops grabbing and puts every node back, restarting grabbing if it was grabbing when
-        lent.  The camera is never closed here::
-
-            cam = pylon.InstantCamera(pylon.TlFactory.GetInstance().CreateFirstDevice())
-            cam.Open()                                       # yours: opened and closed by you
-            with autofocus.BaslerCamera.from_camera(cam) as camera:
-                ...                                          # focus with ``camera``
-            cam.Close()
-        """
-        check_values("camera", CAMERA_RULES, {"exposure_ms": exposure_ms, "timeout_ms": timeout_ms, "roi": roi})
-        pylon, genicam = _pylon()
-        if not (hasattr(camera, "IsOpen") and camera.IsOpen()):
-            raise UsageError("BaslerCamera.from_camera needs an open pylon.InstantCamera: call its Open() first")
-        self = cls.__new__(cls)
-        self._setup(pylon, genicam, camera, owned=False, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
-        return self
+        """An adapter over an open ``pylon.InstantCamera`` that the caller owns and keeps, as
+        ``FlirCamera.from_camera`` (README: Basler camera).  Never closed here."""
+        return cls(camera=camera, exposure_ms=exposure_ms, timeout_ms=timeout_ms, roi=roi)
 
     def _setup(self, pylon: Any, genicam: Any, cam: Any, *, owned: bool, exposure_ms: float | None,
                timeout_ms: int, roi: Roi | None) -> None:
         """Configure the camera for the sweep and start grabbing; on any failure put it back."""
-        self._pylon, self._genicam, self._cam, self._owned = pylon, genicam, cam, owned
-        self._was_running = bool(cam.IsGrabbing())
-        self._journal = SettingsJournal(lambda n: getattr(cam, n).Value, self._write)
-        self._closed = False
-        self._bayer_code: int | None = None
+        super().__init__(cam, owned=owned, running=bool(cam.IsGrabbing()), timeout_ms=timeout_ms,
+                         read=lambda n: getattr(cam, n).Value, write=self._write)
+        self._pylon, self._genicam = pylon, genicam
         self._converter: Any = None
-        self.pixel_format: str | None = None
-        self.roi: Roi | None = None
-        self.timeout_ms = timeout_ms
         self.stale_frames = 0  # frames delivered before a capture began, dropped (diagnostics)
         try:
             cam.StopGrabbing()  # a lent camera may be grabbing: format, ROI and trigger are locked then
@@ -3963,8 +4045,8 @@ class BaslerCamera(GenicamAdapter):
         exposure = next((n for n in ("ExposureTime", "ExposureTimeAbs") if self._has(n)), None)
         if exposure_ms is not None:
             if exposure is None:
-                raise CameraError("the Basler camera has no ExposureTime node: --exposure-ms cannot be set; "
-                                  "drop it and set the exposure in pylon Viewer")
+                raise CameraError(lambda o: f"the Basler camera has no ExposureTime node: {o} cannot be set; "
+                                  "drop it and set the exposure in pylon Viewer", "camera", ("exposure_ms",))
             journal.set(exposure, exposure_ms * 1000.0)
         exposure_now_ms = getattr(cam, exposure).Value / 1000.0 if exposure else 0.0
         self.timeout_ms = frame_timeout_ms(timeout_ms, exposure_now_ms)
@@ -4006,13 +4088,11 @@ class BaslerCamera(GenicamAdapter):
                 stale.Release()
                 self.stale_frames += 1
             if not cam.WaitForFrameTriggerReady(int(self.timeout_ms), pylon.TimeoutHandling_Return):
-                raise CameraError(f"the Basler camera was not ready for a trigger within {self.timeout_ms} ms; "
-                                  "check the cable, or raise --camera-timeout-ms")
+                raise timeout_error(f"the Basler camera was not ready for a trigger within {self.timeout_ms} ms")
             cam.ExecuteSoftwareTrigger()
             result = cam.RetrieveResult(int(self.timeout_ms), pylon.TimeoutHandling_ThrowException)
         except genicam.GenericException as exc:
-            raise CameraError(f"no frame from the Basler camera within {self.timeout_ms} ms: {first_line(exc)}; "
-                              "check the cable, or raise --camera-timeout-ms") from exc
+            raise timeout_error(f"no frame from the Basler camera within {self.timeout_ms} ms: {first_line(exc)}") from exc
         try:
             if not result.GrabSucceeded():
                 raise CameraError(f"the Basler camera delivered a failed frame ({result.GetErrorDescription()}, "
@@ -4116,14 +4196,14 @@ class SimOptics:
     photons: float = 1000.0  # mean photons per pixel at the brightest structure
     read_noise_e: float = 7.0
     bit_depth: int = 8
-    specimen: str = "cells"  # "cells", "blank" or "dusty" (cells, plus dust on the coverslip above them)
+    specimen: Specimen = "cells"  # "dusty": cells, plus dust on the coverslip above them
     dust_height_mm: float = 0.17  # "dusty": the dust plane lies this far above the cells (a #1.5 coverslip)
     phase_rad: float = 1.5  # "transparent": the phase delay through a cell's centre, radians
     condenser_na: float = 0.3  # "transparent": brightfield condenser aperture (partial coherence)
     seed: int = 0
     # A two-region field (for --roi): the right half of the frame shows right_specimen (default:
     # the same specimen) in the plane right_focus_mm (default: focus_mm); None, None = one plane.
-    right_specimen: str | None = None
+    right_specimen: Specimen | None = None
     right_focus_mm: float | None = None
     # How defocus blurs: "gaussian" (a Gaussian of the geometric blur disc's second moment) or
     # "pillbox" (the geometric blur disc itself, a uniform disc, as ray optics has it).
@@ -4275,14 +4355,14 @@ SIM_RULES: dict[str, Rule] = {
     "one_shot": Rule("flag"),
     "camera_roi": Rule("roi", optional=True),
     "objective": Rule("choice", choices=tuple(OBJECTIVES), optional=True),
-    # Issue 20: the defocus model and a micrograph as the specimen
+    # The defocus model and a micrograph as the specimen
     "defocus": Rule("choice", choices=DEFOCUS_MODELS),
     "specimen_image": Rule("text", optional=True),
 }
 
 
 @functools.lru_cache(maxsize=4)
-def make_specimen(width: int, height: int, kind: str = "cells", seed: int = 0) -> np.ndarray:
+def make_specimen(width: int, height: int, kind: Specimen = "cells", seed: int = 0) -> np.ndarray:
     """A deterministic synthetic specimen, relative brightness 0..1 (float32, height x width).
 
     "cells": cell bodies with a bright membrane and nucleus, granules, filaments and a fine
@@ -4428,7 +4508,7 @@ class SimClock:
                 time.sleep(remaining)
 
 
-class SimStage:
+class SimStage(StageDefaults):
     """A simulated focus stage: travel 0-25 mm like the X-LDA025A, with modelled move time."""
 
     def __init__(self, travel_mm: tuple[float, float] = (0.0, 25.0), position_mm: float = 0.0,
@@ -4446,7 +4526,7 @@ class SimStage:
 
     def move_to(self, z_mm: float) -> None:
         lo, hi = self.travel
-        if not lo - 1e-9 <= z_mm <= hi + 1e-9:
+        if not lo - FLOAT_SLACK_MM <= z_mm <= hi + FLOAT_SLACK_MM:
             raise StageError(f"simulated stage rejected a move to {z_mm} mm: outside the travel {lo}..{hi} mm")
         self.clock.spend(self.timing.move_s(z_mm - self.z))
         self.z = z_mm
@@ -4552,7 +4632,7 @@ class SimCamera:
         return frame
 
 
-class SimXYStage:
+class SimXYStage(StageDefaults):
     """A simulated XY plate (travel 0-100 x 0-75 mm), both axes moving at once, with modelled move
     time on the clock it shares with the focus stage and the camera."""
 
@@ -4566,7 +4646,7 @@ class SimXYStage:
 
     def move_to(self, x_mm: float, y_mm: float) -> None:
         (x_lo, x_hi), (y_lo, y_hi) = self.travel
-        if not (x_lo - 1e-9 <= x_mm <= x_hi + 1e-9 and y_lo - 1e-9 <= y_mm <= y_hi + 1e-9):
+        if not (x_lo - FLOAT_SLACK_MM <= x_mm <= x_hi + FLOAT_SLACK_MM and y_lo - FLOAT_SLACK_MM <= y_mm <= y_hi + FLOAT_SLACK_MM):
             raise StageError(f"simulated plate rejected a move to ({x_mm}, {y_mm}) mm: outside the travel "
                              f"X {x_lo}..{x_hi}, Y {y_lo}..{y_hi} mm")
         self.clock.spend(self.timing.move_s(max(abs(x_mm - self.xy[0]), abs(y_mm - self.xy[1]))))
@@ -5108,6 +5188,9 @@ class ReplayStage(SimStage):
         super().__init__(travel_mm=(lo, hi), position_mm=lo, timing=SimTiming(scale=0.0))
         self.recorded_mm = tuple(float(z) for z in stack.z_mm)
 
+    def reachable(self, positions: tuple[float, ...]) -> tuple[tuple[float, ...], str | None]:
+        return snap_to_recorded(positions, self.recorded_mm)  # never invent frames between the slices
+
 
 class ReplayCamera:
     """Returns the frame recorded at the stage's position; a position between slices is refused
@@ -5229,7 +5312,7 @@ MM_RULES: dict[str, Rule] = {  # the Micro-Manager adapters' settings (BadValue 
 }
 
 
-class _MMPositioner:
+class _MMPositioner(StageDefaults):
     """What MMStage and MMXYStage share: moves through the core, waited for and verified.
 
     Every move is checked twice.  Before it is sent, the device must still be where the last move
@@ -5281,7 +5364,7 @@ class _MMPositioner:
     def _move(self, target: tuple[float, ...]) -> None:
         """Move to ``target`` (mm, one value per axis): limits, check, send, wait, verify."""
         for value, (lo, hi), axis in zip(target, self._limits_axes, self.axes):
-            if not (_is_number(value) and lo - 1e-9 <= value <= hi + 1e-9):  # plans are checked earlier
+            if not (_is_number(value) and lo - FLOAT_SLACK_MM <= value <= hi + FLOAT_SLACK_MM):  # plans are checked earlier
                 raise StageError(f"refusing to move {self._name()}{axis} to {value} mm: outside its limits "
                                  f"{lo:g}..{hi:g} mm")
         what = f"move of {self._name()} to {self._text(target)}"
@@ -5313,7 +5396,7 @@ class _MMPositioner:
 
     def _stop_quietly(self) -> bool:
         """Send stop, whatever happened; True when the core took it."""
-        for _ in range(3):  # a second Ctrl-C must not cut the stop short
+        for _ in range(STOP_ATTEMPTS):
             try:
                 self.core.stop(self.label)
                 return True
@@ -6178,7 +6261,7 @@ def draw_curve(curve: Sequence[Sample], height: int, width: int | None = None, *
         put_text(canvas, todo_label, (right - 2, bottom - 4), small, (130, 130, 130), right=True)
     cv2.line(canvas, (left, bottom), (right, bottom), (150, 150, 150), 1)  # the z axis
     fit = result.fit if result is not None else fit_peak(ordered)
-    shows_fit = fit.used and fit.z_mm is not None and lo - 1e-9 <= fit.z_mm <= hi + 1e-9
+    shows_fit = fit.used and fit.z_mm is not None and lo - FLOAT_SLACK_MM <= fit.z_mm <= hi + FLOAT_SLACK_MM
     legend_y = 3 * line_px - 6
     if ordered:
         ylo, yhi = float(y.min()), float(y.max())
@@ -6227,7 +6310,7 @@ def draw_curve(curve: Sequence[Sample], height: int, width: int | None = None, *
             "edge": (f"edge: best at {result.best_mm:.4f} mm (focus may be outside)", (0, 110, 230)),
             "no_peak": (f"no peak: stage back at {result.best_mm:.4f} mm", red),
         }[kind]
-        if kind != "no_peak" and lo - 1e-9 <= result.best_mm <= hi + 1e-9:
+        if kind != "no_peak" and lo - FLOAT_SLACK_MM <= result.best_mm <= hi + FLOAT_SLACK_MM:
             cv2.line(canvas, (px(result.best_mm), top), (px(result.best_mm), bottom), red, 1)  # the stage's
         put_text(canvas, text, (6, 2 * line_px - 5), fitted(text, width - 12, size), color)
     put_text(canvas, f"{lo:.3f}", (left, height - 6), small, grey)
@@ -6354,7 +6437,7 @@ class LiveView:
     WINDOW = "autofocus"
 
     def __init__(self, blur: int, roi: Roi | None = None, *, positions: Sequence[float] = (),
-                 relative: bool = False, search: str = "sweep", score_name: str = curve_title(),
+                 relative: bool = False, search: Search = "sweep", score_name: str = curve_title(),
                  save_dir: str | Path = ".", say: Callable[[str], None] | None = None,
                  screen_px: tuple[int, int] | None = None) -> None:
         self.blur, self.roi, self.search, self.score_name = blur, roi, search, score_name
@@ -6647,7 +6730,7 @@ class Request:
     start_mm: float
     end_mm: float
     step_mm: float
-    search: str = "sweep"
+    search: Search = "sweep"
     metric: str | None = None
     blur: int = DEFAULT_BLUR
     roi: Roi | None = None
@@ -6657,7 +6740,7 @@ class Request:
     z_max: float | None = None
     relative: bool = False
     home: bool | None = None
-    peak: str = "sharpest"
+    peak: PeakPolicy = "sharpest"
     transparent: bool = False
     allow_many: bool = False
     objective: str | None = None  # --objective: names the STEP that suits it (objective_optics)
@@ -6696,8 +6779,8 @@ def check_request(request: Request) -> Request:
     if r.step_mm > span + 1e-12:
         raise BadValue("request", ("step_mm",), lambda a: (
             f"{a} {r.step_mm:g} mm is larger than the range {span:g} mm; use a smaller {a}"))
-    whole_steps = math.floor(span / r.step_mm + 1e-9)
-    n = whole_steps + 1 + (abs(whole_steps * r.step_mm - span) > 1e-9)
+    whole_steps = math.floor(span / r.step_mm + FLOAT_SLACK_RATIO)
+    n = whole_steps + 1 + (abs(whole_steps * r.step_mm - span) > FLOAT_SLACK_MM)
     if n > MAX_POSITIONS_ALLOWED:
         raise BadValue("request", ("allow_many",), lambda a: (
             f"{n:,} positions (range {span:g} mm / STEP {r.step_mm:g} mm) is more than {MAX_POSITIONS_ALLOWED:,}, "
@@ -6820,11 +6903,11 @@ def check_camera(camera: Camera, roi: Roi | None) -> None:
         check_roi(roi, frame.shape)
 
 
-def check_step_native(stage: Stage, step_mm: float) -> None:
-    """Refuse a STEP of fewer than MIN_STEP_NATIVE native units of a Zaber stage (BadValue)."""
-    if isinstance(stage, ZaberStage):
-        unit_mm = stage.native_unit_mm
-        if step_mm < MIN_STEP_NATIVE * unit_mm * (1 - 1e-9):
+def check_step_native(axis: StageExtras, step_mm: float) -> None:
+    """Refuse a STEP of fewer than MIN_STEP_NATIVE native units of the stage (BadValue)."""
+    unit_mm = axis.native_unit_mm
+    if unit_mm > 0:
+        if step_mm < MIN_STEP_NATIVE * unit_mm * (1 - FLOAT_SLACK_RATIO):
             raise BadValue("request", ("step_mm",), lambda a: (
                 f"{a} {step_mm:g} mm is {step_mm / unit_mm:.3g} native units of this stage (one unit is "
                 f"{unit_mm * 1e6:.4g} nm); a {a} must be at least {MIN_STEP_NATIVE} units, "
@@ -6836,18 +6919,18 @@ def relative_origin(stage: Stage, relative: bool) -> float:
     axis without a reference position), else 0."""
     if not relative:
         return 0.0
-    if getattr(stage, "homed", True) is False:
+    if not extras_of(stage).homed:
         raise UsageError("--relative: the axis has no reference position, so where it is now means nothing; "
                          "home it first (or give absolute START and END)")
     return stage_position(stage)
 
 
 def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm: float, *,
-          search: str = Request.search, metric: str | None = Request.metric, blur: int = Request.blur,
+          search: Search = Request.search, metric: str | None = Request.metric, blur: int = Request.blur,
           roi: Sequence[int] | None = Request.roi, settle_ms: float = Request.settle_ms,
           backlash_mm: float = Request.backlash_mm, z_min: float | None = Request.z_min,
           z_max: float | None = Request.z_max, relative: bool = Request.relative, home: bool | None = Request.home,
-          peak: PeakPolicy = Request.peak, transparent: bool = Request.transparent,  # type: ignore[assignment]
+          peak: PeakPolicy = Request.peak, transparent: bool = Request.transparent,
           allow_many: bool = Request.allow_many, objective: str | None = Request.objective,
           on_frame: FrameHook | None = None) -> FocusResult:
     """Find the sharpest focus between START and END every STEP (mm) and send the stage there.
@@ -6855,35 +6938,23 @@ def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm:
     Exactly what ``python autofocus.py START END STEP ...`` does, on a stage and a camera the
     caller holds (nothing is opened or closed here):
 
-    1. checks every argument (``check_request``: type and range; UsageError) and the plan against the stage's travel limits
-       and the soft limits ``z_min``/``z_max``, backlash overshoot included (UsageError,
-       nothing moved); ``relative=True`` reads the stage's position and makes START and END
-       offsets from it (an axis without a reference position is refused); the stage and camera
-       are called, not probed (a missing method is a UsageError naming it), and one frame is
-       captured where the stage is and checked, the ROI against it (nothing moved);
-    2. homes a Zaber axis that has no reference position (announced, as the CLI does; home it
-       yourself to choose when).  Homing drives to the home sensor through positions ``z_min``/
-       ``z_max`` may forbid, so with a soft limit it needs ``home=True``; ``home=False`` never
-       homes (UsageError, nothing moved);
-    3. searches (``search``: "sweep" or "fast"), scoring ``roi=(x, y, w, h)`` (camera pixels;
-       checked again on the first frame) or the whole frame with ``metric`` and ``blur``;
-    4. judges the curve: ``focused`` or ``edge`` sends the stage to the best position;
-       ``no_peak`` sends it back to where it started.  The verdict is in ``result.verdict.kind``
-       (``result.exit_code`` is the CLI's exit code for it), never an exception.
+    1. checks every argument, and the plan (backlash overshoot included) against the travel and
+       the soft limits ``z_min``/``z_max``; ``relative=True`` makes START and END offsets from
+       where the axis is; one frame is captured where the stage is and checked, the ROI against
+       it -- all before anything moves (UsageError);
+    2. homes an axis without a reference position (StageExtras), announced: with a soft limit
+       only with ``home=True``, never with ``home=False`` (UsageError, nothing moved);
+    3. searches (``search``), scoring ``roi=(x, y, w, h)`` or the whole frame with ``metric``;
+    4. judges the curve: ``focused`` or ``edge`` sends the stage to the best position, ``no_peak``
+       back to where it started.  The verdict is ``result.verdict.kind``, never an exception.
 
-    ``transparent=True`` (``--transparent``) focuses an unstained specimen at its contrast
-    minimum: ``metric`` defaults to "normvar" then, and the curve holds -score.
-    ``peak`` ("sharpest", "lowest", "highest", "nearest": ``--peak``) chooses among several
-    significant peaks (dust above the specimen, two layers); ``result.peaks`` and
-    ``result.dips`` list every significant one.
-    ``on_frame(index, z_mm, frame, score)`` is called for every frame (from the scoring thread).
-    A fault (camera, a bad ROI, Ctrl-C, or an exception from your own Stage/Camera) stops the
-    axis, returns it to where it started when it still answers (not after homing: there is no
-    such place), and re-raises the error with ``partial`` (a FocusResult of the frames scored so
-    far) and ``stage_state`` (where the stage was left) attached; after a StageError (a stage
-    fault, or StageInterrupted: moved or stopped from outside) nothing more is moved at all.
-    The tool's own errors are AutofocusError subclasses: UsageError, StageError, CameraError,
-    OutputError.
+    ``transparent=True`` focuses an unstained specimen at its contrast minimum; ``peak`` chooses
+    among several significant peaks (``result.peaks``, ``result.dips``); ``on_frame(index, z_mm,
+    frame, score)`` is called for every frame (from the scoring thread).
+    A fault or Ctrl-C stops the axis and returns it to its start when it still answers (never
+    after a StageError: nothing more moves), then raises the tool's own exception (an
+    AutofocusError, or Interrupted; ``as_run_failure``) with ``partial`` (a FocusResult of the
+    frames so far) and ``stage_state`` (where the stage was left).
     """
     request = check_request(Request(start_mm, end_mm, step_mm, search=search, metric=metric, blur=blur,
                                     roi=roi, settle_ms=settle_ms, backlash_mm=backlash_mm,  # type: ignore[arg-type]
@@ -6904,32 +6975,33 @@ def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook |
                  look_first: bool = True) -> FocusResult:
     """run_request() inside its exclusive use; ``look_first``: a frame is captured and checked
     (``check_camera``) before anything moves (a focus map looks once, not at every point)."""
-    check_step_native(stage, r.step_mm)
-    if isinstance(stage, ZaberStage):
-        stage.soft_limits_mm = (r.z_min, r.z_max)
-        stage.prepare_run()  # the axis as it stands now: moving, faulted or not, and where
+    axis = extras_of(stage)
+    check_step_native(axis, r.step_mm)
+    travel_lo, travel_hi = stage_limits(stage)
+    allowed_mm = (travel_lo if r.z_min is None else max(travel_lo, r.z_min),
+                  travel_hi if r.z_max is None else min(travel_hi, r.z_max))
+    with axis.run_scope(allowed_mm):  # the axis as it stands now: moving, faulted or not, and where
+        return _run_scoped(stage, axis, camera, r, on_frame, look_first, allowed_mm)
+
+
+def _run_scoped(stage: Stage, axis: StageExtras, camera: Camera, r: Request, on_frame: FrameHook | None,
+                look_first: bool, allowed_mm: tuple[float, float]) -> FocusResult:
+    """_run_request() inside the stage's run scope: plan, homing, search and final move."""
     origin_mm = relative_origin(stage, r.relative)
     dof_um = depth_of_field_um(r.objective) if r.objective is not None else None
     plan = Plan(tuple(plan_positions(r.start_mm + origin_mm, r.end_mm + origin_mm, r.step_mm)), r.search,
-                r.backlash_mm, r.settle_ms, r.peak, dof_um)  # type: ignore[arg-type]
+                r.backlash_mm, r.settle_ms, r.peak, dof_um)
     check_plan(plan, stage_limits(stage), (r.z_min, r.z_max))
     if look_first:
         stage_position(stage)  # checked first: a simulated camera renders where the stage says it is
         check_camera(camera, r.roi)
-    if isinstance(stage, ReplayStage):  # a recording has frames at its slices only: never invent others
-        positions, note = snap_to_recorded(plan.positions, stage.recorded_mm)
-        plan = dataclasses.replace(plan, positions=positions, notes=(note,) if note else ())
-    home_if_needed = getattr(stage, "home_if_needed", None)
+    positions, note = axis.reachable(plan.positions)
+    plan = dataclasses.replace(plan, positions=positions, notes=(note,) if note else (), allowed_mm=allowed_mm)
     homed_now = False  # after homing there is no start to return to (the home sensor may be below --z-min)
-    if home_if_needed is not None and getattr(stage, "homed", True) is False:
-        axis = f"device {stage.device_number} axis {stage.axis_number}" if isinstance(stage, ZaberStage) \
-            else "the focus axis"
-        check_home_consent(r.home, r.z_min, r.z_max, axis)
-        homed_now = bool(home_if_needed())
+    if not axis.homed:
+        check_home_consent(r.home, r.z_min, r.z_max, axis.axis_name)
+        homed_now = bool(axis.home_if_needed())
         check_plan(plan, stage_limits(stage), (r.z_min, r.z_max))
-    travel_lo, travel_hi = stage_limits(stage)
-    plan = dataclasses.replace(plan, allowed_mm=(travel_lo if r.z_min is None else max(travel_lo, r.z_min),
-                                                 travel_hi if r.z_max is None else min(travel_hi, r.z_max)))
     if dof_um is not None:  # a STEP too coarse for it: said always; else only with --verbose
         log.log(logging.WARNING if r.step_mm / (dof_um / 1000) > 2 else logging.INFO, "%s",
                 objective_line(r.objective, r.step_mm))  # type: ignore[arg-type]
@@ -6939,20 +7011,8 @@ def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook |
                   f" ({r.start_mm:+g}..{r.end_mm:+g} mm from {origin_mm:.4f} mm)" if r.relative else "",
                   len(plan.positions), r.search, r.metric,
                   f", ROI {','.join(map(str, r.roi))}" if r.roi else "")
-    try:
-        return run_autofocus(stage, camera, Scorer(r.metric, r.blur, r.roi, invert=r.transparent), plan,  # type: ignore[arg-type]
-                             on_frame=on_frame, return_to_start=not homed_now, soft_mm=(r.z_min, r.z_max))
-    except RunFailed as failed:
-        stopped = failed
-    finally:
-        if isinstance(stage, ZaberStage):
-            stage.soft_limits_mm = (None, None)  # this call's limits; a later move_to is the caller's
-    # Raised here, outside the handler, so that the error keeps its own cause and traceback.
-    with INTERRUPTS.held():
-        error = stopped.cause
-        with contextlib.suppress(AttributeError, TypeError):  # an exception class with __slots__
-            error.partial, error.stage_state = stopped.partial, stopped.where  # type: ignore[union-attr]
-        raise error
+    return run_autofocus(stage, camera, Scorer(r.metric, r.blur, r.roi, invert=r.transparent), plan,  # type: ignore[arg-type]
+                         on_frame=on_frame, return_to_start=not homed_now, soft_mm=(r.z_min, r.z_max))
 
 
 def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
@@ -7354,7 +7414,7 @@ def check_area_inside(area_mm: tuple[float, float, float, float],
                    [max(ty0, min(ly0, ly1)), min(ty1, max(ly0, ly1))]]
     x0, y0, x1, y1 = area_mm
     for name, (lo, hi), (a, b) in (("X", allowed[0], (x0, x1)), ("Y", allowed[1], (y0, y1))):
-        if min(a, b) < lo - 1e-9 or max(a, b) > hi + 1e-9:
+        if min(a, b) < lo - FLOAT_SLACK_MM or max(a, b) > hi + FLOAT_SLACK_MM:
             raise UsageError(f"the map area's {name} {min(a, b):g}..{max(a, b):g} mm leaves the allowed "
                              f"{lo:g}..{hi:g} mm (plate travel X {tx0:g}..{tx1:g}, Y {ty0:g}..{ty1:g} mm"
                              + (", and the XY soft limits" if xy_limits_mm is not None else "")
@@ -7451,7 +7511,7 @@ class _Mapper:
         found = _run_request(self.z, self.camera, self.full, self.on_frame, look_first=False)
         self.searches.append(found)
         if (window is not None and found.verdict.kind == "focused"
-                and min(window) + self.step_mm - 1e-9 <= found.best_mm <= max(window) - self.step_mm + 1e-9
+                and min(window) + self.step_mm - FLOAT_SLACK_MM <= found.best_mm <= max(window) - self.step_mm + FLOAT_SLACK_MM
                 and not window_shows(self.searches[0].samples, found.best_mm, self.rel_noise)):  # type: ignore[arg-type]
             # The whole range's peak lies inside the window (a STEP or more from its ends), and the
             # window's frames there stand no higher than its lowest ones: a noise maximum (the
@@ -7469,34 +7529,26 @@ class _Mapper:
 def focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, *, area_mm: Sequence[float], grid: Sequence[int],
               start_mm: float, end_mm: float, step_mm: float, xy_limits_mm: Sequence[float] | None = None,
               refine: int = 0, depth_of_field_mm: float | None = None,
-              on_point: Callable[[MapPoint, int, int], None] | None = None, search: str = "fast",
+              on_point: Callable[[MapPoint, int, int], None] | None = None, search: Search = "fast",
               **options: Any) -> FocusMap:
     """Focus at an NX x NY grid over the plate area X0, Y0, X1, Y1 (mm) and fit the slide's surface.
 
-    Every point is a ``focus()`` between START and END every STEP (``options`` are focus()'s
-    keywords: ``metric``, ``roi``, ``z_min``, ``backlash_mm``, ...; ``search`` is the search over
-    the whole range, "fast" by default).  Points are visited in a snake (rows along x).  Once a
-    point has focused, the score's frame-to-frame noise is measured there (NOISE_REPEATS frames),
-    and every later point first searches a narrow window (a sweep of 5 frames or more) around the
-    focus the points so far predict (``predict_focus``; the window's width follows the
-    prediction's own uncertainty), judged by ``judge_window``; when the window shows no peak,
-    the whole START..END.  Points without a focus (bare glass, ``edge``) and outliers are left
-    out of the surface and reported (``FocusMap.points``, ``warnings``).  When the leave-one-out
-    error exceeds half the depth of field (``depth_of_field_mm``, default STEP: choose STEP about
-    one depth of field), the map says where points are missing, and with ``refine=N`` measures
-    up to N more there.  ``on_point(point, done, total)`` is called after each point.
+    Every point is a ``focus()`` between START and END every STEP (``options``: focus()'s
+    keywords; ``search`` over the whole range, "fast" by default), visited in a snake.  Once a
+    point has focused, the score's noise is measured there (NOISE_REPEATS frames), and every
+    later point first searches a narrow window around the focus the points so far predict
+    (``predict_focus``, ``judge_window``), else the whole range.  Points without a focus and
+    outliers are left out of the surface and reported.  When the leave-one-out error exceeds
+    half the depth of field (``depth_of_field_mm``, default STEP), the map says where points are
+    missing, and with ``refine=N`` measures up to N more.  ``on_point(point, done, total)`` is
+    called after each point.
 
-    Safety: everything is checked before anything moves (UsageError): the area, the grid, the
-    area inside the plate's travel and ``xy_limits_mm`` (X0, Y0, X1, Y1), the focus range inside
-    the focus stage's travel and ``z_min``/``z_max``; Z is only ever commanded inside START..END
-    (with a backlash overshoot, the frames start one overshoot inside) and the soft limits: a focus
-    stage outside them is first sent to the range's first position, so that a search that finds
-    nothing (or fails) returns it there, not outside.  Every plate move is verified (within
-    XY_TOLERANCE_MM of its target, and the plate still where the map left it before the next
-    one).  A fault or Ctrl-C stops the map at once: nothing more
-    moves (a search in progress makes its own axis safe as ``focus()`` does), and the error carries
-    ``partial_map`` (a FocusMap of the points measured so far, ``complete=False``) and
-    ``stage_state`` (where the stages were left).  A map that completes leaves the plate at its
+    Everything is checked before anything moves (UsageError): the area inside the plate's travel
+    and ``xy_limits_mm``, the range inside the focus travel and ``z_min``/``z_max``.  Z is only
+    commanded inside START..END and the soft limits (a stage outside is first sent to the first
+    position); every plate move is verified (XY_TOLERANCE_MM).  A fault or Ctrl-C stops the map
+    at once, nothing more moves, and the error carries ``partial`` (a FocusMap of the points so
+    far, ``complete=False``) and ``stage_state``.  A map that completes leaves the plate at its
     last point and the focus stage at that point's focus."""
     t0 = time.perf_counter()
     unknown = sorted(set(options) - set(focus.__kwdefaults__ or {}))
@@ -7519,7 +7571,7 @@ def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
                on_point: Callable[[MapPoint, int, int], None] | None, on_frame: FrameHook | None) -> FocusMap:
     """focus_map() once its arguments are checked and its parts are its own."""
     dof_mm = float(depth_of_field_mm) if depth_of_field_mm is not None else r.step_mm
-    check_step_native(z_stage, r.step_mm)
+    check_step_native(extras_of(z_stage), r.step_mm)
     origin = relative_origin(z_stage, r.relative)
     first, last = r.start_mm + origin, r.end_mm + origin
     direction = 1.0 if last >= first else -1.0
@@ -7537,10 +7589,10 @@ def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
     plate_position(xy_stage)  # the plate answers, before anything moves
     check_camera(camera, r.roi)
     # Homing (with consent) before anything else moves; both are checked first.
-    z_unhomed = getattr(z_stage, "home_if_needed", None) is not None and getattr(z_stage, "homed", True) is False
-    xy_unhomed = getattr(xy_stage, "home_if_needed", None) is not None and getattr(xy_stage, "homed", True) is False
+    z_axis, plate = extras_of(z_stage), extras_of(xy_stage)
+    z_unhomed, xy_unhomed = not z_axis.homed, not plate.homed
     if z_unhomed:
-        check_home_consent(r.home, r.z_min, r.z_max, "the focus axis")
+        check_home_consent(r.home, r.z_min, r.z_max, z_axis.axis_name)
     if xy_unhomed and (r.home is False or (xy_limits_mm is not None and r.home is not True)):
         raise UsageError("the XY plate has no reference position (not homed) and must be homed first, but "
                          + ("--no-home forbids homing" if r.home is False else
@@ -7548,12 +7600,10 @@ def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
                             "that its path is clear, then pass --home")
                          + " (or home it yourself, e.g. in Zaber Launcher); nothing moved")
     if z_unhomed:
-        z_stage.home_if_needed()  # type: ignore[attr-defined]
+        z_axis.home_if_needed()
         check_plan(plan, stage_limits(z_stage), (r.z_min, r.z_max))
     if xy_unhomed:
-        xy_stage.home_if_needed()  # type: ignore[attr-defined]
-    if isinstance(xy_stage, ZaberPlate):
-        xy_stage.set_soft_limits(allowed)
+        plate.home_if_needed()
     full = check_request(dataclasses.replace(r, start_mm=positions[0], end_mm=positions[-1], relative=False,
                                              home=False, z_min=z_lo, z_max=z_hi))
     mapper = _Mapper(xy_stage, z_stage, camera, positions=positions, full=full,
@@ -7568,64 +7618,67 @@ def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
                              range_mm=(first, last), step_mm=r.step_mm, complete=complete, rel_noise=mapper.rel_noise,
                              elapsed_s=time.perf_counter() - t0)
 
-    try:
-        if not z_lo - 1e-9 <= stage_position(z_stage) <= z_hi + 1e-9:
-            mapper.approach_z(positions[0])  # into the range first: every search then starts (and returns) inside it
-        for x, y in path:
-            mapper.points.append(mapper.measure(x, y))
-            if on_point is not None:
-                on_point(mapper.points[-1], len(mapper.points), total)
-        result = summary(True)
-        added = 0
-        while added < refine and result.surface is not None and not result.trusted:
-            used = [p for p in result.points if p.status == "used"]
-            batch = suggest_points([p.x_mm for p in used], [p.y_mm for p in used], [p.loo_um or 0.0 for p in used],
-                                   [(p.x_mm, p.y_mm) for p in mapper.points], area, cells,
-                                   min(refine - added, max(2, len(path) // 5)))
-            if not batch:
-                break
-            total += len(batch)
-            here = mapper.left_at or batch[0]
-            while batch:  # nearest first: short plate moves
-                nxt = min(batch, key=lambda p: math.hypot(p[0] - here[0], p[1] - here[1]))
-                batch.remove(nxt)
-                mapper.points.append(mapper.measure(*nxt, added=True))
-                added += 1
-                here = nxt
+    with plate.run_scope(allowed):  # plate moves rounded inside the area's limits
+        try:
+            if not z_lo - FLOAT_SLACK_MM <= stage_position(z_stage) <= z_hi + FLOAT_SLACK_MM:
+                mapper.approach_z(positions[0])  # into the range first: every search then starts (and returns) inside it
+            for x, y in path:
+                mapper.points.append(mapper.measure(x, y))
                 if on_point is not None:
                     on_point(mapper.points[-1], len(mapper.points), total)
             result = summary(True)
-        return result
-    except BaseException as exc:  # a fault or Ctrl-C: nothing more moves; what was measured is kept
-        with INTERRUPTS.held():
-            where = getattr(exc, "stage_state", None)
-            if where is None:  # the plate (or our own check) failed: no search was under way
-                plate_may_move = not (isinstance(exc, StageError) and not exc.may_move)
-                if plate_may_move:
+            added = 0
+            while added < refine and result.surface is not None and not result.trusted:
+                used = [p for p in result.points if p.status == "used"]
+                batch = suggest_points([p.x_mm for p in used], [p.y_mm for p in used], [p.loo_um or 0.0 for p in used],
+                                       [(p.x_mm, p.y_mm) for p in mapper.points], area, cells,
+                                       min(refine - added, max(2, len(path) // 5)))
+                if not batch:
+                    break
+                total += len(batch)
+                here = mapper.left_at or batch[0]
+                while batch:  # nearest first: short plate moves
+                    nxt = min(batch, key=lambda p: math.hypot(p[0] - here[0], p[1] - here[1]))
+                    batch.remove(nxt)
+                    mapper.points.append(mapper.measure(*nxt, added=True))
+                    added += 1
+                    here = nxt
+                    if on_point is not None:
+                        on_point(mapper.points[-1], len(mapper.points), total)
+                result = summary(True)
+            return result
+        except BaseException as exc:  # a fault or Ctrl-C: nothing more moves; what was measured is kept
+            with INTERRUPTS.held():
+                carried = exc if isinstance(exc, (AutofocusError, Interrupted)) else None
+                where = carried.stage_state if carried is not None else None
+                if where is None:  # the plate (or our own check) failed: no search was under way
+                    plate_may_move = not (isinstance(exc, StageError) and not exc.may_move)
+                    if plate_may_move:
+                        with contextlib.suppress(AutofocusError, KeyboardInterrupt):
+                            xy_stage.stop()
+                    where = "nothing more was moved"
                     with contextlib.suppress(AutofocusError, KeyboardInterrupt):
-                        xy_stage.stop()
-                where = "nothing more was moved"
-                with contextlib.suppress(AutofocusError, KeyboardInterrupt):
-                    where += f"; the focus stage is at {z_stage.position_mm():.4f} mm"
-            try:
-                at = xy_stage.position_mm()
-                where += f"; the plate is at ({at[0]:.4f}, {at[1]:.4f}) mm"
-            except (AutofocusError, KeyboardInterrupt):
-                where += "; the plate's position is unknown (it no longer answers)"
-            if mapper.current is not None and (not mapper.points or
-                                               (mapper.points[-1].x_mm, mapper.points[-1].y_mm) != mapper.current):
-                partial = getattr(exc, "partial", None)
-                mapper.points.append(MapPoint(mapper.current[0], mapper.current[1], partial,
-                                              tuple(mapper.searches) + ((partial,) if partial is not None else ()),
-                                              "failed", failure_line(exc)[1]))
-            try:
-                partial_map: FocusMap | None = summary(False)
-            except Exception:  # noqa: BLE001 - the error being raised is what matters
-                log.debug("summarising the partial map failed", exc_info=True)
-                partial_map = None
-            with contextlib.suppress(AttributeError, TypeError):
-                exc.partial_map, exc.stage_state = partial_map, where  # type: ignore[union-attr]
-        raise
+                        where += f"; the focus stage is at {z_stage.position_mm():.4f} mm"
+                try:
+                    at = xy_stage.position_mm()
+                    where += f"; the plate is at ({at[0]:.4f}, {at[1]:.4f}) mm"
+                except (AutofocusError, KeyboardInterrupt):
+                    where += "; the plate's position is unknown (it no longer answers)"
+                if mapper.current is not None and (not mapper.points or
+                                                   (mapper.points[-1].x_mm, mapper.points[-1].y_mm) != mapper.current):
+                    partial = carried.partial if carried is not None else None
+                    mapper.points.append(MapPoint(mapper.current[0], mapper.current[1], partial,
+                                                  tuple(mapper.searches) + ((partial,) if partial is not None else ()),
+                                                  "failed", failure_line(exc)[1]))
+                try:
+                    partial_map: FocusMap | None = summary(False)
+                except Exception:  # noqa: BLE001 - the error being raised is what matters
+                    log.debug("summarising the partial map failed", exc_info=True)
+                    partial_map = None
+                failure = as_run_failure(exc, partial_map, where)
+                if failure is exc:
+                    raise
+                raise failure from exc
 
 
 ###############################################################################
@@ -7982,7 +8035,7 @@ MAP_OPTIONS = {"area_mm": "map_area", "grid": "map", "xy_limits_mm": "xy_limits"
 SLIDE_OPTIONS = {"tilt_um_per_mm": "sim_tilt_um_per_mm", "bow_um_per_mm2": "sim_bow_um_per_mm2",
                  "ripple_um": "sim_ripple_um", "bare_glass": "sim_bare_glass"}
 PLATE_OPTIONS = {"device": "xy_device", "native_unit_nm": "xy_native_unit_nm", "move_timeout_s": "move_timeout_s",
-                 "home_timeout_s": "home_timeout_s", "clear_faults": "clear_faults"}
+                 "home_timeout_s": "home_timeout_s", "clear_faults": "clear_faults", "device_db": "device_db"}
 CAMERA_OPTIONS = {"serial": "camera_serial", "exposure_ms": "exposure_ms", "timeout_ms": "camera_timeout_ms",
                   "roi": "camera_roi"}
 
@@ -7998,6 +8051,7 @@ def option_labels(parser: argparse.ArgumentParser) -> dict[tuple[str, str], str]
     for scope, table in (("simulator", SIM_OPTIONS), ("zaber", ZABER_OPTIONS), ("camera", CAMERA_OPTIONS),
                          ("map", MAP_OPTIONS), ("slide", SLIDE_OPTIONS), ("plate", PLATE_OPTIONS)):
         labels.update({(scope, name): by_dest[dest] for name, dest in table.items() if dest in by_dest})
+    labels[("camera", NO_CAMERA)] = "--camera sim / --simulate / --replay"
     return labels
 
 
@@ -8270,7 +8324,7 @@ def open_microscope(args: argparse.Namespace, stack: ReplayStack | None = None) 
         lo, hi = stack.range_mm
         # (--relative: offsets; the plan check against the stage's travel, the stack's range, says it)
         for name, z in () if args.relative else (("START", args.start_mm), ("END", args.end_mm)):
-            if not lo - 1e-9 <= z <= hi + 1e-9:
+            if not lo - FLOAT_SLACK_MM <= z <= hi + FLOAT_SLACK_MM:
                 raise UsageError(f"{name} {z!r} mm is outside the replay stack's range {lo!r}..{hi!r} mm")
         stage: Any = ReplayStage(stack)
         yield stage, ReplayCamera(stage, stack)
@@ -8339,7 +8393,7 @@ def check_home_consent(home: bool | None, z_min: float | None, z_max: float | No
                          "yourself); nothing moved")
 
 
-def curve_note(result: FocusResult, policy: str) -> str | None:
+def curve_note(result: FocusResult, policy: PeakPolicy) -> str | None:
     """One line when the curve is not one clean peak: several significant peaks (and the option
     that picks another), or a dip between two peaks (an unstained specimen's focus)."""
     peaks = result.peaks
@@ -8543,13 +8597,13 @@ def run_map(args: argparse.Namespace, request: Request) -> int:
         with INTERRUPTS.held():
             origin = with_stage_state(failed)
             if origin is not None:
-                fmap, where = getattr(origin, "partial_map", None), origin.stage_state  # type: ignore[attr-defined]
+                fmap, where = origin.partial, origin.stage_state  # type: ignore[assignment]
             elif fmap is not None and isinstance(failed, (KeyboardInterrupt, AutofocusError)):
                 where = "the map had finished"  # closing the camera or the stage was cut short
             else:
                 refused = True
                 raise
-            code, error = failure_line(failed)
+            code, error = failure_line(in_option_terms(failed))
             if args.verbose:
                 log.debug("traceback", exc_info=failed)
     finally:
@@ -8659,7 +8713,7 @@ def run(args: argparse.Namespace, request: Request) -> int:
         with INTERRUPTS.held():  # a further Ctrl-C now must not lose what was measured
             origin = with_stage_state(failed)
             if origin is not None:
-                result, where = getattr(origin, "partial", None), origin.stage_state  # type: ignore[attr-defined]
+                result, where = origin.partial, origin.stage_state  # type: ignore[assignment]
             elif result is not None and isinstance(failed, (KeyboardInterrupt, AutofocusError)):
                 # The search had finished and the stage had been sent to its answer (closing the
                 # camera or the live view was cut short): the run's result stands.
@@ -8667,7 +8721,7 @@ def run(args: argparse.Namespace, request: Request) -> int:
             else:
                 refused = True
                 raise  # refused before anything moved: main() reports it
-            code, error = failure_line(failed)
+            code, error = failure_line(in_option_terms(failed))
             if args.verbose:
                 log.debug("traceback", exc_info=failed)
     finally:
@@ -8721,11 +8775,12 @@ def outputs_folder(args: argparse.Namespace) -> Path:
     return Path(args.save_images) if args.save_images else Path(".")
 
 
-def with_stage_state(exc: BaseException) -> BaseException | None:
-    """The exception, or one it was raised while handling, that says where the stage was left."""
+def with_stage_state(exc: BaseException) -> AutofocusError | Interrupted | None:
+    """The run's failure that says where the stage was left: ``exc``, or the one it was raised while
+    handling (closing the camera failed after the run had failed)."""
     seen = 0
     while exc is not None and seen < 8:
-        if getattr(exc, "stage_state", None) is not None:
+        if isinstance(exc, (AutofocusError, Interrupted)) and exc.stage_state is not None:
             return exc
         exc, seen = exc.__context__, seen + 1  # type: ignore[assignment]
     return None
@@ -8787,8 +8842,18 @@ def interrupt_text(exc: BaseException) -> str:
     return exc.describe() if isinstance(exc, Interrupted) else "interrupted (Ctrl-C)"
 
 
+def in_option_terms(failed: BaseException) -> BaseException:
+    """The error as the command line says it: every keyword it names given by its option."""
+    for error in (failed, failed.__cause__):
+        if isinstance(error, AutofocusError):
+            error.relabel(option_labels(build_parser()))
+    return failed
+
+
 def failure_line(failed: BaseException) -> tuple[int, str]:
     """The exit code and the one-line error of a run that failed once it had started."""
+    if isinstance(failed, RunFailed) and failed.__cause__ is not None:
+        failed = failed.__cause__  # a bug: named by its own type
     if isinstance(failed, KeyboardInterrupt):
         return interrupt_code(failed), interrupt_text(failed)
     if isinstance(failed, AutofocusError):
@@ -8982,8 +9047,7 @@ def _main(argv: list[str]) -> int:
             return run(args, request)
         except AutofocusError as exc:
             INTERRUPTS.finish()
-            if isinstance(exc, BadValue):  # named by its option, not its keyword
-                exc.relabel(option_labels(build_parser()))
+            exc.relabel(option_labels(build_parser()))  # named by its option, not its keyword
             if verbose:
                 log.debug("traceback", exc_info=exc)
             return say(exc.exit_code, str(exc), str(exc))

@@ -6,6 +6,7 @@ custom camera class.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -162,9 +163,14 @@ class FailingCamera:
                                    RuntimeError("vendor SDK error")])
 def test_any_fault_leaves_the_stage_at_its_start_with_the_partial_curve(error: BaseException) -> None:
     stage, _ = small_sim(start_mm=12.3)
-    with pytest.raises(type(error)) as caught:
+    with pytest.raises((type(error), autofocus.RunFailed)) as caught:  # `except KeyboardInterrupt` still works
         autofocus.focus(stage, FailingCamera(stage, 8, error), 12.0, 12.6, 0.02, search="fast")  # 1 look + 7
-    assert caught.value is error  # the original exception, with its own type and message
+    # the tool's own exception: the original itself, or carrying it as its cause
+    assert isinstance(caught.value, (autofocus.AutofocusError, autofocus.Interrupted))
+    if isinstance(error, autofocus.AutofocusError):
+        assert caught.value is error
+    else:  # nothing set on an exception that is not the tool's
+        assert caught.value.__cause__ is error and not hasattr(error, "stage_state")
     assert caught.value.partial.frames == 7 and caught.value.partial.verdict.reason == "run did not finish"
     assert caught.value.stage_state == "stage returned to its start, 12.3000 mm"
     assert stage.position_mm() == 12.3
@@ -391,3 +397,73 @@ def test_import_loads_no_hardware_library_and_opens_nothing(tmp_path: Any) -> No
     assert proc.returncode == 0, proc.stderr
     heavy, threads, new_fds = json.loads(proc.stdout)
     assert heavy == [] and threads == 1 and new_fds == [], proc.stdout
+
+
+class DeclaringStage(autofocus.SimStage):
+    """A stage that declares StageExtras: no reference position, a 1 um native grid, a run scope."""
+
+    native_unit_mm = 0.001
+    axis_name = "my Z drive"
+
+    def __init__(self) -> None:
+        super().__init__(position_mm=12.3, timing=autofocus.SimTiming(scale=0.0))
+        self.homed, self.homings, self.scopes = False, 0, []
+
+    def home_if_needed(self) -> bool:
+        self.homings += 1
+        self.homed, self.z = True, 0.0
+        return True
+
+    @contextlib.contextmanager
+    def run_scope(self, allowed_mm: Any) -> Iterator[None]:
+        self.scopes.append(allowed_mm)
+        yield
+        self.scopes.append("ended")
+
+
+def test_a_stage_declares_its_extras_and_the_run_uses_them() -> None:
+    stage = DeclaringStage()
+    with pytest.raises(autofocus.BadValue, match="at least 3 units"):  # its native grid, not Zaber's only
+        autofocus.focus(stage, RenderAtStage(stage, 12.34), 12.2, 12.5, 0.0015)
+    with pytest.raises(autofocus.UsageError, match="my Z drive has no reference position"):
+        autofocus.focus(stage, RenderAtStage(stage, 12.34), 12.2, 12.5, 0.02, z_max=20)  # consent needed
+    result = autofocus.focus(stage, RenderAtStage(stage, 12.34), 12.2, 12.5, 0.02, z_max=20, home=True)
+    assert stage.homings == 1 and result.verdict.kind == "focused"
+    assert stage.scopes[-2:] == [(0.0, 20), "ended"]  # travel and soft limits, for the run only
+    autofocus.focus(stage, RenderAtStage(stage, 12.34), 12.2, 12.5, 0.02)
+    assert stage.homings == 1  # homed now: never again
+
+
+def test_a_backend_speaks_in_its_own_terms_not_in_options() -> None:
+    from zaber_motion.ascii import Connection
+
+    with FakeZaber() as fake:
+        connection = Connection.open_tcp("127.0.0.1", fake.port)
+        try:
+            with pytest.raises(autofocus.UsageError, match=r"no Zaber device 5 .*device number \(device N\)") as caught:
+                autofocus.ZaberStage.from_axis(connection.get_device(5).get_axis(1), native_unit_nm=1)
+        finally:
+            connection.close()
+    assert "--" not in str(caught.value)  # a script has no --device option
+
+
+def test_the_public_api_is_all_and_documented() -> None:
+    import inspect
+
+    missing = [name for name in autofocus.__all__ if not hasattr(autofocus, name)]
+    assert not missing and len(set(autofocus.__all__)) == len(autofocus.__all__)
+    for name in autofocus.__all__:
+        value = getattr(autofocus, name)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            own = value.__dict__.get("__doc__") if inspect.isclass(value) else value.__doc__
+            assert own and own.strip(), f"{name} has no docstring"
+        else:  # a Literal type: named in the module docstring's table
+            assert re.search(rf"\b{name}\b", autofocus.__doc__ or ""), name
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    api = readme[readme.index("## Python API"):]
+    api = api[:api.index("\n## ", 5)]
+    used = set(re.findall(r"autofocus\.([A-Za-z_]\w*)", readme)) | set(re.findall(r"`([A-Za-z_]\w*)", api))
+    public = {n for n in used if hasattr(autofocus, n) and not n.startswith("_")
+              and (inspect.isclass(getattr(autofocus, n)) or inspect.isfunction(getattr(autofocus, n)))}
+    assert public - set(autofocus.__all__) == set()  # every name the README's API uses is public
+    assert "check_request" not in autofocus.__all__ and "first_line" not in autofocus.__all__

@@ -198,6 +198,8 @@ def test_two_peaks_and_the_peak_policy(policy: str, start: float | None, expecte
     assert decision.verdict.kind == "focused" and len(decision.peaks) == 2
     assert abs(decision.target_mm - (10 + expected * STEP)) < 0.1 * STEP
     assert decision.best in [autofocus.Sample(p.z_mm, p.score) for p in decision.peaks]  # the fields agree
+    (chosen,) = [p for p in decision.peaks if p.z_mm == decision.best.z_mm]  # ... and its entry is the answer
+    assert (chosen.fit_mm, chosen.uncertainty_mm) == (decision.target_mm, decision.uncertainty_mm)
     if policy in ("lowest", "highest", "nearest"):
         assert f"--peak {policy}" in decision.verdict.reason
 

@@ -111,4 +111,5 @@ def test_missing_sdk_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(builtins, "__import__", no_pyspin)
     with pytest.raises(autofocus.UsageError, match="Spinnaker SDK") as info:
         autofocus.FlirCamera()
-    assert "--simulate" in str(info.value)
+    assert "simulated_microscope()" in str(info.value)  # its own terms; the command line names its options
+    assert "--simulate" in str(info.value.relabel(autofocus.option_labels(autofocus.build_parser())))

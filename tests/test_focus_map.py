@@ -496,7 +496,7 @@ def test_a_fault_mid_map_keeps_the_points_and_moves_nothing_more(error: BaseExce
     with pytest.raises(type(error)) as info:
         af.focus_map(plate, stage, failing, area_mm=AREA, grid=(5, 4), start_mm=RANGE[0], end_mm=RANGE[1],
                      step_mm=RANGE[2])
-    partial = info.value.partial_map
+    partial = info.value.partial
     assert not partial.complete and any("cut short" in w for w in partial.warnings)
     assert 3 <= len(partial.points) < 20 and partial.points[-1].status == "failed"
     assert all(p.status == "used" for p in partial.points[:-1])
@@ -518,7 +518,7 @@ def test_a_plate_moved_from_outside_stops_the_map() -> None:
     with pytest.raises(af.StageInterrupted, match="not where the map left it") as info:
         af.focus_map(plate, stage, camera, area_mm=AREA, grid=(5, 4), start_mm=RANGE[0], end_mm=RANGE[1],
                      step_mm=RANGE[2], on_point=nudge)
-    assert len(plate.moves) == 3 and len(info.value.partial_map.points) == 4
+    assert len(plate.moves) == 3 and len(info.value.partial.points) == 4
     assert "nothing more was moved" in info.value.stage_state
 
 

@@ -92,12 +92,14 @@ def test_device_absent_lists_what_was_found(fake: FakeZaber) -> None:
     proc = cli("10", "11", "0.05", url(fake), *SIM, "--device", "5")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "no Zaber device 5" in proc.stderr and "found: device 3" in proc.stderr
+    assert "device number (--device N)" in proc.stderr  # the adapter's term, named by the option here
     assert fake.motion_commands() == []
 
 
 def test_axis_absent(fake: FakeZaber) -> None:
     proc = cli("10", "11", "0.05", url(fake), *SIM, "--axis", "2")
     assert proc.returncode == 2 and "has no axis 2" in proc.stderr and proc.stderr.count("\n") == 1
+    assert "axis number (--axis N)" in proc.stderr
     assert fake.motion_commands() == []
 
 
@@ -208,7 +210,7 @@ def test_device_stops_answering(tmp_path: Path) -> None:
 
 def test_axis_busy_forever_is_stopped_after_the_move_timeout(tmp_path: Path) -> None:
     proc, fake = run_with_fault(tmp_path, {"busy_forever_at_move": 3}, "--move-timeout-s", "1")
-    assert proc.returncode == 5 and "still busy after 1 s" in proc.stderr
+    assert proc.returncode == 5 and "still busy after 1 s" in proc.stderr and "raise --move-timeout-s" in proc.stderr
     assert "stop" in fake.commands() and fake.position() == 5 * NM
     assert partial_rows(tmp_path)[0] == 2
 

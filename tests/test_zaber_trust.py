@@ -570,7 +570,7 @@ class _Warnings:
 
 
 class _Device:
-    device_address, is_identified, name = 3, False, ""
+    device_address, is_identified, name, connection = 3, False, "", None
 
     def identify(self) -> None:
         self.is_identified, self.name = True, "X-LDA025A-AE53"
@@ -591,10 +591,9 @@ class _Axis:
 
 
 def identified_stage(native_unit_nm: float | None) -> autofocus.ZaberStage:
-    stage = autofocus.ZaberStage.__new__(autofocus.ZaberStage)
-    stage._configure("COM3", native_unit_nm=native_unit_nm, move_timeout_s=1, home_timeout_s=1, clear_faults=False)
-    stage._setup_axis(_Axis())  # what an adapter over a caller's ZML Axis does
-    return stage
+    # what from_axis does with a caller's ZML Axis (which it first checks is one)
+    return autofocus.ZaberStage("COM3", native_unit_nm=native_unit_nm, move_timeout_s=1, home_timeout_s=1,
+                                zml_axis=_Axis())
 
 
 def test_identified_device_name_and_travel_are_shown_and_setup_needs_only_an_axis() -> None:
