@@ -7792,9 +7792,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="autofocus.py",
         usage="%(prog)s START_MM END_MM STEP_MM [PORT] [options]",
         description="Find the sharpest focus position of a motorized microscope and move there.",
-        epilog="exit codes: 0 focused, 2 usage error, 3 no peak (stage back at start), 4 best at the edge of "
-               "the range, 5 hardware error, 130 interrupted (Ctrl-C, or q in the --show-images window).  "
-               "Example: python autofocus.py 10 14 0.05 COM3",
+        epilog="exit codes: 0 focused, 1 internal error (a bug), 2 usage error, 3 no peak (stage back at start), "
+               "4 best at the edge of the range, 5 hardware error, 130 interrupted (Ctrl-C, or q in the "
+               "--show-images window), 143 terminated (SIGTERM), 129 hung up (SIGHUP), 149 Ctrl-Break "
+               "(Windows).  Example: python autofocus.py 10 14 0.05 COM3",
     )
     p.add_argument("start_mm", metavar="START_MM", type=number, nargs="?",
                    help="first focus position, mm")
@@ -7912,8 +7913,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"camera read noise, electrons (default {SimOptics.read_noise_e:g})")
     sim.add_argument("--sim-objective", choices=tuple(OBJECTIVES), default="4x",
                      help="the simulated objective (magnification/NA): 4x/0.10 (default), 10x/0.25, 20x/0.40, "
-                          "40x/0.65, 60x/0.85, 60x-oil/1.40; use a STEP of about one depth of field "
-                          "(0.05, 0.01, 0.004, 0.0015, 0.001, 0.0005 mm)")
+                          "40x/0.65, 60x/0.85, 60x-oil/1.40, 100x/1.40 (oil); use a STEP of about one depth of field "
+                          "(0.05, 0.01, 0.004, 0.0015, 0.001, 0.0005, 0.0005 mm)")
     sim.add_argument("--sim-specimen", choices=SIM_SPECIMENS, default="cells",
                      help="cells (default); blank: an empty field with nothing to focus on; dusty: the cells plus "
                           "dust on the coverslip --sim-dust-height-mm above them (two peaks); transparent: "
