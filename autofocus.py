@@ -248,6 +248,7 @@ PEAK_SHAPES = tuple(round(-1.0 + 0.1 * i, 1) for i in range(26))  # fit_peak's s
 # The peak model's own limit, in frame spacings: its bias on simulated and real-texture peaks
 # (both defocus models, 4x-60x) that the frames' scatter does not show; added to every interval.
 FIT_MODEL_FLOOR = 0.015
+FIT_INTERVAL_RESOLUTION = 1e-6  # frame spacings: how finely the error bar's half-width is found
 FIT_FLOORS = 6  # ... and how many floors under the peak it weighs (from the baseline up to the fit's lowest frame)
 IN_FLIGHT_FRAMES = 4  # frames captured but not yet scored: bounds memory when scoring lags
 DEFAULT_MOVE_TIMEOUT_S = 30.0
@@ -988,10 +989,6 @@ def student_t_isf(p: float, dof: float) -> float:
     return 0.5 * (lo + hi)
 
 
-def _normal_cdf(x: float) -> float:
-    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
-
-
 @dataclasses.dataclass(frozen=True)
 class Noise:
     """A curve's frame-to-frame noise and what it rests on (see ``estimate_noise``)."""
@@ -1234,7 +1231,10 @@ def fit_peak(samples: Sequence[Sample], *, floor: float | Sequence[float] | None
         if not a2 < 0:
             continue
         vertex = -a1 / (2 * a2)
-        cov = np.linalg.pinv(aw.T @ aw)
+        try:
+            cov = np.linalg.inv(aw.T @ aw)  # 3x3, positive definite for three distinct positions
+        except np.linalg.LinAlgError:
+            cov = np.linalg.pinv(aw.T @ aw)
         grad = np.array([0.0, -1.0 / (2 * a2), a1 / (2 * a2 * a2)])
         predicted = _G_inverse(design @ coef, s)
         chi2 = float(np.sum(((u - predicted) / sig) ** 2))
@@ -1253,12 +1253,16 @@ def fit_peak(samples: Sequence[Sample], *, floor: float | Sequence[float] | None
     sds = np.sqrt(np.array([f[1] for f in fits]) * spread + FIT_MODEL_FLOOR**2) + 1e-6
     centre = float(np.sum(weight * vertices))
 
+    # The mixture's probability within +-half of the centre (a sum of normal CDF differences), in
+    # Python floats: the bisection below evaluates it some twenty times.
+    terms = [(wt, v, 1.0 / (sd * math.sqrt(2.0))) for wt, v, sd in zip(weight.tolist(), vertices.tolist(), sds.tolist())]
+
     def covered(half: float) -> float:
-        return float(sum(wt * (_normal_cdf((centre + half - v) / sd) - _normal_cdf((centre - half - v) / sd))
-                         for wt, v, sd in zip(weight, vertices, sds)))
+        return 0.5 * sum(wt * (math.erf((centre + half - v) * k) - math.erf((centre - half - v) * k))
+                         for wt, v, k in terms)
 
     lo_u, hi_u = 0.0, float(x[-1] - x[0]) + 1.0
-    for _ in range(50):
+    while hi_u - lo_u > FIT_INTERVAL_RESOLUTION:
         mid = 0.5 * (lo_u + hi_u)
         lo_u, hi_u = (mid, hi_u) if covered(mid) < FIT_INTERVAL else (lo_u, mid)
     what = "parabola fit on 3 points (contrast minimum)" if tuple(shapes) == (-1.0,) and len(x) == 3 else \
@@ -1267,8 +1271,9 @@ def fit_peak(samples: Sequence[Sample], *, floor: float | Sequence[float] | None
 
 
 def find_peaks(samples: Sequence[Sample], threshold: float, baseline: float | None = None,
-               noise: float = 0.0) -> list[Extremum]:
-    """Every significant peak, in z order, each fitted: a local maximum standing more than
+               noise: float = 0.0, fit: bool = True) -> list[Extremum]:
+    """Every significant peak, in z order, each fitted (unless ``fit`` is False: ``fit_extremum``
+    fits one later): a local maximum standing more than
     ``threshold`` above ``baseline`` (default: the median score) and above its surroundings
     (topographic prominence); the highest frame counts when it clears the baseline test alone
     (a curve still rising at an end of the range has its best frame there or before it)."""
@@ -1282,10 +1287,17 @@ def find_peaks(samples: Sequence[Sample], threshold: float, baseline: float | No
     for i, _, low, high in _maxima(y):
         prominence = prominence_of(float(y[i]), low, high)
         if y[i] - base > threshold and (prominence > threshold or i == top):
-            fit = fit_peak(ordered[max(i - FIT_REACH, 0): i + FIT_REACH + 1], floor=base, noise=noise)
-            found.append(Extremum(ordered[i].z_mm, ordered[i].score, prominence, fit.z_mm if fit.used else None,
-                                  fit.uncertainty_mm if fit.used else None))
+            peak = Extremum(ordered[i].z_mm, ordered[i].score, prominence, None)
+            found.append(fit_extremum(ordered, peak, base, noise) if fit else peak)
     return found
+
+
+def fit_extremum(ordered: Sequence[Sample], peak: Extremum, baseline: float, noise: float) -> Extremum:
+    """``peak`` with its own sub-step fit (``fit_peak`` on its FIT_REACH neighbours each side)."""
+    i = [s.z_mm for s in ordered].index(peak.z_mm)
+    fit = fit_peak(ordered[max(i - FIT_REACH, 0): i + FIT_REACH + 1], floor=baseline, noise=noise)
+    return dataclasses.replace(peak, fit_mm=fit.z_mm if fit.used else None,
+                               uncertainty_mm=fit.uncertainty_mm if fit.used else None)
 
 
 def find_dips(samples: Sequence[Sample], threshold: float) -> list[Extremum]:
@@ -1430,7 +1442,7 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
                           "tell a peak from noise; widen the range or use a smaller STEP", scale=scale)
         return Decision(verdict, _top_fit(curve, top, noise), ordered[top], None, None)
     base = noise.baseline
-    peaks = find_peaks(curve, threshold, base, noise.sigma)
+    peaks = find_peaks(curve, threshold, base, noise.sigma, fit=False)  # fitted once chosen (below)
     if locate is not None:
         peaks = [p for p in peaks if locate[0] <= p.z_mm <= locate[1]]
     dips = find_dips(curve, threshold) if scale == "fine" and locate is None else []
@@ -1454,6 +1466,8 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
                           scale=scale, height=float(y[top] - base))
         return Decision(verdict, _top_fit(curve, top, noise), ordered[top], None, None, dips=tuple(dips))
     chosen = choose_peak(peaks, policy, start_mm)
+    # Every other peak gets its own fit; the chosen one the answer's (focused) or its own (edge).
+    peaks = [p if p is chosen else fit_extremum(curve, p, base, noise.sigma) for p in peaks]
     i = int(np.searchsorted(z, chosen.z_mm))
     low, high = maxima.get(i, (None, None))
     prominence = prominence_of(float(y[i]), low, high)
@@ -1501,6 +1515,7 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
         suggestion, limit_note = _suggest(end, at_low, hi - lo, allowed_mm)
         verdict = Verdict("edge", prominence, noise.sigma, threshold, reason + limit_note + several, suggestion,
                           scale, float(y[i] - base))
+        peaks = [fit_extremum(curve, p, base, noise.sigma) if p is chosen else p for p in peaks]
         return Decision(verdict, PeakFit(None, False, "edge"), ordered[i], float(z[i]), None, tuple(peaks),
                         tuple(dips), more_mm=more_mm)
     # Focused: fit the STEP-spaced frames around the chosen one.
