@@ -246,6 +246,7 @@ PEAK_SHAPES = tuple(round(-1.0 + 0.1 * i, 1) for i in range(26))  # fit_peak's s
 # The peak model's own limit, in frame spacings: its bias on simulated and real-texture peaks
 # (both defocus models, 4x-60x) that the frames' scatter does not show; added to every interval.
 FIT_MODEL_FLOOR = 0.015
+FIT_INTERVAL_RESOLUTION = 1e-6  # frame spacings: how finely the error bar's half-width is found
 FIT_FLOORS = 6  # ... and how many floors under the peak it weighs (from the baseline up to the fit's lowest frame)
 IN_FLIGHT_FRAMES = 4  # frames captured but not yet scored: bounds memory when scoring lags
 DEFAULT_MOVE_TIMEOUT_S = 30.0
@@ -974,10 +975,6 @@ def student_t_isf(p: float, dof: float) -> float:
     return 0.5 * (lo + hi)
 
 
-def _normal_cdf(x: float) -> float:
-    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
-
-
 @dataclasses.dataclass(frozen=True)
 class Noise:
     """A curve's frame-to-frame noise and what it rests on (see ``estimate_noise``)."""
@@ -1213,7 +1210,10 @@ def fit_peak(samples: Sequence[Sample], *, floor: float | Sequence[float] | None
         if not a2 < 0:
             continue
         vertex = -a1 / (2 * a2)
-        cov = np.linalg.pinv(aw.T @ aw)
+        try:
+            cov = np.linalg.inv(aw.T @ aw)  # 3x3, positive definite for three distinct positions
+        except np.linalg.LinAlgError:
+            cov = np.linalg.pinv(aw.T @ aw)
         grad = np.array([0.0, -1.0 / (2 * a2), a1 / (2 * a2 * a2)])
         predicted = _G_inverse(design @ coef, s)
         chi2 = float(np.sum(((u - predicted) / sig) ** 2))
@@ -1232,12 +1232,16 @@ def fit_peak(samples: Sequence[Sample], *, floor: float | Sequence[float] | None
     sds = np.sqrt(np.array([f[1] for f in fits]) * spread + FIT_MODEL_FLOOR**2) + 1e-6
     centre = float(np.sum(weight * vertices))
 
+    # The mixture's probability within +-half of the centre (a sum of normal CDF differences), in
+    # Python floats: the bisection below evaluates it some twenty times.
+    terms = [(wt, v, 1.0 / (sd * math.sqrt(2.0))) for wt, v, sd in zip(weight.tolist(), vertices.tolist(), sds.tolist())]
+
     def covered(half: float) -> float:
-        return float(sum(wt * (_normal_cdf((centre + half - v) / sd) - _normal_cdf((centre - half - v) / sd))
-                         for wt, v, sd in zip(weight, vertices, sds)))
+        return 0.5 * sum(wt * (math.erf((centre + half - v) * k) - math.erf((centre - half - v) * k))
+                         for wt, v, k in terms)
 
     lo_u, hi_u = 0.0, float(x[-1] - x[0]) + 1.0
-    for _ in range(50):
+    while hi_u - lo_u > FIT_INTERVAL_RESOLUTION:
         mid = 0.5 * (lo_u + hi_u)
         lo_u, hi_u = (mid, hi_u) if covered(mid) < FIT_INTERVAL else (lo_u, mid)
     what = "parabola fit on 3 points (contrast minimum)" if tuple(shapes) == (-1.0,) and len(x) == 3 else \
@@ -1246,8 +1250,9 @@ def fit_peak(samples: Sequence[Sample], *, floor: float | Sequence[float] | None
 
 
 def find_peaks(samples: Sequence[Sample], threshold: float, baseline: float | None = None,
-               noise: float = 0.0) -> list[Extremum]:
-    """Every significant peak, in z order, each fitted: a local maximum standing more than
+               noise: float = 0.0, fit: bool = True) -> list[Extremum]:
+    """Every significant peak, in z order, each fitted (unless ``fit`` is False: ``fit_extremum``
+    fits one later): a local maximum standing more than
     ``threshold`` above ``baseline`` (default: the median score) and above its surroundings
     (topographic prominence); the highest frame counts when it clears the baseline test alone
     (a curve still rising at an end of the range has its best frame there or before it)."""
@@ -1261,10 +1266,17 @@ def find_peaks(samples: Sequence[Sample], threshold: float, baseline: float | No
     for i, _, low, high in _maxima(y):
         prominence = prominence_of(float(y[i]), low, high)
         if y[i] - base > threshold and (prominence > threshold or i == top):
-            fit = fit_peak(ordered[max(i - FIT_REACH, 0): i + FIT_REACH + 1], floor=base, noise=noise)
-            found.append(Extremum(ordered[i].z_mm, ordered[i].score, prominence, fit.z_mm if fit.used else None,
-                                  fit.uncertainty_mm if fit.used else None))
+            peak = Extremum(ordered[i].z_mm, ordered[i].score, prominence, None)
+            found.append(fit_extremum(ordered, peak, base, noise) if fit else peak)
     return found
+
+
+def fit_extremum(ordered: Sequence[Sample], peak: Extremum, baseline: float, noise: float) -> Extremum:
+    """``peak`` with its own sub-step fit (``fit_peak`` on its FIT_REACH neighbours each side)."""
+    i = [s.z_mm for s in ordered].index(peak.z_mm)
+    fit = fit_peak(ordered[max(i - FIT_REACH, 0): i + FIT_REACH + 1], floor=baseline, noise=noise)
+    return dataclasses.replace(peak, fit_mm=fit.z_mm if fit.used else None,
+                               uncertainty_mm=fit.uncertainty_mm if fit.used else None)
 
 
 def find_dips(samples: Sequence[Sample], threshold: float) -> list[Extremum]:
@@ -1407,7 +1419,7 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
                           "tell a peak from noise; widen the range or use a smaller STEP", scale=scale)
         return Decision(verdict, _top_fit(curve, top, noise), ordered[top], None, None)
     base = noise.baseline
-    peaks = find_peaks(curve, threshold, base, noise.sigma)
+    peaks = find_peaks(curve, threshold, base, noise.sigma, fit=False)  # fitted once chosen (below)
     if locate is not None:
         peaks = [p for p in peaks if locate[0] <= p.z_mm <= locate[1]]
     dips = find_dips(curve, threshold) if scale == "fine" and locate is None else []
@@ -1431,6 +1443,8 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
                           scale=scale, height=float(y[top] - base))
         return Decision(verdict, _top_fit(curve, top, noise), ordered[top], None, None, dips=tuple(dips))
     chosen = choose_peak(peaks, policy, start_mm)
+    # Every other peak gets its own fit; the chosen one the answer's (focused) or its own (edge).
+    peaks = [p if p is chosen else fit_extremum(curve, p, base, noise.sigma) for p in peaks]
     i = int(np.searchsorted(z, chosen.z_mm))
     low, high = maxima.get(i, (None, None))
     prominence = prominence_of(float(y[i]), low, high)
@@ -1478,6 +1492,7 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
         suggestion, limit_note = _suggest(end, at_low, hi - lo, allowed_mm)
         verdict = Verdict("edge", prominence, noise.sigma, threshold, reason + limit_note + several, suggestion,
                           scale, float(y[i] - base))
+        peaks = [fit_extremum(curve, p, base, noise.sigma) if p is chosen else p for p in peaks]
         return Decision(verdict, PeakFit(None, False, "edge"), ordered[i], float(z[i]), None, tuple(peaks),
                         tuple(dips), more_mm=more_mm)
     # Focused: fit the STEP-spaced frames around the chosen one.
@@ -7687,9 +7702,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="autofocus.py",
         usage="%(prog)s START_MM END_MM STEP_MM [PORT] [options]",
         description="Find the sharpest focus position of a motorized microscope and move there.",
-        epilog="exit codes: 0 focused, 2 usage error, 3 no peak (stage back at start), 4 best at the edge of "
-               "the range, 5 hardware error, 130 interrupted (Ctrl-C, or q in the --show-images window).  "
-               "Example: python autofocus.py 10 14 0.05 COM3",
+        epilog="exit codes: 0 focused, 1 internal error (a bug), 2 usage error, 3 no peak (stage back at start), "
+               "4 best at the edge of the range, 5 hardware error, 130 interrupted (Ctrl-C, or q in the "
+               "--show-images window), 143 terminated (SIGTERM), 129 hung up (SIGHUP), 149 Ctrl-Break "
+               "(Windows).  Example: python autofocus.py 10 14 0.05 COM3",
     )
     p.add_argument("start_mm", metavar="START_MM", type=number, nargs="?",
                    help="first focus position, mm")
@@ -7807,8 +7823,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"camera read noise, electrons (default {SimOptics.read_noise_e:g})")
     sim.add_argument("--sim-objective", choices=tuple(OBJECTIVES), default="4x",
                      help="the simulated objective (magnification/NA): 4x/0.10 (default), 10x/0.25, 20x/0.40, "
-                          "40x/0.65, 60x/0.85, 60x-oil/1.40; use a STEP of about one depth of field "
-                          "(0.05, 0.01, 0.004, 0.0015, 0.001, 0.0005 mm)")
+                          "40x/0.65, 60x/0.85, 60x-oil/1.40, 100x/1.40 (oil); use a STEP of about one depth of field "
+                          "(0.05, 0.01, 0.004, 0.0015, 0.001, 0.0005, 0.0005 mm)")
     sim.add_argument("--sim-specimen", choices=SIM_SPECIMENS, default="cells",
                      help="cells (default); blank: an empty field with nothing to focus on; dusty: the cells plus "
                           "dust on the coverslip --sim-dust-height-mm above them (two peaks); transparent: "

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +23,10 @@ import autofocus  # noqa: E402
 
 # Small, fast simulator settings for tests (the defaults are 1920x1200 in real time).
 FAST_SIM = ["--simulate", "--sim-time-scale", "0", "--sim-size", "320x200"]
+CAMERA_BAD = [({"exposure_ms": -1}, "exposure_ms"), ({"exposure_ms": "5"}, "exposure_ms"),  # a camera's bad settings
+              ({"timeout_ms": 0}, "timeout_ms"), ({"timeout_ms": 200.0}, "timeout_ms"),
+              ({"roi": (0, 0, 4, 4)}, "roi"), ({"roi": [0, 0, 80]}, "roi")]
+LEFT, RIGHT = (10, 10, 140, 180), (170, 10, 140, 180)  # the two halves of a 320x200 frame, clear of the seam
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +49,10 @@ def sim_frame(defocus_mm: float, *, photons: float = 1000.0, bits: int = 8, seed
     stage = autofocus.SimStage(travel_mm=(-25, 25), position_mm=defocus_mm,
                                timing=autofocus.SimTiming(scale=0.0))
     return autofocus.SimCamera(stage, optics, autofocus.SimTiming(scale=0.0)).capture()
+
+
+def small_sim(**options: Any) -> tuple[autofocus.SimStage, autofocus.SimCamera]:
+    return autofocus.simulated_microscope(**{"width": 320, "height": 200, "time_scale": 0, **options})
 
 
 @pytest.fixture
@@ -69,3 +78,12 @@ def sp(PySpin: ModuleType) -> ModuleType:  # noqa: N803
     assert mod.PySpin is PySpin
     assert mod._SYSTEM is None
     return mod
+
+
+@pytest.fixture
+def verdicts_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``decide`` without the sub-step fit of a curve that showed no peak (``_top_fit``: most of a
+    no_peak decision's time, and only ever its ``fit`` field, decided after the verdict): for tests
+    that count false alarms over hundreds of noise curves.  A curve that does show a peak is
+    decided and fitted exactly as always."""
+    monkeypatch.setattr(autofocus, "_top_fit", lambda curve, top, noise: autofocus.PeakFit(None, False, "not fitted"))

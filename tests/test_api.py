@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import autofocus
-from conftest import ROOT
+from conftest import ROOT, small_sim
 from fake_zaber import DeviceConfig, FakeZaber, Faults
 
 NM = 1_000_000  # the fake's native unit is 1 nm
@@ -39,10 +39,6 @@ def substitute(code: str, *pairs: tuple[str, str]) -> str:
         assert old in code, old
         code = code.replace(old, new)
     return code
-
-
-def small_sim(**options: Any) -> tuple[autofocus.SimStage, autofocus.SimCamera]:
-    return autofocus.simulated_microscope(**{"width": 320, "height": 200, "time_scale": 0, **options})
 
 
 class RenderAtStage:
@@ -397,6 +393,26 @@ def test_import_loads_no_hardware_library_and_opens_nothing(tmp_path: Any) -> No
     assert proc.returncode == 0, proc.stderr
     heavy, threads, new_fds = json.loads(proc.stdout)
     assert heavy == [] and threads == 1 and new_fds == [], proc.stdout
+
+
+def test_a_custom_camera_delivering_infinity_is_a_camera_error() -> None:
+    stage, camera = autofocus.simulated_microscope(width=64, height=48, time_scale=0)
+
+    class Hot:
+        def capture(self) -> np.ndarray:
+            frame = camera.capture().astype(np.float32)
+            frame[3, 4] = np.inf
+            return frame
+
+    with pytest.raises(autofocus.CameraError, match="non-finite pixels"):
+        autofocus.focus(stage, Hot(), 12.0, 12.5, 0.05)
+    assert stage.position_mm() == 0.0  # back where it started
+
+
+def test_the_request_defaults_are_focus_defaults() -> None:
+    defaults = {f.name: f.default for f in autofocus.dataclasses.fields(autofocus.Request)[3:]}
+    assert defaults == {k: v for k, v in autofocus.focus.__kwdefaults__.items() if k != "on_frame"}
+    assert autofocus.InterruptSignals.NAMES == autofocus.EARLY_SIGNALS
 
 
 class DeclaringStage(autofocus.SimStage):

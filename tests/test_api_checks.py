@@ -1,8 +1,8 @@
-"""Every argument of the Python API is checked before anything moves (issue 19).
+"""Every argument of the Python API is checked before anything moves.
 
-focus(), simulated_microscope(), ZaberStage (its constructor and from_axis), FlirCamera and
-BaslerCamera (constructors and from_camera): a value of the wrong type or out of its range is the
-tool's UsageError (BadValue) and nothing moved or changed.  Numbers from a stage (limits,
+focus() and its stage and camera: a value of the wrong type or out of its range is the tool's
+UsageError (BadValue) and nothing moved or changed (the backends' own checks are in their files:
+test_zaber, test_flir, test_basler, test_simulator).  Numbers from a stage (limits,
 positions) are checked before use: a StageError.  Frames a camera delivers are checked before
 they are scored: a CameraError.  One focus() at a time per stage and per camera.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import threading
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -18,9 +17,6 @@ import pytest
 
 import autofocus
 from conftest import FAST_SIM
-from fake_zaber import DeviceConfig, FakeZaber
-
-NM = 1_000_000
 
 
 class CountingStage(autofocus.SimStage):
@@ -324,113 +320,3 @@ def test_on_frame_cannot_start_a_focus_on_its_own_stage() -> None:
     with pytest.raises(autofocus.UsageError, match="already in another focus"):
         autofocus.focus(stage, camera, 12, 12.7, 0.05, on_frame=nested)
     assert stage.position_mm() == 12.3  # the outer run stopped and went back
-
-
-# --- simulated_microscope(): one table of what the simulator models ------------------------------------
-
-@pytest.mark.parametrize("options, named", [
-    ({"dust_height_mm": math.inf}, "dust_height_mm"), ({"condenser_na": -1}, "condenser_na"), ({"na": 0}, "na"),
-    ({"magnification": 0}, "magnification"), ({"bit_depth": 8.0}, "bit_depth"), ({"read_noise_e": -1}, "read_noise_e"),
-    ({"exposure_s": -0.01}, "exposure_s"), ({"poll_s": 0}, "poll_s"), ({"photons": 1e-300}, "photons"),
-    ({"width": 96.0}, "width"), ({"seed": 1.5}, "seed"), ({"specimen": None}, "specimen"),
-    ({"travel_mm": (25, 0)}, "travel_mm"), ({"travel_mm": (0, math.nan)}, "travel_mm"),
-    ({"one_shot": "yes"}, "one_shot"), ({"camera_roi": (0, 0, 4, 4)}, "camera_roi"), ({"objective": "7x"}, "objective"),
-    ({"na": 1.2}, "na 1.2 must be below immersion_index 1"), ({"time_scale": -1}, "time_scale"),
-    ({"wavelength_um": 550}, "wavelength_um"), ({"start_mm": "0"}, "start_mm"),
-])
-def test_simulator_values_it_cannot_render_are_refused(options: dict, named: str) -> None:
-    with pytest.raises(autofocus.BadValue) as caught:
-        autofocus.simulated_microscope(**{"width": 96, "height": 64, "time_scale": 0, **options})
-    assert str(caught.value).startswith(named)
-
-
-def test_every_simulator_field_has_a_rule() -> None:
-    fields = {f.name for cls in (autofocus.SimOptics, autofocus.SimTiming) for f in autofocus.dataclasses.fields(cls)}
-    assert fields - {"scale"} <= set(autofocus.SIM_RULES)
-    with pytest.raises(autofocus.BadValue, match="na: 0 is out of range"):  # built directly, too
-        autofocus.SimOptics(na=0)
-    with pytest.raises(autofocus.BadValue, match="poll_s: 0 is out of range"):
-        autofocus.SimTiming(poll_s=0)
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--sim-condenser-na", "-1"], "--sim-condenser-na: -1 is out of range: must be above 0 to 1.4"),
-    (["--sim-dust-height-mm", "inf"], "--sim-dust-height-mm: inf is not a finite number"),
-    (["--sim-bits", "10"], "--sim-bits: 10 is not one of 8, 12, 16"),
-    (["--sim-size", "8x8"], "--sim-size: 8 is out of range: must be from 16 to 10000 pixels"),
-    (["--device", "0"], "--device: 0 is out of range"),
-    (["--camera-roi", "0,0,4,4"], "--camera-roi: (0, 0, 4, 4) is not a region"),
-])
-def test_the_cli_names_a_bad_value_by_its_option(argv: list[str], message: str,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    code = autofocus.main(["12", "12.6", "0.05", *FAST_SIM, *argv])
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith(f"autofocus.py: {message}") and err.count("\n") == 1, err
-
-
-# --- the backends' constructors ------------------------------------------------------------------------
-
-ZABER_BAD = [({"native_unit_nm": -1}, "native_unit_nm"), ({"native_unit_nm": "1"}, "native_unit_nm"),
-             ({"move_timeout_s": math.nan}, "move_timeout_s"), ({"home_timeout_s": 0}, "home_timeout_s"),
-             ({"clear_faults": "yes"}, "clear_faults")]
-
-
-def test_from_axis_refuses_bad_settings_before_any_device_traffic() -> None:
-    from zaber_motion.ascii import Connection
-
-    with FakeZaber(devices=[DeviceConfig(homed=True, position=round(12.3 * NM))]) as fake:
-        with Connection.open_tcp("127.0.0.1", fake.port) as connection:
-            axis = connection.get_device(3).get_axis(1)
-            sent = len(fake.commands())
-            for keywords, named in ZABER_BAD:
-                with pytest.raises(autofocus.BadValue) as caught:
-                    autofocus.ZaberStage.from_axis(axis, **{"native_unit_nm": 1, **keywords})
-                assert str(caught.value).startswith(named)
-            with pytest.raises(autofocus.UsageError, match="needs a zaber_motion.ascii.Axis"):
-                autofocus.ZaberStage.from_axis(None, native_unit_nm=1)  # type: ignore[arg-type]
-            assert len(fake.commands()) == sent  # not one request reached the device
-
-
-@pytest.mark.parametrize("keywords, named", [({"device": 0}, "device"), ({"axis": 1.0}, "axis"),
-                                             ({"port": ""}, "port"), ({"device_db": 5}, "device_db")])
-def test_zaber_stage_refuses_bad_settings_before_opening_the_port(keywords: dict, named: str) -> None:
-    with pytest.raises(autofocus.BadValue) as caught:
-        autofocus.ZaberStage(**{"port": "tcp://127.0.0.1:9", **keywords})  # nothing listens there: not opened
-    assert str(caught.value).startswith(named)
-
-
-CAMERA_BAD = [({"exposure_ms": -1}, "exposure_ms"), ({"exposure_ms": "5"}, "exposure_ms"),
-              ({"timeout_ms": 0}, "timeout_ms"), ({"timeout_ms": 200.0}, "timeout_ms"),
-              ({"roi": (0, 0, 4, 4)}, "roi"), ({"roi": [0, 0, 80]}, "roi")]
-
-
-def test_flir_from_camera_refuses_bad_settings_and_changes_nothing(PySpin: ModuleType, sp: ModuleType) -> None:  # noqa: N803
-    PySpin.fake.reset(cameras=[PySpin.FakeCameraSpec(serial="4242", width=160, height=120)])
-    dev = PySpin.fake.camera("4242")
-    with sp.Camera() as cam:
-        before = dict(dev.values)
-        for keywords, named in CAMERA_BAD:
-            with pytest.raises(autofocus.BadValue) as caught:
-                autofocus.FlirCamera.from_camera(cam, **keywords)
-            assert str(caught.value).startswith(named) and dict(dev.values) == before
-            with pytest.raises(autofocus.BadValue):
-                autofocus.FlirCamera(**keywords)  # checked before the camera is opened
-
-
-def test_basler_from_camera_refuses_bad_settings_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    pylon = pytest.importorskip("pypylon.pylon", reason="pypylon is not installed")
-    monkeypatch.setenv("PYLON_CAMEMU", "1")
-    cam = pylon.InstantCamera(pylon.TlFactory.GetInstance().CreateFirstDevice())
-    cam.Open()
-    try:
-        before = {n: getattr(cam, n).Value for n in ("PixelFormat", "Width", "TriggerMode", "ExposureTime")}
-        for keywords, named in CAMERA_BAD:
-            with pytest.raises(autofocus.BadValue) as caught:
-                autofocus.BaslerCamera.from_camera(cam, **keywords)
-            assert str(caught.value).startswith(named) and not cam.IsGrabbing()
-            assert {n: getattr(cam, n).Value for n in before} == before
-            with pytest.raises(autofocus.BadValue):
-                autofocus.BaslerCamera(**keywords)  # checked before any camera is listed or opened
-    finally:
-        cam.Close()
-        cam.DestroyDevice()

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import autofocus
+from conftest import CAMERA_BAD
 from fake_zaber import DeviceConfig, FakeZaber, Faults
 
 pylon = pytest.importorskip("pypylon.pylon", reason="pypylon is not installed (pip install pypylon)")
@@ -251,3 +252,22 @@ def test_every_node_is_put_back_after_a_fault_or_ctrl_c_mid_sweep(
         # A rejected move is not the tool's doing: nothing more moves; Ctrl-C is: back to the start.
         assert ("nothing more was moved" if how == "stage fault" else "returned to its start, 10.0000 mm") in err
     assert snapshot(user_camera) == before and not user_camera.IsGrabbing()
+
+
+def test_basler_from_camera_refuses_bad_settings_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    pylon = pytest.importorskip("pypylon.pylon", reason="pypylon is not installed")
+    monkeypatch.setenv("PYLON_CAMEMU", "1")
+    cam = pylon.InstantCamera(pylon.TlFactory.GetInstance().CreateFirstDevice())
+    cam.Open()
+    try:
+        before = {n: getattr(cam, n).Value for n in ("PixelFormat", "Width", "TriggerMode", "ExposureTime")}
+        for keywords, named in CAMERA_BAD:
+            with pytest.raises(autofocus.BadValue) as caught:
+                autofocus.BaslerCamera.from_camera(cam, **keywords)
+            assert str(caught.value).startswith(named) and not cam.IsGrabbing()
+            assert {n: getattr(cam, n).Value for n in before} == before
+            with pytest.raises(autofocus.BadValue):
+                autofocus.BaslerCamera(**keywords)  # checked before any camera is listed or opened
+    finally:
+        cam.Close()
+        cam.DestroyDevice()

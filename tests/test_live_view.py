@@ -10,6 +10,7 @@ where Xvfb, xwd (x11-apps) or xdotool is missing.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import select
@@ -20,13 +21,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 
 import autofocus
-from conftest import FAKE_PYSPIN_DIR, FAST_SIM, ROOT
+from conftest import FAKE_PYSPIN_DIR, FAST_SIM, RIGHT, ROOT, small_sim
 from fake_zaber import DeviceConfig, FakeZaber
 
 NM = 1_000_000
@@ -515,3 +517,49 @@ def test_no_progress_bar_when_piped_or_verbose(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert autofocus.main([*argv, "--verbose"]) == 0
     assert "/21 [" not in capsys.readouterr().err
+
+
+# --- the progress bar ----------------------------------------------------------------------------------
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_fault_while_the_progress_bar_is_drawn_starts_its_own_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    real_capture = autofocus.SimCamera.capture
+    frames = []
+
+    def capture(self: autofocus.SimCamera) -> Any:
+        frames.append(1)
+        if len(frames) == 6:
+            raise autofocus.CameraError("camera timed out")
+        return real_capture(self)
+
+    monkeypatch.setattr(autofocus.SimCamera, "capture", capture)
+    code = autofocus.main(["10", "11", "0.05", *FAST_SIM])
+    text = terminal.getvalue()
+    assert code == 5 and "autofocus:" in text  # the bar was drawn
+    line = next(seg for seg in text.split("\n") if "autofocus.py:" in seg)
+    assert line.split("\r")[-1].startswith("autofocus.py: camera timed out")  # not glued to the bar
+
+
+def test_live_view_outlines_the_roi() -> None:
+    stage, camera = small_sim(focus_mm=12.0, start_mm=12.0)
+    frame = camera.capture()
+    curve = [autofocus.Sample(12.0, 1.0)]
+
+    def yellow(view: np.ndarray) -> np.ndarray:
+        return np.all(view == (0, 255, 255), axis=2)
+
+    plain = autofocus.compose_view(frame, 9, curve, height=200)
+    outlined = autofocus.compose_view(frame, 9, curve, height=200, roi=RIGHT)
+    assert not yellow(plain).any()
+    rows, cols = np.nonzero(yellow(outlined))
+    # The outline on the frame panel (the first 320 columns at this height) is where the ROI is.
+    first = cols < 320
+    assert cols[first].min() == RIGHT[0] and cols[first].max() == RIGHT[0] + RIGHT[2] - 1
+    assert rows[first].min() == RIGHT[1] and rows[first].max() == RIGHT[1] + RIGHT[3] - 1
+    assert (cols >= 640).any()  # ... and on the filtered and Laplacian panels too

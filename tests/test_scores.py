@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import autofocus
-from conftest import sim_frame
+from conftest import LEFT, RIGHT, sim_frame
 
 DEFOCUS_MM = (-0.4, -0.2, -0.1, 0.0, 0.1, 0.2, 0.4)
 
@@ -106,3 +106,74 @@ def test_coarse_score_has_a_wider_capture_range() -> None:
 def test_bad_frame_shape_is_a_camera_error() -> None:
     with pytest.raises(autofocus.CameraError):  # the scorer checks; the pieces behind it assume a frame
         autofocus.Scorer()(np.zeros((2, 2, 2, 2), np.uint8))
+
+
+@pytest.mark.parametrize("metric", ["laplacian", "tenengrad", "normvar"])
+def test_isotropic_scores_score_a_transposed_frame_the_same(metric: str) -> None:
+    # These three have no preferred direction (Tenengrad: both Sobel gradients): structure along
+    # y counts as much as along x, so the transposed frame scores the same.
+    score = autofocus.METRICS[metric]
+    frame = sim_frame(0.05)
+    assert score(np.ascontiguousarray(frame.T)) == pytest.approx(score(frame), rel=1e-4)
+
+
+@pytest.mark.parametrize("metric", ["laplacian", "tenengrad", "vollath", "brenner"])
+def test_the_blur_is_in_camera_pixels_at_every_binning(metric: str) -> None:
+    # --blur covers the same area of the specimen however the frame is binned: the coarse score
+    # (binned 8x on this 640x400 frame) is the score of the binned frame with the diameter divided
+    # by the factor, not the camera-pixel diameter applied to binned pixels.
+    frame = sim_frame(0.1, size=(640, 400))
+    scorer = autofocus.Scorer(metric, blur=15)
+    factor = autofocus.coarse_binning(frame.shape)
+    assert factor > 2
+    binned = autofocus.bin_image(frame.astype(np.float32), factor)
+    diameter = max(3, round(15 / factor) | 1)
+    assert diameter < 15
+    score = autofocus.METRICS[metric]
+    assert scorer.coarse(frame) == pytest.approx(score(binned, diameter, 1), rel=1e-6)
+    assert abs(scorer.coarse(frame) / score(binned, 15, 1) - 1) > 1e-3  # the check can tell them apart
+
+
+def test_tenengrad_sees_structure_that_varies_only_along_y() -> None:
+    rows = (np.arange(200) // 4 % 2 * 200 + 20).astype(np.uint8)
+    stripes = np.repeat(rows[:, None], 320, axis=1)  # horizontal stripes: no x gradient at all
+    blurred = cv2_blur(stripes)
+    score = autofocus.METRICS["tenengrad"]
+    assert score(stripes, 9, 1) > 2 * score(blurred, 9, 1) > 0
+    # ... and as much as the same stripes along x (without the y gradient both scores above are
+    # float noise, ~1e-15, and the line above still holds).
+    assert score(stripes, 9, 1) == pytest.approx(score(np.ascontiguousarray(stripes.T), 9, 1), rel=1e-4)
+
+
+def cv2_blur(image: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.GaussianBlur(image, (0, 0), 3)
+
+
+def test_each_frame_is_checked_once_and_only_float_frames_are_rescaled(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"frame_problem": 0, "float_in_range": 0}
+    for name in calls:
+        real = getattr(autofocus, name)
+        monkeypatch.setattr(autofocus, name, lambda *a, _real=real, _name=name: (
+            calls.__setitem__(_name, calls[_name] + 1), _real(*a))[1])
+    stage, camera = autofocus.simulated_microscope(width=96, height=64, time_scale=0, start_mm=12.3)
+    result = autofocus.focus(stage, camera, 12.0, 12.7, 0.05)
+    # One check per frame (check_frame), one for the look before the first move; no rescaling of 8-bit frames.
+    assert calls == {"frame_problem": result.frames + 1, "float_in_range": 0}
+
+    class Float:
+        def capture(self) -> np.ndarray:
+            return camera.capture().astype(np.float32)
+
+    calls.update(frame_problem=0, float_in_range=0)
+    result = autofocus.focus(stage, Float(), 12.0, 12.7, 0.05)
+    assert calls == {"frame_problem": result.frames + 1, "float_in_range": 2 * result.frames}  # fine + coarse
+
+
+def test_roi_scores_only_the_region() -> None:
+    frame = np.zeros((200, 320), np.uint8)
+    frame[50:60, 200:210] = 255  # one bright square, inside the right half only
+    scorer = autofocus.Scorer(roi=RIGHT)
+    assert scorer(frame) > 0 and scorer.coarse(frame) > 0
+    assert autofocus.Scorer(roi=LEFT)(frame) == 0 and autofocus.Scorer(roi=LEFT).coarse(frame) == 0

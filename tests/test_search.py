@@ -1,13 +1,16 @@
-"""The pure core: planning, the sweep and fast searches, the peak fit and the verdict."""
+"""The searches: planning the grid, the sweep and the fast search on a tiny in-memory microscope, backlash
+approaches, plan safety, and both searches on the simulated microscope."""
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 import pytest
 
 import autofocus
-from autofocus import Plan, Sample
+from autofocus import Plan
+from conftest import LEFT, RIGHT, small_sim
 
 
 # --- planning ------------------------------------------------------------------------------
@@ -188,6 +191,51 @@ def test_fast_reuses_frames_never_measures_a_position_twice() -> None:
     assert len(stage.commands) == result.frames + 1  # every frame one move, plus the final move
 
 
+class TwoScoreCamera:
+    """Frames carrying a fine score (pixel 0,0) and a coarse score (pixel 0,1) chosen apart: on a
+    real specimen the binned frame sees a broader peak than the full-resolution one."""
+
+    def __init__(self, stage: LineStage, fine, coarse) -> None:
+        self.stage, self.fine, self.coarse = stage, fine, coarse
+
+    def capture(self) -> np.ndarray:
+        z = self.stage.position_mm()
+        frame = np.full((8, 8), 100.0, np.float32)
+        frame[0, 0], frame[0, 1] = self.fine(z), self.coarse(z)
+        return frame
+
+
+class TwoScoreScorer(autofocus.Scorer):
+    def _fine(self, region: np.ndarray) -> float:
+        return float(region[0, 0])
+
+    def _coarse(self, region: np.ndarray) -> float:
+        return float(region[0, 1])
+
+
+def test_fast_climbs_to_the_top_of_the_slope_it_lands_on() -> None:
+    # The coarse pass predicts 12.0, on the rising side of a fine-score peak at 12.25; a coarse
+    # frame at 13.2 happens to be the run's best.  The climb must still follow its slope to the
+    # local top (both neighbours lower), and then refine the run's best too: stopping where one
+    # neighbour is lower would leave the peak it stood on unmeasured.
+    def fine(z: float) -> float:
+        return 100 + 100 * math.exp(-0.5 * ((z - 12.25) / 0.1) ** 2) + (300 if abs(z - 13.2) < 1e-6 else 0)
+
+    def coarse(z: float) -> float:
+        return 100 + 100 * math.exp(-0.5 * ((z - 12.0) / 0.5) ** 2)
+
+    stage = LineStage()
+    acq = autofocus.Acquisition(stage, TwoScoreCamera(stage, fine, coarse), TwoScoreScorer(), coarse=True)
+    positions = autofocus.plan_positions(10, 14, 0.05)
+    decided = types.SimpleNamespace(verdict=types.SimpleNamespace(kind="focused"))  # the search alone
+    autofocus.fast_search(acq, positions, lambda: decided)
+    acq.drain()
+    measured = set(acq.scored)
+    assert {11.95, 12.0, 12.05} <= measured  # the prediction and its neighbours (sanity)
+    assert {12.15, 12.2, 12.25, 12.3} <= measured  # climbed to the local top and saw it fall
+    assert {13.15, 13.2, 13.25} <= measured  # and refined the run's best
+
+
 def test_fast_on_a_short_grid_is_a_sweep() -> None:
     result, _ = run(12.34, start=12, end=12.8, step=0.05)
     assert result.frames == 17
@@ -197,85 +245,6 @@ def test_fast_edge_and_no_peak() -> None:
     assert run(14.15, search="fast")[0].verdict.kind == "edge"
     result, stage = run(None, search="fast", noise=0.01, stage_start=2.0)
     assert result.verdict.kind == "no_peak" and stage.z == 2.0
-
-
-# --- peak fit -------------------------------------------------------------------------------------
-
-def gaussian_samples(center: float, zs: list[float], width: float = 0.1) -> list[Sample]:
-    return [Sample(z, math.exp(-0.5 * ((z - center) / width) ** 2)) for z in zs]
-
-
-def test_fit_finds_a_gaussian_peak_between_the_frames() -> None:
-    fit = autofocus.fit_peak(gaussian_samples(12.337, [12.2, 12.25, 12.3, 12.35, 12.4, 12.45]))
-    assert fit.used and fit.z_mm == pytest.approx(12.337, abs=0.05 * 0.05)  # within 0.05 STEP
-    assert fit.uncertainty_mm is not None and abs(fit.z_mm - 12.337) <= fit.uncertainty_mm < 0.5 * 0.05
-
-
-def test_fit_handles_irregular_spacing() -> None:
-    fit = autofocus.fit_peak(gaussian_samples(1.03, [0.8, 0.95, 1.07, 1.3]))
-    assert fit.used and fit.z_mm == pytest.approx(1.03, abs=0.01)
-
-
-@pytest.mark.parametrize(
-    "samples, reason",
-    [
-        ([Sample(0, 1), Sample(1, 2)], "fewer than 3"),
-        ([Sample(0, 3), Sample(1, 2), Sample(2, 1)], "edge"),
-        ([Sample(0, 1), Sample(1, 2), Sample(2, 2)], "flat top"),
-    ],
-)
-def test_fit_gates(samples: list[Sample], reason: str) -> None:
-    fit = autofocus.fit_peak(samples)
-    assert not fit.used and reason in fit.reason and fit.z_mm is None
-    below = autofocus.fit_peak([Sample(0, 1), Sample(1, 2), Sample(2, 1)], floor=3.0)
-    assert not below.used and "does not rise above the floor" in below.reason
-
-
-@pytest.mark.parametrize("seed", range(30))
-def test_a_used_fit_always_lies_between_the_best_samples_neighbours(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    z = np.sort(rng.uniform(0, 1, 7))
-    samples = [Sample(a, b) for a, b in zip(z, rng.uniform(0.1, 1, 7))]
-    fit = autofocus.fit_peak(samples)
-    ordered = autofocus.by_z(samples)
-    i = ordered.index(autofocus.best_sample(samples))
-    if fit.used:
-        assert ordered[i - 1].z_mm < fit.z_mm < ordered[i + 1].z_mm
-    else:
-        assert i in (0, len(ordered) - 1) or fit.z_mm is None
-
-
-# --- noise and verdict ---------------------------------------------------------------------------
-
-def test_curve_noise_recovers_white_noise_sigma_despite_a_peak_and_a_trend() -> None:
-    rng = np.random.default_rng(1)
-    z = np.linspace(0, 4, 201)
-    y = 5 + 0.3 * z + 3 * np.exp(-0.5 * ((z - 2) / 0.05) ** 2) + 0.02 * rng.standard_normal(z.size)
-    sigma = autofocus.curve_noise([Sample(a, b) for a, b in zip(z, y)])
-    assert 0.015 < sigma < 0.027
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_pure_noise_is_never_a_peak(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    z = np.arange(81) * 0.05
-    samples = [Sample(a, 1 + 0.01 * b) for a, b in zip(z, rng.standard_normal(z.size))]
-    assert autofocus.decide(samples, z).verdict.kind == "no_peak"
-
-
-def test_a_peak_three_times_the_noise_is_found_scale_free() -> None:
-    rng = np.random.default_rng(3)
-    z = np.arange(81) * 0.05
-    for scale in (1e-6, 1.0, 1e6):  # no constant depends on the units of the score
-        y = scale * (1 + 0.2 * np.exp(-0.5 * ((z - 2) / 0.1) ** 2) + 0.01 * rng.standard_normal(z.size))
-        verdict = autofocus.decide([Sample(a, b) for a, b in zip(z, y)], z).verdict
-        assert verdict.kind == "focused", scale
-        assert verdict.prominence > verdict.threshold > 0
-
-
-def test_too_few_frames_cannot_be_judged() -> None:
-    verdict = autofocus.decide([Sample(0, 1), Sample(1, 5), Sample(2, 1)], [0, 1, 2]).verdict
-    assert verdict.kind == "no_peak" and "at least" in verdict.reason
 
 
 # --- plan safety ------------------------------------------------------------------------------------
@@ -304,3 +273,63 @@ def test_a_single_position_is_measured_once_and_cannot_be_judged() -> None:
     assert [s.z_mm for s in result.samples] == [12.0] and result.frames == 1
     assert result.verdict.kind == "no_peak" and "at least 5" in result.verdict.reason
     assert stage.commands == [12.0, 1.0] and stage.z == 1.0  # measured, then back to the start
+
+
+# --- on the simulated microscope -----------------------------------------------------------------
+
+@pytest.mark.parametrize("objective, step, where", [("20x", 0.004, 0.5 + 0.5 / 80), ("40x", 0.0015, 0.06),
+                                                    ("40x", 0.0015, 0.5), ("60x", 0.001, 0.93)])
+def test_fast_equals_sweep_at_high_na(objective: str, step: float, where: float) -> None:
+    answers = {}
+    for search in ("sweep", "fast"):
+        focus_mm = 10 + where * 80 * step
+        stage, camera = autofocus.simulated_microscope(objective=objective, photons=100, focus_mm=focus_mm,
+                                                       width=320, height=200, time_scale=0, start_mm=10)
+        result = autofocus.focus(stage, camera, 10, 10 + 80 * step, step, search=search)
+        answers[search] = result
+        assert result.verdict.kind == "focused", (search, result.verdict.reason)
+        assert abs(result.best_mm - focus_mm) <= step / 4
+    assert abs(answers["fast"].best_mm - answers["sweep"].best_mm) <= step / 4
+    assert answers["fast"].frames < answers["sweep"].frames
+
+
+class RecordingStage(autofocus.SimStage):
+    def __init__(self) -> None:
+        super().__init__(timing=autofocus.SimTiming(scale=0.0))
+        self.targets: list[float] = []
+
+    def move_to(self, z_mm: float) -> None:
+        self.targets.append(z_mm)
+        super().move_to(z_mm)
+
+
+@pytest.mark.parametrize("start, end, overshoot", [(12.2, 12.5, 12.18), (12.5, 12.2, 12.52)])
+def test_the_very_first_approach_with_backlash_overshoots_too(start: float, end: float, overshoot: float) -> None:
+    stage = RecordingStage()
+    camera = autofocus.SimCamera(stage, autofocus.SimOptics(width=64, height=48), autofocus.SimTiming(scale=0.0))
+    autofocus.focus(stage, camera, start, end, 0.05, backlash_mm=0.02)
+    assert stage.targets[:2] == [overshoot, start]  # from the sweep's side, even though nothing came before
+
+
+# --- a region of interest picks the plane it covers ------------------------------------------------
+
+@pytest.mark.parametrize("search, end, step", [("sweep", 12.7, 0.02), ("fast", 13.4, 0.05)])
+def test_roi_picks_the_plane_of_the_region_it_covers(search: str, end: float, step: float) -> None:
+    # Cells everywhere, the right half of the field 0.4 mm above the left half.
+    for roi, plane in ((LEFT, 12.0), (RIGHT, 12.4)):
+        stage, camera = small_sim(focus_mm=12.0, right_focus_mm=12.4, start_mm=11.9)
+        result = autofocus.focus(stage, camera, 11.7, end, step, roi=roi, search=search)
+        assert result.verdict.kind == "focused", (roi, result.verdict.reason)
+        assert abs(result.best_mm - plane) <= step, (search, roi, result.best_mm)
+        assert stage.position_mm() == result.best_mm
+
+
+def test_featureless_half_is_no_peak_and_the_specimen_half_is_found() -> None:
+    # The left half is an empty, evenly lit field (only noise); the right half has cells at 12.4 mm.
+    options = dict(focus_mm=12.0, specimen="blank", right_specimen="cells", right_focus_mm=12.4, start_mm=11.9)
+    stage, camera = small_sim(**options)
+    empty = autofocus.focus(stage, camera, 11.7, 12.7, 0.02, roi=LEFT)
+    assert empty.verdict.kind == "no_peak" and stage.position_mm() == 11.9  # back where it started
+    stage, camera = small_sim(**options)
+    found = autofocus.focus(stage, camera, 11.7, 12.7, 0.02, roi=RIGHT)
+    assert found.verdict.kind == "focused" and abs(found.best_mm - 12.4) <= 0.02

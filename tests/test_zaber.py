@@ -7,12 +7,14 @@ show) and reads the fake's command log: what moved, where, in which order.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,6 +67,20 @@ def test_downward_sweep_with_end_off_the_grid(fake: FakeZaber) -> None:
     targets = fake.move_targets()
     assert targets[:-1] == [nm(z) for z in autofocus.plan_positions(11, 10.02, 0.1)]
     assert targets[-2] == nm(10.02) and "home" not in fake.motion_commands()
+
+
+def test_a_homed_axis_is_never_homed_again(fake: FakeZaber, capsys: pytest.CaptureFixture[str]) -> None:
+    # Homing drives to the home sensor, across whatever lies between: an axis that has its
+    # reference position is not homed by a run, nor by the next run, nor by asking the stage.
+    from zaber_motion.ascii import Connection
+
+    for _ in range(2):
+        assert autofocus.main(["10", "11", "0.1", url(fake), *SIM, "--sim-focus-mm", "10.52"]) == 0
+    with Connection.open_tcp("127.0.0.1", fake.port) as connection:
+        stage = autofocus.ZaberStage.from_axis(connection.get_device(3).get_axis(1), native_unit_nm=1)
+        assert stage.homed is True and stage.home_if_needed() is False
+    assert abs(fake.position() - nm(10.52)) <= nm(0.1) and len(fake.move_targets()) == 2 * (11 + 1)  # two runs
+    assert not [c for c in fake.commands() if "home" in c]
 
 
 def test_fast_search_through_zml(fake: FakeZaber) -> None:
@@ -256,3 +272,75 @@ def test_serial_port_held_by_another_program() -> None:
         holder.close()
         os.close(master)
         os.close(slave)
+
+
+# --- native units: a coarse (1 um) axis ------------------------------------------------------------
+
+@pytest.fixture
+def micron_fake() -> Any:
+    """A homed axis whose native unit is 1 um (coarse): 25 mm of travel, at 10.005 mm."""
+    with FakeZaber(devices=[DeviceConfig(homed=True, limit_max=25_000, position=10_005)]) as fake:
+        yield fake
+
+
+def test_a_step_below_a_few_native_units_is_refused_before_anything_moves(micron_fake: FakeZaber,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    code = autofocus.main(["10", "10.02", "0.002", url(micron_fake), "--camera", "sim", "--native-unit-nm", "1000",
+                           "--sim-time-scale", "0", "--sim-size", "320x200"])
+    err = capsys.readouterr().err
+    assert code == 2 and "STEP_MM 0.002 mm is 2 native units of this stage (one unit is 1000 nm)" in err
+    assert "at least 3 units" in err and micron_fake.motion_commands() == []
+
+
+def test_rounding_to_native_units_never_leaves_the_soft_limits(micron_fake: FakeZaber) -> None:
+    # 10.0001 and 10.0106 mm are 10000.1 and 10010.6 units: plain rounding would command 10000
+    # (below --z-min) and 10011 (above --z-max).
+    code = autofocus.main(["10.0001", "10.0106", "0.0035", url(micron_fake), "--camera", "sim", "--native-unit-nm",
+                           "1000", "--z-min", "10.0001", "--z-max", "10.0106", "--sim-time-scale", "0", "--sim-size",
+                           "320x200", "--sim-focus-mm", "10.005"])
+    assert code in (0, 3, 4)
+    targets = micron_fake.move_targets()
+    assert targets[:4] == [10001, 10004, 10007, 10010]
+    assert all(10001 <= t <= 10010 for t in targets)  # the final move (or the return to 10005) too
+
+
+def test_a_start_outside_the_soft_limits_is_not_returned_to_nor_clamped(micron_fake: FakeZaber) -> None:
+    # Issue 18: nothing outside --z-min/--z-max is ever commanded, not even the return to a start
+    # outside them (10.005 mm < 10.010): no_peak leaves the stage at the last frame -- never silently
+    # at the limit either.
+    code = autofocus.main(["10.010", "10.040", "0.005", url(micron_fake), "--camera", "sim", "--native-unit-nm",
+                           "1000", "--z-min", "10.010", "--sim-time-scale", "0", "--sim-size", "320x200",
+                           "--sim-specimen", "blank"])
+    assert code == 3 and min(micron_fake.move_targets()) >= 10_010
+    assert micron_fake.move_targets()[-1] == 10_040 and micron_fake.position() == 10_040
+
+
+# --- bad settings: refused before any device traffic ----------------------------------------------------
+
+ZABER_BAD = [({"native_unit_nm": -1}, "native_unit_nm"), ({"native_unit_nm": "1"}, "native_unit_nm"),
+             ({"move_timeout_s": math.nan}, "move_timeout_s"), ({"home_timeout_s": 0}, "home_timeout_s"),
+             ({"clear_faults": "yes"}, "clear_faults")]
+
+
+def test_from_axis_refuses_bad_settings_before_any_device_traffic() -> None:
+    from zaber_motion.ascii import Connection
+
+    with FakeZaber(devices=[DeviceConfig(homed=True, position=round(12.3 * NM))]) as fake:
+        with Connection.open_tcp("127.0.0.1", fake.port) as connection:
+            axis = connection.get_device(3).get_axis(1)
+            sent = len(fake.commands())
+            for keywords, named in ZABER_BAD:
+                with pytest.raises(autofocus.BadValue) as caught:
+                    autofocus.ZaberStage.from_axis(axis, **{"native_unit_nm": 1, **keywords})
+                assert str(caught.value).startswith(named)
+            with pytest.raises(autofocus.UsageError, match="needs a zaber_motion.ascii.Axis"):
+                autofocus.ZaberStage.from_axis(None, native_unit_nm=1)  # type: ignore[arg-type]
+            assert len(fake.commands()) == sent  # not one request reached the device
+
+
+@pytest.mark.parametrize("keywords, named", [({"device": 0}, "device"), ({"axis": 1.0}, "axis"),
+                                             ({"port": ""}, "port"), ({"device_db": 5}, "device_db")])
+def test_zaber_stage_refuses_bad_settings_before_opening_the_port(keywords: dict, named: str) -> None:
+    with pytest.raises(autofocus.BadValue) as caught:
+        autofocus.ZaberStage(**{"port": "tcp://127.0.0.1:9", **keywords})  # nothing listens there: not opened
+    assert str(caught.value).startswith(named)

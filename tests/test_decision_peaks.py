@@ -1,4 +1,4 @@
-"""Issue 12 (part): every significant peak and dip of the curve, --peak, and the dusty simulated
+"""The decision, peaks and dips: every significant peak and dip of the curve, --peak, and the dusty simulated
 specimen (cells plus dust on the coverslip 0.17 mm above them)."""
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_a_v_shaped_curve_is_a_dip_fitted_at_its_minimum() -> None:
     assert dips[0].fit_mm is not None and abs(dips[0].fit_mm - (10 + 0.403)) < 0.005
 
 
-def test_noise_alone_has_no_significant_peak_or_dip() -> None:
+def test_noise_alone_has_no_significant_peak_or_dip(verdicts_only: None) -> None:
     rng = np.random.default_rng(0)
     for _ in range(50):
         samples = curve(1 + 0.01 * rng.standard_normal(81))

@@ -1,9 +1,9 @@
-"""Outputs, recordings, image files, streams and startup under abuse (issue 19).
+"""Outputs: --save-images recordings, --save-curve, --plot, --make-figures, --json, the standard streams and
+startup, also under abuse.
 
 Every output option with every frame source (the simulator, a replayed stack, the REAL ZML against
 tests/fake_zaber.py with the simulated camera); recordings that are lossless for every frame type,
-never written through a link or into the stack being replayed; image headers read before decoding
-for every format OpenCV could decode; closed and failing stdout/stderr; signals before main() has
+never written through a link or into the stack being replayed; closed and failing stdout/stderr; signals before main() has
 taken over; one JSON object on every exit.
 """
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -26,19 +26,16 @@ import numpy as np
 import pytest
 
 import autofocus
-from conftest import ROOT
+from cli_runs import (JSON_KEYS, PNG_MAGIC, TIMING_KEYS, assert_one_line_error, call, call_main, cli, read_csv, run_json,
+                      strict, url)
+from conftest import FAST_SIM, ROOT
 from fake_zaber import DeviceConfig, FakeZaber
 
 NM = 1_000_000
 POSIX = os.name == "posix"
 SIM = ["--simulate", "--sim-time-scale", "0", "--sim-size", "96x64"]
+ZABER_SIM = ["--camera", "sim", "--native-unit-nm", "1", "--sim-size", "320x200"]
 RANGE = ["12.1", "12.6", "0.05"]  # 11 positions around the simulated focus, 12.34 mm
-
-
-def call(capfd: pytest.CaptureFixture[str], *argv: Any) -> tuple[int, str, str]:
-    code = autofocus.main([str(a) for a in argv])
-    cap = capfd.readouterr()
-    return code, cap.out, cap.err
 
 
 def rows(stack: Path) -> list[list[str]]:
@@ -181,75 +178,6 @@ def test_nothing_is_written_into_files_the_replayed_stack_reads(recorded: Path, 
 
 
 # --- image files: size from the header before decoding -------------------------------------------------
-
-def jpeg(width: int, height: int) -> bytes:
-    app0 = b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
-    return b"\xff\xd8" + app0 + b"\xff\xc0\x00\x0b\x08" + struct.pack(">HH", height, width) + b"\x01\x01\x11\x00\xff\xd9"
-
-
-BOMBS = {  # each declares 30000x30000 pixels (900 MP) in a few bytes
-    "JPEG": jpeg(30000, 30000),
-    "BMP": b"BM" + bytes(12) + struct.pack("<Iii", 40, 30000, -30000) + bytes(28),
-    "WebP": b"RIFF\x00\x00\x00\x00WEBPVP8X\x0a\x00\x00\x00\x00\x00\x00\x00" + (29999).to_bytes(3, "little") * 2,
-    "GIF": b"GIF89a" + struct.pack("<HH", 30000, 30000) + bytes(3) + b"\x2c" + bytes(4) + struct.pack("<HH", 8, 8),
-    "GIF frame beyond its screen": b"GIF89a" + struct.pack("<HHBBB", 8, 8, 0, 0, 0) + b"\x21\xf9\x04" + bytes(4)
-                                   + b"\x00\x2c" + bytes(4) + struct.pack("<HH", 30000, 30000) + bytes(3),
-    "PNM": b"P5\n# a comment\n30000 30000\n255\n",
-    "PAM": b"P7\nWIDTH 30000\nHEIGHT 30000\nDEPTH 1\nMAXVAL 255\nENDHDR\n",
-    "PFM": b"Pf\n30000 30000\n-1\n",
-    "Sun raster": b"\x59\xa6\x6a\x95" + struct.pack(">III", 30000, 30000, 8) + bytes(20),
-    "Radiance HDR": b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 30000 +X 30000\n",
-    "BigTIFF": b"II+\x00\x08\x00\x00\x00" + struct.pack("<QQ", 16, 2) + struct.pack("<HHQQ", 256, 16, 1, 30000)
-               + struct.pack("<HHQQ", 257, 16, 1, 30000) + bytes(8),
-    "JPEG 2000": b"\xff\x4f\xff\x51\x00\x29\x00\x00" + struct.pack(">IIII", 30000, 30000, 0, 0) + bytes(24),
-    "JPEG in a big APP segment": jpeg(30000, 30000)[:2] + b"\xff\xe1\xff\xff" + bytes(65533) + jpeg(30000, 30000)[2:],
-}
-
-
-@pytest.mark.parametrize("kind", list(BOMBS))
-def test_a_declared_size_is_refused_before_anything_is_decoded(kind: str, tmp_path: Path,
-                                                               capfd: pytest.CaptureFixture[str],
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    stack = tmp_path / "stack"
-    stack.mkdir()
-    (stack / "img.bin").write_bytes(BOMBS[kind])
-    (stack / "stack.csv").write_text("z_mm,file\n10,img.bin\n10.1,img.bin\n")
-    monkeypatch.setattr(autofocus.cv2, "imdecode", None)  # it must never get that far
-    code, out, err = call(capfd, "10", "10.1", "0.05", "--replay", stack, "--json")
-    assert code == 2 and "declares 30000x30000 pixels, more than 50 MP" in err and err.count("\n") == 1, err
-    assert json.loads(out)["exit_code"] == 2
-
-
-@pytest.mark.parametrize("ext", [".bmp", ".jpg", ".jp2", ".webp", ".pgm", ".ppm", ".pam", ".pfm", ".sr", ".hdr",
-                                 ".tif", ".png", ".gif"])
-def test_every_format_opencv_reads_is_checked_and_replays(ext: str, tmp_path: Path) -> None:
-    if not cv2.haveImageWriter("x" + ext):
-        pytest.skip(f"this OpenCV cannot write {ext}")
-    frame = (np.random.default_rng(4).random((48, 64, 3)) * 200 + 20).astype(np.uint8)
-    if ext in (".pgm",):
-        frame = frame[:, :, 0]
-    if ext in (".pfm", ".hdr"):
-        frame = frame.astype(np.float32) / 255
-    ok, data = cv2.imencode(ext, frame)
-    assert ok
-    kind, width, height, _ = autofocus.image_header(data.tobytes())
-    assert (width, height) == (64, 48), kind
-    (tmp_path / f"img{ext}").write_bytes(data.tobytes())
-    image = autofocus.read_image(tmp_path / f"img{ext}", "img")
-    assert image.shape[:2] == (48, 64)
-
-
-@pytest.mark.parametrize("data, message", [
-    (b"\x00\x00\x00 ftypavif" + bytes(40), "not one of the formats whose size can be checked"),  # AVIF
-    (b"\x76\x2f\x31\x01" + bytes(40), "not one of the formats"),  # OpenEXR
-    (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01" + bytes(6) + b"\x00\x01\xff\xda", "no frame header"),  # JPEG, no SOF
-    (b"\xff\xd8\xff\xc0\x00\x0b\x08\x00\x00\x01\x00\x01", "DNL"),  # height 0
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR\x00\x00", "cut short"),
-    (b"II*\x00\x08\x00\x00\x00\x00\x00", "no width or height"),
-])
-def test_headers_that_cannot_be_checked_are_refused(data: bytes, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        autofocus.image_header(data)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="a file name that is not UTF-8 needs a Linux file system")
@@ -506,3 +434,378 @@ def test_python_warnings_show_only_with_verbose(monkeypatch: pytest.MonkeyPatch,
     assert "RuntimeWarning" not in capsys.readouterr().err
     assert autofocus.main([*RANGE, *SIM, "--verbose"]) == 0
     assert "RuntimeWarning" in capsys.readouterr().err
+
+
+# --- --json ---------------------------------------------------------------------------------
+
+def test_json_is_the_whole_stdout_with_every_key(capfd: pytest.CaptureFixture[str]) -> None:
+    code, doc, err = run_json(capfd, ["12.0", "12.7", "0.05", *FAST_SIM])
+    assert code == 0 and doc["exit_code"] == 0 and doc["error"] is None
+    assert JSON_KEYS <= doc.keys()
+    assert doc["verdict"] == "focused" and doc["search"] == "sweep"
+    assert abs(doc["best_mm"] - autofocus.SimOptics.focus_mm) <= 0.05
+    assert isinstance(doc["best_score"], float) and doc["best_score"] > 0
+    assert doc["frames"] == len(doc["curve"]) == 15
+    assert doc["moves"] >= doc["frames"]
+    assert doc["elapsed_s"] >= 0
+    assert set(doc["timing"]) == TIMING_KEYS and all(v >= 0 for v in doc["timing"].values())
+    # Capture order: the sweep's positions, in order, each [z, score].
+    assert [z for z, _ in doc["curve"]] == autofocus.plan_positions(12.0, 12.7, 0.05)
+    assert all(len(p) == 2 and isinstance(p[1], float) for p in doc["curve"])
+    assert max(s for _, s in doc["curve"]) == doc["best_score"]
+    # The human summary goes to stderr.
+    assert "best focus at" in err
+
+
+def test_json_fast_search_curve_is_in_capture_order(capfd: pytest.CaptureFixture[str]) -> None:
+    code, doc, _ = run_json(capfd, ["10", "14", "0.02", *FAST_SIM, "--search", "fast"])
+    assert code == 0 and doc["search"] == "fast"
+    assert doc["frames"] == len(doc["curve"]) < 201 // 3
+    zs = [z for z, _ in doc["curve"]]
+    # The coarse pass comes first, every 8th grid position in sweep order.
+    coarse = autofocus.plan_positions(10, 14, 0.02)[::autofocus.COARSE_FACTOR]
+    assert zs[: len(coarse)] == coarse
+    assert len(set(zs)) == len(zs)
+
+
+def test_json_on_a_blank_specimen_is_no_peak(capfd: pytest.CaptureFixture[str]) -> None:
+    code, doc, err = run_json(capfd, ["11", "13.5", "0.05", *FAST_SIM, "--sim-specimen", "blank", "--sim-start-mm", "11.5"])
+    assert code == 3 and doc["exit_code"] == 3
+    assert doc["verdict"] == "no_peak" and doc["error"] is None
+    assert doc["frames"] == len(doc["curve"]) == 51
+    assert doc["best_mm"] == 11.5  # never moved to a noise maximum: back where it started
+    assert JSON_KEYS <= doc.keys()
+    assert "no focus found" in err
+
+
+def test_json_exit_codes_of_the_process() -> None:
+    proc = cli("11", "13.5", "0.05", *FAST_SIM, "--sim-specimen", "blank", "--json")
+    assert proc.returncode == 3
+    doc = json.loads(proc.stdout)
+    assert doc["verdict"] == "no_peak" and doc["exit_code"] == 3
+    assert "Traceback" not in proc.stderr
+
+
+def test_json_on_a_failure_has_the_same_keys(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    _, ok, _ = run_json(capfd, ["12.0", "12.7", "0.05", *FAST_SIM])
+    _, failed, _ = run_json(capfd, ["0", "0.5", "0.1", "--replay", tmp_path / "nothing-here"])
+    assert failed["error"]
+    assert set(failed) == set(ok), f"missing on failure: {sorted(set(ok) - set(failed))}"
+
+
+def test_json_on_a_usage_error(capfd: pytest.CaptureFixture[str]) -> None:
+    code = call_main(["12", "12", "0.05", *FAST_SIM, "--json"])  # START equals END
+    cap = capfd.readouterr()
+    assert code == 2
+    assert_one_line_error(cap.err, "START_MM equals END_MM")
+    doc = json.loads(cap.out)
+    assert doc["exit_code"] == 2 and "START_MM equals END_MM" in doc["error"]
+
+
+def test_json_never_holds_nan_or_infinity() -> None:
+    assert autofocus.strict_json({"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -float("inf")}}) == \
+        '{"a": null, "b": [1.5, null], "c": {"d": null}}'
+
+
+def test_a_failed_run_prints_strict_json(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    real_capture, captures = autofocus.SimCamera.capture, []
+
+    def capture(self: Any) -> Any:
+        captures.append(1)
+        if len(captures) > 1:  # the look before moving, then unplugged: the run fails with no frame scored
+            raise autofocus.CameraError("camera unplugged")
+        return real_capture(self)
+
+    monkeypatch.setattr(autofocus.SimCamera, "capture", capture)
+    code = autofocus.main(["10", "11", "0.05", *FAST_SIM, "--json"])
+    out = strict(capsys.readouterr().out)  # best_mm and the fit are NaN inside: null here
+    assert code == 5 and out["best_mm"] is None and out["verdict"] == "failed"
+
+
+# --- --save-curve and --plot -------------------------------------------------------------------
+
+def test_save_curve_csv(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "curve.csv"
+    code, doc, _ = run_json(capfd, ["10", "14", "0.02", *FAST_SIM, "--search", "fast", "--save-curve", out])
+    assert code == 0
+    header, rows = read_csv(out)
+    assert header == ["index", "z_mm", "score"]
+    assert len(rows) == doc["frames"]
+    assert [int(r[0]) for r in rows] == list(range(doc["frames"]))
+    for (_, z, score), (jz, js) in zip(rows, doc["curve"]):
+        assert float(z) == pytest.approx(jz, abs=1e-9)
+        assert float(score) == pytest.approx(js, rel=1e-8)
+
+
+def test_save_curve_on_no_peak(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "blank.csv"
+    code, doc, _ = run_json(capfd, ["11", "13", "0.1", *FAST_SIM, "--sim-specimen", "blank", "--save-curve", out])
+    assert code == 3
+    _, rows = read_csv(out)
+    assert len(rows) == doc["frames"] == 21
+
+
+def test_plot_png_headless(tmp_path: Path) -> None:
+    out = tmp_path / "curve.png"
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "MPLBACKEND")}
+    proc = cli("12.0", "12.7", "0.05", *FAST_SIM, "--plot", out, env=env)
+    assert proc.returncode == 0, proc.stderr
+    data = out.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5000
+    image = cv2.imread(str(out), cv2.IMREAD_COLOR)
+    assert image is not None and image.shape[0] >= 200 and image.shape[1] >= 300
+    assert image.std() > 10  # not a blank canvas
+
+
+def test_plot_and_curve_to_a_missing_folder_fail_before_moving(tmp_path: Path,
+                                                               capfd: pytest.CaptureFixture[str]) -> None:
+    for flag in ("--plot", "--save-curve"):
+        code = call_main(["12.0", "12.7", "0.05", *FAST_SIM, flag, str(tmp_path / "no" / "such" / "x")])
+        cap = capfd.readouterr()
+        assert code == 2
+        assert_one_line_error(cap.err, flag, "does not exist")
+        assert not (tmp_path / "no").exists()
+
+
+# --- --make-figures -------------------------------------------------------------------------
+
+def test_make_figures_writes_valid_images(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "img"
+    code = call_main(["--make-figures", str(folder)])  # the README's command: no range needed
+    out = capfd.readouterr().out
+    assert code == 0
+    written = [Path(line) for line in out.splitlines() if line.strip()]
+    names = {p.name for p in written}
+    assert {"blurry_image.png", "blurry_laplacian.png", "focused_image.png", "focused_laplacian.png",
+            "autofocus.gif", "roi.png", "transparent.png", "show_images.png"} <= names
+    roi_view = cv2.imread(str(folder / "roi.png"))
+    assert np.all(roi_view == (0, 255, 255), axis=2).sum() > 100  # the --roi figure outlines its region
+    assert all(p.is_file() and p.parent == folder for p in written)
+    for png in folder.glob("*.png"):
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        image = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+        assert image is not None and image.size > 0 and image.std() > 1
+    # The focused frame is sharper than the blurry one (the figures tell the README's story).
+    scorer = autofocus.Scorer()
+    assert scorer(cv2.imread(str(folder / "focused_image.png"), cv2.IMREAD_UNCHANGED)) > \
+        2 * scorer(cv2.imread(str(folder / "blurry_image.png"), cv2.IMREAD_UNCHANGED))
+    gif = folder / "autofocus.gif"
+    assert gif.read_bytes()[:6] in (b"GIF87a", b"GIF89a")
+    from PIL import Image
+
+    with Image.open(gif) as anim:
+        assert anim.n_frames > 10
+        assert anim.size[0] > 100 and anim.size[1] > 50
+
+
+# --- refused before anything moves; written exactly where asked; failing mid-run ---------------------------
+
+def output_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "imgs" / "stack.csv").mkdir(parents=True)
+    cases = [
+        (["--save-curve", str(tmp_path / "adir")], "is a folder; give a file name"),
+        (["--plot", str(tmp_path / "p")], "has no extension"),
+        (["--plot", str(tmp_path / "p.xyz")], ".xyz is not a format matplotlib writes"),
+        (["--save-curve", str(tmp_path / "same.png"), "--plot", str(tmp_path / "same.png")],
+         "is also written as --save-curve"),
+        (["--save-images", str(tmp_path / "imgs")], "stack.csv is a folder"),
+        (["--save-images", str(tmp_path / "adir"), "--save-curve", str(tmp_path / "adir" / "stack.csv")],
+         "is also written as --save-images's stack.csv"),
+        (["--save-curve", ""], "empty path"),
+    ]
+    if POSIX:
+        cases.append((["--save-curve", "/dev/full"], "it is a device, not a file; give a file name"))
+    return cases
+
+
+def test_bad_outputs_are_refused_before_anything_moves_even_homing(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeZaber(devices=[DeviceConfig(homed=False, position=5 * NM)]) as unhomed:
+        for extra, message in output_cases(tmp_path):
+            code = autofocus.main(["10", "10.5", "0.05", url(unhomed), *ZABER_SIM, "--sim-time-scale", "0", *extra])
+            err = capsys.readouterr().err
+            assert code == 2 and message in err and err.count("\n") == 1, (extra, err)
+        assert unhomed.motion_commands() == []  # not one move, not even homing
+
+
+def test_a_curve_inside_a_new_images_folder_and_a_frame_like_name_are_fine(tmp_path: Path) -> None:
+    images = tmp_path / "new" / "imgs"  # does not exist yet: --save-images creates it
+    code = autofocus.main(["12", "12.6", "0.05", *FAST_SIM, "--save-images", str(images), "--save-curve",
+                           str(images / "curve.csv"), "--plot", str(images / "frame_scores.png")])
+    assert code == 0 and (images / "curve.csv").is_file() and (images / "frame_scores.png").is_file()
+
+
+def test_saving_images_into_the_replayed_stack_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stack = tmp_path / "stack"
+    assert autofocus.main(["12", "12.6", "0.05", *FAST_SIM, "--save-images", str(stack)]) == 0
+    before = {p.name: p.read_bytes() for p in stack.iterdir()}
+    capsys.readouterr()
+    code = autofocus.main(["12", "12.6", "0.05", "--replay", str(stack), "--save-images", str(stack)])
+    assert code == 2 and "is the stack being replayed" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in stack.iterdir()} == before  # the recording is untouched
+
+
+def test_exactly_the_plot_path_given_is_written(tmp_path: Path) -> None:
+    assert autofocus.main(["12", "12.6", "0.05", *FAST_SIM, "--plot", str(tmp_path / "curve.pdf")]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["curve.pdf"]
+    assert (tmp_path / "curve.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_a_curve_file_that_fails_mid_run_is_one_line_and_the_json_keeps_the_curve(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    def write_curve_csv(path: Any, samples: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(autofocus, "write_curve_csv", write_curve_csv)
+    code = autofocus.main(["10", "11", "0.05", *FAST_SIM, "--json", "--save-curve", str(tmp_path / "c.csv")])
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert code == 5 and out["exit_code"] == 5 and len(out["curve"]) == 21
+    assert "writing --save-curve" in captured.err and "No space left on device" in captured.err
+    assert captured.err.count("\n") == 1
+
+
+@pytest.mark.skipif(not POSIX, reason="RLIMIT_FSIZE is POSIX")
+def test_a_disk_that_fills_up_while_saving_images_stops_the_run_and_leaves_a_replayable_stack(
+        tmp_path: Path) -> None:
+    import resource
+
+    def small_disk() -> None:  # a file past 37 kB fails with EFBIG, as on a full disk with ENOSPC: the
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # blurred frames' PNGs are ~36.8 kB, sharper ones more
+        resource.setrlimit(resource.RLIMIT_FSIZE, (37_000, 37_000))
+
+    stack = tmp_path / "stack"
+    proc = subprocess.run([sys.executable, "autofocus.py", "10", "14", "0.05", *FAST_SIM, "--save-images", str(stack), "--json"], cwd=ROOT, capture_output=True, text=True,
+                          preexec_fn=small_disk)
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "--save-images: writing" in proc.stderr and "libpng" not in proc.stderr
+    out = json.loads(proc.stdout)
+    assert 0 < out["frames"] < 81
+    rows = (stack / "stack.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[1] for r in rows] == sorted(p.name for p in stack.glob("frame_*.png"))
+    replay = subprocess.run([sys.executable, "autofocus.py", "10", "10.05", "0.05", "--replay", str(stack)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert replay.returncode in (0, 3, 4), replay.stderr  # a valid (partial) stack
+
+
+# --- saving beside a replayed stack; logging; links, pipes and replacing writes ---------------------------
+
+@pytest.fixture(scope="module")
+def rec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """rec/stackA: a recording (the simulator, 96x64, 12.0-12.7 mm every 0.05)."""
+    folder = tmp_path_factory.mktemp("rec") / "rec"
+    assert autofocus.main(["12.0", "12.7", "0.05", *SIM, "--save-images", str(folder / "stackA")]) == 0
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_replayed_stack_is_read_once(rec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[Path] = []
+    real = autofocus.ReplayStack._read_rows
+    monkeypatch.setattr(autofocus.ReplayStack, "_read_rows", staticmethod(lambda p: (reads.append(p), real(p))[1]))
+    assert autofocus.main(["12.1", "12.6", "0.05", "--replay", str(rec / "stackA"), "--save-curve",
+                           str(tmp_path / "c.csv"), "--save-images", str(tmp_path / "copy")]) == 0
+    assert len(reads) == 1
+
+
+def test_saving_beside_a_replayed_stack_is_allowed(rec: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # --replay rec/stackA --save-images rec was refused ("holds frame_00000.png, which the replayed
+    # stack reads"), though nothing in rec/stackA is written.
+    work = tmp_path / "rec"
+    shutil.copytree(rec, work)
+    before = snapshot(work / "stackA")
+    code, _, err = call(capfd, "12.1", "12.6", "0.05", "--replay", work / "stackA", "--save-images", work)
+    assert code == 0, err
+    assert snapshot(work / "stackA") == before and (work / "stack.csv").is_file() and (work / "frame_00000.png").is_file()
+
+
+def test_only_files_the_saver_writes_count_however_the_rows_reach_them(rec: Path, tmp_path: Path,
+                                                                       capfd: pytest.CaptureFixture[str]) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(rec / "stackA", other / "sub")  # frames one folder down: not the saver's
+    shutil.copy(rec / "stackA" / "frame_00003.png", other / "picture.png")  # a name the saver never writes
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    rows = [f"{12 + i / 10},{'../other/sub/frame_00003.png' if i % 2 else str(other / 'picture.png')}" for i in range(8)]
+    (replay / "stack.csv").write_text("z_mm,file\n" + "\n".join(rows) + "\n")
+    before = snapshot(other)
+    code, _, err = call(capfd, "12.1", "12.6", "0.1", "--replay", replay, "--save-images", other)
+    assert code in (0, 3, 4) and "which the replayed stack reads" not in err, err
+    assert {k: v for k, v in snapshot(other).items() if k in before} == before
+    # ... but a frame name of the saver's, reached through ../ or a link, still is refused.
+    if POSIX:
+        (replay / "linked.png").symlink_to(other / "frame_00001.png")
+        (replay / "stack.csv").write_text("z_mm,file\n12,linked.png\n12.1,../other/frame_00002.png\n")
+        code, _, err = call(capfd, "12", "12.1", "0.05", "--replay", replay, "--save-images", other, "--overwrite")
+        assert code == 2 and "holds frame_00001.png, which the replayed stack reads" in err and err.count("\n") == 1
+        # A row naming a link the saver's --overwrite would remove (the file it leads to is elsewhere).
+        (other / "frame_00009.png").symlink_to(other / "picture.png")
+        (replay / "stack.csv").write_text("z_mm,file\n12,../other/frame_00009.png\n12.1,../other/picture.png\n")
+        code, _, err = call(capfd, "12", "12.1", "0.05", "--replay", replay, "--save-images", other, "--overwrite")
+        assert code == 2 and "holds frame_00009.png, which the replayed stack reads" in err, err
+        assert (other / "frame_00009.png").is_symlink()
+
+
+def test_verbose_shows_matplotlib_warnings_but_not_its_debug_lines(capfd: pytest.CaptureFixture[str]) -> None:
+    # --verbose --plot printed ~240 "findfont: ..." lines.
+    try:
+        autofocus.configure_logging(True)
+        font_manager = logging.getLogger("matplotlib.font_manager")
+        font_manager.debug("findfont: Matching sans-serif")
+        font_manager.warning("Matplotlib created a temporary cache directory")
+        autofocus.log.debug("frame 0: z=12.0000 mm")
+        err = capfd.readouterr().err
+        assert "findfont" not in err and "temporary cache directory" in err and "frame 0" in err
+        autofocus.configure_logging(False)
+        font_manager.warning("Matplotlib created a temporary cache directory")
+        assert capfd.readouterr().err == ""  # without --verbose an error stays one line
+    finally:
+        autofocus.configure_logging(False)
+
+
+@pytest.mark.skipif(not POSIX, reason="symbolic links, pipes and /dev/stdout are POSIX")
+def test_an_output_that_is_a_link_a_pipe_or_a_standard_stream_says_what_it_is(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "target.csv"
+    target.write_text("keep\n")
+    (tmp_path / "link.csv").symlink_to(target)
+    code, _, err = call(capfd, "12", "12.5", "0.05", *SIM, "--save-curve", tmp_path / "link.csv")
+    assert code == 2 and err.count("\n") == 1 and err.count("give ") == 1, err
+    assert err.rstrip().endswith(f"it is a symbolic link to {target}, and the tool never writes through a link; "
+                                 "give that file's own path, or another name")
+    read_end, write_end = os.pipe()
+    try:
+        for path, what in ((f"/proc/self/fd/{write_end}", "it is a pipe, not a file"),
+                           ("/dev/stdout", "it is the standard output"), ("/dev/null", "it is a device, not a file")):
+            if not Path(path).exists():
+                continue
+            code, _, err = call(capfd, "12", "12.5", "0.05", *SIM, "--save-curve", path)
+            assert code == 2 and err.count("\n") == 1 and what in err and "symbolic link" not in err, err
+            assert err.count("give ") == 1 and err.rstrip().endswith("give a file name"), err
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    code, _, err = call(capfd, "--make-figures", tmp_path / "link.csv")
+    assert code == 2 and "symbolic link" in err and err.rstrip().endswith("or another name"), err
+    assert target.read_text() == "keep\n"
+
+
+@pytest.mark.skipif(not POSIX, reason="symbolic links need privileges on Windows")
+def test_a_replacing_write_never_writes_through_a_name_it_did_not_claim(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    precious = tmp_path / "precious"
+    precious.write_text("keep\n")
+    monkeypatch.setattr(autofocus.os, "urandom", lambda n: b"\x00" * n)  # every temporary name the same ...
+    for name in ("curve.csv", "frame_00000.png"):
+        temporary = tmp_path / f".{name}.00000000.part"
+        temporary.symlink_to(precious)  # ... and a link planted there
+        with pytest.raises(FileExistsError):
+            autofocus.write_replacing(tmp_path / name, lambda path: path.write_text("overwritten\n"))
+        assert precious.read_text() == "keep\n" and not (tmp_path / name).exists()
+        assert autofocus.FRAME_FILE.fullmatch(temporary.name) or name == "curve.csv"  # --overwrite finds it

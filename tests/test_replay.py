@@ -1,17 +1,18 @@
-"""Issue 3: record a sweep, replay recorded stacks offline, and results people can script and plot.
+"""Record a sweep and replay recorded stacks offline.
 
 Covers --save-images (lossless PNGs + a replayable stack.csv), record-then-replay, the replay layout
-rules and every broken-stack error, --json (success and failure), --save-curve, --plot,
---make-figures, and the shared real stacks (skipped when ../shared is absent).
+rules and every broken-stack error, hostile image files (headers checked before decoding), the ROI
+a recording keeps, and the shared real stacks (skipped when ../shared is absent).
 """
 from __future__ import annotations
 
+import builtins
 import csv
+import io
 import json
-import os
 import re
-import subprocess
-import sys
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -20,48 +21,16 @@ import numpy as np
 import pytest
 
 import autofocus
+from cli_runs import PNG_MAGIC, assert_one_line_error, call, call_main, cli, read_csv, run_json, strict
 
 REPO = Path(autofocus.__file__).resolve().parent
 SHARED_STACKS = REPO.parent / "shared" / "stacks"
 SIM = ["--simulate", "--sim-time-scale", "0", "--sim-size", "320x200"]
-JSON_KEYS = {"best_mm", "best_score", "verdict", "frames", "moves", "elapsed_s", "search", "curve", "timing"}
-TIMING_KEYS = {"move_s", "capture_s", "score_s"}
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 ###############################################################################
 # Helpers #####################################################################
 ###############################################################################
-
-
-def call_main(argv: list[str]) -> int:
-    """autofocus.main, whether a usage error returns 2 or raises SystemExit(2)."""
-    try:
-        return autofocus.main([str(a) for a in argv])
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-
-
-def run_json(capfd: pytest.CaptureFixture[str], argv: list[Any]) -> tuple[int, dict[str, Any], str]:
-    """Run in-process with --json; stdout must be exactly one JSON object (nothing else)."""
-    code = call_main([*map(str, argv), "--json"])
-    cap = capfd.readouterr()
-    doc = json.loads(cap.out)  # the whole of stdout: any stray human text fails here
-    assert isinstance(doc, dict)
-    return code, doc, cap.err
-
-
-def cli(*argv: Any, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "autofocus.py", *map(str, argv)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env=env)
-
-
-def assert_one_line_error(err: str, *needles: str) -> None:
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
 
 
 def textured_frame(z: float, z0: float, *, shape: tuple[int, int] = (96, 128), bits: int = 8,
@@ -100,12 +69,6 @@ def write_stack(folder: Path, zs: list[float], z0: float, *, bits: int = 8, colo
         w.writerow(header)
         w.writerows(rows)
     return folder
-
-
-def read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    return rows[0], rows[1:]
 
 
 def nearest_index(zs: list[float] | np.ndarray, z: float) -> int:
@@ -381,41 +344,6 @@ def test_broken_stack_exit_code_of_the_process(tmp_path: Path) -> None:
     assert_one_line_error(proc.stderr, "cannot be read as an image")
 
 
-###############################################################################
-# 5. --json ###################################################################
-###############################################################################
-
-
-def test_json_is_the_whole_stdout_with_every_key(capfd: pytest.CaptureFixture[str]) -> None:
-    code, doc, err = run_json(capfd, ["12.0", "12.7", "0.05", *SIM])
-    assert code == 0 and doc["exit_code"] == 0 and doc["error"] is None
-    assert JSON_KEYS <= doc.keys()
-    assert doc["verdict"] == "focused" and doc["search"] == "sweep"
-    assert abs(doc["best_mm"] - autofocus.SimOptics.focus_mm) <= 0.05
-    assert isinstance(doc["best_score"], float) and doc["best_score"] > 0
-    assert doc["frames"] == len(doc["curve"]) == 15
-    assert doc["moves"] >= doc["frames"]
-    assert doc["elapsed_s"] >= 0
-    assert set(doc["timing"]) == TIMING_KEYS and all(v >= 0 for v in doc["timing"].values())
-    # Capture order: the sweep's positions, in order, each [z, score].
-    assert [z for z, _ in doc["curve"]] == autofocus.plan_positions(12.0, 12.7, 0.05)
-    assert all(len(p) == 2 and isinstance(p[1], float) for p in doc["curve"])
-    assert max(s for _, s in doc["curve"]) == doc["best_score"]
-    # The human summary goes to stderr.
-    assert "best focus at" in err
-
-
-def test_json_fast_search_curve_is_in_capture_order(capfd: pytest.CaptureFixture[str]) -> None:
-    code, doc, _ = run_json(capfd, ["10", "14", "0.02", *SIM, "--search", "fast"])
-    assert code == 0 and doc["search"] == "fast"
-    assert doc["frames"] == len(doc["curve"]) < 201 // 3
-    zs = [z for z, _ in doc["curve"]]
-    # The coarse pass comes first, every 8th grid position in sweep order.
-    coarse = autofocus.plan_positions(10, 14, 0.02)[::autofocus.COARSE_FACTOR]
-    assert zs[: len(coarse)] == coarse
-    assert len(set(zs)) == len(zs)
-
-
 def test_json_on_a_broken_stack(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     stack = tmp_path / "dupes"
     stack.mkdir()
@@ -427,90 +355,267 @@ def test_json_on_a_broken_stack(tmp_path: Path, capfd: pytest.CaptureFixture[str
     assert_one_line_error(err, "duplicate z_mm")
 
 
-def test_json_on_a_blank_specimen_is_no_peak(capfd: pytest.CaptureFixture[str]) -> None:
-    code, doc, err = run_json(capfd, ["11", "13.5", "0.05", *SIM, "--sim-specimen", "blank", "--sim-start-mm", "11.5"])
-    assert code == 3 and doc["exit_code"] == 3
-    assert doc["verdict"] == "no_peak" and doc["error"] is None
-    assert doc["frames"] == len(doc["curve"]) == 51
-    assert doc["best_mm"] == 11.5  # never moved to a noise maximum: back where it started
-    assert JSON_KEYS <= doc.keys()
-    assert "no focus found" in err
-
-
-def test_json_exit_codes_of_the_process() -> None:
-    proc = cli("11", "13.5", "0.05", *SIM, "--sim-specimen", "blank", "--json")
-    assert proc.returncode == 3
-    doc = json.loads(proc.stdout)
-    assert doc["verdict"] == "no_peak" and doc["exit_code"] == 3
-    assert "Traceback" not in proc.stderr
-
-
-def test_json_on_a_failure_has_the_same_keys(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    _, ok, _ = run_json(capfd, ["12.0", "12.7", "0.05", *SIM])
-    _, failed, _ = run_json(capfd, ["0", "0.5", "0.1", "--replay", tmp_path / "nothing-here"])
-    assert failed["error"]
-    assert set(failed) == set(ok), f"missing on failure: {sorted(set(ok) - set(failed))}"
-
-
-def test_json_on_a_usage_error(capfd: pytest.CaptureFixture[str]) -> None:
-    code = call_main(["12", "12", "0.05", *SIM, "--json"])  # START equals END
-    cap = capfd.readouterr()
-    assert code == 2
-    assert_one_line_error(cap.err, "START_MM equals END_MM")
-    doc = json.loads(cap.out)
-    assert doc["exit_code"] == 2 and "START_MM equals END_MM" in doc["error"]
-
-
 ###############################################################################
-# 6. --save-curve and --plot ##################################################
+# 5. Image files: every header checked before anything is decoded #############
 ###############################################################################
 
 
-def test_save_curve_csv(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "curve.csv"
-    code, doc, _ = run_json(capfd, ["10", "14", "0.02", *SIM, "--search", "fast", "--save-curve", out])
-    assert code == 0
-    header, rows = read_csv(out)
-    assert header == ["index", "z_mm", "score"]
-    assert len(rows) == doc["frames"]
-    assert [int(r[0]) for r in rows] == list(range(doc["frames"]))
-    for (_, z, score), (jz, js) in zip(rows, doc["curve"]):
-        assert float(z) == pytest.approx(jz, abs=1e-9)
-        assert float(score) == pytest.approx(js, rel=1e-8)
+def jpeg(width: int, height: int) -> bytes:
+    app0 = b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    return b"\xff\xd8" + app0 + b"\xff\xc0\x00\x0b\x08" + struct.pack(">HH", height, width) + b"\x01\x01\x11\x00\xff\xd9"
 
 
-def test_save_curve_on_no_peak(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "blank.csv"
-    code, doc, _ = run_json(capfd, ["11", "13", "0.1", *SIM, "--sim-specimen", "blank", "--save-curve", out])
-    assert code == 3
-    _, rows = read_csv(out)
-    assert len(rows) == doc["frames"] == 21
+BOMBS = {  # each declares 30000x30000 pixels (900 MP) in a few bytes
+    "JPEG": jpeg(30000, 30000),
+    "BMP": b"BM" + bytes(12) + struct.pack("<Iii", 40, 30000, -30000) + bytes(28),
+    "WebP": b"RIFF\x00\x00\x00\x00WEBPVP8X\x0a\x00\x00\x00\x00\x00\x00\x00" + (29999).to_bytes(3, "little") * 2,
+    "GIF": b"GIF89a" + struct.pack("<HH", 30000, 30000) + bytes(3) + b"\x2c" + bytes(4) + struct.pack("<HH", 8, 8),
+    "GIF frame beyond its screen": b"GIF89a" + struct.pack("<HHBBB", 8, 8, 0, 0, 0) + b"\x21\xf9\x04" + bytes(4)
+                                   + b"\x00\x2c" + bytes(4) + struct.pack("<HH", 30000, 30000) + bytes(3),
+    "PNM": b"P5\n# a comment\n30000 30000\n255\n",
+    "PAM": b"P7\nWIDTH 30000\nHEIGHT 30000\nDEPTH 1\nMAXVAL 255\nENDHDR\n",
+    "PFM": b"Pf\n30000 30000\n-1\n",
+    "Sun raster": b"\x59\xa6\x6a\x95" + struct.pack(">III", 30000, 30000, 8) + bytes(20),
+    "Radiance HDR": b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 30000 +X 30000\n",
+    "BigTIFF": b"II+\x00\x08\x00\x00\x00" + struct.pack("<QQ", 16, 2) + struct.pack("<HHQQ", 256, 16, 1, 30000)
+               + struct.pack("<HHQQ", 257, 16, 1, 30000) + bytes(8),
+    "JPEG 2000": b"\xff\x4f\xff\x51\x00\x29\x00\x00" + struct.pack(">IIII", 30000, 30000, 0, 0) + bytes(24),
+    "JPEG in a big APP segment": jpeg(30000, 30000)[:2] + b"\xff\xe1\xff\xff" + bytes(65533) + jpeg(30000, 30000)[2:],
+}
 
 
-def test_plot_png_headless(tmp_path: Path) -> None:
-    out = tmp_path / "curve.png"
-    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "MPLBACKEND")}
-    proc = cli("12.0", "12.7", "0.05", *SIM, "--plot", out, env=env)
-    assert proc.returncode == 0, proc.stderr
-    data = out.read_bytes()
-    assert data[:8] == PNG_MAGIC and len(data) > 5000
-    image = cv2.imread(str(out), cv2.IMREAD_COLOR)
-    assert image is not None and image.shape[0] >= 200 and image.shape[1] >= 300
-    assert image.std() > 10  # not a blank canvas
+@pytest.mark.parametrize("kind", list(BOMBS))
+def test_a_declared_size_is_refused_before_anything_is_decoded(kind: str, tmp_path: Path,
+                                                               capfd: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    (stack / "img.bin").write_bytes(BOMBS[kind])
+    (stack / "stack.csv").write_text("z_mm,file\n10,img.bin\n10.1,img.bin\n")
+    monkeypatch.setattr(autofocus.cv2, "imdecode", None)  # it must never get that far
+    code, out, err = call(capfd, "10", "10.1", "0.05", "--replay", stack, "--json")
+    assert code == 2 and "declares 30000x30000 pixels, more than 50 MP" in err and err.count("\n") == 1, err
+    assert json.loads(out)["exit_code"] == 2
 
 
-def test_plot_and_curve_to_a_missing_folder_fail_before_moving(tmp_path: Path,
-                                                               capfd: pytest.CaptureFixture[str]) -> None:
-    for flag in ("--plot", "--save-curve"):
-        code = call_main(["12.0", "12.7", "0.05", *SIM, flag, str(tmp_path / "no" / "such" / "x")])
-        cap = capfd.readouterr()
-        assert code == 2
-        assert_one_line_error(cap.err, flag, "does not exist")
-        assert not (tmp_path / "no").exists()
+@pytest.mark.parametrize("ext", [".bmp", ".jpg", ".jp2", ".webp", ".pgm", ".ppm", ".pam", ".pfm", ".sr", ".hdr",
+                                 ".tif", ".png", ".gif"])
+def test_every_format_opencv_reads_is_checked_and_replays(ext: str, tmp_path: Path) -> None:
+    if not cv2.haveImageWriter("x" + ext):
+        pytest.skip(f"this OpenCV cannot write {ext}")
+    frame = (np.random.default_rng(4).random((48, 64, 3)) * 200 + 20).astype(np.uint8)
+    if ext in (".pgm",):
+        frame = frame[:, :, 0]
+    if ext in (".pfm", ".hdr"):
+        frame = frame.astype(np.float32) / 255
+    ok, data = cv2.imencode(ext, frame)
+    assert ok
+    kind, width, height, _ = autofocus.image_header(data.tobytes())
+    assert (width, height) == (64, 48), kind
+    (tmp_path / f"img{ext}").write_bytes(data.tobytes())
+    image = autofocus.read_image(tmp_path / f"img{ext}", "img")
+    assert image.shape[:2] == (48, 64)
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\x00\x00\x00 ftypavif" + bytes(40), "not one of the formats whose size can be checked"),  # AVIF
+    (b"\x76\x2f\x31\x01" + bytes(40), "not one of the formats"),  # OpenEXR
+    (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01" + bytes(6) + b"\x00\x01\xff\xda", "no frame header"),  # JPEG, no SOF
+    (b"\xff\xd8\xff\xc0\x00\x0b\x08\x00\x00\x01\x00\x01", "DNL"),  # height 0
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR\x00\x00", "cut short"),
+    (b"II*\x00\x08\x00\x00\x00\x00\x00", "no width or height"),
+])
+def test_headers_that_cannot_be_checked_are_refused(data: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        autofocus.image_header(data)
+
+
+def png_bomb() -> bytes:
+    """A 69-byte PNG whose header declares 50000x50000 pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 50000, 50000, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")[:0]) + chunk(b"IEND", b"")
+
+
+def make_stack(folder: Path, writer: Any, rows: int = 3) -> Path:
+    folder.mkdir()
+    writer(folder)
+    (folder / "stack.csv").write_text("z_mm,file\n" + "".join(f"{10 + i * 0.05},img.tif\n" for i in range(rows)))
+    return folder
+
+
+def tiff(array: np.ndarray) -> Any:
+    def write(folder: Path) -> None:
+        assert cv2.imwrite(str(folder / "img.tif"), array)
+    return write
+
+
+def raw(data: bytes) -> Any:
+    def write(folder: Path) -> None:
+        (folder / "img.tif").write_bytes(data)
+    return write
+
+
+def five_channel_tiff(folder: Path) -> None:
+    """An uncompressed 64x48 TIFF with 5 samples a pixel (OpenCV cannot write one)."""
+    h, w, c = 48, 64, 5
+    data = np.random.default_rng(3).integers(0, 255, (h, w, c), np.uint8).tobytes()
+    n = 10
+    bits_at = 8 + 2 + n * 12 + 4
+    data_at = bits_at + 2 * c
+    entries = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, c, bits_at), (259, 3, 1, 1), (262, 3, 1, 1),
+               (273, 4, 1, data_at), (277, 3, 1, c), (278, 3, 1, h), (279, 4, 1, len(data)), (284, 3, 1, 1)]
+    out = b"II*\x00" + struct.pack("<IH", 8, n)
+    for tag, kind, count, value in entries:
+        out += struct.pack("<HHIHH", tag, kind, count, value, 0) if kind == 3 and count == 1 else \
+            struct.pack("<HHII", tag, kind, count, value)
+    (folder / "img.tif").write_bytes(out + struct.pack("<I", 0) + struct.pack(f"<{c}H", *[8] * c) + data)
+
+
+def truncated_png(folder: Path) -> None:
+    ok, encoded = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (200, 320), np.uint8))
+    (folder / "img.tif").write_bytes(encoded.tobytes()[: len(encoded) // 2])  # the name does not matter to OpenCV
+
+
+GRAY = np.random.default_rng(1).random((48, 64))
+
+
+@pytest.mark.parametrize("writer, message", [
+    (raw(png_bomb()), "declares 50000x50000 pixels, more than 50 MP"),
+    (tiff(np.dstack([GRAY] * 3)), "has float64 pixels"),
+    (tiff((GRAY * 1000).astype(np.int16)), "has int16 pixels"),
+    (tiff((GRAY * 1000).astype(np.int32)), "has int32 pixels"),
+    (five_channel_tiff, "has 5 channels"),
+    (tiff(np.where(GRAY > 0.5, np.inf, GRAY).astype(np.float32)), "non-finite pixels"),
+    (truncated_png, "cannot be read as an image"),
+    (raw(b"not an image at all"), "cannot be read as an image"),
+])
+def test_hostile_replay_images_are_one_line_and_nothing_from_opencv_reaches_stderr(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], writer: Any, message: str) -> None:
+    stack = make_stack(tmp_path / "stack", writer)
+    code = autofocus.main(["10", "10.1", "0.05", "--replay", str(stack), "--json"])
+    captured = capfd.readouterr()  # file-descriptor level: libpng and OpenCV write there directly
+    assert code == 2 and message in captured.err, captured.err
+    assert captured.err.count("\n") == 1 and "libpng" not in captured.err and "WARN" not in captured.err
+    assert strict(captured.out)["exit_code"] == 2
+
+
+def test_each_distinct_file_is_decoded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    frame = (np.random.default_rng(2).random((48, 64)) * 200).astype(np.uint8)
+    stack = make_stack(tmp_path / "stack", tiff(frame), rows=50)
+    real_imdecode = cv2.imdecode
+    calls = []
+
+    def imdecode(*args: Any) -> Any:  # the file's bytes are decoded: OpenCV never opens a path itself
+        calls.append(len(args[0]))
+        return real_imdecode(*args)
+
+    monkeypatch.setattr(autofocus.cv2, "imdecode", imdecode)
+    monkeypatch.setattr(autofocus.cv2, "imread", None)  # never called
+    replay = autofocus.ReplayStack(stack)
+    assert len(replay.frames) == 50 and calls == [(stack / "img.tif").stat().st_size]
+
+
+def test_replay_picks_the_nearest_slice_between_slices(tmp_path: Path) -> None:
+    folder = tmp_path / "stack"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"f{i}.png"), np.full((16, 16), 10 + i, np.uint8))
+    (folder / "stack.csv").write_text("z_mm,file\n0.0,f0.png\n0.1,f1.png\n0.2,f2.png\n")
+    replay = autofocus.ReplayStack(folder)
+    picked = {z: int(replay.nearest(z)[0, 0]) - 10 for z in (-1.0, 0.03, 0.07, 0.13, 0.17, 0.2, 5.0)}
+    assert picked == {-1.0: 0, 0.03: 0, 0.07: 1, 0.13: 1, 0.17: 2, 0.2: 2, 5.0: 2}  # nearer neighbour, not lower
+
+
+def test_replay_half_way_between_slices_picks_the_lower_whatever_the_row_order(tmp_path: Path) -> None:
+    folder = tmp_path / "stack"
+    folder.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(folder / f"f{i}.png"), np.full((16, 16), 10 + i, np.uint8))
+    (folder / "stack.csv").write_text("z_mm,file\n0.1,f1.png\n0.0,f0.png\n")  # rows not in z order
+    assert int(autofocus.ReplayStack(folder).nearest(0.05)[0, 0]) == 10
+
+
+def one_image_stack(folder: Path, data: bytes, name: str = "img.bin") -> Path:
+    folder.mkdir(parents=True)
+    (folder / name).write_bytes(data)
+    (folder / "stack.csv").write_text(f"z_mm,file\n10,{name}\n10.1,{name}\n")
+    return folder
+
+
+def test_an_image_opencv_refuses_to_decode_is_one_line(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # 1 x 2,000,000 pixels: inside the tool's 50 MP, beyond OpenCV's CV_IO_MAX_IMAGE_WIDTH (2^20).
+    ok, data = cv2.imencode(".tif", np.full((1, 2_000_000), 100, np.uint8))
+    assert ok
+    stack = one_image_stack(tmp_path / "stack", data.tobytes(), "wide.tif")
+    code, out, err = call(capfd, "10", "10.1", "0.05", "--replay", stack, "--json")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "wide.tif (2000000x1 TIFF) cannot be decoded: OpenCV refuses it" in err and "CV_IO_MAX_IMAGE_WIDTH" in err
+    assert json.loads(out)["exit_code"] == 2
+
+
+@pytest.fixture
+def bytes_read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every byte read_image reads from its file, counted where it leaves the file system."""
+    counted: list[int] = []
+
+    class Counting(io.FileIO):
+        def readinto(self, buffer: Any) -> int | None:
+            n = super().readinto(buffer)
+            counted.append(n or 0)
+            return n
+
+    def counting_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        return io.BufferedReader(Counting(file, "r")) if mode == "rb" else builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(autofocus, "open", counting_open, raising=False)
+    return counted
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\xff\xd8" + b"\xff" * (8 << 20), "its JPEG markers are damaged"),  # once walked in Python: 27.6 s for 50 MB
+    (b"BM" + bytes(12) + struct.pack("<Iii", 40, 30000, -30000) + bytes(8 << 20), "declares 30000x30000 pixels"),
+    (b"\xff\xd8" + b"\xff\xe1\x00\x04\x00\x00" * 1_000_000, "runs on for more than 4096 segments"),
+])
+def test_a_file_is_refused_from_its_header_without_reading_the_rest(tmp_path: Path, bytes_read: list[int],
+                                                                    data: bytes, message: str) -> None:
+    path = tmp_path / "img.bin"
+    path.write_bytes(data)
+    with pytest.raises(autofocus.StackError, match=message):
+        autofocus.read_image(path, "img")
+    assert len(data) > 5 << 20 and sum(bytes_read) <= 64 << 10
+
+
+def test_a_header_far_into_the_file_is_found_and_the_file_read_once(tmp_path: Path, bytes_read: list[int]) -> None:
+    frame = (np.random.default_rng(7).random((48, 64)) * 200 + 20).astype(np.uint8)
+    ok, jpeg = cv2.imencode(".jpg", frame)
+    padding = (b"\xff\xef\xff\xff" + bytes(65533)) * 3  # three full APP15 segments: the frame header lies 192 KiB in
+    (tmp_path / "big.jpg").write_bytes(jpeg.tobytes()[:2] + padding + jpeg.tobytes()[2:])
+    ok, tiff = cv2.imencode(".tif", (np.random.default_rng(8).random((400, 400)) * 255).astype(np.uint8))
+    (tmp_path / "end.tif").write_bytes(tiff.tobytes())  # OpenCV writes the TIFF directory after the pixels
+    assert struct.unpack("<I", tiff.tobytes()[4:8])[0] > 150_000
+    for name in ("big.jpg", "end.tif"):
+        bytes_read.clear()
+        image = autofocus.read_image(tmp_path / name, name)
+        size = (tmp_path / name).stat().st_size
+        assert image.shape[:2] in ((48, 64), (400, 400)) and sum(bytes_read) <= size + (32 << 10), name
+
+
+def test_a_nul_byte_in_a_stack_row_is_one_line(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    cv2.imwrite(str(stack / "a.png"), np.full((16, 16), 100, np.uint8))
+    (stack / "stack.csv").write_text("z_mm,file\n12,a.png\n12.1,a\x00.png\n")
+    for extra in ([], ["--save-curve", tmp_path / "c.csv"], ["--save-images", tmp_path / "out"]):
+        code, out, err = call(capfd, "12", "12.1", "0.05", "--replay", stack, *extra, "--json")
+        assert code == 2 and err.count("\n") == 1, err
+        assert "line 3: the file name holds a NUL byte" in err and json.loads(out)["exit_code"] == 2
 
 
 ###############################################################################
-# 7. The shared real stacks ###################################################
+# 6. The shared real stacks ###################################################
 ###############################################################################
 
 TRUTH_RE = re.compile(r"best focus: slice (\d+) \(z_mm = (-?[\d.]+)\)")
@@ -589,34 +694,31 @@ def test_shared_dfnn_lightsheet_never_claims_fine_focus(capfd: pytest.CaptureFix
 
 
 ###############################################################################
-# 8. --make-figures ###########################################################
+# 7. A STEP finer than the recording ##########################################
 ###############################################################################
 
 
-def test_make_figures_writes_valid_images(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    folder = tmp_path / "img"
-    code = call_main(["--make-figures", str(folder)])  # the README's command: no range needed
-    out = capfd.readouterr().out
-    assert code == 0
-    written = [Path(line) for line in out.splitlines() if line.strip()]
-    names = {p.name for p in written}
-    assert {"blurry_image.png", "blurry_laplacian.png", "focused_image.png", "focused_laplacian.png",
-            "autofocus.gif", "roi.png", "transparent.png", "show_images.png"} <= names
-    roi_view = cv2.imread(str(folder / "roi.png"))
-    assert np.all(roi_view == (0, 255, 255), axis=2).sum() > 100  # the --roi figure outlines its region
-    assert all(p.is_file() and p.parent == folder for p in written)
-    for png in folder.glob("*.png"):
-        assert png.read_bytes()[:8] == PNG_MAGIC
-        image = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
-        assert image is not None and image.size > 0 and image.std() > 1
-    # The focused frame is sharper than the blurry one (the figures tell the README's story).
-    scorer = autofocus.Scorer()
-    assert scorer(cv2.imread(str(folder / "focused_image.png"), cv2.IMREAD_UNCHANGED)) > \
-        2 * scorer(cv2.imread(str(folder / "blurry_image.png"), cv2.IMREAD_UNCHANGED))
-    gif = folder / "autofocus.gif"
-    assert gif.read_bytes()[:6] in (b"GIF87a", b"GIF89a")
-    from PIL import Image
+def test_replay_at_a_finer_step_keeps_to_the_recorded_slices(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert autofocus.main(["12.0", "12.7", "0.05", *SIM, "--save-images", str(tmp_path / "rec")]) == 0
+    capsys.readouterr()
+    code = autofocus.main(["12.0", "12.7", "0.01", "--replay", str(tmp_path / "rec"), "--json"])
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    zs = [z for z, _ in out["curve"]]
+    assert code == 0 and len(zs) == len(set(zs)) == 15  # each recorded slice once, never a repeat
+    assert len(out["peaks"]) == 1 and "recorded every 0.05 mm" in captured.err
+    # A camera asked for a position between the slices refuses rather than repeat one.
+    stage, camera = autofocus.replay_microscope(tmp_path / "rec")
+    stage.move_to(12.02)
+    with pytest.raises(autofocus.CameraError, match="no slice was recorded at z=12.02"):
+        camera.capture()
 
-    with Image.open(gif) as anim:
-        assert anim.n_frames > 10
-        assert anim.size[0] > 100 and anim.size[1] > 50
+
+def test_snap_to_recorded() -> None:
+    recorded = [0.0, 0.05, 0.1, 0.15]
+    assert autofocus.snap_to_recorded([0.0, 0.05, 0.1], recorded) == ((0.0, 0.05, 0.1), None)
+    positions, note = autofocus.snap_to_recorded([0.0, 0.02, 0.04, 0.06, 0.08, 0.1], recorded)
+    assert positions == (0.0, 0.05, 0.1) and "recorded every 0.05 mm" in note
+    positions, note = autofocus.snap_to_recorded([0.1, 0.08, 0.06], recorded)  # a downward sweep
+    assert positions == (0.1, 0.05) and note
