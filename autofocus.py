@@ -2968,9 +2968,8 @@ def restore_plan(original: dict[str, Any], triggers: dict[str, dict[str, Any]] |
 
 
 def lazy_import(missing: UsageError, *modules: str) -> list[Any]:
-    """Import ``modules`` on first use (vendor libraries load only for the backend a run uses);
-    ``missing`` (it says how to install them) when one is not installed.  A package comes before its
-    submodules: a submodule already loaded is found even when its package has since gone."""
+    """Import ``modules`` on first use, each package before its submodules (a loaded submodule is found
+    even when its package is gone); ``missing``, which says how to install them, when one is not there."""
     try:
         return [importlib.import_module(name) for name in modules]
     except ImportError as exc:
@@ -3722,15 +3721,13 @@ class FlirCamera(GenicamAdapter):
 
     Set-up, each change recorded in a SettingsJournal: a mono pixel format (Mono16 on a sensor deeper
     than 8 bits, else Mono8; a colour camera offering neither streams its 8/16-bit Bayer mosaic, which
-    ``capture`` converts to gray; packed formats are never used); the sensor ROI (``roi``, rounded to
-    the camera's increments); continuous acquisition with a software trigger; auto exposure and auto
-    gain off (CameraError when the camera does not allow it); ``exposure_ms``.  The frame timeout is
-    the larger of ``timeout_ms`` and the exposure plus CAMERA_TIMEOUT_MARGIN_MS.
-
-    Each ``capture`` drains stale buffers, triggers one exposure and waits for that frame, so no frame
-    exposed before the call (e.g. during the previous move) is returned and nothing blocks forever.
-    ``close()`` stops acquisition, puts back every node it changed and releases the camera (DeInit),
-    whatever ended the run; a camera lent by the caller (``from_camera``) is only restored.
+    ``capture`` converts to gray; never a packed format); the sensor ROI (``roi``, rounded to the
+    camera's increments); continuous acquisition with a software trigger; auto exposure and auto gain
+    off (CameraError when the camera does not allow it); ``exposure_ms``; a frame timeout of at least
+    the exposure plus CAMERA_TIMEOUT_MARGIN_MS.  Each ``capture`` drains stale buffers, triggers one
+    exposure and waits for that frame, so no frame exposed before the call is returned.  ``close()``
+    stops acquisition, puts back every node it changed and releases the camera (DeInit), whatever
+    ended the run; a camera lent by the caller (``from_camera``) is only restored.
     """
 
     vendor, viewer = "FLIR camera", "SpinView"
@@ -4089,10 +4086,9 @@ LIVE_CAMERAS: dict[str, Callable[..., Any]] = {"flir": FlirCamera, "basler": Bas
 ###############################################################################
 # Backends: simulated microscope ##############################################
 ###############################################################################
-# Defaults model the seed's hardware.  Sources: BFLY-U3-23S6M (Sony IMX249): 1920x1200,
-# 5.86 um pixels, 41 fps (datasheet); read noise 7 e- (estimate for IMX249); X-LDA025A
-# focus stage: 25 mm travel (datasheet), speed and settle (estimates); a 4x / NA 0.10
-# objective (estimate of a typical low-magnification MVR objective, depth of field ~70 um).
+# Defaults model the seed's hardware.  Sources: BFLY-U3-23S6M (Sony IMX249): 1920x1200, 5.86 um
+# pixels, 41 fps (datasheet); read noise 7 e- (estimate for IMX249); X-LDA025A focus stage: 25 mm
+# travel (datasheet), speed and settle (estimates); a 4x / NA 0.10 objective (estimate: a typical MVR one).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5465,10 +5461,9 @@ class MMXYStage(_MMPositioner):
 class MMCamera:
     """The Micro-Manager core's camera (or ``label``): one ``snapImage`` per frame.
 
-    snapImage starts its exposure when it is called (and opens and closes the shutter when the core's
-    auto-shutter is on), so every frame is exposed after the move before it; a running sequence
-    acquisition (live mode), whose buffer would hold frames exposed during the move, is stopped for
-    the run and restarted afterwards (README, "Micro-Manager").
+    snapImage starts its exposure (and the auto-shutter) when it is called, so every frame
+    is exposed after the move before it; a running sequence acquisition (live mode), whose buffer
+    would hold frames exposed during the move, is stopped for the run and restarted afterwards.
 
     ``exposure_ms`` and ``roi`` (x, y, w, h: the camera's own ROI) change the camera for the run;
     ``close()`` (or leaving the ``with`` block) puts every setting it changed back, and the selected
@@ -7454,12 +7449,10 @@ def focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, *, area_mm: Seq
     (``depth_of_field_mm``, default STEP), the map says where points are missing, and with
     ``refine=N`` measures up to N more.  ``on_point(point, done, total)`` is called after each point.
 
-    Everything is checked before anything moves (UsageError): the area inside the plate's travel and
-    ``xy_limits_mm``, the range inside the focus travel and ``z_min``/``z_max``.  Z is only commanded
-    inside START..END and the soft limits; every plate move is verified (XY_TOLERANCE_MM).  A fault or
-    Ctrl-C stops the map at once, nothing more moves, and the error carries ``partial`` (the points so
-    far, ``complete=False``) and ``stage_state``.  A complete map leaves the plate at its last point
-    and the focus stage at that point's focus."""
+    Everything is checked before anything moves (UsageError); Z is only commanded inside START..END
+    and the soft limits; every plate move is verified (XY_TOLERANCE_MM).  A fault or Ctrl-C stops the
+    map at once, nothing more moves, and the error carries ``partial`` (``complete=False``) and
+    ``stage_state``.  A complete map leaves the plate at its last point, focused there."""
     t0 = time.perf_counter()
     unknown = sorted(set(options) - set(focus.__kwdefaults__ or {}))
     if unknown:
