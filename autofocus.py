@@ -49,10 +49,13 @@ Python API (``__all__``; everything else is internal):
     AutofocusError and its tree (UsageError, BadValue, StackError, HardwareError, StageError,
     StageInterrupted, CameraError, OutputError, RunFailed), Interrupted (a KeyboardInterrupt)
 
-Sections, in dependency order: constants, exceptions, result types, focus scores, peak
-fitting and verdict, the slide's surface (focus maps, pure), search, device interfaces, backends
-(Zaber + FLIR, Basler, simulated, replay, Micro-Manager), output, Python API (focus, focus maps),
-command line.
+Sections, in dependency order (each uses only names defined in itself or above it, which
+tests/test_layout.py checks): Constants; Small helpers; Result types; Exceptions; Interrupt guard;
+Checked values; Focus scores; Decision (pure); Focus maps: the slide's surface (pure); Device
+interfaces; Search; Image files; Backends: what the GenICam cameras share; Backends: Zaber stage
+and FLIR camera; Backends: Basler camera (pypylon); Backends: simulated microscope; Backends:
+replay of a recorded stack; Backends: Micro-Manager (pymmcore-plus); Python API; Python API:
+Micro-Manager autofocus; Output; Command line.
 """
 from __future__ import annotations
 
@@ -286,6 +289,362 @@ SCREEN_MARGIN_PX = (32, 96)
 PAUSE_POLL_MS = HOLD_POLL_MS = 50
 
 ###############################################################################
+# Small helpers ###############################################################
+###############################################################################
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (ZML messages run over several lines)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def finite_only(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by None (recursively)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_only(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_only(v) for v in value]
+    return value
+
+
+###############################################################################
+# Result types ################################################################
+###############################################################################
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One frame: where it was taken, its focus score and (fast search) its coarse score."""
+
+    z_mm: float
+    score: float
+    coarse: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds spent moving (incl. settling), capturing and scoring, as measured by the tool."""
+
+    move_s: float = 0.0
+    capture_s: float = 0.0
+    score_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PeakFit:
+    """A sub-step peak estimate (see ``fit_peak``); ``used`` when it could be made."""
+
+    z_mm: float | None
+    used: bool
+    reason: str
+    uncertainty_mm: float | None = None  # half-width of a FIT_INTERVAL interval for the true peak
+    points: int = 0  # frames the fit rests on
+    scale: Scale = "fine"  # which score was fitted: the full-resolution one or the coarse (binned) one
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """Whether the curve has a real peak, and where it lies in the range.
+
+    ``height`` is how far the chosen peak's best frame stands above the curve's baseline (the median
+    of the frames off every peak); ``prominence`` how far it stands above the higher of its two
+    surroundings (topographic prominence; at an end of the curve, the one side).  A peak is real when
+    its height clears ``threshold`` (what noise reaches anywhere on the grid), and ``focused`` when the
+    curve also falls on both sides of it, within the range, by more than noise reaches there;
+    otherwise ``edge``: the focus may lie beyond the end it does not fall toward."""
+
+    kind: VerdictKind
+    prominence: float
+    noise: float
+    threshold: float
+    reason: str
+    suggestion_mm: tuple[float, float] | None = None
+    scale: Scale = "fine"
+    height: float = float("nan")
+    narrow: bool = False  # the peak is narrower than STEP: its neighbours are at the floor
+
+
+@dataclasses.dataclass(frozen=True)
+class Extremum:
+    """A significant local maximum (a peak) or minimum (a dip) of the focus curve."""
+
+    z_mm: float  # the frame at the extremum
+    score: float
+    prominence: float  # topographic: above the higher of its two surroundings (dips: below the lower)
+    fit_mm: float | None  # sub-step estimate (fit_peak), when one could be made
+    uncertainty_mm: float | None = None  # the fit's error bar
+
+
+@dataclasses.dataclass(frozen=True)
+class FocusResult:
+    """Everything a run found; ``best_mm`` is where the stage was finally sent."""
+
+    search: Search
+    metric: str
+    samples: tuple[Sample, ...]  # capture order
+    best_sample_mm: float
+    best_score: float
+    fit: PeakFit
+    verdict: Verdict
+    best_mm: float
+    start_mm: float
+    moves: int
+    elapsed_s: float
+    timing: Timing
+    transparent: bool = False  # --transparent: scores are 1/contrast, the focus is the contrast minimum
+    peaks: tuple[Extremum, ...] = ()  # every significant peak of the curve that decided, by z
+    dips: tuple[Extremum, ...] = ()  # every significant dip between rising flanks, by z
+    uncertainty_mm: float | None = None  # focused: half-width of a ~90 % interval for the true focus
+    notes: tuple[str, ...] = ()  # what the user should know beyond the verdict (one line each)
+
+    @property
+    def frames(self) -> int:
+        """Frames captured."""
+        return len(self.samples)
+
+    @property
+    def exit_code(self) -> int:
+        """The exit code for this verdict."""
+        return VERDICT_EXIT[self.verdict.kind]
+
+
+Z_AT_MARGIN = 0.05  # z_at answers up to 5% of the area's span beyond its edges (tiles on the border)
+
+
+def _normalised(area_mm: Sequence[float], x_mm: Any, y_mm: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Plate coordinates mapped so that the area spans [-1, 1] along its longer side."""
+    x0, y0, x1, y1 = area_mm
+    half = max(abs(x1 - x0), abs(y1 - y0)) / 2.0 or 1.0
+    return ((np.asarray(x_mm, float) - (x0 + x1) / 2.0) / half,
+            (np.asarray(y_mm, float) - (y0 + y1) / 2.0) / half)
+
+
+def _poly_basis(model: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Columns 1, u, v (plane) and u^2, uv, v^2 (quadratic); one row per point."""
+    cols = [np.ones_like(u), u, v]
+    if model == "quadratic":
+        cols += [u * u, u * v, v * v]
+    return np.stack(cols, axis=-1)
+
+
+def _tps_kernel(r: np.ndarray) -> np.ndarray:
+    """The thin-plate spline's radial function r^2 log r (0 at r = 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(r > 0, r * r * np.log(np.where(r > 0, r, 1.0)), 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Surface:
+    """A fitted focal surface of the slide over the mapped area; ``z_at(x, y)`` in mm.
+
+    ``model`` is "plane", "quadratic" or "spline" (a thin-plate spline: ``knots`` are the points
+    it was fitted to, in normalised coordinates, ``weights`` their kernel weights, and
+    ``coefficients`` its plane part).  ``to_json``/``from_json`` carry it to a scan script."""
+
+    model: str
+    area_mm: tuple[float, float, float, float]  # X0, Y0, X1, Y1 as mapped
+    coefficients: tuple[float, ...]
+    knots: tuple[tuple[float, float], ...] = ()
+    weights: tuple[float, ...] = ()
+    smoothing: float = 0.0
+
+    def z_at(self, x_mm: Any, y_mm: Any) -> Any:
+        """The surface's focus at (x, y), mm (a float, or an array for arrays of x and y).
+
+        Raises ValueError beyond the mapped area (by more than Z_AT_MARGIN of its span): the
+        map says nothing there, and an extrapolated curve can run into the slide."""
+        x, y = np.broadcast_arrays(np.asarray(x_mm, float), np.asarray(y_mm, float))
+        x0, y0, x1, y1 = self.area_mm
+        mx, my = Z_AT_MARGIN * abs(x1 - x0), Z_AT_MARGIN * abs(y1 - y0)
+        inside = ((min(x0, x1) - mx <= x) & (x <= max(x0, x1) + mx) & (min(y0, y1) - my <= y)
+                  & (y <= max(y0, y1) + my))
+        if not np.all(inside):
+            bad = np.argwhere(~inside)[0]
+            raise ValueError(f"({float(x[tuple(bad)]):g}, {float(y[tuple(bad)]):g}) mm is outside the mapped area "
+                             f"X {min(x0, x1):g}..{max(x0, x1):g}, Y {min(y0, y1):g}..{max(y0, y1):g} mm: "
+                             "map that area too")
+        u, v = _normalised(self.area_mm, x, y)
+        if self.model == "spline":
+            knots = np.asarray(self.knots, float)
+            r = np.hypot(u[..., None] - knots[:, 0], v[..., None] - knots[:, 1])
+            z = _tps_kernel(r) @ np.asarray(self.weights) + _poly_basis("plane", u, v) @ np.asarray(self.coefficients)
+        else:
+            z = _poly_basis(self.model, u, v) @ np.asarray(self.coefficients)
+        return float(z) if z.ndim == 0 else z
+
+    def gradient_um_per_mm(self, x_mm: float, y_mm: float, h_mm: float = 1e-3) -> tuple[float, float]:
+        """dz/dx and dz/dy at (x, y), um per mm (central differences)."""
+        dx = (self.z_at(x_mm + h_mm, y_mm) - self.z_at(x_mm - h_mm, y_mm)) / (2 * h_mm)
+        dy = (self.z_at(x_mm, y_mm + h_mm) - self.z_at(x_mm, y_mm - h_mm)) / (2 * h_mm)
+        return 1000.0 * dx, 1000.0 * dy
+
+    def to_json(self) -> dict[str, Any]:
+        """A plain dict (JSON-ready); ``Surface.from_json`` rebuilds the same surface."""
+        return {"model": self.model, "area_mm": list(self.area_mm), "coefficients": list(self.coefficients),
+                "knots": [list(k) for k in self.knots], "weights": list(self.weights), "smoothing": self.smoothing}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Surface:
+        """The surface ``to_json`` wrote (e.g. ``json.load(f)["surface"]`` of a --map-json file)."""
+        try:
+            surface = cls(str(data["model"]), tuple(float(v) for v in data["area_mm"]),  # type: ignore[arg-type]
+                          tuple(float(v) for v in data["coefficients"]),
+                          tuple((float(k[0]), float(k[1])) for k in data.get("knots", ())),
+                          tuple(float(v) for v in data.get("weights", ())), float(data.get("smoothing", 0.0)))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ValueError(f"not a focus-map surface: {exc}") from exc
+        need = {"plane": 3, "quadratic": 6, "spline": 3}.get(surface.model)
+        if (need is None or len(surface.area_mm) != 4 or len(surface.coefficients) != need
+                or len(surface.knots) != len(surface.weights)):
+            raise ValueError(f"not a focus-map surface: model {surface.model!r} with {len(surface.coefficients)} "
+                             "coefficients")
+        return surface
+
+
+@dataclasses.dataclass(frozen=True)
+class MapPoint:
+    """One position of a focus map and what was found there.
+
+    ``result`` is the search that decided the point (its narrow window, or the whole range after it);
+    ``searches`` holds every search run there, in order.  ``status``: "used" (in the surface),
+    "not_focused" (bare glass, an empty field, the focus outside START..END), "outlier" (focused, but
+    far off the surface the others make), "failed" (the map stopped here)."""
+
+    x_mm: float
+    y_mm: float
+    result: FocusResult | None
+    searches: tuple[FocusResult, ...] = ()
+    status: str = "used"
+    note: str = ""
+    noise_frames: int = 0  # frames repeated here to measure the score's noise
+    added: bool = False  # added where the map was uncertain (refine)
+    loo_um: float | None = None  # used points: how far the surface fitted to the others misses it
+
+    @property
+    def z_mm(self) -> float | None:
+        """The focus found here (None when there is none)."""
+        r = self.result
+        return r.best_mm if r is not None and r.verdict.kind == "focused" and math.isfinite(r.best_mm) else None
+
+    @property
+    def verdict(self) -> str:
+        """The decisive search's verdict ("failed" when it did not finish)."""
+        return "failed" if self.status == "failed" or self.result is None else self.result.verdict.kind
+
+    @property
+    def frames(self) -> int:
+        """Frames captured at this point (every search, and the noise frames)."""
+        return sum(r.frames for r in self.searches) + self.noise_frames
+
+
+@dataclasses.dataclass(frozen=True)
+class FocusMap:
+    """A focus map of the slide: the points measured and the surface fitted to them.
+
+    ``z_at(x, y)`` is the surface's focus (mm) in the mapped area (ValueError beyond it, or without a
+    surface).  ``model``: the surface chosen by leave-one-out error ("plane", "quadratic", "spline";
+    None with too few focused points); ``tilt_x_um_per_mm`` / ``tilt_y_um_per_mm`` the best plane's
+    slope; ``rms_um`` and ``loo_rms_um`` the used points' residuals and leave-one-out residuals
+    (weighted by their error bars); ``trusted``: the leave-one-out error is within half the depth of
+    field; ``frames`` every frame captured; ``to_json()`` all of it."""
+
+    area_mm: tuple[float, float, float, float]
+    grid: tuple[int, int]
+    points: tuple[MapPoint, ...]
+    surface: Surface | None
+    depth_of_field_mm: float
+    range_mm: tuple[float, float]
+    step_mm: float
+    loo_by_model_um: dict[str, float] = dataclasses.field(default_factory=dict)
+    rms_um: float | None = None
+    loo_rms_um: float | None = None
+    tilt_um_per_mm: tuple[float, float] | None = None
+    rel_noise: float | None = None
+    complete: bool = True
+    warnings: tuple[str, ...] = ()
+    suggestions_mm: tuple[tuple[float, float], ...] = ()
+    elapsed_s: float = 0.0
+
+    @property
+    def model(self) -> str | None:
+        return None if self.surface is None else self.surface.model
+
+    @property
+    def tilt_x_um_per_mm(self) -> float | None:
+        return None if self.tilt_um_per_mm is None else self.tilt_um_per_mm[0]
+
+    @property
+    def tilt_y_um_per_mm(self) -> float | None:
+        return None if self.tilt_um_per_mm is None else self.tilt_um_per_mm[1]
+
+    @property
+    def frames(self) -> int:
+        """Every frame the map captured."""
+        return sum(p.frames for p in self.points)
+
+    @property
+    def trusted(self) -> bool:
+        """A surface whose leave-one-out error is at most half the depth of field."""
+        return self.loo_rms_um is not None and self.loo_rms_um <= 500.0 * self.depth_of_field_mm
+
+    @property
+    def exit_code(self) -> int:
+        """The CLI's exit code: 0 a trusted surface, 4 a surface less certain than DOF/2, 3 none."""
+        return EXIT_NO_PEAK if self.surface is None else EXIT_OK if self.trusted else EXIT_EDGE
+
+    def z_at(self, x_mm: Any, y_mm: Any) -> Any:
+        """The surface's focus at (x, y), mm (floats or arrays); see ``Surface.z_at``."""
+        if self.surface is None:
+            raise ValueError("the focus map has no surface: too few points were focused (see its warnings)")
+        return self.surface.z_at(x_mm, y_mm)
+
+    def z_grid(self, grid: tuple[int, int] | None = None) -> np.ndarray:
+        """The surface on an NX x NY grid spanning the area (the map's own by default): shape
+        (NY, NX), row i at Y0 + i (Y1 - Y0)/(NY - 1), column j at X0 + j (X1 - X0)/(NX - 1), mm."""
+        nx, ny = grid or self.grid
+        x0, y0, x1, y1 = self.area_mm
+        gx, gy = np.meshgrid(np.linspace(x0, x1, nx), np.linspace(y0, y1, ny))
+        return np.asarray(self.z_at(gx, gy), float).reshape(ny, nx)
+
+    def offsets_um(self, grid: tuple[int, int] | None = None) -> np.ndarray:
+        """The layout of Zaber's high-throughput scanning example (``focus_map.npy``): an m x n array,
+        m scan passes (rows: along x, at each y from Y0 to Y1) by n images along each pass (x from X0
+        to X1), each entry the focus offset of that imaging location from the first one (X0, Y0),
+        in um.  In plate order: the example's scan does the snake itself."""
+        z = self.z_grid(grid)
+        return (z - z[0, 0]) * 1000.0
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything about the map as plain JSON-ready values (NaN as None)."""
+        def point(p: MapPoint) -> dict[str, Any]:
+            r = p.result
+            return {"x_mm": p.x_mm, "y_mm": p.y_mm, "z_mm": p.z_mm, "verdict": p.verdict, "status": p.status,
+                    "uncertainty_mm": None if r is None else r.uncertainty_mm, "frames": p.frames,
+                    "noise_frames": p.noise_frames, "added": p.added, "loo_um": p.loo_um, "note": p.note,
+                    "surface_mm": self.z_at(p.x_mm, p.y_mm) if self.surface is not None else None,
+                    "searches": [{"range_mm": [min(q.z_mm for q in s.samples), max(q.z_mm for q in s.samples)]
+                                  if s.samples else None,
+                                  "search": s.search, "verdict": s.verdict.kind, "reason": s.verdict.reason,
+                                  "frames": s.frames, "best_mm": s.best_mm,
+                                  "curve": [[q.z_mm, q.score] for q in s.samples]} for s in p.searches]}
+
+        return finite_only({
+            "area_mm": list(self.area_mm), "grid": list(self.grid), "complete": self.complete,
+            "model": self.model, "trusted": self.trusted, "tilt_um_per_mm": list(self.tilt_um_per_mm or []) or None,
+            "rms_um": self.rms_um, "loo_rms_um": self.loo_rms_um, "loo_by_model_um": dict(self.loo_by_model_um),
+            "depth_of_field_um": 1000.0 * self.depth_of_field_mm, "range_mm": list(self.range_mm),
+            "step_mm": self.step_mm, "frames": self.frames,
+            "frames_per_point": self.frames / len(self.points) if self.points else None,
+            "relative_noise": self.rel_noise, "elapsed_s": round(self.elapsed_s, 4),
+            "warnings": list(self.warnings), "suggested_points_mm": [list(s) for s in self.suggestions_mm],
+            "surface": None if self.surface is None else self.surface.to_json(),
+            "points": [point(p) for p in self.points]})
+
+
+###############################################################################
 # Exceptions ##################################################################
 ###############################################################################
 
@@ -451,6 +810,88 @@ def as_run_failure(error: BaseException, partial: FocusResult | FocusMap | None,
 
 
 ###############################################################################
+# Interrupt guard #############################################################
+###############################################################################
+
+
+def interrupt_code(exc: BaseException) -> int:
+    """130 for Ctrl-C, 128 + N for signal N."""
+    return exc.exit_code if isinstance(exc, Interrupted) else EXIT_INTERRUPTED
+
+
+def interrupt_text(exc: BaseException) -> str:
+    """"interrupted (Ctrl-C)", "terminated (SIGTERM)", ..."""
+    return exc.describe() if isinstance(exc, Interrupted) else "interrupted (Ctrl-C)"
+
+
+def failure_line(failed: BaseException) -> tuple[int, str]:
+    """The exit code and the one-line error of a run that failed once it had started."""
+    if isinstance(failed, RunFailed) and failed.__cause__ is not None:
+        failed = failed.__cause__  # a bug: named by its own type
+    if isinstance(failed, KeyboardInterrupt):
+        return interrupt_code(failed), interrupt_text(failed)
+    if isinstance(failed, AutofocusError):
+        return failed.exit_code, first_line(failed)
+    return EXIT_BUG, (f"internal error {type(failed).__name__}: {first_line(failed)} (please report it with the "
+                      "--verbose output)")
+
+
+class InterruptSignals:
+    """Ctrl-C and the termination signals as one exception, Interrupted, in the main thread.
+
+    Installed by ``main()`` for the length of a run: SIGINT, SIGTERM, and where the platform has them
+    SIGHUP (POSIX: the terminal or SSH session closed) and SIGBREAK (Windows: Ctrl-Break).  Inside
+    ``held()`` a signal is remembered in ``pending`` instead of raised, so that closing the stack and
+    writing the outputs are never cut short.  On Windows ``taskkill /F`` and closing the console
+    window cannot be caught; use Ctrl-C or Ctrl-Break there.
+    """
+
+    NAMES = EARLY_SIGNALS  # the same signals as while the tool starts
+
+    def __init__(self) -> None:
+        self.pending: Interrupted | None = None
+        self._holding = 0
+        self._finished = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        exc = Interrupted(signum)
+        if self._holding or self._finished:
+            self.pending = self.pending or exc
+            return
+        raise exc
+
+    def finish(self) -> None:
+        """The run has said everything: from now on a signal is only noted (no second JSON)."""
+        self._finished = True
+
+    def __enter__(self) -> InterruptSignals:
+        self.pending, self._finished = None, False
+        if threading.current_thread() is threading.main_thread():  # signals go to the main thread only
+            for name in self.NAMES:
+                number = getattr(signal, name, None)
+                if number is not None:
+                    self._previous[number] = signal.signal(number, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous.clear()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Signals arriving inside the block are kept in ``pending``, not raised."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+
+
+INTERRUPTS = InterruptSignals()
+
+###############################################################################
 # Checked values ##############################################################
 ###############################################################################
 # Every argument the tool takes -- focus()'s request, the simulator's options, the backends'
@@ -564,108 +1005,6 @@ def check_values(scope: str, rules: Mapping[str, Rule], values: Mapping[str, Any
 
 
 POSITION_RULE = Rule("number", -MAX_ABS_POSITION_MM, MAX_ABS_POSITION_MM, " mm")  # START, END, limits, ...
-
-
-###############################################################################
-# Result types ################################################################
-###############################################################################
-
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-    """One frame: where it was taken, its focus score and (fast search) its coarse score."""
-
-    z_mm: float
-    score: float
-    coarse: float | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Timing:
-    """Seconds spent moving (incl. settling), capturing and scoring, as measured by the tool."""
-
-    move_s: float = 0.0
-    capture_s: float = 0.0
-    score_s: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class PeakFit:
-    """A sub-step peak estimate (see ``fit_peak``); ``used`` when it could be made."""
-
-    z_mm: float | None
-    used: bool
-    reason: str
-    uncertainty_mm: float | None = None  # half-width of a FIT_INTERVAL interval for the true peak
-    points: int = 0  # frames the fit rests on
-    scale: Scale = "fine"  # which score was fitted: the full-resolution one or the coarse (binned) one
-
-
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-    """Whether the curve has a real peak, and where it lies in the range.
-
-    ``height`` is how far the chosen peak's best frame stands above the curve's baseline (the median
-    of the frames off every peak); ``prominence`` how far it stands above the higher of its two
-    surroundings (topographic prominence; at an end of the curve, the one side).  A peak is real when
-    its height clears ``threshold`` (what noise reaches anywhere on the grid), and ``focused`` when the
-    curve also falls on both sides of it, within the range, by more than noise reaches there;
-    otherwise ``edge``: the focus may lie beyond the end it does not fall toward."""
-
-    kind: VerdictKind
-    prominence: float
-    noise: float
-    threshold: float
-    reason: str
-    suggestion_mm: tuple[float, float] | None = None
-    scale: Scale = "fine"
-    height: float = float("nan")
-    narrow: bool = False  # the peak is narrower than STEP: its neighbours are at the floor
-
-
-@dataclasses.dataclass(frozen=True)
-class Extremum:
-    """A significant local maximum (a peak) or minimum (a dip) of the focus curve."""
-
-    z_mm: float  # the frame at the extremum
-    score: float
-    prominence: float  # topographic: above the higher of its two surroundings (dips: below the lower)
-    fit_mm: float | None  # sub-step estimate (fit_peak), when one could be made
-    uncertainty_mm: float | None = None  # the fit's error bar
-
-
-@dataclasses.dataclass(frozen=True)
-class FocusResult:
-    """Everything a run found; ``best_mm`` is where the stage was finally sent."""
-
-    search: Search
-    metric: str
-    samples: tuple[Sample, ...]  # capture order
-    best_sample_mm: float
-    best_score: float
-    fit: PeakFit
-    verdict: Verdict
-    best_mm: float
-    start_mm: float
-    moves: int
-    elapsed_s: float
-    timing: Timing
-    transparent: bool = False  # --transparent: scores are 1/contrast, the focus is the contrast minimum
-    peaks: tuple[Extremum, ...] = ()  # every significant peak of the curve that decided, by z
-    dips: tuple[Extremum, ...] = ()  # every significant dip between rising flanks, by z
-    uncertainty_mm: float | None = None  # focused: half-width of a ~90 % interval for the true focus
-    notes: tuple[str, ...] = ()  # what the user should know beyond the verdict (one line each)
-
-    @property
-    def frames(self) -> int:
-        """Frames captured."""
-        return len(self.samples)
-
-    @property
-    def exit_code(self) -> int:
-        """The exit code for this verdict."""
-        return VERDICT_EXIT[self.verdict.kind]
-
 
 ###############################################################################
 # Focus scores ################################################################
@@ -1622,97 +1961,6 @@ NOISE_REPEATS = 6  # frames repeated at the first focus: the score's frame-to-fr
 WINDOW_SHOWS_SIGMAS = 2.0
 SIGMA_PER_90 = 1.0 / 1.645  # uncertainty_mm is a ~90% half-width: one sigma is 1/1.645 of it
 XY_TOLERANCE_MM = 0.002  # a plate move must end within 2 um of its target (a Zaber axis: its own tolerance too)
-Z_AT_MARGIN = 0.05  # z_at answers up to 5% of the area's span beyond its edges (tiles on the border)
-
-
-def _normalised(area_mm: Sequence[float], x_mm: Any, y_mm: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Plate coordinates mapped so that the area spans [-1, 1] along its longer side."""
-    x0, y0, x1, y1 = area_mm
-    half = max(abs(x1 - x0), abs(y1 - y0)) / 2.0 or 1.0
-    return ((np.asarray(x_mm, float) - (x0 + x1) / 2.0) / half,
-            (np.asarray(y_mm, float) - (y0 + y1) / 2.0) / half)
-
-
-def _poly_basis(model: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Columns 1, u, v (plane) and u^2, uv, v^2 (quadratic); one row per point."""
-    cols = [np.ones_like(u), u, v]
-    if model == "quadratic":
-        cols += [u * u, u * v, v * v]
-    return np.stack(cols, axis=-1)
-
-
-def _tps_kernel(r: np.ndarray) -> np.ndarray:
-    """The thin-plate spline's radial function r^2 log r (0 at r = 0)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(r > 0, r * r * np.log(np.where(r > 0, r, 1.0)), 0.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class Surface:
-    """A fitted focal surface of the slide over the mapped area; ``z_at(x, y)`` in mm.
-
-    ``model`` is "plane", "quadratic" or "spline" (a thin-plate spline: ``knots`` are the points
-    it was fitted to, in normalised coordinates, ``weights`` their kernel weights, and
-    ``coefficients`` its plane part).  ``to_json``/``from_json`` carry it to a scan script."""
-
-    model: str
-    area_mm: tuple[float, float, float, float]  # X0, Y0, X1, Y1 as mapped
-    coefficients: tuple[float, ...]
-    knots: tuple[tuple[float, float], ...] = ()
-    weights: tuple[float, ...] = ()
-    smoothing: float = 0.0
-
-    def z_at(self, x_mm: Any, y_mm: Any) -> Any:
-        """The surface's focus at (x, y), mm (a float, or an array for arrays of x and y).
-
-        Raises ValueError beyond the mapped area (by more than Z_AT_MARGIN of its span): the
-        map says nothing there, and an extrapolated curve can run into the slide."""
-        x, y = np.broadcast_arrays(np.asarray(x_mm, float), np.asarray(y_mm, float))
-        x0, y0, x1, y1 = self.area_mm
-        mx, my = Z_AT_MARGIN * abs(x1 - x0), Z_AT_MARGIN * abs(y1 - y0)
-        inside = ((min(x0, x1) - mx <= x) & (x <= max(x0, x1) + mx) & (min(y0, y1) - my <= y)
-                  & (y <= max(y0, y1) + my))
-        if not np.all(inside):
-            bad = np.argwhere(~inside)[0]
-            raise ValueError(f"({float(x[tuple(bad)]):g}, {float(y[tuple(bad)]):g}) mm is outside the mapped area "
-                             f"X {min(x0, x1):g}..{max(x0, x1):g}, Y {min(y0, y1):g}..{max(y0, y1):g} mm: "
-                             "map that area too")
-        u, v = _normalised(self.area_mm, x, y)
-        if self.model == "spline":
-            knots = np.asarray(self.knots, float)
-            r = np.hypot(u[..., None] - knots[:, 0], v[..., None] - knots[:, 1])
-            z = _tps_kernel(r) @ np.asarray(self.weights) + _poly_basis("plane", u, v) @ np.asarray(self.coefficients)
-        else:
-            z = _poly_basis(self.model, u, v) @ np.asarray(self.coefficients)
-        return float(z) if z.ndim == 0 else z
-
-    def gradient_um_per_mm(self, x_mm: float, y_mm: float, h_mm: float = 1e-3) -> tuple[float, float]:
-        """dz/dx and dz/dy at (x, y), um per mm (central differences)."""
-        dx = (self.z_at(x_mm + h_mm, y_mm) - self.z_at(x_mm - h_mm, y_mm)) / (2 * h_mm)
-        dy = (self.z_at(x_mm, y_mm + h_mm) - self.z_at(x_mm, y_mm - h_mm)) / (2 * h_mm)
-        return 1000.0 * dx, 1000.0 * dy
-
-    def to_json(self) -> dict[str, Any]:
-        """A plain dict (JSON-ready); ``Surface.from_json`` rebuilds the same surface."""
-        return {"model": self.model, "area_mm": list(self.area_mm), "coefficients": list(self.coefficients),
-                "knots": [list(k) for k in self.knots], "weights": list(self.weights), "smoothing": self.smoothing}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Surface:
-        """The surface ``to_json`` wrote (e.g. ``json.load(f)["surface"]`` of a --map-json file)."""
-        try:
-            surface = cls(str(data["model"]), tuple(float(v) for v in data["area_mm"]),  # type: ignore[arg-type]
-                          tuple(float(v) for v in data["coefficients"]),
-                          tuple((float(k[0]), float(k[1])) for k in data.get("knots", ())),
-                          tuple(float(v) for v in data.get("weights", ())), float(data.get("smoothing", 0.0)))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise ValueError(f"not a focus-map surface: {exc}") from exc
-        need = {"plane": 3, "quadratic": 6, "spline": 3}.get(surface.model)
-        if (need is None or len(surface.area_mm) != 4 or len(surface.coefficients) != need
-                or len(surface.knots) != len(surface.weights)):
-            raise ValueError(f"not a focus-map surface: model {surface.model!r} with {len(surface.coefficients)} "
-                             "coefficients")
-        return surface
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -2019,6 +2267,196 @@ def suggest_points(x_mm: Sequence[float], y_mm: Sequence[float], loo_mm: Sequenc
         if all(math.hypot(xv - cx, yv - cy) >= 0.99 * spacing for cx, cy in chosen):
             chosen.append((round(xv, POSITION_DECIMALS), round(yv, POSITION_DECIMALS)))
     return chosen
+
+
+###############################################################################
+# Device interfaces ###########################################################
+###############################################################################
+# The search needs only these; the Zaber stage, the FLIR camera, the simulator and the replay
+# all implement them.
+
+
+class Stage(Protocol):
+    """A focus axis: what the search needs and nothing more."""
+
+    def limits_mm(self) -> tuple[float, float]:
+        """The travel limits (lowest, highest), mm."""
+        ...
+
+    def position_mm(self) -> float:
+        """Where the axis is now, mm."""
+        ...
+
+    def move_to(self, z_mm: float) -> None:
+        """Move to z and return once it has arrived (or raise StageError).  A stage that checks,
+        before moving, that it stood still since its last move (ZaberStage does) raises a
+        StageError with ``before_move`` True when it did not: the frame taken there is dropped."""
+        ...
+
+    def stop(self) -> None:
+        """Stop any motion now."""
+        ...
+
+
+class Camera(Protocol):
+    """A camera: one call, one frame exposed after the call began."""
+
+    def capture(self) -> np.ndarray:
+        """One frame exposed after this call began: a numpy array, HxW or HxWx3/4 (BGR, BGRA),
+        uint8, uint16 or float32, the same size and type for every frame of a run."""
+        ...
+
+
+class XYStage(Protocol):
+    """An XY plate (the slide's stage): what a focus map needs and nothing more."""
+
+    def move_to(self, x_mm: float, y_mm: float) -> None:
+        """Move to (x, y) and return once it has arrived (or raise StageError)."""
+        ...
+
+    def position_mm(self) -> tuple[float, float]:
+        """Where the plate is now, (x, y) mm."""
+        ...
+
+    def limits_mm(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """The travel limits ((x_lo, x_hi), (y_lo, y_hi)), mm."""
+        ...
+
+    def stop(self) -> None:
+        """Stop any motion now."""
+        ...
+
+
+class StageExtras(Protocol):
+    """What a run asks a stage (or a plate) beyond Stage/XYStage.  A stage class declares them by
+    deriving from StageDefaults and overriding what it has; a stage with only the four methods gets
+    the defaults (``extras_of``): it has a reference position, no native grid, a frame anywhere."""
+
+    homed: bool  # whether the axis has a reference position (a Zaber axis after power-up has none)
+    axis_name: str  # names the axis in messages: "device 3 axis 1"
+    native_unit_mm: float  # one step of the axis, mm (0: continuous)
+
+    def home_if_needed(self) -> bool:
+        """Find the reference position when there is none (it may cross any position); True when it homed."""
+        ...
+
+    def run_scope(self, allowed_mm: Any) -> contextlib.AbstractContextManager[None]:
+        """One run: the axis taken as it stands (moving or faulted: refused), every move rounded
+        inside ``allowed_mm`` (travel and soft limits: (lo, hi), or a plate's ((x..), (y..))) until it ends."""
+        ...
+
+    def reachable(self, positions: tuple[float, ...]) -> tuple[tuple[float, ...], str | None]:
+        """The positions this stage has frames at (a replay: its recorded slices), and a note when they differ."""
+        ...
+
+
+class StageDefaults:
+    """StageExtras for a stage that has none of them; the backends derive from it."""
+
+    homed, axis_name, native_unit_mm = True, "the focus axis", 0.0
+
+    def home_if_needed(self) -> bool:
+        return False
+
+    def run_scope(self, allowed_mm: Any) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def reachable(self, positions: tuple[float, ...]) -> tuple[tuple[float, ...], str | None]:
+        return positions, None
+
+
+def extras_of(stage: Stage | XYStage) -> StageExtras:
+    """The stage's own StageExtras when its class declares them (derives from StageDefaults), else the
+    defaults: the one place a stage's kind is looked at, so that a four-method stage keeps working."""
+    return stage if isinstance(stage, StageDefaults) else StageDefaults()
+
+
+_PROTOCOLS = {"stage": "a Stage needs limits_mm(), position_mm(), move_to(z_mm) and stop()",
+              "camera": "a Camera needs capture()",
+              "plate": "an XYStage needs move_to(x_mm, y_mm), position_mm(), limits_mm() and stop()"}
+
+
+def call_part(part: Any, what: str, method: str) -> Any:
+    """``part.method()`` on a stage, camera or plate a caller gave, the way the readers below call
+    it -- before anything moves.  A part without that method, or whose ``method`` is not callable or
+    takes other arguments, is the caller's mistake: UsageError naming what is missing, not an
+    AttributeError or TypeError from deep in a run.  (Errors raised inside the method are its own.)"""
+    def called(value: Any) -> str:  # None, "a str", "an object"
+        kind = type(value).__name__
+        return "None" if value is None else f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
+
+    label = called(part)
+    try:
+        bound = getattr(part, method)
+    except AttributeError as exc:
+        if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+            raise  # raised inside a property or __getattr__ of the part: its own error
+        raise UsageError(f"the {what} ({label}) has no {method}() method: {_PROTOCOLS[what]} (see the Device "
+                         "interfaces section); nothing was moved") from None
+    if not callable(bound):
+        shown = show_value(bound)
+        raise UsageError(f"the {what}'s {method} is {called(bound) if chr(10) in shown else shown}, not callable: "
+                         f"{_PROTOCOLS[what]} (methods, see the Device interfaces section); nothing was moved")
+    try:
+        return bound()
+    except TypeError as exc:
+        if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+            raise  # raised inside the method
+        raise UsageError(f"the {what}'s {method}() cannot be called without arguments ({exc}): "
+                         f"{_PROTOCOLS[what]}; nothing was moved") from None
+
+
+def stage_limits(stage: Stage) -> tuple[float, float]:
+    """The stage's travel limits, checked before any use: two finite numbers of mm, lowest first
+    (a NaN would pass every comparison of the plan check); StageError otherwise."""
+    limits = call_part(stage, "stage", "limits_mm")
+    try:
+        lo, hi = limits
+        usable = _is_number(lo) and _is_number(hi) and lo <= hi
+    except (TypeError, ValueError):
+        usable = False
+    if not usable:
+        raise StageError(f"the stage reports its travel limits as {show_value(limits)}, not two finite numbers of mm, "
+                         "lowest first; nothing was moved: check the stage (its limits_mm())")
+    return float(lo), float(hi)
+
+
+def stage_position(stage: Stage) -> float:
+    """Where the stage says it is, checked before any use: a finite number of mm; StageError otherwise."""
+    z_mm = call_part(stage, "stage", "position_mm")
+    if not _is_number(z_mm):
+        raise StageError(f"the stage reports its position as {show_value(z_mm)}, not a finite number of mm; "
+                         "nothing was moved: check the stage (its position_mm())")
+    return float(z_mm)
+
+
+def plate_limits(xy: XYStage) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The plate's travel limits, checked before any use: ((x_lo, x_hi), (y_lo, y_hi)), finite
+    numbers of mm, lowest first; StageError otherwise."""
+    limits = call_part(xy, "plate", "limits_mm")
+    try:
+        (x_lo, x_hi), (y_lo, y_hi) = limits
+        usable = all(_is_number(v) for v in (x_lo, x_hi, y_lo, y_hi)) and x_lo <= x_hi and y_lo <= y_hi
+    except (TypeError, ValueError):
+        usable = False
+    if not usable:
+        raise StageError(f"the plate reports its travel limits as {show_value(limits)}, not ((x_lo, x_hi), (y_lo, "
+                         "y_hi)) in finite mm, lowest first; nothing was moved: check the plate (its limits_mm())")
+    return (float(x_lo), float(x_hi)), (float(y_lo), float(y_hi))
+
+
+def plate_position(xy: XYStage) -> tuple[float, float]:
+    """Where the plate says it is, checked before any use: (x, y), finite numbers of mm."""
+    at = call_part(xy, "plate", "position_mm")
+    try:
+        x, y = at
+        usable = _is_number(x) and _is_number(y)
+    except (TypeError, ValueError):
+        usable = False
+    if not usable:
+        raise StageError(f"the plate reports its position as {show_value(at)}, not (x, y) in finite mm; check the "
+                         "plate (its position_mm())")
+    return float(x), float(y)
 
 
 ###############################################################################
@@ -2477,113 +2915,364 @@ def stop_and_locate(stage: Stage, what: str) -> str:
     return f"{what}; stop sent again, the stage position is unknown: check it before the next run"
 
 
+def check_home_consent(home: bool | None, z_min: float | None, z_max: float | None, axis: str) -> None:
+    """Homing crosses positions --z-min/--z-max may forbid: refuse it unless it is allowed
+    (``home``: True allowed, False never, None only without a soft limit)."""
+    if home is False:
+        raise UsageError(f"{axis} has no reference position (not homed) and --no-home forbids homing: home it "
+                         "yourself (e.g. in Zaber Launcher) once the path to the home sensor is clear; nothing moved")
+    soft = [name for name, v in (("--z-min", z_min), ("--z-max", z_max)) if v is not None]
+    if soft and home is not True:
+        raise UsageError(f"{axis} has no reference position and must be homed, but homing drives to the home sensor "
+                         f"(toward position 0, the low end of the travel) through positions {'/'.join(soft)} may "
+                         "forbid: check that the objective's path is clear, then pass --home (or home the stage "
+                         "yourself); nothing moved")
+
+
 ###############################################################################
-# Device interfaces ###########################################################
+# Image files #################################################################
 ###############################################################################
-# The search needs only these; the Zaber stage, the FLIR camera, the simulator and the replay
-# all implement them.
+
+# Every image format this OpenCV build can decode is recognised by its signature, as OpenCV's
+# decoders recognise it (by content, not by extension), and its size is read from its header before
+# anything is decoded: a 69-byte PNG may declare 50000x50000 pixels (a decompression bomb).  A
+# format whose size cannot be read cheaply (AVIF, OpenEXR, ...) is refused.  (OpenCV's own limit,
+# OPENCV_IO_MAX_IMAGE_PIXELS, is read when cv2 is loaded: too late if a script imported cv2 first.)
+# The readers walk at most MAX_HEADER_STEPS segments, boxes or blocks, reading only those parts.
+HEADER_FORMATS = "PNG, TIFF, JPEG, BMP, WebP, JPEG 2000, GIF, PNM/PAM/PFM, Sun raster, Radiance HDR"
+MAX_HEADER_STEPS = 4096  # a real file has a few dozen segments before its size (JPEG's ICC profile: 255 at most)
+
+ImageBytes = Any  # bytes, or a _FileBytes: what the header readers index (data[a:b], len(data))
 
 
-class Stage(Protocol):
-    """A focus axis: what the search needs and nothing more."""
+class _FileBytes:
+    """An image file's bytes as the header readers index them (``data[a:b]``, ``len(data)``), read
+    from the file in blocks only where a reader looks: a header check of a file of any size reads a
+    few KiB (a TIFF's directory may lie at its end, a JPEG's frame header behind large segments).
+    ``verify`` then checks the whole file, read afterwards, against every block the check saw."""
 
-    def limits_mm(self) -> tuple[float, float]:
-        """The travel limits (lowest, highest), mm."""
-        ...
+    BLOCK = 4096
 
-    def position_mm(self) -> float:
-        """Where the axis is now, mm."""
-        ...
+    def __init__(self, file: Any, size: int) -> None:
+        self._file, self._size = file, size
+        self._blocks: dict[int, bytes] = {}
 
-    def move_to(self, z_mm: float) -> None:
-        """Move to z and return once it has arrived (or raise StageError).  A stage that checks,
-        before moving, that it stood still since its last move (ZaberStage does) raises a
-        StageError with ``before_move`` True when it did not: the frame taken there is dropped."""
-        ...
+    def __len__(self) -> int:
+        return self._size
 
-    def stop(self) -> None:
-        """Stop any motion now."""
-        ...
+    def __getitem__(self, key: slice) -> bytes:
+        start, stop, _ = key.indices(self._size)
+        if stop <= start:
+            return b""
+        first, last = start // self.BLOCK, (stop - 1) // self.BLOCK
+        missing = [i for i in range(first, last + 1) if i not in self._blocks]
+        if missing:  # one read for the blocks missing, from the first to the last of them
+            self._file.seek(missing[0] * self.BLOCK)
+            chunk = self._file.read((missing[-1] - missing[0] + 1) * self.BLOCK)
+            for i in range(missing[0], missing[-1] + 1):
+                at = (i - missing[0]) * self.BLOCK
+                self._blocks.setdefault(i, chunk[at: at + self.BLOCK])
+        joined = b"".join(self._blocks[i] for i in range(first, last + 1))
+        return joined[start - first * self.BLOCK: stop - first * self.BLOCK]
 
-
-class Camera(Protocol):
-    """A camera: one call, one frame exposed after the call began."""
-
-    def capture(self) -> np.ndarray:
-        """One frame exposed after this call began: a numpy array, HxW or HxWx3/4 (BGR, BGRA),
-        uint8, uint16 or float32, the same size and type for every frame of a run."""
-        ...
-
-
-class XYStage(Protocol):
-    """An XY plate (the slide's stage): what a focus map needs and nothing more."""
-
-    def move_to(self, x_mm: float, y_mm: float) -> None:
-        """Move to (x, y) and return once it has arrived (or raise StageError)."""
-        ...
-
-    def position_mm(self) -> tuple[float, float]:
-        """Where the plate is now, (x, y) mm."""
-        ...
-
-    def limits_mm(self) -> tuple[tuple[float, float], tuple[float, float]]:
-        """The travel limits ((x_lo, x_hi), (y_lo, y_hi)), mm."""
-        ...
-
-    def stop(self) -> None:
-        """Stop any motion now."""
-        ...
+    def verify(self, data: bytes) -> bool:
+        """Whether ``data`` (the whole file) holds every byte the header check read."""
+        return all(data[i * self.BLOCK: (i + 1) * self.BLOCK] == block for i, block in self._blocks.items())
 
 
-class StageExtras(Protocol):
-    """What a run asks a stage (or a plate) beyond Stage/XYStage.  A stage class declares them by
-    deriving from StageDefaults and overriding what it has; a stage with only the four methods gets
-    the defaults (``extras_of``): it has a reference position, no native grid, a frame anywhere."""
-
-    homed: bool  # whether the axis has a reference position (a Zaber axis after power-up has none)
-    axis_name: str  # names the axis in messages: "device 3 axis 1"
-    native_unit_mm: float  # one step of the axis, mm (0: continuous)
-
-    def home_if_needed(self) -> bool:
-        """Find the reference position when there is none (it may cross any position); True when it homed."""
-        ...
-
-    def run_scope(self, allowed_mm: Any) -> contextlib.AbstractContextManager[None]:
-        """One run: the axis taken as it stands (moving or faulted: refused), every move rounded
-        inside ``allowed_mm`` (travel and soft limits: (lo, hi), or a plate's ((x..), (y..))) until it ends."""
-        ...
-
-    def reachable(self, positions: tuple[float, ...]) -> tuple[tuple[float, ...], str | None]:
-        """The positions this stage has frames at (a replay: its recorded slices), and a note when they differ."""
-        ...
+def _steps(what: str) -> Iterator[int]:
+    """A header reader's walk: MAX_HEADER_STEPS steps, then ValueError (a damaged or hostile file)."""
+    yield from range(MAX_HEADER_STEPS)
+    raise ValueError(f"its {what} runs on for more than {MAX_HEADER_STEPS} segments before giving its size")
 
 
-class StageDefaults:
-    """StageExtras for a stage that has none of them; the backends derive from it."""
-
-    homed, axis_name, native_unit_mm = True, "the focus axis", 0.0
-
-    def home_if_needed(self) -> bool:
-        return False
-
-    def run_scope(self, allowed_mm: Any) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
-
-    def reachable(self, positions: tuple[float, ...]) -> tuple[tuple[float, ...], str | None]:
-        return positions, None
+def _bytes(data: ImageBytes, at: int, size: int) -> bytes:
+    """``size`` bytes at ``at``; ValueError past the end of the data."""
+    chunk = data[at: at + size] if at >= 0 else b""
+    if len(chunk) != size:
+        raise ValueError("the header is cut short")
+    return chunk
 
 
-def extras_of(stage: Stage | XYStage) -> StageExtras:
-    """The stage's own StageExtras when its class declares them (derives from StageDefaults), else the
-    defaults: the one place a stage's kind is looked at, so that a four-method stage keeps working."""
-    return stage if isinstance(stage, StageDefaults) else StageDefaults()
+def _uint(data: ImageBytes, at: int, size: int, order: str = "big") -> int:
+    """An unsigned integer of ``size`` bytes at ``at``; ValueError past the end of the data."""
+    return int.from_bytes(_bytes(data, at, size), order)  # type: ignore[arg-type]
 
 
+def _tiff_size(data: ImageBytes) -> tuple[int, int, int | None]:
+    """TIFF or BigTIFF: width, length and samples per pixel of the first image (the one OpenCV
+    decodes); where a tag is repeated, the largest value counts."""
+    order = "little" if data[:2] == b"II" else "big"
+    big = _uint(data, 2, 2, order) == 43
+    at = _uint(data, 8, 8, order) if big else _uint(data, 4, 4, order)
+    count = _uint(data, at, 8 if big else 2, order)
+    at += 8 if big else 2
+    entry, value_at = (20, 12) if big else (12, 8)
+    sizes = {3: 2, 4: 4, 16: 8}  # SHORT, LONG, LONG8
+    table = _bytes(data, at, min(count, MAX_HEADER_STEPS) * entry)  # the directory: one read
+    tags: dict[int, int] = {}
+    for e in range(0, len(table), entry):
+        tag, kind = _uint(table, e, 2, order), _uint(table, e + 2, 2, order)
+        if tag in (256, 257, 277) and kind in sizes:  # ImageWidth, ImageLength, SamplesPerPixel
+            tags[tag] = max(tags.get(tag, 0), _uint(table, e + value_at, sizes[kind], order))
+    if 256 not in tags or 257 not in tags:
+        raise ValueError("its first TIFF directory gives no width or height")
+    return tags[256], tags[257], tags.get(277, 1)
+
+
+# JPEG frame headers (SOFn): every C0..CF marker except DHT (C4), JPG (C8) and DAC (CC).
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: ImageBytes) -> tuple[int, int, int | None]:
+    """JPEG: the frame header (SOFn), found by walking the marker segments as libjpeg does;
+    anything a strict reader would not accept (bytes between segments, no frame header before the
+    scan, a height of 0 to be given later by a DNL marker) is refused."""
+    at = 2
+    for _ in _steps("JPEG header"):
+        run = data[at: at + 256]  # a marker: fill bytes (FF) and its code
+        fill = len(run) - len(run.lstrip(b"\xff"))
+        if not fill or fill == len(run):  # no marker here, or a run of fill bytes no encoder writes
+            raise ValueError("its JPEG markers are damaged" if at + len(run) < len(data) else "the header is cut short")
+        marker = run[fill]
+        at += fill + 1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            continue
+        if marker in (0xD9, 0xDA):  # EOI or the scan itself before any frame header
+            raise ValueError("the JPEG has no frame header before its image data")
+        if marker in _JPEG_SOF:
+            height, width, components = _uint(data, at + 3, 2), _uint(data, at + 5, 2), _uint(data, at + 7, 1)
+            if height == 0:
+                raise ValueError("the JPEG leaves its height to a later DNL marker")
+            return width, height, components
+        at += _uint(data, at, 2)
+    raise AssertionError("unreachable")
+
+
+def _jp2_size(data: ImageBytes) -> tuple[int, int, int | None]:
+    """JPEG 2000: a raw codestream's SIZ marker, or a JP2 file's image header box (ihdr) and the
+    SIZ of its codestream box (jp2c): the larger of the two, since the decoder reads the latter."""
+    def siz(at: int) -> tuple[int, int, int]:
+        if data[at: at + 4] != b"\xff\x4f\xff\x51":
+            raise ValueError("the JPEG 2000 codestream does not start with SOC, SIZ")
+        return (_uint(data, at + 8, 4) - _uint(data, at + 16, 4), _uint(data, at + 12, 4) - _uint(data, at + 20, 4),
+                _uint(data, at + 40, 2))
+
+    if data[:4] == b"\xff\x4f\xff\x51":
+        return siz(0)
+    found: list[tuple[int, int, int]] = []
+    steps = _steps("JPEG 2000 header")
+
+    def boxes(start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+        at = start
+        while at + 8 <= end and next(steps) >= 0:
+            length, kind, body = _uint(data, at, 4), data[at + 4: at + 8], at + 8
+            if length == 1:
+                length, body = _uint(data, at + 8, 8), at + 16
+            elif length == 0:
+                length = end - at
+            if length < body - at or at + length > end:
+                raise ValueError("a JPEG 2000 box runs past the end of the file")
+            yield kind, body, at + length
+            at += length
+
+    codestreams = 0
+    for kind, body, end in boxes(0, len(data)):
+        if kind == b"jp2h":
+            for inner, inner_body, _ in boxes(body, end):
+                if inner == b"ihdr":
+                    found.append((_uint(data, inner_body + 4, 4), _uint(data, inner_body, 4),
+                                  _uint(data, inner_body + 8, 2)))
+        elif kind == b"jp2c":
+            found.append(siz(body))
+            codestreams += 1
+    if not codestreams:
+        raise ValueError("the JP2 file has no codestream")
+    return max(w for w, _, _ in found), max(h for _, h, _ in found), max(c for _, _, c in found)
+
+
+def _netpbm_size(data: ImageBytes) -> tuple[int, int, int | None]:
+    """PBM/PGM/PPM (P1-P6), PFM (PF, Pf): width and height after the magic, comments skipped;
+    PAM (P7): its WIDTH, HEIGHT and DEPTH lines."""
+    head = data[:4096]
+    if head[:2] == b"P7":
+        fields = dict(line.split(None, 1) for line in head.split(b"\n")[1:] if b" " in line.strip())
+        try:
+            return int(fields[b"WIDTH"]), int(fields[b"HEIGHT"]), int(fields.get(b"DEPTH", b"1"))
+        except (KeyError, ValueError):
+            raise ValueError("its PAM header gives no WIDTH or HEIGHT") from None
+    text = re.sub(rb"#[^\n]*", b" ", head[2:])
+    tokens = text.split()
+    try:
+        return int(tokens[0]), int(tokens[1]), None
+    except (IndexError, ValueError):
+        raise ValueError("its PNM header gives no width or height") from None
+
+
+def _hdr_size(data: ImageBytes) -> tuple[int, int, int | None]:
+    """Radiance HDR: the resolution line after the header's blank line (only the standard
+    "-Y rows +X columns" orientation, the one OpenCV reads)."""
+    head = data[:65536]
+    end = head.find(b"\n\n")
+    match = re.match(rb"-Y (\d+) \+X (\d+)\n", head[end + 2: end + 64]) if end >= 0 else None
+    if match is None:
+        raise ValueError("its Radiance header has no -Y ROWS +X COLUMNS line")
+    return int(match.group(2)), int(match.group(1)), 3
+
+
+def _webp_size(data: ImageBytes) -> tuple[int, int, int | None]:
+    """WebP: the canvas (VP8X) or the frame size of a lossy (VP8) or lossless (VP8L) image."""
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        return _uint(data, 24, 3, "little") + 1, _uint(data, 27, 3, "little") + 1, None
+    if chunk == b"VP8L":
+        bits = _uint(data, 21, 4, "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, None
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        return _uint(data, 26, 2, "little") & 0x3FFF, _uint(data, 28, 2, "little") & 0x3FFF, None
+    raise ValueError("its WebP header is not one of VP8, VP8L or VP8X")
+
+
+def _bmp_size(data: ImageBytes) -> tuple[int, int, int | None]:
+    """BMP: the info header (BITMAPCOREHEADER or a later one; a negative height is top-down)."""
+    if _uint(data, 14, 4, "little") == 12:
+        return _uint(data, 18, 2, "little"), _uint(data, 20, 2, "little"), None
+    width, height = (int.from_bytes(_bytes(data, at, 4), "little", signed=True) for at in (18, 22))
+    return abs(width), abs(height), None
+
+
+def _gif_size(data: ImageBytes) -> tuple[int, int, int | None]:
+    """GIF: the logical screen, or the first image where it reaches beyond the screen (the image a
+    decoder reads and allocates)."""
+    width, height, flags = _uint(data, 6, 2, "little"), _uint(data, 8, 2, "little"), _uint(data, 10, 1)
+    at = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
+    steps = _steps("GIF header")
+    while _uint(data, at, 1) == 0x21 and next(steps) >= 0:  # extensions (graphic control, comments...)
+        at += 2
+        while (size := _uint(data, at, 1)) != 0 and next(steps) >= 0:  # their sub-blocks, skipped
+            at += size + 1
+        at += 1
+    if _uint(data, at, 1) != 0x2C:
+        raise ValueError("the GIF has no image descriptor")
+    left, top = _uint(data, at + 1, 2, "little"), _uint(data, at + 3, 2, "little")
+    w, h = _uint(data, at + 5, 2, "little"), _uint(data, at + 7, 2, "little")
+    return max(width, left + w), max(height, top + h), None
+
+
+def _starts(*magics: bytes) -> Callable[[ImageBytes], bool]:
+    """A signature test: the data starts with one of ``magics``."""
+    return lambda d: any(d[:len(m)] == m for m in magics)
+
+
+def _sizes_at(width_at: int, height_at: int) -> Callable[[ImageBytes], tuple[int, int, int | None]]:
+    """A size reader for a header with width and height as 32-bit big-endian numbers at fixed places."""
+    return lambda d: (_uint(d, width_at, 4), _uint(d, height_at, 4), None)
+
+
+# (name, signature test, size reader) in the order OpenCV's decoders are tried.
+_IMAGE_FORMATS: tuple[tuple[str, Callable[[ImageBytes], bool],
+                            Callable[[ImageBytes], tuple[int, int, int | None]]], ...] = (
+    ("BMP", _starts(b"BM"), _bmp_size),
+    ("Radiance HDR", _starts(b"#?RGBE", b"#?RADIANCE"), _hdr_size),
+    ("JPEG", _starts(b"\xff\xd8\xff"), _jpeg_size),
+    ("WebP", lambda d: d[:4] == b"RIFF" and d[8:12] == b"WEBP", _webp_size),
+    ("Sun raster", _starts(b"\x59\xa6\x6a\x95"), _sizes_at(4, 8)),
+    ("PNM", lambda d: d[:1] == b"P" and d[1:2] in (*(b"%d" % i for i in range(1, 8)), b"F", b"f")
+     and d[2:3].isspace(), _netpbm_size),  # PBM/PGM/PPM, PAM (P7) and PFM (PF, Pf)
+    ("TIFF", _starts(b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"), _tiff_size),
+    ("PNG", lambda d: d[:8] == b"\x89PNG\r\n\x1a\n" and d[12:16] == b"IHDR", _sizes_at(16, 20)),
+    ("JPEG 2000", _starts(b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51"), _jp2_size),
+    ("GIF", _starts(b"GIF87a", b"GIF89a"), _gif_size),
+)
+
+
+def image_header(data: ImageBytes) -> tuple[str, int, int, int | None]:
+    """(format, width, height, samples per pixel or None) of an image file's bytes (or a
+    ``_FileBytes``), from its header alone.  ValueError for a format it does not know (see
+    HEADER_FORMATS) or a header that does not say."""
+    for name, matches, size in _IMAGE_FORMATS:
+        if matches(data):
+            return (name, *size(data))
+    raise ValueError(f"not one of the formats whose size can be checked before decoding ({HEADER_FORMATS}); "
+                     "convert it to PNG or TIFF")
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (libpng and libtiff write there directly, bypassing OpenCV's
+    logger).  Only around a decode in the main thread, before a run starts."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def read_image(path: Path, what: str) -> np.ndarray:
+    """Decode one replay image after checking its header; StackError (one line) for a file
+    too large, truncated, of an unsupported format, type or channel count, or with non-finite pixels.
+    The whole file is read and decoded from memory only once its header passes: OpenCV is never given
+    a path (its Python binding crashes on a file name that is not valid UTF-8, and on Windows it
+    cannot open non-ASCII paths), and the bytes checked are the bytes decoded."""
+    too_large = f"{what} is more than {MAX_IMAGE_FILE_BYTES >> 20} MiB; too large for a microscope frame"
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_IMAGE_FILE_BYTES:
+                raise StackError(too_large)
+            head = _FileBytes(f, size)
+            try:
+                kind, width, height, channels = image_header(head)
+            except ValueError as exc:
+                raise StackError(f"{what} cannot be read as an image: {exc}") from None
+            if width * height > MAX_IMAGE_PIXELS:
+                raise StackError(f"{what} declares {width}x{height} pixels, more than {MAX_IMAGE_PIXELS / 1e6:g} MP, "
+                                 f"in its {kind} header; not a microscope frame (or a damaged file)")
+            if channels is not None and channels not in (1, 3, 4):
+                raise StackError(f"{what} has {channels} channels; a stack must hold gray, colour or colour+alpha "
+                                 "images")
+            f.seek(0)
+            data = f.read(MAX_IMAGE_FILE_BYTES + 1)
+    except OSError as exc:
+        raise StackError(f"{what} cannot be read ({exc.strerror})") from exc
+    if len(data) > MAX_IMAGE_FILE_BYTES:
+        raise StackError(too_large)
+    if not head.verify(data):
+        raise StackError(f"{what} changed while it was read; replay the stack when nothing writes to it")
+    try:
+        with quiet_stderr():
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # OpenCV's own limits (CV_IO_MAX_IMAGE_WIDTH: 2^20 pixels a side), ...
+        raise StackError(f"{what} ({width}x{height} {kind}) cannot be decoded: OpenCV refuses it "
+                         f"({getattr(exc, 'err', '') or first_line(exc)})") from exc
+    if image is None:
+        raise StackError(f"{what} cannot be read as an image (truncated, damaged or not an image)")
+    if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:  # the decoder's word against the header's
+        raise StackError(f"{what} is {image.shape}; more than {MAX_IMAGE_PIXELS / 1e6:g} MP")
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if image.dtype.name not in FRAME_DTYPES:
+        raise StackError(f"{what} has {image.dtype} pixels; a stack must hold {', '.join(FRAME_DTYPES)} images "
+                         "(as cameras deliver them)")
+    if channels not in (1, 3, 4):
+        raise StackError(f"{what} has {channels} channels; a stack must hold gray, colour or colour+alpha images")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise StackError(f"{what} has non-finite pixels (NaN or infinity); no score can be computed from them")
+    image.flags.writeable = False  # shared by every row that names the file
+    return image
+
+
+###############################################################################
+# Backends: what the GenICam cameras share ####################################
+###############################################################################
 # Pieces every GenICam camera backend (FLIR, Basler) shares.  The contract of a camera backend: it
 # changes only what the run needs, through a SettingsJournal, and ``close()`` (or a borrowed
 # camera's ``restore()``) puts all of it back on every exit path.
-
-Roi = tuple[int, int, int, int]  # x, y, width, height in camera pixels
 
 # The settings of a camera backend (FlirCamera, BaslerCamera: their constructors and from_camera),
 # checked before the camera is opened or changed.
@@ -4082,7 +4771,6 @@ def _release_pylon(cam: Any) -> None:
 # The live cameras --camera can name (besides "sim"); each takes (serial, *, exposure_ms, timeout_ms, roi).
 LIVE_CAMERAS: dict[str, Callable[..., Any]] = {"flir": FlirCamera, "basler": BaslerCamera}
 
-
 ###############################################################################
 # Backends: simulated microscope ##############################################
 ###############################################################################
@@ -4667,340 +5355,6 @@ class SlideCamera(SimCamera):
 ###############################################################################
 
 
-# Every image format this OpenCV build can decode is recognised by its signature, as OpenCV's
-# decoders recognise it (by content, not by extension), and its size is read from its header before
-# anything is decoded: a 69-byte PNG may declare 50000x50000 pixels (a decompression bomb).  A
-# format whose size cannot be read cheaply (AVIF, OpenEXR, ...) is refused.  (OpenCV's own limit,
-# OPENCV_IO_MAX_IMAGE_PIXELS, is read when cv2 is loaded: too late if a script imported cv2 first.)
-# The readers walk at most MAX_HEADER_STEPS segments, boxes or blocks, reading only those parts.
-HEADER_FORMATS = "PNG, TIFF, JPEG, BMP, WebP, JPEG 2000, GIF, PNM/PAM/PFM, Sun raster, Radiance HDR"
-MAX_HEADER_STEPS = 4096  # a real file has a few dozen segments before its size (JPEG's ICC profile: 255 at most)
-
-ImageBytes = Any  # bytes, or a _FileBytes: what the header readers index (data[a:b], len(data))
-
-
-class _FileBytes:
-    """An image file's bytes as the header readers index them (``data[a:b]``, ``len(data)``), read
-    from the file in blocks only where a reader looks: a header check of a file of any size reads a
-    few KiB (a TIFF's directory may lie at its end, a JPEG's frame header behind large segments).
-    ``verify`` then checks the whole file, read afterwards, against every block the check saw."""
-
-    BLOCK = 4096
-
-    def __init__(self, file: Any, size: int) -> None:
-        self._file, self._size = file, size
-        self._blocks: dict[int, bytes] = {}
-
-    def __len__(self) -> int:
-        return self._size
-
-    def __getitem__(self, key: slice) -> bytes:
-        start, stop, _ = key.indices(self._size)
-        if stop <= start:
-            return b""
-        first, last = start // self.BLOCK, (stop - 1) // self.BLOCK
-        missing = [i for i in range(first, last + 1) if i not in self._blocks]
-        if missing:  # one read for the blocks missing, from the first to the last of them
-            self._file.seek(missing[0] * self.BLOCK)
-            chunk = self._file.read((missing[-1] - missing[0] + 1) * self.BLOCK)
-            for i in range(missing[0], missing[-1] + 1):
-                at = (i - missing[0]) * self.BLOCK
-                self._blocks.setdefault(i, chunk[at: at + self.BLOCK])
-        joined = b"".join(self._blocks[i] for i in range(first, last + 1))
-        return joined[start - first * self.BLOCK: stop - first * self.BLOCK]
-
-    def verify(self, data: bytes) -> bool:
-        """Whether ``data`` (the whole file) holds every byte the header check read."""
-        return all(data[i * self.BLOCK: (i + 1) * self.BLOCK] == block for i, block in self._blocks.items())
-
-
-def _steps(what: str) -> Iterator[int]:
-    """A header reader's walk: MAX_HEADER_STEPS steps, then ValueError (a damaged or hostile file)."""
-    yield from range(MAX_HEADER_STEPS)
-    raise ValueError(f"its {what} runs on for more than {MAX_HEADER_STEPS} segments before giving its size")
-
-
-def _bytes(data: ImageBytes, at: int, size: int) -> bytes:
-    """``size`` bytes at ``at``; ValueError past the end of the data."""
-    chunk = data[at: at + size] if at >= 0 else b""
-    if len(chunk) != size:
-        raise ValueError("the header is cut short")
-    return chunk
-
-
-def _uint(data: ImageBytes, at: int, size: int, order: str = "big") -> int:
-    """An unsigned integer of ``size`` bytes at ``at``; ValueError past the end of the data."""
-    return int.from_bytes(_bytes(data, at, size), order)  # type: ignore[arg-type]
-
-
-def _tiff_size(data: ImageBytes) -> tuple[int, int, int | None]:
-    """TIFF or BigTIFF: width, length and samples per pixel of the first image (the one OpenCV
-    decodes); where a tag is repeated, the largest value counts."""
-    order = "little" if data[:2] == b"II" else "big"
-    big = _uint(data, 2, 2, order) == 43
-    at = _uint(data, 8, 8, order) if big else _uint(data, 4, 4, order)
-    count = _uint(data, at, 8 if big else 2, order)
-    at += 8 if big else 2
-    entry, value_at = (20, 12) if big else (12, 8)
-    sizes = {3: 2, 4: 4, 16: 8}  # SHORT, LONG, LONG8
-    table = _bytes(data, at, min(count, MAX_HEADER_STEPS) * entry)  # the directory: one read
-    tags: dict[int, int] = {}
-    for e in range(0, len(table), entry):
-        tag, kind = _uint(table, e, 2, order), _uint(table, e + 2, 2, order)
-        if tag in (256, 257, 277) and kind in sizes:  # ImageWidth, ImageLength, SamplesPerPixel
-            tags[tag] = max(tags.get(tag, 0), _uint(table, e + value_at, sizes[kind], order))
-    if 256 not in tags or 257 not in tags:
-        raise ValueError("its first TIFF directory gives no width or height")
-    return tags[256], tags[257], tags.get(277, 1)
-
-
-# JPEG frame headers (SOFn): every C0..CF marker except DHT (C4), JPG (C8) and DAC (CC).
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def _jpeg_size(data: ImageBytes) -> tuple[int, int, int | None]:
-    """JPEG: the frame header (SOFn), found by walking the marker segments as libjpeg does;
-    anything a strict reader would not accept (bytes between segments, no frame header before the
-    scan, a height of 0 to be given later by a DNL marker) is refused."""
-    at = 2
-    for _ in _steps("JPEG header"):
-        run = data[at: at + 256]  # a marker: fill bytes (FF) and its code
-        fill = len(run) - len(run.lstrip(b"\xff"))
-        if not fill or fill == len(run):  # no marker here, or a run of fill bytes no encoder writes
-            raise ValueError("its JPEG markers are damaged" if at + len(run) < len(data) else "the header is cut short")
-        marker = run[fill]
-        at += fill + 1
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
-            continue
-        if marker in (0xD9, 0xDA):  # EOI or the scan itself before any frame header
-            raise ValueError("the JPEG has no frame header before its image data")
-        if marker in _JPEG_SOF:
-            height, width, components = _uint(data, at + 3, 2), _uint(data, at + 5, 2), _uint(data, at + 7, 1)
-            if height == 0:
-                raise ValueError("the JPEG leaves its height to a later DNL marker")
-            return width, height, components
-        at += _uint(data, at, 2)
-    raise AssertionError("unreachable")
-
-
-def _jp2_size(data: ImageBytes) -> tuple[int, int, int | None]:
-    """JPEG 2000: a raw codestream's SIZ marker, or a JP2 file's image header box (ihdr) and the
-    SIZ of its codestream box (jp2c): the larger of the two, since the decoder reads the latter."""
-    def siz(at: int) -> tuple[int, int, int]:
-        if data[at: at + 4] != b"\xff\x4f\xff\x51":
-            raise ValueError("the JPEG 2000 codestream does not start with SOC, SIZ")
-        return (_uint(data, at + 8, 4) - _uint(data, at + 16, 4), _uint(data, at + 12, 4) - _uint(data, at + 20, 4),
-                _uint(data, at + 40, 2))
-
-    if data[:4] == b"\xff\x4f\xff\x51":
-        return siz(0)
-    found: list[tuple[int, int, int]] = []
-    steps = _steps("JPEG 2000 header")
-
-    def boxes(start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
-        at = start
-        while at + 8 <= end and next(steps) >= 0:
-            length, kind, body = _uint(data, at, 4), data[at + 4: at + 8], at + 8
-            if length == 1:
-                length, body = _uint(data, at + 8, 8), at + 16
-            elif length == 0:
-                length = end - at
-            if length < body - at or at + length > end:
-                raise ValueError("a JPEG 2000 box runs past the end of the file")
-            yield kind, body, at + length
-            at += length
-
-    codestreams = 0
-    for kind, body, end in boxes(0, len(data)):
-        if kind == b"jp2h":
-            for inner, inner_body, _ in boxes(body, end):
-                if inner == b"ihdr":
-                    found.append((_uint(data, inner_body + 4, 4), _uint(data, inner_body, 4),
-                                  _uint(data, inner_body + 8, 2)))
-        elif kind == b"jp2c":
-            found.append(siz(body))
-            codestreams += 1
-    if not codestreams:
-        raise ValueError("the JP2 file has no codestream")
-    return max(w for w, _, _ in found), max(h for _, h, _ in found), max(c for _, _, c in found)
-
-
-def _netpbm_size(data: ImageBytes) -> tuple[int, int, int | None]:
-    """PBM/PGM/PPM (P1-P6), PFM (PF, Pf): width and height after the magic, comments skipped;
-    PAM (P7): its WIDTH, HEIGHT and DEPTH lines."""
-    head = data[:4096]
-    if head[:2] == b"P7":
-        fields = dict(line.split(None, 1) for line in head.split(b"\n")[1:] if b" " in line.strip())
-        try:
-            return int(fields[b"WIDTH"]), int(fields[b"HEIGHT"]), int(fields.get(b"DEPTH", b"1"))
-        except (KeyError, ValueError):
-            raise ValueError("its PAM header gives no WIDTH or HEIGHT") from None
-    text = re.sub(rb"#[^\n]*", b" ", head[2:])
-    tokens = text.split()
-    try:
-        return int(tokens[0]), int(tokens[1]), None
-    except (IndexError, ValueError):
-        raise ValueError("its PNM header gives no width or height") from None
-
-
-def _hdr_size(data: ImageBytes) -> tuple[int, int, int | None]:
-    """Radiance HDR: the resolution line after the header's blank line (only the standard
-    "-Y rows +X columns" orientation, the one OpenCV reads)."""
-    head = data[:65536]
-    end = head.find(b"\n\n")
-    match = re.match(rb"-Y (\d+) \+X (\d+)\n", head[end + 2: end + 64]) if end >= 0 else None
-    if match is None:
-        raise ValueError("its Radiance header has no -Y ROWS +X COLUMNS line")
-    return int(match.group(2)), int(match.group(1)), 3
-
-
-def _webp_size(data: ImageBytes) -> tuple[int, int, int | None]:
-    """WebP: the canvas (VP8X) or the frame size of a lossy (VP8) or lossless (VP8L) image."""
-    chunk = data[12:16]
-    if chunk == b"VP8X":
-        return _uint(data, 24, 3, "little") + 1, _uint(data, 27, 3, "little") + 1, None
-    if chunk == b"VP8L":
-        bits = _uint(data, 21, 4, "little")
-        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, None
-    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
-        return _uint(data, 26, 2, "little") & 0x3FFF, _uint(data, 28, 2, "little") & 0x3FFF, None
-    raise ValueError("its WebP header is not one of VP8, VP8L or VP8X")
-
-
-def _bmp_size(data: ImageBytes) -> tuple[int, int, int | None]:
-    """BMP: the info header (BITMAPCOREHEADER or a later one; a negative height is top-down)."""
-    if _uint(data, 14, 4, "little") == 12:
-        return _uint(data, 18, 2, "little"), _uint(data, 20, 2, "little"), None
-    width, height = (int.from_bytes(_bytes(data, at, 4), "little", signed=True) for at in (18, 22))
-    return abs(width), abs(height), None
-
-
-def _gif_size(data: ImageBytes) -> tuple[int, int, int | None]:
-    """GIF: the logical screen, or the first image where it reaches beyond the screen (the image a
-    decoder reads and allocates)."""
-    width, height, flags = _uint(data, 6, 2, "little"), _uint(data, 8, 2, "little"), _uint(data, 10, 1)
-    at = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
-    steps = _steps("GIF header")
-    while _uint(data, at, 1) == 0x21 and next(steps) >= 0:  # extensions (graphic control, comments...)
-        at += 2
-        while (size := _uint(data, at, 1)) != 0 and next(steps) >= 0:  # their sub-blocks, skipped
-            at += size + 1
-        at += 1
-    if _uint(data, at, 1) != 0x2C:
-        raise ValueError("the GIF has no image descriptor")
-    left, top = _uint(data, at + 1, 2, "little"), _uint(data, at + 3, 2, "little")
-    w, h = _uint(data, at + 5, 2, "little"), _uint(data, at + 7, 2, "little")
-    return max(width, left + w), max(height, top + h), None
-
-
-def _starts(*magics: bytes) -> Callable[[ImageBytes], bool]:
-    """A signature test: the data starts with one of ``magics``."""
-    return lambda d: any(d[:len(m)] == m for m in magics)
-
-
-def _sizes_at(width_at: int, height_at: int) -> Callable[[ImageBytes], tuple[int, int, int | None]]:
-    """A size reader for a header with width and height as 32-bit big-endian numbers at fixed places."""
-    return lambda d: (_uint(d, width_at, 4), _uint(d, height_at, 4), None)
-
-
-# (name, signature test, size reader) in the order OpenCV's decoders are tried.
-_IMAGE_FORMATS: tuple[tuple[str, Callable[[ImageBytes], bool],
-                            Callable[[ImageBytes], tuple[int, int, int | None]]], ...] = (
-    ("BMP", _starts(b"BM"), _bmp_size),
-    ("Radiance HDR", _starts(b"#?RGBE", b"#?RADIANCE"), _hdr_size),
-    ("JPEG", _starts(b"\xff\xd8\xff"), _jpeg_size),
-    ("WebP", lambda d: d[:4] == b"RIFF" and d[8:12] == b"WEBP", _webp_size),
-    ("Sun raster", _starts(b"\x59\xa6\x6a\x95"), _sizes_at(4, 8)),
-    ("PNM", lambda d: d[:1] == b"P" and d[1:2] in (*(b"%d" % i for i in range(1, 8)), b"F", b"f")
-     and d[2:3].isspace(), _netpbm_size),  # PBM/PGM/PPM, PAM (P7) and PFM (PF, Pf)
-    ("TIFF", _starts(b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"), _tiff_size),
-    ("PNG", lambda d: d[:8] == b"\x89PNG\r\n\x1a\n" and d[12:16] == b"IHDR", _sizes_at(16, 20)),
-    ("JPEG 2000", _starts(b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51"), _jp2_size),
-    ("GIF", _starts(b"GIF87a", b"GIF89a"), _gif_size),
-)
-
-
-def image_header(data: ImageBytes) -> tuple[str, int, int, int | None]:
-    """(format, width, height, samples per pixel or None) of an image file's bytes (or a
-    ``_FileBytes``), from its header alone.  ValueError for a format it does not know (see
-    HEADER_FORMATS) or a header that does not say."""
-    for name, matches, size in _IMAGE_FORMATS:
-        if matches(data):
-            return (name, *size(data))
-    raise ValueError(f"not one of the formats whose size can be checked before decoding ({HEADER_FORMATS}); "
-                     "convert it to PNG or TIFF")
-
-
-@contextlib.contextmanager
-def quiet_stderr() -> Iterator[None]:
-    """Silence file descriptor 2 (libpng and libtiff write there directly, bypassing OpenCV's
-    logger).  Only around a decode in the main thread, before a run starts."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            try:
-                yield
-            finally:
-                os.dup2(saved, 2)
-    finally:
-        os.close(saved)
-
-
-def read_image(path: Path, what: str) -> np.ndarray:
-    """Decode one replay image after checking its header; StackError (one line) for a file
-    too large, truncated, of an unsupported format, type or channel count, or with non-finite pixels.
-    The whole file is read and decoded from memory only once its header passes: OpenCV is never given
-    a path (its Python binding crashes on a file name that is not valid UTF-8, and on Windows it
-    cannot open non-ASCII paths), and the bytes checked are the bytes decoded."""
-    too_large = f"{what} is more than {MAX_IMAGE_FILE_BYTES >> 20} MiB; too large for a microscope frame"
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_IMAGE_FILE_BYTES:
-                raise StackError(too_large)
-            head = _FileBytes(f, size)
-            try:
-                kind, width, height, channels = image_header(head)
-            except ValueError as exc:
-                raise StackError(f"{what} cannot be read as an image: {exc}") from None
-            if width * height > MAX_IMAGE_PIXELS:
-                raise StackError(f"{what} declares {width}x{height} pixels, more than {MAX_IMAGE_PIXELS / 1e6:g} MP, "
-                                 f"in its {kind} header; not a microscope frame (or a damaged file)")
-            if channels is not None and channels not in (1, 3, 4):
-                raise StackError(f"{what} has {channels} channels; a stack must hold gray, colour or colour+alpha "
-                                 "images")
-            f.seek(0)
-            data = f.read(MAX_IMAGE_FILE_BYTES + 1)
-    except OSError as exc:
-        raise StackError(f"{what} cannot be read ({exc.strerror})") from exc
-    if len(data) > MAX_IMAGE_FILE_BYTES:
-        raise StackError(too_large)
-    if not head.verify(data):
-        raise StackError(f"{what} changed while it was read; replay the stack when nothing writes to it")
-    try:
-        with quiet_stderr():
-            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    except cv2.error as exc:  # OpenCV's own limits (CV_IO_MAX_IMAGE_WIDTH: 2^20 pixels a side), ...
-        raise StackError(f"{what} ({width}x{height} {kind}) cannot be decoded: OpenCV refuses it "
-                         f"({getattr(exc, 'err', '') or first_line(exc)})") from exc
-    if image is None:
-        raise StackError(f"{what} cannot be read as an image (truncated, damaged or not an image)")
-    if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:  # the decoder's word against the header's
-        raise StackError(f"{what} is {image.shape}; more than {MAX_IMAGE_PIXELS / 1e6:g} MP")
-    channels = 1 if image.ndim == 2 else image.shape[2]
-    if image.dtype.name not in FRAME_DTYPES:
-        raise StackError(f"{what} has {image.dtype} pixels; a stack must hold {', '.join(FRAME_DTYPES)} images "
-                         "(as cameras deliver them)")
-    if channels not in (1, 3, 4):
-        raise StackError(f"{what} has {channels} channels; a stack must hold gray, colour or colour+alpha images")
-    if image.dtype.kind == "f" and not np.isfinite(image).all():
-        raise StackError(f"{what} has non-finite pixels (NaN or infinity); no score can be computed from them")
-    image.flags.writeable = False  # shared by every row that names the file
-    return image
-
-
 def file_exists(path: Path, what: str, error: type[UsageError] = StackError) -> bool:
     """Whether a file (of a replay stack, by default) is there; ``error`` when the system refuses
     the name (longer than it allows, a path through a file it cannot search)."""
@@ -5574,6 +5928,745 @@ class MMCamera:
         self.close()
 
 
+###############################################################################
+# Python API ##################################################################
+###############################################################################
+# For scripts that already hold a stage and a camera (a tiling loop, a notebook).  The command line
+# runs through focus() as well: one path for the checks, the search, the verdict, the final move
+# and the fault handling.  focus()'s keywords are named like the command-line options
+# (``--settle-ms`` is ``settle_ms``); the CLI passes every option that has a keyword of the same
+# name (``focus_keywords``), so a new keyword and its option join in one step.
+
+plan_log = logging.getLogger("autofocus.plan")  # the header line: what will be searched (absolute mm)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One autofocus request: focus()'s arguments, which the command line builds from its options.
+
+    Checked as a whole by ``check_request`` before anything moves; its fields are focus()'s
+    keywords (and the command line's option names), and their defaults are focus()'s.  ``metric``
+    None means "laplacian", or "normvar" with ``transparent``."""
+
+    start_mm: float
+    end_mm: float
+    step_mm: float
+    search: Search = "sweep"
+    metric: str | None = None
+    blur: int = DEFAULT_BLUR
+    roi: Roi | None = None
+    settle_ms: float = 0.0
+    backlash_mm: float = 0.0
+    z_min: float | None = None
+    z_max: float | None = None
+    relative: bool = False
+    home: bool | None = None
+    peak: PeakPolicy = "sharpest"
+    transparent: bool = False
+    allow_many: bool = False
+    objective: str | None = None  # --objective: names the STEP that suits it (objective_optics)
+
+
+REQUEST_RULES: dict[str, Rule] = {
+    "start_mm": POSITION_RULE,
+    "end_mm": POSITION_RULE,  # relative: offsets from where the stage is; the plan check sees the sums
+    "step_mm": Rule("number", MIN_STEP_MM, 2 * MAX_ABS_POSITION_MM, " mm"),
+    "search": Rule("choice", choices=tuple(SEARCHES)),
+    "metric": Rule("choice", choices=tuple(METRICS), optional=True),
+    "blur": Rule("whole", 3, MAX_BLUR, odd=True),
+    "roi": Rule("roi", optional=True),
+    "settle_ms": Rule("number", 0.0, MAX_SETTLE_MS, " ms"),
+    "backlash_mm": Rule("number", 0.0, MAX_BACKLASH_MM, " mm"),
+    "z_min": dataclasses.replace(POSITION_RULE, optional=True),
+    "z_max": dataclasses.replace(POSITION_RULE, optional=True),
+    "relative": Rule("flag"),
+    "home": Rule("flag", optional=True),
+    "peak": Rule("choice", choices=PEAK_CHOICES),
+    "transparent": Rule("flag"),
+    "allow_many": Rule("flag"),
+    "objective": Rule("text", optional=True),  # a name of OBJECTIVES or MAGx/NA[/MEDIUM]: see check_request
+}
+
+
+def check_request(request: Request) -> Request:
+    """The request with every field checked (REQUEST_RULES), and then as a whole (a range of at
+    least one STEP, a sane number of positions, soft limits in order, --peak on a sweep); the
+    metric resolved.  BadValue (a UsageError) otherwise.  Nothing here needs the stage."""
+    r = Request(**check_values("request", REQUEST_RULES, dataclasses.asdict(request)))
+    span = abs(r.end_mm - r.start_mm)
+    if span == 0:
+        raise BadValue("request", ("start_mm", "end_mm", "step_mm"), lambda a, b, c: (
+            f"{a} equals {b}: nothing to search; give a range of at least one {c}"))
+    if r.step_mm > span + 1e-12:
+        raise BadValue("request", ("step_mm",), lambda a: (
+            f"{a} {r.step_mm:g} mm is larger than the range {span:g} mm; use a smaller {a}"))
+    whole_steps = math.floor(span / r.step_mm + FLOAT_SLACK_RATIO)
+    n = whole_steps + 1 + (abs(whole_steps * r.step_mm - span) > FLOAT_SLACK_MM)
+    if n > MAX_POSITIONS_ALLOWED:
+        raise BadValue("request", ("allow_many",), lambda a: (
+            f"{n:,} positions (range {span:g} mm / STEP {r.step_mm:g} mm) is more than {MAX_POSITIONS_ALLOWED:,}, "
+            f"even with {a}; check the units (mm) or split the range"))
+    if n > MAX_POSITIONS and not r.allow_many:
+        raise BadValue("request", ("allow_many",), lambda a: (
+            f"{n:,} positions (range {span:g} mm / STEP {r.step_mm:g} mm) is more than {MAX_POSITIONS:,}: check "
+            f"the units (mm), or confirm with {a}"))
+    if r.z_min is not None and r.z_max is not None and r.z_min >= r.z_max:
+        raise BadValue("request", ("z_min", "z_max"), lambda a, b: f"{a} {r.z_min:g} must be below {b} {r.z_max:g}")
+    if r.peak != "sharpest" and r.search != "sweep":
+        raise BadValue("request", ("peak", "search"), lambda a, b: (
+            f"{a} {r.peak} compares every peak of the curve, which only a sweep measures: use {b} sweep "
+            "(the default)"))
+    if r.objective is not None and r.objective not in OBJECTIVES:
+        objective_optics(r.objective)  # MAGx/NA[/MEDIUM], or BadValue naming it
+    return dataclasses.replace(r, metric=r.metric or ("normvar" if r.transparent else "laplacian"))
+
+
+_in_use: dict[int, str] = {}  # id() of every stage and camera inside a focus() call -> "stage"/"camera"
+_in_use_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def exclusive_use(stage: Stage, camera: Camera) -> Iterator[None]:
+    """One focus() call at a time per stage object and per camera object.  A second call on either
+    -- from another thread, or from the first call's own on_frame -- is refused (UsageError, before
+    it reads or moves anything): its moves would interleave with the first call's, and one result's
+    best_mm would not be where the stage ended.  A Zaber axis refuses a second program the same way."""
+    parts = {id(stage): "stage", id(camera): "camera"}
+    with _in_use_lock:
+        busy = [what for key, what in parts.items() if key in _in_use]
+        if busy:
+            raise UsageError(f"this {busy[0]} object is already in another focus() call (another thread, or that "
+                             f"call's on_frame): one call at a time per {busy[0]}; wait for it to return")
+        _in_use.update(parts)
+    try:
+        yield
+    finally:
+        with _in_use_lock:
+            for key in parts:
+                _in_use.pop(key, None)
+
+
+def check_on_frame(on_frame: Any) -> None:
+    """BadValue unless ``on_frame`` is a function (or None)."""
+    if on_frame is not None and not callable(on_frame):
+        raise BadValue("request", ("on_frame",), lambda a: (
+            f"{a}: {show_value(on_frame)} must be a function on_frame(index, z_mm, frame, score), or None"))
+
+
+def check_camera(camera: Camera, roi: Roi | None) -> None:
+    """One frame captured where the stage is, before the first move (a capture moves nothing): the
+    camera answers (``call_part``) with a frame the scores can use (CameraError) that the region of
+    interest fits (UsageError).  The run's first frame is checked again: the camera may change."""
+    frame = call_part(camera, "camera", "capture")
+    if (problem := frame_problem(frame)) is not None:
+        raise CameraError(f"the camera delivered {problem} (a frame captured before anything moved); check the "
+                          "camera (its connection, its capture())")
+    if roi is not None:
+        check_roi(roi, frame.shape)
+
+
+def check_step_native(axis: StageExtras, step_mm: float) -> None:
+    """Refuse a STEP of fewer than MIN_STEP_NATIVE native units of the stage (BadValue)."""
+    unit_mm = axis.native_unit_mm
+    if unit_mm > 0:
+        if step_mm < MIN_STEP_NATIVE * unit_mm * (1 - FLOAT_SLACK_RATIO):
+            raise BadValue("request", ("step_mm",), lambda a: (
+                f"{a} {step_mm:g} mm is {step_mm / unit_mm:.3g} native units of this stage (one unit is "
+                f"{unit_mm * 1e6:.4g} nm); a {a} must be at least {MIN_STEP_NATIVE} units, "
+                f"{MIN_STEP_NATIVE * unit_mm:.4g} mm"))
+
+
+def relative_origin(stage: Stage, relative: bool) -> float:
+    """What START and END are offsets from: where the axis is now with ``relative`` (refused for an
+    axis without a reference position), else 0."""
+    if not relative:
+        return 0.0
+    if not extras_of(stage).homed:
+        raise UsageError("--relative: the axis has no reference position, so where it is now means nothing; "
+                         "home it first (or give absolute START and END)")
+    return stage_position(stage)
+
+
+def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm: float, *,
+          search: Search = Request.search, metric: str | None = Request.metric, blur: int = Request.blur,
+          roi: Sequence[int] | None = Request.roi, settle_ms: float = Request.settle_ms,
+          backlash_mm: float = Request.backlash_mm, z_min: float | None = Request.z_min,
+          z_max: float | None = Request.z_max, relative: bool = Request.relative, home: bool | None = Request.home,
+          peak: PeakPolicy = Request.peak, transparent: bool = Request.transparent,
+          allow_many: bool = Request.allow_many, objective: str | None = Request.objective,
+          on_frame: FrameHook | None = None) -> FocusResult:
+    """Find the sharpest focus between START and END every STEP (mm) and send the stage there.
+
+    Exactly what ``python autofocus.py START END STEP ...`` does, on a stage and a camera the caller
+    holds (nothing is opened or closed here):
+
+    1. checks every argument, and the plan (backlash overshoot included) against the travel and the
+       soft limits ``z_min``/``z_max`` (``relative=True``: START and END are offsets from where the
+       axis is); one frame is captured and checked, the ROI against it -- all before anything moves;
+    2. homes an axis without a reference position (StageExtras), announced: with a soft limit only
+       with ``home=True``, never with ``home=False`` (UsageError, nothing moved);
+    3. searches (``search``), scoring ``roi=(x, y, w, h)`` or the whole frame with ``metric``;
+    4. judges the curve: ``focused`` or ``edge`` sends the stage to the best position, ``no_peak``
+       back to where it started.  The verdict is ``result.verdict.kind``, never an exception.
+
+    ``transparent=True`` focuses an unstained specimen at its contrast minimum; ``peak`` chooses among
+    several significant peaks (``result.peaks``, ``result.dips``); ``on_frame(index, z_mm, frame,
+    score)`` is called for every frame (from the scoring thread).  A fault or Ctrl-C stops the axis
+    and returns it to its start when it still answers (never after a StageError), then raises the
+    tool's own exception (``as_run_failure``) with ``partial`` and ``stage_state``.
+    """
+    request = check_request(Request(start_mm, end_mm, step_mm, search=search, metric=metric, blur=blur,
+                                    roi=roi, settle_ms=settle_ms, backlash_mm=backlash_mm,  # type: ignore[arg-type]
+                                    z_min=z_min, z_max=z_max, relative=relative, home=home, peak=peak,
+                                    transparent=transparent, allow_many=allow_many, objective=objective))
+    return run_request(stage, camera, request, on_frame=on_frame)
+
+
+def run_request(stage: Stage, camera: Camera, request: Request, *, on_frame: FrameHook | None = None) -> FocusResult:
+    """focus() for a request already checked by ``check_request`` (the command line checks its
+    own before it opens anything): the parts checked, then plan, homing, search and final move."""
+    check_on_frame(on_frame)
+    with exclusive_use(stage, camera):
+        return _run_request(stage, camera, request, on_frame)
+
+
+def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook | None, *,
+                 look_first: bool = True) -> FocusResult:
+    """run_request() inside its exclusive use; ``look_first``: a frame is captured and checked
+    (``check_camera``) before anything moves (a focus map looks once, not at every point)."""
+    axis = extras_of(stage)
+    check_step_native(axis, r.step_mm)
+    travel_lo, travel_hi = stage_limits(stage)
+    allowed_mm = (travel_lo if r.z_min is None else max(travel_lo, r.z_min),
+                  travel_hi if r.z_max is None else min(travel_hi, r.z_max))
+    with axis.run_scope(allowed_mm):  # the axis as it stands now: moving, faulted or not, and where
+        return _run_scoped(stage, axis, camera, r, on_frame, look_first, allowed_mm)
+
+
+def _run_scoped(stage: Stage, axis: StageExtras, camera: Camera, r: Request, on_frame: FrameHook | None,
+                look_first: bool, allowed_mm: tuple[float, float]) -> FocusResult:
+    """_run_request() inside the stage's run scope: plan, homing, search and final move."""
+    origin_mm = relative_origin(stage, r.relative)
+    dof_um = depth_of_field_um(r.objective) if r.objective is not None else None
+    plan = Plan(tuple(plan_positions(r.start_mm + origin_mm, r.end_mm + origin_mm, r.step_mm)), r.search,
+                r.backlash_mm, r.settle_ms, r.peak, dof_um)
+    check_plan(plan, stage_limits(stage), (r.z_min, r.z_max))
+    if look_first:
+        stage_position(stage)  # checked first: a simulated camera renders where the stage says it is
+        check_camera(camera, r.roi)
+    positions, note = axis.reachable(plan.positions)
+    plan = dataclasses.replace(plan, positions=positions, notes=(note,) if note else (), allowed_mm=allowed_mm)
+    homed_now = False  # after homing there is no start to return to (the home sensor may be below --z-min)
+    if not axis.homed:
+        check_home_consent(r.home, r.z_min, r.z_max, axis.axis_name)
+        homed_now = bool(axis.home_if_needed())
+        check_plan(plan, stage_limits(stage), (r.z_min, r.z_max))
+    if dof_um is not None:  # a STEP too coarse for it: said always; else only with --verbose
+        log.log(logging.WARNING if r.step_mm / (dof_um / 1000) > 2 else logging.INFO, "%s",
+                objective_line(r.objective, r.step_mm))  # type: ignore[arg-type]
+    first, last = plan.positions[0], plan.positions[-1]
+    plan_log.info("searching %.4f..%.4f mm every %g mm%s: %d positions, %s search, %s score%s",
+                  first, last, r.step_mm,
+                  f" ({r.start_mm:+g}..{r.end_mm:+g} mm from {origin_mm:.4f} mm)" if r.relative else "",
+                  len(plan.positions), r.search, r.metric,
+                  f", ROI {','.join(map(str, r.roi))}" if r.roi else "")
+    return run_autofocus(stage, camera, Scorer(r.metric, r.blur, r.roi, invert=r.transparent), plan,  # type: ignore[arg-type]
+                         on_frame=on_frame, return_to_start=not homed_now, soft_mm=(r.z_min, r.z_max))
+
+
+def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
+    """A simulated focus stage and camera, to try ``focus()`` without hardware.
+
+    Keywords: every ``SimOptics`` field (``focus_mm``, ``photons``, ``seed``, ``width``, ``height``,
+    ``read_noise_e``, ``bit_depth``, ``specimen``, ``right_specimen``, ``right_focus_mm``,
+    ``magnification``, ``na``, ...); ``time_scale`` (1, the default: real hardware timing; 0: no
+    waiting) and every other ``SimTiming`` field (``exposure_s``, ``readout_s``, ...); ``start_mm``
+    (default 0), ``travel_mm`` (default (0, 25)), ``objective`` (a name of OBJECTIVES: "4x" ...
+    "100x"; sets magnification, na and immersion_index), ``one_shot`` (an acquisition start/stop per
+    frame), ``camera_roi`` ((x, y, w, h): the sensor region read out), ``defocus`` ("gaussian" or
+    "pillbox") and ``specimen_image`` (a micrograph's path, in place of the synthetic cells).  The
+    camera's ``lamp`` and ``illumination`` model a flickering or drifting lamp and uneven light.
+    """
+    optics_names = {f.name for f in dataclasses.fields(SimOptics)}
+    timing_names = {f.name for f in dataclasses.fields(SimTiming)} - {"scale"}
+    if isinstance(options.get("specimen_image"), os.PathLike):
+        options = {**options, "specimen_image": os.fspath(options["specimen_image"])}
+    # Each value is checked once, where it is used: SimOptics and SimTiming check their own fields
+    # (time_scale is SimTiming's scale), objective_optics the objective, and here the rest.
+    built = optics_names | timing_names | {"time_scale", "objective"}
+    given = check_values("simulator", SIM_RULES, {k: v for k, v in options.items() if k not in built})
+    lens = objective_optics(options["objective"]) if options.get("objective") is not None else {}
+    optics = SimOptics(**{**lens, **{k: v for k, v in options.items() if k in optics_names}})
+    if optics.specimen_image is not None:
+        if optics.specimen not in ("cells", "dusty"):
+            raise BadValue("simulator", ("specimen_image", "specimen"), lambda a, b: (
+                f"{a} replaces the synthetic cells; it cannot be combined with {b} {optics.specimen!r} (use cells "
+                "or dusty)"))
+        optics.texture()  # read it now: a missing or broken file is one line before anything moves
+    timing = SimTiming(scale=options.get("time_scale", 1.0), **{k: v for k, v in options.items() if k in timing_names})
+    travel = given.get("travel_mm", (0.0, 25.0))
+    start = given.get("start_mm", 0.0)
+    if not travel[0] <= start <= travel[1]:
+        raise BadValue("simulator", ("start_mm",), lambda a: (
+            f"{a}: the stage must start inside its travel: {start:g} mm is outside {travel[0]:g}..{travel[1]:g} mm"))
+    clock = SimClock(timing.scale)
+    stage = SimStage(travel_mm=travel, position_mm=start, timing=timing, clock=clock)
+    return stage, SimCamera(stage, optics, timing, clock, one_shot=given.get("one_shot", False),
+                            roi=given.get("camera_roi"))
+
+
+def simulated_slide(**options: Any) -> tuple[SimXYStage, SimStage, SlideCamera]:
+    """A simulated XY plate, focus stage and camera over a tilted, bowed slide, to try
+    ``focus_map()`` without hardware: ``plate, stage, camera = simulated_slide(objective="20x")``.
+
+    Keywords: every ``simulated_microscope`` keyword (``focus_mm``: the slide's focal surface at its
+    centre), every other ``SimSlide`` field (``centre_mm``, ``tilt_um_per_mm``, ``bow_um_per_mm2``,
+    ``ripple_um``, ``ripple_mm``, ``bare_glass``), ``xy_travel_mm`` ((x_lo, x_hi), (y_lo, y_hi);
+    default 0-100 x 0-75 mm) and ``xy_start_mm`` (where the plate starts; default the slide's centre)."""
+    slide_names = {f.name for f in dataclasses.fields(SimSlide)} - {"focus_mm"}
+    slide_options = {k: options.pop(k) for k in list(options) if k in slide_names}
+    travel = options.pop("xy_travel_mm", ((0.0, 100.0), (0.0, 75.0)))
+    start = options.pop("xy_start_mm", None)
+    stage, camera = simulated_microscope(**options)
+
+    def numbers(value: Any, count: int) -> bool:
+        return (isinstance(value, Sequence) and len(value) == count
+                and all(_is_number(v) and abs(v) <= MAX_ABS_POSITION_MM for v in value))
+
+    checks: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "centre_mm": (lambda v: numbers(v, 2), "(x, y) in mm"),
+        "tilt_um_per_mm": (lambda v: numbers(v, 2), "(x, y) in um/mm"),
+        "bow_um_per_mm2": (lambda v: _is_number(v) and abs(v) <= 100, "a number of um/mm^2 within +-100"),
+        "ripple_um": (lambda v: _is_number(v) and abs(v) <= 1000, "a number of um within +-1000"),
+        "ripple_mm": (lambda v: _is_number(v) and 0 < v <= MAX_ABS_POSITION_MM, "a wavelength above 0 mm"),
+        "bare_glass": (lambda v: isinstance(v, Sequence) and all(numbers(b, 4) for b in v),
+                       "boxes (X0, Y0, X1, Y1) in mm"),
+        "xy_travel_mm": (lambda v: isinstance(v, Sequence) and len(v) == 2 and all(numbers(t, 2) and t[0] < t[1]
+                                                                                   for t in v),
+                         "((x_lo, x_hi), (y_lo, y_hi)) in mm, lowest first"),
+        "xy_start_mm": (lambda v: v is None or numbers(v, 2), "(x, y) in mm"),
+    }
+    for name, value in {**slide_options, "xy_travel_mm": travel, "xy_start_mm": start}.items():
+        ok, what = checks[name]
+        if not ok(value):
+            raise BadValue("slide", (name,), lambda a, v=value, w=what: f"{a} {show_value(v)} must be {w}")
+    slide = SimSlide(focus_mm=camera.optics.focus_mm, **{k: (tuple(tuple(b) for b in v) if k == "bare_glass" else
+                                                           tuple(v) if isinstance(v, Sequence) else v)
+                                                        for k, v in slide_options.items()})
+    xy_travel = (tuple(travel[0]), tuple(travel[1]))
+    at = tuple(start) if start is not None else slide.centre_mm
+    if not all(lo <= v <= hi for v, (lo, hi) in zip(at, xy_travel)):
+        raise BadValue("slide", ("xy_start_mm",), lambda a: f"the plate must start inside its travel "
+                       f"{show_value(xy_travel)} mm: {a} {show_value(at)}")
+    plate = SimXYStage(xy_travel, at, stage.timing, stage.clock)  # type: ignore[arg-type]
+    return plate, stage, SlideCamera(stage, plate, slide, camera.optics, camera.timing, camera.clock,
+                                     camera.one_shot, camera.roi)
+
+
+def point_sigma_mm(result: FocusResult, step_mm: float) -> float:
+    """A focused point's error bar as one sigma: from its ``uncertainty_mm`` (a ~90% half-width)
+    where the search gives one, else STEP/4 (about the sweep's worst error at STEP ~ one depth
+    of field)."""
+    u = result.uncertainty_mm
+    return u * SIGMA_PER_90 if u is not None and math.isfinite(u) and u > 0 else step_mm / 4.0
+
+
+def _where(points: Sequence[tuple[float, float]], most: int = 6) -> str:
+    """"(20, 10), (22, 10) mm" (at most ``most`` of them)."""
+    text = ", ".join(f"({x:g}, {y:g})" for x, y in points[:most])
+    return text + (f" and {len(points) - most} more" if len(points) > most else "") + " mm"
+
+
+def summarise_map(points: Sequence[MapPoint], *, area_mm: tuple[float, float, float, float], grid: tuple[int, int],
+                  depth_of_field_mm: float, range_mm: tuple[float, float], step_mm: float, complete: bool = True,
+                  rel_noise: float | None = None, elapsed_s: float = 0.0) -> FocusMap:
+    """The FocusMap of these points: the surface (``choose_surface``), each point's status, the
+    tilt, and the warnings -- points without focus, outliers, too few points, a leave-one-out error
+    above half the depth of field (with where points are missing).  Pure."""
+    focused = [i for i, p in enumerate(points) if p.status != "failed" and p.z_mm is not None]
+    x = [points[i].x_mm for i in focused]
+    y = [points[i].y_mm for i in focused]
+    z = [points[i].z_mm for i in focused]
+    s = [point_sigma_mm(points[i].result, step_mm) for i in focused]  # type: ignore[arg-type]
+    # An assumed error bar (STEP/4, where a search gives none) weights the fit but does not widen
+    # the outlier test: that rests on the points' own scatter then.
+    own = [sigma if points[i].result.uncertainty_mm is not None else 0.0  # type: ignore[union-attr]
+           for i, sigma in zip(focused, s)]
+    choice = choose_surface(x, y, z, s, area_mm, depth_of_field_mm / 2.0, own_sigma_mm=own)  # type: ignore[arg-type]
+    fit = choice.fit
+    new = list(points)
+    for i, p in enumerate(points):
+        if p.status != "failed":
+            new[i] = dataclasses.replace(p, status="not_focused" if p.z_mm is None else "used", loo_um=None)
+    warnings: list[str] = []
+    tilt = rms = loo_rms = None
+    suggestions: list[tuple[float, float]] = []
+    if fit is not None:
+        used = [focused[k] for k in np.flatnonzero(choice.used)]
+        w = _weights(np.asarray(s, float)[choice.used])
+        rms, loo_rms = 1000.0 * _weighted_rms(fit.residuals_mm, w), 1000.0 * fit.loo_rms_mm
+        for k, i in enumerate(used):
+            new[i] = dataclasses.replace(new[i], loo_um=1000.0 * float(fit.loo_mm[k]))
+        off = []
+        for k in choice.outliers:
+            i = focused[k]
+            miss_um = 1000.0 * (z[k] - fit.surface.z_at(x[k], y[k]))  # type: ignore[operator]
+            new[i] = dataclasses.replace(new[i], status="outlier", note=(new[i].note + "; " if new[i].note else "")
+                                         + f"{miss_um:+.1f} um off the surface the other points make")
+            off.append(f"({x[k]:g}, {y[k]:g}) mm {miss_um:+.1f} um")
+        if off:
+            warnings.append(f"{len(off)} outlier{'s' if len(off) > 1 else ''} left out of the surface (a focus on dust "
+                            f"or debris, a second layer): {', '.join(off)}")
+        plane = fit if fit.surface.model == "plane" else fit_surface(
+            [x[k] for k in np.flatnonzero(choice.used)], [y[k] for k in np.flatnonzero(choice.used)],
+            [z[k] for k in np.flatnonzero(choice.used)], np.asarray(s)[choice.used], "plane", area_mm)
+        x0, y0, x1, y1 = area_mm
+        tilt = (plane or fit).surface.gradient_um_per_mm((x0 + x1) / 2.0, (y0 + y1) / 2.0)
+        if loo_rms > 500.0 * depth_of_field_mm:
+            loo = [abs(float(v)) for v in fit.loo_mm]
+            suggestions = suggest_points([x[k] for k in np.flatnonzero(choice.used)],
+                                         [y[k] for k in np.flatnonzero(choice.used)], loo,
+                                         [(p.x_mm, p.y_mm) for p in points], area_mm, grid, 6)
+            warnings.append(f"the surface is uncertain: its leave-one-out error, {loo_rms:.2f} um, exceeds half the "
+                            f"depth of field ({500.0 * depth_of_field_mm:.2f} um); points are missing near "
+                            f"{_where(suggestions)} (--map-refine N / refine=N adds up to N there)")
+    else:
+        warnings.append(f"no surface: only {len(focused)} point{'s' if len(focused) != 1 else ''} focused (at least 4, "
+                        "not all on one line, are needed); check START..END and the area")
+    empty = [(p.x_mm, p.y_mm) for p in new if p.status == "not_focused"]
+    if empty:
+        warnings.append(f"{len(empty)} point{'s' if len(empty) > 1 else ''} without a focus (bare glass, an empty "
+                        f"field, or the focus outside START..END), left out: {_where(empty)}")
+    if not complete:
+        warnings.append(f"the map was cut short after {sum(p.status != 'failed' for p in new)} of "
+                        f"{grid[0] * grid[1]} grid points")
+    return FocusMap(area_mm, grid, tuple(new), None if fit is None else fit.surface, depth_of_field_mm, range_mm,
+                    step_mm, {m: 1000.0 * v for m, v in choice.loo_by_model_mm.items()}, rms, loo_rms, tilt, rel_noise,
+                    complete, tuple(warnings), tuple(suggestions), elapsed_s)
+
+
+MAP_RULES: dict[str, Rule] = {
+    "refine": Rule("whole", 0, MAP_MAX_REFINE),
+    "depth_of_field_mm": Rule("number", 0.0, 10.0, " mm", above=True, optional=True),
+}
+
+
+def check_map_request(area_mm: Any, grid: Any, *, xy_limits_mm: Any = None, refine: Any = 0,
+                      depth_of_field_mm: Any = None) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    """Check a focus map's area (X0, Y0, X1, Y1 mm), grid (NX, NY), XY soft limits (a box, or
+    None), ``refine`` and ``depth_of_field_mm`` before anything moves; BadValue (one line, naming
+    the keyword, or on the command line its option) otherwise.  Returns the area and grid as
+    floats and ints."""
+    def bad(name: str, text: Callable[[str], str]) -> BadValue:
+        return BadValue("map", (name,), text)
+
+    def box(name: str, value: Any) -> tuple[float, float, float, float]:
+        if not (isinstance(value, Sequence) and len(value) == 4 and all(_is_number(v) for v in value)):
+            raise bad(name, lambda a: f"{a} {show_value(value)} must be X0,Y0,X1,Y1: four finite numbers of mm")
+        corners = tuple(float(v) for v in value)
+        if max(abs(v) for v in corners) > MAX_ABS_POSITION_MM:
+            raise bad(name, lambda a: f"{a} {show_value(value)} is out of range: within +-{MAX_ABS_POSITION_MM:g} mm")
+        x0, y0, x1, y1 = corners
+        if x0 == x1 or y0 == y1:
+            raise bad(name, lambda a: f"{a} {x0:g},{y0:g},{x1:g},{y1:g} mm has no "
+                      f"{'width' if x0 == x1 else 'height'}: give two opposite corners X0,Y0,X1,Y1")
+        return corners  # type: ignore[return-value]
+
+    area = box("area_mm", area_mm)
+    if not (isinstance(grid, Sequence) and len(grid) == 2
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in grid)):
+        raise bad("grid", lambda a: f"{a} {show_value(grid)} must be NXxNY: two whole numbers of points")
+    nx, ny = int(grid[0]), int(grid[1])
+    if not (2 <= nx <= MAP_MAX_SIDE and 2 <= ny <= MAP_MAX_SIDE):
+        raise bad("grid", lambda a: f"{a} {nx}x{ny}: each side needs 2 to {MAP_MAX_SIDE} points (a surface needs "
+                  "both directions)")
+    check_values("map", MAP_RULES, {"refine": refine, "depth_of_field_mm": depth_of_field_mm})
+    if xy_limits_mm is not None:
+        box("xy_limits_mm", xy_limits_mm)
+    return area, (nx, ny)
+
+
+def check_area_inside(area_mm: tuple[float, float, float, float],
+                      travel_mm: tuple[tuple[float, float], tuple[float, float]], xy_limits_mm: Sequence[float] | None,
+                      ) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Refuse an area that leaves the plate's travel or the XY soft limits (UsageError, nothing
+    moved); returns the allowed box ((x_lo, x_hi), (y_lo, y_hi))."""
+    (tx0, tx1), (ty0, ty1) = travel_mm
+    allowed = [[tx0, tx1], [ty0, ty1]]
+    if xy_limits_mm is not None:
+        lx0, ly0, lx1, ly1 = xy_limits_mm
+        allowed = [[max(tx0, min(lx0, lx1)), min(tx1, max(lx0, lx1))],
+                   [max(ty0, min(ly0, ly1)), min(ty1, max(ly0, ly1))]]
+    x0, y0, x1, y1 = area_mm
+    for name, (lo, hi), (a, b) in (("X", allowed[0], (x0, x1)), ("Y", allowed[1], (y0, y1))):
+        if min(a, b) < lo - FLOAT_SLACK_MM or max(a, b) > hi + FLOAT_SLACK_MM:
+            raise UsageError(f"the map area's {name} {min(a, b):g}..{max(a, b):g} mm leaves the allowed "
+                             f"{lo:g}..{hi:g} mm (plate travel X {tx0:g}..{tx1:g}, Y {ty0:g}..{ty1:g} mm"
+                             + (", and the XY soft limits" if xy_limits_mm is not None else "")
+                             + "); choose an area inside it; nothing moved")
+    return (allowed[0][0], allowed[0][1]), (allowed[1][0], allowed[1][1])
+
+
+class _Mapper:
+    """One focus map's acquisition: the plate moves, each point's search, the noise frames."""
+
+    def __init__(self, xy: XYStage, z: Stage, camera: Camera, *, positions: list[float], full: Request,
+                 window: Request, on_frame: FrameHook | None, scorer: Scorer, direction: float) -> None:
+        self.xy, self.z, self.camera = xy, z, camera
+        self.positions, self.step_mm = positions, full.step_mm
+        self.full, self.window, self.on_frame, self.scorer = full, window, on_frame, scorer
+        self.backlash_mm, self.direction = full.backlash_mm, direction
+        self.full_frames = full_search_frames(len(positions), full.search)
+        self.rel_noise: float | None = None
+        self.left_at: tuple[float, float] | None = None  # where the map last sent the plate
+        self.points: list[MapPoint] = []
+        self.current: tuple[float, float] | None = None  # the point being measured (for a failure)
+        self.searches: list[FocusResult] = []
+
+    def move_plate(self, x_mm: float, y_mm: float) -> None:
+        """Move the plate and verify it, and that nothing else moved it since the last point."""
+        if self.left_at is not None:
+            at = plate_position(self.xy)
+            if math.hypot(at[0] - self.left_at[0], at[1] - self.left_at[1]) > XY_TOLERANCE_MM:
+                raise StageInterrupted(f"the plate is at ({at[0]:.4f}, {at[1]:.4f}) mm, not where the map left it "
+                                       f"({self.left_at[0]:.4f}, {self.left_at[1]:.4f}) mm: it was moved from outside "
+                                       "(the joystick, Zaber Launcher or another program)")
+        self.xy.move_to(x_mm, y_mm)
+        at = plate_position(self.xy)
+        if math.hypot(at[0] - x_mm, at[1] - y_mm) > XY_TOLERANCE_MM:
+            err = StageError(f"the plate move to ({x_mm:.4f}, {y_mm:.4f}) mm ended at ({at[0]:.4f}, {at[1]:.4f}) mm: "
+                             "it did not reach its target (blocked, or moved by someone else)")
+            err.may_move = False
+            raise err
+        self.left_at = (x_mm, y_mm)
+
+    def approach_z(self, z_mm: float) -> int:
+        """Send the focus stage to z the way the searches arrive (from the sweep's side with
+        backlash); returns the moves made."""
+        if self.backlash_mm > 0:
+            self.z.move_to(round(z_mm - self.direction * self.backlash_mm, POSITION_DECIMALS))
+            self.z.move_to(z_mm)
+            return 2
+        self.z.move_to(z_mm)
+        return 1
+
+    def measure_noise(self) -> int:
+        """Repeat frames where the stage is (the first focus): the score's relative noise."""
+        scores = []
+        z_now = stage_position(self.z)
+        for _ in range(NOISE_REPEATS):
+            frame = self.camera.capture()
+            check_frame(frame, z_now)
+            scores.append(self.scorer(frame))
+        self.rel_noise = relative_noise(scores)
+        if not math.isfinite(self.rel_noise):
+            self.rel_noise = None
+        return NOISE_REPEATS
+
+    def measure(self, x_mm: float, y_mm: float, added: bool = False) -> MapPoint:
+        """Focus at one plate position: a narrow window around the predicted focus when the
+        points so far predict one, else (or when the window shows no peak) the whole range."""
+        self.current, self.searches = (x_mm, y_mm), []
+        self.move_plate(x_mm, y_mm)
+        used = [p for p in self.points if p.z_mm is not None and p.status == "used"]
+        window = None
+        if used and self.rel_noise is not None:
+            sigmas = [point_sigma_mm(p.result, self.step_mm) for p in used]  # type: ignore[arg-type]
+            predicted, sigma = predict_focus([p.x_mm for p in used], [p.y_mm for p in used],
+                                             [p.z_mm for p in used], sigmas, (x_mm, y_mm))  # type: ignore[misc]
+            window = plan_window(predicted, sigma, self.positions, self.step_mm, self.full_frames)
+        note = ""
+        if window is not None:
+            found = _run_request(self.z, self.camera, check_request(dataclasses.replace(
+                self.window, start_mm=window[0], end_mm=window[1])), self.on_frame,
+                                 look_first=False)
+            verdict = judge_window(found.samples, self.rel_noise)  # type: ignore[arg-type]
+            if verdict.kind == "focused":
+                fit = found.fit
+                target = fit.z_mm if fit.used and fit.z_mm is not None else best_sample(found.samples).z_mm
+                moves = found.moves
+                if not (found.verdict.kind == "focused" and found.best_mm == target):
+                    moves += self.approach_z(target)  # focus() judged the window by its own rule: go there
+                found = dataclasses.replace(found, verdict=verdict, best_mm=target, moves=moves)
+                self.searches.append(found)
+                return MapPoint(x_mm, y_mm, found, (found,), "used", f"window {window[0]:.4f}..{window[1]:.4f} mm",
+                                added=added)
+            self.searches.append(dataclasses.replace(found, verdict=verdict))
+            note = f"window {window[0]:.4f}..{window[1]:.4f} mm: {verdict.kind}; searched the whole range"
+        found = _run_request(self.z, self.camera, self.full, self.on_frame, look_first=False)
+        self.searches.append(found)
+        if (window is not None and found.verdict.kind == "focused"
+                and min(window) + self.step_mm - FLOAT_SLACK_MM <= found.best_mm <= max(window) - self.step_mm + FLOAT_SLACK_MM
+                and not window_shows(self.searches[0].samples, found.best_mm, self.rel_noise)):  # type: ignore[arg-type]
+            # The whole range's peak lies inside the window (a STEP or more from its ends), and the
+            # window's frames there stand no higher than its lowest ones: a noise maximum (the
+            # verdict's known weakness on empty fields), not a focus.  Back to where that search began.
+            moves = found.moves + self.approach_z(found.start_mm)
+            found = dataclasses.replace(found, best_mm=found.start_mm, moves=moves, verdict=dataclasses.replace(
+                found.verdict, kind="no_peak", reason=f"its peak at {found.best_mm:.4f} mm lies inside the window "
+                f"{min(window):.4f}..{max(window):.4f} mm, whose frames show nothing there: noise"))
+            note += "; its peak lay in the window, whose frames show nothing there: taken as noise"
+        noise_frames = self.measure_noise() if found.verdict.kind == "focused" and self.rel_noise is None else 0
+        return MapPoint(x_mm, y_mm, found, tuple(self.searches), "used" if found.verdict.kind == "focused"
+                        else "not_focused", note, noise_frames, added)
+
+
+def focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, *, area_mm: Sequence[float], grid: Sequence[int],
+              start_mm: float, end_mm: float, step_mm: float, xy_limits_mm: Sequence[float] | None = None,
+              refine: int = 0, depth_of_field_mm: float | None = None,
+              on_point: Callable[[MapPoint, int, int], None] | None = None, search: Search = "fast",
+              **options: Any) -> FocusMap:
+    """Focus at an NX x NY grid over the plate area X0, Y0, X1, Y1 (mm) and fit the slide's surface.
+
+    Every point is a ``focus()`` between START and END every STEP (``options``: focus()'s keywords;
+    ``search`` over the whole range, "fast" by default), visited in a snake.  Once a point has
+    focused, the score's noise is measured there (NOISE_REPEATS frames), and every later point first
+    searches a narrow window around the focus the points so far predict (``predict_focus``,
+    ``judge_window``), else the whole range.  Points without a focus and outliers are left out of the
+    surface and reported.  When the leave-one-out error exceeds half the depth of field
+    (``depth_of_field_mm``, default STEP), the map says where points are missing, and with
+    ``refine=N`` measures up to N more.  ``on_point(point, done, total)`` is called after each point.
+
+    Everything is checked before anything moves (UsageError); Z is only commanded inside START..END
+    and the soft limits; every plate move is verified (XY_TOLERANCE_MM).  A fault or Ctrl-C stops the
+    map at once, nothing more moves, and the error carries ``partial`` (``complete=False``) and
+    ``stage_state``.  A complete map leaves the plate at its last point, focused there."""
+    t0 = time.perf_counter()
+    unknown = sorted(set(options) - set(focus.__kwdefaults__ or {}))
+    if unknown:
+        raise TypeError(f"focus_map() got an unexpected keyword argument {unknown[0]!r}")
+    area, cells = check_map_request(area_mm, grid, xy_limits_mm=xy_limits_mm, refine=refine,
+                                    depth_of_field_mm=depth_of_field_mm)
+    on_frame = options.get("on_frame")
+    request = check_request(Request(start_mm, end_mm, step_mm, search=search,  # type: ignore[arg-type]
+                                    **{k: v for k, v in options.items() if k != "on_frame"}))
+    check_on_frame(on_frame)
+    with exclusive_use(z_stage, camera):
+        return _focus_map(xy_stage, z_stage, camera, request, area, cells, t0=t0, xy_limits_mm=xy_limits_mm,
+                          refine=refine, depth_of_field_mm=depth_of_field_mm, on_point=on_point, on_frame=on_frame)
+
+
+def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
+               area: tuple[float, float, float, float], cells: tuple[int, int], *, t0: float,
+               xy_limits_mm: Sequence[float] | None, refine: int, depth_of_field_mm: float | None,
+               on_point: Callable[[MapPoint, int, int], None] | None, on_frame: FrameHook | None) -> FocusMap:
+    """focus_map() once its arguments are checked and its parts are its own."""
+    dof_mm = float(depth_of_field_mm) if depth_of_field_mm is not None else r.step_mm
+    check_step_native(extras_of(z_stage), r.step_mm)
+    origin = relative_origin(z_stage, r.relative)
+    first, last = r.start_mm + origin, r.end_mm + origin
+    direction = 1.0 if last >= first else -1.0
+    # Z stays inside START..END and the soft limits: every search gets their intersection as its
+    # limits, and with a backlash overshoot the frames begin one overshoot inside START.
+    z_lo = min(first, last) if r.z_min is None else max(min(first, last), r.z_min)
+    z_hi = max(first, last) if r.z_max is None else min(max(first, last), r.z_max)
+    positions = plan_positions(round(first + direction * r.backlash_mm, POSITION_DECIMALS), last, r.step_mm)
+    if len(positions) < 2 * WINDOW_MIN_HALF_STEPS + 1 or (last - positions[0]) * direction < 0:
+        raise UsageError(f"the range {first:g}..{last:g} mm holds fewer than {2 * WINDOW_MIN_HALF_STEPS + 1} STEPs "
+                         "(after the backlash overshoot): give a wider range or a smaller STEP")
+    plan = Plan(tuple(positions), r.search, r.backlash_mm, r.settle_ms, r.peak)
+    check_plan(plan, stage_limits(z_stage), (r.z_min, r.z_max))
+    allowed = check_area_inside(area, plate_limits(xy_stage), xy_limits_mm)
+    plate_position(xy_stage)  # the plate answers, before anything moves
+    check_camera(camera, r.roi)
+    # Homing (with consent) before anything else moves; both are checked first.
+    z_axis, plate = extras_of(z_stage), extras_of(xy_stage)
+    z_unhomed, xy_unhomed = not z_axis.homed, not plate.homed
+    if z_unhomed:
+        check_home_consent(r.home, r.z_min, r.z_max, z_axis.axis_name)
+    if xy_unhomed and (r.home is False or (xy_limits_mm is not None and r.home is not True)):
+        raise UsageError("the XY plate has no reference position (not homed) and must be homed first, but "
+                         + ("--no-home forbids homing" if r.home is False else
+                            "homing drives it to its home corner through positions --xy-limits may forbid: check "
+                            "that its path is clear, then pass --home")
+                         + " (or home it yourself, e.g. in Zaber Launcher); nothing moved")
+    if z_unhomed:
+        z_axis.home_if_needed()
+        check_plan(plan, stage_limits(z_stage), (r.z_min, r.z_max))
+    if xy_unhomed:
+        plate.home_if_needed()
+    full = check_request(dataclasses.replace(r, start_mm=positions[0], end_mm=positions[-1], relative=False,
+                                             home=False, z_min=z_lo, z_max=z_hi))
+    mapper = _Mapper(xy_stage, z_stage, camera, positions=positions, full=full,
+                     window=dataclasses.replace(full, search="sweep", peak="sharpest"), on_frame=on_frame,
+                     scorer=Scorer(full.metric, full.blur, full.roi, invert=full.transparent),  # type: ignore[arg-type]
+                     direction=direction)
+    path = snake_path(area, cells)
+    total = len(path)
+
+    def summary(complete: bool) -> FocusMap:
+        return summarise_map(mapper.points, area_mm=area, grid=cells, depth_of_field_mm=dof_mm,
+                             range_mm=(first, last), step_mm=r.step_mm, complete=complete, rel_noise=mapper.rel_noise,
+                             elapsed_s=time.perf_counter() - t0)
+
+    with plate.run_scope(allowed):  # plate moves rounded inside the area's limits
+        try:
+            if not z_lo - FLOAT_SLACK_MM <= stage_position(z_stage) <= z_hi + FLOAT_SLACK_MM:
+                mapper.approach_z(positions[0])  # into the range first: every search then starts (and returns) inside it
+            for x, y in path:
+                mapper.points.append(mapper.measure(x, y))
+                if on_point is not None:
+                    on_point(mapper.points[-1], len(mapper.points), total)
+            result = summary(True)
+            added = 0
+            while added < refine and result.surface is not None and not result.trusted:
+                used = [p for p in result.points if p.status == "used"]
+                batch = suggest_points([p.x_mm for p in used], [p.y_mm for p in used], [p.loo_um or 0.0 for p in used],
+                                       [(p.x_mm, p.y_mm) for p in mapper.points], area, cells,
+                                       min(refine - added, max(2, len(path) // 5)))
+                if not batch:
+                    break
+                total += len(batch)
+                here = mapper.left_at or batch[0]
+                while batch:  # nearest first: short plate moves
+                    nxt = min(batch, key=lambda p: math.hypot(p[0] - here[0], p[1] - here[1]))
+                    batch.remove(nxt)
+                    mapper.points.append(mapper.measure(*nxt, added=True))
+                    added += 1
+                    here = nxt
+                    if on_point is not None:
+                        on_point(mapper.points[-1], len(mapper.points), total)
+                result = summary(True)
+            return result
+        except BaseException as exc:  # a fault or Ctrl-C: nothing more moves; what was measured is kept
+            with INTERRUPTS.held():
+                carried = exc if isinstance(exc, (AutofocusError, Interrupted)) else None
+                where = carried.stage_state if carried is not None else None
+                if where is None:  # the plate (or our own check) failed: no search was under way
+                    plate_may_move = not (isinstance(exc, StageError) and not exc.may_move)
+                    if plate_may_move:
+                        with contextlib.suppress(AutofocusError, KeyboardInterrupt):
+                            xy_stage.stop()
+                    where = "nothing more was moved"
+                    with contextlib.suppress(AutofocusError, KeyboardInterrupt):
+                        where += f"; the focus stage is at {z_stage.position_mm():.4f} mm"
+                try:
+                    at = xy_stage.position_mm()
+                    where += f"; the plate is at ({at[0]:.4f}, {at[1]:.4f}) mm"
+                except (AutofocusError, KeyboardInterrupt):
+                    where += "; the plate's position is unknown (it no longer answers)"
+                if mapper.current is not None and (not mapper.points or
+                                                   (mapper.points[-1].x_mm, mapper.points[-1].y_mm) != mapper.current):
+                    partial = carried.partial if carried is not None else None
+                    mapper.points.append(MapPoint(mapper.current[0], mapper.current[1], partial,
+                                                  tuple(mapper.searches) + ((partial,) if partial is not None else ()),
+                                                  "failed", failure_line(exc)[1]))
+                try:
+                    partial_map: FocusMap | None = summary(False)
+                except Exception:  # noqa: BLE001 - the error being raised is what matters
+                    log.debug("summarising the partial map failed", exc_info=True)
+                    partial_map = None
+                failure = as_run_failure(exc, partial_map, where)
+                if failure is exc:
+                    raise
+                raise failure from exc
+
+
+###############################################################################
+# Python API: Micro-Manager autofocus #########################################
+###############################################################################
+
+
 class MMAutofocus:
     """This tool's autofocus standing in for a Micro-Manager core's autofocus device; made and
     attached by ``mm_autofocus``.  ``results`` holds the FocusResult of every search that ended
@@ -5718,12 +6811,6 @@ def mm_autofocus(core: Any, start_mm: float, end_mm: float, step_mm: float, *, r
 ###############################################################################
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (ZML messages run over several lines)."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def result_json(result: FocusResult | None, *, exit_code: int, error: str | None = None,
                 where: str | None = None, stage_info: dict[str, Any] | None = None,
                 roi: Sequence[int] | None = None, camera_roi: Sequence[int] | None = None) -> dict[str, Any]:
@@ -5770,17 +6857,6 @@ def result_json(result: FocusResult | None, *, exit_code: int, error: str | None
         # travel_mm, ...), roi (the scored region [x, y, w, h], None: the whole frame), camera_roi
         **run_keys,
     }
-
-
-def finite_only(value: Any) -> Any:
-    """``value`` with every NaN or infinity replaced by None (recursively)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_only(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_only(v) for v in value]
-    return value
 
 
 def strict_json(data: dict[str, Any]) -> str:
@@ -6622,966 +7698,17 @@ def make_figures(folder: str | Path, optics: SimOptics, blur: int = DEFAULT_BLUR
     return written
 
 
-###############################################################################
-# Python API ##################################################################
-###############################################################################
-# For scripts that already hold a stage and a camera (a tiling loop, a notebook).  The command line
-# runs through focus() as well: one path for the checks, the search, the verdict, the final move
-# and the fault handling.  focus()'s keywords are named like the command-line options
-# (``--settle-ms`` is ``settle_ms``); the CLI passes every option that has a keyword of the same
-# name (``focus_keywords``), so a new keyword and its option join in one step.
-
-plan_log = logging.getLogger("autofocus.plan")  # the header line: what will be searched (absolute mm)
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """One autofocus request: focus()'s arguments, which the command line builds from its options.
-
-    Checked as a whole by ``check_request`` before anything moves; its fields are focus()'s
-    keywords (and the command line's option names), and their defaults are focus()'s.  ``metric``
-    None means "laplacian", or "normvar" with ``transparent``."""
-
-    start_mm: float
-    end_mm: float
-    step_mm: float
-    search: Search = "sweep"
-    metric: str | None = None
-    blur: int = DEFAULT_BLUR
-    roi: Roi | None = None
-    settle_ms: float = 0.0
-    backlash_mm: float = 0.0
-    z_min: float | None = None
-    z_max: float | None = None
-    relative: bool = False
-    home: bool | None = None
-    peak: PeakPolicy = "sharpest"
-    transparent: bool = False
-    allow_many: bool = False
-    objective: str | None = None  # --objective: names the STEP that suits it (objective_optics)
-
-
-REQUEST_RULES: dict[str, Rule] = {
-    "start_mm": POSITION_RULE,
-    "end_mm": POSITION_RULE,  # relative: offsets from where the stage is; the plan check sees the sums
-    "step_mm": Rule("number", MIN_STEP_MM, 2 * MAX_ABS_POSITION_MM, " mm"),
-    "search": Rule("choice", choices=tuple(SEARCHES)),
-    "metric": Rule("choice", choices=tuple(METRICS), optional=True),
-    "blur": Rule("whole", 3, MAX_BLUR, odd=True),
-    "roi": Rule("roi", optional=True),
-    "settle_ms": Rule("number", 0.0, MAX_SETTLE_MS, " ms"),
-    "backlash_mm": Rule("number", 0.0, MAX_BACKLASH_MM, " mm"),
-    "z_min": dataclasses.replace(POSITION_RULE, optional=True),
-    "z_max": dataclasses.replace(POSITION_RULE, optional=True),
-    "relative": Rule("flag"),
-    "home": Rule("flag", optional=True),
-    "peak": Rule("choice", choices=PEAK_CHOICES),
-    "transparent": Rule("flag"),
-    "allow_many": Rule("flag"),
-    "objective": Rule("text", optional=True),  # a name of OBJECTIVES or MAGx/NA[/MEDIUM]: see check_request
-}
-
-
-def check_request(request: Request) -> Request:
-    """The request with every field checked (REQUEST_RULES), and then as a whole (a range of at
-    least one STEP, a sane number of positions, soft limits in order, --peak on a sweep); the
-    metric resolved.  BadValue (a UsageError) otherwise.  Nothing here needs the stage."""
-    r = Request(**check_values("request", REQUEST_RULES, dataclasses.asdict(request)))
-    span = abs(r.end_mm - r.start_mm)
-    if span == 0:
-        raise BadValue("request", ("start_mm", "end_mm", "step_mm"), lambda a, b, c: (
-            f"{a} equals {b}: nothing to search; give a range of at least one {c}"))
-    if r.step_mm > span + 1e-12:
-        raise BadValue("request", ("step_mm",), lambda a: (
-            f"{a} {r.step_mm:g} mm is larger than the range {span:g} mm; use a smaller {a}"))
-    whole_steps = math.floor(span / r.step_mm + FLOAT_SLACK_RATIO)
-    n = whole_steps + 1 + (abs(whole_steps * r.step_mm - span) > FLOAT_SLACK_MM)
-    if n > MAX_POSITIONS_ALLOWED:
-        raise BadValue("request", ("allow_many",), lambda a: (
-            f"{n:,} positions (range {span:g} mm / STEP {r.step_mm:g} mm) is more than {MAX_POSITIONS_ALLOWED:,}, "
-            f"even with {a}; check the units (mm) or split the range"))
-    if n > MAX_POSITIONS and not r.allow_many:
-        raise BadValue("request", ("allow_many",), lambda a: (
-            f"{n:,} positions (range {span:g} mm / STEP {r.step_mm:g} mm) is more than {MAX_POSITIONS:,}: check "
-            f"the units (mm), or confirm with {a}"))
-    if r.z_min is not None and r.z_max is not None and r.z_min >= r.z_max:
-        raise BadValue("request", ("z_min", "z_max"), lambda a, b: f"{a} {r.z_min:g} must be below {b} {r.z_max:g}")
-    if r.peak != "sharpest" and r.search != "sweep":
-        raise BadValue("request", ("peak", "search"), lambda a, b: (
-            f"{a} {r.peak} compares every peak of the curve, which only a sweep measures: use {b} sweep "
-            "(the default)"))
-    if r.objective is not None and r.objective not in OBJECTIVES:
-        objective_optics(r.objective)  # MAGx/NA[/MEDIUM], or BadValue naming it
-    return dataclasses.replace(r, metric=r.metric or ("normvar" if r.transparent else "laplacian"))
-
-
-_PROTOCOLS = {"stage": "a Stage needs limits_mm(), position_mm(), move_to(z_mm) and stop()",
-              "camera": "a Camera needs capture()",
-              "plate": "an XYStage needs move_to(x_mm, y_mm), position_mm(), limits_mm() and stop()"}
-
-
-def call_part(part: Any, what: str, method: str) -> Any:
-    """``part.method()`` on a stage, camera or plate a caller gave, the way the readers below call
-    it -- before anything moves.  A part without that method, or whose ``method`` is not callable or
-    takes other arguments, is the caller's mistake: UsageError naming what is missing, not an
-    AttributeError or TypeError from deep in a run.  (Errors raised inside the method are its own.)"""
-    def called(value: Any) -> str:  # None, "a str", "an object"
-        kind = type(value).__name__
-        return "None" if value is None else f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
-
-    label = called(part)
+def load_matplotlib(flag: str) -> Any:
+    """matplotlib, for ``flag`` (--plot, --make-figures); UsageError when it cannot start -- it
+    needs a writable folder for its cache and configuration (HOME, the temporary folder, or
+    MPLCONFIGDIR) -- instead of a traceback."""
     try:
-        bound = getattr(part, method)
-    except AttributeError as exc:
-        if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
-            raise  # raised inside a property or __getattr__ of the part: its own error
-        raise UsageError(f"the {what} ({label}) has no {method}() method: {_PROTOCOLS[what]} (see the Device "
-                         "interfaces section); nothing was moved") from None
-    if not callable(bound):
-        shown = show_value(bound)
-        raise UsageError(f"the {what}'s {method} is {called(bound) if chr(10) in shown else shown}, not callable: "
-                         f"{_PROTOCOLS[what]} (methods, see the Device interfaces section); nothing was moved")
-    try:
-        return bound()
-    except TypeError as exc:
-        if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
-            raise  # raised inside the method
-        raise UsageError(f"the {what}'s {method}() cannot be called without arguments ({exc}): "
-                         f"{_PROTOCOLS[what]}; nothing was moved") from None
-
-
-def stage_limits(stage: Stage) -> tuple[float, float]:
-    """The stage's travel limits, checked before any use: two finite numbers of mm, lowest first
-    (a NaN would pass every comparison of the plan check); StageError otherwise."""
-    limits = call_part(stage, "stage", "limits_mm")
-    try:
-        lo, hi = limits
-        usable = _is_number(lo) and _is_number(hi) and lo <= hi
-    except (TypeError, ValueError):
-        usable = False
-    if not usable:
-        raise StageError(f"the stage reports its travel limits as {show_value(limits)}, not two finite numbers of mm, "
-                         "lowest first; nothing was moved: check the stage (its limits_mm())")
-    return float(lo), float(hi)
-
-
-def stage_position(stage: Stage) -> float:
-    """Where the stage says it is, checked before any use: a finite number of mm; StageError otherwise."""
-    z_mm = call_part(stage, "stage", "position_mm")
-    if not _is_number(z_mm):
-        raise StageError(f"the stage reports its position as {show_value(z_mm)}, not a finite number of mm; "
-                         "nothing was moved: check the stage (its position_mm())")
-    return float(z_mm)
-
-
-_in_use: dict[int, str] = {}  # id() of every stage and camera inside a focus() call -> "stage"/"camera"
-_in_use_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def exclusive_use(stage: Stage, camera: Camera) -> Iterator[None]:
-    """One focus() call at a time per stage object and per camera object.  A second call on either
-    -- from another thread, or from the first call's own on_frame -- is refused (UsageError, before
-    it reads or moves anything): its moves would interleave with the first call's, and one result's
-    best_mm would not be where the stage ended.  A Zaber axis refuses a second program the same way."""
-    parts = {id(stage): "stage", id(camera): "camera"}
-    with _in_use_lock:
-        busy = [what for key, what in parts.items() if key in _in_use]
-        if busy:
-            raise UsageError(f"this {busy[0]} object is already in another focus() call (another thread, or that "
-                             f"call's on_frame): one call at a time per {busy[0]}; wait for it to return")
-        _in_use.update(parts)
-    try:
-        yield
-    finally:
-        with _in_use_lock:
-            for key in parts:
-                _in_use.pop(key, None)
-
-
-def check_on_frame(on_frame: Any) -> None:
-    """BadValue unless ``on_frame`` is a function (or None)."""
-    if on_frame is not None and not callable(on_frame):
-        raise BadValue("request", ("on_frame",), lambda a: (
-            f"{a}: {show_value(on_frame)} must be a function on_frame(index, z_mm, frame, score), or None"))
-
-
-def check_camera(camera: Camera, roi: Roi | None) -> None:
-    """One frame captured where the stage is, before the first move (a capture moves nothing): the
-    camera answers (``call_part``) with a frame the scores can use (CameraError) that the region of
-    interest fits (UsageError).  The run's first frame is checked again: the camera may change."""
-    frame = call_part(camera, "camera", "capture")
-    if (problem := frame_problem(frame)) is not None:
-        raise CameraError(f"the camera delivered {problem} (a frame captured before anything moved); check the "
-                          "camera (its connection, its capture())")
-    if roi is not None:
-        check_roi(roi, frame.shape)
-
-
-def check_step_native(axis: StageExtras, step_mm: float) -> None:
-    """Refuse a STEP of fewer than MIN_STEP_NATIVE native units of the stage (BadValue)."""
-    unit_mm = axis.native_unit_mm
-    if unit_mm > 0:
-        if step_mm < MIN_STEP_NATIVE * unit_mm * (1 - FLOAT_SLACK_RATIO):
-            raise BadValue("request", ("step_mm",), lambda a: (
-                f"{a} {step_mm:g} mm is {step_mm / unit_mm:.3g} native units of this stage (one unit is "
-                f"{unit_mm * 1e6:.4g} nm); a {a} must be at least {MIN_STEP_NATIVE} units, "
-                f"{MIN_STEP_NATIVE * unit_mm:.4g} mm"))
-
-
-def relative_origin(stage: Stage, relative: bool) -> float:
-    """What START and END are offsets from: where the axis is now with ``relative`` (refused for an
-    axis without a reference position), else 0."""
-    if not relative:
-        return 0.0
-    if not extras_of(stage).homed:
-        raise UsageError("--relative: the axis has no reference position, so where it is now means nothing; "
-                         "home it first (or give absolute START and END)")
-    return stage_position(stage)
-
-
-def focus(stage: Stage, camera: Camera, start_mm: float, end_mm: float, step_mm: float, *,
-          search: Search = Request.search, metric: str | None = Request.metric, blur: int = Request.blur,
-          roi: Sequence[int] | None = Request.roi, settle_ms: float = Request.settle_ms,
-          backlash_mm: float = Request.backlash_mm, z_min: float | None = Request.z_min,
-          z_max: float | None = Request.z_max, relative: bool = Request.relative, home: bool | None = Request.home,
-          peak: PeakPolicy = Request.peak, transparent: bool = Request.transparent,
-          allow_many: bool = Request.allow_many, objective: str | None = Request.objective,
-          on_frame: FrameHook | None = None) -> FocusResult:
-    """Find the sharpest focus between START and END every STEP (mm) and send the stage there.
-
-    Exactly what ``python autofocus.py START END STEP ...`` does, on a stage and a camera the caller
-    holds (nothing is opened or closed here):
-
-    1. checks every argument, and the plan (backlash overshoot included) against the travel and the
-       soft limits ``z_min``/``z_max`` (``relative=True``: START and END are offsets from where the
-       axis is); one frame is captured and checked, the ROI against it -- all before anything moves;
-    2. homes an axis without a reference position (StageExtras), announced: with a soft limit only
-       with ``home=True``, never with ``home=False`` (UsageError, nothing moved);
-    3. searches (``search``), scoring ``roi=(x, y, w, h)`` or the whole frame with ``metric``;
-    4. judges the curve: ``focused`` or ``edge`` sends the stage to the best position, ``no_peak``
-       back to where it started.  The verdict is ``result.verdict.kind``, never an exception.
-
-    ``transparent=True`` focuses an unstained specimen at its contrast minimum; ``peak`` chooses among
-    several significant peaks (``result.peaks``, ``result.dips``); ``on_frame(index, z_mm, frame,
-    score)`` is called for every frame (from the scoring thread).  A fault or Ctrl-C stops the axis
-    and returns it to its start when it still answers (never after a StageError), then raises the
-    tool's own exception (``as_run_failure``) with ``partial`` and ``stage_state``.
-    """
-    request = check_request(Request(start_mm, end_mm, step_mm, search=search, metric=metric, blur=blur,
-                                    roi=roi, settle_ms=settle_ms, backlash_mm=backlash_mm,  # type: ignore[arg-type]
-                                    z_min=z_min, z_max=z_max, relative=relative, home=home, peak=peak,
-                                    transparent=transparent, allow_many=allow_many, objective=objective))
-    return run_request(stage, camera, request, on_frame=on_frame)
-
-
-def run_request(stage: Stage, camera: Camera, request: Request, *, on_frame: FrameHook | None = None) -> FocusResult:
-    """focus() for a request already checked by ``check_request`` (the command line checks its
-    own before it opens anything): the parts checked, then plan, homing, search and final move."""
-    check_on_frame(on_frame)
-    with exclusive_use(stage, camera):
-        return _run_request(stage, camera, request, on_frame)
-
-
-def _run_request(stage: Stage, camera: Camera, r: Request, on_frame: FrameHook | None, *,
-                 look_first: bool = True) -> FocusResult:
-    """run_request() inside its exclusive use; ``look_first``: a frame is captured and checked
-    (``check_camera``) before anything moves (a focus map looks once, not at every point)."""
-    axis = extras_of(stage)
-    check_step_native(axis, r.step_mm)
-    travel_lo, travel_hi = stage_limits(stage)
-    allowed_mm = (travel_lo if r.z_min is None else max(travel_lo, r.z_min),
-                  travel_hi if r.z_max is None else min(travel_hi, r.z_max))
-    with axis.run_scope(allowed_mm):  # the axis as it stands now: moving, faulted or not, and where
-        return _run_scoped(stage, axis, camera, r, on_frame, look_first, allowed_mm)
-
-
-def _run_scoped(stage: Stage, axis: StageExtras, camera: Camera, r: Request, on_frame: FrameHook | None,
-                look_first: bool, allowed_mm: tuple[float, float]) -> FocusResult:
-    """_run_request() inside the stage's run scope: plan, homing, search and final move."""
-    origin_mm = relative_origin(stage, r.relative)
-    dof_um = depth_of_field_um(r.objective) if r.objective is not None else None
-    plan = Plan(tuple(plan_positions(r.start_mm + origin_mm, r.end_mm + origin_mm, r.step_mm)), r.search,
-                r.backlash_mm, r.settle_ms, r.peak, dof_um)
-    check_plan(plan, stage_limits(stage), (r.z_min, r.z_max))
-    if look_first:
-        stage_position(stage)  # checked first: a simulated camera renders where the stage says it is
-        check_camera(camera, r.roi)
-    positions, note = axis.reachable(plan.positions)
-    plan = dataclasses.replace(plan, positions=positions, notes=(note,) if note else (), allowed_mm=allowed_mm)
-    homed_now = False  # after homing there is no start to return to (the home sensor may be below --z-min)
-    if not axis.homed:
-        check_home_consent(r.home, r.z_min, r.z_max, axis.axis_name)
-        homed_now = bool(axis.home_if_needed())
-        check_plan(plan, stage_limits(stage), (r.z_min, r.z_max))
-    if dof_um is not None:  # a STEP too coarse for it: said always; else only with --verbose
-        log.log(logging.WARNING if r.step_mm / (dof_um / 1000) > 2 else logging.INFO, "%s",
-                objective_line(r.objective, r.step_mm))  # type: ignore[arg-type]
-    first, last = plan.positions[0], plan.positions[-1]
-    plan_log.info("searching %.4f..%.4f mm every %g mm%s: %d positions, %s search, %s score%s",
-                  first, last, r.step_mm,
-                  f" ({r.start_mm:+g}..{r.end_mm:+g} mm from {origin_mm:.4f} mm)" if r.relative else "",
-                  len(plan.positions), r.search, r.metric,
-                  f", ROI {','.join(map(str, r.roi))}" if r.roi else "")
-    return run_autofocus(stage, camera, Scorer(r.metric, r.blur, r.roi, invert=r.transparent), plan,  # type: ignore[arg-type]
-                         on_frame=on_frame, return_to_start=not homed_now, soft_mm=(r.z_min, r.z_max))
-
-
-def simulated_microscope(**options: Any) -> tuple[SimStage, SimCamera]:
-    """A simulated focus stage and camera, to try ``focus()`` without hardware.
-
-    Keywords: every ``SimOptics`` field (``focus_mm``, ``photons``, ``seed``, ``width``, ``height``,
-    ``read_noise_e``, ``bit_depth``, ``specimen``, ``right_specimen``, ``right_focus_mm``,
-    ``magnification``, ``na``, ...); ``time_scale`` (1, the default: real hardware timing; 0: no
-    waiting) and every other ``SimTiming`` field (``exposure_s``, ``readout_s``, ...); ``start_mm``
-    (default 0), ``travel_mm`` (default (0, 25)), ``objective`` (a name of OBJECTIVES: "4x" ...
-    "100x"; sets magnification, na and immersion_index), ``one_shot`` (an acquisition start/stop per
-    frame), ``camera_roi`` ((x, y, w, h): the sensor region read out), ``defocus`` ("gaussian" or
-    "pillbox") and ``specimen_image`` (a micrograph's path, in place of the synthetic cells).  The
-    camera's ``lamp`` and ``illumination`` model a flickering or drifting lamp and uneven light.
-    """
-    optics_names = {f.name for f in dataclasses.fields(SimOptics)}
-    timing_names = {f.name for f in dataclasses.fields(SimTiming)} - {"scale"}
-    if isinstance(options.get("specimen_image"), os.PathLike):
-        options = {**options, "specimen_image": os.fspath(options["specimen_image"])}
-    # Each value is checked once, where it is used: SimOptics and SimTiming check their own fields
-    # (time_scale is SimTiming's scale), objective_optics the objective, and here the rest.
-    built = optics_names | timing_names | {"time_scale", "objective"}
-    given = check_values("simulator", SIM_RULES, {k: v for k, v in options.items() if k not in built})
-    lens = objective_optics(options["objective"]) if options.get("objective") is not None else {}
-    optics = SimOptics(**{**lens, **{k: v for k, v in options.items() if k in optics_names}})
-    if optics.specimen_image is not None:
-        if optics.specimen not in ("cells", "dusty"):
-            raise BadValue("simulator", ("specimen_image", "specimen"), lambda a, b: (
-                f"{a} replaces the synthetic cells; it cannot be combined with {b} {optics.specimen!r} (use cells "
-                "or dusty)"))
-        optics.texture()  # read it now: a missing or broken file is one line before anything moves
-    timing = SimTiming(scale=options.get("time_scale", 1.0), **{k: v for k, v in options.items() if k in timing_names})
-    travel = given.get("travel_mm", (0.0, 25.0))
-    start = given.get("start_mm", 0.0)
-    if not travel[0] <= start <= travel[1]:
-        raise BadValue("simulator", ("start_mm",), lambda a: (
-            f"{a}: the stage must start inside its travel: {start:g} mm is outside {travel[0]:g}..{travel[1]:g} mm"))
-    clock = SimClock(timing.scale)
-    stage = SimStage(travel_mm=travel, position_mm=start, timing=timing, clock=clock)
-    return stage, SimCamera(stage, optics, timing, clock, one_shot=given.get("one_shot", False),
-                            roi=given.get("camera_roi"))
-
-
-def simulated_slide(**options: Any) -> tuple[SimXYStage, SimStage, SlideCamera]:
-    """A simulated XY plate, focus stage and camera over a tilted, bowed slide, to try
-    ``focus_map()`` without hardware: ``plate, stage, camera = simulated_slide(objective="20x")``.
-
-    Keywords: every ``simulated_microscope`` keyword (``focus_mm``: the slide's focal surface at its
-    centre), every other ``SimSlide`` field (``centre_mm``, ``tilt_um_per_mm``, ``bow_um_per_mm2``,
-    ``ripple_um``, ``ripple_mm``, ``bare_glass``), ``xy_travel_mm`` ((x_lo, x_hi), (y_lo, y_hi);
-    default 0-100 x 0-75 mm) and ``xy_start_mm`` (where the plate starts; default the slide's centre)."""
-    slide_names = {f.name for f in dataclasses.fields(SimSlide)} - {"focus_mm"}
-    slide_options = {k: options.pop(k) for k in list(options) if k in slide_names}
-    travel = options.pop("xy_travel_mm", ((0.0, 100.0), (0.0, 75.0)))
-    start = options.pop("xy_start_mm", None)
-    stage, camera = simulated_microscope(**options)
-
-    def numbers(value: Any, count: int) -> bool:
-        return (isinstance(value, Sequence) and len(value) == count
-                and all(_is_number(v) and abs(v) <= MAX_ABS_POSITION_MM for v in value))
-
-    checks: dict[str, tuple[Callable[[Any], bool], str]] = {
-        "centre_mm": (lambda v: numbers(v, 2), "(x, y) in mm"),
-        "tilt_um_per_mm": (lambda v: numbers(v, 2), "(x, y) in um/mm"),
-        "bow_um_per_mm2": (lambda v: _is_number(v) and abs(v) <= 100, "a number of um/mm^2 within +-100"),
-        "ripple_um": (lambda v: _is_number(v) and abs(v) <= 1000, "a number of um within +-1000"),
-        "ripple_mm": (lambda v: _is_number(v) and 0 < v <= MAX_ABS_POSITION_MM, "a wavelength above 0 mm"),
-        "bare_glass": (lambda v: isinstance(v, Sequence) and all(numbers(b, 4) for b in v),
-                       "boxes (X0, Y0, X1, Y1) in mm"),
-        "xy_travel_mm": (lambda v: isinstance(v, Sequence) and len(v) == 2 and all(numbers(t, 2) and t[0] < t[1]
-                                                                                   for t in v),
-                         "((x_lo, x_hi), (y_lo, y_hi)) in mm, lowest first"),
-        "xy_start_mm": (lambda v: v is None or numbers(v, 2), "(x, y) in mm"),
-    }
-    for name, value in {**slide_options, "xy_travel_mm": travel, "xy_start_mm": start}.items():
-        ok, what = checks[name]
-        if not ok(value):
-            raise BadValue("slide", (name,), lambda a, v=value, w=what: f"{a} {show_value(v)} must be {w}")
-    slide = SimSlide(focus_mm=camera.optics.focus_mm, **{k: (tuple(tuple(b) for b in v) if k == "bare_glass" else
-                                                           tuple(v) if isinstance(v, Sequence) else v)
-                                                        for k, v in slide_options.items()})
-    xy_travel = (tuple(travel[0]), tuple(travel[1]))
-    at = tuple(start) if start is not None else slide.centre_mm
-    if not all(lo <= v <= hi for v, (lo, hi) in zip(at, xy_travel)):
-        raise BadValue("slide", ("xy_start_mm",), lambda a: f"the plate must start inside its travel "
-                       f"{show_value(xy_travel)} mm: {a} {show_value(at)}")
-    plate = SimXYStage(xy_travel, at, stage.timing, stage.clock)  # type: ignore[arg-type]
-    return plate, stage, SlideCamera(stage, plate, slide, camera.optics, camera.timing, camera.clock,
-                                     camera.one_shot, camera.roi)
-
-
-@dataclasses.dataclass(frozen=True)
-class MapPoint:
-    """One position of a focus map and what was found there.
-
-    ``result`` is the search that decided the point (its narrow window, or the whole range after it);
-    ``searches`` holds every search run there, in order.  ``status``: "used" (in the surface),
-    "not_focused" (bare glass, an empty field, the focus outside START..END), "outlier" (focused, but
-    far off the surface the others make), "failed" (the map stopped here)."""
-
-    x_mm: float
-    y_mm: float
-    result: FocusResult | None
-    searches: tuple[FocusResult, ...] = ()
-    status: str = "used"
-    note: str = ""
-    noise_frames: int = 0  # frames repeated here to measure the score's noise
-    added: bool = False  # added where the map was uncertain (refine)
-    loo_um: float | None = None  # used points: how far the surface fitted to the others misses it
-
-    @property
-    def z_mm(self) -> float | None:
-        """The focus found here (None when there is none)."""
-        r = self.result
-        return r.best_mm if r is not None and r.verdict.kind == "focused" and math.isfinite(r.best_mm) else None
-
-    @property
-    def verdict(self) -> str:
-        """The decisive search's verdict ("failed" when it did not finish)."""
-        return "failed" if self.status == "failed" or self.result is None else self.result.verdict.kind
-
-    @property
-    def frames(self) -> int:
-        """Frames captured at this point (every search, and the noise frames)."""
-        return sum(r.frames for r in self.searches) + self.noise_frames
-
-
-@dataclasses.dataclass(frozen=True)
-class FocusMap:
-    """A focus map of the slide: the points measured and the surface fitted to them.
-
-    ``z_at(x, y)`` is the surface's focus (mm) in the mapped area (ValueError beyond it, or without a
-    surface).  ``model``: the surface chosen by leave-one-out error ("plane", "quadratic", "spline";
-    None with too few focused points); ``tilt_x_um_per_mm`` / ``tilt_y_um_per_mm`` the best plane's
-    slope; ``rms_um`` and ``loo_rms_um`` the used points' residuals and leave-one-out residuals
-    (weighted by their error bars); ``trusted``: the leave-one-out error is within half the depth of
-    field; ``frames`` every frame captured; ``to_json()`` all of it."""
-
-    area_mm: tuple[float, float, float, float]
-    grid: tuple[int, int]
-    points: tuple[MapPoint, ...]
-    surface: Surface | None
-    depth_of_field_mm: float
-    range_mm: tuple[float, float]
-    step_mm: float
-    loo_by_model_um: dict[str, float] = dataclasses.field(default_factory=dict)
-    rms_um: float | None = None
-    loo_rms_um: float | None = None
-    tilt_um_per_mm: tuple[float, float] | None = None
-    rel_noise: float | None = None
-    complete: bool = True
-    warnings: tuple[str, ...] = ()
-    suggestions_mm: tuple[tuple[float, float], ...] = ()
-    elapsed_s: float = 0.0
-
-    @property
-    def model(self) -> str | None:
-        return None if self.surface is None else self.surface.model
-
-    @property
-    def tilt_x_um_per_mm(self) -> float | None:
-        return None if self.tilt_um_per_mm is None else self.tilt_um_per_mm[0]
-
-    @property
-    def tilt_y_um_per_mm(self) -> float | None:
-        return None if self.tilt_um_per_mm is None else self.tilt_um_per_mm[1]
-
-    @property
-    def frames(self) -> int:
-        """Every frame the map captured."""
-        return sum(p.frames for p in self.points)
-
-    @property
-    def trusted(self) -> bool:
-        """A surface whose leave-one-out error is at most half the depth of field."""
-        return self.loo_rms_um is not None and self.loo_rms_um <= 500.0 * self.depth_of_field_mm
-
-    @property
-    def exit_code(self) -> int:
-        """The CLI's exit code: 0 a trusted surface, 4 a surface less certain than DOF/2, 3 none."""
-        return EXIT_NO_PEAK if self.surface is None else EXIT_OK if self.trusted else EXIT_EDGE
-
-    def z_at(self, x_mm: Any, y_mm: Any) -> Any:
-        """The surface's focus at (x, y), mm (floats or arrays); see ``Surface.z_at``."""
-        if self.surface is None:
-            raise ValueError("the focus map has no surface: too few points were focused (see its warnings)")
-        return self.surface.z_at(x_mm, y_mm)
-
-    def z_grid(self, grid: tuple[int, int] | None = None) -> np.ndarray:
-        """The surface on an NX x NY grid spanning the area (the map's own by default): shape
-        (NY, NX), row i at Y0 + i (Y1 - Y0)/(NY - 1), column j at X0 + j (X1 - X0)/(NX - 1), mm."""
-        nx, ny = grid or self.grid
-        x0, y0, x1, y1 = self.area_mm
-        gx, gy = np.meshgrid(np.linspace(x0, x1, nx), np.linspace(y0, y1, ny))
-        return np.asarray(self.z_at(gx, gy), float).reshape(ny, nx)
-
-    def offsets_um(self, grid: tuple[int, int] | None = None) -> np.ndarray:
-        """The layout of Zaber's high-throughput scanning example (``focus_map.npy``): an m x n array,
-        m scan passes (rows: along x, at each y from Y0 to Y1) by n images along each pass (x from X0
-        to X1), each entry the focus offset of that imaging location from the first one (X0, Y0),
-        in um.  In plate order: the example's scan does the snake itself."""
-        z = self.z_grid(grid)
-        return (z - z[0, 0]) * 1000.0
-
-    def to_json(self) -> dict[str, Any]:
-        """Everything about the map as plain JSON-ready values (NaN as None)."""
-        def point(p: MapPoint) -> dict[str, Any]:
-            r = p.result
-            return {"x_mm": p.x_mm, "y_mm": p.y_mm, "z_mm": p.z_mm, "verdict": p.verdict, "status": p.status,
-                    "uncertainty_mm": None if r is None else r.uncertainty_mm, "frames": p.frames,
-                    "noise_frames": p.noise_frames, "added": p.added, "loo_um": p.loo_um, "note": p.note,
-                    "surface_mm": self.z_at(p.x_mm, p.y_mm) if self.surface is not None else None,
-                    "searches": [{"range_mm": [min(q.z_mm for q in s.samples), max(q.z_mm for q in s.samples)]
-                                  if s.samples else None,
-                                  "search": s.search, "verdict": s.verdict.kind, "reason": s.verdict.reason,
-                                  "frames": s.frames, "best_mm": s.best_mm,
-                                  "curve": [[q.z_mm, q.score] for q in s.samples]} for s in p.searches]}
-
-        return finite_only({
-            "area_mm": list(self.area_mm), "grid": list(self.grid), "complete": self.complete,
-            "model": self.model, "trusted": self.trusted, "tilt_um_per_mm": list(self.tilt_um_per_mm or []) or None,
-            "rms_um": self.rms_um, "loo_rms_um": self.loo_rms_um, "loo_by_model_um": dict(self.loo_by_model_um),
-            "depth_of_field_um": 1000.0 * self.depth_of_field_mm, "range_mm": list(self.range_mm),
-            "step_mm": self.step_mm, "frames": self.frames,
-            "frames_per_point": self.frames / len(self.points) if self.points else None,
-            "relative_noise": self.rel_noise, "elapsed_s": round(self.elapsed_s, 4),
-            "warnings": list(self.warnings), "suggested_points_mm": [list(s) for s in self.suggestions_mm],
-            "surface": None if self.surface is None else self.surface.to_json(),
-            "points": [point(p) for p in self.points]})
-
-
-def point_sigma_mm(result: FocusResult, step_mm: float) -> float:
-    """A focused point's error bar as one sigma: from its ``uncertainty_mm`` (a ~90% half-width)
-    where the search gives one, else STEP/4 (about the sweep's worst error at STEP ~ one depth
-    of field)."""
-    u = result.uncertainty_mm
-    return u * SIGMA_PER_90 if u is not None and math.isfinite(u) and u > 0 else step_mm / 4.0
-
-
-def _where(points: Sequence[tuple[float, float]], most: int = 6) -> str:
-    """"(20, 10), (22, 10) mm" (at most ``most`` of them)."""
-    text = ", ".join(f"({x:g}, {y:g})" for x, y in points[:most])
-    return text + (f" and {len(points) - most} more" if len(points) > most else "") + " mm"
-
-
-def summarise_map(points: Sequence[MapPoint], *, area_mm: tuple[float, float, float, float], grid: tuple[int, int],
-                  depth_of_field_mm: float, range_mm: tuple[float, float], step_mm: float, complete: bool = True,
-                  rel_noise: float | None = None, elapsed_s: float = 0.0) -> FocusMap:
-    """The FocusMap of these points: the surface (``choose_surface``), each point's status, the
-    tilt, and the warnings -- points without focus, outliers, too few points, a leave-one-out error
-    above half the depth of field (with where points are missing).  Pure."""
-    focused = [i for i, p in enumerate(points) if p.status != "failed" and p.z_mm is not None]
-    x = [points[i].x_mm for i in focused]
-    y = [points[i].y_mm for i in focused]
-    z = [points[i].z_mm for i in focused]
-    s = [point_sigma_mm(points[i].result, step_mm) for i in focused]  # type: ignore[arg-type]
-    # An assumed error bar (STEP/4, where a search gives none) weights the fit but does not widen
-    # the outlier test: that rests on the points' own scatter then.
-    own = [sigma if points[i].result.uncertainty_mm is not None else 0.0  # type: ignore[union-attr]
-           for i, sigma in zip(focused, s)]
-    choice = choose_surface(x, y, z, s, area_mm, depth_of_field_mm / 2.0, own_sigma_mm=own)  # type: ignore[arg-type]
-    fit = choice.fit
-    new = list(points)
-    for i, p in enumerate(points):
-        if p.status != "failed":
-            new[i] = dataclasses.replace(p, status="not_focused" if p.z_mm is None else "used", loo_um=None)
-    warnings: list[str] = []
-    tilt = rms = loo_rms = None
-    suggestions: list[tuple[float, float]] = []
-    if fit is not None:
-        used = [focused[k] for k in np.flatnonzero(choice.used)]
-        w = _weights(np.asarray(s, float)[choice.used])
-        rms, loo_rms = 1000.0 * _weighted_rms(fit.residuals_mm, w), 1000.0 * fit.loo_rms_mm
-        for k, i in enumerate(used):
-            new[i] = dataclasses.replace(new[i], loo_um=1000.0 * float(fit.loo_mm[k]))
-        off = []
-        for k in choice.outliers:
-            i = focused[k]
-            miss_um = 1000.0 * (z[k] - fit.surface.z_at(x[k], y[k]))  # type: ignore[operator]
-            new[i] = dataclasses.replace(new[i], status="outlier", note=(new[i].note + "; " if new[i].note else "")
-                                         + f"{miss_um:+.1f} um off the surface the other points make")
-            off.append(f"({x[k]:g}, {y[k]:g}) mm {miss_um:+.1f} um")
-        if off:
-            warnings.append(f"{len(off)} outlier{'s' if len(off) > 1 else ''} left out of the surface (a focus on dust "
-                            f"or debris, a second layer): {', '.join(off)}")
-        plane = fit if fit.surface.model == "plane" else fit_surface(
-            [x[k] for k in np.flatnonzero(choice.used)], [y[k] for k in np.flatnonzero(choice.used)],
-            [z[k] for k in np.flatnonzero(choice.used)], np.asarray(s)[choice.used], "plane", area_mm)
-        x0, y0, x1, y1 = area_mm
-        tilt = (plane or fit).surface.gradient_um_per_mm((x0 + x1) / 2.0, (y0 + y1) / 2.0)
-        if loo_rms > 500.0 * depth_of_field_mm:
-            loo = [abs(float(v)) for v in fit.loo_mm]
-            suggestions = suggest_points([x[k] for k in np.flatnonzero(choice.used)],
-                                         [y[k] for k in np.flatnonzero(choice.used)], loo,
-                                         [(p.x_mm, p.y_mm) for p in points], area_mm, grid, 6)
-            warnings.append(f"the surface is uncertain: its leave-one-out error, {loo_rms:.2f} um, exceeds half the "
-                            f"depth of field ({500.0 * depth_of_field_mm:.2f} um); points are missing near "
-                            f"{_where(suggestions)} (--map-refine N / refine=N adds up to N there)")
-    else:
-        warnings.append(f"no surface: only {len(focused)} point{'s' if len(focused) != 1 else ''} focused (at least 4, "
-                        "not all on one line, are needed); check START..END and the area")
-    empty = [(p.x_mm, p.y_mm) for p in new if p.status == "not_focused"]
-    if empty:
-        warnings.append(f"{len(empty)} point{'s' if len(empty) > 1 else ''} without a focus (bare glass, an empty "
-                        f"field, or the focus outside START..END), left out: {_where(empty)}")
-    if not complete:
-        warnings.append(f"the map was cut short after {sum(p.status != 'failed' for p in new)} of "
-                        f"{grid[0] * grid[1]} grid points")
-    return FocusMap(area_mm, grid, tuple(new), None if fit is None else fit.surface, depth_of_field_mm, range_mm,
-                    step_mm, {m: 1000.0 * v for m, v in choice.loo_by_model_mm.items()}, rms, loo_rms, tilt, rel_noise,
-                    complete, tuple(warnings), tuple(suggestions), elapsed_s)
-
-
-MAP_RULES: dict[str, Rule] = {
-    "refine": Rule("whole", 0, MAP_MAX_REFINE),
-    "depth_of_field_mm": Rule("number", 0.0, 10.0, " mm", above=True, optional=True),
-}
-
-
-def check_map_request(area_mm: Any, grid: Any, *, xy_limits_mm: Any = None, refine: Any = 0,
-                      depth_of_field_mm: Any = None) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
-    """Check a focus map's area (X0, Y0, X1, Y1 mm), grid (NX, NY), XY soft limits (a box, or
-    None), ``refine`` and ``depth_of_field_mm`` before anything moves; BadValue (one line, naming
-    the keyword, or on the command line its option) otherwise.  Returns the area and grid as
-    floats and ints."""
-    def bad(name: str, text: Callable[[str], str]) -> BadValue:
-        return BadValue("map", (name,), text)
-
-    def box(name: str, value: Any) -> tuple[float, float, float, float]:
-        if not (isinstance(value, Sequence) and len(value) == 4 and all(_is_number(v) for v in value)):
-            raise bad(name, lambda a: f"{a} {show_value(value)} must be X0,Y0,X1,Y1: four finite numbers of mm")
-        corners = tuple(float(v) for v in value)
-        if max(abs(v) for v in corners) > MAX_ABS_POSITION_MM:
-            raise bad(name, lambda a: f"{a} {show_value(value)} is out of range: within +-{MAX_ABS_POSITION_MM:g} mm")
-        x0, y0, x1, y1 = corners
-        if x0 == x1 or y0 == y1:
-            raise bad(name, lambda a: f"{a} {x0:g},{y0:g},{x1:g},{y1:g} mm has no "
-                      f"{'width' if x0 == x1 else 'height'}: give two opposite corners X0,Y0,X1,Y1")
-        return corners  # type: ignore[return-value]
-
-    area = box("area_mm", area_mm)
-    if not (isinstance(grid, Sequence) and len(grid) == 2
-            and all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in grid)):
-        raise bad("grid", lambda a: f"{a} {show_value(grid)} must be NXxNY: two whole numbers of points")
-    nx, ny = int(grid[0]), int(grid[1])
-    if not (2 <= nx <= MAP_MAX_SIDE and 2 <= ny <= MAP_MAX_SIDE):
-        raise bad("grid", lambda a: f"{a} {nx}x{ny}: each side needs 2 to {MAP_MAX_SIDE} points (a surface needs "
-                  "both directions)")
-    check_values("map", MAP_RULES, {"refine": refine, "depth_of_field_mm": depth_of_field_mm})
-    if xy_limits_mm is not None:
-        box("xy_limits_mm", xy_limits_mm)
-    return area, (nx, ny)
-
-
-def plate_limits(xy: XYStage) -> tuple[tuple[float, float], tuple[float, float]]:
-    """The plate's travel limits, checked before any use: ((x_lo, x_hi), (y_lo, y_hi)), finite
-    numbers of mm, lowest first; StageError otherwise."""
-    limits = call_part(xy, "plate", "limits_mm")
-    try:
-        (x_lo, x_hi), (y_lo, y_hi) = limits
-        usable = all(_is_number(v) for v in (x_lo, x_hi, y_lo, y_hi)) and x_lo <= x_hi and y_lo <= y_hi
-    except (TypeError, ValueError):
-        usable = False
-    if not usable:
-        raise StageError(f"the plate reports its travel limits as {show_value(limits)}, not ((x_lo, x_hi), (y_lo, "
-                         "y_hi)) in finite mm, lowest first; nothing was moved: check the plate (its limits_mm())")
-    return (float(x_lo), float(x_hi)), (float(y_lo), float(y_hi))
-
-
-def plate_position(xy: XYStage) -> tuple[float, float]:
-    """Where the plate says it is, checked before any use: (x, y), finite numbers of mm."""
-    at = call_part(xy, "plate", "position_mm")
-    try:
-        x, y = at
-        usable = _is_number(x) and _is_number(y)
-    except (TypeError, ValueError):
-        usable = False
-    if not usable:
-        raise StageError(f"the plate reports its position as {show_value(at)}, not (x, y) in finite mm; check the "
-                         "plate (its position_mm())")
-    return float(x), float(y)
-
-
-def check_area_inside(area_mm: tuple[float, float, float, float],
-                      travel_mm: tuple[tuple[float, float], tuple[float, float]], xy_limits_mm: Sequence[float] | None,
-                      ) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Refuse an area that leaves the plate's travel or the XY soft limits (UsageError, nothing
-    moved); returns the allowed box ((x_lo, x_hi), (y_lo, y_hi))."""
-    (tx0, tx1), (ty0, ty1) = travel_mm
-    allowed = [[tx0, tx1], [ty0, ty1]]
-    if xy_limits_mm is not None:
-        lx0, ly0, lx1, ly1 = xy_limits_mm
-        allowed = [[max(tx0, min(lx0, lx1)), min(tx1, max(lx0, lx1))],
-                   [max(ty0, min(ly0, ly1)), min(ty1, max(ly0, ly1))]]
-    x0, y0, x1, y1 = area_mm
-    for name, (lo, hi), (a, b) in (("X", allowed[0], (x0, x1)), ("Y", allowed[1], (y0, y1))):
-        if min(a, b) < lo - FLOAT_SLACK_MM or max(a, b) > hi + FLOAT_SLACK_MM:
-            raise UsageError(f"the map area's {name} {min(a, b):g}..{max(a, b):g} mm leaves the allowed "
-                             f"{lo:g}..{hi:g} mm (plate travel X {tx0:g}..{tx1:g}, Y {ty0:g}..{ty1:g} mm"
-                             + (", and the XY soft limits" if xy_limits_mm is not None else "")
-                             + "); choose an area inside it; nothing moved")
-    return (allowed[0][0], allowed[0][1]), (allowed[1][0], allowed[1][1])
-
-
-class _Mapper:
-    """One focus map's acquisition: the plate moves, each point's search, the noise frames."""
-
-    def __init__(self, xy: XYStage, z: Stage, camera: Camera, *, positions: list[float], full: Request,
-                 window: Request, on_frame: FrameHook | None, scorer: Scorer, direction: float) -> None:
-        self.xy, self.z, self.camera = xy, z, camera
-        self.positions, self.step_mm = positions, full.step_mm
-        self.full, self.window, self.on_frame, self.scorer = full, window, on_frame, scorer
-        self.backlash_mm, self.direction = full.backlash_mm, direction
-        self.full_frames = full_search_frames(len(positions), full.search)
-        self.rel_noise: float | None = None
-        self.left_at: tuple[float, float] | None = None  # where the map last sent the plate
-        self.points: list[MapPoint] = []
-        self.current: tuple[float, float] | None = None  # the point being measured (for a failure)
-        self.searches: list[FocusResult] = []
-
-    def move_plate(self, x_mm: float, y_mm: float) -> None:
-        """Move the plate and verify it, and that nothing else moved it since the last point."""
-        if self.left_at is not None:
-            at = plate_position(self.xy)
-            if math.hypot(at[0] - self.left_at[0], at[1] - self.left_at[1]) > XY_TOLERANCE_MM:
-                raise StageInterrupted(f"the plate is at ({at[0]:.4f}, {at[1]:.4f}) mm, not where the map left it "
-                                       f"({self.left_at[0]:.4f}, {self.left_at[1]:.4f}) mm: it was moved from outside "
-                                       "(the joystick, Zaber Launcher or another program)")
-        self.xy.move_to(x_mm, y_mm)
-        at = plate_position(self.xy)
-        if math.hypot(at[0] - x_mm, at[1] - y_mm) > XY_TOLERANCE_MM:
-            err = StageError(f"the plate move to ({x_mm:.4f}, {y_mm:.4f}) mm ended at ({at[0]:.4f}, {at[1]:.4f}) mm: "
-                             "it did not reach its target (blocked, or moved by someone else)")
-            err.may_move = False
-            raise err
-        self.left_at = (x_mm, y_mm)
-
-    def approach_z(self, z_mm: float) -> int:
-        """Send the focus stage to z the way the searches arrive (from the sweep's side with
-        backlash); returns the moves made."""
-        if self.backlash_mm > 0:
-            self.z.move_to(round(z_mm - self.direction * self.backlash_mm, POSITION_DECIMALS))
-            self.z.move_to(z_mm)
-            return 2
-        self.z.move_to(z_mm)
-        return 1
-
-    def measure_noise(self) -> int:
-        """Repeat frames where the stage is (the first focus): the score's relative noise."""
-        scores = []
-        z_now = stage_position(self.z)
-        for _ in range(NOISE_REPEATS):
-            frame = self.camera.capture()
-            check_frame(frame, z_now)
-            scores.append(self.scorer(frame))
-        self.rel_noise = relative_noise(scores)
-        if not math.isfinite(self.rel_noise):
-            self.rel_noise = None
-        return NOISE_REPEATS
-
-    def measure(self, x_mm: float, y_mm: float, added: bool = False) -> MapPoint:
-        """Focus at one plate position: a narrow window around the predicted focus when the
-        points so far predict one, else (or when the window shows no peak) the whole range."""
-        self.current, self.searches = (x_mm, y_mm), []
-        self.move_plate(x_mm, y_mm)
-        used = [p for p in self.points if p.z_mm is not None and p.status == "used"]
-        window = None
-        if used and self.rel_noise is not None:
-            sigmas = [point_sigma_mm(p.result, self.step_mm) for p in used]  # type: ignore[arg-type]
-            predicted, sigma = predict_focus([p.x_mm for p in used], [p.y_mm for p in used],
-                                             [p.z_mm for p in used], sigmas, (x_mm, y_mm))  # type: ignore[misc]
-            window = plan_window(predicted, sigma, self.positions, self.step_mm, self.full_frames)
-        note = ""
-        if window is not None:
-            found = _run_request(self.z, self.camera, check_request(dataclasses.replace(
-                self.window, start_mm=window[0], end_mm=window[1])), self.on_frame,
-                                 look_first=False)
-            verdict = judge_window(found.samples, self.rel_noise)  # type: ignore[arg-type]
-            if verdict.kind == "focused":
-                fit = found.fit
-                target = fit.z_mm if fit.used and fit.z_mm is not None else best_sample(found.samples).z_mm
-                moves = found.moves
-                if not (found.verdict.kind == "focused" and found.best_mm == target):
-                    moves += self.approach_z(target)  # focus() judged the window by its own rule: go there
-                found = dataclasses.replace(found, verdict=verdict, best_mm=target, moves=moves)
-                self.searches.append(found)
-                return MapPoint(x_mm, y_mm, found, (found,), "used", f"window {window[0]:.4f}..{window[1]:.4f} mm",
-                                added=added)
-            self.searches.append(dataclasses.replace(found, verdict=verdict))
-            note = f"window {window[0]:.4f}..{window[1]:.4f} mm: {verdict.kind}; searched the whole range"
-        found = _run_request(self.z, self.camera, self.full, self.on_frame, look_first=False)
-        self.searches.append(found)
-        if (window is not None and found.verdict.kind == "focused"
-                and min(window) + self.step_mm - FLOAT_SLACK_MM <= found.best_mm <= max(window) - self.step_mm + FLOAT_SLACK_MM
-                and not window_shows(self.searches[0].samples, found.best_mm, self.rel_noise)):  # type: ignore[arg-type]
-            # The whole range's peak lies inside the window (a STEP or more from its ends), and the
-            # window's frames there stand no higher than its lowest ones: a noise maximum (the
-            # verdict's known weakness on empty fields), not a focus.  Back to where that search began.
-            moves = found.moves + self.approach_z(found.start_mm)
-            found = dataclasses.replace(found, best_mm=found.start_mm, moves=moves, verdict=dataclasses.replace(
-                found.verdict, kind="no_peak", reason=f"its peak at {found.best_mm:.4f} mm lies inside the window "
-                f"{min(window):.4f}..{max(window):.4f} mm, whose frames show nothing there: noise"))
-            note += "; its peak lay in the window, whose frames show nothing there: taken as noise"
-        noise_frames = self.measure_noise() if found.verdict.kind == "focused" and self.rel_noise is None else 0
-        return MapPoint(x_mm, y_mm, found, tuple(self.searches), "used" if found.verdict.kind == "focused"
-                        else "not_focused", note, noise_frames, added)
-
-
-def focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, *, area_mm: Sequence[float], grid: Sequence[int],
-              start_mm: float, end_mm: float, step_mm: float, xy_limits_mm: Sequence[float] | None = None,
-              refine: int = 0, depth_of_field_mm: float | None = None,
-              on_point: Callable[[MapPoint, int, int], None] | None = None, search: Search = "fast",
-              **options: Any) -> FocusMap:
-    """Focus at an NX x NY grid over the plate area X0, Y0, X1, Y1 (mm) and fit the slide's surface.
-
-    Every point is a ``focus()`` between START and END every STEP (``options``: focus()'s keywords;
-    ``search`` over the whole range, "fast" by default), visited in a snake.  Once a point has
-    focused, the score's noise is measured there (NOISE_REPEATS frames), and every later point first
-    searches a narrow window around the focus the points so far predict (``predict_focus``,
-    ``judge_window``), else the whole range.  Points without a focus and outliers are left out of the
-    surface and reported.  When the leave-one-out error exceeds half the depth of field
-    (``depth_of_field_mm``, default STEP), the map says where points are missing, and with
-    ``refine=N`` measures up to N more.  ``on_point(point, done, total)`` is called after each point.
-
-    Everything is checked before anything moves (UsageError); Z is only commanded inside START..END
-    and the soft limits; every plate move is verified (XY_TOLERANCE_MM).  A fault or Ctrl-C stops the
-    map at once, nothing more moves, and the error carries ``partial`` (``complete=False``) and
-    ``stage_state``.  A complete map leaves the plate at its last point, focused there."""
-    t0 = time.perf_counter()
-    unknown = sorted(set(options) - set(focus.__kwdefaults__ or {}))
-    if unknown:
-        raise TypeError(f"focus_map() got an unexpected keyword argument {unknown[0]!r}")
-    area, cells = check_map_request(area_mm, grid, xy_limits_mm=xy_limits_mm, refine=refine,
-                                    depth_of_field_mm=depth_of_field_mm)
-    on_frame = options.get("on_frame")
-    request = check_request(Request(start_mm, end_mm, step_mm, search=search,  # type: ignore[arg-type]
-                                    **{k: v for k, v in options.items() if k != "on_frame"}))
-    check_on_frame(on_frame)
-    with exclusive_use(z_stage, camera):
-        return _focus_map(xy_stage, z_stage, camera, request, area, cells, t0=t0, xy_limits_mm=xy_limits_mm,
-                          refine=refine, depth_of_field_mm=depth_of_field_mm, on_point=on_point, on_frame=on_frame)
-
-
-def _focus_map(xy_stage: XYStage, z_stage: Stage, camera: Camera, r: Request,
-               area: tuple[float, float, float, float], cells: tuple[int, int], *, t0: float,
-               xy_limits_mm: Sequence[float] | None, refine: int, depth_of_field_mm: float | None,
-               on_point: Callable[[MapPoint, int, int], None] | None, on_frame: FrameHook | None) -> FocusMap:
-    """focus_map() once its arguments are checked and its parts are its own."""
-    dof_mm = float(depth_of_field_mm) if depth_of_field_mm is not None else r.step_mm
-    check_step_native(extras_of(z_stage), r.step_mm)
-    origin = relative_origin(z_stage, r.relative)
-    first, last = r.start_mm + origin, r.end_mm + origin
-    direction = 1.0 if last >= first else -1.0
-    # Z stays inside START..END and the soft limits: every search gets their intersection as its
-    # limits, and with a backlash overshoot the frames begin one overshoot inside START.
-    z_lo = min(first, last) if r.z_min is None else max(min(first, last), r.z_min)
-    z_hi = max(first, last) if r.z_max is None else min(max(first, last), r.z_max)
-    positions = plan_positions(round(first + direction * r.backlash_mm, POSITION_DECIMALS), last, r.step_mm)
-    if len(positions) < 2 * WINDOW_MIN_HALF_STEPS + 1 or (last - positions[0]) * direction < 0:
-        raise UsageError(f"the range {first:g}..{last:g} mm holds fewer than {2 * WINDOW_MIN_HALF_STEPS + 1} STEPs "
-                         "(after the backlash overshoot): give a wider range or a smaller STEP")
-    plan = Plan(tuple(positions), r.search, r.backlash_mm, r.settle_ms, r.peak)
-    check_plan(plan, stage_limits(z_stage), (r.z_min, r.z_max))
-    allowed = check_area_inside(area, plate_limits(xy_stage), xy_limits_mm)
-    plate_position(xy_stage)  # the plate answers, before anything moves
-    check_camera(camera, r.roi)
-    # Homing (with consent) before anything else moves; both are checked first.
-    z_axis, plate = extras_of(z_stage), extras_of(xy_stage)
-    z_unhomed, xy_unhomed = not z_axis.homed, not plate.homed
-    if z_unhomed:
-        check_home_consent(r.home, r.z_min, r.z_max, z_axis.axis_name)
-    if xy_unhomed and (r.home is False or (xy_limits_mm is not None and r.home is not True)):
-        raise UsageError("the XY plate has no reference position (not homed) and must be homed first, but "
-                         + ("--no-home forbids homing" if r.home is False else
-                            "homing drives it to its home corner through positions --xy-limits may forbid: check "
-                            "that its path is clear, then pass --home")
-                         + " (or home it yourself, e.g. in Zaber Launcher); nothing moved")
-    if z_unhomed:
-        z_axis.home_if_needed()
-        check_plan(plan, stage_limits(z_stage), (r.z_min, r.z_max))
-    if xy_unhomed:
-        plate.home_if_needed()
-    full = check_request(dataclasses.replace(r, start_mm=positions[0], end_mm=positions[-1], relative=False,
-                                             home=False, z_min=z_lo, z_max=z_hi))
-    mapper = _Mapper(xy_stage, z_stage, camera, positions=positions, full=full,
-                     window=dataclasses.replace(full, search="sweep", peak="sharpest"), on_frame=on_frame,
-                     scorer=Scorer(full.metric, full.blur, full.roi, invert=full.transparent),  # type: ignore[arg-type]
-                     direction=direction)
-    path = snake_path(area, cells)
-    total = len(path)
-
-    def summary(complete: bool) -> FocusMap:
-        return summarise_map(mapper.points, area_mm=area, grid=cells, depth_of_field_mm=dof_mm,
-                             range_mm=(first, last), step_mm=r.step_mm, complete=complete, rel_noise=mapper.rel_noise,
-                             elapsed_s=time.perf_counter() - t0)
-
-    with plate.run_scope(allowed):  # plate moves rounded inside the area's limits
-        try:
-            if not z_lo - FLOAT_SLACK_MM <= stage_position(z_stage) <= z_hi + FLOAT_SLACK_MM:
-                mapper.approach_z(positions[0])  # into the range first: every search then starts (and returns) inside it
-            for x, y in path:
-                mapper.points.append(mapper.measure(x, y))
-                if on_point is not None:
-                    on_point(mapper.points[-1], len(mapper.points), total)
-            result = summary(True)
-            added = 0
-            while added < refine and result.surface is not None and not result.trusted:
-                used = [p for p in result.points if p.status == "used"]
-                batch = suggest_points([p.x_mm for p in used], [p.y_mm for p in used], [p.loo_um or 0.0 for p in used],
-                                       [(p.x_mm, p.y_mm) for p in mapper.points], area, cells,
-                                       min(refine - added, max(2, len(path) // 5)))
-                if not batch:
-                    break
-                total += len(batch)
-                here = mapper.left_at or batch[0]
-                while batch:  # nearest first: short plate moves
-                    nxt = min(batch, key=lambda p: math.hypot(p[0] - here[0], p[1] - here[1]))
-                    batch.remove(nxt)
-                    mapper.points.append(mapper.measure(*nxt, added=True))
-                    added += 1
-                    here = nxt
-                    if on_point is not None:
-                        on_point(mapper.points[-1], len(mapper.points), total)
-                result = summary(True)
-            return result
-        except BaseException as exc:  # a fault or Ctrl-C: nothing more moves; what was measured is kept
-            with INTERRUPTS.held():
-                carried = exc if isinstance(exc, (AutofocusError, Interrupted)) else None
-                where = carried.stage_state if carried is not None else None
-                if where is None:  # the plate (or our own check) failed: no search was under way
-                    plate_may_move = not (isinstance(exc, StageError) and not exc.may_move)
-                    if plate_may_move:
-                        with contextlib.suppress(AutofocusError, KeyboardInterrupt):
-                            xy_stage.stop()
-                    where = "nothing more was moved"
-                    with contextlib.suppress(AutofocusError, KeyboardInterrupt):
-                        where += f"; the focus stage is at {z_stage.position_mm():.4f} mm"
-                try:
-                    at = xy_stage.position_mm()
-                    where += f"; the plate is at ({at[0]:.4f}, {at[1]:.4f}) mm"
-                except (AutofocusError, KeyboardInterrupt):
-                    where += "; the plate's position is unknown (it no longer answers)"
-                if mapper.current is not None and (not mapper.points or
-                                                   (mapper.points[-1].x_mm, mapper.points[-1].y_mm) != mapper.current):
-                    partial = carried.partial if carried is not None else None
-                    mapper.points.append(MapPoint(mapper.current[0], mapper.current[1], partial,
-                                                  tuple(mapper.searches) + ((partial,) if partial is not None else ()),
-                                                  "failed", failure_line(exc)[1]))
-                try:
-                    partial_map: FocusMap | None = summary(False)
-                except Exception:  # noqa: BLE001 - the error being raised is what matters
-                    log.debug("summarising the partial map failed", exc_info=True)
-                    partial_map = None
-                failure = as_run_failure(exc, partial_map, where)
-                if failure is exc:
-                    raise
-                raise failure from exc
+        import matplotlib  # noqa: PLC0415 - only for the plots
+
+        matplotlib.use("Agg")
+    except OSError as exc:
+        raise UsageError(f"{flag} needs matplotlib, which cannot start: {first_line(exc)}") from exc
+    return matplotlib
 
 
 ###############################################################################
@@ -8009,19 +8136,6 @@ def validate(args: argparse.Namespace) -> Request:
     return request
 
 
-def load_matplotlib(flag: str) -> Any:
-    """matplotlib, for ``flag`` (--plot, --make-figures); UsageError when it cannot start -- it
-    needs a writable folder for its cache and configuration (HOME, the temporary folder, or
-    MPLCONFIGDIR) -- instead of a traceback."""
-    try:
-        import matplotlib  # noqa: PLC0415 - only for the plots
-
-        matplotlib.use("Agg")
-    except OSError as exc:
-        raise UsageError(f"{flag} needs matplotlib, which cannot start: {first_line(exc)}") from exc
-    return matplotlib
-
-
 def check_plot_format(path: str) -> None:
     """--plot PATH: an extension matplotlib writes, and a trial plot in that format (in memory),
     so that a format needing a program that is missing (.pgf: xelatex) fails before anything moves."""
@@ -8278,20 +8392,6 @@ def stage_header(info: dict[str, Any], port: str) -> str:
                       "identify the device)"}[info.get("units_checked")]
     return (f"stage: {name}device {info['device']} axis {info['axis']} on {port}: travel {lo:g}..{hi:g} mm "
             f"({hi - lo:g} mm; native unit {info['native_unit_nm']:g} nm from {info['units_from']}{checked})")
-
-
-def check_home_consent(home: bool | None, z_min: float | None, z_max: float | None, axis: str) -> None:
-    """Homing crosses positions --z-min/--z-max may forbid: refuse it unless it is allowed
-    (``home``: True allowed, False never, None only without a soft limit)."""
-    if home is False:
-        raise UsageError(f"{axis} has no reference position (not homed) and --no-home forbids homing: home it "
-                         "yourself (e.g. in Zaber Launcher) once the path to the home sensor is clear; nothing moved")
-    soft = [name for name, v in (("--z-min", z_min), ("--z-max", z_max)) if v is not None]
-    if soft and home is not True:
-        raise UsageError(f"{axis} has no reference position and must be homed, but homing drives to the home sensor "
-                         f"(toward position 0, the low end of the travel) through positions {'/'.join(soft)} may "
-                         "forbid: check that the objective's path is clear, then pass --home (or home the stage "
-                         "yourself); nothing moved")
 
 
 def curve_note(result: FocusResult, policy: PeakPolicy) -> str | None:
@@ -8731,90 +8831,12 @@ def write_outputs(args: argparse.Namespace, result: FocusResult) -> str | None:
     return None
 
 
-def interrupt_code(exc: BaseException) -> int:
-    """130 for Ctrl-C, 128 + N for signal N."""
-    return exc.exit_code if isinstance(exc, Interrupted) else EXIT_INTERRUPTED
-
-
-def interrupt_text(exc: BaseException) -> str:
-    """"interrupted (Ctrl-C)", "terminated (SIGTERM)", ..."""
-    return exc.describe() if isinstance(exc, Interrupted) else "interrupted (Ctrl-C)"
-
-
 def in_option_terms(failed: BaseException) -> BaseException:
     """The error as the command line says it: every keyword it names given by its option."""
     for error in (failed, failed.__cause__):
         if isinstance(error, AutofocusError):
             error.relabel(option_labels(build_parser()))
     return failed
-
-
-def failure_line(failed: BaseException) -> tuple[int, str]:
-    """The exit code and the one-line error of a run that failed once it had started."""
-    if isinstance(failed, RunFailed) and failed.__cause__ is not None:
-        failed = failed.__cause__  # a bug: named by its own type
-    if isinstance(failed, KeyboardInterrupt):
-        return interrupt_code(failed), interrupt_text(failed)
-    if isinstance(failed, AutofocusError):
-        return failed.exit_code, first_line(failed)
-    return EXIT_BUG, (f"internal error {type(failed).__name__}: {first_line(failed)} (please report it with the "
-                      "--verbose output)")
-
-
-class InterruptSignals:
-    """Ctrl-C and the termination signals as one exception, Interrupted, in the main thread.
-
-    Installed by ``main()`` for the length of a run: SIGINT, SIGTERM, and where the platform has them
-    SIGHUP (POSIX: the terminal or SSH session closed) and SIGBREAK (Windows: Ctrl-Break).  Inside
-    ``held()`` a signal is remembered in ``pending`` instead of raised, so that closing the stack and
-    writing the outputs are never cut short.  On Windows ``taskkill /F`` and closing the console
-    window cannot be caught; use Ctrl-C or Ctrl-Break there.
-    """
-
-    NAMES = EARLY_SIGNALS  # the same signals as while the tool starts
-
-    def __init__(self) -> None:
-        self.pending: Interrupted | None = None
-        self._holding = 0
-        self._finished = False
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        exc = Interrupted(signum)
-        if self._holding or self._finished:
-            self.pending = self.pending or exc
-            return
-        raise exc
-
-    def finish(self) -> None:
-        """The run has said everything: from now on a signal is only noted (no second JSON)."""
-        self._finished = True
-
-    def __enter__(self) -> InterruptSignals:
-        self.pending, self._finished = None, False
-        if threading.current_thread() is threading.main_thread():  # signals go to the main thread only
-            for name in self.NAMES:
-                number = getattr(signal, name, None)
-                if number is not None:
-                    self._previous[number] = signal.signal(number, self._handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for number, previous in self._previous.items():
-            signal.signal(number, previous)
-        self._previous.clear()
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        """Signals arriving inside the block are kept in ``pending``, not raised."""
-        self._holding += 1
-        try:
-            yield
-        finally:
-            self._holding -= 1
-
-
-INTERRUPTS = InterruptSignals()
 
 
 class GuardedStream:
