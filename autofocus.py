@@ -260,6 +260,11 @@ STOP_TIMEOUT_S = 5.0  # after `stop`, the axis must be at rest within this (a de
 POSITION_TOLERANCE_NATIVE = 5
 MOTION_MARGIN_MM = 0.01  # a moving axis may stray this far off its path (overshoot) before it is someone else's
 MOTION_POLL_S = 0.001  # at most one status request a millisecond while the axis moves
+# The first poll of a move as long as earlier ones goes this long after the latest poll that found
+# one still busy (the jitter of a move's duration); that bound creeps this much earlier at each move
+# found idle at once, so a stage that got faster is followed.
+ARRIVAL_MARGIN_S = 0.001
+ARRIVAL_CREEP_S = 0.00005
 NATIVE_UNIT_MISMATCH = 0.01  # --native-unit-nm more than 1% off Zaber's device database is refused
 HOMING_FLAGS = frozenset({"WR", "WH"})  # no reference position: expected until homing ends
 OUTSIDE_FLAGS = frozenset({"NI", "NC", "WM"})  # interrupted, the knob, displaced while still: someone else
@@ -3795,8 +3800,8 @@ class ZaberStage(StageDefaults):
         # While a move runs the axis stays on its path (start to target) within this margin (a
         # closed-loop stage may overshoot a little); someone else's move leaves it.
         self._margin_native = max(self.tolerance_native, MOTION_MARGIN_MM * self._native_per_mm)
-        # Per move length (native units): when a move of that length was last seen to end, as (after
-        # its last busy poll, by its first idle poll) in seconds after the move command returned.
+        # Per move length (native units): seconds after its command was sent when such a move was
+        # last seen busy, and first seen idle (see ``_await``).
         self._arrival: dict[int, tuple[float, float]] = {}
         self._take_over(flags)
 
@@ -4028,8 +4033,9 @@ class ZaberStage(StageDefaults):
         what = f"the {'' if self.role == 'focus' else self.role + ' '}move to {z_mm:.4f} mm"
         target = self._native_inside(z_mm)
         start = self._check_still(what)
+        sent = time.monotonic()
         self._send(lambda: self._axis.move_absolute(target, self._zm.Units.NATIVE, wait_until_idle=False), what)
-        _, at = self._await(what, self.move_timeout_s, "move_timeout_s", start, target)
+        _, at = self._await(what, self.move_timeout_s, "move_timeout_s", start, target, sent_at=sent)
         off_native = abs(at - target)
         if off_native > self.tolerance_native + FLOAT_SLACK_NATIVE:
             raise StageInterrupted(
@@ -4136,9 +4142,9 @@ class ZaberStage(StageDefaults):
             raise StageError(f"lost the stage during {what}: {first_line(error)}") from error
 
     def _await(self, what: str, timeout_s: float, option: str, start: float, target: float | None,
-               allow: frozenset[str] = frozenset()) -> tuple[set[str], float]:
+               allow: frozenset[str] = frozenset(), sent_at: float | None = None) -> tuple[set[str], float]:
         """Poll until the axis is idle (one round trip a poll, see ``_state``; a move as long as an
-        earlier one is first polled when that one ended, see ``_arrival``); returns its flags and
+        earlier one, sent at ``sent_at``, is first polled about when that one ended); returns its flags and
         position then.  While it moves: a new flag, or (``target`` given) a position off the path
         from ``start`` to ``target``, ends the wait at once -- someone else's motion is not stopped,
         the tool's own is stopped after a fault.  After ``timeout_s`` the tool sends ``stop`` itself."""
@@ -4146,15 +4152,18 @@ class ZaberStage(StageDefaults):
         deadline = t0 + timeout_s
         path = (min(start, target) - self._margin_native, max(start, target) + self._margin_native) \
             if target is not None else None
-        # A move as long as one before it (a sweep's steps) ends about when that one did: the first
-        # poll is aimed inside the interval that move's last busy and first idle poll left, which
-        # halves each time, instead of at a round trip's granularity after the end.
-        key = round(abs(target - start)) if target is not None else None
-        lo, hi = self._arrival.get(key, (0.0, 0.0))
+        # A move as long as earlier ones (a sweep's steps) ends about when they did.  Between the
+        # latest time such a move was seen busy (a lower bound on its duration, whatever the line's
+        # delays) and the earliest it was seen idle, the first poll is aimed halfway while that
+        # interval is wide, then ARRIVAL_MARGIN_S after the busy bound: most moves take one poll,
+        # not a round trip's granularity of them; a poll too early costs one more round trip.
+        key = round(abs(target - start)) if target is not None and sent_at is not None else None
+        lo, hi = self._arrival.get(key, (0.0, 0.0)) if key is not None else (0.0, 0.0)
+        aim = (lo + hi) / 2 if hi - lo > 2 * ARRIVAL_MARGIN_S else lo + ARRIVAL_MARGIN_S
         last_busy = None
         try:
-            if hi > 0:  # inside the try: a Ctrl-C while waiting stops the axis too
-                time.sleep(max(0.0, (lo + hi) / 2 if hi - lo > MOTION_POLL_S else hi))
+            if hi > 0 and sent_at is not None:  # inside the try: a Ctrl-C while waiting stops the axis too
+                time.sleep(max(0.0, sent_at + aim - time.monotonic()))
             while True:
                 sent = time.monotonic()
                 busy, flags, at = self._state()
@@ -4163,8 +4172,13 @@ class ZaberStage(StageDefaults):
                     faulted = any(f.startswith("F") for f in new)
                     raise self._flag_error(new, what, note=self._stop_own() if busy and faulted else "")
                 if not busy:
-                    if key is not None:
-                        self._arrival[key] = (lo if last_busy is None else last_busy - t0, sent - t0)
+                    if key is not None and sent_at is not None:
+                        idle = sent - sent_at
+                        if last_busy is None:  # idle at the first poll: the bound creeps earlier
+                            lo = max(0.0, lo - ARRIVAL_CREEP_S)
+                        else:
+                            lo = max(lo, last_busy - sent_at)
+                        self._arrival[key] = (lo, idle if hi <= lo else min(hi, idle))
                     return flags, at
                 last_busy = sent
                 if path is not None and not path[0] <= at <= path[1]:
