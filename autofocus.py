@@ -1540,30 +1540,31 @@ def fit_peak(samples: Sequence[Sample], *, floor: float | Sequence[float] | None
     left, right = (x[i - 1] + x[i]) / 2, (x[i] + x[i + 1]) / 2  # a symmetric peak lies between these
     design = np.vstack([np.ones_like(x), x, x * x]).T
     fits = []  # (vertex, its variance, chi-square)
-    for b, s in itertools.product(floors, shapes):
+    for b in floors:
         height = float(y[i] - b)
         if not height > 0:
             continue
         u = np.maximum(y - b, max(0.5 * noise, 1e-9 * height)) / height
         sig = np.sqrt((noise / height) ** 2 + (SCORE_SCATTER * u) ** 2)
-        g = _G(u, s)
-        w = 1.0 / (u ** (-s - 1.0) * sig) ** 2  # 1 / variance of g (delta method)
-        aw = design * np.sqrt(w)[:, None]
-        coef, *_ = np.linalg.lstsq(aw, g * np.sqrt(w), rcond=None)
-        _, a1, a2 = (float(v) for v in coef)
-        if not a2 < 0:
-            continue
-        vertex = -a1 / (2 * a2)
-        try:
-            cov = np.linalg.inv(aw.T @ aw)  # 3x3, positive definite for three distinct positions
-        except np.linalg.LinAlgError:
-            cov = np.linalg.pinv(aw.T @ aw)
-        grad = np.array([0.0, -1.0 / (2 * a2), a1 / (2 * a2 * a2)])
-        predicted = _G_inverse(design @ coef, s)
-        chi2 = float(np.sum(((u - predicted) / sig) ** 2))
-        if not math.isfinite(chi2):
-            continue
-        fits.append((min(max(vertex, left), right), max(float(grad @ cov @ grad), 0.0), chi2))
+        # Every shape on this floor at once: row k of ``root_w`` is 1 / sd of g (delta method) for
+        # shapes[k]; the weighted least squares of all of them through one stacked pseudo-inverse
+        # (its product with its transpose is each fit's covariance).
+        g = np.array([_G(u, s) for s in shapes])
+        root_w = 1.0 / (u[None, :] ** (-np.asarray(shapes, dtype=float)[:, None] - 1.0) * sig[None, :])
+        pinv = np.linalg.pinv(design[None, :, :] * root_w[:, :, None])
+        coefs = np.einsum("kjn,kn->kj", pinv, g * root_w)
+        covs = pinv @ np.swapaxes(pinv, 1, 2)
+        for s, coef, cov in zip(shapes, coefs, covs):
+            _, a1, a2 = (float(v) for v in coef)
+            if not a2 < 0:
+                continue
+            vertex = -a1 / (2 * a2)
+            grad = np.array([0.0, -1.0 / (2 * a2), a1 / (2 * a2 * a2)])
+            predicted = _G_inverse(design @ coef, s)
+            chi2 = float(np.sum(((u - predicted) / sig) ** 2))
+            if not math.isfinite(chi2):
+                continue
+            fits.append((min(max(vertex, left), right), max(float(grad @ cov @ grad), 0.0), chi2))
     if not fits:
         return PeakFit(None, False, "no peak shape fits the frames around the best one")
     chi2 = np.array([f[2] for f in fits])
@@ -1577,8 +1578,10 @@ def fit_peak(samples: Sequence[Sample], *, floor: float | Sequence[float] | None
     centre = float(np.sum(weight * vertices))
 
     # The mixture's probability within +-half of the centre (a sum of normal CDF differences), in
-    # Python floats: the bisection below evaluates it some twenty times.
-    terms = [(wt, v, 1.0 / (sd * math.sqrt(2.0))) for wt, v, sd in zip(weight.tolist(), vertices.tolist(), sds.tolist())]
+    # Python floats: the bisection below evaluates it some twenty times.  Shapes the frames rule out
+    # (weight below 1e-15) change no probability and are left out.
+    terms = [(wt, v, 1.0 / (sd * math.sqrt(2.0))) for wt, v, sd in zip(weight.tolist(), vertices.tolist(), sds.tolist())
+             if wt > 1e-15]
 
     def covered(half: float) -> float:
         return 0.5 * sum(wt * (math.erf((centre + half - v) * k) - math.erf((centre - half - v) * k))

@@ -289,6 +289,36 @@ def test_fit_handles_irregular_spacing() -> None:
     assert fit.used and fit.z_mm == pytest.approx(1.03, abs=0.01)
 
 
+@pytest.mark.parametrize("shape", [-1.0, 0.0, 0.5, 1.5])
+def test_one_shape_fit_is_the_weighted_least_squares_it_documents(shape: float) -> None:
+    """fit_peak fits every shape at once; with one shape and one floor its answer must be the plain
+    weighted least squares of g(u) on a parabola, and its interval the normal 90% one of that fit."""
+    rng = np.random.default_rng(7)
+    x = np.arange(-2.0, 3.0)
+    noise = 0.02
+    y = 0.1 + np.exp(-0.5 * ((x - 0.3) / 1.2) ** 2) + noise * rng.standard_normal(5)
+    h = 0.05
+    samples = [Sample(12.0 + h * k, float(v)) for k, v in zip(x, y)]
+    fit = autofocus.fit_peak(samples, floor=0.1, noise=noise, shapes=(shape,))
+    height = y[2] - 0.1
+    u = np.maximum(y - 0.1, 0.5 * noise) / height
+    sig = np.sqrt((noise / height) ** 2 + (autofocus.SCORE_SCATTER * u) ** 2)
+    g = np.log(u) if shape == 0 else (u ** (-shape) - 1) / (-shape)
+    root_w = 1 / (u ** (-shape - 1) * sig)
+    design = np.vstack([np.ones(5), x, x * x]).T
+    coef = np.linalg.lstsq(design * root_w[:, None], g * root_w, rcond=None)[0]
+    cov = np.linalg.inv((design * root_w[:, None]).T @ (design * root_w[:, None]))
+    grad = np.array([0.0, -1 / (2 * coef[2]), coef[1] / (2 * coef[2] ** 2)])
+    lin = design @ coef
+    predicted = np.exp(lin) if shape == 0 else np.where(1 - shape * lin > 0, np.abs(1 - shape * lin) ** (-1 / shape), 0)
+    spread = max(1.0, float(np.sum(((u - predicted) / sig) ** 2)) / (5 - 4))
+    sd = math.sqrt(float(grad @ cov @ grad) * spread + autofocus.FIT_MODEL_FLOOR ** 2)
+    vertex = min(max(-coef[1] / (2 * coef[2]), -0.5), 0.5)
+    assert fit.used and fit.points == 5
+    assert fit.z_mm == pytest.approx(12.0 + h * vertex, abs=1e-6)
+    assert fit.uncertainty_mm == pytest.approx(1.6448536 * sd * h, rel=1e-3)
+
+
 @pytest.mark.parametrize(
     "samples, reason",
     [
