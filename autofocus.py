@@ -2491,12 +2491,31 @@ def plan_positions(start_mm: float, end_mm: float, step_mm: float) -> list[float
 FrameHook = Callable[[int, float, np.ndarray, float], None]
 
 
-class Acquisition:
-    """Moves, captures and scores, overlapping the scoring of frame k with the move to k+1.
+class PendingScore:
+    """A frame's score to come (what ``Acquisition.measure`` returns): the frame goes to the scoring
+    thread when the next exposure starts, or as soon as someone waits for its score."""
 
-    ``measure(z)`` returns a future score; a search waits only for the scores it needs.  At most
-    IN_FLIGHT_FRAMES frames wait for scoring, so memory stays bounded.  ``samples`` always holds every
-    frame scored so far, so a run that fails still has its partial curve.
+    def __init__(self, acq: Acquisition, job: tuple[int, float, np.ndarray, float, float]) -> None:
+        self._acq, self.job = acq, job
+        self.future: concurrent.futures.Future[Sample] | None = None
+
+    def result(self) -> Sample:
+        """The frame's sample, once scored (the scoring thread's error, if it failed)."""
+        if self.future is None:
+            self._acq.flush()
+        assert self.future is not None
+        return self.future.result()
+
+
+class Acquisition:
+    """Moves, captures and scores, scoring frame k while frame k+1 is exposed.
+
+    ``measure(z)`` returns a score to come; a search waits only for the scores it needs.  A frame
+    is handed to the scoring thread when the next exposure starts, not when it was read out: the
+    host's cores are then idle, while during the stage's round trips (the check after the exposure,
+    the move, its arrival) a busy scoring thread would delay each reply.  At most IN_FLIGHT_FRAMES
+    frames wait for scoring, so memory stays bounded.  ``samples`` always holds every frame scored
+    so far, so a run that fails still has its partial curve (``drain`` scores what is pending).
     """
 
     def __init__(self, stage: Stage, camera: Camera, scorer: Scorer, *, settle_ms: float = 0.0,
@@ -2523,6 +2542,7 @@ class Acquisition:
         self._indices: list[int] = []  # frame index of each entry of samples
         self._dropped: set[int] = set()  # frames the stage's check found unvouched for (see move_to)
         self._frame_z = float("nan")  # where the last frame was captured
+        self._pending: PendingScore | None = None  # the last frame, until the next exposure starts
 
     def approach(self, z_mm: float) -> float:
         """Move to z; with backlash, arrive from the sweep's direction (overshoot first).
@@ -2573,13 +2593,16 @@ class Acquisition:
         exc.extend(f" (the frame at z={self._frame_z:.4f} mm, exposed just before, was dropped from the curve: "
                    "the stage may not have stood there)")
 
-    def measure(self, z_mm: float) -> concurrent.futures.Future[Sample]:
-        """Move to z, capture a frame, and hand it to the scoring thread."""
+    def measure(self, z_mm: float) -> PendingScore:
+        """Move to z, capture a frame; the frame before it is scored while this one is exposed."""
         if self._failed is not None:  # a frame already failed (its hook could not save it): stop here
             raise self._failed
-        self._slots.acquire()
+        if not self._slots.acquire(blocking=False):  # every slot taken: the pending frame frees one
+            self.flush()
+            self._slots.acquire()
         try:
             move_dt = self.approach(z_mm)
+            self.flush()
             t0 = time.perf_counter()
             try:
                 frame = self.camera.capture()
@@ -2598,7 +2621,14 @@ class Acquisition:
         self._frame_index += 1
         self._taken.add(z_mm)
         self._frame_z = z_mm
-        return self._pool.submit(self._score, index, z_mm, frame, move_dt, capture_dt)
+        self._pending = PendingScore(self, (index, z_mm, frame, move_dt, capture_dt))
+        return self._pending
+
+    def flush(self) -> None:
+        """Hand the pending frame, if any, to the scoring thread."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.future = self._pool.submit(self._score, *pending.job)
 
     def measure_all(self, positions: Sequence[float]) -> None:
         """Measure every position not measured yet, all in flight before waiting for any, in the
@@ -2634,6 +2664,7 @@ class Acquisition:
     def drain(self) -> None:
         """Wait for every frame in flight to be scored (errors are the caller's to read); more
         frames may be measured afterwards."""
+        self.flush()
         self._pool.shutdown(wait=True)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
 

@@ -3,6 +3,7 @@ approaches, plan safety, and both searches on the simulated microscope."""
 from __future__ import annotations
 
 import math
+import time
 import types
 
 import numpy as np
@@ -112,6 +113,40 @@ def test_sweep_visits_every_position_in_order_then_the_best() -> None:
     assert result.verdict.kind == "focused"
     assert abs(result.best_mm - 12.34) < 0.005  # sub-step: the Gaussian fit is exact here
     assert result.best_sample_mm == 12.35
+
+
+def test_each_frame_is_scored_while_the_next_is_exposed_not_during_the_stage_requests() -> None:
+    """A scoring thread busy during the stage's round trips (the check, the move, its arrival) delays
+    each reply on a small host; the frame waits for the next exposure to start."""
+    events: list[tuple[str, float]] = []
+
+    class LoggingStage(LineStage):
+        def move_to(self, z: float) -> None:
+            time.sleep(0.003)  # the stage's round trips
+            super().move_to(z)
+            events.append(("moved", z))
+
+    class ExposingCamera(PeakCamera):
+        def capture(self) -> np.ndarray:
+            frame = super().capture()
+            time.sleep(0.003)  # the exposure: the scoring thread runs now
+            return frame
+
+    class LoggingScorer(ValueScorer):
+        def scores(self, frame: np.ndarray, coarse: bool) -> tuple[float, float | None]:
+            events.append(("score", float(frame[0, 0])))
+            return super().scores(frame, coarse)
+
+    stage = LoggingStage(0.0)
+    positions = autofocus.plan_positions(10, 10.5, 0.05)
+    result = autofocus.run_autofocus(stage, ExposingCamera(stage, 10.2), LoggingScorer(), Plan(tuple(positions)))
+    assert [s.z_mm for s in result.samples] == positions  # every frame scored, the last one too
+    kinds = [kind for kind, _ in events]
+    moved = [i for i, k in enumerate(kinds) if k == "moved"]
+    scores = [i for i, k in enumerate(kinds) if k == "score"]
+    assert len(moved) == len(positions) + 1 and len(scores) == len(positions)  # + the move to the answer
+    for frame, at in enumerate(scores[:-1]):
+        assert at > moved[frame + 1], (frame, kinds)  # not while the stage was moving to the next frame
 
 
 def test_final_move_goes_to_the_best_even_downward() -> None:
