@@ -238,7 +238,8 @@ NOISE_KEEP_RESIDUALS = 6  # ... and a peak that fills the range keeps at least t
 NOISE_CLIP_SIGMA = 5.0  # a residual this many robust sigmas out is a peak's curvature or a glitch, not noise
 NOISE_EXCLUDE_SIGMA = 3.0  # frames this far above the baseline belong to a peak, not to the noise
 LOCATE_RATE = 1e-3  # ... and near a peak the coarse scale found, when the fine score locates it
-NARROW_SHARE = 0.10  # ... and a peak whose neighbours are both below this share of its height is narrower than STEP
+NARROW_SHARE = 0.10  # ... and a peak whose neighbours each rise less than this share of its height above the
+# frame beyond them (a broad pedestal of blurred structure lifts both) is narrower than STEP
 NEIGHBOUR_RATE = 0.01  # a neighbour below this one-frame noise quantile is at the floor (a one-frame peak)
 FIT_REACH = 2  # the sub-step fit uses the best frame and up to 2 grid neighbours on each side
 FIT_INTERVAL = 0.90  # the error bar (uncertainty_mm) is the half-width of this central interval
@@ -249,6 +250,9 @@ PEAK_SHAPES = tuple(round(-1.0 + 0.1 * i, 1) for i in range(26))  # fit_peak's s
 # The peak model's own limit, in frame spacings: its bias on simulated and real-texture peaks
 # (both defocus models, 4x-60x) that the frames' scatter does not show; added to every interval.
 FIT_MODEL_FLOOR = 0.015
+# A peak narrower than STEP shows the frames only its flanks, whose shape they cannot tell: its error
+# bar is at least this many frame spacings (real-texture peaks at 20x-60x, both defocus models).
+FIT_SHARP_FLOOR = 0.15
 FIT_INTERVAL_RESOLUTION = 1e-6  # frame spacings: how finely the error bar's half-width is found
 FIT_FLOORS = 6  # ... and how many floors under the peak it weighs (from the baseline up to the fit's lowest frame)
 IN_FLIGHT_FRAMES = 4  # frames captured but not yet scored: bounds memory when scoring lags
@@ -369,7 +373,7 @@ class Verdict:
     suggestion_mm: tuple[float, float] | None = None
     scale: Scale = "fine"
     height: float = float("nan")
-    narrow: bool = False  # the peak is narrower than STEP: its neighbours are at the floor
+    narrow: bool = False  # the peak is narrower than STEP: its neighbours far down it (or at the floor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1856,12 +1860,19 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
                                        shapes=(-1.0,) if transparent else None), scale=scale)
     neighbours = [k for k in (i - 1, i + 1) if 0 <= k < len(z)]
     gaps = [abs(z[k] - z[i]) for k in neighbours]
+    # A sharp peak of a real specimen often stands on a broad pedestal (blurred structure keeps some
+    # contrast for several STEPs), which lifts both neighbours without widening the peak: a
+    # neighbour's rise is taken above the frame beyond it (none where that one is as high).
+    def rise_of(k: int) -> float:
+        beyond = 2 * k - i
+        below = min(y[k], y[beyond]) if 0 <= beyond < len(z) else base
+        return float(y[k] - max(base, below))
     floor_level = noise.sigma * student_t_isf(NEIGHBOUR_RATE, noise.dof)  # one frame within the floor's noise
-    narrow = all(y[k] - base <= floor_level for k in neighbours)
-    # Neighbours above the floor but both far down the peak: it is a fraction of STEP wide (a
-    # Lorentzian below NARROW_SHARE at both: half-width < 1/6 STEP); the frames see its flanks only,
-    # and the fit's interval (the shapes those flanks allow) says how well that places it.
-    sharp = not narrow and all(y[k] - base < NARROW_SHARE * (y[i] - base) for k in neighbours)
+    narrow = all(rise_of(k) <= floor_level for k in neighbours)  # one frame wide: nothing of it beside
+    # Neighbours above that but both far down the peak: it is a fraction of STEP wide (a Lorentzian
+    # below NARROW_SHARE at both: half-width < 1/6 STEP); the frames see its flanks only, and the
+    # fit's interval (the shapes those flanks allow, at least FIT_SHARP_FLOOR) says how well.
+    sharp = not narrow and all(rise_of(k) < NARROW_SHARE * (y[i] - base) for k in neighbours)
     notes: list[str] = []
     ratio = f"{float(y[i] - base) / threshold:.1f}x the noise threshold" if threshold > 0 else "above a noise-free curve"
     reason = f"{word} height {ratio}{several}"
@@ -1872,15 +1883,17 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
             uncertainty = max(fit.uncertainty_mm, uncertainty)
     else:
         target, uncertainty = fit.z_mm, fit.uncertainty_mm  # type: ignore[assignment]
+        if sharp:
+            uncertainty = max(uncertainty, FIT_SHARP_FLOOR * max(gaps))
     use = _round_step(depth_of_field_um / 1000.0) if depth_of_field_um else _round_step(max(gaps) / 4)
     if sharp:
-        notes.append(f"note: the {word} is narrower than STEP (both neighbours are below {NARROW_SHARE:.0%} of its "
-                     f"height): the frames see only its flanks, so the focus is known to within "
+        notes.append(f"note: the {word} is narrower than STEP (each neighbour rises less than {NARROW_SHARE:.0%} of "
+                     f"its height above the frame beyond it): the frames see only its flanks, so the focus is known to within "
                      f"\N{PLUS-MINUS SIGN}{_length(uncertainty)} of {target:.4f} mm; for a sharp image search "
                      f"{max(lo, z[i] - max(gaps)):g} {min(hi, z[i] + max(gaps)):g} with STEP {use:g} mm")
     if narrow:
-        notes.append(f"note: the {word} is one frame wide (both neighbours are at the noise floor): it is narrower "
-                     f"than STEP, so the focus is known only to within \N{PLUS-MINUS SIGN}{_length(uncertainty)} of {z[i]:.4f} mm; for a "
+        notes.append(f"note: the {word} is one frame wide (no neighbour stands out of the noise above the floor or "
+                     f"the frame beyond it): it is narrower than STEP, so the focus is known only to within \N{PLUS-MINUS SIGN}{_length(uncertainty)} of {z[i]:.4f} mm; for a "
                      f"sharp image search {max(lo, z[i] - max(gaps)):g} {min(hi, z[i] + max(gaps)):g} with STEP "
                      f"{use:g} mm"
                      + ("" if depth_of_field_um else " (--objective names the STEP that suits the objective)"))

@@ -192,6 +192,31 @@ def test_a_peak_one_frame_wide_gets_half_a_step_and_a_note() -> None:
     assert not autofocus.decide(curve(wide), GRID).verdict.narrow
 
 
+def test_a_sharp_peak_on_a_broad_pedestal_is_narrower_than_step() -> None:
+    # A sharp specimen's score: a cusp a fraction of STEP wide on the broad pedestal of its blurred
+    # structure.  The pedestal lifts both neighbours above a tenth of the peak's height, but each
+    # rises little above the frame beyond it: the frames see a point of the peak, not its shape.
+    rng = np.random.default_rng(5)
+    x = np.arange(81, dtype=float)
+
+    def pedestal_and_cusp(centre: float, cusp_steps: float) -> list[Sample]:
+        y = 1 + 0.15 * np.exp(-0.5 * ((x - centre) / 16) ** 2) + np.exp(-np.abs(x - centre) / cusp_steps)
+        return curve(y + 0.001 * rng.standard_normal(81))
+
+    for offset in (-0.2, 0.0, 0.2):  # next to nothing of the cusp beside the best frame: that frame, +-STEP/2
+        decision = autofocus.decide(pedestal_and_cusp(40 + offset, 0.12), GRID)
+        assert decision.verdict.kind == "focused" and decision.verdict.narrow
+        assert any("narrower than STEP" in note for note in decision.notes)
+        assert decision.target_mm == GRID[40] and decision.uncertainty_mm >= STEP / 2 - 1e-9
+    for offset in (-0.1, 0.0, 0.1):  # its flanks a few % beside it: narrower than STEP, fitted
+        centre = 40 + offset
+        decision = autofocus.decide(pedestal_and_cusp(centre, 0.35), GRID)
+        assert decision.verdict.kind == "focused" and decision.verdict.narrow
+        assert any("narrower than STEP" in note and "frame beyond" in note for note in decision.notes)
+        assert decision.uncertainty_mm >= autofocus.FIT_SHARP_FLOOR * STEP - 1e-12
+        assert abs(decision.target_mm - (10 + centre * STEP)) <= decision.uncertainty_mm
+
+
 def two_peaks() -> np.ndarray:
     x = np.arange(81, dtype=float)
     return 1 + pearson(x, 20.3, 2, 2) + 0.6 * pearson(x, 60.2, 2, 2) + 0.002 * np.random.default_rng(1).standard_normal(81)
