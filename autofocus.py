@@ -242,6 +242,7 @@ NARROW_SHARE = 0.10  # ... and a peak whose neighbours each rise less than this 
 # frame beyond them (a broad pedestal of blurred structure lifts both) is narrower than STEP
 NEIGHBOUR_RATE = 0.01  # a neighbour below this one-frame noise quantile is at the floor (a one-frame peak)
 FIT_REACH = 2  # the sub-step fit uses the best frame and up to 2 grid neighbours on each side
+STALE_FRAMES = 2 * FIT_REACH  # the fast search takes a fit frame again when it is older than the others by more
 FIT_INTERVAL = 0.90  # the error bar (uncertainty_mm) is the half-width of this central interval
 # A score's frame-to-frame scatter grows with the score (shot noise moves edges through the bilateral
 # filter): near focus at least this share of its rise above the floor, on top of the floor's own noise.
@@ -1263,10 +1264,11 @@ def coarse_binning(shape: tuple[int, ...]) -> int:
 
 
 def by_z(samples: Sequence[Sample]) -> list[Sample]:
-    """Samples sorted by position; a position measured twice keeps its first frame."""
+    """Samples sorted by position; a position measured twice keeps its latest frame (capture order:
+    the fast search takes a frame again when the light may have changed since)."""
     seen: dict[float, Sample] = {}
     for s in samples:
-        seen.setdefault(s.z_mm, s)
+        seen[s.z_mm] = s
     return sorted(seen.values(), key=lambda s: s.z_mm)
 
 
@@ -2541,7 +2543,8 @@ class Acquisition:
         self.coarse = coarse
         self.on_frame = on_frame
         self.samples: list[Sample] = []
-        self.scored: dict[float, Sample] = {}  # position -> its (first) frame
+        self.scored: dict[float, Sample] = {}  # position -> its latest frame
+        self.frame_of: dict[float, int] = {}  # position -> the capture index of that frame
         self._taken: set[float] = set()  # positions measured or in flight
         self.moves = 0
         self.move_s = self.capture_s = self.score_s = 0.0
@@ -2650,6 +2653,14 @@ class Acquisition:
         for f in [self.measure(z) for z in todo]:
             f.result()
 
+    def retake(self, positions: Sequence[float]) -> None:
+        """Measure these positions again, all in flight before waiting for any.  The earlier frames
+        stay in ``samples`` (the curve keeps everything measured); ``scored`` and the decision
+        (``by_z``) use the new ones."""
+        todo = sorted(set(positions), key=lambda z: z * self.direction)
+        for f in [self.measure(z) for z in todo]:
+            f.result()
+
     def _score(self, index: int, z_mm: float, frame: np.ndarray, move_dt: float, capture_dt: float) -> Sample:
         try:
             t0 = time.perf_counter()
@@ -2661,7 +2672,8 @@ class Acquisition:
                 if index in self._dropped:
                     return sample
                 self.samples.append(sample)
-                self.scored.setdefault(z_mm, sample)
+                self.scored[z_mm] = sample
+                self.frame_of[z_mm] = index
                 self._indices.append(index)
             log.info("frame %d: z=%.4f mm score=%.6g (move %.1f ms, capture %.1f ms, score %.1f ms)",
                      index, z_mm, score, move_dt * 1e3, capture_dt * 1e3, dt * 1e3)
@@ -2774,6 +2786,14 @@ def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude
                 current = overall
             else:
                 current = max(neighbours, key=score)
+        # The frames the fit will use (the best one and FIT_REACH grid neighbours each side) should
+        # be close in time: a coarse-pass frame among them was taken many frames earlier, and a
+        # lamp that drifted since changes the noise-normalised score by more than the fit's noise.
+        best = index[best_sample(list(acq.scored.values())).z_mm]
+        window = [positions[j] for j in range(best - FIT_REACH, best + FIT_REACH + 1)
+                  if 0 <= j < n and positions[j] in acq.scored]
+        newest = max(acq.frame_of[z] for z in window)
+        acq.retake([z for z in window if newest - acq.frame_of[z] > STALE_FRAMES])
         # A peak narrower than the spacing (high NA, STEP ~ one depth of field), or too weak for
         # this many frames, leaves the verdict at no_peak: halve the spacing and look again, down
         # to the full grid.  A blank field costs a sweep's frames; a missed focus would cost more.
@@ -5443,10 +5463,20 @@ class ReplayStack:
         except OSError as exc:
             raise StackError(f"replay stack {csv_path}: a file it names cannot be found ({exc.strerror or exc})") \
                 from exc
+        # A position may appear again only as a frame taken again (the fast search's, marked in the
+        # ``retake`` column): that later frame replays.  Any other repeat is ambiguous.
+        seen: set[float] = set()
+        for line, ((z, _), again) in enumerate(zip(rows, self._read_retakes(csv_path)), start=2):
+            if z in seen and not again:
+                raise StackError(f"replay stack {csv_path}: duplicate z_mm {z:g}; each position must appear once "
+                                 "(a frame taken again is marked retake=1)")
+            if again and z not in seen:
+                raise StackError(f"replay stack {csv_path}, line {line}: retake=1 marks a frame taken again, but no "
+                                 f"row before it has z_mm {z:g}")
+            seen.add(z)
+        latest = {z: k for k, (z, _) in enumerate(rows)}
+        rows = [rows[k] for k in sorted(latest.values())]
         zs = [z for z, _ in rows]
-        dupes = sorted(z for z, count in collections.Counter(zs).items() if count > 1)
-        if dupes:
-            raise StackError(f"replay stack {csv_path}: duplicate z_mm {dupes[0]:g}; each position must appear once")
         self.z_mm = np.array(zs)
         self.frames: list[np.ndarray] = []
         decoded: dict[Path, np.ndarray] = {}  # each distinct file is decoded once, however many rows name it
@@ -5494,6 +5524,12 @@ class ReplayStack:
         except (OSError, UnicodeDecodeError, ValueError, UsageError) as exc:
             raise StackError(f"replay stack {path}: {first_line(exc)}; fix or delete the file") from exc
         return roi
+
+    @staticmethod
+    def _read_retakes(csv_path: Path) -> list[bool]:
+        """Per row of stack.csv (read and checked already): marked retake=1 (ImageSaver's)."""
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            return [(row.get("retake") or "").strip() == "1" for row in csv.DictReader(f)]
 
     @staticmethod
     def _read_rows(csv_path: Path) -> list[tuple[float, str]]:
@@ -7132,12 +7168,13 @@ class ImageSaver:
                 write_replacing(self.folder / ROI_FILE, lambda temporary: temporary.write_text(text, encoding="utf-8"))
             self._csv = open(self.folder / "stack.csv", "x", newline="", encoding="utf-8")  # noqa: SIM115
             self._writer = csv.writer(self._csv)
-            self._writer.writerow(["z_mm", "file", "score"])
+            self._writer.writerow(["z_mm", "file", "score", "retake"])
             self._csv.flush()
         except OSError as exc:
             raise OutputError(f"--save-images: starting the recording in {self.folder} failed "
                               f"({exc.strerror or exc})") from exc
         self._lock = threading.Lock()
+        self._written: set[float] = set()  # positions with a row: a frame taken again is marked retake=1
 
     def __call__(self, index: int, z_mm: float, frame: np.ndarray, score: float) -> None:
         """Write one frame, then its row: a row is only ever listed for a file completely written.
@@ -7153,8 +7190,10 @@ class ImageSaver:
             path = self.folder / name
             try:
                 write_replacing(path, lambda temporary: temporary.write_bytes(encoded))
-                self._writer.writerow([repr(float(z_mm)), name, repr(float(score))])
+                again = z_mm in self._written
+                self._writer.writerow([repr(float(z_mm)), name, repr(float(score)), "1" if again else ""])
                 self._csv.flush()
+                self._written.add(z_mm)
             except OSError as exc:
                 raise OutputError(f"--save-images: writing {path} failed ({exc.strerror or exc}); the frames "
                                   f"before it are in {self.folder / 'stack.csv'}") from exc

@@ -110,7 +110,7 @@ def test_float_frames_are_recorded_losslessly_and_replay_to_the_same_curve(tmp_p
     saved = tmp_path / "saved"
     code, out, err = call(capfd, *RANGE, "--replay", original, "--save-images", saved, "--json")
     assert code == 0 and err.count("\n") == 1 and "WARN" not in err, err
-    assert all(name.endswith(".tif") for _, name, _ in rows(saved))
+    assert all(name.endswith(".tif") for _, name, *_ in rows(saved))
     source, copy = autofocus.ReplayStack(original), autofocus.ReplayStack(saved)
     first = source.nearest(12.1)
     assert copy.frames[0].dtype == np.float32 and np.array_equal(copy.nearest(12.1), first)  # bit for bit
@@ -131,7 +131,7 @@ def test_a_recording_is_replaced_only_with_overwrite_and_leaves_no_stale_slices(
     assert code in (0, 3, 4), err
     assert sorted(p.name for p in stack.iterdir()) == ["frame_00000.png", "frame_00001.png", "frame_00002.png",
                                                        "frame_00003.png", "frame_00004.png", "stack.csv"]
-    assert [name for _, name, _ in rows(stack)] == [f"frame_{i:05d}.png" for i in range(5)]
+    assert [name for _, name, *_ in rows(stack)] == [f"frame_{i:05d}.png" for i in range(5)]
 
 
 @pytest.mark.skipif(not POSIX, reason="symbolic links need privileges on Windows")

@@ -87,14 +87,15 @@ def test_save_images_writes_every_frame_losslessly(tmp_path: Path, capfd: pytest
     code, doc, _ = run_json(capfd, ["12.0", "12.7", "0.05", *SIM, "--sim-bits", bits, "--save-images", rec])
     assert code == 0 and doc["verdict"] == "focused"
     header, rows = read_csv(rec / "stack.csv")
-    assert header == ["z_mm", "file", "score"]
+    assert header == ["z_mm", "file", "score", "retake"]
+    assert all(r[3] == "" for r in rows)  # a sweep takes each position once
     assert len(rows) == doc["frames"] == len(doc["curve"]) == 15
     pngs = sorted(rec.glob("*.png"))
     assert len(pngs) == doc["frames"]
     # One row per frame, in capture order: the same z sequence as the JSON curve.
     assert [float(r[0]) for r in rows] == [z for z, _ in doc["curve"]]
     scorer = autofocus.Scorer()
-    for (z_mm, name, score), (z, json_score) in zip(rows, doc["curve"]):
+    for (z_mm, name, score, _), (z, json_score) in zip(rows, doc["curve"]):
         assert "/" not in name and "\\" not in name, "files must be relative to DIR"
         path = rec / name
         assert path.read_bytes()[:8] == PNG_MAGIC
@@ -160,8 +161,15 @@ def test_recorded_sweep_replays_to_the_same_answer(tmp_path: Path, capfd: pytest
     assert replay["best_mm"] == pytest.approx(live["best_mm"], abs=1e-9)
     # A fast search's recording holds the frames it took: the replay searches exactly those (its
     # grid snapped to them, said in a note), so it sees the same curve and one peak, not the
-    # steps of a slice repeated between them.
-    assert sorted(replay["curve"]) == sorted(live["curve"]) and len(replay["peaks"]) == 1
+    # steps of a slice repeated between them.  A frame the fast search took again (the lamp may
+    # have changed since its first) is a row marked retake=1, and it is that later frame which
+    # replays.
+    latest = {z: s for z, s in live["curve"]}
+    assert {z: s for z, s in replay["curve"]} == latest and len(replay["peaks"]) == 1
+    _, rows = read_csv(rec / "stack.csv")
+    again = [float(r[0]) for r in rows if r[3] == "1"]
+    assert (search == "fast") == bool(again) and len(rows) == live["frames"]
+    assert all(latest[z] != next(s for q, s in live["curve"] if q == z) for z in again)  # a new frame, a new score
     assert (search == "fast") == ("recorded slices nearest to it" in err)
     assert abs(replay["best_mm"] - autofocus.SimOptics.focus_mm) <= 0.05
 
@@ -307,6 +315,16 @@ def broken_duplicate_z(d: Path) -> None:
     _csv(d, ["z_mm,file", *GOOD_ROWS, "0.30,img_000.png"])
 
 
+def broken_retake_first(d: Path) -> None:
+    _images(d)
+    _csv(d, ["z_mm,file,retake", *(f"{row}," for row in GOOD_ROWS[:-1]), f"{GOOD_ROWS[-1]},1"])
+
+
+def broken_duplicate_unmarked(d: Path) -> None:  # the retake column there, the repeat not marked in it
+    _images(d)
+    _csv(d, ["z_mm,file,retake", *(f"{row}," for row in GOOD_ROWS), "0.30,img_000.png,"])
+
+
 BROKEN = {
     "no_stack_csv": (broken_no_csv, "no stack.csv"),
     "empty_csv": (broken_empty_csv, "the header must name z_mm and file"),
@@ -318,6 +336,8 @@ BROKEN = {
     "garbage_image": (broken_garbage_image, "junk.png cannot be read as an image"),
     "sizes_differ": (broken_sizes_differ, "all images must have the same size"),
     "duplicate_z": (broken_duplicate_z, "duplicate z_mm 0.3"),
+    "duplicate_unmarked": (broken_duplicate_unmarked, "duplicate z_mm 0.3"),
+    "retake_first": (broken_retake_first, "retake=1 marks a frame taken again, but no row before it"),
 }
 
 
