@@ -243,6 +243,7 @@ NARROW_SHARE = 0.10  # ... and a peak whose neighbours each rise less than this 
 NEIGHBOUR_RATE = 0.01  # a neighbour below this one-frame noise quantile is at the floor (a one-frame peak)
 FIT_REACH = 2  # the sub-step fit uses the best frame and up to 2 grid neighbours on each side
 STALE_FRAMES = 2 * FIT_REACH  # the fast search takes a fit frame again when it is older than the others by more
+LAMP_TOLERANCE = 0.005  # ... and the light changed by more than this since (frame means; the score moves 2-5x as much)
 FIT_INTERVAL = 0.90  # the error bar (uncertainty_mm) is the half-width of this central interval
 # A score's frame-to-frame scatter grows with the score (shot noise moves edges through the bilateral
 # filter): near focus at least this share of its rise above the floor, on top of the floor's own noise.
@@ -1863,18 +1864,21 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
     neighbours = [k for k in (i - 1, i + 1) if 0 <= k < len(z)]
     gaps = [abs(z[k] - z[i]) for k in neighbours]
     # A sharp peak of a real specimen often stands on a broad pedestal (blurred structure keeps some
-    # contrast for several STEPs), which lifts both neighbours without widening the peak: a
-    # neighbour's rise is taken above the frame beyond it (none where that one is as high).
-    def rise_of(k: int) -> float:
+    # contrast for several STEPs), which lifts both neighbours without widening the peak: each side
+    # is measured from its local floor, the frame beyond the neighbour when that one is lower (the
+    # neighbour itself when it is not), never below the curve's baseline.
+    def local_floor(k: int) -> float:
         beyond = 2 * k - i
-        below = min(y[k], y[beyond]) if 0 <= beyond < len(z) else base
-        return float(y[k] - max(base, below))
+        return float(max(base, min(y[k], y[beyond]) if 0 <= beyond < len(z) else base))
     floor_level = noise.sigma * student_t_isf(NEIGHBOUR_RATE, noise.dof)  # one frame within the floor's noise
-    narrow = all(rise_of(k) <= floor_level for k in neighbours)  # one frame wide: nothing of it beside
-    # Neighbours above that but both far down the peak: it is a fraction of STEP wide (a Lorentzian
-    # below NARROW_SHARE at both: half-width < 1/6 STEP); the frames see its flanks only, and the
-    # fit's interval (the shapes those flanks allow, at least FIT_SHARP_FLOOR) says how well.
-    sharp = not narrow and all(rise_of(k) < NARROW_SHARE * (y[i] - base) for k in neighbours)
+    # On each side, the neighbour far down the peak (below NARROW_SHARE of its height there): the
+    # peak is a fraction of STEP wide (a Lorentzian below NARROW_SHARE at both neighbours has a
+    # half-width under 1/6 STEP) and the frames see its flanks only; the fit's interval (the shapes
+    # those flanks allow, at least FIT_SHARP_FLOOR) says how well they place it.  A broad peak
+    # sampled finely has neighbours close to its top: not narrow, however flat its sides.
+    far_down = all(y[k] - local_floor(k) < NARROW_SHARE * (y[i] - local_floor(k)) for k in neighbours)
+    narrow = far_down and all(y[k] - local_floor(k) <= floor_level for k in neighbours)  # one frame wide
+    sharp = far_down and not narrow
     notes: list[str] = []
     ratio = f"{float(y[i] - base) / threshold:.1f}x the noise threshold" if threshold > 0 else "above a noise-free curve"
     reason = f"{word} height {ratio}{several}"
@@ -1889,8 +1893,8 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
             uncertainty = max(uncertainty, FIT_SHARP_FLOOR * max(gaps))
     use = _round_step(depth_of_field_um / 1000.0) if depth_of_field_um else _round_step(max(gaps) / 4)
     if sharp:
-        notes.append(f"note: the {word} is narrower than STEP (each neighbour rises less than {NARROW_SHARE:.0%} of "
-                     f"its height above the frame beyond it): the frames see only its flanks, so the focus is known to within "
+        notes.append(f"note: the {word} is narrower than STEP (each neighbour is below {NARROW_SHARE:.0%} of its "
+                     f"height above the floor there or the frame beyond it): the frames see only its flanks, so the focus is known to within "
                      f"\N{PLUS-MINUS SIGN}{_length(uncertainty)} of {target:.4f} mm; for a sharp image search "
                      f"{max(lo, z[i] - max(gaps)):g} {min(hi, z[i] + max(gaps)):g} with STEP {use:g} mm")
     if narrow:
@@ -2545,6 +2549,7 @@ class Acquisition:
         self.samples: list[Sample] = []
         self.scored: dict[float, Sample] = {}  # position -> its latest frame
         self.frame_of: dict[float, int] = {}  # position -> the capture index of that frame
+        self.light_of: dict[float, float] = {}  # position -> that frame's mean level (a lamp's drift shows in it)
         self._taken: set[float] = set()  # positions measured or in flight
         self.moves = 0
         self.move_s = self.capture_s = self.score_s = 0.0
@@ -2605,7 +2610,14 @@ class Acquisition:
             self._dropped.add(index)  # not scored yet: it never will be listed (see _score)
             if self._indices and self._indices[-1] == index:
                 self._indices.pop()
-                self.samples.pop()
+                dropped = self.samples.pop()
+                # What it replaced at its position (a frame taken again) counts again, if any.
+                self.scored.pop(dropped.z_mm, None)
+                self.frame_of.pop(dropped.z_mm, None)
+                for sample, k in zip(reversed(self.samples), reversed(self._indices)):
+                    if sample.z_mm == dropped.z_mm:
+                        self.scored[sample.z_mm], self.frame_of[sample.z_mm] = sample, k
+                        break
         exc.extend(f" (the frame at z={self._frame_z:.4f} mm, exposed just before, was dropped from the curve: "
                    "the stage may not have stood there)")
 
@@ -2665,6 +2677,9 @@ class Acquisition:
         try:
             t0 = time.perf_counter()
             score, coarse = self.scorer.scores(frame, self.coarse)  # check_frame has checked it
+            # The frame's mean level, for the fast search: defocus keeps it (within ~0.3 % over a few
+            # depths of field), a drifting lamp does not.  Every pixel: a sparse sample aliases texture.
+            light = float(np.mean(frame, dtype=np.float64)) if self.coarse else math.nan
             dt = time.perf_counter() - t0
             sample = Sample(z_mm, score, coarse)
             with self._lock:
@@ -2674,6 +2689,7 @@ class Acquisition:
                 self.samples.append(sample)
                 self.scored[z_mm] = sample
                 self.frame_of[z_mm] = index
+                self.light_of[z_mm] = light
                 self._indices.append(index)
             log.info("frame %d: z=%.4f mm score=%.6g (move %.1f ms, capture %.1f ms, score %.1f ms)",
                      index, z_mm, score, move_dt * 1e3, capture_dt * 1e3, dt * 1e3)
@@ -2737,7 +2753,9 @@ def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude
     2. Prediction: a peak fitted through the best coarse frame and its neighbours; that position and
        FIT_REACH neighbours each side are measured together.
     3. Refinement: hill-climb on the full score until the best frame of the run has both grid
-       neighbours measured and lower; ``conclude`` then measures what the decision needs.
+       neighbours measured and lower; a frame of its fit window much older than the others, whose
+       light level has changed since (a drifting lamp), is taken again (``Acquisition.retake``);
+       ``conclude`` then measures what the decision needs.
     No peak at either scale: the spacing is halved and the peak sought again, down to a sweep.  Grids
     shorter than MIN_FAST_POSITIONS are swept.
     """
@@ -2787,13 +2805,19 @@ def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude
             else:
                 current = max(neighbours, key=score)
         # The frames the fit will use (the best one and FIT_REACH grid neighbours each side) should
-        # be close in time: a coarse-pass frame among them was taken many frames earlier, and a
-        # lamp that drifted since changes the noise-normalised score by more than the fit's noise.
-        best = index[best_sample(list(acq.scored.values())).z_mm]
-        window = [positions[j] for j in range(best - FIT_REACH, best + FIT_REACH + 1)
-                  if 0 <= j < n and positions[j] in acq.scored]
-        newest = max(acq.frame_of[z] for z in window)
-        acq.retake([z for z in window if newest - acq.frame_of[z] > STALE_FRAMES])
+        # see the same light: a coarse-pass frame among them was taken many frames earlier, and a
+        # lamp that drifted since moves the noise-normalised score by more than the fit's noise.
+        # Such a frame is taken again when its mean level differs from the newest frame's.
+        for _ in range(FIT_REACH):  # a frame taken again may make another the best: its window then
+            best = index[best_sample(list(acq.scored.values())).z_mm]
+            window = [positions[j] for j in range(best - FIT_REACH, best + FIT_REACH + 1)
+                      if 0 <= j < n and positions[j] in acq.scored]
+            newest = max(window, key=lambda z: acq.frame_of[z])
+            stale = [z for z in window if acq.frame_of[newest] - acq.frame_of[z] > STALE_FRAMES
+                     and abs(acq.light_of[z] - acq.light_of[newest]) > LAMP_TOLERANCE * abs(acq.light_of[newest])]
+            if not stale:
+                break
+            acq.retake(stale)
         # A peak narrower than the spacing (high NA, STEP ~ one depth of field), or too weak for
         # this many frames, leaves the verdict at no_peak: halve the spacing and look again, down
         # to the full grid.  A blank field costs a sweep's frames; a missed focus would cost more.
@@ -5453,7 +5477,8 @@ class ReplayStack:
         csv_path = self.folder / "stack.csv"
         if not file_exists(csv_path, f"replay stack {self.folder}: stack.csv"):
             raise StackError(f"replay stack {self.folder}: no stack.csv there (expected columns z_mm,file)")
-        rows = self._read_rows(csv_path)
+        marked = self._read_rows(csv_path)
+        rows = [(z, name) for z, name, _ in marked]
         # Every file the replay reads, as its row names it (the folder resolved, the last part as
         # named: a link itself) and as it resolves (the file a link leads to): what no output of a
         # run that replays this stack may write, replace or remove (``check_outputs``).
@@ -5466,7 +5491,7 @@ class ReplayStack:
         # A position may appear again only as a frame taken again (the fast search's, marked in the
         # ``retake`` column): that later frame replays.  Any other repeat is ambiguous.
         seen: set[float] = set()
-        for line, ((z, _), again) in enumerate(zip(rows, self._read_retakes(csv_path)), start=2):
+        for line, (z, _, again) in enumerate(marked, start=2):
             if z in seen and not again:
                 raise StackError(f"replay stack {csv_path}: duplicate z_mm {z:g}; each position must appear once "
                                  "(a frame taken again is marked retake=1)")
@@ -5526,14 +5551,8 @@ class ReplayStack:
         return roi
 
     @staticmethod
-    def _read_retakes(csv_path: Path) -> list[bool]:
-        """Per row of stack.csv (read and checked already): marked retake=1 (ImageSaver's)."""
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            return [(row.get("retake") or "").strip() == "1" for row in csv.DictReader(f)]
-
-    @staticmethod
-    def _read_rows(csv_path: Path) -> list[tuple[float, str]]:
-        """(z_mm, file) rows of stack.csv, validated."""
+    def _read_rows(csv_path: Path) -> list[tuple[float, str, bool]]:
+        """(z_mm, file, marked retake=1) rows of stack.csv, validated."""
         try:
             with open(csv_path, newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f)
@@ -5554,7 +5573,7 @@ class ReplayStack:
                     if "\x00" in row["file"]:
                         raise StackError(f"replay stack {csv_path}, line {line}: the file name holds a NUL byte, "
                                          "which no file system allows; fix the row")
-                    rows.append((z, row["file"]))
+                    rows.append((z, row["file"], row.get("retake", "") == "1"))
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise StackError(f"replay stack {csv_path}: cannot read it ({exc})") from exc
         if not rows:

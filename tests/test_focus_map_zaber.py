@@ -67,7 +67,7 @@ def test_map_on_a_zaber_microscope_found_by_zml(capfd: pytest.CaptureFixture[str
         assert len(csv_path.read_text().splitlines()) == 5
 
 
-@pytest.mark.parametrize(("move", "device"), [(53, 2), (42, 3)])  # the 4th point's x move; a focus move
+@pytest.mark.parametrize(("move", "device"), [(51, 2), (40, 3)])  # the 4th point's x move; a focus move
 def test_a_fault_mid_map_writes_the_partial_map_and_nothing_moves_after_it(
         fake: FakeZaber, capfd: pytest.CaptureFixture[str], tmp_path: Path, move: int, device: int) -> None:
     """An encoder fault (FQ) latches in the middle of the map, at a plate move or a focus move:

@@ -361,5 +361,5 @@ def test_readme_micromanager_script_runs_as_written(capsys: pytest.CaptureFixtur
     (code,) = [b for b in blocks if "mm_autofocus" in b]
     exec(compile(code, "README.md (Micro-Manager)", "exec"), {"__name__": "__readme__"})  # noqa: S102
     out = capsys.readouterr().out
-    assert out == ("focused at 12.3098 mm\nposition 0: image at z = 12.3100 mm\n"
-                   "position 1: image at z = 12.3101 mm\n")  # what the README says it prints
+    assert out == ("focused at 12.3099 mm\nposition 0: image at z = 12.3100 mm\n"
+                   "position 1: image at z = 12.3100 mm\n")  # what the README says it prints

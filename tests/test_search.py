@@ -219,19 +219,41 @@ def test_fast_finds_the_sweep_answer_in_a_quarter_of_the_frames(focus: float) ->
     assert fast.verdict.kind == "focused"
 
 
-def test_fast_reuses_frames_and_takes_again_only_a_stale_fit_frame() -> None:
-    # A frame of the fit window taken long before the others (a coarse-pass frame) is taken again
-    # (a drifting lamp changes the score meanwhile); every other position is measured once.
-    result, stage = run(12.34, search="fast")
+class LampCamera:
+    """A steady field at the lamp's level, the focus score in pixels (0, 0) and (0, 1) (for
+    TwoScoreScorer: fine and coarse); the lamp steps to ``later`` from frame ``after`` on, scaling the
+    score with it."""
+
+    def __init__(self, stage: LineStage, focus: float, later: float, after: int) -> None:
+        self.stage, self.focus, self.later, self.after, self.frames = stage, focus, later, after, 0
+
+    def capture(self) -> np.ndarray:
+        lamp = self.later if self.frames >= self.after else 1.0
+        self.frames += 1
+        frame = np.full((16, 16), 100.0 * lamp, dtype=np.float32)
+        frame[0, :2] = lamp * (1 + math.exp(-0.5 * ((self.stage.position_mm() - self.focus) / 0.08) ** 2))
+        return frame
+
+
+@pytest.mark.parametrize("later", [1.0, 1.004, 1.05])
+def test_fast_takes_a_fit_frame_again_only_when_the_light_changed_since(later: float) -> None:
+    # The coarse pass (11 frames) sees one lamp level, the rest another: a coarse frame in the fit
+    # window, taken long before its neighbours, no longer compares with them.  It is taken again
+    # when the frames' mean level says the light changed (beyond LAMP_TOLERANCE), never otherwise.
+    stage = LineStage(0.0)
+    plan = Plan(tuple(autofocus.plan_positions(10, 14, 0.05)), "fast")
+    result = autofocus.run_autofocus(stage, LampCamera(stage, 12.34, later, after=11), TwoScoreScorer(), plan)
     zs = [s.z_mm for s in result.samples]
     again = {z for z in zs if zs.count(z) > 1}
-    assert again and all(zs.count(z) == 2 for z in again)
-    assert all(abs(z - result.best_sample_mm) <= autofocus.FIT_REACH * 0.05 + 1e-9 for z in again)
-    for z in again:  # it was stale: more than STALE_FRAMES older than the window's newest frame then
+    assert bool(again) == (abs(later - 1) > autofocus.LAMP_TOLERANCE)
+    assert all(zs.count(z) == 2 for z in again)
+    for z in again:  # in the fit window, and stale: more than STALE_FRAMES older than its newest frame then
+        assert abs(z - result.best_sample_mm) <= autofocus.FIT_REACH * 0.05 + 1e-9
         first, second = (k for k, q in enumerate(zs) if q == z)
         window = [k for k, q in enumerate(zs[:second]) if abs(q - result.best_sample_mm) <= 0.1 + 1e-9]
-        assert max(window) - first > autofocus.STALE_FRAMES
+        assert first < 11 and max(window) - first > autofocus.STALE_FRAMES
     assert len(stage.commands) == result.frames + 1  # every frame one move, plus the final move
+    assert result.best_mm == pytest.approx(12.34, abs=0.005)
 
 
 def test_the_decision_uses_the_latest_frame_at_a_position() -> None:
