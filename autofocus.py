@@ -1875,8 +1875,10 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
     # peak is a fraction of STEP wide (a Lorentzian below NARROW_SHARE at both neighbours has a
     # half-width under 1/6 STEP) and the frames see its flanks only; the fit's interval (the shapes
     # those flanks allow, at least FIT_SHARP_FLOOR) says how well they place it.  A broad peak
-    # sampled finely has neighbours close to its top: not narrow, however flat its sides.
-    far_down = all(y[k] - local_floor(k) < NARROW_SHARE * (y[i] - local_floor(k)) for k in neighbours)
+    # sampled finely has neighbours close to its top: not narrow, however flat and noisy its sides
+    # (each neighbour must also lie below half the peak's height: half-width at half height < STEP).
+    far_down = all(y[k] - local_floor(k) < NARROW_SHARE * (y[i] - local_floor(k))
+                   and y[i] - y[k] > 0.5 * (y[i] - base) for k in neighbours)
     narrow = far_down and all(y[k] - local_floor(k) <= floor_level for k in neighbours)  # one frame wide
     sharp = far_down and not narrow
     notes: list[str] = []
@@ -2550,6 +2552,7 @@ class Acquisition:
         self.scored: dict[float, Sample] = {}  # position -> its latest frame
         self.frame_of: dict[float, int] = {}  # position -> the capture index of that frame
         self.light_of: dict[float, float] = {}  # position -> that frame's mean level (a lamp's drift shows in it)
+        self._lights: dict[int, float] = {}  # capture index -> its frame's mean level
         self._taken: set[float] = set()  # positions measured or in flight
         self.moves = 0
         self.move_s = self.capture_s = self.score_s = 0.0
@@ -2617,6 +2620,7 @@ class Acquisition:
                 for sample, k in zip(reversed(self.samples), reversed(self._indices)):
                     if sample.z_mm == dropped.z_mm:
                         self.scored[sample.z_mm], self.frame_of[sample.z_mm] = sample, k
+                        self.light_of[sample.z_mm] = self._lights[k]
                         break
         exc.extend(f" (the frame at z={self._frame_z:.4f} mm, exposed just before, was dropped from the curve: "
                    "the stage may not have stood there)")
@@ -2689,7 +2693,7 @@ class Acquisition:
                 self.samples.append(sample)
                 self.scored[z_mm] = sample
                 self.frame_of[z_mm] = index
-                self.light_of[z_mm] = light
+                self.light_of[z_mm] = self._lights[index] = light
                 self._indices.append(index)
             log.info("frame %d: z=%.4f mm score=%.6g (move %.1f ms, capture %.1f ms, score %.1f ms)",
                      index, z_mm, score, move_dt * 1e3, capture_dt * 1e3, dt * 1e3)
