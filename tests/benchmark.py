@@ -1481,7 +1481,8 @@ def error_bar_and_accuracy(quick: bool) -> None:
            f"simulator 320x200, 81 positions, STEP ~ one depth of field ({', '.join(f'{o} {s * 1000:g} um' for o, s in OBJECTIVE_STEPS_MM.items())}), "
            f"focal plane {offsets} STEPs off the middle grid position, photons {photons}, defocus gaussian and "
            f"pillbox, specimens {', '.join(textures)}, seed 0; errors and error bars in STEPs; 'resolved' leaves "
-           "out peaks one frame wide (their neighbours at the floor: +-STEP/2 and a note)")
+           "out peaks the tool reports narrower than STEP (one frame wide: +-STEP/2; neighbours far down it: "
+           "at least +-0.15 STEP; each with a note)")
     runs = []  # (objective, search, defocus, texture, photons, verdict, err, U, frames, narrow, baseline err)
     for objective in OBJECTIVE_STEPS_MM:
         for search in ("sweep", "fast"):
