@@ -238,8 +238,8 @@ NOISE_KEEP_RESIDUALS = 6  # ... and a peak that fills the range keeps at least t
 NOISE_CLIP_SIGMA = 5.0  # a residual this many robust sigmas out is a peak's curvature or a glitch, not noise
 NOISE_EXCLUDE_SIGMA = 3.0  # frames this far above the baseline belong to a peak, not to the noise
 LOCATE_RATE = 1e-3  # ... and near a peak the coarse scale found, when the fine score locates it
-NARROW_SHARE = 0.10  # ... and a peak whose neighbours each rise less than this share of its height above the
-# frame beyond them (a broad pedestal of blurred structure lifts both) is narrower than STEP
+NARROW_SHARE = 0.10  # ... and a peak whose neighbours lie below half its height and each rise less than this
+# share of it above the frame beyond them (a broad pedestal of blurred structure lifts both) is narrower than STEP
 NEIGHBOUR_RATE = 0.01  # a neighbour below this one-frame noise quantile is at the floor (a one-frame peak)
 FIT_REACH = 2  # the sub-step fit uses the best frame and up to 2 grid neighbours on each side
 STALE_FRAMES = 2 * FIT_REACH  # the fast search takes a fit frame again when it is older than the others by more
@@ -1871,16 +1871,19 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
         beyond = 2 * k - i
         return float(max(base, min(y[k], y[beyond]) if 0 <= beyond < len(z) else base))
     floor_level = noise.sigma * student_t_isf(NEIGHBOUR_RATE, noise.dof)  # one frame within the floor's noise
-    # On each side, the neighbour far down the peak (below NARROW_SHARE of its height there): the
-    # peak is a fraction of STEP wide (a Lorentzian below NARROW_SHARE at both neighbours has a
-    # half-width under 1/6 STEP) and the frames see its flanks only; the fit's interval (the shapes
-    # those flanks allow, at least FIT_SHARP_FLOOR) says how well they place it.  A broad peak
-    # sampled finely has neighbours close to its top: not narrow, however flat and noisy its sides
-    # (each neighbour must also lie below half the peak's height: half-width at half height < STEP).
-    far_down = all(y[k] - local_floor(k) < NARROW_SHARE * (y[i] - local_floor(k))
-                   and y[i] - y[k] > 0.5 * (y[i] - base) for k in neighbours)
-    narrow = far_down and all(y[k] - local_floor(k) <= floor_level for k in neighbours)  # one frame wide
-    sharp = far_down and not narrow
+    # Each neighbour below half the peak's height (half-width at half height under a STEP): a
+    # broad peak sampled finely has them close to its top, however flat and noisy its sides.  One
+    # frame wide: each neighbour also within the noise of the floor, or of its local floor.
+    # Narrower than STEP: each below NARROW_SHARE of the peak's height above its local floor (a
+    # Lorentzian that low at both neighbours has a half-width under 1/3 STEP); the frames see its
+    # flanks only, and the fit's interval (the shapes those flanks allow, at least FIT_SHARP_FLOOR)
+    # says how well they place it.
+    def far_down(k: int) -> bool:
+        return y[k] - local_floor(k) < NARROW_SHARE * (y[i] - local_floor(k))
+    below_half = all(y[i] - y[k] > 0.5 * (y[i] - base) for k in neighbours)
+    narrow = below_half and all(y[k] - base <= floor_level or (y[k] - local_floor(k) <= floor_level and far_down(k))
+                                for k in neighbours)
+    sharp = below_half and not narrow and all(far_down(k) for k in neighbours)
     notes: list[str] = []
     ratio = f"{float(y[i] - base) / threshold:.1f}x the noise threshold" if threshold > 0 else "above a noise-free curve"
     reason = f"{word} height {ratio}{several}"
@@ -1895,8 +1898,8 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
             uncertainty = max(uncertainty, FIT_SHARP_FLOOR * max(gaps))
     use = _round_step(depth_of_field_um / 1000.0) if depth_of_field_um else _round_step(max(gaps) / 4)
     if sharp:
-        notes.append(f"note: the {word} is narrower than STEP (each neighbour is below {NARROW_SHARE:.0%} of its "
-                     f"height above the floor there or the frame beyond it): the frames see only its flanks, so the focus is known to within "
+        notes.append(f"note: the {word} is narrower than STEP (each neighbour is below half its height, and below "
+                     f"{NARROW_SHARE:.0%} of it above the floor there or the frame beyond it): the frames see only its flanks, so the focus is known to within "
                      f"\N{PLUS-MINUS SIGN}{_length(uncertainty)} of {target:.4f} mm; for a sharp image search "
                      f"{max(lo, z[i] - max(gaps)):g} {min(hi, z[i] + max(gaps)):g} with STEP {use:g} mm")
     if narrow:

@@ -192,6 +192,22 @@ def test_a_peak_one_frame_wide_gets_half_a_step_and_a_note() -> None:
     assert not autofocus.decide(curve(wide), GRID).verdict.narrow
 
 
+def test_a_weak_peak_one_frame_wide_is_still_one_frame_wide() -> None:
+    # Ten sigma above a flat floor, its neighbours only noise: a noisy neighbour may exceed a tenth
+    # of so small a peak, yet it shows nothing of it.  Almost every run: the best frame, +-STEP/2.
+    flagged = 0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        y = 1 + 0.01 * rng.standard_normal(81)
+        y[40] += 0.10
+        decision = autofocus.decide(curve(y), GRID)
+        assert decision.verdict.kind == "focused"
+        if any("one frame wide" in note for note in decision.notes):
+            flagged += 1
+            assert decision.target_mm == GRID[40] and decision.uncertainty_mm >= STEP / 2 - 1e-9
+    assert flagged >= 36  # the neighbour quantile (NEIGHBOUR_RATE) misses ~2% on each side
+
+
 def test_a_sharp_peak_on_a_broad_pedestal_is_narrower_than_step() -> None:
     # A sharp specimen's score: a cusp a fraction of STEP wide on the broad pedestal of its blurred
     # structure.  The pedestal lifts both neighbours above a tenth of the peak's height, but each
