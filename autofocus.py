@@ -105,7 +105,6 @@ if _AS_COMMAND:
             _signal.signal(getattr(_signal, _name), _while_loading)
 try:
     import argparse
-    import collections
     import concurrent.futures
     import contextlib
     import csv
@@ -2543,19 +2542,19 @@ class Acquisition:
     """
 
     def __init__(self, stage: Stage, camera: Camera, scorer: Scorer, *, settle_ms: float = 0.0,
-                 backlash_mm: float = 0.0, direction: float = 1.0, coarse: bool = False,
+                 backlash_mm: float = 0.0, direction: float = 1.0, coarse: bool = False, lights: bool = False,
                  on_frame: FrameHook | None = None) -> None:
         self.stage, self.camera, self.scorer = stage, camera, scorer
         self.settle_s = settle_ms / 1000.0
         self.backlash_mm = backlash_mm
         self.direction = direction
         self.coarse = coarse
+        self.lights = lights  # measure each frame's mean level (``light_of``; the fast search's retake)
         self.on_frame = on_frame
         self.samples: list[Sample] = []
         self.scored: dict[float, Sample] = {}  # position -> its latest frame
         self.frame_of: dict[float, int] = {}  # position -> the capture index of that frame
-        self.light_of: dict[float, float] = {}  # position -> that frame's mean level (a lamp's drift shows in it)
-        self._lights: dict[int, float] = {}  # capture index -> its frame's mean level
+        self._lights: dict[int, float] = {}  # capture index -> its frame's mean level (with ``lights``)
         self._taken: set[float] = set()  # positions measured or in flight
         self.moves = 0
         self.move_s = self.capture_s = self.score_s = 0.0
@@ -2623,7 +2622,6 @@ class Acquisition:
                 for sample, k in zip(reversed(self.samples), reversed(self._indices)):
                     if sample.z_mm == dropped.z_mm:
                         self.scored[sample.z_mm], self.frame_of[sample.z_mm] = sample, k
-                        self.light_of[sample.z_mm] = self._lights[k]
                         break
         exc.extend(f" (the frame at z={self._frame_z:.4f} mm, exposed just before, was dropped from the curve: "
                    "the stage may not have stood there)")
@@ -2668,17 +2666,19 @@ class Acquisition:
     def measure_all(self, positions: Sequence[float]) -> None:
         """Measure every position not measured yet, all in flight before waiting for any, in the
         sweep's direction (no backlash overshoot between them)."""
-        todo = sorted({z for z in positions if z not in self._taken}, key=lambda z: z * self.direction)
-        for f in [self.measure(z) for z in todo]:
-            f.result()
+        self.retake([z for z in positions if z not in self._taken])
 
     def retake(self, positions: Sequence[float]) -> None:
-        """Measure these positions again, all in flight before waiting for any.  The earlier frames
-        stay in ``samples`` (the curve keeps everything measured); ``scored`` and the decision
-        (``by_z``) use the new ones."""
+        """Measure these positions (again, where measured before), all in flight before waiting for
+        any, in the sweep's direction.  Earlier frames stay in ``samples`` (the curve keeps everything
+        measured); ``scored`` and the decision (``by_z``) use the new ones."""
         todo = sorted(set(positions), key=lambda z: z * self.direction)
         for f in [self.measure(z) for z in todo]:
             f.result()
+
+    def light_of(self, z_mm: float) -> float:
+        """The mean level of the frame ``scored`` holds for z (nan without ``lights``)."""
+        return self._lights[self.frame_of[z_mm]]
 
     def _score(self, index: int, z_mm: float, frame: np.ndarray, move_dt: float, capture_dt: float) -> Sample:
         try:
@@ -2686,7 +2686,7 @@ class Acquisition:
             score, coarse = self.scorer.scores(frame, self.coarse)  # check_frame has checked it
             # The frame's mean level, for the fast search: defocus keeps it (within ~0.3 % over a few
             # depths of field), a drifting lamp does not.  Every pixel: a sparse sample aliases texture.
-            light = float(np.mean(frame, dtype=np.float64)) if self.coarse else math.nan
+            light = float(np.mean(frame, dtype=np.float64)) if self.lights else math.nan
             dt = time.perf_counter() - t0
             sample = Sample(z_mm, score, coarse)
             with self._lock:
@@ -2696,7 +2696,7 @@ class Acquisition:
                 self.samples.append(sample)
                 self.scored[z_mm] = sample
                 self.frame_of[z_mm] = index
-                self.light_of[z_mm] = self._lights[index] = light
+                self._lights[index] = light
                 self._indices.append(index)
             log.info("frame %d: z=%.4f mm score=%.6g (move %.1f ms, capture %.1f ms, score %.1f ms)",
                      index, z_mm, score, move_dt * 1e3, capture_dt * 1e3, dt * 1e3)
@@ -2781,6 +2781,9 @@ def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude
     def score(i: int) -> float:
         return acq.scored[positions[i]].score
 
+    def best_index() -> int:  # the grid index of the run's best frame so far
+        return index[best_sample(list(acq.scored.values())).z_mm]
+
     while True:
         coarse_idx = list(range(0, n, spacing))
         if coarse_idx[-1] != n - 1:
@@ -2805,7 +2808,7 @@ def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude
             if all(score(j) < score(current) for j in neighbours):
                 # A local maximum; but the best frame of the run may lie elsewhere (a coarse frame
                 # the prediction passed by): refine there too, so the answer is never unrefined.
-                overall = index[best_sample(list(acq.scored.values())).z_mm]
+                overall = best_index()
                 if overall == current:
                     break
                 current = overall
@@ -2816,12 +2819,13 @@ def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude
         # lamp that drifted since moves the noise-normalised score by more than the fit's noise.
         # Such a frame is taken again when its mean level differs from the newest frame's.
         for _ in range(FIT_REACH):  # a frame taken again may make another the best: its window then
-            best = index[best_sample(list(acq.scored.values())).z_mm]
+            best = best_index()
             window = [positions[j] for j in range(best - FIT_REACH, best + FIT_REACH + 1)
                       if 0 <= j < n and positions[j] in acq.scored]
             newest = max(window, key=lambda z: acq.frame_of[z])
+            light = acq.light_of(newest)
             stale = [z for z in window if acq.frame_of[newest] - acq.frame_of[z] > STALE_FRAMES
-                     and abs(acq.light_of[z] - acq.light_of[newest]) > LAMP_TOLERANCE * abs(acq.light_of[newest])]
+                     and abs(acq.light_of(z) - light) > LAMP_TOLERANCE * abs(light)]
             if not stale:
                 break
             acq.retake(stale)
@@ -2903,7 +2907,7 @@ def run_autofocus(stage: Stage, camera: Camera, scorer: Scorer, plan: Plan, *,
     inside = (soft_lo is None or start_mm >= soft_lo - FLOAT_SLACK_MM) and (soft_hi is None or start_mm <= soft_hi + FLOAT_SLACK_MM)
     origin_mm = start_mm if return_to_start and inside else None
     acq = Acquisition(stage, camera, scorer, settle_ms=plan.settle_ms, backlash_mm=plan.backlash_mm,
-                      direction=plan.direction, coarse=True,
+                      direction=plan.direction, coarse=True, lights=plan.search == "fast",
                       on_frame=on_frame)
     allowed = plan.allowed_mm or stage.limits_mm()
 
