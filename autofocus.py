@@ -2760,11 +2760,11 @@ def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude
     2. Prediction: a peak fitted through the best coarse frame and its neighbours; that position and
        FIT_REACH neighbours each side are measured together.
     3. Refinement: hill-climb on the full score until the best frame of the run has both grid
-       neighbours measured and lower; a frame of its fit window much older than the others, whose
-       light level has changed since (a drifting lamp), is taken again (``Acquisition.retake``);
-       ``conclude`` then measures what the decision needs.
-    No peak at either scale: the spacing is halved and the peak sought again, down to a sweep.  Grids
-    shorter than MIN_FAST_POSITIONS are swept.
+       neighbours measured and lower; ``conclude`` measures what the decision needs.
+    No peak at either scale: the spacing is halved and the peak sought again, down to a sweep.  Once
+    there is one, a frame of its fit window much older than the others, whose light level has
+    changed since (a drifting lamp), is taken again (``Acquisition.retake``).  Grids shorter than
+    MIN_FAST_POSITIONS are swept.
     """
     n = len(positions)
     if n < MIN_FAST_POSITIONS:
@@ -2814,27 +2814,29 @@ def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude
                 current = overall
             else:
                 current = max(neighbours, key=score)
-        # The frames the fit will use (the best one and FIT_REACH grid neighbours each side) should
-        # see the same light: a coarse-pass frame among them was taken many frames earlier, and a
-        # lamp that drifted since moves the noise-normalised score by more than the fit's noise.
-        # Such a frame is taken again when its mean level differs from the newest frame's.
-        for _ in range(FIT_REACH):  # a frame taken again may make another the best: its window then
-            best = best_index()
-            window = [positions[j] for j in range(best - FIT_REACH, best + FIT_REACH + 1)
-                      if 0 <= j < n and positions[j] in acq.scored]
-            newest = max(window, key=lambda z: acq.frame_of[z])
-            light = acq.light_of(newest)
-            stale = [z for z in window if acq.frame_of[newest] - acq.frame_of[z] > STALE_FRAMES
-                     and abs(acq.light_of(z) - light) > LAMP_TOLERANCE * abs(light)]
-            if not stale:
-                break
-            acq.retake(stale)
         # A peak narrower than the spacing (high NA, STEP ~ one depth of field), or too weak for
         # this many frames, leaves the verdict at no_peak: halve the spacing and look again, down
         # to the full grid.  A blank field costs a sweep's frames; a missed focus would cost more.
-        if spacing == 1 or conclude().verdict.kind != "no_peak":
+        if conclude().verdict.kind != "no_peak":
             break
+        if spacing == 1:
+            return
         spacing = max(1, spacing // 2)
+    # The frames the fit will use (the best one and FIT_REACH grid neighbours each side) should see
+    # the same light: a coarse-pass frame among them was taken many frames earlier, and a lamp that
+    # drifted since moves the score by more than the fit's noise.  Such a frame is taken again when
+    # its mean level differs from the newest frame's (only once there is a peak to fit).
+    for _ in range(FIT_REACH):  # a frame taken again may make another the best: its window then
+        best = best_index()
+        window = [positions[j] for j in range(best - FIT_REACH, best + FIT_REACH + 1)
+                  if 0 <= j < n and positions[j] in acq.scored]
+        newest = max(window, key=lambda z: acq.frame_of[z])
+        light = acq.light_of(newest)
+        stale = [z for z in window if acq.frame_of[newest] - acq.frame_of[z] > STALE_FRAMES
+                 and abs(acq.light_of(z) - light) > LAMP_TOLERANCE * abs(light)]
+        if not stale:
+            break
+        acq.retake(stale)
 
 
 SEARCHES: dict[Search, Callable[[Acquisition, Sequence[float], Conclude], None]] = {

@@ -256,6 +256,16 @@ def test_fast_takes_a_fit_frame_again_only_when_the_light_changed_since(later: f
     assert result.best_mm == pytest.approx(12.34, abs=0.005)
 
 
+def test_a_blank_field_under_a_drifting_lamp_takes_no_frame_again() -> None:
+    # Without a peak there is nothing to fit: the halving passes end in a sweep of 81 frames, not
+    # more (the light moves, but re-taking frames around a noise maximum buys nothing).
+    stage, camera = autofocus.simulated_microscope(specimen="blank", width=160, height=100, time_scale=0, seed=4)
+    camera.lamp = lambda k: 1 + 0.06 * math.sin(2 * math.pi * k / 50)
+    result = autofocus.focus(stage, camera, 10, 14, 0.05, search="fast")
+    zs = [s.z_mm for s in result.samples]
+    assert result.verdict.kind == "no_peak" and len(zs) == len(set(zs)) == 81
+
+
 def test_the_decision_uses_the_latest_frame_at_a_position() -> None:
     ys = 1 + np.exp(-0.5 * ((np.arange(21) - 10.3) / 1.5) ** 2)
     grid = [round(10 + 0.01 * i, 9) for i in range(21)]
