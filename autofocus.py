@@ -1895,7 +1895,10 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
         target, uncertainty = fit.z_mm, fit.uncertainty_mm  # type: ignore[assignment]
         if sharp:
             uncertainty = max(uncertainty, FIT_SHARP_FLOOR * max(gaps))
-    use = _round_step(depth_of_field_um / 1000.0) if depth_of_field_um else _round_step(max(gaps) / 4)
+    # The STEP to suggest for a peak narrower than this one: the objective's depth of field when
+    # that is finer, else a quarter of it (a sharp specimen's peak can be narrower than the DOF).
+    dof_step = _round_step(depth_of_field_um / 1000.0) if depth_of_field_um else math.inf
+    use = dof_step if dof_step < max(gaps) - FLOAT_SLACK_MM else _round_step(max(gaps) / 4)
     if sharp:
         notes.append(f"note: the {word} is narrower than STEP (each neighbour is below half its height, and below "
                      f"{NARROW_SHARE:.0%} of it above the floor there or the frame beyond it): the frames see only its flanks, so the focus is known to within "

@@ -231,6 +231,9 @@ def test_a_sharp_peak_on_a_broad_pedestal_is_narrower_than_step() -> None:
         assert any("narrower than STEP" in note and "frame beyond" in note for note in decision.notes)
         assert decision.uncertainty_mm >= autofocus.FIT_SHARP_FLOOR * STEP - 1e-12
         assert abs(decision.target_mm - (10 + centre * STEP)) <= decision.uncertainty_mm
+        # STEP is already the objective's depth of field: the note names a finer one, not that again.
+        with_dof = autofocus.decide(pedestal_and_cusp(centre, 0.35), GRID, depth_of_field_um=STEP * 1000)
+        assert any("with STEP 0.003 mm" in note for note in with_dof.notes), with_dof.notes
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.01, 0.04])
