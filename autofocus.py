@@ -203,6 +203,9 @@ MAX_CAMERA_TIMEOUT_MS = 600_000
 MAX_SIM_PHOTONS = 1e7
 MAX_SIM_TIME_SCALE = 100.0
 MAX_SIM_PIXELS = 25_000_000
+# The simulator's defocus blur wider than this many frames (a focal plane millimetres away at high NA)
+# leaves the field's mean: mirrored at its borders, a frame blurred that far keeps under 1 % of its contrast.
+FLAT_BLUR_FRAMES = 2.0
 POSITION_DECIMALS = 9  # positions are rounded to 1 pm so that float noise never leaks into commands
 # Float noise, not a real difference: a position this close to a limit is on it (1 pm, far below any
 # stage's resolution: 12.3 + 0.1 must not leave a range that ends at 12.4); a ratio this close to a
@@ -5186,6 +5189,8 @@ def make_specimen(width: int, height: int, kind: Specimen = "cells", seed: int =
 def blur_sigma(image: np.ndarray, sigma_px: float) -> np.ndarray:
     """Gaussian blur of any width in a few ms: halve the image until sigma is small, then upsample."""
     h, w = image.shape
+    if sigma_px > FLAT_BLUR_FRAMES * max(h, w):  # far out of focus: the field's mean (a kernel that wide
+        return np.full_like(image, float(np.mean(image, dtype=np.float64)))  # would take seconds to apply)
     small, s = image, sigma_px
     while s > 3.0 and min(small.shape) > 32:
         small = cv2.pyrDown(small)  # pyrDown itself blurs by ~1 source pixel
@@ -5216,6 +5221,8 @@ def blur_pillbox(image: np.ndarray, radius_px: float, sigma_px: float) -> np.nda
     """A uniform disc of ``radius_px`` after a Gaussian of ``sigma_px`` (diffraction); large discs
     on a halved image (pyrDown's own ~1 pixel blur is small beside a disc of 12+ pixels)."""
     h, w = image.shape
+    if radius_px > FLAT_BLUR_FRAMES * max(h, w):  # far out of focus: the field's mean (a disc that wide
+        return np.full_like(image, float(np.mean(image, dtype=np.float64)))  # would not fit in memory)
     small = blur_sigma(image, sigma_px)
     r = radius_px
     while r > 12.0 and min(small.shape) > 64:

@@ -73,6 +73,29 @@ def test_pillbox_defocus_is_a_uniform_disc() -> None:
     assert disc[32, 32] < 1.5 * disc[32, 38] and gauss[32, 32] > 2 * gauss[32, 38]
 
 
+@pytest.mark.parametrize("defocus", autofocus.DEFOCUS_MODELS)
+def test_a_focal_plane_millimetres_away_at_high_na_renders_a_flat_field(
+        defocus: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # 60x from a stage at 0 mm with the focus at 12.34 mm: a blur of ~10^6 pixels.  The pillbox's
+    # disc was built as a kernel that size (a MemoryError), the Gaussian took a minute.
+    code = autofocus.main(["10", "14", "0.05", "--simulate", "--sim-objective", "60x", "--sim-defocus", defocus,
+                           "--sim-time-scale", "0", "--sim-size", "320x200"])
+    captured = capsys.readouterr()
+    assert code == autofocus.EXIT_NO_PEAK and "Traceback" not in captured.err
+    assert "use STEP 0.001 mm" in captured.err + captured.out
+    optics = autofocus.SimOptics(**autofocus.objective_optics("60x"), width=320, height=200, defocus=defocus)
+    texture = optics.texture()
+    far = optics.blur(texture, 12.34)
+    assert far.shape == texture.shape and far.dtype == texture.dtype
+    assert float(np.ptp(far)) < 1e-6 and float(far.mean()) == pytest.approx(float(texture.mean()), rel=1e-4)
+    # Just inside the limit the blur is computed, and already nearly flat: no step at the switch.
+    radius = autofocus.FLAT_BLUR_FRAMES * 320 * 0.99
+    near = autofocus.blur_pillbox(texture, radius, 1.0) if defocus == "pillbox" else \
+        autofocus.blur_sigma(texture, radius)
+    assert float(np.std(near)) < 0.02 * float(np.std(texture))
+    assert float(near.mean()) == pytest.approx(float(texture.mean()), rel=0.02)
+
+
 def test_a_micrograph_as_the_specimen(tmp_path: Path) -> None:
     image = (np.random.default_rng(0).uniform(0, 255, (50, 80))).astype(np.uint8)
     path = tmp_path / "cells.png"
