@@ -105,6 +105,7 @@ if _AS_COMMAND:
             _signal.signal(getattr(_signal, _name), _while_loading)
 try:
     import argparse
+    import bisect
     import concurrent.futures
     import contextlib
     import csv
@@ -1713,12 +1714,13 @@ def decide(samples: Sequence[Sample], grid_mm: Sequence[float], *, peak: PeakPol
            allowed_mm: tuple[float, float] | None = None) -> Decision:
     """The answer from a run's frames: verdict, chosen peak, fitted position, error bar, reasons.
 
-    ``samples`` are the frames measured so far (any order); ``grid_mm`` every position the search
-    could have measured (its size bounds where noise may happen to peak; the fit's STEP neighbours
-    come from it); ``peak`` chooses among several significant peaks; ``start_mm`` is where the stage
-    started (``peak="nearest"``); ``transparent``: the scores are -contrast (fitted as a parabola);
-    ``depth_of_field_um`` (``--objective``) names the STEP to use; ``allowed_mm`` (travel and soft
-    limits) keeps a suggested range where the stage may go.
+    ``samples`` are the frames measured so far (any order); ``grid_mm`` every position the search could
+    have measured (its size bounds where noise may happen to peak; the fit's STEP neighbours come from
+    it; a frame farther than 1 % of a STEP from every position of it, such as the fast search's
+    half-STEP frames, only refines a focused peak's fit); ``peak`` chooses among several significant
+    peaks; ``start_mm`` is where the stage started (``peak="nearest"``); ``transparent``: the scores are
+    -contrast (fitted as a parabola); ``depth_of_field_um`` (``--objective``) names the STEP to use;
+    ``allowed_mm`` (travel and soft limits) keeps a suggested range where the stage may go.
 
     The fine (full-resolution) curve decides when it shows a real peak; else the coarse-scale curve
     (the score on a binned frame: less photon noise, a longer reach) gets the same test.  ``more_mm``
@@ -1726,7 +1728,15 @@ def decide(samples: Sequence[Sample], grid_mm: Sequence[float], *, peak: PeakPol
     grid across a coarse-scale peak); a caller measures them and decides again.
     """
     grid = sorted({float(g) for g in grid_mm})
-    ordered = by_z(samples)
+    # Frames off the grid (the fast search's half-STEP ones) refine the fitted position only: the
+    # noise, the verdict and the STEP in every message are the grid's.
+    # A frame within 1 % of a STEP of a grid position (a position read back) is that position's.
+    tolerance = 0.01 * float(np.min(np.diff(grid))) if len(grid) > 1 else FLOAT_SLACK_MM
+    nearest = [_on_grid(grid, s.z_mm) for s in samples]
+    on_grid = [s if g == s.z_mm else dataclasses.replace(s, z_mm=g)
+               for s, g in zip(samples, nearest) if abs(g - s.z_mm) <= tolerance]
+    finer = by_z([s for s, g in zip(samples, nearest) if abs(g - s.z_mm) > tolerance])
+    ordered = by_z(on_grid)
     n = len(ordered)
     if n < MIN_FRAMES_FOR_VERDICT:
         verdict = Verdict("no_peak", float("nan"), float("nan"), float("nan"),
@@ -1736,10 +1746,10 @@ def decide(samples: Sequence[Sample], grid_mm: Sequence[float], *, peak: PeakPol
                         None, None)
     options = dict(grid=grid, policy=peak, start_mm=start_mm, transparent=transparent,
                    depth_of_field_um=depth_of_field_um, allowed_mm=allowed_mm)
-    fine = _decide_curve(ordered, [s.score for s in ordered], "fine", **options)  # type: ignore[arg-type]
+    fine = _decide_curve(ordered, [s.score for s in ordered], "fine", finer=finer, **options)  # type: ignore[arg-type]
     if fine.verdict.kind != "no_peak" or any(s.coarse is None for s in ordered):
         return fine
-    coarse = _decide_curve(ordered, [s.coarse for s in ordered], "coarse", **options)  # type: ignore[misc, arg-type]
+    coarse = _decide_curve(ordered, [s.coarse for s in ordered], "coarse", finer=finer, **options)  # type: ignore[misc, arg-type]
     if coarse.verdict.kind == "no_peak":
         return fine
     if coarse.verdict.kind != "focused" or coarse.more_mm or coarse.best is None:
@@ -1748,16 +1758,19 @@ def decide(samples: Sequence[Sample], grid_mm: Sequence[float], *, peak: PeakPol
     # to locate it (though not above the noise of every position): then it gives the position.
     gi = min(range(len(grid)), key=lambda k: abs(grid[k] - coarse.best.z_mm))  # type: ignore[union-attr]
     bracket = (grid[max(0, gi - FIT_REACH)], grid[min(len(grid) - 1, gi + FIT_REACH)])
-    located = _decide_curve(ordered, [s.score for s in ordered], "fine", locate=bracket, **options)  # type: ignore[arg-type]
+    located = _decide_curve(ordered, [s.score for s in ordered], "fine", locate=bracket, finer=finer,  # type: ignore[arg-type]
+                            **options)
     return located if located.verdict.kind == "focused" else coarse
 
 
 def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, grid: list[float],
                   policy: PeakPolicy, start_mm: float | None, transparent: bool, depth_of_field_um: float | None,
-                  allowed_mm: tuple[float, float] | None, locate: tuple[float, float] | None = None) -> Decision:
+                  allowed_mm: tuple[float, float] | None, locate: tuple[float, float] | None = None,
+                  finer: Sequence[Sample] = ()) -> Decision:
     """``decide`` on one curve (the fine scores or the coarse ones).  ``locate`` (lo, hi): a peak
     is already known to lie there (found at the coarse scale); look for it on this curve within
-    that bracket only, where noise has only those few frames to peak on."""
+    that bracket only, where noise has only those few frames to peak on.  ``finer``: frames off the
+    grid, for the fit of a focused peak only (their fine or coarse score, as this curve's)."""
     z = np.array([s.z_mm for s in ordered])
     y = np.array(scores, dtype=float)
     curve = [Sample(a, float(b)) for a, b in zip(z, y)]
@@ -1898,6 +1911,26 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
         target, uncertainty = fit.z_mm, fit.uncertainty_mm  # type: ignore[assignment]
         if sharp:
             uncertainty = max(uncertainty, FIT_SHARP_FLOOR * max(gaps))
+    # Frames off the grid between the fit's outermost ones (half a STEP either side of the best): the
+    # peak fitted again with them, at their finer spacing, replaces the grid's answer when it is surer.
+    value = {s.z_mm: s.score if scale == "fine" else s.coarse for s in finer}
+    between = [Sample(s.z_mm, float(value[s.z_mm])) for s in finer  # type: ignore[arg-type]
+               if near[0].z_mm < s.z_mm < near[-1].z_mm and value[s.z_mm] is not None]
+    best_frame = ordered[i]
+    if between:
+        both = by_z([*near, *between])
+        refit = dataclasses.replace(fit_peak(both, floor=_fit_floors(both, base), noise=noise.sigma,
+                                             shapes=(-1.0,) if transparent else None), scale=scale)
+        top_k = both.index(best_sample(both))
+        spacing = max((abs(both[k].z_mm - both[top_k].z_mm) for k in (top_k - 1, top_k + 1) if 0 <= k < len(both)),
+                      default=max(gaps))
+        if refit.used and refit.uncertainty_mm is not None and refit.uncertainty_mm <= min(uncertainty, spacing / 2):
+            fit, target = refit, refit.z_mm  # type: ignore[assignment]
+            uncertainty = max(refit.uncertainty_mm, FIT_SHARP_FLOOR * spacing) if narrow or sharp \
+                else refit.uncertainty_mm
+            originals = {s.z_mm: s for s in finer}
+            if both[top_k].z_mm in originals and both[top_k].score > y[i]:
+                best_frame = originals[both[top_k].z_mm]
     # The STEP to suggest for a peak narrower than this one: the objective's depth of field when
     # that is finer, else a quarter of it (a sharp specimen's peak can be narrower than the DOF).
     dof_step = _round_step(depth_of_field_um / 1000.0) if depth_of_field_um else math.inf
@@ -1927,7 +1960,13 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
                       "coarse" if locate is not None else scale, float(y[i] - base), narrow or sharp)
     # The chosen peak's entry says what the answer says (its own fit and error bar).
     peaks = [dataclasses.replace(p, fit_mm=target, uncertainty_mm=uncertainty) if p is chosen else p for p in peaks]
-    return Decision(verdict, fit, ordered[i], target, uncertainty, tuple(peaks), tuple(dips), tuple(notes), more_mm)
+    return Decision(verdict, fit, best_frame, target, uncertainty, tuple(peaks), tuple(dips), tuple(notes), more_mm)
+
+
+def _on_grid(grid: list[float], z_mm: float) -> float:
+    """The position of a sorted grid nearest z (z itself when the grid is empty)."""
+    k = bisect.bisect_left(grid, z_mm)
+    return min((grid[j] for j in (k - 1, k) if 0 <= j < len(grid)), key=lambda g: abs(g - z_mm), default=z_mm)
 
 
 def _top_fit(curve: list[Sample], top: int, noise: Noise) -> PeakFit:

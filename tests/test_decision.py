@@ -236,6 +236,43 @@ def test_a_sharp_peak_on_a_broad_pedestal_is_narrower_than_step() -> None:
         assert any("with STEP 0.003 mm" in note for note in with_dof.notes), with_dof.notes
 
 
+def test_frames_half_a_step_off_the_grid_refine_the_fit_never_the_verdict() -> None:
+    # The fast search's half-STEP frames: the cusp's top between two grid frames, seen at last.
+    rng = np.random.default_rng(7)
+    x = np.arange(81, dtype=float)
+
+    def frames(centre: float, width_steps: float, noise: float, at: np.ndarray) -> list[Sample]:
+        y = 1 + np.exp(-np.abs(at - centre) / width_steps) + noise * rng.standard_normal(len(at))
+        return [Sample(round(10 + a * STEP, 9), float(v)) for a, v in zip(at, y)]
+
+    for centre in (40.3, 40.44, 39.62):
+        grid_only = frames(centre, 0.25, 0.002, x)
+        best = int(np.argmax([s.score for s in grid_only]))
+        halves = frames(centre, 0.25, 0.002, np.array([best - 0.5, best + 0.5]))
+        before = autofocus.decide(grid_only, GRID)
+        after = autofocus.decide(grid_only + halves, GRID)
+        truth = 10 + centre * STEP
+        assert after.verdict == before.verdict and after.more_mm == before.more_mm and after.notes == before.notes
+        assert abs(after.target_mm - truth) < min(0.03 * STEP, abs(before.target_mm - truth))
+        assert abs(after.target_mm - truth) <= 1.5 * after.uncertainty_mm  # a ~90 % interval of the right size
+        assert after.uncertainty_mm < before.uncertainty_mm
+        assert after.best.score == max(s.score for s in grid_only + halves)
+    # A broad noisy peak: the verdict, the noise and the reasons stay the grid's; the answer stays put
+    # unless the frames place it better (its error bar, never wider than the grid's).
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        y = 1 + np.exp(-0.5 * ((x - 40.3) / 2.4) ** 2) + 0.05 * rng.standard_normal(81)
+        grid_only = curve(y)
+        best = int(np.argmax(y))
+        halves = [Sample(round(10 + (best + d) * STEP, 9), float(1 + np.exp(-0.5 * ((best + d - 40.3) / 2.4) ** 2)
+                                                                + 0.05 * rng.standard_normal())) for d in (-0.5, 0.5)]
+        before, after = autofocus.decide(grid_only, GRID), autofocus.decide(grid_only + halves, GRID)
+        assert after.verdict == before.verdict and after.uncertainty_mm <= before.uncertainty_mm
+    # A frame read back a hair off its grid position is that position's (not a frame off the grid).
+    jittered = [Sample(s.z_mm + 0.001 * STEP, s.score) for s in curve(gaussian(10.4, 3, 1.0))]
+    assert autofocus.decide(jittered, GRID).verdict.kind == "focused"
+
+
 @pytest.mark.parametrize("noise", [0.0, 0.01, 0.04])
 def test_a_broad_peak_sampled_finely_is_never_narrower_than_step(noise: float) -> None:
     # Its neighbours lie close to its top however flat and noisy its sides: not narrow, and its
