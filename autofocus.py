@@ -219,6 +219,12 @@ COARSE_FACTOR = 8  # fast search: coarse pass every 8 STEPs, scored on an 8x bin
 # Fast search: the peak lies within one coarse spacing of the coarse maximum, so the climb from there
 # takes at most two spacings, plus a few steps that noise may add; a longer one is wandering.
 CLIMB_EXTRA_STEPS = 4
+# Fast search: a focused peak the grid cannot place gets a frame half a STEP either side of its best
+# one -- a peak narrower than STEP, or one whose top lies between frames (both grid neighbours below
+# TOP_SHARE of its height: a Gaussian under one STEP sigma) with an error bar over HALF_STEP_ABOVE
+# STEPs.  At STEP ~ one depth of field a sharp specimen's score peak can be a fifth of a STEP wide.
+HALF_STEP_ABOVE = 0.15
+TOP_SHARE = 0.6
 STOP_ATTEMPTS = 3  # a stop (or the read after it) is tried again when a further Ctrl-C cuts it short
 Specimen = Literal["cells", "blank", "dusty", "transparent"]  # what the simulator shows
 SIM_SPECIMENS: tuple[Specimen, ...] = ("cells", "blank", "dusty", "transparent")  # --sim-specimen
@@ -2808,12 +2814,15 @@ def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude
        neighbours measured and lower; ``conclude`` measures what the decision needs.
     No peak at either scale: the spacing is halved and the peak sought again, down to a sweep.  Once
     there is one, a frame of its fit window much older than the others, whose light level has
-    changed since (a drifting lamp), is taken again (``Acquisition.retake``).  Grids shorter than
-    MIN_FAST_POSITIONS are swept.
+    changed since (a drifting lamp), is taken again (``Acquisition.retake``).
+    4. A peak the grid cannot place: the two positions half a STEP either side of the best frame
+       (``half_steps``).
+    Grids shorter than MIN_FAST_POSITIONS are swept (then step 4).
     """
     n = len(positions)
     if n < MIN_FAST_POSITIONS:
         sweep_search(acq, positions, conclude)
+        half_steps(acq, positions, conclude())
         return
     # Coarse spacing: COARSE_FACTOR STEPs on long grids, closer on short ones, so that the coarse
     # pass has at least ~10 frames: enough for a noise estimate and a bracket around the peak.
@@ -2882,6 +2891,38 @@ def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude
         if not stale:
             break
         acq.retake(stale)
+    half_steps(acq, positions, conclude())
+
+
+def half_steps(acq: Acquisition, positions: Sequence[float], decision: Decision) -> None:
+    """The fast search's last frames: half a STEP either side of the best one, for a focused peak the
+    grid cannot place (HALF_STEP_ABOVE, TOP_SHARE).  Where the stage can go (a replay: its recorded
+    slices), in its native units, at least MIN_STEP_NATIVE of them from the grid.  They refine the
+    fitted position only (``decide``); the verdict stays the grid's."""
+    if decision.verdict.kind != "focused" or decision.best is None or decision.uncertainty_mm is None:
+        return
+    index = {z: i for i, z in enumerate(positions)}
+    j = index.get(decision.best.z_mm)
+    if j is None or not 0 < j < len(positions) - 1 or not all(positions[k] in acq.scored for k in (j - 1, j + 1)):
+        return
+    gap = max(abs(positions[j + 1] - positions[j]), abs(positions[j] - positions[j - 1]))
+    top = acq.scored[positions[j]].score
+    between = all(top - acq.scored[positions[k]].score > (1 - TOP_SHARE) * decision.verdict.height
+                  for k in (j - 1, j + 1))
+    if not (decision.verdict.narrow or (between and decision.uncertainty_mm > HALF_STEP_ABOVE * gap)):
+        return
+    extras = extras_of(acq.stage)
+    unit = extras.native_unit_mm
+    halves = []
+    for k in (j - 1, j + 1):
+        z = (positions[j] + positions[k]) / 2.0
+        if unit > 0:
+            if abs(positions[k] - positions[j]) / 2.0 < MIN_STEP_NATIVE * unit * (1 - FLOAT_SLACK_RATIO):
+                continue
+            z = round(z / unit) * unit
+        halves.append(round(z, POSITION_DECIMALS))
+    reachable, _ = extras.reachable(tuple(halves))
+    acq.measure_all([z for z in reachable if z not in acq.scored])
 
 
 SEARCHES: dict[Search, Callable[[Acquisition, Sequence[float], Conclude], None]] = {

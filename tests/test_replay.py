@@ -357,6 +357,34 @@ def test_a_frame_taken_again_replays_its_later_row(tmp_path: Path) -> None:
     assert np.array_equal(stack.nearest(0.3), img_000)  # the later row's image, not img_003's
 
 
+def test_half_step_frames_record_and_replay(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # A pixel-sharp specimen at 60x, STEP one depth of field, the focus 0.44 STEP off the grid: its
+    # score peak is narrower than STEP, and the fast search measures half a STEP either side.
+    rng = np.random.default_rng(0)
+    specimen = tmp_path / "sharp.png"
+    assert cv2.imwrite(str(specimen), np.where(rng.random((200, 320)) > 0.5, 220, 20).astype(np.uint8))
+    rec, sweep_rec = tmp_path / "rec", tmp_path / "sweep"
+    grid = ["12.30", "12.38", "0.001"]
+    live_args = [*grid, *SIM, "--sim-objective", "60x", "--sim-specimen-image", specimen, "--sim-focus-mm", "12.34044"]
+    code, live, _ = run_json(capfd, [*live_args, "--search", "fast", "--save-images", rec])
+    halves = [z for z, _ in live["curve"] if abs(z * 1000 - round(z * 1000)) > 1e-6]
+    assert code == 0 and halves == [12.3395, 12.3405]
+    _, rows = read_csv(rec / "stack.csv")
+    assert [float(r[0]) for r in rows] == [z for z, _ in live["curve"]]
+    # Replayed, the fast search (a sweep of the recorded slices) asks for the same half-STEP slices
+    # and gives the same answer.
+    code, replay, _ = run_json(capfd, [*grid, "--replay", rec, "--search", "fast"])
+    assert code == 0 and replay["best_mm"] == live["best_mm"] and replay["frames"] == live["frames"]
+    assert {z: s for z, s in replay["curve"]} == {z: s for z, s in live["curve"]}
+    # Over a sweep's recording there is no slice half a STEP off the grid: it asks for none (the
+    # replay camera refuses a position between slices, exit 5).
+    code, _, _ = run_json(capfd, [*live_args, "--save-images", sweep_rec])
+    assert code == 0
+    code, fast, err = run_json(capfd, [*grid, "--replay", sweep_rec, "--search", "fast"])
+    assert code == 0, err
+    assert all(abs(z * 1000 - round(z * 1000)) < 1e-6 for z, _ in fast["curve"])
+
+
 @pytest.mark.parametrize("case", sorted(BROKEN))
 def test_broken_stack_is_one_line_and_exit_2(tmp_path: Path, capfd: pytest.CaptureFixture[str], case: str) -> None:
     build, needle = BROKEN[case]

@@ -311,13 +311,79 @@ def test_fast_climbs_to_the_top_of_the_slope_it_lands_on() -> None:
     stage = LineStage()
     acq = autofocus.Acquisition(stage, TwoScoreCamera(stage, fine, coarse), TwoScoreScorer(), coarse=True)
     positions = autofocus.plan_positions(10, 14, 0.05)
-    decided = types.SimpleNamespace(verdict=types.SimpleNamespace(kind="focused"))  # the search alone
+    decided = types.SimpleNamespace(verdict=types.SimpleNamespace(kind="focused", narrow=False), best=None,
+                                    uncertainty_mm=None)  # the search alone (no half-STEP frames)
     autofocus.fast_search(acq, positions, lambda: decided)
     acq.drain()
     measured = set(acq.scored)
     assert {11.95, 12.0, 12.05} <= measured  # the prediction and its neighbours (sanity)
     assert {12.15, 12.2, 12.25, 12.3} <= measured  # climbed to the local top and saw it fall
     assert {13.15, 13.2, 13.25} <= measured  # and refined the run's best
+
+
+class CuspCamera(PeakCamera):
+    """A sharp specimen's score: a cusp exp(-|z - focus| / width), narrower than STEP when width is."""
+
+    def capture(self) -> np.ndarray:
+        z = self.stage.position_mm()
+        value = 1.0 + math.exp(-abs(z - self.focus) / self.width) + self.noise * self.rng.standard_normal()
+        return np.full((8, 8), value * 100.0, dtype=np.float32)
+
+
+class UnitStage(LineStage, autofocus.StageDefaults):
+    """A LineStage with a native unit (a Zaber axis's microstep) and, optionally, only some positions
+    it has frames at (as a replay has its recorded slices)."""
+
+    def __init__(self, unit_mm: float, only: set[float] | None = None) -> None:
+        super().__init__()
+        self.native_unit_mm, self.only = unit_mm, only
+
+    def reachable(self, positions: tuple[float, ...]) -> tuple[tuple[float, ...], str | None]:
+        if self.only is None:
+            return positions, None
+        return tuple(z for z in positions if z in self.only), "only some"
+
+
+def cusp_run(search: str, stage: LineStage | None = None, focus: float = 12.372) -> autofocus.FocusResult:
+    stage = stage or LineStage()
+    camera = CuspCamera(stage, focus, width=0.01, noise=0.002)  # 0.44 STEP past the grid position 12.35
+    plan = Plan(tuple(autofocus.plan_positions(10, 14, 0.05)), search)
+    return autofocus.run_autofocus(stage, camera, ValueScorer(), plan)
+
+
+def off_grid(result: autofocus.FocusResult, step: float = 0.05) -> set[float]:
+    return {round(s.z_mm, 6) for s in result.samples if abs(s.z_mm / step - round(s.z_mm / step)) > 1e-6}
+
+
+def test_fast_measures_half_a_step_either_side_of_a_peak_the_grid_cannot_place() -> None:
+    # The STEP grid sees only the cusp's flanks: the sweep's answer is 0.06 STEP off and its error
+    # bar says so (wider than HALF_STEP_ABOVE STEPs).  The fast search then measures half a STEP
+    # either side of its best frame, and the decision fits those frames too.
+    sweep = cusp_run("sweep")
+    assert sweep.uncertainty_mm > autofocus.HALF_STEP_ABOVE * 0.05 and abs(sweep.best_mm - 12.372) > 0.05 * 0.05
+    fast = cusp_run("fast")
+    assert off_grid(fast) == {12.325, 12.375}
+    assert fast.verdict.kind == "focused" and abs(fast.best_mm - 12.372) < 0.02 * 0.05
+    assert abs(fast.best_mm - 12.372) <= fast.uncertainty_mm < autofocus.HALF_STEP_ABOVE * 0.05
+    assert fast.best_sample_mm == 12.375  # the half-STEP frame is the best one, and the answer's
+    assert fast.frames < 0.3 * sweep.frames
+    # A peak the grid places well (a Gaussian 1.6 STEPs wide) gets no frame off the grid.
+    broad, _ = run(12.372, search="fast", noise=0.002)
+    assert off_grid(broad) == set() and abs(broad.best_mm - 12.372) < 0.02 * 0.05
+
+
+def test_half_step_frames_only_where_the_stage_has_them() -> None:
+    # In the stage's native units, at least MIN_STEP_NATIVE of them from the grid...
+    fine = cusp_run("fast", UnitStage(0.0007))
+    assert len(off_grid(fine)) == 2
+    assert all(abs(z / 0.0007 - round(z / 0.0007)) < 1e-6 for z in off_grid(fine))
+    coarse = cusp_run("fast", UnitStage(0.01))  # STEP is 5 units: half of it would be 2.5
+    assert off_grid(coarse) == set() and coarse.verdict.kind == "focused"
+    # ... and only where it has frames (a replay of a sweep: its recorded slices, all measured already).
+    grid = set(autofocus.plan_positions(10, 14, 0.05))
+    replayed = cusp_run("fast", UnitStage(0.0, only=grid))
+    assert off_grid(replayed) == set() and replayed.verdict.kind == "focused"
+    assert replayed.frames == coarse.frames
 
 
 def test_fast_on_a_short_grid_is_a_sweep() -> None:
