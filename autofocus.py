@@ -204,8 +204,9 @@ MAX_CAMERA_TIMEOUT_MS = 600_000
 MAX_SIM_PHOTONS = 1e7
 MAX_SIM_TIME_SCALE = 100.0
 MAX_SIM_PIXELS = 25_000_000
-# The simulator's defocus blur wider than this many frames (a focal plane millimetres away at high NA)
-# leaves the field's mean: mirrored at its borders, a frame blurred that far keeps under 1 % of its contrast.
+# The simulator's defocus blur is at most this many frames wide (a focal plane millimetres away at high
+# NA would need a kernel of gigabytes): mirrored at its borders, a frame blurred that far keeps under
+# 1 % of its contrast, and stays so farther out (no step in the curve where the cap begins).
 FLAT_BLUR_FRAMES = 2.0
 POSITION_DECIMALS = 9  # positions are rounded to 1 pm so that float noise never leaks into commands
 # Float noise, not a real difference: a position this close to a limit is on it (1 pm, far below any
@@ -5269,9 +5270,7 @@ def make_specimen(width: int, height: int, kind: Specimen = "cells", seed: int =
 def blur_sigma(image: np.ndarray, sigma_px: float) -> np.ndarray:
     """Gaussian blur of any width in a few ms: halve the image until sigma is small, then upsample."""
     h, w = image.shape
-    if sigma_px > FLAT_BLUR_FRAMES * max(h, w):  # far out of focus: the field's mean (a kernel that wide
-        return np.full_like(image, float(np.mean(image, dtype=np.float64)))  # would take seconds to apply)
-    small, s = image, sigma_px
+    small, s = image, min(sigma_px, FLAT_BLUR_FRAMES * max(h, w))  # wider: the same (nearly flat) field
     while s > 3.0 and min(small.shape) > 32:
         small = cv2.pyrDown(small)  # pyrDown itself blurs by ~1 source pixel
         s = math.sqrt(max(s * s - 1.0, 0.0)) / 2.0
@@ -5285,12 +5284,14 @@ def blur_sigma(image: np.ndarray, sigma_px: float) -> np.ndarray:
 @functools.lru_cache(maxsize=64)
 def disc_kernel(radius_px: float) -> np.ndarray:
     """A uniform disc of this radius (the geometric blur of defocus), anti-aliased: each tap is
-    the share of its pixel inside the circle (8x8 sub-samples); a delta below half a pixel."""
+    the share of its pixel inside the circle (8x8 sub-samples, 2x2 beyond 24 pixels, where the rim
+    is a small part of the disc and 8x8 would take hundreds of MB); a delta below half a pixel."""
     n = int(math.ceil(radius_px + 0.5))
-    sub = (np.arange(8) + 0.5) / 8 - 0.5
+    k = 8 if radius_px <= 24 else 2
+    sub = (np.arange(k) + 0.5) / k - 0.5
     offsets = (np.arange(-n, n + 1)[:, None] + sub[None, :]).ravel()
     inside = (offsets[:, None] ** 2 + offsets[None, :] ** 2) <= radius_px**2
-    taps = inside.reshape(2 * n + 1, 8, 2 * n + 1, 8).mean(axis=(1, 3)).astype(np.float32)
+    taps = inside.reshape(2 * n + 1, k, 2 * n + 1, k).mean(axis=(1, 3)).astype(np.float32)
     if taps.sum() <= taps[n, n] or radius_px < 0.5:
         taps = np.zeros_like(taps)
         taps[n, n] = 1.0
@@ -5301,10 +5302,8 @@ def blur_pillbox(image: np.ndarray, radius_px: float, sigma_px: float) -> np.nda
     """A uniform disc of ``radius_px`` after a Gaussian of ``sigma_px`` (diffraction); large discs
     on a halved image (pyrDown's own ~1 pixel blur is small beside a disc of 12+ pixels)."""
     h, w = image.shape
-    if radius_px > FLAT_BLUR_FRAMES * max(h, w):  # far out of focus: the field's mean (a disc that wide
-        return np.full_like(image, float(np.mean(image, dtype=np.float64)))  # would not fit in memory)
     small = blur_sigma(image, sigma_px)
-    r = radius_px
+    r = min(radius_px, FLAT_BLUR_FRAMES * max(h, w))  # wider: the same (nearly flat) field
     while r > 12.0 and min(small.shape) > 64:
         small = cv2.pyrDown(small)
         r /= 2.0

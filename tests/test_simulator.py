@@ -87,13 +87,14 @@ def test_a_focal_plane_millimetres_away_at_high_na_renders_a_flat_field(
     texture = optics.texture()
     far = optics.blur(texture, 12.34)
     assert far.shape == texture.shape and far.dtype == texture.dtype
-    assert float(np.ptp(far)) < 1e-6 and float(far.mean()) == pytest.approx(float(texture.mean()), rel=1e-4)
-    # Just inside the limit the blur is computed, and already nearly flat: no step at the switch.
-    radius = autofocus.FLAT_BLUR_FRAMES * 320 * 0.99
-    near = autofocus.blur_pillbox(texture, radius, 1.0) if defocus == "pillbox" else \
-        autofocus.blur_sigma(texture, radius)
-    assert float(np.std(near)) < 0.02 * float(np.std(texture))
-    assert float(near.mean()) == pytest.approx(float(texture.mean()), rel=0.02)
+    assert float(np.std(far)) < 0.02 * float(np.std(texture))
+    assert float(far.mean()) == pytest.approx(float(texture.mean()), rel=0.02)
+    # No step where the cap begins (a step in the curve reads as a peak in a noisy sweep): just
+    # inside it the frame is the same as far beyond it.
+    cap = autofocus.FLAT_BLUR_FRAMES * 320
+    blur = (lambda r: autofocus.blur_pillbox(texture, r, 1.0)) if defocus == "pillbox" else \
+        (lambda r: autofocus.blur_sigma(texture, r))
+    assert float(np.max(np.abs(blur(0.995 * cap) - blur(50 * cap)))) < 0.001 * float(np.ptp(texture))
 
 
 def test_a_micrograph_as_the_specimen(tmp_path: Path) -> None:
