@@ -220,12 +220,6 @@ COARSE_FACTOR = 8  # fast search: coarse pass every 8 STEPs, scored on an 8x bin
 # Fast search: the peak lies within one coarse spacing of the coarse maximum, so the climb from there
 # takes at most two spacings, plus a few steps that noise may add; a longer one is wandering.
 CLIMB_EXTRA_STEPS = 4
-# Fast search: a focused peak the grid cannot place gets a frame half a STEP either side of its best
-# one -- a peak narrower than STEP, or one whose top lies between frames (both grid neighbours below
-# TOP_SHARE of its height: a Gaussian under one STEP sigma) with an error bar over HALF_STEP_ABOVE
-# STEPs.  At STEP ~ one depth of field a sharp specimen's score peak can be a fifth of a STEP wide.
-HALF_STEP_ABOVE = 0.15
-TOP_SHARE = 0.6
 STOP_ATTEMPTS = 3  # a stop (or the read after it) is tried again when a further Ctrl-C cuts it short
 Specimen = Literal["cells", "blank", "dusty", "transparent"]  # what the simulator shows
 SIM_SPECIMENS: tuple[Specimen, ...] = ("cells", "blank", "dusty", "transparent")  # --sim-specimen
@@ -265,6 +259,12 @@ FIT_MODEL_FLOOR = 0.015
 # A peak narrower than STEP shows the frames only its flanks, whose shape they cannot tell: its error
 # bar is at least this many frame spacings (real-texture peaks at 20x-60x, both defocus models).
 FIT_SHARP_FLOOR = 0.15
+# A focused peak narrower than a few STEPs (a grid neighbour of its best frame below TOP_SHARE of its
+# height: a Gaussian under 1-1.4 STEP sigma) whose error bar is at least HALF_STEP_ABOVE STEPs asks for
+# the frames half a STEP either side of its best one (Decision.finer_mm; the fast search measures
+# them).  At STEP ~ one depth of field a sharp specimen's score peak can be a fifth of a STEP wide.
+TOP_SHARE = 0.6
+HALF_STEP_ABOVE = 0.15
 FIT_INTERVAL_RESOLUTION = 1e-6  # frame spacings: how finely the error bar's half-width is found
 FIT_FLOORS = 6  # ... and how many floors under the peak it weighs (from the baseline up to the fit's lowest frame)
 IN_FLIGHT_FRAMES = 4  # frames captured but not yet scored: bounds memory when scoring lags
@@ -1687,6 +1687,7 @@ class Decision:
     dips: tuple[Extremum, ...] = ()
     notes: tuple[str, ...] = ()
     more_mm: tuple[float, ...] = ()  # grid positions to measure before the answer is final
+    finer_mm: tuple[float, ...] = ()  # off the grid: half a STEP either side of a peak the grid cannot place
 
 
 def _length(value_mm: float) -> str:
@@ -1723,7 +1724,7 @@ def decide(samples: Sequence[Sample], grid_mm: Sequence[float], *, peak: PeakPol
 
     ``samples`` are the frames measured so far (any order); ``grid_mm`` every position the search could
     have measured (its size bounds where noise may happen to peak; the fit's STEP neighbours come from
-    it; a frame farther than 1 % of a STEP from every position of it, such as the fast search's
+    it; a frame farther than a quarter STEP from every position of it, such as the fast search's
     half-STEP frames, only refines a focused peak's fit); ``peak`` chooses among several significant
     peaks; ``start_mm`` is where the stage started (``peak="nearest"``); ``transparent``: the scores are
     -contrast (fitted as a parabola); ``depth_of_field_um`` (``--objective``) names the STEP to use;
@@ -1732,13 +1733,15 @@ def decide(samples: Sequence[Sample], grid_mm: Sequence[float], *, peak: PeakPol
     The fine (full-resolution) curve decides when it shows a real peak; else the coarse-scale curve
     (the score on a binned frame: less photon noise, a longer reach) gets the same test.  ``more_mm``
     lists grid positions to measure before the answer is final (the fit's STEP neighbours, the STEP
-    grid across a coarse-scale peak); a caller measures them and decides again.
+    grid across a coarse-scale peak); a caller measures them and decides again.  ``finer_mm`` lists
+    positions off the grid, half a STEP either side of a peak the grid cannot place (TOP_SHARE,
+    HALF_STEP_ABOVE), that would place it better: the fast search measures them.
     """
     grid = sorted({float(g) for g in grid_mm})
     # Frames off the grid (the fast search's half-STEP ones) refine the fitted position only: the
     # noise, the verdict and the STEP in every message are the grid's.
-    # A frame within 1 % of a STEP of a grid position (a position read back) is that position's.
-    tolerance = 0.01 * float(np.min(np.diff(grid))) if len(grid) > 1 else FLOAT_SLACK_MM
+    # A frame within a quarter STEP of a grid position (a position read back) is that position's.
+    tolerance = 0.25 * float(np.min(np.diff(grid))) if len(grid) > 1 else FLOAT_SLACK_MM
     nearest = [_on_grid(grid, s.z_mm) for s in samples]
     on_grid = [s if g == s.z_mm else dataclasses.replace(s, z_mm=g)
                for s, g in zip(samples, nearest) if abs(g - s.z_mm) <= tolerance]
@@ -1918,23 +1921,36 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
         target, uncertainty = fit.z_mm, fit.uncertainty_mm  # type: ignore[assignment]
         if sharp:
             uncertainty = max(uncertainty, FIT_SHARP_FLOOR * max(gaps))
-    # Frames off the grid between the fit's outermost ones (half a STEP either side of the best): the
-    # peak fitted again with them, at their finer spacing, replaces the grid's answer when it is surer.
+    # A narrow peak (a grid neighbour below TOP_SHARE of its height) that the grid places no better
+    # than HALF_STEP_ABOVE STEPs: the frames half a STEP either side of the best one show its top
+    # (``finer_mm``, for the fast search).  Frames off the grid there give a second fit at their
+    # spacing, which replaces the grid's answer when it is surer; broad peaks keep the grid's (their
+    # error bar is noise, which frames closer together do not beat).
+    narrow_top = len(neighbours) == 2 and any(y[i] - y[k] > (1 - TOP_SHARE) * (y[i] - base) for k in neighbours)
     value = {s.z_mm: s.score if scale == "fine" else s.coarse for s in finer}
     between = [Sample(s.z_mm, float(value[s.z_mm])) for s in finer  # type: ignore[arg-type]
                if near[0].z_mm < s.z_mm < near[-1].z_mm and value[s.z_mm] is not None]
+    finer_mm: tuple[float, ...] = ()
+    if narrow_top and uncertainty >= HALF_STEP_ABOVE * max(gaps) - FLOAT_SLACK_MM:
+        finer_mm = tuple(round((z[i] + z[k]) / 2.0, POSITION_DECIMALS) for k in neighbours
+                         if not any(min(z[i], z[k]) < s.z_mm < max(z[i], z[k]) for s in finer))
     best_frame = ordered[i]
-    if between:
+    if between and narrow_top:
         both = by_z([*near, *between])
         refit = dataclasses.replace(fit_peak(both, floor=_fit_floors(both, base), noise=noise.sigma,
                                              shapes=(-1.0,) if transparent else None), scale=scale)
         top_k = both.index(best_sample(both))
         spacing = max((abs(both[k].z_mm - both[top_k].z_mm) for k in (top_k - 1, top_k + 1) if 0 <= k < len(both)),
                       default=max(gaps))
-        if refit.used and refit.uncertainty_mm is not None and refit.uncertainty_mm <= min(uncertainty, spacing / 2):
-            fit, target = refit, refit.z_mm  # type: ignore[assignment]
-            uncertainty = max(refit.uncertainty_mm, FIT_SHARP_FLOOR * spacing) if narrow or sharp \
-                else refit.uncertainty_mm
+        # Used when its own fit is surer than the grid's; its error bar is then at least as far as the
+        # grid's fit lies from it (two fits of one top that disagree: the shape decides, not the
+        # noise), and FIT_SHARP_FLOOR of this spacing (the frames show the top of a peak narrower than
+        # STEP, whose shape -- a cusp, a flat top -- they still cannot tell).
+        if refit.used and refit.z_mm is not None and refit.uncertainty_mm is not None \
+                and refit.uncertainty_mm <= min(uncertainty, spacing / 2):
+            u2 = max(refit.uncertainty_mm, FIT_SHARP_FLOOR * spacing,
+                     abs(refit.z_mm - target) if fit.used and target == fit.z_mm else 0.0)
+            fit, target, uncertainty = refit, refit.z_mm, u2
             originals = {s.z_mm: s for s in finer}
             if both[top_k].z_mm in originals and both[top_k].score > y[i]:
                 best_frame = originals[both[top_k].z_mm]
@@ -1949,7 +1965,7 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
                      f"{max(lo, z[i] - max(gaps)):g} {min(hi, z[i] + max(gaps)):g} with STEP {use:g} mm")
     if narrow:
         notes.append(f"note: the {word} is one frame wide (no neighbour stands out of the noise above the floor or "
-                     f"the frame beyond it): it is narrower than STEP, so the focus is known only to within \N{PLUS-MINUS SIGN}{_length(uncertainty)} of {z[i]:.4f} mm; for a "
+                     f"the frame beyond it): it is narrower than STEP, so the focus is known only to within \N{PLUS-MINUS SIGN}{_length(uncertainty)} of {target:.4f} mm; for a "
                      f"sharp image search {max(lo, z[i] - max(gaps)):g} {min(hi, z[i] + max(gaps)):g} with STEP "
                      f"{use:g} mm"
                      + ("" if depth_of_field_um else " (--objective names the STEP that suits the objective)"))
@@ -1967,7 +1983,8 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
                       "coarse" if locate is not None else scale, float(y[i] - base), narrow or sharp)
     # The chosen peak's entry says what the answer says (its own fit and error bar).
     peaks = [dataclasses.replace(p, fit_mm=target, uncertainty_mm=uncertainty) if p is chosen else p for p in peaks]
-    return Decision(verdict, fit, best_frame, target, uncertainty, tuple(peaks), tuple(dips), tuple(notes), more_mm)
+    return Decision(verdict, fit, best_frame, target, uncertainty, tuple(peaks), tuple(dips), tuple(notes), more_mm,
+                    finer_mm)
 
 
 def _on_grid(grid: list[float], z_mm: float) -> float:
@@ -2896,29 +2913,16 @@ def fast_search(acq: Acquisition, positions: Sequence[float], conclude: Conclude
 
 
 def half_steps(acq: Acquisition, positions: Sequence[float], decision: Decision) -> None:
-    """The fast search's last frames: half a STEP either side of the best one, for a focused peak the
-    grid cannot place (HALF_STEP_ABOVE, TOP_SHARE).  Where the stage can go (a replay: its recorded
-    slices), in its native units, at least MIN_STEP_NATIVE of them from the grid.  They refine the
-    fitted position only (``decide``); the verdict stays the grid's."""
-    if decision.verdict.kind != "focused" or decision.best is None or decision.uncertainty_mm is None:
-        return
-    index = {z: i for i, z in enumerate(positions)}
-    j = index.get(decision.best.z_mm)
-    if j is None or not 0 < j < len(positions) - 1 or not all(positions[k] in acq.scored for k in (j - 1, j + 1)):
-        return
-    gap = max(abs(positions[j + 1] - positions[j]), abs(positions[j] - positions[j - 1]))
-    top = acq.scored[positions[j]].score
-    between = all(top - acq.scored[positions[k]].score > (1 - TOP_SHARE) * decision.verdict.height
-                  for k in (j - 1, j + 1))
-    if not (decision.verdict.narrow or (between and decision.uncertainty_mm > HALF_STEP_ABOVE * gap)):
-        return
+    """The fast search's last frames: those the decision asks for half a STEP either side of a peak
+    the grid cannot place (``Decision.finer_mm``), where the stage can go (a replay: its recorded
+    slices), in its native units and at least MIN_STEP_NATIVE of them from the grid.  They refine
+    the fitted position only; the verdict stays the grid's."""
     extras = extras_of(acq.stage)
     unit = extras.native_unit_mm
     halves = []
-    for k in (j - 1, j + 1):
-        z = (positions[j] + positions[k]) / 2.0
+    for z in decision.finer_mm:
         if unit > 0:
-            if abs(positions[k] - positions[j]) / 2.0 < MIN_STEP_NATIVE * unit * (1 - FLOAT_SLACK_RATIO):
+            if min(abs(z - p) for p in positions) < MIN_STEP_NATIVE * unit * (1 - FLOAT_SLACK_RATIO):
                 continue
             z = round(z / unit) * unit
         halves.append(round(z, POSITION_DECIMALS))

@@ -236,41 +236,67 @@ def test_a_sharp_peak_on_a_broad_pedestal_is_narrower_than_step() -> None:
         assert any("with STEP 0.003 mm" in note for note in with_dof.notes), with_dof.notes
 
 
-def test_frames_half_a_step_off_the_grid_refine_the_fit_never_the_verdict() -> None:
-    # The fast search's half-STEP frames: the cusp's top between two grid frames, seen at last.
-    rng = np.random.default_rng(7)
+def with_finer(shape, centre: float, noise: float, rng: np.random.Generator) -> tuple[list[Sample], autofocus.Decision]:
+    """The grid's frames of ``shape`` (of the offset from ``centre``, in STEPs), and the decision
+    after also measuring what it asks for off the grid (``finer_mm``), as the fast search does."""
     x = np.arange(81, dtype=float)
+    grid_only = curve(1 + np.array([shape(v - centre) for v in x]) + noise * rng.standard_normal(81))
+    first = autofocus.decide(grid_only, GRID)
+    finer = [Sample(z, float(1 + shape((z - 10) / STEP - centre) + noise * rng.standard_normal()))
+             for z in first.finer_mm]
+    return grid_only + finer, first
 
-    def frames(centre: float, width_steps: float, noise: float, at: np.ndarray) -> list[Sample]:
-        y = 1 + np.exp(-np.abs(at - centre) / width_steps) + noise * rng.standard_normal(len(at))
-        return [Sample(round(10 + a * STEP, 9), float(v)) for a, v in zip(at, y)]
 
-    for centre in (40.3, 40.44, 39.62):
-        grid_only = frames(centre, 0.25, 0.002, x)
-        best = int(np.argmax([s.score for s in grid_only]))
-        halves = frames(centre, 0.25, 0.002, np.array([best - 0.5, best + 0.5]))
-        before = autofocus.decide(grid_only, GRID)
-        after = autofocus.decide(grid_only + halves, GRID)
+def cusp(d: float) -> float:
+    return math.exp(-abs(d) / 0.25)
+
+
+def test_frames_half_a_step_off_the_grid_refine_the_fit_never_the_verdict() -> None:
+    # A cusp a quarter STEP wide, its top between two grid frames: the decision asks for the frames
+    # half a STEP either side of the best one, and fits them.
+    for centre in (40.3, 40.38, 39.62):
+        samples, before = with_finer(cusp, centre, 0.002, np.random.default_rng(7))
+        best = before.best.z_mm
+        assert before.finer_mm == (round(best - STEP / 2, 9), round(best + STEP / 2, 9))
+        after = autofocus.decide(samples, GRID)
         truth = 10 + centre * STEP
         assert after.verdict == before.verdict and after.more_mm == before.more_mm and after.notes == before.notes
+        assert after.finer_mm == ()  # measured: nothing more to ask for
         assert abs(after.target_mm - truth) < min(0.03 * STEP, abs(before.target_mm - truth))
         assert abs(after.target_mm - truth) <= 1.5 * after.uncertainty_mm  # a ~90 % interval of the right size
         assert after.uncertainty_mm < before.uncertainty_mm
-        assert after.best.score == max(s.score for s in grid_only + halves)
-    # A broad noisy peak: the verdict, the noise and the reasons stay the grid's; the answer stays put
-    # unless the frames place it better (its error bar, never wider than the grid's).
+        assert after.uncertainty_mm >= autofocus.FIT_SHARP_FLOOR * STEP / 2 - 1e-12  # the shape, still unknown
+        assert after.best.score == max(s.score for s in samples)
+
+
+def test_half_step_frames_only_for_a_narrow_peak_the_grid_cannot_place() -> None:
+    rng = np.random.default_rng(3)
+    x = np.arange(81, dtype=float)
+    # A broad noisy peak: its error bar is wide (noise), but its neighbours stand near its top.  It
+    # asks for nothing, and frames off the grid given anyway leave its answer as the grid's.
     for seed in range(6):
-        rng = np.random.default_rng(seed)
-        y = 1 + np.exp(-0.5 * ((x - 40.3) / 2.4) ** 2) + 0.05 * rng.standard_normal(81)
-        grid_only = curve(y)
-        best = int(np.argmax(y))
-        halves = [Sample(round(10 + (best + d) * STEP, 9), float(1 + np.exp(-0.5 * ((best + d - 40.3) / 2.4) ** 2)
-                                                                + 0.05 * rng.standard_normal())) for d in (-0.5, 0.5)]
-        before, after = autofocus.decide(grid_only, GRID), autofocus.decide(grid_only + halves, GRID)
-        assert after.verdict == before.verdict and after.uncertainty_mm <= before.uncertainty_mm
-    # A frame read back a hair off its grid position is that position's (not a frame off the grid).
-    jittered = [Sample(s.z_mm + 0.001 * STEP, s.score) for s in curve(gaussian(10.4, 3, 1.0))]
-    assert autofocus.decide(jittered, GRID).verdict.kind == "focused"
+        y = 1 + np.exp(-0.5 * ((x - 40.3) / 2.4) ** 2) + 0.05 * np.random.default_rng(seed).standard_normal(81)
+        before = autofocus.decide(curve(y), GRID)
+        assert before.uncertainty_mm > autofocus.HALF_STEP_ABOVE * STEP and before.finer_mm == ()
+        best = before.best.z_mm
+        extra = [Sample(round(best + d * STEP, 9), float(1 + np.exp(-0.5 * ((best - 10) / STEP + d - 40.3) ** 2 / 2.4 ** 2)))
+                 for d in (-0.5, 0.5)]
+        after = autofocus.decide(curve(y) + extra, GRID)
+        assert (after.verdict, after.target_mm, after.uncertainty_mm) == (before.verdict, before.target_mm, before.uncertainty_mm)
+    # A narrow peak the grid already places well (a Gaussian 0.6 STEP wide, the focus on a frame).
+    y = 1 + np.exp(-0.5 * ((x - 40.0) / 0.6) ** 2) + 0.001 * rng.standard_normal(81)
+    decision = autofocus.decide(curve(y), GRID)
+    assert decision.uncertainty_mm < autofocus.HALF_STEP_ABOVE * STEP and decision.finer_mm == ()
+    # A one-frame peak asks for them (its error bar is STEP/2), and keeps at least the sharp floor
+    # at their spacing: they show whether it is narrower still.
+    y = 1 + 0.01 * rng.standard_normal(81)
+    y[40] += 1.0
+    samples, before = autofocus.decide(curve(y), GRID), None
+    assert samples.finer_mm == (10.395, 10.405)
+    finer = [Sample(10.395, 1.3), Sample(10.405, 1.5)]
+    after = autofocus.decide(curve(y) + finer, GRID)
+    assert after.verdict.narrow and after.uncertainty_mm >= autofocus.FIT_SHARP_FLOOR * STEP / 2 - 1e-12
+    assert any("one frame wide" in note and f"of {after.target_mm:.4f} mm" in note for note in after.notes)
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.01, 0.04])

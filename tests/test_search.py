@@ -311,8 +311,7 @@ def test_fast_climbs_to_the_top_of_the_slope_it_lands_on() -> None:
     stage = LineStage()
     acq = autofocus.Acquisition(stage, TwoScoreCamera(stage, fine, coarse), TwoScoreScorer(), coarse=True)
     positions = autofocus.plan_positions(10, 14, 0.05)
-    decided = types.SimpleNamespace(verdict=types.SimpleNamespace(kind="focused", narrow=False), best=None,
-                                    uncertainty_mm=None)  # the search alone (no half-STEP frames)
+    decided = types.SimpleNamespace(verdict=types.SimpleNamespace(kind="focused"), finer_mm=())  # the search alone
     autofocus.fast_search(acq, positions, lambda: decided)
     acq.drain()
     measured = set(acq.scored)
@@ -370,6 +369,36 @@ def test_fast_measures_half_a_step_either_side_of_a_peak_the_grid_cannot_place()
     # A peak the grid places well (a Gaussian 1.6 STEPs wide) gets no frame off the grid.
     broad, _ = run(12.372, search="fast", noise=0.002)
     assert off_grid(broad) == set() and abs(broad.best_mm - 12.372) < 0.02 * 0.05
+
+
+class ShapeCamera(PeakCamera):
+    """A score of any shape of the offset from focus, in STEPs of 0.05 mm."""
+
+    def __init__(self, stage: LineStage, focus: float, shape, noise: float, seed: int) -> None:
+        super().__init__(stage, focus, noise=noise, seed=seed)
+        self.shape = shape
+
+    def capture(self) -> np.ndarray:
+        value = 1.0 + self.shape((self.stage.position_mm() - self.focus) / 0.05) + self.noise * self.rng.standard_normal()
+        return np.full((8, 8), value * 100.0, dtype=np.float32)
+
+
+@pytest.mark.parametrize("shape", [lambda d: math.exp(-abs(d) / 0.25), lambda d: math.exp(-(abs(d) / 0.6) ** 4)],
+                         ids=["cusp", "flat top"])
+def test_the_error_bar_with_half_step_frames_covers_the_focus(shape) -> None:
+    # A flat top seen through three frames: every shape agrees on a vertex pulled toward the grid,
+    # so the error bar takes in how far the grid's fit lies from it, and the sharp floor.
+    rng = np.random.default_rng(4)
+    covered, runs = 0, 0
+    for seed, focus in enumerate(rng.uniform(11.5, 12.5, 40)):
+        stage = LineStage()
+        result = autofocus.run_autofocus(stage, ShapeCamera(stage, float(focus), shape, 0.02, seed), ValueScorer(),
+                                         Plan(tuple(autofocus.plan_positions(10, 14, 0.05)), "fast"))
+        if result.verdict.kind != "focused" or not off_grid(result):
+            continue
+        runs += 1
+        covered += abs(result.best_mm - focus) <= result.uncertainty_mm
+    assert runs >= 20 and covered / runs >= 0.85, (covered, runs)
 
 
 def test_half_step_frames_only_where_the_stage_has_them() -> None:
