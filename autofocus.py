@@ -205,9 +205,10 @@ MAX_SIM_PHOTONS = 1e7
 MAX_SIM_TIME_SCALE = 100.0
 MAX_SIM_PIXELS = 25_000_000
 # The simulator's defocus blur is at most this many frames wide (a focal plane millimetres away at high
-# NA would need a kernel of gigabytes): mirrored at its borders, a frame blurred that far keeps under
-# 1 % of its contrast, and stays so farther out (no step in the curve where the cap begins).
+# NA would need a kernel of gigabytes): mirrored at its borders, a frame blurred that far keeps 1-2 %
+# of its contrast, and stays so farther out (no step in the curve where the cap begins).
 FLAT_BLUR_FRAMES = 2.0
+BOX_ABOVE_PX = 256.0  # ... and a blur still wider than this once the frame is halved (a thin strip) is boxed
 POSITION_DECIMALS = 9  # positions are rounded to 1 pm so that float noise never leaks into commands
 # Float noise, not a real difference: a position this close to a limit is on it (1 pm, far below any
 # stage's resolution: 12.3 + 0.1 must not leave a range that ends at 12.4); a ratio this close to a
@@ -1923,15 +1924,16 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
             uncertainty = max(uncertainty, FIT_SHARP_FLOOR * max(gaps))
     # A narrow peak (a grid neighbour below TOP_SHARE of its height) that the grid places no better
     # than HALF_STEP_ABOVE STEPs: the frames half a STEP either side of the best one show its top
-    # (``finer_mm``, for the fast search).  Frames off the grid there give a second fit at their
-    # spacing, which replaces the grid's answer when it is surer; broad peaks keep the grid's (their
-    # error bar is noise, which frames closer together do not beat).
+    # (``finer_mm``, for the fast search, once the grid neighbours are measured).  Frames off the grid
+    # there give a second fit at their spacing, which replaces the grid's answer (below); broad peaks
+    # keep the grid's (their error bar is noise, which frames closer together do not beat).
     narrow_top = len(neighbours) == 2 and any(y[i] - y[k] > (1 - TOP_SHARE) * (y[i] - base) for k in neighbours)
     value = {s.z_mm: s.score if scale == "fine" else s.coarse for s in finer}
     between = [Sample(s.z_mm, float(value[s.z_mm])) for s in finer  # type: ignore[arg-type]
                if near[0].z_mm < s.z_mm < near[-1].z_mm and value[s.z_mm] is not None]
     finer_mm: tuple[float, ...] = ()
-    if narrow_top and uncertainty >= HALF_STEP_ABOVE * max(gaps) - FLOAT_SLACK_MM:
+    on_grid_neighbours = all(float(z[k]) in (grid_at(gi - 1), grid_at(gi + 1)) for k in neighbours)
+    if narrow_top and on_grid_neighbours and not more_mm and uncertainty >= HALF_STEP_ABOVE * max(gaps) - FLOAT_SLACK_MM:
         finer_mm = tuple(round((z[i] + z[k]) / 2.0, POSITION_DECIMALS) for k in neighbours
                          if not any(min(z[i], z[k]) < s.z_mm < max(z[i], z[k]) for s in finer))
     best_frame = ordered[i]
@@ -1942,10 +1944,10 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
         top_k = both.index(best_sample(both))
         spacing = max((abs(both[k].z_mm - both[top_k].z_mm) for k in (top_k - 1, top_k + 1) if 0 <= k < len(both)),
                       default=max(gaps))
-        # Used when its own fit is surer than the grid's; its error bar is then at least as far as the
+        # Used when its own interval is the narrower; its error bar is then at least as far as the
         # grid's fit lies from it (two fits of one top that disagree: the shape decides, not the
         # noise), and FIT_SHARP_FLOOR of this spacing (the frames show the top of a peak narrower than
-        # STEP, whose shape -- a cusp, a flat top -- they still cannot tell).
+        # STEP, whose shape -- a cusp, a flat top -- they still cannot tell), so it may end wider.
         if refit.used and refit.z_mm is not None and refit.uncertainty_mm is not None \
                 and refit.uncertainty_mm <= min(uncertainty, spacing / 2):
             u2 = max(refit.uncertainty_mm, FIT_SHARP_FLOOR * spacing,
@@ -2927,7 +2929,10 @@ def half_steps(acq: Acquisition, positions: Sequence[float], decision: Decision)
             z = round(z / unit) * unit
         halves.append(round(z, POSITION_DECIMALS))
     reachable, _ = extras.reachable(tuple(halves))
-    acq.measure_all([z for z in reachable if z not in acq.scored])
+    # A recorded slice nearer a grid position than a quarter STEP would count as that position's frame.
+    spacing = min(abs(b - a) for a, b in zip(positions, positions[1:])) if len(positions) > 1 else 0.0
+    acq.measure_all([z for z in reachable if z not in acq.scored
+                     and min(abs(z - p) for p in positions) > 0.25 * spacing])
 
 
 SEARCHES: dict[Search, Callable[[Acquisition, Sequence[float], Conclude], None]] = {
@@ -5278,11 +5283,22 @@ def blur_sigma(image: np.ndarray, sigma_px: float) -> np.ndarray:
     while s > 3.0 and min(small.shape) > 32:
         small = cv2.pyrDown(small)  # pyrDown itself blurs by ~1 source pixel
         s = math.sqrt(max(s * s - 1.0, 0.0)) / 2.0
-    if s > 0.3:
+    if s > BOX_ABOVE_PX:  # a strip of a frame: three box passes (each O(1) a pixel) have the variance
+        for _ in range(3):  # s^2, where a kernel of 6 s taps would take minutes
+            small = _wide_box(small, 2.0 * s)
+    elif s > 0.3:
         small = cv2.GaussianBlur(small, (0, 0), s)
     if small.shape != image.shape:
         small = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
     return small
+
+
+def _wide_box(image: np.ndarray, side_px: float) -> np.ndarray:
+    """A box blur ``side_px`` wide, mirrored at the borders; along an axis shorter than half of it
+    the box is that axis's mirrored period, its mean (a wider one would pad the image to its size)."""
+    h, w = image.shape
+    side = max(1, int(round(side_px)))
+    return cv2.blur(image, (min(side, 2 * w), min(side, 2 * h)), borderType=cv2.BORDER_REFLECT)
 
 
 @functools.lru_cache(maxsize=64)
@@ -5311,7 +5327,9 @@ def blur_pillbox(image: np.ndarray, radius_px: float, sigma_px: float) -> np.nda
     while r > 12.0 and min(small.shape) > 64:
         small = cv2.pyrDown(small)
         r /= 2.0
-    if r >= 0.5:
+    if r > BOX_ABOVE_PX:  # a strip of a frame: a box of the disc's area (a disc kernel that wide is GBs)
+        small = _wide_box(small, r * math.sqrt(math.pi))
+    elif r >= 0.5:
         small = cv2.filter2D(small, -1, disc_kernel(round(r, 2)), borderType=cv2.BORDER_REFLECT)
     if small.shape != image.shape:
         small = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)

@@ -287,12 +287,15 @@ def test_half_step_frames_only_for_a_narrow_peak_the_grid_cannot_place() -> None
     y = 1 + np.exp(-0.5 * ((x - 40.0) / 0.6) ** 2) + 0.001 * rng.standard_normal(81)
     decision = autofocus.decide(curve(y), GRID)
     assert decision.uncertainty_mm < autofocus.HALF_STEP_ABOVE * STEP and decision.finer_mm == ()
+    # Frames sparse around a narrow peak: the grid neighbours first (more_mm), half steps after.
+    sparse = [s for k, s in enumerate(curve(1 + np.exp(-np.abs(x - 40.4) / 0.25))) if k % 4 == 0]
+    decision = autofocus.decide(sparse, GRID)
+    assert decision.more_mm and decision.finer_mm == ()
     # A one-frame peak asks for them (its error bar is STEP/2), and keeps at least the sharp floor
     # at their spacing: they show whether it is narrower still.
     y = 1 + 0.01 * rng.standard_normal(81)
     y[40] += 1.0
-    samples, before = autofocus.decide(curve(y), GRID), None
-    assert samples.finer_mm == (10.395, 10.405)
+    assert autofocus.decide(curve(y), GRID).finer_mm == (10.395, 10.405)
     finer = [Sample(10.395, 1.3), Sample(10.405, 1.5)]
     after = autofocus.decide(curve(y) + finer, GRID)
     assert after.verdict.narrow and after.uncertainty_mm >= autofocus.FIT_SHARP_FLOOR * STEP / 2 - 1e-12

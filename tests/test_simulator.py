@@ -95,6 +95,12 @@ def test_a_focal_plane_millimetres_away_at_high_na_renders_a_flat_field(
     blur = (lambda r: autofocus.blur_pillbox(texture, r, 1.0)) if defocus == "pillbox" else \
         (lambda r: autofocus.blur_sigma(texture, r))
     assert float(np.max(np.abs(blur(0.995 * cap) - blur(50 * cap)))) < 0.001 * float(np.ptp(texture))
+    # A strip of a frame (10000x16 is allowed): its short side cannot be halved away, and a disc
+    # kernel of its long side would take gigabytes.
+    strip = autofocus.SimOptics(**autofocus.objective_optics("60x"), width=10000, height=16, defocus=defocus)
+    texture = strip.texture()
+    far = strip.blur(texture, 12.34)
+    assert far.shape == (16, 10000) and float(np.std(far)) < 0.02 * float(np.std(texture))
 
 
 def test_a_micrograph_as_the_specimen(tmp_path: Path) -> None:
