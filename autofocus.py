@@ -1937,6 +1937,13 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
         finer_mm = tuple(round((z[i] + z[k]) / 2.0, POSITION_DECIMALS) for k in neighbours
                          if not any(min(z[i], z[k]) < s.z_mm < max(z[i], z[k]) for s in finer))
     best_frame = ordered[i]
+    # A peak one frame wide on the grid stays so (the best frame, +-STEP/2) unless a frame off the
+    # grid stands out of the floor's noise: then it is narrower than STEP, and fitted.
+    if narrow:  # (above the grid neighbour beyond it, or the floor)
+        def stands_out(s: Sample) -> bool:
+            k = next((k for k in neighbours if min(z[i], z[k]) < s.z_mm < max(z[i], z[k])), None)
+            return k is not None and s.score - max(base, float(y[k])) > floor_level
+        between = between if any(stands_out(s) for s in between) else []
     if between and narrow_top:
         both = by_z([*near, *between])
         refit = dataclasses.replace(fit_peak(both, floor=_fit_floors(both, base), noise=noise.sigma,
@@ -1953,6 +1960,7 @@ def _decide_curve(ordered: list[Sample], scores: list[float], scale: Scale, *, g
             u2 = max(refit.uncertainty_mm, FIT_SHARP_FLOOR * spacing,
                      abs(refit.z_mm - target) if fit.used and target == fit.z_mm else 0.0)
             fit, target, uncertainty = refit, refit.z_mm, u2
+            narrow, sharp = False, narrow or sharp  # its note: narrower than STEP, not one frame wide
             originals = {s.z_mm: s for s in finer}
             if both[top_k].z_mm in originals and both[top_k].score > y[i]:
                 best_frame = originals[both[top_k].z_mm]

@@ -291,15 +291,20 @@ def test_half_step_frames_only_for_a_narrow_peak_the_grid_cannot_place() -> None
     sparse = [s for k, s in enumerate(curve(1 + np.exp(-np.abs(x - 40.4) / 0.25))) if k % 4 == 0]
     decision = autofocus.decide(sparse, GRID)
     assert decision.more_mm and decision.finer_mm == ()
-    # A one-frame peak asks for them (its error bar is STEP/2), and keeps at least the sharp floor
-    # at their spacing: they show whether it is narrower still.
+    # A one-frame peak asks for them (its error bar is STEP/2).  Half-STEP frames that show it make
+    # it a peak narrower than STEP, fitted, with at least the sharp floor at their spacing; frames
+    # at the floor leave it one frame wide: the best frame, +-STEP/2.
     y = 1 + 0.01 * rng.standard_normal(81)
     y[40] += 1.0
     assert autofocus.decide(curve(y), GRID).finer_mm == (10.395, 10.405)
-    finer = [Sample(10.395, 1.3), Sample(10.405, 1.5)]
-    after = autofocus.decide(curve(y) + finer, GRID)
-    assert after.verdict.narrow and after.uncertainty_mm >= autofocus.FIT_SHARP_FLOOR * STEP / 2 - 1e-12
-    assert any("one frame wide" in note and f"of {after.target_mm:.4f} mm" in note for note in after.notes)
+    after = autofocus.decide(curve(y) + [Sample(10.395, 1.3), Sample(10.405, 1.5)], GRID)
+    assert after.verdict.narrow and autofocus.FIT_SHARP_FLOOR * STEP / 2 - 1e-12 <= after.uncertainty_mm < STEP / 2
+    assert 10.4 < after.target_mm < 10.405
+    assert any("narrower than STEP" in note and f"of {after.target_mm:.4f} mm" in note for note in after.notes)
+    assert not any("one frame wide" in note for note in after.notes)
+    still = autofocus.decide(curve(y) + [Sample(10.395, 1.004), Sample(10.405, 0.998)], GRID)
+    assert still.target_mm == 10.4 and still.uncertainty_mm >= STEP / 2 - 1e-12
+    assert any("one frame wide" in note for note in still.notes)
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.01, 0.04])
