@@ -2598,7 +2598,9 @@ class PendingScore:
     thread when the next exposure starts, or as soon as someone waits for its score."""
 
     def __init__(self, acq: Acquisition, job: tuple[int, float, np.ndarray, float, float]) -> None:
-        self._acq, self.job = acq, job
+        self._acq = acq
+        # The frame, dropped once handed over: a search may hold every PendingScore of its run.
+        self.job: tuple[int, float, np.ndarray, float, float] | None = job
         self.future: concurrent.futures.Future[Sample] | None = None
 
     def result(self) -> Sample:
@@ -2739,8 +2741,9 @@ class Acquisition:
     def flush(self) -> None:
         """Hand the pending frame, if any, to the scoring thread."""
         pending, self._pending = self._pending, None
-        if pending is not None:
+        if pending is not None and pending.job is not None:
             pending.future = self._pool.submit(self._score, *pending.job)
+            pending.job = None  # the scoring thread holds the frame until it is scored, then nobody
 
     def measure_all(self, positions: Sequence[float]) -> None:
         """Measure every position not measured yet, all in flight before waiting for any, in the

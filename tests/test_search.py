@@ -115,6 +115,36 @@ def test_sweep_visits_every_position_in_order_then_the_best() -> None:
     assert result.best_sample_mm == 12.35
 
 
+def test_a_sweep_keeps_only_the_frames_in_flight() -> None:
+    # A 500-step --save-images sweep held every frame (1.3 GB at 1920x1200): the search keeps each
+    # PendingScore, and each kept its frame after scoring.  Frames alive at any capture: bounded.
+    import gc
+    import weakref
+
+    class Tracked(np.ndarray):
+        pass
+
+    alive, most = [0], 0
+
+    def gone() -> None:
+        alive[0] -= 1
+
+    class TrackingCamera(PeakCamera):
+        def capture(self) -> np.ndarray:
+            nonlocal most
+            gc.collect()
+            most = max(most, alive[0])
+            frame = super().capture().view(Tracked)
+            alive[0] += 1
+            weakref.finalize(frame, gone)
+            return frame
+
+    stage = LineStage()
+    result = autofocus.run_autofocus(stage, TrackingCamera(stage, 12.34), ValueScorer(),
+                                     Plan(tuple(autofocus.plan_positions(10, 14, 0.05))))
+    assert result.frames == 81 and most <= autofocus.IN_FLIGHT_FRAMES + 2, most
+
+
 def test_each_frame_is_scored_while_the_next_is_exposed_not_during_the_stage_requests() -> None:
     """A scoring thread busy during the stage's round trips (the check, the move, its arrival) delays
     each reply on a small host; the frame waits for the next exposure to start."""
