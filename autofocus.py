@@ -266,6 +266,7 @@ FIT_SHARP_FLOOR = 0.15
 # them).  At STEP ~ one depth of field a sharp specimen's score peak can be a fifth of a STEP wide.
 TOP_SHARE = 0.6
 HALF_STEP_ABOVE = 0.15
+ON_GRID_SHARE = 0.25  # a frame within this share of the grid's spacing of a grid position is that position's
 FIT_INTERVAL_RESOLUTION = 1e-6  # frame spacings: how finely the error bar's half-width is found
 FIT_FLOORS = 6  # ... and how many floors under the peak it weighs (from the baseline up to the fit's lowest frame)
 IN_FLIGHT_FRAMES = 4  # frames captured but not yet scored: bounds memory when scoring lags
@@ -1741,8 +1742,8 @@ def decide(samples: Sequence[Sample], grid_mm: Sequence[float], *, peak: PeakPol
     grid = sorted({float(g) for g in grid_mm})
     # Frames off the grid (the fast search's half-STEP ones) refine the fitted position only: the
     # noise, the verdict and the STEP in every message are the grid's.
-    # A frame within a quarter STEP of a grid position (a position read back) is that position's.
-    tolerance = 0.25 * float(np.min(np.diff(grid))) if len(grid) > 1 else FLOAT_SLACK_MM
+    # A frame within ON_GRID_SHARE of a STEP of a grid position (a position read back) is that position's.
+    tolerance = _grid_tolerance(grid)
     nearest = [_on_grid(grid, s.z_mm) for s in samples]
     on_grid = [s if g == s.z_mm else dataclasses.replace(s, z_mm=g)
                for s, g in zip(samples, nearest) if abs(g - s.z_mm) <= tolerance]
@@ -2001,6 +2002,11 @@ def _on_grid(grid: list[float], z_mm: float) -> float:
     """The position of a sorted grid nearest z (z itself when the grid is empty)."""
     k = bisect.bisect_left(grid, z_mm)
     return min((grid[j] for j in (k - 1, k) if 0 <= j < len(grid)), key=lambda g: abs(g - z_mm), default=z_mm)
+
+
+def _grid_tolerance(grid: list[float]) -> float:
+    """How near a grid position (of a sorted grid) a frame counts as that position's."""
+    return ON_GRID_SHARE * float(np.min(np.diff(grid))) if len(grid) > 1 else FLOAT_SLACK_MM
 
 
 def _top_fit(curve: list[Sample], top: int, noise: Noise) -> PeakFit:
@@ -2932,18 +2938,21 @@ def half_steps(acq: Acquisition, positions: Sequence[float], decision: Decision)
     the fitted position only; the verdict stays the grid's."""
     extras = extras_of(acq.stage)
     unit = extras.native_unit_mm
+    grid = sorted(positions)
+
+    def off_grid_mm(z: float) -> float:
+        return abs(_on_grid(grid, z) - z)
+
     halves = []
     for z in decision.finer_mm:
         if unit > 0:
-            if min(abs(z - p) for p in positions) < MIN_STEP_NATIVE * unit * (1 - FLOAT_SLACK_RATIO):
+            if off_grid_mm(z) < MIN_STEP_NATIVE * unit * (1 - FLOAT_SLACK_RATIO):
                 continue
             z = round(z / unit) * unit
         halves.append(round(z, POSITION_DECIMALS))
     reachable, _ = extras.reachable(tuple(halves))
-    # A recorded slice nearer a grid position than a quarter STEP would count as that position's frame.
-    spacing = min(abs(b - a) for a, b in zip(positions, positions[1:])) if len(positions) > 1 else 0.0
-    acq.measure_all([z for z in reachable if z not in acq.scored
-                     and min(abs(z - p) for p in positions) > 0.25 * spacing])
+    # A recorded slice that decide() would count as a grid position's frame (``_grid_tolerance``) is not one.
+    acq.measure_all([z for z in reachable if z not in acq.scored and off_grid_mm(z) > _grid_tolerance(grid)])
 
 
 SEARCHES: dict[Search, Callable[[Acquisition, Sequence[float], Conclude], None]] = {
